@@ -1,0 +1,55 @@
+# YinDian: `make run` (a demonstration business day on SQLite) and `make test`.
+# Both start from nothing but Python 3.11 and make: `make setup` builds .venv.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PROTOS := $(wildcard protos/yindian/v1/*.proto)
+GEN_STAMP := yindian/v1/.generated
+
+.PHONY: setup proto test run lint buf-lint bench bench-core bench-feed bench-recon clean
+
+setup: $(VENV)/.installed $(GEN_STAMP)
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	# The repository itself is the import root (bridge, mis_adapter, bank_sim, yindian_common, yindian).
+	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/yindian-repo.pth"
+	touch $@
+
+proto: $(VENV)/.installed
+	rm -rf yindian
+	mkdir -p yindian/v1
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
+	touch yindian/__init__.py yindian/v1/__init__.py $(GEN_STAMP)
+
+$(GEN_STAMP): $(PROTOS) $(VENV)/.installed
+	$(MAKE) proto
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+run: setup
+	$(PY) -m bank_sim demo-day
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+buf-lint:
+	cd protos && npx --yes @bufbuild/buf@1.75.0 lint
+
+bench-core: setup
+	$(PY) -m bank_sim bench-core $(BENCH_ARGS)
+
+bench-feed: setup
+	$(PY) -m bank_sim bench-feed $(BENCH_ARGS)
+
+bench-recon: setup
+	$(PY) -m mis_adapter bench-recon $(BENCH_ARGS)
+
+bench: setup
+	$(PY) -m bank_sim bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) yindian var .pytest_cache .mypy_cache .ruff_cache

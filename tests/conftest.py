@@ -1,0 +1,32 @@
+"""Shared fixtures: real databases on all three back ends."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.databases import fresh_database
+
+ALL_BACKENDS = ["sqlite", "postgresql", "mariadb"]
+SQLITE_PG = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database on each of SQLite, PostgreSQL and MariaDB."""
+    with fresh_database(request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture(params=SQLITE_PG)
+def db_url_sqlite_pg(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database on SQLite and on PostgreSQL."""
+    with fresh_database(request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> Iterator[str]:
+    with fresh_database("sqlite", tmp_path) as url:
+        yield url

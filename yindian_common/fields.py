@@ -1,0 +1,100 @@
+"""The wire contract's field rules (DESIGN.md "Field rules"), as pure checks
+that raise InvalidField naming the field. Used by every server edge."""
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+from yindian_common.errors import InvalidField
+
+ACCOUNT_NO_LEN = 10
+SERIAL_MAX = 32
+NAME_MAX = 64
+CODE_MAX = 16
+REASON_MAX = 128
+AMOUNT_MIN_FEN = 1
+AMOUNT_MAX_FEN = 1_000_000_000
+
+_SERIAL_RE = re.compile(r"[A-Za-z0-9-]{1,32}")
+_CODE_RE = re.compile(r"[A-Za-z0-9_-]*")
+_DIGITS_RE = re.compile(r"[0-9]+")
+
+
+def luhn_check_digit(body: str) -> int:
+    """The Luhn digit that makes `body + digit` valid."""
+    total = 0
+    for i, ch in enumerate(reversed(body)):
+        d = ord(ch) - 48
+        if i % 2 == 0:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return (10 - total % 10) % 10
+
+
+def make_account_no(branch_code: str, serial: int) -> str:
+    """A valid account number: 2-digit branch, 7-digit serial, Luhn digit."""
+    body = f"{branch_code}{serial:07d}"
+    if len(body) != 9 or not body.isdigit():
+        raise ValueError(f"cannot form an account number from {branch_code!r}/{serial}")
+    return body + str(luhn_check_digit(body))
+
+
+def account_no(value: str, field: str = "account_no") -> str:
+    if len(value) != ACCOUNT_NO_LEN or not value.isascii() or not _DIGITS_RE.fullmatch(value):
+        raise InvalidField(field, "must be 10 ASCII digits")
+    if luhn_check_digit(value[:9]) != ord(value[9]) - 48:
+        raise InvalidField(field, "check digit does not match")
+    return value
+
+
+def serial(value: str, field: str) -> str:
+    if not value.isascii() or not _SERIAL_RE.fullmatch(value):
+        raise InvalidField(field, "must be 1-32 characters of A-Z a-z 0-9 -")
+    return value
+
+
+def amount_fen(value: int, field: str = "amount_fen") -> int:
+    if value < AMOUNT_MIN_FEN or value > AMOUNT_MAX_FEN:
+        raise InvalidField(field, f"must be between {AMOUNT_MIN_FEN} and {AMOUNT_MAX_FEN} fen")
+    return value
+
+
+def code(value: str, field: str, *, required: bool = False) -> str:
+    if len(value) > CODE_MAX or not value.isascii() or not _CODE_RE.fullmatch(value):
+        raise InvalidField(field, f"must be at most {CODE_MAX} characters of A-Z a-z 0-9 _ -")
+    if required and not value:
+        raise InvalidField(field, "is required")
+    return value
+
+
+def text(value: str, field: str, max_len: int) -> str:
+    if len(value) > max_len:
+        raise InvalidField(field, f"must be at most {max_len} characters")
+    if any(ord(c) < 32 for c in value):
+        raise InvalidField(field, "must not contain control characters")
+    return value
+
+
+def iso_date(value: str, field: str) -> dt.date:
+    try:
+        if len(value) != 10:
+            raise ValueError
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise InvalidField(field, "must be a date YYYY-MM-DD") from None
+
+
+def mask_name(name: str) -> str:
+    """First character kept: 张** ."""
+    if not name:
+        return ""
+    return name[0] + "*" * max(1, len(name) - 1)
+
+
+def mask_phone(phone: str) -> str:
+    """138****5678: first three and last four digits kept."""
+    if len(phone) < 8:
+        return "*" * len(phone)
+    return phone[:3] + "*" * (len(phone) - 7) + phone[-4:]
