@@ -1,0 +1,16 @@
+import sys
+
+from yindian_common.cli import dispatch
+
+COMMANDS = {
+    "demo-day": ("bank_sim.demo", "run a demonstration business day on SQLite (make run)"),
+    "teller": ("bank_sim.teller", "run teller sessions through a bridge"),
+    "autodebit": ("bank_sim.autodebit", "consume the bill feed and debit savings accounts"),
+    "reconcile": ("bank_sim.reconcile", "end-of-day reconciliation of the bank's ledger"),
+    "load": ("bank_sim.load", "open-loop load generator with a correctness check"),
+    "bench-core": ("bank_sim.bench_core", "benchmark: counter payments, bridge vs direct, SQLite and PostgreSQL"),
+    "bench-feed": ("bank_sim.bench_feed", "benchmark: the bill feed end to end"),
+    "bench": ("bank_sim.bench", "benchmark: standard load profile, comparable summary"),
+}
+
+sys.exit(dispatch("bank_sim", COMMANDS))

@@ -1,0 +1,16 @@
+import sys
+
+from yindian_common.cli import dispatch
+
+COMMANDS = {
+    "serve": ("mis_adapter.serve", "serve BillingService and ReportService"),
+    "migrate": ("mis_adapter.migrate_cmd", "upgrade every branch database to the current schema"),
+    "seed": ("mis_adapter.seed", "generate a realistic utility and the banks' agreement rosters"),
+    "bank": ("mis_adapter.bank_admin", "operator: list, suspend (停工) or resume (开工) a bank"),
+    "issue-bills": ("mis_adapter.issue_bills", "price a period's readings, issue bills, feed auto-debit banks"),
+    "reconcile": ("mis_adapter.recon_file", "reconcile a bank's day from its daily file"),
+    "report": ("mis_adapter.report_cmd", "collection and arrears statistics"),
+    "bench-recon": ("mis_adapter.bench_recon", "benchmark: reconciliation and reports at scale"),
+}
+
+sys.exit(dispatch("mis_adapter", COMMANDS))
