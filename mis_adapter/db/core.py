@@ -114,7 +114,6 @@ class Payment(Base):
     teller_id: Mapped[str] = mapped_column(sa.String(16), default="")
     bank_balance_fen: Mapped[int | None] = mapped_column(Money, nullable=True)
     settlement_date: Mapped[dt.date] = mapped_column(sa.Date)
-    receipt_no: Mapped[str] = mapped_column(sa.String(24), default="")
     posted_at: Mapped[dt.datetime] = mapped_column(TZ)
     arrears_after_fen: Mapped[int] = mapped_column(Money, default=0)
     prepaid_after_fen: Mapped[int] = mapped_column(Money, default=0)

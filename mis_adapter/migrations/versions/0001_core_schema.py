@@ -75,7 +75,6 @@ def upgrade() -> None:
     sa.Column('teller_id', sa.String(length=16), nullable=False),
     sa.Column('bank_balance_fen', sa.BigInteger(), nullable=True),
     sa.Column('settlement_date', sa.Date(), nullable=False),
-    sa.Column('receipt_no', sa.String(length=24), nullable=False),
     sa.Column('posted_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('arrears_after_fen', sa.BigInteger(), nullable=False),
     sa.Column('prepaid_after_fen', sa.BigInteger(), nullable=False),

@@ -1,0 +1,77 @@
+"""Banks as the utility sees them: who exists, who is suspended (停工), and
+how many money-moving calls each may have in progress. The suspended flag is
+read from the database and cached for `bank_status_ttl_s`."""
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from mis_adapter.db.core import Bank
+from yindian_common.errors import BankSuspended, Exhausted, Forbidden
+
+T_BANKS = Bank.__table__
+_SELECT_BANK = sa.select(T_BANKS.c.suspended, T_BANKS.c.suspended_reason).where(
+    T_BANKS.c.bank_id == sa.bindparam("bank_id"))
+
+
+class BankRegistry:
+    def __init__(self, engine: Engine, *, ttl_s: float, concurrency_max: int) -> None:
+        self._engine = engine
+        self._ttl_s = ttl_s
+        self._concurrency_max = concurrency_max
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[float, bool, str]] = {}
+        self._in_flight: dict[str, int] = {}
+
+    def _status(self, bank_id: str) -> tuple[bool, str] | None:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(bank_id)
+        if hit and now - hit[0] < self._ttl_s:
+            return hit[1], hit[2]
+        with self._engine.connect() as conn:
+            row = conn.execute(_SELECT_BANK, {"bank_id": bank_id}).first()
+        if row is None:
+            return None
+        with self._lock:
+            self._cache[bank_id] = (now, bool(row.suspended), row.suspended_reason)
+        return bool(row.suspended), row.suspended_reason
+
+    def ensure_known(self, bank_id: str) -> None:
+        if self._status(bank_id) is None:
+            raise Forbidden(f"bank {bank_id} has no agreement with the utility", reason="UNKNOWN_BANK")
+
+    def ensure_active(self, bank_id: str) -> None:
+        status = self._status(bank_id)
+        if status is None:
+            raise Forbidden(f"bank {bank_id} has no agreement with the utility", reason="UNKNOWN_BANK")
+        if status[0]:
+            raise BankSuspended(f"bank {bank_id} is suspended by the utility (停工): {status[1]}")
+
+    @contextmanager
+    def slot(self, bank_id: str) -> Iterator[None]:
+        """A money-moving call in progress; RESOURCE_EXHAUSTED past the bank's limit."""
+        with self._lock:
+            n = self._in_flight.get(bank_id, 0)
+            if n >= self._concurrency_max:
+                raise Exhausted(f"bank {bank_id} has {n} calls in progress (limit {self._concurrency_max})")
+            self._in_flight[bank_id] = n + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight[bank_id] -= 1
+
+
+def set_suspended(engine: Engine, bank_id: str, suspended: bool, reason: str, now: dt.datetime) -> bool:
+    """Operator action; returns False when the bank does not exist."""
+    with engine.begin() as conn:
+        n = conn.execute(sa.update(T_BANKS).where(T_BANKS.c.bank_id == bank_id).values(
+            suspended=suspended, suspended_reason=reason if suspended else "", updated_at=now)).rowcount
+    return n == 1

@@ -1,0 +1,108 @@
+"""The utility front end's scrape-time gauges, read from the branch databases:
+arrears households and fen by branch (one aggregate over unpaid bills), and
+the bill feed's backlog and lag per bank once the feed's outbox exists.
+Connection-pool use of the serving engines comes with them.
+
+Reads are cached for `CollectorLimits.refresh_s` and bounded by a statement
+timeout on a dedicated connection (see yindian_common.business_metrics), so
+scrapes never load the databases nor wait on the serving pool. Nothing here
+writes, and no label carries an account number."""
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+
+import sqlalchemy as sa
+from prometheus_client import REGISTRY, CollectorRegistry
+from sqlalchemy.engine import Engine
+
+from mis_adapter.db.core import BillRow, Branch, Customer
+from yindian_common import business_metrics as bm
+from yindian_common.clock import Clock
+
+__all__ = ["MisCollector", "register"]
+
+UNPAID = ("UNPAID", "PARTIAL")
+
+_bills = BillRow.__table__
+_customers = Customer.__table__
+_branches = Branch.__table__
+
+# Every branch appears (zero when nothing is owed); unpaid principal = amount - prepaid applied - paid.
+ARREARS_BY_BRANCH = (
+    sa.select(
+        _branches.c.code,
+        sa.func.count(sa.distinct(_bills.c.account_no)),
+        sa.func.coalesce(sa.func.sum(_bills.c.amount_fen - _bills.c.prepaid_applied_fen
+                                     - _bills.c.principal_paid_fen), 0),
+    )
+    .select_from(_branches
+                 .outerjoin(_customers, _customers.c.branch_code == _branches.c.code)
+                 .outerjoin(_bills, sa.and_(_bills.c.account_no == _customers.c.account_no,
+                                            _bills.c.status.in_(UNPAID))))
+    .group_by(_branches.c.code)
+)
+
+ARREARS_HOUSEHOLDS = "yindian_arrears_households"
+ARREARS_FEN = "yindian_arrears_fen"
+FEED_BACKLOG = "yindian_feed_backlog_notices"
+FEED_LAG = "yindian_feed_lag_seconds"
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    # SQLite hands back naive datetimes; the processes store UTC instants.
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
+
+
+class MisCollector(bm.DbGaugeCollector):
+    name = "mis_adapter"
+    specs = (
+        bm.GaugeSpec(ARREARS_HOUSEHOLDS, "Accounts with unpaid bills, by branch.", ("branch",)),
+        bm.GaugeSpec(ARREARS_FEN, "Unpaid principal of all bills, in fen, by branch.", ("branch",)),
+        bm.GaugeSpec(FEED_BACKLOG, "Bill notices not yet acknowledged by the bank (outbox backlog).", ("bank",)),
+        bm.GaugeSpec(FEED_LAG, "Age of the oldest unacknowledged bill notice, in seconds.", ("bank",)),
+    )
+
+    def __init__(self, engines: Iterable[Engine], clock: Clock,
+                 limits: bm.CollectorLimits = bm.CollectorLimits()) -> None:
+        super().__init__(engines, limits)
+        self._clock = clock
+
+    def read(self, conn: sa.Connection) -> bm.Readings:
+        households: dict[tuple[str, ...], float] = {}
+        fen: dict[tuple[str, ...], float] = {}
+        for code, n, owed_fen in conn.execute(ARREARS_BY_BRANCH):
+            households[(code,)] = float(n)
+            fen[(code,)] = float(owed_fen)
+        readings: bm.Readings = {ARREARS_HOUSEHOLDS: households, ARREARS_FEN: fen}
+        readings.update(self._read_feed(conn))
+        return readings
+
+    def _read_feed(self, conn: sa.Connection) -> bm.Readings:
+        backlog_stmt = _feed_backlog_statement()
+        if backlog_stmt is None:
+            return {}
+        backlog: dict[tuple[str, ...], float] = {}
+        lag: dict[tuple[str, ...], float] = {}
+        now = self._clock.now()
+        for bank, n, oldest in conn.execute(backlog_stmt):
+            backlog[(bank,)] = float(n)
+            lag[(bank,)] = max(0.0, (now - _utc(oldest)).total_seconds()) if oldest is not None else 0.0
+        return {FEED_BACKLOG: backlog, FEED_LAG: lag}
+
+
+def _feed_backlog_statement() -> sa.Select[tuple[str, int, dt.datetime | None]] | None:
+    """(bank, unacknowledged notices, oldest issued_at) per bank, once the feed's outbox table exists."""
+    return None
+
+
+def register(engines: Sequence[Engine], clock: Clock, limits: bm.CollectorLimits = bm.CollectorLimits(),
+             registry: CollectorRegistry = REGISTRY) -> MisCollector:
+    """Registers the arrears/feed collector and the pool collector for these engines; counts their errors.
+    serve.py: `metrics_collector.register(ctx.router.engines(), ctx.clock)`."""
+    for engine in engines:
+        bm.instrument_engine(engine)
+    collector = MisCollector(engines, clock, limits)
+    registry.register(collector)
+    registry.register(bm.PoolCollector(engines))
+    return collector

@@ -1,0 +1,493 @@
+"""The money-moving transactions of BillingService over SQLAlchemy Core:
+Pay, Cancel, GetPayment and QueryAccount (DESIGN.md Money semantics 1, 2,
+4, 5, 6 and 9). Statements are built once at import; each Pay is one
+transaction that locks the account row first, so concurrent payments on an
+account serialize. The rules themselves live in allocation.py and
+late_fee.py; this module only reads rows, applies them and writes rows.
+
+Must never: write anything for a refused request, apply a (bank, serial)
+twice, or let allocations + prepaid differ from the payment."""
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from mis_adapter.allocation import Allocation, BillDue, allocate_payment
+from mis_adapter.context import AdapterContext
+from mis_adapter.db.core import (
+    AllocationRow,
+    BillRow,
+    CancelRow,
+    Customer,
+    JournalEntry,
+    Payment,
+    PrepaidEntry,
+)
+from mis_adapter.db.recon import ReconciledDay
+from mis_adapter.late_fee import FeeState, LateFeeRates, accrual_as_of, fee_from_micro
+from yindian_common.clock import business_date
+from yindian_common.errors import (
+    AccountClosed,
+    AccountNotFound,
+    DayClosed,
+    Precondition,
+    SerialConflict,
+    SerialReversed,
+    Unavailable,
+    YinDianError,
+)
+from yindian_common.fields import mask_name
+
+T_CUST = Customer.__table__
+T_BILL = BillRow.__table__
+T_PAY = Payment.__table__
+T_ALLOC = AllocationRow.__table__
+T_PREPAID = PrepaidEntry.__table__
+T_CANCEL = CancelRow.__table__
+T_JOURNAL = JournalEntry.__table__
+T_RECON = ReconciledDay.__table__
+
+POSTED, REVERSED, TOMBSTONE = "POSTED", "REVERSED", "TOMBSTONE"
+CHANNELS = ("COUNTER", "AUTO_DEBIT", "ATM", "ONLINE")
+
+# ---- statements, built once ----
+_b = sa.bindparam
+_LOCK_CUSTOMER = (sa.select(T_CUST.c.branch_code, T_CUST.c.tariff_class, T_CUST.c.status, T_CUST.c.prepaid_fen)
+                  .where(T_CUST.c.account_no == _b("account_no")).with_for_update())
+_READ_CUSTOMER = sa.select(T_CUST.c.branch_code, T_CUST.c.tariff_class, T_CUST.c.status, T_CUST.c.prepaid_fen,
+                           T_CUST.c.name).where(T_CUST.c.account_no == _b("account_no"))
+_PAYMENT_BY_SERIAL = sa.select(T_PAY).where(T_PAY.c.bank_id == _b("bank_id"), T_PAY.c.bank_serial == _b("serial"))
+_UNPAID_BILLS = (sa.select(T_BILL.c.bill_id, T_BILL.c.period, T_BILL.c.kwh, T_BILL.c.amount_fen,
+                           T_BILL.c.prepaid_applied_fen, T_BILL.c.principal_paid_fen, T_BILL.c.late_fee_paid_fen,
+                           T_BILL.c.accrual_micro, T_BILL.c.accrual_date, T_BILL.c.due_date, T_BILL.c.status)
+                 .where(T_BILL.c.account_no == _b("account_no"), T_BILL.c.status != "PAID")
+                 .order_by(T_BILL.c.period, T_BILL.c.bill_id))
+_INSERT_PAYMENT = T_PAY.insert()
+_INSERT_ALLOC = T_ALLOC.insert()
+_UPDATE_BILL = (T_BILL.update().where(T_BILL.c.bill_id == _b("b_id"))
+                .values(principal_paid_fen=_b("principal_paid"), late_fee_paid_fen=_b("fee_paid"),
+                        accrual_micro=_b("micro"), accrual_date=_b("micro_date"), status=_b("new_status"),
+                        paid_on=_b("new_paid_on")))
+_ADD_PREPAID = (T_CUST.update().where(T_CUST.c.account_no == _b("acct"))
+                .values(prepaid_fen=T_CUST.c.prepaid_fen + _b("delta")))
+_INSERT_PREPAID = T_PREPAID.insert()
+_INSERT_JOURNAL = T_JOURNAL.insert()
+_ALLOCS_OF = (sa.select(T_ALLOC.c.bill_id, T_ALLOC.c.late_fee_fen, T_ALLOC.c.principal_fen)
+              .where(T_ALLOC.c.payment_id == _b("payment_id")).order_by(T_ALLOC.c.allocation_id))
+_CANCEL_BY_SERIAL = sa.select(T_CANCEL).where(T_CANCEL.c.bank_id == _b("bank_id"),
+                                              T_CANCEL.c.cancel_serial == _b("serial"))
+_INSERT_CANCEL = T_CANCEL.insert()
+_DAY_CLOSED = sa.select(T_RECON.c.bank_id).where(T_RECON.c.bank_id == _b("bank_id"),
+                                                 T_RECON.c.settlement_date == _b("day"))
+_REVERSE_PAYMENT = (T_PAY.update().where(T_PAY.c.payment_id == _b("p_id"), T_PAY.c.state == POSTED)
+                    .values(state=REVERSED, reversed_at=_b("at"), reversed_on=_b("day"),
+                            cancel_serial=_b("c_serial")))
+_BILLS_BY_ID = (sa.select(T_BILL.c.bill_id, T_BILL.c.amount_fen, T_BILL.c.prepaid_applied_fen,
+                          T_BILL.c.principal_paid_fen, T_BILL.c.late_fee_paid_fen, T_BILL.c.accrual_micro,
+                          T_BILL.c.accrual_date, T_BILL.c.status, T_BILL.c.paid_on)
+                .where(T_BILL.c.bill_id.in_(_b("ids", expanding=True))))
+
+
+# ---- domain types ----
+@dataclass(frozen=True)
+class PayCommand:
+    bank_id: str
+    bank_serial: str
+    account_no: str
+    amount_fen: int
+    outlet_code: str = ""
+    teller_id: str = ""
+    channel: str = "COUNTER"
+    bank_balance_fen: int | None = None
+
+
+@dataclass(frozen=True)
+class PayResult:
+    payment_id: str
+    receipt_no: str
+    settlement_date: dt.date
+    allocations: tuple[Allocation, ...]
+    arrears_after_fen: int
+    prepaid_after_fen: int
+    bank_serial: str
+    account_no: str
+    amount_fen: int
+    posted_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class CancelCommand:
+    bank_id: str
+    cancel_serial: str
+    original_serial: str
+    amount_fen: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    outcome: str  # REVERSED or ORIGINAL_NOT_FOUND
+    settlement_date: dt.date
+    cancel_serial: str
+    original_serial: str
+
+
+@dataclass(frozen=True)
+class PaymentStatus:
+    state: str  # POSTED, REVERSED, NOT_FOUND, REFUSED
+    payment: PayResult | None
+
+
+@dataclass(frozen=True)
+class BillView:
+    bill_id: int
+    period: str
+    kwh: int
+    amount_fen: int
+    principal_due_fen: int
+    late_fee_fen: int
+    due_date: dt.date
+    status: str
+
+
+@dataclass(frozen=True)
+class AccountView:
+    account_no: str
+    customer_name: str
+    branch_code: str
+    arrears_fen: int
+    late_fee_fen: int
+    prepaid_fen: int
+    bills: tuple[BillView, ...]
+    as_of: dt.date
+    closed: bool
+
+    @property
+    def total_due_fen(self) -> int:
+        return self.arrears_fen + self.late_fee_fen
+
+
+def payment_id_of(branch_code: str, pk: int) -> str:
+    return f"{branch_code}{pk:010d}"
+
+
+def receipt_no_of(branch_code: str, day: dt.date, pk: int) -> str:
+    return f"{day:%Y%m%d}{branch_code}{pk:010d}"
+
+
+# ---- bills and fees ----
+def _fee_state(row: Any, tariff_class: str) -> FeeState:
+    return FeeState(principal_unpaid_fen=row.amount_fen - row.prepaid_applied_fen - row.principal_paid_fen,
+                    accrual_micro=row.accrual_micro, accrual_date=row.accrual_date,
+                    late_fee_paid_fen=row.late_fee_paid_fen, tariff_class=tariff_class,
+                    bill_year=int(row.period[:4]))
+
+
+def _bill_status(amount_fen: int, prepaid_applied: int, principal_paid: int, fee_paid: int) -> str:
+    if prepaid_applied + principal_paid >= amount_fen:
+        return "PAID"
+    return "PARTIAL" if principal_paid or fee_paid or prepaid_applied else "UNPAID"
+
+
+def bills_due(rows: Sequence[Any], tariff_class: str, as_of: dt.date, rates: LateFeeRates
+              ) -> list[tuple[Any, BillDue, int]]:
+    """(row, what is due on it as of `as_of`, its accrual micro as of then), oldest first."""
+    out = []
+    for row in rows:
+        st = _fee_state(row, tariff_class)
+        micro = accrual_as_of(st, as_of, rates)
+        fee_due = max(0, fee_from_micro(micro, rates) - st.late_fee_paid_fen)
+        out.append((row, BillDue(row.bill_id, row.period, fee_due, st.principal_unpaid_fen), micro))
+    return out
+
+
+# ---- translating database trouble ----
+def _db_call(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except YinDianError:
+        raise
+    except PoolTimeout as exc:
+        raise Unavailable("database connection pool exhausted", reason="DB_POOL_EXHAUSTED") from exc
+    except OperationalError as exc:
+        raise Unavailable("branch database unavailable", reason="DB_UNAVAILABLE") from exc
+
+
+# ---- Pay ----
+def pay(ctx: AdapterContext, cmd: PayCommand) -> PayResult:
+    engine = ctx.router.engine_for(cmd.account_no)
+    try:
+        return _db_call(_pay_tx, ctx, engine, cmd)
+    except IntegrityError:
+        # The same (bank, serial) committed concurrently on another account: answer as a replay would.
+        return _db_call(_replay_after_race, engine, cmd)
+
+
+def _pay_tx(ctx: AdapterContext, engine: Engine, cmd: PayCommand) -> PayResult:
+    now = ctx.clock.now()
+    day = business_date(ctx.clock)
+    with engine.begin() as conn:
+        cust = conn.execute(_LOCK_CUSTOMER, {"account_no": cmd.account_no}).first()
+        if cust is None:
+            raise AccountNotFound(f"account {cmd.account_no} not found")
+        existing = conn.execute(_PAYMENT_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.bank_serial}).first()
+        if existing is not None:
+            return _answer_existing(conn, existing, cmd)
+        if cust.status != "OPEN":
+            raise AccountClosed(f"account {cmd.account_no} is closed")
+        rows = conn.execute(_UNPAID_BILLS, {"account_no": cmd.account_no}).all()
+        due = bills_due(rows, cust.tariff_class, day, ctx.rates)
+        plan = allocate_payment(cmd.amount_fen, [d for _, d, _ in due])
+        by_id = {d.bill_id: (row, d, micro) for row, d, micro in due}
+        arrears_after = sum(d.principal_due_fen for _, d, _ in due) - sum(a.principal_fen for a in plan.allocations)
+        prepaid_after = cust.prepaid_fen + plan.prepaid_fen
+        pk = conn.execute(_INSERT_PAYMENT, {
+            "bank_id": cmd.bank_id, "bank_serial": cmd.bank_serial, "state": POSTED,
+            "account_no": cmd.account_no, "branch_code": cust.branch_code, "amount_fen": cmd.amount_fen,
+            "channel": cmd.channel, "outlet_code": cmd.outlet_code, "teller_id": cmd.teller_id,
+            "bank_balance_fen": cmd.bank_balance_fen, "settlement_date": day, "posted_at": now,
+            "arrears_after_fen": arrears_after, "prepaid_after_fen": prepaid_after,
+            "prepaid_added_fen": plan.prepaid_fen, "reversed_at": None, "reversed_on": None,
+            "cancel_serial": None}).inserted_primary_key[0]
+        if plan.allocations:
+            conn.execute(_INSERT_ALLOC, [{"payment_id": pk, "bill_id": a.bill_id, "late_fee_fen": a.late_fee_fen,
+                                          "principal_fen": a.principal_fen} for a in plan.allocations])
+            updates = []
+            for a in plan.allocations:
+                row, _d, micro = by_id[a.bill_id]
+                principal_paid = row.principal_paid_fen + a.principal_fen
+                fee_paid = row.late_fee_paid_fen + a.late_fee_fen
+                status = _bill_status(row.amount_fen, row.prepaid_applied_fen, principal_paid, fee_paid)
+                updates.append({"b_id": a.bill_id, "principal_paid": principal_paid, "fee_paid": fee_paid,
+                                "micro": micro, "micro_date": max(day, row.accrual_date), "new_status": status,
+                                "new_paid_on": day if status == "PAID" else None})
+            conn.execute(_UPDATE_BILL, updates)
+        if plan.prepaid_fen:
+            conn.execute(_ADD_PREPAID, {"acct": cmd.account_no, "delta": plan.prepaid_fen})
+            conn.execute(_INSERT_PREPAID, {"account_no": cmd.account_no, "reason": "PAYMENT",
+                                           "delta_fen": plan.prepaid_fen, "balance_after_fen": prepaid_after,
+                                           "payment_id": pk, "bill_id": None, "at": now})
+        conn.execute(_INSERT_JOURNAL, {"at": now, "bank_id": cmd.bank_id, "rpc": "PAY", "serial": cmd.bank_serial,
+                                       "original_serial": "", "account_no": cmd.account_no,
+                                       "amount_fen": cmd.amount_fen, "outcome": POSTED, "payment_id": pk})
+        return PayResult(payment_id_of(cust.branch_code, pk), receipt_no_of(cust.branch_code, day, pk), day,
+                         plan.allocations, arrears_after, prepaid_after, cmd.bank_serial, cmd.account_no,
+                         cmd.amount_fen, now)
+
+
+def _same_request(existing: Any, cmd: PayCommand) -> bool:
+    return (existing.account_no == cmd.account_no and existing.amount_fen == cmd.amount_fen
+            and existing.channel == cmd.channel and existing.outlet_code == cmd.outlet_code
+            and existing.teller_id == cmd.teller_id)
+
+
+def _answer_existing(conn: Connection, existing: Any, cmd: PayCommand) -> PayResult:
+    if existing.state == TOMBSTONE:
+        raise SerialReversed(f"bank_serial {cmd.bank_serial} was cancelled before it arrived; pay refused")
+    if not _same_request(existing, cmd):
+        raise SerialConflict(f"bank_serial {cmd.bank_serial} was used with different parameters")
+    if existing.state == REVERSED:
+        raise SerialReversed(f"bank_serial {cmd.bank_serial} was reversed")
+    return _result_of(conn, existing)
+
+
+def _replay_after_race(engine: Engine, cmd: PayCommand) -> PayResult:
+    with engine.connect().execution_options(read_only=True) as conn, conn.begin():
+        existing = conn.execute(_PAYMENT_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.bank_serial}).first()
+        if existing is None:
+            raise Unavailable("payment raced with a concurrent request; retry the same serial", reason="RETRY")
+        return _answer_existing(conn, existing, cmd)
+
+
+def _result_of(conn: Connection, p: Any) -> PayResult:
+    allocs = tuple(Allocation(r.bill_id, r.late_fee_fen, r.principal_fen)
+                   for r in conn.execute(_ALLOCS_OF, {"payment_id": p.payment_id}))
+    return PayResult(payment_id_of(p.branch_code, p.payment_id),
+                     receipt_no_of(p.branch_code, p.settlement_date, p.payment_id), p.settlement_date, allocs,
+                     p.arrears_after_fen, p.prepaid_after_fen, p.bank_serial, p.account_no or "", p.amount_fen,
+                     _aware(p.posted_at))
+
+
+def _aware(t: dt.datetime) -> dt.datetime:
+    # SQLite and MariaDB hand back naive datetimes; we store UTC.
+    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
+
+
+# ---- GetPayment ----
+def get_payment(ctx: AdapterContext, bank_id: str, bank_serial: str) -> PaymentStatus:
+    return _db_call(_get_payment, ctx, bank_id, bank_serial)
+
+
+def _get_payment(ctx: AdapterContext, bank_id: str, bank_serial: str) -> PaymentStatus:
+    for engine in ctx.router.engines():
+        with engine.connect().execution_options(read_only=True) as conn, conn.begin():
+            p = conn.execute(_PAYMENT_BY_SERIAL, {"bank_id": bank_id, "serial": bank_serial}).first()
+            if p is None:
+                continue
+            if p.state == TOMBSTONE:
+                return PaymentStatus("REFUSED", None)
+            return PaymentStatus(p.state, _result_of(conn, p))
+    return PaymentStatus("NOT_FOUND", None)
+
+
+# ---- Cancel (冲正) ----
+def cancel(ctx: AdapterContext, cmd: CancelCommand) -> CancelResult:
+    for _attempt in range(ctx.settings.cancel_race_retries):
+        try:
+            return _db_call(_cancel_once, ctx, cmd)
+        except IntegrityError:
+            continue  # the payment (or the same cancel) committed meanwhile: look again
+    raise Unavailable("cancel kept racing its payment; retry the same cancel_serial", reason="RETRY")
+
+
+def _find_cancel(ctx: AdapterContext, cmd: CancelCommand) -> Any:
+    for engine in ctx.router.engines():
+        with engine.connect().execution_options(read_only=True) as conn, conn.begin():
+            row = conn.execute(_CANCEL_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.cancel_serial}).first()
+            if row is not None:
+                return row
+    return None
+
+
+def _answer_cancel_replay(row: Any, cmd: CancelCommand) -> CancelResult:
+    if row.original_serial != cmd.original_serial or row.amount_fen != cmd.amount_fen:
+        raise SerialConflict(f"cancel_serial {cmd.cancel_serial} was used with different parameters")
+    return CancelResult(row.outcome, row.settlement_date, row.cancel_serial, row.original_serial)
+
+
+def _cancel_once(ctx: AdapterContext, cmd: CancelCommand) -> CancelResult:
+    previous = _find_cancel(ctx, cmd)
+    if previous is not None:
+        return _answer_cancel_replay(previous, cmd)
+    for engine in ctx.router.engines():
+        with engine.connect().execution_options(read_only=True) as conn, conn.begin():
+            p = conn.execute(_PAYMENT_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.original_serial}).first()
+        if p is not None:
+            return _reverse(ctx, engine, p, cmd)
+    return _tombstone(ctx, cmd)
+
+
+def _reverse(ctx: AdapterContext, engine: Engine, found: Any, cmd: CancelCommand) -> CancelResult:
+    now = ctx.clock.now()
+    day = business_date(ctx.clock)
+    with engine.begin() as conn:
+        if found.account_no:
+            conn.execute(_LOCK_CUSTOMER, {"account_no": found.account_no}).first()
+        again = conn.execute(_CANCEL_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.cancel_serial}).first()
+        if again is not None:
+            return _answer_cancel_replay(again, cmd)
+        p = conn.execute(_PAYMENT_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.original_serial}).first()
+        if p.state == TOMBSTONE:
+            outcome = "ORIGINAL_NOT_FOUND"
+        elif p.amount_fen != cmd.amount_fen:
+            raise Precondition(f"amount_fen {cmd.amount_fen} does not match the original payment's "
+                               f"{p.amount_fen}", field="amount_fen", reason="AMOUNT_MISMATCH")
+        elif p.state == REVERSED:
+            outcome = "REVERSED"
+        else:
+            if conn.execute(_DAY_CLOSED, {"bank_id": cmd.bank_id, "day": p.settlement_date}).first():
+                raise DayClosed(f"settlement date {p.settlement_date} is reconciled; payment cannot be cancelled")
+            _undo_payment(conn, p, now, day, cmd.cancel_serial)
+            outcome = "REVERSED"
+        conn.execute(_INSERT_CANCEL, {"bank_id": cmd.bank_id, "cancel_serial": cmd.cancel_serial,
+                                      "original_serial": cmd.original_serial, "amount_fen": cmd.amount_fen,
+                                      "reason": cmd.reason, "outcome": outcome, "settlement_date": day,
+                                      "payment_id": p.payment_id, "created_at": now})
+        conn.execute(_INSERT_JOURNAL, {"at": now, "bank_id": cmd.bank_id, "rpc": "CANCEL",
+                                       "serial": cmd.cancel_serial, "original_serial": cmd.original_serial,
+                                       "account_no": p.account_no or "", "amount_fen": cmd.amount_fen,
+                                       "outcome": outcome, "payment_id": p.payment_id})
+    return CancelResult(outcome, day, cmd.cancel_serial, cmd.original_serial)
+
+
+def reverse_payment_in_tx(conn: Connection, payment: Any, now: dt.datetime, day: dt.date, cancel_serial: str) -> None:
+    """Undo a POSTED payment inside the caller's transaction (the caller holds the account lock)."""
+    _undo_payment(conn, payment, now, day, cancel_serial)
+
+
+def _undo_payment(conn: Connection, p: Any, now: dt.datetime, day: dt.date, cancel_serial: str) -> None:
+    """Restores bills, late fees paid and prepaid credit exactly as the payment changed them.
+    Accrual stays as computed: the fee up to the payment day does not depend on payments of that day."""
+    allocs = conn.execute(_ALLOCS_OF, {"payment_id": p.payment_id}).all()
+    if allocs:
+        bills = {b.bill_id: b for b in conn.execute(_BILLS_BY_ID, {"ids": [a.bill_id for a in allocs]})}
+        updates = []
+        for a in allocs:
+            b = bills[a.bill_id]
+            principal_paid = b.principal_paid_fen - a.principal_fen
+            fee_paid = b.late_fee_paid_fen - a.late_fee_fen
+            if principal_paid < 0 or fee_paid < 0:
+                raise Precondition(f"bill {b.bill_id} cannot be restored", reason="RESTORE_IMPOSSIBLE")
+            status = _bill_status(b.amount_fen, b.prepaid_applied_fen, principal_paid, fee_paid)
+            updates.append({"b_id": b.bill_id, "principal_paid": principal_paid, "fee_paid": fee_paid,
+                            "micro": b.accrual_micro, "micro_date": b.accrual_date, "new_status": status,
+                            "new_paid_on": b.paid_on if status == "PAID" else None})
+        conn.execute(_UPDATE_BILL, updates)
+    if p.prepaid_added_fen:
+        cust = conn.execute(_READ_CUSTOMER, {"account_no": p.account_no}).first()
+        balance = cust.prepaid_fen - p.prepaid_added_fen
+        if balance < 0:
+            raise Precondition(f"prepaid credit of payment {p.bank_serial} was already applied to new bills",
+                               reason="PREPAID_CONSUMED")
+        conn.execute(_ADD_PREPAID, {"acct": p.account_no, "delta": -p.prepaid_added_fen})
+        conn.execute(_INSERT_PREPAID, {"account_no": p.account_no, "reason": "REVERSAL",
+                                       "delta_fen": -p.prepaid_added_fen, "balance_after_fen": balance,
+                                       "payment_id": p.payment_id, "bill_id": None, "at": now})
+    n = conn.execute(_REVERSE_PAYMENT, {"p_id": p.payment_id, "at": now, "day": day,
+                                        "c_serial": cancel_serial}).rowcount
+    if n != 1:
+        raise Precondition(f"payment {p.bank_serial} is no longer posted", reason="NOT_POSTED")
+
+
+def _tombstone(ctx: AdapterContext, cmd: CancelCommand) -> CancelResult:
+    """The original is unknown everywhere: leave a tombstone in every branch
+    database so that a late Pay with that serial is refused. A Pay committing
+    meanwhile makes the insert fail (unique key) and the cancel starts over."""
+    now = ctx.clock.now()
+    day = business_date(ctx.clock)
+    for i, engine in enumerate(ctx.router.engines()):
+        with engine.begin() as conn:
+            conn.execute(_INSERT_PAYMENT, {
+                "bank_id": cmd.bank_id, "bank_serial": cmd.original_serial, "state": TOMBSTONE,
+                "account_no": None, "branch_code": "", "amount_fen": cmd.amount_fen, "channel": "",
+                "outlet_code": "", "teller_id": "", "bank_balance_fen": None, "settlement_date": day,
+                "posted_at": now, "arrears_after_fen": 0, "prepaid_after_fen": 0, "prepaid_added_fen": 0,
+                "reversed_at": None, "reversed_on": None, "cancel_serial": cmd.cancel_serial})
+            if i == 0:
+                conn.execute(_INSERT_CANCEL, {"bank_id": cmd.bank_id, "cancel_serial": cmd.cancel_serial,
+                                              "original_serial": cmd.original_serial, "amount_fen": cmd.amount_fen,
+                                              "reason": cmd.reason, "outcome": "ORIGINAL_NOT_FOUND",
+                                              "settlement_date": day, "payment_id": None, "created_at": now})
+                conn.execute(_INSERT_JOURNAL, {"at": now, "bank_id": cmd.bank_id, "rpc": "CANCEL",
+                                               "serial": cmd.cancel_serial, "original_serial": cmd.original_serial,
+                                               "account_no": "", "amount_fen": cmd.amount_fen,
+                                               "outcome": "ORIGINAL_NOT_FOUND", "payment_id": None})
+    return CancelResult("ORIGINAL_NOT_FOUND", day, cmd.cancel_serial, cmd.original_serial)
+
+
+# ---- QueryAccount ----
+def query_account(ctx: AdapterContext, account_no: str) -> AccountView:
+    return _db_call(_query_account, ctx, account_no)
+
+
+def _query_account(ctx: AdapterContext, account_no: str) -> AccountView:
+    day = business_date(ctx.clock)
+    engine = ctx.router.engine_for(account_no)
+    with engine.connect().execution_options(read_only=True) as conn, conn.begin():
+        cust = conn.execute(_READ_CUSTOMER, {"account_no": account_no}).first()
+        if cust is None:
+            raise AccountNotFound(f"account {account_no} not found")
+        rows = conn.execute(_UNPAID_BILLS, {"account_no": account_no}).all()
+    due = bills_due(rows, cust.tariff_class, day, ctx.rates)
+    views = tuple(BillView(r.bill_id, r.period, r.kwh, r.amount_fen, d.principal_due_fen, d.late_fee_due_fen,
+                           r.due_date, r.status) for r, d, _ in due)
+    return AccountView(account_no, mask_name(cust.name), cust.branch_code,
+                       sum(v.principal_due_fen for v in views), sum(v.late_fee_fen for v in views),
+                       cust.prepaid_fen, views[: ctx.settings.query_bills_max], day, cust.status != "OPEN")

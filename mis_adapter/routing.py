@@ -1,0 +1,45 @@
+"""Branch routing: an account's branch code (its first two digits) selects
+that branch's database. One URL serves all branches by default; branches
+may be given their own (`--branch-db CODE=URL`). Engines are shared per URL."""
+from __future__ import annotations
+
+from sqlalchemy.engine import Engine
+
+from yindian_common.db import make_engine
+
+
+class BranchRouter:
+    def __init__(self, default_url: str, branch_urls: dict[str, str], *, pool_size: int = 16,
+                 pool_timeout_s: float = 5.0, sqlite_synchronous: str = "FULL") -> None:
+        by_url: dict[str, Engine] = {}
+
+        def engine(url: str) -> Engine:
+            if url not in by_url:
+                by_url[url] = make_engine(url, pool_size=pool_size, pool_timeout_s=pool_timeout_s,
+                                          sqlite_synchronous=sqlite_synchronous)
+            return by_url[url]
+
+        self.primary = engine(default_url)
+        self._by_branch = {code: engine(url) for code, url in branch_urls.items()}
+        self._engines = list(by_url.values())
+
+    @classmethod
+    def from_specs(cls, default_url: str, specs: list[str], **kw: object) -> BranchRouter:
+        urls: dict[str, str] = {}
+        for spec in specs:
+            code, sep, url = spec.partition("=")
+            if not sep or len(code) != 2 or not code.isdigit() or not url:
+                raise SystemExit(f"--branch-db expects CODE=URL with a 2-digit code, got {spec!r}")
+            urls[code] = url
+        return cls(default_url, urls, **kw)  # type: ignore[arg-type]
+
+    def engine_for(self, account_no: str) -> Engine:
+        return self._by_branch.get(account_no[:2], self.primary)
+
+    def engines(self) -> list[Engine]:
+        """Each distinct database once, the primary first."""
+        return list(self._engines)
+
+    def dispose(self) -> None:
+        for e in self._engines:
+            e.dispose()

@@ -1,0 +1,59 @@
+"""`python -m mis_adapter serve`: the utility's front end process."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+
+from mis_adapter.context import AdapterContext
+from mis_adapter.migrate import upgrade
+from mis_adapter.service import BillingServicer
+from mis_adapter.settings import AdapterSettings
+from yindian.v1 import billing_pb2_grpc
+from yindian_common.clock import make_clock
+from yindian_common.logs import setup_logging
+from yindian_common.metrics import grpc_server_interceptors, start_metrics_http
+from yindian_common.server import GrpcServer
+from yindian_common.settings import add_settings_flags, load_settings
+
+log = logging.getLogger("mis_adapter")
+
+
+def parse(argv: list[str]) -> AdapterSettings:
+    parser = argparse.ArgumentParser(prog="python -m mis_adapter serve",
+                                     description="Serve BillingService and ReportService to the banks.")
+    add_settings_flags(parser, AdapterSettings)
+    args = parser.parse_args(argv)
+    return load_settings(AdapterSettings, args, args.config_file)
+
+
+def build_server(settings: AdapterSettings) -> tuple[GrpcServer, AdapterContext]:
+    clock = make_clock(settings.clock_start or None, settings.timezone)
+    ctx = AdapterContext.build(settings, clock)
+    if settings.migrate:
+        for engine in ctx.router.engines():
+            upgrade(engine)
+    server = GrpcServer(listen=settings.listen, limits=settings.server_limits(), tls=settings.tls(),
+                        insecure=settings.insecure, force_insecure=settings.force_insecure,
+                        interceptors=grpc_server_interceptors())
+    server.add_service("yindian.v1.BillingService", billing_pb2_grpc.add_BillingServiceServicer_to_server,
+                       BillingServicer(ctx))
+    try:
+        report = importlib.import_module("mis_adapter.report_service")
+        from yindian.v1 import report_pb2_grpc
+        server.add_service("yindian.v1.ReportService", report_pb2_grpc.add_ReportServiceServicer_to_server,
+                           report.ReportServicer(ctx))
+    except ModuleNotFoundError:
+        log.warning("event=report_service_missing")
+    server.on_drain(ctx.router.dispose)
+    return server, ctx
+
+
+def main(argv: list[str]) -> int:
+    settings = parse(argv)
+    setup_logging(settings.log_level, "mis_adapter")
+    server, _ctx = build_server(settings)
+    metrics_port = start_metrics_http(settings.metrics_host, settings.metrics_port)
+    server.serve_forever(f"READY mis_adapter grpc={settings.listen.rsplit(':', 1)[0]}:{server.port} "
+                         f"metrics={metrics_port}")
+    return 0

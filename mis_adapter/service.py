@@ -1,0 +1,154 @@
+"""The wire edge of mis_adapter's BillingService: validates fields, converts
+proto <-> domain, asks the link who the bank is, and maps domain errors to
+gRPC statuses. Business rules live in payments.py and below."""
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from mis_adapter import payments
+from mis_adapter.context import AdapterContext
+from mis_adapter.payments import CancelCommand, PayCommand, PayResult
+from yindian.v1 import billing_pb2 as pb
+from yindian.v1 import billing_pb2_grpc
+from yindian_common import fields
+from yindian_common.errors import InvalidField, YinDianError
+from yindian_common.status import abort
+
+log = logging.getLogger("mis_adapter.service")
+R = TypeVar("R")
+
+CHANNEL_NAMES = {pb.CHANNEL_COUNTER: "COUNTER", pb.CHANNEL_AUTO_DEBIT: "AUTO_DEBIT", pb.CHANNEL_ATM: "ATM",
+                 pb.CHANNEL_ONLINE: "ONLINE"}
+BILL_STATUS = {"UNPAID": pb.BILL_STATUS_UNPAID, "PARTIAL": pb.BILL_STATUS_PARTIAL, "PAID": pb.BILL_STATUS_PAID}
+PAYMENT_STATE = {"POSTED": pb.PAYMENT_STATE_POSTED, "REVERSED": pb.PAYMENT_STATE_REVERSED,
+                 "NOT_FOUND": pb.PAYMENT_STATE_NOT_FOUND, "REFUSED": pb.PAYMENT_STATE_REFUSED}
+CANCEL_OUTCOME = {"REVERSED": pb.CANCEL_OUTCOME_REVERSED, "ORIGINAL_NOT_FOUND": pb.CANCEL_OUTCOME_ORIGINAL_NOT_FOUND}
+
+
+def ts(t: dt.datetime) -> timestamp_pb2.Timestamp:
+    out = timestamp_pb2.Timestamp()
+    out.FromDatetime(t.astimezone(dt.UTC))
+    return out
+
+
+# ---- proto -> domain, validating ----
+def pay_command(bank_id: str, req: pb.PayRequest) -> PayCommand:
+    fields.serial(req.bank_serial, "bank_serial")
+    fields.account_no(req.account_no)
+    fields.amount_fen(req.amount_fen)
+    fields.code(req.outlet_code, "outlet_code")
+    fields.code(req.teller_id, "teller_id")
+    channel = CHANNEL_NAMES.get(req.channel)
+    if channel is None:
+        raise InvalidField("channel", "must be COUNTER, AUTO_DEBIT, ATM or ONLINE")
+    balance = req.bank_balance_fen if req.HasField("bank_balance_fen") else None
+    if balance is not None and not 0 <= balance <= 10**15:
+        raise InvalidField("bank_balance_fen", "must be between 0 and 10^15 fen")
+    return PayCommand(bank_id, req.bank_serial, req.account_no, req.amount_fen, req.outlet_code, req.teller_id,
+                      channel, balance)
+
+
+def cancel_command(bank_id: str, req: pb.CancelRequest) -> CancelCommand:
+    fields.serial(req.cancel_serial, "cancel_serial")
+    fields.serial(req.original_serial, "original_serial")
+    fields.amount_fen(req.amount_fen)
+    fields.text(req.reason, "reason", fields.REASON_MAX)
+    return CancelCommand(bank_id, req.cancel_serial, req.original_serial, req.amount_fen, req.reason)
+
+
+# ---- domain -> proto ----
+def pay_response(r: PayResult) -> pb.PayResponse:
+    return pb.PayResponse(
+        payment_id=r.payment_id, receipt_no=r.receipt_no, settlement_date=r.settlement_date.isoformat(),
+        allocations=[pb.Allocation(bill_id=a.bill_id, late_fee_fen=a.late_fee_fen, principal_fen=a.principal_fen)
+                     for a in r.allocations],
+        arrears_after_fen=r.arrears_after_fen, prepaid_after_fen=r.prepaid_after_fen, bank_serial=r.bank_serial,
+        account_no=r.account_no, amount_fen=r.amount_fen, posted_at=ts(r.posted_at))
+
+
+def account_response(v: payments.AccountView) -> pb.QueryAccountResponse:
+    return pb.QueryAccountResponse(
+        account_no=v.account_no, customer_name=v.customer_name, branch_code=v.branch_code,
+        arrears_fen=v.arrears_fen, late_fee_fen=v.late_fee_fen, total_due_fen=v.total_due_fen,
+        prepaid_fen=v.prepaid_fen, as_of_date=v.as_of.isoformat(), closed=v.closed,
+        bills=[pb.Bill(bill_id=b.bill_id, period=b.period, kwh=b.kwh, amount_fen=b.amount_fen,
+                       late_fee_fen=b.late_fee_fen, due_date=b.due_date.isoformat(), status=BILL_STATUS[b.status],
+                       principal_due_fen=b.principal_due_fen) for b in v.bills])
+
+
+class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
+    def __init__(self, ctx: AdapterContext) -> None:
+        self.ctx = ctx
+
+    def _handle(self, context: grpc.ServicerContext, rpc: str, fn: Callable[[], R]) -> R:
+        try:
+            return fn()
+        except YinDianError as err:
+            log.info("event=refused rpc=%s code=%s reason=%s msg=%r", rpc, err.code, err.reason, err.message)
+            abort(context, err)
+
+    def _money_moving(self, context: grpc.ServicerContext, rpc: str, work: Callable[[str], R]) -> R:
+        def run() -> R:
+            bank_id = self.ctx.bank_of(context)
+            self.ctx.banks.ensure_active(bank_id)
+            with self.ctx.banks.slot(bank_id):
+                return work(bank_id)
+        return self._handle(context, rpc, run)
+
+    def QueryAccount(self, request: pb.QueryAccountRequest, context: grpc.ServicerContext) -> pb.QueryAccountResponse:
+        def run() -> pb.QueryAccountResponse:
+            self.ctx.banks.ensure_known(self.ctx.bank_of(context))
+            fields.account_no(request.account_no)
+            return account_response(payments.query_account(self.ctx, request.account_no))
+        return self._handle(context, "QueryAccount", run)
+
+    def Pay(self, request: pb.PayRequest, context: grpc.ServicerContext) -> pb.PayResponse:
+        def work(bank_id: str) -> pb.PayResponse:
+            result = payments.pay(self.ctx, pay_command(bank_id, request))
+            log.info("event=pay bank=%s serial=%s amount_fen=%d payment_id=%s", bank_id, request.bank_serial,
+                     request.amount_fen, result.payment_id)
+            return pay_response(result)
+        return self._money_moving(context, "Pay", work)
+
+    def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelResponse:
+        def work(bank_id: str) -> pb.CancelResponse:
+            r = payments.cancel(self.ctx, cancel_command(bank_id, request))
+            log.info("event=cancel bank=%s serial=%s original=%s outcome=%s", bank_id, request.cancel_serial,
+                     request.original_serial, r.outcome)
+            return pb.CancelResponse(outcome=CANCEL_OUTCOME[r.outcome], settlement_date=r.settlement_date.isoformat(),
+                                     cancel_serial=r.cancel_serial, original_serial=r.original_serial)
+        return self._money_moving(context, "Cancel", work)
+
+    def GetPayment(self, request: pb.GetPaymentRequest, context: grpc.ServicerContext) -> pb.GetPaymentResponse:
+        def run() -> pb.GetPaymentResponse:
+            bank_id = self.ctx.bank_of(context)
+            self.ctx.banks.ensure_known(bank_id)
+            fields.serial(request.bank_serial, "bank_serial")
+            st = payments.get_payment(self.ctx, bank_id, request.bank_serial)
+            resp = pb.GetPaymentResponse(state=PAYMENT_STATE[st.state])
+            if st.payment is not None:
+                resp.payment.CopyFrom(pay_response(st.payment))
+            return resp
+        return self._handle(context, "GetPayment", run)
+
+    def Reconcile(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        return _delegate("mis_adapter.recon_service", "reconcile", self.ctx, request_iterator, context)
+
+    def BillFeed(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        return _delegate("mis_adapter.feed_service", "bill_feed", self.ctx, request_iterator, context)
+
+
+def _delegate(module: str, func: str, ctx: AdapterContext, request_iterator: Iterator[Any],
+              context: grpc.ServicerContext) -> Any:
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{module} is not built yet")
+    return getattr(mod, func)(ctx, request_iterator, context)
