@@ -1,0 +1,67 @@
+"""What every part of the bridge shares, built once in `serve`."""
+from __future__ import annotations
+
+import datetime as dt
+
+import grpc
+from sqlalchemy.engine import Engine
+
+from bridge.journal import Claims, Journal, JournalWriter
+from bridge.settings import BridgeSettings
+from bridge.upstream import Upstream
+from yindian.v1 import billing_pb2_grpc
+from yindian_common.clock import Clock
+from yindian_common.identity import BANK_ID_METADATA
+
+FLUSH_TIMEOUT_S = 10.0
+
+
+class BridgeContext:
+    """The bridge's shared state, handed to its servicer and to the modules it
+    delegates to (bridge.recon, bridge.feed_relay):
+
+    - `settings`: the frozen BridgeSettings of the process
+    - `clock`: the injectable clock (business dates, timestamps)
+    - `engine`: the journal database's SQLAlchemy engine
+    - `journal`: the journal repository (bridge.journal.Journal)
+    - `upstream_channel`: the gRPC channel to mis_adapter (instrumented)
+    - `stub`: a BillingServiceStub on that channel
+    - `metadata()`: identity metadata to pass on every upstream call
+      (`x-yindian-bank-id` in plain-text mode; empty with mTLS)
+    - `deadline_for(context)`: the timeout, in seconds, for an upstream call made
+      on behalf of `context`: its remaining time minus a margin, capped by
+      `upstream_deadline_cap_s` (the cap when the caller set no deadline)
+    - `in_doubt_count(settlement_date)`: journaled Pay/Cancel rows of that
+      business date whose outcome is not yet definite; reconciliation refuses
+      a day while this is not zero
+    """
+
+    def __init__(self, *, settings: BridgeSettings, clock: Clock, engine: Engine, journal: Journal,
+                 writer: JournalWriter, claims: Claims, upstream_channel: grpc.Channel) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.engine = engine
+        self.journal = journal
+        self.writer = writer
+        self.claims = claims
+        self.upstream_channel = upstream_channel
+        self._metadata: tuple[tuple[str, str], ...] = (
+            ((BANK_ID_METADATA, settings.bank_id),) if settings.tls() is None else ())
+        self.upstream = Upstream(upstream_channel, self._metadata)
+        self.stub: billing_pb2_grpc.BillingServiceStub = self.upstream.stub
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def deadline_for(self, context: grpc.ServicerContext) -> float:
+        cap_s = self.settings.upstream_deadline_cap_s
+        remaining = context.time_remaining()
+        if remaining is None:
+            return cap_s
+        return max(0.0, min(cap_s, remaining - self.settings.upstream_deadline_margin_s))
+
+    def in_doubt_count(self, settlement_date: dt.date | str) -> int:
+        day = dt.date.fromisoformat(settlement_date) if isinstance(settlement_date, str) else settlement_date
+        # Outcomes already known but not yet recorded are not in doubt: record them first.
+        self.writer.flush(FLUSH_TIMEOUT_S)
+        return self.journal.in_doubt_count(day)

@@ -1,0 +1,127 @@
+"""`python -m bridge serve`: the bank's front end process. Builds the journal,
+its writer, the resolver and the upstream channel, serves BillingService to
+the bank core, and on SIGTERM drains calls, stops the resolver and flushes
+the journal before exiting."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from bridge.context import BridgeContext
+from bridge.journal import Claims, Journal, JournalWriter, create_schema
+from bridge.resolver import Backoff, Resolver
+from bridge.service import BillingServicer
+from bridge.settings import BridgeSettings
+from yindian.v1 import billing_pb2_grpc
+from yindian_common import fields
+from yindian_common.clock import Clock, make_clock
+from yindian_common.db import make_engine
+from yindian_common.logs import setup_logging
+from yindian_common.metrics import grpc_server_interceptors, instrument_channel, start_metrics_http
+from yindian_common.server import GrpcServer, open_channel
+from yindian_common.settings import add_settings_flags, load_settings
+
+log = logging.getLogger("yindian.bridge")
+
+STOP_TIMEOUT_S = 10.0
+
+
+def parse(argv: list[str]) -> BridgeSettings:
+    parser = argparse.ArgumentParser(
+        prog="python -m bridge serve",
+        description="Serve BillingService to the bank core; journal and forward to mis_adapter over the link.")
+    add_settings_flags(parser, BridgeSettings)
+    args = parser.parse_args(argv)
+    return load_settings(BridgeSettings, args, args.config_file)
+
+
+def check_settings(settings: BridgeSettings) -> None:
+    if settings.tls() is None:
+        if not settings.bank_id:
+            raise SystemExit("--bank-id is required in plain-text mode")
+        fields.code(settings.bank_id, "bank_id", required=True)
+
+
+class Bridge:
+    """The assembled bridge: server, journal writer and resolver."""
+
+    def __init__(self, settings: BridgeSettings, clock: Clock | None = None) -> None:
+        check_settings(settings)
+        self.settings = settings
+        clock = clock or make_clock(settings.clock_start or None, settings.timezone)
+        _ensure_sqlite_dir(settings.db)
+        engine = make_engine(settings.db, pool_size=settings.db_pool_size,
+                             sqlite_synchronous=settings.sqlite_synchronous)
+        create_schema(engine)
+        journal = Journal(engine)
+        recovered = journal.recover_orphans(clock.now())
+        if recovered:
+            log.warning("event=recovered_pending rows=%d state=SUSPECT", recovered)
+        claims = Claims()
+        writer = JournalWriter(journal, claims, batch_max=settings.journal_batch_max,
+                               queue_max=settings.journal_queue_max, idle_wait_s=settings.journal_idle_wait_s)
+        channel = instrument_channel(open_channel(settings.upstream, tls=settings.tls(), insecure=settings.insecure,
+                                                  force_insecure=settings.force_insecure,
+                                                  max_message_bytes=settings.upstream_max_message_bytes))
+        self.ctx = BridgeContext(settings=settings, clock=clock, engine=engine, journal=journal, writer=writer,
+                                 claims=claims, upstream_channel=channel)
+        self.resolver = Resolver(
+            journal=journal, writer=writer, claims=claims, upstream=self.ctx.upstream, clock=clock,
+            bank_id=settings.bank_id,
+            backoff=Backoff(settings.resolver_backoff_initial_s, settings.resolver_backoff_cap_s),
+            batch_max=settings.resolver_batch_max, idle_wait_s=settings.resolver_idle_wait_s,
+            call_timeout_s=settings.resolver_call_timeout_s, min_call_s=settings.upstream_deadline_min_s)
+        self.server = GrpcServer(listen=settings.listen, limits=settings.limits(), tls=settings.tls(),
+                                 insecure=settings.insecure, force_insecure=settings.force_insecure,
+                                 interceptors=grpc_server_interceptors())
+        self.server.add_service("yindian.v1.BillingService", billing_pb2_grpc.add_BillingServiceServicer_to_server,
+                                BillingServicer(self.ctx, self.resolver))
+        self.server.on_drain(self._after_drain)
+        self._drained = False
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.listen.rsplit(':', 1)[0]}:{self.server.port}"
+
+    def start_workers(self) -> None:
+        self.ctx.writer.start()
+        if self.settings.resolver_enabled:
+            self.resolver.start()
+
+    def start(self) -> None:
+        """Serves without signal handling (in-process use, tests)."""
+        self.start_workers()
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def _after_drain(self) -> None:
+        if self._drained:
+            return
+        self._drained = True
+        self.resolver.stop(STOP_TIMEOUT_S)
+        self.ctx.writer.stop(STOP_TIMEOUT_S)
+        self.ctx.upstream_channel.close()
+        self.ctx.engine.dispose()
+
+
+def _ensure_sqlite_dir(url: str) -> None:
+    """The default journal lives under var/: create its directory on first start."""
+    u = sa.make_url(url)
+    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
+        Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+
+
+def main(argv: list[str]) -> int:
+    settings = parse(argv)
+    setup_logging(settings.log_level, "bridge")
+    bridge = Bridge(settings)
+    metrics_port = start_metrics_http(settings.metrics_host, settings.metrics_port)
+    bridge.start_workers()
+    log.info("event=start bank=%s upstream=%s listen=%s", settings.bank_id, settings.upstream, bridge.address)
+    bridge.server.serve_forever(f"READY bridge grpc={bridge.address} metrics={metrics_port}")
+    return 0

@@ -1,0 +1,231 @@
+"""The bridge's wire edge: BillingService for the bank core.
+
+Queries (QueryAccount, GetPayment) are validated and forwarded. Money-moving
+requests (Pay, Cancel) are validated, journaled durably, forwarded, and
+answered from their outcome: the utility's answer when definite (relayed
+unchanged), else UNAVAILABLE "in doubt, retry the same serial" while the
+resolver settles it. A retry of a journaled serial is answered from the
+journal and never forwarded twice. Malformed requests never cross the link
+and are never journaled."""
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from google.rpc import status_pb2
+from grpc_status import rpc_status
+
+from bridge import journal as jn
+from bridge.context import BridgeContext
+from bridge.journal import Claim, Entry, Outcome
+from bridge.resolver import REVERSAL_PREFIX, Resolver
+from bridge.upstream import DEFINITE, OK, Answer, relay
+from yindian.v1 import billing_pb2 as pb
+from yindian.v1 import billing_pb2_grpc
+from yindian_common import fields
+from yindian_common.clock import business_date
+from yindian_common.errors import InFlight, InvalidField, Precondition, SerialConflict, Unavailable, YinDianError
+from yindian_common.status import abort
+
+log = logging.getLogger("yindian.bridge.service")
+R = TypeVar("R")
+
+CHANNELS = frozenset({pb.CHANNEL_COUNTER, pb.CHANNEL_AUTO_DEBIT, pb.CHANNEL_ATM, pb.CHANNEL_ONLINE})
+BANK_BALANCE_MAX_FEN = 10**15
+
+
+# ---- validation: the same field rules the utility applies ----
+
+def check_pay(req: pb.PayRequest) -> None:
+    fields.serial(req.bank_serial, "bank_serial")
+    fields.account_no(req.account_no)
+    fields.amount_fen(req.amount_fen)
+    fields.code(req.outlet_code, "outlet_code")
+    fields.code(req.teller_id, "teller_id")
+    if req.channel not in CHANNELS:
+        raise InvalidField("channel", "must be COUNTER, AUTO_DEBIT, ATM or ONLINE")
+    if req.HasField("bank_balance_fen") and not 0 <= req.bank_balance_fen <= BANK_BALANCE_MAX_FEN:
+        raise InvalidField("bank_balance_fen", f"must be between 0 and {BANK_BALANCE_MAX_FEN} fen")
+
+
+def check_cancel(req: pb.CancelRequest) -> None:
+    fields.serial(req.cancel_serial, "cancel_serial")
+    if req.cancel_serial.startswith(REVERSAL_PREFIX):
+        raise InvalidField("cancel_serial", f"the prefix {REVERSAL_PREFIX} is reserved for the bridge's reversals")
+    fields.serial(req.original_serial, "original_serial")
+    fields.amount_fen(req.amount_fen)
+    fields.text(req.reason, "reason", fields.REASON_MAX)
+
+
+class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
+    def __init__(self, bctx: BridgeContext, resolver: Resolver) -> None:
+        self.bctx = bctx
+        self.resolver = resolver
+        self._journal = bctx.journal
+        self._claims = bctx.claims
+        self._writer = bctx.writer
+        self._bank_id = bctx.settings.bank_id
+        self._min_call_s = bctx.settings.upstream_deadline_min_s
+        self._duplicate_wait_s = bctx.settings.duplicate_wait_s
+
+    # ---- helpers ----
+
+    def _guard(self, context: grpc.ServicerContext, fn: Callable[[], R]) -> R:
+        try:
+            return fn()
+        except YinDianError as err:
+            abort(context, err)
+
+    def _timeout(self, context: grpc.ServicerContext) -> float:
+        timeout_s = self.bctx.deadline_for(context)
+        if timeout_s < self._min_call_s:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "too little time left to forward the request")
+        return timeout_s
+
+    # ---- queries ----
+
+    def QueryAccount(self, request: pb.QueryAccountRequest, context: grpc.ServicerContext) -> pb.QueryAccountResponse:
+        self._guard(context, lambda: fields.account_no(request.account_no))
+        answer = self.bctx.upstream.query_account(request, self._timeout(context))
+        if not answer.ok:
+            relay(context, answer)
+        return answer.response  # type: ignore[no-any-return]
+
+    def GetPayment(self, request: pb.GetPaymentRequest, context: grpc.ServicerContext) -> pb.GetPaymentResponse:
+        self._guard(context, lambda: fields.serial(request.bank_serial, "bank_serial"))
+        answer = self.bctx.upstream.get_payment(request.bank_serial, self._timeout(context))
+        if not answer.ok:
+            relay(context, answer)
+        return answer.response  # type: ignore[no-any-return]
+
+    # ---- money-moving ----
+
+    def Pay(self, request: pb.PayRequest, context: grpc.ServicerContext) -> pb.PayResponse:
+        self._guard(context, lambda: check_pay(request))
+        now = self.bctx.clock.now()
+        entry = Entry(kind=jn.PAY, serial=request.bank_serial, bank_id=self._bank_id, amount_fen=request.amount_fen,
+                      state=jn.PENDING, business_date=business_date(self.bctx.clock), created_at=now,
+                      updated_at=now, account_no=request.account_no, outlet_code=request.outlet_code,
+                      teller_id=request.teller_id, channel=request.channel,
+                      bank_balance_fen=request.bank_balance_fen if request.HasField("bank_balance_fen") else None)
+        return self._money_moving(entry, request, context)  # type: ignore[no-any-return]
+
+    def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelResponse:
+        self._guard(context, lambda: check_cancel(request))
+        now = self.bctx.clock.now()
+        entry = Entry(kind=jn.CANCEL, serial=request.cancel_serial, bank_id=self._bank_id,
+                      amount_fen=request.amount_fen, state=jn.PENDING, business_date=business_date(self.bctx.clock),
+                      created_at=now, updated_at=now, original_serial=request.original_serial,
+                      reason=request.reason)
+        return self._money_moving(entry, request, context)  # type: ignore[no-any-return]
+
+    def _money_moving(self, entry: Entry, request: Any, context: grpc.ServicerContext) -> Any:
+        timeout_s = self._timeout(context)
+        claim, owned = self._claims.acquire(entry.key)
+        if not owned:
+            return self._await_original(claim, entry, context, timeout_s)
+        try:
+            inserted = self._journal.insert_new(entry)
+            existing = None if inserted else self._journal.get(*entry.key)
+        except BaseException:
+            self._claims.release(claim)
+            raise
+        if existing is not None:
+            return self._answer_journaled(claim, entry, existing, context, timeout_s)
+        call = self.bctx.upstream.pay if entry.kind == jn.PAY else self.bctx.upstream.cancel
+        answer = call(request, timeout_s)
+        outcome = self._first_outcome(entry, answer)
+        self._settle(claim, outcome)
+        log.info("event=%s serial=%s amount_fen=%d state=%s code=%s", entry.kind.lower(), entry.serial,
+                 entry.amount_fen, outcome.state, answer.code.name)
+        return self._reply(outcome, context)
+
+    def _first_outcome(self, entry: Entry, answer: Answer) -> Outcome:
+        at = self.bctx.clock.now()
+        if answer.kind == OK:
+            return jn.outcome_for(entry, jn.POSTED if entry.kind == jn.PAY else jn.CANCELLED, at, status_code=0,
+                                  body=answer.response.SerializeToString(), message="")
+        if answer.kind == DEFINITE:
+            return jn.outcome_for(entry, jn.FAILED, at, status_code=answer.code.value[0], body=answer.status_bytes,
+                                  message=answer.message)
+        # In doubt: due for resolution at once.
+        return jn.outcome_for(entry, jn.SUSPECT, at, message=f"in doubt: {answer.code.name}: {answer.message}",
+                              next_attempt_ms=0)
+
+    def _settle(self, claim: Claim, outcome: Outcome) -> None:
+        """Tells waiting duplicates, then records the outcome (the claim is released once durable)."""
+        claim.finish(outcome)
+        self._writer.submit(outcome, claim)
+        if not outcome.definite:
+            self.resolver.wake()
+
+    def _answer_journaled(self, claim: Claim, entry: Entry, existing: Entry, context: grpc.ServicerContext,
+                          timeout_s: float) -> Any:
+        """A retry of a journaled serial (we own its claim)."""
+        if not existing.same_request(entry):
+            self._claims.release(claim)
+            self._conflict(context, entry)
+        if existing.state in jn.DEFINITE_STATES:
+            self._claims.release(claim)
+            return self._reply(existing, context)
+        outcome = self.resolver.resolve(existing, timeout_s)
+        self._settle(claim, outcome)
+        log.info("event=retry_in_doubt kind=%s serial=%s from=%s to=%s", entry.kind, entry.serial, existing.state,
+                 outcome.state)
+        return self._reply(outcome, context)
+
+    def _await_original(self, claim: Claim, entry: Entry, context: grpc.ServicerContext, timeout_s: float) -> Any:
+        """A duplicate of a serial some thread is acting on: wait for it (bounded), else ABORTED."""
+        if not claim.done.wait(min(timeout_s, self._duplicate_wait_s)):
+            abort(context, InFlight(f"{entry.kind.lower()} {entry.serial} is still in flight; retry the same serial"))
+        existing = self._journal.get(*entry.key)
+        if existing is None:  # the original failed before it was journaled
+            abort(context, InFlight(f"{entry.kind.lower()} {entry.serial} was not journaled; retry the same serial"))
+        if not existing.same_request(entry):
+            self._conflict(context, entry)
+        result = claim.result if isinstance(claim.result, Outcome) else existing
+        return self._reply(result, context)
+
+    def _conflict(self, context: grpc.ServicerContext, entry: Entry) -> NoReturn:
+        field = "bank_serial" if entry.kind == jn.PAY else "cancel_serial"
+        abort(context, SerialConflict(f"{field} {entry.serial} was already used with different parameters",
+                                      field=field))
+
+    def _reply(self, row: Entry | Outcome, context: grpc.ServicerContext) -> Any:
+        """The bank core's answer for a row in state `row.state`."""
+        state = row.state
+        if state == jn.POSTED:
+            return pb.PayResponse.FromString(row.body or b"")
+        if state == jn.CANCELLED:
+            return pb.CancelResponse.FromString(row.body or b"")
+        if state == jn.FAILED:
+            context.abort_with_status(rpc_status.to_status(status_pb2.Status.FromString(row.body or b"")))
+        if state == jn.NOT_APPLIED:
+            abort(context, Precondition(f"payment {row.serial} was not applied (PAYMENT_NOT_APPLIED: reversed or "
+                                        "refused at the utility); pay again under a new serial",
+                                        reason="PAYMENT_NOT_APPLIED"))
+        what = "payment" if row.kind == jn.PAY else "cancel"
+        abort(context, Unavailable(f"{what} in doubt, retry the same serial", reason=f"{row.kind}_IN_DOUBT"))
+
+    # ---- streams owned by other modules ----
+
+    def Reconcile(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        return _delegate("bridge.recon", "reconcile", self.bctx, request_iterator, context)
+
+    def BillFeed(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        return _delegate("bridge.feed_relay", "bill_feed", self.bctx, request_iterator, context)
+
+
+def _delegate(module: str, func: str, bctx: BridgeContext, request_iterator: Iterator[Any],
+              context: grpc.ServicerContext) -> Any:
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{module} is not built yet")
+    return getattr(mod, func)(bctx, request_iterator, context)
+

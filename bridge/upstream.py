@@ -1,0 +1,100 @@
+"""The link to the utility: calls mis_adapter's BillingService with the bank's
+identity and a deadline, and sorts every answer into exactly one of
+    OK         the utility's response message
+    DEFINITE   a status the utility answered with google.rpc.ErrorInfo:
+               relayed to the bank core unchanged (code, message, details)
+    IN_DOUBT   anything else (deadline, lost connection, CANCELLED, UNKNOWN,
+               INTERNAL, UNAVAILABLE without ErrorInfo): the request may or
+               may not have been applied.
+This module never decides what an in-doubt answer means: the resolver does."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from yindian.v1 import billing_pb2, billing_pb2_grpc
+
+log = logging.getLogger("yindian.bridge.upstream")
+
+OK = "OK"
+DEFINITE = "DEFINITE"
+IN_DOUBT = "IN_DOUBT"
+
+
+@dataclass(frozen=True)
+class Answer:
+    kind: str
+    response: Any = None
+    # the google.rpc.Status of a DEFINITE error, serialized
+    status_bytes: bytes | None = None
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.kind == OK
+
+    def reason(self) -> str:
+        """The utility's ErrorInfo reason of a DEFINITE answer ('' otherwise)."""
+        if self.status_bytes is None:
+            return ""
+        st = status_pb2.Status.FromString(self.status_bytes)
+        for d in st.details:
+            if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                d.Unpack(info)
+                return str(info.reason)
+        return ""
+
+
+def classify(exc: grpc.RpcError) -> Answer:
+    code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
+    message: str = exc.details() or ""  # type: ignore[attr-defined]
+    try:
+        st = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    except ValueError:  # details disagree with the status line: not a trustworthy answer
+        st = None
+    if st is not None and any(d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR) for d in st.details):
+        return Answer(DEFINITE, status_bytes=st.SerializeToString(), code=code, message=message)
+    return Answer(IN_DOUBT, code=code, message=message)
+
+
+class Upstream:
+    """BillingService on mis_adapter, with identity metadata on every call."""
+
+    def __init__(self, channel: grpc.Channel, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.channel = channel
+        self.stub = billing_pb2_grpc.BillingServiceStub(channel)
+        self.metadata = metadata
+
+    def _call(self, method: Callable[..., Any], request: Any, timeout_s: float) -> Answer:
+        try:
+            return Answer(OK, response=method(request, timeout=timeout_s, metadata=self.metadata))
+        except grpc.RpcError as exc:
+            return classify(exc)
+
+    def pay(self, request: billing_pb2.PayRequest, timeout_s: float) -> Answer:
+        return self._call(self.stub.Pay, request, timeout_s)
+
+    def cancel(self, request: billing_pb2.CancelRequest, timeout_s: float) -> Answer:
+        return self._call(self.stub.Cancel, request, timeout_s)
+
+    def get_payment(self, bank_serial: str, timeout_s: float) -> Answer:
+        return self._call(self.stub.GetPayment, billing_pb2.GetPaymentRequest(bank_serial=bank_serial), timeout_s)
+
+    def query_account(self, request: billing_pb2.QueryAccountRequest, timeout_s: float) -> Answer:
+        return self._call(self.stub.QueryAccount, request, timeout_s)
+
+
+def relay(context: grpc.ServicerContext, answer: Answer) -> None:
+    """Passes a non-OK answer on to the bank core: a DEFINITE one unchanged,
+    an IN_DOUBT one with its code and message (queries are safe to retry)."""
+    if answer.status_bytes is not None:
+        context.abort_with_status(rpc_status.to_status(status_pb2.Status.FromString(answer.status_bytes)))
+    context.abort(answer.code, answer.message or "utility link error")
