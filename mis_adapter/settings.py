@@ -38,6 +38,13 @@ class AdapterSettings(YinDianSettings):
     other_current_year_ppm_per_day: int = Field(2_000, description="late fee, others, current-year arrears")
     other_earlier_years_ppm_per_day: int = Field(3_000, description="late fee, others, earlier years' arrears")
     late_fee_minimum_fen: int = Field(100, description="minimum late fee once any accrues")
+    feed_window_max: int = Field(1_000, description="bill feed: notices outstanding past the contiguous ack")
+    feed_notice_batch_max: int = Field(500, description="bill feed: notices per stream message")
+    feed_results_batch_max: int = Field(5_000, description="bill feed: debit results accepted per message")
+    feed_heartbeat_s: float = Field(5.0, description="bill feed: heartbeat (and lease renewal) interval")
+    feed_poll_interval_s: float = Field(0.2, description="bill feed: outbox poll interval without LISTEN/NOTIFY")
+    feed_lease_ttl_s: float = Field(15.0, description="bill feed: a dead replica's stream lease lapses after this")
+    feed_peer_silence_s: float = Field(120.0, description="bill feed: end a stream with no results for this long")
     log_level: str = Field("INFO", description="log level")
 
     def late_fee_rates(self) -> LateFeeRates:

@@ -1,0 +1,511 @@
+"""The bill feed's storage and settlement (DESIGN.md Money semantics 7):
+the outbox and its gapless per-bank seq, the subscriber's cursor, the
+one-stream-per-bank lease, and how a batch of the bank's debit results is
+applied — set-based, in one transaction with the cursor it advances.
+
+Rules this module keeps:
+- A seq is taken by incrementing the bank's counter row (`feed_sequences`)
+  in the SAME transaction that issues the bill; the row lock serializes
+  issuers, so seqs are gapless and ordered as their transactions commit.
+- The cursor (`acked_through_seq`) only advances over seqs that have a
+  stored result, and is written in the transaction that stores them.
+- A DEBITED result posts one AUTO_DEBIT payment keyed by (bank, bank_serial):
+  the common case (the bill is the account's only unpaid one, no late fee,
+  the debit equals its principal due) is posted here in bulk with exactly
+  the allocation `allocation.allocate_payment` would give; every other case
+  is handed to the general payment path (`pay_general`, the lead's `pay`),
+  which allocates oldest first, late fee before principal, rest to prepaid.
+  A debit for a bill already settled by another channel becomes prepaid
+  credit and is listed in `feed_refunds`; so is any surplus the general
+  path turned into prepaid credit.
+- INSUFFICIENT_FUNDS marks the bill for dunning; the bill stays in arrears.
+
+One database only: the outbox lives in the database of the bills it
+announces, and a bank's seq space is per database. mis_adapter serves the
+feed only when all branches share one database (`FeedMultiDatabase`
+otherwise); a deployment with branch databases runs one feed per database
+elsewhere. Nothing here speaks gRPC or builds protos."""
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from mis_adapter.allocation import BillDue, allocate_payment
+from mis_adapter.db.core import AllocationRow, BillRow, Customer, JournalEntry, Payment, PrepaidEntry
+from mis_adapter.db.feed import DebitResultRow, FeedCursor, FeedLease, FeedSequence, OutboxRow, RefundRow
+from yindian_common.clock import Clock, business_date
+from yindian_common.errors import Precondition, SerialConflict, YinDianError
+
+__all__ = [
+    "FeedSettings", "Notice", "DebitIn", "ApplyReport", "FeedBusy", "FeedMultiDatabase", "NOTIFY_CHANNEL",
+    "take_seqs", "insert_outbox", "notify_banks", "read_notices", "get_cursor", "stored_results",
+    "acquire_lease", "renew_lease", "release_lease", "apply_results", "DEBITED", "INSUFFICIENT_FUNDS",
+]
+
+NOTIFY_CHANNEL = "yindian_feed"
+DEBITED = "DEBITED"
+INSUFFICIENT_FUNDS = "INSUFFICIENT_FUNDS"
+AUTO_DEBIT = "AUTO_DEBIT"
+
+
+@dataclass(frozen=True)
+class FeedSettings:
+    """Every bound of the feed, named. mis_adapter's AdapterSettings carries
+    the same fields prefixed `feed_`; `from_adapter_settings` reads them."""
+    window_max: int = 1_000          # notices sent and not yet acknowledged (contiguously)
+    notice_batch_max: int = 500      # notices per stream message
+    results_batch_max: int = 5_000   # results accepted in one message
+    heartbeat_s: float = 5.0         # a heartbeat at least this often; lease renewed with it
+    poll_interval_s: float = 0.2     # fallback wake-up when no LISTEN/NOTIFY (SQLite, lost listener)
+    lease_ttl_s: float = 15.0        # a stream's lease lapses this long after its last renewal
+    peer_silence_s: float = 120.0    # notices outstanding and no result for this long: stream ended
+    listen_retry_s: float = 1.0      # PostgreSQL listener reconnect back-off
+
+    def __post_init__(self) -> None:
+        if self.window_max < 1 or self.notice_batch_max < 1 or self.results_batch_max < 1:
+            raise ValueError("feed window and batch sizes must be positive")
+        if self.heartbeat_s <= 0 or self.poll_interval_s <= 0 or self.lease_ttl_s <= self.heartbeat_s:
+            raise ValueError("feed intervals must be positive and the lease must outlive a heartbeat")
+
+    @classmethod
+    def from_adapter_settings(cls, s: object) -> FeedSettings:
+        kw = {}
+        for name in cls.__dataclass_fields__:
+            value = getattr(s, "feed_" + name, None)
+            if value is not None:
+                kw[name] = value
+        return cls(**kw)
+
+
+class FeedBusy(YinDianError):
+    """A second subscriber while the bank's stream is active: refused."""
+    code = "ABORTED"
+    reason = "FEED_ALREADY_ACTIVE"
+
+
+class FeedMultiDatabase(Precondition):
+    reason = "FEED_SINGLE_DATABASE_ONLY"
+
+
+@dataclass(frozen=True)
+class Notice:
+    seq: int
+    bill_id: int
+    account_no: str
+    period: str
+    kwh: int
+    amount_fen: int
+    due_date: dt.date
+    issued_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class DebitIn:
+    """A validated result joined with the notice it answers."""
+    seq: int
+    outcome: str
+    bank_serial: str
+    amount_fen: int
+    bill_id: int
+    account_no: str
+
+
+@dataclass
+class ApplyReport:
+    paid: int = 0            # bills settled by their debit (bulk path)
+    posted: int = 0          # debits posted through the general payment path
+    refunds: int = 0         # debits (or parts) listed for refund
+    dunning: int = 0
+    dispositions: dict[int, str] = field(default_factory=dict)
+
+
+T_SEQ = FeedSequence.__table__
+T_OUT = OutboxRow.__table__
+T_CUR = FeedCursor.__table__
+T_LEASE = FeedLease.__table__
+T_RES = DebitResultRow.__table__
+T_REF = RefundRow.__table__
+T_BILLS = BillRow.__table__
+T_CUST = Customer.__table__
+T_PAY = Payment.__table__
+T_ALLOC = AllocationRow.__table__
+T_JOURNAL = JournalEntry.__table__
+T_PREPAID = PrepaidEntry.__table__
+
+_b = sa.bindparam
+
+
+def _utc(when: dt.datetime) -> dt.datetime:
+    # SQLite keeps no offset: store every instant in UTC so that they compare.
+    return when.astimezone(dt.UTC)
+
+
+# ---- sequence and outbox (called inside the issuing transaction) ----
+
+_SEQ_BUMP = T_SEQ.update().where(T_SEQ.c.bank_id == _b("bank_id")).values(
+    last_seq=T_SEQ.c.last_seq + _b("n"))
+_SEQ_READ = sa.select(T_SEQ.c.last_seq).where(T_SEQ.c.bank_id == _b("bank_id"))
+
+
+def _insert_ignore(conn: Connection, table: sa.Table, values: dict[str, object]) -> None:
+    name = conn.dialect.name
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+        conn.execute(pg_insert(table).values(**values).on_conflict_do_nothing())
+    elif name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+        conn.execute(sqlite_insert(table).values(**values).on_conflict_do_nothing())
+    else:
+        conn.execute(table.insert().prefix_with("IGNORE").values(**values))
+
+
+def take_seqs(conn: Connection, bank_id: str, n: int) -> int:
+    """Reserves n consecutive seqs for `bank_id` and returns the first. The
+    counter row stays locked until the caller's transaction ends."""
+    if n < 1:
+        raise ValueError("take_seqs needs n >= 1")
+    if conn.execute(_SEQ_BUMP, {"bank_id": bank_id, "n": n}).rowcount != 1:
+        _insert_ignore(conn, T_SEQ, {"bank_id": bank_id, "last_seq": 0})
+        if conn.execute(_SEQ_BUMP, {"bank_id": bank_id, "n": n}).rowcount != 1:
+            raise RuntimeError(f"feed sequence row for {bank_id} vanished")
+    last = int(conn.execute(_SEQ_READ, {"bank_id": bank_id}).scalar_one())
+    return last - n + 1
+
+
+def insert_outbox(conn: Connection, bank_id: str, first_seq: int, notices: Sequence[dict[str, object]]) -> None:
+    """Writes notices (dicts of OutboxRow columns without bank_id/seq) at first_seq, first_seq+1, ..."""
+    rows = [{**n, "bank_id": bank_id, "seq": first_seq + i} for i, n in enumerate(notices)]
+    if rows:
+        conn.execute(T_OUT.insert(), rows)
+
+
+def notify_banks(conn: Connection, bank_ids: Iterable[str]) -> None:
+    """PostgreSQL delivers these at commit to every listening replica."""
+    if conn.dialect.name != "postgresql":
+        return
+    for bank_id in sorted(set(bank_ids)):
+        conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, bank_id)))
+
+
+# ---- reading the outbox, the cursor, stored results ----
+
+_READ_NOTICES = (sa.select(T_OUT.c.seq, T_OUT.c.bill_id, T_OUT.c.account_no, T_OUT.c.period, T_OUT.c.kwh,
+                           T_OUT.c.amount_fen, T_OUT.c.due_date, T_OUT.c.issued_at)
+                 .where(T_OUT.c.bank_id == _b("bank_id"), T_OUT.c.seq > _b("after"))
+                 .order_by(T_OUT.c.seq).limit(_b("limit")))
+_CURSOR = sa.select(T_CUR.c.acked_through_seq).where(T_CUR.c.bank_id == _b("bank_id"))
+_LAST_SEQ = _SEQ_READ
+
+
+def read_notices(conn: Connection, bank_id: str, after_seq: int, limit: int) -> list[Notice]:
+    rows = conn.execute(_READ_NOTICES, {"bank_id": bank_id, "after": after_seq, "limit": limit}).all()
+    out = [Notice(r.seq, r.bill_id, r.account_no, r.period, r.kwh, r.amount_fen, r.due_date, r.issued_at)
+           for r in rows]
+    # Gapless by construction; a hole here is a bug, never skipped silently.
+    for i, n in enumerate(out):
+        if n.seq != after_seq + 1 + i:
+            raise RuntimeError(f"feed outbox of {bank_id} has a gap before seq {n.seq}")
+    return out
+
+
+def get_cursor(conn: Connection, bank_id: str) -> int:
+    return int(conn.execute(_CURSOR, {"bank_id": bank_id}).scalar_one_or_none() or 0)
+
+
+def last_seq(conn: Connection, bank_id: str) -> int:
+    return int(conn.execute(_LAST_SEQ, {"bank_id": bank_id}).scalar_one_or_none() or 0)
+
+
+_STORED = (sa.select(T_RES.c.seq, T_RES.c.outcome, T_RES.c.bank_serial, T_RES.c.amount_fen)
+           .where(T_RES.c.bank_id == _b("bank_id"), T_RES.c.seq.in_(_b("seqs", expanding=True))))
+
+
+def stored_results(conn: Connection, bank_id: str, seqs: Sequence[int]) -> dict[int, tuple[str, str, int]]:
+    if not seqs:
+        return {}
+    rows = conn.execute(_STORED, {"bank_id": bank_id, "seqs": list(seqs)}).all()
+    return {r.seq: (r.outcome, r.bank_serial, r.amount_fen) for r in rows}
+
+
+_NOTICES_BY_SEQ = (sa.select(T_OUT.c.seq, T_OUT.c.bill_id, T_OUT.c.account_no, T_OUT.c.amount_fen)
+                   .where(T_OUT.c.bank_id == _b("bank_id"), T_OUT.c.seq.in_(_b("seqs", expanding=True))))
+
+
+def notices_by_seq(conn: Connection, bank_id: str, seqs: Sequence[int]) -> dict[int, tuple[int, str, int]]:
+    if not seqs:
+        return {}
+    rows = conn.execute(_NOTICES_BY_SEQ, {"bank_id": bank_id, "seqs": list(seqs)}).all()
+    return {r.seq: (r.bill_id, r.account_no, r.amount_fen) for r in rows}
+
+
+# ---- the one-stream-per-bank lease ----
+
+_LEASE_TAKE = T_LEASE.update().where(
+    T_LEASE.c.bank_id == _b("bank_id"),
+    sa.or_(T_LEASE.c.holder == _b("holder"), T_LEASE.c.expires_at < _b("now"))).values(
+    holder=_b("holder"), acquired_at=_b("now"), expires_at=_b("expires"))
+_LEASE_RENEW = T_LEASE.update().where(T_LEASE.c.bank_id == _b("bank_id"), T_LEASE.c.holder == _b("holder")).values(
+    expires_at=_b("expires"))
+_LEASE_RELEASE = T_LEASE.delete().where(T_LEASE.c.bank_id == _b("bank_id"), T_LEASE.c.holder == _b("holder"))
+_LEASE_HOLDER = sa.select(T_LEASE.c.holder, T_LEASE.c.expires_at).where(T_LEASE.c.bank_id == _b("bank_id"))
+
+
+def acquire_lease(engine: Engine, bank_id: str, holder: str, now: dt.datetime, ttl_s: float) -> None:
+    """Takes the bank's lease, or raises FeedBusy when another live stream holds it."""
+    now = _utc(now)
+    params = {"bank_id": bank_id, "holder": holder, "now": now, "expires": now + dt.timedelta(seconds=ttl_s)}
+    with engine.begin() as conn:
+        if conn.execute(_LEASE_TAKE, params).rowcount == 1:
+            return
+        _insert_ignore(conn, T_LEASE, {"bank_id": bank_id, "holder": holder, "acquired_at": now,
+                                       "expires_at": params["expires"]})
+        row = conn.execute(_LEASE_HOLDER, {"bank_id": bank_id}).one()
+    if row.holder != holder:
+        raise FeedBusy(f"bank {bank_id} already has an active bill feed stream; "
+                       "it is refused until that stream ends or its lease lapses")
+
+
+def renew_lease(engine: Engine, bank_id: str, holder: str, now: dt.datetime, ttl_s: float) -> bool:
+    """False when the lease was lost (lapsed and taken): the stream must end."""
+    with engine.begin() as conn:
+        n = conn.execute(_LEASE_RENEW, {"bank_id": bank_id, "holder": holder,
+                                        "expires": _utc(now) + dt.timedelta(seconds=ttl_s)}).rowcount
+    return n == 1
+
+
+def release_lease(engine: Engine, bank_id: str, holder: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(_LEASE_RELEASE, {"bank_id": bank_id, "holder": holder})
+
+
+# ---- applying a batch of results ----
+
+_LOCK_CUSTOMERS = (sa.select(T_CUST.c.account_no, T_CUST.c.prepaid_fen, T_CUST.c.status)
+                   .where(T_CUST.c.account_no.in_(_b("accts", expanding=True)))
+                   .order_by(T_CUST.c.account_no).with_for_update())
+_BILLS = (sa.select(T_BILLS.c.bill_id, T_BILLS.c.account_no, T_BILLS.c.period, T_BILLS.c.status,
+                    T_BILLS.c.amount_fen, T_BILLS.c.prepaid_applied_fen, T_BILLS.c.principal_paid_fen,
+                    T_BILLS.c.accrual_micro, T_BILLS.c.late_fee_paid_fen, T_BILLS.c.due_date)
+          .where(T_BILLS.c.bill_id.in_(_b("ids", expanding=True))))
+_PRINCIPAL_DUE = T_BILLS.c.amount_fen - T_BILLS.c.prepaid_applied_fen - T_BILLS.c.principal_paid_fen
+_UNPAID_BY_ACCOUNT = (sa.select(T_BILLS.c.account_no, sa.func.count().label("n"),
+                                sa.func.sum(_PRINCIPAL_DUE).label("due"))
+                      .where(T_BILLS.c.account_no.in_(_b("accts", expanding=True)), T_BILLS.c.status != "PAID")
+                      .group_by(T_BILLS.c.account_no))
+_PAYMENTS_BY_SERIAL = (sa.select(T_PAY.c.payment_id, T_PAY.c.bank_serial, T_PAY.c.account_no, T_PAY.c.amount_fen,
+                                 T_PAY.c.state, T_PAY.c.prepaid_added_fen)
+                       .where(T_PAY.c.bank_id == _b("bank_id"),
+                              T_PAY.c.bank_serial.in_(_b("serials", expanding=True))))
+_SETTLE_BILLS = (T_BILLS.update().where(T_BILLS.c.bill_id.in_(_b("ids", expanding=True)))
+                 .values(principal_paid_fen=T_BILLS.c.amount_fen - T_BILLS.c.prepaid_applied_fen,
+                         status="PAID", paid_on=_b("today"), dunning=False))
+_DUN_BILLS = (T_BILLS.update().where(T_BILLS.c.bill_id.in_(_b("ids", expanding=True)), T_BILLS.c.status != "PAID")
+              .values(dunning=True))
+_ALLOC_FROM_RESULTS = sa.insert(T_ALLOC).from_select(
+    ["payment_id", "bill_id", "late_fee_fen", "principal_fen"],
+    sa.select(T_PAY.c.payment_id, T_RES.c.bill_id, sa.literal(0, sa.BigInteger), T_RES.c.amount_fen)
+    .select_from(T_RES.join(T_PAY, sa.and_(T_PAY.c.bank_id == T_RES.c.bank_id,
+                                          T_PAY.c.bank_serial == T_RES.c.bank_serial)))
+    .where(T_RES.c.bank_id == _b("bank_id"), T_RES.c.seq.in_(_b("seqs", expanding=True))))
+_JOURNAL_FROM_PAYMENTS = sa.insert(T_JOURNAL).from_select(
+    ["at", "bank_id", "rpc", "serial", "original_serial", "account_no", "amount_fen", "outcome", "payment_id"],
+    sa.select(_b("at", type_=sa.DateTime(timezone=True)), T_PAY.c.bank_id, sa.literal("DEBIT"), T_PAY.c.bank_serial,
+              sa.literal(""), T_PAY.c.account_no, T_PAY.c.amount_fen, sa.literal("POSTED"), T_PAY.c.payment_id)
+    .where(T_PAY.c.bank_id == _b("bank_id"), T_PAY.c.bank_serial.in_(_b("serials", expanding=True))))
+_ADD_PREPAID = (T_CUST.update().where(T_CUST.c.account_no == _b("acct"))
+                .values(prepaid_fen=T_CUST.c.prepaid_fen + _b("delta")))
+_UPSERT_CURSOR_UPDATE = (T_CUR.update()
+                         .where(T_CUR.c.bank_id == _b("bank_id"), T_CUR.c.acked_through_seq < _b("seq"))
+                         .values(acked_through_seq=_b("seq"), updated_at=_b("now")))
+
+
+@dataclass
+class _Plan:
+    fast: list[DebitIn] = field(default_factory=list)
+    surplus: list[DebitIn] = field(default_factory=list)
+    general: list[DebitIn] = field(default_factory=list)
+    earlier: list[tuple[DebitIn, int, int]] = field(default_factory=list)  # (result, payment_id, prepaid_added)
+    reversed_: list[DebitIn] = field(default_factory=list)
+    dunning: list[DebitIn] = field(default_factory=list)
+    no_arrears: list[DebitIn] = field(default_factory=list)
+
+
+def _classify(conn: Connection, bank_id: str, results: Sequence[DebitIn], today: dt.date,
+              prepaid: dict[str, int], status_of: dict[str, str]) -> _Plan:
+    plan = _Plan()
+    debits = [r for r in results if r.outcome == DEBITED]
+    existing = {row.bank_serial: row for row in conn.execute(
+        _PAYMENTS_BY_SERIAL, {"bank_id": bank_id, "serials": [r.bank_serial for r in debits]})} if debits else {}
+    bills = {row.bill_id: row for row in conn.execute(_BILLS, {"ids": sorted({r.bill_id for r in results})})}
+    accts = sorted({r.account_no for r in results})
+    unpaid = {row.account_no: row.n for row in conn.execute(_UNPAID_BY_ACCOUNT, {"accts": accts})}
+    per_account: dict[str, int] = {}
+    for r in debits:
+        if r.bank_serial not in existing:
+            per_account[r.account_no] = per_account.get(r.account_no, 0) + 1
+    for i, r in enumerate(results):
+        bill = bills.get(r.bill_id)
+        if bill is None:
+            raise RuntimeError(f"bill {r.bill_id} of feed seq {r.seq} is missing")
+        if r.outcome == INSUFFICIENT_FUNDS:
+            (plan.no_arrears if bill.status == "PAID" else plan.dunning).append(r)
+            continue
+        prior = existing.get(r.bank_serial)
+        if prior is not None:
+            if prior.account_no != r.account_no or prior.amount_fen != r.amount_fen:
+                raise SerialConflict(f"results[{i}].bank_serial {r.bank_serial} was used for another payment",
+                                     field=f"results[{i}].bank_serial")
+            if prior.state == "POSTED":
+                plan.earlier.append((r, prior.payment_id, prior.prepaid_added_fen))
+            else:
+                plan.reversed_.append(r)
+            continue
+        principal_due = bill.amount_fen - bill.prepaid_applied_fen - bill.principal_paid_fen
+        if bill.status == "PAID":
+            plan.surplus.append(r)
+        elif (principal_due == r.amount_fen and today <= bill.due_date and bill.accrual_micro == 0
+              and bill.late_fee_paid_fen == 0 and unpaid.get(r.account_no) == 1
+              and per_account[r.account_no] == 1 and status_of.get(r.account_no) == "OPEN"):
+            # Exactly what allocate_payment gives for one bill, no fee, no remainder.
+            plan_check = allocate_payment(r.amount_fen, [BillDue(r.bill_id, bill.period, 0, principal_due)])
+            if plan_check.prepaid_fen != 0:
+                raise RuntimeError("bulk debit path would leave a remainder")
+            plan.fast.append(r)
+        else:
+            plan.general.append(r)
+    return plan
+
+
+def _payment_row(bank_id: str, r: DebitIn, today: dt.date, now: dt.datetime, *, arrears_after_fen: int,
+                 prepaid_after_fen: int, prepaid_added_fen: int) -> dict[str, object]:
+    return {"bank_id": bank_id, "bank_serial": r.bank_serial, "state": "POSTED", "account_no": r.account_no,
+            "branch_code": r.account_no[:2], "amount_fen": r.amount_fen, "channel": AUTO_DEBIT,
+            "outlet_code": "", "teller_id": "", "bank_balance_fen": None, "settlement_date": today,
+            "posted_at": now, "arrears_after_fen": arrears_after_fen, "prepaid_after_fen": prepaid_after_fen,
+            "prepaid_added_fen": prepaid_added_fen}
+
+
+def _write_plan(conn: Connection, bank_id: str, plan: _Plan, today: dt.date, now: dt.datetime,
+                prepaid: dict[str, int], report: ApplyReport) -> None:
+    # Arrears after a surplus debit: what the account still owes (unchanged by it).
+    surplus_accts = sorted({r.account_no for r in plan.surplus})
+    arrears = {row.account_no: int(row.due or 0) for row in conn.execute(
+        _UNPAID_BY_ACCOUNT, {"accts": surplus_accts})} if surplus_accts else {}
+    pay_rows = [_payment_row(bank_id, r, today, now, arrears_after_fen=0,
+                             prepaid_after_fen=prepaid.get(r.account_no, 0), prepaid_added_fen=0)
+                for r in plan.fast]
+    surplus_after: list[int] = []
+    for r in plan.surplus:
+        prepaid[r.account_no] = prepaid.get(r.account_no, 0) + r.amount_fen
+        surplus_after.append(prepaid[r.account_no])
+        pay_rows.append(_payment_row(bank_id, r, today, now, arrears_after_fen=arrears.get(r.account_no, 0),
+                                     prepaid_after_fen=prepaid[r.account_no], prepaid_added_fen=r.amount_fen))
+    if pay_rows:
+        conn.execute(T_PAY.insert(), pay_rows)
+    if plan.fast:
+        conn.execute(_SETTLE_BILLS, {"ids": [r.bill_id for r in plan.fast], "today": today})
+    if plan.dunning:
+        conn.execute(_DUN_BILLS, {"ids": [r.bill_id for r in plan.dunning]})
+
+    disp: dict[int, str] = {}
+    for r in plan.fast:
+        disp[r.seq] = "PAID"
+    for r in plan.surplus:
+        disp[r.seq] = "REFUND"
+    for r, _pid, added in plan.earlier:
+        disp[r.seq] = "REFUND" if added > 0 else "POSTED"
+    for r in plan.reversed_:
+        disp[r.seq] = "REVERSED"
+    for r in plan.dunning:
+        disp[r.seq] = "DUNNING"
+    for r in plan.no_arrears:
+        disp[r.seq] = "NO_ARREARS"
+    everything = plan.fast + plan.surplus + [e[0] for e in plan.earlier] + plan.reversed_ + plan.dunning \
+        + plan.no_arrears
+    conn.execute(T_RES.insert(), [
+        {"bank_id": bank_id, "seq": r.seq, "outcome": r.outcome, "bank_serial": r.bank_serial,
+         "amount_fen": r.amount_fen, "bill_id": r.bill_id, "account_no": r.account_no,
+         "disposition": disp[r.seq], "received_at": now} for r in everything])
+    if plan.fast:
+        conn.execute(_ALLOC_FROM_RESULTS, {"bank_id": bank_id, "seqs": [r.seq for r in plan.fast]})
+    new_serials = [r.bank_serial for r in plan.fast + plan.surplus]
+    if new_serials:
+        conn.execute(_JOURNAL_FROM_PAYMENTS, {"bank_id": bank_id, "serials": new_serials, "at": now})
+    if plan.dunning or plan.no_arrears:
+        conn.execute(T_JOURNAL.insert(), [
+            {"at": now, "bank_id": bank_id, "rpc": "DEBIT", "serial": "", "original_serial": "",
+             "account_no": r.account_no, "amount_fen": r.amount_fen, "outcome": INSUFFICIENT_FUNDS,
+             "payment_id": None} for r in plan.dunning + plan.no_arrears])
+    _write_surplus(conn, bank_id, plan, now, surplus_after, report)
+    report.paid += len(plan.fast)
+    report.posted += len(plan.earlier)
+    report.dunning += len(plan.dunning)
+    report.dispositions.update(disp)
+
+
+def _write_surplus(conn: Connection, bank_id: str, plan: _Plan, now: dt.datetime, surplus_after: list[int],
+                   report: ApplyReport) -> None:
+    refunds: list[tuple[DebitIn, int, int]] = [(r, 0, r.amount_fen) for r in plan.surplus]
+    refunds += [(r, pid, added) for r, pid, added in plan.earlier if added > 0]
+    if not refunds:
+        return
+    if plan.surplus:
+        ids = {row.bank_serial: row.payment_id for row in conn.execute(
+            _PAYMENTS_BY_SERIAL, {"bank_id": bank_id, "serials": [r.bank_serial for r in plan.surplus]})}
+        for r in plan.surplus:
+            conn.execute(_ADD_PREPAID, {"acct": r.account_no, "delta": r.amount_fen})
+        conn.execute(T_PREPAID.insert(), [
+            {"account_no": r.account_no, "reason": "DEBIT_SURPLUS", "delta_fen": r.amount_fen,
+             "balance_after_fen": after, "payment_id": ids[r.bank_serial], "bill_id": r.bill_id, "at": now}
+            for r, after in zip(plan.surplus, surplus_after, strict=True)])
+        refunds = [(r, ids[r.bank_serial] if pid == 0 else pid, added) for r, pid, added in refunds]
+    conn.execute(T_REF.insert(), [
+        {"bank_id": bank_id, "seq": r.seq, "bill_id": r.bill_id, "account_no": r.account_no,
+         "bank_serial": r.bank_serial, "amount_fen": added, "payment_id": pid, "listed_at": now}
+        for r, pid, added in refunds])
+    report.refunds += len(refunds)
+
+
+def _advance_cursor(conn: Connection, bank_id: str, seq: int, now: dt.datetime) -> None:
+    if conn.execute(_UPSERT_CURSOR_UPDATE, {"bank_id": bank_id, "seq": seq, "now": now}).rowcount == 0:
+        _insert_ignore(conn, T_CUR, {"bank_id": bank_id, "acked_through_seq": 0, "updated_at": now})
+        conn.execute(_UPSERT_CURSOR_UPDATE, {"bank_id": bank_id, "seq": seq, "now": now})
+
+
+def apply_results(engine: Engine, clock: Clock, bank_id: str, results: Sequence[DebitIn], cursor_to: int,
+                  pay_general: Callable[[DebitIn], None] | None) -> ApplyReport:
+    """Stores `results` (new ones only: the caller filtered duplicates) with
+    their money effects and advances the cursor to `cursor_to`, all in one
+    transaction. Debits the bulk path cannot post are first posted one by one
+    through `pay_general` (idempotent by serial), then the batch is redone."""
+    for attempt in range(2):
+        report = ApplyReport()
+        now = _utc(clock.now())
+        today = business_date(clock)
+        with engine.begin() as conn:
+            accts = sorted({r.account_no for r in results})
+            prepaid: dict[str, int] = {}
+            status_of: dict[str, str] = {}
+            if accts:
+                for row in conn.execute(_LOCK_CUSTOMERS, {"accts": accts}):
+                    prepaid[row.account_no] = int(row.prepaid_fen)
+                    status_of[row.account_no] = row.status
+            plan = _classify(conn, bank_id, results, today, prepaid, status_of) if results else _Plan()
+            if not plan.general:
+                if results:
+                    _write_plan(conn, bank_id, plan, today, now, prepaid, report)
+                if cursor_to > 0:
+                    _advance_cursor(conn, bank_id, cursor_to, now)
+                return report
+        if attempt == 1:
+            raise RuntimeError("debits still unposted after the general payment path")
+        if pay_general is None:
+            raise Precondition("the general payment path is not available for these debits",
+                               reason="FEED_GENERAL_PATH_MISSING")
+        for r in plan.general:
+            pay_general(r)
+    raise AssertionError("unreachable")

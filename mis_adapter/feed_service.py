@@ -1,0 +1,367 @@
+"""BillingService.BillFeed, the utility's side of the bill feed (实时划拨):
+the wire edge of mis_adapter.feed. BillingServicer.BillFeed delegates here.
+
+Protocol (DESIGN.md Money semantics 7):
+- The bank's first message is `Subscribe`. The stream resumes after
+  `resume_after_seq`, or after the stored cursor when it sends none. A
+  resume point beyond the stored cursor ("future cursor") is clamped to the
+  cursor: a notice that has no stored result is never skipped. A resume
+  point behind it ("old cursor") redelivers from there; results for those
+  seqs are duplicates.
+- Notices go out in seq order, in batches of at most `notice_batch_max`,
+  while fewer than `window_max` notices after the contiguous
+  acknowledgement point are outstanding. New notices are picked up at once:
+  PostgreSQL LISTEN/NOTIFY wakes every replica when an issuing transaction
+  commits; without it (SQLite, or while the listener reconnects) the stream
+  polls the outbox every `poll_interval_s`.
+- `DebitResultBatch` answers notices in any order. A batch is validated as a
+  whole before anything is written: a result for a seq never delivered on
+  this stream (unknown or another bank's), with an amount that is not the
+  notice's, an unknown outcome or a malformed serial refuses the whole batch
+  and ends the stream with INVALID_ARGUMENT naming `results[i].<field>`.
+  A duplicate of a stored result is ignored; a duplicate that differs ends
+  the stream with ALREADY_EXISTS. Valid results and the cursor over the
+  contiguous acknowledgements are committed in one transaction.
+- A `FeedHeartbeat` (with the cursor) goes out every `heartbeat_s`, and as
+  soon as the cursor advances while nothing else is pending, so a silent
+  peer is noticed on both sides; the stream's lease is renewed with it.
+- One active stream per bank, across replicas (lease row in the database):
+  a second subscriber is REFUSED with ABORTED / FEED_ALREADY_ACTIVE while
+  the first is alive; it may subscribe once the first stream ends (the
+  lease is released at once) or its lease lapses (`lease_ttl_s`, after a
+  replica was killed). Takeover was rejected: a flapping bank core would
+  steal its own stream back and forth and redeliver the whole window.
+- A bank that sends no results for `peer_silence_s` while notices are
+  outstanding has its stream ended (DEADLINE_EXCEEDED), releasing the lease.
+- Memory per stream is bounded by the window: at most `window_max` notices
+  are held, whatever the peer does.
+- Only one database: with branch databases the feed is refused
+  (FAILED_PRECONDITION / FEED_SINGLE_DATABASE_ONLY); see mis_adapter.feed."""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import grpc
+from google.protobuf import timestamp_pb2
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
+
+from mis_adapter import feed
+from mis_adapter.context import AdapterContext
+from mis_adapter.feed import DebitIn, FeedSettings, Notice
+from yindian.v1 import billing_pb2 as pb
+from yindian_common import fields
+from yindian_common.errors import InvalidField, SerialConflict, Unavailable, YinDianError
+from yindian_common.status import abort
+
+log = logging.getLogger("mis_adapter.feed")
+
+OUTCOMES = {pb.DEBIT_OUTCOME_DEBITED: feed.DEBITED, pb.DEBIT_OUTCOME_INSUFFICIENT_FUNDS: feed.INSUFFICIENT_FUNDS}
+
+
+class PeerSilent(YinDianError):
+    code = "DEADLINE_EXCEEDED"
+    reason = "FEED_PEER_SILENT"
+
+
+class FeedHub:
+    """Per process: wakes the streams of a bank when its outbox grows. On
+    PostgreSQL a listener thread turns NOTIFY into wake-ups; elsewhere (and
+    while the listener is down) streams poll."""
+
+    def __init__(self, engine: Engine, settings: FeedSettings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._kicks: dict[str, set[threading.Event]] = {}
+        self._listening = False
+        self._stop = threading.Event()
+        if engine.dialect.name == "postgresql":
+            dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+            threading.Thread(target=self._listen, args=(dsn,), name="feed-listen", daemon=True).start()
+
+    @property
+    def polling(self) -> bool:
+        return not self._listening
+
+    def register(self, bank_id: str, kick: threading.Event) -> None:
+        with self._lock:
+            self._kicks.setdefault(bank_id, set()).add(kick)
+
+    def unregister(self, bank_id: str, kick: threading.Event) -> None:
+        with self._lock:
+            self._kicks.get(bank_id, set()).discard(kick)
+
+    def wake(self, bank_id: str | None) -> None:
+        with self._lock:
+            kicks = [k for b, ks in self._kicks.items() if bank_id is None or b == bank_id for k in ks]
+        for k in kicks:
+            k.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _listen(self, dsn: str) -> None:
+        import psycopg
+
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(dsn, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {feed.NOTIFY_CHANNEL}")
+                    self._listening = True
+                    self.wake(None)  # anything committed while we were not listening
+                    while not self._stop.is_set():
+                        for n in conn.notifies(timeout=1.0):
+                            self.wake(n.payload)
+            except Exception as exc:  # the listener is an optimisation: polling covers it
+                log.warning("event=feed_listener_down error=%s", type(exc).__name__)
+            self._listening = False
+            self._stop.wait(self.settings.listen_retry_s)
+
+
+def hub_of(ctx: AdapterContext) -> FeedHub:
+    """The process's FeedHub, created with the first stream and kept on ctx."""
+    hub = getattr(ctx, "feed_hub", None)
+    if hub is None:
+        with _HUB_LOCK:
+            hub = getattr(ctx, "feed_hub", None)
+            if hub is None:
+                hub = FeedHub(ctx.router.primary, FeedSettings.from_adapter_settings(ctx.settings))
+                ctx.feed_hub = hub  # type: ignore[attr-defined]
+    return hub
+
+
+_HUB_LOCK = threading.Lock()
+
+
+def _ts(t: dt.datetime) -> timestamp_pb2.Timestamp:
+    out = timestamp_pb2.Timestamp()
+    out.FromDatetime(t if t.tzinfo else t.replace(tzinfo=dt.UTC))
+    return out
+
+
+def notice_to_proto(n: Notice) -> pb.BillNotice:
+    return pb.BillNotice(seq=n.seq, bill_id=n.bill_id, account_no=n.account_no, period=n.period, kwh=n.kwh,
+                         amount_fen=n.amount_fen, due_date=n.due_date.isoformat(), issued_at=_ts(n.issued_at))
+
+
+class FeedStream:
+    """One bank's active stream: a writer (the gRPC response generator) and a
+    reader thread applying results. Shared state is guarded by `_lock`."""
+
+    def __init__(self, ctx: AdapterContext, hub: FeedHub, bank_id: str, start_after: int, stored_cursor: int,
+                 context: grpc.ServicerContext) -> None:
+        self.ctx = ctx
+        self.hub = hub
+        self.s = hub.settings
+        self.bank_id = bank_id
+        self.engine = ctx.router.primary
+        self.context = context
+        self.holder = f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self.kick = threading.Event()
+        self._lock = threading.Lock()
+        self.sent = start_after
+        self.pending: dict[int, Notice] = {}
+        self.cursor = stored_cursor
+        self.error: YinDianError | None = None
+        self.last_result_mono = time.monotonic()
+
+    # ---- reader ----
+    def read_results(self, request_iterator: Iterator[pb.BillFeedRequest]) -> None:
+        try:
+            for req in request_iterator:
+                if req.WhichOneof("body") != "results":
+                    raise InvalidField("subscribe", "only the first message may subscribe")
+                self._apply(list(req.results.results))
+        except YinDianError as exc:
+            self.error = exc
+        except OperationalError as exc:
+            self.error = Unavailable("MIS database unavailable", reason="DB_UNAVAILABLE")
+            log.warning("event=feed_db_error bank=%s error=%s", self.bank_id, type(exc).__name__)
+        except grpc.RpcError:
+            pass  # the peer went away; the writer sees the call end
+        except Exception as exc:  # a bug: end the stream loudly rather than hang the writer
+            self.error = YinDianError(f"internal error: {type(exc).__name__}")
+            log.exception("event=feed_reader_crash bank=%s", self.bank_id)
+        finally:
+            self.kick.set()
+
+    def _validate(self, results: list[pb.DebitResult]) -> tuple[list[DebitIn], int]:
+        """New results joined with their notices, and the cursor they complete."""
+        if len(results) > self.s.results_batch_max:
+            raise InvalidField("results", f"at most {self.s.results_batch_max} results per message")
+        with self._lock:
+            pending = dict(self.pending)
+            sent = self.sent
+        new: dict[int, DebitIn] = {}
+        dup: list[tuple[int, pb.DebitResult]] = []
+        for i, r in enumerate(results):
+            outcome = OUTCOMES.get(r.outcome)
+            if outcome is None:
+                raise InvalidField(f"results[{i}].outcome", "must be DEBITED or INSUFFICIENT_FUNDS")
+            if r.seq <= 0 or r.seq > sent:
+                raise InvalidField(f"results[{i}].seq", f"{r.seq} was not delivered on this stream")
+            serial = fields.serial(r.bank_serial, f"results[{i}].bank_serial") if outcome == feed.DEBITED \
+                else r.bank_serial
+            if outcome == feed.INSUFFICIENT_FUNDS and serial:
+                raise InvalidField(f"results[{i}].bank_serial", "must be empty for INSUFFICIENT_FUNDS")
+            notice = pending.get(r.seq)
+            if notice is None or r.seq in new:
+                dup.append((i, r))
+                continue
+            if r.amount_fen != notice.amount_fen and not (outcome == feed.INSUFFICIENT_FUNDS and r.amount_fen == 0):
+                raise InvalidField(f"results[{i}].amount_fen",
+                                   f"{r.amount_fen} is not the notice's {notice.amount_fen} fen")
+            new[r.seq] = DebitIn(r.seq, outcome, serial, notice.amount_fen, notice.bill_id, notice.account_no)
+        self._check_duplicates(dup, new)
+        left = [s for s in pending if s not in new]
+        return list(new.values()), (min(left) - 1 if left else sent)
+
+    def _check_duplicates(self, dup: list[tuple[int, pb.DebitResult]], new: dict[int, DebitIn]) -> None:
+        if not dup:
+            return
+        with self.engine.connect() as conn:
+            stored = feed.stored_results(conn, self.bank_id, [r.seq for _, r in dup if r.seq not in new])
+        for i, r in dup:
+            outcome = OUTCOMES[r.outcome]
+            if r.seq in new:
+                first = new[r.seq]
+                same = (first.outcome, first.bank_serial) == (outcome, r.bank_serial)
+            elif r.seq in stored:
+                s_outcome, s_serial, s_amount = stored[r.seq]
+                same = (s_outcome, s_serial) == (outcome, r.bank_serial) and r.amount_fen in (s_amount, 0)
+            else:
+                raise InvalidField(f"results[{i}].seq", f"{r.seq} was not delivered on this stream")
+            if not same:
+                raise SerialConflict(f"results[{i}]: seq {r.seq} already has a different result",
+                                     field=f"results[{i}].seq", reason="FEED_RESULT_CONFLICT")
+
+    def _apply(self, results: list[pb.DebitResult]) -> None:
+        new, cursor_to = self._validate(results)
+        if not new:
+            return
+        feed.apply_results(self.engine, self.ctx.clock, self.bank_id, new, cursor_to, self._pay_general)
+        with self._lock:
+            for r in new:
+                self.pending.pop(r.seq, None)
+            self.cursor = max(self.cursor, cursor_to)
+            self.last_result_mono = time.monotonic()
+        self.kick.set()
+
+    def _pay_general(self, r: DebitIn) -> None:
+        from mis_adapter.payments import PayCommand, pay
+
+        pay(self.ctx, PayCommand(bank_id=self.bank_id, bank_serial=r.bank_serial, account_no=r.account_no,
+                                 amount_fen=r.amount_fen, channel=feed.AUTO_DEBIT))
+
+    # ---- writer ----
+    def responses(self) -> Iterator[pb.BillFeedResponse]:
+        last_beat = last_renew = time.monotonic()
+        beat_cursor = -1
+        while True:
+            if self.error is not None:
+                raise self.error
+            if not self.context.is_active():
+                return
+            now = time.monotonic()
+            if now - last_renew >= self.s.heartbeat_s:
+                if not feed.renew_lease(self.engine, self.bank_id, self.holder, self.ctx.clock.now(),
+                                        self.s.lease_ttl_s):
+                    raise feed.FeedBusy("this stream's lease lapsed and another stream took the bank's feed")
+                last_renew = now
+            with self._lock:
+                acked = min(self.pending) - 1 if self.pending else self.sent
+                space = self.s.window_max - (self.sent - acked)
+                sent, cursor, outstanding = self.sent, self.cursor, bool(self.pending)
+                silent_s = now - self.last_result_mono
+            if outstanding and silent_s > self.s.peer_silence_s:
+                raise PeerSilent(f"no debit results for {self.s.peer_silence_s:.0f} s with notices outstanding")
+            if now - last_beat >= self.s.heartbeat_s or (cursor != beat_cursor and not outstanding):
+                last_beat, beat_cursor = now, cursor
+                yield pb.BillFeedResponse(heartbeat=pb.FeedHeartbeat(sent_at=_ts(self.ctx.clock.now()),
+                                                                     acked_through_seq=cursor))
+                continue
+            if space > 0:
+                with self.engine.connect() as conn:
+                    notices = feed.read_notices(conn, self.bank_id, sent, min(space, self.s.notice_batch_max))
+                if notices:
+                    with self._lock:
+                        if not self.pending:
+                            self.last_result_mono = time.monotonic()
+                        for n in notices:
+                            self.pending[n.seq] = n
+                        self.sent = notices[-1].seq
+                    yield pb.BillFeedResponse(notices=pb.NoticeBatch(notices=[notice_to_proto(n) for n in notices]))
+                    continue
+            wait_s = self.s.heartbeat_s - (now - last_beat)
+            if self.hub.polling:
+                wait_s = min(wait_s, self.s.poll_interval_s)
+            self.kick.wait(max(0.0, wait_s))
+            self.kick.clear()
+
+
+def _subscribe(ctx: AdapterContext, request_iterator: Iterator[pb.BillFeedRequest]) -> int | None:
+    try:
+        first = next(request_iterator)
+    except StopIteration:
+        raise InvalidField("subscribe", "the first message must subscribe") from None
+    if first.WhichOneof("body") != "subscribe":
+        raise InvalidField("subscribe", "the first message must subscribe")
+    if not first.subscribe.HasField("resume_after_seq"):
+        return None
+    if first.subscribe.resume_after_seq < 0:
+        raise InvalidField("subscribe.resume_after_seq", "must not be negative")
+    return int(first.subscribe.resume_after_seq)
+
+
+def bill_feed(ctx: AdapterContext, request_iterator: Iterator[pb.BillFeedRequest],
+              context: grpc.ServicerContext) -> Iterator[pb.BillFeedResponse]:
+    stream: FeedStream | None = None
+    leased = False
+    hub: FeedHub | None = None
+    try:
+        bank_id = ctx.bank_of(context)
+        ctx.banks.ensure_active(bank_id)
+        if len(ctx.router.engines()) > 1:
+            raise feed.FeedMultiDatabase("the bill feed needs all branches in one database; "
+                                         "this mis_adapter routes branches to several")
+        requested = _subscribe(ctx, request_iterator)
+        hub = hub_of(ctx)
+        engine = ctx.router.primary
+        with engine.connect() as conn:
+            stored = feed.get_cursor(conn, bank_id)
+        start_after = stored if requested is None else min(requested, stored)
+        stream = FeedStream(ctx, hub, bank_id, start_after, stored, context)
+        feed.acquire_lease(engine, bank_id, stream.holder, ctx.clock.now(), hub.settings.lease_ttl_s)
+        leased = True
+        hub.register(bank_id, stream.kick)
+        context.add_callback(stream.kick.set)
+        log.info("event=feed_subscribed bank=%s resume_after=%s cursor=%s", bank_id, start_after, stored)
+        threading.Thread(target=stream.read_results, args=(request_iterator,), name=f"feed-results-{bank_id}",
+                         daemon=True).start()
+        yield from stream.responses()
+    except YinDianError as exc:
+        log.info("event=feed_ended bank=%s reason=%s", stream.bank_id if stream else "-", exc.reason)
+        abort(context, exc)
+    except OperationalError as exc:
+        abort(context, Unavailable("MIS database unavailable", reason="DB_UNAVAILABLE"))
+        raise AssertionError("unreachable") from exc
+    finally:
+        if stream is not None:
+            if hub is not None:
+                hub.unregister(stream.bank_id, stream.kick)
+            if leased:
+                _release(stream)
+
+
+def _release(stream: FeedStream) -> None:
+    try:
+        feed.release_lease(stream.engine, stream.bank_id, stream.holder)
+    except OperationalError:  # it lapses by itself after lease_ttl_s
+        log.warning("event=feed_lease_release_failed bank=%s", stream.bank_id)
