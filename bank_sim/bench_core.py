@@ -1,0 +1,203 @@
+"""`make bench-core`: counter payments through bridge -> mis_adapter, on SQLite
+and on PostgreSQL, at increasing numbers of pays in flight, and the same pays
+sent straight to mis_adapter for comparison. Prints pays/s and p50/p99
+latency per level (hdrhistogram).
+
+A closed-loop driver: at level N, N asyncio tasks on one grpc.aio channel
+each send Pay after Pay (fresh serial, random roster account) for a bounded
+time; only calls that start after the warm-up and finish inside the window
+count. Real processes on loopback, fresh databases, nothing else touched.
+PostgreSQL is skipped, with the reason printed, when its server is unreachable."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import secrets
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+import sqlalchemy as sa
+from hdrh.histogram import HdrHistogram
+from rich.console import Console
+from rich.table import Table
+
+from bank_sim import ledger
+from bank_sim.processes import ProcessFailed, ServerProcess, run_command, start_server
+from bank_sim.settings import BenchCoreSettings
+from yindian.v1 import billing_pb2, billing_pb2_grpc
+from yindian_common.db import create_database, drop_database
+from yindian_common.identity import BANK_ID_METADATA
+from yindian_common.server import channel_options
+from yindian_common.settings import add_settings_flags, load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+DESCRIPTION = "Benchmark: counter pays through bridge -> mis_adapter vs direct, on SQLite and PostgreSQL."
+PAY_MIN_FEN = 1_000
+PAY_MAX_FEN = 30_000
+ERROR_KINDS_MAX = 16
+
+
+@dataclass
+class LevelResult:
+    backend: str
+    path: str
+    in_flight: int
+    pays: int
+    pays_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+async def drive_level(target: str, bank_id: str, accounts: list[str], in_flight: int, settings: BenchCoreSettings,
+                      serial_prefix: str) -> tuple[int, HdrHistogram, dict[str, int]]:
+    """N tasks, Pay after Pay; returns (pays counted, latency histogram in µs, errors by code)."""
+    max_us = settings.latency_max_ms * 1000
+    hist = HdrHistogram(1, max_us, 3)
+    errors: dict[str, int] = {}
+    counted = 0
+    metadata = ((BANK_ID_METADATA, bank_id),)
+    started = time.perf_counter()
+    window_from = started + settings.warmup_s
+    window_to = window_from + settings.level_duration_s
+    async with grpc.aio.insecure_channel(target, options=channel_options()) as channel:
+        stub = billing_pb2_grpc.BillingServiceStub(channel)
+
+        async def worker(task: int) -> None:
+            nonlocal counted
+            rng = random.Random(task)
+            n = 0
+            while (t0 := time.perf_counter()) < window_to:
+                n += 1
+                req = billing_pb2.PayRequest(
+                    bank_serial=f"{serial_prefix}{task:03d}{n:07d}", account_no=rng.choice(accounts),
+                    amount_fen=rng.randint(PAY_MIN_FEN, PAY_MAX_FEN), outlet_code="OUT001",
+                    teller_id=f"TLR001{task % 100:02d}", channel=billing_pb2.CHANNEL_COUNTER)
+                code = ""
+                try:
+                    await stub.Pay(req, timeout=settings.rpc_deadline_s, metadata=metadata)
+                except grpc.aio.AioRpcError as exc:
+                    code = exc.code().name
+                t1 = time.perf_counter()
+                if t0 < window_from or t1 > window_to:
+                    continue
+                if code:
+                    if code in errors or len(errors) < ERROR_KINDS_MAX:
+                        errors[code] = errors.get(code, 0) + 1
+                    continue
+                counted += 1
+                hist.record_value(min(max(1, int((t1 - t0) * 1_000_000)), max_us))
+
+        await asyncio.gather(*(worker(i) for i in range(in_flight)))
+    return counted, hist, errors
+
+
+def measure(backend: str, path: str, target: str, bank_id: str, accounts: list[str],
+            settings: BenchCoreSettings, console: Console) -> list[LevelResult]:
+    results = []
+    for level in (int(x) for x in settings.levels.split(",") if x.strip()):
+        prefix = f"K{secrets.token_hex(3)}"
+        pays, hist, errors = asyncio.run(drive_level(target, bank_id, accounts, level, settings, prefix))
+        r = LevelResult(backend, path, level, pays, round(pays / settings.level_duration_s, 1),
+                        hist.get_value_at_percentile(50) / 1000, hist.get_value_at_percentile(99) / 1000, errors)
+        console.print(f"  {backend:<10} {path:<6} in flight {level:>3}: {r.pays_per_s:>8,.1f} pays/s  "
+                      f"p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms  errors {errors or '-'}")
+        results.append(r)
+    return results
+
+
+@dataclass
+class Backend:
+    name: str
+    mis_db: str
+    bridge_db: str
+    dropped: list[str] = field(default_factory=list)
+
+
+def make_backend(name: str, work: Path, settings: BenchCoreSettings) -> Backend:
+    if name == "sqlite":
+        return Backend(name, f"sqlite:///{work / 'mis.db'}", f"sqlite:///{work / 'bridge.db'}")
+    if name == "postgresql":
+        tag = secrets.token_hex(3)
+        mis_name, bridge_name = f"yd_bench_mis_{tag}", f"yd_bench_bridge_{tag}"
+        mis_db = create_database(settings.pg_admin_url, mis_name)
+        bridge_db = create_database(settings.pg_admin_url, bridge_name)
+        return Backend(name, mis_db, bridge_db, [mis_name, bridge_name])
+    raise ValueError(f"unknown back end {name!r} (sqlite, postgresql)")
+
+
+def bench_backend(name: str, settings: BenchCoreSettings, root: Path, console: Console) -> list[LevelResult]:
+    work = root / name
+    work.mkdir(parents=True)
+    try:
+        backend = make_backend(name, work, settings)
+    except sa.exc.OperationalError as exc:
+        console.print(f"[yellow]skipping {name}: server unreachable at {settings.pg_admin_url} "
+                      f"({str(exc.orig).strip().splitlines()[0]})[/yellow]")
+        return []
+    servers: list[ServerProcess] = []
+    try:
+        run_command("seed", ["mis_adapter", "seed", "--db", backend.mis_db, "--accounts", str(settings.accounts),
+                             "--roster-dir", str(work / "rosters")], log_dir=work, timeout_s=600, cwd=REPO)
+        accounts = ledger.read_roster(work / "rosters" / f"{settings.bank_id}.csv")
+        mis = start_server("mis_adapter", ["mis_adapter", "serve", "--db", backend.mis_db, "--listen", "127.0.0.1:0",
+                                           "--metrics-port", "0", "--insecure"],
+                           log_dir=work, ready_timeout_s=settings.ready_timeout_s, cwd=REPO)
+        servers.append(mis)
+        bridge = start_server("bridge", ["bridge", "serve", "--listen", "127.0.0.1:0", "--upstream", mis.grpc_addr,
+                                         "--db", backend.bridge_db, "--bank-id", settings.bank_id,
+                                         "--metrics-port", "0", "--insecure"],
+                              log_dir=work, ready_timeout_s=settings.ready_timeout_s, cwd=REPO)
+        servers.append(bridge)
+        console.print(f"[bold]{name}[/bold]: {settings.accounts:,} households, {len(accounts):,} paying accounts")
+        targets = {"bridge": bridge.grpc_addr, "direct": mis.grpc_addr}
+        results: list[LevelResult] = []
+        for path in (p.strip() for p in settings.paths.split(",") if p.strip()):
+            results += measure(name, path, targets[path], settings.bank_id, accounts, settings, console)
+        return results
+    finally:
+        for proc in reversed(servers):
+            try:
+                proc.stop(settings.stop_timeout_s)
+            except ProcessFailed as exc:
+                console.print(f"[red]{exc}[/red]")
+        for db_name in backend.dropped:
+            drop_database(settings.pg_admin_url, db_name)
+
+
+def results_table(results: list[LevelResult]) -> Table:
+    table = Table(title="bench-core: counter Pay, closed loop")
+    for col in ("back end", "path", "in flight", "pays", "pays/s", "p50 ms", "p99 ms", "errors"):
+        table.add_column(col, justify="left" if col in ("back end", "path", "errors") else "right")
+    for r in results:
+        table.add_row(r.backend, r.path, str(r.in_flight), f"{r.pays:,}", f"{r.pays_per_s:,.1f}",
+                      f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", ", ".join(f"{k} {v}" for k, v in r.errors.items()))
+    return table
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bank_sim bench-core", description=DESCRIPTION)
+    add_settings_flags(parser, BenchCoreSettings)
+    parser.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    settings = load_settings(BenchCoreSettings, args, args.config_file)
+    console = Console()
+    root = Path(settings.work_dir)
+    root = root if root.is_absolute() else REPO / root
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    console.print(f"levels {settings.levels} in flight, {settings.level_duration_s} s each "
+                  f"(+{settings.warmup_s} s warm-up); work dir {root}")
+    results: list[LevelResult] = []
+    for backend in (b.strip() for b in settings.backends.split(",") if b.strip()):
+        results += bench_backend(backend, settings, root, console)
+    console.print(results_table(results))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps([asdict(r) for r in results], indent=2), encoding="utf-8")
+    return 0
