@@ -32,7 +32,7 @@ from mis_adapter.db.core import (
 )
 from mis_adapter.db.recon import ReconciledDay
 from mis_adapter.late_fee import FeeState, LateFeeRates, accrual_as_of, fee_from_micro
-from yindian_common.clock import business_date
+from yindian_common.clock import business_date, utc_now
 from yindian_common.errors import (
     AccountClosed,
     AccountNotFound,
@@ -231,7 +231,7 @@ def pay(ctx: AdapterContext, cmd: PayCommand) -> PayResult:
 
 
 def _pay_tx(ctx: AdapterContext, engine: Engine, cmd: PayCommand) -> PayResult:
-    now = ctx.clock.now()
+    now = utc_now(ctx.clock)
     day = business_date(ctx.clock)
     with engine.begin() as conn:
         cust = conn.execute(_LOCK_CUSTOMER, {"account_no": cmd.account_no}).first()
@@ -375,7 +375,7 @@ def _cancel_once(ctx: AdapterContext, cmd: CancelCommand) -> CancelResult:
 
 
 def _reverse(ctx: AdapterContext, engine: Engine, found: Any, cmd: CancelCommand) -> CancelResult:
-    now = ctx.clock.now()
+    now = utc_now(ctx.clock)
     day = business_date(ctx.clock)
     with engine.begin() as conn:
         if found.account_no:
@@ -450,7 +450,7 @@ def _tombstone(ctx: AdapterContext, cmd: CancelCommand) -> CancelResult:
     """The original is unknown everywhere: leave a tombstone in every branch
     database so that a late Pay with that serial is refused. A Pay committing
     meanwhile makes the insert fail (unique key) and the cancel starts over."""
-    now = ctx.clock.now()
+    now = utc_now(ctx.clock)
     day = business_date(ctx.clock)
     for i, engine in enumerate(ctx.router.engines()):
         with engine.begin() as conn:

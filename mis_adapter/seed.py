@@ -24,7 +24,7 @@ from mis_adapter.db.core import Agreement, Bank, BillRow, Branch, Customer, Mete
 from mis_adapter.migrate import upgrade
 from mis_adapter.routing import BranchRouter
 from mis_adapter.tariff import COMMERCIAL, INDUSTRIAL, RESIDENTIAL, price_fen
-from yindian_common.clock import business_date, make_clock
+from yindian_common.clock import business_date, make_clock, utc_now
 from yindian_common.fields import make_account_no
 
 BATCH_ROWS = 5_000
@@ -206,7 +206,7 @@ def main(argv: list[str]) -> int:
     clock = make_clock(args.clock_start or None, args.timezone)
     router = BranchRouter.from_specs(args.db, args.branch_db, sqlite_synchronous="NORMAL")
     t0 = time.monotonic()
-    counts = seed(router, args.accounts, Path(args.roster_dir), today=business_date(clock), now=clock.now(),
+    counts = seed(router, args.accounts, Path(args.roster_dir), today=business_date(clock), now=utc_now(clock),
                   rng_seed=args.random_seed, agreement_share=args.agreement_share, arrears_share=args.arrears_share)
     router.dispose()
     print("seeded " + " ".join(f"{k}={v}" for k, v in counts.items()) + f" seconds={time.monotonic() - t0:.1f}")

@@ -10,7 +10,7 @@ from mis_adapter.migrate import upgrade
 from mis_adapter.service import BillingServicer
 from mis_adapter.settings import AdapterSettings
 from yindian.v1 import billing_pb2_grpc
-from yindian_common.clock import make_clock
+from yindian_common.clock import Clock, make_clock
 from yindian_common.logs import setup_logging
 from yindian_common.metrics import grpc_server_interceptors, start_metrics_http
 from yindian_common.server import GrpcServer
@@ -27,8 +27,8 @@ def parse(argv: list[str]) -> AdapterSettings:
     return load_settings(AdapterSettings, args, args.config_file)
 
 
-def build_server(settings: AdapterSettings) -> tuple[GrpcServer, AdapterContext]:
-    clock = make_clock(settings.clock_start or None, settings.timezone)
+def build_server(settings: AdapterSettings, clock: Clock | None = None) -> tuple[GrpcServer, AdapterContext]:
+    clock = clock or make_clock(settings.clock_start or None, settings.timezone)
     ctx = AdapterContext.build(settings, clock)
     if settings.migrate:
         for engine in ctx.router.engines():

@@ -76,3 +76,9 @@ def make_clock(start_iso: str | None, tz: str = DEFAULT_TZ) -> Clock:
 
 def monotonic_s() -> float:
     return time.monotonic()
+
+
+def utc_now(clock: Clock) -> dt.datetime:
+    """The clock's instant in UTC: what every database column stores (SQLite and
+    MariaDB keep no zone, so instants are always written as UTC)."""
+    return clock.now().astimezone(dt.timezone.utc)
