@@ -196,7 +196,7 @@ _DAY = _b("day", type_=sa.Date)
 _STORED_DAY = sa.select(T_DAY.c.summary_json).where(T_DAY.c.bank_id == _b("bank_id"),
                                                     T_DAY.c.settlement_date == _DAY)
 _CLOSE_DAY = T_DAY.insert()
-_STORE_SUMMARY = (T_DAY.update().where(T_DAY.c.bank_id == _b("bank_id"), T_DAY.c.settlement_date == _DAY)
+_STORE_SUMMARY = (T_DAY.update().where(T_DAY.c.bank_id == _b("k_bank"), T_DAY.c.settlement_date == _DAY)
                   .values(summary_json=_b("summary"), reconciled_at=_b("at")))
 _STORED_LINES = (sa.select(T_LINE).where(T_LINE.c.bank_id == _b("bank_id"), T_LINE.c.settlement_date == _DAY,
                                          T_LINE.c.line_id > _b("after"))
@@ -207,12 +207,12 @@ _LINES_TO_APPLY = (sa.select(T_LINE).where(T_LINE.c.bank_id == _b("bank_id"), T_
                    .order_by(T_LINE.c.line_id).limit(_b("page")))
 _DEMOTE_LINE = (T_LINE.update().where(T_LINE.c.line_id == _b("l_id"))
                 .values(outcome=MISMATCH, detail=_b("why")))
-_LINE_TOTALS = (sa.select(T_LINE.c.outcome, (T_LINE.c.bank_status != "").label("from_bank"),
+_LINE_TOTALS = (sa.select(T_LINE.c.outcome, T_LINE.c.bank_status,
                           sa.func.count().label("n"), sa.func.coalesce(sa.func.sum(T_LINE.c.bank_amount_fen), 0)
                           .label("bank_fen"), sa.func.coalesce(sa.func.sum(T_LINE.c.mis_amount_fen), 0)
                           .label("mis_fen"))
                 .where(T_LINE.c.bank_id == _b("bank_id"), T_LINE.c.settlement_date == _DAY)
-                .group_by(T_LINE.c.outcome, T_LINE.c.bank_status != ""))
+                .group_by(T_LINE.c.outcome, T_LINE.c.bank_status))
 _NET_POSTED = (sa.select(sa.func.coalesce(sa.func.sum(T_PAY.c.amount_fen), 0))
                .where(T_PAY.c.bank_id == _b("bank_id"), T_PAY.c.settlement_date == _DAY,
                       T_PAY.c.state == POSTED))
@@ -470,7 +470,8 @@ class Reconciliation:
                 if stored is not None:
                     return stored
                 # Taken first: a concurrent reconciliation of the day waits here, then replays ours.
-                conn.execute(_CLOSE_DAY, {**key, "reconciled_at": self.now, "summary_json": ""})
+                conn.execute(_CLOSE_DAY, {"bank_id": self.bank_id, "settlement_date": self.day,
+                                          "reconciled_at": self.now, "summary_json": ""})
                 if self._dialect != "sqlite":
                     conn.execute(_LOCK_DAY_ACCOUNTS, key)
                 conn.execute(_BANK_SIDE_LINES, {**key, **_DETAILS})
@@ -478,7 +479,8 @@ class Reconciliation:
                 settled_n, settled_fen = conn.execute(_MIS_ONLY_SETTLED, key).one()
                 self._apply_outcomes()
                 summary = self._summary(int(settled_n), int(settled_fen))
-                conn.execute(_STORE_SUMMARY, {**key, "summary": summary.to_json(), "at": self.now})
+                conn.execute(_STORE_SUMMARY, {"k_bank": self.bank_id, "day": self.day, "summary": summary.to_json(),
+                                              "at": self.now})
                 conn.execute(T_JOURNAL.insert(), {
                     "at": self.now, "bank_id": self.bank_id, "rpc": "RECONCILE", "serial": self.day.isoformat(),
                     "original_serial": "", "account_no": "", "amount_fen": summary.net_settlement_fen,
@@ -497,10 +499,11 @@ class Reconciliation:
         counts = {o: [0, 0] for o in OUTCOMES}
         bank_side_n = bank_side_fen = 0
         for r in conn.execute(_LINE_TOTALS, {"bank_id": self.bank_id, "day": self.day}):
-            fen = int(r.bank_fen) if r.from_bank else int(r.mis_fen)
+            from_bank = r.bank_status != ""
+            fen = int(r.bank_fen) if from_bank else int(r.mis_fen)
             counts[r.outcome][0] += int(r.n)
             counts[r.outcome][1] += fen
-            if r.from_bank:
+            if from_bank:
                 bank_side_n += int(r.n)
                 bank_side_fen += fen
         counts[MATCHED] = [self.record_count - bank_side_n + settled_n, self.total_fen - bank_side_fen + settled_fen]

@@ -1,0 +1,137 @@
+"""The wire edge of BillingService.Reconcile on mis_adapter: reads the bank's
+stream (header, record batches, optional trailer), converts and validates it,
+hands it to recon.Reconciliation, and streams back the discrepancy lines in
+batches, then the summary. A day already reconciled answers at once with its
+stored lines and summary (`replayed`), whatever records follow.
+
+Errors: a malformed stream or record is INVALID_ARGUMENT naming the field and
+the record (records[<n>], n counted from 1 over the whole stream); nothing is
+applied. Nothing here knows the matching rule."""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from mis_adapter import recon
+from mis_adapter.context import AdapterContext
+from mis_adapter.recon import Discrepancy, Reconciliation, ReconSummary
+from yindian.v1 import billing_pb2 as pb
+from yindian_common import fields
+from yindian_common.clock import business_date
+from yindian_common.errors import InvalidField, Precondition, Unavailable, YinDianError
+from yindian_common.status import abort
+
+log = logging.getLogger("mis_adapter.recon")
+
+BANK_STATUS = {pb.BANK_RECORD_STATUS_POSTED: recon.BANK_POSTED, pb.BANK_RECORD_STATUS_CANCELLED: recon.BANK_CANCELLED}
+BANK_STATUS_PB = {v: k for k, v in BANK_STATUS.items()}
+OUTCOME_PB = {recon.MATCHED: pb.RECONCILE_OUTCOME_MATCHED, recon.BANK_ONLY: pb.RECONCILE_OUTCOME_BANK_ONLY,
+              recon.UTILITY_ONLY: pb.RECONCILE_OUTCOME_UTILITY_ONLY, recon.MISMATCH: pb.RECONCILE_OUTCOME_MISMATCH}
+MIS_STATE_PB = {"POSTED": pb.PAYMENT_STATE_POSTED, "REVERSED": pb.PAYMENT_STATE_REVERSED,
+                "TOMBSTONE": pb.PAYMENT_STATE_REFUSED, "": pb.PAYMENT_STATE_NOT_FOUND}
+
+
+# ---- domain -> proto ----
+def discrepancy_pb(d: Discrepancy) -> pb.Discrepancy:
+    return pb.Discrepancy(bank_serial=d.bank_serial, outcome=OUTCOME_PB[d.outcome], bank_account_no=d.bank_account_no,
+                          mis_account_no=d.mis_account_no, bank_amount_fen=d.bank_amount_fen,
+                          mis_amount_fen=d.mis_amount_fen,
+                          bank_status=BANK_STATUS_PB.get(d.bank_status, pb.BANK_RECORD_STATUS_UNSPECIFIED),
+                          mis_state=MIS_STATE_PB.get(d.mis_state, pb.PAYMENT_STATE_UNSPECIFIED), detail=d.detail)
+
+
+def summary_pb(s: ReconSummary) -> pb.ReconcileSummary:
+    out = pb.ReconcileSummary(settlement_date=s.settlement_date.isoformat(), net_settlement_fen=s.net_settlement_fen,
+                              record_count=s.record_count, replayed=s.replayed)
+    for t in s.totals:
+        out.totals.add(outcome=OUTCOME_PB[t.outcome], count=t.count, amount_fen=t.amount_fen)
+    out.reconciled_at.FromDatetime(s.reconciled_at.astimezone(dt.UTC))
+    return out
+
+
+def result_stream(engine: Engine, summary: ReconSummary) -> Iterator[pb.ReconcileResponse]:
+    for page in recon.stored_lines(engine, summary.bank_id, summary.settlement_date):
+        yield pb.ReconcileResponse(discrepancies=pb.DiscrepancyBatch(discrepancies=[discrepancy_pb(d) for d in page]))
+    yield pb.ReconcileResponse(summary=summary_pb(summary))
+
+
+# ---- proto -> domain ----
+def settlement_day(ctx: AdapterContext, header: pb.ReconcileHeader) -> dt.date:
+    day = fields.iso_date(header.settlement_date, "header.settlement_date")
+    if day > business_date(ctx.clock):
+        raise InvalidField("header.settlement_date", f"{day} is in the future: only a past or the current "
+                           "business day can be reconciled")
+    return day
+
+
+def staged(batch: pb.BankRecordBatch, first_line_no: int) -> list[recon.StagedRecord]:
+    out: list[recon.StagedRecord] = []
+    for i, r in enumerate(batch.records):
+        status = BANK_STATUS.get(r.status)
+        if status is None:
+            raise InvalidField(f"records[{first_line_no + i}].status", "must be POSTED or CANCELLED")
+        out.append((first_line_no + i, r.bank_serial, r.account_no, r.amount_fen, status))
+    return out
+
+
+def engine_of(ctx: AdapterContext) -> Engine:
+    engines = ctx.router.engines()
+    if len(engines) != 1:
+        raise Precondition("reconciliation needs every branch in one database (no --branch-db yet)",
+                           reason="RECON_SPLIT_DATABASES")
+    return engines[0]
+
+
+# ---- the stream ----
+def reconcile(ctx: AdapterContext, request_iterator: Iterator[Any], context: grpc.ServicerContext
+              ) -> Iterator[pb.ReconcileResponse]:
+    try:
+        bank_id = ctx.bank_of(context)
+        ctx.banks.ensure_known(bank_id)
+        engine = engine_of(ctx)
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("body") != "header":
+            raise InvalidField("header", "the first message must be the header with the settlement date")
+        day = settlement_day(ctx, first.header)
+        summary = _db(recon.stored_summary, engine, bank_id, day) or _reconcile_stream(
+            ctx, engine, bank_id, day, request_iterator)
+        log.info("event=reconciled bank=%s day=%s records=%d net_fen=%d replayed=%s", bank_id, day,
+                 summary.record_count, summary.net_settlement_fen, summary.replayed)
+        yield from result_stream(engine, summary)
+    except YinDianError as err:
+        log.info("event=reconcile_refused reason=%s msg=%s", err.reason, err.message)
+        abort(context, err)
+
+
+def _reconcile_stream(ctx: AdapterContext, engine: Engine, bank_id: str, day: dt.date,
+                      request_iterator: Iterator[Any]) -> ReconSummary:
+    with _db(Reconciliation, engine, bank_id, day, rates=ctx.rates, now=ctx.clock.now()) as run:
+        trailer_seen = False
+        for msg in request_iterator:
+            kind = msg.WhichOneof("body")
+            if trailer_seen:
+                raise InvalidField("trailer", "the trailer must be the last message")
+            if kind == "batch":
+                _db(run.load, staged(msg.batch, run.record_count + 1))
+            elif kind == "trailer":
+                run.check_trailer(msg.trailer.record_count, msg.trailer.total_fen)
+                trailer_seen = True
+            else:
+                raise InvalidField("header", "only the first message may be a header")
+        return _db(run.close_day)
+
+
+def _db(fn: Any, *args: Any, **kw: Any) -> Any:
+    try:
+        return fn(*args, **kw)
+    except PoolTimeout as exc:
+        raise Unavailable("database connection pool exhausted", reason="DB_POOL_EXHAUSTED") from exc
+    except OperationalError as exc:
+        raise Unavailable("branch database unavailable", reason="DB_UNAVAILABLE") from exc

@@ -1,0 +1,298 @@
+"""Reconciliation of a bank's day against a seeded MIS on SQLite and
+PostgreSQL: every outcome constructed on purpose, exact counts and fen, the
+MIS changed exactly as the outcomes say, the day closed to cancels, a second
+reconciliation replaying the stored result, and refused input changing
+nothing."""
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from mis_adapter import payments, recon
+from mis_adapter.context import AdapterContext
+from mis_adapter.payments import CancelCommand, PayCommand
+from mis_adapter.recon import Reconciliation
+from mis_adapter.seed import seed
+from mis_adapter.settings import AdapterSettings
+from yindian_common.clock import ManualClock, business_date
+from yindian_common.errors import DayClosed, InvalidField
+from yindian_common.fields import make_account_no
+
+pytestmark = pytest.mark.timeout(120)
+
+TZ8 = dt.timezone(dt.timedelta(hours=8))
+DAY_START = dt.datetime(2026, 11, 28, 10, 0, tzinfo=TZ8)
+BANK = "ICBC"
+SNAPSHOT_TABLES = ("payments", "allocations", "bills", "customers", "prepaid_ledger", "cancels", "journal",
+                   "recon_lines", "reconciled_days")
+
+
+@dataclass
+class World:
+    ctx: AdapterContext
+    clock: ManualClock
+    engine: sa.Engine
+    accounts: list[str]  # accounts with unpaid bills, most owing first
+
+
+def build_world(url: str, tmp_path: Path, accounts: int = 60) -> World:
+    clock = ManualClock(DAY_START)
+    ctx = AdapterContext.build(AdapterSettings(db=url, sqlite_synchronous="NORMAL"), clock)
+    seed(ctx.router, accounts, tmp_path / "rosters", today=business_date(clock), now=clock.now(),
+         arrears_share=0.6)
+    engine = ctx.router.primary
+    with engine.connect() as conn:
+        owing = [r[0] for r in conn.execute(sa.text(
+            "SELECT account_no FROM bills WHERE status <> 'PAID' GROUP BY account_no "
+            "ORDER BY SUM(amount_fen) DESC, account_no"))]
+    return World(ctx, clock, engine, owing)
+
+
+@pytest.fixture
+def world(db_url_sqlite_pg: str, tmp_path: Path) -> Iterator[World]:
+    w = build_world(db_url_sqlite_pg, tmp_path)
+    yield w
+    w.ctx.router.dispose()
+
+
+def snapshot(engine: sa.Engine) -> dict[str, dict[Any, tuple[Any, ...]]]:
+    md = sa.MetaData()
+    md.reflect(engine, only=SNAPSHOT_TABLES)
+    out: dict[str, dict[Any, tuple[Any, ...]]] = {}
+    with engine.connect() as conn:
+        for name in SNAPSHOT_TABLES:
+            t = md.tables[name]
+            pk = [c.name for c in t.primary_key.columns]
+            out[name] = {tuple(r._mapping[c] for c in pk): tuple(r) for r in conn.execute(sa.select(t))}
+    return out
+
+
+def changed(before: dict[str, dict[Any, Any]], after: dict[str, dict[Any, Any]]) -> dict[str, set[Any]]:
+    out = {}
+    for name in SNAPSHOT_TABLES:
+        keys = {k for k in before[name].keys() | after[name].keys() if before[name].get(k) != after[name].get(k)}
+        if keys:
+            out[name] = keys
+    return out
+
+
+def pay(w: World, serial: str, account: str, amount: int, bank: str = BANK) -> payments.PayResult:
+    return payments.pay(w.ctx, PayCommand(bank, serial, account, amount))
+
+
+def cancel(w: World, serial: str, original: str, amount: int) -> payments.CancelResult:
+    return payments.cancel(w.ctx, CancelCommand(BANK, serial, original, amount))
+
+
+def run(w: World, records: list[tuple[str, str, int, str]], *, trailer: tuple[int, int] | None = None,
+        batch: int = 3) -> recon.ReconSummary:
+    staged = [(i + 1, *r) for i, r in enumerate(records)]
+    with Reconciliation(w.engine, BANK, business_date(w.clock), rates=w.ctx.rates, now=w.clock.now()) as r:
+        for start in range(0, len(staged), batch):
+            r.load(staged[start:start + batch])
+        if trailer is not None:
+            r.check_trailer(*trailer)
+        return r.close_day()
+
+
+def lines(w: World) -> dict[str, recon.Discrepancy]:
+    out = {}
+    for page in recon.stored_lines(w.engine, BANK, business_date(w.clock), page_rows=4):
+        for d in page:
+            out[d.bank_serial] = d
+    return out
+
+
+def bill_state(engine: sa.Engine, account: str) -> list[tuple[Any, ...]]:
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(sa.text(
+            "SELECT bill_id, principal_paid_fen, late_fee_paid_fen, status, paid_on FROM bills "
+            "WHERE account_no = :a ORDER BY bill_id"), {"a": account})]
+
+
+def prepaid(engine: sa.Engine, account: str) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.text("SELECT prepaid_fen FROM customers WHERE account_no = :a"),
+                                {"a": account}).scalar_one())
+
+
+def test_every_outcome_exact_and_the_mis_changes_only_as_they_say(world: World) -> None:
+    w = world
+    a = w.accounts
+    # Yesterday's payment that the bank lists again today.
+    w.clock.set(DAY_START - dt.timedelta(days=1))
+    pay(w, "Y-1", a[0], 500)
+    w.clock.set(DAY_START)
+    pay(w, "M-1", a[0], 1_000)
+    pay(w, "M-2", a[1], 2_000)
+    pay(w, "PAIR", a[2], 300)
+    cancel(w, "C-PAIR", "PAIR", 300)
+    before_u = {acct: (bill_state(w.engine, acct), prepaid(w.engine, acct)) for acct in (a[3], a[4])}
+    pay(w, "U-1", a[3], 700)          # the bank never sends it
+    pay(w, "U-2", a[4], 999_999)      # the bank sends it CANCELLED (its cancel never arrived); creates prepaid
+    pay(w, "X-AMT", a[5], 1_000)
+    pay(w, "X-ACC", a[6], 1_000)
+    pay(w, "X-REV", a[7], 400)
+    cancel(w, "C-REV", "X-REV", 400)
+    cancel(w, "C-TOMB", "X-TOMB", 800)  # overtook its payment: tombstone
+    pay(w, "M-1", a[0], 1_000, bank="ABC")  # another bank's serial space: untouched
+    before_bank_only = bill_state(w.engine, a[8])
+    unknown_account = make_account_no("09", 9_999_999)
+    records = [
+        ("M-1", a[0], 1_000, "POSTED"),
+        ("M-2", a[1], 2_000, "POSTED"),
+        ("PAIR", a[2], 300, "CANCELLED"),
+        ("U-2", a[4], 999_999, "CANCELLED"),
+        ("B-1", a[8], 1_500, "POSTED"),
+        ("B-GONE", a[9], 200, "CANCELLED"),       # cancelled at the bank, never reached the MIS
+        ("X-AMT", a[5], 1_200, "POSTED"),
+        ("X-ACC", a[9], 1_000, "POSTED"),
+        ("X-REV", a[7], 400, "POSTED"),
+        ("X-TOMB", a[10], 800, "POSTED"),
+        ("Y-1", a[0], 500, "POSTED"),
+        ("B-NOACCT", unknown_account, 600, "POSTED"),
+    ]
+    mis_before = {s: p for s, p in _mis_payments(w).items()}
+    snap = snapshot(w.engine)
+
+    summary = run(w, records, trailer=(len(records), sum(r[2] for r in records)))
+
+    got = {t.outcome: (t.count, t.amount_fen) for t in summary.totals}
+    assert got == {  # outcome: (count, fen); the bank's amount where the bank sent the record
+        recon.MATCHED: (4, 1_000 + 2_000 + 300 + 200),                    # M-1, M-2, PAIR, B-GONE
+        recon.BANK_ONLY: (1, 1_500),                                       # B-1
+        recon.UTILITY_ONLY: (2, 999_999 + 700),                            # U-2 (bank CANCELLED), U-1 (MIS only)
+        recon.MISMATCH: (6, 1_200 + 1_000 + 400 + 800 + 500 + 600),        # X-*, Y-1, B-NOACCT
+    }
+    assert summary.record_count == len(records)
+    assert not summary.replayed
+    # What the bank owes: the day's payments still posted in the MIS (M-1, M-2, B-1, X-AMT, X-ACC).
+    assert summary.net_settlement_fen == 1_000 + 2_000 + 1_500 + 1_000 + 1_000
+    assert summary.net_settlement_fen == _posted_fen(w)
+
+    found = lines(w)
+    assert {s: d.outcome for s, d in found.items()} == {
+        "B-1": recon.BANK_ONLY, "U-1": recon.UTILITY_ONLY, "U-2": recon.UTILITY_ONLY, "X-AMT": recon.MISMATCH,
+        "X-ACC": recon.MISMATCH, "X-REV": recon.MISMATCH, "X-TOMB": recon.MISMATCH, "Y-1": recon.MISMATCH,
+        "B-NOACCT": recon.MISMATCH}
+    assert found["X-AMT"].detail == recon.DETAIL_AMOUNT and found["X-AMT"].mis_amount_fen == 1_000
+    assert found["X-ACC"].detail == recon.DETAIL_ACCOUNT and found["X-ACC"].mis_account_no == a[6]
+    assert found["X-REV"].mis_state == "REVERSED" and found["X-TOMB"].mis_state == "TOMBSTONE"
+    assert found["Y-1"].detail == recon.DETAIL_OTHER_DAY
+    assert "not found" in found["B-NOACCT"].detail
+    assert found["U-1"].bank_status == "" and found["U-1"].mis_amount_fen == 700
+    assert found["B-1"].bank_line_no == 5
+
+    # The pure rule agrees with what the SQL decided (B-NOACCT was BANK_ONLY until it could not be posted).
+    day = business_date(w.clock)
+    for i, rec in enumerate(records):
+        outcome, _ = recon.classify((i + 1, *rec), mis_before.get(rec[0]), day)
+        sql_outcome = found[rec[0]].outcome if rec[0] in found else recon.MATCHED
+        assert outcome == (recon.BANK_ONLY if rec[0] == "B-NOACCT" else sql_outcome), rec[0]
+    assert recon.classify(None, mis_before["U-1"], day) == (recon.UTILITY_ONLY, recon.DETAIL_REVERSED_NOW)
+
+    # The MIS changed exactly as the outcomes say.
+    after = snapshot(w.engine)
+    diff = changed(snap, after)
+    pays = _mis_payments(w)
+    assert pays["U-1"].state == "REVERSED" and pays["U-2"].state == "REVERSED"
+    assert pays["B-1"].state == "POSTED" and pays["B-1"].settlement_date == day
+    assert pays["X-AMT"].state == "POSTED" and pays["X-ACC"].state == "POSTED"
+    assert "B-NOACCT" not in pays
+    changed_payments = {after["payments"].get(k, snap["payments"].get(k))[2] for k in diff["payments"]}
+    assert changed_payments == {"U-1", "U-2", "B-1"}
+    for acct, (bills, credit) in before_u.items():
+        assert bill_state(w.engine, acct) == bills
+        assert prepaid(w.engine, acct) == credit
+    assert bill_state(w.engine, a[8]) != before_bank_only
+    with w.engine.connect() as conn:
+        b1 = conn.execute(sa.text("SELECT payment_id, amount_fen, prepaid_added_fen FROM payments "
+                                  "WHERE bank_id = 'ICBC' AND bank_serial = 'B-1'")).one()
+        allocated = conn.execute(sa.text("SELECT COALESCE(SUM(late_fee_fen + principal_fen), 0) FROM allocations "
+                                         "WHERE payment_id = :p"), {"p": b1.payment_id}).scalar_one()
+    assert allocated + b1.prepaid_added_fen == 1_500
+    bill_ids_touched = {row[0] for row in bill_state(w.engine, a[3]) + bill_state(w.engine, a[4])
+                        + bill_state(w.engine, a[8])}
+    assert {k[0] for k in diff.get("bills", set())} <= bill_ids_touched
+    assert {after["customers"].get(k, snap["customers"].get(k))[0] for k in diff.get("customers", set())} <= {
+        a[3], a[4], a[8]}
+    assert set(diff) <= {"payments", "allocations", "bills", "customers", "prepaid_ledger", "journal",
+                         "recon_lines", "reconciled_days"}
+
+    # The day is closed: cancels are refused, and reconciling again replays and changes nothing.
+    with pytest.raises(DayClosed):
+        cancel(w, "C-LATE", "M-2", 2_000)
+    snap2 = snapshot(w.engine)
+    again = run(w, records[:2])
+    assert again.replayed
+    assert (again.totals, again.net_settlement_fen, again.record_count) == (
+        summary.totals, summary.net_settlement_fen, summary.record_count)
+    assert lines(w) == found
+    assert snapshot(w.engine) == snap2
+
+
+def _mis_payments(w: World) -> dict[str, recon.MisPayment]:
+    with w.engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT bank_serial, account_no, amount_fen, state, settlement_date "
+                                    "FROM payments WHERE bank_id = 'ICBC'")).all()
+    return {r[0]: recon.MisPayment(r[0], r[1] or "", r[2], r[3], _date(r[4])) for r in rows}
+
+
+def _date(v: Any) -> dt.date:
+    return v if isinstance(v, dt.date) else dt.date.fromisoformat(v)
+
+
+def _posted_fen(w: World) -> int:
+    with w.engine.connect() as conn:
+        return int(conn.execute(sa.text(
+            "SELECT COALESCE(SUM(amount_fen), 0) FROM payments WHERE bank_id = 'ICBC' AND state = 'POSTED' "
+            "AND settlement_date = :d"), {"d": business_date(w.clock)}).scalar_one())
+
+
+BAD_RECORDS = [
+    (("S-3", "0100000010", 100, "POSTED"), "records[3].account_no"),
+    (("S 3", None, 100, "POSTED"), "records[3].bank_serial"),
+    (("S-3", None, 0, "POSTED"), "records[3].amount_fen"),
+    (("S-3", None, 100, "LOST"), "records[3].status"),
+]
+
+
+def test_a_bad_record_is_refused_naming_it_and_nothing_changes(world: World) -> None:
+    w = world
+    pay(w, "S-1", w.accounts[0], 100)
+    pay(w, "S-9", w.accounts[1], 100)  # would be UTILITY_ONLY if anything were applied
+    snap = snapshot(w.engine)
+    for bad, field in BAD_RECORDS:
+        bad_rec = (bad[0], bad[1] or w.accounts[2], bad[2], bad[3])
+        with pytest.raises(InvalidField) as err:
+            run(w, [("S-1", w.accounts[0], 100, "POSTED"), ("S-2", w.accounts[1], 100, "CANCELLED"), bad_rec])
+        assert err.value.field == field
+    assert snapshot(w.engine) == snap
+    assert recon.stored_summary(w.engine, BANK, business_date(w.clock)) is None
+
+
+def test_duplicates_and_a_wrong_trailer_are_refused_and_nothing_changes(world: World) -> None:
+    w = world
+    pay(w, "S-1", w.accounts[0], 100)
+    snap = snapshot(w.engine)
+    recs = [("S-1", w.accounts[0], 100, "POSTED"), ("S-2", w.accounts[1], 50, "POSTED"),
+            ("S-1", w.accounts[0], 100, "POSTED")]
+    with pytest.raises(InvalidField) as err:
+        run(w, recs)
+    assert "S-1 at records[1] and records[3]" in err.value.message
+    with pytest.raises(InvalidField) as err:
+        run(w, recs[:2], trailer=(2, 151))
+    assert err.value.field == "trailer.total_fen"
+    with pytest.raises(InvalidField) as err:
+        run(w, recs[:2], trailer=(3, 150))
+    assert err.value.field == "trailer.record_count"
+    assert snapshot(w.engine) == snap
+    # After the refusals a correct run still works and closes the day.
+    summary = run(w, recs[:2], trailer=(2, 150))
+    assert summary.total(recon.BANK_ONLY).count == 1 and summary.total(recon.MATCHED).count == 1
