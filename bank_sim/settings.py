@@ -38,7 +38,6 @@ class TellerSettings(LinkSettings):
     seed: int = Field(20261128, description="random seed (customers, amounts, cancels, balances)")
     clock_start: str | None = Field(None, description="ISO instant the bank's clock starts at (default: now)")
     summary_json: str | None = Field(None, description="also write the summary as JSON to this file")
-    customer_queue_max: int = Field(64, description="customers waiting for a teller at once")
     latency_max_ms: int = Field(60_000, description="largest latency the histograms record")
 
 

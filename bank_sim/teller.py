@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -435,8 +436,7 @@ def print_summary(summary: TellerSummary) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bank_sim teller", description=DESCRIPTION,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bank_sim teller", description=DESCRIPTION)
     add_settings_flags(parser, TellerSettings)
     parser.add_argument("--log-level", default="INFO", help="log level")
     args = parser.parse_args(argv)
@@ -444,6 +444,8 @@ def main(argv: list[str]) -> int:
     settings = load_settings(TellerSettings, args, args.config_file)
     if not settings.roster:
         parser.error("--roster is required (the bank's agreement roster CSV)")
+    if settings.db.startswith("sqlite:///"):
+        Path(settings.db.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.db, pool_size=max(4, settings.sessions + 2))
     channel = link_channel(settings)
     try:
