@@ -95,7 +95,7 @@ def start_bridge(day: DemoDay) -> None:
     upstream = day.servers["mis_adapter"].grpc_addr
     proc = day.start("bridge", ["bridge", "serve", "--listen", "127.0.0.1:0", "--upstream", upstream,
                                 "--db", day.bridge_db, "--bank-id", day.settings.bank_id, "--metrics-port", "0",
-                                "--insecure"])
+                                "--insecure", *day.clock_flags()])
     day.console.print(f"  bridge for {day.settings.bank_id} serving on {proc.grpc_addr} -> {upstream} "
                       f"(metrics :{proc.metrics_port})")
 

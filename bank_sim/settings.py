@@ -54,7 +54,7 @@ class DemoSettings(YinDianSettings):
     summary_json: str | None = Field(None, description="also write the summary as JSON to this file")
     ready_timeout_s: float = Field(60.0, description="longest wait for a server's READY line")
     stop_timeout_s: float = Field(30.0, description="longest wait for a server to exit after SIGTERM")
-    step_timeout_s: float = Field(300.0, description="longest a child command (seed, teller) may run")
+    step_timeout_s: float = Field(300.0, description="longest a child command (seed) may run")
 
 
 class BenchCoreSettings(YinDianSettings):
