@@ -42,7 +42,7 @@ from yindian_common.errors import Precondition, SerialConflict, YinDianError
 
 __all__ = [
     "FeedSettings", "Notice", "DebitIn", "ApplyReport", "FeedBusy", "FeedMultiDatabase", "NOTIFY_CHANNEL",
-    "take_seqs", "insert_outbox", "notify_banks", "read_notices", "get_cursor", "stored_results",
+    "reading", "take_seqs", "insert_outbox", "notify_banks", "read_notices", "get_cursor", "stored_results",
     "acquire_lease", "renew_lease", "release_lease", "apply_results", "DEBITED", "INSUFFICIENT_FUNDS",
 ]
 
@@ -146,7 +146,7 @@ def _utc(when: dt.datetime) -> dt.datetime:
 
 # ---- sequence and outbox (called inside the issuing transaction) ----
 
-_SEQ_BUMP = T_SEQ.update().where(T_SEQ.c.bank_id == _b("bank_id")).values(
+_SEQ_BUMP = T_SEQ.update().where(T_SEQ.c.bank_id == _b("p_bank")).values(
     last_seq=T_SEQ.c.last_seq + _b("n"))
 _SEQ_READ = sa.select(T_SEQ.c.last_seq).where(T_SEQ.c.bank_id == _b("bank_id"))
 
@@ -168,9 +168,9 @@ def take_seqs(conn: Connection, bank_id: str, n: int) -> int:
     counter row stays locked until the caller's transaction ends."""
     if n < 1:
         raise ValueError("take_seqs needs n >= 1")
-    if conn.execute(_SEQ_BUMP, {"bank_id": bank_id, "n": n}).rowcount != 1:
+    if conn.execute(_SEQ_BUMP, {"p_bank": bank_id, "n": n}).rowcount != 1:
         _insert_ignore(conn, T_SEQ, {"bank_id": bank_id, "last_seq": 0})
-        if conn.execute(_SEQ_BUMP, {"bank_id": bank_id, "n": n}).rowcount != 1:
+        if conn.execute(_SEQ_BUMP, {"p_bank": bank_id, "n": n}).rowcount != 1:
             raise RuntimeError(f"feed sequence row for {bank_id} vanished")
     last = int(conn.execute(_SEQ_READ, {"bank_id": bank_id}).scalar_one())
     return last - n + 1
@@ -212,6 +212,11 @@ def read_notices(conn: Connection, bank_id: str, after_seq: int, limit: int) -> 
     return out
 
 
+def reading(engine: Engine) -> Connection:
+    """A read-only connection: on SQLite a plain BEGIN, so readers never queue behind writers."""
+    return engine.connect().execution_options(read_only=True)
+
+
 def get_cursor(conn: Connection, bank_id: str) -> int:
     return int(conn.execute(_CURSOR, {"bank_id": bank_id}).scalar_one_or_none() or 0)
 
@@ -245,24 +250,25 @@ def notices_by_seq(conn: Connection, bank_id: str, seqs: Sequence[int]) -> dict[
 # ---- the one-stream-per-bank lease ----
 
 _LEASE_TAKE = T_LEASE.update().where(
-    T_LEASE.c.bank_id == _b("bank_id"),
-    sa.or_(T_LEASE.c.holder == _b("holder"), T_LEASE.c.expires_at < _b("now"))).values(
-    holder=_b("holder"), acquired_at=_b("now"), expires_at=_b("expires"))
-_LEASE_RENEW = T_LEASE.update().where(T_LEASE.c.bank_id == _b("bank_id"), T_LEASE.c.holder == _b("holder")).values(
-    expires_at=_b("expires"))
-_LEASE_RELEASE = T_LEASE.delete().where(T_LEASE.c.bank_id == _b("bank_id"), T_LEASE.c.holder == _b("holder"))
+    T_LEASE.c.bank_id == _b("p_bank"),
+    sa.or_(T_LEASE.c.holder == _b("p_holder"), T_LEASE.c.expires_at < _b("p_now"))).values(
+    holder=_b("p_holder"), acquired_at=_b("p_now"), expires_at=_b("p_expires"))
+_LEASE_RENEW = T_LEASE.update().where(T_LEASE.c.bank_id == _b("p_bank"), T_LEASE.c.holder == _b("p_holder")).values(
+    expires_at=_b("p_expires"))
+_LEASE_RELEASE = T_LEASE.delete().where(T_LEASE.c.bank_id == _b("p_bank"), T_LEASE.c.holder == _b("p_holder"))
 _LEASE_HOLDER = sa.select(T_LEASE.c.holder, T_LEASE.c.expires_at).where(T_LEASE.c.bank_id == _b("bank_id"))
 
 
 def acquire_lease(engine: Engine, bank_id: str, holder: str, now: dt.datetime, ttl_s: float) -> None:
     """Takes the bank's lease, or raises FeedBusy when another live stream holds it."""
     now = _utc(now)
-    params = {"bank_id": bank_id, "holder": holder, "now": now, "expires": now + dt.timedelta(seconds=ttl_s)}
+    expires = now + dt.timedelta(seconds=ttl_s)
+    params = {"p_bank": bank_id, "p_holder": holder, "p_now": now, "p_expires": expires}
     with engine.begin() as conn:
         if conn.execute(_LEASE_TAKE, params).rowcount == 1:
             return
         _insert_ignore(conn, T_LEASE, {"bank_id": bank_id, "holder": holder, "acquired_at": now,
-                                       "expires_at": params["expires"]})
+                                       "expires_at": expires})
         row = conn.execute(_LEASE_HOLDER, {"bank_id": bank_id}).one()
     if row.holder != holder:
         raise FeedBusy(f"bank {bank_id} already has an active bill feed stream; "
@@ -272,14 +278,14 @@ def acquire_lease(engine: Engine, bank_id: str, holder: str, now: dt.datetime, t
 def renew_lease(engine: Engine, bank_id: str, holder: str, now: dt.datetime, ttl_s: float) -> bool:
     """False when the lease was lost (lapsed and taken): the stream must end."""
     with engine.begin() as conn:
-        n = conn.execute(_LEASE_RENEW, {"bank_id": bank_id, "holder": holder,
-                                        "expires": _utc(now) + dt.timedelta(seconds=ttl_s)}).rowcount
+        n = conn.execute(_LEASE_RENEW, {"p_bank": bank_id, "p_holder": holder,
+                                        "p_expires": _utc(now) + dt.timedelta(seconds=ttl_s)}).rowcount
     return n == 1
 
 
 def release_lease(engine: Engine, bank_id: str, holder: str) -> None:
     with engine.begin() as conn:
-        conn.execute(_LEASE_RELEASE, {"bank_id": bank_id, "holder": holder})
+        conn.execute(_LEASE_RELEASE, {"p_bank": bank_id, "p_holder": holder})
 
 
 # ---- applying a batch of results ----
@@ -319,8 +325,8 @@ _JOURNAL_FROM_PAYMENTS = sa.insert(T_JOURNAL).from_select(
 _ADD_PREPAID = (T_CUST.update().where(T_CUST.c.account_no == _b("acct"))
                 .values(prepaid_fen=T_CUST.c.prepaid_fen + _b("delta")))
 _UPSERT_CURSOR_UPDATE = (T_CUR.update()
-                         .where(T_CUR.c.bank_id == _b("bank_id"), T_CUR.c.acked_through_seq < _b("seq"))
-                         .values(acked_through_seq=_b("seq"), updated_at=_b("now")))
+                         .where(T_CUR.c.bank_id == _b("p_bank"), T_CUR.c.acked_through_seq < _b("p_seq"))
+                         .values(acked_through_seq=_b("p_seq"), updated_at=_b("p_now")))
 
 
 @dataclass
@@ -471,9 +477,10 @@ def _write_surplus(conn: Connection, bank_id: str, plan: _Plan, now: dt.datetime
 
 
 def _advance_cursor(conn: Connection, bank_id: str, seq: int, now: dt.datetime) -> None:
-    if conn.execute(_UPSERT_CURSOR_UPDATE, {"bank_id": bank_id, "seq": seq, "now": now}).rowcount == 0:
+    params = {"p_bank": bank_id, "p_seq": seq, "p_now": now}
+    if conn.execute(_UPSERT_CURSOR_UPDATE, params).rowcount == 0:
         _insert_ignore(conn, T_CUR, {"bank_id": bank_id, "acked_through_seq": 0, "updated_at": now})
-        conn.execute(_UPSERT_CURSOR_UPDATE, {"bank_id": bank_id, "seq": seq, "now": now})
+        conn.execute(_UPSERT_CURSOR_UPDATE, params)
 
 
 def apply_results(engine: Engine, clock: Clock, bank_id: str, results: Sequence[DebitIn], cursor_to: int,

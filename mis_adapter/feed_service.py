@@ -226,7 +226,7 @@ class FeedStream:
     def _check_duplicates(self, dup: list[tuple[int, pb.DebitResult]], new: dict[int, DebitIn]) -> None:
         if not dup:
             return
-        with self.engine.connect() as conn:
+        with feed.reading(self.engine) as conn:
             stored = feed.stored_results(conn, self.bank_id, [r.seq for _, r in dup if r.seq not in new])
         for i, r in dup:
             outcome = OUTCOMES[r.outcome]
@@ -288,7 +288,7 @@ class FeedStream:
                                                                      acked_through_seq=cursor))
                 continue
             if space > 0:
-                with self.engine.connect() as conn:
+                with feed.reading(self.engine) as conn:
                     notices = feed.read_notices(conn, self.bank_id, sent, min(space, self.s.notice_batch_max))
                 if notices:
                     with self._lock:
@@ -334,7 +334,7 @@ def bill_feed(ctx: AdapterContext, request_iterator: Iterator[pb.BillFeedRequest
         requested = _subscribe(ctx, request_iterator)
         hub = hub_of(ctx)
         engine = ctx.router.primary
-        with engine.connect() as conn:
+        with feed.reading(engine) as conn:
             stored = feed.get_cursor(conn, bank_id)
         start_after = stored if requested is None else min(requested, stored)
         stream = FeedStream(ctx, hub, bank_id, start_after, stored, context)

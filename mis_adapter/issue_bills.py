@@ -77,7 +77,7 @@ _EXISTING = sa.select(T_BILLS.c.account_no).where(T_BILLS.c.period == _b("period
                                                   T_BILLS.c.account_no.in_(_b("accts", expanding=True)))
 _BILL_IDS = sa.select(T_BILLS.c.account_no, T_BILLS.c.bill_id).where(
     T_BILLS.c.period == _b("period"), T_BILLS.c.account_no.in_(_b("accts", expanding=True)))
-_MARK_BILLED = T_READ.update().where(T_READ.c.period == _b("period"), T_READ.c.billed == sa.false(),
+_MARK_BILLED = T_READ.update().where(T_READ.c.period == _b("p_period"), T_READ.c.billed == sa.false(),
                                      T_READ.c.account_no.in_(_b("accts", expanding=True))).values(billed=True)
 _AGREEMENTS = sa.select(T_AGR.c.account_no, T_AGR.c.bank_id).where(
     T_AGR.c.account_no.in_(_b("accts", expanding=True)), T_AGR.c.active == sa.true())
@@ -119,7 +119,7 @@ def _issue_batch(conn: Connection, accts: Sequence[str], period: str, tariff: Ta
          "paid_on": today if b.prepaid_applied_fen == b.amount_fen else None, "dunning": False}
         for b in new])
     new_accts = [b.account_no for b in new]
-    conn.execute(_MARK_BILLED, {"period": period, "accts": new_accts})
+    conn.execute(_MARK_BILLED, {"p_period": period, "accts": new_accts})
     ids = {r.account_no: r.bill_id for r in conn.execute(_BILL_IDS, {"period": period, "accts": new_accts})}
     with_prepaid = [b for b in new if b.prepaid_applied_fen > 0]
     if with_prepaid:
@@ -173,7 +173,7 @@ def issue_bills(engine: Engine, clock: Clock, period: str, *, tariff: Tariff | N
         if wanted is not None:
             batch = [a for a in wanted if a > after][:batch_accounts]
         else:
-            with engine.connect() as conn:
+            with feed.reading(engine) as conn:
                 batch = list(conn.execute(_NEXT_ACCOUNTS, {"period": period, "after": after,
                                                            "limit": batch_accounts}).scalars())
         if not batch:
