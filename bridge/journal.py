@@ -89,6 +89,7 @@ requests = sa.Table(
     sa.Column("updated_at", TZ, nullable=False),
     sa.Index("ix_bridge_journal_state_due", "state", "next_attempt_ms"),
     sa.Index("ix_bridge_journal_day_state", "business_date", "state"),
+    sa.Index("ix_bridge_journal_original", "original_serial"),
 )
 
 audit = sa.Table(
@@ -216,6 +217,8 @@ class Journal:
                  attempts=sa.bindparam("attempts"), next_attempt_ms=sa.bindparam("next_attempt_ms"),
                  updated_at=sa.bindparam("updated_at"))
         self._audit = audit.insert()
+        self._cancels_of = sa.select(requests).where(requests.c.kind == CANCEL,
+                                                     requests.c.original_serial == sa.bindparam("o"))
 
     def insert_new(self, entry: Entry) -> bool:
         """Journals a new request durably; False when the serial is already journaled."""
@@ -241,6 +244,12 @@ class Journal:
         with self.engine.begin() as conn:
             conn.execute(self._update, updates)
             conn.execute(self._audit, lines)
+
+    def cancels_of(self, original_serial: str) -> list[Entry]:
+        """The journaled Cancels of a pay (a replayed pay that was reversed is refused)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(self._cancels_of, {"o": original_serial}).mappings().all()
+        return [Entry(**r) for r in rows]
 
     def recover_orphans(self, at: dt.datetime) -> int:
         """At start-up no request is in flight: every PENDING row lost its answer
@@ -301,6 +310,7 @@ class Claim:
     """One thread's ownership of a serial. Waiters read `result` once `done` is set."""
     key: tuple[str, str]
     done: threading.Event = field(default_factory=threading.Event)
+    released: threading.Event = field(default_factory=threading.Event)
     result: Any = None
 
     def finish(self, result: Any) -> None:
@@ -330,6 +340,7 @@ class Claims:
             if self._held.get(claim.key) is claim:
                 del self._held[claim.key]
         claim.done.set()
+        claim.released.set()
 
     def __len__(self) -> int:
         with self._lock:

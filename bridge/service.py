@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TypeVar
 
@@ -27,11 +28,22 @@ from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
 from yindian_common import fields
 from yindian_common.clock import business_date
-from yindian_common.errors import InFlight, InvalidField, Precondition, SerialConflict, Unavailable, YinDianError
+from yindian_common.errors import (
+    InFlight,
+    InvalidField,
+    Precondition,
+    SerialConflict,
+    SerialReversed,
+    Unavailable,
+    YinDianError,
+)
 from yindian_common.status import abort
 
 log = logging.getLogger("yindian.bridge.service")
 R = TypeVar("R")
+
+# A duplicate waits for its original at most this many times before giving up with ABORTED.
+CLAIM_ROUNDS = 3
 
 CHANNELS = frozenset({pb.CHANNEL_COUNTER, pb.CHANNEL_AUTO_DEBIT, pb.CHANNEL_ATM, pb.CHANNEL_ONLINE})
 BANK_BALANCE_MAX_FEN = 10**15
@@ -124,9 +136,18 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
 
     def _money_moving(self, entry: Entry, request: Any, context: grpc.ServicerContext) -> Any:
         timeout_s = self._timeout(context)
-        claim, owned = self._claims.acquire(entry.key)
-        if not owned:
-            return self._await_original(claim, entry, context, timeout_s)
+        deadline = time.monotonic() + timeout_s
+        for _round in range(CLAIM_ROUNDS):
+            claim, owned = self._claims.acquire(entry.key)
+            if owned:
+                return self._as_owner(claim, entry, request, context, max(0.0, deadline - time.monotonic()))
+            settled = self._await_original(claim, entry, context, deadline)
+            if settled is not None:
+                return self._reply(settled, context)
+        abort(context, InFlight(f"{entry.kind.lower()} {entry.serial} is still in flight; retry the same serial"))
+
+    def _as_owner(self, claim: Claim, entry: Entry, request: Any, context: grpc.ServicerContext,
+                  timeout_s: float) -> Any:
         try:
             inserted = self._journal.insert_new(entry)
             existing = None if inserted else self._journal.get(*entry.key)
@@ -170,6 +191,8 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             self._conflict(context, entry)
         if existing.state in jn.DEFINITE_STATES:
             self._claims.release(claim)
+            if existing.state == jn.POSTED and self._reversed_by_cancel(existing.serial):
+                abort(context, SerialReversed(f"bank_serial {existing.serial} was reversed"))
             return self._reply(existing, context)
         outcome = self.resolver.resolve(existing, timeout_s)
         self._settle(claim, outcome)
@@ -177,17 +200,32 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
                  outcome.state)
         return self._reply(outcome, context)
 
-    def _await_original(self, claim: Claim, entry: Entry, context: grpc.ServicerContext, timeout_s: float) -> Any:
-        """A duplicate of a serial some thread is acting on: wait for it (bounded), else ABORTED."""
-        if not claim.done.wait(min(timeout_s, self._duplicate_wait_s)):
+    def _reversed_by_cancel(self, bank_serial: str) -> bool:
+        """The utility refuses a replayed pay once it was reversed: so does the bridge."""
+        for c in self._journal.cancels_of(bank_serial):
+            if c.state == jn.CANCELLED and c.body is not None and \
+                    pb.CancelResponse.FromString(c.body).outcome == pb.CANCEL_OUTCOME_REVERSED:
+                return True
+        return False
+
+    def _await_original(self, claim: Claim, entry: Entry, context: grpc.ServicerContext,
+                        deadline: float) -> Outcome | Entry | None:
+        """A duplicate of a serial another thread is acting on: waits (bounded) for
+        its outcome. Returns the row to answer from, or None once the other
+        thread let go of an in-doubt serial (the caller then takes it over);
+        ABORTED when the original is still in flight after the wait."""
+        wait_s = min(max(0.0, deadline - time.monotonic()), self._duplicate_wait_s)
+        if not claim.done.wait(wait_s):
             abort(context, InFlight(f"{entry.kind.lower()} {entry.serial} is still in flight; retry the same serial"))
         existing = self._journal.get(*entry.key)
-        if existing is None:  # the original failed before it was journaled
-            abort(context, InFlight(f"{entry.kind.lower()} {entry.serial} was not journaled; retry the same serial"))
-        if not existing.same_request(entry):
+        if existing is not None and not existing.same_request(entry):
             self._conflict(context, entry)
-        result = claim.result if isinstance(claim.result, Outcome) else existing
-        return self._reply(result, context)
+        result = claim.result
+        if isinstance(result, Outcome) and result.definite:
+            return result
+        # In doubt: once its outcome is recorded, try to resolve it ourselves.
+        claim.released.wait(max(0.0, deadline - time.monotonic()))
+        return None
 
     def _conflict(self, context: grpc.ServicerContext, entry: Entry) -> NoReturn:
         field = "bank_serial" if entry.kind == jn.PAY else "cancel_serial"
