@@ -120,8 +120,8 @@ def counter_business(day: DemoDay) -> None:
     if summary.passbooks_broken:
         raise RuntimeError(f"{summary.passbooks_broken} passbooks out of balance")
     pending = summary.ledger.get("PENDING", {}).get("count", 0)
-    if pending:
-        raise RuntimeError(f"{pending} pays still in doubt at the end of the day")
+    if pending or summary.cancels_in_doubt:
+        raise RuntimeError(f"{pending} pays and {summary.cancels_in_doubt} cancels still in doubt at the end of the day")
 
 
 Step = tuple[str, Callable[[DemoDay], None]]

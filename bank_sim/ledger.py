@@ -46,6 +46,9 @@ PENDING = "PENDING"
 POSTED = "POSTED"
 FAILED = "FAILED"
 CANCELLED = "CANCELLED"
+CANCEL_REQUESTED = "REQUESTED"
+CANCEL_REFUSED = "REFUSED"
+CANCEL_DONE = "DONE"
 
 _BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 _TS = sa.DateTime(timezone=True)
@@ -93,12 +96,15 @@ ledger = sa.Table(
     sa.Column("payment_id", sa.String(32), nullable=False, default=""),
     sa.Column("cancel_serial", sa.String(32), nullable=True),
     sa.Column("cancel_date", sa.Date, nullable=True),
+    # of a same-day cancel of a POSTED row: REQUESTED (sent, answer not yet definite), REFUSED, DONE
+    sa.Column("cancel_state", sa.String(10), nullable=True),
     sa.Column("failure_reason", sa.String(REASON_MAX), nullable=False, default=""),
     sa.Column("created_at", _TS, nullable=False),
     sa.Column("updated_at", _TS, nullable=False),
     sa.UniqueConstraint("bank_id", "bank_serial", name="uq_ledger_bank_serial"),
     sa.Index("ix_ledger_bank_status", "bank_id", "status"),
     sa.Index("ix_ledger_bank_day", "bank_id", "settlement_date"),
+    sa.Index("ix_ledger_bank_cancel", "bank_id", "cancel_state"),
 )
 
 
@@ -180,17 +186,28 @@ _cancel_requested = (ledger.update()
                      .where(ledger.c.bank_id == sa.bindparam("p_bank"),
                             ledger.c.bank_serial == sa.bindparam("p_serial"),
                             ledger.c.status == POSTED, ledger.c.cancel_serial.is_(None))
-                     .values(cancel_serial=sa.bindparam("p_cancel"), updated_at=sa.bindparam("p_now")))
+                     .values(cancel_serial=sa.bindparam("p_cancel"), cancel_state=CANCEL_REQUESTED,
+                             updated_at=sa.bindparam("p_now")))
+_cancel_refused = (ledger.update()
+                   .where(ledger.c.bank_id == sa.bindparam("p_bank"), ledger.c.bank_serial == sa.bindparam("p_serial"),
+                          ledger.c.status == POSTED, ledger.c.cancel_state == CANCEL_REQUESTED)
+                   .values(cancel_state=CANCEL_REFUSED, failure_reason=sa.bindparam("p_reason"),
+                           updated_at=sa.bindparam("p_now")))
 _to_cancelled = (ledger.update()
                  .where(ledger.c.bank_id == sa.bindparam("p_bank"), ledger.c.bank_serial == sa.bindparam("p_serial"),
                         ledger.c.status == POSTED)
-                 .values(status=CANCELLED, cancel_date=sa.bindparam("p_day"), updated_at=sa.bindparam("p_now")))
+                 .values(status=CANCELLED, cancel_date=sa.bindparam("p_day"), cancel_state=CANCEL_DONE,
+                         updated_at=sa.bindparam("p_now")))
 _totals = (sa.select(ledger.c.status, sa.func.count(), sa.func.coalesce(sa.func.sum(ledger.c.amount_fen), 0))
            .where(ledger.c.bank_id == sa.bindparam("p_bank"), ledger.c.bank_serial.startswith(sa.bindparam("p_prefix")))
            .group_by(ledger.c.status))
 _pending = (sa.select(*_ROW_COLS)
             .where(ledger.c.bank_id == sa.bindparam("p_bank"), ledger.c.status == PENDING)
             .order_by(ledger.c.txn_id).limit(sa.bindparam("p_limit")))
+_pending_cancels = (sa.select(*_ROW_COLS)
+                    .where(ledger.c.bank_id == sa.bindparam("p_bank"), ledger.c.status == POSTED,
+                           ledger.c.cancel_state == CANCEL_REQUESTED)
+                    .order_by(ledger.c.txn_id).limit(sa.bindparam("p_limit")))
 _day_records = (sa.select(*_ROW_COLS)
                 .where(ledger.c.bank_id == sa.bindparam("p_bank"),
                        ledger.c.settlement_date == sa.bindparam("p_day"),
@@ -332,6 +349,13 @@ def request_cancel(conn: sa.Connection, *, bank_id: str, bank_serial: str, cance
                                                  "p_cancel": cancel_serial, "p_now": now}).rowcount == 1)
 
 
+def mark_cancel_refused(conn: sa.Connection, *, bank_id: str, bank_serial: str, reason: str,
+                        now: dt.datetime) -> bool:
+    """A definite refusal of the cancel: the row stays POSTED (the money stays with the utility)."""
+    return bool(conn.execute(_cancel_refused, {"p_bank": bank_id, "p_serial": bank_serial,
+                                               "p_reason": reason[:REASON_MAX], "p_now": now}).rowcount == 1)
+
+
 def mark_cancelled(conn: sa.Connection, *, bank_id: str, bank_serial: str, cancel_date: dt.date,
                    now: dt.datetime) -> bool:
     """POSTED -> CANCELLED and the money given back to the passbook; False if not POSTED."""
@@ -358,6 +382,11 @@ def _one(conn: sa.Connection, bank_id: str, bank_serial: str) -> LedgerRow:
 def pending_rows(conn: sa.Connection, bank_id: str, limit: int) -> list[LedgerRow]:
     """PENDING rows (money taken, outcome unknown), oldest first, at most `limit`."""
     return [LedgerRow(*r) for r in conn.execute(_pending, {"p_bank": bank_id, "p_limit": limit})]
+
+
+def pending_cancels(conn: sa.Connection, bank_id: str, limit: int) -> list[LedgerRow]:
+    """POSTED rows whose cancel was sent without a definite answer yet, oldest first, at most `limit`."""
+    return [LedgerRow(*r) for r in conn.execute(_pending_cancels, {"p_bank": bank_id, "p_limit": limit})]
 
 
 def day_records(conn: sa.Connection, bank_id: str, settlement_date: dt.date) -> Iterator[LedgerRow]:

@@ -139,6 +139,7 @@ class TellerSummary:
     cancelled_fen: int = 0
     net_posted_fen: int = 0
     pending_fen: int = 0
+    cancels_in_doubt: int = 0
     passbooks_broken: int = 0
     elapsed_s: float = 0.0
 
@@ -288,11 +289,16 @@ def settle_pay(counter: Counter, req: billing_pb2.PayRequest) -> str:
 
 
 def cancel_pay(counter: Counter, customer: Customer, serial: str, amount_fen: int) -> str:
-    bank_id = counter.settings.bank_id
     cancel_serial = counter.cancel_serial(customer)
     with counter.engine.begin() as conn:
-        ledger.request_cancel(conn, bank_id=bank_id, bank_serial=serial, cancel_serial=cancel_serial,
-                              now=counter.clock.now())
+        ledger.request_cancel(conn, bank_id=counter.settings.bank_id, bank_serial=serial,
+                              cancel_serial=cancel_serial, now=counter.clock.now())
+    return settle_cancel(counter, serial, cancel_serial, amount_fen)
+
+
+def settle_cancel(counter: Counter, serial: str, cancel_serial: str, amount_fen: int) -> str:
+    """Sends a REQUESTED cancel (again) and records what the answer says."""
+    bank_id = counter.settings.bank_id
     req = billing_pb2.CancelRequest(cancel_serial=cancel_serial, original_serial=serial, amount_fen=amount_fen,
                                     reason="teller error, same-day reversal")
     try:
@@ -300,7 +306,11 @@ def cancel_pay(counter: Counter, customer: Customer, serial: str, amount_fen: in
     except InDoubt:
         return "paid_cancel_in_doubt"
     except grpc.RpcError as exc:
-        return f"paid_cancel_{exc.code().name.lower()}"  # type: ignore[attr-defined]
+        code = exc.code().name  # type: ignore[attr-defined]
+        with counter.engine.begin() as conn:
+            ledger.mark_cancel_refused(conn, bank_id=bank_id, bank_serial=serial, reason=f"cancel {code}",
+                                       now=counter.clock.now())
+        return f"paid_cancel_{code.lower()}"
     if resp.outcome != billing_pb2.CANCEL_OUTCOME_REVERSED:
         # We hold a posted receipt for it: the utility not knowing it is a discrepancy for reconciliation.
         log.error("event=cancel_original_unknown bank=%s serial=%s", bank_id, serial)
@@ -312,10 +322,12 @@ def cancel_pay(counter: Counter, customer: Customer, serial: str, amount_fen: in
 
 
 def resolve_pending(counter: Counter) -> int:
-    """Sends every PENDING pay again with its own serial and parameters; returns how many stay in doubt."""
+    """Sends every PENDING pay and every unanswered cancel again, each with its own serial and
+    parameters; returns how many stay in doubt."""
     bank_id = counter.settings.bank_id
     with counter.engine.connect() as conn:
         rows = ledger.pending_rows(conn, bank_id, RESOLVE_BATCH_MAX)
+        cancels = ledger.pending_cancels(conn, bank_id, RESOLVE_BATCH_MAX)
     still = 0
     for row in rows:
         req = billing_pb2.PayRequest(bank_serial=row.bank_serial, account_no=row.account_no,
@@ -324,6 +336,12 @@ def resolve_pending(counter: Counter) -> int:
         outcome = settle_pay(counter, req)
         counter.count(f"resolved_{outcome}")
         still += outcome == "pay_in_doubt"
+    for row in cancels:
+        if row.cancel_serial is None:
+            raise RuntimeError(f"cancel of {row.bank_serial} requested without a serial")
+        outcome = settle_cancel(counter, row.bank_serial, row.cancel_serial, row.amount_fen)
+        counter.count(f"resolved_{outcome}")
+        still += outcome == "paid_cancel_in_doubt"
     return still
 
 
@@ -375,6 +393,7 @@ def summarise(counter: Counter, stats: RequestStats, elapsed_s: float) -> Teller
     with counter.engine.connect() as conn:
         totals = ledger.totals_by_status(conn, bank_id, counter.serial_prefix)
         broken = ledger.check_passbooks(conn, bank_id)
+        cancels_in_doubt = len(ledger.pending_cancels(conn, bank_id, RESOLVE_BATCH_MAX))
     summary = TellerSummary(bank_id=bank_id, serial_prefix=counter.serial_prefix,
                             customers=dict(sorted(counter.outcomes.items())),
                             latency=stats.latency_table(), elapsed_s=round(elapsed_s, 3), passbooks_broken=broken)
@@ -386,6 +405,7 @@ def summarise(counter: Counter, stats: RequestStats, elapsed_s: float) -> Teller
     summary.cancelled_fen = fen.get(ledger.CANCELLED, 0)
     summary.paid_fen = summary.net_posted_fen + summary.cancelled_fen
     summary.pending_fen = fen.get(ledger.PENDING, 0)
+    summary.cancels_in_doubt = cancels_in_doubt
     return summary
 
 
@@ -458,4 +478,4 @@ def main(argv: list[str]) -> int:
         with open(settings.summary_json, "w", encoding="utf-8") as f:
             json.dump(summary.to_json(), f, indent=2)
     in_doubt = summary.ledger.get(ledger.PENDING, {}).get("count", 0)
-    return 0 if in_doubt == 0 and summary.passbooks_broken == 0 else 1
+    return 0 if in_doubt == 0 and summary.cancels_in_doubt == 0 and summary.passbooks_broken == 0 else 1

@@ -117,8 +117,11 @@ def test_each_state_move_happens_once_and_gives_money_back_once(engine: Engine) 
     with engine.begin() as conn:
         assert ledger.request_cancel(conn, bank_id=BANK, bank_serial="P2", cancel_serial="C2", now=NOW)
         assert not ledger.request_cancel(conn, bank_id=BANK, bank_serial="P2", cancel_serial="C3", now=NOW)
+        assert [r.cancel_serial for r in ledger.pending_cancels(conn, BANK, 10)] == ["C2"]
         assert ledger.mark_cancelled(conn, bank_id=BANK, bank_serial="P2", cancel_date=DAY, now=NOW)
         assert not ledger.mark_cancelled(conn, bank_id=BANK, bank_serial="P2", cancel_date=DAY, now=NOW)
+        assert not ledger.mark_cancel_refused(conn, bank_id=BANK, bank_serial="P2", reason="late", now=NOW)
+        assert ledger.pending_cancels(conn, BANK, 10) == []
     with engine.connect() as conn:
         assert ledger.balance_fen(conn, BANK, account) == 50_000
         rows = list(ledger.day_records(conn, BANK, DAY))
@@ -166,3 +169,20 @@ def test_outlets_and_tellers_are_created_once(engine: Engine) -> None:
     assert len(pairs) == 6 and len({o for o, _ in pairs}) == 3
     with engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(ledger.tellers)).scalar_one() == 6
+
+
+def test_a_refused_cancel_leaves_the_pay_posted(engine: Engine) -> None:
+    account = make_account_no("14", 2)
+    open_passbook(engine, account, 9_000)
+    with engine.begin() as conn:
+        debit(conn, "R1", account, 5_000)
+        ledger.mark_posted(conn, bank_id=BANK, bank_serial="R1", settlement_date=DAY, receipt_no="X", payment_id="9",
+                           now=NOW)
+        ledger.request_cancel(conn, bank_id=BANK, bank_serial="R1", cancel_serial="RC1", now=NOW)
+        assert ledger.mark_cancel_refused(conn, bank_id=BANK, bank_serial="R1", reason="cancel FAILED_PRECONDITION",
+                                          now=NOW)
+    with engine.connect() as conn:
+        assert ledger.pending_cancels(conn, BANK, 10) == []
+        assert ledger.row(conn, BANK, "R1").status == ledger.POSTED  # type: ignore[union-attr]
+        assert ledger.balance_fen(conn, BANK, account) == 4_000
+        assert ledger.check_passbooks(conn, BANK) == 0

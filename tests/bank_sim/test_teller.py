@@ -192,6 +192,23 @@ def test_pays_in_doubt_after_the_last_attempt_are_settled_by_the_same_serial(uti
     assert all(a == 3 for (rpc, _), a in link.attempts.items() if rpc == "Pay")
 
 
+def test_cancels_in_doubt_after_the_last_attempt_are_settled_by_the_same_serial(utility: Utility,
+                                                                                 sqlite_url: str) -> None:
+    def cancels_down_for_two(rpc: str, serial: str, attempt: int) -> Fault:
+        return Fault.LOSE_ANSWER if rpc == "Cancel" and attempt <= 2 else Fault.PASS
+
+    with FaultyLink(utility.proc.grpc_addr, cancels_down_for_two) as link:
+        summary = run(settings_for(link.address, utility.roster, sqlite_url, cancel_ratio=1.0, seed=15,
+                                   retry_max_attempts=2, customers=8))
+    in_doubt = summary.customers.get("paid_cancel_in_doubt", 0)
+    assert in_doubt > 0 and summary.customers.get("resolved_cancelled", 0) == in_doubt
+    assert summary.cancels_in_doubt == 0
+    bank = bank_rows(sqlite_url, summary.serial_prefix)
+    assert bank and all(st == ledger.CANCELLED for st, _ in bank.values())
+    assert_books_agree(bank, mis_payments(utility.mis_db, summary.serial_prefix))
+    assert all(a == 3 for (rpc, _), a in link.attempts.items() if rpc == "Cancel")
+
+
 def test_settlement_date_comes_from_the_utility(utility: Utility, sqlite_url: str) -> None:
     summary = run(settings_for(utility.proc.grpc_addr, utility.roster, sqlite_url, customers=5, cancel_ratio=0.0,
                                seed=14))
