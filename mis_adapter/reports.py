@@ -1,0 +1,328 @@
+"""Back-office statistics (后台处理): collections for a period and arrears as
+of a date, reconstructed from history so that a report for a past period or
+date gives that period's figures whenever it is run.
+
+Collections for [from, to]: the payments of those settlement dates. A payment
+counts as collected unless it was reversed on or before `to`; reversed ones
+count as cancellations (count and fen). Tombstones are not payments.
+
+Arrears as of the end of day D: bills issued on or before D whose principal
+was not fully paid by then. "Paid by then" is the bill's current state with
+the effect of later history undone:
+
+    paid(D) = paid now - allocations of payments posted after D (still posted)
+                       + allocations of payments posted on or before D and
+                         reversed after D
+
+Late fees as of D come from late_fee.py (the lead's rule, not re-derived):
+from the bill's current accrual when nothing after D touched it, else by
+replaying the allocations in effect at D from the bill's issue, the same
+steps a Pay takes.
+
+Storage: SQLAlchemy Core, statements built once; bills are streamed in
+chunks (memory flat in the number of bills); one chunk's replays are fetched
+with one query. Every branch database is read and the figures added up.
+Must never write."""
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from mis_adapter.db.core import AllocationRow, BillRow, Customer, Payment
+from mis_adapter.late_fee import FeeState, LateFeeRates, accrual_as_of, late_fee_due
+from yindian_common.errors import InvalidField
+from yindian_common.fields import mask_name, mask_phone
+
+# ---- bounds ----
+REPORT_PERIOD_DAYS_MAX = 3_660       # a collections period is at most ten years
+REPORT_ROWS_MAX = 100_000            # groups in one collections report
+ARREARS_CHUNK_ROWS = 5_000           # bills read and priced per chunk
+DETAIL_PAGE_ACCOUNTS = 500           # accounts per ArrearsDetail page
+
+GROUP_BYS = ("bank", "outlet", "branch", "day", "channel")
+POSTED, REVERSED = "POSTED", "REVERSED"
+
+
+# ---- domain ----
+@dataclass
+class CollectionRow:
+    key: str
+    count: int = 0
+    amount_fen: int = 0
+    cancelled_count: int = 0
+    cancelled_fen: int = 0
+
+    def add(self, other: CollectionRow) -> None:
+        self.count += other.count
+        self.amount_fen += other.amount_fen
+        self.cancelled_count += other.cancelled_count
+        self.cancelled_fen += other.cancelled_fen
+
+
+@dataclass(frozen=True)
+class CollectionReport:
+    from_date: dt.date
+    to_date: dt.date
+    group_by: str
+    rows: tuple[CollectionRow, ...]
+    total: CollectionRow
+
+
+@dataclass
+class ArrearsRow:
+    branch_code: str
+    households: int = 0
+    principal_fen: int = 0
+    late_fee_fen: int = 0
+
+
+@dataclass(frozen=True)
+class ArrearsReport:
+    as_of: dt.date
+    rows: tuple[ArrearsRow, ...]
+    total: ArrearsRow
+
+
+@dataclass
+class ArrearsAccount:
+    account_no: str
+    customer_name: str  # masked
+    contact_phone: str  # masked
+    branch_code: str
+    unpaid_bills: int = 0
+    principal_fen: int = 0
+    late_fee_fen: int = 0
+    oldest_period: str = ""
+
+
+@dataclass(frozen=True)
+class BillAsOf:
+    """What a bill owed at the end of the as-of date."""
+    account_no: str
+    branch_code: str
+    period: str
+    principal_fen: int
+    late_fee_fen: int
+
+
+@dataclass
+class _Replay:
+    allocations: list[tuple[int, int, str, dt.date, dt.date | None]] = field(default_factory=list)
+
+
+def check_period(from_date: dt.date, to_date: dt.date) -> None:
+    if to_date < from_date:
+        raise InvalidField("to_date", "is before from_date")
+    if (to_date - from_date).days >= REPORT_PERIOD_DAYS_MAX:
+        raise InvalidField("to_date", f"a period is at most {REPORT_PERIOD_DAYS_MAX} days")
+
+
+def end_of_day_utc(day: dt.date, tz: ZoneInfo) -> dt.datetime:
+    """The first instant after `day` in the utility's time zone, in UTC."""
+    return dt.datetime.combine(day + dt.timedelta(days=1), dt.time(0), tz).astimezone(dt.UTC)
+
+
+def fee_as_of(bill: Any, as_of: dt.date, principal_unpaid_fen: int, fee_paid_fen: int,
+              replay: _Replay | None, rates: LateFeeRates) -> int:
+    """The bill's late fee still owed at the end of `as_of`."""
+    year = int(bill.period[:4])
+    if replay is None:
+        state = FeeState(principal_unpaid_fen, bill.accrual_micro, bill.accrual_date, fee_paid_fen,
+                         bill.tariff_class, year)
+        return late_fee_due(state, as_of, rates)
+    # Replay from issue: what was paid outside any allocation (migrated history) counts from the start.
+    posted_principal = sum(p for p, _f, st, _sd, _ro in replay.allocations if st == POSTED)
+    posted_fee = sum(f for _p, f, st, _sd, _ro in replay.allocations if st == POSTED)
+    unpaid = bill.amount_fen - bill.prepaid_applied_fen - (bill.principal_paid_fen - posted_principal)
+    fee_paid = bill.late_fee_paid_fen - posted_fee
+    micro, accrual_date = 0, bill.due_date
+    for principal, fee, st, sd, reversed_on in replay.allocations:
+        if sd > as_of or (st == REVERSED and reversed_on is not None and reversed_on <= as_of):
+            continue
+        micro = accrual_as_of(FeeState(unpaid, micro, accrual_date, fee_paid, bill.tariff_class, year), sd, rates)
+        accrual_date = max(sd, accrual_date)
+        unpaid -= principal
+        fee_paid += fee
+    return late_fee_due(FeeState(unpaid, micro, accrual_date, fee_paid, bill.tariff_class, year), as_of, rates)
+
+
+# ---- statements, built once ----
+T_PAY = Payment.__table__
+T_BILL = BillRow.__table__
+T_CUST = Customer.__table__
+T_ALLOC = AllocationRow.__table__
+_b = sa.bindparam
+_FROM = _b("from_day", type_=sa.Date)
+_TO = _b("to_day", type_=sa.Date)
+_AS_OF = _b("as_of", type_=sa.Date)
+
+_kept = sa.or_(T_PAY.c.state == POSTED, T_PAY.c.reversed_on > _TO)
+_cancelled = sa.and_(T_PAY.c.state == REVERSED, T_PAY.c.reversed_on <= _TO)
+_GROUP_COLUMNS = {"bank": (T_PAY.c.bank_id,), "outlet": (T_PAY.c.bank_id, T_PAY.c.outlet_code),
+                  "branch": (T_PAY.c.branch_code,), "day": (T_PAY.c.settlement_date,),
+                  "channel": (T_PAY.c.channel,)}
+_COLLECTIONS = {
+    g: (sa.select(*cols,
+                  sa.func.sum(sa.case((_kept, 1), else_=0)).label("n"),
+                  sa.func.sum(sa.case((_kept, T_PAY.c.amount_fen), else_=0)).label("fen"),
+                  sa.func.sum(sa.case((_cancelled, 1), else_=0)).label("cn"),
+                  sa.func.sum(sa.case((_cancelled, T_PAY.c.amount_fen), else_=0)).label("cfen"))
+        .where(T_PAY.c.settlement_date >= _FROM, T_PAY.c.settlement_date <= _TO,
+               T_PAY.c.state.in_([POSTED, REVERSED]))
+        .group_by(*cols).order_by(*cols).limit(REPORT_ROWS_MAX + 1))
+    for g, cols in _GROUP_COLUMNS.items()}
+
+# Allocations whose effect differs between "now" and "the end of as_of".
+_changed_since = sa.or_(sa.and_(T_PAY.c.state == POSTED, T_PAY.c.settlement_date > _AS_OF),
+                        sa.and_(T_PAY.c.state == REVERSED, T_PAY.c.settlement_date <= _AS_OF,
+                                T_PAY.c.reversed_on > _AS_OF))
+_sign = sa.case((T_PAY.c.state == POSTED, -1), else_=1)
+_DELTA = (sa.select(T_ALLOC.c.bill_id,
+                    sa.func.sum(_sign * T_ALLOC.c.principal_fen).label("principal_delta"),
+                    sa.func.sum(_sign * T_ALLOC.c.late_fee_fen).label("fee_delta"))
+          .select_from(T_ALLOC.join(T_PAY, T_PAY.c.payment_id == T_ALLOC.c.payment_id))
+          .where(_changed_since).group_by(T_ALLOC.c.bill_id).subquery("delta"))
+
+
+def _arrears_query(branch: bool) -> sa.Select[Any]:
+    q = (sa.select(T_BILL.c.bill_id, T_BILL.c.account_no, T_CUST.c.branch_code, T_CUST.c.tariff_class,
+                   T_CUST.c.name, T_CUST.c.phone, T_BILL.c.period, T_BILL.c.amount_fen, T_BILL.c.prepaid_applied_fen,
+                   T_BILL.c.principal_paid_fen, T_BILL.c.late_fee_paid_fen, T_BILL.c.accrual_micro,
+                   T_BILL.c.accrual_date, T_BILL.c.due_date,
+                   sa.func.coalesce(_DELTA.c.principal_delta, 0).label("principal_delta"),
+                   sa.func.coalesce(_DELTA.c.fee_delta, 0).label("fee_delta"),
+                   _DELTA.c.bill_id.is_not(None).label("has_delta"))
+         .select_from(T_BILL.join(T_CUST, T_CUST.c.account_no == T_BILL.c.account_no)
+                      .outerjoin(_DELTA, _DELTA.c.bill_id == T_BILL.c.bill_id))
+         .where(T_BILL.c.issued_at < _b("issued_before"),
+                sa.or_(T_BILL.c.status != "PAID", T_BILL.c.paid_on.is_(None), T_BILL.c.paid_on > _AS_OF,
+                       _DELTA.c.bill_id.is_not(None)))
+         .order_by(T_BILL.c.account_no, T_BILL.c.period, T_BILL.c.bill_id))
+    return q.where(T_CUST.c.branch_code == _b("branch_code")) if branch else q
+
+
+_ARREARS = _arrears_query(False)
+_ARREARS_OF_BRANCH = _arrears_query(True)
+_REPLAY_ALLOCS = (sa.select(T_ALLOC.c.bill_id, T_ALLOC.c.principal_fen, T_ALLOC.c.late_fee_fen, T_PAY.c.state,
+                            T_PAY.c.settlement_date, T_PAY.c.reversed_on)
+                  .select_from(T_ALLOC.join(T_PAY, T_PAY.c.payment_id == T_ALLOC.c.payment_id))
+                  .where(T_ALLOC.c.bill_id.in_(_b("ids", expanding=True)))
+                  .order_by(T_ALLOC.c.bill_id, T_PAY.c.settlement_date, T_PAY.c.payment_id))
+
+
+# ---- collections ----
+def collection_summary(engines: Sequence[Engine], from_date: dt.date, to_date: dt.date,
+                       group_by: str) -> CollectionReport:
+    check_period(from_date, to_date)
+    if group_by not in GROUP_BYS:
+        raise InvalidField("group_by", f"must be one of {', '.join(GROUP_BYS)}")
+    by_key: dict[str, CollectionRow] = {}
+    width = len(_GROUP_COLUMNS[group_by])
+    for engine in engines:
+        with engine.connect().execution_options(read_only=True) as conn, conn.begin():
+            rows = conn.execute(_COLLECTIONS[group_by], {"from_day": from_date, "to_day": to_date}).all()
+        if len(rows) > REPORT_ROWS_MAX:
+            raise InvalidField("group_by", f"more than {REPORT_ROWS_MAX} groups: choose a shorter period")
+        for r in rows:
+            key = "/".join(_key_text(v) for v in r[:width])
+            row = CollectionRow(key, int(r.n or 0), int(r.fen or 0), int(r.cn or 0), int(r.cfen or 0))
+            by_key.setdefault(key, CollectionRow(key)).add(row)
+    total = CollectionRow("TOTAL")
+    for row in by_key.values():
+        total.add(row)
+    return CollectionReport(from_date, to_date, group_by, tuple(by_key[k] for k in sorted(by_key)), total)
+
+
+def _key_text(v: Any) -> str:
+    if isinstance(v, dt.date):
+        return v.isoformat()
+    return "" if v is None else str(v)
+
+
+# ---- arrears ----
+def bills_in_arrears(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRates, tz: ZoneInfo,
+                     branch_code: str = "") -> Iterator[tuple[Any, BillAsOf]]:
+    """(bill row, what it owed) for every bill in arrears at the end of `as_of`,
+    by account then period, one database after another."""
+    cutoff = end_of_day_utc(as_of, tz)
+    for engine in engines:
+        issued_before = cutoff.replace(tzinfo=None) if engine.dialect.name == "sqlite" else cutoff
+        params: dict[str, Any] = {"as_of": as_of, "issued_before": issued_before}
+        stmt = _ARREARS
+        if branch_code:
+            stmt, params["branch_code"] = _ARREARS_OF_BRANCH, branch_code
+        with engine.connect().execution_options(read_only=True) as conn, conn.begin(), \
+                engine.connect().execution_options(read_only=True) as side:
+            result = conn.execution_options(stream_results=True, yield_per=ARREARS_CHUNK_ROWS).execute(stmt, params)
+            for chunk in result.partitions(ARREARS_CHUNK_ROWS):
+                yield from _price_chunk(side, chunk, as_of, rates)
+
+
+def _price_chunk(side: Connection, chunk: Sequence[Any], as_of: dt.date,
+                 rates: LateFeeRates) -> Iterator[tuple[Any, BillAsOf]]:
+    replays = {b.bill_id: _Replay() for b in chunk if _needs_replay(b, as_of)}
+    if replays:
+        with side.begin():
+            for a in side.execute(_REPLAY_ALLOCS, {"ids": list(replays)}):
+                replays[a.bill_id].allocations.append((a.principal_fen, a.late_fee_fen, a.state,
+                                                       a.settlement_date, a.reversed_on))
+    for b in chunk:
+        unpaid = b.amount_fen - b.prepaid_applied_fen - (b.principal_paid_fen + int(b.principal_delta))
+        if unpaid <= 0:
+            continue
+        fee = fee_as_of(b, as_of, unpaid, b.late_fee_paid_fen + int(b.fee_delta), replays.get(b.bill_id), rates)
+        yield b, BillAsOf(b.account_no, b.branch_code, b.period, unpaid, fee)
+
+
+def _needs_replay(b: Any, as_of: dt.date) -> bool:
+    # The current accrual is the accrual at as_of unless history after as_of moved it.
+    return bool(b.has_delta) or (b.accrual_date > as_of and b.accrual_date > b.due_date)
+
+
+def arrears_summary(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRates, tz: ZoneInfo) -> ArrearsReport:
+    by_branch: dict[str, ArrearsRow] = {}
+    last_account = ""
+    for _row, bill in bills_in_arrears(engines, as_of, rates, tz):
+        row = by_branch.setdefault(bill.branch_code, ArrearsRow(bill.branch_code))
+        if bill.account_no != last_account:
+            row.households += 1
+            last_account = bill.account_no
+        row.principal_fen += bill.principal_fen
+        row.late_fee_fen += bill.late_fee_fen
+    total = ArrearsRow("TOTAL")
+    for r in by_branch.values():
+        total.households += r.households
+        total.principal_fen += r.principal_fen
+        total.late_fee_fen += r.late_fee_fen
+    return ArrearsReport(as_of, tuple(by_branch[k] for k in sorted(by_branch)), total)
+
+
+def arrears_detail(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRates, tz: ZoneInfo,
+                   branch_code: str = "", page_accounts: int = DETAIL_PAGE_ACCOUNTS
+                   ) -> Iterator[list[ArrearsAccount]]:
+    """Accounts in arrears at the end of `as_of`, by account number, in pages;
+    names and phones masked."""
+    page: list[ArrearsAccount] = []
+    current: ArrearsAccount | None = None
+    for row, bill in bills_in_arrears(engines, as_of, rates, tz, branch_code):
+        if current is None or current.account_no != bill.account_no:
+            if current is not None:
+                page.append(current)
+                if len(page) >= page_accounts:
+                    yield page
+                    page = []
+            current = ArrearsAccount(bill.account_no, mask_name(row.name), mask_phone(row.phone), bill.branch_code,
+                                     oldest_period=bill.period)
+        current.unpaid_bills += 1
+        current.principal_fen += bill.principal_fen
+        current.late_fee_fen += bill.late_fee_fen
+    if current is not None:
+        page.append(current)
+    if page:
+        yield page
