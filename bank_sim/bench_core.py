@@ -40,6 +40,7 @@ DESCRIPTION = "Benchmark: counter pays through bridge -> mis_adapter vs direct, 
 PAY_MIN_FEN = 1_000
 PAY_MAX_FEN = 30_000
 ERROR_KINDS_MAX = 16
+BENCH_CONSOLE_WIDTH_MIN = 120  # one line per level even when piped
 
 
 @dataclass
@@ -186,7 +187,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     settings = load_settings(BenchCoreSettings, args, args.config_file)
-    console = Console()
+    console = Console(width=max(Console().width, BENCH_CONSOLE_WIDTH_MIN))
     root = Path(settings.work_dir)
     root = root if root.is_absolute() else REPO / root
     if root.exists():
