@@ -207,7 +207,8 @@ class Journal:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._insert = _insert_ignoring_duplicates(engine.dialect.name)
+        # rowcount tells a new serial from a journaled one (SQLAlchemy keeps it for INSERT only on request).
+        self._insert = _insert_ignoring_duplicates(engine.dialect.name).execution_options(preserve_rowcount=True)
         self._select = sa.select(requests).where(requests.c.kind == sa.bindparam("k"),
                                                  requests.c.serial == sa.bindparam("s"))
         self._update = requests.update().where(

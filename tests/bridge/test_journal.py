@@ -1,0 +1,124 @@
+"""The bridge journal on SQLite, PostgreSQL and MariaDB: one row per serial,
+outcomes recorded in group commits with an append-only audit, crash
+recovery of PENDING rows, the resolver's due order (reversals first) and
+the in-doubt count reconciliation relies on."""
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy.engine import Engine
+
+from bridge import journal as jn
+from bridge.journal import Claims, Entry, Journal, JournalWriter
+from yindian_common.db import make_engine
+
+pytestmark = pytest.mark.timeout(60)
+
+AT = dt.datetime(2026, 11, 28, 2, 0, tzinfo=dt.UTC)
+DAY = dt.date(2026, 11, 28)
+WAIT_S = 10.0
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    eng = make_engine(db_url, pool_size=4)
+    jn.create_schema(eng)
+    yield eng
+    eng.dispose()
+
+
+def pay(serial: str, amount_fen: int = 1_000, **over: object) -> Entry:
+    fields: dict[str, object] = {"kind": jn.PAY, "serial": serial, "bank_id": "ICBC", "amount_fen": amount_fen,
+                                 "state": jn.PENDING, "business_date": DAY, "created_at": AT, "updated_at": AT,
+                                 "account_no": "0100000017", "outlet_code": "O1", "teller_id": "T1", "channel": 1}
+    fields.update(over)
+    return Entry(**fields)  # type: ignore[arg-type]
+
+
+def cancel(serial: str, original: str) -> Entry:
+    return Entry(kind=jn.CANCEL, serial=serial, bank_id="ICBC", amount_fen=1_000, state=jn.PENDING,
+                 business_date=DAY, created_at=AT, updated_at=AT, original_serial=original, reason="r")
+
+
+def test_one_row_per_serial_and_the_first_parameters_win(engine: Engine) -> None:
+    j = Journal(engine)
+    assert j.insert_new(pay("S1", 1_000))
+    assert not j.insert_new(pay("S1", 2_000))
+    got = j.get(jn.PAY, "S1")
+    assert got is not None and got.amount_fen == 1_000 and got.state == jn.PENDING
+    assert got.same_request(pay("S1", 1_000)) and not got.same_request(pay("S1", 2_000))
+    assert j.insert_new(cancel("S1", "S0")), "pays and cancels have separate serial spaces"
+    assert j.get(jn.PAY, "nope") is None
+
+
+def test_writer_records_outcomes_with_an_audit_line_and_releases_claims(engine: Engine) -> None:
+    j, claims = Journal(engine), Claims()
+    writer = JournalWriter(j, claims, batch_max=8, queue_max=64, idle_wait_s=0.05)
+    writer.start()
+    try:
+        held = []
+        for i in range(20):
+            e = pay(f"W{i}")
+            j.insert_new(e)
+            claim, owned = claims.acquire(e.key)
+            assert owned
+            held.append(claim)
+            writer.submit(jn.outcome_for(e, jn.POSTED, AT, status_code=0, body=b"\x01resp"), claim)
+        assert writer.flush(WAIT_S)
+        assert all(c.released.is_set() for c in held) and len(claims) == 0
+        assert j.counts_by_state() == {jn.POSTED: 20}
+        row = j.get(jn.PAY, "W7")
+        assert row is not None and row.body == b"\x01resp" and row.status_code == 0
+        e = pay("W7")
+        writer.submit(jn.outcome_for(e, jn.NOT_APPLIED, AT, message="x" * 999), None)
+        assert writer.flush(WAIT_S)
+        lines = j.audit_lines(jn.PAY, "W7")
+        assert [line["state"] for line in lines] == [jn.POSTED, jn.NOT_APPLIED]
+        assert len(lines[1]["detail"]) == jn.MESSAGE_MAX
+    finally:
+        writer.stop(WAIT_S)
+
+
+def test_pending_rows_become_suspect_at_start_up(engine: Engine) -> None:
+    j = Journal(engine)
+    j.insert_new(pay("P1"))
+    j.insert_new(pay("P2"))
+    j.insert_new(cancel("C1", "P0"))
+    j.record([jn.outcome_for(pay("P2"), jn.POSTED, AT, status_code=0, body=b"r")])
+    assert j.recover_orphans(AT) == 2
+    assert j.counts_by_state() == {jn.SUSPECT: 2, jn.POSTED: 1}
+    assert [line["state"] for line in j.audit_lines(jn.PAY, "P1")] == [jn.SUSPECT]
+    assert j.recover_orphans(AT) == 0
+
+
+def test_due_rows_put_reversals_before_probes_and_respect_backoff(engine: Engine) -> None:
+    j = Journal(engine)
+    for e in (pay("PROBE"), pay("REV"), cancel("CX", "PX"), pay("LATER"), pay("DONE")):
+        j.insert_new(e)
+    j.record([
+        jn.outcome_for(pay("PROBE"), jn.SUSPECT, AT, next_attempt_ms=100),
+        jn.outcome_for(pay("REV"), jn.REVERSING, AT, next_attempt_ms=500, reversal_serial="BRV-1"),
+        jn.outcome_for(cancel("CX", "PX"), jn.SUSPECT, AT, next_attempt_ms=400),
+        jn.outcome_for(pay("LATER"), jn.SUSPECT, AT, next_attempt_ms=10_000),
+        jn.outcome_for(pay("DONE"), jn.POSTED, AT, status_code=0, body=b"r"),
+    ])
+    assert j.due(1_000, 10) == [(jn.CANCEL, "CX"), (jn.PAY, "REV"), (jn.PAY, "PROBE")]
+    assert j.due(1_000, 1) == [(jn.CANCEL, "CX")]
+    assert j.due(20_000, 10)[-1] == (jn.PAY, "LATER")
+    assert j.due(50, 10) == []
+
+
+def test_in_doubt_count_is_per_business_date(engine: Engine) -> None:
+    j = Journal(engine)
+    j.insert_new(pay("A"))
+    j.insert_new(pay("B"))
+    j.insert_new(pay("OTHER-DAY", business_date=DAY + dt.timedelta(days=1)))
+    j.insert_new(cancel("C", "A"))
+    j.record([jn.outcome_for(pay("B"), jn.POSTED, AT, status_code=0, body=b"r"),
+              jn.outcome_for(cancel("C", "A"), jn.SUSPECT, AT)])
+    assert j.in_doubt_count(DAY) == 2
+    assert j.in_doubt_count(DAY + dt.timedelta(days=1)) == 1
+    assert j.in_doubt_count(DAY - dt.timedelta(days=1)) == 0
+    assert [c.serial for c in j.cancels_of("A")] == ["C"]
