@@ -28,6 +28,7 @@ from yindian_common.clock import business_date, make_clock, utc_now
 from yindian_common.fields import make_account_no
 
 BATCH_ROWS = 5_000
+HOUSEHOLDS_PER_CHUNK = 5_000
 HISTORY_MONTHS = 12
 BRANCHES = [("01", "城东供电所"), ("02", "城西供电所"), ("03", "城南供电所"), ("04", "城北供电所"),
             ("05", "开发区供电所"), ("06", "高新区供电所"), ("07", "东郊供电所"), ("08", "西郊供电所")]
@@ -64,23 +65,36 @@ def bulk_insert(engine: Engine, table: sa.Table, rows: list[dict[str, Any]]) -> 
     if not rows:
         return
     cols = list(rows[0].keys())
-    sqlite = engine.dialect.name == "sqlite"
     mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
     q = engine.dialect.identifier_preparer.quote
     sql = (f"INSERT INTO {q(table.name)} ({', '.join(q(c) for c in cols)}) "
            f"VALUES ({', '.join([mark] * len(cols))})")
-
-    def cell(v: Any) -> Any:
-        if sqlite and isinstance(v, dt.datetime):  # SQLAlchemy's SQLite DateTime storage format (UTC)
-            return v.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
-        if sqlite and isinstance(v, dt.date):
-            return v.isoformat()
-        return v
-
+    converters = []
+    if engine.dialect.name == "sqlite":  # SQLAlchemy's SQLite storage formats (instants in UTC)
+        for i, c in enumerate(cols):
+            if isinstance(table.c[c].type, sa.DateTime):
+                converters.append((i, _sqlite_datetime))
+            elif isinstance(table.c[c].type, sa.Date):
+                converters.append((i, _sqlite_date))
     for start in range(0, len(rows), BATCH_ROWS):
-        batch = [tuple(cell(r[c]) for c in cols) for r in rows[start:start + BATCH_ROWS]]
+        batch = []
+        for r in rows[start:start + BATCH_ROWS]:
+            values = [r[c] for c in cols]
+            for i, conv in converters:
+                values[i] = conv(values[i])
+            batch.append(tuple(values))
         with engine.begin() as conn:
             conn.exec_driver_sql(sql, batch)  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=4096)
+def _sqlite_date(v: dt.date | None) -> str | None:
+    return None if v is None else v.isoformat()
+
+
+@functools.lru_cache(maxsize=4096)
+def _sqlite_datetime(v: dt.datetime | None) -> str | None:
+    return None if v is None else v.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 def seed(router: BranchRouter, accounts: int, roster_dir: Path, *, today: dt.date, now: dt.datetime,
@@ -117,7 +131,9 @@ def seed(router: BranchRouter, accounts: int, roster_dir: Path, *, today: dt.dat
         by_engine.setdefault(router.engine_for(h[0]), []).append(h)
 
     for engine, hs in by_engine.items():
-        _seed_engine(engine, hs, rng, billed, unbilled, today, now, agreement_share, arrears_share, rosters, counts)
+        for start in range(0, len(hs), HOUSEHOLDS_PER_CHUNK):  # memory stays flat in N
+            _seed_engine(engine, hs[start:start + HOUSEHOLDS_PER_CHUNK], rng, billed, unbilled, today, now,
+                         agreement_share, arrears_share, rosters, counts)
 
     roster_dir.mkdir(parents=True, exist_ok=True)
     for bank_id, accts in rosters.items():
