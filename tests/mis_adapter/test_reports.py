@@ -169,3 +169,46 @@ def test_reports_agree_with_independent_figures_for_past_and_present(world: Worl
     only = {acc.account_no for page in reports.arrears_detail(w.ctx.router.engines(), D3, w.ctx.rates, TZ, branch)
             for acc in page}
     assert only == {k for k, v in photo_now.items() if v[0] == branch}
+
+
+def test_report_command_prints_the_same_figures_in_every_format(sqlite_url: str, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from mis_adapter import report_cmd
+
+    w = build_world(sqlite_url, tmp_path, accounts=40)
+    try:
+        at(w, D1)
+        pay(w, "ICBC", "R-1", w.accounts[0], 1_234, outlet="0101")
+        pay(w, "ABC", "R-2", w.accounts[1], 5_000)
+        cancel(w, "ABC", "C-2", "R-2", 5_000)
+        base = ["--db", sqlite_url, "--clock-start", "2026-11-28T22:00:00+08:00"]
+
+        def run(*args: str) -> str:
+            assert report_cmd.main([*args, *base]) == 0
+            return capsys.readouterr().out
+
+        lines = run("collections", "--from", D1.isoformat(), "--to", D1.isoformat(), "--by", "bank",
+                    "--format", "json").splitlines()
+        rows = {r["key"]: r for r in map(json.loads, lines[1:])}
+        assert json.loads(lines[0])["columns"] == report_cmd.COLLECTION_COLUMNS
+        assert rows["ICBC"]["amount_fen"] == 1_234 and rows["ABC"]["cancelled_fen"] == 5_000
+        assert rows["TOTAL"]["count"] == 1
+        csv_out = run("collections", "--by", "outlet", "--format", "csv")
+        assert csv_out.splitlines()[0] == ",".join(report_cmd.COLLECTION_COLUMNS) and "ICBC/0101,1,1234" in csv_out
+        assert "12.34" in run("collections", "--by", "channel")
+
+        want = arrears(w, D1)
+        lines = run("arrears", "--as-of", D1.isoformat(), "--format", "json").splitlines()
+        got = {r["branch_code"]: (r["households"], r["principal_fen"], r["late_fee_fen"])
+               for r in map(json.loads, lines[1:])}
+        assert got.pop("TOTAL") == tuple(map(sum, zip(*want.values(), strict=True)))
+        assert got == want
+        detail_csv = run("arrears-detail", "--as-of", D1.isoformat(), "--format", "csv").splitlines()
+        assert len(detail_csv) - 1 == sum(v[0] for v in want.values())
+        assert all("*" in line.split(",")[1] and "*" in line.split(",")[2] for line in detail_csv[1:])
+        assert report_cmd.main(["collections", "--from", "2026-11-30", "--to", "2026-11-01", *base]) == 2
+        assert "to_date" in capsys.readouterr().err
+    finally:
+        w.ctx.router.dispose()
