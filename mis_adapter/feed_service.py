@@ -46,6 +46,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 
 import grpc
@@ -84,7 +85,9 @@ class FeedHub:
         self._stop = threading.Event()
         if engine.dialect.name == "postgresql":
             dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-            threading.Thread(target=self._listen, args=(dsn,), name="feed-listen", daemon=True).start()
+            # The thread holds the hub weakly: it ends when the server's context is gone.
+            threading.Thread(target=_listen, args=(weakref.ref(self), dsn, settings.listen_retry_s),
+                             name="feed-listen", daemon=True).start()
 
     @property
     def polling(self) -> bool:
@@ -107,22 +110,44 @@ class FeedHub:
     def stop(self) -> None:
         self._stop.set()
 
-    def _listen(self, dsn: str) -> None:
-        import psycopg
 
-        while not self._stop.is_set():
-            try:
-                with psycopg.connect(dsn, autocommit=True) as conn:
-                    conn.execute(f"LISTEN {feed.NOTIFY_CHANNEL}")
-                    self._listening = True
-                    self.wake(None)  # anything committed while we were not listening
-                    while not self._stop.is_set():
-                        for n in conn.notifies(timeout=1.0):
-                            self.wake(n.payload)
-            except Exception as exc:  # the listener is an optimisation: polling covers it
+
+def _listen(ref: weakref.ReferenceType[FeedHub], dsn: str, retry_s: float) -> None:
+    """Turns PostgreSQL NOTIFYs into wake-ups until the hub is stopped or collected."""
+    import psycopg
+
+    down_logged = False
+    while (hub := ref()) is not None and not hub._stop.is_set():
+        del hub
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(f"LISTEN {feed.NOTIFY_CHANNEL}")
+                _set_listening(ref, True)
+                down_logged = False
+                while (hub := ref()) is not None and not hub._stop.is_set():
+                    del hub
+                    for n in conn.notifies(timeout=1.0):
+                        if (hub := ref()) is not None:
+                            hub.wake(n.payload)
+                        del hub
+        except Exception as exc:  # the listener is an optimisation: polling covers it
+            if not down_logged:
                 log.warning("event=feed_listener_down error=%s", type(exc).__name__)
-            self._listening = False
-            self._stop.wait(self.settings.listen_retry_s)
+                down_logged = True
+        _set_listening(ref, False)
+        if (hub := ref()) is None:
+            return
+        stop = hub._stop
+        del hub
+        stop.wait(retry_s)
+
+
+def _set_listening(ref: weakref.ReferenceType[FeedHub], up: bool) -> None:
+    hub = ref()
+    if hub is not None:
+        hub._listening = up
+        if up:
+            hub.wake(None)  # anything committed while we were not listening
 
 
 def hub_of(ctx: AdapterContext) -> FeedHub:
@@ -192,64 +217,55 @@ class FeedStream:
         finally:
             self.kick.set()
 
-    def _validate(self, results: list[pb.DebitResult]) -> tuple[list[DebitIn], int]:
-        """New results joined with their notices, and the cursor they complete."""
+    def _validate(self, results: list[pb.DebitResult]) -> tuple[list[DebitIn], int, set[int]]:
+        """New results joined with their notices, and the cursor they complete.
+        Everything is checked before anything is written."""
         if len(results) > self.s.results_batch_max:
             raise InvalidField("results", f"at most {self.s.results_batch_max} results per message")
         with self._lock:
             pending = dict(self.pending)
             sent = self.sent
-        new: dict[int, DebitIn] = {}
-        dup: list[tuple[int, pb.DebitResult]] = []
         for i, r in enumerate(results):
-            outcome = OUTCOMES.get(r.outcome)
-            if outcome is None:
+            if OUTCOMES.get(r.outcome) is None:
                 raise InvalidField(f"results[{i}].outcome", "must be DEBITED or INSUFFICIENT_FUNDS")
             if r.seq <= 0 or r.seq > sent:
                 raise InvalidField(f"results[{i}].seq", f"{r.seq} was not delivered on this stream")
-            serial = fields.serial(r.bank_serial, f"results[{i}].bank_serial") if outcome == feed.DEBITED \
-                else r.bank_serial
-            if outcome == feed.INSUFFICIENT_FUNDS and serial:
+        # Results stored earlier (before a reconnect, or on this stream) are duplicates.
+        with feed.reading(self.engine) as conn:
+            stored = feed.stored_results(conn, self.bank_id, sorted({r.seq for r in results}))
+        new: dict[int, DebitIn] = {}
+        for i, r in enumerate(results):
+            outcome = OUTCOMES[r.outcome]
+            if outcome == feed.DEBITED:
+                fields.serial(r.bank_serial, f"results[{i}].bank_serial")
+            elif r.bank_serial:
                 raise InvalidField(f"results[{i}].bank_serial", "must be empty for INSUFFICIENT_FUNDS")
             notice = pending.get(r.seq)
-            if notice is None or r.seq in new:
-                dup.append((i, r))
+            if r.seq in stored or r.seq in new or notice is None:
+                prior = stored.get(r.seq) or ((new[r.seq].outcome, new[r.seq].bank_serial, new[r.seq].amount_fen)
+                                              if r.seq in new else None)
+                if prior is None:
+                    raise InvalidField(f"results[{i}].seq", f"{r.seq} was not delivered on this stream")
+                if (prior[0], prior[1]) != (outcome, r.bank_serial) or r.amount_fen not in (prior[2], 0):
+                    raise SerialConflict(f"results[{i}]: seq {r.seq} already has a different result",
+                                         field=f"results[{i}].seq", reason="FEED_RESULT_CONFLICT")
                 continue
             if r.amount_fen != notice.amount_fen and not (outcome == feed.INSUFFICIENT_FUNDS and r.amount_fen == 0):
                 raise InvalidField(f"results[{i}].amount_fen",
                                    f"{r.amount_fen} is not the notice's {notice.amount_fen} fen")
-            new[r.seq] = DebitIn(r.seq, outcome, serial, notice.amount_fen, notice.bill_id, notice.account_no)
-        self._check_duplicates(dup, new)
-        left = [s for s in pending if s not in new]
-        return list(new.values()), (min(left) - 1 if left else sent)
-
-    def _check_duplicates(self, dup: list[tuple[int, pb.DebitResult]], new: dict[int, DebitIn]) -> None:
-        if not dup:
-            return
-        with feed.reading(self.engine) as conn:
-            stored = feed.stored_results(conn, self.bank_id, [r.seq for _, r in dup if r.seq not in new])
-        for i, r in dup:
-            outcome = OUTCOMES[r.outcome]
-            if r.seq in new:
-                first = new[r.seq]
-                same = (first.outcome, first.bank_serial) == (outcome, r.bank_serial)
-            elif r.seq in stored:
-                s_outcome, s_serial, s_amount = stored[r.seq]
-                same = (s_outcome, s_serial) == (outcome, r.bank_serial) and r.amount_fen in (s_amount, 0)
-            else:
-                raise InvalidField(f"results[{i}].seq", f"{r.seq} was not delivered on this stream")
-            if not same:
-                raise SerialConflict(f"results[{i}]: seq {r.seq} already has a different result",
-                                     field=f"results[{i}].seq", reason="FEED_RESULT_CONFLICT")
+            new[r.seq] = DebitIn(r.seq, outcome, r.bank_serial, notice.amount_fen, notice.bill_id, notice.account_no)
+        done = set(new) | {s for s in pending if s in stored}
+        left = [s for s in pending if s not in done]
+        return list(new.values()), (min(left) - 1 if left else sent), done
 
     def _apply(self, results: list[pb.DebitResult]) -> None:
-        new, cursor_to = self._validate(results)
-        if not new:
+        new, cursor_to, done = self._validate(results)
+        if not done:
             return
         feed.apply_results(self.engine, self.ctx.clock, self.bank_id, new, cursor_to, self._pay_general)
         with self._lock:
-            for r in new:
-                self.pending.pop(r.seq, None)
+            for seq in done:
+                self.pending.pop(seq, None)
             self.cursor = max(self.cursor, cursor_to)
             self.last_result_mono = time.monotonic()
         self.kick.set()

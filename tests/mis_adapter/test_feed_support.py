@@ -3,6 +3,7 @@ sends exactly what a test says and hands back what the server sent, with bounded
 from __future__ import annotations
 
 import queue
+import threading
 from collections.abc import Iterator, Sequence
 
 import grpc
@@ -92,3 +93,20 @@ def insufficient(n: pb.BillNotice) -> pb.DebitResult:
 def iter_all(feed: RawFeed) -> Iterator[pb.BillFeedResponse]:
     for _ in range(MESSAGES_MAX):
         yield feed.next_message()
+
+
+def subscribe(stub: billing_pb2_grpc.BillingServiceStub, bank: str = "ICBC", resume: int | None = None,
+              attempts: int = 400) -> RawFeed:
+    """Subscribes once the bank's previous stream has released its lease (its
+    end is noticed by the server asynchronously after a client cancels).
+    The first message of every stream is a heartbeat carrying the cursor."""
+    for _ in range(attempts):
+        f = RawFeed(stub, bank=bank, resume=resume)
+        try:
+            assert f.next_message().WhichOneof("body") == "heartbeat"
+            return f
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.ABORTED:
+                raise
+            threading.Event().wait(0.05)
+    raise AssertionError("the bank's previous stream never ended")

@@ -1,0 +1,253 @@
+"""BillFeed against a real in-process mis_adapter on loopback and a real
+database: delivery, results and their money effects, refusals, resume,
+one stream per bank, the window bound, and branch databases refused."""
+from __future__ import annotations
+
+import grpc
+import pytest
+import sqlalchemy as sa
+
+from bank_sim.bench_feed import populate_period
+from mis_adapter.db.core import BillRow, Customer, JournalEntry, Payment
+from mis_adapter.db.feed import DebitResultRow, FeedCursor, RefundRow
+from mis_adapter.issue_bills import issue_bills
+from tests.mis_adapter.test_feed_support import RawFeed, debited, insufficient, subscribe
+from tests.support.mis_data import NOON, running_adapter
+from yindian.v1 import billing_pb2 as pb
+from yindian_common.status import error_info
+
+PERIOD = "202611"
+FAST = {"feed_heartbeat_s": 0.2, "feed_lease_ttl_s": 5.0, "feed_poll_interval_s": 0.05}
+T_PAY = Payment.__table__
+T_BILLS = BillRow.__table__
+T_RES = DebitResultRow.__table__
+
+
+def _count(engine: sa.Engine, q: sa.Select) -> int:  # type: ignore[type-arg]
+    with engine.connect().execution_options(read_only=True) as conn:
+        return int(conn.execute(q).scalar_one())
+
+
+def _issue(ra, n: int, **kw: object) -> None:  # type: ignore[no-untyped-def]
+    populate_period(ra.engine, n, PERIOD, now=NOON, with_banks=False, **kw)  # type: ignore[arg-type]
+    issue_bills(ra.engine, ra.clock, PERIOD)
+
+
+@pytest.mark.timeout(120)
+def test_notices_results_and_money(db_url_sqlite_pg: str) -> None:
+    with running_adapter(db_url_sqlite_pg, **FAST) as ra:
+        _issue(ra, 30)
+        feed = RawFeed(ra.stub)
+        notices = feed.notices(30)
+        assert [n.seq for n in notices] == list(range(1, 31))
+        assert all(n.period == PERIOD and n.amount_fen > 0 and n.due_date == "2026-12-18" for n in notices)
+        feed.send([debited(n) for n in notices[:20]])
+        feed.send([insufficient(n) for n in notices[20:]])
+        feed.until_cursor(30)
+        feed.close()
+        e = ra.engine
+        assert _count(e, sa.select(sa.func.count()).select_from(T_PAY).where(T_PAY.c.channel == "AUTO_DEBIT")) == 20
+        paid_fen = _count(e, sa.select(sa.func.sum(T_PAY.c.amount_fen)))
+        assert paid_fen == sum(n.amount_fen for n in notices[:20])
+        assert _count(e, sa.select(sa.func.count()).select_from(T_BILLS).where(T_BILLS.c.status == "PAID")) == 20
+        assert _count(e, sa.select(sa.func.count()).select_from(T_BILLS)
+                      .where(T_BILLS.c.status == "UNPAID", T_BILLS.c.dunning == sa.true())) == 10
+        assert _count(e, sa.select(sa.func.count()).select_from(JournalEntry.__table__)
+                      .where(JournalEntry.__table__.c.rpc == "DEBIT")) == 30
+        assert _count(e, sa.select(FeedCursor.__table__.c.acked_through_seq)) == 30
+        # The account now owes nothing and the payment is a normal one: QueryAccount and GetPayment see it.
+        q = ra.stub.QueryAccount(pb.QueryAccountRequest(account_no=notices[0].account_no), metadata=ra.md())
+        assert q.arrears_fen == 0
+        got = ra.stub.GetPayment(pb.GetPaymentRequest(bank_serial="AD-1"), metadata=ra.md())
+        assert got.state == pb.PAYMENT_STATE_POSTED and got.payment.amount_fen == notices[0].amount_fen
+
+
+@pytest.mark.timeout(120)
+def test_bad_results_are_refused_without_effect(db_url_sqlite_pg: str) -> None:
+    with running_adapter(db_url_sqlite_pg, **FAST) as ra:
+        _issue(ra, 5)
+        cases = [
+            ([pb.DebitResult(seq=99, outcome=pb.DEBIT_OUTCOME_DEBITED, bank_serial="X1", amount_fen=1)],
+             grpc.StatusCode.INVALID_ARGUMENT, "results[0].seq"),
+            (None, grpc.StatusCode.INVALID_ARGUMENT, "results[1].amount_fen"),
+            (None, grpc.StatusCode.INVALID_ARGUMENT, "results[0].outcome"),
+            (None, grpc.StatusCode.INVALID_ARGUMENT, "results[0].bank_serial"),
+        ]
+        for results, code, field in cases:
+            feed = subscribe(ra.stub)
+            ns = feed.notices(5)
+            if results is None and field == "results[1].amount_fen":
+                results = [debited(ns[0]), pb.DebitResult(seq=2, outcome=pb.DEBIT_OUTCOME_DEBITED,
+                                                           bank_serial="X2", amount_fen=ns[1].amount_fen + 1)]
+            elif results is None and field == "results[0].outcome":
+                results = [pb.DebitResult(seq=1, bank_serial="X3", amount_fen=ns[0].amount_fen)]
+            elif results is None:
+                results = [debited(ns[0], serial="bad serial!")]
+            feed.send(results)
+            err = feed.error()
+            assert err.code() == code
+            info = error_info(err)
+            assert info is not None and info.metadata["field"] == field
+            assert _count(ra.engine, sa.select(sa.func.count()).select_from(T_PAY)) == 0, "nothing written"
+            assert _count(ra.engine, sa.select(sa.func.count()).select_from(T_RES)) == 0
+
+
+@pytest.mark.timeout(120)
+def test_duplicates_out_of_order_and_conflicts(db_url_sqlite_pg: str) -> None:
+    with running_adapter(db_url_sqlite_pg, **FAST) as ra:
+        _issue(ra, 6)
+        feed = RawFeed(ra.stub)
+        ns = feed.notices(6)
+        # Out of order: 3 and 2 first; the cursor must not pass 1.
+        feed.send([debited(ns[2]), insufficient(ns[1])])
+        feed.send([debited(ns[2])])  # an identical duplicate: no effect
+        feed.send([debited(ns[0])])
+        feed.until_cursor(3)
+        feed.send([debited(ns[3]), debited(ns[3]), debited(ns[4]), insufficient(ns[5])])
+        feed.until_cursor(6)
+        assert _count(ra.engine, sa.select(sa.func.count()).select_from(T_PAY)) == 4
+        # A duplicate that differs from the stored result is refused.
+        feed.send([debited(ns[0], serial="OTHER-1")])
+        err = feed.error()
+        assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert _count(ra.engine, sa.select(sa.func.count()).select_from(T_PAY)) == 4
+
+
+@pytest.mark.timeout(120)
+def test_resume_with_old_future_and_no_cursor(db_url_sqlite_pg: str) -> None:
+    with running_adapter(db_url_sqlite_pg, **FAST) as ra:
+        _issue(ra, 10)
+        feed = RawFeed(ra.stub)
+        ns = feed.notices(10)
+        feed.send([debited(n) for n in ns[:4]])
+        feed.until_cursor(4)
+        feed.close()
+        # No resume point: after the stored cursor.
+        feed = subscribe(ra.stub)
+        assert [n.seq for n in feed.notices(6)] == list(range(5, 11))
+        feed.close()
+        # A future cursor is clamped to the stored one: nothing unacknowledged is skipped.
+        feed = subscribe(ra.stub, resume=9)
+        assert feed.notices(1)[0].seq == 5
+        feed.close()
+        feed = subscribe(ra.stub, resume=10_000)
+        assert feed.notices(1)[0].seq == 5
+        feed.close()
+        # An old cursor redelivers; the bank's answers for those are duplicates and change nothing.
+        feed = subscribe(ra.stub, resume=1)
+        again = feed.notices(9)
+        assert [n.seq for n in again] == list(range(2, 11))
+        feed.send([debited(n) for n in again[:3]])  # seqs 2..4: same results as stored
+        feed.send([debited(n) for n in again[3:]])
+        feed.until_cursor(10)
+        feed.close()
+        assert _count(ra.engine, sa.select(sa.func.count()).select_from(T_PAY)) == 10
+
+
+@pytest.mark.timeout(120)
+def test_second_subscriber_is_refused_until_the_first_ends(db_url_sqlite_pg: str) -> None:
+    with running_adapter(db_url_sqlite_pg, **FAST) as ra:
+        _issue(ra, 3)
+        first = RawFeed(ra.stub)
+        first.notices(3)
+        second = RawFeed(ra.stub)
+        err = second.error()
+        assert err.code() == grpc.StatusCode.ABORTED
+        info = error_info(err)
+        assert info is not None and info.reason == "FEED_ALREADY_ACTIVE"
+        # Another bank is not affected.
+        other = subscribe(ra.stub, bank="ABC", attempts=1)
+        other.close()
+        first.close()
+        third = subscribe(ra.stub)  # the first stream's end releases the lease
+        assert [n.seq for n in third.notices(3)] == [1, 2, 3]
+        third.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_bank_that_stops_reading_holds_at_most_the_window(db_url_sqlite_pg: str) -> None:
+    with running_adapter(db_url_sqlite_pg, feed_window_max=10, feed_notice_batch_max=4, **FAST) as ra:
+        _issue(ra, 40)
+        feed = RawFeed(ra.stub)
+        ns = feed.notices(10)
+        assert [n.seq for n in ns] == list(range(1, 11))
+        # Nothing more than the window while unacknowledged: only heartbeats follow.
+        beats_before = feed.heartbeats
+        for _ in range(5):
+            assert feed.next_message().WhichOneof("body") == "heartbeat"
+        assert feed.heartbeats == beats_before + 5
+        # An ack of 2..10 without 1 opens nothing: the window counts from the contiguous point.
+        feed.send([debited(n) for n in ns[1:]])
+        for _ in range(3):
+            assert feed.next_message().WhichOneof("body") == "heartbeat"
+        feed.send([debited(ns[0])])
+        more = feed.notices(10)
+        assert [n.seq for n in more] == list(range(11, 21))
+        feed.close()
+
+
+@pytest.mark.timeout(120)
+def test_debit_for_a_bill_settled_elsewhere_becomes_refundable_credit(db_url_sqlite_pg: str) -> None:
+    with running_adapter(db_url_sqlite_pg, **FAST) as ra:
+        _issue(ra, 2)
+        feed = RawFeed(ra.stub)
+        ns = feed.notices(2)
+        n = ns[0]
+        # The customer pays at the counter meanwhile.
+        ra.stub.Pay(pb.PayRequest(bank_serial="CTR-1", account_no=n.account_no, amount_fen=n.amount_fen,
+                                  outlet_code="O1", teller_id="T1", channel=pb.CHANNEL_COUNTER), metadata=ra.md())
+        feed.send([debited(n), debited(ns[1])])
+        feed.until_cursor(2)
+        feed.close()
+        e = ra.engine
+        with e.connect() as conn:
+            refund = conn.execute(sa.select(RefundRow.__table__)).one()
+            prepaid = conn.execute(sa.select(Customer.__table__.c.prepaid_fen)
+                                   .where(Customer.__table__.c.account_no == n.account_no)).scalar_one()
+            pay = conn.execute(sa.select(T_PAY).where(T_PAY.c.bank_serial == "AD-1")).one()
+        assert (refund.seq, refund.amount_fen, refund.bank_serial) == (1, n.amount_fen, "AD-1")
+        assert prepaid == n.amount_fen
+        assert pay.prepaid_added_fen == n.amount_fen and pay.channel == "AUTO_DEBIT"
+
+
+@pytest.mark.timeout(120)
+def test_debit_on_an_account_with_older_arrears_follows_the_allocation_rule(db_url_sqlite_pg: str) -> None:
+    """Not the bulk path: the general payment path pays the oldest bill first."""
+    import datetime as dt
+
+    from tests.support.mis_data import BillSpec, add_account
+    with running_adapter(db_url_sqlite_pg, **FAST) as ra:
+        populate_period(ra.engine, 1, PERIOD, now=NOON, with_banks=False)
+        old = add_account(ra.engine, "01", 500, [BillSpec("202609", 5_000, dt.date(2026, 10, 25))])
+        with ra.engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO meters (meter_no, account_no, installed_on) VALUES ('MX', :a, '2020-01-01')"),
+                         {"a": old})
+            conn.execute(sa.text("INSERT INTO readings (meter_no, account_no, period, register_kwh, kwh, read_on, billed)"
+                                 " VALUES ('MX', :a, :p, 100, 100, '2026-11-28', :f)"), {"a": old, "p": PERIOD, "f": False})
+            conn.execute(sa.text("INSERT INTO agreements (account_no, bank_id, signed_on, active) "
+                                 "VALUES (:a, 'ICBC', '2020-01-01', :t)"), {"a": old, "t": True})
+        issue_bills(ra.engine, ra.clock, PERIOD)
+        feed = RawFeed(ra.stub)
+        ns = {n.account_no: n for n in feed.notices(2)}
+        n = ns[old]
+        feed.send([debited(x) for x in ns.values()])
+        feed.until_cursor(2)
+        feed.close()
+        with ra.engine.connect() as conn:
+            bills = {r.period: r for r in conn.execute(sa.select(T_BILLS).where(T_BILLS.c.account_no == old))}
+            res = conn.execute(sa.select(T_RES.c.disposition).where(T_RES.c.bank_serial == f"AD-{n.seq}")).scalar_one()
+        assert res == "POSTED"
+        # The old bill (with its late fee) is settled first; the rest goes to the new bill.
+        assert bills["202609"].status == "PAID"
+        assert bills[PERIOD].principal_paid_fen < n.amount_fen
+
+
+@pytest.mark.timeout(120)
+def test_branch_databases_refuse_the_feed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    main = f"sqlite:///{tmp_path / 'main.db'}"
+    other = f"sqlite:///{tmp_path / 'b02.db'}"
+    with running_adapter(main, branch_db=[f"02={other}"], **FAST) as ra:
+        err = RawFeed(ra.stub).error()
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+        info = error_info(err)
+        assert info is not None and info.reason == "FEED_SINGLE_DATABASE_ONLY"
