@@ -1,0 +1,295 @@
+"""The bank core's auto-debit consumer (`python -m bank_sim autodebit`):
+subscribes to the bill feed through the bridge, debits each savings
+account (passbook) that covers its bill and answers DEBITED with a fresh
+bank serial, otherwise INSUFFICIENT_FUNDS.
+
+Exactly once on the bank's side: each notice batch is one transaction that
+debits the passbooks, writes the ledger rows (channel AUTO_DEBIT, POSTED),
+records every notice's result in `autodebit_results` and moves the last
+processed seq in `autodebit_cursor`; only then are the results sent. A
+notice redelivered after any crash (seq at or below the last processed
+one) is answered from `autodebit_results`, never debited again.
+
+Resubscribes after any stream end with bounded, growing back-off; a stream
+that stays silent for `silence_s` (no notice, no heartbeat) is abandoned
+and resubscribed. With `--idle-exit-s` it exits once every result it sent
+is acknowledged (the heartbeat's cursor) and no notice came for that long,
+printing one summary line."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+import sqlalchemy as sa
+from pydantic import Field
+from sqlalchemy.engine import Connection, Engine
+
+from bank_sim import ledger
+from bank_sim.settings import LinkSettings
+from yindian.v1 import billing_pb2 as pb
+from yindian.v1 import billing_pb2_grpc
+from yindian_common.clock import Clock, business_date, make_clock
+from yindian_common.db import make_engine
+from yindian_common.identity import BANK_ID_METADATA
+from yindian_common.logs import setup_logging
+from yindian_common.server import TlsFiles, open_channel
+from yindian_common.settings import add_settings_flags, load_settings
+
+log = logging.getLogger("bank_sim.autodebit")
+
+DEBITED = "DEBITED"
+INSUFFICIENT_FUNDS = "INSUFFICIENT_FUNDS"
+_TS = sa.DateTime(timezone=True)
+
+metadata = sa.MetaData()
+cursor_table = sa.Table(
+    "autodebit_cursor", metadata,
+    sa.Column("bank_id", sa.String(16), primary_key=True),
+    sa.Column("last_seq", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", _TS, nullable=False),
+)
+results_table = sa.Table(
+    "autodebit_results", metadata,
+    sa.Column("bank_id", sa.String(16), primary_key=True),
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("bill_id", sa.BigInteger, nullable=False),
+    sa.Column("account_no", sa.String(10), nullable=False),
+    sa.Column("amount_fen", sa.BigInteger, nullable=False),
+    sa.Column("outcome", sa.String(20), nullable=False),
+    sa.Column("bank_serial", sa.String(32), nullable=False),
+    sa.Column("processed_at", _TS, nullable=False),
+)
+
+
+class AutodebitSettings(LinkSettings):
+    db: str = Field("sqlite:///var/bank_sim.db", description="the bank core's database URL")
+    roster: str = Field("", description="agreement roster CSV: opens passbooks for accounts that have none")
+    low_balance_ratio: float = Field(0.15, description="share of passbooks opened too low for a bill")
+    seed: int = Field(20261128, description="random seed of opening balances")
+    clock_start: str | None = Field(None, description="ISO instant the bank's clock starts at (default: now)")
+    silence_s: float = Field(20.0, description="resubscribe when the stream is silent this long")
+    idle_exit_s: float = Field(0.0, description="exit when all results are acknowledged and no notice "
+                                                "came for this long (0: run until stopped)")
+    run_timeout_s: float = Field(0.0, description="give up after this long (0: no limit)")
+    results_queue_max: int = Field(64, description="result messages waiting to be sent")
+    summary_json: str | None = Field(None, description="also write the summary as JSON to this file")
+    log_level: str = Field("INFO", description="log level")
+
+
+@dataclass
+class Summary:
+    bank_id: str
+    notices: int = 0
+    debited: int = 0
+    debited_fen: int = 0
+    insufficient: int = 0
+    replayed: int = 0
+    acked_through_seq: int = 0
+    last_seq: int = 0
+    streams: int = 0
+
+    def line(self) -> str:
+        return (f"autodebit bank={self.bank_id} notices={self.notices} debited={self.debited} "
+                f"debited_fen={self.debited_fen} insufficient={self.insufficient} replayed={self.replayed} "
+                f"last_seq={self.last_seq} acked_through_seq={self.acked_through_seq} streams={self.streams}")
+
+
+def create_schema(engine: Engine) -> None:
+    ledger.create_schema(engine)
+    metadata.create_all(engine, checkfirst=True)
+
+
+_b = sa.bindparam
+_LAST = sa.select(cursor_table.c.last_seq).where(cursor_table.c.bank_id == _b("p_bank"))
+_MOVE = (cursor_table.update().where(cursor_table.c.bank_id == _b("p_bank"))
+         .values(last_seq=_b("p_seq"), updated_at=_b("p_now")))
+_STORED = (sa.select(results_table.c.seq, results_table.c.outcome, results_table.c.bank_serial,
+                     results_table.c.amount_fen)
+           .where(results_table.c.bank_id == _b("p_bank"), results_table.c.seq.in_(_b("p_seqs", expanding=True))))
+_BALANCES = (sa.select(ledger.savings.c.account_no, ledger.savings.c.balance_fen)
+             .where(ledger.savings.c.bank_id == _b("p_bank"),
+                    ledger.savings.c.account_no.in_(_b("p_accts", expanding=True)))
+             .with_for_update())
+_TAKE = (ledger.savings.update()
+         .where(ledger.savings.c.bank_id == _b("p_bank"), ledger.savings.c.account_no == _b("p_acct"))
+         .values(balance_fen=ledger.savings.c.balance_fen - _b("p_amount")))
+
+
+def last_seq(conn: Connection, bank_id: str) -> int:
+    return int(conn.execute(_LAST, {"p_bank": bank_id}).scalar_one_or_none() or 0)
+
+
+def serial_for(seq: int, bill_id: int) -> str:
+    """A fresh serial per debit, unique per bank: the feed seq and the bill."""
+    return f"AD-{seq}-{bill_id}"
+
+
+def _result(seq: int, outcome: str, serial: str, amount_fen: int) -> pb.DebitResult:
+    return pb.DebitResult(seq=seq, amount_fen=amount_fen, bank_serial=serial if outcome == DEBITED else "",
+                          outcome=pb.DEBIT_OUTCOME_DEBITED if outcome == DEBITED
+                          else pb.DEBIT_OUTCOME_INSUFFICIENT_FUNDS)
+
+
+def process_batch(engine: Engine, clock: Clock, bank_id: str, notices: Sequence[pb.BillNotice],
+                  summary: Summary) -> list[pb.DebitResult]:
+    """Debits and records one batch in one transaction; returns the results to send."""
+    now = clock.now()
+    today = business_date(clock)
+    with engine.begin() as conn:
+        done = last_seq(conn, bank_id)
+        old = [n for n in notices if n.seq <= done]
+        new = sorted((n for n in notices if n.seq > done), key=lambda n: n.seq)
+        stored = {r.seq: r for r in conn.execute(_STORED, {"p_bank": bank_id, "p_seqs": [n.seq for n in old]})} \
+            if old else {}
+        out = [_result(n.seq, stored[n.seq].outcome, stored[n.seq].bank_serial, stored[n.seq].amount_fen)
+               for n in old if n.seq in stored]
+        summary.replayed += len(out)
+        if not new:
+            return out
+        balances = {r.account_no: int(r.balance_fen) for r in conn.execute(
+            _BALANCES, {"p_bank": bank_id, "p_accts": sorted({n.account_no for n in new})})}
+        takes, rows, results = [], [], []
+        for n in new:
+            serial = serial_for(n.seq, n.bill_id)
+            ok = balances.get(n.account_no, -1) >= n.amount_fen > 0
+            if ok:
+                balances[n.account_no] -= n.amount_fen
+                takes.append({"p_bank": bank_id, "p_acct": n.account_no, "p_amount": n.amount_fen})
+                rows.append({"bank_id": bank_id, "bank_serial": serial, "account_no": n.account_no,
+                             "amount_fen": n.amount_fen, "channel": "AUTO_DEBIT", "outlet_code": "",
+                             "teller_id": "", "status": ledger.POSTED, "settlement_date": today, "receipt_no": "",
+                             "payment_id": "", "failure_reason": "", "created_at": now, "updated_at": now})
+            results.append({"bank_id": bank_id, "seq": n.seq, "bill_id": n.bill_id, "account_no": n.account_no,
+                            "amount_fen": n.amount_fen, "outcome": DEBITED if ok else INSUFFICIENT_FUNDS,
+                            "bank_serial": serial if ok else "", "processed_at": now})
+        if takes:
+            conn.execute(_TAKE, takes)
+            conn.execute(ledger.ledger.insert(), rows)
+        conn.execute(results_table.insert(), results)
+        if conn.execute(_MOVE, {"p_bank": bank_id, "p_seq": new[-1].seq, "p_now": now}).rowcount != 1:
+            conn.execute(cursor_table.insert(), {"bank_id": bank_id, "last_seq": new[-1].seq, "updated_at": now})
+        if any(b < 0 for b in balances.values()):
+            raise RuntimeError("a passbook would go negative")
+    summary.notices += len(new)
+    summary.debited += len(takes)
+    summary.debited_fen += sum(int(t["p_amount"]) for t in takes)  # type: ignore[call-overload]
+    summary.insufficient += len(new) - len(takes)
+    summary.last_seq = new[-1].seq
+    return out + [_result(r["seq"], r["outcome"], r["bank_serial"], r["amount_fen"])  # type: ignore[arg-type]
+                  for r in results]
+
+
+class Consumer:
+    def __init__(self, s: AutodebitSettings, engine: Engine, clock: Clock, channel: grpc.Channel) -> None:
+        self.s = s
+        self.engine = engine
+        self.clock = clock
+        self.stub = billing_pb2_grpc.BillingServiceStub(channel)
+        self.summary = Summary(s.bank_id)
+        self.stop = threading.Event()
+        self.metadata = [(BANK_ID_METADATA, s.bank_id)] if s.insecure else []
+
+    def run(self) -> Summary:
+        backoff_s = self.s.retry_backoff_base_s
+        started = time.monotonic()
+        while not self.stop.is_set():
+            if self.s.run_timeout_s and time.monotonic() - started > self.s.run_timeout_s:
+                raise TimeoutError(f"autodebit did not finish within {self.s.run_timeout_s} s")
+            try:
+                if self._stream():
+                    return self.summary
+                backoff_s = self.s.retry_backoff_base_s
+            except grpc.RpcError as exc:
+                log.info("event=feed_stream_ended code=%s retry_in_s=%.2f", exc.code().name, backoff_s)
+            self.stop.wait(backoff_s)
+            backoff_s = min(self.s.retry_backoff_cap_s, backoff_s * 2)
+        return self.summary
+
+    def _stream(self) -> bool:
+        """One subscription; True when idle-exit is reached."""
+        with self.engine.connect() as conn:
+            resume = last_seq(conn, self.s.bank_id)
+        out: queue.Queue[pb.BillFeedRequest | None] = queue.Queue(maxsize=self.s.results_queue_max)
+
+        def requests() -> Iterator[pb.BillFeedRequest]:
+            yield pb.BillFeedRequest(subscribe=pb.Subscribe(resume_after_seq=resume))
+            yield from iter(out.get, None)
+
+        call = self.stub.BillFeed(requests(), metadata=self.metadata)
+        self.summary.streams += 1
+        last_msg = [time.monotonic()]
+        last_notice = time.monotonic()
+        ended = threading.Event()
+
+        def watchdog() -> None:
+            while not ended.wait(min(1.0, self.s.silence_s / 4)):
+                if time.monotonic() - last_msg[0] > self.s.silence_s or self.stop.is_set():
+                    log.warning("event=feed_silent action=resubscribe")
+                    call.cancel()
+                    return
+
+        threading.Thread(target=watchdog, daemon=True).start()
+        try:
+            for msg in call:
+                last_msg[0] = time.monotonic()
+                if msg.WhichOneof("body") == "notices":
+                    last_notice = time.monotonic()
+                    results = process_batch(self.engine, self.clock, self.s.bank_id, msg.notices.notices,
+                                            self.summary)
+                    if results:
+                        out.put(pb.BillFeedRequest(results=pb.DebitResultBatch(results=results)))
+                    continue
+                self.summary.acked_through_seq = msg.heartbeat.acked_through_seq
+                if (self.s.idle_exit_s and msg.heartbeat.acked_through_seq >= self.summary.last_seq
+                        and time.monotonic() - last_notice >= self.s.idle_exit_s):
+                    return True
+        finally:
+            ended.set()
+            with contextlib.suppress(queue.Full):
+                out.put_nowait(None)
+            call.cancel()
+        return False
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bank_sim autodebit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_settings_flags(parser, AutodebitSettings)
+    args = parser.parse_args(argv)
+    s = load_settings(AutodebitSettings, args, args.config_file)
+    setup_logging(s.log_level, "autodebit")
+    engine = make_engine(s.db)
+    create_schema(engine)
+    clock = make_clock(s.clock_start)
+    if s.roster:
+        import random
+        with engine.begin() as conn:
+            opened = ledger.load_passbooks(conn, s.bank_id, ledger.read_roster(s.roster), rng=random.Random(s.seed),
+                                           low_balance_ratio=s.low_balance_ratio, now=clock.now())
+        log.info("event=passbooks_opened count=%d", opened)
+    tls = TlsFiles(s.tls_cert, s.tls_key, s.tls_ca) if s.tls_cert and s.tls_key and s.tls_ca else None
+    channel = open_channel(s.target, tls=tls, insecure=s.insecure)
+    consumer = Consumer(s, engine, clock, channel)
+    try:
+        summary = consumer.run()
+    finally:
+        channel.close()
+        engine.dispose()
+    with engine.connect() as conn:
+        broken = ledger.check_passbooks(conn, s.bank_id)
+    print(summary.line() + f" passbooks_broken={broken}", flush=True)
+    if s.summary_json:
+        Path(s.summary_json).write_text(json.dumps({**asdict(summary), "passbooks_broken": broken}))
+    return 0 if broken == 0 else 1
+
+
+__all__ = ["AutodebitSettings", "Consumer", "Summary", "create_schema", "process_batch", "serial_for", "main"]
