@@ -12,10 +12,11 @@ from contextlib import contextmanager
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from mis_adapter.db.base import table_of
 from mis_adapter.db.core import Bank
 from yindian_common.errors import BankSuspended, Exhausted, Forbidden
 
-T_BANKS = Bank.__table__
+T_BANKS = table_of(Bank)
 _SELECT_BANK = sa.select(T_BANKS.c.suspended, T_BANKS.c.suspended_reason).where(
     T_BANKS.c.bank_id == sa.bindparam("bank_id"))
 

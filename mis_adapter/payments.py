@@ -21,6 +21,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from mis_adapter.allocation import Allocation, BillDue, allocate_payment
 from mis_adapter.context import AdapterContext
+from mis_adapter.db.base import table_of
 from mis_adapter.db.core import (
     AllocationRow,
     BillRow,
@@ -32,6 +33,7 @@ from mis_adapter.db.core import (
 )
 from mis_adapter.db.recon import ReconciledDay
 from mis_adapter.late_fee import FeeState, LateFeeRates, accrual_as_of, fee_from_micro
+from yindian_common import business_metrics
 from yindian_common.clock import business_date, utc_now
 from yindian_common.errors import (
     AccountClosed,
@@ -45,14 +47,14 @@ from yindian_common.errors import (
 )
 from yindian_common.fields import mask_name
 
-T_CUST = Customer.__table__
-T_BILL = BillRow.__table__
-T_PAY = Payment.__table__
-T_ALLOC = AllocationRow.__table__
-T_PREPAID = PrepaidEntry.__table__
-T_CANCEL = CancelRow.__table__
-T_JOURNAL = JournalEntry.__table__
-T_RECON = ReconciledDay.__table__
+T_CUST = table_of(Customer)
+T_BILL = table_of(BillRow)
+T_PAY = table_of(Payment)
+T_ALLOC = table_of(AllocationRow)
+T_PREPAID = table_of(PrepaidEntry)
+T_CANCEL = table_of(CancelRow)
+T_JOURNAL = table_of(JournalEntry)
+T_RECON = table_of(ReconciledDay)
 
 POSTED, REVERSED, TOMBSTONE = "POSTED", "REVERSED", "TOMBSTONE"
 CHANNELS = ("COUNTER", "AUTO_DEBIT", "ATM", "ONLINE")
@@ -224,13 +226,19 @@ def _db_call(fn: Any, *args: Any) -> Any:
 def pay(ctx: AdapterContext, cmd: PayCommand) -> PayResult:
     engine = ctx.router.engine_for(cmd.account_no)
     try:
-        return _db_call(_pay_tx, ctx, engine, cmd)
+        result, fresh = _db_call(_pay_tx, ctx, engine, cmd)
     except IntegrityError:
         # The same (bank, serial) committed concurrently on another account: answer as a replay would.
-        return _db_call(_replay_after_race, engine, cmd)
+        result, fresh = _db_call(_replay_after_race, engine, cmd), False
+    if fresh:
+        business_metrics.record_payment(cmd.bank_id, cmd.channel, cmd.amount_fen)
+    else:
+        business_metrics.record_payment_replay(cmd.bank_id)
+    return result
 
 
-def _pay_tx(ctx: AdapterContext, engine: Engine, cmd: PayCommand) -> PayResult:
+def _pay_tx(ctx: AdapterContext, engine: Engine, cmd: PayCommand) -> tuple[PayResult, bool]:
+    """(result, True) for a newly posted payment, (stored result, False) for a replay."""
     now = utc_now(ctx.clock)
     day = business_date(ctx.clock)
     with engine.begin() as conn:
@@ -239,7 +247,7 @@ def _pay_tx(ctx: AdapterContext, engine: Engine, cmd: PayCommand) -> PayResult:
             raise AccountNotFound(f"account {cmd.account_no} not found")
         existing = conn.execute(_PAYMENT_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.bank_serial}).first()
         if existing is not None:
-            return _answer_existing(conn, existing, cmd)
+            return _answer_existing(conn, existing, cmd), False
         if cust.status != "OPEN":
             raise AccountClosed(f"account {cmd.account_no} is closed")
         rows = conn.execute(_UNPAID_BILLS, {"account_no": cmd.account_no}).all()
@@ -255,7 +263,7 @@ def _pay_tx(ctx: AdapterContext, engine: Engine, cmd: PayCommand) -> PayResult:
             "bank_balance_fen": cmd.bank_balance_fen, "settlement_date": day, "posted_at": now,
             "arrears_after_fen": arrears_after, "prepaid_after_fen": prepaid_after,
             "prepaid_added_fen": plan.prepaid_fen, "reversed_at": None, "reversed_on": None,
-            "cancel_serial": None}).inserted_primary_key[0]
+            "cancel_serial": None}).inserted_primary_key[0]  # type: ignore[index]
         if plan.allocations:
             conn.execute(_INSERT_ALLOC, [{"payment_id": pk, "bill_id": a.bill_id, "late_fee_fen": a.late_fee_fen,
                                           "principal_fen": a.principal_fen} for a in plan.allocations])
@@ -279,7 +287,7 @@ def _pay_tx(ctx: AdapterContext, engine: Engine, cmd: PayCommand) -> PayResult:
                                        "amount_fen": cmd.amount_fen, "outcome": POSTED, "payment_id": pk})
         return PayResult(payment_id_of(cust.branch_code, pk), receipt_no_of(cust.branch_code, day, pk), day,
                          plan.allocations, arrears_after, prepaid_after, cmd.bank_serial, cmd.account_no,
-                         cmd.amount_fen, now)
+                         cmd.amount_fen, now), True
 
 
 def _same_request(existing: Any, cmd: PayCommand) -> bool:
@@ -341,7 +349,10 @@ def _get_payment(ctx: AdapterContext, bank_id: str, bank_serial: str) -> Payment
 def cancel(ctx: AdapterContext, cmd: CancelCommand) -> CancelResult:
     for _attempt in range(ctx.settings.cancel_race_retries):
         try:
-            return _db_call(_cancel_once, ctx, cmd)
+            result, fresh = _db_call(_cancel_once, ctx, cmd)
+            if fresh:
+                business_metrics.record_cancel(cmd.bank_id, result.outcome, cmd.amount_fen)
+            return result
         except IntegrityError:
             continue  # the payment (or the same cancel) committed meanwhile: look again
     raise Unavailable("cancel kept racing its payment; retry the same cancel_serial", reason="RETRY")
@@ -362,19 +373,20 @@ def _answer_cancel_replay(row: Any, cmd: CancelCommand) -> CancelResult:
     return CancelResult(row.outcome, row.settlement_date, row.cancel_serial, row.original_serial)
 
 
-def _cancel_once(ctx: AdapterContext, cmd: CancelCommand) -> CancelResult:
+def _cancel_once(ctx: AdapterContext, cmd: CancelCommand) -> tuple[CancelResult, bool]:
+    """(result, True) when this call applied the cancel, (stored result, False) for a replay."""
     previous = _find_cancel(ctx, cmd)
     if previous is not None:
-        return _answer_cancel_replay(previous, cmd)
+        return _answer_cancel_replay(previous, cmd), False
     for engine in ctx.router.engines():
         with engine.connect().execution_options(read_only=True) as conn, conn.begin():
             p = conn.execute(_PAYMENT_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.original_serial}).first()
         if p is not None:
             return _reverse(ctx, engine, p, cmd)
-    return _tombstone(ctx, cmd)
+    return _tombstone(ctx, cmd), True
 
 
-def _reverse(ctx: AdapterContext, engine: Engine, found: Any, cmd: CancelCommand) -> CancelResult:
+def _reverse(ctx: AdapterContext, engine: Engine, found: Any, cmd: CancelCommand) -> tuple[CancelResult, bool]:
     now = utc_now(ctx.clock)
     day = business_date(ctx.clock)
     with engine.begin() as conn:
@@ -382,8 +394,8 @@ def _reverse(ctx: AdapterContext, engine: Engine, found: Any, cmd: CancelCommand
             conn.execute(_LOCK_CUSTOMER, {"account_no": found.account_no}).first()
         again = conn.execute(_CANCEL_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.cancel_serial}).first()
         if again is not None:
-            return _answer_cancel_replay(again, cmd)
-        p = conn.execute(_PAYMENT_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.original_serial}).first()
+            return _answer_cancel_replay(again, cmd), False
+        p = conn.execute(_PAYMENT_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.original_serial}).one()
         if p.state == TOMBSTONE:
             outcome = "ORIGINAL_NOT_FOUND"
         elif p.amount_fen != cmd.amount_fen:
@@ -404,7 +416,7 @@ def _reverse(ctx: AdapterContext, engine: Engine, found: Any, cmd: CancelCommand
                                        "serial": cmd.cancel_serial, "original_serial": cmd.original_serial,
                                        "account_no": p.account_no or "", "amount_fen": cmd.amount_fen,
                                        "outcome": outcome, "payment_id": p.payment_id})
-    return CancelResult(outcome, day, cmd.cancel_serial, cmd.original_serial)
+    return CancelResult(outcome, day, cmd.cancel_serial, cmd.original_serial), True
 
 
 def reverse_payment_in_tx(conn: Connection, payment: Any, now: dt.datetime, day: dt.date, cancel_serial: str) -> None:
@@ -431,7 +443,7 @@ def _undo_payment(conn: Connection, p: Any, now: dt.datetime, day: dt.date, canc
                             "new_paid_on": b.paid_on if status == "PAID" else None})
         conn.execute(_UPDATE_BILL, updates)
     if p.prepaid_added_fen:
-        cust = conn.execute(_READ_CUSTOMER, {"account_no": p.account_no}).first()
+        cust = conn.execute(_READ_CUSTOMER, {"account_no": p.account_no}).one()
         balance = cust.prepaid_fen - p.prepaid_added_fen
         if balance < 0:
             raise Precondition(f"prepaid credit of payment {p.bank_serial} was already applied to new bills",

@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from mis_adapter.db.base import table_of
 from mis_adapter.db.core import Agreement, Bank, BillRow, Branch, Customer, Meter, PrepaidEntry, Reading
 from mis_adapter.migrate import upgrade
 from mis_adapter.routing import BranchRouter
@@ -103,16 +104,16 @@ def seed(router: BranchRouter, accounts: int, roster_dir: Path, *, today: dt.dat
     for engine in router.engines():
         upgrade(engine)
         with engine.connect() as conn:
-            if conn.execute(sa.select(sa.func.count()).select_from(Customer.__table__)).scalar_one():
+            if conn.execute(sa.select(sa.func.count()).select_from(table_of(Customer))).scalar_one():
                 raise SystemExit(f"{engine.url.render_as_string(hide_password=True)} is already seeded")
     billed = periods_before(today, HISTORY_MONTHS)
     unbilled = f"{today.year:04d}{today.month:02d}"
     with router.primary.begin() as conn:
-        conn.execute(sa.insert(Bank.__table__), [{"bank_id": b, "name": n, "suspended": False,
+        conn.execute(sa.insert(table_of(Bank)), [{"bank_id": b, "name": n, "suspended": False,
                                                   "suspended_reason": "", "updated_at": now} for b, n in BANKS])
     for engine in router.engines():
         with engine.begin() as conn:
-            conn.execute(sa.insert(Branch.__table__), [{"code": c, "name": n} for c, n in BRANCHES])
+            conn.execute(sa.insert(table_of(Branch)), [{"code": c, "name": n} for c, n in BRANCHES])
 
     rosters: dict[str, list[str]] = {b: [] for b, _ in BANKS}
     counts = {"customers": 0, "bills": 0, "readings": 0, "agreements": 0, "arrears_households": 0}
@@ -197,7 +198,7 @@ def _seed_engine(engine: Engine, hs: list[tuple[str, str, str]], rng: random.Ran
             rosters[bank].append(acct)
     for table, rows in ((Customer, customers), (Meter, meters), (Reading, readings), (BillRow, bills),
                         (Agreement, agreements), (PrepaidEntry, prepaid)):
-        bulk_insert(engine, table.__table__, rows)
+        bulk_insert(engine, table_of(table), rows)
     counts["customers"] += len(customers)
     counts["bills"] += len(bills)
     counts["readings"] += len(readings)

@@ -50,7 +50,7 @@ def add_settings_flags(parser: argparse.ArgumentParser, cls: type[YinDianSetting
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
         elif f.annotation in (int, float, str):
-            parser.add_argument(flag, dest=name, type=f.annotation, default=None, help=help_text)
+            parser.add_argument(flag, dest=name, type=f.annotation, default=None, help=help_text)  # type: ignore[arg-type]
         else:
             parser.add_argument(flag, dest=name, default=None, help=help_text,
                                 action="append" if "list" in str(f.annotation) else "store")

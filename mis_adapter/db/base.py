@@ -20,3 +20,10 @@ NAMING = {
 
 class Base(DeclarativeBase):
     metadata = sa.MetaData(naming_convention=NAMING)
+
+
+def table_of(model: type[Base]) -> sa.Table:
+    """A model's Table, typed as one, for SQLAlchemy Core statements."""
+    table = model.__table__
+    assert isinstance(table, sa.Table)
+    return table
