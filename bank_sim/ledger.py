@@ -25,6 +25,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -86,6 +87,8 @@ ledger = sa.Table(
     sa.Column("bank_serial", sa.String(32), nullable=False),
     sa.Column("account_no", sa.String(10), nullable=False),
     sa.Column("amount_fen", sa.BigInteger, nullable=False),
+    # the passbook's balance after the debit, sent with the Pay (a replay must send it again unchanged)
+    sa.Column("balance_after_fen", sa.BigInteger, nullable=True),
     # COUNTER, AUTO_DEBIT, ATM, ONLINE
     sa.Column("channel", sa.String(12), nullable=False),
     sa.Column("outlet_code", sa.String(16), nullable=False, default=""),
@@ -141,6 +144,7 @@ class LedgerRow:
     status: str
     settlement_date: dt.date | None
     cancel_serial: str | None
+    balance_after_fen: int | None
 
 
 @dataclass(frozen=True)
@@ -157,7 +161,8 @@ def create_schema(engine: Engine) -> None:
 # ---- statements, built once ----
 
 _ROW_COLS = (ledger.c.bank_serial, ledger.c.account_no, ledger.c.amount_fen, ledger.c.channel, ledger.c.outlet_code,
-             ledger.c.teller_id, ledger.c.status, ledger.c.settlement_date, ledger.c.cancel_serial)
+             ledger.c.teller_id, ledger.c.status, ledger.c.settlement_date, ledger.c.cancel_serial,
+             ledger.c.balance_after_fen)
 
 _debit = (savings.update()
           .where(savings.c.bank_id == sa.bindparam("p_bank"), savings.c.account_no == sa.bindparam("p_account"),
@@ -313,13 +318,14 @@ def debit_for_pay(conn: sa.Connection, *, bank_id: str, bank_serial: str, accoun
     if conn.execute(_debit, params).rowcount != 1:
         balance = balance_fen(conn, bank_id, account_no)  # raises PassbookNotFound
         raise InsufficientFunds(f"balance {balance} fen < {amount_fen} fen")
-    conn.execute(_insert_row, {
-        "bank_id": bank_id, "bank_serial": bank_serial, "account_no": account_no, "amount_fen": amount_fen,
-        "channel": channel, "outlet_code": outlet_code, "teller_id": teller_id, "status": PENDING,
-        "receipt_no": "", "payment_id": "", "failure_reason": "", "created_at": now, "updated_at": now})
     after = balance_fen(conn, bank_id, account_no)
     if after < 0:
         raise RuntimeError(f"passbook {account_no} went negative: {after} fen")
+    conn.execute(_insert_row, {
+        "bank_id": bank_id, "bank_serial": bank_serial, "account_no": account_no, "amount_fen": amount_fen,
+        "balance_after_fen": after, "channel": channel, "outlet_code": outlet_code, "teller_id": teller_id,
+        "status": PENDING, "receipt_no": "", "payment_id": "", "failure_reason": "", "created_at": now,
+        "updated_at": now})
     return after
 
 
@@ -367,9 +373,13 @@ def mark_cancelled(conn: sa.Connection, *, bank_id: str, bank_serial: str, cance
     return bool(moved)
 
 
+def _ledger_row(r: Any) -> LedgerRow:
+    return LedgerRow(**r._mapping)
+
+
 def row(conn: sa.Connection, bank_id: str, bank_serial: str) -> LedgerRow | None:
     r = conn.execute(_row_by_serial, {"p_bank": bank_id, "p_serial": bank_serial}).first()
-    return LedgerRow(*r) if r is not None else None
+    return _ledger_row(r) if r is not None else None
 
 
 def _one(conn: sa.Connection, bank_id: str, bank_serial: str) -> LedgerRow:
@@ -381,18 +391,18 @@ def _one(conn: sa.Connection, bank_id: str, bank_serial: str) -> LedgerRow:
 
 def pending_rows(conn: sa.Connection, bank_id: str, limit: int) -> list[LedgerRow]:
     """PENDING rows (money taken, outcome unknown), oldest first, at most `limit`."""
-    return [LedgerRow(*r) for r in conn.execute(_pending, {"p_bank": bank_id, "p_limit": limit})]
+    return [_ledger_row(r) for r in conn.execute(_pending, {"p_bank": bank_id, "p_limit": limit})]
 
 
 def pending_cancels(conn: sa.Connection, bank_id: str, limit: int) -> list[LedgerRow]:
     """POSTED rows whose cancel was sent without a definite answer yet, oldest first, at most `limit`."""
-    return [LedgerRow(*r) for r in conn.execute(_pending_cancels, {"p_bank": bank_id, "p_limit": limit})]
+    return [_ledger_row(r) for r in conn.execute(_pending_cancels, {"p_bank": bank_id, "p_limit": limit})]
 
 
 def day_records(conn: sa.Connection, bank_id: str, settlement_date: dt.date) -> Iterator[LedgerRow]:
     """The bank's records of a settlement date for reconciliation: POSTED and CANCELLED rows."""
     for r in conn.execute(_day_records, {"p_bank": bank_id, "p_day": settlement_date}):
-        yield LedgerRow(*r)
+        yield _ledger_row(r)
 
 
 def totals_by_status(conn: sa.Connection, bank_id: str, serial_prefix: str = "") -> dict[str, StatusTotal]:

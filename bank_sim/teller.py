@@ -251,13 +251,17 @@ def serve_customer(counter: Counter, customer: Customer, outlet: str, teller: st
     if amount is None:
         return "insufficient_funds"
     serial = counter.pay_serial(customer)
-    with counter.engine.begin() as conn:
-        ledger.debit_for_pay(conn, bank_id=bank_id, bank_serial=serial, account_no=customer.account_no,
-                             amount_fen=amount, channel="COUNTER", outlet_code=outlet, teller_id=teller,
-                             now=counter.clock.now())
+    try:
+        with counter.engine.begin() as conn:
+            balance_after = ledger.debit_for_pay(conn, bank_id=bank_id, bank_serial=serial,
+                                                 account_no=customer.account_no, amount_fen=amount,
+                                                 channel="COUNTER", outlet_code=outlet, teller_id=teller,
+                                                 now=counter.clock.now())
+    except ledger.InsufficientFunds:  # another channel (auto-debit) took money since the balance was read
+        return "insufficient_funds"
     req = billing_pb2.PayRequest(bank_serial=serial, account_no=customer.account_no, amount_fen=amount,
                                  outlet_code=outlet, teller_id=teller, channel=billing_pb2.CHANNEL_COUNTER,
-                                 bank_balance_fen=balance - amount)
+                                 bank_balance_fen=balance_after)
     outcome = settle_pay(counter, req)
     if outcome != "paid" or not customer.cancels:
         return outcome
@@ -274,6 +278,11 @@ def settle_pay(counter: Counter, req: billing_pb2.PayRequest) -> str:
         return "pay_in_doubt"
     except grpc.RpcError as exc:
         code = exc.code().name  # type: ignore[attr-defined]
+        if exc.code() == grpc.StatusCode.ALREADY_EXISTS:  # type: ignore[attr-defined]
+            # Our serials are fresh per run: this means the same serial went out with other parameters,
+            # a bug on our side; the money may be with the utility, so the row stays PENDING for a person.
+            log.error("event=pay_serial_conflict bank=%s serial=%s", bank_id, req.bank_serial)
+            return "pay_serial_conflict"
         with counter.engine.begin() as conn:
             ledger.mark_failed(conn, bank_id=bank_id, bank_serial=req.bank_serial, reason=code,
                                now=counter.clock.now())
@@ -330,12 +339,15 @@ def resolve_pending(counter: Counter) -> int:
         cancels = ledger.pending_cancels(conn, bank_id, RESOLVE_BATCH_MAX)
     still = 0
     for row in rows:
+        # Exactly the request first sent: a replay with other parameters would be ALREADY_EXISTS.
         req = billing_pb2.PayRequest(bank_serial=row.bank_serial, account_no=row.account_no,
                                      amount_fen=row.amount_fen, outlet_code=row.outlet_code,
                                      teller_id=row.teller_id, channel=billing_pb2.CHANNEL_COUNTER)
+        if row.balance_after_fen is not None:
+            req.bank_balance_fen = row.balance_after_fen
         outcome = settle_pay(counter, req)
         counter.count(f"resolved_{outcome}")
-        still += outcome == "pay_in_doubt"
+        still += outcome in ("pay_in_doubt", "pay_serial_conflict")
     for row in cancels:
         if row.cancel_serial is None:
             raise RuntimeError(f"cancel of {row.bank_serial} requested without a serial")

@@ -209,6 +209,33 @@ def test_cancels_in_doubt_after_the_last_attempt_are_settled_by_the_same_serial(
     assert all(a == 3 for (rpc, _), a in link.attempts.items() if rpc == "Cancel")
 
 
+@pytest.fixture(scope="module")
+def bridge(utility: Utility, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    work = tmp_path_factory.mktemp("bridge")
+    proc = start("bridge", ["bridge", "serve", "--listen", "127.0.0.1:0", "--upstream", utility.proc.grpc_addr,
+                            "--db", f"sqlite:///{work / 'bridge.db'}", "--bank-id", BANK, "--metrics-port", "0",
+                            "--insecure"], log_dir=work)
+    yield proc
+    assert proc.terminate() == 0
+
+
+def test_a_pay_replayed_after_lost_answers_is_the_same_request_at_the_bridge(utility: Utility, bridge: Proc,
+                                                                              sqlite_url: str) -> None:
+    """The bridge refuses a serial replayed with other parameters (ALREADY_EXISTS): the end-of-run
+    replay must send exactly what was sent first, the passbook balance included."""
+    def answers_lost_twice(rpc: str, serial: str, attempt: int) -> Fault:
+        return Fault.LOSE_ANSWER if rpc == "Pay" and attempt <= 2 else Fault.PASS
+
+    with FaultyLink(bridge.grpc_addr, answers_lost_twice) as link:
+        summary = run(settings_for(link.address, utility.roster, sqlite_url, cancel_ratio=0.0, seed=16,
+                                   retry_max_attempts=2, customers=6))
+    in_doubt = summary.customers.get("pay_in_doubt", 0)
+    assert in_doubt > 0 and summary.customers.get("resolved_paid", 0) == in_doubt
+    bank = bank_rows(sqlite_url, summary.serial_prefix)
+    assert bank and all(st == ledger.POSTED for st, _ in bank.values())
+    assert_books_agree(bank, mis_payments(utility.mis_db, summary.serial_prefix))
+
+
 def test_settlement_date_comes_from_the_utility(utility: Utility, sqlite_url: str) -> None:
     summary = run(settings_for(utility.proc.grpc_addr, utility.roster, sqlite_url, customers=5, cancel_ratio=0.0,
                                seed=14))
