@@ -1,6 +1,6 @@
 """The utility front end's scrape-time gauges, read from the branch databases:
 arrears households and fen by branch (one aggregate over unpaid bills), and
-the bill feed's backlog and lag per bank once the feed's outbox exists.
+the bill feed's backlog and lag per bank (outbox rows above the cursor).
 Connection-pool use of the serving engines comes with them.
 
 Reads are cached for `CollectorLimits.refresh_s` and bounded by a statement
@@ -16,7 +16,8 @@ import sqlalchemy as sa
 from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.engine import Engine
 
-from mis_adapter.db.core import BillRow, Branch, Customer
+from mis_adapter.db.core import Bank, BillRow, Branch, Customer
+from mis_adapter.db.feed import FeedCursor, OutboxRow
 from yindian_common import business_metrics as bm
 from yindian_common.clock import Clock
 
@@ -43,6 +44,20 @@ ARREARS_BY_BRANCH = (
     .group_by(_branches.c.code)
 )
 
+_banks = Bank.__table__
+_outbox = OutboxRow.__table__
+_cursors = FeedCursor.__table__
+
+# Every bank appears; the backlog is its notices above the cursor (a range of the outbox's primary key).
+FEED_BACKLOG_BY_BANK = (
+    sa.select(_banks.c.bank_id, sa.func.count(_outbox.c.seq), sa.func.min(_outbox.c.issued_at))
+    .select_from(_banks
+                 .outerjoin(_cursors, _cursors.c.bank_id == _banks.c.bank_id)
+                 .outerjoin(_outbox, sa.and_(_outbox.c.bank_id == _banks.c.bank_id,
+                                             _outbox.c.seq > sa.func.coalesce(_cursors.c.acked_through_seq, 0))))
+    .group_by(_banks.c.bank_id)
+)
+
 ARREARS_HOUSEHOLDS = "yindian_arrears_households"
 ARREARS_FEN = "yindian_arrears_fen"
 FEED_BACKLOG = "yindian_feed_backlog_notices"
@@ -51,7 +66,7 @@ FEED_LAG = "yindian_feed_lag_seconds"
 
 def _utc(value: dt.datetime) -> dt.datetime:
     # SQLite hands back naive datetimes; the processes store UTC instants.
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
 class MisCollector(bm.DbGaugeCollector):
@@ -60,11 +75,11 @@ class MisCollector(bm.DbGaugeCollector):
         bm.GaugeSpec(ARREARS_HOUSEHOLDS, "Accounts with unpaid bills, by branch.", ("branch",)),
         bm.GaugeSpec(ARREARS_FEN, "Unpaid principal of all bills, in fen, by branch.", ("branch",)),
         bm.GaugeSpec(FEED_BACKLOG, "Bill notices not yet acknowledged by the bank (outbox backlog).", ("bank",)),
-        bm.GaugeSpec(FEED_LAG, "Age of the oldest unacknowledged bill notice, in seconds.", ("bank",)),
+        bm.GaugeSpec(FEED_LAG, "Age of the oldest unacknowledged bill notice, in seconds.", ("bank",), merge="max"),
     )
 
     def __init__(self, engines: Iterable[Engine], clock: Clock,
-                 limits: bm.CollectorLimits = bm.CollectorLimits()) -> None:
+                 limits: bm.CollectorLimits = bm.DEFAULT_COLLECTOR_LIMITS) -> None:
         super().__init__(engines, limits)
         self._clock = clock
 
@@ -74,29 +89,19 @@ class MisCollector(bm.DbGaugeCollector):
         for code, n, owed_fen in conn.execute(ARREARS_BY_BRANCH):
             households[(code,)] = float(n)
             fen[(code,)] = float(owed_fen)
-        readings: bm.Readings = {ARREARS_HOUSEHOLDS: households, ARREARS_FEN: fen}
-        readings.update(self._read_feed(conn))
-        return readings
+        return {ARREARS_HOUSEHOLDS: households, ARREARS_FEN: fen, **self._read_feed(conn)}
 
     def _read_feed(self, conn: sa.Connection) -> bm.Readings:
-        backlog_stmt = _feed_backlog_statement()
-        if backlog_stmt is None:
-            return {}
         backlog: dict[tuple[str, ...], float] = {}
         lag: dict[tuple[str, ...], float] = {}
         now = self._clock.now()
-        for bank, n, oldest in conn.execute(backlog_stmt):
+        for bank, n, oldest in conn.execute(FEED_BACKLOG_BY_BANK):
             backlog[(bank,)] = float(n)
             lag[(bank,)] = max(0.0, (now - _utc(oldest)).total_seconds()) if oldest is not None else 0.0
         return {FEED_BACKLOG: backlog, FEED_LAG: lag}
 
 
-def _feed_backlog_statement() -> sa.Select[tuple[str, int, dt.datetime | None]] | None:
-    """(bank, unacknowledged notices, oldest issued_at) per bank, once the feed's outbox table exists."""
-    return None
-
-
-def register(engines: Sequence[Engine], clock: Clock, limits: bm.CollectorLimits = bm.CollectorLimits(),
+def register(engines: Sequence[Engine], clock: Clock, limits: bm.CollectorLimits = bm.DEFAULT_COLLECTOR_LIMITS,
              registry: CollectorRegistry = REGISTRY) -> MisCollector:
     """Registers the arrears/feed collector and the pool collector for these engines; counts their errors.
     serve.py: `metrics_collector.register(ctx.router.engines(), ctx.clock)`."""

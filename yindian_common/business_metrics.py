@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -183,14 +184,14 @@ def record_db_error(db: str, exc: BaseException) -> None:
     DB_ERRORS_TOTAL.labels(db, _member(type(exc).__name__, DB_ERRORS)).inc()
 
 
-_instrumented: set[int] = set()
+_instrumented: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 def instrument_engine(engine: Engine, db: str | None = None) -> None:
     """Counts every error the engine raises (yindian_db_errors_total{db, error}); idempotent per engine."""
-    if id(engine) in _instrumented:
+    if engine in _instrumented:
         return
-    _instrumented.add(id(engine))
+    _instrumented.add(engine)
     name = db or db_label(engine)
 
     def on_error(ctx: sa.engine.ExceptionContext) -> None:
@@ -253,6 +254,8 @@ class GaugeSpec:
     name: str
     documentation: str
     labels: tuple[str, ...]
+    # How one label set's values from several databases combine: "sum" (counts, fen) or "max" (ages, lags).
+    merge: str = "sum"
 
 
 # family name -> label values -> value
@@ -339,13 +342,19 @@ class DbGaugeCollector(Collector):
         """Reads every database now (tests, and the first scrape)."""
         started = time.monotonic()
         merged: Readings = {}
+        take_max = {spec.name for spec in self.specs if spec.merge == "max"}
         try:
             for reader in self._readers:
                 with reader.connect() as conn:
                     for family, values in self.read(conn).items():
                         into = merged.setdefault(family, {})
                         for labels, value in values.items():
-                            into[labels] = into.get(labels, 0.0) + value
+                            if labels not in into:
+                                into[labels] = value
+                            elif family in take_max:
+                                into[labels] = max(into[labels], value)
+                            else:
+                                into[labels] += value
         except sa.exc.SQLAlchemyError as exc:
             COLLECTOR_ERRORS.labels(self.name).inc()
             log.warning("event=collector_read_failed collector=%s error=%s", self.name, type(exc).__name__)
