@@ -147,7 +147,9 @@ class Entry:
                 and self.bank_balance_fen == other.bank_balance_fen and self.reason == other.reason)
 
     def row(self) -> dict[str, Any]:
-        return {c: getattr(self, c) for c in _COLUMNS}
+        out = {c: getattr(self, c) for c in _COLUMNS}
+        out["created_at"], out["updated_at"] = utc(self.created_at), utc(self.updated_at)
+        return out
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,11 @@ class Outcome:
     @property
     def definite(self) -> bool:
         return self.state in DEFINITE_STATES
+
+
+def utc(value: dt.datetime) -> dt.datetime:
+    """Instants are stored in UTC (SQLite and MariaDB keep only the wall time)."""
+    return value.astimezone(dt.UTC)
 
 
 def outcome_for(entry: Entry, state: str, at: dt.datetime, **changes: Any) -> Outcome:
@@ -237,9 +244,9 @@ class Journal:
             return
         updates = [{"b_kind": o.kind, "b_serial": o.serial, "state": o.state, "status_code": o.status_code,
                     "body": o.body, "message": o.message, "reversal_serial": o.reversal_serial,
-                    "attempts": o.attempts, "next_attempt_ms": o.next_attempt_ms, "updated_at": o.at}
+                    "attempts": o.attempts, "next_attempt_ms": o.next_attempt_ms, "updated_at": utc(o.at)}
                    for o in outcomes]
-        lines = [{"at": o.at, "kind": o.kind, "serial": o.serial, "bank_id": o.bank_id,
+        lines = [{"at": utc(o.at), "kind": o.kind, "serial": o.serial, "bank_id": o.bank_id,
                   "amount_fen": o.amount_fen, "state": o.state, "status_code": o.status_code,
                   "detail": o.message} for o in outcomes]
         with self.engine.begin() as conn:
@@ -255,6 +262,7 @@ class Journal:
     def recover_orphans(self, at: dt.datetime) -> int:
         """At start-up no request is in flight: every PENDING row lost its answer
         in a crash and becomes SUSPECT, due at once. Returns how many."""
+        at = utc(at)
         with self.engine.begin() as conn:
             rows = conn.execute(sa.select(requests.c.kind, requests.c.serial, requests.c.bank_id,
                                           requests.c.amount_fen).where(requests.c.state == PENDING)).all()
