@@ -13,11 +13,15 @@ BANK_ID_METADATA = "x-yindian-bank-id"
 
 def bank_of(context: grpc.ServicerContext, *, tls: bool) -> str:
     if tls:
+        # The subject's CN names the bank; failing that, the first SAN (DNS names
+        # are case-insensitive and bank ids are upper case).
         auth = context.auth_context()
-        for key in ("x509_subject_alternative_name", "x509_common_name"):
+        for key, normalise in (("x509_common_name", str), ("x509_subject_alternative_name", str.upper)):
             values = auth.get(key)
             if values:
-                return values[0].decode("ascii", "replace")
+                bank = normalise(values[0].decode("ascii", "replace"))
+                if 0 < len(bank) <= fields.CODE_MAX:
+                    return bank
         raise Unauthenticated("no bank identity in the client certificate")
     for k, v in context.invocation_metadata():
         if k == BANK_ID_METADATA:
