@@ -85,6 +85,5 @@ def register(engine: Engine, clock: Clock, bank_id: str, limits: bm.CollectorLim
     serve.py: `metrics_collector.register(bridge.ctx.engine, bridge.ctx.clock, settings.bank_id)`."""
     bm.instrument_engine(engine)
     collector = BridgeCollector(engine, clock, bank_id, limits)
-    registry.register(collector)
-    registry.register(bm.PoolCollector([engine]))
+    bm.register_collectors(registry, "bridge", [collector, bm.PoolCollector([engine])])
     return collector

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from bridge import metrics_collector
 from bridge.context import BridgeContext
 from bridge.journal import Claims, Journal, JournalWriter, create_schema
 from bridge.resolver import Backoff, Resolver
@@ -120,6 +121,7 @@ def main(argv: list[str]) -> int:
     settings = parse(argv)
     setup_logging(settings.log_level, "bridge")
     bridge = Bridge(settings)
+    metrics_collector.register(bridge.ctx.engine, bridge.ctx.clock, settings.bank_id)
     metrics_port = start_metrics_http(settings.metrics_host, settings.metrics_port)
     bridge.start_workers()
     log.info("event=start bank=%s upstream=%s listen=%s", settings.bank_id, settings.upstream, bridge.address)

@@ -108,6 +108,5 @@ def register(engines: Sequence[Engine], clock: Clock, limits: bm.CollectorLimits
     for engine in engines:
         bm.instrument_engine(engine)
     collector = MisCollector(engines, clock, limits)
-    registry.register(collector)
-    registry.register(bm.PoolCollector(engines))
+    bm.register_collectors(registry, "mis_adapter", [collector, bm.PoolCollector(engines)])
     return collector

@@ -5,6 +5,7 @@ import argparse
 import importlib
 import logging
 
+from mis_adapter import metrics_collector
 from mis_adapter.context import AdapterContext
 from mis_adapter.migrate import upgrade
 from mis_adapter.service import BillingServicer
@@ -53,6 +54,7 @@ def main(argv: list[str]) -> int:
     settings = parse(argv)
     setup_logging(settings.log_level, "mis_adapter")
     server, _ctx = build_server(settings)
+    metrics_collector.register(_ctx.router.engines(), _ctx.clock)
     metrics_port = start_metrics_http(settings.metrics_host, settings.metrics_port)
     server.serve_forever(f"READY mis_adapter grpc={settings.listen.rsplit(':', 1)[0]}:{server.port} "
                          f"metrics={metrics_port}")

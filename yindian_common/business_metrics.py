@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from prometheus_client import Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import event
@@ -50,7 +50,7 @@ __all__ = [
     "BANK_LABELS_MAX", "DEFAULT_COLLECTOR_LIMITS", "CollectorLimits", "DbGaugeCollector", "GaugeSpec", "PoolCollector", "Readings", "db_label", "instrument_engine", "record_cancel", "record_db_error",
     "record_debit_result", "record_feed_acknowledged", "record_feed_sent", "record_payment",
     "record_payment_replay", "record_reconcile_records", "record_reconciliation", "record_reversal",
-    "read_only_engine", "record_suspect_payment", "set_feed_stream_active", "set_feed_unacknowledged",
+    "read_only_engine", "record_suspect_payment", "register_collectors", "set_feed_stream_active", "set_feed_unacknowledged",
 ]
 
 # Bank ids come from certificates (or loopback metadata): cap the label set anyway.
@@ -75,7 +75,7 @@ PAYMENT_REPLAYS = Counter("yindian_payment_replays", "Pay requests answered from
                           ["bank"])
 CANCELS = Counter("yindian_cancels", "Cancels (冲正) applied, by bank and outcome.", ["bank", "outcome"])
 CANCELS_FEN = Counter("yindian_cancels_fen", "Fen of cancels applied, by bank and outcome.", ["bank", "outcome"])
-SUSPECT_PAYMENTS = Counter("yindian_suspect_payments", "Pays the bridge journaled SUSPECT (outcome unknown).",
+SUSPECT_PAYMENTS = Counter("yindian_payments_in_doubt", "Pays the bridge journaled SUSPECT (outcome unknown).",
                            ["bank"])
 REVERSALS = Counter("yindian_reversals", "SUSPECT pays resolved or retried by the bridge, by outcome.",
                     ["bank", "outcome"])
@@ -378,3 +378,20 @@ class DbGaugeCollector(Collector):
     def close(self) -> None:
         for reader in self._readers:
             reader.dispose()
+
+
+_registrations_lock = threading.Lock()
+_registrations: dict[tuple[int, str], list[Collector]] = {}
+
+
+def register_collectors(registry: CollectorRegistry, key: str, collectors: list[Collector]) -> None:
+    """Registers a process's collectors under `key`, replacing (and closing) any registered before under
+    it, so a server built twice in one process (tests) does not collide on metric names."""
+    with _registrations_lock:
+        for old in _registrations.pop((id(registry), key), []):
+            registry.unregister(old)
+            if isinstance(old, DbGaugeCollector):
+                old.close()
+        for collector in collectors:
+            registry.register(collector)
+        _registrations[(id(registry), key)] = collectors
