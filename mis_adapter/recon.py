@@ -228,7 +228,7 @@ _UPDATE_BILL = (T_BILL.update().where(T_BILL.c.bill_id == _b("b_id"))
                 .values(principal_paid_fen=_b("principal_paid"), late_fee_paid_fen=_b("fee_paid"),
                         accrual_micro=_b("micro"), accrual_date=_b("micro_date"), status=_b("new_status"),
                         paid_on=_b("new_paid_on")))
-_ADD_PREPAID = (T_CUST.update().where(T_CUST.c.account_no == _b("account_no"))
+_ADD_PREPAID = (T_CUST.update().where(T_CUST.c.account_no == _b("acct"))
                 .values(prepaid_fen=T_CUST.c.prepaid_fen + _b("delta")))
 
 # The bank side: every staged record against the MIS payment with its serial
@@ -584,7 +584,7 @@ class Reconciliation:
                                 "new_paid_on": day if status == "PAID" else None})
             conn.execute(_UPDATE_BILL, updates)
         if plan.prepaid_fen:
-            conn.execute(_ADD_PREPAID, {"account_no": account_no, "delta": plan.prepaid_fen})
+            conn.execute(_ADD_PREPAID, {"acct": account_no, "delta": plan.prepaid_fen})
             conn.execute(T_PREPAID.insert(), {"account_no": account_no, "reason": "PAYMENT",
                                               "delta_fen": plan.prepaid_fen, "balance_after_fen": prepaid_after,
                                               "payment_id": pk, "bill_id": None, "at": self.now})

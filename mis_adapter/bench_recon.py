@@ -1,0 +1,289 @@
+"""`make bench-recon` (`python -m mis_adapter bench-recon`): reconciliation
+and reports at scale, on SQLite and PostgreSQL. Prints figures; asserts
+nothing about speed.
+
+For each back end: a fresh MIS database with N accounts and one bank's day
+of R payments, generated set-based (INSERT ... SELECT over a series); then a
+real `mis_adapter serve` process is sent the bank's R records over the
+Reconcile stream (with a few hundred discrepancies of each kind), and the
+bench prints the seconds until the summary and the adapter's peak RSS. A
+smaller run (--small-records, fresh process and day) shows whether memory
+grows with the record count. Then B bills are generated and each report
+(collections by every grouping, arrears summary, arrears detail) is timed."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import grpc
+import sqlalchemy as sa
+
+from mis_adapter import reports
+from mis_adapter.late_fee import LateFeeRates
+from mis_adapter.migrate import upgrade
+from yindian.v1 import billing_pb2 as pb
+from yindian.v1 import billing_pb2_grpc
+from yindian_common.db import create_database, drop_database, make_engine
+from yindian_common.fields import make_account_no
+
+REPO = Path(__file__).resolve().parents[1]
+READY_RE = re.compile(r"READY (\S+) grpc=(\S+) metrics=(\d+)")
+TZ = ZoneInfo("Asia/Shanghai")
+BANK = "BENCH"
+DAY = dt.date(2026, 11, 27)
+CLOCK = "2026-11-28T09:00:00+08:00"
+DISCREPANCY_EVERY = 10_000      # one record in this many is made a discrepancy of some kind
+READY_TIMEOUT_S = 120.0
+RECON_TIMEOUT_S = 900.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    accounts: list[str]
+    records: int
+
+    def account(self, i: int) -> str:
+        return self.accounts[i % len(self.accounts)]
+
+    @staticmethod
+    def amount(i: int) -> int:
+        return 1_000 + i % 5_000
+
+
+# ---- data, set-based ----
+def create_base(engine: sa.Engine, accounts: list[str]) -> None:
+    upgrade(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO branches (code, name) VALUES ('01', 'bench')"))
+        conn.execute(sa.text("INSERT INTO banks (bank_id, name, suspended, suspended_reason) "
+                             "VALUES (:b, 'bench', false, '')"), {"b": BANK})
+        conn.execute(sa.text("CREATE TABLE bench_accounts (i INTEGER PRIMARY KEY, account_no VARCHAR(10))"))
+        conn.execute(sa.text("INSERT INTO bench_accounts (i, account_no) VALUES (:i, :a)"),
+                     [{"i": i, "a": a} for i, a in enumerate(accounts)])
+        conn.execute(sa.text(
+            "INSERT INTO customers (account_no, branch_code, name, address, phone, tariff_class, status, "
+            "prepaid_fen, opened_on) SELECT account_no, '01', '张三', '-', '13800000000', 'RESIDENTIAL', 'OPEN', 0, "
+            ":d FROM bench_accounts").bindparams(sa.bindparam("d", type_=sa.Date)), {"d": dt.date(2020, 1, 1)})
+
+
+def series(engine: sa.Engine, n: int) -> str:
+    """A FROM item giving g(i) = 1..n."""
+    if engine.dialect.name == "postgresql":
+        return f"generate_series(1, {int(n)}) AS g(i)"
+    return f"(WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {int(n)}) SELECT i FROM s) g"
+
+
+def create_payments(engine: sa.Engine, plan: Plan, serial_prefix: str, day: dt.date) -> None:
+    """The MIS's payments of the day: serial <prefix><i>, for i = 1..records."""
+    n_acc = len(plan.accounts)
+    cat = "||"
+    sql = (f"INSERT INTO payments (bank_id, bank_serial, state, account_no, branch_code, amount_fen, channel, "
+           f"outlet_code, teller_id, settlement_date, posted_at, arrears_after_fen, prepaid_after_fen, "
+           f"prepaid_added_fen) "
+           f"SELECT :bank, :prefix {cat} CAST(g.i AS VARCHAR(12)), 'POSTED', a.account_no, '01', 1000 + g.i % 5000, "
+           f"'COUNTER', '0101', 'T1', :day, :at, 0, 0, 0 "
+           f"FROM {series(engine, plan.records)} JOIN bench_accounts a ON a.i = g.i % {n_acc}")
+    at = dt.datetime.combine(day, dt.time(12), TZ).astimezone(dt.UTC)
+    params = {"bank": BANK, "prefix": serial_prefix, "day": day,
+              "at": at.replace(tzinfo=None) if engine.dialect.name == "sqlite" else at}
+    with engine.begin() as conn:
+        conn.execute(sa.text(sql).bindparams(sa.bindparam("day", type_=sa.Date)), params)
+
+
+def create_bills(engine: sa.Engine, plan: Plan, bills: int) -> None:
+    """`bills` bills over the accounts, ten periods each; one in five unpaid."""
+    n_acc = len(plan.accounts)
+    periods = max(1, bills // n_acc)
+    with engine.begin() as conn:
+        for k in range(periods):
+            y, m = divmod(2025 * 12 + 10 + k, 12)
+            period = f"{y:04d}{m + 1:02d}"
+            due = dt.date(y, m + 1, 25) + dt.timedelta(days=30)
+            issued = dt.datetime.combine(due - dt.timedelta(days=20), dt.time(2), dt.UTC)
+            sql = ("INSERT INTO bills (account_no, period, kwh, amount_fen, prepaid_applied_fen, principal_paid_fen, "
+                   "late_fee_paid_fen, accrual_micro, accrual_date, due_date, issued_at, status, paid_on, dunning) "
+                   "SELECT a.account_no, :period, 100 + a.i % 300, 5000 + a.i % 20000, 0, "
+                   "CASE WHEN (a.i + :k) % 5 = 0 THEN 0 ELSE 5000 + a.i % 20000 END, 0, 0, :due, :due, :issued, "
+                   "CASE WHEN (a.i + :k) % 5 = 0 THEN 'UNPAID' ELSE 'PAID' END, "
+                   "CASE WHEN (a.i + :k) % 5 = 0 THEN NULL ELSE :due END, false FROM bench_accounts a")
+            conn.execute(sa.text(sql).bindparams(sa.bindparam("due", type_=sa.Date)), {
+                "period": period, "k": k, "due": due,
+                "issued": issued.replace(tzinfo=None) if engine.dialect.name == "sqlite" else issued})
+
+
+# ---- the bank's stream ----
+def bank_batches(plan: Plan, serial_prefix: str, batch_records: int) -> list[bytes]:
+    """The bank's records, pre-serialized (the bank's own cost is not the adapter's):
+    every DISCREPANCY_EVERY-th record gets an amount off by one (MISMATCH), the
+    next one is left out (UTILITY_ONLY), and as many unknown serials are added (BANK_ONLY)."""
+    out: list[bytes] = []
+    batch = pb.BankRecordBatch()
+    for i in range(1, plan.records + 1):
+        if i % DISCREPANCY_EVERY == 1 and i > 1:
+            continue
+        amount = plan.amount(i) + (1 if i % DISCREPANCY_EVERY == 0 else 0)
+        batch.records.add(bank_serial=f"{serial_prefix}{i}", account_no=plan.account(i), amount_fen=amount,
+                          status=pb.BANK_RECORD_STATUS_POSTED)
+        if i % DISCREPANCY_EVERY == 0:
+            batch.records.add(bank_serial=f"{serial_prefix}X{i}", account_no=plan.account(i), amount_fen=777,
+                              status=pb.BANK_RECORD_STATUS_POSTED)
+        if len(batch.records) >= batch_records:
+            out.append(pb.ReconcileRequest(batch=batch).SerializeToString())
+            batch = pb.BankRecordBatch()
+    if batch.records:
+        out.append(pb.ReconcileRequest(batch=batch).SerializeToString())
+    return out
+
+
+def stream(day: dt.date, batches: list[bytes]) -> Iterator[pb.ReconcileRequest]:
+    yield pb.ReconcileRequest(header=pb.ReconcileHeader(settlement_date=day.isoformat()))
+    for b in batches:
+        yield pb.ReconcileRequest.FromString(b)
+
+
+# ---- the adapter process ----
+class Adapter:
+    def __init__(self, url: str, log_path: Path) -> None:
+        self.log = open(log_path, "a")  # noqa: SIM115
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "mis_adapter", "serve", "--db", url, "--listen", "127.0.0.1:0",
+             "--metrics-port", "0", "--insecure", "--clock-start", CLOCK, "--no-migrate",
+             "--sqlite-synchronous", "NORMAL", "--max-message-bytes", str(16 * 1024 * 1024)],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.addr = ""
+        ready = threading.Event()
+
+        def pump() -> None:
+            assert self.popen.stdout is not None
+            for line in self.popen.stdout:
+                self.log.write(line)
+                m = READY_RE.search(line)
+                if m and not ready.is_set():
+                    self.addr = m.group(2)
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        if not ready.wait(READY_TIMEOUT_S) or not self.addr:
+            self.popen.kill()
+            raise SystemExit(f"mis_adapter did not become ready; see {log_path}")
+
+    def rss_kib(self, key: str) -> int:
+        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+        return 0
+
+    def stop(self) -> None:
+        self.popen.terminate()
+        self.popen.wait(timeout=60)
+        self.log.close()
+
+
+def reconcile_once(url: str, work: Path, plan: Plan, prefix: str, day: dt.date, batch_records: int) -> dict[str, str]:
+    batches = bank_batches(plan, prefix, batch_records)
+    adapter = Adapter(url, work / "mis_adapter.log")
+    try:
+        rss_start = adapter.rss_kib("VmRSS")
+        with grpc.insecure_channel(adapter.addr, options=[("grpc.max_send_message_length", 16 * 1024 * 1024),
+                                                         ("grpc.max_receive_message_length", 16 * 1024 * 1024)]) as ch:
+            stub = billing_pb2_grpc.BillingServiceStub(ch)
+            started = time.perf_counter()
+            lines = 0
+            summary = None
+            for resp in stub.Reconcile(stream(day, batches), metadata=(("x-yindian-bank-id", BANK),),
+                                       timeout=RECON_TIMEOUT_S):
+                if resp.WhichOneof("body") == "summary":
+                    summary = resp.summary
+                else:
+                    lines += len(resp.discrepancies.discrepancies)
+            seconds = time.perf_counter() - started
+        peak = adapter.rss_kib("VmHWM")
+    finally:
+        adapter.stop()
+    assert summary is not None
+    totals = " ".join(f"{pb.ReconcileOutcome.Name(t.outcome).removeprefix('RECONCILE_OUTCOME_')}={t.count}"
+                      for t in summary.totals)
+    return {"records": f"{summary.record_count:,}", "seconds": f"{seconds:.1f}",
+            "records_per_s": f"{summary.record_count / seconds:,.0f}", "rss_start_mib": f"{rss_start / 1024:.0f}",
+            "rss_peak_mib": f"{peak / 1024:.0f}", "discrepancy_lines": str(lines), "outcomes": totals}
+
+
+def time_reports(engine: sa.Engine) -> list[tuple[str, float, str]]:
+    out = []
+    rates = LateFeeRates()
+    for g in reports.GROUP_BYS:
+        t0 = time.perf_counter()
+        rep = reports.collection_summary([engine], DAY - dt.timedelta(days=30), DAY, g)
+        out.append((f"collections by {g}", time.perf_counter() - t0, f"{len(rep.rows)} rows, {rep.total.count:,} pays"))
+    as_of = dt.date(2026, 11, 28)
+    t0 = time.perf_counter()
+    arr = reports.arrears_summary([engine], as_of, rates, TZ)
+    out.append(("arrears summary", time.perf_counter() - t0, f"{arr.total.households:,} households"))
+    t0 = time.perf_counter()
+    n = sum(len(page) for page in reports.arrears_detail([engine], as_of, rates, TZ))
+    out.append(("arrears detail", time.perf_counter() - t0, f"{n:,} accounts"))
+    t0 = time.perf_counter()
+    arr = reports.arrears_summary([engine], as_of - dt.timedelta(days=40), rates, TZ)
+    out.append(("arrears summary, 40 days ago", time.perf_counter() - t0, f"{arr.total.households:,} households"))
+    return out
+
+
+def run_backend(backend: str, args: argparse.Namespace, work: Path) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    name = f"yd_bench_recon_{os.getpid()}"
+    url = f"sqlite:///{work / 'mis.db'}" if backend == "sqlite" else create_database(args.pg_admin_url, name)
+    try:
+        engine = make_engine(url, sqlite_synchronous="NORMAL")
+        accounts = [make_account_no("01", i + 1) for i in range(args.accounts)]
+        t0 = time.perf_counter()
+        create_base(engine, accounts)
+        plan = Plan(accounts, args.records)
+        small = Plan(accounts, args.small_records)
+        create_payments(engine, small, "Q", DAY - dt.timedelta(days=1))
+        create_payments(engine, plan, "S", DAY)
+        create_bills(engine, plan, args.bills)
+        print(f"[{backend}] generated {args.accounts:,} accounts, {args.records + args.small_records:,} payments, "
+              f"{args.bills:,} bills in {time.perf_counter() - t0:.1f} s", flush=True)
+        for label, p, prefix, day in (("small", small, "Q", DAY - dt.timedelta(days=1)), ("full", plan, "S", DAY)):
+            fig = reconcile_once(url, work, p, prefix, day, args.batch_records)
+            print(f"[{backend}] reconcile {label}: " + " ".join(f"{k}={v}" for k, v in fig.items()), flush=True)
+        for title, seconds, what in time_reports(engine):
+            print(f"[{backend}] report {title}: seconds={seconds:.2f} ({what})", flush=True)
+        engine.dispose()
+    finally:
+        if backend != "sqlite":
+            drop_database(args.pg_admin_url, name)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m mis_adapter bench-recon", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backends", default="sqlite,postgresql", help="comma-separated: sqlite, postgresql")
+    p.add_argument("--records", type=int, default=1_000_000, help="records of the bank's day")
+    p.add_argument("--small-records", type=int, default=100_000, help="records of the comparison run")
+    p.add_argument("--accounts", type=int, default=100_000, help="accounts the payments and bills spread over")
+    p.add_argument("--bills", type=int, default=1_000_000, help="bills for the report timings")
+    p.add_argument("--batch-records", type=int, default=5_000, help="records per stream message")
+    p.add_argument("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    p.add_argument("--work-dir", default="var/bench-recon")
+    args = p.parse_args(argv)
+    work = Path(args.work_dir)
+    work = work if work.is_absolute() else REPO / work
+    if work.exists():
+        shutil.rmtree(work)
+    for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
+        run_backend(backend, args, work / backend)
+    return 0
