@@ -132,7 +132,9 @@ def make_backend(name: str, work: Path, settings: BenchCoreSettings) -> Backend:
     raise ValueError(f"unknown back end {name!r} (sqlite, postgresql)")
 
 
-def bench_backend(name: str, settings: BenchCoreSettings, root: Path, console: Console) -> list[LevelResult]:
+def bench_backend(name: str, settings: BenchCoreSettings, root: Path, console: Console,
+                  failed: list[str]) -> list[LevelResult]:
+    """Seeds, starts the servers and measures every path and level; a server that fails is reported in `failed`."""
     work = root / name
     work.mkdir(parents=True)
     try:
@@ -142,6 +144,7 @@ def bench_backend(name: str, settings: BenchCoreSettings, root: Path, console: C
                       f"({str(exc.orig).strip().splitlines()[0]})[/yellow]")
         return []
     servers: list[ServerProcess] = []
+    results: list[LevelResult] = []
     try:
         run_command("seed", ["mis_adapter", "seed", "--db", backend.mis_db, "--accounts", str(settings.accounts),
                              "--roster-dir", str(work / "rosters")], log_dir=work, timeout_s=600, cwd=REPO)
@@ -157,10 +160,11 @@ def bench_backend(name: str, settings: BenchCoreSettings, root: Path, console: C
         servers.append(bridge)
         console.print(f"[bold]{name}[/bold]: {settings.accounts:,} households, {len(accounts):,} paying accounts")
         targets = {"bridge": bridge.grpc_addr, "direct": mis.grpc_addr}
-        results: list[LevelResult] = []
         for path in (p.strip() for p in settings.paths.split(",") if p.strip()):
             results += measure(name, path, targets[path], settings.bank_id, accounts, settings, console)
-        return results
+    except ProcessFailed as exc:
+        console.print(f"[red]{name}: {exc}[/red]")
+        failed.append(name)
     finally:
         for proc in reversed(servers):
             try:
@@ -169,6 +173,7 @@ def bench_backend(name: str, settings: BenchCoreSettings, root: Path, console: C
                 console.print(f"[red]{exc}[/red]")
         for db_name in backend.dropped:
             drop_database(settings.pg_admin_url, db_name)
+    return results
 
 
 def results_table(results: list[LevelResult]) -> Table:
@@ -196,9 +201,12 @@ def main(argv: list[str]) -> int:
     console.print(f"levels {settings.levels} in flight, {settings.level_duration_s} s each "
                   f"(+{settings.warmup_s} s warm-up); work dir {root}")
     results: list[LevelResult] = []
+    failed: list[str] = []
     for backend in (b.strip() for b in settings.backends.split(",") if b.strip()):
-        results += bench_backend(backend, settings, root, console)
+        results += bench_backend(backend, settings, root, console, failed)
     console.print(results_table(results))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps([asdict(r) for r in results], indent=2), encoding="utf-8")
-    return 0
+    if failed:
+        console.print(f"[red]failed: {', '.join(failed)}; logs under {root}[/red]")
+    return 1 if failed else 0

@@ -432,13 +432,13 @@ def render_summary(summary: TellerSummary) -> list[Any]:
     """rich tables: requests by RPC and outcome, latency, customers, ledger in yuan."""
     from rich.table import Table
 
-    requests = Table(title="Requests by RPC and outcome (every attempt)")
+    requests = Table(title="Requests (every attempt)")
     for col in ("RPC", "outcome", "count"):
         requests.add_column(col, justify="right" if col == "count" else "left")
     for rpc, by_outcome in summary.requests.items():
         for outcome, n in by_outcome.items():
             requests.add_row(rpc, outcome, f"{n:,}")
-    latency = Table(title="Latency per attempt (ms, hdrhistogram)")
+    latency = Table(title="Latency per attempt, ms")
     for col in ("RPC", "count", "p50", "p90", "p99"):
         latency.add_column(col, justify="left" if col == "RPC" else "right")
     for rpc, row in summary.latency.items():

@@ -25,7 +25,7 @@ def test_demo_day_summary_agrees_with_the_utility(tmp_path: Path) -> None:
                            "--summary-json", str(summary_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=200)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert "Latency per attempt" in done.stdout and "net posted" in done.stdout
+    assert "Latency per attempt, ms" in done.stdout and "net posted" in done.stdout
     facts = json.loads(summary_path.read_text(encoding="utf-8"))
     assert facts["ok"] is True
     assert facts["exit_codes"] == {"bridge": 0, "mis_adapter": 0}
