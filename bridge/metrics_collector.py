@@ -84,6 +84,8 @@ def register(engine: Engine, clock: Clock, bank_id: str, limits: bm.CollectorLim
     """Registers the journal collector and the pool collector; counts the journal's database errors.
     serve.py: `metrics_collector.register(bridge.ctx.engine, bridge.ctx.clock, settings.bank_id)`."""
     bm.instrument_engine(engine)
+    if bank_id:
+        bm.initialize_bridge_bank(bank_id)
     collector = BridgeCollector(engine, clock, bank_id, limits)
     bm.register_collectors(registry, "bridge", [collector, bm.PoolCollector([engine])])
     return collector

@@ -96,6 +96,7 @@ class MisCollector(bm.DbGaugeCollector):
         lag: dict[tuple[str, ...], float] = {}
         now = self._clock.now()
         for bank, n, oldest in conn.execute(FEED_BACKLOG_BY_BANK):
+            bm.initialize_utility_bank(bank)
             backlog[(bank,)] = float(n)
             lag[(bank,)] = max(0.0, (now - _utc(oldest)).total_seconds()) if oldest is not None else 0.0
         return {FEED_BACKLOG: backlog, FEED_LAG: lag}

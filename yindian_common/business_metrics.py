@@ -47,7 +47,7 @@ from yindian_common import metrics as _grpc_metrics  # noqa: F401  (turns off th
 log = logging.getLogger("yindian.metrics")
 
 __all__ = [
-    "BANK_LABELS_MAX", "DEFAULT_COLLECTOR_LIMITS", "CollectorLimits", "DbGaugeCollector", "GaugeSpec", "PoolCollector", "Readings", "db_label", "instrument_engine", "record_cancel", "record_db_error",
+    "BANK_LABELS_MAX", "DEFAULT_COLLECTOR_LIMITS", "CollectorLimits", "DbGaugeCollector", "GaugeSpec", "PoolCollector", "Readings", "db_label", "initialize_bridge_bank", "initialize_utility_bank", "instrument_engine", "record_cancel", "record_db_error",
     "record_debit_result", "record_feed_acknowledged", "record_feed_sent", "record_payment",
     "record_payment_replay", "record_reconcile_records", "record_reconciliation", "record_reversal",
     "read_only_engine", "record_suspect_payment", "register_collectors", "set_feed_stream_active", "set_feed_unacknowledged",
@@ -165,6 +165,54 @@ def record_reconcile_records(bank: str, outcome: str, records: int, amount_fen: 
 
 def record_reconciliation(bank: str, result: str) -> None:
     RECONCILIATIONS.labels(_bank(bank), _member(result, RECONCILIATION_RESULTS)).inc()
+
+
+_initialized_lock = threading.Lock()
+_initialized: set[tuple[str, str]] = set()
+
+
+def _initialize_once(side: str, bank: str) -> bool:
+    with _initialized_lock:
+        if (side, bank) in _initialized:
+            return False
+        _initialized.add((side, bank))
+        return True
+
+
+def initialize_utility_bank(bank: str) -> None:
+    """Creates the utility side's per-bank series at zero, so that dashboards' rates exist (as 0) before
+    the first payment, cancel, feed notice or reconciliation. Idempotent; the collector calls it per bank."""
+    bank = _bank(bank)
+    if not _initialize_once("utility", bank):
+        return
+    for channel in ("COUNTER", "AUTO_DEBIT", "ATM", "ONLINE"):
+        PAYMENTS.labels(bank, channel)
+        PAYMENTS_FEN.labels(bank, channel)
+    PAYMENT_REPLAYS.labels(bank)
+    for outcome in CANCEL_OUTCOMES:
+        CANCELS.labels(bank, outcome)
+        CANCELS_FEN.labels(bank, outcome)
+    FEED_SENT.labels(bank)
+    FEED_ACKED.labels(bank)
+    FEED_UNACKED.labels(bank)
+    FEED_STREAMS.labels(bank)
+    for outcome in ("DEBITED", "INSUFFICIENT_FUNDS"):
+        FEED_DEBIT_RESULTS.labels(bank, outcome)
+    for outcome in RECONCILE_OUTCOMES:
+        RECONCILE_RECORDS.labels(bank, outcome)
+        RECONCILE_FEN.labels(bank, outcome)
+    for result in RECONCILIATION_RESULTS:
+        RECONCILIATIONS.labels(bank, result)
+
+
+def initialize_bridge_bank(bank: str) -> None:
+    """Creates the bridge's per-bank series (in-doubt pays, reversals) at zero. Idempotent."""
+    bank = _bank(bank)
+    if not _initialize_once("bridge", bank):
+        return
+    SUSPECT_PAYMENTS.labels(bank)
+    for outcome in REVERSAL_OUTCOMES:
+        REVERSALS.labels(bank, outcome)
 
 
 # ---- databases ------------------------------------------------------------------------------------------------

@@ -69,21 +69,21 @@ def seed_mis(engine: sa.Engine) -> dict[str, str]:
     upgrade(engine)
     a, b, c = make_account_no("01", 1), make_account_no("01", 2), make_account_no("02", 3)
     with engine.begin() as conn:
-        conn.execute(sa.insert(Branch.__table__), [{"code": x, "name": f"branch {x}"} for x in ("01", "02", "03")])
-        conn.execute(sa.insert(Customer.__table__), [customer(x) for x in (a, b, c)])
-        conn.execute(sa.insert(BillRow.__table__), [
+        conn.execute(sa.insert(Branch), [{"code": x, "name": f"branch {x}"} for x in ("01", "02", "03")])
+        conn.execute(sa.insert(Customer), [customer(x) for x in (a, b, c)])
+        conn.execute(sa.insert(BillRow), [
             bill(a, "202609", 10_000),
             bill(a, "202610", 5_000, status="PARTIAL", principal_paid_fen=2_000),
             bill(b, "202609", 8_000, status="PAID", principal_paid_fen=8_000),
             bill(c, "202609", 7_000, prepaid_applied_fen=1_000),
         ])
-        conn.execute(sa.insert(Bank.__table__), [{"bank_id": x, "name": x, "suspended": False,
+        conn.execute(sa.insert(Bank), [{"bank_id": x, "name": x, "suspended": False,
                                                   "suspended_reason": ""} for x in ("ICBC", "ABC")])
-        conn.execute(sa.insert(OutboxRow.__table__), [
+        conn.execute(sa.insert(OutboxRow), [
             {"bank_id": "ICBC", "seq": s, "bill_id": s, "account_no": a, "period": "202610", "kwh": 1,
              "amount_fen": 100, "due_date": T0.date(), "issued_at": T0 + dt.timedelta(hours=s - 1)}
             for s in (1, 2, 3)])
-        conn.execute(sa.insert(FeedCursor.__table__), [{"bank_id": "ICBC", "acked_through_seq": 1,
+        conn.execute(sa.insert(FeedCursor), [{"bank_id": "ICBC", "acked_through_seq": 1,
                                                         "updated_at": T0}])
     return {"a": a, "b": b, "c": c}
 
@@ -106,7 +106,7 @@ def test_mis_arrears_by_branch_and_feed_backlog_by_bank(engine: sa.Engine) -> No
 
         # Figures are cached between reads: a payment shows at the next read, not at every scrape.
         with engine.begin() as conn:
-            conn.execute(sa.update(BillRow.__table__).where(BillRow.__table__.c.account_no == accounts["c"])
+            conn.execute(sa.update(BillRow).where(BillRow.account_no == accounts["c"])
                          .values(status="PAID", principal_paid_fen=6_000))
         assert sample(reg, "yindian_arrears_households", branch="02") == 1.0
         collector.refresh()
