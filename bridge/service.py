@@ -162,6 +162,8 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         self._settle(claim, outcome)
         log.info("event=%s serial=%s amount_fen=%d state=%s code=%s", entry.kind.lower(), entry.serial,
                  entry.amount_fen, outcome.state, answer.code.name)
+        if answer.ok:
+            return answer.response  # the message the journal now holds as bytes
         return self._reply(outcome, context)
 
     def _first_outcome(self, entry: Entry, answer: Answer) -> Outcome:

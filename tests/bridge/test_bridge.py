@@ -144,6 +144,39 @@ def test_lost_request_is_tombstoned_and_reported_not_applied(
     assert row is not None and row.state == jn.NOT_APPLIED and row.reversal_serial == reversal_serial(BANK, serial)
 
 
+def test_upstream_deadline_is_the_callers_less_a_margin_and_a_late_request_still_settles(
+        utility: Utility, link: Link, make_bridge: Callable[..., BankCore]) -> None:
+    core = make_bridge(link.address, upstream_deadline_margin_s=1.5)
+    serial, acct = new_serial("DL"), next(utility.accounts)
+    link.hold_next_request()
+    # The bridge gives up upstream 1.5 s before the caller does, so the caller hears the bridge's answer.
+    err = rpc_error(lambda: core.pay(serial, acct, 900, timeout_s=3.0))
+    assert err.code() == grpc.StatusCode.UNAVAILABLE and reason(err) == "PAY_IN_DOUBT"
+    assert link.held.is_set()
+    link.release()  # the held request reaches the utility late (or is cancelled there): either way...
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            resp = core.pay(serial, acct, 900)
+            outcome = "POSTED"
+            assert resp.amount_fen == 900
+            break
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED):
+                continue
+            assert reason(exc) == "PAYMENT_NOT_APPLIED"
+            outcome = "NOT_APPLIED"
+            break
+    else:
+        raise AssertionError("no definite answer")
+    # ...the bank core's definite answer matches the MIS.
+    mis = utility.payment(serial)
+    if outcome == "POSTED":
+        assert mis is not None and mis["state"] == "POSTED"
+    else:
+        assert mis is None or mis["state"] in ("TOMBSTONE", "REVERSED")
+
+
 def test_duplicate_of_an_in_flight_pay_is_aborted_then_answered(
         utility: Utility, link: Link, make_bridge: Callable[..., BankCore]) -> None:
     core = make_bridge(link.address, duplicate_wait_s=0.2)
