@@ -747,6 +747,7 @@ def _make_progress(console: Console, total: int) -> Progress:
 async def run_load_async(profile: LoadProfile, accounts: Sequence[str] | None = None, *,
                          console: Console | None = None) -> tuple[LoadResult, RunLedger]:
     """One run on the running loop: load, resolve what is in doubt, check. Returns the result and the ledger."""
+    check_target_allowed(profile.target, profile.allow_host)
     accounts = accounts if accounts is not None else read_roster(profile.roster)
     client = _Client(profile)
     started_at = make_clock(None).now().isoformat(timespec="seconds")
@@ -898,10 +899,16 @@ def main(argv: list[str]) -> int:
         if args.json_out:
             _write_json(args.json_out, check.to_json(), sys.stdout)
         return 0 if check.ok else 1
+    check_target_allowed(profile.target, profile.allow_host)
     if not profile.roster:
         print("error: --roster is required (the bank's roster CSV)", file=sys.stderr)
         return 2
-    result, ledger = asyncio.run(run_load_async(profile, console=_console(stderr=True)))
+    try:
+        accounts = read_roster(profile.roster)
+    except (OSError, ValueError) as exc:
+        print(f"error: --roster: {exc}", file=sys.stderr)
+        return 2
+    result, ledger = asyncio.run(run_load_async(profile, accounts, console=_console(stderr=True)))
     for table in result_tables(result):
         console.print(table)
     if result.check is not None:
