@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import secrets
 import shutil
@@ -52,16 +53,31 @@ class LevelResult:
     pays_per_s: float
     p50_ms: float
     p99_ms: float
+    # CPU each server spent per completed call (warm-up included), from /proc: immune to a busy machine's noise
+    server_cpu_us_per_pay: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """User+system CPU seconds of a process (Linux /proc), None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    ticks = stat.rsplit(")", 1)[1].split()
+    return (int(ticks[11]) + int(ticks[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def drive_level(target: str, bank_id: str, accounts: list[str], in_flight: int, settings: BenchCoreSettings,
-                      serial_prefix: str) -> tuple[int, HdrHistogram, dict[str, int]]:
-    """N tasks, Pay after Pay; returns (pays counted, latency histogram in µs, errors by code)."""
+                      serial_prefix: str) -> tuple[int, int, HdrHistogram, dict[str, int]]:
+    """N tasks, Pay after Pay; returns (pays counted in the window, calls completed in all,
+    latency histogram in µs, errors by code)."""
     max_us = settings.latency_max_ms * 1000
     hist = HdrHistogram(1, max_us, 3)
     errors: dict[str, int] = {}
     counted = 0
+    completed = 0
     metadata = ((BANK_ID_METADATA, bank_id),)
     started = time.perf_counter()
     window_from = started + settings.warmup_s
@@ -70,7 +86,7 @@ async def drive_level(target: str, bank_id: str, accounts: list[str], in_flight:
         stub = billing_pb2_grpc.BillingServiceStub(channel)
 
         async def worker(task: int) -> None:
-            nonlocal counted
+            nonlocal counted, completed
             rng = random.Random(task)
             n = 0
             while (t0 := time.perf_counter()) < window_to:
@@ -85,6 +101,7 @@ async def drive_level(target: str, bank_id: str, accounts: list[str], in_flight:
                 except grpc.aio.AioRpcError as exc:
                     code = exc.code().name
                 t1 = time.perf_counter()
+                completed += 1
                 if t0 < window_from or t1 > window_to:
                     continue
                 if code:
@@ -95,19 +112,29 @@ async def drive_level(target: str, bank_id: str, accounts: list[str], in_flight:
                 hist.record_value(min(max(1, int((t1 - t0) * 1_000_000)), max_us))
 
         await asyncio.gather(*(worker(i) for i in range(in_flight)))
-    return counted, hist, errors
+    return counted, completed, hist, errors
 
 
 def measure(backend: str, path: str, target: str, bank_id: str, accounts: list[str],
-            settings: BenchCoreSettings, console: Console) -> list[LevelResult]:
+            settings: BenchCoreSettings, console: Console, server_pids: dict[str, int]) -> list[LevelResult]:
+    """Every level on one path; `server_pids` are the servers the pays cross (for their CPU per pay)."""
     results = []
     for level in (int(x) for x in settings.levels.split(",") if x.strip()):
         prefix = f"K{secrets.token_hex(3)}"
-        pays, hist, errors = asyncio.run(drive_level(target, bank_id, accounts, level, settings, prefix))
+        cpu_before = {name: process_cpu_s(pid) for name, pid in server_pids.items()}
+        pays, completed, hist, errors = asyncio.run(
+            drive_level(target, bank_id, accounts, level, settings, prefix))
+        cpu_us: dict[str, int] = {}
+        for name, pid in server_pids.items():
+            before, after = cpu_before[name], process_cpu_s(pid)
+            if before is not None and after is not None and completed:
+                cpu_us[name] = int((after - before) * 1_000_000 / completed)
         r = LevelResult(backend, path, level, pays, round(pays / settings.level_duration_s, 1),
-                        hist.get_value_at_percentile(50) / 1000, hist.get_value_at_percentile(99) / 1000, errors)
+                        hist.get_value_at_percentile(50) / 1000, hist.get_value_at_percentile(99) / 1000,
+                        cpu_us, errors)
+        cpu_text = " ".join(f"{k} {v:,} µs" for k, v in cpu_us.items())
         console.print(f"  {backend:<10} {path:<6} in flight {level:>3}: {r.pays_per_s:>8,.1f} pays/s  "
-                      f"p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms  errors {errors or '-'}")
+                      f"p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms  CPU/pay {cpu_text}  errors {errors or '-'}")
         results.append(r)
     return results
 
@@ -160,8 +187,11 @@ def bench_backend(name: str, settings: BenchCoreSettings, root: Path, console: C
         servers.append(bridge)
         console.print(f"[bold]{name}[/bold]: {settings.accounts:,} households, {len(accounts):,} paying accounts")
         targets = {"bridge": bridge.grpc_addr, "direct": mis.grpc_addr}
+        crossed = {"bridge": {"bridge": bridge.popen.pid, "mis_adapter": mis.popen.pid},
+                   "direct": {"mis_adapter": mis.popen.pid}}
         for path in (p.strip() for p in settings.paths.split(",") if p.strip()):
-            results += measure(name, path, targets[path], settings.bank_id, accounts, settings, console)
+            results += measure(name, path, targets[path], settings.bank_id, accounts, settings, console,
+                               crossed[path])
     except ProcessFailed as exc:
         console.print(f"[red]{name}: {exc}[/red]")
         failed.append(name)
@@ -178,11 +208,14 @@ def bench_backend(name: str, settings: BenchCoreSettings, root: Path, console: C
 
 def results_table(results: list[LevelResult]) -> Table:
     table = Table(title="bench-core: counter Pay, closed loop")
-    for col in ("back end", "path", "in flight", "pays", "pays/s", "p50 ms", "p99 ms", "errors"):
+    for col in ("back end", "path", "in flight", "pays", "pays/s", "p50 ms", "p99 ms", "server CPU µs/pay",
+                "errors"):
         table.add_column(col, justify="left" if col in ("back end", "path", "errors") else "right")
     for r in results:
         table.add_row(r.backend, r.path, str(r.in_flight), f"{r.pays:,}", f"{r.pays_per_s:,.1f}",
-                      f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", ", ".join(f"{k} {v}" for k, v in r.errors.items()))
+                      f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}",
+                      " + ".join(f"{v:,}" for v in r.server_cpu_us_per_pay.values()),
+                      ", ".join(f"{k} {v}" for k, v in r.errors.items()))
     return table
 
 
