@@ -29,19 +29,21 @@ _bills = BillRow.__table__
 _customers = Customer.__table__
 _branches = Branch.__table__
 
-# Every branch appears (zero when nothing is owed); unpaid principal = amount - prepaid applied - paid.
+# Unpaid bills through their status index (arrears are the few, not the many), then every branch, with
+# zeros where nothing is owed. Unpaid principal = amount - prepaid applied - principal paid.
+_owed = (
+    sa.select(_customers.c.branch_code.label("branch_code"),
+              sa.func.count(sa.distinct(_bills.c.account_no)).label("households"),
+              sa.func.sum(_bills.c.amount_fen - _bills.c.prepaid_applied_fen
+                          - _bills.c.principal_paid_fen).label("owed_fen"))
+    .select_from(_bills.join(_customers, _customers.c.account_no == _bills.c.account_no))
+    .where(_bills.c.status.in_(UNPAID))
+    .group_by(_customers.c.branch_code)
+    .subquery("owed")
+)
 ARREARS_BY_BRANCH = (
-    sa.select(
-        _branches.c.code,
-        sa.func.count(sa.distinct(_bills.c.account_no)),
-        sa.func.coalesce(sa.func.sum(_bills.c.amount_fen - _bills.c.prepaid_applied_fen
-                                     - _bills.c.principal_paid_fen), 0),
-    )
-    .select_from(_branches
-                 .outerjoin(_customers, _customers.c.branch_code == _branches.c.code)
-                 .outerjoin(_bills, sa.and_(_bills.c.account_no == _customers.c.account_no,
-                                            _bills.c.status.in_(UNPAID))))
-    .group_by(_branches.c.code)
+    sa.select(_branches.c.code, sa.func.coalesce(_owed.c.households, 0), sa.func.coalesce(_owed.c.owed_fen, 0))
+    .select_from(_branches.outerjoin(_owed, _owed.c.branch_code == _branches.c.code))
 )
 
 _banks = Bank.__table__

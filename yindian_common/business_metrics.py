@@ -288,7 +288,7 @@ COLLECTOR_SECONDS = Gauge("yindian_collector_query_seconds", "Duration of the la
 class CollectorLimits:
     # Scrapes within refresh_s of the last read get its figures: the database sees one read per interval
     # however many Prometheus servers scrape.
-    refresh_s: float = 10.0
+    refresh_s: float = 15.0
     # Each read runs on its own one-connection engine with this statement timeout, so a slow database
     # delays a scrape by at most this long and never takes a connection from the serving pool.
     query_timeout_s: float = 2.0
