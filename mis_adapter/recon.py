@@ -48,6 +48,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from mis_adapter.allocation import allocate_payment
+from mis_adapter.db.base import table_of
 from mis_adapter.db.core import AllocationRow, BillRow, Customer, JournalEntry, Payment, PrepaidEntry
 from mis_adapter.db.recon import ReconciledDay, ReconLine, recon_staging
 from mis_adapter.late_fee import LateFeeRates
@@ -78,7 +79,6 @@ DETAIL_POSTED_NOW = "posted in the MIS by reconciliation"
 DETAIL_REVERSED_NOW = "reversed in the MIS by reconciliation"
 
 _SERIAL_RE = re.compile(r"[A-Za-z0-9-]{1,32}")
-_ACCOUNT_RE = re.compile(r"[0-9]{10}")
 
 # A staged record: (line_no, bank_serial, account_no, amount_fen, status).
 StagedRecord = tuple[int, str, str, int, str]
@@ -165,15 +165,32 @@ def classify(bank: StagedRecord | None, mis: MisPayment | None, day: dt.date) ->
     return MISMATCH, DETAIL_REVERSED if mis.state == REVERSED else DETAIL_REFUSED
 
 
+# Luhn over the 9-digit body by byte tables (the hot path of a million records):
+# from the right, every other digit (positions 9, 7, 5, 3, 1) is doubled, minus 9 past 9.
+_LUHN_DOUBLED = bytes((2 * (c - 48) - 9 if 2 * (c - 48) > 9 else 2 * (c - 48)) if 48 <= c <= 57 else 0
+                      for c in range(256))
+_LUHN_PLAIN = bytes((c - 48) if 48 <= c <= 57 else 0 for c in range(256))
+
+
+def _account_ok(account: str) -> str:
+    """'' when the account number is well formed, else what is wrong with it."""
+    if len(account) != fields.ACCOUNT_NO_LEN or not account.isascii():
+        return "must be 10 ASCII digits"
+    raw = account.encode("ascii")
+    if not raw.isdigit():
+        return "must be 10 ASCII digits"
+    total = sum(raw[0:9:2].translate(_LUHN_DOUBLED)) + sum(raw[1:9:2].translate(_LUHN_PLAIN))
+    return "" if (10 - total % 10) % 10 == raw[9] - 48 else "check digit does not match"
+
+
 def validate_record(rec: StagedRecord, where: str) -> None:
     """Field rules of one bank record; `where` names it (records[12], line 14)."""
     _line, serial, account, amount, status = rec
     if not _SERIAL_RE.fullmatch(serial) or not serial.isascii():
         raise InvalidField(f"{where}.bank_serial", "must be 1-32 characters of A-Z a-z 0-9 -")
-    if not _ACCOUNT_RE.fullmatch(account) or not account.isascii():
-        raise InvalidField(f"{where}.account_no", "must be 10 ASCII digits")
-    if fields.luhn_check_digit(account[:9]) != ord(account[9]) - 48:
-        raise InvalidField(f"{where}.account_no", "check digit does not match")
+    problem = _account_ok(account)
+    if problem:
+        raise InvalidField(f"{where}.account_no", problem)
     if not fields.AMOUNT_MIN_FEN <= amount <= fields.AMOUNT_MAX_FEN:
         raise InvalidField(f"{where}.amount_fen",
                            f"must be between {fields.AMOUNT_MIN_FEN} and {fields.AMOUNT_MAX_FEN} fen")
@@ -182,14 +199,14 @@ def validate_record(rec: StagedRecord, where: str) -> None:
 
 
 # ---- statements, built once ----
-T_PAY = Payment.__table__
-T_CUST = Customer.__table__
-T_BILL = BillRow.__table__
-T_ALLOC = AllocationRow.__table__
-T_PREPAID = PrepaidEntry.__table__
-T_JOURNAL = JournalEntry.__table__
-T_DAY = ReconciledDay.__table__
-T_LINE = ReconLine.__table__
+T_PAY = table_of(Payment)
+T_CUST = table_of(Customer)
+T_BILL = table_of(BillRow)
+T_ALLOC = table_of(AllocationRow)
+T_PREPAID = table_of(PrepaidEntry)
+T_JOURNAL = table_of(JournalEntry)
+T_DAY = table_of(ReconciledDay)
+T_LINE = table_of(ReconLine)
 _b = sa.bindparam
 _DAY = _b("day", type_=sa.Date)
 
@@ -563,13 +580,16 @@ class Reconciliation:
         by_id = {d.bill_id: (row, micro) for row, d, micro in due}
         arrears_after = sum(d.principal_due_fen for _, d, _ in due) - sum(a.principal_fen for a in plan.allocations)
         prepaid_after = cust.prepaid_fen + plan.prepaid_fen
-        pk = conn.execute(T_PAY.insert(), {
+        inserted = conn.execute(T_PAY.insert(), {
             "bank_id": self.bank_id, "bank_serial": line.bank_serial, "state": POSTED, "account_no": account_no,
             "branch_code": cust.branch_code, "amount_fen": amount_fen, "channel": RECON_CHANNEL,
             "outlet_code": "", "teller_id": "", "bank_balance_fen": None, "settlement_date": day,
             "posted_at": self.now, "arrears_after_fen": arrears_after, "prepaid_after_fen": prepaid_after,
             "prepaid_added_fen": plan.prepaid_fen, "reversed_at": None, "reversed_on": None,
-            "cancel_serial": None}).inserted_primary_key[0]
+            "cancel_serial": None}).inserted_primary_key
+        if inserted is None:
+            raise RuntimeError("the payment insert returned no key")
+        pk = inserted[0]
         if plan.allocations:
             conn.execute(T_ALLOC.insert(), [{"payment_id": pk, "bill_id": a.bill_id, "late_fee_fen": a.late_fee_fen,
                                              "principal_fen": a.principal_fen} for a in plan.allocations])

@@ -26,6 +26,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from mis_adapter import recon
+from mis_adapter.db.base import table_of
 from mis_adapter.db.core import Bank
 from mis_adapter.migrate import upgrade
 from mis_adapter.recon import Reconciliation, ReconSummary
@@ -33,6 +34,7 @@ from mis_adapter.settings import AdapterSettings
 from yindian_common.clock import business_date, make_clock
 from yindian_common.db import make_engine
 from yindian_common.errors import InvalidField
+from yindian_common.settings import load_settings
 
 HEADER = ["bank_serial", "account_no", "amount_fen", "status"]
 TRAILER_TAG = "TRAILER"
@@ -155,7 +157,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--clock-start", default="", help="run the clock from this ISO instant (tests, demos)")
     p.add_argument("--timezone", default="Asia/Shanghai", help="the utility's time zone: business dates")
     args = p.parse_args(argv)
-    settings = AdapterSettings(db=args.db, timezone=args.timezone)
+    settings = load_settings(AdapterSettings, {"db": args.db, "timezone": args.timezone})
     clock = make_clock(args.clock_start or None, args.timezone)
     try:
         day = dt.date.fromisoformat(args.date)
@@ -167,7 +169,7 @@ def main(argv: list[str]) -> int:
     try:
         upgrade(engine)
         with engine.connect() as conn:
-            if conn.execute(sa.select(Bank.__table__.c.bank_id).where(Bank.__table__.c.bank_id == args.bank)
+            if conn.execute(sa.select(table_of(Bank).c.bank_id).where(table_of(Bank).c.bank_id == args.bank)
                             ).first() is None:
                 print(f"rejected: bank {args.bank} is unknown to the utility", file=sys.stderr)
                 return 2

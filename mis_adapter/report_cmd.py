@@ -24,6 +24,7 @@ from mis_adapter.settings import AdapterSettings
 from yindian_common.clock import business_date, make_clock
 from yindian_common.errors import InvalidField
 from yindian_common.fields import iso_date
+from yindian_common.settings import load_settings
 
 COLLECTION_COLUMNS = ["key", "count", "amount_fen", "cancelled_count", "cancelled_fen"]
 ARREARS_COLUMNS = ["branch_code", "households", "principal_fen", "late_fee_fen"]
@@ -86,7 +87,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--clock-start", default="", help="run the clock from this ISO instant (tests, demos)")
     p.add_argument("--timezone", default="Asia/Shanghai", help="the utility's time zone: business dates")
     args = p.parse_args(argv)
-    settings = AdapterSettings(db=args.db, timezone=args.timezone)
+    settings = load_settings(AdapterSettings, {"db": args.db, "timezone": args.timezone})
     clock = make_clock(args.clock_start or None, args.timezone)
     today = business_date(clock).isoformat()
     router = BranchRouter.from_specs(args.db, args.branch_db)

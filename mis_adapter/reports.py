@@ -34,6 +34,7 @@ from zoneinfo import ZoneInfo
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from mis_adapter.db.base import table_of
 from mis_adapter.db.core import AllocationRow, BillRow, Customer, Payment
 from mis_adapter.late_fee import FeeState, LateFeeRates, accrual_as_of, late_fee_due
 from yindian_common.errors import InvalidField
@@ -153,10 +154,10 @@ def fee_as_of(bill: Any, as_of: dt.date, principal_unpaid_fen: int, fee_paid_fen
 
 
 # ---- statements, built once ----
-T_PAY = Payment.__table__
-T_BILL = BillRow.__table__
-T_CUST = Customer.__table__
-T_ALLOC = AllocationRow.__table__
+T_PAY = table_of(Payment)
+T_BILL = table_of(BillRow)
+T_CUST = table_of(Customer)
+T_ALLOC = table_of(AllocationRow)
 _b = sa.bindparam
 _FROM = _b("from_day", type_=sa.Date)
 _TO = _b("to_day", type_=sa.Date)

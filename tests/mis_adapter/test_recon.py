@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mis_adapter import payments, recon
 from mis_adapter.context import AdapterContext
@@ -20,6 +22,7 @@ from mis_adapter.payments import CancelCommand, PayCommand
 from mis_adapter.recon import Reconciliation
 from mis_adapter.seed import seed
 from mis_adapter.settings import AdapterSettings
+from yindian_common import fields
 from yindian_common.clock import ManualClock, business_date
 from yindian_common.errors import DayClosed, InvalidField
 from yindian_common.fields import make_account_no
@@ -296,3 +299,20 @@ def test_duplicates_and_a_wrong_trailer_are_refused_and_nothing_changes(world: W
     # After the refusals a correct run still works and closes the day.
     summary = run(w, recs[:2], trailer=(2, 150))
     assert summary.total(recon.BANK_ONLY).count == 1 and summary.total(recon.MATCHED).count == 1
+
+
+@given(st.text(alphabet="0123456789x ", min_size=8, max_size=11))
+@settings(max_examples=500, deadline=None)
+def test_fast_account_check_agrees_with_the_field_rule(account: str) -> None:
+    try:
+        fields.account_no(account)
+        valid = True
+    except InvalidField:
+        valid = False
+    assert (recon._account_ok(account) == "") == valid
+
+
+@given(st.integers(min_value=0, max_value=99), st.integers(min_value=0, max_value=9_999_999))
+@settings(max_examples=300, deadline=None)
+def test_fast_account_check_accepts_every_valid_number(branch: int, serial: int) -> None:
+    assert recon._account_ok(make_account_no(f"{branch:02d}", serial)) == ""
