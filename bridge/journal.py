@@ -30,12 +30,14 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+
+from yindian_common.clock import Clock
 
 log = logging.getLogger("yindian.bridge.journal")
 
@@ -216,6 +218,9 @@ class Journal:
         self.engine = engine
         # rowcount tells a new serial from a journaled one (SQLAlchemy keeps it for INSERT only on request).
         self._insert = _insert_ignoring_duplicates(engine.dialect.name).execution_options(preserve_rowcount=True)
+        self._insert_plain = requests.insert()
+        self._existing = sa.select(requests.c.serial).where(
+            requests.c.kind == sa.bindparam("k"), requests.c.serial.in_(sa.bindparam("s", expanding=True)))
         self._select = sa.select(requests).where(requests.c.kind == sa.bindparam("k"),
                                                  requests.c.serial == sa.bindparam("s"))
         self._update = requests.update().where(
@@ -238,10 +243,34 @@ class Journal:
             row = conn.execute(self._select, {"k": kind, "s": serial}).mappings().first()
         return Entry(**row) if row is not None else None
 
+    def write(self, entries: Sequence[Entry], outcomes: Sequence[Outcome]) -> set[tuple[str, str]]:
+        """One transaction: new rows (keys distinct; serials already journaled are
+        left alone) and outcomes with their audit lines. Returns the keys inserted.
+        Only the journal writer thread inserts, so nothing can slip in between
+        the lookup and the insert."""
+        inserted: set[tuple[str, str]] = set()
+        with self.engine.begin() as conn:
+            if entries:
+                existing: set[tuple[str, str]] = set()
+                for kind in {e.kind for e in entries}:
+                    serials = [e.serial for e in entries if e.kind == kind]
+                    existing.update((kind, r[0]) for r in conn.execute(self._existing, {"k": kind, "s": serials}))
+                new = [e for e in entries if e.key not in existing]
+                if new:
+                    conn.execute(self._insert_plain, [e.row() for e in new])
+                inserted = {e.key for e in new}
+            if outcomes:
+                self._record_in(conn, outcomes)
+        return inserted
+
     def record(self, outcomes: Sequence[Outcome]) -> None:
         """One transaction: every row's new state plus its audit line."""
         if not outcomes:
             return
+        with self.engine.begin() as conn:
+            self._record_in(conn, outcomes)
+
+    def _record_in(self, conn: sa.Connection, outcomes: Sequence[Outcome]) -> None:
         updates = [{"b_kind": o.kind, "b_serial": o.serial, "state": o.state, "status_code": o.status_code,
                     "body": o.body, "message": o.message, "reversal_serial": o.reversal_serial,
                     "attempts": o.attempts, "next_attempt_ms": o.next_attempt_ms, "updated_at": utc(o.at)}
@@ -249,9 +278,8 @@ class Journal:
         lines = [{"at": utc(o.at), "kind": o.kind, "serial": o.serial, "bank_id": o.bank_id,
                   "amount_fen": o.amount_fen, "state": o.state, "status_code": o.status_code,
                   "detail": o.message} for o in outcomes]
-        with self.engine.begin() as conn:
-            conn.execute(self._update, updates)
-            conn.execute(self._audit, lines)
+        conn.execute(self._update, updates)
+        conn.execute(self._audit, lines)
 
     def cancels_of(self, original_serial: str) -> list[Entry]:
         """The journaled Cancels of a pay (a replayed pay that was reversed is refused)."""
@@ -363,22 +391,59 @@ class _Flush:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-class JournalWriter:
-    """Records outcomes in group commits on one thread, then releases their
-    claims (so a serial's next owner reads the recorded state)."""
+@dataclass
+class NewRow:
+    """A request to journal, waited for by the thread that owns its claim.
+    If that thread gives up waiting (`abandon`), the writer takes the claim
+    over: a row it inserted for nobody is recorded SUSPECT, so the resolver
+    settles it (it may not be forwarded any more, but the bridge never guesses)."""
+    entry: Entry
+    claim: Claim
+    done: threading.Event = field(default_factory=threading.Event)
+    inserted: bool = False
+    abandoned: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def __init__(self, journal: Journal, claims: Claims, *, batch_max: int, queue_max: int,
+    def wait(self, timeout_s: float) -> bool:
+        """True once written (see `inserted`); False if the caller gave up (the writer now owns the claim)."""
+        if self.done.wait(timeout_s):
+            return True
+        with self.lock:
+            if self.done.is_set():
+                return True
+            self.abandoned = True
+            return False
+
+
+_Item = tuple[Outcome, Claim | None] | NewRow | _Flush | None
+
+
+class JournalWriter:
+    """Writes new rows and outcomes in group commits on one thread: one
+    transaction (one fsync) for everything that queued up meanwhile. An
+    outcome's claim is released once it is durable, so a serial's next owner
+    reads the recorded state."""
+
+    def __init__(self, journal: Journal, claims: Claims, clock: Clock, *, batch_max: int, queue_max: int,
                  idle_wait_s: float) -> None:
         self._journal = journal
+        self._clock = clock
         self._claims = claims
         self._batch_max = batch_max
         self._idle_wait_s = idle_wait_s
-        self._queue: queue.Queue[tuple[Outcome, Claim | None] | _Flush | None] = queue.Queue(maxsize=queue_max)
+        self._queue: queue.Queue[_Item] = queue.Queue(maxsize=queue_max)
         self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
-        self._stopped = threading.Event()
+        # SUSPECT outcomes of rows whose owner gave up, written with the next batch (at most batch_max).
+        self._carried: list[tuple[Outcome, Claim | None]] = []
 
     def start(self) -> None:
         self._thread.start()
+
+    def journal_new(self, entry: Entry, claim: Claim) -> NewRow:
+        """Queues a new request; wait on the result before forwarding it."""
+        row = NewRow(entry, claim)
+        self._queue.put(row)
+        return row
 
     def submit(self, outcome: Outcome, claim: Claim | None) -> None:
         """Queues `outcome`; `claim` is released once it is durable. Blocks while the queue is full."""
@@ -397,54 +462,62 @@ class JournalWriter:
             self._queue.put(None, timeout=timeout_s)
             self._thread.join(timeout_s)
 
-    def _take_batch(self) -> tuple[list[tuple[Outcome, Claim | None]], list[_Flush], bool]:
-        items: list[tuple[Outcome, Claim | None]] = []
+    def _take_batch(self) -> tuple[list[NewRow], list[tuple[Outcome, Claim | None]], list[_Flush], bool]:
+        rows: list[NewRow] = []
+        outcomes, self._carried = self._carried, []
         flushes: list[_Flush] = []
-        stop = False
-        try:
-            first = self._queue.get(timeout=self._idle_wait_s)
-        except queue.Empty:
-            return items, flushes, stop
-        pending: list[Any] = [first]
-        while len(items) < self._batch_max:
-            if not pending:
-                try:
-                    pending.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            item = pending.pop()
-            if item is None:
-                stop = True
+        wait_s: float | None = self._idle_wait_s if not outcomes else 0.0
+        while len(rows) + len(outcomes) < self._batch_max:
+            try:
+                item = self._queue.get(timeout=wait_s) if wait_s else self._queue.get_nowait()
+            except queue.Empty:
                 break
+            wait_s = 0.0
+            if item is None:
+                return rows, outcomes, flushes, True
             if isinstance(item, _Flush):
                 flushes.append(item)
+            elif isinstance(item, NewRow):
+                rows.append(item)
             else:
-                items.append(item)
-        return items, flushes, stop
+                outcomes.append(item)
+        return rows, outcomes, flushes, False
 
     def _run(self) -> None:
         stop = False
-        while not stop:
-            items, flushes, stop = self._take_batch()
-            self._write(items)
+        while not stop or self._carried:
+            rows, outcomes, flushes, stop_now = self._take_batch()
+            stop = stop or stop_now
+            self._write(rows, outcomes)
             for f in flushes:
                 f.done.set()
-        self._stopped.set()
 
-    def _write(self, items: Iterable[tuple[Outcome, Claim | None]]) -> None:
-        batch = list(items)
-        if not batch:
+    def _write(self, rows: list[NewRow], outcomes: list[tuple[Outcome, Claim | None]]) -> None:
+        if not rows and not outcomes:
             return
         backoff_s = 0.05
         while True:
             try:
-                self._journal.record([o for o, _ in batch])
+                inserted = self._journal.write([r.entry for r in rows], [o for o, _ in outcomes])
                 break
             except sa.exc.SQLAlchemyError:
-                # An operating error (journal DB down): outcomes stay queued and claimed; retry.
-                log.exception("event=journal_write_failed outcomes=%d retry_in_s=%.2f", len(batch), backoff_s)
+                # An operating error (journal DB down): everything stays queued and claimed; retry.
+                log.exception("event=journal_write_failed rows=%d outcomes=%d retry_in_s=%.2f", len(rows),
+                              len(outcomes), backoff_s)
                 time.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, WRITER_BACKOFF_CAP_S)
-        for _outcome, claim in batch:
+        for _outcome, claim in outcomes:
             if claim is not None:
                 self._claims.release(claim)
+        for r in rows:
+            with r.lock:
+                r.inserted = r.entry.key in inserted
+                abandoned = r.abandoned
+                r.done.set()
+            if not abandoned:
+                continue
+            if r.inserted:
+                self._carried.append((outcome_for(r.entry, SUSPECT, self._clock.now(), message="journaled after its caller "
+                                                  "gave up: in doubt"), r.claim))
+            else:
+                self._claims.release(r.claim)

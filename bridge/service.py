@@ -148,14 +148,22 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
 
     def _as_owner(self, claim: Claim, entry: Entry, request: Any, context: grpc.ServicerContext,
                   timeout_s: float) -> Any:
-        try:
-            inserted = self._journal.insert_new(entry)
-            existing = None if inserted else self._journal.get(*entry.key)
-        except BaseException:
-            self._claims.release(claim)
-            raise
-        if existing is not None:
-            return self._answer_journaled(claim, entry, existing, context, timeout_s)
+        deadline = time.monotonic() + timeout_s
+        row = self._writer.journal_new(entry, claim)
+        if not row.wait(timeout_s):
+            # The journal is slow: the request is not forwarded; the writer settles the row if it lands.
+            log.warning("event=journal_slow kind=%s serial=%s", entry.kind, entry.serial)
+            return self._reply(entry, context)
+        if not row.inserted:
+            existing = self._journal.get(*entry.key)
+            if existing is None:  # cannot be: the writer found it journaled
+                raise RuntimeError(f"journal lost {entry.key}")
+            return self._answer_journaled(claim, entry, existing, context, max(0.0, deadline - time.monotonic()))
+        timeout_s = deadline - time.monotonic()
+        if timeout_s < self._min_call_s:
+            outcome = jn.outcome_for(entry, jn.SUSPECT, self.bctx.clock.now(), message="no time left to forward")
+            self._settle(claim, outcome)
+            return self._reply(outcome, context)
         call = self.bctx.upstream.pay if entry.kind == jn.PAY else self.bctx.upstream.cancel
         answer = call(request, timeout_s)
         outcome = self._first_outcome(entry, answer)

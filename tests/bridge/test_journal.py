@@ -12,6 +12,7 @@ from sqlalchemy.engine import Engine
 
 from bridge import journal as jn
 from bridge.journal import Claims, Entry, Journal, JournalWriter
+from yindian_common.clock import ManualClock
 from yindian_common.db import make_engine
 
 pytestmark = pytest.mark.timeout(60)
@@ -55,7 +56,7 @@ def test_one_row_per_serial_and_the_first_parameters_win(engine: Engine) -> None
 
 def test_writer_records_outcomes_with_an_audit_line_and_releases_claims(engine: Engine) -> None:
     j, claims = Journal(engine), Claims()
-    writer = JournalWriter(j, claims, batch_max=8, queue_max=64, idle_wait_s=0.05)
+    writer = JournalWriter(j, claims, ManualClock(AT), batch_max=8, queue_max=64, idle_wait_s=0.05)
     writer.start()
     try:
         held = []
@@ -77,6 +78,30 @@ def test_writer_records_outcomes_with_an_audit_line_and_releases_claims(engine: 
         lines = j.audit_lines(jn.PAY, "W7")
         assert [line["state"] for line in lines] == [jn.POSTED, jn.NOT_APPLIED]
         assert len(lines[1]["detail"]) == jn.MESSAGE_MAX
+    finally:
+        writer.stop(WAIT_S)
+
+
+def test_writer_journals_new_rows_in_group_commits(engine: Engine) -> None:
+    j, claims = Journal(engine), Claims()
+    j.insert_new(pay("OLD", 5_000))
+    writer = JournalWriter(j, claims, ManualClock(AT), batch_max=16, queue_max=64, idle_wait_s=0.05)
+    rows = []
+    for serial in ("OLD", "N1", "N2"):
+        claim, _ = claims.acquire((jn.PAY, serial))
+        rows.append(writer.journal_new(pay(serial), claim))
+    claim, _ = claims.acquire((jn.PAY, "GAVE-UP"))
+    gave_up = writer.journal_new(pay("GAVE-UP"), claim)
+    assert not gave_up.wait(0.0), "nothing is written before the writer runs"
+    writer.start()
+    try:
+        assert all(r.wait(WAIT_S) for r in rows)
+        assert [r.inserted for r in rows] == [False, True, True]
+        assert j.get(jn.PAY, "OLD").amount_fen == 5_000  # type: ignore[union-attr]
+        assert writer.flush(WAIT_S) and writer.flush(WAIT_S)
+        # A row journaled after its caller gave up is in doubt, and its claim is let go.
+        assert j.get(jn.PAY, "GAVE-UP").state == jn.SUSPECT  # type: ignore[union-attr]
+        assert claim.released.is_set()
     finally:
         writer.stop(WAIT_S)
 
