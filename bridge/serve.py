@@ -62,7 +62,7 @@ class Bridge:
         if recovered:
             log.warning("event=recovered_pending rows=%d state=SUSPECT", recovered)
         claims = Claims()
-        writer = JournalWriter(journal, claims, batch_max=settings.journal_batch_max,
+        writer = JournalWriter(journal, claims, clock, batch_max=settings.journal_batch_max,
                                queue_max=settings.journal_queue_max, idle_wait_s=settings.journal_idle_wait_s)
         channel = instrument_channel(open_channel(settings.upstream, tls=settings.tls(), insecure=settings.insecure,
                                                   force_insecure=settings.force_insecure,
