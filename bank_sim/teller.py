@@ -41,6 +41,7 @@ from yindian_common.identity import BANK_ID_METADATA
 from yindian_common.logs import setup_logging
 from yindian_common.server import TlsFiles, open_channel
 from yindian_common.settings import add_settings_flags, load_settings
+from yindian_common.status import error_info
 
 log = logging.getLogger("bank_sim.teller")
 
@@ -53,6 +54,8 @@ IN_DOUBT_CODES = frozenset({
     grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
     grpc.StatusCode.CANCELLED,
 })
+# ...except when the server says why and that nothing was written: the utility suspended the bank (停工).
+DEFINITE_REASONS = frozenset({"BANK_SUSPENDED"})
 DEPOSIT_STEPS_FEN = (1_000, 5_000)  # round up to the next 10 or 50 yuan
 RESOLVE_BATCH_MAX = 1_000
 OK = "OK"
@@ -191,7 +194,7 @@ class BillingLink:
             except grpc.RpcError as exc:
                 code = exc.code()  # type: ignore[attr-defined]
                 self._stats.record(rpc, code.name, time.perf_counter() - started)
-                if code not in IN_DOUBT_CODES:
+                if code not in IN_DOUBT_CODES or _reason(exc) in DEFINITE_REASONS:
                     raise
                 last = code
                 continue
@@ -203,6 +206,11 @@ class BillingLink:
         cap = min(self._link.retry_backoff_cap_s, self._link.retry_backoff_base_s * 2 ** (attempt - 1))
         with self._jitter_lock:
             return cap / 2 + self._jitter.uniform(0, cap / 2)
+
+
+def _reason(exc: grpc.RpcError) -> str:
+    info = error_info(exc)
+    return info.reason if info is not None else ""
 
 
 def link_channel(link: LinkSettings) -> grpc.Channel:
@@ -245,6 +253,8 @@ def serve_customer(counter: Counter, customer: Customer, outlet: str, teller: st
         return "query_unavailable"
     except grpc.RpcError as exc:
         return f"query_{exc.code().name.lower()}"  # type: ignore[attr-defined]
+    if account.closed:
+        return "account_closed"
     with counter.engine.connect() as conn:
         balance = ledger.balance_fen(conn, bank_id, customer.account_no)
     amount = choose_amount_fen(account.total_due_fen, balance, customer.step_fen)

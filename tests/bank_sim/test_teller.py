@@ -209,6 +209,34 @@ def test_cancels_in_doubt_after_the_last_attempt_are_settled_by_the_same_serial(
     assert all(a == 3 for (rpc, _), a in link.attempts.items() if rpc == "Cancel")
 
 
+def test_a_suspended_bank_is_refused_at_once_and_the_money_stays_in_the_passbooks(utility: Utility,
+                                                                                    sqlite_url: str) -> None:
+    """停工: UNAVAILABLE saying the bank is suspended is definite (nothing written), not in doubt.
+    (Another bank than the other tests', so its suspension cannot leak into them.)"""
+    other = "ABC"
+
+    def operator(action: str) -> None:
+        subprocess.run([sys.executable, "-m", "mis_adapter", "bank", action, other, "--db", utility.mis_db],
+                       cwd=REPO, check=True, timeout=60, capture_output=True)
+
+    operator("suspend")
+    try:
+        summary = run(settings_for(utility.proc.grpc_addr, utility.roster.with_name(f"{other}.csv"), sqlite_url,
+                                   bank_id=other, customers=6, cancel_ratio=0.0, seed=17,
+                                   retry_backoff_base_s=0.2, retry_backoff_cap_s=0.5))
+    finally:
+        operator("resume")
+    assert summary.requests["QueryAccount"] == {"OK": 6}  # queries still answer
+    refused = summary.customers.get("pay_unavailable", 0)
+    assert refused > 0 and refused + summary.customers.get("insufficient_funds", 0) == 6
+    # the suspension's TTL may let the first pay through; after that each refusal is final on its first attempt
+    assert summary.requests["Pay"].get("UNAVAILABLE", 0) == refused
+    bank = bank_rows(sqlite_url, summary.serial_prefix)
+    assert sorted(st for st, _ in bank.values()) == [ledger.FAILED] * refused
+    assert mis_payments(utility.mis_db, summary.serial_prefix) == {}
+    assert summary.passbooks_broken == 0
+
+
 @pytest.fixture(scope="module")
 def bridge(utility: Utility, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
     work = tmp_path_factory.mktemp("bridge")
