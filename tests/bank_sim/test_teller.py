@@ -7,6 +7,7 @@ passbook, and retries always reuse the serial."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -274,3 +275,18 @@ def test_settlement_date_comes_from_the_utility(utility: Utility, sqlite_url: st
     eng.dispose()
     assert summary.customers.get("paid", 0) > 0
     assert len(days) == 1 and isinstance(next(iter(days)), dt.date)
+
+
+def test_the_teller_command_serves_customers_and_writes_its_summary(utility: Utility, tmp_path: Path) -> None:
+    summary_path = tmp_path / "teller.json"
+    bank_db = f"sqlite:///{tmp_path / 'bank' / 'bank.db'}"  # the directory does not exist yet
+    done = subprocess.run([sys.executable, "-m", "bank_sim", "teller", "--target", utility.proc.grpc_addr,
+                           "--insecure", "--bank-id", BANK, "--roster", str(utility.roster), "--db", bank_db,
+                           "--customers", "5", "--sessions", "2", "--seed", "18", "--summary-json",
+                           str(summary_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Customers served" in done.stdout
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    assert sum(summary["customers"].values()) == 5 and summary["passbooks_broken"] == 0
+    mis = mis_payments(utility.mis_db, summary["serial_prefix"])
+    assert summary["net_posted_fen"] == sum(a for s, a in mis.values() if s == "POSTED")
