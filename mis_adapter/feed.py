@@ -28,11 +28,16 @@ elsewhere. Nothing here speaks gRPC or builds protos."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from mis_adapter.allocation import BillDue, allocate_payment
 from mis_adapter.db.core import AllocationRow, BillRow, Customer, JournalEntry, Payment, PrepaidEntry
@@ -144,6 +149,99 @@ def _utc(when: dt.datetime) -> dt.datetime:
     return when.astimezone(dt.UTC)
 
 
+# ---- bulk SQL: one statement per batch, whatever its size ----
+# PostgreSQL gets arrays (`= ANY(array)`, `INSERT ... SELECT unnest(...)`),
+# SQLite a JSON list (`IN (SELECT value FROM json_each(...))`) and driver
+# executemany: per-row SQLAlchemy parameter processing and IN lists of
+# hundreds of placeholders cost more than the database work (BASELINES.md).
+
+class InList(ColumnElement[bool]):
+    """`col IN <list parameter>`: pass the list through `list_param`."""
+    inherit_cache = True
+    type = sa.Boolean()
+    _traverse_internals: ClassVar[Any] = [("col", InternalTraversal.dp_clauseelement),
+                                          ("param", InternalTraversal.dp_clauseelement)]
+
+    def __init__(self, col: ColumnElement[Any], name: str) -> None:
+        self.col = col
+        self.param = sa.bindparam(name)
+
+
+@compiles(InList, "postgresql")
+def _in_pg(el: InList, compiler: Any, **kw: Any) -> str:
+    return f"{compiler.process(el.col, **kw)} = ANY({compiler.process(el.param, **kw)})"
+
+
+@compiles(InList, "sqlite")
+def _in_sqlite(el: InList, compiler: Any, **kw: Any) -> str:
+    return f"{compiler.process(el.col, **kw)} IN (SELECT value FROM json_each({compiler.process(el.param, **kw)}))"
+
+
+@compiles(InList)
+def _in_other(el: InList, compiler: Any, **kw: Any) -> str:
+    return f"{compiler.process(el.col, **kw)} IN (SELECT value FROM JSON_TABLE({compiler.process(el.param, **kw)}, " \
+        "'$[*]' COLUMNS (value VARCHAR(64) PATH '$')) AS jt)"
+
+
+def list_param(conn: Connection, values: Sequence[object]) -> object:
+    return list(values) if conn.dialect.name == "postgresql" else json.dumps(list(values))
+
+
+def _pg_type(col: sa.Column[Any]) -> str:
+    t = col.type
+    if isinstance(t, sa.Boolean):
+        return "boolean"
+    if isinstance(t, sa.DateTime):
+        return "timestamptz"
+    if isinstance(t, sa.Date):
+        return "date"
+    if isinstance(t, sa.Integer):
+        return "bigint"
+    return "text"
+
+
+def _sqlite_datetime(v: dt.datetime | None) -> str | None:
+    # SQLAlchemy's SQLite DateTime storage format, in UTC
+    return None if v is None else v.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _sqlite_date(v: dt.date | None) -> str | None:
+    return None if v is None else v.isoformat()
+
+
+def _sqlite_converter(col: sa.Column[Any]) -> Callable[[Any], Any] | None:
+    t = col.type
+    if isinstance(t, sa.DateTime):
+        return _sqlite_datetime
+    if isinstance(t, sa.Date):
+        return _sqlite_date
+    if isinstance(t, sa.Boolean):
+        return lambda v: None if v is None else int(v)
+    return None
+
+
+def bulk_insert(conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]]) -> None:
+    """Inserts rows (dicts with the same keys) in one statement per batch."""
+    if not rows:
+        return
+    cols = list(rows[0])
+    names = ", ".join(cols)
+    if conn.dialect.name == "postgresql":
+        arrays = ", ".join(f"%s::{_pg_type(table.c[c])}[]" for c in cols)
+        conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) SELECT * FROM unnest({arrays})",
+                             tuple([r[c] for r in rows] for c in cols))
+    elif conn.dialect.name == "sqlite":
+        marks = ", ".join("?" * len(cols))
+        convs = [(c, _sqlite_converter(table.c[c])) for c in cols]
+        if all(f is None for _, f in convs):
+            values = [tuple(r[c] for c in cols) for r in rows]
+        else:
+            values = [tuple(r[c] if f is None else f(r[c]) for c, f in convs) for r in rows]
+        conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) VALUES ({marks})", values)
+    else:
+        conn.execute(table.insert(), list(rows))
+
+
 # ---- sequence and outbox (called inside the issuing transaction) ----
 
 _SEQ_BUMP = T_SEQ.update().where(T_SEQ.c.bank_id == _b("p_bank")).values(
@@ -180,7 +278,7 @@ def insert_outbox(conn: Connection, bank_id: str, first_seq: int, notices: Seque
     """Writes notices (dicts of OutboxRow columns without bank_id/seq) at first_seq, first_seq+1, ..."""
     rows = [{**n, "bank_id": bank_id, "seq": first_seq + i} for i, n in enumerate(notices)]
     if rows:
-        conn.execute(T_OUT.insert(), rows)
+        bulk_insert(conn, T_OUT, rows)
 
 
 def notify_banks(conn: Connection, bank_ids: Iterable[str]) -> None:
@@ -226,24 +324,24 @@ def last_seq(conn: Connection, bank_id: str) -> int:
 
 
 _STORED = (sa.select(T_RES.c.seq, T_RES.c.outcome, T_RES.c.bank_serial, T_RES.c.amount_fen)
-           .where(T_RES.c.bank_id == _b("bank_id"), T_RES.c.seq.in_(_b("seqs", expanding=True))))
+           .where(T_RES.c.bank_id == _b("bank_id"), InList(T_RES.c.seq, "seqs")))
 
 
 def stored_results(conn: Connection, bank_id: str, seqs: Sequence[int]) -> dict[int, tuple[str, str, int]]:
     if not seqs:
         return {}
-    rows = conn.execute(_STORED, {"bank_id": bank_id, "seqs": list(seqs)}).all()
+    rows = conn.execute(_STORED, {"bank_id": bank_id, "seqs": list_param(conn, seqs)}).all()
     return {r.seq: (r.outcome, r.bank_serial, r.amount_fen) for r in rows}
 
 
 _NOTICES_BY_SEQ = (sa.select(T_OUT.c.seq, T_OUT.c.bill_id, T_OUT.c.account_no, T_OUT.c.amount_fen)
-                   .where(T_OUT.c.bank_id == _b("bank_id"), T_OUT.c.seq.in_(_b("seqs", expanding=True))))
+                   .where(T_OUT.c.bank_id == _b("bank_id"), InList(T_OUT.c.seq, "seqs")))
 
 
 def notices_by_seq(conn: Connection, bank_id: str, seqs: Sequence[int]) -> dict[int, tuple[int, str, int]]:
     if not seqs:
         return {}
-    rows = conn.execute(_NOTICES_BY_SEQ, {"bank_id": bank_id, "seqs": list(seqs)}).all()
+    rows = conn.execute(_NOTICES_BY_SEQ, {"bank_id": bank_id, "seqs": list_param(conn, seqs)}).all()
     return {r.seq: (r.bill_id, r.account_no, r.amount_fen) for r in rows}
 
 
@@ -291,37 +389,37 @@ def release_lease(engine: Engine, bank_id: str, holder: str) -> None:
 # ---- applying a batch of results ----
 
 _LOCK_CUSTOMERS = (sa.select(T_CUST.c.account_no, T_CUST.c.prepaid_fen, T_CUST.c.status)
-                   .where(T_CUST.c.account_no.in_(_b("accts", expanding=True)))
+                   .where(InList(T_CUST.c.account_no, "accts"))
                    .order_by(T_CUST.c.account_no).with_for_update())
 _BILLS = (sa.select(T_BILLS.c.bill_id, T_BILLS.c.account_no, T_BILLS.c.period, T_BILLS.c.status,
                     T_BILLS.c.amount_fen, T_BILLS.c.prepaid_applied_fen, T_BILLS.c.principal_paid_fen,
                     T_BILLS.c.accrual_micro, T_BILLS.c.late_fee_paid_fen, T_BILLS.c.due_date)
-          .where(T_BILLS.c.bill_id.in_(_b("ids", expanding=True))))
+          .where(InList(T_BILLS.c.bill_id, "ids")))
 _PRINCIPAL_DUE = T_BILLS.c.amount_fen - T_BILLS.c.prepaid_applied_fen - T_BILLS.c.principal_paid_fen
 _UNPAID_BY_ACCOUNT = (sa.select(T_BILLS.c.account_no, sa.func.count().label("n"),
                                 sa.func.sum(_PRINCIPAL_DUE).label("due"))
-                      .where(T_BILLS.c.account_no.in_(_b("accts", expanding=True)), T_BILLS.c.status != "PAID")
+                      .where(InList(T_BILLS.c.account_no, "accts"), T_BILLS.c.status != "PAID")
                       .group_by(T_BILLS.c.account_no))
 _PAYMENTS_BY_SERIAL = (sa.select(T_PAY.c.payment_id, T_PAY.c.bank_serial, T_PAY.c.account_no, T_PAY.c.amount_fen,
                                  T_PAY.c.state, T_PAY.c.prepaid_added_fen)
                        .where(T_PAY.c.bank_id == _b("bank_id"),
-                              T_PAY.c.bank_serial.in_(_b("serials", expanding=True))))
-_SETTLE_BILLS = (T_BILLS.update().where(T_BILLS.c.bill_id.in_(_b("ids", expanding=True)))
+                              InList(T_PAY.c.bank_serial, "serials")))
+_SETTLE_BILLS = (T_BILLS.update().where(InList(T_BILLS.c.bill_id, "ids"))
                  .values(principal_paid_fen=T_BILLS.c.amount_fen - T_BILLS.c.prepaid_applied_fen,
                          status="PAID", paid_on=_b("today"), dunning=False))
-_DUN_BILLS = (T_BILLS.update().where(T_BILLS.c.bill_id.in_(_b("ids", expanding=True)), T_BILLS.c.status != "PAID")
+_DUN_BILLS = (T_BILLS.update().where(InList(T_BILLS.c.bill_id, "ids"), T_BILLS.c.status != "PAID")
               .values(dunning=True))
 _ALLOC_FROM_RESULTS = sa.insert(T_ALLOC).from_select(
     ["payment_id", "bill_id", "late_fee_fen", "principal_fen"],
     sa.select(T_PAY.c.payment_id, T_RES.c.bill_id, sa.literal(0, sa.BigInteger), T_RES.c.amount_fen)
     .select_from(T_RES.join(T_PAY, sa.and_(T_PAY.c.bank_id == T_RES.c.bank_id,
                                           T_PAY.c.bank_serial == T_RES.c.bank_serial)))
-    .where(T_RES.c.bank_id == _b("bank_id"), T_RES.c.seq.in_(_b("seqs", expanding=True))))
+    .where(T_RES.c.bank_id == _b("bank_id"), InList(T_RES.c.seq, "seqs")))
 _JOURNAL_FROM_PAYMENTS = sa.insert(T_JOURNAL).from_select(
     ["at", "bank_id", "rpc", "serial", "original_serial", "account_no", "amount_fen", "outcome", "payment_id"],
     sa.select(_b("at", type_=sa.DateTime(timezone=True)), T_PAY.c.bank_id, sa.literal("DEBIT"), T_PAY.c.bank_serial,
               sa.literal(""), T_PAY.c.account_no, T_PAY.c.amount_fen, sa.literal("POSTED"), T_PAY.c.payment_id)
-    .where(T_PAY.c.bank_id == _b("bank_id"), T_PAY.c.bank_serial.in_(_b("serials", expanding=True))))
+    .where(T_PAY.c.bank_id == _b("bank_id"), InList(T_PAY.c.bank_serial, "serials")))
 _ADD_PREPAID = (T_CUST.update().where(T_CUST.c.account_no == _b("acct"))
                 .values(prepaid_fen=T_CUST.c.prepaid_fen + _b("delta")))
 _UPSERT_CURSOR_UPDATE = (T_CUR.update()
@@ -345,10 +443,10 @@ def _classify(conn: Connection, bank_id: str, results: Sequence[DebitIn], today:
     plan = _Plan()
     debits = [r for r in results if r.outcome == DEBITED]
     existing = {row.bank_serial: row for row in conn.execute(
-        _PAYMENTS_BY_SERIAL, {"bank_id": bank_id, "serials": [r.bank_serial for r in debits]})} if debits else {}
-    bills = {row.bill_id: row for row in conn.execute(_BILLS, {"ids": sorted({r.bill_id for r in results})})}
+        _PAYMENTS_BY_SERIAL, {"bank_id": bank_id, "serials": list_param(conn, [r.bank_serial for r in debits])})} if debits else {}
+    bills = {row.bill_id: row for row in conn.execute(_BILLS, {"ids": list_param(conn, sorted({r.bill_id for r in results}))})}
     accts = sorted({r.account_no for r in results})
-    unpaid = {row.account_no: row.n for row in conn.execute(_UNPAID_BY_ACCOUNT, {"accts": accts})}
+    unpaid = {row.account_no: row.n for row in conn.execute(_UNPAID_BY_ACCOUNT, {"accts": list_param(conn, accts)})}
     per_account: dict[str, int] = {}
     for r in debits:
         if r.bank_serial not in existing:
@@ -400,7 +498,7 @@ def _write_plan(conn: Connection, bank_id: str, plan: _Plan, today: dt.date, now
     # Arrears after a surplus debit: what the account still owes (unchanged by it).
     surplus_accts = sorted({r.account_no for r in plan.surplus})
     arrears = {row.account_no: int(row.due or 0) for row in conn.execute(
-        _UNPAID_BY_ACCOUNT, {"accts": surplus_accts})} if surplus_accts else {}
+        _UNPAID_BY_ACCOUNT, {"accts": list_param(conn, surplus_accts)})} if surplus_accts else {}
     pay_rows = [_payment_row(bank_id, r, today, now, arrears_after_fen=0,
                              prepaid_after_fen=prepaid.get(r.account_no, 0), prepaid_added_fen=0)
                 for r in plan.fast]
@@ -411,11 +509,11 @@ def _write_plan(conn: Connection, bank_id: str, plan: _Plan, today: dt.date, now
         pay_rows.append(_payment_row(bank_id, r, today, now, arrears_after_fen=arrears.get(r.account_no, 0),
                                      prepaid_after_fen=prepaid[r.account_no], prepaid_added_fen=r.amount_fen))
     if pay_rows:
-        conn.execute(T_PAY.insert(), pay_rows)
+        bulk_insert(conn, T_PAY, pay_rows)
     if plan.fast:
-        conn.execute(_SETTLE_BILLS, {"ids": [r.bill_id for r in plan.fast], "today": today})
+        conn.execute(_SETTLE_BILLS, {"ids": list_param(conn, [r.bill_id for r in plan.fast]), "today": today})
     if plan.dunning:
-        conn.execute(_DUN_BILLS, {"ids": [r.bill_id for r in plan.dunning]})
+        conn.execute(_DUN_BILLS, {"ids": list_param(conn, [r.bill_id for r in plan.dunning])})
 
     disp: dict[int, str] = {}
     for r in plan.fast:
@@ -432,17 +530,17 @@ def _write_plan(conn: Connection, bank_id: str, plan: _Plan, today: dt.date, now
         disp[r.seq] = "NO_ARREARS"
     everything = plan.fast + plan.surplus + [e[0] for e in plan.earlier] + plan.reversed_ + plan.dunning \
         + plan.no_arrears
-    conn.execute(T_RES.insert(), [
+    bulk_insert(conn, T_RES, [
         {"bank_id": bank_id, "seq": r.seq, "outcome": r.outcome, "bank_serial": r.bank_serial,
          "amount_fen": r.amount_fen, "bill_id": r.bill_id, "account_no": r.account_no,
          "disposition": disp[r.seq], "received_at": now} for r in everything])
     if plan.fast:
-        conn.execute(_ALLOC_FROM_RESULTS, {"bank_id": bank_id, "seqs": [r.seq for r in plan.fast]})
+        conn.execute(_ALLOC_FROM_RESULTS, {"bank_id": bank_id, "seqs": list_param(conn, [r.seq for r in plan.fast])})
     new_serials = [r.bank_serial for r in plan.fast + plan.surplus]
     if new_serials:
-        conn.execute(_JOURNAL_FROM_PAYMENTS, {"bank_id": bank_id, "serials": new_serials, "at": now})
+        conn.execute(_JOURNAL_FROM_PAYMENTS, {"bank_id": bank_id, "serials": list_param(conn, new_serials), "at": now})
     if plan.dunning or plan.no_arrears:
-        conn.execute(T_JOURNAL.insert(), [
+        bulk_insert(conn, T_JOURNAL, [
             {"at": now, "bank_id": bank_id, "rpc": "DEBIT", "serial": "", "original_serial": "",
              "account_no": r.account_no, "amount_fen": r.amount_fen, "outcome": INSUFFICIENT_FUNDS,
              "payment_id": None} for r in plan.dunning + plan.no_arrears])
@@ -461,7 +559,7 @@ def _write_surplus(conn: Connection, bank_id: str, plan: _Plan, now: dt.datetime
         return
     if plan.surplus:
         ids = {row.bank_serial: row.payment_id for row in conn.execute(
-            _PAYMENTS_BY_SERIAL, {"bank_id": bank_id, "serials": [r.bank_serial for r in plan.surplus]})}
+            _PAYMENTS_BY_SERIAL, {"bank_id": bank_id, "serials": list_param(conn, [r.bank_serial for r in plan.surplus])})}
         for r in plan.surplus:
             conn.execute(_ADD_PREPAID, {"acct": r.account_no, "delta": r.amount_fen})
         conn.execute(T_PREPAID.insert(), [
@@ -498,7 +596,7 @@ def apply_results(engine: Engine, clock: Clock, bank_id: str, results: Sequence[
             prepaid: dict[str, int] = {}
             status_of: dict[str, str] = {}
             if accts:
-                for row in conn.execute(_LOCK_CUSTOMERS, {"accts": accts}):
+                for row in conn.execute(_LOCK_CUSTOMERS, {"accts": list_param(conn, accts)}):
                     prepaid[row.account_no] = int(row.prepaid_fen)
                     status_of[row.account_no] = row.status
             plan = _classify(conn, bank_id, results, today, prepaid, status_of) if results else _Plan()

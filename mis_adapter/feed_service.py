@@ -59,11 +59,15 @@ from mis_adapter.context import AdapterContext
 from mis_adapter.feed import DebitIn, FeedSettings, Notice
 from yindian.v1 import billing_pb2 as pb
 from yindian_common import fields
+from yindian_common.clock import SystemClock
 from yindian_common.errors import InvalidField, SerialConflict, Unavailable, YinDianError
 from yindian_common.status import abort
 
 log = logging.getLogger("mis_adapter.feed")
 
+# Leases are shared by processes and replicas whose business clocks may be
+# shifted (--clock-start in demos and tests): they run on the system clock.
+LEASE_CLOCK = SystemClock()
 OUTCOMES = {pb.DEBIT_OUTCOME_DEBITED: feed.DEBITED, pb.DEBIT_OUTCOME_INSUFFICIENT_FUNDS: feed.INSUFFICIENT_FUNDS}
 
 
@@ -287,7 +291,7 @@ class FeedStream:
                 return
             now = time.monotonic()
             if now - last_renew >= self.s.heartbeat_s:
-                if not feed.renew_lease(self.engine, self.bank_id, self.holder, self.ctx.clock.now(),
+                if not feed.renew_lease(self.engine, self.bank_id, self.holder, LEASE_CLOCK.now(),
                                         self.s.lease_ttl_s):
                     raise feed.FeedBusy("this stream's lease lapsed and another stream took the bank's feed")
                 last_renew = now
@@ -354,7 +358,7 @@ def bill_feed(ctx: AdapterContext, request_iterator: Iterator[pb.BillFeedRequest
             stored = feed.get_cursor(conn, bank_id)
         start_after = stored if requested is None else min(requested, stored)
         stream = FeedStream(ctx, hub, bank_id, start_after, stored, context)
-        feed.acquire_lease(engine, bank_id, stream.holder, ctx.clock.now(), hub.settings.lease_ttl_s)
+        feed.acquire_lease(engine, bank_id, stream.holder, LEASE_CLOCK.now(), hub.settings.lease_ttl_s)
         leased = True
         hub.register(bank_id, stream.kick)
         context.add_callback(stream.kick.set)

@@ -26,6 +26,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from mis_adapter import feed
 from mis_adapter.db.core import Agreement, BillRow, Customer, PrepaidEntry, Reading
+from mis_adapter.feed import InList, bulk_insert, list_param
 from mis_adapter.migrate import upgrade
 from mis_adapter.tariff import Tariff, price_fen
 from yindian_common.clock import Clock, business_date, make_clock
@@ -67,20 +68,20 @@ _NEXT_ACCOUNTS = (sa.select(T_READ.c.account_no).distinct()
                          T_READ.c.account_no > _b("after"))
                   .order_by(T_READ.c.account_no).limit(_b("limit")))
 _LOCK_CUSTOMERS = (sa.select(T_CUST.c.account_no, T_CUST.c.tariff_class, T_CUST.c.prepaid_fen)
-                   .where(T_CUST.c.account_no.in_(_b("accts", expanding=True)))
+                   .where(InList(T_CUST.c.account_no, "accts"))
                    .order_by(T_CUST.c.account_no).with_for_update())
 _KWH = (sa.select(T_READ.c.account_no, sa.func.sum(T_READ.c.kwh).label("kwh"))
         .where(T_READ.c.period == _b("period"), T_READ.c.billed == sa.false(),
-               T_READ.c.account_no.in_(_b("accts", expanding=True)))
+               InList(T_READ.c.account_no, "accts"))
         .group_by(T_READ.c.account_no))
 _EXISTING = sa.select(T_BILLS.c.account_no).where(T_BILLS.c.period == _b("period"),
-                                                  T_BILLS.c.account_no.in_(_b("accts", expanding=True)))
+                                                  InList(T_BILLS.c.account_no, "accts"))
 _BILL_IDS = sa.select(T_BILLS.c.account_no, T_BILLS.c.bill_id).where(
-    T_BILLS.c.period == _b("period"), T_BILLS.c.account_no.in_(_b("accts", expanding=True)))
+    T_BILLS.c.period == _b("period"), InList(T_BILLS.c.account_no, "accts"))
 _MARK_BILLED = T_READ.update().where(T_READ.c.period == _b("p_period"), T_READ.c.billed == sa.false(),
-                                     T_READ.c.account_no.in_(_b("accts", expanding=True))).values(billed=True)
+                                     InList(T_READ.c.account_no, "accts")).values(billed=True)
 _AGREEMENTS = sa.select(T_AGR.c.account_no, T_AGR.c.bank_id).where(
-    T_AGR.c.account_no.in_(_b("accts", expanding=True)), T_AGR.c.active == sa.true())
+    InList(T_AGR.c.account_no, "accts"), T_AGR.c.active == sa.true())
 _TAKE_PREPAID = T_CUST.update().where(T_CUST.c.account_no == _b("acct")).values(
     prepaid_fen=T_CUST.c.prepaid_fen - _b("applied"))
 
@@ -97,9 +98,10 @@ class _NewBill:
 def _issue_batch(conn: Connection, accts: Sequence[str], period: str, tariff: Tariff, issued_at: dt.datetime,
                  today: dt.date, due_date: dt.date, summary: IssueSummary) -> set[str]:
     """One transaction's work; returns the banks whose outbox grew."""
-    customers = {r.account_no: r for r in conn.execute(_LOCK_CUSTOMERS, {"accts": list(accts)})}
-    kwh = {r.account_no: int(r.kwh) for r in conn.execute(_KWH, {"period": period, "accts": list(accts)})}
-    existing = {r.account_no for r in conn.execute(_EXISTING, {"period": period, "accts": list(accts)})}
+    batch = list_param(conn, accts)
+    customers = {r.account_no: r for r in conn.execute(_LOCK_CUSTOMERS, {"accts": batch})}
+    kwh = {r.account_no: int(r.kwh) for r in conn.execute(_KWH, {"period": period, "accts": batch})}
+    existing = {r.account_no for r in conn.execute(_EXISTING, {"period": period, "accts": batch})}
     summary.skipped_existing += len(existing & set(kwh))
     new: list[_NewBill] = []
     for acct in sorted(kwh):
@@ -111,14 +113,14 @@ def _issue_batch(conn: Connection, accts: Sequence[str], period: str, tariff: Ta
         new.append(_NewBill(acct, kwh[acct], amount, applied, int(c.prepaid_fen) - applied))
     if not new:
         return set()
-    conn.execute(T_BILLS.insert(), [
+    bulk_insert(conn, T_BILLS, [
         {"account_no": b.account_no, "period": period, "kwh": b.kwh, "amount_fen": b.amount_fen,
          "prepaid_applied_fen": b.prepaid_applied_fen, "principal_paid_fen": 0, "late_fee_paid_fen": 0,
          "accrual_micro": 0, "accrual_date": due_date, "due_date": due_date, "issued_at": issued_at,
          "status": "PAID" if b.prepaid_applied_fen == b.amount_fen else "UNPAID",
          "paid_on": today if b.prepaid_applied_fen == b.amount_fen else None, "dunning": False}
         for b in new])
-    new_accts = [b.account_no for b in new]
+    new_accts = list_param(conn, [b.account_no for b in new])
     conn.execute(_MARK_BILLED, {"p_period": period, "accts": new_accts})
     ids = {r.account_no: r.bill_id for r in conn.execute(_BILL_IDS, {"period": period, "accts": new_accts})}
     with_prepaid = [b for b in new if b.prepaid_applied_fen > 0]
