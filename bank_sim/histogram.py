@@ -41,6 +41,7 @@ class LatencyHistogram:
         self._max_us = max(LATENCY_MIN_US + 1, int(latency_max_s * 1_000_000))
         self._hist = HdrHistogram(LATENCY_MIN_US, self._max_us, SIGNIFICANT_DIGITS)
         self.clamped = 0
+        self._sum_us = 0  # the mean from a running sum: hdrh's get_mean_value walks every bucket
 
     def record_s(self, latency_s: float) -> None:
         us = int(latency_s * 1_000_000)
@@ -50,10 +51,12 @@ class LatencyHistogram:
             us = self._max_us
             self.clamped += 1
         self._hist.record_value(us)
+        self._sum_us += us
 
     def merge(self, other: LatencyHistogram) -> None:
         self._hist.add(other._hist)
         self.clamped += other.clamped
+        self._sum_us += other._sum_us
 
     @property
     def count(self) -> int:
@@ -65,12 +68,13 @@ class LatencyHistogram:
     def summary(self) -> LatencySummary:
         if not self.count:
             return LatencySummary(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, self.clamped)
-        p = self._hist.get_percentile_to_value_dict(list(PERCENTILES))
+        # get_value_at_percentile walks the counts array; the percentile iterator is ~10x slower.
+        p = {q: self._hist.get_value_at_percentile(q) for q in PERCENTILES}
         return LatencySummary(
             count=self.count,
             fastest_ms=self._hist.get_min_value() / 1000,
             slowest_ms=self._hist.get_max_value() / 1000,
-            mean_ms=round(self._hist.get_mean_value() / 1000, 3),
+            mean_ms=round(self._sum_us / self.count / 1000, 3),
             p50_ms=p[50.0] / 1000, p90_ms=p[90.0] / 1000, p99_ms=p[99.0] / 1000, p999_ms=p[99.9] / 1000,
             clamped=self.clamped)
 

@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import collections
 import functools
+import itertools
 import json
 import os
 import random
@@ -512,7 +513,7 @@ class _Run:
         self.ledger = RunLedger(prefix, profile.bank_id, profile.target)
         shares = parse_mix(profile.mix)
         self.ops = [op for op in OPS if shares[op] > 0]
-        self.op_weights = [shares[op] for op in self.ops]
+        self.op_cum_weights = list(itertools.accumulate(shares[op] for op in self.ops))
         self.rng = random.Random(profile.seed)
         self.stats = {op: OpStats(LatencyHistogram(profile.latency_max_s)) for op in OPS}
         self.cancelable: collections.deque[str] = collections.deque(maxlen=CANCEL_CANDIDATES_MAX)
@@ -564,7 +565,7 @@ class _Run:
             self._show(progress, total)
 
     def _arrive(self, tasks: set[asyncio.Task[None]], intended: float, *, measured: bool, now: float) -> None:
-        op = self.rng.choices(self.ops, self.op_weights)[0]
+        op = self.rng.choices(self.ops, cum_weights=self.op_cum_weights)[0]
         if op == "cancel" and not self.cancelable:
             op = "query"
             self.cancel_fallbacks += 1
