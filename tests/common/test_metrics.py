@@ -224,3 +224,36 @@ def test_exposition_passes_promtool(channel: grpc.Channel) -> None:
     out = subprocess.run([promtool, "check", "metrics"], input=generate_latest(REGISTRY), capture_output=True,
                          timeout=30)
     assert out.returncode == 0, out.stdout.decode() + out.stderr.decode()
+
+
+def test_generated_service_handler_is_wrapped_once_and_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-call cost claim rests on this: label children are resolved once per method, not per call."""
+    from yindian.v1 import billing_pb2 as pb
+    from yindian.v1 import billing_pb2_grpc
+    from yindian_common import metrics
+
+    wraps: list[str] = []
+    real_wrap = metrics._wrap_handler
+
+    def counting_wrap(handler: grpc.RpcMethodHandler, method: str, fam: Any) -> grpc.RpcMethodHandler:
+        wraps.append(method)
+        return real_wrap(handler, method, fam)
+
+    monkeypatch.setattr(metrics, "_wrap_handler", counting_wrap)
+
+    class Servicer(billing_pb2_grpc.BillingServiceServicer):
+        def QueryAccount(self, request: Any, context: grpc.ServicerContext) -> Any:
+            return pb.QueryAccountResponse(account_no=request.account_no)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=grpc_server_interceptors())
+    billing_pb2_grpc.add_BillingServiceServicer_to_server(Servicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = billing_pb2_grpc.BillingServiceStub(ch)
+            for _ in range(5):
+                stub.QueryAccount(pb.QueryAccountRequest(account_no="0100000017"), timeout=5)
+    finally:
+        server.stop(None).wait(5)
+    assert wraps == ["/yindian.v1.BillingService/QueryAccount"]
