@@ -35,6 +35,9 @@ from sqlalchemy.engine import Connection, Engine
 
 from bank_sim import ledger
 from bank_sim.settings import LinkSettings
+
+# Generic bulk-SQL helpers (arrays on PostgreSQL, JSON lists on SQLite); no MIS logic.
+from mis_adapter.feed import InList, bulk_insert, list_param
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
 from yindian_common.clock import Clock, business_date, make_clock
@@ -114,14 +117,27 @@ _MOVE = (cursor_table.update().where(cursor_table.c.bank_id == _b("p_bank"))
          .values(last_seq=_b("p_seq"), updated_at=_b("p_now")))
 _STORED = (sa.select(results_table.c.seq, results_table.c.outcome, results_table.c.bank_serial,
                      results_table.c.amount_fen)
-           .where(results_table.c.bank_id == _b("p_bank"), results_table.c.seq.in_(_b("p_seqs", expanding=True))))
+           .where(results_table.c.bank_id == _b("p_bank"), InList(results_table.c.seq, "p_seqs")))
 _BALANCES = (sa.select(ledger.savings.c.account_no, ledger.savings.c.balance_fen)
-             .where(ledger.savings.c.bank_id == _b("p_bank"),
-                    ledger.savings.c.account_no.in_(_b("p_accts", expanding=True)))
+             .where(ledger.savings.c.bank_id == _b("p_bank"), InList(ledger.savings.c.account_no, "p_accts"))
              .with_for_update())
 _TAKE = (ledger.savings.update()
          .where(ledger.savings.c.bank_id == _b("p_bank"), ledger.savings.c.account_no == _b("p_acct"))
          .values(balance_fen=ledger.savings.c.balance_fen - _b("p_amount")))
+
+
+def _take(conn: Connection, bank_id: str, takes: list[dict[str, object]]) -> None:
+    """The debits of a batch, summed per passbook, in one statement on PostgreSQL."""
+    per: dict[str, int] = {}
+    for t in takes:
+        per[str(t["p_acct"])] = per.get(str(t["p_acct"]), 0) + int(t["p_amount"])  # type: ignore[call-overload]
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(
+            "UPDATE savings_accounts AS s SET balance_fen = s.balance_fen - v.amt "
+            "FROM unnest(%s::text[], %s::bigint[]) AS v(acct, amt) WHERE s.bank_id = %s AND s.account_no = v.acct",
+            (list(per), list(per.values()), bank_id))
+    else:
+        conn.execute(_TAKE, [{"p_bank": bank_id, "p_acct": a, "p_amount": f} for a, f in per.items()])
 
 
 def last_seq(conn: Connection, bank_id: str) -> int:
@@ -148,7 +164,7 @@ def process_batch(engine: Engine, clock: Clock, bank_id: str, notices: Sequence[
         done = last_seq(conn, bank_id)
         old = [n for n in notices if n.seq <= done]
         new = sorted((n for n in notices if n.seq > done), key=lambda n: n.seq)
-        stored = {r.seq: r for r in conn.execute(_STORED, {"p_bank": bank_id, "p_seqs": [n.seq for n in old]})} \
+        stored = {r.seq: r for r in conn.execute(_STORED, {"p_bank": bank_id, "p_seqs": list_param(conn, [n.seq for n in old])})} \
             if old else {}
         out = [_result(n.seq, stored[n.seq].outcome, stored[n.seq].bank_serial, stored[n.seq].amount_fen)
                for n in old if n.seq in stored]
@@ -156,7 +172,7 @@ def process_batch(engine: Engine, clock: Clock, bank_id: str, notices: Sequence[
         if not new:
             return out
         balances = {r.account_no: int(r.balance_fen) for r in conn.execute(
-            _BALANCES, {"p_bank": bank_id, "p_accts": sorted({n.account_no for n in new})})}
+            _BALANCES, {"p_bank": bank_id, "p_accts": list_param(conn, sorted({n.account_no for n in new}))})}
         takes, rows, results = [], [], []
         for n in new:
             serial = serial_for(n.seq, n.bill_id)
@@ -172,9 +188,9 @@ def process_batch(engine: Engine, clock: Clock, bank_id: str, notices: Sequence[
                             "amount_fen": n.amount_fen, "outcome": DEBITED if ok else INSUFFICIENT_FUNDS,
                             "bank_serial": serial if ok else "", "processed_at": now})
         if takes:
-            conn.execute(_TAKE, takes)
-            conn.execute(ledger.ledger.insert(), rows)
-        conn.execute(results_table.insert(), results)
+            _take(conn, bank_id, takes)
+            bulk_insert(conn, ledger.ledger, rows)
+        bulk_insert(conn, results_table, results)
         if conn.execute(_MOVE, {"p_bank": bank_id, "p_seq": new[-1].seq, "p_now": now}).rowcount != 1:
             conn.execute(cursor_table.insert(), {"bank_id": bank_id, "last_seq": new[-1].seq, "updated_at": now})
         if any(b < 0 for b in balances.values()):

