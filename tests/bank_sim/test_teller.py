@@ -17,6 +17,8 @@ from pathlib import Path
 import grpc
 import pytest
 import sqlalchemy as sa
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bank_sim import ledger, teller
 from bank_sim.settings import TellerSettings
@@ -45,6 +47,17 @@ def test_amount_falls_back_to_arrears_then_to_nothing() -> None:
     assert teller.choose_amount_fen(12_345, 14_000, 5_000) == 12_345
     assert teller.choose_amount_fen(12_345, 12_000, 5_000) is None
     assert teller.choose_amount_fen(0, 999, 1_000) is None
+
+
+@given(due=st.integers(0, 10**9), balance=st.integers(0, 2 * 10**9), step=st.sampled_from(teller.DEPOSIT_STEPS_FEN))
+def test_the_amount_settles_the_arrears_and_never_overdraws(due: int, balance: int, step: int) -> None:
+    wanted = teller.amount_with_deposit_fen(due, step)
+    assert wanted % step == 0 and due < wanted <= due + step
+    chosen = teller.choose_amount_fen(due, balance, step)
+    if chosen is None:
+        assert balance < wanted and (due == 0 or balance < due)
+    else:
+        assert chosen <= balance and chosen in (wanted, due) and chosen >= max(due, 1)
 
 
 def test_customers_are_distinct_and_planned_from_the_seed() -> None:
