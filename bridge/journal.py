@@ -243,13 +243,17 @@ class Journal:
             row = conn.execute(self._select, {"k": kind, "s": serial}).mappings().first()
         return Entry(**row) if row is not None else None
 
-    def write(self, entries: Sequence[Entry], outcomes: Sequence[Outcome]) -> set[tuple[str, str]]:
-        """One transaction: new rows (keys distinct; serials already journaled are
-        left alone) and outcomes with their audit lines. Returns the keys inserted.
-        Only the journal writer thread inserts, so nothing can slip in between
-        the lookup and the insert."""
+    def write(self, entries: Sequence[Entry], outcomes: Sequence[Outcome],
+              conn: sa.Connection | None = None) -> set[tuple[str, str]]:
+        """One transaction (on `conn` if given): new rows (keys distinct; serials
+        already journaled are left alone) and outcomes with their audit lines.
+        Returns the keys inserted. Only the journal writer thread inserts, so
+        nothing can slip in between the lookup and the insert."""
+        if conn is None:
+            with self.engine.connect() as own:
+                return self.write(entries, outcomes, own)
         inserted: set[tuple[str, str]] = set()
-        with self.engine.begin() as conn:
+        with conn.begin():
             if entries:
                 existing: set[tuple[str, str]] = set()
                 for kind in {e.kind for e in entries}:
@@ -425,12 +429,18 @@ class JournalWriter:
     reads the recorded state."""
 
     def __init__(self, journal: Journal, claims: Claims, clock: Clock, *, batch_max: int, queue_max: int,
-                 idle_wait_s: float) -> None:
+                 idle_wait_s: float, linger_s: float = 0.0) -> None:
         self._journal = journal
         self._clock = clock
         self._claims = claims
         self._batch_max = batch_max
         self._idle_wait_s = idle_wait_s
+        self._linger_s = linger_s
+        self.transactions = 0  # group commits so far, and what they carried (for metrics and benchmarks)
+        self.rows_written = 0
+        self.outcomes_written = 0
+        # The writer's own connection, kept across batches (no pool checkout or liveness ping per commit).
+        self._conn: sa.Connection | None = None
         self._queue: queue.Queue[_Item] = queue.Queue(maxsize=queue_max)
         self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
         # SUSPECT outcomes of rows whose owner gave up, written with the next batch (at most batch_max).
@@ -466,13 +476,13 @@ class JournalWriter:
         rows: list[NewRow] = []
         outcomes, self._carried = self._carried, []
         flushes: list[_Flush] = []
-        wait_s: float | None = self._idle_wait_s if not outcomes else 0.0
+        wait_s = self._idle_wait_s if not outcomes else 0.0
+        linger_until = 0.0
         while len(rows) + len(outcomes) < self._batch_max:
             try:
-                item = self._queue.get(timeout=wait_s) if wait_s else self._queue.get_nowait()
+                item = self._queue.get(timeout=wait_s) if wait_s > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
-            wait_s = 0.0
             if item is None:
                 return rows, outcomes, flushes, True
             if isinstance(item, _Flush):
@@ -481,6 +491,11 @@ class JournalWriter:
                 rows.append(item)
             else:
                 outcomes.append(item)
+                if not linger_until:
+                    linger_until = time.monotonic() + self._linger_s
+            # Outcomes alone may linger for company (their callers were already answered);
+            # a new row or a flush is written at once.
+            wait_s = 0.0 if rows or flushes else linger_until - time.monotonic()
         return rows, outcomes, flushes, False
 
     def _run(self) -> None:
@@ -491,6 +506,8 @@ class JournalWriter:
             self._write(rows, outcomes)
             for f in flushes:
                 f.done.set()
+        if self._conn is not None:
+            self._conn.close()
 
     def _write(self, rows: list[NewRow], outcomes: list[tuple[Outcome, Claim | None]]) -> None:
         if not rows and not outcomes:
@@ -498,9 +515,18 @@ class JournalWriter:
         backoff_s = 0.05
         while True:
             try:
-                inserted = self._journal.write([r.entry for r in rows], [o for o, _ in outcomes])
+                if self._conn is None:
+                    self._conn = self._journal.engine.connect()
+                inserted = self._journal.write([r.entry for r in rows], [o for o, _ in outcomes], self._conn)
+                self.transactions += 1
+                self.rows_written += len(rows)
+                self.outcomes_written += len(outcomes)
                 break
             except sa.exc.SQLAlchemyError:
+                if self._conn is not None:
+                    self._conn.invalidate()
+                    self._conn.close()
+                    self._conn = None
                 # An operating error (journal DB down): everything stays queued and claimed; retry.
                 log.exception("event=journal_write_failed rows=%d outcomes=%d retry_in_s=%.2f", len(rows),
                               len(outcomes), backoff_s)

@@ -63,7 +63,8 @@ class Bridge:
             log.warning("event=recovered_pending rows=%d state=SUSPECT", recovered)
         claims = Claims()
         writer = JournalWriter(journal, claims, clock, batch_max=settings.journal_batch_max,
-                               queue_max=settings.journal_queue_max, idle_wait_s=settings.journal_idle_wait_s)
+                               queue_max=settings.journal_queue_max, idle_wait_s=settings.journal_idle_wait_s,
+                               linger_s=settings.journal_linger_s)
         channel = instrument_channel(open_channel(settings.upstream, tls=settings.tls(), insecure=settings.insecure,
                                                   force_insecure=settings.force_insecure,
                                                   max_message_bytes=settings.upstream_max_message_bytes))

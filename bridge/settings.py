@@ -47,6 +47,8 @@ class BridgeSettings(YinDianSettings):
     journal_batch_max: int = Field(256, description="most outcomes recorded in one journal transaction")
     journal_queue_max: int = Field(4096, description="outcomes waiting to be recorded before callers block")
     journal_idle_wait_s: float = Field(0.5, description="how long the journal writer waits for work per loop")
+    journal_linger_s: float = Field(0.005, description="how long recorded outcomes (already answered) may wait "
+                                                       "to share a journal transaction with others")
 
     # --- in-doubt resolution ---
     resolver_enabled: bool = Field(True, description="run the background resolver of in-doubt requests")
