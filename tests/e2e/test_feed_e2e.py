@@ -162,3 +162,43 @@ def test_kill_9_each_process_mid_stream(backend: str, tmp_path: Path) -> None:
             bridge.terminate()
             adapter.terminate()
         verify(mis_url, bank_url, n)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_replicas_one_stream_and_failover(tmp_path: Path) -> None:
+    """Two mis_adapter replicas on one PostgreSQL: while A streams the bank,
+    B refuses a second subscriber; after kill -9 of A, B takes the stream
+    once A's lease lapses and nothing is lost or applied twice."""
+    import grpc
+
+    from tests.mis_adapter.test_feed_support import RawFeed
+    from yindian.v1 import billing_pb2_grpc
+    from yindian_common.status import error_info
+
+    n = 8_000
+    small = ["--feed-window-max", "300", "--feed-notice-batch-max", "100"]
+    with databases("postgresql", tmp_path) as (mis_url, bank_url, _bridge_url):
+        prepare(mis_url, bank_url, n)
+        a = start_adapter("replica_a", mis_url, "127.0.0.1:0", tmp_path, small)
+        b = start_adapter("replica_b", mis_url, "127.0.0.1:0", tmp_path, small)
+        consumer = start_autodebit(a.grpc_addr, bank_url, tmp_path, idle_exit_s=3.0)
+        try:
+            wait_until(lambda: bank_last_seq(bank_url) >= 1, "A streaming")
+            with grpc.insecure_channel(b.grpc_addr) as ch:
+                err = RawFeed(billing_pb2_grpc.BillingServiceStub(ch), timeout_s=30).error()
+            assert err.code() == grpc.StatusCode.ABORTED
+            info = error_info(err)
+            assert info is not None and info.reason == "FEED_ALREADY_ACTIVE"
+            wait_until(lambda: bank_last_seq(bank_url) >= n // 3, "a third of the feed through A")
+            a.kill9()
+            consumer.kill()
+            consumer.wait(30)
+            consumer = start_autodebit(b.grpc_addr, bank_url, tmp_path, idle_exit_s=3.0)
+            assert consumer.wait(timeout=300) == 0, (tmp_path / "autodebit.log").read_text()[-3000:]
+        finally:
+            if consumer.poll() is None:
+                consumer.kill()
+            b.terminate()
+            a.terminate()
+        verify(mis_url, bank_url, n)
