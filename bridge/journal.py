@@ -16,6 +16,8 @@ States of a row:
     POSTED       Pay applied; `body` is the utility's PayResponse
     CANCELLED    Cancel acknowledged; `body` is the utility's CancelResponse
     FAILED       the utility answered a definite error; `body` is its google.rpc.Status
+    RETRYABLE    the utility refused for now and wrote nothing (RESOURCE_EXHAUSTED,
+                 UNAVAILABLE, ABORTED with ErrorInfo); a retry of the serial is sent again
     SUSPECT      outcome unknown: a Pay awaits GetPayment, a Cancel awaits resending
     REVERSING    a Pay the utility never posted: a tombstoning Cancel
                  (`reversal_serial`) is sent until acknowledged
@@ -48,6 +50,7 @@ PENDING = "PENDING"
 POSTED = "POSTED"
 CANCELLED = "CANCELLED"
 FAILED = "FAILED"
+RETRYABLE = "RETRYABLE"
 SUSPECT = "SUSPECT"
 REVERSING = "REVERSING"
 NOT_APPLIED = "NOT_APPLIED"

@@ -47,6 +47,9 @@ CLAIM_ROUNDS = 3
 
 CHANNELS = frozenset({pb.CHANNEL_COUNTER, pb.CHANNEL_AUTO_DEBIT, pb.CHANNEL_ATM, pb.CHANNEL_ONLINE})
 BANK_BALANCE_MAX_FEN = 10**15
+# Definite refusals after which the utility has written nothing and invites a retry of the same serial.
+RETRY_LATER_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE,
+                               grpc.StatusCode.ABORTED})
 
 
 # ---- validation: the same field rules the utility applies ----
@@ -158,8 +161,13 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             existing = self._journal.get(*entry.key)
             if existing is None:  # cannot be: the writer found it journaled
                 raise RuntimeError(f"journal lost {entry.key}")
-            return self._answer_journaled(claim, entry, existing, context, max(0.0, deadline - time.monotonic()))
-        timeout_s = deadline - time.monotonic()
+            return self._answer_journaled(claim, entry, existing, request, context,
+                                          max(0.0, deadline - time.monotonic()))
+        return self._forward(claim, entry, request, context, deadline - time.monotonic())
+
+    def _forward(self, claim: Claim, entry: Entry, request: Any, context: grpc.ServicerContext,
+                 timeout_s: float) -> Any:
+        """Sends a journaled request (we own its claim) and answers from the outcome."""
         if timeout_s < self._min_call_s:
             outcome = jn.outcome_for(entry, jn.SUSPECT, self.bctx.clock.now(), message="no time left to forward")
             self._settle(claim, outcome)
@@ -180,7 +188,9 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             return jn.outcome_for(entry, jn.POSTED if entry.kind == jn.PAY else jn.CANCELLED, at, status_code=0,
                                   body=answer.response.SerializeToString(), message="")
         if answer.kind == DEFINITE:
-            return jn.outcome_for(entry, jn.FAILED, at, status_code=answer.code.value[0], body=answer.status_bytes,
+            # "Nothing written, retry later" (limits, suspension, a branch down): the serial may be sent again.
+            state = jn.RETRYABLE if answer.code in RETRY_LATER_CODES else jn.FAILED
+            return jn.outcome_for(entry, state, at, status_code=answer.code.value[0], body=answer.status_bytes,
                                   message=answer.message)
         # In doubt: due for resolution at once.
         return jn.outcome_for(entry, jn.SUSPECT, at, message=f"in doubt: {answer.code.name}: {answer.message}",
@@ -193,8 +203,8 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         if not outcome.definite:
             self.resolver.wake()
 
-    def _answer_journaled(self, claim: Claim, entry: Entry, existing: Entry, context: grpc.ServicerContext,
-                          timeout_s: float) -> Any:
+    def _answer_journaled(self, claim: Claim, entry: Entry, existing: Entry, request: Any,
+                          context: grpc.ServicerContext, timeout_s: float) -> Any:
         """A retry of a journaled serial (we own its claim)."""
         if not existing.same_request(entry):
             self._claims.release(claim)
@@ -204,6 +214,8 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             if existing.state == jn.POSTED and self._reversed_by_cancel(existing.serial):
                 abort(context, SerialReversed(f"bank_serial {existing.serial} was reversed"))
             return self._reply(existing, context)
+        if existing.state == jn.RETRYABLE:
+            return self._forward(claim, existing, request, context, timeout_s)
         outcome = self.resolver.resolve(existing, timeout_s)
         self._settle(claim, outcome)
         log.info("event=retry_in_doubt kind=%s serial=%s from=%s to=%s", entry.kind, entry.serial, existing.state,
@@ -249,7 +261,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             return pb.PayResponse.FromString(row.body or b"")
         if state == jn.CANCELLED:
             return pb.CancelResponse.FromString(row.body or b"")
-        if state == jn.FAILED:
+        if state in (jn.FAILED, jn.RETRYABLE):
             context.abort_with_status(rpc_status.to_status(status_pb2.Status.FromString(row.body or b"")))
         if state == jn.NOT_APPLIED:
             abort(context, Precondition(f"payment {row.serial} was not applied (PAYMENT_NOT_APPLIED: reversed or "

@@ -37,6 +37,11 @@ class Utility:
     def address(self) -> str:
         return self.proc.grpc_addr
 
+    def bank_admin(self, action: str) -> None:
+        """The utility operator's 停工 (suspend) / 开工 (resume) of the test bank."""
+        subprocess.run([sys.executable, "-m", "mis_adapter", "bank", action, BANK, "--db", self.mis_db],
+                       cwd=REPO, check=True, timeout=60, capture_output=True)
+
     def get_payment(self, bank_serial: str) -> pb.GetPaymentResponse:
         """The utility's own answer, asked directly (not through the bridge)."""
         with grpc.insecure_channel(self.address) as ch:
@@ -68,7 +73,7 @@ def utility(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Utility]:
             "SELECT account_no FROM customers WHERE status = 'OPEN' ORDER BY account_no"))]
     eng.dispose()
     proc = start("mis_adapter", ["mis_adapter", "serve", "--db", mis_db, "--listen", "127.0.0.1:0",
-                                 "--metrics-port", "0", "--insecure"], log_dir=work)
+                                 "--metrics-port", "0", "--insecure", "--bank-status-ttl-s", "0"], log_dir=work)
     yield Utility(proc, mis_db, itertools.cycle(accounts))
     assert proc.terminate() == 0
 

@@ -110,6 +110,23 @@ def test_definite_error_is_relayed_unchanged_and_replayed_from_the_journal(
     assert link.requests == forwarded
 
 
+def test_refusal_that_wrote_nothing_is_relayed_and_the_same_serial_goes_through_later(
+        utility: Utility, link: Link, make_bridge: Callable[..., BankCore]) -> None:
+    core = make_bridge(link.address)
+    serial, acct = new_serial("SUS"), next(utility.accounts)
+    utility.bank_admin("suspend")
+    try:
+        err = rpc_error(lambda: core.pay(serial, acct, 1_234))
+        assert err.code() == grpc.StatusCode.UNAVAILABLE and reason(err) == "BANK_SUSPENDED"
+        assert journal_state(core, jn.PAY, serial) == jn.RETRYABLE
+        assert utility.payment(serial) is None
+    finally:
+        utility.bank_admin("resume")
+    resp = core.pay(serial, acct, 1_234)
+    assert resp.amount_fen == 1_234 and journal_state(core, jn.PAY, serial) == jn.POSTED
+    assert utility.payment(serial) == {"state": "POSTED", "amount_fen": 1_234, "account_no": acct}
+
+
 def test_lost_answer_is_resolved_to_posted_with_the_utility_receipt(
         utility: Utility, link: Link, make_bridge: Callable[..., BankCore]) -> None:
     core = make_bridge(link.address)
