@@ -29,7 +29,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from bridge import journal as jn
 from bridge.journal import Claims, Entry, Journal, JournalWriter, Outcome
-from bridge.upstream import DEFINITE, Answer, Upstream
+from bridge.upstream import DEFINITE, RETRY_LATER_CODES, Answer, Upstream
 from yindian.v1 import billing_pb2
 from yindian_common.clock import Clock
 from yindian_common.status import DOMAIN
@@ -119,7 +119,7 @@ class Resolver:
             if answer.ok:
                 return jn.outcome_for(entry, jn.CANCELLED, at, status_code=0,
                                       body=answer.response.SerializeToString(), message="resent"), answer
-            if answer.kind == DEFINITE:
+            if answer.kind == DEFINITE and answer.code not in RETRY_LATER_CODES:  # else: resend later
                 return jn.outcome_for(entry, jn.FAILED, at, status_code=answer.code.value[0],
                                       body=answer.status_bytes, message=answer.message), answer
             return None, answer

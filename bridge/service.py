@@ -23,7 +23,7 @@ from bridge import journal as jn
 from bridge.context import BridgeContext
 from bridge.journal import Claim, Entry, Outcome
 from bridge.resolver import REVERSAL_PREFIX, Resolver
-from bridge.upstream import DEFINITE, OK, Answer, relay
+from bridge.upstream import DEFINITE, OK, RETRY_LATER_CODES, Answer, relay
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
 from yindian_common import fields
@@ -47,9 +47,6 @@ CLAIM_ROUNDS = 3
 
 CHANNELS = frozenset({pb.CHANNEL_COUNTER, pb.CHANNEL_AUTO_DEBIT, pb.CHANNEL_ATM, pb.CHANNEL_ONLINE})
 BANK_BALANCE_MAX_FEN = 10**15
-# Definite refusals after which the utility has written nothing and invites a retry of the same serial.
-RETRY_LATER_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE,
-                               grpc.StatusCode.ABORTED})
 
 
 # ---- validation: the same field rules the utility applies ----

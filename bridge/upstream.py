@@ -26,6 +26,10 @@ OK = "OK"
 DEFINITE = "DEFINITE"
 IN_DOUBT = "IN_DOUBT"
 
+# Definite refusals after which the utility has written nothing and invites a retry of the same serial.
+RETRY_LATER_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE,
+                               grpc.StatusCode.ABORTED})
+
 
 @dataclass(frozen=True)
 class Answer:
