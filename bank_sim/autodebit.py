@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import sqlalchemy as sa
@@ -48,6 +49,7 @@ from yindian_common.server import TlsFiles, open_channel
 from yindian_common.settings import add_settings_flags, load_settings
 
 log = logging.getLogger("bank_sim.autodebit")
+REPO = Path(__file__).resolve().parents[1]
 
 DEBITED = "DEBITED"
 INSUFFICIENT_FUNDS = "INSUFFICIENT_FUNDS"
@@ -274,6 +276,58 @@ class Consumer:
                 out.put_nowait(None)
             call.cancel()
         return False
+
+
+def demo_step(day: Any) -> None:
+    """bank_sim demo-day's step after the counter business: the utility issues
+    this month's bills (`mis_adapter issue-bills`), and the bank's auto-debit
+    consumer takes its bills through the bridge until all are acknowledged."""
+    from rich.table import Table
+
+    from bank_sim.processes import run_command
+
+    s = day.settings
+    today = business_date(make_clock(s.clock_start))
+    period = f"{today.year:04d}{today.month:02d}"
+    run_command("issue-bills", ["mis_adapter", "issue-bills", "--db", day.mis_db, "--period", period,
+                                *day.clock_flags()], log_dir=day.work, timeout_s=s.step_timeout_s, cwd=REPO)
+    issued = (day.work / "issue-bills.log").read_text(encoding="utf-8").strip().splitlines()[-1]
+    settings = load_settings(AutodebitSettings, {
+        "target": day.servers["bridge"].grpc_addr, "bank_id": s.bank_id, "insecure": True, "db": day.bank_db,
+        "clock_start": s.clock_start, "idle_exit_s": 1.0, "run_timeout_s": s.step_timeout_s})
+    engine = make_engine(settings.db)
+    create_schema(engine)
+    roster = day.roster_dir / f"{s.bank_id}.csv"
+    clock = make_clock(settings.clock_start)
+    import random
+    with engine.begin() as conn:
+        ledger.load_passbooks(conn, s.bank_id, ledger.read_roster(roster), rng=random.Random(settings.seed),
+                              low_balance_ratio=settings.low_balance_ratio, now=clock.now())
+    channel = open_channel(settings.target, tls=None, insecure=True)
+    try:
+        summary = Consumer(settings, engine, clock, channel).run()
+        with engine.connect() as conn:
+            broken = ledger.check_passbooks(conn, s.bank_id)
+    finally:
+        channel.close()
+        engine.dispose()
+    table = Table(title=f"Bill issuance {period} and auto-debit (实时划拨) at {s.bank_id}")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    table.add_column("yuan", justify="right")
+    table.add_row("bills fed to the bank", f"{summary.notices:,}", "")
+    table.add_row("debited from passbooks", f"{summary.debited:,}", f"{summary.debited_fen / 100:,.2f}")
+    table.add_row("left in arrears (insufficient funds)", f"{summary.insufficient:,}", "")
+    table.add_row("acknowledged by the utility (cursor)", f"{summary.acked_through_seq:,}", "")
+    day.sections.append(table)
+    day.facts["autodebit"] = {**asdict(summary), "issued": issued, "passbooks_broken": broken}
+    day.console.print(f"  {issued}")
+    day.console.print(f"  bills fed {summary.notices:,}, debited {summary.debited:,} "
+                      f"({summary.debited_fen / 100:,.2f} yuan), left in arrears {summary.insufficient:,}")
+    if broken:
+        raise RuntimeError(f"{broken} passbooks out of balance after auto-debit")
+    if summary.acked_through_seq < summary.last_seq:
+        raise RuntimeError("auto-debit results not all acknowledged by the utility")
 
 
 def main(argv: list[str]) -> int:

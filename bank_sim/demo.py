@@ -27,7 +27,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bank_sim import reconcile, teller
+from bank_sim import autodebit, reconcile, teller
 from bank_sim.processes import ProcessFailed, ServerProcess, run_command, start_server
 from bank_sim.settings import DemoSettings, TellerSettings
 from yindian_common.clock import make_clock
@@ -133,6 +133,7 @@ STEPS: list[Step] = [
     ("start mis_adapter", start_mis_adapter),
     ("start the bank's bridge", start_bridge),
     ("counter business through the bridge", counter_business),
+    ("bill issuance and auto-debit through the bridge", autodebit.demo_step),
     ("end-of-day reconciliation through the bridge", reconcile.demo_step),
 ]
 
