@@ -27,6 +27,7 @@ from pydantic import Field
 from rich.console import Console
 from rich.table import Table
 
+from bank_sim.bench_core import process_cpu_s
 from bank_sim.ledger import read_roster
 from bank_sim.load import LoadProfile, LoadResult, run_load_async
 from bank_sim.processes import ProcessFailed, ServerProcess, run_command, start_server
@@ -35,7 +36,7 @@ from yindian_common.settings import YinDianSettings, add_settings_flags, load_se
 
 REPO = Path(__file__).resolve().parents[1]
 DESCRIPTION = "Benchmark: the standard load profile through bridge -> mis_adapter, SQLite and PostgreSQL, stepped rates."
-CONSOLE_WIDTH_MIN = 140
+CONSOLE_WIDTH_MIN = 200
 RATES_MAX = 32
 
 
@@ -45,7 +46,7 @@ class BenchSettings(YinDianSettings):
     work_dir: str = Field("var/bench", description="work directory, emptied at the start of each run")
     accounts: int = Field(5000, ge=1, description="households the utility is seeded with")
     bank_id: str = Field("ICBC", description="the bank whose load is offered")
-    rates: str = Field("200,400,800,1200,1600", description="comma-separated offered rates (calls/s), in order")
+    rates: str = Field("100,200,400,800,1200,1600", description="comma-separated offered rates (calls/s), in order")
     step_duration_s: float = Field(10.0, gt=0, description="measured seconds of each step")
     warmup_s: float = Field(2.0, ge=0, description="unmeasured warm-up before each step")
     concurrency: int = Field(256, ge=1, description="calls in flight at most (an arrival finding none free is dropped)")
@@ -66,11 +67,21 @@ class Step:
     backend: str
     result: LoadResult
     sustained: bool
+    # CPU per answered call (warm-up included) of each process, from /proc: the cost-model figure
+    # that a busy shared machine does not distort (PostgreSQL's own processes not included)
+    cpu_us_per_call: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ceiling_per_s(self) -> float | None:
+        """What this box could carry at 100 % CPU by the cost model: cores / CPU per call."""
+        total_us = sum(self.cpu_us_per_call.values())
+        return (os.cpu_count() or 1) * 1e6 / total_us if total_us > 0 else None
 
     def to_json(self) -> dict[str, Any]:
         out = self.result.to_json()
         out.pop("histogram", None)
-        return {"backend": self.backend, "sustained": self.sustained, "result": out}
+        return {"backend": self.backend, "sustained": self.sustained, "cpu_us_per_call": self.cpu_us_per_call,
+                "ceiling_per_s": self.ceiling_per_s, "result": out}
 
 
 @dataclass
@@ -112,22 +123,34 @@ def step_profile(settings: BenchSettings, target: str, mis_db: str, rate_per_s: 
                                        progress=False, rpc_deadline_s=settings.rpc_deadline_s))
 
 
-def run_steps(backend: Backend, target: str, accounts: list[str], settings: BenchSettings,
+def run_steps(backend: Backend, target: str, accounts: list[str], servers: dict[str, int], settings: BenchSettings,
               console: Console) -> list[Step]:
     steps: list[Step] = []
     failed_in_a_row = 0
     for rate in parse_rates(settings.rates):
         profile = step_profile(settings, target, backend.mis_db, rate)
+        cpu_before = {name: process_cpu_s(pid) for name, pid in servers.items()}
         result, _ledger = asyncio.run(run_load_async(profile, accounts))
         ok_money = result.check is not None and result.check.ok
         sustained = result.sustained(settings.p99_max_ms) and ok_money
-        steps.append(Step(backend.name, result, sustained))
-        console.print(step_line(steps[-1]), highlight=False)
+        steps.append(Step(backend.name, result, sustained, cpu_per_call(result, servers, cpu_before)))
+        console.print(step_line(steps[-1]), highlight=False, soft_wrap=True)
         failed_in_a_row = 0 if sustained else failed_in_a_row + 1
         if failed_in_a_row >= settings.unsustained_steps_max:
             console.print(f"  {backend.name}: {failed_in_a_row} steps in a row not sustained; stepping stops")
             break
     return steps
+
+
+def cpu_per_call(result: LoadResult, servers: dict[str, int], cpu_before: dict[str, float | None]
+                 ) -> dict[str, float]:
+    calls = max(1, result.calls_total)
+    out = {"generator": round(result.generator_cpu_s / calls * 1e6, 1)}
+    for name, pid in servers.items():
+        before, after = cpu_before[name], process_cpu_s(pid)
+        if before is not None and after is not None:
+            out[name] = round((after - before) / calls * 1e6, 1)
+    return out
 
 
 def step_line(s: Step) -> str:
@@ -137,7 +160,11 @@ def step_line(s: Step) -> str:
     return (f"  {s.backend:<10} offered {r.offered_rate_per_s:>7,.0f}/s  achieved {r.rate_per_s:>8,.1f}/s  "
             f"dropped {r.dropped:>6,}  p50 {r.latency.p50_ms:8.2f}  p99 {r.latency.p99_ms:9.2f}  "
             f"p99.9 {r.latency.p999_ms:9.2f} ms  {check}  {'sustained' if s.sustained else 'NOT sustained'}  "
-            f"load {r.load_average[0]:.2f}")
+            f"load {r.load_average[0]:.2f}  CPU us/call {_cpu(s)}")
+
+
+def _cpu(s: Step) -> str:
+    return " ".join(f"{k} {v:,.0f}" for k, v in s.cpu_us_per_call.items())
 
 
 def bench_backend(name: str, settings: BenchSettings, root: Path, console: Console) -> tuple[list[Step], str]:
@@ -165,7 +192,8 @@ def bench_backend(name: str, settings: BenchSettings, root: Path, console: Conso
         servers.append(bridge)
         console.print(f"[bold]{name}[/bold]: {settings.accounts:,} households, {len(accounts):,} accounts on "
                       f"{settings.bank_id}'s roster; bridge {bridge.grpc_addr} -> mis_adapter {mis.grpc_addr}")
-        return run_steps(backend, bridge.grpc_addr, accounts, settings, console), ""
+        pids = {"bridge": bridge.popen.pid, "mis_adapter": mis.popen.pid}
+        return run_steps(backend, bridge.grpc_addr, accounts, pids, settings, console), ""
     finally:
         for proc in reversed(servers):
             try:
@@ -179,7 +207,7 @@ def bench_backend(name: str, settings: BenchSettings, root: Path, console: Conso
 def backend_table(name: str, steps: list[Step], p99_max_ms: float) -> Table:
     table = Table(title=f"bench {name}: bank_sim load -> bridge -> mis_adapter (latency ms from intended send time)")
     for col in ("offered/s", "achieved/s", "dropped", "OK %", "p50", "p90", "p99", "p99.9", "slowest", "retries",
-                "money", f"p99<{p99_max_ms:g}", "load 1m"):
+                "money", f"p99<{p99_max_ms:g}", "load 1m", "CPU us/call gen+bridge+mis", "ceiling/s"):
         table.add_column(col, justify="right")
     for s in steps:
         r = s.result
@@ -188,7 +216,9 @@ def backend_table(name: str, steps: list[Step], p99_max_ms: float) -> Table:
         table.add_row(f"{r.offered_rate_per_s:,.0f}", f"{r.rate_per_s:,.1f}", f"{r.dropped:,}", f"{ok_pct:.2f}",
                       f"{r.latency.p50_ms:.2f}", f"{r.latency.p90_ms:.2f}", f"{r.latency.p99_ms:.2f}",
                       f"{r.latency.p999_ms:.2f}", f"{r.latency.slowest_ms:.2f}", f"{r.retries:,}", money,
-                      "yes" if s.sustained else "no", f"{r.load_average[0]:.2f}")
+                      "yes" if s.sustained else "no", f"{r.load_average[0]:.2f}",
+                      "+".join(f"{v:,.0f}" for v in s.cpu_us_per_call.values()),
+                      f"{s.ceiling_per_s:,.0f}" if s.ceiling_per_s else "-")
     return table
 
 
@@ -196,20 +226,24 @@ def summary_table(all_steps: dict[str, list[Step]], skipped: dict[str, str], set
     table = Table(title=f"bench summary: mix {settings.mix}, {settings.step_duration_s:g} s per step, "
                         f"concurrency {settings.concurrency}")
     for col in ("back end", f"highest sustained rate (p99<{settings.p99_max_ms:g} ms)", "p50 ms", "p99 ms",
-                "load average at the time (1/5/15 min)", "note"):
+                "load average at the time (1/5/15 min)", "CPU us/call gen+bridge+mis", "cost-model ceiling/s", "note"):
         table.add_column(col, justify="left" if col in ("back end", "note") else "right")
     for name, steps in all_steps.items():
+        busiest = max(steps, key=lambda s: s.result.calls_total, default=None)  # most calls: steadiest CPU figures
+        cpu = "+".join(f"{v:,.0f}" for v in busiest.cpu_us_per_call.values()) if busiest else "-"
+        ceiling = f"{busiest.ceiling_per_s:,.0f}" if busiest and busiest.ceiling_per_s else "-"
         best = max((s for s in steps if s.sustained), key=lambda s: s.result.offered_rate_per_s, default=None)
         if best is None:
             last = steps[-1].result.load_average if steps else os.getloadavg()
-            table.add_row(name, "none", "-", "-", " ".join(f"{x:.2f}" for x in last), "no step sustained")
+            table.add_row(name, "none", "-", "-", " ".join(f"{x:.2f}" for x in last), cpu, ceiling,
+                          "no step sustained")
             continue
         r = best.result
         table.add_row(name, f"{r.offered_rate_per_s:,.0f}/s (achieved {r.rate_per_s:,.1f}/s)",
                       f"{r.latency.p50_ms:.2f}", f"{r.latency.p99_ms:.2f}",
-                      " ".join(f"{x:.2f}" for x in r.load_average), "")
+                      " ".join(f"{x:.2f}" for x in r.load_average), cpu, ceiling, "")
     for name, reason in skipped.items():
-        table.add_row(name, "skipped", "-", "-", " ".join(f"{x:.2f}" for x in os.getloadavg()), reason)
+        table.add_row(name, "skipped", "-", "-", " ".join(f"{x:.2f}" for x in os.getloadavg()), "-", "-", reason)
     return table
 
 

@@ -9,9 +9,12 @@ counted, never delayed. Warm-up arrivals run but are not measured. The run
 ends by itself: arrivals stop after warm-up + duration, in-flight calls get at
 most `drain_s`, and every call has a deadline.
 
-Pays carry fresh serials unique to the run (one prefix), an in-doubt answer is
-retried with the same serial, and cancels reverse earlier accepted pays of the
-same run. At the end every pay or cancel still in doubt is resent with its
+Operations: `query` (QueryAccount), `pay` (a COUNTER Pay), `autodebit` (a Pay
+on the AUTO_DEBIT channel, as the bank's auto-debit consumer posts it; the
+feed stream itself is not driven) and `cancel` (a Cancel of an earlier
+accepted pay of the same run; a query when there is none yet). Pays carry
+fresh serials unique to the run (one prefix), and an in-doubt answer is
+retried with the same serial. At the end every pay or cancel still in doubt is resent with its
 serial, then the run's ledger is checked against the MIS database(s)
 (`--mis-db`, read only) or, without one, against GetPayment through the
 target: every accepted pay present exactly once, POSTED (REVERSED if the run
@@ -37,6 +40,7 @@ import os
 import random
 import secrets
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -482,6 +486,8 @@ class LoadResult:
     pays_accepted: int
     pays_in_doubt_after_run: int
     load_average: tuple[float, float, float]
+    calls_total: int = 0           # every call answered, warm-up included (for CPU per call)
+    generator_cpu_s: float = 0.0   # this process's CPU (all threads) while the load ran
     check: CheckResult | None = None
     histogram: str = ""            # HdrHistogram encoding of all measured latencies
 
@@ -531,6 +537,7 @@ class _Run:
         self.measure_to = 0.0
         self.last_done = 0.0
         self.retry_until = 0.0
+        self.cpu_s = 0.0
 
     # -- scheduling --
 
@@ -727,7 +734,8 @@ class _Run:
             rate_per_s=round(completed / span_s, 1), span_s=round(span_s, 3), retries=self.client.retries,
             cancel_fallbacks=self.cancel_fallbacks, scheduler_lag_max_ms=round(self.lag_max_s * 1000, 3),
             latency=overall.summary(), ops=ops, codes=dict(codes), pays_sent=len(self.ledger.pays),
-            pays_accepted=accepted, pays_in_doubt_after_run=in_doubt, load_average=load_average, check=check,
+            pays_accepted=accepted, pays_in_doubt_after_run=in_doubt, load_average=load_average,
+            calls_total=self.done_total, generator_cpu_s=round(self.cpu_s, 3), check=check,
             histogram=overall.encode())
 
 
@@ -758,11 +766,13 @@ async def run_load_async(profile: LoadProfile, accounts: Sequence[str] | None = 
     try:
         if progress:
             progress.start()
+        cpu_before_s = time.process_time()
         try:
             await run.run(progress)
         finally:
             if progress:
                 progress.stop()
+        run.cpu_s = time.process_time() - cpu_before_s
         load_average = os.getloadavg()
         await run.resolve_in_doubt()
         check = await _check(profile, run.ledger, client) if profile.check else None
@@ -801,6 +811,10 @@ def check_ledger(profile: LoadProfile, ledger: RunLedger) -> CheckResult:
 
 # ---- reporting ----
 
+def _us_per_call(cpu_s: float, calls: int) -> str:
+    return f"{cpu_s / calls * 1e6:,.0f}" if calls else "-"
+
+
 def _ms(v: float) -> str:
     return f"{v:,.2f}"
 
@@ -814,6 +828,7 @@ def result_tables(r: LoadResult) -> list[Table]:
                  ("dropped (no free slot)", f"{r.dropped:,}"), ("completed", f"{r.completed:,}"),
                  ("rate", f"{r.rate_per_s:,.1f}/s over {r.span_s:g} s"), ("OK", f"{r.ok:,}"),
                  ("retries (same serial)", f"{r.retries:,}"), ("scheduler lag max", f"{r.scheduler_lag_max_ms:,.2f} ms"),
+                 ("generator CPU", f"{r.generator_cpu_s:.2f} s, {_us_per_call(r.generator_cpu_s, r.calls_total)} µs/call"),
                  ("load average", " ".join(f"{x:.2f}" for x in r.load_average))):
         head.add_row(k, v)
     lat = Table(title="latency from intended send time (ms)")
@@ -857,7 +872,9 @@ def parse(argv: list[str]) -> tuple[LoadProfile, argparse.Namespace]:
     parser.add_argument("--rate", dest="rate_per_s", type=float, default=None, help="offered arrivals per second")
     parser.add_argument("--duration", dest="duration_s", type=float, default=None, help="measured seconds")
     parser.add_argument("--warmup", dest="warmup_s", type=float, default=None, help="unmeasured warm-up seconds")
-    parser.add_argument("--mix", default=None, help="e.g. query=50,pay=35,cancel=5,autodebit=10")
+    parser.add_argument("--mix", default=None,
+                        help="shares of query/pay/cancel/autodebit, e.g. query=50,pay=35,cancel=5,autodebit=10 "
+                             "(autodebit = Pay on the AUTO_DEBIT channel; cancel reverses an earlier pay of the run)")
     parser.add_argument("--allow-host", dest="allow_host", action="append", default=None,
                         help="a non-loopback host the load may target (repeatable)")
     parser.add_argument("--mis-db", dest="mis_db", action="append", default=None,
