@@ -214,6 +214,11 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         if existing.state == jn.RETRYABLE:
             return self._forward(claim, existing, request, context, timeout_s)
         outcome = self.resolver.resolve(existing, timeout_s)
+        if not outcome.definite and outcome.state == existing.state:
+            # No progress: leave the row and its back-off to the resolver (no journal write per bank retry).
+            claim.finish(outcome)
+            self._claims.release(claim)
+            return self._reply(outcome, context)
         self._settle(claim, outcome)
         log.info("event=retry_in_doubt kind=%s serial=%s from=%s to=%s", entry.kind, entry.serial, existing.state,
                  outcome.state)
