@@ -192,7 +192,7 @@ class Resolver:
             self._thread.join(timeout_s)
 
     def run_pass(self) -> int:
-        """One pass over the due rows; returns how many were advanced."""
+        """One pass over the due rows; returns how many made progress (0: wait before the next pass)."""
         keys = self._journal.due(now_ms(self._clock), self._batch_max)
         advanced = 0
         for key in keys:
@@ -208,11 +208,11 @@ class Resolver:
             outcome = self.resolve(entry, self._call_timeout_s)
             claim.finish(outcome)
             self._writer.submit(outcome, claim)
-            advanced += 1
             log.info("event=resolve kind=%s serial=%s from=%s to=%s attempts=%d detail=%r", entry.kind,
                      entry.serial, entry.state, outcome.state, outcome.attempts, outcome.message)
             if not outcome.definite and outcome.state == entry.state:
-                break  # the link or the utility is down: leave the rest to their backoff
+                break  # the link or the utility is down: wait, and leave the rest to their backoff
+            advanced += 1
         return advanced
 
     def _run(self) -> None:
