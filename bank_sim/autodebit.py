@@ -84,6 +84,7 @@ class AutodebitSettings(LinkSettings):
     silence_s: float = Field(20.0, description="resubscribe when the stream is silent this long")
     idle_exit_s: float = Field(0.0, description="exit when all results are acknowledged and no notice "
                                                 "came for this long (0: run until stopped)")
+    idle_exit_after_seq: int = Field(0, description="idle exit only once this seq has been processed")
     run_timeout_s: float = Field(0.0, description="give up after this long (0: no limit)")
     results_queue_max: int = Field(64, description="result messages waiting to be sent")
     summary_json: str | None = Field(None, description="also write the summary as JSON to this file")
@@ -268,6 +269,7 @@ class Consumer:
                     continue
                 self.summary.acked_through_seq = msg.heartbeat.acked_through_seq
                 if (self.s.idle_exit_s and msg.heartbeat.acked_through_seq >= self.summary.last_seq
+                        and self.summary.last_seq >= self.s.idle_exit_after_seq
                         and time.monotonic() - last_notice >= self.s.idle_exit_s):
                     return True
         finally:

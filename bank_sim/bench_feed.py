@@ -15,18 +15,28 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import random
+import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import sqlalchemy as sa
+from pydantic import Field
 from sqlalchemy.engine import Engine
 
 from bank_sim import autodebit, ledger
 from mis_adapter.db.core import Agreement, AllocationRow, Bank, BillRow, Branch, Customer, Meter, Payment, Reading
 from mis_adapter.db.feed import DebitResultRow, FeedCursor, OutboxRow
+from mis_adapter.issue_bills import issue_bills
 from mis_adapter.migrate import upgrade
 from mis_adapter.seed import bulk_insert
+from yindian_common.clock import SystemClock
+from yindian_common.db import create_database, make_engine
 from yindian_common.fields import make_account_no
+from yindian_common.settings import YinDianSettings, add_settings_flags, load_settings
 
 BRANCH = "01"
 
@@ -163,9 +173,175 @@ def check_feed(mis: Engine, bank: Engine, bank_id: str, period: str) -> FeedChec
     return c
 
 
+# ---- the benchmark ----
+
+BENCH_BANK = "ICBC"
+PROBE_BANK = "PROBE"
+PROBE_FIRST_SERIAL = 9_000_000
+
+
+class BenchFeedSettings(YinDianSettings):
+    """`python -m bank_sim bench-feed` (`make bench-feed`)."""
+
+    work_dir: str = Field("var/bench-feed", description="work directory, emptied at the start of each run")
+    bills: int = Field(100_000, description="bills issued and fed per back end")
+    backends: str = Field("sqlite,postgresql", description="comma-separated back ends to measure")
+    pg_admin_url: str = Field("postgresql://postgres@127.0.0.1:5432/postgres",
+                              description="PostgreSQL server to create the benchmark databases on")
+    window: int = Field(1_000, description="mis_adapter --feed-window-max")
+    notice_batch: int = Field(500, description="mis_adapter --feed-notice-batch-max")
+    issue_batch: int = Field(5_000, description="accounts issued per transaction")
+    probes: int = Field(200, description="single-bill issues timed from commit to notice")
+    ready_timeout_s: float = Field(90.0, description="longest wait for a server's READY line")
+    run_timeout_s: float = Field(900.0, description="longest a back end's run may take")
+
+
+def _instant(v: object) -> float:
+    if isinstance(v, str):  # SQLite hands back its UTC storage string
+        v = dt.datetime.fromisoformat(v)
+    assert isinstance(v, dt.datetime)
+    return (v if v.tzinfo else v.replace(tzinfo=dt.UTC)).timestamp()
+
+
+def _span(engine: Engine, q: sa.Select) -> float:  # type: ignore[type-arg]
+    with engine.connect() as conn:
+        v = conn.execute(q).scalar_one()
+    return _instant(v) if v is not None else float("nan")
+
+
+def _probe_latency(mis: Engine, adapter_addr: str, n: int) -> list[float]:
+    """Issues n single-bill transactions for the probe bank, each timed from
+    its commit to the notice arriving on a subscriber of the probe bank."""
+    import queue as _queue
+    import threading
+
+    import grpc
+
+    from yindian.v1 import billing_pb2 as pb
+    from yindian.v1 import billing_pb2_grpc
+
+    clock = SystemClock()
+    people = populate_period(mis, n, BENCH_PERIOD, banks=(PROBE_BANK,), now=clock.now(),
+                             first_serial=PROBE_FIRST_SERIAL)
+    arrived: _queue.Queue[float] = _queue.Queue()
+    requests: _queue.Queue[pb.BillFeedRequest | None] = _queue.Queue()
+    requests.put(pb.BillFeedRequest(subscribe=pb.Subscribe()))
+    channel = grpc.insecure_channel(adapter_addr)
+    call = billing_pb2_grpc.BillingServiceStub(channel).BillFeed(
+        iter(requests.get, None), metadata=[("x-yindian-bank-id", PROBE_BANK)], timeout=600)
+
+    def read() -> None:
+        try:
+            for msg in call:
+                if msg.WhichOneof("body") == "notices":
+                    now = time.perf_counter()
+                    for _notice in msg.notices.notices:
+                        arrived.put(now)
+                    requests.put(pb.BillFeedRequest(results=pb.DebitResultBatch(results=[
+                        pb.DebitResult(seq=x.seq, outcome=pb.DEBIT_OUTCOME_INSUFFICIENT_FUNDS)
+                        for x in msg.notices.notices])))
+        except grpc.RpcError:
+            pass
+
+    threading.Thread(target=read, daemon=True).start()
+    out: list[float] = []
+    try:
+        committing: list[float] = []
+
+        def stamp(_batch: Sequence[str]) -> None:
+            committing.append(time.perf_counter())
+
+        for acct, _bank in people:
+            issue_bills(mis, clock, BENCH_PERIOD, accounts=[acct], before_commit=stamp)
+            out.append(arrived.get(timeout=30) - committing[-1])
+    finally:
+        requests.put(None)
+        call.cancel()
+        channel.close()
+    return out
+
+
+BENCH_PERIOD = "202611"
+
+
+def _run_backend(s: BenchFeedSettings, backend: str, work: Path) -> dict[str, float]:
+    from bank_sim.processes import start_server
+
+    if backend == "sqlite":
+        mis_url, bank_url = f"sqlite:///{work / 'mis.db'}", f"sqlite:///{work / 'bank.db'}"
+    else:
+        tag = f"{int(time.time())}"
+        mis_url = create_database(s.pg_admin_url, f"yd_bench_feed_mis_{tag}")
+        bank_url = create_database(s.pg_admin_url, f"yd_bench_feed_bank_{tag}")
+    bridge_url = f"sqlite:///{work / 'bridge.db'}"
+    clock = SystemClock()
+    mis, bank = make_engine(mis_url), make_engine(bank_url)
+    people = populate_period(mis, s.bills, BENCH_PERIOD, banks=(BENCH_BANK,), now=clock.now())
+    open_passbooks(bank, BENCH_BANK, [a for a, _ in people], now=clock.now())
+    repo = Path(__file__).resolve().parents[1]
+    servers = []
+    try:
+        adapter = start_server("mis_adapter", ["mis_adapter", "serve", "--db", mis_url, "--listen", "127.0.0.1:0",
+                                               "--metrics-port", "0", "--insecure", "--feed-window-max",
+                                               str(s.window), "--feed-notice-batch-max", str(s.notice_batch),
+                                               "--feed-heartbeat-s", "0.5"],
+                               log_dir=work, ready_timeout_s=s.ready_timeout_s, cwd=repo)
+        servers.append(adapter)
+        bridge = start_server("bridge", ["bridge", "serve", "--listen", "127.0.0.1:0", "--upstream",
+                                         adapter.grpc_addr, "--db", bridge_url, "--bank-id", BENCH_BANK,
+                                         "--metrics-port", "0", "--insecure"],
+                              log_dir=work, ready_timeout_s=s.ready_timeout_s, cwd=repo)
+        servers.append(bridge)
+        log = open(work / "autodebit.log", "a")  # noqa: SIM115 - handed to the child
+        consumer = subprocess.Popen(
+            [sys.executable, "-m", "bank_sim", "autodebit", "--target", bridge.grpc_addr, "--db", bank_url,
+             "--bank-id", BENCH_BANK, "--insecure", "--idle-exit-s", "1.5", "--idle-exit-after-seq", str(s.bills),
+             "--run-timeout-s", str(s.run_timeout_s)], cwd=repo, stdout=log, stderr=subprocess.STDOUT)
+        t0 = time.perf_counter()
+        wall0 = time.time()
+        issue_bills(mis, clock, BENCH_PERIOD, batch_accounts=s.issue_batch)
+        issued_s = time.perf_counter() - t0
+        if consumer.wait(timeout=s.run_timeout_s) != 0:
+            raise RuntimeError(f"autodebit failed; see {work / 'autodebit.log'}")
+        res, pay, led = autodebit.results_table, Payment.__table__, ledger.ledger
+        delivered = _span(bank, sa.select(sa.func.max(res.c.processed_at)))
+        debited = _span(bank, sa.select(sa.func.max(led.c.created_at)).where(led.c.channel == "AUTO_DEBIT"))
+        acked = _span(mis, sa.select(sa.func.max(DebitResultRow.__table__.c.received_at)))
+        posted = _span(mis, sa.select(sa.func.max(pay.c.posted_at)).where(pay.c.channel == "AUTO_DEBIT"))
+        check = check_feed(mis, bank, BENCH_BANK, BENCH_PERIOD)
+        if check.problems:
+            raise RuntimeError(f"feed invariants broken: {check.problems[:5]}")
+        lat = sorted(_probe_latency(mis, adapter.grpc_addr, s.probes)) if s.probes else [float("nan")]
+    finally:
+        for proc in reversed(servers):
+            proc.stop(30)
+        mis.dispose()
+        bank.dispose()
+    n = s.bills
+    return {"issued": n / issued_s, "delivered": n / (delivered - wall0), "debited": n / (debited - wall0),
+            "acknowledged": n / (acked - wall0), "posted": n / (posted - wall0),
+            "paid": check.paid_by_debit, "dunning": check.dunning,
+            "p50_ms": 1000 * lat[len(lat) // 2], "p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))]}
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bank_sim bench-feed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.parse_args(argv)
-    print("bench-feed: not built yet")
-    return 1
+    add_settings_flags(parser, BenchFeedSettings)
+    args = parser.parse_args(argv)
+    s = load_settings(BenchFeedSettings, args, args.config_file)
+    root = Path(s.work_dir)
+    if root.exists():
+        shutil.rmtree(root)
+    print(f"bench-feed: {s.bills:,} bills per back end, window {s.window}, {s.notice_batch} notices per message; "
+          "rates are bills/s from the start of issuance to the stage's last bill (stages overlap)")
+    print(f"{'backend':<11}{'issued':>10}{'delivered':>11}{'debited':>10}{'acked':>10}{'posted':>10}"
+          f"{'paid':>9}{'arrears':>9}{'notice p50 ms':>15}{'p99 ms':>9}")
+    for backend in [b.strip() for b in s.backends.split(",") if b.strip()]:
+        work = root / backend
+        work.mkdir(parents=True)
+        r = _run_backend(s, backend, work)
+        print(f"{backend:<11}{r['issued']:>10,.0f}{r['delivered']:>11,.0f}{r['debited']:>10,.0f}"
+              f"{r['acknowledged']:>10,.0f}{r['posted']:>10,.0f}{r['paid']:>9,.0f}{r['dunning']:>9,.0f}"
+              f"{r['p50_ms']:>15.1f}{r['p99_ms']:>9.1f}", flush=True)
+    return 0
