@@ -59,11 +59,13 @@ class ReconLine(Base):
 staging_metadata = sa.MetaData()
 recon_staging = sa.Table(
     "recon_staging", staging_metadata,
+    # Unbounded text: whatever the bank sent is loaded, then the field rules are
+    # checked set-based, naming the first bad record (mis_adapter/recon.py).
     sa.Column("line_no", sa.BigInteger, nullable=False),
-    sa.Column("bank_serial", sa.String(32), nullable=False),
-    sa.Column("account_no", sa.String(10), nullable=False),
+    sa.Column("bank_serial", sa.Text, nullable=False),
+    sa.Column("account_no", sa.Text, nullable=False),
     sa.Column("amount_fen", sa.BigInteger, nullable=False),
     # POSTED or CANCELLED
-    sa.Column("status", sa.String(10), nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
     prefixes=["TEMPORARY"],
 )
