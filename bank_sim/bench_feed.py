@@ -28,6 +28,7 @@ from pydantic import Field
 from sqlalchemy.engine import Engine
 
 from bank_sim import autodebit, ledger
+from mis_adapter.db.base import table_of
 from mis_adapter.db.core import Agreement, AllocationRow, Bank, BillRow, Branch, Customer, Meter, Payment, Reading
 from mis_adapter.db.feed import DebitResultRow, FeedCursor, OutboxRow
 from mis_adapter.issue_bills import issue_bills
@@ -51,14 +52,14 @@ def populate_period(engine: Engine, accounts: int, period: str, *, banks: Sequen
     rng = random.Random(rng_seed)
     with engine.begin() as conn:
         if with_banks:
-            have = set(conn.execute(sa.select(Bank.__table__.c.bank_id)).scalars())
+            have = set(conn.execute(sa.select(table_of(Bank).c.bank_id)).scalars())
             new_banks = [b for b in banks if b not in have]
             if new_banks:
-                conn.execute(sa.insert(Bank.__table__), [{"bank_id": b, "name": b, "suspended": False,
+                conn.execute(sa.insert(table_of(Bank)), [{"bank_id": b, "name": b, "suspended": False,
                                                           "suspended_reason": "", "updated_at": now}
                                                          for b in new_banks])
-        if conn.execute(sa.select(Branch.__table__.c.code).where(Branch.__table__.c.code == BRANCH)).first() is None:
-            conn.execute(sa.insert(Branch.__table__), [{"code": BRANCH, "name": "城东供电所"}])
+        if conn.execute(sa.select(table_of(Branch).c.code).where(table_of(Branch).c.code == BRANCH)).first() is None:
+            conn.execute(sa.insert(table_of(Branch)), [{"code": BRANCH, "name": "城东供电所"}])
     customers, meters, readings, agreements = [], [], [], []
     out: list[tuple[str, str | None]] = []
     read_on = now.date()
@@ -78,7 +79,7 @@ def populate_period(engine: Engine, accounts: int, period: str, *, banks: Sequen
                                "active": True})
         out.append((acct, bank))
     for table, rows in ((Customer, customers), (Meter, meters), (Reading, readings), (Agreement, agreements)):
-        bulk_insert(engine, table.__table__, rows)
+        bulk_insert(engine, table_of(table), rows)
     return out
 
 
@@ -115,8 +116,8 @@ def check_feed(mis: Engine, bank: Engine, bank_id: str, period: str) -> FeedChec
     one bank debit (serial, account, fen), or is in arrears for dunning with
     an INSUFFICIENT_FUNDS result on both sides; no passbook is debited twice."""
     c = FeedCheck()
-    ob, bills, pay, alloc, res = (OutboxRow.__table__, BillRow.__table__, Payment.__table__,
-                                  AllocationRow.__table__, DebitResultRow.__table__)
+    ob, bills, pay, alloc, res = (table_of(OutboxRow), table_of(BillRow), table_of(Payment),
+                                  table_of(AllocationRow), table_of(DebitResultRow))
     with mis.connect() as conn:
         c.bills = conn.execute(sa.select(sa.func.count()).select_from(bills).where(bills.c.period == period)).scalar_one()
         fed = {r.seq: r for r in conn.execute(sa.select(ob).where(ob.c.bank_id == bank_id))}
@@ -129,8 +130,8 @@ def check_feed(mis: Engine, bank: Engine, bank_id: str, period: str) -> FeedChec
             allocs.setdefault(r.bill_id, []).append(r.payment_id)
         status = {r.bill_id: (r.status, r.dunning) for r in conn.execute(
             sa.select(bills.c.bill_id, bills.c.status, bills.c.dunning).where(bills.c.period == period))}
-        c.cursor = int(conn.execute(sa.select(FeedCursor.__table__.c.acked_through_seq)
-                                    .where(FeedCursor.__table__.c.bank_id == bank_id)).scalar_one_or_none() or 0)
+        c.cursor = int(conn.execute(sa.select(table_of(FeedCursor).c.acked_through_seq)
+                                    .where(table_of(FeedCursor).c.bank_id == bank_id)).scalar_one_or_none() or 0)
     with bank.connect() as conn:
         debits = {r.bank_serial: r for r in conn.execute(
             sa.select(ledger.ledger).where(ledger.ledger.c.bank_id == bank_id, ledger.ledger.c.channel == "AUTO_DEBIT"))}
@@ -147,7 +148,7 @@ def check_feed(mis: Engine, bank: Engine, bank_id: str, period: str) -> FeedChec
     if set(auto) != set(debits):
         c.problems.append(f"{len(set(auto) ^ set(debits))} debits on one side only")
     for seq, n in fed.items():
-        r = results.get(seq)
+        r = results.get(seq)  # type: ignore[assignment]
         a = answers.get(seq)
         if r is None or a is None:
             c.problems.append(f"seq {seq}: no result (mis={r is not None} bank={a is not None})")
@@ -303,10 +304,10 @@ def _run_backend(s: BenchFeedSettings, backend: str, work: Path) -> dict[str, fl
         issued_s = time.perf_counter() - t0
         if consumer.wait(timeout=s.run_timeout_s) != 0:
             raise RuntimeError(f"autodebit failed; see {work / 'autodebit.log'}")
-        res, pay, led = autodebit.results_table, Payment.__table__, ledger.ledger
+        res, pay, led = autodebit.results_table, table_of(Payment), ledger.ledger
         delivered = _span(bank, sa.select(sa.func.max(res.c.processed_at)))
         debited = _span(bank, sa.select(sa.func.max(led.c.created_at)).where(led.c.channel == "AUTO_DEBIT"))
-        acked = _span(mis, sa.select(sa.func.max(DebitResultRow.__table__.c.received_at)))
+        acked = _span(mis, sa.select(sa.func.max(table_of(DebitResultRow).c.received_at)))
         posted = _span(mis, sa.select(sa.func.max(pay.c.posted_at)).where(pay.c.channel == "AUTO_DEBIT"))
         check = check_feed(mis, bank, BENCH_BANK, BENCH_PERIOD)
         if check.problems:

@@ -31,7 +31,7 @@ import datetime as dt
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -40,6 +40,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.visitors import InternalTraversal
 
 from mis_adapter.allocation import BillDue, allocate_payment
+from mis_adapter.db.base import table_of
 from mis_adapter.db.core import AllocationRow, BillRow, Customer, JournalEntry, Payment, PrepaidEntry
 from mis_adapter.db.feed import DebitResultRow, FeedCursor, FeedLease, FeedSequence, OutboxRow, RefundRow
 from yindian_common.clock import Clock, business_date
@@ -128,18 +129,18 @@ class ApplyReport:
     dispositions: dict[int, str] = field(default_factory=dict)
 
 
-T_SEQ = FeedSequence.__table__
-T_OUT = OutboxRow.__table__
-T_CUR = FeedCursor.__table__
-T_LEASE = FeedLease.__table__
-T_RES = DebitResultRow.__table__
-T_REF = RefundRow.__table__
-T_BILLS = BillRow.__table__
-T_CUST = Customer.__table__
-T_PAY = Payment.__table__
-T_ALLOC = AllocationRow.__table__
-T_JOURNAL = JournalEntry.__table__
-T_PREPAID = PrepaidEntry.__table__
+T_SEQ = table_of(FeedSequence)
+T_OUT = table_of(OutboxRow)
+T_CUR = table_of(FeedCursor)
+T_LEASE = table_of(FeedLease)
+T_RES = table_of(DebitResultRow)
+T_REF = table_of(RefundRow)
+T_BILLS = table_of(BillRow)
+T_CUST = table_of(Customer)
+T_PAY = table_of(Payment)
+T_ALLOC = table_of(AllocationRow)
+T_JOURNAL = table_of(JournalEntry)
+T_PREPAID = table_of(PrepaidEntry)
 
 _b = sa.bindparam
 
@@ -159,12 +160,12 @@ class InList(ColumnElement[bool]):
     """`col IN <list parameter>`: pass the list through `list_param`."""
     inherit_cache = True
     type = sa.Boolean()
-    _traverse_internals: ClassVar[Any] = [("col", InternalTraversal.dp_clauseelement),
-                                          ("param", InternalTraversal.dp_clauseelement)]
+    _traverse_internals = [("col", InternalTraversal.dp_clauseelement),  # type: ignore[misc]
+                           ("param", InternalTraversal.dp_clauseelement)]
 
     def __init__(self, col: ColumnElement[Any], name: str) -> None:
         self.col = col
-        self.param = sa.bindparam(name)
+        self.param: sa.BindParameter[Any] = sa.bindparam(name)
 
 
 @compiles(InList, "postgresql")

@@ -25,6 +25,7 @@ from pydantic import Field
 from sqlalchemy.engine import Connection, Engine
 
 from mis_adapter import feed
+from mis_adapter.db.base import table_of
 from mis_adapter.db.core import Agreement, BillRow, Customer, PrepaidEntry, Reading
 from mis_adapter.feed import InList, bulk_insert, list_param
 from mis_adapter.migrate import upgrade
@@ -37,11 +38,11 @@ from yindian_common.settings import YinDianSettings, add_settings_flags, load_se
 
 log = logging.getLogger("mis_adapter.issue_bills")
 
-T_READ = Reading.__table__
-T_CUST = Customer.__table__
-T_AGR = Agreement.__table__
-T_BILLS = BillRow.__table__
-T_PREPAID = PrepaidEntry.__table__
+T_READ = table_of(Reading)
+T_CUST = table_of(Customer)
+T_AGR = table_of(Agreement)
+T_BILLS = table_of(BillRow)
+T_PREPAID = table_of(PrepaidEntry)
 _b = sa.bindparam
 _PERIOD_RE = re.compile(r"[0-9]{4}(0[1-9]|1[0-2])")
 
