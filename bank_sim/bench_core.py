@@ -55,18 +55,21 @@ class LevelResult:
     p99_ms: float
     # CPU each server spent per completed call (warm-up included), from /proc: immune to a busy machine's noise
     server_cpu_us_per_pay: dict[str, int] = field(default_factory=dict)
+    # the kernel's share of it (SQLite's fsync shows up here)
+    server_sys_us_per_pay: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
 
 
-def process_cpu_s(pid: int) -> float | None:
-    """User+system CPU seconds of a process (Linux /proc), None elsewhere."""
+def process_cpu_s(pid: int) -> tuple[float, float] | None:
+    """(user, system) CPU seconds of a process (Linux /proc), None elsewhere."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii") as f:
             stat = f.read()
     except OSError:
         return None
     ticks = stat.rsplit(")", 1)[1].split()
-    return (int(ticks[11]) + int(ticks[12])) / os.sysconf("SC_CLK_TCK")
+    hz = os.sysconf("SC_CLK_TCK")
+    return int(ticks[11]) / hz, int(ticks[12]) / hz
 
 
 async def drive_level(target: str, bank_id: str, accounts: list[str], in_flight: int, settings: BenchCoreSettings,
@@ -125,14 +128,16 @@ def measure(backend: str, path: str, target: str, bank_id: str, accounts: list[s
         pays, completed, hist, errors = asyncio.run(
             drive_level(target, bank_id, accounts, level, settings, prefix))
         cpu_us: dict[str, int] = {}
+        sys_us: dict[str, int] = {}
         for name, pid in server_pids.items():
             before, after = cpu_before[name], process_cpu_s(pid)
             if before is not None and after is not None and completed:
-                cpu_us[name] = int((after - before) * 1_000_000 / completed)
+                cpu_us[name] = int((sum(after) - sum(before)) * 1_000_000 / completed)
+                sys_us[name] = int((after[1] - before[1]) * 1_000_000 / completed)
         r = LevelResult(backend, path, level, pays, round(pays / settings.level_duration_s, 1),
                         hist.get_value_at_percentile(50) / 1000, hist.get_value_at_percentile(99) / 1000,
-                        cpu_us, errors)
-        cpu_text = " ".join(f"{k} {v:,} µs" for k, v in cpu_us.items())
+                        cpu_us, sys_us, errors)
+        cpu_text = " ".join(f"{k} {v:,} µs (sys {sys_us[k]:,})" for k, v in cpu_us.items())
         console.print(f"  {backend:<10} {path:<6} in flight {level:>3}: {r.pays_per_s:>8,.1f} pays/s  "
                       f"p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms  CPU/pay {cpu_text}  errors {errors or '-'}")
         results.append(r)
@@ -214,7 +219,8 @@ def results_table(results: list[LevelResult]) -> Table:
     for r in results:
         table.add_row(r.backend, r.path, str(r.in_flight), f"{r.pays:,}", f"{r.pays_per_s:,.1f}",
                       f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}",
-                      " + ".join(f"{v:,}" for v in r.server_cpu_us_per_pay.values()),
+                      " + ".join(f"{v:,} (sys {r.server_sys_us_per_pay[k]:,})"
+                                 for k, v in r.server_cpu_us_per_pay.items()),
                       ", ".join(f"{k} {v}" for k, v in r.errors.items()))
     return table
 
