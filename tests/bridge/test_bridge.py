@@ -157,6 +157,7 @@ def test_lost_request_is_tombstoned_and_reported_not_applied(
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert reason(err) == "PAYMENT_NOT_APPLIED" and "PAYMENT_NOT_APPLIED" in (err.details() or "")
     assert utility.payment(serial) == {"state": "TOMBSTONE", "amount_fen": 4_000, "account_no": None}
+    assert core.bridge.ctx.writer.flush(WAIT_S)  # the bank core is answered before the outcome is recorded
     row = core.bridge.ctx.journal.get(jn.PAY, serial)
     assert row is not None and row.state == jn.NOT_APPLIED and row.reversal_serial == reversal_serial(BANK, serial)
 
