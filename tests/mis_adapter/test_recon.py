@@ -359,3 +359,38 @@ def test_set_based_field_check_agrees_with_validate_record(db_url_sqlite_pg: str
             r.close_day()
         assert err.value.field.startswith(f"records[{min(refused)}].")
     engine.dispose()
+
+
+def test_two_reconciliations_of_a_day_at_once_apply_it_once(world: World) -> None:
+    import threading
+
+    w = world
+    pay(w, "K-1", w.accounts[0], 1_000)
+    pay(w, "K-2", w.accounts[1], 2_000)  # not in the bank's records: reversed, once
+    records = [(1, "K-1", w.accounts[0], 1_000, "POSTED"), (2, "K-3", w.accounts[2], 300, "POSTED")]
+    runs = [Reconciliation(w.engine, BANK, business_date(w.clock), rates=w.ctx.rates, now=w.clock.now())
+            for _ in range(2)]
+    for r in runs:
+        r.__enter__()
+        r.load(records)
+    start = threading.Barrier(2)
+    results: list[recon.ReconSummary] = []
+
+    def close(r: Reconciliation) -> None:
+        start.wait(timeout=30)
+        results.append(r.close_day())
+
+    threads = [threading.Thread(target=close, args=(r,)) for r in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for r in runs:
+        r.__exit__(None, None, None)
+    assert sorted(s.replayed for s in results) == [False, True]
+    assert results[0].totals == results[1].totals
+    with w.engine.connect() as conn:
+        journal = conn.execute(sa.text("SELECT outcome, COUNT(*) FROM journal WHERE rpc = 'RECONCILE' "
+                                       "GROUP BY outcome ORDER BY outcome")).all()
+    assert [tuple(j) for j in journal] == [("BANK_ONLY_POSTED", 1), ("DAY_CLOSED", 1), ("UTILITY_ONLY_REVERSED", 1)]
+    assert _mis_payments(w)["K-2"].state == "REVERSED" and _mis_payments(w)["K-3"].state == "POSTED"
