@@ -148,6 +148,8 @@ class LoadProfile(LinkSettings):
     drain_s: float = Field(15.0, gt=0, description="longest wait for in-flight calls after the last arrival")
     latency_max_s: float = Field(60.0, gt=0, description="largest latency the histograms record (larger are clamped)")
     check_concurrency: int = Field(16, ge=1, le=1_000, description="calls in flight while resolving and checking")
+    resolve_s: float = Field(60.0, gt=0, description="longest the end-of-run resend of what is in doubt may take "
+                                                     "(and, separately, the GetPayment check)")
     progress: bool = Field(True, description="live progress bar on stderr")
 
     @field_validator("mix")
@@ -341,15 +343,18 @@ _PB_STATES = {billing_pb2.PAYMENT_STATE_POSTED: MIS_POSTED, billing_pb2.PAYMENT_
               billing_pb2.PAYMENT_STATE_REFUSED: MIS_TOMBSTONE}
 
 
-async def read_via_get_payment(client: _Client, ledger: RunLedger, concurrency: int
+async def read_via_get_payment(client: _Client, ledger: RunLedger, concurrency: int, within_s: float
                                ) -> tuple[dict[str, list[MisRow]], list[Discrepancy]]:
-    """GetPayment through the target for every pay of the ledger."""
+    """GetPayment through the target for every pay of the ledger, within `within_s`."""
     out: dict[str, list[MisRow]] = {}
     failures: list[Discrepancy] = []
+    asked: set[str] = set()
+    until = asyncio.get_running_loop().time() + within_s
 
     async def one(serial: str, rec: PayRecord) -> None:
+        asked.add(serial)
         code, resp = await client.call_until_definite(client.stub.GetPayment,
-                                                      billing_pb2.GetPaymentRequest(bank_serial=serial), None)
+                                                      billing_pb2.GetPaymentRequest(bank_serial=serial), until)
         if code != "OK" or resp is None:
             failures.append(Discrepancy(serial, "UNCHECKED", f"GetPayment answered {code}"))
             return
@@ -359,17 +364,22 @@ async def read_via_get_payment(client: _Client, ledger: RunLedger, concurrency: 
             account = resp.payment.account_no if resp.HasField("payment") else rec.account_no
             out[serial] = [MisRow(state, amount, account)]
 
-    await _bounded_gather((functools.partial(one, s, r) for s, r in ledger.pays.items()
-                           if r.outcome in (ACCEPTED, REFUSED)), concurrency)
+    checkable = [(s, r) for s, r in ledger.pays.items() if r.outcome in (ACCEPTED, REFUSED)]
+    await _bounded_gather((functools.partial(one, s, r) for s, r in checkable), concurrency, until)
+    failures += [Discrepancy(s, "UNCHECKED", f"not asked within {within_s:g} s") for s, _ in checkable
+                 if s not in asked]
     return out, failures
 
 
-async def _bounded_gather(jobs: Iterable[Callable[[], Awaitable[None]]], concurrency: int) -> None:
-    """Runs the jobs with at most `concurrency` at a time."""
+async def _bounded_gather(jobs: Iterable[Callable[[], Awaitable[None]]], concurrency: int, until: float) -> None:
+    """Runs the jobs with at most `concurrency` at a time; none starts after `until` (loop time)."""
     it = iter(jobs)
+    loop = asyncio.get_running_loop()
 
     async def worker() -> None:
         for job in it:
+            if loop.time() >= until:
+                return
             await job()
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -673,20 +683,24 @@ class _Run:
 
     async def resolve_in_doubt(self) -> None:
         """Resends every pay and cancel still in doubt with its own serial (DESIGN.md semantic 3)."""
+        until = asyncio.get_running_loop().time() + self.p.resolve_s
+
         async def pay(serial: str, rec: PayRecord) -> None:
-            code, _ = await self.client.call_until_definite(self.client.stub.Pay, self._pay_request(serial, rec), None)
+            code, _ = await self.client.call_until_definite(self.client.stub.Pay, self._pay_request(serial, rec), until)
             self._settle_pay(serial, rec, code)
 
         async def cancel(serial: str, rec: PayRecord) -> None:
             code, resp = await self.client.call_until_definite(self.client.stub.Cancel,
-                                                               self._cancel_request(serial, rec), None)
+                                                               self._cancel_request(serial, rec), until)
             self._settle_cancel(rec, code, resp)
 
+        # What stays in doubt after `resolve_s` is reported by the check (PAY_IN_DOUBT, CANCEL_IN_DOUBT).
         pays = self.ledger.pays.items()
         await _bounded_gather([functools.partial(pay, s, r) for s, r in pays if r.outcome in (IN_DOUBT, PENDING)],
-                              self.p.check_concurrency)
+                              self.p.check_concurrency, until)
         await _bounded_gather([functools.partial(cancel, s, r) for s, r in pays
-                               if r.outcome == ACCEPTED and r.cancel == CANCEL_IN_DOUBT], self.p.check_concurrency)
+                               if r.outcome == ACCEPTED and r.cancel == CANCEL_IN_DOUBT], self.p.check_concurrency,
+                              until)
 
     # -- progress --
 
@@ -794,7 +808,7 @@ async def _check(profile: LoadProfile, ledger: RunLedger, client: _Client | None
     own = client is None
     client = client or _Client(profile)
     try:
-        mis, failures = await read_via_get_payment(client, ledger, profile.check_concurrency)
+        mis, failures = await read_via_get_payment(client, ledger, profile.check_concurrency, profile.resolve_s)
     finally:
         if own:
             await client.close()

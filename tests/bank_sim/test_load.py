@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 from collections import Counter
@@ -267,3 +268,18 @@ def test_cli_writes_json_and_a_ledger_and_recheck_exits_non_zero_on_a_lost_payme
     assert rc == 1
     printed = capsys.readouterr().out
     assert f"WRONG_AMOUNT serial={victim}" in printed and "SUM_MISMATCH" in printed
+
+
+def test_a_dead_target_ends_the_run_by_itself_with_every_pay_reported_in_doubt() -> None:
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{s.getsockname()[1]}"
+    p = profile(target, rate_per_s=20.0, duration_s=0.5, mix="pay=1", rpc_deadline_s=0.5, drain_s=1.0,
+                resolve_s=1.0, retry_max_attempts=3)
+    result, ledger = run(p)
+    assert result.pays_sent == 10 and result.pays_accepted == 0 and result.pays_in_doubt_after_run == 10
+    assert result.codes == {"UNAVAILABLE": 10}
+    check = result.check
+    assert check is not None and not check.ok
+    assert {d.kind for d in check.discrepancies} == {"PAY_IN_DOUBT"}
+    assert {d.bank_serial for d in check.discrepancies} == set(ledger.pays)
