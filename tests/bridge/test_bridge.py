@@ -212,6 +212,36 @@ def test_duplicate_of_an_in_flight_pay_is_aborted_then_answered(
     assert link.requests == 1
 
 
+def test_a_burst_of_the_same_serial_applies_once_and_every_answer_agrees(
+        utility: Utility, link: Link, make_bridge: Callable[..., BankCore]) -> None:
+    core = make_bridge(link.address)
+    serial, acct = new_serial("BURST"), next(utility.accounts)
+    start_all = threading.Barrier(20)
+    answers: list[object] = []
+    lock = threading.Lock()
+
+    def send() -> None:
+        start_all.wait(WAIT_S)
+        try:
+            got: object = core.pay(serial, acct, 2_000)
+        except grpc.RpcError as exc:
+            got = exc.code()
+        with lock:
+            answers.append(got)
+
+    threads = [threading.Thread(target=send) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT_S)
+    receipts = [a for a in answers if isinstance(a, pb.PayResponse)]
+    assert len(answers) == 20 and receipts
+    assert all(a == receipts[0] for a in receipts)
+    assert all(a == grpc.StatusCode.ABORTED for a in answers if not isinstance(a, pb.PayResponse))
+    assert link.requests == 1, "forwarded once"
+    assert utility.payment(serial) == {"state": "POSTED", "amount_fen": 2_000, "account_no": acct}
+
+
 def test_cancel_in_doubt_is_resent_and_a_reversed_pay_is_refused(
         utility: Utility, link: Link, make_bridge: Callable[..., BankCore]) -> None:
     core = make_bridge(link.address)
