@@ -579,7 +579,7 @@ class _Run:
                 await asyncio.wait(pending)
         if ticker:
             ticker.cancel()
-            self._show(progress, total)
+            self._show(progress, total, self.done_total / max(loop.time() - t0, 1e-9))  # the run's average
 
     def _arrive(self, tasks: set[asyncio.Task[None]], intended: float, *, measured: bool, now: float) -> None:
         op = self.rng.choices(self.ops, cum_weights=self.op_cum_weights)[0]
