@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from mis_adapter.allocation import allocate_payment
 from mis_adapter.db.base import table_of
@@ -423,20 +423,32 @@ class Reconciliation:
     def __enter__(self) -> Reconciliation:
         conn = self.engine.connect()
         self._conn = conn
-        # Loading touches only the temporary table: on SQLite a deferred BEGIN
-        # keeps the database's write lock free while the bank streams.
-        conn.execution_options(read_only=True)
-        with conn.begin():
-            if self._dialect == "postgresql":
-                # Keeps the staging table in memory; allowed before the session's first temporary table,
-                # which holds because the session is discarded afterwards (see __exit__).
-                conn.exec_driver_sql(f"SET temp_buffers = '{PG_TEMP_BUFFERS_MB}MB'")
-                # Compiling these one-off plans (JIT) costs seconds more than it saves.
-                conn.exec_driver_sql("SET jit = off")
-            conn.exec_driver_sql(self._drop_staging_sql())
-            recon_staging.create(conn)
-        conn.begin()
+        try:
+            # Loading touches only the temporary table: on SQLite a deferred BEGIN
+            # keeps the database's write lock free while the bank streams.
+            conn.execution_options(read_only=True)
+            with conn.begin():
+                if self._dialect == "postgresql":
+                    self._tune_pg_session(conn)
+                conn.exec_driver_sql(self._drop_staging_sql())
+                recon_staging.create(conn)
+            conn.begin()
+        except BaseException:
+            self.__exit__()
+            raise
         return self
+
+    @staticmethod
+    def _tune_pg_session(conn: Connection) -> None:
+        # Compiling these one-off plans (JIT) costs seconds more than it saves.
+        conn.exec_driver_sql("SET jit = off")
+        # The staging table in memory: possible only before the session's first temporary
+        # table (the session is discarded afterwards, see __exit__); else the default stands.
+        try:
+            with conn.begin_nested():
+                conn.exec_driver_sql(f"SET temp_buffers = '{PG_TEMP_BUFFERS_MB}MB'")
+        except DBAPIError:
+            pass
 
     def __exit__(self, *exc: object) -> None:
         conn = self._conn

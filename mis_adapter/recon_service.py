@@ -100,8 +100,8 @@ def reconcile(ctx: AdapterContext, request_iterator: Iterator[Any], context: grp
         if first is None or first.WhichOneof("body") != "header":
             raise InvalidField("header", "the first message must be the header with the settlement date")
         day = settlement_day(ctx, first.header)
-        summary = _db(recon.stored_summary, engine, bank_id, day) or _reconcile_stream(
-            ctx, engine, bank_id, day, request_iterator)
+        summary = _db(recon.stored_summary, engine, bank_id, day) or _db(
+            _reconcile_stream, ctx, engine, bank_id, day, request_iterator)
         log.info("event=reconciled bank=%s day=%s records=%d net_fen=%d replayed=%s", bank_id, day,
                  summary.record_count, summary.net_settlement_fen, summary.replayed)
         yield from result_stream(engine, summary)
@@ -112,20 +112,20 @@ def reconcile(ctx: AdapterContext, request_iterator: Iterator[Any], context: grp
 
 def _reconcile_stream(ctx: AdapterContext, engine: Engine, bank_id: str, day: dt.date,
                       request_iterator: Iterator[Any]) -> ReconSummary:
-    with _db(Reconciliation, engine, bank_id, day, rates=ctx.rates, now=ctx.clock.now()) as run:
+    with Reconciliation(engine, bank_id, day, rates=ctx.rates, now=ctx.clock.now()) as run:
         trailer_seen = False
         for msg in request_iterator:
             kind = msg.WhichOneof("body")
             if trailer_seen:
                 raise InvalidField("trailer", "the trailer must be the last message")
             if kind == "batch":
-                _db(run.load, staged(msg.batch, run.record_count + 1))
+                run.load(staged(msg.batch, run.record_count + 1))
             elif kind == "trailer":
                 run.check_trailer(msg.trailer.record_count, msg.trailer.total_fen)
                 trailer_seen = True
             else:
                 raise InvalidField("header", "only the first message may be a header")
-        return _db(run.close_day)
+        return run.close_day()
 
 
 def _db(fn: Any, *args: Any, **kw: Any) -> Any:
