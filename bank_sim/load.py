@@ -595,17 +595,19 @@ class _Run:
         if measured:
             self.issued += 1
         self.in_flight += 1
-        task = asyncio.get_running_loop().create_task(self._op(op, intended, measured))
+        # the pay to reverse is taken now, so that two cancels issued together never pick the same one
+        original = self.cancelable.pop() if op == "cancel" else ""
+        task = asyncio.get_running_loop().create_task(self._op(op, intended, measured, original))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    async def _op(self, op: str, intended: float, measured: bool) -> None:
+    async def _op(self, op: str, intended: float, measured: bool, original: str) -> None:
         code = "CANCELLED"
         try:
             if op == "query":
                 code = await self._query()
             elif op == "cancel":
-                code = await self._cancel()
+                code = await self._cancel(original)
             else:
                 code = await self._pay(billing_pb2.CHANNEL_AUTO_DEBIT if op == "autodebit"
                                        else billing_pb2.CHANNEL_COUNTER)
@@ -652,11 +654,7 @@ class _Run:
         else:
             rec.outcome = IN_DOUBT if is_in_doubt(code) else REFUSED
 
-    async def _cancel(self) -> str:
-        if not self.cancelable:  # taken by a cancel issued since this arrival was planned
-            self.cancel_fallbacks += 1
-            return await self._query()
-        original = self.cancelable.pop()
+    async def _cancel(self, original: str) -> str:
         rec = self.ledger.pays[original]
         self.cancel_n += 1
         rec.cancel_serial = f"{self.prefix}C{self.cancel_n:0{SERIAL_DIGITS}d}"
