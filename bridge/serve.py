@@ -20,6 +20,7 @@ from yindian.v1 import billing_pb2_grpc
 from yindian_common import fields
 from yindian_common.clock import Clock, make_clock
 from yindian_common.db import make_engine
+from yindian_common.errors import InvalidField
 from yindian_common.logs import setup_logging
 from yindian_common.metrics import grpc_server_interceptors, instrument_channel, start_metrics_http
 from yindian_common.server import GrpcServer, open_channel
@@ -43,7 +44,10 @@ def check_settings(settings: BridgeSettings) -> None:
     if settings.tls() is None:
         if not settings.bank_id:
             raise SystemExit("--bank-id is required in plain-text mode")
-        fields.code(settings.bank_id, "bank_id", required=True)
+        try:
+            fields.code(settings.bank_id, "bank_id", required=True)
+        except InvalidField as err:
+            raise SystemExit(f"--bank-id: {err.message}") from err
 
 
 class Bridge:
