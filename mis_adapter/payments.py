@@ -181,7 +181,7 @@ def payment_id_of(branch_code: str, pk: int) -> str:
 
 
 def receipt_no_of(branch_code: str, day: dt.date, pk: int) -> str:
-    return f"{day:%Y%m%d}{branch_code}{pk:010d}"
+    return f"{day.year:04d}{day.month:02d}{day.day:02d}{branch_code}{pk:010d}"
 
 
 # ---- bills and fees ----

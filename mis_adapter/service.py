@@ -112,7 +112,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
     def Pay(self, request: pb.PayRequest, context: grpc.ServicerContext) -> pb.PayResponse:
         def work(bank_id: str) -> pb.PayResponse:
             result = payments.pay(self.ctx, pay_command(bank_id, request))
-            log.info("event=pay bank=%s serial=%s amount_fen=%d payment_id=%s", bank_id, request.bank_serial,
+            log.debug("event=pay bank=%s serial=%s amount_fen=%d payment_id=%s", bank_id, request.bank_serial,
                      request.amount_fen, result.payment_id)
             return pay_response(result)
         return self._money_moving(context, "Pay", work)
@@ -120,7 +120,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
     def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelResponse:
         def work(bank_id: str) -> pb.CancelResponse:
             r = payments.cancel(self.ctx, cancel_command(bank_id, request))
-            log.info("event=cancel bank=%s serial=%s original=%s outcome=%s", bank_id, request.cancel_serial,
+            log.debug("event=cancel bank=%s serial=%s original=%s outcome=%s", bank_id, request.cancel_serial,
                      request.original_serial, r.outcome)
             return pb.CancelResponse(outcome=CANCEL_OUTCOME[r.outcome], settlement_date=r.settlement_date.isoformat(),
                                      cancel_serial=r.cancel_serial, original_serial=r.original_serial)
