@@ -27,7 +27,6 @@ from pydantic import Field
 from rich.console import Console
 from rich.table import Table
 
-from bank_sim.bench_core import process_cpu_s
 from bank_sim.ledger import read_roster
 from bank_sim.load import LoadProfile, LoadResult, run_load_async
 from bank_sim.processes import ProcessFailed, ServerProcess, run_command, start_server
@@ -140,6 +139,16 @@ def run_steps(backend: Backend, target: str, accounts: list[str], servers: dict[
             console.print(f"  {backend.name}: {failed_in_a_row} steps in a row not sustained; stepping stops")
             break
     return steps
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User+system CPU seconds of a process from Linux /proc (None elsewhere or once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_per_call(result: LoadResult, servers: dict[str, int], cpu_before: dict[str, float | None]
