@@ -21,9 +21,12 @@ target: every accepted pay present exactly once, POSTED (REVERSED if the run
 cancelled it), no refused pay POSTED, and accepted fen minus cancelled fen
 equal to the MIS's POSTED fen for the run's serials.
 
-One grpc.aio channel on one event loop (BASELINES.md: the aio client is the
-cheaper one, and the generator shares the box with the servers). It never
-targets a host that is neither loopback nor named by `--allow-host`.
+One grpc.aio channel on one event loop: measured on this box against a
+trivial server, open loop, the aio client cost 1,260 / 695 / 438 CPU µs per
+call at 100 / 500 / 1,500 calls/s against 1,770 / 821 / 430 for sync stubs
+with futures, and needs no thread per call (the generator shares the box
+with the servers). It never targets a host that is neither loopback nor
+named by `--allow-host`.
 
 Library use (bench, bench-core): `run_load(profile)` or `await
 run_load_async(profile)` return a `LoadResult`; `check_ledger` re-checks a
