@@ -14,6 +14,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+POOL_RECYCLE_S = 1_800
 
 
 def normalize_url(url: str) -> str:
@@ -45,8 +46,11 @@ def make_engine(url: str, *, pool_size: int = 16, pool_overflow: int = 0,
         engine = sa.create_engine(url, **kwargs)
         _configure_sqlite(engine, sqlite_synchronous)
         return engine
+    # No pre-ping: it costs a round trip per transaction on the hot path. A
+    # connection the server dropped fails its statement (UNAVAILABLE, safe to
+    # retry by serial) and SQLAlchemy then invalidates the whole pool.
     kwargs.update(pool_size=pool_size, max_overflow=pool_overflow, pool_timeout=pool_timeout_s,
-                  pool_pre_ping=True)
+                  pool_recycle=POOL_RECYCLE_S)
     if url.startswith("mysql"):
         kwargs["isolation_level"] = "READ COMMITTED"
         kwargs.setdefault("connect_args", {})["charset"] = "utf8mb4"
