@@ -3,6 +3,7 @@
 tests start servers on 127.0.0.1:0 and read the ports from that line."""
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import signal
@@ -14,6 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 READY_RE = re.compile(r"READY (\S+) grpc=(\S+) metrics=(\d+)")
+# Every process a test started, so that none outlives the test session even
+# when a test fails before its own clean-up.
+_STARTED: list[subprocess.Popen[str]] = []
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for popen in _STARTED:
+        if popen.poll() is None:
+            popen.kill()
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -41,6 +52,7 @@ def start(name: str, args: Sequence[str], *, env: dict[str, str] | None = None, 
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     popen = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=full_env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, bufsize=1)
+    _STARTED.append(popen)
     proc = Proc(name, popen)
     ready = threading.Event()
     log_file = open(log_dir / f"{name}.log", "a") if log_dir else None  # noqa: SIM115
