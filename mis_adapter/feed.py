@@ -160,6 +160,7 @@ class InList(ColumnElement[bool]):
     """`col IN <list parameter>`: pass the list through `list_param`."""
     inherit_cache = True
     type = sa.Boolean()
+    _is_implicitly_boolean = True  # no "= 1" on SQLite: that would hide the index
     _traverse_internals = [("col", InternalTraversal.dp_clauseelement),  # type: ignore[misc]
                            ("param", InternalTraversal.dp_clauseelement)]
 
@@ -410,17 +411,6 @@ _SETTLE_BILLS = (T_BILLS.update().where(InList(T_BILLS.c.bill_id, "ids"))
                          status="PAID", paid_on=_b("today"), dunning=False))
 _DUN_BILLS = (T_BILLS.update().where(InList(T_BILLS.c.bill_id, "ids"), T_BILLS.c.status != "PAID")
               .values(dunning=True))
-_ALLOC_FROM_RESULTS = sa.insert(T_ALLOC).from_select(
-    ["payment_id", "bill_id", "late_fee_fen", "principal_fen"],
-    sa.select(T_PAY.c.payment_id, T_RES.c.bill_id, sa.literal(0, sa.BigInteger), T_RES.c.amount_fen)
-    .select_from(T_RES.join(T_PAY, sa.and_(T_PAY.c.bank_id == T_RES.c.bank_id,
-                                          T_PAY.c.bank_serial == T_RES.c.bank_serial)))
-    .where(T_RES.c.bank_id == _b("bank_id"), InList(T_RES.c.seq, "seqs")))
-_JOURNAL_FROM_PAYMENTS = sa.insert(T_JOURNAL).from_select(
-    ["at", "bank_id", "rpc", "serial", "original_serial", "account_no", "amount_fen", "outcome", "payment_id"],
-    sa.select(_b("at", type_=sa.DateTime(timezone=True)), T_PAY.c.bank_id, sa.literal("DEBIT"), T_PAY.c.bank_serial,
-              sa.literal(""), T_PAY.c.account_no, T_PAY.c.amount_fen, sa.literal("POSTED"), T_PAY.c.payment_id)
-    .where(T_PAY.c.bank_id == _b("bank_id"), InList(T_PAY.c.bank_serial, "serials")))
 _ADD_PREPAID = (T_CUST.update().where(T_CUST.c.account_no == _b("acct"))
                 .values(prepaid_fen=T_CUST.c.prepaid_fen + _b("delta")))
 _UPSERT_CURSOR_UPDATE = (T_CUR.update()
@@ -535,11 +525,17 @@ def _write_plan(conn: Connection, bank_id: str, plan: _Plan, today: dt.date, now
         {"bank_id": bank_id, "seq": r.seq, "outcome": r.outcome, "bank_serial": r.bank_serial,
          "amount_fen": r.amount_fen, "bill_id": r.bill_id, "account_no": r.account_no,
          "disposition": disp[r.seq], "received_at": now} for r in everything])
-    if plan.fast:
-        conn.execute(_ALLOC_FROM_RESULTS, {"bank_id": bank_id, "seqs": list_param(conn, [r.seq for r in plan.fast])})
-    new_serials = [r.bank_serial for r in plan.fast + plan.surplus]
-    if new_serials:
-        conn.execute(_JOURNAL_FROM_PAYMENTS, {"bank_id": bank_id, "serials": list_param(conn, new_serials), "at": now})
+    new_debits = plan.fast + plan.surplus
+    if new_debits:
+        # The new payments' ids by serial (unique index), then allocations and journal in bulk.
+        ids = {row.bank_serial: row.payment_id for row in conn.execute(
+            _PAYMENTS_BY_SERIAL, {"bank_id": bank_id, "serials": list_param(conn, [r.bank_serial for r in new_debits])})}
+        bulk_insert(conn, T_ALLOC, [{"payment_id": ids[r.bank_serial], "bill_id": r.bill_id, "late_fee_fen": 0,
+                                     "principal_fen": r.amount_fen} for r in plan.fast])
+        bulk_insert(conn, T_JOURNAL, [
+            {"at": now, "bank_id": bank_id, "rpc": "DEBIT", "serial": r.bank_serial, "original_serial": "",
+             "account_no": r.account_no, "amount_fen": r.amount_fen, "outcome": "POSTED",
+             "payment_id": ids[r.bank_serial]} for r in new_debits])
     if plan.dunning or plan.no_arrears:
         bulk_insert(conn, T_JOURNAL, [
             {"at": now, "bank_id": bank_id, "rpc": "DEBIT", "serial": "", "original_serial": "",
