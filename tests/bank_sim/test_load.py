@@ -21,6 +21,7 @@ import grpc
 import pytest
 
 from bank_sim import load
+from bank_sim.histogram import LatencyHistogram
 from bank_sim.load import LoadProfile, LoadResult, RunLedger
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc as pbg
@@ -283,3 +284,20 @@ def test_a_dead_target_ends_the_run_by_itself_with_every_pay_reported_in_doubt()
     assert check is not None and not check.ok
     assert {d.kind for d in check.discrepancies} == {"PAY_IN_DOUBT"}
     assert {d.bank_serial for d in check.discrepancies} == set(ledger.pays)
+
+
+def test_latency_histogram_summarises_clamps_and_merges() -> None:
+    h = LatencyHistogram(latency_max_s=1.0)
+    for ms in range(1, 101):  # 1..100 ms
+        h.record_s(ms / 1000)
+    h.record_s(5.0)  # beyond the range: clamped to 1 s and counted
+    s = h.summary()
+    assert (s.count, s.clamped) == (101, 1)
+    assert s.fastest_ms == pytest.approx(1.0, rel=1e-3) and s.slowest_ms == pytest.approx(1000.0, rel=1e-3)
+    assert s.p50_ms == pytest.approx(51.0, rel=1e-2) and s.p99_ms == pytest.approx(100.0, rel=1e-2)
+    assert s.mean_ms == pytest.approx((5050 + 1000) / 101, rel=1e-3)
+    other = LatencyHistogram(latency_max_s=1.0)
+    other.record_s(0.2)
+    h.merge(other)
+    assert h.count == 102 and h.summary().clamped == 1
+    assert LatencyHistogram(1.0).summary().count == 0 and LatencyHistogram(1.0).encode() == ""
