@@ -31,6 +31,7 @@ from bridge import journal as jn
 from bridge.journal import Claims, Entry, Journal, JournalWriter, Outcome
 from bridge.upstream import DEFINITE, RETRY_LATER_CODES, Answer, Upstream
 from yindian.v1 import billing_pb2
+from yindian_common import business_metrics
 from yindian_common.clock import Clock
 from yindian_common.status import DOMAIN
 
@@ -96,6 +97,12 @@ class Resolver:
     def resolve(self, entry: Entry, budget_s: float) -> Outcome:
         """Advances `entry` (in doubt, claimed by the caller) as far as `budget_s`
         allows; returns its new outcome (in doubt again, with backoff, if not definite)."""
+        outcome = self._resolve(entry, budget_s)
+        if entry.kind == jn.PAY:
+            business_metrics.record_reversal(entry.bank_id, _reversal_label(outcome))
+        return outcome
+
+    def _resolve(self, entry: Entry, budget_s: float) -> Outcome:
         deadline = time.monotonic() + budget_s
         for _step in range(2):  # at most: probe, then tombstone
             left_s = min(deadline - time.monotonic(), self._call_timeout_s)
@@ -225,6 +232,17 @@ class Resolver:
             if advanced == 0:
                 self._wake.wait(self._idle_wait_s)
                 self._wake.clear()
+
+
+def _reversal_label(outcome: Outcome) -> str:
+    """How an in-doubt pay settled, for yindian_reversals_total."""
+    if not outcome.definite:
+        return "RETRY"
+    if outcome.state == jn.POSTED:
+        return "POSTED"
+    if outcome.state == jn.NOT_APPLIED:
+        return "REVERSED" if "REVERSED" in (outcome.message or "") else "ORIGINAL_NOT_FOUND"
+    return outcome.state
 
 
 def _advance(entry: Entry, outcome: Outcome) -> Entry:

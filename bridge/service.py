@@ -26,7 +26,7 @@ from bridge.resolver import REVERSAL_PREFIX, Resolver
 from bridge.upstream import DEFINITE, OK, RETRY_LATER_CODES, Answer, relay
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
-from yindian_common import fields
+from yindian_common import business_metrics, fields
 from yindian_common.clock import business_date
 from yindian_common.errors import (
     InFlight,
@@ -190,6 +190,8 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             return jn.outcome_for(entry, state, at, status_code=answer.code.value[0], body=answer.status_bytes,
                                   message=answer.message)
         # In doubt: due for resolution at once.
+        if entry.kind == jn.PAY:
+            business_metrics.record_suspect_payment(entry.bank_id)
         return jn.outcome_for(entry, jn.SUSPECT, at, message=f"in doubt: {answer.code.name}: {answer.message}",
                               next_attempt_ms=0)
 
