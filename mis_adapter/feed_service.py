@@ -291,10 +291,15 @@ class FeedStream:
                 return
             now = time.monotonic()
             if now - last_renew >= self.s.heartbeat_s:
-                if not feed.renew_lease(self.engine, self.bank_id, self.holder, LEASE_CLOCK.now(),
-                                        self.s.lease_ttl_s):
-                    raise feed.FeedBusy("this stream's lease lapsed and another stream took the bank's feed")
                 last_renew = now
+                try:
+                    renewed = feed.renew_lease(self.engine, self.bank_id, self.holder, LEASE_CLOCK.now(),
+                                               self.s.lease_ttl_s)
+                except OperationalError:  # a busy writer (SQLite) or a blip: retried at the next heartbeat
+                    log.warning("event=feed_lease_renew_failed bank=%s", self.bank_id)
+                    renewed = True
+                if not renewed:
+                    raise feed.FeedBusy("this stream's lease lapsed and another stream took the bank's feed")
             with self._lock:
                 acked = min(self.pending) - 1 if self.pending else self.sent
                 space = self.s.window_max - (self.sent - acked)

@@ -202,3 +202,35 @@ def test_two_replicas_one_stream_and_failover(tmp_path: Path) -> None:
             b.terminate()
             a.terminate()
         verify(mis_url, bank_url, n)
+
+
+@pytest.mark.timeout(300)
+def test_a_bank_that_stops_reading_through_the_bridge_holds_only_the_window(tmp_path: Path) -> None:
+    """The bridge buffers nothing: a bank core that does not read (nor
+    answer) gets exactly the adapter's window, then only heartbeats."""
+    import grpc
+
+    from tests.mis_adapter.test_feed_support import RawFeed, debited
+    from yindian.v1 import billing_pb2_grpc
+
+    window = ["--feed-window-max", "10", "--feed-notice-batch-max", "4"]
+    with databases("sqlite", tmp_path) as (mis_url, bank_url, bridge_url):
+        prepare(mis_url, bank_url, 60)
+        adapter = start_adapter("mis_adapter", mis_url, "127.0.0.1:0", tmp_path, window)
+        bridge = start_bridge(adapter.grpc_addr, bridge_url, "127.0.0.1:0", tmp_path)
+        try:
+            with grpc.insecure_channel(bridge.grpc_addr) as ch:
+                feed = RawFeed(billing_pb2_grpc.BillingServiceStub(ch), timeout_s=120)
+                assert feed.next_message().WhichOneof("body") == "heartbeat"
+                # Not reading for a while: the adapter keeps heartbeating, sends nothing beyond the window.
+                threading.Event().wait(2.0)
+                ns = feed.notices(10)
+                assert [n.seq for n in ns] == list(range(1, 11))
+                for _ in range(5):
+                    assert feed.next_message().WhichOneof("body") == "heartbeat"
+                feed.send([debited(n) for n in ns])
+                assert [n.seq for n in feed.notices(10)] == list(range(11, 21))
+                feed.close()
+        finally:
+            bridge.terminate()
+            adapter.terminate()

@@ -251,3 +251,57 @@ def test_branch_databases_refuse_the_feed(tmp_path) -> None:  # type: ignore[no-
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
         info = error_info(err)
         assert info is not None and info.reason == "FEED_SINGLE_DATABASE_ONLY"
+
+
+@pytest.mark.timeout(120)
+def test_bills_committed_out_of_order_are_all_delivered(db_url_sqlite_pg: str) -> None:
+    """A streams while issuer A holds its seqs uncommitted and issuer B queues
+    behind it: after both commit, every bill arrives, gapless and in order."""
+    import threading
+
+    with running_adapter(db_url_sqlite_pg, **FAST) as ra:
+        people = populate_period(ra.engine, 30, PERIOD, now=NOON, with_banks=False)
+        accts = [a for a, _ in people]
+        first = accts[:10]
+        issue_bills(ra.engine, ra.clock, PERIOD, accounts=first)
+        feed = subscribe(ra.stub)
+        assert [n.seq for n in feed.notices(10)] == list(range(1, 11))
+        inside, release = threading.Event(), threading.Event()
+
+        def hold(_batch: object) -> None:
+            inside.set()
+            assert release.wait(60)
+
+        ta = threading.Thread(target=issue_bills, args=(ra.engine, ra.clock, PERIOD),
+                              kwargs={"accounts": accts[10:20], "before_commit": hold})
+        ta.start()
+        assert inside.wait(60)
+        tb = threading.Thread(target=issue_bills, args=(ra.engine, ra.clock, PERIOD),
+                              kwargs={"accounts": accts[20:]})
+        tb.start()
+        if ra.engine.dialect.name == "postgresql":
+            _wait_for_lock_waiter(ra.engine)
+        with ra.engine.connect().execution_options(read_only=True) as conn:
+            assert _count(ra.engine, sa.select(sa.func.count()).select_from(T_RES)) == 0
+            visible = conn.execute(sa.text("SELECT count(*) FROM feed_outbox")).scalar_one()
+        assert visible == 10, "nothing of A or B is visible while A is open"
+        release.set()
+        ta.join(60)
+        tb.join(60)
+        rest = feed.notices(20)
+        assert [n.seq for n in rest] == list(range(11, 31))
+        assert {n.account_no for n in rest} == set(accts[10:])
+        feed.close()
+
+
+def _wait_for_lock_waiter(engine: sa.Engine) -> None:
+    """B must really be blocked behind A's counter-row lock before A commits."""
+    import threading
+
+    q = sa.text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()")
+    for _ in range(600):
+        with engine.connect() as conn:
+            if conn.execute(q).scalar_one() > 0:
+                return
+        threading.Event().wait(0.05)
+    raise AssertionError("issuer B never waited for A's lock")
