@@ -301,3 +301,9 @@ def test_latency_histogram_summarises_clamps_and_merges() -> None:
     h.merge(other)
     assert h.count == 102 and h.summary().clamped == 1
     assert LatencyHistogram(1.0).summary().count == 0 and LatencyHistogram(1.0).encode() == ""
+
+
+def test_the_public_surface_is_what_bench_and_bench_core_import() -> None:
+    assert set(load.__all__) == {"CheckResult", "Discrepancy", "LoadProfile", "LoadResult", "RunLedger",
+                                 "check_ledger", "main", "parse_mix", "run_load", "run_load_async"}
+    assert all(hasattr(load, name) for name in load.__all__)
