@@ -229,7 +229,7 @@ def bulk_insert(conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]
     cols = list(rows[0])
     names = ", ".join(cols)
     if conn.dialect.name == "postgresql":
-        arrays = ", ".join(f"%s::{_pg_type(table.c[c])}[]" for c in cols)
+        arrays = ", ".join(f"%b::{_pg_type(table.c[c])}[]" for c in cols)
         conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) SELECT * FROM unnest({arrays})",
                              tuple([r[c] for r in rows] for c in cols))
     elif conn.dialect.name == "sqlite":
