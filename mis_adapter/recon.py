@@ -403,6 +403,8 @@ class Reconciliation:
                     self._tune_pg_session(conn)
                 conn.exec_driver_sql(self._drop_staging_sql())
                 recon_staging.create(conn)
+                if self._dialect == "mysql":  # DDL commits there: index the empty table now
+                    conn.exec_driver_sql("CREATE INDEX ix_recon_staging_serial ON recon_staging (bank_serial(32))")
             conn.begin()
         except BaseException:
             self.__exit__()
@@ -500,9 +502,10 @@ class Reconciliation:
         """Refuses duplicate serials, naming their lines. On SQLite a unique index does it
         and serves the joins; PostgreSQL hashes (an index build would sort by collation)."""
         conn = self.conn
-        if self._dialect == "postgresql":
+        if self._dialect != "sqlite":
             self._refuse_duplicates(where)
-            conn.exec_driver_sql("ANALYZE recon_staging")  # autovacuum never sees temporary tables
+            if self._dialect == "postgresql":
+                conn.exec_driver_sql("ANALYZE recon_staging")  # autovacuum never sees temporary tables
             return
         try:
             with conn.begin_nested():
