@@ -6,17 +6,23 @@ doubt at the bridge is refused until it is resolved."""
 from __future__ import annotations
 
 import datetime as dt
+import json
+import random
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
+from bank_sim import ledger
 from mis_adapter.routing import BranchRouter
 from mis_adapter.seed import seed
 from tests.support import procs
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc, report_pb2, report_pb2_grpc
+from yindian_common.db import make_engine
 from yindian_common.status import error_info
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -137,3 +143,50 @@ def test_reconcile_through_the_bridge_then_report(servers: tuple[procs.Proc, pro
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
         assert error_info(err.value).reason == "DAY_IN_DOUBT"
         assert "1 payments or cancels" in err.value.details()
+
+
+def test_bank_core_reconciles_its_ledger_through_the_bridge(servers: tuple[procs.Proc, procs.Proc, list[str]],
+                                                            tmp_path: Path) -> None:
+    """`python -m bank_sim reconcile`: the ledger's POSTED and CANCELLED rows of the day go through the
+    bridge; a PENDING row (money taken, outcome unknown) makes the bank core refuse first."""
+    _mis, bridge, roster = servers
+    bank_url = f"sqlite:///{tmp_path / 'bank.db'}"
+    engine = make_engine(bank_url)
+    ledger.create_schema(engine)
+    now = dt.datetime.fromisoformat(CLOCK)
+    day = dt.date.fromisoformat(DAY)
+    with engine.begin() as conn:
+        ledger.load_passbooks(conn, "ICBC", roster[:4], rng=random.Random(1), low_balance_ratio=0.0, now=now)
+    with grpc.insecure_channel(bridge.grpc_addr) as ch:
+        bank = billing_pb2_grpc.BillingServiceStub(ch)
+        for i, acct in enumerate(roster[:3]):
+            serial = f"L-{i}"
+            with engine.begin() as conn:
+                ledger.debit_for_pay(conn, bank_id="ICBC", bank_serial=serial, account_no=acct, amount_fen=100 + i,
+                                     channel="COUNTER", outlet_code="OUT001", teller_id="TLR00101", now=now)
+            resp = bank.Pay(pb.PayRequest(bank_serial=serial, account_no=acct, amount_fen=100 + i,
+                                          outlet_code="OUT001", teller_id="TLR00101", channel=pb.CHANNEL_COUNTER),
+                            metadata=(BANK,), timeout=10)
+            with engine.begin() as conn:
+                ledger.mark_posted(conn, bank_id="ICBC", bank_serial=serial, settlement_date=day,
+                                   receipt_no=resp.receipt_no, payment_id=resp.payment_id, now=now)
+        bank.Cancel(pb.CancelRequest(cancel_serial="LC-2", original_serial="L-2", amount_fen=102), metadata=(BANK,),
+                    timeout=10)
+        with engine.begin() as conn:
+            ledger.mark_cancelled(conn, bank_id="ICBC", bank_serial="L-2", cancel_date=day, now=now)
+            ledger.debit_for_pay(conn, bank_id="ICBC", bank_serial="L-9", account_no=roster[3], amount_fen=50,
+                                 channel="COUNTER", outlet_code="OUT001", teller_id="TLR00101", now=now)
+
+    cmd = [sys.executable, "-m", "bank_sim", "reconcile", "--target", bridge.grpc_addr, "--bank-id", "ICBC",
+           "--insecure", "--db", bank_url, "--date", DAY, "--summary-json", str(tmp_path / "recon.json")]
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=procs.REPO)
+    assert refused.returncode == 2 and "L-9 is still PENDING" in refused.stderr
+    with engine.begin() as conn:
+        ledger.mark_failed(conn, bank_id="ICBC", bank_serial="L-9", reason="test", now=now)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=procs.REPO)
+    assert done.returncode == 0, done.stderr
+    out = json.loads((tmp_path / "recon.json").read_text())
+    assert out["record_count"] == 3 and out["discrepancies"] == 0
+    assert out["totals"]["MATCHED"] == {"count": 3, "amount_fen": 100 + 101 + 102}
+    assert out["net_settlement_fen"] == 100 + 101
+    engine.dispose()
