@@ -273,7 +273,7 @@ def bills_in_arrears(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRa
         with engine.connect().execution_options(read_only=True) as conn, conn.begin(), \
                 engine.connect().execution_options(read_only=True) as side:
             _no_jit(conn)
-            result = conn.execution_options(stream_results=True, yield_per=ARREARS_CHUNK_ROWS).execute(stmt, params)
+            result = conn.execute(stmt, params, execution_options={"yield_per": ARREARS_CHUNK_ROWS})
             for chunk in result.partitions(ARREARS_CHUNK_ROWS):
                 yield from _price_chunk(side, chunk, as_of, rates)
 
