@@ -31,6 +31,7 @@ from bank_sim import autodebit, ledger
 from mis_adapter.db.base import table_of
 from mis_adapter.db.core import Agreement, AllocationRow, Bank, BillRow, Branch, Customer, Meter, Payment, Reading
 from mis_adapter.db.feed import DebitResultRow, FeedCursor, OutboxRow
+from mis_adapter.feed import bulk_insert as feed_bulk_insert
 from mis_adapter.issue_bills import issue_bills
 from mis_adapter.migrate import upgrade
 from mis_adapter.seed import bulk_insert
@@ -40,6 +41,7 @@ from yindian_common.fields import make_account_no
 from yindian_common.settings import YinDianSettings, add_settings_flags, load_settings
 
 BRANCH = "01"
+POPULATE_BATCH_ROWS = 20_000
 
 
 def populate_period(engine: Engine, accounts: int, period: str, *, banks: Sequence[str] = ("ICBC",),
@@ -79,7 +81,9 @@ def populate_period(engine: Engine, accounts: int, period: str, *, banks: Sequen
                                "active": True})
         out.append((acct, bank))
     for table, rows in ((Customer, customers), (Meter, meters), (Reading, readings), (Agreement, agreements)):
-        bulk_insert(engine, table_of(table), rows)
+        for start in range(0, len(rows), POPULATE_BATCH_ROWS):
+            with engine.begin() as conn:
+                feed_bulk_insert(conn, table_of(table), rows[start:start + POPULATE_BATCH_ROWS])
     return out
 
 

@@ -120,7 +120,9 @@ def test_100k_bills_fed_debited_and_acknowledged(backend: str, tmp_path: Path) -
     n = int(os.environ.get("YINDIAN_FEED_E2E_BILLS", "100000"))
     with databases(backend, tmp_path) as (mis_url, bank_url, bridge_url):
         prepare(mis_url, bank_url, n)
-        adapter = start_adapter("mis_adapter", mis_url, "127.0.0.1:0", tmp_path)
+        # Bigger messages than the defaults: the database work per message decides the pace.
+        big = ["--feed-window-max", "4000", "--feed-notice-batch-max", "1000"]
+        adapter = start_adapter("mis_adapter", mis_url, "127.0.0.1:0", tmp_path, big)
         bridge = start_bridge(adapter.grpc_addr, bridge_url, "127.0.0.1:0", tmp_path)
         try:
             consumer = start_autodebit(bridge.grpc_addr, bank_url, tmp_path)
@@ -135,7 +137,7 @@ def test_100k_bills_fed_debited_and_acknowledged(backend: str, tmp_path: Path) -
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_kill_9_each_process_mid_stream(backend: str, tmp_path: Path) -> None:
-    n = 12_000
+    n = 6_000
     small = ["--feed-window-max", "300", "--feed-notice-batch-max", "100"]
     with databases(backend, tmp_path) as (mis_url, bank_url, bridge_url):
         prepare(mis_url, bank_url, n)
@@ -176,7 +178,7 @@ def test_two_replicas_one_stream_and_failover(tmp_path: Path) -> None:
     from yindian.v1 import billing_pb2_grpc
     from yindian_common.status import error_info
 
-    n = 8_000
+    n = 4_000
     small = ["--feed-window-max", "300", "--feed-notice-batch-max", "100"]
     with databases("postgresql", tmp_path) as (mis_url, bank_url, _bridge_url):
         prepare(mis_url, bank_url, n)

@@ -55,6 +55,18 @@ def test_notices_results_and_money(db_url_sqlite_pg: str) -> None:
         assert _count(e, sa.select(sa.func.count()).select_from(JournalEntry.__table__)
                       .where(JournalEntry.__table__.c.rpc == "DEBIT")) == 30
         assert _count(e, sa.select(FeedCursor.__table__.c.acked_through_seq)) == 30
+        # The bulk path allocates exactly as the allocation rule does for these accounts.
+        from mis_adapter.allocation import BillDue, allocate_payment
+        from mis_adapter.db.core import AllocationRow
+        with e.connect() as conn:
+            allocs = conn.execute(sa.select(AllocationRow.__table__.c.bill_id, AllocationRow.__table__.c.late_fee_fen,
+                                            AllocationRow.__table__.c.principal_fen, T_PAY.c.amount_fen)
+                                  .join(T_PAY, T_PAY.c.payment_id == AllocationRow.__table__.c.payment_id)).all()
+        assert len(allocs) == 20
+        for bill_id, fee, principal, amount in allocs:
+            rule = allocate_payment(amount, [BillDue(bill_id, PERIOD, 0, amount)])
+            assert [(a.bill_id, a.late_fee_fen, a.principal_fen) for a in rule.allocations] == [(bill_id, fee, principal)]
+            assert rule.prepaid_fen == 0
         # The account now owes nothing and the payment is a normal one: QueryAccount and GetPayment see it.
         q = ra.stub.QueryAccount(pb.QueryAccountRequest(account_no=notices[0].account_no), metadata=ra.md())
         assert q.arrears_fen == 0
