@@ -13,7 +13,7 @@ Rules this module keeps:
   the common case (the bill is the account's only unpaid one, no late fee,
   the debit equals its principal due) is posted here in bulk with exactly
   the allocation `allocation.allocate_payment` would give; every other case
-  is handed to the general payment path (`pay_general`, the lead's `pay`),
+  is handed to the general payment path (`pay_general`: mis_adapter.payments.pay),
   which allocates oldest first, late fee before principal, rest to prepaid.
   A debit for a bill already settled by another channel becomes prepaid
   credit and is listed in `feed_refunds`; so is any surplus the general
