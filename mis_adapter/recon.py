@@ -69,6 +69,7 @@ PG_MATCH_WORK_MEM_MB = 256           # PostgreSQL work_mem of the matching trans
 MATCHED, BANK_ONLY, UTILITY_ONLY, MISMATCH = "MATCHED", "BANK_ONLY", "UTILITY_ONLY", "MISMATCH"
 OUTCOMES = (MATCHED, BANK_ONLY, UTILITY_ONLY, MISMATCH)
 BANK_POSTED, BANK_CANCELLED = "POSTED", "CANCELLED"
+_BANK_STATUSES = frozenset((BANK_POSTED, BANK_CANCELLED))
 POSTED, REVERSED, TOMBSTONE = "POSTED", "REVERSED", "TOMBSTONE"
 RECON_CHANNEL = "RECONCILE"           # channel of a payment posted by reconciliation (BANK_ONLY)
 
@@ -145,8 +146,8 @@ class ReconSummary:
 
 
 def classify(bank: StagedRecord | None, mis: MisPayment | None, day: dt.date) -> tuple[str, str]:
-    """(outcome, detail) of one serial; the SQL in `_BANK_SIDE_LINES` and
-    `_MIS_ONLY_LINES` is this rule, set-based (a test holds them equal)."""
+    """(outcome, detail) of one serial; the SQL in `_BANK_SIDE_SQL` and
+    `_MIS_ONLY_SQL` is this rule, set-based (a test holds them equal)."""
     if bank is None:
         if mis is None:
             raise ValueError("classify needs at least one side")
@@ -183,6 +184,13 @@ def _account_ok(account: str) -> str:
         return "must be 10 ASCII digits"
     total = sum(raw[0:9:2].translate(_LUHN_DOUBLED)) + sum(raw[1:9:2].translate(_LUHN_PLAIN))
     return "" if (10 - total % 10) % 10 == raw[9] - 48 else "check digit does not match"
+
+
+def _record_ok(rec: StagedRecord) -> bool:
+    """validate_record's verdict without building messages: the hot path."""
+    _line, serial, account, amount, status = rec
+    return (_SERIAL_RE.fullmatch(serial) is not None and serial.isascii() and not _account_ok(account)
+            and fields.AMOUNT_MIN_FEN <= amount <= fields.AMOUNT_MAX_FEN and status in _BANK_STATUSES)
 
 
 def validate_record(rec: StagedRecord, where: str) -> None:
@@ -255,7 +263,7 @@ _ADD_PREPAID = (T_CUST.update().where(T_CUST.c.account_no == _b("acct"))
 # whole history); a serial not found that day is looked up on any day by the
 # unique (bank, serial) index. Only discrepancies are written; MATCHED is
 # counted by difference.
-_BANK_SIDE_LINES = sa.text("""
+_BANK_SIDE_SQL = """
 INSERT INTO recon_lines (bank_id, settlement_date, bank_serial, outcome, bank_line_no, bank_account_no,
                          mis_account_no, bank_amount_fen, mis_amount_fen, bank_status, mis_state, detail)
 SELECT :bank_id, :day, c.bank_serial, c.outcome, c.line_no, c.account_no, c.mis_account_no, c.amount_fen,
@@ -292,32 +300,56 @@ FROM (
            CASE WHEN p.payment_id IS NULL THEN (SELECT q.amount_fen FROM payments q
                 WHERE q.bank_id = :bank_id AND q.bank_serial = s.bank_serial) ELSE p.amount_fen END AS m_amount
     FROM recon_staging s
-    LEFT JOIN payments p ON p.bank_id = :bank_id AND p.settlement_date = :day AND p.bank_serial = s.bank_serial
+    LEFT JOIN {day_payments} p ON {day_join} p.bank_serial = s.bank_serial
   ) j
 ) c
 WHERE c.outcome <> 'MATCHED'
 ORDER BY c.line_no
-""").bindparams(_DAY)
+"""
 
 # The MIS side: the day's payments the bank did not send. POSTED ones are UTILITY_ONLY.
-_MIS_ONLY_LINES = sa.text("""
+_MIS_ONLY_SQL = """
 INSERT INTO recon_lines (bank_id, settlement_date, bank_serial, outcome, bank_line_no, bank_account_no,
                          mis_account_no, bank_amount_fen, mis_amount_fen, bank_status, mis_state, detail)
-SELECT p.bank_id, p.settlement_date, p.bank_serial, 'UTILITY_ONLY', 0, '', p.account_no, 0, p.amount_fen,
+SELECT :bank_id, :day, p.bank_serial, 'UTILITY_ONLY', 0, '', p.account_no, 0, p.amount_fen,
        '', p.state, :d_reversed_now
-FROM payments p
-WHERE p.bank_id = :bank_id AND p.settlement_date = :day AND p.state = 'POSTED'
+FROM {day_payments} p
+WHERE {day_where} p.state = 'POSTED'
   AND NOT EXISTS (SELECT 1 FROM recon_staging s WHERE s.bank_serial = p.bank_serial)
 ORDER BY p.payment_id
-""").bindparams(_DAY)
+"""
 
 # The day's payments the bank did not send and that moved no money: MATCHED.
-_MIS_ONLY_SETTLED = sa.text("""
+_MIS_ONLY_SETTLED_SQL = """
 SELECT COUNT(*), COALESCE(SUM(p.amount_fen), 0)
-FROM payments p
-WHERE p.bank_id = :bank_id AND p.settlement_date = :day AND p.state <> 'POSTED'
+FROM {day_payments} p
+WHERE {day_where} p.state <> 'POSTED'
   AND NOT EXISTS (SELECT 1 FROM recon_staging s WHERE s.bank_serial = p.bank_serial)
+"""
+
+# Where "the day's payments" come from. PostgreSQL copies them once, after the
+# accounts are locked, into a narrow temporary table (recon_day) that the joins
+# read from memory; the others read them in place through the (bank, day) index.
+_IN_PLACE = {"day_payments": "payments", "day_join": "p.bank_id = :bank_id AND p.settlement_date = :day AND",
+             "day_where": "p.bank_id = :bank_id AND p.settlement_date = :day AND"}
+_COPIED = {"day_payments": "recon_day", "day_join": "", "day_where": ""}
+_COPY_DAY = sa.text("""
+CREATE TEMPORARY TABLE recon_day AS
+SELECT payment_id, bank_serial, state, account_no, amount_fen FROM payments
+WHERE bank_id = :bank_id AND settlement_date = :day
 """).bindparams(_DAY)
+
+
+def _matching(where: dict[str, str]) -> tuple[sa.TextClause, sa.TextClause, sa.TextClause]:
+    def text(template: str) -> sa.TextClause:
+        sql = template.format(**where)
+        return sa.text(sql).bindparams(_DAY) if ":day" in sql else sa.text(sql)
+
+    return text(_BANK_SIDE_SQL), text(_MIS_ONLY_SQL), text(_MIS_ONLY_SETTLED_SQL)
+
+
+_MATCHING = {"postgresql": _matching(_COPIED)}
+_MATCHING_IN_PLACE = _matching(_IN_PLACE)
 
 # Lock the accounts of the day's payments (PostgreSQL, MariaDB): a Cancel takes
 # the account lock before it looks at reconciled_days, so once we hold these,
@@ -466,10 +498,10 @@ class Reconciliation:
             raise InvalidField("batch.records", f"at most {RECORDS_PER_BATCH_MAX} records per batch")
         if self.record_count + len(records) > RECORDS_PER_DAY_MAX:
             raise InvalidField("batch.records", f"at most {RECORDS_PER_DAY_MAX} records per day")
-        total = 0
         for rec in records:
-            validate_record(rec, _where(where, rec[0]))
-            total += rec[3]
+            if not _record_ok(rec):
+                validate_record(rec, _where(where, rec[0]))  # raises, naming the field
+        total = sum(rec[3] for rec in records)
         self._bulk_insert(records)
         self.record_count += len(records)
         self.total_fen += total
@@ -540,9 +572,13 @@ class Reconciliation:
                                           "reconciled_at": self.now, "summary_json": ""})
                 if self._dialect != "sqlite":
                     conn.execute(_LOCK_DAY_ACCOUNTS, key)
-                conn.execute(_BANK_SIDE_LINES, {**key, **_DETAILS})
-                conn.execute(_MIS_ONLY_LINES, {**key, **_DETAILS})
-                settled_n, settled_fen = conn.execute(_MIS_ONLY_SETTLED, key).one()
+                if self._dialect == "postgresql":
+                    conn.execute(_COPY_DAY, key)
+                    conn.exec_driver_sql("ANALYZE recon_day")
+                bank_side, mis_only, mis_only_settled = _MATCHING.get(self._dialect, _MATCHING_IN_PLACE)
+                conn.execute(bank_side, {**key, **_DETAILS})
+                conn.execute(mis_only, {**key, **_DETAILS})
+                settled_n, settled_fen = conn.execute(mis_only_settled, key).one()
                 self._apply_outcomes()
                 summary = self._summary(int(settled_n), int(settled_fen))
                 conn.execute(_STORE_SUMMARY, {"k_bank": self.bank_id, "day": self.day, "summary": summary.to_json(),

@@ -359,3 +359,16 @@ def test_two_reconciliations_of_a_day_at_once_apply_it_once(world: World) -> Non
                                        "GROUP BY outcome ORDER BY outcome")).all()
     assert [tuple(j) for j in journal] == [("BANK_ONLY_POSTED", 1), ("DAY_CLOSED", 1), ("UTILITY_ONLY_REVERSED", 1)]
     assert _mis_payments(w)["K-2"].state == "REVERSED" and _mis_payments(w)["K-3"].state == "POSTED"
+
+
+@given(st.text(alphabet="AZaz09-_ é", min_size=0, max_size=34), st.text(alphabet="0123456789x", min_size=9,
+       max_size=11), st.integers(min_value=-1, max_value=1_000_000_001), st.sampled_from(["POSTED", "CANCELLED", "X"]))
+@settings(max_examples=400, deadline=None)
+def test_hot_path_verdict_agrees_with_validate_record(serial: str, account: str, amount: int, status: str) -> None:
+    rec = (1, serial, account, amount, status)
+    try:
+        recon.validate_record(rec, "r")
+        valid = True
+    except InvalidField:
+        valid = False
+    assert recon._record_ok(rec) == valid
