@@ -26,12 +26,20 @@ what the bank owes the utility for the day once the outcomes are applied:
 the sum of the day's payments still POSTED in the MIS (MISMATCH lines count
 at the MIS amount until people settle them by hand).
 
-Storage: the bank's records are bulk-loaded (COPY on PostgreSQL, executemany
-elsewhere) into a TEMPORARY staging table on one connection, then matched
-with two joins against `payments`; discrepancies are written to
-`recon_lines`, the outcomes applied, and the day closed (`reconciled_days`)
-in one transaction. Memory stays flat in the number of records: nothing
-holds more than one batch or one page.
+Storage: the bank's records are validated batch by batch and bulk-loaded
+(COPY on PostgreSQL, executemany elsewhere) into a TEMPORARY staging table on
+one connection, then matched with two joins against the day's payments (on
+PostgreSQL first copied into a narrow temporary table); discrepancies are
+written to `recon_lines`, the outcomes applied, and the day closed
+(`reconciled_days`) in one transaction. Memory stays flat in the number of
+records: nothing holds more than one batch or one page.
+
+Concurrency: the closing transaction first inserts the reconciled_days row (a
+second reconciliation of the day waits on it, then replays the stored
+result), then locks the accounts of the day's posted payments (PostgreSQL,
+MariaDB; SQLite has one writer): Cancel takes its account lock before it
+looks at reconciled_days, so no cancel of the day can land between the
+matching and the commit.
 
 Must never: apply anything when the input is refused, correct a MISMATCH,
 or change a day that is already closed."""
