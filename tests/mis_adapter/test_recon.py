@@ -372,3 +372,56 @@ def test_hot_path_verdict_agrees_with_validate_record(serial: str, account: str,
     except InvalidField:
         valid = False
     assert recon._record_ok(rec) == valid
+
+
+def test_a_cancel_in_flight_when_the_day_closes_is_seen_and_a_later_one_refused(world: World) -> None:
+    """A cancel that holds its account lock when the reconciliation starts is waited for and its reversal
+    counted; the reconciliation never reports a payment that a cancel reversed behind its back."""
+    import threading
+
+    w = world
+    a = w.accounts
+    pay(w, "R-1", a[0], 1_000)
+    pay(w, "R-2", a[1], 2_000)
+    # A cancel of R-1 is in flight: it holds the account lock and has seen the day open.
+    cancel_conn = w.engine.connect()
+    cancel_tx = cancel_conn.begin()
+    cancel_conn.execute(sa.select(payments.T_CUST.c.account_no).where(payments.T_CUST.c.account_no == a[0])
+                        .with_for_update())
+    p = cancel_conn.execute(sa.select(payments.T_PAY).where(payments.T_PAY.c.bank_serial == "R-1")).one()
+    results: list[recon.ReconSummary] = []
+    records = [(1, "R-1", a[0], 1_000, "POSTED"), (2, "R-2", a[1], 2_000, "POSTED")]
+
+    def reconcile() -> None:
+        with Reconciliation(w.engine, BANK, business_date(w.clock), rates=w.ctx.rates, now=w.clock.now()) as r:
+            r.load(records)
+            results.append(r.close_day())
+
+    t = threading.Thread(target=reconcile)
+    if w.engine.dialect.name == "sqlite":
+        # One writer: the cancel finishes first, the reconciliation then sees it.
+        payments.reverse_payment_in_tx(cancel_conn, p, w.clock.now(), business_date(w.clock), "C-R1")
+        cancel_tx.commit()
+        t.start()
+    else:
+        t.start()
+        # The reconciliation queues behind the cancel's account lock.
+        deadline = dt.datetime.now() + dt.timedelta(seconds=30)
+        with w.engine.connect() as watch:
+            while not watch.execute(sa.text(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'")).scalar_one():
+                assert dt.datetime.now() < deadline, "the reconciliation never waited for the cancel"
+                watch.rollback()
+                threading.Event().wait(0.05)
+        payments.reverse_payment_in_tx(cancel_conn, p, w.clock.now(), business_date(w.clock), "C-R1")
+        cancel_tx.commit()
+    t.join(timeout=60)
+    cancel_conn.close()
+    (summary,) = results
+    assert summary.total(recon.MISMATCH).count == 1  # R-1: reversed in the MIS, posted at the bank
+    assert summary.net_settlement_fen == 2_000 == _posted_fen(w)
+    assert lines(w)["R-1"].mis_state == "REVERSED"
+    # A cancel after the close is refused.
+    with pytest.raises(DayClosed):
+        cancel(w, "C-R2", "R-2", 2_000)
