@@ -26,6 +26,9 @@ proto: $(VENV)/.installed
 $(GEN_STAMP): $(PROTOS) $(VENV)/.installed
 	$(MAKE) proto
 
+# Three workers: most tests wait on processes, fsync and sockets, not on the 2 cores.
+PYTEST_ARGS ?= -n 3
+
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
