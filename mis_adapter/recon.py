@@ -50,6 +50,7 @@ import json
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -429,6 +430,8 @@ class Reconciliation:
         self.total_fen = 0
         self._conn: Connection | None = None
         self._dialect = engine.dialect.name
+        self._copy: Any = None  # PostgreSQL: the COPY in progress while loading (its context, its writer)
+        self._copy_writer: Any = None
 
     # -- lifetime --
     def __enter__(self) -> Reconciliation:
@@ -469,6 +472,11 @@ class Reconciliation:
         conn = self._conn
         self._conn = None
         if conn is None:
+            return
+        if self._copy is not None:  # refused mid-load: abandon the COPY with the session
+            self._copy = self._copy_writer = None
+            conn.invalidate()
+            conn.close()
             return
         try:
             if conn.in_transaction():
@@ -519,11 +527,14 @@ class Reconciliation:
             return
         dbapi = self.conn.connection.driver_connection
         if self._dialect == "postgresql":
-            # One block of COPY text per batch: validated fields hold no tab, newline or backslash.
-            block = "".join(f"{r[0]}\t{r[1]}\t{r[2]}\t{r[3]}\t{r[4]}\n" for r in records).encode("ascii")
-            with dbapi.cursor() as cur, cur.copy(  # type: ignore[union-attr]
-                    "COPY recon_staging (line_no, bank_serial, account_no, amount_fen, status) FROM STDIN") as cp:
-                cp.write(block)
+            # One COPY for the whole stream, one block of text per batch (validated fields hold no
+            # tab, newline or backslash): the server inserts while we validate the next batch.
+            if self._copy is None:
+                cursor = dbapi.cursor()  # type: ignore[union-attr]
+                self._copy = cursor.copy(
+                    "COPY recon_staging (line_no, bank_serial, account_no, amount_fen, status) FROM STDIN")
+                self._copy_writer = self._copy.__enter__()
+            self._copy_writer.write("".join(f"{r[0]}\t{r[1]}\t{r[2]}\t{r[3]}\t{r[4]}\n" for r in records).encode("ascii"))
         elif self._dialect == "sqlite":
             dbapi.executemany("INSERT INTO temp.recon_staging VALUES (?, ?, ?, ?, ?)", records)  # type: ignore[union-attr]
         else:
@@ -538,9 +549,15 @@ class Reconciliation:
         if total_fen != self.total_fen:
             raise InvalidField(f"{field}.total_fen", f"says {total_fen} fen, the records add up to {self.total_fen}")
 
+    def _finish_copy(self) -> None:
+        if self._copy is not None:
+            copy, self._copy, self._copy_writer = self._copy, None, None
+            copy.__exit__(None, None, None)
+
     def _index_staging(self, where: str) -> None:
         """Refuses duplicate serials, naming their lines. On SQLite a unique index does it
         and serves the joins; PostgreSQL hashes (an index build would sort by collation)."""
+        self._finish_copy()
         conn = self.conn
         if self._dialect != "sqlite":
             self._refuse_duplicates(where)
