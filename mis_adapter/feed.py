@@ -170,7 +170,10 @@ class InList(ColumnElement[bool]):
 
 @compiles(InList, "postgresql")
 def _in_pg(el: InList, compiler: Any, **kw: Any) -> str:
-    return f"{compiler.process(el.col, **kw)} = ANY({compiler.process(el.param, **kw)})"
+    # The array is cast to the column's type: psycopg sends small ints as smallint[],
+    # and `bigint = ANY(smallint[])` is not an index condition (a scan that grows with the table).
+    return (f"{compiler.process(el.col, **kw)} = "
+            f"ANY(CAST({compiler.process(el.param, **kw)} AS {_pg_type(el.col)}[]))")
 
 
 @compiles(InList, "sqlite")
@@ -188,7 +191,7 @@ def list_param(conn: Connection, values: Sequence[object]) -> object:
     return list(values) if conn.dialect.name == "postgresql" else json.dumps(list(values))
 
 
-def _pg_type(col: sa.Column[Any]) -> str:
+def _pg_type(col: ColumnElement[Any]) -> str:
     t = col.type
     if isinstance(t, sa.Boolean):
         return "boolean"

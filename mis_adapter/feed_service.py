@@ -263,10 +263,14 @@ class FeedStream:
         return list(new.values()), (min(left) - 1 if left else sent), done
 
     def _apply(self, results: list[pb.DebitResult]) -> None:
+        t0 = time.perf_counter()
         new, cursor_to, done = self._validate(results)
         if not done:
             return
+        t1 = time.perf_counter()
         feed.apply_results(self.engine, self.ctx.clock, self.bank_id, new, cursor_to, self._pay_general)
+        log.debug("event=feed_results_applied bank=%s n=%d validate_ms=%.1f apply_ms=%.1f cursor=%d",
+                  self.bank_id, len(new), 1000 * (t1 - t0), 1000 * (time.perf_counter() - t1), cursor_to)
         with self._lock:
             for seq in done:
                 self.pending.pop(seq, None)
