@@ -4,17 +4,19 @@ read from the database and cached for `bank_status_ttl_s`."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from mis_adapter.db.base import table_of
 from mis_adapter.db.core import Bank
-from yindian_common.errors import BankSuspended, Exhausted, Forbidden
+from mis_adapter.db.recon import ReconciledDay
+from yindian_common.errors import BankSuspended, DayClosed, Exhausted, Forbidden
 
 T_BANKS = table_of(Bank)
 _SELECT_BANK = sa.select(T_BANKS.c.suspended, T_BANKS.c.suspended_reason).where(
@@ -76,3 +78,48 @@ def set_suspended(engine: Engine, bank_id: str, suspended: bool, reason: str, no
         n = conn.execute(sa.update(T_BANKS).where(T_BANKS.c.bank_id == bank_id).values(
             suspended=suspended, suspended_reason=reason if suspended else "", updated_at=now)).rowcount
     return n == 1
+
+
+# ---- the bank-day lock: reconciliation against payments of the day being closed ----
+# Every transaction that posts or reverses a bank's payment takes this lock
+# SHARED before any account lock; reconciliation takes it EXCLUSIVE before it
+# reads the day. So a payment either commits before the day is matched (and is
+# matched), or sees the closed day and settles on the next one. Same order
+# everywhere (bank-day, then accounts): no deadlock between the two.
+# PostgreSQL: a transaction-scoped advisory lock (in memory, no row write);
+# MariaDB: a shared/exclusive row lock on the bank's row; SQLite: writers are
+# serialized already.
+T_RECON = table_of(ReconciledDay)
+_CLOSED_DAYS = sa.select(T_RECON.c.settlement_date).where(
+    T_RECON.c.bank_id == sa.bindparam("bank_id"), T_RECON.c.settlement_date.in_(sa.bindparam("days", expanding=True)))
+_ADVISORY_SHARED = sa.text("SELECT pg_advisory_xact_lock_shared(:k)")
+_ADVISORY_EXCLUSIVE = sa.text("SELECT pg_advisory_xact_lock(:k)")
+_ROW_SHARED = sa.select(T_BANKS.c.bank_id).where(T_BANKS.c.bank_id == sa.bindparam("bank_id")).with_for_update(
+    read=True)
+_ROW_EXCLUSIVE = sa.select(T_BANKS.c.bank_id).where(T_BANKS.c.bank_id == sa.bindparam("bank_id")).with_for_update()
+
+
+def _advisory_key(bank_id: str) -> int:
+    digest = hashlib.sha256(f"yindian-bank-day:{bank_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def lock_bank_day(conn: Connection, bank_id: str, *, exclusive: bool = False) -> None:
+    """Take the bank-day lock in the caller's transaction (see above)."""
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        conn.execute(_ADVISORY_EXCLUSIVE if exclusive else _ADVISORY_SHARED, {"k": _advisory_key(bank_id)})
+    elif dialect != "sqlite":
+        conn.execute(_ROW_EXCLUSIVE if exclusive else _ROW_SHARED, {"bank_id": bank_id}).first()
+
+
+def settlement_day(conn: Connection, bank_id: str, today: dt.date) -> dt.date:
+    """The settlement date of a payment posted today: today, or tomorrow once the
+    bank's today is reconciled. Call it after lock_bank_day."""
+    closed = {r.settlement_date for r in conn.execute(_CLOSED_DAYS, {"bank_id": bank_id,
+                                                                    "days": [today, today + dt.timedelta(days=1)]})}
+    if today not in closed:
+        return today
+    if today + dt.timedelta(days=1) in closed:
+        raise DayClosed(f"settlement dates {today} and the next are both reconciled")
+    return today + dt.timedelta(days=1)

@@ -39,6 +39,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.visitors import InternalTraversal
 
+from mis_adapter.banks import lock_bank_day, settlement_day
 from mis_adapter.db.base import table_of
 from mis_adapter.db.core import AllocationRow, BillRow, Customer, JournalEntry, Payment, PrepaidEntry
 from mis_adapter.db.feed import DebitResultRow, FeedCursor, FeedLease, FeedSequence, OutboxRow, RefundRow
@@ -590,6 +591,9 @@ def apply_results(engine: Engine, clock: Clock, bank_id: str, results: Sequence[
         now = _utc(clock.now())
         today = business_date(clock)
         with engine.begin() as conn:
+            # Bank-day lock before any account lock; a reconciled today settles tomorrow (as Pay does).
+            lock_bank_day(conn, bank_id)
+            today = settlement_day(conn, bank_id, today)
             accts = sorted({r.account_no for r in results})
             prepaid: dict[str, int] = {}
             status_of: dict[str, str] = {}

@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from mis_adapter.allocation import Allocation, BillDue, allocate_payment
+from mis_adapter.banks import lock_bank_day
 from mis_adapter.context import AdapterContext
 from mis_adapter.db.base import table_of
 from mis_adapter.db.core import (
@@ -57,6 +58,7 @@ T_JOURNAL = table_of(JournalEntry)
 T_RECON = table_of(ReconciledDay)
 
 POSTED, REVERSED, TOMBSTONE = "POSTED", "REVERSED", "TOMBSTONE"
+ONE_DAY = dt.timedelta(days=1)
 CHANNELS = ("COUNTER", "AUTO_DEBIT", "ATM", "ONLINE")
 
 # ---- statements, built once ----
@@ -65,6 +67,16 @@ _LOCK_CUSTOMER = (sa.select(T_CUST.c.branch_code, T_CUST.c.tariff_class, T_CUST.
                   .where(T_CUST.c.account_no == _b("account_no")).with_for_update())
 _READ_CUSTOMER = sa.select(T_CUST.c.branch_code, T_CUST.c.tariff_class, T_CUST.c.status, T_CUST.c.prepaid_fen,
                            T_CUST.c.name).where(T_CUST.c.account_no == _b("account_no"))
+_CLOSED_ON = sa.exists(sa.select(T_RECON.c.bank_id).where(T_RECON.c.bank_id == _b("bank_id"),
+                                                         T_RECON.c.settlement_date == _b("day")))
+_CLOSED_NEXT = sa.exists(sa.select(T_RECON.c.bank_id).where(T_RECON.c.bank_id == _b("bank_id"),
+                                                           T_RECON.c.settlement_date == _b("next_day")))
+# A pay's first account statement: lock the account, and learn (after the bank-day lock) whether
+# today is already reconciled for this bank, in which case the payment settles tomorrow.
+_LOCK_CUSTOMER_FOR_PAY = (sa.select(T_CUST.c.branch_code, T_CUST.c.tariff_class, T_CUST.c.status,
+                                    T_CUST.c.prepaid_fen, _CLOSED_ON.label("closed_today"),
+                                    _CLOSED_NEXT.label("closed_next"))
+                          .where(T_CUST.c.account_no == _b("account_no")).with_for_update())
 _PAYMENT_BY_SERIAL = sa.select(T_PAY).where(T_PAY.c.bank_id == _b("bank_id"), T_PAY.c.bank_serial == _b("serial"))
 _UNPAID_BILLS = (sa.select(T_BILL.c.bill_id, T_BILL.c.period, T_BILL.c.kwh, T_BILL.c.amount_fen,
                            T_BILL.c.prepaid_applied_fen, T_BILL.c.principal_paid_fen, T_BILL.c.late_fee_paid_fen,
@@ -242,7 +254,9 @@ def _pay_tx(ctx: AdapterContext, engine: Engine, cmd: PayCommand) -> tuple[PayRe
     now = utc_now(ctx.clock)
     day = business_date(ctx.clock)
     with engine.begin() as conn:
-        cust = conn.execute(_LOCK_CUSTOMER, {"account_no": cmd.account_no}).first()
+        lock_bank_day(conn, cmd.bank_id)
+        cust = conn.execute(_LOCK_CUSTOMER_FOR_PAY, {"account_no": cmd.account_no, "bank_id": cmd.bank_id,
+                                                     "day": day, "next_day": day + ONE_DAY}).first()
         if cust is None:
             raise AccountNotFound(f"account {cmd.account_no} not found")
         existing = conn.execute(_PAYMENT_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.bank_serial}).first()
@@ -250,6 +264,11 @@ def _pay_tx(ctx: AdapterContext, engine: Engine, cmd: PayCommand) -> tuple[PayRe
             return _answer_existing(conn, existing, cmd), False
         if cust.status != "OPEN":
             raise AccountClosed(f"account {cmd.account_no} is closed")
+        settlement = day  # late fees accrue to today whatever the settlement date
+        if cust.closed_today:
+            if cust.closed_next:
+                raise DayClosed(f"settlement dates {day} and {day + ONE_DAY} are both reconciled")
+            settlement = day + ONE_DAY  # the bank reconciled today already: this payment settles tomorrow
         rows = conn.execute(_UNPAID_BILLS, {"account_no": cmd.account_no}).all()
         due = bills_due(rows, cust.tariff_class, day, ctx.rates)
         plan = allocate_payment(cmd.amount_fen, [d for _, d, _ in due])
@@ -260,7 +279,7 @@ def _pay_tx(ctx: AdapterContext, engine: Engine, cmd: PayCommand) -> tuple[PayRe
             "bank_id": cmd.bank_id, "bank_serial": cmd.bank_serial, "state": POSTED,
             "account_no": cmd.account_no, "branch_code": cust.branch_code, "amount_fen": cmd.amount_fen,
             "channel": cmd.channel, "outlet_code": cmd.outlet_code, "teller_id": cmd.teller_id,
-            "bank_balance_fen": cmd.bank_balance_fen, "settlement_date": day, "posted_at": now,
+            "bank_balance_fen": cmd.bank_balance_fen, "settlement_date": settlement, "posted_at": now,
             "arrears_after_fen": arrears_after, "prepaid_after_fen": prepaid_after,
             "prepaid_added_fen": plan.prepaid_fen, "reversed_at": None, "reversed_on": None,
             "cancel_serial": None}).inserted_primary_key[0]  # type: ignore[index]
@@ -285,7 +304,8 @@ def _pay_tx(ctx: AdapterContext, engine: Engine, cmd: PayCommand) -> tuple[PayRe
         conn.execute(_INSERT_JOURNAL, {"at": now, "bank_id": cmd.bank_id, "rpc": "PAY", "serial": cmd.bank_serial,
                                        "original_serial": "", "account_no": cmd.account_no,
                                        "amount_fen": cmd.amount_fen, "outcome": POSTED, "payment_id": pk})
-        return PayResult(payment_id_of(cust.branch_code, pk), receipt_no_of(cust.branch_code, day, pk), day,
+        return PayResult(payment_id_of(cust.branch_code, pk), receipt_no_of(cust.branch_code, settlement, pk),
+                         settlement,
                          plan.allocations, arrears_after, prepaid_after, cmd.bank_serial, cmd.account_no,
                          cmd.amount_fen, now), True
 
@@ -390,6 +410,7 @@ def _reverse(ctx: AdapterContext, engine: Engine, found: Any, cmd: CancelCommand
     now = utc_now(ctx.clock)
     day = business_date(ctx.clock)
     with engine.begin() as conn:
+        lock_bank_day(conn, cmd.bank_id)
         if found.account_no:
             conn.execute(_LOCK_CUSTOMER, {"account_no": found.account_no}).first()
         again = conn.execute(_CANCEL_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.cancel_serial}).first()

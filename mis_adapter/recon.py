@@ -57,6 +57,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from mis_adapter.allocation import allocate_payment
+from mis_adapter.banks import lock_bank_day
 from mis_adapter.db.base import table_of
 from mis_adapter.db.core import AllocationRow, BillRow, Customer, JournalEntry, Payment, PrepaidEntry
 from mis_adapter.db.recon import ReconciledDay, ReconLine, recon_staging
@@ -589,6 +590,8 @@ class Reconciliation:
         key = {"bank_id": self.bank_id, "day": self.day}
         try:
             with conn.begin():
+                # No payment or cancel of this bank commits while we match and close (banks.lock_bank_day).
+                lock_bank_day(conn, self.bank_id, exclusive=True)
                 stored = _stored_summary(conn, self.bank_id, self.day)
                 if stored is not None:
                     return stored

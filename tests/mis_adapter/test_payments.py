@@ -259,3 +259,17 @@ def test_journal_is_appended_for_each_applied_request(adapter: RunningAdapter) -
                             .order_by(t.c.entry_id)).all()
     assert [tuple(r) for r in rows] == [("PAY", "P1", 5_000, "POSTED", "ICBC"),
                                         ("CANCEL", "X1", 5_000, "REVERSED", "ICBC")]
+
+
+def test_a_pay_after_the_day_is_reconciled_settles_tomorrow(adapter: RunningAdapter) -> None:
+    acct = add_account(adapter.engine, "01", 1, BILLS)
+    with adapter.engine.begin() as conn:
+        conn.execute(sa.insert(ReconciledDay.__table__).values(bank_id="ICBC", settlement_date=D(2026, 11, 28),
+                                                              reconciled_at=NOON, summary_json="{}"))
+    r = adapter.stub.Pay(pay_req("LATE", acct, TOTAL_DUE), metadata=adapter.md())
+    assert r.settlement_date == "2026-11-29" and r.receipt_no.startswith("20261129")
+    # late fees are still those of today
+    assert sum(a.late_fee_fen for a in r.allocations) == 1_420 and r.arrears_after_fen == 0
+    # another bank's day is its own
+    r2 = adapter.stub.Pay(pay_req("OTHER", acct, 100), metadata=adapter.md("ABC"))
+    assert r2.settlement_date == "2026-11-28"
