@@ -54,11 +54,15 @@ def start_bridge(upstream: str, db: str, listen: str, log_dir: Path) -> procs.Pr
                                   "--clock-start", CLOCK_START], log_dir=log_dir)
 
 
-def start_autodebit(target: str, db: str, log_dir: Path, idle_exit_s: float = 2.0) -> subprocess.Popen[str]:
+def start_autodebit(target: str, db: str, log_dir: Path, idle_exit_s: float = 2.0,
+                    after_seq: int = 0) -> subprocess.Popen[str]:
+    """The consumer exits once idle AND past `after_seq` (the bills the test issued):
+    a stall on a loaded machine must not look like the end of the feed."""
     log = open(log_dir / "autodebit.log", "a")  # noqa: SIM115 - the child owns it
     return subprocess.Popen(
         [sys.executable, "-m", "bank_sim", "autodebit", "--target", target, "--db", db, "--bank-id", "ICBC",
-         "--insecure", "--clock-start", CLOCK_START, "--idle-exit-s", str(idle_exit_s), "--silence-s", "3",
+         "--insecure", "--clock-start", CLOCK_START, "--idle-exit-s", str(idle_exit_s),
+         "--idle-exit-after-seq", str(after_seq), "--silence-s", "3",
          "--retry-backoff-cap-s", "0.5", "--run-timeout-s", "400"],
         cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT, text=True)
 
@@ -125,7 +129,7 @@ def test_100k_bills_fed_debited_and_acknowledged(backend: str, tmp_path: Path) -
         adapter = start_adapter("mis_adapter", mis_url, "127.0.0.1:0", tmp_path, big)
         bridge = start_bridge(adapter.grpc_addr, bridge_url, "127.0.0.1:0", tmp_path)
         try:
-            consumer = start_autodebit(bridge.grpc_addr, bank_url, tmp_path)
+            consumer = start_autodebit(bridge.grpc_addr, bank_url, tmp_path, after_seq=n)
             assert consumer.wait(timeout=500) == 0, (tmp_path / "autodebit.log").read_text()[-3000:]
         finally:
             bridge.terminate()
@@ -143,7 +147,7 @@ def test_kill_9_each_process_mid_stream(backend: str, tmp_path: Path) -> None:
         prepare(mis_url, bank_url, n)
         adapter = start_adapter("mis_adapter", mis_url, "127.0.0.1:0", tmp_path, small)
         bridge = start_bridge(adapter.grpc_addr, bridge_url, "127.0.0.1:0", tmp_path)
-        consumer = start_autodebit(bridge.grpc_addr, bank_url, tmp_path, idle_exit_s=3.0)
+        consumer = start_autodebit(bridge.grpc_addr, bank_url, tmp_path, idle_exit_s=3.0, after_seq=n)
         try:
             wait_until(lambda: bank_last_seq(bank_url) >= n // 6, "a sixth of the feed")
             adapter.kill9()
@@ -156,7 +160,7 @@ def test_kill_9_each_process_mid_stream(backend: str, tmp_path: Path) -> None:
             wait_until(lambda: bank_last_seq(bank_url) >= mark + n // 6, "progress after bridge restart")
             consumer.kill()
             consumer.wait(30)
-            consumer = start_autodebit(bridge.grpc_addr, bank_url, tmp_path, idle_exit_s=3.0)
+            consumer = start_autodebit(bridge.grpc_addr, bank_url, tmp_path, idle_exit_s=3.0, after_seq=n)
             assert consumer.wait(timeout=300) == 0, (tmp_path / "autodebit.log").read_text()[-3000:]
         finally:
             if consumer.poll() is None:
@@ -184,7 +188,7 @@ def test_two_replicas_one_stream_and_failover(tmp_path: Path) -> None:
         prepare(mis_url, bank_url, n)
         a = start_adapter("replica_a", mis_url, "127.0.0.1:0", tmp_path, small)
         b = start_adapter("replica_b", mis_url, "127.0.0.1:0", tmp_path, small)
-        consumer = start_autodebit(a.grpc_addr, bank_url, tmp_path, idle_exit_s=3.0)
+        consumer = start_autodebit(a.grpc_addr, bank_url, tmp_path, idle_exit_s=3.0, after_seq=n)
         try:
             wait_until(lambda: bank_last_seq(bank_url) >= 1, "A streaming")
             with grpc.insecure_channel(b.grpc_addr) as ch:
@@ -196,7 +200,7 @@ def test_two_replicas_one_stream_and_failover(tmp_path: Path) -> None:
             a.kill9()
             consumer.kill()
             consumer.wait(30)
-            consumer = start_autodebit(b.grpc_addr, bank_url, tmp_path, idle_exit_s=3.0)
+            consumer = start_autodebit(b.grpc_addr, bank_url, tmp_path, idle_exit_s=3.0, after_seq=n)
             assert consumer.wait(timeout=300) == 0, (tmp_path / "autodebit.log").read_text()[-3000:]
         finally:
             if consumer.poll() is None:
