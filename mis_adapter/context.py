@@ -4,6 +4,7 @@ the bank registry, and the link's identity of the caller."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -22,6 +23,14 @@ class AdapterContext:
     router: BranchRouter
     rates: LateFeeRates
     banks: BankRegistry
+    # The bill feed's per-process hub (mis_adapter.feed_service.FeedHub), created on first use.
+    feed_hub: Any = None
+
+    def close(self) -> None:
+        """After the drain: stop the feed's listener, close the database pools."""
+        if self.feed_hub is not None:
+            self.feed_hub.stop()
+        self.router.dispose()
 
     @property
     def tls(self) -> bool:

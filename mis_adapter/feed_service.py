@@ -58,6 +58,7 @@ from mis_adapter import feed
 from mis_adapter.context import AdapterContext
 from mis_adapter.feed import DebitIn, FeedSettings, Notice
 from yindian.v1 import billing_pb2 as pb
+from yindian_common import business_metrics as bm
 from yindian_common import fields
 from yindian_common.clock import SystemClock
 from yindian_common.errors import InvalidField, SerialConflict, Unavailable, YinDianError
@@ -162,7 +163,7 @@ def hub_of(ctx: AdapterContext) -> FeedHub:
             hub = getattr(ctx, "feed_hub", None)
             if hub is None:
                 hub = FeedHub(ctx.router.primary, FeedSettings.from_adapter_settings(ctx.settings))
-                ctx.feed_hub = hub  # type: ignore[attr-defined]
+                ctx.feed_hub = hub
     return hub
 
 
@@ -274,8 +275,15 @@ class FeedStream:
         with self._lock:
             for seq in done:
                 self.pending.pop(seq, None)
+            advanced = max(0, cursor_to - self.cursor)
             self.cursor = max(self.cursor, cursor_to)
             self.last_result_mono = time.monotonic()
+            unacked = len(self.pending)
+        for r in new:
+            bm.record_debit_result(self.bank_id, r.outcome)
+        if advanced:
+            bm.record_feed_acknowledged(self.bank_id, advanced)
+        bm.set_feed_unacknowledged(self.bank_id, unacked)
         self.kick.set()
 
     def _pay_general(self, r: DebitIn) -> None:
@@ -326,6 +334,9 @@ class FeedStream:
                         for n in notices:
                             self.pending[n.seq] = n
                         self.sent = notices[-1].seq
+                        unacked = len(self.pending)
+                    bm.record_feed_sent(self.bank_id, len(notices))
+                    bm.set_feed_unacknowledged(self.bank_id, unacked)
                     yield pb.BillFeedResponse(notices=pb.NoticeBatch(notices=[notice_to_proto(n) for n in notices]))
                     continue
             wait_s = self.s.heartbeat_s - (now - last_beat)
@@ -369,6 +380,8 @@ def bill_feed(ctx: AdapterContext, request_iterator: Iterator[pb.BillFeedRequest
         stream = FeedStream(ctx, hub, bank_id, start_after, stored, context)
         feed.acquire_lease(engine, bank_id, stream.holder, LEASE_CLOCK.now(), hub.settings.lease_ttl_s)
         leased = True
+        bm.set_feed_stream_active(bank_id, True)
+        bm.set_feed_unacknowledged(bank_id, 0)
         hub.register(bank_id, stream.kick)
         context.add_callback(stream.kick.set)
         log.info("event=feed_subscribed bank=%s resume_after=%s cursor=%s", bank_id, start_after, stored)
@@ -387,6 +400,8 @@ def bill_feed(ctx: AdapterContext, request_iterator: Iterator[pb.BillFeedRequest
                 hub.unregister(stream.bank_id, stream.kick)
             if leased:
                 _release(stream)
+                bm.set_feed_stream_active(stream.bank_id, False)
+                bm.set_feed_unacknowledged(stream.bank_id, 0)
 
 
 def _release(stream: FeedStream) -> None:

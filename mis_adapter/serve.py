@@ -46,7 +46,7 @@ def build_server(settings: AdapterSettings, clock: Clock | None = None) -> tuple
                            report.ReportServicer(ctx))
     except ModuleNotFoundError:
         log.warning("event=report_service_missing")
-    server.on_drain(ctx.router.dispose)
+    server.on_drain(ctx.close)
     return server, ctx
 
 
