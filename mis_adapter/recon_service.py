@@ -23,6 +23,7 @@ from mis_adapter import recon
 from mis_adapter.context import AdapterContext
 from mis_adapter.recon import Discrepancy, Reconciliation, ReconSummary
 from yindian.v1 import billing_pb2 as pb
+from yindian_common import business_metrics as bm
 from yindian_common import fields
 from yindian_common.clock import business_date
 from yindian_common.errors import InvalidField, Precondition, Unavailable, YinDianError
@@ -92,9 +93,11 @@ def engine_of(ctx: AdapterContext) -> Engine:
 # ---- the stream ----
 def reconcile(ctx: AdapterContext, request_iterator: Iterator[Any], context: grpc.ServicerContext
               ) -> Iterator[pb.ReconcileResponse]:
+    known_bank: str | None = None  # set once the bank is known and until the day's result is had: FAILED counts
     try:
         bank_id = ctx.bank_of(context)
         ctx.banks.ensure_known(bank_id)
+        known_bank = bank_id
         engine = engine_of(ctx)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("body") != "header":
@@ -104,9 +107,18 @@ def reconcile(ctx: AdapterContext, request_iterator: Iterator[Any], context: grp
             _reconcile_stream, ctx, engine, bank_id, day, request_iterator)
         log.info("event=reconciled bank=%s day=%s records=%d net_fen=%d replayed=%s", bank_id, day,
                  summary.record_count, summary.net_settlement_fen, summary.replayed)
+        known_bank = None
+        if summary.replayed:
+            bm.record_reconciliation(bank_id, "REPLAYED")
+        else:
+            for t in summary.totals:
+                bm.record_reconcile_records(bank_id, t.outcome, t.count, t.amount_fen)
+            bm.record_reconciliation(bank_id, "COMPLETED")
         yield from result_stream(engine, summary)
     except YinDianError as err:
         log.info("event=reconcile_refused reason=%s msg=%s", err.reason, err.message)
+        if known_bank is not None:
+            bm.record_reconciliation(known_bank, "FAILED")
         abort(context, err)
 
 
