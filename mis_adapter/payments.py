@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from mis_adapter.allocation import Allocation, BillDue, allocate_payment
+from mis_adapter.allocation import Allocation, AllocationPlan, BillDue, allocate_payment
 from mis_adapter.banks import lock_bank_day
 from mis_adapter.context import AdapterContext
 from mis_adapter.db.base import table_of
@@ -269,38 +269,9 @@ def _pay_tx(ctx: AdapterContext, engine: Engine, cmd: PayCommand) -> tuple[PayRe
             if cust.closed_next:
                 raise DayClosed(f"settlement dates {day} and {day + ONE_DAY} are both reconciled")
             settlement = day + ONE_DAY  # the bank reconciled today already: this payment settles tomorrow
-        rows = conn.execute(_UNPAID_BILLS, {"account_no": cmd.account_no}).all()
-        due = bills_due(rows, cust.tariff_class, day, ctx.rates)
-        plan = allocate_payment(cmd.amount_fen, [d for _, d, _ in due])
-        by_id = {d.bill_id: (row, d, micro) for row, d, micro in due}
-        arrears_after = sum(d.principal_due_fen for _, d, _ in due) - sum(a.principal_fen for a in plan.allocations)
-        prepaid_after = cust.prepaid_fen + plan.prepaid_fen
-        pk = conn.execute(_INSERT_PAYMENT, {
-            "bank_id": cmd.bank_id, "bank_serial": cmd.bank_serial, "state": POSTED,
-            "account_no": cmd.account_no, "branch_code": cust.branch_code, "amount_fen": cmd.amount_fen,
-            "channel": cmd.channel, "outlet_code": cmd.outlet_code, "teller_id": cmd.teller_id,
-            "bank_balance_fen": cmd.bank_balance_fen, "settlement_date": settlement, "posted_at": now,
-            "arrears_after_fen": arrears_after, "prepaid_after_fen": prepaid_after,
-            "prepaid_added_fen": plan.prepaid_fen, "reversed_at": None, "reversed_on": None,
-            "cancel_serial": None}).inserted_primary_key[0]  # type: ignore[index]
-        if plan.allocations:
-            conn.execute(_INSERT_ALLOC, [{"payment_id": pk, "bill_id": a.bill_id, "late_fee_fen": a.late_fee_fen,
-                                          "principal_fen": a.principal_fen} for a in plan.allocations])
-            updates = []
-            for a in plan.allocations:
-                row, _d, micro = by_id[a.bill_id]
-                principal_paid = row.principal_paid_fen + a.principal_fen
-                fee_paid = row.late_fee_paid_fen + a.late_fee_fen
-                status = _bill_status(row.amount_fen, row.prepaid_applied_fen, principal_paid, fee_paid)
-                updates.append({"b_id": a.bill_id, "principal_paid": principal_paid, "fee_paid": fee_paid,
-                                "micro": micro, "micro_date": max(day, row.accrual_date), "new_status": status,
-                                "new_paid_on": day if status == "PAID" else None})
-            conn.execute(_UPDATE_BILL, updates)
-        if plan.prepaid_fen:
-            conn.execute(_ADD_PREPAID, {"acct": cmd.account_no, "delta": plan.prepaid_fen})
-            conn.execute(_INSERT_PREPAID, {"account_no": cmd.account_no, "reason": "PAYMENT",
-                                           "delta_fen": plan.prepaid_fen, "balance_after_fen": prepaid_after,
-                                           "payment_id": pk, "bill_id": None, "at": now})
+        posted = post_payment_in_tx(conn, ctx.rates, cmd, cust, fee_day=day, settlement=settlement, now=now)
+        pk, plan = posted.payment_pk, posted.plan
+        arrears_after, prepaid_after = posted.arrears_after_fen, posted.prepaid_after_fen
         conn.execute(_INSERT_JOURNAL, {"at": now, "bank_id": cmd.bank_id, "rpc": "PAY", "serial": cmd.bank_serial,
                                        "original_serial": "", "account_no": cmd.account_no,
                                        "amount_fen": cmd.amount_fen, "outcome": POSTED, "payment_id": pk})
@@ -308,6 +279,57 @@ def _pay_tx(ctx: AdapterContext, engine: Engine, cmd: PayCommand) -> tuple[PayRe
                          settlement,
                          plan.allocations, arrears_after, prepaid_after, cmd.bank_serial, cmd.account_no,
                          cmd.amount_fen, now), True
+
+
+@dataclass(frozen=True)
+class Posted:
+    payment_pk: int
+    plan: AllocationPlan
+    arrears_after_fen: int
+    prepaid_after_fen: int
+
+
+def post_payment_in_tx(conn: Connection, rates: LateFeeRates, cmd: PayCommand, cust: Any, *, fee_day: dt.date,
+                       settlement: dt.date, now: dt.datetime) -> Posted:
+    """Allocates a new payment over the account's unpaid bills (late fees as of
+    `fee_day`) and writes it: the payment row, its allocations, the bills and
+    any prepaid credit with its ledger line. The caller's transaction holds
+    the bank-day and account locks and has checked the serial and the
+    account's status; `cust` has branch_code, tariff_class and prepaid_fen."""
+    day = fee_day
+    rows = conn.execute(_UNPAID_BILLS, {"account_no": cmd.account_no}).all()
+    due = bills_due(rows, cust.tariff_class, day, rates)
+    plan = allocate_payment(cmd.amount_fen, [d for _, d, _ in due])
+    by_id = {d.bill_id: (row, d, micro) for row, d, micro in due}
+    arrears_after = sum(d.principal_due_fen for _, d, _ in due) - sum(a.principal_fen for a in plan.allocations)
+    prepaid_after = cust.prepaid_fen + plan.prepaid_fen
+    pk = conn.execute(_INSERT_PAYMENT, {
+        "bank_id": cmd.bank_id, "bank_serial": cmd.bank_serial, "state": POSTED,
+        "account_no": cmd.account_no, "branch_code": cust.branch_code, "amount_fen": cmd.amount_fen,
+        "channel": cmd.channel, "outlet_code": cmd.outlet_code, "teller_id": cmd.teller_id,
+        "bank_balance_fen": cmd.bank_balance_fen, "settlement_date": settlement, "posted_at": now,
+        "arrears_after_fen": arrears_after, "prepaid_after_fen": prepaid_after,
+        "prepaid_added_fen": plan.prepaid_fen, "reversed_at": None, "reversed_on": None,
+        "cancel_serial": None}).inserted_primary_key[0]  # type: ignore[index]
+    if plan.allocations:
+        conn.execute(_INSERT_ALLOC, [{"payment_id": pk, "bill_id": a.bill_id, "late_fee_fen": a.late_fee_fen,
+                                      "principal_fen": a.principal_fen} for a in plan.allocations])
+        updates = []
+        for a in plan.allocations:
+            row, _d, micro = by_id[a.bill_id]
+            principal_paid = row.principal_paid_fen + a.principal_fen
+            fee_paid = row.late_fee_paid_fen + a.late_fee_fen
+            status = _bill_status(row.amount_fen, row.prepaid_applied_fen, principal_paid, fee_paid)
+            updates.append({"b_id": a.bill_id, "principal_paid": principal_paid, "fee_paid": fee_paid,
+                            "micro": micro, "micro_date": max(day, row.accrual_date), "new_status": status,
+                            "new_paid_on": day if status == "PAID" else None})
+        conn.execute(_UPDATE_BILL, updates)
+    if plan.prepaid_fen:
+        conn.execute(_ADD_PREPAID, {"acct": cmd.account_no, "delta": plan.prepaid_fen})
+        conn.execute(_INSERT_PREPAID, {"account_no": cmd.account_no, "reason": "PAYMENT",
+                                       "delta_fen": plan.prepaid_fen, "balance_after_fen": prepaid_after,
+                                       "payment_id": pk, "bill_id": None, "at": now})
+    return Posted(pk, plan, arrears_after, prepaid_after)
 
 
 def _same_request(existing: Any, cmd: PayCommand) -> bool:

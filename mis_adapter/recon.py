@@ -56,13 +56,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from mis_adapter.allocation import allocate_payment
 from mis_adapter.banks import lock_bank_day
 from mis_adapter.db.base import table_of
-from mis_adapter.db.core import AllocationRow, BillRow, Customer, JournalEntry, Payment, PrepaidEntry
+from mis_adapter.db.core import BillRow, Customer, JournalEntry, Payment
 from mis_adapter.db.recon import ReconciledDay, ReconLine, recon_staging
 from mis_adapter.late_fee import LateFeeRates
-from mis_adapter.payments import _bill_status, bills_due, reverse_payment_in_tx
+from mis_adapter.payments import PayCommand, post_payment_in_tx, reverse_payment_in_tx
 from yindian_common import fields
 from yindian_common.errors import InvalidField, Precondition, YinDianError
 
@@ -222,8 +221,6 @@ def validate_record(rec: StagedRecord, where: str) -> None:
 T_PAY = table_of(Payment)
 T_CUST = table_of(Customer)
 T_BILL = table_of(BillRow)
-T_ALLOC = table_of(AllocationRow)
-T_PREPAID = table_of(PrepaidEntry)
 T_JOURNAL = table_of(JournalEntry)
 T_DAY = table_of(ReconciledDay)
 T_LINE = table_of(ReconLine)
@@ -256,17 +253,6 @@ _NET_POSTED = (sa.select(sa.func.coalesce(sa.func.sum(T_PAY.c.amount_fen), 0))
 _PAYMENT_BY_SERIAL = sa.select(T_PAY).where(T_PAY.c.bank_id == _b("bank_id"), T_PAY.c.bank_serial == _b("serial"))
 _LOCK_CUSTOMER = (sa.select(T_CUST.c.branch_code, T_CUST.c.tariff_class, T_CUST.c.status, T_CUST.c.prepaid_fen)
                   .where(T_CUST.c.account_no == _b("account_no")).with_for_update())
-_UNPAID_BILLS = (sa.select(T_BILL.c.bill_id, T_BILL.c.period, T_BILL.c.amount_fen, T_BILL.c.prepaid_applied_fen,
-                           T_BILL.c.principal_paid_fen, T_BILL.c.late_fee_paid_fen, T_BILL.c.accrual_micro,
-                           T_BILL.c.accrual_date)
-                 .where(T_BILL.c.account_no == _b("account_no"), T_BILL.c.status != "PAID")
-                 .order_by(T_BILL.c.period, T_BILL.c.bill_id))
-_UPDATE_BILL = (T_BILL.update().where(T_BILL.c.bill_id == _b("b_id"))
-                .values(principal_paid_fen=_b("principal_paid"), late_fee_paid_fen=_b("fee_paid"),
-                        accrual_micro=_b("micro"), accrual_date=_b("micro_date"), status=_b("new_status"),
-                        paid_on=_b("new_paid_on")))
-_ADD_PREPAID = (T_CUST.update().where(T_CUST.c.account_no == _b("acct"))
-                .values(prepaid_fen=T_CUST.c.prepaid_fen + _b("delta")))
 
 # The bank side: every staged record against the MIS payment with its serial,
 # joined on the day's payments (a hash join over one day, never over the bank's
@@ -687,40 +673,8 @@ class Reconciliation:
             raise Precondition(f"account {account_no} not found", reason="ACCOUNT_NOT_FOUND")
         if cust.status != "OPEN":
             raise Precondition(f"account {account_no} is closed", reason="ACCOUNT_CLOSED")
-        rows = conn.execute(_UNPAID_BILLS, {"account_no": account_no}).all()
-        due = bills_due(rows, cust.tariff_class, day, self.rates)
-        plan = allocate_payment(amount_fen, [d for _, d, _ in due])
-        by_id = {d.bill_id: (row, micro) for row, d, micro in due}
-        arrears_after = sum(d.principal_due_fen for _, d, _ in due) - sum(a.principal_fen for a in plan.allocations)
-        prepaid_after = cust.prepaid_fen + plan.prepaid_fen
-        inserted = conn.execute(T_PAY.insert(), {
-            "bank_id": self.bank_id, "bank_serial": line.bank_serial, "state": POSTED, "account_no": account_no,
-            "branch_code": cust.branch_code, "amount_fen": amount_fen, "channel": RECON_CHANNEL,
-            "outlet_code": "", "teller_id": "", "bank_balance_fen": None, "settlement_date": day,
-            "posted_at": self.now, "arrears_after_fen": arrears_after, "prepaid_after_fen": prepaid_after,
-            "prepaid_added_fen": plan.prepaid_fen, "reversed_at": None, "reversed_on": None,
-            "cancel_serial": None}).inserted_primary_key
-        if inserted is None:
-            raise RuntimeError("the payment insert returned no key")
-        pk = inserted[0]
-        if plan.allocations:
-            conn.execute(T_ALLOC.insert(), [{"payment_id": pk, "bill_id": a.bill_id, "late_fee_fen": a.late_fee_fen,
-                                             "principal_fen": a.principal_fen} for a in plan.allocations])
-            updates = []
-            for a in plan.allocations:
-                row, micro = by_id[a.bill_id]
-                principal_paid = row.principal_paid_fen + a.principal_fen
-                fee_paid = row.late_fee_paid_fen + a.late_fee_fen
-                status = _bill_status(row.amount_fen, row.prepaid_applied_fen, principal_paid, fee_paid)
-                updates.append({"b_id": a.bill_id, "principal_paid": principal_paid, "fee_paid": fee_paid,
-                                "micro": micro, "micro_date": max(day, row.accrual_date), "new_status": status,
-                                "new_paid_on": day if status == "PAID" else None})
-            conn.execute(_UPDATE_BILL, updates)
-        if plan.prepaid_fen:
-            conn.execute(_ADD_PREPAID, {"acct": account_no, "delta": plan.prepaid_fen})
-            conn.execute(T_PREPAID.insert(), {"account_no": account_no, "reason": "PAYMENT",
-                                              "delta_fen": plan.prepaid_fen, "balance_after_fen": prepaid_after,
-                                              "payment_id": pk, "bill_id": None, "at": self.now})
+        cmd = PayCommand(self.bank_id, line.bank_serial, account_no, amount_fen, channel=RECON_CHANNEL)
+        pk = post_payment_in_tx(conn, self.rates, cmd, cust, fee_day=day, settlement=day, now=self.now).payment_pk
         self._journal(line.bank_serial, account_no, amount_fen, "BANK_ONLY_POSTED", pk)
 
 
