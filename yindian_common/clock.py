@@ -27,7 +27,7 @@ class SystemClock:
         self.tz = ZoneInfo(tz)
 
     def now(self) -> dt.datetime:
-        return dt.datetime.now(dt.timezone.utc)
+        return dt.datetime.now(dt.UTC)
 
 
 class OffsetClock:
@@ -38,10 +38,10 @@ class OffsetClock:
         if start.tzinfo is None:
             raise ValueError("clock start must carry a time zone")
         self.tz = ZoneInfo(tz)
-        self._offset = start - dt.datetime.now(dt.timezone.utc)
+        self._offset = start - dt.datetime.now(dt.UTC)
 
     def now(self) -> dt.datetime:
-        return dt.datetime.now(dt.timezone.utc) + self._offset
+        return dt.datetime.now(dt.UTC) + self._offset
 
 
 class ManualClock:
@@ -81,4 +81,4 @@ def monotonic_s() -> float:
 def utc_now(clock: Clock) -> dt.datetime:
     """The clock's instant in UTC: what every database column stores (SQLite and
     MariaDB keep no zone, so instants are always written as UTC)."""
-    return clock.now().astimezone(dt.timezone.utc)
+    return clock.now().astimezone(dt.UTC)
