@@ -40,6 +40,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from yindian_common.clock import Clock
+from yindian_common.db import require_case_sensitive_serials
 
 log = logging.getLogger("yindian.bridge.journal")
 
@@ -199,6 +200,7 @@ def outcome_for(entry: Entry, state: str, at: dt.datetime, **changes: Any) -> Ou
 
 
 def create_schema(engine: Engine) -> None:
+    require_case_sensitive_serials(engine)
     metadata.create_all(engine)
 
 

@@ -7,6 +7,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Engine
 
+from yindian_common.db import require_case_sensitive_serials
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
@@ -19,6 +21,7 @@ def alembic_config(url: str | None = None) -> Config:
 
 
 def upgrade(engine: Engine) -> None:
+    require_case_sensitive_serials(engine)
     cfg = alembic_config()
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn

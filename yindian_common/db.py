@@ -112,3 +112,17 @@ def drop_database(admin_url: str, name: str) -> None:
                 conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
     finally:
         eng.dispose()
+
+
+def require_case_sensitive_serials(engine: Engine) -> None:
+    """Serials are case-sensitive idempotency keys ('ab-1' and 'AB-1' are two
+    payments). MariaDB/MySQL compare strings with the database's default
+    collation, which is case-insensitive unless the database was created with
+    a binary one: refuse to run on such a database rather than merge serials."""
+    if engine.dialect.name != "mysql":
+        return
+    with engine.connect() as conn:
+        collation = str(conn.exec_driver_sql("SELECT @@collation_database").scalar_one())
+    if not (collation.endswith("_bin") or "_cs" in collation):
+        raise SystemExit(f"database {engine.url.database!r} has collation {collation}, which compares serials "
+                         f"case-insensitively; create it with CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
