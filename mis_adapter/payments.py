@@ -73,10 +73,13 @@ _CLOSED_NEXT = sa.exists(sa.select(T_RECON.c.bank_id).where(T_RECON.c.bank_id ==
                                                            T_RECON.c.settlement_date == _b("next_day")))
 # A pay's first account statement: lock the account, and learn (after the bank-day lock) whether
 # today is already reconciled for this bank, in which case the payment settles tomorrow.
+_SERIAL_TAKEN = (sa.select(T_PAY.c.payment_id)
+                 .where(T_PAY.c.bank_id == _b("bank_id"), T_PAY.c.bank_serial == _b("serial")).scalar_subquery())
 _LOCK_CUSTOMER_FOR_PAY = (sa.select(T_CUST.c.branch_code, T_CUST.c.tariff_class, T_CUST.c.status,
                                     T_CUST.c.prepaid_fen, _CLOSED_ON.label("closed_today"),
-                                    _CLOSED_NEXT.label("closed_next"))
+                                    _CLOSED_NEXT.label("closed_next"), _SERIAL_TAKEN.label("taken_id"))
                           .where(T_CUST.c.account_no == _b("account_no")).with_for_update())
+_PAYMENT_BY_ID = sa.select(T_PAY).where(T_PAY.c.payment_id == _b("p_id"))
 _PAYMENT_BY_SERIAL = sa.select(T_PAY).where(T_PAY.c.bank_id == _b("bank_id"), T_PAY.c.bank_serial == _b("serial"))
 _UNPAID_BILLS = (sa.select(T_BILL.c.bill_id, T_BILL.c.period, T_BILL.c.kwh, T_BILL.c.amount_fen,
                            T_BILL.c.prepaid_applied_fen, T_BILL.c.principal_paid_fen, T_BILL.c.late_fee_paid_fen,
@@ -256,11 +259,12 @@ def _pay_tx(ctx: AdapterContext, engine: Engine, cmd: PayCommand) -> tuple[PayRe
     with engine.begin() as conn:
         lock_bank_day(conn, cmd.bank_id)
         cust = conn.execute(_LOCK_CUSTOMER_FOR_PAY, {"account_no": cmd.account_no, "bank_id": cmd.bank_id,
-                                                     "day": day, "next_day": day + ONE_DAY}).first()
+                                                     "serial": cmd.bank_serial, "day": day,
+                                                     "next_day": day + ONE_DAY}).first()
         if cust is None:
             raise AccountNotFound(f"account {cmd.account_no} not found")
-        existing = conn.execute(_PAYMENT_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.bank_serial}).first()
-        if existing is not None:
+        if cust.taken_id is not None:  # a replay (or a conflict): answer from the stored payment
+            existing = conn.execute(_PAYMENT_BY_ID, {"p_id": cust.taken_id}).one()
             return _answer_existing(conn, existing, cmd), False
         if cust.status != "OPEN":
             raise AccountClosed(f"account {cmd.account_no} is closed")
