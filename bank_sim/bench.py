@@ -29,7 +29,7 @@ from rich.table import Table
 
 from bank_sim.ledger import read_roster
 from bank_sim.load import LoadProfile, LoadResult, run_load_async
-from bank_sim.processes import ProcessFailed, ServerProcess, run_command, start_server
+from bank_sim.processes import ProcessFailed, ServerProcess, seed_and_start_stack
 from yindian_common.db import create_database, drop_database
 from yindian_common.settings import YinDianSettings, add_settings_flags, load_settings
 
@@ -188,19 +188,11 @@ def bench_backend(name: str, settings: BenchSettings, root: Path, console: Conso
         return [], backend.skipped
     servers: list[ServerProcess] = []
     try:
-        run_command("seed", ["mis_adapter", "seed", "--db", backend.mis_db, "--accounts", str(settings.accounts),
-                             "--roster-dir", str(work / "rosters")], log_dir=work,
-                    timeout_s=settings.seed_timeout_s, cwd=REPO)
-        accounts = read_roster(work / "rosters" / f"{settings.bank_id}.csv")
-        mis = start_server("mis_adapter", ["mis_adapter", "serve", "--db", backend.mis_db, "--listen", "127.0.0.1:0",
-                                           "--metrics-port", "0", "--insecure"],
-                           log_dir=work, ready_timeout_s=settings.ready_timeout_s, cwd=REPO)
-        servers.append(mis)
-        bridge = start_server("bridge", ["bridge", "serve", "--listen", "127.0.0.1:0", "--upstream", mis.grpc_addr,
-                                         "--db", backend.bridge_db, "--bank-id", settings.bank_id,
-                                         "--metrics-port", "0", "--insecure"],
-                              log_dir=work, ready_timeout_s=settings.ready_timeout_s, cwd=REPO)
-        servers.append(bridge)
+        roster, mis, bridge = seed_and_start_stack(
+            work, mis_db=backend.mis_db, bridge_db=backend.bridge_db, accounts=settings.accounts,
+            bank_id=settings.bank_id, ready_timeout_s=settings.ready_timeout_s, seed_timeout_s=settings.seed_timeout_s,
+            cwd=REPO, servers=servers)
+        accounts = read_roster(roster)
         console.print(f"[bold]{name}[/bold]: {settings.accounts:,} households, {len(accounts):,} accounts on "
                       f"{settings.bank_id}'s roster; bridge {bridge.grpc_addr} -> mis_adapter {mis.grpc_addr}")
         pids = {"bridge": bridge.popen.pid, "mis_adapter": mis.popen.pid}

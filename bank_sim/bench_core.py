@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bank_sim import ledger
-from bank_sim.processes import ProcessFailed, ServerProcess, run_command, start_server
+from bank_sim.processes import ProcessFailed, ServerProcess, seed_and_start_stack
 from bank_sim.settings import BenchCoreSettings
 from yindian.v1 import billing_pb2, billing_pb2_grpc
 from yindian_common.db import create_database, drop_database
@@ -178,18 +178,11 @@ def bench_backend(name: str, settings: BenchCoreSettings, root: Path, console: C
     servers: list[ServerProcess] = []
     results: list[LevelResult] = []
     try:
-        run_command("seed", ["mis_adapter", "seed", "--db", backend.mis_db, "--accounts", str(settings.accounts),
-                             "--roster-dir", str(work / "rosters")], log_dir=work, timeout_s=600, cwd=REPO)
-        accounts = ledger.read_roster(work / "rosters" / f"{settings.bank_id}.csv")
-        mis = start_server("mis_adapter", ["mis_adapter", "serve", "--db", backend.mis_db, "--listen", "127.0.0.1:0",
-                                           "--metrics-port", "0", "--insecure"],
-                           log_dir=work, ready_timeout_s=settings.ready_timeout_s, cwd=REPO)
-        servers.append(mis)
-        bridge = start_server("bridge", ["bridge", "serve", "--listen", "127.0.0.1:0", "--upstream", mis.grpc_addr,
-                                         "--db", backend.bridge_db, "--bank-id", settings.bank_id,
-                                         "--metrics-port", "0", "--insecure"],
-                              log_dir=work, ready_timeout_s=settings.ready_timeout_s, cwd=REPO)
-        servers.append(bridge)
+        roster, mis, bridge = seed_and_start_stack(
+            work, mis_db=backend.mis_db, bridge_db=backend.bridge_db, accounts=settings.accounts,
+            bank_id=settings.bank_id, ready_timeout_s=settings.ready_timeout_s, seed_timeout_s=600, cwd=REPO,
+            servers=servers)
+        accounts = ledger.read_roster(roster)
         console.print(f"[bold]{name}[/bold]: {settings.accounts:,} households, {len(accounts):,} paying accounts")
         targets = {"bridge": bridge.grpc_addr, "direct": mis.grpc_addr}
         crossed = {"bridge": {"bridge": bridge.popen.pid, "mis_adapter": mis.popen.pid},
