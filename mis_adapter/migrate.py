@@ -1,4 +1,8 @@
-"""Schema migrations: `alembic upgrade head` on a branch database, from code."""
+"""Schema migrations: `alembic upgrade heads` on a branch database, from code.
+
+Upgrading to every head lets independent features add their tables as sibling
+revisions of the same parent (each names its own down_revision); a merge
+revision is only needed when one must follow another."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,4 +29,4 @@ def upgrade(engine: Engine) -> None:
     cfg = alembic_config()
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+        command.upgrade(cfg, "heads")
