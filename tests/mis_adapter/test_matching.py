@@ -6,6 +6,8 @@ rule as it was written by hand before the table (behaviour unchanged)."""
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -218,3 +220,21 @@ def test_a_bad_record_names_the_field_with_the_field_rules_message() -> None:
         with pytest.raises(InvalidField) as err:
             recon_staging.validate_record(rec, "records[3]")  # type: ignore[arg-type]
         assert err.value.field == field and message in err.value.message
+
+
+# ---- the one home of the rule ----
+def test_production_statements_carry_the_generated_case() -> None:
+    """What closes a day runs the CASE generated from the table, on every back end."""
+    for statements in (recon_outcomes._MATCHING_IN_PLACE, *recon_outcomes._MATCHING.values()):
+        bank_side, mis_only, settled = (str(s) for s in statements)
+        assert recon_outcomes.BANK_SIDE_OUTCOME in bank_side and recon_outcomes.BANK_SIDE_DETAIL in bank_side
+        assert recon_outcomes.MIS_ONLY_OUTCOME in mis_only and recon_outcomes.MIS_ONLY_DETAIL in mis_only
+        assert recon_outcomes.MIS_ONLY_OUTCOME in settled
+
+
+def test_the_rule_module_is_pure() -> None:
+    code = ("import sys, mis_adapter.matching; "
+            "bad = {'grpc', 'google.protobuf', 'sqlalchemy', 'prometheus_client'} & set(sys.modules); "
+            "print(sorted(bad)); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
