@@ -115,6 +115,8 @@ def _rule(outcome: str, detail: str = "", **when: str | bool | tuple[str | bool,
 
 
 TABLE: tuple[Rule, ...] = (
+    # Both have it and agree in every respect: first, as nearly every record of a day is this one.
+    _rule(MATCHED, same_day=True, mis=POSTED, bank=BANK_POSTED, same_amount=True, same_account=True),
     # Only the MIS has it (a payment of the day the bank did not send).
     _rule(UTILITY_ONLY, DETAIL_REVERSED_NOW, bank=ABSENT, mis=POSTED),
     _rule(MATCHED, bank=ABSENT),
@@ -128,8 +130,7 @@ TABLE: tuple[Rule, ...] = (
     # Both have it, the MIS posted it that day.
     _rule(MISMATCH, DETAIL_ACCOUNT, mis=POSTED, same_account=False),
     _rule(MISMATCH, DETAIL_AMOUNT, mis=POSTED, same_amount=False),
-    _rule(MATCHED, mis=POSTED, bank=BANK_POSTED),
-    _rule(UTILITY_ONLY, DETAIL_REVERSED_NOW, mis=POSTED),
+    _rule(UTILITY_ONLY, DETAIL_REVERSED_NOW, mis=POSTED),  # the bank cancelled it
     # Both have it, the MIS moved no money.
     _rule(MATCHED, bank=BANK_CANCELLED),
     _rule(MISMATCH, DETAIL_REVERSED, mis=REVERSED),
@@ -177,10 +178,12 @@ def _condition(fact: str, allowed: frozenset[str | bool], sql: Mapping[str, str]
         if len(allowed) == 2:
             return ""
         return f"({expr})" if True in allowed else f"NOT ({expr})"
-    values = sorted(str(v) for v in allowed)
-    if len(values) == 1:
-        return f"{expr} = {_literal(values[0])}"
-    return f"{expr} IN ({', '.join(_literal(v) for v in values)})"
+    values = sorted(str(v) for v in allowed if v != ABSENT)
+    present = (f"{expr} = {_literal(values[0])}" if len(values) == 1
+               else f"{expr} IN ({', '.join(_literal(v) for v in values)})" if values else "")
+    if ABSENT not in allowed:
+        return present  # NULL (absent) is not in the set: WHEN does not hold, as in Python
+    return f"({expr} IS NULL OR {present})" if present else f"{expr} IS NULL"
 
 
 def specialise(known: Mapping[str, Collection[str | bool]], table: tuple[Rule, ...] = TABLE) -> tuple[Rule, ...]:
@@ -204,16 +207,16 @@ def sql_case(sql: Mapping[str, str], *, column: str, known: Mapping[str, Collect
     """A SQL CASE giving the table's `column` ('outcome' or 'detail').
 
     `known` restricts facts to the values they can take where the CASE runs
-    (see `specialise`); `sql` maps every fact still tested to a NULL-free SQL
-    expression: the
-    bank status and MIS state as text (ABSENT as ''), the three comparisons as
-    conditions that are false when a side is absent (see `facts_of`)."""
+    (see `specialise`); `sql` maps every fact still tested to SQL: the bank
+    status and MIS state as text, NULL when that side is absent (never ''); the
+    three comparisons as NULL-free conditions, false when a side is absent (as
+    `facts_of`). Conditions are tested in the order the rule names them."""
     rules = specialise(known or {}, table)
     if not rules or rules[-1].when:
         raise ValueError("the table leaves some facts undecided")
     whens = []
     for rule in rules[:-1]:
-        conds = [c for f, allowed in sorted(rule.when.items()) if (c := _condition(f, allowed, sql))]
+        conds = [c for f, allowed in rule.when.items() if (c := _condition(f, allowed, sql))]
         whens.append(f"WHEN {' AND '.join(conds) or '1 = 1'} THEN {_literal(getattr(rule, column))}")
     otherwise = _literal(getattr(rules[-1], column))
     if not whens:

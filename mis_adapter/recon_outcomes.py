@@ -37,11 +37,12 @@ _b = sa.bindparam
 _DAY = _b("day", type_=sa.Date)
 
 # ---- matching, generated from the decision table ----
-# The facts of matching.Facts, as NULL-free SQL over the bank side's join `j`
-# (m_* are NULL when the MIS has no payment with the serial; same_day when it is not the day's).
+# The facts of matching.Facts as SQL over the bank side's join `j` (m_* are NULL when
+# the MIS has no payment with the serial; same_day when it is not the day's): the MIS
+# state NULL when absent, the comparisons NULL-free (false when the MIS has none).
 _BANK_SIDE_FACTS = {
     m.BANK: "j.status",
-    m.MIS: "COALESCE(j.m_state, '')",
+    m.MIS: "j.m_state",
     m.SAME_DAY: "j.same_day IS NOT NULL",
     m.SAME_ACCOUNT: "COALESCE(j.m_account, '') = j.account_no",
     m.SAME_AMOUNT: "COALESCE(j.m_amount, 0) = j.amount_fen",
