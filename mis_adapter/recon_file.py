@@ -25,9 +25,10 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from mis_adapter import recon
+from mis_adapter import recon, recon_staging
 from mis_adapter.db.base import table_of
 from mis_adapter.db.core import Bank
+from mis_adapter.matching import StagedRecord
 from mis_adapter.migrate import upgrade
 from mis_adapter.recon import Reconciliation, ReconSummary
 from mis_adapter.settings import AdapterSettings
@@ -54,7 +55,7 @@ def _lines(path: Path) -> Iterator[tuple[int, list[str]]]:
         yield from enumerate(csv.reader(f), start=1)
 
 
-def _record(line_no: int, row: list[str]) -> recon.StagedRecord:
+def _record(line_no: int, row: list[str]) -> StagedRecord:
     if len(row) != len(HEADER):
         raise InvalidField(f"line {line_no}", f"expected {len(HEADER)} fields, found {len(row)}")
     if sum(len(c) for c in row) > FILE_LINE_CHARS_MAX:
@@ -63,7 +64,7 @@ def _record(line_no: int, row: list[str]) -> recon.StagedRecord:
     if not amount_text.isascii() or not amount_text.isdigit():
         raise InvalidField(f"line {line_no}.amount_fen", "must be a positive integer number of fen")
     rec = (line_no, serial, account, int(amount_text), status)
-    recon.validate_record(rec, f"line {line_no}")
+    recon_staging.validate_record(rec, f"line {line_no}")
     return rec
 
 
@@ -71,7 +72,7 @@ def load_file(run: Reconciliation, path: Path) -> None:
     """Parses, validates and loads the whole file into `run`; raises
     FileRejected listing the problems (nothing is applied then)."""
     problems: list[str] = []
-    batch: list[recon.StagedRecord] = []
+    batch: list[StagedRecord] = []
     trailer: tuple[int, list[str]] | None = None
     saw_header = False
     for line_no, row in _lines(path):
