@@ -222,3 +222,23 @@ def sql_case(sql: Mapping[str, str], *, column: str, known: Mapping[str, Collect
     if not whens:
         return otherwise
     return "CASE " + " ".join(whens) + f" ELSE {otherwise} END"
+
+
+def sql_decides(sql: Mapping[str, str], outcomes: Collection[str], *,
+                known: Mapping[str, Collection[str | bool]] | None = None, table: tuple[Rule, ...] = TABLE) -> str:
+    """A SQL condition: the table decides one of `outcomes` (rule i holds and no
+    earlier one does). Unlike `sql_case` it negates conditions, so every
+    expression in `sql` must be NULL-free here. As a WHERE clause it keeps the
+    planner's estimates of plain column conditions (e.g. p.state = 'POSTED')."""
+    rules = specialise(known or {}, table)
+    if not rules or rules[-1].when:
+        raise ValueError("the table leaves some facts undecided")
+    terms: list[str] = []
+    earlier: list[str] = []
+    for rule in rules:
+        cond = " AND ".join(c for f, allowed in rule.when.items() if (c := _condition(f, allowed, sql)))
+        if rule.outcome in outcomes:
+            terms.append(" AND ".join([*(f"NOT ({e})" for e in earlier), *([f"({cond})"] if cond else [])])
+                         or "1 = 1")
+        earlier.append(cond or "1 = 1")
+    return "(" + " OR ".join(f"({t})" for t in terms) + ")" if terms else "(1 = 0)"

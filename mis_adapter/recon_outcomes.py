@@ -56,6 +56,9 @@ BANK_SIDE_OUTCOME = m.sql_case(_BANK_SIDE_FACTS, column="outcome", known=_BANK_S
 BANK_SIDE_DETAIL = m.sql_case(_BANK_SIDE_FACTS, column="detail", known=_BANK_SIDE_KNOWN)
 MIS_ONLY_OUTCOME = m.sql_case(_MIS_ONLY_FACTS, column="outcome", known=_MIS_ONLY_KNOWN)
 MIS_ONLY_DETAIL = m.sql_case(_MIS_ONLY_FACTS, column="detail", known=_MIS_ONLY_KNOWN)
+# Which of those the table reports (a line) and which it calls MATCHED (p.state is never NULL).
+MIS_ONLY_REPORTED = m.sql_decides(_MIS_ONLY_FACTS, [o for o in m.OUTCOMES if o != m.MATCHED], known=_MIS_ONLY_KNOWN)
+MIS_ONLY_MATCHED = m.sql_decides(_MIS_ONLY_FACTS, [m.MATCHED], known=_MIS_ONLY_KNOWN)
 
 # The bank side: every staged record against the MIS payment with its serial,
 # joined on the day's payments (a hash join over one day, never over the bank's
@@ -95,7 +98,7 @@ INSERT INTO recon_lines (bank_id, settlement_date, bank_serial, outcome, bank_li
 SELECT :bank_id, :day, p.bank_serial, {outcome}, 0, '', p.account_no, 0, p.amount_fen,
        '', p.state, {detail}
 FROM {day_payments} p
-WHERE {day_where} {outcome} <> 'MATCHED'
+WHERE {day_where} {reported}
   AND NOT EXISTS (SELECT 1 FROM recon_staging s WHERE s.bank_serial = p.bank_serial)
 ORDER BY p.payment_id
 """
@@ -104,7 +107,7 @@ ORDER BY p.payment_id
 _MIS_ONLY_SETTLED_SQL = """
 SELECT COUNT(*), COALESCE(SUM(p.amount_fen), 0)
 FROM {day_payments} p
-WHERE {day_where} {outcome} = 'MATCHED'
+WHERE {day_where} {matched}
   AND NOT EXISTS (SELECT 1 FROM recon_staging s WHERE s.bank_serial = p.bank_serial)
 """
 
@@ -135,7 +138,8 @@ SELECT COUNT(*) FROM (
 
 def _matching(where: dict[str, str]) -> tuple[sa.TextClause, sa.TextClause, sa.TextClause]:
     def text(template: str, outcome: str, detail: str) -> sa.TextClause:
-        sql = template.format(outcome=outcome, detail=detail, **where)
+        sql = template.format(outcome=outcome, detail=detail, reported=MIS_ONLY_REPORTED,
+                              matched=MIS_ONLY_MATCHED, **where)
         return sa.text(sql).bindparams(_DAY) if ":day" in sql else sa.text(sql)
 
     return (text(_BANK_SIDE_SQL, BANK_SIDE_OUTCOME, BANK_SIDE_DETAIL),

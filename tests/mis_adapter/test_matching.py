@@ -112,7 +112,9 @@ _CASES = sa.Table(
 )
 _BANK_SIDE = sa.text(f"SELECT j.case_no, {recon_outcomes.BANK_SIDE_OUTCOME}, {recon_outcomes.BANK_SIDE_DETAIL} "
                      "FROM match_cases j ORDER BY j.case_no")
-_MIS_ONLY = sa.text(f"SELECT p.case_no, {recon_outcomes.MIS_ONLY_OUTCOME}, {recon_outcomes.MIS_ONLY_DETAIL} "
+_MIS_ONLY = sa.text(f"SELECT p.case_no, {recon_outcomes.MIS_ONLY_OUTCOME}, {recon_outcomes.MIS_ONLY_DETAIL}, "
+                    f"CASE WHEN {recon_outcomes.MIS_ONLY_REPORTED} THEN 1 ELSE 0 END, "
+                    f"CASE WHEN {recon_outcomes.MIS_ONLY_MATCHED} THEN 1 ELSE 0 END "
                     "FROM (SELECT case_no, m_state AS state FROM match_cases) p ORDER BY p.case_no")
 
 
@@ -136,8 +138,12 @@ class SqlMatcher:
             conn.execute(_CASES.delete())
             conn.execute(_CASES.insert(), [_row(i, b, mi) for i, (b, mi) in enumerate(cases)])
             bank_side = {r[0]: (r[1], r[2]) for r in conn.execute(_BANK_SIDE)}
-            mis_only = {r[0]: (r[1], r[2]) for r in conn.execute(_MIS_ONLY)}
-        return [bank_side[i] if b is not None else mis_only[i] for i, (b, _mi) in enumerate(cases)]
+            mis_only = {r[0]: tuple(r[1:]) for r in conn.execute(_MIS_ONLY)}
+        for i, (b, _mi) in enumerate(cases):
+            if b is None:  # the WHERE conditions that pick the MIS's own lines agree with the CASE
+                outcome, _detail, reported, matched = mis_only[i]
+                assert (reported, matched) == ((0, 1) if outcome == m.MATCHED else (1, 0)), mis_only[i]
+        return [bank_side[i] if b is not None else mis_only[i][:2] for i, (b, _mi) in enumerate(cases)]
 
 
 @pytest.fixture
@@ -229,7 +235,7 @@ def test_production_statements_carry_the_generated_case() -> None:
         bank_side, mis_only, settled = (str(s) for s in statements)
         assert recon_outcomes.BANK_SIDE_OUTCOME in bank_side and recon_outcomes.BANK_SIDE_DETAIL in bank_side
         assert recon_outcomes.MIS_ONLY_OUTCOME in mis_only and recon_outcomes.MIS_ONLY_DETAIL in mis_only
-        assert recon_outcomes.MIS_ONLY_OUTCOME in settled
+        assert recon_outcomes.MIS_ONLY_REPORTED in mis_only and recon_outcomes.MIS_ONLY_MATCHED in settled
 
 
 def test_the_rule_module_is_pure() -> None:
