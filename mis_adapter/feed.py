@@ -9,12 +9,14 @@ Rules this module keeps:
   issuers, so seqs are gapless and ordered as their transactions commit.
 - The cursor (`acked_through_seq`) only advances over seqs that have a
   stored result, and is written in the transaction that stores them.
-- A DEBITED result posts one AUTO_DEBIT payment keyed by (bank, bank_serial):
-  the common case (the bill is the account's only unpaid one, no late fee,
-  the debit equals its principal due) is posted here in bulk with exactly
-  the allocation `allocation.allocate_payment` would give; every other case
-  is handed to the general payment path (`pay_general`: mis_adapter.payments.pay),
-  which allocates oldest first, late fee before principal, rest to prepaid.
+- A DEBITED result posts one AUTO_DEBIT payment keyed by (bank, bank_serial).
+  The bulk path takes the debits for which the allocation rule
+  (`allocation.bills_due` + `allocate_payment`, asked per debit) gives one
+  allocation of the whole amount to the principal of the account's only
+  unpaid bill, and writes exactly that allocation in bulk; every other
+  debit is posted by Pay itself (`payments.pay`, called from here, never
+  through the gRPC edge), which allocates oldest first, late fee before
+  principal, rest to prepaid.
   A debit for a bill already settled by another channel becomes prepaid
   credit and is listed in `feed_refunds`; so is any surplus the general
   path turned into prepaid credit.
