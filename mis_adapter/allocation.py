@@ -47,7 +47,8 @@ def allocate_payment(amount_fen: int, bills: Sequence[BillDue]) -> AllocationPla
     """`bills` must be the account's unpaid bills; they are settled oldest first."""
     remaining = amount_fen
     out: list[Allocation] = []
-    for bill in sorted(bills, key=lambda b: (b.period, b.bill_id)):
+    ordered = bills if len(bills) < 2 else sorted(bills, key=lambda b: (b.period, b.bill_id))
+    for bill in ordered:
         if remaining == 0:
             break
         fee = min(remaining, bill.late_fee_due_fen)

@@ -38,7 +38,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from mis_adapter import payments
-from mis_adapter.allocation import Allocation, AllocationPlan, allocate_payment, bills_due
+from mis_adapter.allocation import allocate_payment, bills_due
 from mis_adapter.banks import lock_bank_day, settlement_day
 from mis_adapter.db.base import table_of
 from mis_adapter.db.core import AllocationRow, BillRow, Customer, JournalEntry, Payment, PrepaidEntry
@@ -395,8 +395,10 @@ def _settles_bill(r: DebitIn, bill: Any, tariff_class: str, fee_day: dt.date, ra
     accrual as it is. The bulk UPDATE writes exactly that."""
     ((_row, due, micro),) = bills_due((bill,), tariff_class, fee_day, rates)
     plan = allocate_payment(r.amount_fen, (due,))
-    return (plan == AllocationPlan((Allocation(bill.bill_id, 0, due.principal_due_fen),), 0)
-            and micro == bill.accrual_micro)
+    if plan.prepaid_fen or len(plan.allocations) != 1 or micro != bill.accrual_micro:
+        return False
+    only = plan.allocations[0]
+    return only.late_fee_fen == 0 and only.principal_fen == due.principal_due_fen
 
 
 def _payment_row(bank_id: str, r: DebitIn, today: dt.date, now: dt.datetime, *, arrears_after_fen: int,
