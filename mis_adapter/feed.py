@@ -14,9 +14,9 @@ Rules this module keeps:
   (`allocation.bills_due` + `allocate_payment`, asked per debit) gives one
   allocation of the whole amount to the principal of the account's only
   unpaid bill, and writes exactly that allocation in bulk; every other
-  debit is posted by Pay itself (`payments.pay`, called from here, never
-  through the gRPC edge), which allocates oldest first, late fee before
-  principal, rest to prepaid.
+  debit is posted in the same transaction by Pay's own writes
+  (`payments.pay_in_tx`, called from here, never through the gRPC edge),
+  which allocate oldest first, late fee before principal, rest to prepaid.
   A debit for a bill already settled by another channel becomes prepaid
   credit and is listed in `feed_refunds`; so is any surplus the general
   path turned into prepaid credit.
@@ -36,6 +36,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
 
 from mis_adapter import payments
 from mis_adapter.allocation import allocate_payment, bills_due
@@ -44,9 +45,10 @@ from mis_adapter.db.base import table_of
 from mis_adapter.db.core import AllocationRow, BillRow, Customer, JournalEntry, Payment, PrepaidEntry
 from mis_adapter.db.feed import DebitResultRow, FeedCursor, FeedLease, FeedSequence, OutboxRow, RefundRow
 from mis_adapter.late_fee import LateFeeRates
+from yindian_common import business_metrics
 from yindian_common.bulk_sql import InList, bulk_insert, list_param
 from yindian_common.clock import business_date
-from yindian_common.errors import Precondition, SerialConflict, YinDianError
+from yindian_common.errors import AccountClosed, AccountNotFound, Precondition, SerialConflict, YinDianError
 
 __all__ = [
     "FeedSettings", "Notice", "DebitIn", "ApplyReport", "FeedBusy", "FeedMultiDatabase", "NOTIFY_CHANNEL",
@@ -307,7 +309,8 @@ def release_lease(engine: Engine, bank_id: str, holder: str) -> None:
 
 # ---- applying a batch of results ----
 
-_LOCK_CUSTOMERS = (sa.select(T_CUST.c.account_no, T_CUST.c.prepaid_fen, T_CUST.c.status, T_CUST.c.tariff_class)
+_LOCK_CUSTOMERS = (sa.select(T_CUST.c.account_no, T_CUST.c.prepaid_fen, T_CUST.c.status, T_CUST.c.tariff_class,
+                             T_CUST.c.branch_code)
                    .where(InList(T_CUST.c.account_no, "accts"))
                    .order_by(T_CUST.c.account_no).with_for_update())
 _BILLS = (sa.select(T_BILLS.c.bill_id, T_BILLS.c.account_no, T_BILLS.c.period, T_BILLS.c.status,
@@ -347,8 +350,8 @@ class _Plan:
     no_arrears: list[DebitIn] = field(default_factory=list)
 
 
-def _classify(conn: Connection, bank_id: str, results: Sequence[DebitIn], today: dt.date, fee_day: dt.date,
-              rates: LateFeeRates, status_of: dict[str, str], tariff_of: dict[str, str]) -> _Plan:
+def _classify(conn: Connection, bank_id: str, results: Sequence[DebitIn], fee_day: dt.date,
+              rates: LateFeeRates, accounts: dict[str, Any]) -> _Plan:
     plan = _Plan()
     debits = [r for r in results if r.outcome == DEBITED]
     existing = {row.bank_serial: row for row in conn.execute(
@@ -380,8 +383,8 @@ def _classify(conn: Connection, bank_id: str, results: Sequence[DebitIn], today:
         if bill.status == "PAID":
             plan.surplus.append(r)
         elif (unpaid.get(r.account_no) == 1 and per_account[r.account_no] == 1
-              and status_of.get(r.account_no) == "OPEN"
-              and _settles_bill(r, bill, tariff_of[r.account_no], fee_day, rates)):
+              and (acct := accounts.get(r.account_no)) is not None and acct.status == "OPEN"
+              and _settles_bill(r, bill, acct.tariff_class, fee_day, rates)):
             plan.fast.append(r)
         else:
             plan.general.append(r)
@@ -504,42 +507,73 @@ def _advance_cursor(conn: Connection, bank_id: str, seq: int, now: dt.datetime) 
         conn.execute(_UPSERT_CURSOR_UPDATE, params)
 
 
+@dataclass(frozen=True)
+class _Account:
+    """What Pay's writes need of a locked account (payments.pay_in_tx)."""
+    branch_code: str
+    tariff_class: str
+    prepaid_fen: int
+
+
+def _post_general(conn: Connection, books: payments.Books, bank_id: str, plan: _Plan, accounts: dict[str, Any],
+                  prepaid: dict[str, int], fee_day: dt.date, today: dt.date, now: dt.datetime) -> None:
+    """Posts the debits the bulk path does not settle with Pay's own writes
+    (payments.pay_in_tx: oldest first, late fee before principal, rest to
+    prepaid), in this transaction, in result order; they then count as
+    earlier payments of their serial (POSTED, or REFUND with their surplus)."""
+    for r in plan.general:
+        acct = accounts.get(r.account_no)
+        if acct is None:
+            raise AccountNotFound(f"account {r.account_no} not found")
+        if acct.status != "OPEN":
+            raise AccountClosed(f"account {r.account_no} is closed")
+        cmd = payments.PayCommand(bank_id=bank_id, bank_serial=r.bank_serial, account_no=r.account_no,
+                                  amount_fen=r.amount_fen, channel=AUTO_DEBIT)
+        posted = payments.pay_in_tx(conn, books.rates, cmd,
+                                    _Account(acct.branch_code, acct.tariff_class, prepaid[r.account_no]),
+                                    fee_day=fee_day, settlement=today, now=now)
+        prepaid[r.account_no] = posted.prepaid_after_fen
+        plan.earlier.append((r, posted.payment_pk, posted.plan.prepaid_fen))
+    plan.earlier.sort(key=lambda e: e[0].seq)
+
+
 def apply_results(books: payments.Books, bank_id: str, results: Sequence[DebitIn], cursor_to: int) -> ApplyReport:
     """Stores `results` (new ones only: the caller filtered duplicates) with
     their money effects and advances the cursor to `cursor_to`, all in one
-    transaction. Debits the bulk path cannot post are first posted one by one
-    by Pay (`payments.pay`, idempotent by serial), then the batch is redone:
-    they are then earlier payments of their serial."""
+    transaction. Debits the bulk path cannot settle are posted in it by Pay's
+    own writes (`payments.pay_in_tx`). A serial committed meanwhile by
+    another channel (unique key) makes the batch start over once: it is then
+    an earlier payment of that serial."""
     engine = books.router.primary
     for attempt in range(2):
         report = ApplyReport()
         now = _utc(books.clock.now())
         fee_day = business_date(books.clock)
-        with engine.begin() as conn:
-            # Bank-day lock before any account lock; a reconciled today settles tomorrow (as Pay does).
-            lock_bank_day(conn, bank_id)
-            today = settlement_day(conn, bank_id, fee_day)
-            accts = sorted({r.account_no for r in results})
-            prepaid: dict[str, int] = {}
-            status_of: dict[str, str] = {}
-            tariff_of: dict[str, str] = {}
-            if accts:
-                for row in conn.execute(_LOCK_CUSTOMERS, {"accts": list_param(conn, accts)}):
-                    prepaid[row.account_no] = int(row.prepaid_fen)
-                    status_of[row.account_no] = row.status
-                    tariff_of[row.account_no] = row.tariff_class
-            plan = (_classify(conn, bank_id, results, today, fee_day, books.rates, status_of, tariff_of)
-                    if results else _Plan())
-            if not plan.general:
+        try:
+            with engine.begin() as conn:
+                # Bank-day lock before any account lock; a reconciled today settles tomorrow (as Pay does).
+                lock_bank_day(conn, bank_id)
+                today = settlement_day(conn, bank_id, fee_day)
+                accts = sorted({r.account_no for r in results})
+                prepaid: dict[str, int] = {}
+                accounts: dict[str, Any] = {}
+                if accts:
+                    for row in conn.execute(_LOCK_CUSTOMERS, {"accts": list_param(conn, accts)}):
+                        prepaid[row.account_no] = int(row.prepaid_fen)
+                        accounts[row.account_no] = row
+                plan = _classify(conn, bank_id, results, fee_day, books.rates, accounts) if results else _Plan()
+                general = list(plan.general)
+                if general:
+                    _post_general(conn, books, bank_id, plan, accounts, prepaid, fee_day, today, now)
                 if results:
                     _write_plan(conn, bank_id, plan, today, now, prepaid, report)
                 if cursor_to > 0:
                     _advance_cursor(conn, bank_id, cursor_to, now)
-                return report
-        if attempt == 1:
-            raise RuntimeError("debits still unposted after the general payment path")
-        for r in plan.general:
-            payments.pay(books, payments.PayCommand(bank_id=bank_id, bank_serial=r.bank_serial,
-                                                    account_no=r.account_no, amount_fen=r.amount_fen,
-                                                    channel=AUTO_DEBIT))
+        except IntegrityError:
+            if attempt == 1:
+                raise
+            continue
+        for r in general:
+            business_metrics.record_payment(bank_id, AUTO_DEBIT, r.amount_fen)
+        return report
     raise AssertionError("unreachable")

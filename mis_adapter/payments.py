@@ -272,12 +272,9 @@ def _pay_tx(ctx: Books, engine: Engine, cmd: PayCommand) -> tuple[PayResult, boo
             raise AccountClosed(f"account {cmd.account_no} is closed")
         settlement = settlement_date(day, today_reconciled=bool(cust.closed_today),
                                      next_reconciled=bool(cust.closed_next))
-        posted = post_payment_in_tx(conn, ctx.rates, cmd, cust, fee_day=day, settlement=settlement, now=now)
+        posted = pay_in_tx(conn, ctx.rates, cmd, cust, fee_day=day, settlement=settlement, now=now)
         pk, plan = posted.payment_pk, posted.plan
         arrears_after, prepaid_after = posted.arrears_after_fen, posted.prepaid_after_fen
-        conn.execute(_INSERT_JOURNAL, {"at": now, "bank_id": cmd.bank_id, "rpc": "PAY", "serial": cmd.bank_serial,
-                                       "original_serial": "", "account_no": cmd.account_no,
-                                       "amount_fen": cmd.amount_fen, "outcome": POSTED, "payment_id": pk})
         return PayResult(payment_id_of(cust.branch_code, pk), receipt_no_of(cust.branch_code, settlement, pk),
                          settlement,
                          plan.allocations, arrears_after, prepaid_after, cmd.bank_serial, cmd.account_no,
@@ -290,6 +287,20 @@ class Posted:
     plan: AllocationPlan
     arrears_after_fen: int
     prepaid_after_fen: int
+
+
+def pay_in_tx(conn: Connection, rates: LateFeeRates, cmd: PayCommand, cust: Any, *, fee_day: dt.date,
+              settlement: dt.date, now: dt.datetime) -> Posted:
+    """Pay's writes for a new payment inside the caller's transaction: the
+    allocation and rows of `post_payment_in_tx` and Pay's journal line. Used by
+    Pay and by the bill feed for debits its bulk path does not settle; the
+    caller holds the bank-day and account locks, has checked the serial and
+    that the account is open, and records the payment metric after commit."""
+    posted = post_payment_in_tx(conn, rates, cmd, cust, fee_day=fee_day, settlement=settlement, now=now)
+    conn.execute(_INSERT_JOURNAL, {"at": now, "bank_id": cmd.bank_id, "rpc": "PAY", "serial": cmd.bank_serial,
+                                   "original_serial": "", "account_no": cmd.account_no,
+                                   "amount_fen": cmd.amount_fen, "outcome": POSTED, "payment_id": posted.payment_pk})
+    return posted
 
 
 def post_payment_in_tx(conn: Connection, rates: LateFeeRates, cmd: PayCommand, cust: Any, *, fee_day: dt.date,

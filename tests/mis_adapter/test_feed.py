@@ -252,6 +252,17 @@ def test_debit_on_an_account_with_older_arrears_follows_the_allocation_rule(db_u
         # The old bill (with its late fee) is settled first; the rest goes to the new bill.
         assert bills["202609"].status == "PAID"
         assert bills[PERIOD].principal_paid_fen < n.amount_fen
+        # Posted as Pay posts (one payment, Pay's journal line, allocations adding up to the debit).
+        from mis_adapter.db.core import AllocationRow
+        t_alloc, t_journal = AllocationRow.__table__, JournalEntry.__table__
+        with ra.engine.connect() as conn:
+            pay = conn.execute(sa.select(T_PAY).where(T_PAY.c.bank_serial == f"AD-{n.seq}")).one()
+            allocated = conn.execute(sa.select(sa.func.sum(t_alloc.c.late_fee_fen + t_alloc.c.principal_fen))
+                                     .where(t_alloc.c.payment_id == pay.payment_id)).scalar_one()
+            journal = conn.execute(sa.select(t_journal.c.rpc).where(t_journal.c.serial == f"AD-{n.seq}")).scalars().all()
+        assert (pay.state, pay.channel, pay.amount_fen) == ("POSTED", "AUTO_DEBIT", n.amount_fen)
+        assert allocated + pay.prepaid_added_fen == n.amount_fen and bills["202609"].late_fee_paid_fen > 0
+        assert journal == ["PAY"]
 
 
 @pytest.mark.timeout(120)
