@@ -27,9 +27,9 @@ from sqlalchemy.engine import Connection, Engine
 from mis_adapter import feed
 from mis_adapter.db.base import table_of
 from mis_adapter.db.core import Agreement, BillRow, Customer, PrepaidEntry, Reading
-from mis_adapter.feed import InList, bulk_insert, list_param
 from mis_adapter.migrate import upgrade
 from mis_adapter.tariff import Tariff, price_fen
+from yindian_common.bulk_sql import InList, bulk_insert, list_param
 from yindian_common.clock import Clock, business_date, make_clock
 from yindian_common.db import make_engine
 from yindian_common.errors import InvalidField
