@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from yindian_common.errors import YinDianError
+from yindian_common.errors import AllocationInvariantBroken
 
 
 @dataclass(frozen=True)
@@ -28,10 +28,6 @@ class Allocation:
 class AllocationPlan:
     allocations: tuple[Allocation, ...]
     prepaid_fen: int
-
-
-class AllocationInvariantBroken(YinDianError):
-    """A bug: allocations do not add up to the payment. Never caught."""
 
 
 def allocate_payment(amount_fen: int, bills: Sequence[BillDue]) -> AllocationPlan:

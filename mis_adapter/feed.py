@@ -44,7 +44,7 @@ from mis_adapter.db.base import table_of
 from mis_adapter.db.core import AllocationRow, BillRow, Customer, JournalEntry, Payment, PrepaidEntry
 from mis_adapter.db.feed import DebitResultRow, FeedCursor, FeedLease, FeedSequence, OutboxRow, RefundRow
 from yindian_common.clock import Clock, business_date
-from yindian_common.errors import Precondition, SerialConflict, YinDianError
+from yindian_common.errors import FeedBusy, FeedMultiDatabase, Precondition, SerialConflict
 
 __all__ = [
     "FeedSettings", "Notice", "DebitIn", "ApplyReport", "FeedBusy", "FeedMultiDatabase", "NOTIFY_CHANNEL",
@@ -85,16 +85,6 @@ class FeedSettings:
             if value is not None:
                 kw[name] = value
         return cls(**kw)
-
-
-class FeedBusy(YinDianError):
-    """A second subscriber while the bank's stream is active: refused."""
-    code = "ABORTED"
-    reason = "FEED_ALREADY_ACTIVE"
-
-
-class FeedMultiDatabase(Precondition):
-    reason = "FEED_SINGLE_DATABASE_ONLY"
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.exc import IntegrityError
 
 from mis_adapter.allocation import Allocation, AllocationPlan, BillDue, allocate_payment
 from mis_adapter.banks import lock_bank_day
@@ -36,6 +35,7 @@ from mis_adapter.db.recon import ReconciledDay
 from mis_adapter.late_fee import FeeState, LateFeeRates, accrual_as_of, fee_from_micro
 from yindian_common import business_metrics
 from yindian_common.clock import business_date, utc_now
+from yindian_common.db_errors import db_call as _db_call
 from yindian_common.errors import (
     AccountClosed,
     AccountNotFound,
@@ -44,7 +44,6 @@ from yindian_common.errors import (
     SerialConflict,
     SerialReversed,
     Unavailable,
-    YinDianError,
 )
 from yindian_common.fields import mask_name
 
@@ -223,18 +222,6 @@ def bills_due(rows: Sequence[Any], tariff_class: str, as_of: dt.date, rates: Lat
         fee_due = max(0, fee_from_micro(micro, rates) - st.late_fee_paid_fen)
         out.append((row, BillDue(row.bill_id, row.period, fee_due, st.principal_unpaid_fen), micro))
     return out
-
-
-# ---- translating database trouble ----
-def _db_call(fn: Any, *args: Any) -> Any:
-    try:
-        return fn(*args)
-    except YinDianError:
-        raise
-    except PoolTimeout as exc:
-        raise Unavailable("database connection pool exhausted", reason="DB_POOL_EXHAUSTED") from exc
-    except OperationalError as exc:
-        raise Unavailable("branch database unavailable", reason="DB_UNAVAILABLE") from exc
 
 
 # ---- Pay ----

@@ -33,7 +33,7 @@ from mis_adapter.recon import Reconciliation, ReconSummary
 from mis_adapter.settings import AdapterSettings
 from yindian_common.clock import business_date, make_clock
 from yindian_common.db import make_engine
-from yindian_common.errors import InvalidField
+from yindian_common.errors import FileRejected, InvalidField
 from yindian_common.settings import load_settings
 
 HEADER = ["bank_serial", "account_no", "amount_fen", "status"]
@@ -41,12 +41,6 @@ TRAILER_TAG = "TRAILER"
 FILE_ERRORS_MAX = 20          # problems listed before giving up on the file
 FILE_LINE_CHARS_MAX = 256     # a longer line is malformed
 FILE_BATCH_RECORDS = 5_000    # records parsed before each bulk load
-
-
-class FileRejected(Exception):
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = problems
 
 
 def _lines(path: Path) -> Iterator[tuple[int, list[str]]]:
