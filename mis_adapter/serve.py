@@ -17,7 +17,7 @@ from yindian_common.clock import Clock, make_clock
 from yindian_common.logs import setup_logging
 from yindian_common.metrics import grpc_server_interceptors, start_metrics_http
 from yindian_common.server import GrpcServer
-from yindian_common.settings import add_settings_flags, load_settings
+from yindian_common.settings import add_settings_flags, parse_settings
 
 log = logging.getLogger("mis_adapter")
 
@@ -26,8 +26,7 @@ def parse(argv: list[str]) -> AdapterSettings:
     parser = argparse.ArgumentParser(prog="python -m mis_adapter serve",
                                      description="Serve BillingService and ReportService to the banks.")
     add_settings_flags(parser, AdapterSettings)
-    args = parser.parse_args(argv)
-    return load_settings(AdapterSettings, args, args.config_file)
+    return parse_settings(parser, AdapterSettings, argv)
 
 
 def build_server(settings: AdapterSettings, clock: Clock | None = None) -> tuple[GrpcServer, AdapterContext]:
