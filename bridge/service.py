@@ -23,7 +23,7 @@ from bridge import journal as jn
 from bridge.context import BridgeContext
 from bridge.journal import Claim, Entry, Outcome
 from bridge.resolver import REVERSAL_PREFIX, Resolver
-from bridge.upstream import DEFINITE, OK, RETRY_LATER_CODES, Answer, relay
+from bridge.upstream import DEFINITE, RETRY_LATER_CODES, Answer, relay
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
 from yindian_common import business_metrics, fields
@@ -95,17 +95,17 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         with guard(context, "QueryAccount"):
             fields.account_no(request.account_no)
         answer = self.bctx.upstream.query_account(request, self._timeout(context))
-        if not answer.ok:
+        if answer.response is None:
             relay(context, answer)
-        return answer.response  # type: ignore[no-any-return]
+        return answer.response
 
     def GetPayment(self, request: pb.GetPaymentRequest, context: grpc.ServicerContext) -> pb.GetPaymentResponse:
         with guard(context, "GetPayment"):
             fields.serial(request.bank_serial, "bank_serial")
         answer = self.bctx.upstream.get_payment(request.bank_serial, self._timeout(context))
-        if not answer.ok:
+        if answer.response is None:
             relay(context, answer)
-        return answer.response  # type: ignore[no-any-return]
+        return answer.response
 
     # ---- money-moving ----
 
@@ -175,9 +175,9 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             return answer.response  # the message the journal now holds as bytes
         return self._reply(outcome, context)
 
-    def _first_outcome(self, entry: Entry, answer: Answer) -> Outcome:
+    def _first_outcome(self, entry: Entry, answer: Answer[Any]) -> Outcome:
         at = self.bctx.clock.now()
-        if answer.kind == OK:
+        if answer.response is not None:  # OK
             return jn.outcome_for(entry, jn.POSTED if entry.kind == jn.PAY else jn.CANCELLED, at, status_code=0,
                                   body=answer.response.SerializeToString(), message="")
         if answer.kind == DEFINITE:

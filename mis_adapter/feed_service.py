@@ -151,10 +151,10 @@ def _set_listening(ref: weakref.ReferenceType[FeedHub], up: bool) -> None:
 
 def hub_of(ctx: AdapterContext) -> FeedHub:
     """The process's FeedHub, created with the first stream and kept on ctx."""
-    hub = getattr(ctx, "feed_hub", None)
+    hub = ctx.feed_hub
     if hub is None:
         with _HUB_LOCK:
-            hub = getattr(ctx, "feed_hub", None)
+            hub = ctx.feed_hub
             if hub is None:
                 hub = FeedHub(ctx.router.primary, FeedSettings.from_adapter_settings(ctx.settings))
                 ctx.feed_hub = hub
