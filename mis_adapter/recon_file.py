@@ -31,7 +31,7 @@ from mis_adapter.db.core import Bank
 from mis_adapter.migrate import upgrade
 from mis_adapter.recon import Reconciliation, ReconSummary
 from mis_adapter.settings import AdapterSettings
-from yindian_common.clock import business_date, make_clock
+from yindian_common.clock import DEFAULT_TZ, business_date, make_clock
 from yindian_common.db import make_engine
 from yindian_common.errors import FileRejected, InvalidField
 from yindian_common.settings import load_settings
@@ -149,7 +149,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--date", required=True, help="settlement date YYYY-MM-DD")
     p.add_argument("--file", required=True, help="the bank's daily reconciliation file (CSV)")
     p.add_argument("--clock-start", default="", help="run the clock from this ISO instant (tests, demos)")
-    p.add_argument("--timezone", default="Asia/Shanghai", help="the utility's time zone: business dates")
+    p.add_argument("--timezone", default=DEFAULT_TZ, help="the utility's time zone: business dates")
     args = p.parse_args(argv)
     settings = load_settings(AdapterSettings, {"db": args.db, "timezone": args.timezone})
     clock = make_clock(args.clock_start or None, args.timezone)
