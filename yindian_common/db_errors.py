@@ -25,13 +25,20 @@ def db_errors(what: str = "branch database") -> Iterator[None]:
     """Raises Unavailable for a pool timeout or an OperationalError inside the block."""
     try:
         yield
-    except PoolTimeout as exc:
-        raise Unavailable("database connection pool exhausted", reason=POOL_EXHAUSTED) from exc
-    except OperationalError as exc:
-        raise Unavailable(f"{what} unavailable", reason=DB_UNAVAILABLE) from exc
+    except (PoolTimeout, OperationalError) as exc:
+        raise translated(exc, what) from exc
 
 
 def db_call(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
-    """`fn(*args, **kwargs)` with database trouble translated (see db_errors)."""
-    with db_errors():
+    """`fn(*args, **kwargs)` with database trouble translated (see db_errors).
+    A plain try, not the context manager: it wraps every Pay."""
+    try:
         return fn(*args, **kwargs)
+    except (PoolTimeout, OperationalError) as exc:
+        raise translated(exc) from exc
+
+
+def translated(exc: PoolTimeout | OperationalError, what: str = "branch database") -> Unavailable:
+    if isinstance(exc, PoolTimeout):
+        return Unavailable("database connection pool exhausted", reason=POOL_EXHAUSTED)
+    return Unavailable(f"{what} unavailable", reason=DB_UNAVAILABLE)

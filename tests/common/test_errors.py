@@ -11,11 +11,12 @@ from concurrent import futures
 
 import grpc
 import pytest
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from yindian_common import errors
-from yindian_common.errors import AllocationInvariantBroken, Bug, FeedBusy, InvalidField, YinDianError
+from yindian_common.db_errors import db_call
+from yindian_common.errors import AllocationInvariantBroken, Bug, FeedBusy, InvalidField, Unavailable, YinDianError
 from yindian_common.status import error_info, guard
 
 pytestmark = pytest.mark.timeout(60)
@@ -100,3 +101,23 @@ def test_the_guard_never_maps_a_bug_to_an_expected_status() -> None:
     err = _call(AllocationInvariantBroken("allocations 90 != payment 100"))
     assert err.code() == grpc.StatusCode.UNKNOWN  # gRPC's answer to an uncaught exception, logged by it
     assert error_info(err) is None
+
+
+def test_db_call_returns_the_result_and_translates_database_trouble() -> None:
+    def add(a: int, *, b: int) -> int:
+        return a + b
+
+    assert db_call(add, 2, b=3) == 5
+
+    def down() -> int:
+        raise OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+
+    with pytest.raises(Unavailable) as exc_info:
+        db_call(down)
+    assert (exc_info.value.code, exc_info.value.reason) == ("UNAVAILABLE", "DB_UNAVAILABLE")
+
+    def integrity() -> int:  # not an operating error: a bug or a race the caller handles, passed on
+        raise IntegrityError("INSERT", {}, Exception("duplicate key"))
+
+    with pytest.raises(IntegrityError):
+        db_call(integrity)
