@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from types import TracebackType
 from typing import NoReturn, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from yindian_common.db_errors import db_errors
+from yindian_common.db_errors import translated
 from yindian_common.errors import YinDianError
 
 log = logging.getLogger("yindian.status")
@@ -25,22 +27,43 @@ DOMAIN = "yindian"
 T = TypeVar("T")
 
 
-@contextmanager
+class StatusGuard:
+    """See `guard`. A plain class, not contextlib: it wraps every Pay."""
+    __slots__ = ("context", "rpc", "database", "on_refused")
+
+    def __init__(self, context: grpc.ServicerContext, rpc: str, database: str,
+                 on_refused: Callable[[YinDianError], None] | None) -> None:
+        self.context = context
+        self.rpc = rpc
+        self.database = database
+        self.on_refused = on_refused
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if isinstance(exc, YinDianError):
+            err = exc
+        elif isinstance(exc, (PoolTimeout, OperationalError)):
+            err = translated(exc, self.database)
+            err.__cause__ = exc
+        else:
+            return  # no error, the call ending (GeneratorExit, an abort), or a bug: passed on
+        log.info("event=refused rpc=%s code=%s reason=%s msg=%r", self.rpc, err.code, err.reason, err.message)
+        if self.on_refused is not None:
+            self.on_refused(err)
+        abort(self.context, err)
+
+
 def guard(context: grpc.ServicerContext, rpc: str, *, database: str = "branch database",
-          on_refused: Callable[[YinDianError], None] | None = None) -> Iterator[None]:
-    """Runs the block of RPC `rpc`; an expected refusal raised inside it (a
-    YinDianError, or database trouble: UNAVAILABLE naming `database`) aborts
-    the call with its status, after `on_refused(err)` (e.g. a metric). Anything
-    else is a bug and passes on untouched (gRPC logs it with its traceback);
-    it is never mapped to an expected status."""
-    try:
-        with db_errors(database):
-            yield
-    except YinDianError as err:
-        log.info("event=refused rpc=%s code=%s reason=%s msg=%r", rpc, err.code, err.reason, err.message)
-        if on_refused is not None:
-            on_refused(err)
-        abort(context, err)
+          on_refused: Callable[[YinDianError], None] | None = None) -> StatusGuard:
+    """`with guard(context, rpc): ...` runs the block of RPC `rpc`; an expected
+    refusal raised inside it (a YinDianError, or database trouble: UNAVAILABLE
+    naming `database`) aborts the call with its status, after `on_refused(err)`
+    (e.g. a metric). Anything else is a bug and passes on untouched (gRPC logs
+    it with its traceback); it is never mapped to an expected status."""
+    return StatusGuard(context, rpc, database, on_refused)
 
 
 def guard_stream(context: grpc.ServicerContext, rpc: str, responses: Iterator[T], *,
