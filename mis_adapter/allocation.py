@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mis_adapter.late_fee import FeeState, LateFeeRates, accrual_as_of, fee_from_micro
-from yindian_common.errors import DayClosed, YinDianError
+from yindian_common.errors import AllocationInvariantBroken, DayClosed, YinDianError
 
 ONE_DAY = dt.timedelta(days=1)
 
@@ -37,10 +37,6 @@ class Allocation:
 class AllocationPlan:
     allocations: tuple[Allocation, ...]
     prepaid_fen: int
-
-
-class AllocationInvariantBroken(YinDianError):
-    """A bug: allocations do not add up to the payment. Never caught."""
 
 
 def allocate_payment(amount_fen: int, bills: Sequence[BillDue]) -> AllocationPlan:

@@ -47,8 +47,16 @@ from mis_adapter.db.feed import DebitResultRow, FeedCursor, FeedLease, FeedSeque
 from mis_adapter.late_fee import LateFeeRates
 from yindian_common import business_metrics
 from yindian_common.bulk_sql import InList, bulk_insert, list_param
-from yindian_common.clock import business_date
-from yindian_common.errors import AccountClosed, AccountNotFound, Precondition, SerialConflict, YinDianError
+from yindian_common.clock import Clock, business_date
+from yindian_common.errors import (
+    AccountClosed,
+    AccountNotFound,
+    FeedBusy,
+    FeedMultiDatabase,
+    Precondition,
+    SerialConflict,
+    YinDianError,
+)
 
 __all__ = [
     "FeedSettings", "Notice", "DebitIn", "ApplyReport", "FeedBusy", "FeedMultiDatabase", "NOTIFY_CHANNEL",
@@ -90,16 +98,6 @@ class FeedSettings:
             if value is not None:
                 kw[name] = value
         return cls(**kw)
-
-
-class FeedBusy(YinDianError):
-    """A second subscriber while the bank's stream is active: refused."""
-    code = "ABORTED"
-    reason = "FEED_ALREADY_ACTIVE"
-
-
-class FeedMultiDatabase(Precondition):
-    reason = "FEED_SINGLE_DATABASE_ONLY"
 
 
 @dataclass(frozen=True)

@@ -62,8 +62,7 @@ from yindian.v1 import billing_pb2 as pb
 from yindian_common import business_metrics as bm
 from yindian_common import fields
 from yindian_common.clock import SystemClock
-from yindian_common.errors import InvalidField, SerialConflict, Unavailable, YinDianError
-from yindian_common.status import abort
+from yindian_common.errors import InvalidField, PeerSilent, SerialConflict, Unavailable, YinDianError
 
 log = logging.getLogger("mis_adapter.feed")
 
@@ -71,11 +70,6 @@ log = logging.getLogger("mis_adapter.feed")
 # shifted (--clock-start in demos and tests): they run on the system clock.
 LEASE_CLOCK = SystemClock()
 OUTCOMES = {pb.DEBIT_OUTCOME_DEBITED: feed.DEBITED, pb.DEBIT_OUTCOME_INSUFFICIENT_FUNDS: feed.INSUFFICIENT_FUNDS}
-
-
-class PeerSilent(YinDianError):
-    code = "DEADLINE_EXCEEDED"
-    reason = "FEED_PEER_SILENT"
 
 
 class FeedHub:
@@ -158,10 +152,10 @@ def _set_listening(ref: weakref.ReferenceType[FeedHub], up: bool) -> None:
 
 def hub_of(ctx: AdapterContext) -> FeedHub:
     """The process's FeedHub, created with the first stream and kept on ctx."""
-    hub = getattr(ctx, "feed_hub", None)
+    hub = ctx.feed_hub
     if hub is None:
         with _HUB_LOCK:
-            hub = getattr(ctx, "feed_hub", None)
+            hub = ctx.feed_hub
             if hub is None:
                 hub = FeedHub(ctx.router.primary, FeedSettings.from_adapter_settings(ctx.settings))
                 ctx.feed_hub = hub
@@ -369,13 +363,12 @@ def _subscribe(ctx: AdapterContext, request_iterator: Iterator[pb.BillFeedReques
     return int(first.subscribe.resume_after_seq)
 
 
-def bill_feed(ctx: AdapterContext, request_iterator: Iterator[pb.BillFeedRequest],
+def bill_feed(ctx: AdapterContext, bank_id: str, request_iterator: Iterator[pb.BillFeedRequest],
               context: grpc.ServicerContext) -> Iterator[pb.BillFeedResponse]:
     stream: FeedStream | None = None
     leased = False
     hub: FeedHub | None = None
     try:
-        bank_id = ctx.bank_of(context)
         ctx.banks.ensure_active(bank_id)
         if len(ctx.router.engines()) > 1:
             raise feed.FeedMultiDatabase("the bill feed needs all branches in one database; "
@@ -398,13 +391,7 @@ def bill_feed(ctx: AdapterContext, request_iterator: Iterator[pb.BillFeedRequest
         threading.Thread(target=stream.read_results, args=(request_iterator,), name=f"feed-results-{bank_id}",
                          daemon=True).start()
         yield from stream.responses()
-    except YinDianError as exc:
-        log.info("event=feed_ended bank=%s reason=%s", stream.bank_id if stream else "-", exc.reason)
-        abort(context, exc)
-    except OperationalError as exc:
-        abort(context, Unavailable("MIS database unavailable", reason="DB_UNAVAILABLE"))
-        raise AssertionError("unreachable") from exc
-    finally:
+    finally:  # refusals reach the bank through the edge's status guard (mis_adapter.service)
         if stream is not None:
             if hub is not None:
                 hub.unregister(stream.bank_id, stream.kick)

@@ -15,8 +15,7 @@ from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.exc import IntegrityError
 
 from mis_adapter.allocation import (
     Allocation,
@@ -42,6 +41,7 @@ from mis_adapter.late_fee import LateFeeRates
 from mis_adapter.routing import BranchRouter
 from yindian_common import business_metrics
 from yindian_common.clock import Clock, business_date, utc_now
+from yindian_common.db_errors import db_call as _db_call
 from yindian_common.errors import (
     AccountClosed,
     AccountNotFound,
@@ -50,7 +50,6 @@ from yindian_common.errors import (
     SerialConflict,
     SerialReversed,
     Unavailable,
-    YinDianError,
 )
 from yindian_common.fields import mask_name
 
@@ -227,16 +226,6 @@ def receipt_no_of(branch_code: str, day: dt.date, pk: int) -> str:
     return f"{day.year:04d}{day.month:02d}{day.day:02d}{branch_code}{pk:010d}"
 
 
-# ---- translating database trouble ----
-def _db_call(fn: Any, *args: Any) -> Any:
-    try:
-        return fn(*args)
-    except YinDianError:
-        raise
-    except PoolTimeout as exc:
-        raise Unavailable("database connection pool exhausted", reason="DB_POOL_EXHAUSTED") from exc
-    except OperationalError as exc:
-        raise Unavailable("branch database unavailable", reason="DB_UNAVAILABLE") from exc
 
 
 # ---- Pay ----

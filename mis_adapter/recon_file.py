@@ -32,9 +32,9 @@ from mis_adapter.matching import StagedRecord
 from mis_adapter.migrate import upgrade
 from mis_adapter.recon import Reconciliation, ReconSummary
 from mis_adapter.settings import AdapterSettings
-from yindian_common.clock import business_date, make_clock
+from yindian_common.clock import DEFAULT_TZ, business_date, make_clock
 from yindian_common.db import make_engine
-from yindian_common.errors import InvalidField
+from yindian_common.errors import FileRejected, InvalidField
 from yindian_common.settings import load_settings
 
 HEADER = ["bank_serial", "account_no", "amount_fen", "status"]
@@ -42,12 +42,6 @@ TRAILER_TAG = "TRAILER"
 FILE_ERRORS_MAX = 20          # problems listed before giving up on the file
 FILE_LINE_CHARS_MAX = 256     # a longer line is malformed
 FILE_BATCH_RECORDS = 5_000    # records parsed before each bulk load
-
-
-class FileRejected(Exception):
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = problems
 
 
 def _lines(path: Path) -> Iterator[tuple[int, list[str]]]:
@@ -156,7 +150,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--date", required=True, help="settlement date YYYY-MM-DD")
     p.add_argument("--file", required=True, help="the bank's daily reconciliation file (CSV)")
     p.add_argument("--clock-start", default="", help="run the clock from this ISO instant (tests, demos)")
-    p.add_argument("--timezone", default="Asia/Shanghai", help="the utility's time zone: business dates")
+    p.add_argument("--timezone", default=DEFAULT_TZ, help="the utility's time zone: business dates")
     args = p.parse_args(argv)
     settings = load_settings(AdapterSettings, {"db": args.db, "timezone": args.timezone})
     clock = make_clock(args.clock_start or None, args.timezone)
