@@ -13,4 +13,11 @@ COMMANDS = {
     "bench-recon": ("mis_adapter.bench_recon", "benchmark: reconciliation and reports at scale"),
 }
 
-sys.exit(dispatch("mis_adapter", COMMANDS))
+
+def main() -> int:
+    """`python -m mis_adapter` and the `yindian-mis-adapter` console script."""
+    return dispatch("mis_adapter", COMMANDS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
