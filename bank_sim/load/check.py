@@ -12,6 +12,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from bank_sim import mis_tables
 from bank_sim.load.client import LoadClient
 from bank_sim.load.profile import (
     ACCEPTED,
@@ -172,16 +173,9 @@ def _check_accepted(res: CheckResult, serial: str, rec: PayRecord, rows: list[Mi
         res.add(serial, "WRONG_ACCOUNT", f"accepted on {rec.account_no}, the MIS has {row.account_no}")
 
 
-# The MIS's payment rows as the check reads them: the columns it needs, declared here (bank_sim
-# imports nothing of mis_adapter); tests/bank_sim/test_load_check.py holds them to the MIS's schema.
-MIS_PAYMENTS = sa.table("payments", sa.column("bank_id", sa.String), sa.column("bank_serial", sa.String),
-                        sa.column("state", sa.String), sa.column("amount_fen", sa.BigInteger),
-                        sa.column("account_no", sa.String))
-
-
 def read_mis(urls: Sequence[str], bank_id: str, prefix: str) -> dict[str, list[MisRow]]:
     """Every payment row of the bank under the run's prefix, over all branch databases (read only)."""
-    p = MIS_PAYMENTS.c
+    p = mis_tables.payments.c  # declared by bank_sim: it imports nothing of mis_adapter
     stmt = (sa.select(p.bank_serial, p.state, p.amount_fen, p.account_no)
             .where(p.bank_id == bank_id, p.bank_serial.like(prefix + "%")))
     out: dict[str, list[MisRow]] = {}
