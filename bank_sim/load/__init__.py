@@ -38,40 +38,29 @@ check against the MIS), `run` (the open-loop scheduler and statistics),
 `report` (tables), `cli` (the command line)."""
 from __future__ import annotations
 
-from bank_sim.load.check import (
-    CheckResult,
-    Discrepancy,
-    MisRow,
-    PayRecord,
-    RunLedger,
-    compare,
-    read_mis,
-    read_via_get_payment,
-)
+# The library surface (__all__), and the names the tests and saved-ledger tooling use (`X as X`: re-exported).
+from bank_sim.load.check import CheckResult, Discrepancy, RunLedger
+from bank_sim.load.check import MisRow as MisRow
+from bank_sim.load.check import PayRecord as PayRecord
+from bank_sim.load.check import compare as compare
+from bank_sim.load.check import read_mis as read_mis
+from bank_sim.load.check import read_via_get_payment as read_via_get_payment
 from bank_sim.load.cli import main
-from bank_sim.load.profile import (
-    ACCEPTED,
-    CANCEL_IN_DOUBT,
-    CANCEL_NONE,
-    CANCEL_NOT_FOUND,
-    CANCEL_REFUSED,
-    CANCEL_REVERSED,
-    IN_DOUBT,
-    MIS_POSTED,
-    MIS_REVERSED,
-    MIS_TOMBSTONE,
-    PENDING,
-    REFUSED,
-    LoadProfile,
-    check_target_allowed,
-    parse_mix,
-)
+from bank_sim.load.profile import ACCEPTED as ACCEPTED
+from bank_sim.load.profile import CANCEL_IN_DOUBT as CANCEL_IN_DOUBT
+from bank_sim.load.profile import CANCEL_NONE as CANCEL_NONE
+from bank_sim.load.profile import CANCEL_NOT_FOUND as CANCEL_NOT_FOUND
+from bank_sim.load.profile import CANCEL_REFUSED as CANCEL_REFUSED
+from bank_sim.load.profile import CANCEL_REVERSED as CANCEL_REVERSED
+from bank_sim.load.profile import IN_DOUBT as IN_DOUBT
+from bank_sim.load.profile import MIS_POSTED as MIS_POSTED
+from bank_sim.load.profile import MIS_REVERSED as MIS_REVERSED
+from bank_sim.load.profile import MIS_TOMBSTONE as MIS_TOMBSTONE
+from bank_sim.load.profile import PENDING as PENDING
+from bank_sim.load.profile import REFUSED as REFUSED
+from bank_sim.load.profile import LoadProfile, parse_mix
+from bank_sim.load.profile import check_target_allowed as check_target_allowed
 from bank_sim.load.run import LoadResult, check_ledger, run_load, run_load_async
 
 __all__ = ["CheckResult", "Discrepancy", "LoadProfile", "LoadResult", "RunLedger", "check_ledger", "main",
            "parse_mix", "run_load", "run_load_async"]
-
-# Also reachable here for the tests and the saved-ledger tooling (not part of the library surface).
-_REEXPORTED = (ACCEPTED, CANCEL_IN_DOUBT, CANCEL_NONE, CANCEL_NOT_FOUND, CANCEL_REFUSED, CANCEL_REVERSED, IN_DOUBT,
-               MIS_POSTED, MIS_REVERSED, MIS_TOMBSTONE, PENDING, REFUSED, MisRow, PayRecord, compare, read_mis,
-               read_via_get_payment, check_target_allowed)
