@@ -7,7 +7,7 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
-from bank_sim.bench_feed import populate_period
+from mis_adapter.bench_data import populate_period
 from mis_adapter.db.core import BillRow, Customer, JournalEntry, Payment
 from mis_adapter.db.feed import DebitResultRow, FeedCursor, RefundRow
 from mis_adapter.issue_bills import issue_bills
