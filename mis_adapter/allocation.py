@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mis_adapter.late_fee import FeeState, LateFeeRates, accrual_as_of, fee_from_micro
-from yindian_common.errors import AllocationInvariantBroken, DayClosed, YinDianError
+from yindian_common.errors import AllocationInvariantBroken, DayClosed
 
 ONE_DAY = dt.timedelta(days=1)
 

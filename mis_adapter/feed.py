@@ -47,21 +47,19 @@ from mis_adapter.db.feed import DebitResultRow, FeedCursor, FeedLease, FeedSeque
 from mis_adapter.late_fee import LateFeeRates
 from yindian_common import business_metrics
 from yindian_common.bulk_sql import InList, bulk_insert, list_param
-from yindian_common.clock import Clock, business_date
+from yindian_common.clock import business_date
 from yindian_common.errors import (
     AccountClosed,
     AccountNotFound,
     FeedBusy,
     FeedMultiDatabase,
-    Precondition,
     SerialConflict,
-    YinDianError,
 )
 
 __all__ = [
     "FeedSettings", "Notice", "DebitIn", "ApplyReport", "FeedBusy", "FeedMultiDatabase", "NOTIFY_CHANNEL",
     "reading", "take_seqs", "insert_outbox", "notify_banks", "read_notices", "get_cursor", "stored_results",
-    "answered_high", "InList", "bulk_insert", "list_param",
+    "answered_high",
     "acquire_lease", "renew_lease", "release_lease", "apply_results", "DEBITED", "INSUFFICIENT_FUNDS",
 ]
 
