@@ -4,6 +4,7 @@ read from the database and cached for `bank_status_ttl_s`."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import threading
 import time
@@ -100,6 +101,15 @@ _ROW_SHARED = sa.select(T_BANKS.c.bank_id).where(T_BANKS.c.bank_id == sa.bindpar
 _ROW_EXCLUSIVE = sa.select(T_BANKS.c.bank_id).where(T_BANKS.c.bank_id == sa.bindparam("bank_id")).with_for_update()
 
 
+BANK_DAY_KEYS_CACHED_MAX = 4_096
+
+
+@functools.lru_cache(maxsize=BANK_DAY_KEYS_CACHED_MAX)
+def bank_day_key(bank_id: str) -> int:
+    """The PostgreSQL advisory-lock key of a bank's bank-day lock."""
+    return _advisory_key(bank_id)
+
+
 def _advisory_key(bank_id: str) -> int:
     digest = hashlib.sha256(f"yindian-bank-day:{bank_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
@@ -109,7 +119,7 @@ def lock_bank_day(conn: Connection, bank_id: str, *, exclusive: bool = False) ->
     """Take the bank-day lock in the caller's transaction (see above)."""
     dialect = conn.dialect.name
     if dialect == "postgresql":
-        conn.execute(_ADVISORY_EXCLUSIVE if exclusive else _ADVISORY_SHARED, {"k": _advisory_key(bank_id)})
+        conn.execute(_ADVISORY_EXCLUSIVE if exclusive else _ADVISORY_SHARED, {"k": bank_day_key(bank_id)})
     elif dialect != "sqlite":
         conn.execute(_ROW_EXCLUSIVE if exclusive else _ROW_SHARED, {"bank_id": bank_id}).first()
 

@@ -17,15 +17,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from mis_adapter.allocation import (
-    Allocation,
-    AllocationPlan,
-    allocate_payment,
-    bill_status,
-    bills_due,
-    settlement_date,
-)
-from mis_adapter.banks import lock_bank_day
+from mis_adapter import pay_pg
+from mis_adapter.allocation import Allocation, AllocationPlan, bill_status, bills_due, settlement_date
+from mis_adapter.banks import bank_day_key, lock_bank_day
 from mis_adapter.db.base import table_of
 from mis_adapter.db.core import (
     AllocationRow,
@@ -38,13 +32,17 @@ from mis_adapter.db.core import (
 )
 from mis_adapter.db.recon import ReconciledDay
 from mis_adapter.late_fee import LateFeeRates
+from mis_adapter.pay_plan import PaymentEffects, payment_effects
 from mis_adapter.routing import BranchRouter
 from yindian_common import business_metrics
 from yindian_common.clock import Clock, business_date, utc_now
+from yindian_common.db import WaitBound, bound_waits, db_wait_bound
+from yindian_common.db_errors import commit_or_doubt
 from yindian_common.db_errors import db_call as _db_call
 from yindian_common.errors import (
     AccountClosed,
     AccountNotFound,
+    BankSuspended,
     DayClosed,
     Precondition,
     SerialConflict,
@@ -123,6 +121,8 @@ class _Bounds(Protocol):
     def cancel_race_retries(self) -> int: ...
     @property
     def query_bills_max(self) -> int: ...
+    @property
+    def db_wait_max_s(self) -> float: ...
 
 
 class Books(Protocol):
@@ -229,10 +229,18 @@ def receipt_no_of(branch_code: str, day: dt.date, pk: int) -> str:
 
 
 # ---- Pay ----
-def pay(ctx: Books, cmd: PayCommand) -> PayResult:
+# How often Pay reads again when its guarded write found the account changed while it waited
+# for a lock (pay_pg.py). A second read runs with the locks held, so one retry suffices.
+PAY_READ_ATTEMPTS_MAX = 3
+
+
+def pay(ctx: Books, cmd: PayCommand, *, time_left_s: float | None = None) -> PayResult:
+    """Posts `cmd` (or answers a replay). `time_left_s` is the caller's remaining
+    deadline: every database wait of the call is bounded by it (db_deadline)."""
     engine = ctx.router.engine_for(cmd.account_no)
+    wait = db_wait_bound(ctx.settings, time_left_s)
     try:
-        result, fresh = _db_call(_pay_tx, ctx, engine, cmd)
+        result, fresh = _db_call(_pay_tx, ctx, engine, cmd, wait)
     except IntegrityError:
         # The same (bank, serial) committed concurrently on another account: answer as a replay would.
         result, fresh = _db_call(_replay_after_race, engine, cmd), False
@@ -243,31 +251,73 @@ def pay(ctx: Books, cmd: PayCommand) -> PayResult:
     return result
 
 
-def _pay_tx(ctx: Books, engine: Engine, cmd: PayCommand) -> tuple[PayResult, bool]:
-    """(result, True) for a newly posted payment, (stored result, False) for a replay."""
+def _pay_tx(ctx: Books, engine: Engine, cmd: PayCommand, wait: WaitBound) -> tuple[PayResult, bool]:
+    """One transaction on the account's branch connection: (result, True) for a newly
+    posted payment, (stored result, False) for a replay."""
     now = utc_now(ctx.clock)
     day = business_date(ctx.clock)
-    with engine.begin() as conn:
-        lock_bank_day(conn, cmd.bank_id)
-        cust = conn.execute(_LOCK_CUSTOMER_FOR_PAY, {"account_no": cmd.account_no, "bank_id": cmd.bank_id,
-                                                     "serial": cmd.bank_serial, "day": day,
-                                                     "next_day": day + ONE_DAY}).first()
-        if cust is None:
-            raise AccountNotFound(f"account {cmd.account_no} not found")
-        if cust.taken_id is not None:  # a replay (or a conflict): answer from the stored payment
-            existing = conn.execute(_PAYMENT_BY_ID, {"p_id": cust.taken_id}).one()
-            return _answer_existing(conn, existing, cmd), False
-        if cust.status != "OPEN":
-            raise AccountClosed(f"account {cmd.account_no} is closed")
-        settlement = settlement_date(day, today_reconciled=bool(cust.closed_today),
-                                     next_reconciled=bool(cust.closed_next))
-        posted = pay_in_tx(conn, ctx.rates, cmd, cust, fee_day=day, settlement=settlement, now=now)
-        pk, plan = posted.payment_pk, posted.plan
-        arrears_after, prepaid_after = posted.arrears_after_fen, posted.prepaid_after_fen
-        return PayResult(payment_id_of(cust.branch_code, pk), receipt_no_of(cust.branch_code, settlement, pk),
-                         settlement,
-                         plan.allocations, arrears_after, prepaid_after, cmd.bank_serial, cmd.account_no,
-                         cmd.amount_fen, now), True
+    with engine.connect() as conn:
+        conn.begin()
+        fast = conn.dialect.name == "postgresql"
+        if not fast:
+            bound_waits(conn, wait)
+        for _attempt in range(PAY_READ_ATTEMPTS_MAX):
+            seen = _read_for_pay(conn, cmd, day, wait) if fast else _read_for_pay_portable(conn, cmd, day)
+            cust = seen.customer
+            if cust is None:
+                raise AccountNotFound(f"account {cmd.account_no} not found")
+            if cust.taken_id is not None:  # a replay (or a conflict): answer from the stored payment
+                existing = conn.execute(_PAYMENT_BY_ID, {"p_id": cust.taken_id}).one()
+                return _answer_existing(conn, existing, cmd), False
+            if fast and cust.suspended:
+                raise BankSuspended(f"bank {cmd.bank_id} is suspended by the utility (停工): "
+                                    f"{cust.suspended_reason}")
+            if cust.status != "OPEN":
+                raise AccountClosed(f"account {cmd.account_no} is closed")
+            settlement = settlement_date(day, today_reconciled=bool(cust.closed_today),
+                                         next_reconciled=bool(cust.closed_next))
+            effects = payment_effects(cmd.amount_fen, seen.bills, cust.tariff_class, cust.prepaid_fen, day,
+                                      ctx.rates)
+            if not fast:
+                pk = _write_pay_portable(conn, cmd, cust, effects, settlement=settlement, now=now)
+                break
+            written = pay_pg.write_pay(conn, seen, effects, cmd=cmd, day=day, settlement=settlement, now=now)
+            if written is not None:
+                pk = written
+                break
+        else:
+            raise Unavailable("the account kept changing while the payment waited; retry the same serial",
+                              reason="RETRY")
+        commit_or_doubt(conn)
+    return PayResult(payment_id_of(cust.branch_code, pk), receipt_no_of(cust.branch_code, settlement, pk),
+                     settlement, effects.plan.allocations, effects.arrears_after_fen, effects.prepaid_after_fen,
+                     cmd.bank_serial, cmd.account_no, cmd.amount_fen, now), True
+
+
+def _read_for_pay(conn: Connection, cmd: PayCommand, day: dt.date, wait: WaitBound) -> pay_pg.PayRead:
+    return pay_pg.read_for_pay(conn, account_no=cmd.account_no, bank_id=cmd.bank_id, serial=cmd.bank_serial,
+                               day=day, day_key=bank_day_key(cmd.bank_id), wait_ms=wait.wait_ms,
+                               idle_ms=wait.idle_ms)
+
+
+def _read_for_pay_portable(conn: Connection, cmd: PayCommand, day: dt.date) -> pay_pg.PayRead:
+    """SQLite and MariaDB: the bank-day lock, then the account lock, then its bills."""
+    lock_bank_day(conn, cmd.bank_id)
+    cust = conn.execute(_LOCK_CUSTOMER_FOR_PAY, {"account_no": cmd.account_no, "bank_id": cmd.bank_id,
+                                                 "serial": cmd.bank_serial, "day": day,
+                                                 "next_day": day + ONE_DAY}).first()
+    if cust is None or cust.taken_id is not None or cust.status != "OPEN":
+        return pay_pg.PayRead(cust, (), "")
+    return pay_pg.PayRead(cust, tuple(conn.execute(_UNPAID_BILLS, {"account_no": cmd.account_no}).all()), "")
+
+
+def _write_pay_portable(conn: Connection, cmd: PayCommand, cust: Any, effects: PaymentEffects, *,
+                        settlement: dt.date, now: dt.datetime) -> int:
+    pk = _write_payment(conn, cmd, cust, effects, settlement=settlement, now=now)
+    conn.execute(_INSERT_JOURNAL, {"at": now, "bank_id": cmd.bank_id, "rpc": "PAY", "serial": cmd.bank_serial,
+                                   "original_serial": "", "account_no": cmd.account_no,
+                                   "amount_fen": cmd.amount_fen, "outcome": POSTED, "payment_id": pk})
+    return pk
 
 
 @dataclass(frozen=True)
@@ -282,9 +332,9 @@ def pay_in_tx(conn: Connection, rates: LateFeeRates, cmd: PayCommand, cust: Any,
               settlement: dt.date, now: dt.datetime) -> Posted:
     """Pay's writes for a new payment inside the caller's transaction: the
     allocation and rows of `post_payment_in_tx` and Pay's journal line. Used by
-    Pay and by the bill feed for debits its bulk path does not settle; the
-    caller holds the bank-day and account locks, has checked the serial and
-    that the account is open, and records the payment metric after commit."""
+    the bill feed for debits its bulk path does not settle; the caller holds
+    the bank-day and account locks, has checked the serial and that the
+    account is open, and records the payment metric after commit."""
     posted = post_payment_in_tx(conn, rates, cmd, cust, fee_day=fee_day, settlement=settlement, now=now)
     conn.execute(_INSERT_JOURNAL, {"at": now, "bank_id": cmd.bank_id, "rpc": "PAY", "serial": cmd.bank_serial,
                                    "original_serial": "", "account_no": cmd.account_no,
@@ -299,40 +349,37 @@ def post_payment_in_tx(conn: Connection, rates: LateFeeRates, cmd: PayCommand, c
     any prepaid credit with its ledger line. The caller's transaction holds
     the bank-day and account locks and has checked the serial and the
     account's status; `cust` has branch_code, tariff_class and prepaid_fen."""
-    day = fee_day
     rows = conn.execute(_UNPAID_BILLS, {"account_no": cmd.account_no}).all()
-    due = bills_due(rows, cust.tariff_class, day, rates)
-    plan = allocate_payment(cmd.amount_fen, [d for _, d, _ in due])
-    by_id = {d.bill_id: (row, d, micro) for row, d, micro in due}
-    arrears_after = sum(d.principal_due_fen for _, d, _ in due) - sum(a.principal_fen for a in plan.allocations)
-    prepaid_after = cust.prepaid_fen + plan.prepaid_fen
-    pk = conn.execute(_INSERT_PAYMENT, {
+    effects = payment_effects(cmd.amount_fen, rows, cust.tariff_class, cust.prepaid_fen, fee_day, rates)
+    pk = _write_payment(conn, cmd, cust, effects, settlement=settlement, now=now)
+    return Posted(pk, effects.plan, effects.arrears_after_fen, effects.prepaid_after_fen)
+
+
+def _write_payment(conn: Connection, cmd: PayCommand, cust: Any, effects: PaymentEffects, *,
+                   settlement: dt.date, now: dt.datetime) -> int:
+    """The rows of `effects` with SQLAlchemy Core (multi-row statements); the new payment's id."""
+    plan = effects.plan
+    pk: int = conn.execute(_INSERT_PAYMENT, {
         "bank_id": cmd.bank_id, "bank_serial": cmd.bank_serial, "state": POSTED,
         "account_no": cmd.account_no, "branch_code": cust.branch_code, "amount_fen": cmd.amount_fen,
         "channel": cmd.channel, "outlet_code": cmd.outlet_code, "teller_id": cmd.teller_id,
         "bank_balance_fen": cmd.bank_balance_fen, "settlement_date": settlement, "posted_at": now,
-        "arrears_after_fen": arrears_after, "prepaid_after_fen": prepaid_after,
+        "arrears_after_fen": effects.arrears_after_fen, "prepaid_after_fen": effects.prepaid_after_fen,
         "prepaid_added_fen": plan.prepaid_fen, "reversed_at": None, "reversed_on": None,
         "cancel_serial": None}).inserted_primary_key[0]  # type: ignore[index]
     if plan.allocations:
         conn.execute(_INSERT_ALLOC, [{"payment_id": pk, "bill_id": a.bill_id, "late_fee_fen": a.late_fee_fen,
                                       "principal_fen": a.principal_fen} for a in plan.allocations])
-        updates = []
-        for a in plan.allocations:
-            row, _d, micro = by_id[a.bill_id]
-            principal_paid = row.principal_paid_fen + a.principal_fen
-            fee_paid = row.late_fee_paid_fen + a.late_fee_fen
-            status = bill_status(row.amount_fen, row.prepaid_applied_fen, principal_paid, fee_paid)
-            updates.append({"b_id": a.bill_id, "principal_paid": principal_paid, "fee_paid": fee_paid,
-                            "micro": micro, "micro_date": max(day, row.accrual_date), "new_status": status,
-                            "new_paid_on": day if status == "PAID" else None})
-        conn.execute(_UPDATE_BILL, updates)
+        conn.execute(_UPDATE_BILL, [{"b_id": u.bill_id, "principal_paid": u.principal_paid_fen,
+                                     "fee_paid": u.late_fee_paid_fen, "micro": u.accrual_micro,
+                                     "micro_date": u.accrual_date, "new_status": u.status,
+                                     "new_paid_on": u.paid_on} for u in effects.bill_updates])
     if plan.prepaid_fen:
         conn.execute(_ADD_PREPAID, {"acct": cmd.account_no, "delta": plan.prepaid_fen})
         conn.execute(_INSERT_PREPAID, {"account_no": cmd.account_no, "reason": "PAYMENT",
-                                       "delta_fen": plan.prepaid_fen, "balance_after_fen": prepaid_after,
+                                       "delta_fen": plan.prepaid_fen, "balance_after_fen": effects.prepaid_after_fen,
                                        "payment_id": pk, "bill_id": None, "at": now})
-    return Posted(pk, plan, arrears_after, prepaid_after)
+    return pk
 
 
 def _same_request(existing: Any, cmd: PayCommand) -> bool:

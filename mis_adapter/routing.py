@@ -10,13 +10,14 @@ from yindian_common.db import make_engine
 
 class BranchRouter:
     def __init__(self, default_url: str, branch_urls: dict[str, str], *, pool_size: int = 16,
-                 pool_timeout_s: float = 5.0, sqlite_synchronous: str = "FULL") -> None:
+                 pool_timeout_s: float = 5.0, sqlite_synchronous: str = "FULL",
+                 wait_max_s: float | None = None) -> None:
         by_url: dict[str, Engine] = {}
 
         def engine(url: str) -> Engine:
             if url not in by_url:
                 by_url[url] = make_engine(url, pool_size=pool_size, pool_timeout_s=pool_timeout_s,
-                                          sqlite_synchronous=sqlite_synchronous)
+                                          sqlite_synchronous=sqlite_synchronous, wait_max_s=wait_max_s)
             return by_url[url]
 
         self.primary = engine(default_url)

@@ -106,7 +106,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
 
     def Pay(self, request: pb.PayRequest, context: grpc.ServicerContext) -> pb.PayResponse:
         def work(bank_id: str) -> pb.PayResponse:
-            result = payments.pay(self.ctx, pay_command(bank_id, request))
+            result = payments.pay(self.ctx, pay_command(bank_id, request), time_left_s=context.time_remaining())
             log.debug("event=pay bank=%s serial=%s amount_fen=%d payment_id=%s", bank_id, request.bank_serial,
                      request.amount_fen, result.payment_id)
             return pay_response(result)

@@ -4,17 +4,93 @@ BEGIN IMMEDIATE for writers so that concurrent writers queue instead of
 failing on lock upgrade), PostgreSQL (psycopg 3) and MariaDB/MySQL (PyMySQL,
 READ COMMITTED so that a row read after a lock wait is the committed one).
 
+Every database wait is bounded (issue 9 item 4): each connection starts with
+the process's bounds (PostgreSQL lock_timeout and
+idle_in_transaction_session_timeout, MariaDB innodb_lock_wait_timeout, SQLite
+busy timeout), and a call tightens them to its remaining deadline
+(`db_wait_bound`, `bound_waits`; Pay's PostgreSQL statement does it inline).
+
 Transactions belong to the caller; nothing here commits on its own."""
 from __future__ import annotations
 
-from typing import Any
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
+
+from yindian_common.errors import Unavailable
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 POOL_RECYCLE_S = 1_800
+# Connection defaults when the caller gives none: a lock wait, and a transaction left idle
+# (a frozen process, a stream that stopped sending) before the server ends it.
+DB_WAIT_MAX_S = 10.0
+DB_IDLE_IN_TX_MAX_S = 120.0
+# Time kept back from a call's deadline for the answer to travel back.
+DEADLINE_MARGIN_S = 0.05
+# A transaction may sit idle between its statements this much longer than it may wait.
+IDLE_SLACK_MS = 1_000
+# Session-level bounds (SQLite, MariaDB) change only in steps of this, so that a run of
+# calls with similar deadlines sends no statement at all.
+WAIT_STEP_MS = 250
+
+
+class _WaitSettings(Protocol):
+    @property
+    def db_wait_max_s(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class WaitBound:
+    """How long this call's statements may wait on the database, in milliseconds."""
+    wait_ms: int
+    idle_ms: int
+
+
+def db_wait_bound(settings: _WaitSettings, time_left_s: float | None) -> WaitBound:
+    """The bound for a call with `time_left_s` to its deadline (None: no deadline).
+    A call whose deadline has passed does no work: UNAVAILABLE, nothing written."""
+    limit_s = settings.db_wait_max_s
+    if time_left_s is not None:
+        left_s = time_left_s - DEADLINE_MARGIN_S
+        if left_s <= 0:
+            raise Unavailable("the call's deadline passed before its work started; nothing was written",
+                              reason="DEADLINE_PASSED")
+        limit_s = min(limit_s, left_s)
+    wait_ms = max(1, int(limit_s * 1000))
+    return WaitBound(wait_ms, wait_ms + IDLE_SLACK_MS)
+
+
+def _stepped(ms: int) -> int:
+    return ms if ms < WAIT_STEP_MS else ms - ms % WAIT_STEP_MS
+
+
+def bound_waits(conn: Connection, bound: WaitBound) -> None:
+    """Bounds the waits of the transaction just begun on `conn`. PostgreSQL: SET LOCAL
+    (set_config) of lock, statement and idle timeouts; MariaDB and SQLite: the
+    session's lock wait, only when its step changes."""
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        conn.exec_driver_sql(_PG_BOUND, {"wait_ms": str(bound.wait_ms), "idle_ms": str(bound.idle_ms)})
+        return
+    ms = _stepped(bound.wait_ms)
+    info = conn.connection.info
+    if info.get("wait_ms") == ms:
+        return
+    if dialect == "sqlite":
+        conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(ms)}")
+    else:
+        conn.exec_driver_sql(f"SET SESSION innodb_lock_wait_timeout = {max(1, math.ceil(ms / 1000))}, "
+                             f"max_statement_time = {ms / 1000:.3f}")
+    info["wait_ms"] = ms
+
+
+_PG_BOUND = ("SELECT set_config('lock_timeout', %(wait_ms)s, true), "
+             "set_config('statement_timeout', %(wait_ms)s, true), "
+             "set_config('idle_in_transaction_session_timeout', %(idle_ms)s, true)")
 
 
 def normalize_url(url: str) -> str:
@@ -34,17 +110,21 @@ def dialect_of(engine: Engine) -> str:
 
 
 def make_engine(url: str, *, pool_size: int = 16, pool_overflow: int = 0,
-                pool_timeout_s: float = 10.0, sqlite_synchronous: str = "FULL") -> Engine:
+                pool_timeout_s: float = 10.0, sqlite_synchronous: str = "FULL",
+                wait_max_s: float | None = None, idle_in_tx_max_s: float = DB_IDLE_IN_TX_MAX_S) -> Engine:
+    """`wait_max_s`: every lock wait's bound on this engine's connections (None: the
+    server's default; SQLite: SQLITE_BUSY_TIMEOUT_MS)."""
     url = normalize_url(url)
     kwargs: dict[str, Any] = {"future": True}
     if url.startswith("sqlite"):
-        kwargs["connect_args"] = {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+        busy_s = wait_max_s if wait_max_s is not None else SQLITE_BUSY_TIMEOUT_MS / 1000
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": busy_s}
         kwargs["pool_size"] = pool_size
         kwargs["max_overflow"] = pool_overflow
         kwargs["pool_timeout"] = pool_timeout_s
         kwargs["poolclass"] = sa.pool.QueuePool
         engine = sa.create_engine(url, **kwargs)
-        _configure_sqlite(engine, sqlite_synchronous)
+        _configure_sqlite(engine, sqlite_synchronous, int(busy_s * 1000))
         return engine
     # No pre-ping: it costs a round trip per transaction on the hot path. A
     # connection the server dropped fails its statement (UNAVAILABLE, safe to
@@ -54,10 +134,16 @@ def make_engine(url: str, *, pool_size: int = 16, pool_overflow: int = 0,
     if url.startswith("mysql"):
         kwargs["isolation_level"] = "READ COMMITTED"
         kwargs.setdefault("connect_args", {})["charset"] = "utf8mb4"
+        if wait_max_s is not None:
+            kwargs["connect_args"]["init_command"] = (
+                f"SET SESSION innodb_lock_wait_timeout = {max(1, math.ceil(wait_max_s))}")
+    elif wait_max_s is not None:  # PostgreSQL: session defaults in the startup packet, no round trip
+        kwargs["connect_args"] = {"options": f"-c lock_timeout={int(wait_max_s * 1000)} "
+                                             f"-c idle_in_transaction_session_timeout={int(idle_in_tx_max_s * 1000)}"}
     return sa.create_engine(url, **kwargs)
 
 
-def _configure_sqlite(engine: Engine, synchronous: str) -> None:
+def _configure_sqlite(engine: Engine, synchronous: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> None:
     if synchronous not in ("FULL", "NORMAL"):
         raise ValueError("sqlite synchronous must be FULL or NORMAL")
 
@@ -68,7 +154,7 @@ def _configure_sqlite(engine: Engine, synchronous: str) -> None:
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute(f"PRAGMA synchronous={synchronous}")
-        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 

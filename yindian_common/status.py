@@ -15,10 +15,8 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
-from sqlalchemy.exc import OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from yindian_common.db_errors import translated
+from yindian_common.db_errors import DB_TROUBLE, is_trouble, translated
 from yindian_common.errors import YinDianError
 
 log = logging.getLogger("yindian.status")
@@ -45,7 +43,7 @@ class StatusGuard:
                  tb: TracebackType | None) -> None:
         if isinstance(exc, YinDianError):
             err = exc
-        elif isinstance(exc, (PoolTimeout, OperationalError)):
+        elif isinstance(exc, DB_TROUBLE) and is_trouble(exc):
             err = translated(exc, self.database)
             err.__cause__ = exc
         else:
