@@ -14,7 +14,7 @@ define GENERATE
 	touch yindian/__init__.py yindian/v1/__init__.py $(GEN_STAMP)
 endef
 
-.PHONY: setup proto test run lint buf-lint bench bench-core bench-feed bench-recon clean
+.PHONY: setup proto test run lint buf-lint bench bench-core bench-feed bench-recon bench-pay clean
 
 setup: $(VENV)/.installed $(GEN_STAMP)
 
@@ -59,6 +59,9 @@ bench-feed: setup
 
 bench-recon: setup
 	$(PY) -m mis_adapter bench-recon $(BENCH_ARGS)
+
+bench-pay: setup
+	$(PY) -m mis_adapter bench-pay $(BENCH_ARGS)
 
 bench: setup
 	$(PY) -m bank_sim bench $(BENCH_ARGS)

@@ -11,6 +11,7 @@ COMMANDS = {
     "reconcile": ("mis_adapter.recon_file", "reconcile a bank's day from its daily file"),
     "report": ("mis_adapter.report_cmd", "collection and arrears statistics"),
     "bench-recon": ("mis_adapter.bench_recon", "benchmark: reconciliation and reports at scale"),
+    "bench-pay": ("mis_adapter.bench_pay", "benchmark: CPU per Pay inside mis_adapter, portable vs fast SQL"),
     "bench-data": ("mis_adapter.bench_data", "benchmark/test data: populate a period, timed issue, paced probes"),
 }
 

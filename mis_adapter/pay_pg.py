@@ -27,86 +27,108 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+import psycopg
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 from mis_adapter.pay_plan import PaymentEffects
 
+# PostgreSQL's own $n placeholders (psycopg's RawCursor): psycopg rewrites nothing, and each
+# statement is prepared on its connection (prepare=True) from its first execution.
 READ_FOR_PAY = """
 WITH bounds AS MATERIALIZED (
-  SELECT set_config('lock_timeout', %(wait_ms)s, true) AS lock_bound,
-         set_config('idle_in_transaction_session_timeout', %(idle_ms)s, true) AS idle_bound,
-         set_config('statement_timeout', %(wait_ms)s, true) AS statement_bound,
-         pg_advisory_xact_lock_shared(%(day_key)s::bigint) AS day_lock)
+  SELECT set_config('lock_timeout', $5, true) AS lock_bound,
+         set_config('statement_timeout', $5, true) AS statement_bound,
+         set_config('idle_in_transaction_session_timeout', $6, true) AS idle_bound,
+         pg_advisory_xact_lock_shared($7::bigint) AS day_lock)
 SELECT c.branch_code, c.tariff_class, c.status, c.prepaid_fen, c.xmin::text AS c_version,
-       EXISTS (SELECT 1 FROM reconciled_days r
-               WHERE r.bank_id = %(bank_id)s AND r.settlement_date = %(day)s::date) AS closed_today,
-       EXISTS (SELECT 1 FROM reconciled_days r
-               WHERE r.bank_id = %(bank_id)s AND r.settlement_date = %(next_day)s::date) AS closed_next,
-       (SELECT p.payment_id FROM payments p
-        WHERE p.bank_id = %(bank_id)s AND p.bank_serial = %(serial)s) AS taken_id,
-       coalesce((SELECT k.suspended FROM banks k WHERE k.bank_id = %(bank_id)s), false) AS suspended,
-       (SELECT k.suspended_reason FROM banks k WHERE k.bank_id = %(bank_id)s) AS suspended_reason,
+       EXISTS (SELECT 1 FROM reconciled_days r WHERE r.bank_id = $2 AND r.settlement_date = $4::date),
+       EXISTS (SELECT 1 FROM reconciled_days r WHERE r.bank_id = $2 AND r.settlement_date = $4::date + 1),
+       (SELECT p.payment_id FROM payments p WHERE p.bank_id = $2 AND p.bank_serial = $3),
+       coalesce((SELECT k.suspended FROM banks k WHERE k.bank_id = $2), false),
+       (SELECT k.suspended_reason FROM banks k WHERE k.bank_id = $2),
        b.bill_id, b.period, b.amount_fen, b.prepaid_applied_fen, b.principal_paid_fen, b.late_fee_paid_fen,
-       b.accrual_micro, b.accrual_date, b.xmin::text AS b_version
+       b.accrual_micro, b.accrual_date, b.xmin::text
 FROM bounds CROSS JOIN customers c
 LEFT JOIN bills b ON b.account_no = c.account_no AND b.status <> 'PAID'
-WHERE c.account_no = %(account_no)s
+WHERE c.account_no = $1
 ORDER BY b.period, b.bill_id
 FOR UPDATE OF c
 """
 
+# The bills' new paid amounts are the read ones plus the allocation (the guard holds them as read);
+# their new status is computed in Python by allocation.bill_status and passed in.
 WRITE_PAY = """
 WITH guard AS (
-  SELECT (SELECT c.xmin::text FROM customers c WHERE c.account_no = %(account_no)s) = %(c_version)s
+  SELECT (SELECT c.xmin::text FROM customers c WHERE c.account_no = $1) = $4
      AND coalesce((SELECT string_agg(b.bill_id::text || ':' || b.xmin::text, ',' ORDER BY b.bill_id)
-                   FROM bills b WHERE b.account_no = %(account_no)s AND b.status <> 'PAID'), '') = %(bills_version)s
-     AND EXISTS (SELECT 1 FROM reconciled_days r
-                 WHERE r.bank_id = %(bank_id)s AND r.settlement_date = %(day)s::date) = %(closed_today)s::boolean
-     AND EXISTS (SELECT 1 FROM reconciled_days r
-                 WHERE r.bank_id = %(bank_id)s AND r.settlement_date = %(next_day)s::date) = %(closed_next)s::boolean
+                   FROM bills b WHERE b.account_no = $1 AND b.status <> 'PAID'), '') = $5
+     AND EXISTS (SELECT 1 FROM reconciled_days r WHERE r.bank_id = $2 AND r.settlement_date = $6::date) = $7
+     AND EXISTS (SELECT 1 FROM reconciled_days r WHERE r.bank_id = $2 AND r.settlement_date = $6::date + 1) = $8
      AS ok
 ), pay AS (
   INSERT INTO payments (bank_id, bank_serial, state, account_no, branch_code, amount_fen, channel, outlet_code,
                         teller_id, bank_balance_fen, settlement_date, posted_at, arrears_after_fen,
                         prepaid_after_fen, prepaid_added_fen, reversed_at, reversed_on, cancel_serial)
-  SELECT %(bank_id)s, %(serial)s, 'POSTED', %(account_no)s, %(branch_code)s, %(amount_fen)s::bigint, %(channel)s,
-         %(outlet_code)s, %(teller_id)s, %(bank_balance_fen)s::bigint, %(settlement)s::date,
-         %(now)s::timestamptz, %(arrears_after)s::bigint, %(prepaid_after)s::bigint, %(prepaid_delta)s::bigint,
-         NULL, NULL, NULL
+  SELECT $2, $3, 'POSTED', $1, $9, $10::bigint, $11, $12, $13, $14::bigint, $15::date, $16::timestamptz,
+         $17::bigint, $18::bigint, $19::bigint, NULL, NULL, NULL
   FROM guard WHERE guard.ok
   RETURNING payment_id
 ), alloc AS (
   INSERT INTO allocations (payment_id, bill_id, late_fee_fen, principal_fen)
   SELECT pay.payment_id, a.bill_id, a.fee, a.principal
-  FROM pay, unnest(%(a_bill)s::bigint[], %(a_fee)s::bigint[], %(a_principal)s::bigint[])
-       WITH ORDINALITY AS a(bill_id, fee, principal, n)
+  FROM pay, unnest($20::bigint[], $21::bigint[], $22::bigint[]) WITH ORDINALITY AS a(bill_id, fee, principal, n)
   ORDER BY a.n
 ), bill_update AS (
-  UPDATE bills b SET principal_paid_fen = u.principal_paid, late_fee_paid_fen = u.fee_paid,
-                     accrual_micro = u.micro, accrual_date = u.micro_date, status = u.new_status,
-                     paid_on = u.paid_on
-  FROM pay, unnest(%(u_bill)s::bigint[], %(u_principal)s::bigint[], %(u_fee)s::bigint[], %(u_micro)s::bigint[],
-                   %(u_micro_date)s::date[], %(u_status)s::text[], %(u_paid_on)s::date[])
-       AS u(bill_id, principal_paid, fee_paid, micro, micro_date, new_status, paid_on)
+  UPDATE bills b SET principal_paid_fen = b.principal_paid_fen + u.principal,
+                     late_fee_paid_fen = b.late_fee_paid_fen + u.fee,
+                     accrual_micro = u.micro, accrual_date = greatest(b.accrual_date, $6::date),
+                     status = u.new_status,
+                     paid_on = CASE WHEN u.new_status = 'PAID' THEN $6::date ELSE NULL END
+  FROM pay, unnest($20::bigint[], $21::bigint[], $22::bigint[], $23::bigint[], $24::text[])
+       AS u(bill_id, fee, principal, micro, new_status)
   WHERE b.bill_id = u.bill_id
 ), credit AS (
-  UPDATE customers c SET prepaid_fen = c.prepaid_fen + %(prepaid_delta)s::bigint
-  FROM pay WHERE c.account_no = %(account_no)s AND %(prepaid_delta)s::bigint <> 0
+  UPDATE customers c SET prepaid_fen = c.prepaid_fen + $19::bigint
+  FROM pay WHERE c.account_no = $1 AND $19::bigint <> 0
 ), ledger AS (
   INSERT INTO prepaid_ledger (account_no, reason, delta_fen, balance_after_fen, payment_id, bill_id, at)
-  SELECT %(account_no)s, 'PAYMENT', %(prepaid_delta)s::bigint, %(prepaid_after)s::bigint, pay.payment_id, NULL,
-         %(now)s::timestamptz
-  FROM pay WHERE %(prepaid_delta)s::bigint <> 0
+  SELECT $1, 'PAYMENT', $19::bigint, $18::bigint, pay.payment_id, NULL, $16::timestamptz
+  FROM pay WHERE $19::bigint <> 0
 ), journal AS (
   INSERT INTO journal (at, bank_id, rpc, serial, original_serial, account_no, amount_fen, outcome, payment_id)
-  SELECT %(now)s::timestamptz, %(bank_id)s, 'PAY', %(serial)s, '', %(account_no)s, %(amount_fen)s::bigint,
-         'POSTED', pay.payment_id
+  SELECT $16::timestamptz, $2, 'PAY', $3, '', $1, $10::bigint, 'POSTED', pay.payment_id
   FROM pay
 )
 SELECT payment_id FROM pay
 """
+
+
+class Customer(NamedTuple):
+    branch_code: str
+    tariff_class: str
+    status: str
+    prepaid_fen: int
+    c_version: str
+    closed_today: bool
+    closed_next: bool
+    taken_id: int | None
+    suspended: bool
+    suspended_reason: str | None
+
+
+class Bill(NamedTuple):
+    bill_id: int
+    period: str
+    amount_fen: int
+    prepaid_applied_fen: int
+    principal_paid_fen: int
+    late_fee_paid_fen: int
+    accrual_micro: int
+    accrual_date: dt.date
+    b_version: str
 
 
 @dataclass(frozen=True)
@@ -118,17 +140,33 @@ class PayRead:
     bills_version: str
 
 
+def _driver(conn: Connection) -> Any:
+    return conn.connection.driver_connection
+
+
+def _execute(conn: Connection, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """`sql` on the connection's psycopg connection, prepared; driver errors become
+    SQLAlchemy's (db_errors translates those; a broken connection is invalidated)."""
+    raw = _driver(conn)
+    try:
+        with psycopg.RawCursor(raw) as cur:
+            cur.execute(sql, params, prepare=True)
+            return cur.fetchall()  # both statements return rows; `description` would cost a Column per field
+    except psycopg.Error as exc:
+        if raw.closed or raw.broken:
+            conn.invalidate()
+        raise DBAPIError.instance(sql, params, exc, psycopg.Error,
+                                  connection_invalidated=conn.invalidated) from exc
+
+
 def read_for_pay(conn: Connection, *, account_no: str, bank_id: str, serial: str, day: dt.date,
                  day_key: int, wait_ms: int, idle_ms: int) -> PayRead:
-    rows = conn.exec_driver_sql(READ_FOR_PAY, {
-        "account_no": account_no, "bank_id": bank_id, "serial": serial, "day": day,
-        "next_day": day + dt.timedelta(days=1), "day_key": day_key, "wait_ms": str(wait_ms),
-        "idle_ms": str(idle_ms)}).all()
+    rows = _execute(conn, READ_FOR_PAY, (account_no, bank_id, serial, day, str(wait_ms), str(idle_ms), day_key))
     if not rows:
         return PayRead(None, (), "")
-    bills = tuple(r for r in rows if r.bill_id is not None)
-    version = ",".join(f"{r.bill_id}:{r.b_version}" for r in sorted(bills, key=lambda r: r.bill_id))
-    return PayRead(rows[0], bills, version)
+    bills = tuple(Bill._make(r[10:]) for r in rows if r[10] is not None)
+    version = ",".join(f"{b.bill_id}:{b.b_version}" for b in sorted(bills, key=lambda b: b.bill_id))
+    return PayRead(Customer._make(rows[0][:10]), bills, version)
 
 
 def write_pay(conn: Connection, seen: PayRead, effects: PaymentEffects, *, cmd: Any, day: dt.date,
@@ -136,20 +174,11 @@ def write_pay(conn: Connection, seen: PayRead, effects: PaymentEffects, *, cmd: 
     """The new payment's id, or None when the guard found the account changed since READ."""
     c = seen.customer
     allocs = effects.plan.allocations
-    ups: Sequence[Any] = effects.bill_updates
-    row = conn.exec_driver_sql(WRITE_PAY, {
-        "account_no": cmd.account_no, "bank_id": cmd.bank_id, "serial": cmd.bank_serial,
-        "c_version": c.c_version, "bills_version": seen.bills_version, "day": day,
-        "next_day": day + dt.timedelta(days=1), "closed_today": bool(c.closed_today),
-        "closed_next": bool(c.closed_next), "branch_code": c.branch_code, "amount_fen": cmd.amount_fen,
-        "channel": cmd.channel, "outlet_code": cmd.outlet_code, "teller_id": cmd.teller_id,
-        "bank_balance_fen": cmd.bank_balance_fen, "settlement": settlement, "now": now,
-        "arrears_after": effects.arrears_after_fen, "prepaid_after": effects.prepaid_after_fen,
-        "prepaid_delta": effects.plan.prepaid_fen,
-        "a_bill": [a.bill_id for a in allocs], "a_fee": [a.late_fee_fen for a in allocs],
-        "a_principal": [a.principal_fen for a in allocs],
-        "u_bill": [u.bill_id for u in ups], "u_principal": [u.principal_paid_fen for u in ups],
-        "u_fee": [u.late_fee_paid_fen for u in ups], "u_micro": [u.accrual_micro for u in ups],
-        "u_micro_date": [u.accrual_date for u in ups], "u_status": [u.status for u in ups],
-        "u_paid_on": [u.paid_on for u in ups]}).first()
-    return None if row is None else int(row.payment_id)
+    rows = _execute(conn, WRITE_PAY, (
+        cmd.account_no, cmd.bank_id, cmd.bank_serial, c.c_version, seen.bills_version, day,
+        bool(c.closed_today), bool(c.closed_next), c.branch_code, cmd.amount_fen, cmd.channel, cmd.outlet_code,
+        cmd.teller_id, cmd.bank_balance_fen, settlement, now, effects.arrears_after_fen, effects.prepaid_after_fen,
+        effects.plan.prepaid_fen, [a.bill_id for a in allocs], [a.late_fee_fen for a in allocs],
+        [a.principal_fen for a in allocs], [u.accrual_micro for u in effects.bill_updates],
+        [u.status for u in effects.bill_updates]))
+    return int(rows[0][0]) if rows else None

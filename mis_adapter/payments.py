@@ -123,6 +123,8 @@ class _Bounds(Protocol):
     def query_bills_max(self) -> int: ...
     @property
     def db_wait_max_s(self) -> float: ...
+    @property
+    def pay_portable_sql(self) -> bool: ...
 
 
 class Books(Protocol):
@@ -258,7 +260,7 @@ def _pay_tx(ctx: Books, engine: Engine, cmd: PayCommand, wait: WaitBound) -> tup
     day = business_date(ctx.clock)
     with engine.connect() as conn:
         conn.begin()
-        fast = conn.dialect.name == "postgresql"
+        fast = conn.dialect.name == "postgresql" and not ctx.settings.pay_portable_sql
         if not fast:
             bound_waits(conn, wait)
         for _attempt in range(PAY_READ_ATTEMPTS_MAX):

@@ -25,6 +25,8 @@ class AdapterSettings(ServerSettings):
                                                                     "UNAVAILABLE")
     db_wait_max_s: float = Field(10.0, gt=0, le=3_600, description="longest database wait (lock, statement) of "
                                                                  "a call without a shorter deadline")
+    pay_portable_sql: bool = Field(False, description="Pay with the portable statements on PostgreSQL too "
+                                                       "(comparison and diagnosis; slower)")
     bank_concurrency_max: int = Field(64, ge=1, le=100_000, description="money-moving calls in progress per bank")
     bank_status_ttl_s: float = Field(1.0, ge=0, le=3_600, description="how long a bank's suspended flag is cached")
     query_bills_max: int = Field(120, ge=1, le=10_000,

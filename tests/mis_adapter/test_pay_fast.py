@@ -1,0 +1,130 @@
+"""Pay's PostgreSQL fast path (mis_adapter/pay_pg.py) against the rules it
+must keep: the bank-day ordering reconciliation relies on, and the rows the
+portable path (the Python rule, written statement by statement) writes."""
+from __future__ import annotations
+
+import datetime as dt
+import random
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from mis_adapter import payments
+from mis_adapter.banks import lock_bank_day
+from mis_adapter.context import AdapterContext
+from mis_adapter.db.core import AllocationRow, BillRow, Customer, Payment, PrepaidEntry
+from mis_adapter.db.recon import ReconciledDay
+from mis_adapter.payments import PayCommand
+from mis_adapter.settings import AdapterSettings
+from tests.support.databases import fresh_database
+from tests.support.mis_data import NOON, TODAY, BillSpec, RunningAdapter, add_account, running_adapter
+from yindian.v1 import billing_pb2 as pb
+from yindian_common.clock import ManualClock
+
+D = dt.date
+BILLS = [BillSpec("202608", 10_000, D(2026, 9, 25)), BillSpec("202609", 20_000, D(2026, 10, 25)),
+         BillSpec("202610", 15_000, D(2026, 11, 25))]
+
+
+@pytest.fixture
+def pg_adapter(tmp_path: Path) -> Iterator[RunningAdapter]:
+    with fresh_database("postgresql", tmp_path) as url, running_adapter(url) as a:
+        yield a
+
+
+def wait_until_a_lock_wait(engine: sa.Engine) -> None:
+    with engine.connect() as watch:
+        for _ in range(600):
+            n = watch.execute(sa.text("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                      "AND wait_event_type = 'Lock'")).scalar_one()
+            if n:
+                return
+            watch.rollback()
+            threading.Event().wait(0.05)
+    raise AssertionError("the pay never waited for the reconciliation")
+
+
+def test_a_pay_waiting_for_a_day_close_settles_tomorrow(pg_adapter: RunningAdapter) -> None:
+    """The pay's read statement starts before the close commits (its snapshot says the day is
+    open); it must still see the close, because the write's guard re-reads after the lock."""
+    a = pg_adapter
+    acct = add_account(a.engine, "01", 1, BILLS)
+    recon = a.engine.connect()
+    tx = recon.begin()
+    lock_bank_day(recon, "ICBC", exclusive=True)
+    recon.execute(sa.insert(ReconciledDay.__table__).values(bank_id="ICBC", settlement_date=TODAY,
+                                                           reconciled_at=NOON, summary_json="{}"))
+    answers: list[pb.PayResponse] = []
+    t = threading.Thread(target=lambda: answers.append(a.stub.Pay(pb.PayRequest(
+        bank_serial="RACE-1", account_no=acct, amount_fen=5_000, outlet_code="O", teller_id="T",
+        channel=pb.CHANNEL_COUNTER), metadata=a.md(), timeout=30)))
+    t.start()
+    wait_until_a_lock_wait(a.engine)
+    tx.commit()
+    recon.close()
+    t.join(timeout=30)
+    (r,) = answers
+    assert r.settlement_date == "2026-11-29"
+    with a.engine.connect() as conn:
+        p = Payment.__table__
+        assert conn.execute(sa.select(p.c.settlement_date).where(p.c.bank_serial == "RACE-1")).scalar_one() == \
+            D(2026, 11, 29)
+
+
+def _state(engine: sa.Engine, acct: str) -> tuple[object, ...]:
+    b, al, c, pl, p = (BillRow.__table__, AllocationRow.__table__, Customer.__table__, PrepaidEntry.__table__,
+                       Payment.__table__)
+    with engine.connect() as conn:
+        bills = conn.execute(sa.select(b.c.period, b.c.principal_paid_fen, b.c.late_fee_paid_fen, b.c.accrual_micro,
+                                       b.c.accrual_date, b.c.status, b.c.paid_on)
+                             .where(b.c.account_no == acct).order_by(b.c.period)).all()
+        allocs = conn.execute(sa.select(b.c.period, al.c.late_fee_fen, al.c.principal_fen)
+                              .join(p, p.c.payment_id == al.c.payment_id).join(b, b.c.bill_id == al.c.bill_id)
+                              .where(p.c.account_no == acct).order_by(al.c.allocation_id)).all()
+        prepaid = conn.execute(sa.select(c.c.prepaid_fen).where(c.c.account_no == acct)).scalar_one()
+        ledger = conn.execute(sa.select(pl.c.delta_fen, pl.c.balance_after_fen).where(pl.c.account_no == acct)
+                              .order_by(pl.c.entry_id)).all()
+        pays = conn.execute(sa.select(p.c.arrears_after_fen, p.c.prepaid_after_fen,
+                                      p.c.prepaid_added_fen, p.c.settlement_date)
+                            .where(p.c.account_no == acct).order_by(p.c.payment_id)).all()
+    return tuple(map(tuple, bills)), tuple(map(tuple, allocs)), prepaid, tuple(map(tuple, ledger)), \
+        tuple(map(tuple, pays))
+
+
+def test_fast_path_writes_exactly_what_the_portable_rule_writes(tmp_path: Path) -> None:
+    """Random payments over random days on twin accounts: the fast statement (SQL computes paid
+    amounts, accrual date and paid-on) leaves every row as the portable path does."""
+    rng = random.Random(11)
+    with fresh_database("postgresql", tmp_path) as url:
+        clock = ManualClock(NOON - dt.timedelta(days=60))
+        ctxs = {}
+        for portable in (False, True):
+            ctxs[portable] = AdapterContext.build(AdapterSettings(db=url, insecure=True, pay_portable_sql=portable),
+                                                  clock)
+        try:
+            from mis_adapter.migrate import upgrade
+            from tests.support.mis_data import add_bank
+            upgrade(ctxs[False].router.primary)
+            add_bank(ctxs[False].router.primary, "ICBC")
+            engine = ctxs[False].router.primary
+            for case in range(6):
+                specs = [BillSpec(f"2026{m:02d}", rng.randrange(1, 30_000), D(2026, m + 1, 20))
+                         for m in range(5, 5 + rng.randrange(0, 5))]
+                kind = rng.choice(["RESIDENTIAL", "COMMERCIAL"])
+                prepaid = rng.choice([0, 0, 500])
+                twins = {p: add_account(engine, "01", case * 2 + p + 1, specs, tariff_class=kind,
+                                        prepaid_fen=prepaid) for p in (False, True)}
+                clock.set(NOON - dt.timedelta(days=60))
+                for k in range(rng.randrange(1, 8)):
+                    clock.set(clock.now() + dt.timedelta(days=rng.randrange(0, 20)))
+                    amount = rng.choice([1, 99, 100, 1_234, 10_000, 25_000, 60_000])
+                    for portable, acct in twins.items():
+                        payments.pay(ctxs[portable], PayCommand("ICBC", f"S{case}-{k}-{int(portable)}", acct, amount, "O", "T"))
+                fast_state, portable_state = _state(engine, twins[False]), _state(engine, twins[True])
+                assert fast_state == portable_state, case
+        finally:
+            for c in ctxs.values():
+                c.close()
