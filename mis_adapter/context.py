@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mis_adapter.banks import BankRegistry
+from mis_adapter.db_shares import ConnectionShares
 from mis_adapter.late_fee import LateFeeRates
 from mis_adapter.routing import BranchRouter
 from mis_adapter.settings import AdapterSettings
@@ -24,6 +25,7 @@ class AdapterContext:
     router: BranchRouter
     rates: LateFeeRates
     banks: BankRegistry
+    shares: ConnectionShares
     # The bill feed's per-process hub: set by `serve` when it builds the
     # context (None with branch databases, where the feed is refused, and in
     # tests that build a context without serving the feed).
@@ -47,4 +49,6 @@ class AdapterContext:
                                          wait_max_s=settings.db_wait_max_s)
         banks = BankRegistry(router.primary, ttl_s=settings.bank_status_ttl_s,
                              concurrency_max=settings.bank_concurrency_max)
-        return cls(settings, clock, router, settings.late_fee_rates(), banks)
+        shares = ConnectionShares(pool_size=settings.db_pool_size, streams_max=settings.db_stream_connections_max,
+                                  bank_max=settings.db_bank_connections_max, wait_s=settings.db_pool_timeout_s)
+        return cls(settings, clock, router, settings.late_fee_rates(), banks, shares)

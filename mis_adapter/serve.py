@@ -6,6 +6,7 @@ import logging
 
 from mis_adapter import metrics_collector
 from mis_adapter.context import AdapterContext
+from mis_adapter.db_health import DatabaseWatch
 from mis_adapter.feed import FeedSettings
 from mis_adapter.feed_service import FeedHub
 from mis_adapter.migrate import upgrade
@@ -44,6 +45,9 @@ def build_server(settings: AdapterSettings, clock: Clock | None = None) -> tuple
                        BillingServicer(ctx))
     server.add_service("yindian.v1.ReportService", report_pb2_grpc.add_ReportServiceServicer_to_server,
                        ReportServicer(ctx))
+    watch = DatabaseWatch(ctx.router.engines(), server.set_serving, settings.db_health_interval_s)
+    watch.start()
+    server.on_drain(watch.stop)
     server.on_drain(ctx.close)
     return server, ctx
 

@@ -25,6 +25,13 @@ class AdapterSettings(ServerSettings):
                                                                     "UNAVAILABLE")
     db_wait_max_s: float = Field(10.0, gt=0, le=3_600, description="longest database wait (lock, statement) of "
                                                                  "a call without a shorter deadline")
+    db_stream_connections_max: int = Field(0, ge=0, le=1_024, description="database connections streams "
+                                                                       "(Reconcile) may hold at once; 0: a quarter "
+                                                                       "of the pool")
+    db_bank_connections_max: int = Field(0, ge=0, le=1_024, description="database connections one bank's calls "
+                                                                     "and streams may hold; 0: half the pool")
+    db_health_interval_s: float = Field(2.0, gt=0, le=3_600, description="how often health probes the database "
+                                                                         "(NOT_SERVING while unreachable)")
     pay_portable_sql: bool = Field(False, description="Pay with the portable statements on PostgreSQL too "
                                                        "(comparison and diagnosis; slower)")
     bank_concurrency_max: int = Field(64, ge=1, le=100_000, description="money-moving calls in progress per bank")

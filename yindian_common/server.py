@@ -154,6 +154,16 @@ class GrpcServer:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
 
+    def set_serving(self, serving: bool) -> None:
+        """Every service's health (NOT_SERVING e.g. while the database is unreachable);
+        ignored once the drain has begun."""
+        if self._stopping.is_set():
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self._service_names:
+            self.health.set(name, status)
+        self.health.set("", status)
+
     def stop(self) -> None:
         """Stage one: NOT_SERVING, refuse new calls, drain in-flight ones."""
         if self._stopping.is_set():
