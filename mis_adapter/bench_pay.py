@@ -31,6 +31,7 @@ from mis_adapter.settings import AdapterSettings
 from yindian_common.clock import ManualClock
 from yindian_common.db import create_database, drop_database
 from yindian_common.fields import make_account_no
+from yindian_common.settings import load_settings
 
 NOON = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.timezone(dt.timedelta(hours=8)))
 BILL_FEN = 100_000
@@ -76,7 +77,9 @@ class Variant:
 
 
 def make_variant(name: str, url: str, portable: bool) -> Variant:
-    settings = AdapterSettings(db=url, db_pool_size=1, pay_portable_sql=portable, insecure=True)
+    # db_pool_size 2: the shares must stay below the pool; one connection serves the loop
+    settings = load_settings(AdapterSettings, {"db": url, "db_pool_size": 2, "pay_portable_sql": portable,
+                                               "insecure": True})
     ctx = AdapterContext.build(settings, ManualClock(NOON))
     pid = None
     if ctx.router.primary.dialect.name == "postgresql":

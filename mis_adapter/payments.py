@@ -440,10 +440,11 @@ def _get_payment(ctx: Books, bank_id: str, bank_serial: str) -> PaymentStatus:
 
 
 # ---- Cancel (冲正) ----
-def cancel(ctx: Books, cmd: CancelCommand) -> CancelResult:
+def cancel(ctx: Books, cmd: CancelCommand, *, time_left_s: float | None = None) -> CancelResult:
+    wait = db_wait_bound(ctx.settings, time_left_s)
     for _attempt in range(ctx.settings.cancel_race_retries):
         try:
-            result, fresh = _db_call(_cancel_once, ctx, cmd)
+            result, fresh = _db_call(_cancel_once, ctx, cmd, wait)
             if fresh:
                 business_metrics.record_cancel(cmd.bank_id, result.outcome, cmd.amount_fen)
             return result
@@ -467,7 +468,7 @@ def _answer_cancel_replay(row: Any, cmd: CancelCommand) -> CancelResult:
     return CancelResult(row.outcome, row.settlement_date, row.cancel_serial, row.original_serial)
 
 
-def _cancel_once(ctx: Books, cmd: CancelCommand) -> tuple[CancelResult, bool]:
+def _cancel_once(ctx: Books, cmd: CancelCommand, wait: WaitBound) -> tuple[CancelResult, bool]:
     """(result, True) when this call applied the cancel, (stored result, False) for a replay."""
     previous = _find_cancel(ctx, cmd)
     if previous is not None:
@@ -476,14 +477,17 @@ def _cancel_once(ctx: Books, cmd: CancelCommand) -> tuple[CancelResult, bool]:
         with engine.connect().execution_options(read_only=True) as conn, conn.begin():
             p = conn.execute(_PAYMENT_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.original_serial}).first()
         if p is not None:
-            return _reverse(ctx, engine, p, cmd)
-    return _tombstone(ctx, cmd), True
+            return _reverse(ctx, engine, p, cmd, wait)
+    return _tombstone(ctx, cmd, wait), True
 
 
-def _reverse(ctx: Books, engine: Engine, found: Any, cmd: CancelCommand) -> tuple[CancelResult, bool]:
+def _reverse(ctx: Books, engine: Engine, found: Any, cmd: CancelCommand, wait: WaitBound
+             ) -> tuple[CancelResult, bool]:
     now = utc_now(ctx.clock)
     day = business_date(ctx.clock)
-    with engine.begin() as conn:
+    with engine.connect() as conn:
+        conn.begin()
+        bound_waits(conn, wait)
         lock_bank_day(conn, cmd.bank_id)
         if found.account_no:
             conn.execute(_LOCK_CUSTOMER, {"account_no": found.account_no}).first()
@@ -511,6 +515,7 @@ def _reverse(ctx: Books, engine: Engine, found: Any, cmd: CancelCommand) -> tupl
                                        "serial": cmd.cancel_serial, "original_serial": cmd.original_serial,
                                        "account_no": p.account_no or "", "amount_fen": cmd.amount_fen,
                                        "outcome": outcome, "payment_id": p.payment_id})
+        commit_or_doubt(conn)
     return CancelResult(outcome, day, cmd.cancel_serial, cmd.original_serial), True
 
 
@@ -553,14 +558,16 @@ def _undo_payment(conn: Connection, p: Any, now: dt.datetime, day: dt.date, canc
         raise Precondition(f"payment {p.bank_serial} is no longer posted", reason="NOT_POSTED")
 
 
-def _tombstone(ctx: Books, cmd: CancelCommand) -> CancelResult:
+def _tombstone(ctx: Books, cmd: CancelCommand, wait: WaitBound) -> CancelResult:
     """The original is unknown everywhere: leave a tombstone in every branch
     database so that a late Pay with that serial is refused. A Pay committing
     meanwhile makes the insert fail (unique key) and the cancel starts over."""
     now = utc_now(ctx.clock)
     day = business_date(ctx.clock)
     for i, engine in enumerate(ctx.router.engines()):
-        with engine.begin() as conn:
+        with engine.connect() as conn:
+            conn.begin()
+            bound_waits(conn, wait)
             conn.execute(_INSERT_PAYMENT, {
                 "bank_id": cmd.bank_id, "bank_serial": cmd.original_serial, "state": TOMBSTONE,
                 "account_no": None, "branch_code": "", "amount_fen": cmd.amount_fen, "channel": "",
@@ -576,6 +583,7 @@ def _tombstone(ctx: Books, cmd: CancelCommand) -> CancelResult:
                                                "serial": cmd.cancel_serial, "original_serial": cmd.original_serial,
                                                "account_no": "", "amount_fen": cmd.amount_fen,
                                                "outcome": "ORIGINAL_NOT_FOUND", "payment_id": None})
+            commit_or_doubt(conn)
     return CancelResult("ORIGINAL_NOT_FOUND", day, cmd.cancel_serial, cmd.original_serial)
 
 

@@ -116,7 +116,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
 
     def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelResponse:
         def work(bank_id: str) -> pb.CancelResponse:
-            r = payments.cancel(self.ctx, cancel_command(bank_id, request))
+            r = payments.cancel(self.ctx, cancel_command(bank_id, request), time_left_s=context.time_remaining())
             log.debug("event=cancel bank=%s serial=%s original=%s outcome=%s", bank_id, request.cancel_serial,
                      request.original_serial, r.outcome)
             return pb.CancelResponse(outcome=CANCEL_OUTCOME[r.outcome], settlement_date=r.settlement_date.isoformat(),

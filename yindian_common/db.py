@@ -30,7 +30,7 @@ POOL_RECYCLE_S = 1_800
 DB_WAIT_MAX_S = 10.0
 DB_IDLE_IN_TX_MAX_S = 120.0
 # Time kept back from a call's deadline for the answer to travel back.
-DEADLINE_MARGIN_S = 0.05
+DEADLINE_MARGIN_S = 0.1
 # A transaction may sit idle between its statements this much longer than it may wait.
 IDLE_SLACK_MS = 1_000
 # Session-level bounds (SQLite, MariaDB) change only in steps of this, so that a run of
@@ -80,8 +80,9 @@ def bound_waits(conn: Connection, bound: WaitBound) -> None:
     info = conn.connection.info
     if info.get("wait_ms") == ms:
         return
-    if dialect == "sqlite":
-        conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(ms)}")
+    if dialect == "sqlite":  # on the driver: through SQLAlchemy it would first send BEGIN IMMEDIATE, and wait
+        driver: Any = conn.connection.driver_connection
+        driver.execute(f"PRAGMA busy_timeout = {int(ms)}")
     else:
         conn.exec_driver_sql(f"SET SESSION innodb_lock_wait_timeout = {max(1, math.ceil(ms / 1000))}, "
                              f"max_statement_time = {ms / 1000:.3f}")

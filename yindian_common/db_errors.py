@@ -84,7 +84,9 @@ def _timed_out(exc: BaseException) -> bool:
     if state in _TIMEOUT_SQLSTATES:
         return True
     args = getattr(orig, "args", ())
-    return bool(args) and args[0] in _TIMEOUT_MYSQL_ERRNOS
+    if args and args[0] in _TIMEOUT_MYSQL_ERRNOS:
+        return True
+    return "database is locked" in str(orig)  # SQLite: the busy timeout ran out
 
 
 def translated(exc: BaseException, what: str = "branch database") -> Unavailable:

@@ -4,9 +4,10 @@ unavailable, terminated backends never make a call answer UNKNOWN, and a
 row lock held elsewhere never holds a call past its deadline."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +79,8 @@ def kill_all_backends(engine: sa.Engine) -> int:
             ids = [r[0] for r in conn.execute(sa.text(
                 "SELECT id FROM information_schema.processlist WHERE db = DATABASE() AND id <> CONNECTION_ID()"))]
             for i in ids:
-                try:
+                with contextlib.suppress(sa.exc.DBAPIError):  # ended meanwhile
                     conn.exec_driver_sql(f"KILL {int(i)}")
-                except sa.exc.DBAPIError:
-                    pass  # ended meanwhile
             return len(ids)
     finally:
         killer.dispose()
@@ -141,17 +140,18 @@ def test_terminated_backends_give_only_defined_statuses(server_adapter: RunningA
     stop = threading.Event()
     lock = threading.Lock()
 
+    def calls(k: int, n: int) -> list[Callable[[], object]]:
+        acct = accts[k % len(accts)]
+        return [lambda: a.stub.Pay(pay_req(f"L{k}-{n}", acct, 100), metadata=a.md(), timeout=10),
+                lambda: a.stub.QueryAccount(pb.QueryAccountRequest(account_no=acct), metadata=a.md(), timeout=10),
+                lambda: a.stub.GetPayment(pb.GetPaymentRequest(bank_serial=f"L{k}-{n}"), metadata=a.md(),
+                                          timeout=10)]
+
     def client(k: int) -> None:
         n = 0
         while not stop.is_set():
             n += 1
-            acct = accts[k % len(accts)]
-            calls = [lambda: a.stub.Pay(pay_req(f"L{k}-{n}", acct, 100), metadata=a.md(), timeout=10),
-                     lambda: a.stub.QueryAccount(pb.QueryAccountRequest(account_no=acct), metadata=a.md(),
-                                                 timeout=10),
-                     lambda: a.stub.GetPayment(pb.GetPaymentRequest(bank_serial=f"L{k}-{n}"), metadata=a.md(),
-                                               timeout=10)]
-            for call in calls:
+            for call in calls(k, n):
                 try:
                     call()
                     code = grpc.StatusCode.OK
@@ -164,7 +164,7 @@ def test_terminated_backends_give_only_defined_statuses(server_adapter: RunningA
     for t in threads:
         t.start()
     try:
-        for _ in range(3):
+        for _ in range(5):
             deadline = time.monotonic() + 10
             with lock:
                 target = seen.get(grpc.StatusCode.OK, 0) + 20
@@ -187,3 +187,37 @@ def test_terminated_backends_give_only_defined_statuses(server_adapter: RunningA
         t, j = Customer.__table__, JournalEntry.__table__
         assert conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one() == 4
         assert conn.execute(sa.select(sa.func.count()).select_from(j)).scalar_one() == payment_rows(a)
+
+
+# ---- item 4: a row lock held elsewhere never holds a call past its deadline ----
+@pytest.mark.timeout(120)
+def test_a_held_lock_ends_the_pay_within_its_deadline(db_url: str) -> None:
+    with running_adapter(db_url) as a:
+        acct = add_account(a.engine, "01", 1, BILLS)
+        holder = a.engine.connect()
+        tx = holder.begin()
+        if a.engine.dialect.name == "sqlite":  # one writer: the held write lock is the "row lock"
+            holder.exec_driver_sql("UPDATE customers SET prepaid_fen = prepaid_fen WHERE account_no = ?", (acct,))
+        else:
+            holder.execute(sa.select(Customer.__table__.c.account_no)
+                           .where(Customer.__table__.c.account_no == acct).with_for_update())
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(grpc.RpcError) as exc:
+                a.stub.Pay(pay_req("LOCKED", acct, 5_000), metadata=a.md(), timeout=2)
+            elapsed = time.monotonic() - t0
+        finally:
+            tx.rollback()
+            holder.close()
+        assert elapsed < 2.5
+        assert exc.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        if exc.value.code() == grpc.StatusCode.UNAVAILABLE:
+            assert error_info(exc.value).reason == "DB_TIMEOUT"
+        assert payment_rows(a) == 0
+        if a.engine.dialect.name == "postgresql":  # the server stopped waiting too
+            with a.engine.connect() as conn:
+                assert conn.execute(sa.text("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = "
+                                            "current_database() AND wait_event_type = 'Lock'")).scalar_one() == 0
+        # once the lock is gone, the same serial is paid
+        r = a.stub.Pay(pay_req("LOCKED", acct, 5_000), metadata=a.md(), timeout=5)
+        assert r.amount_fen == 5_000 and payment_rows(a) == 1

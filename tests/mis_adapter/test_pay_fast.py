@@ -23,6 +23,7 @@ from tests.support.databases import fresh_database
 from tests.support.mis_data import NOON, TODAY, BillSpec, RunningAdapter, add_account, running_adapter
 from yindian.v1 import billing_pb2 as pb
 from yindian_common.clock import ManualClock
+from yindian_common.settings import load_settings
 
 D = dt.date
 BILLS = [BillSpec("202608", 10_000, D(2026, 9, 25)), BillSpec("202609", 20_000, D(2026, 10, 25)),
@@ -102,8 +103,8 @@ def test_fast_path_writes_exactly_what_the_portable_rule_writes(tmp_path: Path) 
         clock = ManualClock(NOON - dt.timedelta(days=60))
         ctxs = {}
         for portable in (False, True):
-            ctxs[portable] = AdapterContext.build(AdapterSettings(db=url, insecure=True, pay_portable_sql=portable),
-                                                  clock)
+            ctxs[portable] = AdapterContext.build(
+                load_settings(AdapterSettings, {"db": url, "insecure": True, "pay_portable_sql": portable}), clock)
         try:
             from mis_adapter.migrate import upgrade
             from tests.support.mis_data import add_bank
