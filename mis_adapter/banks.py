@@ -18,6 +18,7 @@ from mis_adapter.allocation import settlement_date
 from mis_adapter.db.base import table_of
 from mis_adapter.db.core import Bank
 from mis_adapter.db.recon import ReconciledDay
+from yindian_common.db_errors import db_errors
 from yindian_common.errors import BankSuspended, Exhausted, Forbidden
 
 T_BANKS = table_of(Bank)
@@ -40,7 +41,9 @@ class BankRegistry:
             hit = self._cache.get(bank_id)
         if hit and now - hit[0] < self._ttl_s:
             return hit[1], hit[2]
-        with self._engine.connect() as conn:
+        # Translated here, not only at the edge: a terminated backend answers UNAVAILABLE wherever
+        # the status is read (issue 9 item 6).
+        with db_errors("MIS database"), self._engine.connect() as conn:
             row = conn.execute(_SELECT_BANK, {"bank_id": bank_id}).first()
         if row is None:
             return None

@@ -221,3 +221,15 @@ def test_a_held_lock_ends_the_pay_within_its_deadline(db_url: str) -> None:
         # once the lock is gone, the same serial is paid
         r = a.stub.Pay(pay_req("LOCKED", acct, 5_000), metadata=a.md(), timeout=5)
         assert r.amount_fen == 5_000 and payment_rows(a) == 1
+
+
+def test_the_bank_status_read_is_translated_where_it_happens(pg_adapter: RunningAdapter) -> None:
+    """Called outside any status guard, a status read on a terminated backend is UNAVAILABLE."""
+    from yindian_common.errors import Unavailable
+    a = pg_adapter
+    a.ctx.banks.ensure_known("ICBC")  # the pool is warm
+    kill_all_backends(a.engine)
+    with pytest.raises(Unavailable) as exc:
+        a.ctx.banks.ensure_known("ABC")
+    assert exc.value.reason == "DB_UNAVAILABLE"
+    a.ctx.banks.ensure_known("ABC")  # and the next read reconnects
