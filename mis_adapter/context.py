@@ -50,5 +50,5 @@ class AdapterContext:
         banks = BankRegistry(router.primary, ttl_s=settings.bank_status_ttl_s,
                              concurrency_max=settings.bank_concurrency_max)
         shares = ConnectionShares(pool_size=settings.db_pool_size, streams_max=settings.db_stream_connections_max,
-                                  bank_max=settings.db_bank_connections_max, wait_s=settings.db_pool_timeout_s)
+                                  bank_streams_max=settings.db_bank_stream_connections_max)
         return cls(settings, clock, router, settings.late_fee_rates(), banks, shares)

@@ -95,7 +95,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         with guard(context, rpc):
             bank_id = self._bank(context)
             self.ctx.banks.ensure_active(bank_id)
-            with self.ctx.banks.slot(bank_id), self.ctx.shares.call(bank_id, context.time_remaining()):
+            with self.ctx.banks.slot(bank_id):
                 return work(bank_id)
 
     def QueryAccount(self, request: pb.QueryAccountRequest, context: grpc.ServicerContext) -> pb.QueryAccountResponse:
@@ -103,8 +103,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             bank_id = self._bank(context)
             self.ctx.banks.ensure_known(bank_id)
             fields.account_no(request.account_no)
-            with self.ctx.shares.call(bank_id, context.time_remaining()):
-                return account_response(payments.query_account(self.ctx, request.account_no))
+            return account_response(payments.query_account(self.ctx, request.account_no))
 
     def Pay(self, request: pb.PayRequest, context: grpc.ServicerContext) -> pb.PayResponse:
         def work(bank_id: str) -> pb.PayResponse:
@@ -128,8 +127,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             bank_id = self._bank(context)
             self.ctx.banks.ensure_known(bank_id)
             fields.serial(request.bank_serial, "bank_serial")
-            with self.ctx.shares.call(bank_id, context.time_remaining()):
-                st = payments.get_payment(self.ctx, bank_id, request.bank_serial)
+            st = payments.get_payment(self.ctx, bank_id, request.bank_serial)
             resp = pb.GetPaymentResponse(state=PAYMENT_STATE[st.state])
             if st.payment is not None:
                 resp.payment.CopyFrom(pay_response(st.payment))

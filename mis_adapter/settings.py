@@ -28,8 +28,9 @@ class AdapterSettings(ServerSettings):
     db_stream_connections_max: int = Field(0, ge=0, le=1_024, description="database connections streams "
                                                                        "(Reconcile) may hold at once; 0: a quarter "
                                                                        "of the pool")
-    db_bank_connections_max: int = Field(0, ge=0, le=1_024, description="database connections one bank's calls "
-                                                                     "and streams may hold; 0: half the pool")
+    db_bank_stream_connections_max: int = Field(0, ge=0, le=1_024, description="database connections one bank's "
+                                                                            "streams may hold; 0: half the streams' "
+                                                                            "share")
     db_health_interval_s: float = Field(2.0, gt=0, le=3_600, description="how often health probes the database "
                                                                          "(NOT_SERVING while unreachable)")
     pay_portable_sql: bool = Field(False, description="Pay with the portable statements on PostgreSQL too "
