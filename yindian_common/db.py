@@ -78,15 +78,54 @@ def bound_waits(conn: Connection, bound: WaitBound) -> None:
         return
     ms = _stepped(bound.wait_ms)
     info = conn.connection.info
-    if info.get("wait_ms") == ms:
+    default_ms = info.get("wait_default_ms")
+    if default_ms is not None:
+        ms = min(ms, default_ms)
+    if info.get("wait_ms", default_ms) == ms:
         return
-    if dialect == "sqlite":  # on the driver: through SQLAlchemy it would first send BEGIN IMMEDIATE, and wait
-        driver: Any = conn.connection.driver_connection
-        driver.execute(f"PRAGMA busy_timeout = {int(ms)}")
-    else:
-        conn.exec_driver_sql(f"SET SESSION innodb_lock_wait_timeout = {max(1, math.ceil(ms / 1000))}, "
-                             f"max_statement_time = {ms / 1000:.3f}")
+    # On the driver: through SQLAlchemy, SQLite would first send BEGIN IMMEDIATE (and wait).
+    _set_session_wait(conn.connection.driver_connection, dialect, ms, default_ms)
     info["wait_ms"] = ms
+
+
+def _set_session_wait(driver: Any, dialect: str, ms: int | None, default_ms: int | None) -> None:
+    """Bounds the session's lock waits (MariaDB: and statements) to `ms`; `ms == default_ms` puts
+    the engine's defaults back (MariaDB: no statement bound)."""
+    if dialect == "sqlite":
+        driver.execute(f"PRAGMA busy_timeout = {int(ms if ms is not None else SQLITE_BUSY_TIMEOUT_MS)}")
+        return
+    if ms is None or ms == default_ms:
+        lock_s = "DEFAULT" if default_ms is None else str(max(1, math.ceil(default_ms / 1000)))
+        sql = f"SET SESSION innodb_lock_wait_timeout = {lock_s}, max_statement_time = DEFAULT"
+    else:
+        sql = (f"SET SESSION innodb_lock_wait_timeout = {max(1, math.ceil(ms / 1000))}, "
+               f"max_statement_time = {ms / 1000:.3f}")
+    cur = driver.cursor()
+    try:
+        cur.execute(sql)
+    finally:
+        cur.close()
+
+
+def _session_wait_defaults(engine: Engine, default_ms: int | None) -> None:
+    """Every connection starts at the engine's default bound, and a connection tightened by
+    `bound_waits` goes back to the pool with it, so that its next user (a reconciliation, a
+    report) is not bound by an old call's deadline."""
+    dialect = engine.dialect.name
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(_dbapi_conn: Any, record: Any) -> None:
+        record.info["wait_default_ms"] = default_ms
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(dbapi_conn: Any, record: Any) -> None:
+        if dbapi_conn is None or record.info.get("wait_ms", default_ms) == default_ms:
+            return
+        try:
+            _set_session_wait(dbapi_conn, dialect, default_ms, default_ms)
+            record.info["wait_ms"] = default_ms
+        except engine.dialect.loaded_dbapi.Error:
+            record.invalidate()  # a connection we cannot reset is not reused
 
 
 _PG_BOUND = ("SELECT set_config('lock_timeout', %(wait_ms)s, true), "
@@ -126,6 +165,7 @@ def make_engine(url: str, *, pool_size: int = 16, pool_overflow: int = 0,
         kwargs["poolclass"] = sa.pool.QueuePool
         engine = sa.create_engine(url, **kwargs)
         _configure_sqlite(engine, sqlite_synchronous, int(busy_s * 1000))
+        _session_wait_defaults(engine, int(busy_s * 1000))
         return engine
     # No pre-ping: it costs a round trip per transaction on the hot path. A
     # connection the server dropped fails its statement (UNAVAILABLE, safe to
@@ -141,7 +181,10 @@ def make_engine(url: str, *, pool_size: int = 16, pool_overflow: int = 0,
     elif wait_max_s is not None:  # PostgreSQL: session defaults in the startup packet, no round trip
         kwargs["connect_args"] = {"options": f"-c lock_timeout={int(wait_max_s * 1000)} "
                                              f"-c idle_in_transaction_session_timeout={int(idle_in_tx_max_s * 1000)}"}
-    return sa.create_engine(url, **kwargs)
+    engine = sa.create_engine(url, **kwargs)
+    if url.startswith("mysql"):
+        _session_wait_defaults(engine, None if wait_max_s is None else int(wait_max_s * 1000))
+    return engine
 
 
 def _configure_sqlite(engine: Engine, synchronous: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> None:
