@@ -100,8 +100,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
 
     def QueryAccount(self, request: pb.QueryAccountRequest, context: grpc.ServicerContext) -> pb.QueryAccountResponse:
         with guard(context, "QueryAccount"):
-            bank_id = self._bank(context)
-            self.ctx.banks.ensure_known(bank_id)
+            self.ctx.banks.ensure_known(self._bank(context))
             fields.account_no(request.account_no)
             return account_response(payments.query_account(self.ctx, request.account_no))
 
