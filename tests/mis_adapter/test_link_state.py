@@ -1,0 +1,86 @@
+"""Sign-on / sign-off (签到/签退) on real databases, and the settlement-date
+rule they feed: after a sign-off today's payments settle tomorrow."""
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from mis_adapter import link_state as ls
+from mis_adapter.db.core import JournalEntry
+from mis_adapter.db.recon import ReconciledDay
+from mis_adapter.migrate import upgrade
+from tests.support.mis_data import NOON, TODAY, add_bank, row_counts
+from yindian_common.db import make_engine
+from yindian_common.errors import DayClosed, Forbidden, InvalidField
+
+ONE = dt.timedelta(days=1)
+
+
+def test_settlement_date_rule() -> None:
+    assert ls.settlement_date(TODAY, signed_off=False, closed=()) == TODAY
+    assert ls.settlement_date(TODAY, signed_off=True, closed=()) == TODAY + ONE
+    assert ls.settlement_date(TODAY, signed_off=False, closed={TODAY}) == TODAY + ONE
+    with pytest.raises(DayClosed):
+        ls.settlement_date(TODAY, signed_off=True, closed={TODAY + ONE})
+    assert ls.signed_off_for(ls.SIGNED_OFF, TODAY, TODAY)
+    assert not ls.signed_off_for(ls.SIGNED_OFF, TODAY - ONE, TODAY)   # yesterday's sign-off: today is open
+    assert not ls.signed_off_for(ls.SIGNED_ON, TODAY, TODAY)
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    e = make_engine(db_url)
+    upgrade(e)
+    add_bank(e, "ICBC")
+    add_bank(e, "ABC")
+    yield e
+    e.dispose()
+
+
+def _day(engine: Engine, bank: str, today: dt.date = TODAY) -> dt.date:
+    with engine.connect() as conn:
+        return ls.settlement_day(conn, bank, today)
+
+
+@pytest.mark.timeout(120)
+def test_sign_off_moves_settlement_and_sign_on_restores_it(engine: Engine) -> None:
+    with engine.connect() as conn:
+        assert ls.read_link(conn, "ICBC").state == ls.OPEN
+    assert _day(engine, "ICBC") == TODAY
+    off = ls.sign_off(engine, "ICBC", TODAY, NOON)
+    assert (off.state, off.business_date, off.suspended) == (ls.SIGNED_OFF, TODAY, False)
+    assert _day(engine, "ICBC") == TODAY + ONE and _day(engine, "ABC") == TODAY
+    assert _day(engine, "ICBC", TODAY + ONE) == TODAY + ONE          # the next day is open again
+    assert ls.sign_off(engine, "ICBC", TODAY, NOON) == off            # idempotent
+    on = ls.sign_on(engine, "ICBC", TODAY, NOON)
+    assert on.state == ls.SIGNED_ON and _day(engine, "ICBC") == TODAY
+    with engine.begin() as conn:
+        conn.execute(sa.insert(ReconciledDay.__table__).values(bank_id="ICBC", settlement_date=TODAY,
+                                                               reconciled_at=NOON, summary_json="{}"))
+    assert _day(engine, "ICBC") == TODAY + ONE
+    with engine.connect() as conn:
+        rpcs = [r for (r,) in conn.execute(sa.select(JournalEntry.__table__.c.rpc)
+                                           .order_by(JournalEntry.__table__.c.entry_id))]
+    assert rpcs == ["SIGN_OFF", "SIGN_OFF", "SIGN_ON"]
+    states = {v.bank_id: v.state for v in ls.link_states(engine)}
+    assert states == {"ABC": ls.OPEN, "ICBC": ls.SIGNED_ON}
+
+
+@pytest.mark.timeout(120)
+def test_unknown_bank_and_refund_mode(engine: Engine) -> None:
+    before = row_counts([engine])
+    with pytest.raises(Forbidden):
+        ls.sign_on(engine, "NOPE", TODAY, NOON)
+    with pytest.raises(InvalidField):
+        ls.set_refund_mode(engine, "ICBC", "CASH", TODAY, NOON)
+    assert row_counts([engine]) == before
+    v = ls.set_refund_mode(engine, "ICBC", ls.REFUND, TODAY, NOON)
+    assert (v.refund_mode, v.state) == (ls.REFUND, ls.OPEN)
+    with engine.connect() as conn:
+        assert ls.refund_mode(conn, "ICBC") == ls.REFUND
+        assert ls.refund_mode(conn, "ABC") == ls.PREPAID
+    assert _day(engine, "ICBC") == TODAY
