@@ -84,3 +84,35 @@ def test_unknown_bank_and_refund_mode(engine: Engine) -> None:
         assert ls.refund_mode(conn, "ICBC") == ls.REFUND
         assert ls.refund_mode(conn, "ABC") == ls.PREPAID
     assert _day(engine, "ICBC") == TODAY
+
+
+@pytest.mark.timeout(120)
+def test_link_state_gauge_one_state_per_bank_suspension_overrides(engine: Engine) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from mis_adapter import metrics_collector as mc
+    from mis_adapter.banks import set_suspended
+    from yindian_common import business_metrics as bm
+    from yindian_common.clock import ManualClock
+
+    reg = CollectorRegistry()
+    collector = mc.register([engine], ManualClock(NOON), bm.CollectorLimits(refresh_s=3600.0), registry=reg)
+
+    def shown() -> dict[str, str]:
+        collector.refresh()
+        out: dict[str, str] = {}
+        for m in reg.collect():
+            for s in m.samples:
+                if s.name == mc.LINK_STATE:
+                    assert s.labels["state"] in mc.LINK_STATES
+                    if s.value == 1.0:
+                        assert s.labels["bank"] not in out, "one state per bank"
+                        out[s.labels["bank"]] = s.labels["state"]
+        return out
+
+    assert shown() == {"ICBC": "open", "ABC": "open"}
+    ls.sign_on(engine, "ICBC", TODAY, NOON)
+    ls.sign_off(engine, "ABC", TODAY, NOON)
+    assert shown() == {"ICBC": "signed_on", "ABC": "signed_off"}
+    set_suspended(engine, "ICBC", True, "maintenance", NOON)
+    assert shown() == {"ICBC": "suspended", "ABC": "signed_off"}
