@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import timestamp_pb2
 
-from mis_adapter import payments
+from mis_adapter import link_service, payments
 from mis_adapter.context import AdapterContext
 from mis_adapter.payments import CancelCommand, PayCommand, PayResult
 from yindian.v1 import billing_pb2 as pb
@@ -143,6 +143,31 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
 
     def BillFeed(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
         return _delegate("mis_adapter.feed_service", "bill_feed", self.ctx, request_iterator, context)
+
+    # ---- the link's other transactions (mis_adapter.link_service) ----
+    def SignAgreement(self, request: pb.SignAgreementRequest, context: grpc.ServicerContext) -> Any:
+        return link_service.sign_agreement(self.ctx, request, context)
+
+    def EndAgreement(self, request: pb.EndAgreementRequest, context: grpc.ServicerContext) -> Any:
+        return link_service.end_agreement(self.ctx, request, context)
+
+    def ListAgreements(self, request: pb.ListAgreementsRequest, context: grpc.ServicerContext) -> Any:
+        return link_service.list_agreements(self.ctx, request, context)
+
+    def ListRefunds(self, request: pb.ListRefundsRequest, context: grpc.ServicerContext) -> Any:
+        return link_service.list_refunds(self.ctx, request, context)
+
+    def AcknowledgeRefunds(self, request: pb.AcknowledgeRefundsRequest, context: grpc.ServicerContext) -> Any:
+        return link_service.acknowledge_refunds(self.ctx, request, context)
+
+    def SignOn(self, request: pb.SignOnRequest, context: grpc.ServicerContext) -> Any:
+        return link_service.sign_on(self.ctx, request, context)
+
+    def SignOff(self, request: pb.SignOffRequest, context: grpc.ServicerContext) -> Any:
+        return link_service.sign_off(self.ctx, request, context)
+
+    def Echo(self, request: pb.EchoRequest, context: grpc.ServicerContext) -> Any:
+        return link_service.echo(self.ctx, request, context)
 
 
 def _delegate(module: str, func: str, ctx: AdapterContext, request_iterator: Iterator[Any],
