@@ -22,6 +22,7 @@ from grpc_status import rpc_status
 from bridge import journal as jn
 from bridge.context import BridgeContext
 from bridge.journal import Claim, Entry, Outcome
+from bridge.link_relay import relay_of
 from bridge.resolver import REVERSAL_PREFIX, Resolver
 from bridge.upstream import DEFINITE, OK, RETRY_LATER_CODES, Answer, relay
 from yindian.v1 import billing_pb2 as pb
@@ -281,6 +282,32 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
 
     def BillFeed(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
         return _delegate("bridge.feed_relay", "bill_feed", self.bctx, request_iterator, context)
+
+    # ---- the link's other transactions (bridge.link_relay) ----
+
+    def SignAgreement(self, request: pb.SignAgreementRequest, context: grpc.ServicerContext) -> Any:
+        return relay_of(self.bctx).sign_agreement(request, context)
+
+    def EndAgreement(self, request: pb.EndAgreementRequest, context: grpc.ServicerContext) -> Any:
+        return relay_of(self.bctx).end_agreement(request, context)
+
+    def ListAgreements(self, request: pb.ListAgreementsRequest, context: grpc.ServicerContext) -> Any:
+        return relay_of(self.bctx).list_agreements(request, context)
+
+    def ListRefunds(self, request: pb.ListRefundsRequest, context: grpc.ServicerContext) -> Any:
+        return relay_of(self.bctx).list_refunds(request, context)
+
+    def AcknowledgeRefunds(self, request: pb.AcknowledgeRefundsRequest, context: grpc.ServicerContext) -> Any:
+        return relay_of(self.bctx).acknowledge_refunds(request, context)
+
+    def SignOn(self, request: pb.SignOnRequest, context: grpc.ServicerContext) -> Any:
+        return relay_of(self.bctx).sign_on(request, context)
+
+    def SignOff(self, request: pb.SignOffRequest, context: grpc.ServicerContext) -> Any:
+        return relay_of(self.bctx).sign_off(request, context)
+
+    def Echo(self, request: pb.EchoRequest, context: grpc.ServicerContext) -> Any:
+        return relay_of(self.bctx).echo(request, context)
 
 
 def _delegate(module: str, func: str, bctx: BridgeContext, request_iterator: Iterator[Any],

@@ -58,6 +58,11 @@ class BridgeSettings(YinDianSettings):
     resolver_backoff_initial_s: float = Field(0.2, description="first retry delay of an unresolved row")
     resolver_backoff_cap_s: float = Field(10.0, description="longest retry delay of an unresolved row")
 
+    # --- link state (签到/签退) ---
+    sign_on_at_start: bool = Field(True, description="sign the bank on at the utility when the bridge starts")
+    sign_on_retry_initial_s: float = Field(0.5, description="first retry delay of a failed sign-on at start")
+    sign_on_retry_cap_s: float = Field(10.0, description="longest retry delay of a failed sign-on at start")
+
     # --- server limits ---
     max_workers: int = Field(64, description="threads serving RPCs")
     max_concurrent_rpcs: int = Field(256, description="concurrent RPCs before RESOURCE_EXHAUSTED")
