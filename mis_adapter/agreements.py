@@ -54,10 +54,13 @@ __all__ = [
     "ACTIVE", "ENDED", "PAGE_SIZE_MAX", "PAGE_SIZE_DEFAULT", "START_AHEAD_MAX_DAYS", "SIGN_BATCH_MAX",
     "SignCommand", "EndCommand", "AgreementView", "SignResult", "EndResult", "AgreementPage",
     "AgreementNotFound", "AgreementActive", "validate_sign", "validate_end", "same_sign",
-    "sign", "sign_many_in_tx", "end", "end_in_tx", "list_agreements", "page_size_of",
+    "sign", "sign_many_in_tx", "end", "end_in_tx", "list_agreements", "page_size_of", "withdrawn_among",
+    "NOT_DEBITED", "WITHDRAWN",
 ]
 
 ACTIVE, ENDED = "ACTIVE", "ENDED"
+# The bank's answer to a withdrawn notice (DEBIT_OUTCOME_NOT_DEBITED), and the feed result's disposition.
+NOT_DEBITED, WITHDRAWN = "NOT_DEBITED", "WITHDRAWN"
 PAGE_SIZE_MAX = 500            # agreements per ListAgreements page
 PAGE_SIZE_DEFAULT = 100
 START_AHEAD_MAX_DAYS = 366     # how far ahead a start date may be
@@ -220,6 +223,8 @@ _UNANSWERED = (sa.select(T_OUT.c.seq)
                       ~sa.exists().where(T_WD.c.bank_id == T_OUT.c.bank_id, T_WD.c.seq == T_OUT.c.seq))
                .order_by(T_OUT.c.seq))
 _WITHDRAWN_OF = sa.select(sa.func.count()).select_from(T_WD).where(T_WD.c.agreement_id == _b("a_id"))
+_WITHDRAWN_AMONG = sa.select(T_WD.c.seq).where(T_WD.c.bank_id == _b("bank_id"),
+                                              T_WD.c.seq.between(_b("lo"), _b("hi")))
 
 
 def _aware(t: dt.datetime | None) -> dt.datetime | None:
@@ -363,6 +368,15 @@ def end(engine: Engine, cmd: EndCommand, today: dt.date, now: dt.datetime) -> En
         # The same end serial committed concurrently: answer as a replay would.
         with engine.begin() as conn:
             return end_in_tx(conn, cmd, today, now)
+
+
+def withdrawn_among(conn: Connection, bank_id: str, seqs: Sequence[int]) -> set[int]:
+    """Which of these feed seqs of the bank were withdrawn (their agreement ended before a result)."""
+    if not seqs:
+        return set()
+    wanted = set(seqs)
+    rows = conn.execute(_WITHDRAWN_AMONG, {"bank_id": bank_id, "lo": min(wanted), "hi": max(wanted)}).scalars()
+    return {int(s) for s in rows if s in wanted}
 
 
 def list_agreements(engines: Sequence[Engine], bank_id: str, *, page_size: int, page_token: str = "",

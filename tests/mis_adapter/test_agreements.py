@@ -213,6 +213,9 @@ def test_issuance_feeds_by_start_limit_and_end_and_end_withdraws(engine: Engine)
     with engine.connect() as conn:
         wd = conn.execute(sa.select(FeedWithdrawal.__table__.c.bank_id, FeedWithdrawal.__table__.c.seq)).all()
     assert [tuple(w) for w in wd] == [("ICBC", 2)]
+    with engine.connect() as conn:
+        assert ag.withdrawn_among(conn, "ICBC", [1, 2, 3]) == {2}
+        assert ag.withdrawn_among(conn, "ABC", [1, 2, 3]) == set()
     assert _end(engine, "ICBC", "E-1", plain).withdrawn_notices == 1   # the replay reports the same
     _reading(engine, plain, "202612", 200)
     issue_bills(engine, clock, "202612")
