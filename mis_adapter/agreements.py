@@ -198,6 +198,7 @@ T_WD = table_of(FeedWithdrawal)
 _b = sa.bindparam
 
 _BY_SIGN_SERIAL = sa.select(T_REC).where(T_REC.c.bank_id == _b("bank_id"), T_REC.c.agreement_serial == _b("serial"))
+_BY_SIGN_SERIAL_LOCKED = _BY_SIGN_SERIAL.with_for_update()
 _BY_END_SERIAL = sa.select(T_REC).where(T_REC.c.bank_id == _b("bank_id"), T_REC.c.end_serial == _b("serial"))
 _LOCK_CUSTOMERS = (sa.select(T_CUST.c.account_no, T_CUST.c.status)
                    .where(T_CUST.c.account_no.in_(_b("accts", expanding=True)))
@@ -205,6 +206,7 @@ _LOCK_CUSTOMERS = (sa.select(T_CUST.c.account_no, T_CUST.c.status)
 _INDEX_ROWS = sa.select(T_AGR.c.account_no, T_AGR.c.active).where(T_AGR.c.account_no.in_(_b("accts", expanding=True)))
 _IDS_BY_SERIAL = sa.select(T_REC.c.agreement_id, T_REC.c.agreement_serial).where(
     T_REC.c.bank_id == _b("bank_id"), T_REC.c.agreement_serial.in_(_b("serials", expanding=True)))
+_BY_END_SERIAL_LOCKED = _BY_END_SERIAL.with_for_update()
 _ACTIVE_OF_BANK = sa.select(T_REC).where(T_REC.c.account_no == _b("account_no"), T_REC.c.bank_id == _b("bank_id"),
                                          T_REC.c.state == ACTIVE)
 _END_RECORD = (T_REC.update().where(T_REC.c.agreement_id == _b("a_id"), T_REC.c.state == ACTIVE)
@@ -301,7 +303,11 @@ def sign_many_in_tx(conn: Connection, cmds: Sequence[SignCommand], today: dt.dat
 
 def _sign_tx(engine: Engine, cmd: SignCommand, today: dt.date, now: dt.datetime) -> SignResult:
     with engine.begin() as conn:
-        stored = conn.execute(_BY_SIGN_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.agreement_serial}).first()
+        # The account lock first: a concurrent request with the same serial has then committed or
+        # not started, and the (locking) serial read below sees it on every back end.
+        conn.execute(_LOCK_CUSTOMERS, {"accts": [cmd.account_no]}).all()
+        stored = conn.execute(_BY_SIGN_SERIAL_LOCKED,
+                              {"bank_id": cmd.bank_id, "serial": cmd.agreement_serial}).first()
         if stored is not None:
             return _answer_sign_replay(view_of(stored), cmd)
         (agreement_id,) = sign_many_in_tx(conn, [cmd], today, now)
@@ -333,13 +339,14 @@ def sign(engine: Engine, cmd: SignCommand, today: dt.date, now: dt.datetime) -> 
 
 def end_in_tx(conn: Connection, cmd: EndCommand, today: dt.date, now: dt.datetime) -> EndResult:
     """Ends the bank's active agreement on the account and withdraws its unanswered notices."""
-    stored = conn.execute(_BY_END_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.end_serial}).first()
+    exists = bool(conn.execute(_LOCK_CUSTOMERS, {"accts": [cmd.account_no]}).all())
+    stored = conn.execute(_BY_END_SERIAL_LOCKED, {"bank_id": cmd.bank_id, "serial": cmd.end_serial}).first()
     if stored is not None:
         if stored.account_no != cmd.account_no:
             raise SerialConflict(f"end_serial {cmd.end_serial} ended another agreement", field="end_serial")
         withdrawn = int(conn.execute(_WITHDRAWN_OF, {"a_id": stored.agreement_id}).scalar_one())
         return EndResult(view_of(stored), replayed=True, withdrawn_notices=withdrawn)
-    if not conn.execute(_LOCK_CUSTOMERS, {"accts": [cmd.account_no]}).all():
+    if not exists:
         raise AccountNotFound(f"account {cmd.account_no} not found")
     active = conn.execute(_ACTIVE_OF_BANK, {"account_no": cmd.account_no, "bank_id": cmd.bank_id}).first()
     if active is None:

@@ -220,3 +220,31 @@ def test_issuance_feeds_by_start_limit_and_end_and_end_withdraws(engine: Engine)
     _reading(engine, plain, "202612", 200)
     issue_bills(engine, clock, "202612")
     assert ("ICBC", plain, "202612") not in _fed(engine)
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_same_serial_signs_once_and_replays(engine: Engine) -> None:
+    import threading
+
+    acct = add_account(engine, "01", 1)
+    results: list[ag.SignResult] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        try:
+            r = _sign(engine, "ICBC", "AG-RACE", acct)
+            with lock:
+                results.append(r)
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            with lock:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and len(results) == 6
+    assert sorted(r.replayed for r in results) == [False] + [True] * 5
+    assert len({r.agreement.agreement_id for r in results}) == 1
