@@ -39,25 +39,12 @@ log = logging.getLogger("bank_sim.link")
 
 REFUND_PAGE_MAX = 500     # refunds listed (and acknowledged) per call
 CREDIT_PREFIX = "RF-"
-_TS = sa.DateTime(timezone=True)
 
-metadata = sa.MetaData()
-refund_credits = sa.Table(
-    "refund_credits", metadata,
-    sa.Column("bank_id", sa.String(16), primary_key=True),
-    sa.Column("refund_id", sa.BigInteger, primary_key=True, autoincrement=False),
-    sa.Column("account_no", sa.String(10), nullable=False),
-    sa.Column("amount_fen", sa.BigInteger, nullable=False),
-    sa.Column("original_serial", sa.String(32), nullable=False),
-    sa.Column("credit_serial", sa.String(32), nullable=False),
-    sa.Column("credited_at", _TS, nullable=False),
-    sa.Column("acknowledged_at", _TS, nullable=True),
-)
+refund_credits = ledger.refund_credits
 
 
 def create_schema(engine: Engine) -> None:
-    ledger.create_schema(engine)
-    metadata.create_all(engine, checkfirst=True)
+    ledger.create_schema(engine)  # refund_credits is one of the ledger's tables
 
 
 def credit_serial_of(refund_id: int) -> str:

@@ -34,6 +34,7 @@ from mis_adapter.db.core import (
 )
 from mis_adapter.db.recon import ReconciledDay
 from mis_adapter.late_fee import FeeState, LateFeeRates, accrual_as_of, fee_from_micro
+from mis_adapter.link_state import SIGNED_OFF_TODAY, settlement_date
 from yindian_common import business_metrics
 from yindian_common.clock import business_date, utc_now
 from yindian_common.errors import (
@@ -77,7 +78,8 @@ _SERIAL_TAKEN = (sa.select(T_PAY.c.payment_id)
                  .where(T_PAY.c.bank_id == _b("bank_id"), T_PAY.c.bank_serial == _b("serial")).scalar_subquery())
 _LOCK_CUSTOMER_FOR_PAY = (sa.select(T_CUST.c.branch_code, T_CUST.c.tariff_class, T_CUST.c.status,
                                     T_CUST.c.prepaid_fen, _CLOSED_ON.label("closed_today"),
-                                    _CLOSED_NEXT.label("closed_next"), _SERIAL_TAKEN.label("taken_id"))
+                                    _CLOSED_NEXT.label("closed_next"), _SERIAL_TAKEN.label("taken_id"),
+                                    SIGNED_OFF_TODAY.label("signed_off"))
                           .where(T_CUST.c.account_no == _b("account_no")).with_for_update())
 _PAYMENT_BY_ID = sa.select(T_PAY).where(T_PAY.c.payment_id == _b("p_id"))
 _PAYMENT_BY_SERIAL = sa.select(T_PAY).where(T_PAY.c.bank_id == _b("bank_id"), T_PAY.c.bank_serial == _b("serial"))
@@ -268,11 +270,11 @@ def _pay_tx(ctx: AdapterContext, engine: Engine, cmd: PayCommand) -> tuple[PayRe
             return _answer_existing(conn, existing, cmd), False
         if cust.status != "OPEN":
             raise AccountClosed(f"account {cmd.account_no} is closed")
-        settlement = day  # late fees accrue to today whatever the settlement date
-        if cust.closed_today:
-            if cust.closed_next:
-                raise DayClosed(f"settlement dates {day} and {day + ONE_DAY} are both reconciled")
-            settlement = day + ONE_DAY  # the bank reconciled today already: this payment settles tomorrow
+        # Late fees accrue to today whatever the settlement date; the bank's reconciled today or its
+        # sign-off (日终签退) move the settlement to tomorrow (mis_adapter.link_state.settlement_date).
+        settlement = settlement_date(day, signed_off=bool(cust.signed_off),
+                                     closed={d for d, c in ((day, cust.closed_today), (day + ONE_DAY,
+                                                                                     cust.closed_next)) if c})
         posted = post_payment_in_tx(conn, ctx.rates, cmd, cust, fee_day=day, settlement=settlement, now=now)
         pk, plan = posted.payment_pk, posted.plan
         arrears_after, prepaid_after = posted.arrears_after_fen, posted.prepaid_after_fen

@@ -208,8 +208,10 @@ def test_refund_once_across_kill_9_and_netted_in_reconciliation(tmp_path: Path) 
         (bill_id, amount), = st.sql("SELECT bill_id, amount_fen FROM bills WHERE account_no = :a AND "
                                     "period = '202611'", a=acct)
         assert st.sql("SELECT amount_fen FROM feed_outbox WHERE bill_id = :i", i=bill_id) == [(amount,)]
-        # The household pays the new bill at the counter before the auto-debit runs.
-        _pay(st.stub, "R-COUNTER-1", acct, amount)
+        # The household pays the new bill at another bank's counter before the auto-debit runs.
+        st.utility.Pay(pb.PayRequest(bank_serial="ABC-COUNTER-1", account_no=acct, amount_fen=amount,
+                                     outlet_code="OUT01", teller_id="T01", channel=pb.CHANNEL_COUNTER),
+                       timeout=CALL_S, metadata=[("x-yindian-bank-id", "ABC")])
         st.autodebit(st.last_seq())
         (refund_id, refund_fen, state), = st.sql(
             "SELECT refund_id, amount_fen, state FROM refund_offers WHERE account_no = :a", a=acct)

@@ -85,9 +85,10 @@ def test_agreement_status_codes_over_the_wire(db_url_sqlite_pg: str) -> None:
             "page_size"
 
 
-def _pay(ra, serial: str, acct: str):  # type: ignore[no-untyped-def]
+def _pay(ra, serial: str, acct: str, timeout: float = 10):  # type: ignore[no-untyped-def]
     return ra.stub.Pay(pb.PayRequest(bank_serial=serial, account_no=acct, amount_fen=1_000, outlet_code="O1",
-                                     teller_id="T1", channel=pb.CHANNEL_COUNTER), timeout=10, metadata=ra.md("ICBC"))
+                                     teller_id="T1", channel=pb.CHANNEL_COUNTER), timeout=timeout,
+                       metadata=ra.md("ICBC"))
 
 
 @pytest.mark.timeout(120)
