@@ -146,3 +146,46 @@ def test_refunds_over_the_wire(db_url_sqlite_pg: str) -> None:
         again = s.AcknowledgeRefunds(ack, timeout=10, metadata=ra.md("ICBC"))
         assert (again.acknowledged, again.replayed) == (0, 1)
         assert list(s.ListRefunds(pb.ListRefundsRequest(), timeout=10, metadata=ra.md("ICBC")).refunds) == []
+
+
+@pytest.mark.timeout(120)
+def test_ended_agreement_notice_is_withdrawn_and_answered_not_debited(db_url_sqlite_pg: str) -> None:
+    from mis_adapter.db.core import BillRow
+    from mis_adapter.db.feed import DebitResultRow
+    from mis_adapter.issue_bills import issue_bills
+    from tests.mis_adapter.test_agreements import _reading
+    from tests.mis_adapter.test_feed_support import debited, subscribe
+
+    with running_adapter(db_url_sqlite_pg, feed_heartbeat_s=0.2, feed_lease_ttl_s=5.0,
+                         feed_poll_interval_s=0.05) as ra:
+        ended, kept = add_account(ra.engine, "01", 1), add_account(ra.engine, "01", 2)
+        for i, a in enumerate((ended, kept)):
+            ra.stub.SignAgreement(pb.SignAgreementRequest(agreement_serial=f"AG-{i}", account_no=a,
+                                                          savings_account_ref="S"), timeout=10, metadata=ra.md())
+            _reading(ra.engine, a, "202611", 200)
+        issue_bills(ra.engine, ra.clock, "202611")
+        r = ra.stub.EndAgreement(pb.EndAgreementRequest(end_serial="E-0", account_no=ended), timeout=10,
+                                 metadata=ra.md())
+        assert r.withdrawn_notices == 1
+        feed = subscribe(ra.stub)
+        by_acct = {n.account_no: n for n in feed.notices(2)}
+        assert (by_acct[ended].withdrawn, by_acct[kept].withdrawn) == (True, False)
+        # NOT_DEBITED answers only a withdrawn notice: the whole batch is refused.
+        feed.send([pb.DebitResult(seq=by_acct[kept].seq, outcome=pb.DEBIT_OUTCOME_NOT_DEBITED)])
+        err = feed.error()
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(err).metadata["field"] == "results[0].outcome"  # type: ignore[union-attr]
+        feed.close()
+        feed = subscribe(ra.stub)
+        again = {n.account_no: n for n in feed.notices(2)}
+        assert again[ended].withdrawn
+        feed.send([pb.DebitResult(seq=again[ended].seq, outcome=pb.DEBIT_OUTCOME_NOT_DEBITED),
+                   debited(again[kept])])
+        feed.until_cursor(2)
+        feed.close()
+        with ra.engine.connect() as conn:
+            disp = dict(conn.execute(sa.select(DebitResultRow.__table__.c.account_no,
+                                               DebitResultRow.__table__.c.disposition)).all())
+            bills = {r.account_no: (r.status, r.dunning) for r in conn.execute(sa.select(BillRow.__table__))}
+        assert disp == {ended: "WITHDRAWN", kept: "PAID"}
+        assert bills == {ended: ("UNPAID", False), kept: ("PAID", False)}
