@@ -298,6 +298,8 @@ def demo_step(day: Any) -> None:
     run_command("issue-bills", ["mis_adapter", "issue-bills", "--db", day.mis_db, "--period", period,
                                 *day.clock_flags()], log_dir=day.work, timeout_s=s.step_timeout_s, cwd=REPO)
     issued = (day.work / "issue-bills.log").read_text(encoding="utf-8").strip().splitlines()[-1]
+    from bank_sim.link_ops import demo_paid_elsewhere
+    demo_paid_elsewhere(day)  # a few fed bills paid at another bank first: their debits come back as refunds
     settings = load_settings(AutodebitSettings, {
         "target": day.servers["bridge"].grpc_addr, "bank_id": s.bank_id, "insecure": True, "db": day.bank_db,
         "clock_start": s.clock_start, "idle_exit_s": 1.0, "run_timeout_s": s.step_timeout_s})

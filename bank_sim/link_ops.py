@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -37,6 +38,7 @@ from yindian_common.settings import add_settings_flags, load_settings
 
 log = logging.getLogger("bank_sim.link")
 
+REPO = Path(__file__).resolve().parents[1]
 REFUND_PAGE_MAX = 500     # refunds listed (and acknowledged) per call
 CREDIT_PREFIX = "RF-"
 
@@ -189,3 +191,143 @@ def main(argv: list[str]) -> int:
           f"acknowledged={r.acknowledged}")
     return 0
 
+
+
+# ---- the demo day's steps (bank_sim demo-day) ----
+
+DEMO_SIGNS = 8             # households signing auto-debit at the counter
+DEMO_ENDS = 3              # roster households ending theirs (解约)
+DEMO_PAID_ELSEWHERE = 2    # newly signed households that pay their new bill at another bank first
+DEMO_OPENING_FEN = 300_000
+DEMO_CANDIDATES_MAX = 2_000
+DEMO_OTHER_BANK = "ABC"
+
+
+def _demo_stub(day: Any) -> tuple[grpc.Channel, billing_pb2_grpc.BillingServiceStub]:
+    channel = open_channel(day.servers["bridge"].grpc_addr, tls=None, insecure=True)
+    return channel, billing_pb2_grpc.BillingServiceStub(channel)
+
+
+def _unsigned_accounts(day: Any, stub: billing_pb2_grpc.BillingServiceStub, n: int) -> list[str]:
+    """Open accounts on no bank's roster, found over the wire (QueryAccount)."""
+    from yindian_common.fields import make_account_no
+
+    rostered: set[str] = set()
+    for path in day.roster_dir.glob("*.csv"):
+        rostered.update(ledger.read_roster(path))
+    out: list[str] = []
+    for i in range(DEMO_CANDIDATES_MAX):
+        acct = make_account_no(f"{1 + i % 8:02d}", 1 + i // 8)
+        if acct in rostered:
+            continue
+        try:
+            view = stub.QueryAccount(pb.QueryAccountRequest(account_no=acct), timeout=5.0)
+        except grpc.RpcError:
+            continue
+        if not view.closed and view.arrears_fen == 0 and view.prepaid_fen == 0:
+            out.append(acct)
+            if len(out) == n:
+                break
+    return out
+
+
+def demo_agreements_step(day: Any) -> None:
+    """At the counter: households sign auto-debit (签约) and a few end theirs (解约); the operator has
+    configured this bank to get over-debits back as refunds."""
+    from rich.table import Table
+
+    from bank_sim.processes import run_command
+
+    s = day.settings
+    run_command("refund-mode", ["mis_adapter", "bank", "refund-mode", s.bank_id, "refund", "--db", day.mis_db],
+                log_dir=day.work, timeout_s=s.step_timeout_s, cwd=REPO)
+    clock = make_clock(s.clock_start)
+    engine = make_engine(day.bank_db, pool_size=2)
+    create_schema(engine)
+    channel, stub = _demo_stub(day)
+    try:
+        signed = []
+        for acct in _unsigned_accounts(day, stub, DEMO_SIGNS):
+            r = sign_at_counter(engine, stub, s.bank_id, acct, f"AG-DEMO-{acct}", clock, timeout_s=5.0,
+                                opening_balance_fen=DEMO_OPENING_FEN)
+            signed.append(r.agreement.account_no)
+        ended = []
+        for acct in ledger.read_roster(day.roster_dir / f"{s.bank_id}.csv")[:DEMO_ENDS]:
+            r = end_at_counter(stub, acct, f"END-DEMO-{acct}", timeout_s=5.0)
+            ended.append((acct, r.withdrawn_notices))
+        listed = stub.ListAgreements(pb.ListAgreementsRequest(page_size=500, active_only=True), timeout=5.0)
+    finally:
+        channel.close()
+        engine.dispose()
+    day.facts["agreements"] = {"signed": signed, "ended": [a for a, _ in ended],
+                               "active_first_page": len(listed.agreements)}
+    table = Table(title=f"Auto-debit agreements at the {s.bank_id} counter (签约/解约)")
+    table.add_column("what")
+    table.add_column("households", justify="right")
+    table.add_row("signed (their next bill is fed)", f"{len(signed):,}")
+    table.add_row("ended (their bills are no longer fed)", f"{len(ended):,}")
+    table.add_row("active agreements (first page of ListAgreements)", f"{len(listed.agreements):,}")
+    day.sections.append(table)
+    day.console.print(f"  signed {len(signed)}, ended {len(ended)} agreements at the counter")
+
+
+def demo_paid_elsewhere(day: Any) -> None:
+    """After issuance, before the auto-debit: a few newly signed households pay their new bill at another
+    bank's counter, so the bank's debit meets a settled bill and comes back as a refund."""
+    signed = day.facts.get("agreements", {}).get("signed", [])[:DEMO_PAID_ELSEWHERE]
+    channel = open_channel(day.servers["mis_adapter"].grpc_addr, tls=None, insecure=True)
+    stub = billing_pb2_grpc.BillingServiceStub(channel)
+    md = ((BANK_ID_METADATA, DEMO_OTHER_BANK),)
+    paid = 0
+    try:
+        for i, acct in enumerate(signed):
+            due = stub.QueryAccount(pb.QueryAccountRequest(account_no=acct), timeout=5.0, metadata=md).total_due_fen
+            if due > 0:
+                stub.Pay(pb.PayRequest(bank_serial=f"DEMO-ELSEWHERE-{i}", account_no=acct, amount_fen=due,
+                                       outlet_code="ABC01", teller_id="T1", channel=pb.CHANNEL_COUNTER),
+                         timeout=5.0, metadata=md)
+                paid += 1
+    finally:
+        channel.close()
+    day.facts["paid_elsewhere"] = paid
+
+
+def demo_refunds_step(day: Any) -> None:
+    """The utility's refunds (debits that met bills paid elsewhere) credited to passbooks, then acknowledged."""
+    from rich.table import Table
+
+    s = day.settings
+    clock = make_clock(s.clock_start)
+    engine = make_engine(day.bank_db, pool_size=2)
+    channel, stub = _demo_stub(day)
+    try:
+        r = run_refunds(engine, stub, s.bank_id, clock, timeout_s=5.0)
+        with engine.connect() as conn:
+            broken = ledger.check_passbooks(conn, s.bank_id)
+            totals = credited_totals(conn, s.bank_id)
+    finally:
+        channel.close()
+        engine.dispose()
+    if broken:
+        raise RuntimeError(f"{broken} passbooks out of balance after the refunds")
+    day.facts["refunds"] = {**totals, "listed": r.listed}
+    table = Table(title=f"Refunds to {s.bank_id} (debits that met a bill already paid)")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    table.add_column("yuan", justify="right")
+    table.add_row("credited to passbooks", f"{totals['credited']:,}", f"{totals['credited_fen'] / 100:,.2f}")
+    table.add_row("acknowledged to the utility", f"{totals['acknowledged']:,}", "")
+    day.sections.append(table)
+    day.console.print(f"  refunds credited {totals['credited']} ({totals['credited_fen'] / 100:,.2f} yuan), "
+                      f"acknowledged {totals['acknowledged']}")
+
+
+def demo_sign_off_step(day: Any) -> None:
+    """Day end (日终签退) through the bridge: later pays settle tomorrow; then the day is reconciled."""
+    from bank_sim.processes import run_command
+
+    run_command("sign-off", ["bridge", "sign-off", "--target", day.servers["bridge"].grpc_addr, "--insecure"],
+                log_dir=day.work, timeout_s=day.settings.step_timeout_s, cwd=REPO)
+    line = (day.work / "sign-off.log").read_text(encoding="utf-8").strip().splitlines()[-1]
+    day.facts["sign_off"] = line
+    day.console.print(f"  {line}")
