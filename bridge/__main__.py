@@ -9,4 +9,11 @@ COMMANDS = {
     "echo": ("bridge.echo", "echo the utility through a running bridge: link state and round trip"),
 }
 
-sys.exit(dispatch("bridge", COMMANDS))
+
+def main() -> int:
+    """`python -m bridge` and the `yindian-bridge` console script."""
+    return dispatch("bridge", COMMANDS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

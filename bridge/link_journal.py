@@ -15,6 +15,9 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from bridge.journal.schema import LINK_DETAIL_MAX, link_lines
+from bridge.migrate import upgrade
+
 __all__ = ["SIGN_AGREEMENT", "END_AGREEMENT", "REFUND_ACK", "SIGN_ON", "SIGN_OFF", "REQUESTED", "ANSWERED",
            "IN_DOUBT", "LinkLine", "LinkJournal", "create_schema", "DETAIL_MAX"]
 
@@ -22,25 +25,9 @@ SIGN_AGREEMENT, END_AGREEMENT, REFUND_ACK, SIGN_ON, SIGN_OFF = (
     "SIGN_AGREEMENT", "END_AGREEMENT", "REFUND_ACK", "SIGN_ON", "SIGN_OFF")
 REQUESTED, ANSWERED = "REQUESTED", "ANSWERED"
 IN_DOUBT = "IN_DOUBT"
-DETAIL_MAX = 256
+DETAIL_MAX = LINK_DETAIL_MAX
 
-BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-metadata = sa.MetaData()
-lines = sa.Table(
-    "bridge_link_journal", metadata,
-    sa.Column("line_id", BigId, primary_key=True, autoincrement=True),
-    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("bank_id", sa.String(16), nullable=False),
-    sa.Column("kind", sa.String(16), nullable=False),
-    sa.Column("serial", sa.String(32), nullable=False, default=""),
-    sa.Column("account_no", sa.String(10), nullable=False, default=""),
-    sa.Column("amount_fen", sa.BigInteger, nullable=False, default=0),
-    sa.Column("phase", sa.String(10), nullable=False),
-    # OK, the utility's status code name, or IN_DOUBT (ANSWERED lines only)
-    sa.Column("outcome", sa.String(20), nullable=False, default=""),
-    sa.Column("detail", sa.String(DETAIL_MAX), nullable=False, default=""),
-    sa.Index("ix_bridge_link_journal_serial", "kind", "serial"),
-)
+lines = link_lines
 
 
 @dataclass(frozen=True)
@@ -52,7 +39,8 @@ class LinkLine:
 
 
 def create_schema(engine: Engine) -> None:
-    metadata.create_all(engine)
+    """The journal's migrations (bridge/migrations, revision 0002) create the table."""
+    upgrade(engine)
 
 
 class LinkJournal:

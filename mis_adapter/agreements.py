@@ -44,10 +44,10 @@ from yindian_common import fields
 from yindian_common.errors import (
     AccountClosed,
     AccountNotFound,
+    AgreementActive,
+    AgreementNotFound,
     InvalidField,
-    Precondition,
     SerialConflict,
-    YinDianError,
 )
 
 __all__ = [
@@ -66,16 +66,6 @@ PAGE_SIZE_DEFAULT = 100
 START_AHEAD_MAX_DAYS = 366     # how far ahead a start date may be
 SIGN_BATCH_MAX = 1_000         # agreements signed per statement batch (seed)
 SAVINGS_REF_MAX = 32
-
-
-class AgreementNotFound(YinDianError):
-    """No active agreement of the caller's on the account (another bank's looks the same)."""
-    code = "NOT_FOUND"
-    reason = "AGREEMENT_NOT_FOUND"
-
-
-class AgreementActive(Precondition):
-    reason = "AGREEMENT_ACTIVE"
 
 
 # ---- pure: commands, validation, replay ----

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from mis_adapter.allocation import settlement_date
 from mis_adapter.db.base import table_of
 from mis_adapter.db.core import Bank
 from mis_adapter.db.recon import ReconciledDay
@@ -114,9 +115,13 @@ def lock_bank_day(conn: Connection, bank_id: str, *, exclusive: bool = False) ->
 
 
 def settlement_day(conn: Connection, bank_id: str, today: dt.date) -> dt.date:
-    """The settlement date of a payment posted today: today, or tomorrow once the
-    bank's today is reconciled or the bank signed off today (日终签退; the rule is
-    mis_adapter.link_state's). Call it after lock_bank_day."""
-    from mis_adapter import link_state
+    """The settlement date of a payment (or refund) posted today (allocation.settlement_date),
+    from the bank's reconciled days and its sign-off (日终签退, mis_adapter.link_state).
+    Call it after lock_bank_day."""
+    from mis_adapter import link_state  # link_state reads the bank rows this module owns
 
-    return link_state.settlement_day(conn, bank_id, today)
+    closed = {r.settlement_date for r in conn.execute(_CLOSED_DAYS, {"bank_id": bank_id,
+                                                                    "days": [today, today + dt.timedelta(days=1)]})}
+    return settlement_date(today, today_reconciled=today in closed,
+                           next_reconciled=today + dt.timedelta(days=1) in closed,
+                           signed_off=link_state.signed_off_on(conn, bank_id, today))

@@ -20,18 +20,18 @@ from typing import TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2
-from sqlalchemy.exc import OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from mis_adapter import agreements as ag
 from mis_adapter import link_state as ls
 from mis_adapter import refunds as rf
+from mis_adapter.banks import settlement_day
 from mis_adapter.context import AdapterContext
 from yindian.v1 import billing_pb2 as pb
 from yindian_common import fields
 from yindian_common.clock import business_date, utc_now
-from yindian_common.errors import DayClosed, InvalidField, Unavailable, YinDianError
-from yindian_common.status import abort
+from yindian_common.errors import DayClosed, InvalidField
+from yindian_common.identity import bank_of
+from yindian_common.status import guard
 
 log = logging.getLogger("mis_adapter.link")
 R = TypeVar("R")
@@ -73,34 +73,19 @@ def sign_command(bank_id: str, req: pb.SignAgreementRequest) -> ag.SignCommand:
     return ag.SignCommand(bank_id, req.agreement_serial, req.account_no, req.savings_account_ref, limit, start)
 
 
-def _run(context: grpc.ServicerContext, rpc: str, fn: Callable[[], R]) -> R:
-    try:
-        try:
-            return fn()
-        except PoolTimeout as exc:
-            raise Unavailable("database connection pool exhausted", reason="DB_POOL_EXHAUSTED") from exc
-        except OperationalError as exc:
-            raise Unavailable("MIS database unavailable", reason="DB_UNAVAILABLE") from exc
-    except YinDianError as err:
-        log.info("event=refused rpc=%s code=%s reason=%s msg=%r", rpc, err.code, err.reason, err.message)
-        abort(context, err)
-
-
 def _changing(ctx: AdapterContext, context: grpc.ServicerContext, rpc: str, work: Callable[[str], R]) -> R:
-    def run() -> R:
-        bank_id = ctx.bank_of(context)
+    with guard(context, rpc):
+        bank_id = bank_of(context, tls=ctx.tls)
         ctx.banks.ensure_active(bank_id)
         with ctx.banks.slot(bank_id):
             return work(bank_id)
-    return _run(context, rpc, run)
 
 
 def _reading(ctx: AdapterContext, context: grpc.ServicerContext, rpc: str, work: Callable[[str], R]) -> R:
-    def run() -> R:
-        bank_id = ctx.bank_of(context)
+    with guard(context, rpc):
+        bank_id = bank_of(context, tls=ctx.tls)
         ctx.banks.ensure_known(bank_id)
         return work(bank_id)
-    return _run(context, rpc, run)
 
 
 # ---- agreements ----
@@ -171,7 +156,7 @@ def link_status(ctx: AdapterContext, v: ls.LinkView) -> pb.LinkStatus:
     today = business_date(ctx.clock)
     try:
         with ctx.router.primary.connect() as conn:
-            settles = ls.settlement_day(conn, v.bank_id, today).isoformat()
+            settles = settlement_day(conn, v.bank_id, today).isoformat()
     except DayClosed:
         settles = ""  # today and tomorrow both reconciled: pays are refused
     return pb.LinkStatus(state=LINK_STATE[v.state],

@@ -1,5 +1,6 @@
-"""A bank's link state as the utility records it (签到 / 日终签退) and the
-settlement date a payment gets, plus the bank's refund configuration.
+"""A bank's link state as the utility records it (签到 / 日终签退), which
+moves the settlement date a payment gets (allocation.settlement_date), and the
+bank's refund configuration.
 
 Rules (README "Sign-on, sign-off, echo"):
 - SignOn records the bank as open for today's business; SignOff closes its
@@ -19,7 +20,6 @@ The first half is pure; the second is storage (SQLAlchemy Core)."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,13 +29,12 @@ from sqlalchemy.engine import Connection, Engine
 from mis_adapter.db.base import table_of
 from mis_adapter.db.core import Bank, JournalEntry
 from mis_adapter.db.link import BankLink
-from mis_adapter.db.recon import ReconciledDay
-from yindian_common.errors import DayClosed, Forbidden, InvalidField
+from yindian_common.errors import Forbidden, InvalidField
 
 __all__ = [
     "SIGNED_ON", "SIGNED_OFF", "OPEN", "PREPAID", "REFUND", "REFUND_MODES", "LinkView",
-    "settlement_date", "signed_off_for", "sign_on", "sign_off", "read_link", "set_refund_mode", "refund_mode",
-    "settlement_day", "SIGNED_OFF_TODAY", "link_states",
+    "signed_off_for", "signed_off_on", "sign_on", "sign_off", "read_link", "set_refund_mode", "refund_mode",
+    "SIGNED_OFF_TODAY", "link_states",
 ]
 
 SIGNED_ON, SIGNED_OFF = "SIGNED_ON", "SIGNED_OFF"
@@ -62,23 +61,11 @@ def signed_off_for(state: str, business_date: dt.date | None, today: dt.date) ->
     return state == SIGNED_OFF and business_date is not None and business_date >= today
 
 
-def settlement_date(today: dt.date, *, signed_off: bool, closed: Collection[dt.date]) -> dt.date:
-    """The settlement date of a payment made today: today, unless the bank
-    signed off today or today is reconciled, then tomorrow; refused when
-    tomorrow is reconciled as well."""
-    if not signed_off and today not in closed:
-        return today
-    if today + ONE_DAY in closed:
-        raise DayClosed(f"settlement dates {today} and {today + ONE_DAY} are both closed for this bank")
-    return today + ONE_DAY
-
-
 # ---- storage ----
 
 T_LINK = table_of(BankLink)
 T_BANKS = table_of(Bank)
 T_JOURNAL = table_of(JournalEntry)
-T_RECON = table_of(ReconciledDay)
 _b = sa.bindparam
 
 _READ = sa.select(T_BANKS.c.bank_id, T_BANKS.c.suspended, T_LINK.c.state, T_LINK.c.business_date,
@@ -91,8 +78,6 @@ _SET_STATE = (T_LINK.update().where(T_LINK.c.bank_id == _b("p_bank"))
               .values(state=_b("p_state"), business_date=_b("p_day"), changed_at=_b("p_at")))
 _SET_MODE = T_LINK.update().where(T_LINK.c.bank_id == _b("p_bank")).values(refund_mode=_b("p_mode"))
 _LOCK_ROW = sa.select(T_LINK.c.bank_id).where(T_LINK.c.bank_id == _b("bank_id")).with_for_update()
-_CLOSED_DAYS = sa.select(T_RECON.c.settlement_date).where(
-    T_RECON.c.bank_id == _b("bank_id"), T_RECON.c.settlement_date.in_(_b("days", expanding=True)))
 _OFF = sa.select(T_LINK.c.state, T_LINK.c.business_date).where(T_LINK.c.bank_id == _b("bank_id"))
 
 # For a payment statement that already binds :bank_id and :day (mis_adapter.payments):
@@ -176,10 +161,8 @@ def refund_mode(conn: Connection, bank_id: str) -> str:
     return PREPAID if row is None else str(row.refund_mode)
 
 
-def settlement_day(conn: Connection, bank_id: str, today: dt.date) -> dt.date:
-    """The settlement date of a payment or refund made now (call after the
-    bank-day lock, mis_adapter.banks.lock_bank_day)."""
-    closed = set(conn.execute(_CLOSED_DAYS, {"bank_id": bank_id, "days": [today, today + ONE_DAY]}).scalars())
+def signed_off_on(conn: Connection, bank_id: str, today: dt.date) -> bool:
+    """Whether the bank signed off `today` (or later): its pays now settle tomorrow
+    (mis_adapter.banks.settlement_day, allocation.settlement_date)."""
     row = conn.execute(_OFF, {"bank_id": bank_id}).first()
-    off = row is not None and signed_off_for(row.state, row.business_date, today)
-    return settlement_date(today, signed_off=off, closed=closed)
+    return row is not None and signed_off_for(row.state, row.business_date, today)

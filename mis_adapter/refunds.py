@@ -33,7 +33,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from mis_adapter import link_state
-from mis_adapter.banks import lock_bank_day
+from mis_adapter.banks import lock_bank_day, settlement_day
 from mis_adapter.db.base import table_of
 from mis_adapter.db.core import Customer, JournalEntry, PrepaidEntry
 from mis_adapter.db.feed import RefundRow
@@ -217,7 +217,7 @@ def acknowledge(engine: Engine, bank_id: str, acks: Sequence[RefundAckIn], today
             fresh.append(a)
         if not fresh:
             return AckResult(0, replayed, None, 0)
-        day = link_state.settlement_day(conn, bank_id, today)
+        day = settlement_day(conn, bank_id, today)
         for a in fresh:
             if conn.execute(_ACK, {"p_id": a.refund_id, "p_serial": a.credit_serial, "p_at": now,
                                    "p_day": day}).rowcount != 1:

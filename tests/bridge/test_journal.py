@@ -8,10 +8,11 @@ import datetime as dt
 from collections.abc import Iterator
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from bridge import journal as jn
-from bridge.journal import Claims, Entry, Journal, JournalWriter
+from bridge.journal import Claims, Entry, Journal, JournalWriter, schema
 from yindian_common.clock import ManualClock
 from yindian_common.db import make_engine
 
@@ -147,3 +148,41 @@ def test_in_doubt_count_is_per_business_date(engine: Engine) -> None:
     assert j.in_doubt_count(DAY + dt.timedelta(days=1)) == 1
     assert j.in_doubt_count(DAY - dt.timedelta(days=1)) == 0
     assert [c.serial for c in j.cancels_of("A")] == ["C"]
+
+
+def test_migrations_are_exactly_the_journal_schema(engine: Engine) -> None:
+    """The tables the revisions create are the ones the code declares: nothing for autogenerate to add."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"version_table": "bridge_alembic_version"})
+        diffs = compare_metadata(ctx, jn.metadata)
+        version = conn.execute(sa.text("SELECT version_num FROM bridge_alembic_version")).scalars().all()
+    assert diffs == []
+    assert version == ["0002"]  # the head: 0002 adds the link journal
+
+
+def test_a_journal_created_before_migrations_is_stamped_and_keeps_its_rows(db_url: str) -> None:
+    """A bridge journal made by the old create_all still starts: it is stamped 0001, its rows kept."""
+    eng = make_engine(db_url, pool_size=2)
+    try:
+        # what every bridge did at start before bridge/migrations existed (its two tables then)
+        jn.metadata.create_all(eng, tables=[schema.requests, schema.audit])
+        assert Journal(eng).insert_new(pay("OLD1", 4_200))
+        jn.create_schema(eng)
+        jn.create_schema(eng)  # and every later start is a no-op
+        got = Journal(eng).get(jn.PAY, "OLD1")
+        assert got is not None and got.amount_fen == 4_200 and got.state == jn.PENDING
+        with eng.connect() as conn:
+            assert conn.execute(sa.text("SELECT version_num FROM bridge_alembic_version")).scalars().all() == ["0002"]
+    finally:
+        eng.dispose()
+
+
+def test_entry_and_outcome_share_their_answer_fields() -> None:
+    e = pay("S9", 700, status_code=5, message="m", attempts=2, next_attempt_ms=9)
+    o = jn.outcome_for(e, jn.SUSPECT, AT)
+    assert isinstance(o, jn.Recorded) and isinstance(e, jn.Recorded)
+    assert (o.key, o.amount_fen, o.status_code, o.message, o.attempts, o.next_attempt_ms) == (
+        e.key, 700, 5, "m", 2, 9)

@@ -10,6 +10,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from mis_adapter import link_state as ls
+from mis_adapter.allocation import settlement_date
+from mis_adapter.banks import settlement_day
 from mis_adapter.db.core import JournalEntry
 from mis_adapter.db.recon import ReconciledDay
 from mis_adapter.migrate import upgrade
@@ -21,11 +23,11 @@ ONE = dt.timedelta(days=1)
 
 
 def test_settlement_date_rule() -> None:
-    assert ls.settlement_date(TODAY, signed_off=False, closed=()) == TODAY
-    assert ls.settlement_date(TODAY, signed_off=True, closed=()) == TODAY + ONE
-    assert ls.settlement_date(TODAY, signed_off=False, closed={TODAY}) == TODAY + ONE
+    assert settlement_date(TODAY, today_reconciled=False, next_reconciled=False) == TODAY
+    assert settlement_date(TODAY, today_reconciled=False, next_reconciled=False, signed_off=True) == TODAY + ONE
+    assert settlement_date(TODAY, today_reconciled=True, next_reconciled=False) == TODAY + ONE
     with pytest.raises(DayClosed):
-        ls.settlement_date(TODAY, signed_off=True, closed={TODAY + ONE})
+        settlement_date(TODAY, today_reconciled=False, next_reconciled=True, signed_off=True)
     assert ls.signed_off_for(ls.SIGNED_OFF, TODAY, TODAY)
     assert not ls.signed_off_for(ls.SIGNED_OFF, TODAY - ONE, TODAY)   # yesterday's sign-off: today is open
     assert not ls.signed_off_for(ls.SIGNED_ON, TODAY, TODAY)
@@ -43,7 +45,7 @@ def engine(db_url: str) -> Iterator[Engine]:
 
 def _day(engine: Engine, bank: str, today: dt.date = TODAY) -> dt.date:
     with engine.connect() as conn:
-        return ls.settlement_day(conn, bank, today)
+        return settlement_day(conn, bank, today)
 
 
 @pytest.mark.timeout(120)
