@@ -242,8 +242,9 @@ def test_attempt_limit_per_account_engages_alike_for_real_and_absent(stack: Stac
     shot(browser, stack, "limited-phone-zh", PHONE)
 
 
-def http_lookup(base: str, account_no: str, last4: str) -> tuple[int, str, dict[str, str]]:
-    """A look-up with a plain HTTP client (cookie jar, CSRF token from the form)."""
+def http_lookup(base: str, account_no: str, last4: str) -> tuple[int, str, float]:
+    """A look-up with a plain HTTP client (cookie jar, CSRF token from the form):
+    (status, page, seconds the POST took)."""
     jar = http.cookiejar.CookieJar()
     opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
     form = opener.open(f"{base}/", timeout=10).read().decode()
@@ -251,11 +252,31 @@ def http_lookup(base: str, account_no: str, last4: str) -> tuple[int, str, dict[
     assert token
     data = urllib.parse.urlencode({"csrftoken": token.group(1), "lang": "zh", "account_no": account_no,
                                    "phone_last4": last4}).encode()
+    started = time.monotonic()
     try:
         with opener.open(f"{base}/lookup", data=data, timeout=10) as resp:
-            return resp.status, resp.read().decode(), dict(resp.headers)
+            return resp.status, resp.read().decode(), time.monotonic() - started
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(), dict(exc.headers)
+        return exc.code, exc.read().decode(), time.monotonic() - started
+
+
+def test_wrong_account_and_wrong_factor_take_the_same_time(stack: Stack) -> None:
+    account_no, phone, _, _ = households(stack.db_url)[3]
+    wrong_last4 = f"{(int(phone[-4:]) + 1) % 10_000:04d}"
+    absent = make_account_no("09", 9_999_997)
+    seconds: dict[str, list[float]] = {"wrong factor": [], "absent account": []}
+    pages = set()
+    for _ in range(3):  # the per-account limit of this stack is 3 an hour
+        for kind, acct, last4 in (("wrong factor", account_no, wrong_last4), ("absent account", absent, phone[-4:])):
+            status, page, took = http_lookup(stack.portal_url, acct, last4)
+            assert status == 404
+            pages.add(re.sub(r'value="[^"]*"', "", page))  # the echoed account and the CSRF token differ
+            seconds[kind].append(took)
+    assert len(pages) == 1
+    print(f"look-up seconds: {seconds}")
+    assert min(min(v) for v in seconds.values()) >= MIN_RESPONSE_S
+    medians = [sorted(v)[1] for v in seconds.values()]
+    assert abs(medians[0] - medians[1]) < 0.15
 
 
 def test_security_headers_and_csrf(stack: Stack) -> None:
@@ -280,8 +301,8 @@ def test_upstream_down_is_a_friendly_503_and_client_limit_engages(tmp_path: Path
         base = f"http://{portal.grpc_addr}"
         acct = make_account_no("01", 1)
         for _ in range(3):
-            status, body, _ = http_lookup(base, acct, "1234")
-            assert status == 503 and "查询服务暂时不可用" in body
+            status, body, took = http_lookup(base, acct, "1234")
+            assert status == 503 and took >= MIN_RESPONSE_S and "查询服务暂时不可用" in body
         status, body, _ = http_lookup(base, acct, "1234")
         assert status == 429 and "查询次数过多" in body
     finally:
