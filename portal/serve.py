@@ -17,6 +17,7 @@ from portal.app import Portal
 from portal.settings import PortalSettings
 from yindian_common.logs import setup_logging
 from yindian_common.metrics import start_metrics_http
+from yindian_common.server import is_loopback
 from yindian_common.settings import add_settings_flags, load_settings
 
 log = logging.getLogger("portal")
@@ -67,6 +68,9 @@ def main(argv: list[str]) -> int:
         raise SystemExit("no TLS files given: pass --tls-cert/--tls-key/--tls-ca, or --insecure on loopback")
     if not 1 <= settings.overview_months <= 24:
         raise SystemExit("--overview-months must be between 1 and 24")
+    if not settings.https and not settings.forwarded_allow_ips and not is_loopback(settings.listen):
+        raise SystemExit(f"refusing plain HTTP on non-loopback address {settings.listen}: serve HTTPS "
+                         "(--https-cert/--https-key) or name the TLS proxy in front (--forwarded-allow-ips)")
     portal = Portal(settings)
     sock = bind(settings.listen)
     host, port = sock.getsockname()[:2]

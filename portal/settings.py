@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from yindian_common.clock import DEFAULT_TZ
 from yindian_common.server import TlsFiles
 from yindian_common.settings import YinDianSettings
 
@@ -27,7 +26,6 @@ class PortalSettings(YinDianSettings):
     https_key: str = Field("", description="PEM private key of --https-cert")
     forwarded_allow_ips: str = Field("", description="reverse proxies whose X-Forwarded-For/-Proto are trusted "
                                                      "(comma-separated IPs); empty: none")
-    timezone: str = Field(DEFAULT_TZ, description="time zone of business dates")
     log_level: str = Field("INFO", description="log level")
 
     # --- upstream calls ---

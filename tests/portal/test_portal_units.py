@@ -67,3 +67,9 @@ def test_portal_settings_defaults_and_flags() -> None:
                "--limit-per-account", "5/hour"])
     assert (s.listen, s.upstream, s.operator, s.limit_per_account) == ("0.0.0.0:9000", "10.0.0.5:50051", "web1",
                                                                        "5/hour")
+
+
+def test_plain_http_refused_off_loopback() -> None:
+    from portal.serve import main
+    with pytest.raises(SystemExit, match="refusing plain HTTP"):
+        main(["--listen", "0.0.0.0:0", "--insecure", "--metrics-port", "0"])
