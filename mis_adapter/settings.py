@@ -49,6 +49,19 @@ class AdapterSettings(ServerSettings):
     feed_peer_silence_s: float = Field(120.0, gt=0, le=86_400,
                                        description="bill feed: end a stream with no results for this long")
 
+    # Customer channels (CustomerService): utility operator identities, never banks.
+    operators: list[str] = Field(default_factory=list,
+                                 description="utility operator NAME allowed operator RPCs (repeatable; "
+                                             "mTLS CN/SAN, or x-yindian-operator metadata in plain text)")
+    factorless_operators: list[str] = Field(default_factory=list,
+                                            description="operators that may read an account overview without "
+                                                        "the phone factor (the IVR; repeatable)")
+    dunning_operators: list[str] = Field(default_factory=list,
+                                         description="operators that may list dunning candidates (full phone "
+                                                     "numbers), record attempts and opt-outs (repeatable)")
+    dunning_attempts_list_max: int = Field(1_000, ge=1, le=100_000,
+                                           description="dunning attempts returned per ListDunningAttempts")
+
     @model_validator(mode="after")
     def _lease_outlives_heartbeat(self) -> Self:
         if self.feed_lease_ttl_s <= self.feed_heartbeat_s:
