@@ -41,7 +41,6 @@ SIGNED_ON, SIGNED_OFF = "SIGNED_ON", "SIGNED_OFF"
 OPEN = "OPEN"  # no row: never signed on or off, served as open
 PREPAID, REFUND = "PREPAID", "REFUND"
 REFUND_MODES = (PREPAID, REFUND)
-ONE_DAY = dt.timedelta(days=1)
 
 
 @dataclass(frozen=True)
