@@ -162,10 +162,12 @@ class CustomerClient:
                 return
         raise UpstreamFailed(f"more than {pages_max} pages of dunning candidates")
 
-    def attempts(self, account_no: str, since: dt.datetime) -> list[Attempt]:
-        r = self._call(self._stub.ListDunningAttempts,
-                       customer_pb2.ListDunningAttemptsRequest(account_no=account_no, since=_ts(since)),
-                       "ListDunningAttempts")
+    def attempts(self, account_no: str, *, since: dt.datetime | None = None, campaign_id: str = "") -> list[Attempt]:
+        """A household's attempts placed since an instant (all when None), of one campaign or all."""
+        request = customer_pb2.ListDunningAttemptsRequest(account_no=account_no, campaign_id=campaign_id)
+        if since is not None:
+            request.since.CopyFrom(_ts(since))
+        r = self._call(self._stub.ListDunningAttempts, request, "ListDunningAttempts")
         assert isinstance(r, customer_pb2.ListDunningAttemptsResponse)
         if r.truncated:
             raise UpstreamFailed(f"attempt history of {account_no[-4:]} truncated: cannot count attempts")
