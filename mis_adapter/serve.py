@@ -24,6 +24,8 @@ def parse(argv: list[str]) -> AdapterSettings:
     parser = argparse.ArgumentParser(prog="python -m mis_adapter serve",
                                      description="Serve BillingService and ReportService to the banks.")
     add_settings_flags(parser, AdapterSettings)
+    from mis_adapter.customer_service import add_operator_flags  # local: keeps the import block untouched
+    add_operator_flags(parser)
     args = parser.parse_args(argv)
     return load_settings(AdapterSettings, args, args.config_file)
 
@@ -46,6 +48,11 @@ def build_server(settings: AdapterSettings, clock: Clock | None = None) -> tuple
                            report.ReportServicer(ctx))
     except ModuleNotFoundError:
         log.warning("event=report_service_missing")
+    # Customer channels (portal, ivr): utility operators only, never relayed by a bridge.
+    from mis_adapter.customer_service import CustomerServicer
+    from yindian.v1 import customer_pb2_grpc
+    server.add_service("yindian.v1.CustomerService", customer_pb2_grpc.add_CustomerServiceServicer_to_server,
+                       CustomerServicer(ctx))
     server.on_drain(ctx.close)
     return server, ctx
 
