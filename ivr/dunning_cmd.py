@@ -20,6 +20,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from ivr import phrases
 from ivr.chinese_numerals import date_words
 from ivr.customer_client import AccountUnknown, Candidate, CustomerClient, CustomerError
 from ivr.dialer import CallFileDialer, CallFileOptions, CallRequest, Dialer, RecordingDialer
-from ivr.dunning import CALL, OPT_OUT, DunningPolicy, decide, in_quiet_hours, quiet_hours_end
+from ivr.dunning import CALL, CAPPED, OPT_OUT, WAITING_RETRY, DunningPolicy, decide, in_quiet_hours, quiet_hours_end
 from ivr.prompts import PromptRenderer
 from ivr.settings import DunningSettings
 from yindian_common import fields
@@ -142,10 +143,31 @@ class Campaign:
         today = business_date(clock)
         self.campaign_id = fields.serial(settings.campaign_id or f"DUN-{today:%Y%m}", "campaign_id")
         self.report = CampaignReport(self.campaign_id, clock.now(), today)
+        self.pending: set[str] = set()  # called in this campaign, not reached yet
 
     def _record(self, account_no: str, attempt_no: int, outcome: str, detail: str = "") -> None:
         self.client.record(self.campaign_id, account_no, attempt_no, outcome, self.clock.now(), detail)
         self.report.outcomes[outcome] += 1
+
+    def _pending_path(self) -> Path:
+        return Path(self.s.spool_dir) / "yindian-dunning" / f"pending-{self.campaign_id}.txt"
+
+    def _read_pending(self) -> set[str]:
+        """Households this campaign called without reaching them yet: a hint kept
+        beside the spool so that one who paid (and so left the candidates) is
+        recorded SKIPPED_PAID. The MIS stays the authority for every count."""
+        path = self._pending_path()
+        if not path.exists():
+            return set()
+        lines = path.read_text("ascii").split()[: self.s.calls_per_run_max * self.s.attempts_max * 10]
+        return {a for a in lines if len(a) == fields.ACCOUNT_NO_LEN and a.isdigit()}
+
+    def _write_pending(self, pending: set[str]) -> None:
+        path = self._pending_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(f"{a}\n" for a in sorted(pending)), "ascii")
+        os.replace(tmp, path)
 
     def harvest(self) -> None:
         for h in self.dialer.harvest():
@@ -164,17 +186,35 @@ class Campaign:
             log.info("event=quiet_hours until=%s", self.report.quiet_until.isoformat())
             return self.report
         calls = 0
+        previously = self._read_pending()
+        pending = set(previously)
         for cand in self.client.candidates(self.report.as_of_date, self.s.min_arrears_fen, self.s.min_days_overdue,
                                            self.s.candidate_pages_max):
             self.report.candidates += 1
-            if calls >= self.s.calls_per_run_max:
-                self.report.held["CALLS_PER_RUN_MAX"] += 1
-                continue
-            if in_quiet_hours(self.clock.now(), self.policy):  # the run crossed into quiet hours
-                self.report.held["QUIET_HOURS"] += 1
+            pending.discard(cand.account_no)
+            held = ("CALLS_PER_RUN_MAX" if calls >= self.s.calls_per_run_max else
+                    "QUIET_HOURS" if in_quiet_hours(self.clock.now(), self.policy) else "")  # the run crossed 21:00
+            if held:
+                self.report.held[held] += 1
+                if cand.account_no in previously:
+                    self.pending.add(cand.account_no)
                 continue
             calls += await self._one(cand)
+        for account_no in sorted(pending):  # called before, no longer in arrears enough to be a candidate
+            self._drop_if_paid(account_no)
+        self._write_pending(self.pending)
         return self.report
+
+    def _drop_if_paid(self, account_no: str) -> None:
+        in_campaign = self.client.attempts(account_no, campaign_id=self.campaign_id)
+        if any(a.outcome in ("ANSWERED", "SKIPPED_PAID", "SKIPPED_OPT_OUT") for a in in_campaign):
+            return
+        fresh = self.client.overview(account_no)
+        if fresh.arrears_fen == 0:
+            attempt_no = max((a.attempt_no for a in in_campaign), default=0) + 1
+            self._record(account_no, attempt_no, "SKIPPED_PAID", "paid after an earlier attempt")
+        else:
+            self.report.held["BELOW_THRESHOLD"] += 1
 
     async def _one(self, cand: Candidate) -> int:
         """Handles one household; returns 1 when a call was placed."""
@@ -189,6 +229,8 @@ class Campaign:
             return 0
         if d.action != CALL:
             self.report.held[d.action] += 1
+            if d.action in (WAITING_RETRY, CAPPED):
+                self.pending.add(cand.account_no)
             return 0
         # Just before dialing: has the household paid meanwhile?
         fresh = self.client.overview(cand.account_no)
@@ -215,6 +257,8 @@ class Campaign:
             self._record(cand.account_no, d.attempt_no, outcome)
         if outcome == "ANSWERED":
             self.report.arrears_reached_fen += fresh.arrears_fen
+        else:
+            self.pending.add(cand.account_no)
         return 1
 
 

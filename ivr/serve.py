@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
@@ -21,7 +20,7 @@ from prometheus_client import Counter, Gauge
 
 from ivr.agi import AgiError, AgiLimits, AgiProtocolError, AgiSession, AgiTimeout
 from ivr.customer_client import CustomerClient, Overview
-from ivr.prompts import PromptRenderer
+from ivr.prompts import PromptError, PromptRenderer
 from ivr.self_service import CallLimits, run_call
 from ivr.settings import IvrSettings
 from yindian_common.logs import setup_logging
@@ -92,14 +91,18 @@ class IvrServer:
         except AgiError as exc:
             outcome = "HUNG_UP"
             log.info("event=agi_closed call=%s error=%r", call_id, str(exc))
+        except PromptError as exc:
+            outcome = "PROMPT_FAILED"
+            log.error("event=prompt_failed call=%s error=%r", call_id, str(exc))
+        except asyncio.CancelledError:
+            # Only the drain cancels a call (grace period over): end it here, quietly.
+            outcome = "CUT_AT_SHUTDOWN"
         finally:
             self._calls.discard(task)
             ACTIVE.dec()
             CALLS.labels(outcome).inc()
             log.info("event=call_ended call=%s outcome=%s", call_id, outcome)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+            writer.close()  # the transport flushes and closes on its own; nothing left to await
 
     async def serve(self) -> int:
         s = self.settings
@@ -131,6 +134,8 @@ class IvrServer:
             _done, pending = await asyncio.wait(set(self._calls), timeout=s.grace_s)
             for t in pending:
                 t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
         log.info("event=stopped")
         return 0
 
