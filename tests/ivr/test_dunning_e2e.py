@@ -4,6 +4,7 @@ dunning` run as the operator would (cron), each run on an injected clock
 as each household is scripted to; call files are what Asterisk reads."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import io
@@ -15,14 +16,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from ivr import dunning_cmd
+from ivr.customer_client import CustomerClient, Overview
 from ivr.dialer import parse_call_file
+from ivr.dunning_cmd import Campaign
+from ivr.prompts import PromptRenderer
+from ivr.settings import DunningSettings
 from tests.ivr.stack import DUNNING_OPERATOR, Mis, make_mis_db, running_mis
 from tests.support.mis_data import BillSpec
 from tests.support.procs import REPO
 from yindian.v1 import customer_pb2 as pb
+from yindian_common.clock import ManualClock
+from yindian_common.settings import load_settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -213,3 +221,33 @@ def test_call_files_are_valid_and_their_outcomes_come_back(dunning: Dunning) -> 
         assert outcomes[s] == (1, by_file[f"yindian-{CAMPAIGN}-{dunning.accounts[s]}-1.call"])
     assert list((spool / "outgoing").glob("*.call")) == []    # retries wait their schedule
     assert list((spool / "outgoing_done").glob("*.call")) == []  # each outcome harvested once
+
+
+class PaysAtTheLastMoment(CustomerClient):
+    """The MIS as seen by a campaign while household 1 pays at a bank counter
+    after the candidates were listed and before it is dialed."""
+
+    def __init__(self, dunning: Dunning) -> None:
+        super().__init__(grpc.insecure_channel(dunning.mis.addr), DUNNING_OPERATOR, 10.0)
+        self.dunning = dunning
+
+    def overview(self, account_no: str) -> Overview:
+        if account_no == self.dunning.accounts[1]:
+            q = self.dunning.mis.query(account_no)
+            if q.total_due_fen:
+                self.dunning.mis.pay(account_no, "LAST-MOMENT-1", q.total_due_fen)
+        return super().overview(account_no)
+
+
+def test_household_paying_just_before_the_call_is_not_called(dunning: Dunning) -> None:
+    settings = load_settings(DunningSettings, {
+        "upstream": dunning.mis.addr, "insecure": True, "spool_dir": str(dunning.tmp / "spool"),
+        "prompt_dir": str(dunning.tmp / "prompts"), "campaign_id": CAMPAIGN, "backend": "recording",
+        "min_arrears_fen": 100, "min_days_overdue": 3, "recording_outcomes": str(dunning.tmp / "script.json")})
+    clock = ManualClock(dt.datetime(2026, 11, 28, 10, 0, tzinfo=dt.timezone(dt.timedelta(hours=8))))
+    campaign = Campaign(settings, clock, PaysAtTheLastMoment(dunning), dunning_cmd.build_dialer(settings),
+                        PromptRenderer(settings.prompts()), frozenset())
+    report = asyncio.run(campaign.run())
+    assert dunning.calls_to(1) == []
+    assert dunning.attempts(1, CAMPAIGN) == [(1, "SKIPPED_PAID")]
+    assert report.outcomes["SKIPPED_PAID"] == 1 and dunning.calls_to(2) == ["NO_ANSWER"]
