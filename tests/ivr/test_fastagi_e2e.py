@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +45,9 @@ class Ivr:
         return p
 
 
-def start_ivr(tmp_path: Path, mis: Mis, *extra: str) -> procs.Proc:
+def start_ivr(tmp_path: Path, mis: Mis | str, *extra: str) -> procs.Proc:
     return procs.start("ivr", [
-        "ivr", "serve", "--listen", "127.0.0.1:0", "--upstream", mis.addr, "--insecure", "--operator", IVR_OPERATOR,
+        "ivr", "serve", "--listen", "127.0.0.1:0", "--upstream", mis if isinstance(mis, str) else mis.addr, "--insecure", "--operator", IVR_OPERATOR,
         "--metrics-port", "0", "--prompt-dir", str(tmp_path / "prompts"), "--digit-timeout-ms", str(DIGIT_MS),
         "--menu-timeout-ms", str(MENU_MS), "--header-timeout-s", "2", "--grace-s", "2", *extra], log_dir=tmp_path)
 
@@ -185,3 +187,29 @@ def test_sessions_beyond_the_bound_are_refused(ivr: Ivr, tmp_path: Path) -> None
         first.close()
     finally:
         assert one.terminate() == 0
+
+
+def test_utility_down_and_overlong_calls_end_politely(ivr: Ivr, tmp_path: Path) -> None:
+    with socket.socket() as s:                  # a port nobody listens on: mis_adapter is down
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    lonely = start_ivr(tmp_path, dead, "--upstream-timeout-s", "1", "--call-duration-max-s", "3",
+                       "--prompt-dir", str(ivr.prompt_dir))  # same cache: same file names
+    try:
+        p = AsteriskPeer(lonely.grpc_addr)
+        p.send_headers()
+        p.expect("ANSWER", "200 result=0")
+        p.expect(f"GET DATA {ivr.stem(phrases.ENTER_ACCOUNT)} {DIGIT_MS} 10", f"200 result={ivr.accounts[1]}")
+        p.expect(f'STREAM FILE {ivr.stem(phrases.SERVICE_UNAVAILABLE)} ""', "200 result=0 endpos=100")
+        p.expect("HANGUP", "200 result=1")
+        p.expect_closed()
+
+        p = AsteriskPeer(lonely.grpc_addr)      # Asterisk stops answering: the call ends at its bound
+        p.send_headers()
+        p.expect("ANSWER", "200 result=0")
+        assert (p.read_command() or "").startswith("GET DATA ")
+        started = time.monotonic()
+        p.expect_closed()
+        assert time.monotonic() - started < 10
+    finally:
+        assert lonely.terminate() == 0
