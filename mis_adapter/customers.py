@@ -182,8 +182,13 @@ class OptOut:
 
 # ---- pure rules ----
 def mask_address(address: str) -> str:
-    """The first characters (district, road) kept, the rest starred: 北京市朝阳区*****."""
-    shown = min(ADDRESS_SHOWN_MAX, len(address) // 2)
+    """The leading place names kept, the rest starred: 北京市朝阳区******, 黄河路*********.
+    Stops at the first digit (house and flat numbers identify a household), after
+    ADDRESS_SHOWN_MAX characters, and at half the address."""
+    shown = 0
+    limit = min(ADDRESS_SHOWN_MAX, len(address) // 2)
+    while shown < limit and not address[shown].isdigit():
+        shown += 1
     return address[:shown] + "*" * (len(address) - shown)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -248,3 +249,29 @@ def test_operator_flags_env_and_toml(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.operators == ["portal", "ivr"] and s.dunning_operators == ["ivr"] and s.factorless_operators == []
     monkeypatch.setenv("YINDIAN_OPERATORS", '["a", "b"]')
     assert parse([]).operators == ["a", "b"]
+
+
+def test_candidates_page_across_branch_databases(tmp_path: Path) -> None:
+    """Branch 02 in its own database: pages merge both databases in account order, none lost or repeated."""
+    with running_adapter(f"sqlite:///{tmp_path / 'front.db'}", branch_db=[f"02=sqlite:///{tmp_path / 'b02.db'}"],
+                         **ROLES) as a:
+        engines = a.ctx.router.engines()
+        assert len(engines) == 2
+        due = [BillSpec("202609", 10_000, dt.date(2026, 10, 25))]
+        expected = []
+        for i in range(4):
+            for branch in ("01", "02"):
+                acct = make_account_no(branch, 100 + i)
+                expected.append(add_account(a.ctx.router.engine_for(acct), branch, 100 + i, due))
+        req = pb.ListDunningCandidatesRequest(page_size=3)
+        seen: list[str] = []
+        while True:
+            page = stub(a).ListDunningCandidates(req, metadata=op(DUNNING))
+            seen.extend(c.account_no for c in page.candidates)
+            if not page.next_page_token:
+                break
+            req.page_token = page.next_page_token
+        assert seen == sorted(expected)
+        overview = stub(a).GetAccountOverview(pb.GetAccountOverviewRequest(
+            account_no=expected[1], phone_last4="5678"), metadata=op(PORTAL))
+        assert overview.branch_code == "02" and overview.arrears_fen == 10_000
