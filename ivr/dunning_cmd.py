@@ -105,6 +105,7 @@ class CampaignReport:
     at: dt.datetime
     as_of_date: dt.date
     candidates: int = 0
+    calls: int = 0                                             # placed this run
     outcomes: Counter[str] = field(default_factory=Counter)   # recorded in the MIS this run
     held: Counter[str] = field(default_factory=Counter)       # not called this run, and why
     harvested: Counter[str] = field(default_factory=Counter)  # outcomes of earlier calls
@@ -113,14 +114,14 @@ class CampaignReport:
 
     def as_dict(self) -> dict[str, object]:
         return {"campaign_id": self.campaign_id, "at": self.at.isoformat(), "as_of_date": self.as_of_date.isoformat(),
-                "candidates": self.candidates, "outcomes": dict(sorted(self.outcomes.items())),
+                "candidates": self.candidates, "calls": self.calls, "outcomes": dict(sorted(self.outcomes.items())),
                 "held": dict(sorted(self.held.items())), "harvested": dict(sorted(self.harvested.items())),
                 "arrears_reached_fen": self.arrears_reached_fen,
                 "quiet_until": self.quiet_until.isoformat() if self.quiet_until else None}
 
     def lines(self) -> list[str]:
         out = [f"campaign {self.campaign_id} at {self.at.isoformat()} (arrears as of {self.as_of_date}): "
-               f"{self.candidates} households in arrears"]
+               f"{self.candidates} households in arrears, {self.calls} calls placed"]
         if self.quiet_until is not None:
             out.append(f"quiet hours: no calls placed; calls may start at {self.quiet_until.isoformat()}")
         for title, counts in (("outcome", self.outcomes), ("held", self.held), ("harvested", self.harvested)):
@@ -145,9 +146,11 @@ class Campaign:
         self.report = CampaignReport(self.campaign_id, clock.now(), today)
         self.pending: set[str] = set()  # called in this campaign, not reached yet
 
-    def _record(self, account_no: str, attempt_no: int, outcome: str, detail: str = "") -> None:
+    def _record(self, account_no: str, attempt_no: int, outcome: str, detail: str = "", *,
+                count: bool = True) -> None:
         self.client.record(self.campaign_id, account_no, attempt_no, outcome, self.clock.now(), detail)
-        self.report.outcomes[outcome] += 1
+        if count:
+            self.report.outcomes[outcome] += 1
 
     def _pending_path(self) -> Path:
         return Path(self.s.spool_dir) / "yindian-dunning" / f"pending-{self.campaign_id}.txt"
@@ -241,7 +244,8 @@ class Campaign:
         text = phrases.dunning_reminder(cand.account_no, fresh.arrears_fen, fresh.late_fee_fen, date_words(due))
         stem = await self.prompts.render(text)
         # Recorded before it is placed: a crash after dialing can never lose an attempt from the cap.
-        self._record(cand.account_no, d.attempt_no, "PLACED")
+        self._record(cand.account_no, d.attempt_no, "PLACED", count=False)
+        self.report.calls += 1
         call = CallRequest(self.campaign_id, cand.account_no, d.attempt_no, cand.phone, stem.resolve(),
                            self.clock.now())
         try:
@@ -253,7 +257,9 @@ class Campaign:
             return 1
         log.info("event=call_placed campaign=%s tail=%s attempt=%d phone=%s outcome=%s", self.campaign_id,
                  cand.account_no[-4:], d.attempt_no, mask_phone(cand.phone), outcome)
-        if outcome != "PLACED":
+        if outcome == "PLACED":  # the final outcome comes back with the archived call file
+            self.report.outcomes["PLACED"] += 1
+        else:
             self._record(cand.account_no, d.attempt_no, outcome)
         if outcome == "ANSWERED":
             self.report.arrears_reached_fen += fresh.arrears_fen

@@ -28,6 +28,8 @@ log = logging.getLogger("yindian.ivr.prompts")
 RENDER_VERSION = "1"
 WAV_HEADER_BYTES = 44
 WAV_BYTES_PER_S = 8000 * 2
+# About 3.3 Chinese characters a second with espeak-ng's cmn voice: clear on a phone line.
+DEFAULT_SPEED_WPM = 190
 
 
 class PromptError(Exception):
@@ -38,7 +40,7 @@ class PromptError(Exception):
 class PromptSettings:
     cache_dir: Path
     voice: str = "cmn"
-    speed_wpm: int = 150
+    speed_wpm: int = DEFAULT_SPEED_WPM
     text_chars_max: int = 400
     cache_bytes_max: int = 256 * 1024 * 1024
     renders_max: int = 2

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from ivr.prompts import PromptSettings
+from ivr.prompts import DEFAULT_SPEED_WPM, PromptSettings
 from yindian_common.clock import DEFAULT_TZ
 from yindian_common.server import TlsFiles
 from yindian_common.settings import YinDianSettings
@@ -31,7 +31,7 @@ class _Upstream(YinDianSettings):
     # --- prompts ---
     prompt_dir: str = Field("var/ivr/prompts", description="cache of rendered prompts (Asterisk must read it)")
     voice: str = Field("cmn", description="espeak-ng voice")
-    speed_wpm: int = Field(150, description="espeak-ng speaking rate, words per minute")
+    speed_wpm: int = Field(DEFAULT_SPEED_WPM, description="espeak-ng speaking rate (espeak's words per minute)")
     prompt_cache_bytes_max: int = Field(256 * 1024 * 1024, description="bound of the prompt cache")
     prompt_renders_max: int = Field(2, description="prompts rendered at once")
     prompt_render_timeout_s: float = Field(20.0, description="longest a prompt may take to render")

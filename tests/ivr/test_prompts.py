@@ -40,7 +40,7 @@ def test_prompt_is_a_valid_audible_8khz_mono_wav(tmp_path: Path, text: str) -> N
     with wave.open(str(wav)) as w:
         assert (w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getcomptype()) == (8000, 1, 2, "NONE")
         seconds = w.getnframes() / w.getframerate()
-    # Mandarin at 150 wpm: roughly 0.15-0.6 s per character spoken.
+    # Mandarin at about 3.3 characters a second: 0.15-0.6 s per character, pauses included.
     assert 0.15 * len(text) <= seconds <= 0.6 * len(text), (seconds, len(text))
     assert abs(wav_duration_s(wav) - seconds) < 0.01
     assert sox_rms(wav) > 0.02  # not silence

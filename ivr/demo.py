@@ -1,0 +1,80 @@
+"""The customer channels' part of `make run` (bank_sim demo-day): start the
+web portal, and run a voice dunning campaign with the recording dialer.
+
+Steps take bank_sim's DemoDay (typed loosely: bank_sim imports this module,
+not the other way round). mis_adapter must have been started with the demo
+operators' roles (DEMO_OPERATOR_FLAGS)."""
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import json
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from yindian_common.clock import business_date, make_clock
+
+PORTAL_OPERATOR = "portal"
+DUNNING_OPERATOR = "dunning"
+# Roles mis_adapter grants in the demo: the portal reads overviews with the
+# phone factor; the dunning process lists candidates and reads without it.
+DEMO_OPERATOR_FLAGS = ("--operator", PORTAL_OPERATOR, "--operator", DUNNING_OPERATOR,
+                       "--factorless-operator", DUNNING_OPERATOR, "--dunning-operator", DUNNING_OPERATOR)
+# A demo campaign places at most this many calls (each renders a personal prompt).
+DEMO_CALLS_MAX = 20
+DEMO_HTTP_TIMEOUT_S = 5.0
+
+
+def portal_step(day: Any) -> None:
+    """Starts `python -m portal serve` against the demo's mis_adapter and says where it is."""
+    if importlib.util.find_spec("portal") is None:
+        day.console.print("  (no portal package in this tree: skipped)")
+        return
+    upstream = day.servers["mis_adapter"].grpc_addr
+    proc = day.start("portal", ["portal", "serve", "--listen", "127.0.0.1:0", "--upstream", upstream,
+                                "--insecure", "--operator", PORTAL_OPERATOR, "--metrics-port", "0"])
+    url = f"http://{proc.grpc_addr}/"
+    with urllib.request.urlopen(url, timeout=DEMO_HTTP_TIMEOUT_S) as r:  # noqa: S310 (loopback, ours)
+        status = r.status
+    day.facts["portal_url"] = url
+    day.console.print(f"  customer portal (网上查询) served at [bold]{url}[/bold] (HTTP {status}); "
+                      "it stops with the day")
+
+
+def dunning_step(day: Any) -> None:
+    """One pass of a voice dunning campaign, recording dialer, at 10:00 local time of the
+    demo's business day (dunning honours quiet hours, so a demo run at night still calls)."""
+    from rich.table import Table
+
+    from bank_sim.processes import run_command
+
+    s = day.settings
+    clock = make_clock(s.clock_start)
+    today = business_date(clock)
+    at_ten = dt.datetime.combine(today, dt.time(10, 0), tzinfo=clock.tz).isoformat()
+    spool = Path(day.work) / "spool"
+    report_file = Path(day.work) / "dunning-report.json"
+    run_command("dunning", [
+        "ivr", "dunning", "--upstream", day.servers["mis_adapter"].grpc_addr, "--insecure",
+        "--operator", DUNNING_OPERATOR, "--spool-dir", str(spool), "--prompt-dir", str(Path(day.work) / "prompts"),
+        "--backend", "recording", "--clock-start", at_ten, "--campaign-id", f"DEMO-{today:%Y%m%d}",
+        "--calls-per-run-max", str(DEMO_CALLS_MAX), "--min-days-overdue", "1", "--report-json", str(report_file)],
+        log_dir=day.work, timeout_s=s.step_timeout_s, cwd=Path(__file__).resolve().parents[1])
+    report = json.loads(report_file.read_text(encoding="utf-8"))
+    table = Table(title=f"Voice dunning campaign {report['campaign_id']} (自动语音催费, recording dialer)")
+    table.add_column("what")
+    table.add_column("households", justify="right")
+    table.add_row("in arrears (candidates)", f"{report['candidates']:,}", style="bold")
+    table.add_row("called", f"{report['calls']:,}")
+    for outcome, n in report["outcomes"].items():
+        table.add_row(f"recorded {outcome}", f"{n:,}")
+    for why, n in report["held"].items():
+        table.add_row(f"not called: {why}", f"{n:,}")
+    table.add_row("arrears reached (yuan)", f"{report['arrears_reached_fen'] / 100:,.2f}")
+    day.sections.append(table)
+    day.facts["dunning"] = report
+    calls = report["calls"]
+    day.console.print(f"  campaign {report['campaign_id']}: {report['candidates']:,} households in arrears, "
+                      f"{calls} calls recorded in {spool / 'recorded-calls.jsonl'}, "
+                      f"{report['arrears_reached_fen'] / 100:,.2f} yuan of arrears reached")
