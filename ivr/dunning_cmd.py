@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
+import fcntl
 import json
 import logging
 import os
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +34,7 @@ from ivr.chinese_numerals import date_words
 from ivr.customer_client import AccountUnknown, Candidate, CustomerClient, CustomerError
 from ivr.dialer import CallFileDialer, CallFileOptions, CallRequest, Dialer, RecordingDialer
 from ivr.dunning import CALL, CAPPED, OPT_OUT, WAITING_RETRY, DunningPolicy, decide, in_quiet_hours, quiet_hours_end
-from ivr.prompts import PromptRenderer
+from ivr.prompts import PromptError, PromptRenderer
 from ivr.settings import DunningSettings
 from yindian_common import fields
 from yindian_common.clock import Clock, business_date, make_clock
@@ -46,6 +49,8 @@ log = logging.getLogger("yindian.ivr.dunning")
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_UPSTREAM = 3
+EXIT_PROMPT = 4
+EXIT_BUSY = 5
 _TIME_RE = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
 
 
@@ -147,10 +152,12 @@ class Campaign:
         self.pending: set[str] = set()  # called in this campaign, not reached yet
 
     def _record(self, account_no: str, attempt_no: int, outcome: str, detail: str = "", *,
-                count: bool = True) -> None:
-        self.client.record(self.campaign_id, account_no, attempt_no, outcome, self.clock.now(), detail)
+                count: bool = True) -> bool:
+        """Records an attempt in the MIS; True when it was stored already (a replay)."""
+        replayed = self.client.record(self.campaign_id, account_no, attempt_no, outcome, self.clock.now(), detail)
         if count:
             self.report.outcomes[outcome] += 1
+        return replayed
 
     def _pending_path(self) -> Path:
         return Path(self.s.spool_dir) / "yindian-dunning" / f"pending-{self.campaign_id}.txt"
@@ -244,7 +251,11 @@ class Campaign:
         text = phrases.dunning_reminder(cand.account_no, fresh.arrears_fen, fresh.late_fee_fen, date_words(due))
         stem = await self.prompts.render(text)
         # Recorded before it is placed: a crash after dialing can never lose an attempt from the cap.
-        self._record(cand.account_no, d.attempt_no, "PLACED", count=False)
+        if self._record(cand.account_no, d.attempt_no, "PLACED", count=False):
+            # Someone recorded this very attempt already: it was placed; never dial twice.
+            log.warning("event=attempt_already_recorded tail=%s attempt=%d", cand.account_no[-4:], d.attempt_no)
+            self.report.held["ALREADY_PLACED"] += 1
+            return 0
         self.report.calls += 1
         call = CallRequest(self.campaign_id, cand.account_no, d.attempt_no, cand.phone, stem.resolve(),
                            self.clock.now())
@@ -266,6 +277,27 @@ class Campaign:
         else:
             self.pending.add(cand.account_no)
         return 1
+
+
+class PassRunning(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def campaign_lock(spool_dir: Path) -> Iterator[None]:
+    """One dunning pass at a time per spool: two overlapping cron runs could
+    otherwise both decide to call the same household."""
+    path = spool_dir / "yindian-dunning" / "pass.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PassRunning(f"another dunning pass holds {path}") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def build_dialer(s: DunningSettings) -> Dialer:
@@ -294,12 +326,16 @@ def main(argv: list[str]) -> int:
         print(f"error: {exc}")
         return EXIT_BAD_INPUT
     try:
-        report = asyncio.run(campaign.run())
-    except CustomerError as exc:
-        print(f"error: mis_adapter: {exc}")
+        with campaign_lock(Path(s.spool_dir)):
+            report = asyncio.run(campaign.run())
+    except PassRunning as exc:
+        print(f"not run: {exc}")
+        return EXIT_BUSY
+    except (CustomerError, PromptError) as exc:
+        print(f"error: {exc}")
         for line in campaign.report.lines():
             print(line)
-        return EXIT_UPSTREAM
+        return EXIT_UPSTREAM if isinstance(exc, CustomerError) else EXIT_PROMPT
     finally:
         channel.close()
     for line in report.lines():

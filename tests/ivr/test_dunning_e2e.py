@@ -251,3 +251,15 @@ def test_household_paying_just_before_the_call_is_not_called(dunning: Dunning) -
     assert dunning.calls_to(1) == []
     assert dunning.attempts(1, CAMPAIGN) == [(1, "SKIPPED_PAID")]
     assert report.outcomes["SKIPPED_PAID"] == 1 and dunning.calls_to(2) == ["NO_ANSWER"]
+
+
+def test_overlapping_passes_never_both_run(dunning: Dunning) -> None:
+    args = ["--upstream", dunning.mis.addr, "--insecure", "--operator", DUNNING_OPERATOR,
+            "--spool-dir", str(dunning.tmp / "spool"), "--prompt-dir", str(dunning.tmp / "prompts"),
+            "--backend", "recording", "--clock-start", "2026-11-28T10:00:00+08:00"]
+    out = io.StringIO()
+    with dunning_cmd.campaign_lock(dunning.tmp / "spool"), contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(out):
+        assert dunning_cmd.main(args) == dunning_cmd.EXIT_BUSY   # a cron run while the last one still runs
+    assert "another dunning pass" in out.getvalue()
+    assert dunning.calls() == [] and dunning.attempts(1) == []
