@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ivr import phrases
 from ivr.chinese_numerals import date_words
-from ivr.customer_client import AccountUnknown, Candidate, CustomerClient, CustomerError
+from ivr.customer_client import AccountUnknown, AttemptConflict, Candidate, CustomerClient, CustomerError
 from ivr.dialer import CallFileDialer, CallFileOptions, CallRequest, Dialer, RecordingDialer
 from ivr.dunning import CALL, CAPPED, OPT_OUT, WAITING_RETRY, DunningPolicy, decide, in_quiet_hours, quiet_hours_end
 from ivr.prompts import PromptError, PromptRenderer
@@ -185,6 +185,9 @@ class Campaign:
                 self.client.record(h.campaign_id, h.account_no, h.attempt_no, h.outcome, self.clock.now(), h.detail)
             except AccountUnknown:
                 log.warning("event=harvest_unknown_account tail=%s", h.account_no[-4:])
+            except AttemptConflict as exc:  # the MIS holds another final outcome: it stays, we report
+                log.warning("event=harvest_conflict tail=%s attempt=%d error=%r", h.account_no[-4:],
+                            h.attempt_no, str(exc))
             self.dialer.done(h)
             self.report.harvested[h.outcome] += 1
 
