@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -213,3 +214,28 @@ def test_utility_down_and_overlong_calls_end_politely(ivr: Ivr, tmp_path: Path) 
         assert time.monotonic() - started < 10
     finally:
         assert lonely.terminate() == 0
+
+
+def test_sigterm_lets_the_call_in_progress_finish(ivr: Ivr, tmp_path: Path) -> None:
+    draining = start_ivr(tmp_path, ivr.mis, "--prompt-dir", str(ivr.prompt_dir), "--grace-s", "20")
+    p = AsteriskPeer(draining.grpc_addr)
+    p.send_headers()
+    p.expect("ANSWER", "200 result=0")
+    draining.popen.send_signal(signal.SIGTERM)
+    host, port = draining.grpc_addr.rsplit(":", 1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:          # the listener closes at once ...
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+        except ConnectionRefusedError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("still accepting calls after SIGTERM")
+    p.expect(f"GET DATA {ivr.stem(phrases.ENTER_ACCOUNT)} {DIGIT_MS} 10", "200 result=")  # ... the call goes on
+    p.expect(f"GET DATA {ivr.stem(phrases.REENTER_BAD_NUMBER)} {DIGIT_MS} 10", "200 result=")
+    p.expect(f"GET DATA {ivr.stem(phrases.REENTER_BAD_NUMBER)} {DIGIT_MS} 10", "200 result=")
+    p.expect(f'STREAM FILE {ivr.stem(phrases.TOO_MANY_ATTEMPTS)} ""', "200 result=0 endpos=1")
+    p.expect("HANGUP", "200 result=1")
+    p.expect_closed()
+    assert draining.popen.wait(timeout=20) == 0
