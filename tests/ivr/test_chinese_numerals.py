@@ -107,3 +107,28 @@ def test_every_amount_names_its_units_once(amount_fen: int) -> None:
     assert ("角" in words) == (rest // 10 > 0)
     assert ("分" in words) == (rest % 10 > 0)
     assert words.endswith("整") == (rest == 0)
+
+
+def _parse_fen(words: str) -> int:
+    """Independent reader of what fen_words writes, for amounts below 一亿元."""
+    if words == "零元整":
+        return 0
+    words = words.removesuffix("整")
+    yuan = 0
+    if "元" in words:
+        head, words = words.split("元")
+        yuan = _parse_integer(head)
+    words = words.removeprefix("零")
+    jiao = fen = 0
+    if "角" in words:
+        head, words = words.split("角")
+        jiao = _VALUE[head]
+    words = words.removeprefix("零")
+    if "分" in words:
+        fen = _VALUE[words.removesuffix("分")]
+    return yuan * 100 + jiao * 10 + fen
+
+
+@given(st.integers(min_value=0, max_value=1_000_000_000))
+def test_every_amount_reads_back_to_itself(amount_fen: int) -> None:
+    assert _parse_fen(fen_words(amount_fen)) == amount_fen
