@@ -13,7 +13,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from ivr.customer_client import CustomerClient
 from yindian_common.clock import business_date, make_clock
+from yindian_common.server import open_channel
 
 PORTAL_OPERATOR = "portal"
 DUNNING_OPERATOR = "dunning"
@@ -42,6 +44,22 @@ def portal_step(day: Any) -> None:
                       "it stops with the day")
 
 
+def _households_answer(day: Any, today: dt.date, work: Path) -> tuple[Path, Path]:
+    """How the demo's households behave on the phone: of the first ones in
+    arrears, two asked not to be called, every fourth does not answer and
+    every fourth is busy; the rest answer."""
+    channel = open_channel(day.servers["mis_adapter"].grpc_addr, tls=None, insecure=True)
+    try:
+        client = CustomerClient(channel, DUNNING_OPERATOR, DEMO_HTTP_TIMEOUT_S, candidates_page_size=DEMO_CALLS_MAX)
+        first = [c.account_no for _, c in zip(range(DEMO_CALLS_MAX), client.candidates(today, 1, 1, 1), strict=False)]
+    finally:
+        channel.close()
+    script = {a: ["NO_ANSWER" if i % 4 == 1 else "BUSY" if i % 4 == 3 else "ANSWERED"] for i, a in enumerate(first)}
+    (work / "dunning-script.json").write_text(json.dumps(script), encoding="utf-8")
+    (work / "dunning-opt-out.txt").write_text("".join(f"{a}\n" for a in first[:2]), encoding="utf-8")
+    return work / "dunning-script.json", work / "dunning-opt-out.txt"
+
+
 def dunning_step(day: Any) -> None:
     """One pass of a voice dunning campaign, recording dialer, at 10:00 local time of the
     demo's business day (dunning honours quiet hours, so a demo run at night still calls)."""
@@ -55,11 +73,13 @@ def dunning_step(day: Any) -> None:
     at_ten = dt.datetime.combine(today, dt.time(10, 0), tzinfo=clock.tz).isoformat()
     spool = Path(day.work) / "spool"
     report_file = Path(day.work) / "dunning-report.json"
+    script_file, opt_out_file = _households_answer(day, today, Path(day.work))
     run_command("dunning", [
         "ivr", "dunning", "--upstream", day.servers["mis_adapter"].grpc_addr, "--insecure",
         "--operator", DUNNING_OPERATOR, "--spool-dir", str(spool), "--prompt-dir", str(Path(day.work) / "prompts"),
         "--backend", "recording", "--clock-start", at_ten, "--campaign-id", f"DEMO-{today:%Y%m%d}",
-        "--calls-per-run-max", str(DEMO_CALLS_MAX), "--min-days-overdue", "1", "--report-json", str(report_file)],
+        "--calls-per-run-max", str(DEMO_CALLS_MAX), "--min-days-overdue", "1", "--report-json", str(report_file),
+        "--recording-outcomes", str(script_file), "--opt-out-file", str(opt_out_file)],
         log_dir=day.work, timeout_s=s.step_timeout_s, cwd=Path(__file__).resolve().parents[1])
     report = json.loads(report_file.read_text(encoding="utf-8"))
     table = Table(title=f"Voice dunning campaign {report['campaign_id']} (自动语音催费, recording dialer)")
