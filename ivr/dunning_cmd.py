@@ -32,7 +32,7 @@ from pathlib import Path
 from ivr import phrases
 from ivr.chinese_numerals import date_words
 from ivr.customer_client import AccountUnknown, AttemptConflict, Candidate, CustomerClient, CustomerError
-from ivr.dialer import CallFileDialer, CallFileOptions, CallRequest, Dialer, RecordingDialer
+from ivr.dialer import CallFileDialer, CallFileOptions, CallRequest, Dialer, RecordingDialer, check_phone
 from ivr.dunning import CALL, CAPPED, OPT_OUT, WAITING_RETRY, DunningPolicy, decide, in_quiet_hours, quiet_hours_end
 from ivr.prompts import PromptError, PromptRenderer
 from ivr.settings import DunningSettings
@@ -169,7 +169,7 @@ class Campaign:
         path = self._pending_path()
         if not path.exists():
             return set()
-        lines = path.read_text("ascii").split()[: self.s.calls_per_run_max * self.s.attempts_max * 10]
+        lines = path.read_text("ascii").split()[: self.s.pending_households_max]
         return {a for a in lines if len(a) == fields.ACCOUNT_NO_LEN and a.isdigit()}
 
     def _write_pending(self, pending: set[str]) -> None:
@@ -244,6 +244,12 @@ class Campaign:
             self.report.held[d.action] += 1
             if d.action in (WAITING_RETRY, CAPPED):
                 self.pending.add(cand.account_no)
+            return 0
+        try:
+            check_phone(cand.phone)
+        except ValueError:  # nothing to dial: no attempt to count against the household
+            log.warning("event=no_dialable_phone tail=%s phone=%s", cand.account_no[-4:], mask_phone(cand.phone))
+            self.report.held["NO_DIALABLE_PHONE"] += 1
             return 0
         # Just before dialing: has the household paid meanwhile?
         fresh = self.client.overview(cand.account_no)

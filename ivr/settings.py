@@ -93,6 +93,8 @@ class DunningSettings(_Upstream):
     calls_per_run_max: int = Field(500, description="most calls placed in one run")
     candidate_pages_max: int = Field(1000, description="most pages of candidates read in one run")
     candidates_page_size: int = Field(500, description="candidates per page")
+    pending_households_max: int = Field(100_000, description="households remembered as called but not reached "
+                                                             "(to record SKIPPED_PAID when they pay)")
     opt_out_entries_max: int = Field(100_000, description="most lines read from the opt-out file")
     # --- call files (Asterisk) ---
     channel_template: str = Field("Local/{phone}@yindian-dunning-out", description="Channel: of the call file; "
