@@ -293,6 +293,10 @@ def test_security_headers_and_csrf(stack: Stack) -> None:
     with pytest.raises(urllib.error.HTTPError) as exc:
         urllib.request.urlopen(forged, timeout=10)
     assert exc.value.code == 403
+    huge = urllib.request.Request(f"{stack.portal_url}/lookup", data=b"account_no=" + b"1" * 10_000)
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(huge, timeout=10)
+    assert exc.value.code == 413 and exc.value.headers["x-frame-options"] == "DENY"
 
 
 def test_upstream_down_is_a_friendly_503_and_client_limit_engages(tmp_path: Path) -> None:
