@@ -7,4 +7,11 @@ COMMANDS = {
     "dunning": ("ivr.dunning_cmd", "run one pass of a voice dunning campaign (催费)"),
 }
 
-sys.exit(dispatch("ivr", COMMANDS))
+
+def main() -> int:
+    """`python -m ivr`."""
+    return dispatch("ivr", COMMANDS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,21 +8,20 @@ answer becomes a domain value or one of
     ├── AttemptConflict     ALREADY_EXISTS (an attempt recorded differently)
     └── UpstreamFailed      anything else (unavailable, deadline, refused role)
 
-This is the only ivr module that imports generated protobuf types."""
+This is the only ivr module that imports generated protobuf types; the
+values it returns are ivr.accounts' plain dataclasses."""
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import grpc
 from google.protobuf import timestamp_pb2
 
+from ivr.accounts import OUTCOMES, Attempt, Candidate, LastPayment, Overview
 from yindian.v1 import billing_pb2, customer_pb2, customer_pb2_grpc
 
 OPERATOR_METADATA = "x-yindian-operator"
-
-OUTCOMES = ("PLACED", "ANSWERED", "NO_ANSWER", "BUSY", "FAILED", "SKIPPED_PAID", "SKIPPED_OPT_OUT")
 
 
 class CustomerError(Exception):
@@ -45,47 +44,6 @@ class UpstreamFailed(CustomerError):
     def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
         self.code = code
-
-
-@dataclass(frozen=True)
-class LastPayment:
-    date: dt.date
-    amount_fen: int
-    channel: str
-
-
-@dataclass(frozen=True)
-class Overview:
-    account_no: str
-    arrears_fen: int
-    late_fee_fen: int
-    total_due_fen: int
-    prepaid_fen: int
-    earliest_unpaid_due_date: dt.date | None
-    last_payment: LastPayment | None
-    closed: bool
-
-
-@dataclass(frozen=True)
-class Candidate:
-    account_no: str
-    phone: str
-    arrears_fen: int
-    late_fee_fen: int
-    total_due_fen: int
-    oldest_due_date: dt.date
-    days_overdue: int
-    opted_out: bool
-
-
-@dataclass(frozen=True)
-class Attempt:
-    campaign_id: str
-    account_no: str
-    attempt_no: int
-    outcome: str
-    placed_at: dt.datetime
-    outcome_at: dt.datetime
 
 
 def _date(value: str) -> dt.date | None:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
-from ivr.customer_client import Attempt
+from ivr.accounts import Attempt
 
 CALL_OUTCOMES = frozenset({"PLACED", "ANSWERED", "NO_ANSWER", "BUSY", "FAILED"})
 

@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ivr import phrases
+from ivr.accounts import Candidate
 from ivr.chinese_numerals import date_words
-from ivr.customer_client import AccountUnknown, AttemptConflict, Candidate, CustomerClient, CustomerError
+from ivr.customer_client import AccountUnknown, AttemptConflict, CustomerClient, CustomerError
 from ivr.dialer import CallFileDialer, CallFileOptions, CallRequest, Dialer, RecordingDialer, check_phone
 from ivr.dunning import CALL, CAPPED, OPT_OUT, WAITING_RETRY, DunningPolicy, decide, in_quiet_hours, quiet_hours_end
 from ivr.prompts import PromptError, PromptRenderer

@@ -2,8 +2,8 @@
 amounts and dates through ivr.chinese_numerals."""
 from __future__ import annotations
 
+from ivr.accounts import Overview
 from ivr.chinese_numerals import account_digits, date_words, fen_words
-from ivr.customer_client import Overview
 
 ENTER_ACCOUNT = "您好，欢迎使用电费自助查询。请输入十位户号，以井号键结束。"
 REENTER_BAD_NUMBER = "您输入的户号有误，请重新输入十位户号，以井号键结束。"

@@ -22,8 +22,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ivr import phrases
+from ivr.accounts import Overview
 from ivr.agi import AgiHangup, AgiSession
-from ivr.customer_client import AccountRejected, AccountUnknown, CustomerError, Overview
+from ivr.customer_client import AccountRejected, AccountUnknown, CustomerError
 from ivr.prompts import PromptRenderer, wav_duration_s
 from yindian_common import fields
 from yindian_common.errors import InvalidField

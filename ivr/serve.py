@@ -18,8 +18,9 @@ import signal
 
 from prometheus_client import Counter, Gauge
 
+from ivr.accounts import Overview
 from ivr.agi import AgiError, AgiLimits, AgiProtocolError, AgiSession, AgiTimeout
-from ivr.customer_client import CustomerClient, Overview
+from ivr.customer_client import CustomerClient
 from ivr.prompts import PromptError, PromptRenderer
 from ivr.self_service import CallLimits, run_call
 from ivr.settings import IvrSettings

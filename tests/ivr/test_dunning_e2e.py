@@ -20,7 +20,8 @@ import grpc
 import pytest
 
 from ivr import dunning_cmd
-from ivr.customer_client import CustomerClient, Overview
+from ivr.accounts import Overview
+from ivr.customer_client import CustomerClient
 from ivr.dialer import parse_call_file
 from ivr.dunning_cmd import Campaign
 from ivr.prompts import PromptRenderer

@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from ivr.customer_client import Attempt
+from ivr.accounts import Attempt
 from ivr.dunning import (
     CALL,
     CAPPED,
