@@ -40,8 +40,8 @@ def portal_step(day: Any) -> None:
     with urllib.request.urlopen(url, timeout=DEMO_HTTP_TIMEOUT_S) as r:  # noqa: S310 (loopback, ours)
         status = r.status
     day.facts["portal_url"] = url
-    day.console.print(f"  customer portal (网上查询) served at [bold]{url}[/bold] (HTTP {status}); "
-                      "it stops with the day")
+    day.console.print(f"  customer portal served at [bold]{url}[/bold]")
+    day.console.print(f"  (网上查询, HTTP {status}; stopped with the other processes at the end of the day)")
 
 
 def _households_answer(day: Any, today: dt.date, work: Path) -> tuple[Path, Path]:
