@@ -6,13 +6,14 @@ import logging
 
 from mis_adapter import metrics_collector
 from mis_adapter.context import AdapterContext
+from mis_adapter.customer_service import CustomerServicer, add_operator_flags
 from mis_adapter.feed import FeedSettings
 from mis_adapter.feed_service import FeedHub
 from mis_adapter.migrate import upgrade
 from mis_adapter.report_service import ReportServicer
 from mis_adapter.service import BillingServicer
 from mis_adapter.settings import AdapterSettings
-from yindian.v1 import billing_pb2_grpc, report_pb2_grpc
+from yindian.v1 import billing_pb2_grpc, customer_pb2_grpc, report_pb2_grpc
 from yindian_common.clock import Clock, make_clock
 from yindian_common.logs import setup_logging
 from yindian_common.metrics import grpc_server_interceptors, start_metrics_http
@@ -24,9 +25,9 @@ log = logging.getLogger("mis_adapter")
 
 def parse(argv: list[str]) -> AdapterSettings:
     parser = argparse.ArgumentParser(prog="python -m mis_adapter serve",
-                                     description="Serve BillingService and ReportService to the banks.")
+                                     description="Serve BillingService and ReportService to the banks, "
+                                                 "CustomerService to the utility's own channels.")
     add_settings_flags(parser, AdapterSettings)
-    from mis_adapter.customer_service import add_operator_flags  # local: keeps the import block untouched
     add_operator_flags(parser)
     return parse_settings(parser, AdapterSettings, argv)
 
@@ -47,8 +48,6 @@ def build_server(settings: AdapterSettings, clock: Clock | None = None) -> tuple
     server.add_service("yindian.v1.ReportService", report_pb2_grpc.add_ReportServiceServicer_to_server,
                        ReportServicer(ctx))
     # Customer channels (portal, ivr): utility operators only, never relayed by a bridge.
-    from mis_adapter.customer_service import CustomerServicer
-    from yindian.v1 import customer_pb2_grpc
     server.add_service("yindian.v1.CustomerService", customer_pb2_grpc.add_CustomerServiceServicer_to_server,
                        CustomerServicer(ctx))
     server.on_drain(ctx.close)

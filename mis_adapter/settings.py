@@ -59,7 +59,8 @@ class AdapterSettings(ServerSettings):
     dunning_operators: list[str] = Field(default_factory=list,
                                          description="operators that may list dunning candidates (full phone "
                                                      "numbers), record attempts and opt-outs (repeatable)")
-    dunning_attempts_list_max: int = Field(1_000, description="dunning attempts returned per ListDunningAttempts")
+    dunning_attempts_list_max: int = Field(1_000, ge=1, le=100_000,
+                                           description="dunning attempts returned per ListDunningAttempts")
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeat(self) -> Self:
