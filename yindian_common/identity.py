@@ -1,32 +1,139 @@
-"""Who is calling: the bank id from the peer's client certificate (mTLS,
-subject CN or SAN), or, in plain-text loopback mode only, from the
-`x-yindian-bank-id` call metadata the bridge sets."""
+"""Who is calling, and in which role: the one place every server asks.
+
+Under mutual TLS the identity comes only from the peer's client certificate
+(subject CN, else the first SAN); call metadata is ignored. In plain-text
+loopback mode (development only) it comes from call metadata: a bank is
+named by `x-yindian-bank-id` (the bridge sets it), a utility operator by
+`x-yindian-operator`.
+
+Roles (DESIGN.md, ReportService):
+    OPERATOR  a name listed in the server's `operators` setting: the utility's
+              back office (every bank's collections, arrears, household detail)
+    BANK      any other identity: a bank, seeing only its own data (whether it
+              is a bank the utility knows is checked against the bank registry)
+
+A caller without any identity is refused with PERMISSION_DENIED on
+ReportService (`require_caller`) and UNAUTHENTICATED on BillingService
+(`bank_of`). This module never reads the database or the settings: the
+operator names are passed in."""
 from __future__ import annotations
 
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass
+
 import grpc
+from prometheus_client import Counter
 
 from yindian_common import fields
-from yindian_common.errors import Unauthenticated
+from yindian_common.errors import Forbidden, Unauthenticated
 
 BANK_ID_METADATA = "x-yindian-bank-id"
+OPERATOR_METADATA = "x-yindian-operator"
+
+BANK = "BANK"
+OPERATOR = "OPERATOR"
+FROM_CERTIFICATE = "certificate"
+FROM_METADATA = "metadata"
+
+audit_log = logging.getLogger("yindian.audit")
+
+ACCESS_DENIED = Counter("yindian_access_denied", "Calls refused for the caller's identity or role (audited)",
+                        ["rpc", "reason"])
+
+
+@dataclass(frozen=True)
+class Caller:
+    name: str
+    role: str  # BANK or OPERATOR
+    source: str  # certificate or metadata
+
+    @property
+    def is_operator(self) -> bool:
+        return self.role == OPERATOR
+
+
+def _decoded(value: bytes | str) -> str:
+    return value if isinstance(value, str) else value.decode("ascii", "replace")
+
+
+def certificate_names(context: grpc.ServicerContext) -> tuple[str, str]:
+    """(subject CN, first SAN) of the peer certificate, as written ('' when absent)."""
+    auth = context.auth_context()
+    cn = auth.get("x509_common_name") or [b""]
+    san = auth.get("x509_subject_alternative_name") or [b""]
+    return _decoded(cn[0]), _decoded(san[0])
+
+
+def _metadata(context: grpc.ServicerContext, key: str) -> str | None:
+    for k, v in context.invocation_metadata():
+        if k == key:
+            return _decoded(v)
+    return None
 
 
 def bank_of(context: grpc.ServicerContext, *, tls: bool) -> str:
+    """The calling bank's id: the certificate's CN, else its first SAN upper-cased
+    (DNS names are case-insensitive and bank ids are upper case); in plain-text
+    mode the `x-yindian-bank-id` metadata."""
     if tls:
-        # The subject's CN names the bank; failing that, the first SAN (DNS names
-        # are case-insensitive and bank ids are upper case).
-        auth = context.auth_context()
-        for key, normalise in (("x509_common_name", str), ("x509_subject_alternative_name", str.upper)):
-            values = auth.get(key)
-            if values:
-                bank = normalise(values[0].decode("ascii", "replace"))
-                if 0 < len(bank) <= fields.CODE_MAX:
-                    return bank
+        cn, san = certificate_names(context)
+        for bank in (cn, san.upper()):
+            if 0 < len(bank) <= fields.CODE_MAX:
+                return bank
         raise Unauthenticated("no bank identity in the client certificate")
-    for k, v in context.invocation_metadata():
-        if k == BANK_ID_METADATA:
-            bank = v if isinstance(v, str) else v.decode("ascii", "replace")
-            if not bank or len(bank) > fields.CODE_MAX:
-                raise Unauthenticated("malformed bank id")
-            return bank
-    raise Unauthenticated(f"no bank identity: plain-text mode needs {BANK_ID_METADATA} metadata")
+    named = _metadata(context, BANK_ID_METADATA)
+    if named is None:
+        raise Unauthenticated(f"no bank identity: plain-text mode needs {BANK_ID_METADATA} metadata")
+    if not named or len(named) > fields.CODE_MAX:
+        raise Unauthenticated("malformed bank id")
+    return named
+
+
+def caller_of(context: grpc.ServicerContext, *, tls: bool, operators: Collection[str]) -> Caller | None:
+    """The caller and its role, or None when the call names nobody usable."""
+    if tls:
+        cn, san = certificate_names(context)
+        # An operator is named exactly as configured (CN, else SAN as written).
+        name = cn or san
+        if name and name in operators:
+            return Caller(name, OPERATOR, FROM_CERTIFICATE)
+        try:
+            return Caller(bank_of(context, tls=True), BANK, FROM_CERTIFICATE)
+        except Unauthenticated:
+            return None
+    operator = _metadata(context, OPERATOR_METADATA)
+    if operator is not None:
+        # Naming an operator that is not configured is not a fallback to the bank id.
+        return Caller(operator, OPERATOR, FROM_METADATA) if operator in operators else None
+    try:
+        return Caller(bank_of(context, tls=False), BANK, FROM_METADATA)
+    except Unauthenticated:
+        return None
+
+
+def shown(name: str) -> str:
+    """A caller-supplied name safe to log: printable ASCII, bounded."""
+    clean = "".join(c if 33 <= ord(c) < 127 else "?" for c in name[:fields.CODE_MAX * 2])
+    return clean or "-"
+
+
+def deny(rpc: str, reason: str, message: str, caller: Caller | None) -> Forbidden:
+    """Audits a refusal (one structured log event and the counter) and returns
+    the PERMISSION_DENIED error to raise."""
+    ACCESS_DENIED.labels(rpc, reason).inc()
+    who = "-" if caller is None else shown(caller.name)
+    role = "-" if caller is None else caller.role
+    source = "-" if caller is None else caller.source
+    audit_log.warning("event=access_denied rpc=%s reason=%s caller=%s role=%s source=%s", rpc, reason, who, role,
+                      source)
+    return Forbidden(message, reason=reason)
+
+
+def require_caller(context: grpc.ServicerContext, rpc: str, *, tls: bool, operators: Collection[str]) -> Caller:
+    caller = caller_of(context, tls=tls, operators=operators)
+    if caller is None:
+        how = ("a client certificate naming a bank or an operator" if tls else
+               f"{BANK_ID_METADATA} or {OPERATOR_METADATA} (a configured operator) metadata")
+        raise deny(rpc, "NO_IDENTITY", f"{rpc} needs a bank or operator identity: {how}", None)
+    return caller
