@@ -10,8 +10,9 @@ revocation of client certificates.
 - Revocation: grpcio has no CRL support, so revoked certificates pass the
   handshake and are refused at every call by `RevocationInterceptor`
   (UNAUTHENTICATED, reason CERTIFICATE_REVOKED, audited). The revoked serials
-  are the configured deny-list plus those of an optional CRL file (PEM or DER,
-  whose signature must verify against the CA bundle). A connection opened
+  are those configured, those of a deny-list file (one serial a line, hex, `#`
+  comments) and those of a CRL file (PEM or DER, whose signature must verify
+  against the CA bundle); both files reload like the certificates. A connection opened
   before a revocation is refused from its next call on.
 
 A file that cannot be read or parsed is logged and the previous material is
@@ -42,6 +43,7 @@ log = logging.getLogger("yindian.tls")
 PEER_SERIAL_CACHE_MAX = 4_096
 # A deny-list entry: hex (optionally 0x-prefixed or colon-separated) or decimal digits.
 SERIAL_TEXT_MAX = 64
+DENY_LIST_SERIALS_MAX = 100_000
 PEER_CERT_KEY = "x509_pem_cert"
 # Wrapped handlers remembered per method (the methods a server registered).
 METHODS_MAX = 256
@@ -103,6 +105,21 @@ def _load_crl_serials(path: str, ca_pem: bytes) -> frozenset[int]:
     raise ValueError(f"{path}: the CRL is not signed by a CA of the bundle")
 
 
+def _load_deny_list(path: str) -> frozenset[int]:
+    serials = set()
+    for n, line in enumerate(_read(path).decode("utf-8").splitlines(), 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        try:
+            serials.add(parse_serial(text))
+        except ValueError as exc:
+            raise ValueError(f"{path} line {n}: {exc}") from None
+        if len(serials) > DENY_LIST_SERIALS_MAX:
+            raise ValueError(f"{path}: more than {DENY_LIST_SERIALS_MAX} serials")
+    return frozenset(serials)
+
+
 def _check_pair(key_pem: bytes, chain_pem: bytes) -> None:
     """The key must belong to the first certificate of the chain (else every handshake fails)."""
     cert = x509.load_pem_x509_certificates(chain_pem)[0]
@@ -115,9 +132,11 @@ def _check_pair(key_pem: bytes, chain_pem: bytes) -> None:
 class CertificateStore:
     """The server's TLS material and the revoked client serials, reloadable."""
 
-    def __init__(self, files: TlsFiles, *, revoked_serials: Iterable[str] = (), crl_file: str = "",
-                 check_interval_s: float = 1.0, monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, files: TlsFiles, *, revoked_serials: Iterable[str] = (), deny_list_file: str = "",
+                 crl_file: str = "", check_interval_s: float = 1.0,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.files = files
+        self.deny_list_file = deny_list_file
         self.crl_file = crl_file
         self._deny = frozenset(parse_serial(s) for s in revoked_serials)
         self._check_interval_s = check_interval_s
@@ -131,14 +150,15 @@ class CertificateStore:
         self.reloads = 0
 
     def _paths(self) -> list[str]:
-        return [self.files.cert, self.files.key, self.files.ca] + ([self.crl_file] if self.crl_file else [])
+        return [self.files.cert, self.files.key, self.files.ca, *(p for p in (self.deny_list_file, self.crl_file) if p)]
 
     def _load(self) -> _Material:
         key, chain, ca = _read(self.files.key), _read(self.files.cert), _read(self.files.ca)
         _check_pair(key, chain)
         if not x509.load_pem_x509_certificates(ca):
             raise ValueError(f"{self.files.ca}: no CA certificate")
-        revoked = self._deny | (_load_crl_serials(self.crl_file, ca) if self.crl_file else frozenset())
+        revoked = (self._deny | (_load_deny_list(self.deny_list_file) if self.deny_list_file else frozenset())
+                   | (_load_crl_serials(self.crl_file, ca) if self.crl_file else frozenset()))
         return _Material(key, chain, ca, revoked)
 
     # ---- reloading ----
