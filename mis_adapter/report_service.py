@@ -1,6 +1,13 @@
-"""The wire edge of ReportService (back-office statistics): validates the
-request, converts proto <-> domain and maps domain errors to statuses. The
-figures come from reports.py; nothing here computes them."""
+"""The wire edge of ReportService (back-office statistics): checks the
+caller's role, validates the request, converts proto <-> domain and maps
+domain errors to statuses. The figures come from reports.py; nothing here
+computes them.
+
+Roles (yindian_common.identity; DESIGN.md): an operator (a name in the
+`operators` setting) sees everything; a bank the utility knows sees only its
+own collections (CollectionSummary and CollectionDetail restricted to its
+payments); arrears and household detail are for operators only. Every
+refusal is PERMISSION_DENIED, audited (log event and counter)."""
 from __future__ import annotations
 
 import datetime as dt
@@ -15,9 +22,10 @@ from mis_adapter.context import AdapterContext
 from mis_adapter.payments import _db_call
 from yindian.v1 import report_pb2 as pb
 from yindian.v1 import report_pb2_grpc
-from yindian_common import fields
+from yindian_common import fields, identity
 from yindian_common.clock import business_date
-from yindian_common.errors import InvalidField, YinDianError
+from yindian_common.errors import Forbidden, InvalidField, YinDianError
+from yindian_common.identity import Caller
 from yindian_common.status import abort
 
 log = logging.getLogger("mis_adapter.reports")
@@ -43,6 +51,19 @@ def arrears_account_pb(a: reports.ArrearsAccount) -> pb.ArrearsAccount:
                              late_fee_fen=a.late_fee_fen, oldest_period=a.oldest_period)
 
 
+def collected_payment_pb(p: reports.CollectedPayment) -> pb.CollectedPayment:
+    out = pb.CollectedPayment(bank_id=p.bank_id, bank_serial=p.bank_serial, account_no=p.account_no,
+                              branch_code=p.branch_code, amount_fen=p.amount_fen, channel=p.channel,
+                              outlet_code=p.outlet_code, teller_id=p.teller_id,
+                              settlement_date=p.settlement_date.isoformat(), state=p.state,
+                              reversed_on=p.reversed_on.isoformat() if p.reversed_on else "",
+                              payment_id=str(p.payment_id))
+    if p.bank_balance_fen is not None:
+        out.bank_balance_fen = p.bank_balance_fen
+    out.posted_at.FromDatetime(p.posted_at.astimezone(dt.UTC))
+    return out
+
+
 def past_or_today(ctx: AdapterContext, value: str, field: str) -> dt.date:
     day = fields.iso_date(value, field)
     if day > business_date(ctx.clock):
@@ -59,6 +80,33 @@ def branch_filter(value: str) -> str:
 class ReportServicer(report_pb2_grpc.ReportServiceServicer):
     def __init__(self, ctx: AdapterContext) -> None:
         self.ctx = ctx
+        self._operators = frozenset(ctx.settings.operators)
+
+    # ---- roles ----
+    def _caller(self, context: grpc.ServicerContext, rpc: str) -> Caller:
+        """An operator, or a bank the utility knows; anyone else is refused (audited)."""
+        caller = identity.require_caller(context, rpc, tls=self.ctx.tls, operators=self._operators)
+        if caller.is_operator:
+            return caller
+        try:
+            _db_call(self.ctx.banks.ensure_known, caller.name)
+        except Forbidden as err:
+            raise identity.deny(rpc, "UNKNOWN_BANK", err.message, caller) from err
+        return caller
+
+    def _operator(self, context: grpc.ServicerContext, rpc: str) -> Caller:
+        caller = identity.require_caller(context, rpc, tls=self.ctx.tls, operators=self._operators)
+        if not caller.is_operator:
+            raise identity.deny(rpc, "OPERATOR_ONLY", f"{rpc} is for the utility's operators", caller)
+        return caller
+
+    def _bank_scope(self, caller: Caller, requested: str) -> str:
+        """The bank whose payments the caller may see: its own, whatever it asked for."""
+        if caller.is_operator:
+            return requested
+        if requested and requested != caller.name:
+            raise identity.deny("CollectionDetail", "OTHER_BANK", "a bank sees only its own collections", caller)
+        return caller.name
 
     def _handle(self, context: grpc.ServicerContext, rpc: str, fn: Callable[[], R]) -> R:
         try:
@@ -70,12 +118,14 @@ class ReportServicer(report_pb2_grpc.ReportServiceServicer):
     def CollectionSummary(self, request: pb.CollectionSummaryRequest, context: grpc.ServicerContext
                           ) -> pb.CollectionSummaryResponse:
         def run() -> pb.CollectionSummaryResponse:
+            caller = self._caller(context, "CollectionSummary")
             frm = fields.iso_date(request.from_date, "from_date")
             to = past_or_today(self.ctx, request.to_date, "to_date")
             group_by = GROUP_BY.get(request.group_by)
             if group_by is None:
                 raise InvalidField("group_by", "must be BANK, OUTLET, BRANCH, DAY or CHANNEL")
-            rep = _db_call(reports.collection_summary, self.ctx.router.engines(), frm, to, group_by)
+            rep = _db_call(reports.collection_summary, self.ctx.router.engines(), frm, to, group_by,
+                           self._bank_scope(caller, ""))
             return pb.CollectionSummaryResponse(rows=[collection_row_pb(r) for r in rep.rows],
                                                 total=collection_row_pb(rep.total))
         return self._handle(context, "CollectionSummary", run)
@@ -83,6 +133,7 @@ class ReportServicer(report_pb2_grpc.ReportServiceServicer):
     def ArrearsSummary(self, request: pb.ArrearsSummaryRequest, context: grpc.ServicerContext
                        ) -> pb.ArrearsSummaryResponse:
         def run() -> pb.ArrearsSummaryResponse:
+            self._operator(context, "ArrearsSummary")
             as_of = past_or_today(self.ctx, request.as_of_date, "as_of_date")
             rep = _db_call(reports.arrears_summary, self.ctx.router.engines(), as_of, self.ctx.rates,
                            self.ctx.clock.tz)
@@ -93,6 +144,7 @@ class ReportServicer(report_pb2_grpc.ReportServiceServicer):
     def ArrearsDetail(self, request: pb.ArrearsDetailRequest, context: grpc.ServicerContext
                       ) -> Iterator[pb.ArrearsDetailResponse]:
         try:
+            self._operator(context, "ArrearsDetail")
             as_of = past_or_today(self.ctx, request.as_of_date, "as_of_date")
             branch = branch_filter(request.branch_code)
             pages: Iterator[Any] = reports.arrears_detail(self.ctx.router.engines(), as_of, self.ctx.rates,
@@ -104,4 +156,24 @@ class ReportServicer(report_pb2_grpc.ReportServiceServicer):
                 yield pb.ArrearsDetailResponse(accounts=[arrears_account_pb(a) for a in page])
         except YinDianError as err:
             log.info("event=refused rpc=ArrearsDetail reason=%s msg=%s", err.reason, err.message)
+            abort(context, err)
+
+    def CollectionDetail(self, request: pb.CollectionDetailRequest, context: grpc.ServicerContext
+                         ) -> Iterator[pb.CollectionDetailResponse]:
+        try:
+            caller = self._caller(context, "CollectionDetail")
+            frm = fields.iso_date(request.from_date, "from_date")
+            to = past_or_today(self.ctx, request.to_date, "to_date")
+            fields.code(request.bank_id, "bank_id")
+            fields.code(request.outlet_code, "outlet_code")
+            bank = self._bank_scope(caller, request.bank_id)
+            pages: Iterator[Any] = reports.collection_detail(self.ctx.router.engines(), frm, to, bank,
+                                                             request.outlet_code)
+            while True:
+                page = _db_call(next, pages, None)
+                if page is None:
+                    return
+                yield pb.CollectionDetailResponse(payments=[collected_payment_pb(p) for p in page])
+        except YinDianError as err:
+            log.info("event=refused rpc=CollectionDetail reason=%s msg=%s", err.reason, err.message)
             abort(context, err)

@@ -46,6 +46,10 @@ class AdapterSettings(YinDianSettings):
     feed_lease_ttl_s: float = Field(15.0, description="bill feed: a dead replica's stream lease lapses after this")
     feed_peer_silence_s: float = Field(120.0, description="bill feed: end a stream with no results for this long")
     log_level: str = Field("INFO", description="log level")
+    # Customer channels (CustomerService): utility operator identities, never banks.
+    operators: list[str] = Field(default_factory=list,
+                                 description="utility operator NAME allowed operator RPCs (repeatable; "
+                                             "mTLS CN/SAN, or x-yindian-operator metadata in plain text)")
 
     def late_fee_rates(self) -> LateFeeRates:
         return LateFeeRates(self.residential_ppm_per_day, self.other_current_year_ppm_per_day,
