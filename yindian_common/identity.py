@@ -19,14 +19,16 @@ operator names are passed in."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from prometheus_client import Counter
 
 from yindian_common import fields
-from yindian_common.errors import Forbidden, Unauthenticated
+from yindian_common.errors import Forbidden, Unauthenticated, YinDianError
+from yindian_common.status import abort
 
 BANK_ID_METADATA = "x-yindian-bank-id"
 OPERATOR_METADATA = "x-yindian-operator"
@@ -37,6 +39,10 @@ FROM_CERTIFICATE = "certificate"
 FROM_METADATA = "metadata"
 
 audit_log = logging.getLogger("yindian.audit")
+# Wrapped handlers remembered per method (the methods a server registered).
+METHODS_MAX = 256
+# Health checks carry no data: a prober needs no bank identity (revocation still applies).
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 ACCESS_DENIED = Counter("yindian_access_denied", "Calls refused for the caller's identity or role (audited)",
                         ["rpc", "reason"])
@@ -137,3 +143,74 @@ def require_caller(context: grpc.ServicerContext, rpc: str, *, tls: bool, operat
                f"{BANK_ID_METADATA} or {OPERATOR_METADATA} (a configured operator) metadata")
         raise deny(rpc, "NO_IDENTITY", f"{rpc} needs a bank or operator identity: {how}", None)
     return caller
+
+
+def admit_client(context: grpc.ServicerContext, rpc: str, *, tls: bool, allowed: Collection[str],
+                 default: str) -> Caller:
+    """A bridge's gate: the caller must be one of `allowed` (its own bank and the
+    clients its configuration names). Under mTLS the certificate names it; in
+    plain-text loopback mode `x-yindian-bank-id` if sent, else `default`."""
+    if tls:
+        caller = Caller(bank_of(context, tls=True), BANK, FROM_CERTIFICATE)  # UNAUTHENTICATED if it names nobody
+    else:
+        named = _metadata(context, BANK_ID_METADATA)
+        caller = Caller(default if named is None else named, BANK, FROM_METADATA)
+    if caller.name not in allowed:
+        raise deny(rpc, "CLIENT_NOT_ALLOWED", f"client {shown(caller.name)} is not allowed on this bridge", caller)
+    return caller
+
+
+Check = Callable[[grpc.ServicerContext, str], object]
+
+
+def _guarded(check: Check, rpc: str, behavior: Callable[..., Any], streaming_response: bool) -> Callable[..., Any]:
+    def run_check(context: grpc.ServicerContext) -> None:
+        try:
+            check(context, rpc)
+        except YinDianError as err:
+            abort(context, err)
+
+    if streaming_response:
+        def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            run_check(context)
+            yield from behavior(request, context)
+        return stream
+
+    def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        run_check(context)
+        return behavior(request, context)
+    return unary
+
+
+class AdmissionInterceptor(grpc.ServerInterceptor):
+    """Runs `check(context, rpc)` before every call's handler; a YinDianError it
+    raises ends the call with that status (nothing else runs, nothing is written)."""
+
+    def __init__(self, check: Check, *, exempt_prefixes: tuple[str, ...] = ()) -> None:
+        self._check = check
+        self._exempt = exempt_prefixes
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+                          handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(self._exempt):
+            return handler
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method.rsplit("/", 1)[-1])
+        if len(self._wrapped) < METHODS_MAX:
+            self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, h: grpc.RpcMethodHandler, rpc: str) -> grpc.RpcMethodHandler:
+        de, ser, c = h.request_deserializer, h.response_serializer, self._check
+        if h.request_streaming and h.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(_guarded(c, rpc, h.stream_stream, True), de, ser)
+        if h.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(_guarded(c, rpc, h.stream_unary, False), de, ser)
+        if h.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(_guarded(c, rpc, h.unary_stream, True), de, ser)
+        return grpc.unary_unary_rpc_method_handler(_guarded(c, rpc, h.unary_unary, False), de, ser)

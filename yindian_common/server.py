@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from yindian_common.tls import CertificateStore, RevocationInterceptor, TlsFiles
+from yindian_common.tls import CertificateStore, TlsFiles
 
 log = logging.getLogger("yindian.server")
 
@@ -105,15 +105,17 @@ class GrpcServer:
     def __init__(self, *, listen: str, limits: ServerLimits, tls: TlsFiles | None, insecure: bool,
                  force_insecure: bool = False,
                  interceptors: Sequence[grpc.ServerInterceptor] = (),
-                 cert_store: CertificateStore | None = None) -> None:
+                 cert_store: CertificateStore | None = None,
+                 guards: Sequence[grpc.ServerInterceptor] = ()) -> None:
         self.limits = limits
         # With TLS, the certificates (and the revoked client serials) reload on SIGHUP and when the files change.
         self.cert_store = cert_store if cert_store is not None or tls is None else CertificateStore(tls)
-        guards = [RevocationInterceptor(self.cert_store)] if self.cert_store is not None else []
+        # Revoked certificates are refused first, then the server's own admission `guards`.
+        revocation = [self.cert_store.interceptor()] if self.cert_store is not None else []
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=limits.max_workers, thread_name_prefix="rpc"),
             options=server_options(limits), maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
-            interceptors=[*interceptors, *guards])
+            interceptors=[*interceptors, *revocation, *guards])
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         self._service_names: list[str] = [health.SERVICE_NAME, reflection.SERVICE_NAME]

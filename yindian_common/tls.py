@@ -8,7 +8,7 @@ revocation of client certificates.
   `check_interval_s`) or after `reload()` (SIGHUP). New handshakes use the new
   material; established connections keep theirs.
 - Revocation: grpcio has no CRL support, so revoked certificates pass the
-  handshake and are refused at every call by `RevocationInterceptor`
+  handshake and are refused at every call by `CertificateStore.interceptor()`
   (UNAUTHENTICATED, reason CERTIFICATE_REVOKED, audited). The revoked serials
   are those configured, those of a deny-list file (one serial a line, hex, `#`
   comments) and those of a CRL file (PEM or DER, whose signature must verify
@@ -24,9 +24,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 import grpc
 from cryptography import x509
@@ -34,8 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 
 from yindian_common.errors import Unauthenticated
-from yindian_common.identity import ACCESS_DENIED, audit_log, certificate_names, shown
-from yindian_common.status import abort
+from yindian_common.identity import ACCESS_DENIED, AdmissionInterceptor, audit_log, certificate_names, shown
 
 log = logging.getLogger("yindian.tls")
 
@@ -45,8 +44,6 @@ PEER_SERIAL_CACHE_MAX = 4_096
 SERIAL_TEXT_MAX = 64
 DENY_LIST_SERIALS_MAX = 100_000
 PEER_CERT_KEY = "x509_pem_cert"
-# Wrapped handlers remembered per method (the methods a server registered).
-METHODS_MAX = 256
 
 
 @dataclass(frozen=True)
@@ -54,6 +51,44 @@ class TlsFiles:
     cert: str
     key: str
     ca: str
+
+
+class RevocationSettings(Protocol):
+    """What a server's settings say about its TLS material (yindian_common.settings.ServerSettings)."""
+    tls_revoked_serials: list[str]
+    tls_deny_list: str
+    tls_crl: str
+    tls_reload_check_s: float
+
+    def tls(self) -> TlsFiles | None: ...
+
+
+def certificate_store(settings: RevocationSettings) -> CertificateStore | None:
+    """The server's reloadable TLS material, or None in plain-text mode. A bad file at start is fatal."""
+    files = settings.tls()
+    if files is None:
+        return None
+    try:
+        return CertificateStore(files, revoked_serials=settings.tls_revoked_serials,
+                                deny_list_file=settings.tls_deny_list, crl_file=settings.tls_crl,
+                                check_interval_s=settings.tls_reload_check_s)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"TLS files: {exc}") from exc
+
+
+def certificate_identity(path: str) -> str:
+    """The identity a certificate file presents, read as servers read a peer's:
+    its subject CN, else its first DNS SAN upper-cased."""
+    cert = x509.load_pem_x509_certificates(_read(path))[0]
+    cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    if cns and str(cns[0].value):
+        return str(cns[0].value)
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ""
+    names = sans.get_values_for_type(x509.DNSName)
+    return names[0].upper() if names else ""
 
 
 def parse_serial(text: str) -> int:
@@ -220,6 +255,10 @@ class CertificateStore:
             self._peer_serials[pem] = serial
         return serial
 
+    def interceptor(self) -> AdmissionInterceptor:
+        """Refuses every call made with a revoked client certificate, before the handler runs."""
+        return AdmissionInterceptor(self.check_peer)
+
     def check_peer(self, context: grpc.ServicerContext, rpc: str) -> None:
         """Raises Unauthenticated (and audits) when the peer's certificate is revoked."""
         self._maybe_reload()
@@ -234,55 +273,3 @@ class CertificateStore:
         audit_log.warning("event=access_denied rpc=%s reason=CERTIFICATE_REVOKED caller=%s serial=%x", rpc,
                           shown(cn or san), serial)
         raise Unauthenticated(f"client certificate serial {serial:x} is revoked", reason="CERTIFICATE_REVOKED")
-
-
-def _guarded(store: CertificateStore, method: str, behavior: Callable[..., Any], streaming_response: bool
-             ) -> Callable[..., Any]:
-    def check(context: grpc.ServicerContext) -> None:
-        try:
-            store.check_peer(context, method.rsplit("/", 1)[-1])
-        except Unauthenticated as err:
-            abort(context, err)
-
-    if streaming_response:
-        def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            check(context)
-            yield from behavior(request, context)
-        return stream
-
-    def unary(request: Any, context: grpc.ServicerContext) -> Any:
-        check(context)
-        return behavior(request, context)
-    return unary
-
-
-class RevocationInterceptor(grpc.ServerInterceptor):
-    """Refuses every call made with a revoked client certificate, before the handler runs."""
-
-    def __init__(self, store: CertificateStore) -> None:
-        self._store = store
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-                          handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, method)
-        if len(self._wrapped) < METHODS_MAX:
-            self._wrapped[method] = (handler, wrapped)
-        return wrapped
-
-    def _wrap(self, h: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        de, ser, s = h.request_deserializer, h.response_serializer, self._store
-        if h.request_streaming and h.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(_guarded(s, method, h.stream_stream, True), de, ser)
-        if h.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(_guarded(s, method, h.stream_unary, False), de, ser)
-        if h.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(_guarded(s, method, h.unary_stream, True), de, ser)
-        return grpc.unary_unary_rpc_method_handler(_guarded(s, method, h.unary_unary, False), de, ser)
