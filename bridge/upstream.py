@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, NoReturn, TypeVar
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -21,6 +21,7 @@ from grpc_status import rpc_status
 from yindian.v1 import billing_pb2, billing_pb2_grpc
 
 log = logging.getLogger("yindian.bridge.upstream")
+M = TypeVar("M")
 
 OK = "OK"
 DEFINITE = "DEFINITE"
@@ -32,9 +33,9 @@ RETRY_LATER_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCo
 
 
 @dataclass(frozen=True)
-class Answer:
+class Answer(Generic[M]):
     kind: str
-    response: Any = None
+    response: M | None = None  # the utility's message when OK
     # the google.rpc.Status of a DEFINITE error, serialized
     status_bytes: bytes | None = None
     code: grpc.StatusCode = grpc.StatusCode.OK
@@ -57,7 +58,7 @@ class Answer:
         return ""
 
 
-def classify(exc: grpc.RpcError) -> Answer:
+def classify(exc: grpc.RpcError) -> Answer[Any]:
     code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
     message: str = exc.details() or ""  # type: ignore[attr-defined]
     try:
@@ -77,28 +78,30 @@ class Upstream:
         self.stub = billing_pb2_grpc.BillingServiceStub(channel)
         self.metadata = metadata
 
-    def _call(self, method: Callable[..., Any], request: Any, timeout_s: float) -> Answer:
+    def _call(self, method: Callable[..., M], request: Any, timeout_s: float) -> Answer[M]:
         try:
             return Answer(OK, response=method(request, timeout=timeout_s, metadata=self.metadata))
         except grpc.RpcError as exc:
             return classify(exc)
 
-    def pay(self, request: billing_pb2.PayRequest, timeout_s: float) -> Answer:
+    def pay(self, request: billing_pb2.PayRequest, timeout_s: float) -> Answer[billing_pb2.PayResponse]:
         return self._call(self.stub.Pay, request, timeout_s)
 
-    def cancel(self, request: billing_pb2.CancelRequest, timeout_s: float) -> Answer:
+    def cancel(self, request: billing_pb2.CancelRequest, timeout_s: float) -> Answer[billing_pb2.CancelResponse]:
         return self._call(self.stub.Cancel, request, timeout_s)
 
-    def get_payment(self, bank_serial: str, timeout_s: float) -> Answer:
+    def get_payment(self, bank_serial: str, timeout_s: float) -> Answer[billing_pb2.GetPaymentResponse]:
         return self._call(self.stub.GetPayment, billing_pb2.GetPaymentRequest(bank_serial=bank_serial), timeout_s)
 
-    def query_account(self, request: billing_pb2.QueryAccountRequest, timeout_s: float) -> Answer:
+    def query_account(self, request: billing_pb2.QueryAccountRequest, timeout_s: float
+                      ) -> Answer[billing_pb2.QueryAccountResponse]:
         return self._call(self.stub.QueryAccount, request, timeout_s)
 
 
-def relay(context: grpc.ServicerContext, answer: Answer) -> None:
+def relay(context: grpc.ServicerContext, answer: Answer[Any]) -> NoReturn:
     """Passes a non-OK answer on to the bank core: a DEFINITE one unchanged,
     an IN_DOUBT one with its code and message (queries are safe to retry)."""
     if answer.status_bytes is not None:
         context.abort_with_status(rpc_status.to_status(status_pb2.Status.FromString(answer.status_bytes)))
     context.abort(answer.code, answer.message or "utility link error")
+    raise AssertionError("unreachable")  # abort raises

@@ -16,8 +16,6 @@ from typing import Any
 
 import grpc
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from mis_adapter import recon
 from mis_adapter.context import AdapterContext
@@ -26,8 +24,8 @@ from yindian.v1 import billing_pb2 as pb
 from yindian_common import business_metrics as bm
 from yindian_common import fields
 from yindian_common.clock import business_date
-from yindian_common.errors import InvalidField, Precondition, Unavailable, YinDianError
-from yindian_common.status import abort
+from yindian_common.errors import InvalidField, Precondition, YinDianError
+from yindian_common.status import guard
 
 log = logging.getLogger("mis_adapter.recon")
 
@@ -91,11 +89,16 @@ def engine_of(ctx: AdapterContext) -> Engine:
 
 
 # ---- the stream ----
-def reconcile(ctx: AdapterContext, request_iterator: Iterator[Any], context: grpc.ServicerContext
+def reconcile(ctx: AdapterContext, bank_id: str, request_iterator: Iterator[Any], context: grpc.ServicerContext
               ) -> Iterator[pb.ReconcileResponse]:
+    """The Reconcile stream of `bank_id` (the caller, as the link identified it)."""
     known_bank: str | None = None  # set once the bank is known and until the day's result is had: FAILED counts
-    try:
-        bank_id = ctx.bank_of(context)
+
+    def failed(err: YinDianError) -> None:
+        if known_bank is not None:
+            bm.record_reconciliation(known_bank, "FAILED")
+
+    with guard(context, "Reconcile", on_refused=failed):
         ctx.banks.ensure_known(bank_id)
         known_bank = bank_id
         engine = engine_of(ctx)
@@ -103,8 +106,8 @@ def reconcile(ctx: AdapterContext, request_iterator: Iterator[Any], context: grp
         if first is None or first.WhichOneof("body") != "header":
             raise InvalidField("header", "the first message must be the header with the settlement date")
         day = settlement_day(ctx, first.header)
-        summary = _db(recon.stored_summary, engine, bank_id, day) or _db(
-            _reconcile_stream, ctx, engine, bank_id, day, request_iterator)
+        summary = recon.stored_summary(engine, bank_id, day) or _reconcile_stream(
+            ctx, engine, bank_id, day, request_iterator)
         log.info("event=reconciled bank=%s day=%s records=%d net_fen=%d replayed=%s", bank_id, day,
                  summary.record_count, summary.net_settlement_fen, summary.replayed)
         known_bank = None
@@ -115,11 +118,6 @@ def reconcile(ctx: AdapterContext, request_iterator: Iterator[Any], context: grp
                 bm.record_reconcile_records(bank_id, t.outcome, t.count, t.amount_fen)
             bm.record_reconciliation(bank_id, "COMPLETED")
         yield from result_stream(engine, summary)
-    except YinDianError as err:
-        log.info("event=reconcile_refused reason=%s msg=%s", err.reason, err.message)
-        if known_bank is not None:
-            bm.record_reconciliation(known_bank, "FAILED")
-        abort(context, err)
 
 
 def _reconcile_stream(ctx: AdapterContext, engine: Engine, bank_id: str, day: dt.date,
@@ -139,11 +137,3 @@ def _reconcile_stream(ctx: AdapterContext, engine: Engine, bank_id: str, day: dt
                 raise InvalidField("header", "only the first message may be a header")
         return run.close_day()
 
-
-def _db(fn: Any, *args: Any, **kw: Any) -> Any:
-    try:
-        return fn(*args, **kw)
-    except PoolTimeout as exc:
-        raise Unavailable("database connection pool exhausted", reason="DB_POOL_EXHAUSTED") from exc
-    except OperationalError as exc:
-        raise Unavailable("branch database unavailable", reason="DB_UNAVAILABLE") from exc

@@ -12,24 +12,22 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import grpc
 
 from mis_adapter import reports
 from mis_adapter.context import AdapterContext
-from mis_adapter.payments import _db_call
 from yindian.v1 import report_pb2 as pb
 from yindian.v1 import report_pb2_grpc
 from yindian_common import fields, identity
 from yindian_common.clock import business_date
-from yindian_common.errors import Forbidden, InvalidField, YinDianError
+from yindian_common.errors import Forbidden, InvalidField
 from yindian_common.identity import Caller
-from yindian_common.status import abort
+from yindian_common.status import guard
 
 log = logging.getLogger("mis_adapter.reports")
-R = TypeVar("R")
 
 GROUP_BY = {pb.GROUP_BY_BANK: "bank", pb.GROUP_BY_OUTLET: "outlet", pb.GROUP_BY_BRANCH: "branch",
             pb.GROUP_BY_DAY: "day", pb.GROUP_BY_CHANNEL: "channel"}
@@ -89,7 +87,7 @@ class ReportServicer(report_pb2_grpc.ReportServiceServicer):
         if caller.is_operator:
             return caller
         try:
-            _db_call(self.ctx.banks.ensure_known, caller.name)
+            self.ctx.banks.ensure_known(caller.name)
         except Forbidden as err:
             raise identity.deny(rpc, "UNKNOWN_BANK", err.message, caller) from err
         return caller
@@ -100,80 +98,65 @@ class ReportServicer(report_pb2_grpc.ReportServiceServicer):
             raise identity.deny(rpc, "OPERATOR_ONLY", f"{rpc} is for the utility's operators", caller)
         return caller
 
-    def _bank_scope(self, caller: Caller, requested: str) -> str:
-        """The bank whose payments the caller may see: its own, whatever it asked for."""
+    @staticmethod
+    def _bank_scope(rpc: str, caller: Caller, requested: str) -> str:
+        """The bank whose payments the caller may see: an operator any (or all: ''), a bank its own."""
         if caller.is_operator:
             return requested
         if requested and requested != caller.name:
-            raise identity.deny("CollectionDetail", "OTHER_BANK", "a bank sees only its own collections", caller)
+            raise identity.deny(rpc, "OTHER_BANK", "a bank sees only its own collections", caller)
         return caller.name
-
-    def _handle(self, context: grpc.ServicerContext, rpc: str, fn: Callable[[], R]) -> R:
-        try:
-            return fn()
-        except YinDianError as err:
-            log.info("event=refused rpc=%s reason=%s msg=%s", rpc, err.reason, err.message)
-            abort(context, err)
 
     def CollectionSummary(self, request: pb.CollectionSummaryRequest, context: grpc.ServicerContext
                           ) -> pb.CollectionSummaryResponse:
-        def run() -> pb.CollectionSummaryResponse:
+        with guard(context, "CollectionSummary"):
             caller = self._caller(context, "CollectionSummary")
             frm = fields.iso_date(request.from_date, "from_date")
             to = past_or_today(self.ctx, request.to_date, "to_date")
             group_by = GROUP_BY.get(request.group_by)
             if group_by is None:
                 raise InvalidField("group_by", "must be BANK, OUTLET, BRANCH, DAY or CHANNEL")
-            rep = _db_call(reports.collection_summary, self.ctx.router.engines(), frm, to, group_by,
-                           self._bank_scope(caller, ""))
+            rep = reports.collection_summary(self.ctx.router.engines(), frm, to, group_by,
+                                             self._bank_scope("CollectionSummary", caller, ""))
             return pb.CollectionSummaryResponse(rows=[collection_row_pb(r) for r in rep.rows],
                                                 total=collection_row_pb(rep.total))
-        return self._handle(context, "CollectionSummary", run)
 
     def ArrearsSummary(self, request: pb.ArrearsSummaryRequest, context: grpc.ServicerContext
                        ) -> pb.ArrearsSummaryResponse:
-        def run() -> pb.ArrearsSummaryResponse:
+        with guard(context, "ArrearsSummary"):
             self._operator(context, "ArrearsSummary")
             as_of = past_or_today(self.ctx, request.as_of_date, "as_of_date")
-            rep = _db_call(reports.arrears_summary, self.ctx.router.engines(), as_of, self.ctx.rates,
-                           self.ctx.clock.tz)
+            rep = reports.arrears_summary(self.ctx.router.engines(), as_of, self.ctx.rates, self.ctx.clock.tz)
             return pb.ArrearsSummaryResponse(rows=[arrears_row_pb(r) for r in rep.rows],
                                              total=arrears_row_pb(rep.total), as_of_date=as_of.isoformat())
-        return self._handle(context, "ArrearsSummary", run)
 
     def ArrearsDetail(self, request: pb.ArrearsDetailRequest, context: grpc.ServicerContext
                       ) -> Iterator[pb.ArrearsDetailResponse]:
-        try:
+        with guard(context, "ArrearsDetail"):
             self._operator(context, "ArrearsDetail")
             as_of = past_or_today(self.ctx, request.as_of_date, "as_of_date")
             branch = branch_filter(request.branch_code)
             pages: Iterator[Any] = reports.arrears_detail(self.ctx.router.engines(), as_of, self.ctx.rates,
                                                           self.ctx.clock.tz, branch)
             while True:
-                page = _db_call(next, pages, None)
+                page = next(pages, None)
                 if page is None:
                     return
                 yield pb.ArrearsDetailResponse(accounts=[arrears_account_pb(a) for a in page])
-        except YinDianError as err:
-            log.info("event=refused rpc=ArrearsDetail reason=%s msg=%s", err.reason, err.message)
-            abort(context, err)
 
     def CollectionDetail(self, request: pb.CollectionDetailRequest, context: grpc.ServicerContext
                          ) -> Iterator[pb.CollectionDetailResponse]:
-        try:
+        with guard(context, "CollectionDetail"):
             caller = self._caller(context, "CollectionDetail")
             frm = fields.iso_date(request.from_date, "from_date")
             to = past_or_today(self.ctx, request.to_date, "to_date")
             fields.code(request.bank_id, "bank_id")
             fields.code(request.outlet_code, "outlet_code")
-            bank = self._bank_scope(caller, request.bank_id)
+            bank = self._bank_scope("CollectionDetail", caller, request.bank_id)
             pages: Iterator[Any] = reports.collection_detail(self.ctx.router.engines(), frm, to, bank,
                                                              request.outlet_code)
             while True:
-                page = _db_call(next, pages, None)
+                page = next(pages, None)
                 if page is None:
                     return
                 yield pb.CollectionDetailResponse(payments=[collected_payment_pb(p) for p in page])
-        except YinDianError as err:
-            log.info("event=refused rpc=CollectionDetail reason=%s msg=%s", err.reason, err.message)
-            abort(context, err)

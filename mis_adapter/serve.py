@@ -2,20 +2,23 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 
 from mis_adapter import metrics_collector
 from mis_adapter.context import AdapterContext
+from mis_adapter.feed import FeedSettings
+from mis_adapter.feed_service import FeedHub
 from mis_adapter.migrate import upgrade
+from mis_adapter.report_service import ReportServicer
 from mis_adapter.service import BillingServicer
 from mis_adapter.settings import AdapterSettings
-from yindian.v1 import billing_pb2_grpc
+from yindian.v1 import billing_pb2_grpc, report_pb2_grpc
 from yindian_common.clock import Clock, make_clock
 from yindian_common.logs import setup_logging
 from yindian_common.metrics import grpc_server_interceptors, start_metrics_http
 from yindian_common.server import GrpcServer
-from yindian_common.settings import add_settings_flags, load_settings
+from yindian_common.settings import add_settings_flags, parse_settings
+from yindian_common.tls import certificate_store
 
 log = logging.getLogger("mis_adapter")
 
@@ -24,28 +27,26 @@ def parse(argv: list[str]) -> AdapterSettings:
     parser = argparse.ArgumentParser(prog="python -m mis_adapter serve",
                                      description="Serve BillingService and ReportService to the banks.")
     add_settings_flags(parser, AdapterSettings)
-    args = parser.parse_args(argv)
-    return load_settings(AdapterSettings, args, args.config_file)
+    parser.add_argument("--operator", dest="operators", action="append", default=None,
+                        help="a utility operator identity (repeatable; the same as --operators)")
+    return parse_settings(parser, AdapterSettings, argv)
 
 
 def build_server(settings: AdapterSettings, clock: Clock | None = None) -> tuple[GrpcServer, AdapterContext]:
     clock = clock or make_clock(settings.clock_start or None, settings.timezone)
     ctx = AdapterContext.build(settings, clock)
+    if len(ctx.router.engines()) == 1:  # the feed serves one database only (mis_adapter.feed)
+        ctx.feed_hub = FeedHub(ctx.router.primary, FeedSettings.from_adapter_settings(settings))
     if settings.migrate:
         for engine in ctx.router.engines():
             upgrade(engine)
     server = GrpcServer(listen=settings.listen, limits=settings.server_limits(), tls=settings.tls(),
                         insecure=settings.insecure, force_insecure=settings.force_insecure,
-                        interceptors=grpc_server_interceptors())
+                        interceptors=grpc_server_interceptors(), cert_store=certificate_store(settings))
     server.add_service("yindian.v1.BillingService", billing_pb2_grpc.add_BillingServiceServicer_to_server,
                        BillingServicer(ctx))
-    try:
-        report = importlib.import_module("mis_adapter.report_service")
-        from yindian.v1 import report_pb2_grpc
-        server.add_service("yindian.v1.ReportService", report_pb2_grpc.add_ReportServiceServicer_to_server,
-                           report.ReportServicer(ctx))
-    except ModuleNotFoundError:
-        log.warning("event=report_service_missing")
+    server.add_service("yindian.v1.ReportService", report_pb2_grpc.add_ReportServiceServicer_to_server,
+                       ReportServicer(ctx))
     server.on_drain(ctx.close)
     return server, ctx
 
