@@ -9,6 +9,7 @@ a value out of range, from any source, is refused naming the setting."""
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BeforeValidator, Field, ValidationError
@@ -45,8 +46,14 @@ NAMES_MAX = 1_000  # entries of a list of names (operators, allowed clients, rev
 
 
 def _names(value: Any) -> Any:
-    """A list of names from a flag (repeated), TOML (an array) or the environment (comma-separated)."""
+    """A list of names from a flag (repeated), TOML (an array) or the environment
+    (comma-separated, or a JSON array as pydantic-settings writes lists)."""
     if isinstance(value, str):
+        if value.lstrip().startswith("["):
+            try:
+                return json.loads(value)
+            except ValueError:
+                return value  # refused by the list type, naming the setting
         value = [v.strip() for v in value.split(",") if v.strip()]
     return value
 
