@@ -39,7 +39,7 @@ class LinkLine:
 
 
 def create_schema(engine: Engine) -> None:
-    """The journal's migrations (bridge/migrations, revision 0002) create the table."""
+    """The journal's migrations (bridge/migrations, revision 0003_link_journal) create the table."""
     upgrade(engine)
 
 

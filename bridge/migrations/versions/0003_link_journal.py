@@ -1,14 +1,14 @@
 """link journal: bridge_link_journal (agreements, refund acknowledgements, sign-on/off), append-only
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0003_link_journal
+Revises: 0002_journal_caller
 
 """
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0002'
-down_revision = '0001'
+revision = '0003_link_journal'
+down_revision = '0002_journal_caller'
 branch_labels = None
 depends_on = None
 
