@@ -5,7 +5,7 @@ true)`, i.e. SET LOCAL, no extra round trip), takes the bank-day lock SHARED
 (banks.py: the advisory lock reconciliation takes EXCLUSIVE), locks the
 account row and reads all a pay needs: the customer, its unpaid bills, the
 serial, whether today and tomorrow are reconciled and whether the bank is
-suspended. The bank-day lock is taken in a MATERIALIZED CTE that the locked
+suspended or signed off (link_state). The bank-day lock is taken in a MATERIALIZED CTE that the locked
 row is joined with, so it is held before the account row is locked (the
 same order as everywhere: bank-day, then accounts).
 
@@ -49,6 +49,8 @@ SELECT c.branch_code, c.tariff_class, c.status, c.prepaid_fen, c.xmin::text AS c
        (SELECT p.payment_id FROM payments p WHERE p.bank_id = $2 AND p.bank_serial = $3),
        coalesce((SELECT k.suspended FROM banks k WHERE k.bank_id = $2), false),
        (SELECT k.suspended_reason FROM banks k WHERE k.bank_id = $2),
+       EXISTS (SELECT 1 FROM bank_links l
+               WHERE l.bank_id = $2 AND l.state = 'SIGNED_OFF' AND l.business_date >= $4::date),
        b.bill_id, b.period, b.amount_fen, b.prepaid_applied_fen, b.principal_paid_fen, b.late_fee_paid_fen,
        b.accrual_micro, b.accrual_date, b.xmin::text
 FROM bounds CROSS JOIN customers c
@@ -67,6 +69,8 @@ WITH guard AS (
                    FROM bills b WHERE b.account_no = $1 AND b.status <> 'PAID'), '') = $5
      AND EXISTS (SELECT 1 FROM reconciled_days r WHERE r.bank_id = $2 AND r.settlement_date = $6::date) = $7
      AND EXISTS (SELECT 1 FROM reconciled_days r WHERE r.bank_id = $2 AND r.settlement_date = $6::date + 1) = $8
+     AND EXISTS (SELECT 1 FROM bank_links l
+                 WHERE l.bank_id = $2 AND l.state = 'SIGNED_OFF' AND l.business_date >= $6::date) = $25
      AS ok
 ), pay AS (
   INSERT INTO payments (bank_id, bank_serial, state, account_no, branch_code, amount_fen, channel, outlet_code,
@@ -117,6 +121,7 @@ class Customer(NamedTuple):
     taken_id: int | None
     suspended: bool
     suspended_reason: str | None
+    signed_off: bool
 
 
 class Bill(NamedTuple):
@@ -170,9 +175,9 @@ def read_for_pay(conn: Connection, *, account_no: str, bank_id: str, serial: str
     rows = _execute(conn, READ_FOR_PAY, (account_no, bank_id, serial, day, str(wait_ms), str(idle_ms), day_key))
     if not rows:
         return PayRead(None, (), "")
-    bills = tuple(Bill._make(r[10:]) for r in rows if r[10] is not None)
+    bills = tuple(Bill._make(r[11:]) for r in rows if r[11] is not None)
     version = ",".join(f"{b.bill_id}:{b.b_version}" for b in sorted(bills, key=lambda b: b.bill_id))
-    return PayRead(Customer._make(rows[0][:10]), bills, version)
+    return PayRead(Customer._make(rows[0][:11]), bills, version)
 
 
 def write_pay(conn: Connection, seen: PayRead, effects: PaymentEffects, *, cmd: Any, day: dt.date,
@@ -186,5 +191,5 @@ def write_pay(conn: Connection, seen: PayRead, effects: PaymentEffects, *, cmd: 
         cmd.teller_id, cmd.bank_balance_fen, settlement, now, effects.arrears_after_fen, effects.prepaid_after_fen,
         effects.plan.prepaid_fen, _array(a.bill_id for a in allocs), _array(a.late_fee_fen for a in allocs),
         _array(a.principal_fen for a in allocs), _array(u.accrual_micro for u in effects.bill_updates),
-        _array(u.status for u in effects.bill_updates)))
+        _array(u.status for u in effects.bill_updates), bool(c.signed_off)))
     return int(rows[0][0]) if rows else None
