@@ -36,6 +36,10 @@ class BranchRouter:
     def engine_for(self, account_no: str) -> Engine:
         return self._by_branch.get(account_no[:2], self.primary)
 
+    def engine_for_branch(self, branch_code: str) -> Engine:
+        """The database of a branch ('' or a branch without its own: the primary)."""
+        return self._by_branch.get(branch_code, self.primary)
+
     def engines(self) -> list[Engine]:
         """Each distinct database once, the primary first."""
         return list(self._engines)
