@@ -5,7 +5,7 @@ import argparse
 import importlib
 import logging
 
-from mis_adapter import metrics_collector
+from mis_adapter import cross_branch, metrics_collector
 from mis_adapter.context import AdapterContext
 from mis_adapter.migrate import upgrade
 from mis_adapter.service import BillingServicer
@@ -32,8 +32,10 @@ def build_server(settings: AdapterSettings, clock: Clock | None = None) -> tuple
     clock = clock or make_clock(settings.clock_start or None, settings.timezone)
     ctx = AdapterContext.build(settings, clock)
     if settings.migrate:
-        for engine in ctx.router.engines():
+        for engine in ctx.router.all_engines():
             upgrade(engine)
+    if ctx.router.split:
+        cross_branch.recover(ctx)  # settle claims a killed process left open
     server = GrpcServer(listen=settings.listen, limits=settings.server_limits(), tls=settings.tls(),
                         insecure=settings.insecure, force_insecure=settings.force_insecure,
                         interceptors=grpc_server_interceptors())

@@ -12,6 +12,8 @@ class AdapterSettings(YinDianSettings):
     db: str = Field("sqlite:///var/mis.db", description="SQLAlchemy URL of the MIS database (all branches)")
     branch_db: list[str] = Field(default_factory=list,
                                  description="CODE=URL: branch CODE's database (repeatable); others use --db")
+    front_db: str = Field("", description="front database URL: each bank's serial registry across branch "
+                                          "databases (default: --db, when --branch-db splits the MIS)")
     listen: str = Field("127.0.0.1:50051", description="gRPC listen address HOST:PORT")
     metrics_host: str = Field("127.0.0.1", description="Prometheus endpoint host")
     metrics_port: int = Field(9101, description="Prometheus endpoint port (0 picks one)")
@@ -46,6 +48,10 @@ class AdapterSettings(YinDianSettings):
     feed_lease_ttl_s: float = Field(15.0, description="bill feed: a dead replica's stream lease lapses after this")
     feed_peer_silence_s: float = Field(120.0, description="bill feed: end a stream with no results for this long")
     log_level: str = Field("INFO", description="log level")
+    registry_recover_batch_max: int = Field(10_000, description="front registry: open claims settled per "
+                                                                "recovery pass (at start)")
+    crash_point: str = Field("", description="tests only: SIGKILL this process at a named point "
+                                             "(after_claim, after_branch_commit)")
 
     def late_fee_rates(self) -> LateFeeRates:
         return LateFeeRates(self.residential_ppm_per_day, self.other_current_year_ppm_per_day,
