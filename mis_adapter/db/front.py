@@ -9,6 +9,7 @@ any branch holds, so each bank has one serial space across branches.
   the branch holds (or a cancel is acting on) the serial: never released.
 - `front_cancels`: a cancel serial and the original it names, so a cancel
   serial is one cancel across branches.
+- `front_recon_days`: a bank's day closed in every branch (mis_adapter.recon_branches).
 
 The tables exist in every MIS database (one migration history), but only
 the front database's rows are read or written."""
@@ -48,3 +49,13 @@ class FrontCancel(Base):
     original_serial: Mapped[str] = mapped_column(sa.String(32))
     amount_fen: Mapped[int] = mapped_column(Money)
     claimed_at: Mapped[dt.datetime] = mapped_column(TZ)
+
+
+class FrontReconDay(Base):
+    """A bank's settlement day reconciled across every branch database: written
+    once every branch's close has committed; its summary sums theirs."""
+    __tablename__ = "front_recon_days"
+    bank_id: Mapped[str] = mapped_column(sa.String(16), primary_key=True)
+    settlement_date: Mapped[dt.date] = mapped_column(sa.Date, primary_key=True)
+    reconciled_at: Mapped[dt.datetime] = mapped_column(TZ)
+    summary_json: Mapped[str] = mapped_column(sa.Text)

@@ -37,9 +37,17 @@ def upgrade() -> None:
     sa.Column('claimed_at', TZ, nullable=False),
     sa.PrimaryKeyConstraint('bank_id', 'cancel_serial', name=op.f('pk_front_cancels'))
     )
+    op.create_table('front_recon_days',
+    sa.Column('bank_id', sa.String(length=16), nullable=False),
+    sa.Column('settlement_date', sa.Date(), nullable=False),
+    sa.Column('reconciled_at', TZ, nullable=False),
+    sa.Column('summary_json', sa.Text(), nullable=False),
+    sa.PrimaryKeyConstraint('bank_id', 'settlement_date', name=op.f('pk_front_recon_days'))
+    )
 
 
 def downgrade() -> None:
+    op.drop_table('front_recon_days')
     op.drop_table('front_cancels')
     with op.batch_alter_table('front_serials', schema=None) as batch_op:
         batch_op.drop_index('ix_front_serials_state')
