@@ -2,7 +2,10 @@
 defaults (highest first). Every bound the bridge uses is named here."""
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
 
 from yindian_common.clock import DEFAULT_TZ
 from yindian_common.server import ServerLimits, TlsFiles
@@ -12,7 +15,10 @@ from yindian_common.settings import YinDianSettings
 class BridgeSettings(YinDianSettings):
     # --- addresses and identity ---
     listen: str = Field("127.0.0.1:50052", description="address the bank core connects to (HOST:PORT)")
-    upstream: str = Field("127.0.0.1:50051", description="mis_adapter's address over the link (HOST:PORT)")
+    upstream: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.1:50051"],
+        description="mis_adapter's address over the link (HOST:PORT); repeat it (or separate with commas) for "
+                    "replicas: calls go to a healthy one")
     db: str = Field("sqlite:///var/bridge.db", description="SQLAlchemy URL of the bridge's own journal database")
     bank_id: str = Field("", description="this bank's id; sent as x-yindian-bank-id in plain-text mode "
                                          "(with mTLS the link certificate identifies the bank)")
@@ -35,6 +41,9 @@ class BridgeSettings(YinDianSettings):
                                                                 "so the bridge can answer before it expires")
     upstream_deadline_min_s: float = Field(0.02, description="a request with less time left than this is refused "
                                                              "with DEADLINE_EXCEEDED before journaling")
+    upstream_health_interval_s: float = Field(1.0, description="health check of each upstream replica "
+                                                               "(with more than one)")
+    upstream_health_timeout_s: float = Field(1.0, description="deadline of one replica health check")
     upstream_max_message_bytes: int = Field(4 * 1024 * 1024, description="message size limit on the link")
 
     # --- idempotency ---
@@ -63,6 +72,15 @@ class BridgeSettings(YinDianSettings):
     max_concurrent_rpcs: int = Field(256, description="concurrent RPCs before RESOURCE_EXHAUSTED")
     max_message_bytes: int = Field(4 * 1024 * 1024, description="largest message accepted from the bank core")
     grace_s: float = Field(10.0, description="drain period on SIGTERM")
+
+    @field_validator("upstream", mode="before")
+    @classmethod
+    def _upstream_list(cls, value: object) -> object:
+        """One address, a comma-separated list, or a list (repeated flags, TOML array)."""
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, list):
+            return [a.strip() for part in items for a in str(part).split(",") if a.strip()]
+        return value
 
     def limits(self) -> ServerLimits:
         return ServerLimits(max_workers=self.max_workers, max_concurrent_rpcs=self.max_concurrent_rpcs,
