@@ -6,22 +6,30 @@ PY     := $(VENV)/bin/python
 PROTOS := $(wildcard protos/yindian/v1/*.proto)
 GEN_STAMP := yindian/v1/.generated
 
-.PHONY: setup proto test run lint buf-lint bench bench-core bench-feed bench-recon clean
-
-setup: $(VENV)/.installed $(GEN_STAMP)
-
-$(VENV)/.installed: requirements.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
-	# The repository itself is the import root (bridge, mis_adapter, bank_sim, yindian_common, yindian).
-	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/yindian-repo.pth"
-	touch $@
-
-proto: $(VENV)/.installed
+# The generated protobuf package yindian/v1 for the in-tree run (the wheel build makes its own: setup.py).
+define GENERATE
 	rm -rf yindian
 	mkdir -p yindian/v1
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
 	touch yindian/__init__.py yindian/v1/__init__.py $(GEN_STAMP)
+endef
+
+.PHONY: setup proto test run lint buf-lint bench bench-core bench-feed bench-recon clean
+
+setup: $(VENV)/.installed $(GEN_STAMP)
+
+$(VENV)/.installed: requirements.txt pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	# The project itself, editable: the checkout is what runs, the console scripts (yindian-mis-adapter,
+	# yindian-bridge, yindian-bank-sim) are in .venv/bin. yindian/v1 is generated first so the install maps it.
+	rm -f "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/yindian-repo.pth"
+	$(GENERATE)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+proto: $(VENV)/.installed
+	$(GENERATE)
 
 $(GEN_STAMP): $(PROTOS) $(VENV)/.installed
 	$(MAKE) proto
@@ -38,6 +46,7 @@ run: setup
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports   # layer contracts: [tool.importlinter] in pyproject.toml
 
 buf-lint:
 	cd protos && npx --yes @bufbuild/buf@1.75.0 lint
@@ -55,4 +64,4 @@ bench: setup
 	$(PY) -m bank_sim bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) yindian var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) yindian var build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -13,4 +13,11 @@ COMMANDS = {
     "bench": ("bank_sim.bench", "benchmark: standard load profile, comparable summary"),
 }
 
-sys.exit(dispatch("bank_sim", COMMANDS))
+
+def main() -> int:
+    """`python -m bank_sim` and the `yindian-bank-sim` console script."""
+    return dispatch("bank_sim", COMMANDS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

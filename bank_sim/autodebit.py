@@ -36,11 +36,9 @@ from sqlalchemy.engine import Connection, Engine
 
 from bank_sim import ledger
 from bank_sim.settings import LinkSettings
-
-# Generic bulk-SQL helpers (arrays on PostgreSQL, JSON lists on SQLite); no MIS logic.
-from mis_adapter.feed import InList, bulk_insert, list_param
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
+from yindian_common.bulk_sql import InList, bulk_insert, list_param
 from yindian_common.clock import Clock, business_date, make_clock
 from yindian_common.db import make_engine
 from yindian_common.identity import BANK_ID_METADATA

@@ -9,11 +9,14 @@ second issued, delivered (first notice to last), debited at the bank,
 acknowledged (cursor) and posted (payments), and the issue-to-notice
 latency p50/p99 measured by a probe of small issuing transactions.
 
-`populate_period` is also what the feed tests use to build their data."""
+The MIS side is driven only through its CLI (`mis_adapter bench-data
+populate|issue|probe`, `mis_adapter serve`, `bridge serve`); the check reads
+the MIS over SQL through bank_sim's own table declarations (bank_sim.mis_tables)."""
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import random
 import shutil
 import subprocess
@@ -27,64 +30,20 @@ import sqlalchemy as sa
 from pydantic import Field
 from sqlalchemy.engine import Engine
 
-from bank_sim import autodebit, ledger
-from mis_adapter.db.base import table_of
-from mis_adapter.db.core import Agreement, AllocationRow, Bank, BillRow, Branch, Customer, Meter, Payment, Reading
-from mis_adapter.db.feed import DebitResultRow, FeedCursor, OutboxRow
-from mis_adapter.feed import bulk_insert as feed_bulk_insert
-from mis_adapter.issue_bills import issue_bills
-from mis_adapter.migrate import upgrade
-from mis_adapter.seed import bulk_insert
+from bank_sim import autodebit, ledger, mis_tables
+from bank_sim.processes import run_command, start_server
 from yindian_common.clock import SystemClock
 from yindian_common.db import create_database, make_engine
 from yindian_common.fields import make_account_no
 from yindian_common.settings import YinDianSettings, add_settings_flags, load_settings
 
-BRANCH = "01"
-POPULATE_BATCH_ROWS = 20_000
+PASSBOOK_BATCH_ROWS = 10_000
+BRANCH = "01"  # the branch `mis_adapter bench-data populate` opens its households in
 
 
-def populate_period(engine: Engine, accounts: int, period: str, *, banks: Sequence[str] = ("ICBC",),
-                    now: dt.datetime, first_serial: int = 1, rng_seed: int = 7, prepaid_share: float = 0.0,
-                    agreement_share: float = 1.0, with_banks: bool = True) -> list[tuple[str, str | None]]:
-    """Households with one unbilled reading in `period`, agreements spread over
-    `banks`; returns (account_no, bank or None) in account order. Residential
-    consumption 50-400 kWh; a `prepaid_share` of households holds some credit."""
-    upgrade(engine)
-    rng = random.Random(rng_seed)
-    with engine.begin() as conn:
-        if with_banks:
-            have = set(conn.execute(sa.select(table_of(Bank).c.bank_id)).scalars())
-            new_banks = [b for b in banks if b not in have]
-            if new_banks:
-                conn.execute(sa.insert(table_of(Bank)), [{"bank_id": b, "name": b, "suspended": False,
-                                                          "suspended_reason": "", "updated_at": now}
-                                                         for b in new_banks])
-        if conn.execute(sa.select(table_of(Branch).c.code).where(table_of(Branch).c.code == BRANCH)).first() is None:
-            conn.execute(sa.insert(table_of(Branch)), [{"code": BRANCH, "name": "城东供电所"}])
-    customers, meters, readings, agreements = [], [], [], []
-    out: list[tuple[str, str | None]] = []
-    read_on = now.date()
-    for i in range(accounts):
-        acct = make_account_no(BRANCH, first_serial + i)
-        prepaid = rng.choice((500, 3000, 100_000)) if rng.random() < prepaid_share else 0
-        customers.append({"account_no": acct, "branch_code": BRANCH, "name": "户主", "address": "-", "phone": "-",
-                          "tariff_class": "RESIDENTIAL", "status": "OPEN", "prepaid_fen": prepaid,
-                          "opened_on": dt.date(2020, 1, 1)})
-        meters.append({"meter_no": f"M{acct}", "account_no": acct, "installed_on": dt.date(2020, 1, 1)})
-        kwh = rng.randint(50, 400)
-        readings.append({"meter_no": f"M{acct}", "account_no": acct, "period": period, "register_kwh": 10_000 + kwh,
-                         "kwh": kwh, "read_on": read_on, "billed": False})
-        bank = banks[i % len(banks)] if rng.random() < agreement_share else None
-        if bank is not None:
-            agreements.append({"account_no": acct, "bank_id": bank, "signed_on": dt.date(2020, 1, 1),
-                               "active": True})
-        out.append((acct, bank))
-    for table, rows in ((Customer, customers), (Meter, meters), (Reading, readings), (Agreement, agreements)):
-        for start in range(0, len(rows), POPULATE_BATCH_ROWS):
-            with engine.begin() as conn:
-                feed_bulk_insert(conn, table_of(table), rows[start:start + POPULATE_BATCH_ROWS])
-    return out
+def bench_accounts(n: int, first_serial: int = 1) -> list[str]:
+    """The account numbers `mis_adapter bench-data populate` gives n households."""
+    return [make_account_no(BRANCH, first_serial + i) for i in range(n)]
 
 
 def open_passbooks(engine: Engine, bank_id: str, accounts: Sequence[str], *, now: dt.datetime,
@@ -97,7 +56,9 @@ def open_passbooks(engine: Engine, bank_id: str, accounts: Sequence[str], *, now
         bal = 0 if rng.random() < short_share else 10_000_000
         rows.append({"bank_id": bank_id, "account_no": acct, "opening_balance_fen": bal, "balance_fen": bal,
                      "opened_at": now})
-    bulk_insert(engine, ledger.savings, rows)
+    for start in range(0, len(rows), PASSBOOK_BATCH_ROWS):
+        with engine.begin() as conn:
+            conn.execute(sa.insert(ledger.savings), rows[start:start + PASSBOOK_BATCH_ROWS])
 
 
 @dataclass
@@ -120,8 +81,8 @@ def check_feed(mis: Engine, bank: Engine, bank_id: str, period: str) -> FeedChec
     one bank debit (serial, account, fen), or is in arrears for dunning with
     an INSUFFICIENT_FUNDS result on both sides; no passbook is debited twice."""
     c = FeedCheck()
-    ob, bills, pay, alloc, res = (table_of(OutboxRow), table_of(BillRow), table_of(Payment),
-                                  table_of(AllocationRow), table_of(DebitResultRow))
+    ob, bills, pay, alloc, res, cur = (mis_tables.feed_outbox, mis_tables.bills, mis_tables.payments,
+                                       mis_tables.allocations, mis_tables.feed_results, mis_tables.feed_cursors)
     with mis.connect() as conn:
         c.bills = conn.execute(sa.select(sa.func.count()).select_from(bills).where(bills.c.period == period)).scalar_one()
         fed = {r.seq: r for r in conn.execute(sa.select(ob).where(ob.c.bank_id == bank_id))}
@@ -134,8 +95,8 @@ def check_feed(mis: Engine, bank: Engine, bank_id: str, period: str) -> FeedChec
             allocs.setdefault(r.bill_id, []).append(r.payment_id)
         status = {r.bill_id: (r.status, r.dunning) for r in conn.execute(
             sa.select(bills.c.bill_id, bills.c.status, bills.c.dunning).where(bills.c.period == period))}
-        c.cursor = int(conn.execute(sa.select(table_of(FeedCursor).c.acked_through_seq)
-                                    .where(table_of(FeedCursor).c.bank_id == bank_id)).scalar_one_or_none() or 0)
+        c.cursor = int(conn.execute(sa.select(cur.c.acked_through_seq)
+                                    .where(cur.c.bank_id == bank_id)).scalar_one_or_none() or 0)
     with bank.connect() as conn:
         debits = {r.bank_serial: r for r in conn.execute(
             sa.select(ledger.ledger).where(ledger.ledger.c.bank_id == bank_id, ledger.ledger.c.channel == "AUTO_DEBIT"))}
@@ -214,9 +175,17 @@ def _span(engine: Engine, q: sa.Select) -> float:  # type: ignore[type-arg]
     return _instant(v) if v is not None else float("nan")
 
 
-def _probe_latency(mis: Engine, adapter_addr: str, n: int) -> list[float]:
-    """Issues n single-bill transactions for the probe bank, each timed from
-    its commit to the notice arriving on a subscriber of the probe bank."""
+def _bench_data(action: str, mis_url: str, *extra: str) -> list[str]:
+    """argv of `python -m mis_adapter bench-data ACTION` on the MIS database."""
+    return [sys.executable, "-m", "mis_adapter", "bench-data", action, "--db", mis_url, "--period", BENCH_PERIOD,
+            *extra]
+
+
+def _probe_latency(mis_url: str, adapter_addr: str, n: int, work: Path, timeout_s: float) -> list[float]:
+    """`mis_adapter bench-data probe` issues n single-bill transactions for the
+    probe bank, one per line we send it; each is timed from the instant just
+    before its commit (CLOCK_MONOTONIC, shared by the processes of this
+    machine) to its notice arriving on our subscription of the probe bank."""
     import queue as _queue
     import threading
 
@@ -225,44 +194,50 @@ def _probe_latency(mis: Engine, adapter_addr: str, n: int) -> list[float]:
     from yindian.v1 import billing_pb2 as pb
     from yindian.v1 import billing_pb2_grpc
 
-    clock = SystemClock()
-    people = populate_period(mis, n, BENCH_PERIOD, banks=(PROBE_BANK,), now=clock.now(),
-                             first_serial=PROBE_FIRST_SERIAL)
+    repo = Path(__file__).resolve().parents[1]
+    log = open(work / "probe.log", "a")  # noqa: SIM115 - handed to the child
+    issuer = subprocess.Popen(_bench_data("probe", mis_url, "--bank", PROBE_BANK, "--count", str(n),
+                                          "--first-serial", str(PROBE_FIRST_SERIAL)),
+                              cwd=repo, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+    assert issuer.stdin is not None and issuer.stdout is not None
     arrived: _queue.Queue[float] = _queue.Queue()
     requests: _queue.Queue[pb.BillFeedRequest | None] = _queue.Queue()
     requests.put(pb.BillFeedRequest(subscribe=pb.Subscribe()))
     channel = grpc.insecure_channel(adapter_addr)
-    call = billing_pb2_grpc.BillingServiceStub(channel).BillFeed(
-        iter(requests.get, None), metadata=[("x-yindian-bank-id", PROBE_BANK)], timeout=600)
-
-    def read() -> None:
-        try:
-            for msg in call:
-                if msg.WhichOneof("body") == "notices":
-                    now = time.perf_counter()
-                    for _notice in msg.notices.notices:
-                        arrived.put(now)
-                    requests.put(pb.BillFeedRequest(results=pb.DebitResultBatch(results=[
-                        pb.DebitResult(seq=x.seq, outcome=pb.DEBIT_OUTCOME_INSUFFICIENT_FUNDS)
-                        for x in msg.notices.notices])))
-        except grpc.RpcError:
-            pass
-
-    threading.Thread(target=read, daemon=True).start()
     out: list[float] = []
     try:
-        committing: list[float] = []
+        if "ready" not in json.loads(issuer.stdout.readline() or "{}"):  # the probe bank exists from here on
+            raise RuntimeError(f"bench-data probe did not start; see {work / 'probe.log'}")
+        call = billing_pb2_grpc.BillingServiceStub(channel).BillFeed(
+            iter(requests.get, None), metadata=[("x-yindian-bank-id", PROBE_BANK)], timeout=timeout_s)
 
-        def stamp(_batch: Sequence[str]) -> None:
-            committing.append(time.perf_counter())
+        def read() -> None:
+            try:
+                for msg in call:
+                    if msg.WhichOneof("body") == "notices":
+                        now = time.monotonic()
+                        for _notice in msg.notices.notices:
+                            arrived.put(now)
+                        requests.put(pb.BillFeedRequest(results=pb.DebitResultBatch(results=[
+                            pb.DebitResult(seq=x.seq, outcome=pb.DEBIT_OUTCOME_INSUFFICIENT_FUNDS)
+                            for x in msg.notices.notices])))
+            except grpc.RpcError:
+                pass
 
-        for acct, _bank in people:
-            issue_bills(mis, clock, BENCH_PERIOD, accounts=[acct], before_commit=stamp)
-            out.append(arrived.get(timeout=30) - committing[-1])
+        threading.Thread(target=read, daemon=True).start()
+        for _ in range(n):
+            issuer.stdin.write("next\n")
+            issuer.stdin.flush()
+            committing = json.loads(issuer.stdout.readline())["committing_monotonic"]
+            out.append(arrived.get(timeout=30) - committing)
+        call.cancel()
     finally:
         requests.put(None)
-        call.cancel()
+        issuer.stdin.close()
+        if issuer.wait(timeout=60) != 0:
+            raise RuntimeError(f"bench-data probe failed; see {work / 'probe.log'}")
         channel.close()
+        log.close()
     return out
 
 
@@ -270,8 +245,6 @@ BENCH_PERIOD = "202611"
 
 
 def _run_backend(s: BenchFeedSettings, backend: str, work: Path) -> dict[str, float]:
-    from bank_sim.processes import start_server
-
     if backend == "sqlite":
         mis_url, bank_url = f"sqlite:///{work / 'mis.db'}", f"sqlite:///{work / 'bank.db'}"
     else:
@@ -280,10 +253,12 @@ def _run_backend(s: BenchFeedSettings, backend: str, work: Path) -> dict[str, fl
         bank_url = create_database(s.pg_admin_url, f"yd_bench_feed_bank_{tag}")
     bridge_url = f"sqlite:///{work / 'bridge.db'}"
     clock = SystemClock()
-    mis, bank = make_engine(mis_url), make_engine(bank_url)
-    people = populate_period(mis, s.bills, BENCH_PERIOD, banks=(BENCH_BANK,), now=clock.now())
-    open_passbooks(bank, BENCH_BANK, [a for a, _ in people], now=clock.now())
     repo = Path(__file__).resolve().parents[1]
+    run_command("bench-data populate", _bench_data("populate", mis_url, "--accounts", str(s.bills),
+                                                   "--banks", BENCH_BANK)[2:],
+                log_dir=work, timeout_s=s.run_timeout_s, cwd=repo)
+    mis, bank = make_engine(mis_url), make_engine(bank_url)
+    open_passbooks(bank, BENCH_BANK, bench_accounts(s.bills), now=clock.now())
     servers = []
     try:
         adapter = start_server("mis_adapter", ["mis_adapter", "serve", "--db", mis_url, "--listen", "127.0.0.1:0",
@@ -302,21 +277,25 @@ def _run_backend(s: BenchFeedSettings, backend: str, work: Path) -> dict[str, fl
             [sys.executable, "-m", "bank_sim", "autodebit", "--target", bridge.grpc_addr, "--db", bank_url,
              "--bank-id", BENCH_BANK, "--insecure", "--idle-exit-s", "1.5", "--idle-exit-after-seq", str(s.bills),
              "--run-timeout-s", str(s.run_timeout_s)], cwd=repo, stdout=log, stderr=subprocess.STDOUT)
-        t0 = time.perf_counter()
-        wall0 = time.time()
-        issue_bills(mis, clock, BENCH_PERIOD, batch_accounts=s.issue_batch)
-        issued_s = time.perf_counter() - t0
+        # Issuance is timed inside the issuing process (its start-up is not issuance).
+        issued = subprocess.run(_bench_data("issue", mis_url, "--batch-accounts", str(s.issue_batch)), cwd=repo,
+                                capture_output=True, text=True, timeout=s.run_timeout_s)
+        if issued.returncode != 0:
+            raise RuntimeError(f"bench-data issue failed: {issued.stderr[-2000:]}")
+        timing = json.loads(issued.stdout.strip().splitlines()[-1])
+        issued_s, wall0 = float(timing["issued_s"]), float(timing["started_wall"])
         if consumer.wait(timeout=s.run_timeout_s) != 0:
             raise RuntimeError(f"autodebit failed; see {work / 'autodebit.log'}")
-        res, pay, led = autodebit.results_table, table_of(Payment), ledger.ledger
+        res, pay, led = autodebit.results_table, mis_tables.payments, ledger.ledger
         delivered = _span(bank, sa.select(sa.func.max(res.c.processed_at)))
         debited = _span(bank, sa.select(sa.func.max(led.c.created_at)).where(led.c.channel == "AUTO_DEBIT"))
-        acked = _span(mis, sa.select(sa.func.max(table_of(DebitResultRow).c.received_at)))
+        acked = _span(mis, sa.select(sa.func.max(mis_tables.feed_results.c.received_at)))
         posted = _span(mis, sa.select(sa.func.max(pay.c.posted_at)).where(pay.c.channel == "AUTO_DEBIT"))
         check = check_feed(mis, bank, BENCH_BANK, BENCH_PERIOD)
         if check.problems:
             raise RuntimeError(f"feed invariants broken: {check.problems[:5]}")
-        lat = sorted(_probe_latency(mis, adapter.grpc_addr, s.probes)) if s.probes else [float("nan")]
+        lat = (sorted(_probe_latency(mis_url, adapter.grpc_addr, s.probes, work, s.run_timeout_s)) if s.probes
+               else [float("nan")])
     finally:
         for proc in reversed(servers):
             proc.stop(30)

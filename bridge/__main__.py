@@ -6,4 +6,11 @@ COMMANDS = {
     "serve": ("bridge.serve", "serve BillingService to the bank core and forward to mis_adapter"),
 }
 
-sys.exit(dispatch("bridge", COMMANDS))
+
+def main() -> int:
+    """`python -m bridge` and the `yindian-bridge` console script."""
+    return dispatch("bridge", COMMANDS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any
 
 import grpc
 
+from bridge.context import BridgeContext
 from yindian.v1 import billing_pb2 as pb
 from yindian_common.status import trailing_details
 
@@ -35,7 +35,7 @@ def _forward(request_iterator: Iterator[pb.BillFeedRequest]) -> Iterator[pb.Bill
         return  # the bank core went away; ending our side ends the upstream call
 
 
-def bill_feed(bctx: Any, request_iterator: Iterator[pb.BillFeedRequest],
+def bill_feed(bctx: BridgeContext, request_iterator: Iterator[pb.BillFeedRequest],
               context: grpc.ServicerContext) -> Iterator[pb.BillFeedResponse]:
     remaining = context.time_remaining()
     # A feed is a long-lived stream: its liveness comes from heartbeats and

@@ -29,8 +29,8 @@ from bridge.upstream import DEFINITE, classify, relay
 from yindian.v1 import billing_pb2 as pb
 from yindian_common import fields
 from yindian_common.clock import monotonic_s
-from yindian_common.errors import InvalidField, Precondition, Unavailable, YinDianError
-from yindian_common.status import abort
+from yindian_common.errors import InvalidField, Precondition, Unavailable
+from yindian_common.status import guard
 
 log = logging.getLogger("yindian.bridge.recon")
 
@@ -57,7 +57,7 @@ def wait_until_settled(bctx: BridgeContext, day: dt.date, wait_s: float = IN_DOU
 
 def reconcile(bctx: BridgeContext, request_iterator: Iterator[Any], context: grpc.ServicerContext
               ) -> Iterator[pb.ReconcileResponse]:
-    try:
+    with guard(context, "Reconcile", database="bridge journal database"):
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("body") != "header":
             raise InvalidField("header", "the first message must be the header with the settlement date")
@@ -80,6 +80,3 @@ def reconcile(bctx: BridgeContext, request_iterator: Iterator[Any], context: grp
             raise Unavailable(f"reconciliation of {day} did not complete on the link ({answer.code.name}); "
                               "reconcile again: a finished day answers with its stored result",
                               reason="LINK_INTERRUPTED") from exc
-    except YinDianError as err:
-        log.info("event=reconcile_refused reason=%s msg=%s", err.reason, err.message)
-        abort(context, err)

@@ -123,7 +123,7 @@ class Resolver:
                                             amount_fen=entry.amount_fen, reason=entry.reason)
             answer = self._upstream.cancel(req, timeout_s)
             at = self._clock.now()
-            if answer.ok:
+            if answer.response is not None:
                 return jn.outcome_for(entry, jn.CANCELLED, at, status_code=0,
                                       body=answer.response.SerializeToString(), message="resent"), answer
             if answer.kind == DEFINITE and answer.code not in RETRY_LATER_CODES:  # else: resend later
@@ -136,10 +136,10 @@ class Resolver:
 
     def _probe(self, entry: Entry, timeout_s: float) -> tuple[Outcome | None, Answer]:
         answer = self._upstream.get_payment(entry.serial, timeout_s)
-        if not answer.ok:
+        resp = answer.response
+        if resp is None:
             return None, answer
         at = self._clock.now()
-        resp: billing_pb2.GetPaymentResponse = answer.response
         state = resp.state
         if state == billing_pb2.PAYMENT_STATE_POSTED:
             p = resp.payment
@@ -164,7 +164,7 @@ class Resolver:
                                         amount_fen=entry.amount_fen, reason=REVERSAL_REASON)
         answer = self._upstream.cancel(req, timeout_s)
         at = self._clock.now()
-        if answer.ok:
+        if answer.response is not None:
             outcome_name = billing_pb2.CancelOutcome.Name(answer.response.outcome)
             return jn.outcome_for(entry, jn.NOT_APPLIED, at, reversal_serial=serial,
                                   message=f"tombstoned: {outcome_name}"), answer

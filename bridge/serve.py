@@ -26,7 +26,7 @@ from yindian_common.errors import InvalidField
 from yindian_common.logs import setup_logging
 from yindian_common.metrics import grpc_server_interceptors, instrument_channel, start_metrics_http
 from yindian_common.server import GrpcServer, open_channel
-from yindian_common.settings import add_settings_flags, load_settings
+from yindian_common.settings import add_settings_flags, parse_settings
 
 log = logging.getLogger("yindian.bridge")
 
@@ -38,8 +38,7 @@ def parse(argv: list[str]) -> BridgeSettings:
         prog="python -m bridge serve",
         description="Serve BillingService to the bank core; journal and forward to mis_adapter over the link.")
     add_settings_flags(parser, BridgeSettings)
-    args = parser.parse_args(argv)
-    return load_settings(BridgeSettings, args, args.config_file)
+    return parse_settings(parser, BridgeSettings, argv)
 
 
 def check_settings(settings: BridgeSettings) -> None:
@@ -89,7 +88,7 @@ class Bridge:
             backoff=Backoff(settings.resolver_backoff_initial_s, settings.resolver_backoff_cap_s),
             batch_max=settings.resolver_batch_max, idle_wait_s=settings.resolver_idle_wait_s,
             call_timeout_s=settings.resolver_call_timeout_s, min_call_s=settings.upstream_deadline_min_s)
-        self.server = GrpcServer(listen=settings.listen, limits=settings.limits(), tls=settings.tls(),
+        self.server = GrpcServer(listen=settings.listen, limits=settings.server_limits(), tls=settings.tls(),
                                  insecure=settings.insecure, force_insecure=settings.force_insecure,
                                  interceptors=grpc_server_interceptors())
         self.server.add_service("yindian.v1.BillingService", billing_pb2_grpc.add_BillingServiceServicer_to_server,

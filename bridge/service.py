@@ -9,21 +9,21 @@ journal and never forwarded twice. Malformed requests never cross the link
 and are never journaled."""
 from __future__ import annotations
 
-import importlib
 import logging
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, NoReturn, TypeVar
+from collections.abc import Iterator
+from typing import Any, NoReturn
 
 import grpc
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
+from bridge import feed_relay, recon
 from bridge import journal as jn
 from bridge.context import BridgeContext
 from bridge.journal import Claim, Entry, Outcome
 from bridge.resolver import REVERSAL_PREFIX, Resolver
-from bridge.upstream import DEFINITE, OK, RETRY_LATER_CODES, Answer, relay
+from bridge.upstream import DEFINITE, RETRY_LATER_CODES, Answer, relay
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
 from yindian_common import business_metrics, fields
@@ -35,12 +35,10 @@ from yindian_common.errors import (
     SerialConflict,
     SerialReversed,
     Unavailable,
-    YinDianError,
 )
-from yindian_common.status import abort
+from yindian_common.status import abort, guard
 
 log = logging.getLogger("yindian.bridge.service")
-R = TypeVar("R")
 
 # A duplicate waits for its original at most this many times before giving up with ABORTED.
 CLAIM_ROUNDS = 3
@@ -85,12 +83,6 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
 
     # ---- helpers ----
 
-    def _guard(self, context: grpc.ServicerContext, fn: Callable[[], R]) -> R:
-        try:
-            return fn()
-        except YinDianError as err:
-            abort(context, err)
-
     def _timeout(self, context: grpc.ServicerContext) -> float:
         timeout_s = self.bctx.deadline_for(context)
         if timeout_s < self._min_call_s:
@@ -100,23 +92,26 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
     # ---- queries ----
 
     def QueryAccount(self, request: pb.QueryAccountRequest, context: grpc.ServicerContext) -> pb.QueryAccountResponse:
-        self._guard(context, lambda: fields.account_no(request.account_no))
+        with guard(context, "QueryAccount"):
+            fields.account_no(request.account_no)
         answer = self.bctx.upstream.query_account(request, self._timeout(context))
-        if not answer.ok:
+        if answer.response is None:
             relay(context, answer)
-        return answer.response  # type: ignore[no-any-return]
+        return answer.response
 
     def GetPayment(self, request: pb.GetPaymentRequest, context: grpc.ServicerContext) -> pb.GetPaymentResponse:
-        self._guard(context, lambda: fields.serial(request.bank_serial, "bank_serial"))
+        with guard(context, "GetPayment"):
+            fields.serial(request.bank_serial, "bank_serial")
         answer = self.bctx.upstream.get_payment(request.bank_serial, self._timeout(context))
-        if not answer.ok:
+        if answer.response is None:
             relay(context, answer)
-        return answer.response  # type: ignore[no-any-return]
+        return answer.response
 
     # ---- money-moving ----
 
     def Pay(self, request: pb.PayRequest, context: grpc.ServicerContext) -> pb.PayResponse:
-        self._guard(context, lambda: check_pay(request))
+        with guard(context, "Pay"):
+            check_pay(request)
         now = self.bctx.clock.now()
         entry = Entry(kind=jn.PAY, serial=request.bank_serial, bank_id=self._bank_id, amount_fen=request.amount_fen,
                       state=jn.PENDING, business_date=business_date(self.bctx.clock), created_at=now,
@@ -126,7 +121,8 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         return self._money_moving(entry, request, context)  # type: ignore[no-any-return]
 
     def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelResponse:
-        self._guard(context, lambda: check_cancel(request))
+        with guard(context, "Cancel"):
+            check_cancel(request)
         now = self.bctx.clock.now()
         entry = Entry(kind=jn.CANCEL, serial=request.cancel_serial, bank_id=self._bank_id,
                       amount_fen=request.amount_fen, state=jn.PENDING, business_date=business_date(self.bctx.clock),
@@ -179,9 +175,9 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             return answer.response  # the message the journal now holds as bytes
         return self._reply(outcome, context)
 
-    def _first_outcome(self, entry: Entry, answer: Answer) -> Outcome:
+    def _first_outcome(self, entry: Entry, answer: Answer[Any]) -> Outcome:
         at = self.bctx.clock.now()
-        if answer.kind == OK:
+        if answer.response is not None:  # OK
             return jn.outcome_for(entry, jn.POSTED if entry.kind == jn.PAY else jn.CANCELLED, at, status_code=0,
                                   body=answer.response.SerializeToString(), message="")
         if answer.kind == DEFINITE:
@@ -276,20 +272,11 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
 
     # ---- streams owned by other modules ----
 
-    def Reconcile(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
-        return _delegate("bridge.recon", "reconcile", self.bctx, request_iterator, context)
+    def Reconcile(self, request_iterator: Iterator[pb.ReconcileRequest], context: grpc.ServicerContext
+                  ) -> Iterator[pb.ReconcileResponse]:
+        return recon.reconcile(self.bctx, request_iterator, context)
 
-    def BillFeed(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
-        return _delegate("bridge.feed_relay", "bill_feed", self.bctx, request_iterator, context)
-
-
-def _delegate(module: str, func: str, bctx: BridgeContext, request_iterator: Iterator[Any],
-              context: grpc.ServicerContext) -> Any:
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{module} is not built yet")
-    return getattr(mod, func)(bctx, request_iterator, context)
+    def BillFeed(self, request_iterator: Iterator[pb.BillFeedRequest], context: grpc.ServicerContext
+                 ) -> Iterator[pb.BillFeedResponse]:
+        return feed_relay.bill_feed(self.bctx, request_iterator, context)
 

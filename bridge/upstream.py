@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, NoReturn, TypeVar
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -21,6 +21,7 @@ from bridge.replicas import Replica, ReplicaSet
 from yindian.v1 import billing_pb2, billing_pb2_grpc
 
 log = logging.getLogger("yindian.bridge.upstream")
+M = TypeVar("M")
 
 OK = "OK"
 DEFINITE = "DEFINITE"
@@ -32,9 +33,9 @@ RETRY_LATER_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCo
 
 
 @dataclass(frozen=True)
-class Answer:
+class Answer(Generic[M]):
     kind: str
-    response: Any = None
+    response: M | None = None  # the utility's message when OK
     # the google.rpc.Status of a DEFINITE error, serialized
     status_bytes: bytes | None = None
     code: grpc.StatusCode = grpc.StatusCode.OK
@@ -57,7 +58,7 @@ class Answer:
         return ""
 
 
-def classify(exc: grpc.RpcError) -> Answer:
+def classify(exc: grpc.RpcError) -> Answer[Any]:
     code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
     message: str = exc.details() or ""  # type: ignore[attr-defined]
     try:
@@ -84,7 +85,7 @@ class Upstream:
         """The current replica's stub (streams: Reconcile, BillFeed)."""
         return self.replicas.current().stub
 
-    def _call(self, method: str, request: Any, timeout_s: float, *, read: bool = False) -> Answer:
+    def _call(self, method: str, request: Any, timeout_s: float, *, read: bool = False) -> Answer[Any]:
         replica = self.replicas.current()
         answer = self._call_on(replica, method, request, timeout_s)
         if read and answer.kind == IN_DOUBT and answer.code == grpc.StatusCode.UNAVAILABLE:
@@ -92,7 +93,7 @@ class Upstream:
                 answer = self._call_on(other, method, request, timeout_s)
         return answer
 
-    def _call_on(self, replica: Replica, method: str, request: Any, timeout_s: float) -> Answer:
+    def _call_on(self, replica: Replica, method: str, request: Any, timeout_s: float) -> Answer[Any]:
         try:
             return Answer(OK, response=getattr(replica.stub, method)(request, timeout=timeout_s,
                                                                     metadata=self.metadata))
@@ -102,22 +103,24 @@ class Upstream:
                 self.replicas.mark_down(replica, answer.message[:80])
             return answer
 
-    def pay(self, request: billing_pb2.PayRequest, timeout_s: float) -> Answer:
+    def pay(self, request: billing_pb2.PayRequest, timeout_s: float) -> Answer[billing_pb2.PayResponse]:
         return self._call("Pay", request, timeout_s)
 
-    def cancel(self, request: billing_pb2.CancelRequest, timeout_s: float) -> Answer:
+    def cancel(self, request: billing_pb2.CancelRequest, timeout_s: float) -> Answer[billing_pb2.CancelResponse]:
         return self._call("Cancel", request, timeout_s)
 
-    def get_payment(self, bank_serial: str, timeout_s: float) -> Answer:
+    def get_payment(self, bank_serial: str, timeout_s: float) -> Answer[billing_pb2.GetPaymentResponse]:
         return self._call("GetPayment", billing_pb2.GetPaymentRequest(bank_serial=bank_serial), timeout_s, read=True)
 
-    def query_account(self, request: billing_pb2.QueryAccountRequest, timeout_s: float) -> Answer:
+    def query_account(self, request: billing_pb2.QueryAccountRequest, timeout_s: float
+                      ) -> Answer[billing_pb2.QueryAccountResponse]:
         return self._call("QueryAccount", request, timeout_s, read=True)
 
 
-def relay(context: grpc.ServicerContext, answer: Answer) -> None:
+def relay(context: grpc.ServicerContext, answer: Answer[Any]) -> NoReturn:
     """Passes a non-OK answer on to the bank core: a DEFINITE one unchanged,
     an IN_DOUBT one with its code and message (queries are safe to retry)."""
     if answer.status_bytes is not None:
         context.abort_with_status(rpc_status.to_status(status_pb2.Status.FromString(answer.status_bytes)))
     context.abort(answer.code, answer.message or "utility link error")
+    raise AssertionError("unreachable")  # abort raises

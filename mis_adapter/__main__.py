@@ -11,6 +11,14 @@ COMMANDS = {
     "reconcile": ("mis_adapter.recon_file", "reconcile a bank's day from its daily file"),
     "report": ("mis_adapter.report_cmd", "collection and arrears statistics"),
     "bench-recon": ("mis_adapter.bench_recon", "benchmark: reconciliation and reports at scale"),
+    "bench-data": ("mis_adapter.bench_data", "benchmark/test data: populate a period, timed issue, paced probes"),
 }
 
-sys.exit(dispatch("mis_adapter", COMMANDS))
+
+def main() -> int:
+    """`python -m mis_adapter` and the `yindian-mis-adapter` console script."""
+    return dispatch("mis_adapter", COMMANDS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

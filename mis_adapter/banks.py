@@ -13,10 +13,11 @@ from contextlib import contextmanager
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from mis_adapter.allocation import settlement_date
 from mis_adapter.db.base import table_of
 from mis_adapter.db.core import Bank
 from mis_adapter.db.recon import ReconciledDay
-from yindian_common.errors import BankSuspended, DayClosed, Exhausted, Forbidden
+from yindian_common.errors import BankSuspended, Exhausted, Forbidden
 
 T_BANKS = table_of(Bank)
 _SELECT_BANK = sa.select(T_BANKS.c.suspended, T_BANKS.c.suspended_reason).where(
@@ -114,12 +115,9 @@ def lock_bank_day(conn: Connection, bank_id: str, *, exclusive: bool = False) ->
 
 
 def settlement_day(conn: Connection, bank_id: str, today: dt.date) -> dt.date:
-    """The settlement date of a payment posted today: today, or tomorrow once the
-    bank's today is reconciled. Call it after lock_bank_day."""
+    """The settlement date of a payment posted today (allocation.settlement_date),
+    from the bank's reconciled days. Call it after lock_bank_day."""
     closed = {r.settlement_date for r in conn.execute(_CLOSED_DAYS, {"bank_id": bank_id,
                                                                     "days": [today, today + dt.timedelta(days=1)]})}
-    if today not in closed:
-        return today
-    if today + dt.timedelta(days=1) in closed:
-        raise DayClosed(f"settlement dates {today} and the next are both reconciled")
-    return today + dt.timedelta(days=1)
+    return settlement_date(today, today_reconciled=today in closed,
+                           next_reconciled=today + dt.timedelta(days=1) in closed)

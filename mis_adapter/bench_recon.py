@@ -34,12 +34,13 @@ from mis_adapter.late_fee import LateFeeRates
 from mis_adapter.migrate import upgrade
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
+from yindian_common.clock import DEFAULT_TZ
 from yindian_common.db import create_database, drop_database, make_engine
 from yindian_common.fields import make_account_no
 
 REPO = Path(__file__).resolve().parents[1]
 READY_RE = re.compile(r"READY (\S+) grpc=(\S+) metrics=(\d+)")
-TZ = ZoneInfo("Asia/Shanghai")
+TZ = ZoneInfo(DEFAULT_TZ)
 BANK = "BENCH"
 DAY = dt.date(2026, 11, 27)
 CLOCK = "2026-11-28T09:00:00+08:00"

@@ -1,19 +1,20 @@
 """AdapterContext: what every mis_adapter request handler needs, built once
 in `serve` and passed down: settings, clock, branch router, late-fee rates,
-the bank registry, and the link's identity of the caller."""
+the bank registry and the bill feed's hub. It knows nothing of gRPC: who is
+calling is read from the link at the edge (mis_adapter.service)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import grpc
+from typing import TYPE_CHECKING
 
 from mis_adapter.banks import BankRegistry
 from mis_adapter.late_fee import LateFeeRates
 from mis_adapter.routing import BranchRouter
 from mis_adapter.settings import AdapterSettings
 from yindian_common.clock import Clock
-from yindian_common.identity import bank_of
+
+if TYPE_CHECKING:  # the hub lives at the feed's edge, which imports this module
+    from mis_adapter.feed_service import FeedHub
 
 
 @dataclass
@@ -23,8 +24,10 @@ class AdapterContext:
     router: BranchRouter
     rates: LateFeeRates
     banks: BankRegistry
-    # The bill feed's per-process hub (mis_adapter.feed_service.FeedHub), created on first use.
-    feed_hub: Any = None
+    # The bill feed's per-process hub: set by `serve` when it builds the
+    # context (None with branch databases, where the feed is refused, and in
+    # tests that build a context without serving the feed).
+    feed_hub: FeedHub | None = None
 
     def close(self) -> None:
         """After the drain: stop the feed's listener, close the database pools."""
@@ -35,10 +38,6 @@ class AdapterContext:
     @property
     def tls(self) -> bool:
         return self.settings.tls() is not None
-
-    def bank_of(self, context: grpc.ServicerContext) -> str:
-        """The calling bank, from the link (certificate, or metadata in plain-text mode)."""
-        return bank_of(context, tls=self.tls)
 
     @classmethod
     def build(cls, settings: AdapterSettings, clock: Clock) -> AdapterContext:

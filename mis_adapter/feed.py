@@ -9,12 +9,14 @@ Rules this module keeps:
   issuers, so seqs are gapless and ordered as their transactions commit.
 - The cursor (`acked_through_seq`) only advances over seqs that have a
   stored result, and is written in the transaction that stores them.
-- A DEBITED result posts one AUTO_DEBIT payment keyed by (bank, bank_serial):
-  the common case (the bill is the account's only unpaid one, no late fee,
-  the debit equals its principal due) is posted here in bulk with exactly
-  the allocation `allocation.allocate_payment` would give; every other case
-  is handed to the general payment path (`pay_general`: mis_adapter.payments.pay),
-  which allocates oldest first, late fee before principal, rest to prepaid.
+- A DEBITED result posts one AUTO_DEBIT payment keyed by (bank, bank_serial).
+  The bulk path takes the debits for which the allocation rule
+  (`allocation.bills_due` + `allocate_payment`, asked per debit) gives one
+  allocation of the whole amount to the principal of the account's only
+  unpaid bill, and writes exactly that allocation in bulk; every other
+  debit is posted in the same transaction by Pay's own writes
+  (`payments.pay_in_tx`, called from here, never through the gRPC edge),
+  which allocate oldest first, late fee before principal, rest to prepaid.
   A debit for a bill already settled by another channel becomes prepaid
   credit and is listed in `feed_refunds`; so is any surplus the general
   path turned into prepaid credit.
@@ -28,27 +30,36 @@ elsewhere. Nothing here speaks gRPC or builds protos."""
 from __future__ import annotations
 
 import datetime as dt
-import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.elements import ColumnElement
-from sqlalchemy.sql.visitors import InternalTraversal
+from sqlalchemy.exc import IntegrityError
 
+from mis_adapter import payments
+from mis_adapter.allocation import allocate_payment, bills_due
 from mis_adapter.banks import lock_bank_day, settlement_day
 from mis_adapter.db.base import table_of
 from mis_adapter.db.core import AllocationRow, BillRow, Customer, JournalEntry, Payment, PrepaidEntry
 from mis_adapter.db.feed import DebitResultRow, FeedCursor, FeedLease, FeedSequence, OutboxRow, RefundRow
-from yindian_common.clock import Clock, business_date
-from yindian_common.errors import Precondition, SerialConflict, YinDianError
+from mis_adapter.late_fee import LateFeeRates
+from yindian_common import business_metrics
+from yindian_common.bulk_sql import InList, bulk_insert, list_param
+from yindian_common.clock import business_date
+from yindian_common.errors import (
+    AccountClosed,
+    AccountNotFound,
+    FeedBusy,
+    FeedMultiDatabase,
+    SerialConflict,
+)
 
 __all__ = [
     "FeedSettings", "Notice", "DebitIn", "ApplyReport", "FeedBusy", "FeedMultiDatabase", "NOTIFY_CHANNEL",
     "reading", "take_seqs", "insert_outbox", "notify_banks", "read_notices", "get_cursor", "stored_results",
+    "answered_high",
     "acquire_lease", "renew_lease", "release_lease", "apply_results", "DEBITED", "INSUFFICIENT_FUNDS",
 ]
 
@@ -85,16 +96,6 @@ class FeedSettings:
             if value is not None:
                 kw[name] = value
         return cls(**kw)
-
-
-class FeedBusy(YinDianError):
-    """A second subscriber while the bank's stream is active: refused."""
-    code = "ABORTED"
-    reason = "FEED_ALREADY_ACTIVE"
-
-
-class FeedMultiDatabase(Precondition):
-    reason = "FEED_SINGLE_DATABASE_ONLY"
 
 
 @dataclass(frozen=True)
@@ -148,103 +149,6 @@ _b = sa.bindparam
 def _utc(when: dt.datetime) -> dt.datetime:
     # SQLite keeps no offset: store every instant in UTC so that they compare.
     return when.astimezone(dt.UTC)
-
-
-# ---- bulk SQL: one statement per batch, whatever its size ----
-# PostgreSQL gets arrays (`= ANY(array)`, `INSERT ... SELECT unnest(...)`),
-# SQLite a JSON list (`IN (SELECT value FROM json_each(...))`) and driver
-# executemany: per-row SQLAlchemy parameter processing and IN lists of
-# hundreds of placeholders cost more than the database work (BASELINES.md).
-
-class InList(ColumnElement[bool]):
-    """`col IN <list parameter>`: pass the list through `list_param`."""
-    inherit_cache = True
-    type = sa.Boolean()
-    _is_implicitly_boolean = True  # no "= 1" on SQLite: that would hide the index
-    _traverse_internals = [("col", InternalTraversal.dp_clauseelement),  # type: ignore[misc]
-                           ("param", InternalTraversal.dp_clauseelement)]
-
-    def __init__(self, col: ColumnElement[Any], name: str) -> None:
-        self.col = col
-        self.param: sa.BindParameter[Any] = sa.bindparam(name)
-
-
-@compiles(InList, "postgresql")
-def _in_pg(el: InList, compiler: Any, **kw: Any) -> str:
-    # The array is cast to the column's type: psycopg sends small ints as smallint[],
-    # and `bigint = ANY(smallint[])` is not an index condition (a scan that grows with the table).
-    return (f"{compiler.process(el.col, **kw)} = "
-            f"ANY(CAST({compiler.process(el.param, **kw)} AS {_pg_type(el.col)}[]))")
-
-
-@compiles(InList, "sqlite")
-def _in_sqlite(el: InList, compiler: Any, **kw: Any) -> str:
-    return f"{compiler.process(el.col, **kw)} IN (SELECT value FROM json_each({compiler.process(el.param, **kw)}))"
-
-
-@compiles(InList)
-def _in_other(el: InList, compiler: Any, **kw: Any) -> str:
-    return f"{compiler.process(el.col, **kw)} IN (SELECT value FROM JSON_TABLE({compiler.process(el.param, **kw)}, " \
-        "'$[*]' COLUMNS (value VARCHAR(64) PATH '$')) AS jt)"
-
-
-def list_param(conn: Connection, values: Sequence[object]) -> object:
-    return list(values) if conn.dialect.name == "postgresql" else json.dumps(list(values))
-
-
-def _pg_type(col: ColumnElement[Any]) -> str:
-    t = col.type
-    if isinstance(t, sa.Boolean):
-        return "boolean"
-    if isinstance(t, sa.DateTime):
-        return "timestamptz"
-    if isinstance(t, sa.Date):
-        return "date"
-    if isinstance(t, sa.Integer):
-        return "bigint"
-    return "text"
-
-
-def _sqlite_datetime(v: dt.datetime | None) -> str | None:
-    # SQLAlchemy's SQLite DateTime storage format, in UTC
-    return None if v is None else v.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
-
-
-def _sqlite_date(v: dt.date | None) -> str | None:
-    return None if v is None else v.isoformat()
-
-
-def _sqlite_converter(col: sa.Column[Any]) -> Callable[[Any], Any] | None:
-    t = col.type
-    if isinstance(t, sa.DateTime):
-        return _sqlite_datetime
-    if isinstance(t, sa.Date):
-        return _sqlite_date
-    if isinstance(t, sa.Boolean):
-        return lambda v: None if v is None else int(v)
-    return None
-
-
-def bulk_insert(conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]]) -> None:
-    """Inserts rows (dicts with the same keys) in one statement per batch."""
-    if not rows:
-        return
-    cols = list(rows[0])
-    names = ", ".join(cols)
-    if conn.dialect.name == "postgresql":
-        arrays = ", ".join(f"%b::{_pg_type(table.c[c])}[]" for c in cols)
-        conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) SELECT * FROM unnest({arrays})",
-                             tuple([r[c] for r in rows] for c in cols))
-    elif conn.dialect.name == "sqlite":
-        marks = ", ".join("?" * len(cols))
-        convs = [(c, _sqlite_converter(table.c[c])) for c in cols]
-        if all(f is None for _, f in convs):
-            values = [tuple(r[c] for c in cols) for r in rows]
-        else:
-            values = [tuple(r[c] if f is None else f(r[c]) for c, f in convs) for r in rows]
-        conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) VALUES ({marks})", values)
-    else:
-        conn.execute(table.insert(), list(rows))
 
 
 # ---- sequence and outbox (called inside the issuing transaction) ----
@@ -328,6 +232,14 @@ def last_seq(conn: Connection, bank_id: str) -> int:
     return int(conn.execute(_LAST_SEQ, {"bank_id": bank_id}).scalar_one_or_none() or 0)
 
 
+_ANSWERED_HIGH = sa.select(sa.func.max(T_RES.c.seq)).where(T_RES.c.bank_id == _b("bank_id"))
+
+
+def answered_high(conn: Connection, bank_id: str) -> int:
+    """The highest seq with a stored result (0: none); above it nothing was answered."""
+    return int(conn.execute(_ANSWERED_HIGH, {"bank_id": bank_id}).scalar_one_or_none() or 0)
+
+
 _STORED = (sa.select(T_RES.c.seq, T_RES.c.outcome, T_RES.c.bank_serial, T_RES.c.amount_fen)
            .where(T_RES.c.bank_id == _b("bank_id"), InList(T_RES.c.seq, "seqs")))
 
@@ -393,12 +305,14 @@ def release_lease(engine: Engine, bank_id: str, holder: str) -> None:
 
 # ---- applying a batch of results ----
 
-_LOCK_CUSTOMERS = (sa.select(T_CUST.c.account_no, T_CUST.c.prepaid_fen, T_CUST.c.status)
+_LOCK_CUSTOMERS = (sa.select(T_CUST.c.account_no, T_CUST.c.prepaid_fen, T_CUST.c.status, T_CUST.c.tariff_class,
+                             T_CUST.c.branch_code)
                    .where(InList(T_CUST.c.account_no, "accts"))
                    .order_by(T_CUST.c.account_no).with_for_update())
 _BILLS = (sa.select(T_BILLS.c.bill_id, T_BILLS.c.account_no, T_BILLS.c.period, T_BILLS.c.status,
                     T_BILLS.c.amount_fen, T_BILLS.c.prepaid_applied_fen, T_BILLS.c.principal_paid_fen,
-                    T_BILLS.c.accrual_micro, T_BILLS.c.late_fee_paid_fen, T_BILLS.c.due_date)
+                    T_BILLS.c.accrual_micro, T_BILLS.c.accrual_date, T_BILLS.c.late_fee_paid_fen,
+                    T_BILLS.c.due_date)
           .where(InList(T_BILLS.c.bill_id, "ids")))
 _PRINCIPAL_DUE = T_BILLS.c.amount_fen - T_BILLS.c.prepaid_applied_fen - T_BILLS.c.principal_paid_fen
 _UNPAID_BY_ACCOUNT = (sa.select(T_BILLS.c.account_no, sa.func.count().label("n"),
@@ -432,8 +346,8 @@ class _Plan:
     no_arrears: list[DebitIn] = field(default_factory=list)
 
 
-def _classify(conn: Connection, bank_id: str, results: Sequence[DebitIn], today: dt.date,
-              prepaid: dict[str, int], status_of: dict[str, str]) -> _Plan:
+def _classify(conn: Connection, bank_id: str, results: Sequence[DebitIn], fee_day: dt.date,
+              rates: LateFeeRates, accounts: dict[str, Any]) -> _Plan:
     plan = _Plan()
     debits = [r for r in results if r.outcome == DEBITED]
     existing = {row.bank_serial: row for row in conn.execute(
@@ -462,19 +376,28 @@ def _classify(conn: Connection, bank_id: str, results: Sequence[DebitIn], today:
             else:
                 plan.reversed_.append(r)
             continue
-        principal_due = bill.amount_fen - bill.prepaid_applied_fen - bill.principal_paid_fen
         if bill.status == "PAID":
             plan.surplus.append(r)
-        elif (principal_due == r.amount_fen and today <= bill.due_date and bill.accrual_micro == 0
-              and bill.late_fee_paid_fen == 0 and unpaid.get(r.account_no) == 1
-              and per_account[r.account_no] == 1 and status_of.get(r.account_no) == "OPEN"):
-            # allocate_payment on the account's only unpaid bill, no fee, amount = principal due:
-            # one allocation of the whole amount to that bill's principal, no remainder
-            # (tests/mis_adapter/test_feed.py holds the bulk path to that rule).
+        elif (unpaid.get(r.account_no) == 1 and per_account[r.account_no] == 1
+              and (acct := accounts.get(r.account_no)) is not None and acct.status == "OPEN"
+              and _settles_bill(r, bill, acct.tariff_class, fee_day, rates)):
             plan.fast.append(r)
         else:
             plan.general.append(r)
     return plan
+
+
+def _settles_bill(r: DebitIn, bill: Any, tariff_class: str, fee_day: dt.date, rates: LateFeeRates) -> bool:
+    """The bulk path's condition, asked of the allocation rule: on the account's
+    only unpaid bill, the debit is one allocation of its whole amount to that
+    bill's principal (no late fee, no prepaid remainder) and leaves the bill's
+    accrual as it is. The bulk UPDATE writes exactly that."""
+    ((_row, due, micro),) = bills_due((bill,), tariff_class, fee_day, rates)
+    plan = allocate_payment(r.amount_fen, (due,))
+    if plan.prepaid_fen or len(plan.allocations) != 1 or micro != bill.accrual_micro:
+        return False
+    only = plan.allocations[0]
+    return only.late_fee_fen == 0 and only.principal_fen == due.principal_due_fen
 
 
 def _payment_row(bank_id: str, r: DebitIn, today: dt.date, now: dt.datetime, *, arrears_after_fen: int,
@@ -580,39 +503,73 @@ def _advance_cursor(conn: Connection, bank_id: str, seq: int, now: dt.datetime) 
         conn.execute(_UPSERT_CURSOR_UPDATE, params)
 
 
-def apply_results(engine: Engine, clock: Clock, bank_id: str, results: Sequence[DebitIn], cursor_to: int,
-                  pay_general: Callable[[DebitIn], None] | None) -> ApplyReport:
+@dataclass(frozen=True)
+class _Account:
+    """What Pay's writes need of a locked account (payments.pay_in_tx)."""
+    branch_code: str
+    tariff_class: str
+    prepaid_fen: int
+
+
+def _post_general(conn: Connection, books: payments.Books, bank_id: str, plan: _Plan, accounts: dict[str, Any],
+                  prepaid: dict[str, int], fee_day: dt.date, today: dt.date, now: dt.datetime) -> None:
+    """Posts the debits the bulk path does not settle with Pay's own writes
+    (payments.pay_in_tx: oldest first, late fee before principal, rest to
+    prepaid), in this transaction, in result order; they then count as
+    earlier payments of their serial (POSTED, or REFUND with their surplus)."""
+    for r in plan.general:
+        acct = accounts.get(r.account_no)
+        if acct is None:
+            raise AccountNotFound(f"account {r.account_no} not found")
+        if acct.status != "OPEN":
+            raise AccountClosed(f"account {r.account_no} is closed")
+        cmd = payments.PayCommand(bank_id=bank_id, bank_serial=r.bank_serial, account_no=r.account_no,
+                                  amount_fen=r.amount_fen, channel=AUTO_DEBIT)
+        posted = payments.pay_in_tx(conn, books.rates, cmd,
+                                    _Account(acct.branch_code, acct.tariff_class, prepaid[r.account_no]),
+                                    fee_day=fee_day, settlement=today, now=now)
+        prepaid[r.account_no] = posted.prepaid_after_fen
+        plan.earlier.append((r, posted.payment_pk, posted.plan.prepaid_fen))
+    plan.earlier.sort(key=lambda e: e[0].seq)
+
+
+def apply_results(books: payments.Books, bank_id: str, results: Sequence[DebitIn], cursor_to: int) -> ApplyReport:
     """Stores `results` (new ones only: the caller filtered duplicates) with
     their money effects and advances the cursor to `cursor_to`, all in one
-    transaction. Debits the bulk path cannot post are first posted one by one
-    through `pay_general` (idempotent by serial), then the batch is redone."""
+    transaction. Debits the bulk path cannot settle are posted in it by Pay's
+    own writes (`payments.pay_in_tx`). A serial committed meanwhile by
+    another channel (unique key) makes the batch start over once: it is then
+    an earlier payment of that serial."""
+    engine = books.router.primary
     for attempt in range(2):
         report = ApplyReport()
-        now = _utc(clock.now())
-        today = business_date(clock)
-        with engine.begin() as conn:
-            # Bank-day lock before any account lock; a reconciled today settles tomorrow (as Pay does).
-            lock_bank_day(conn, bank_id)
-            today = settlement_day(conn, bank_id, today)
-            accts = sorted({r.account_no for r in results})
-            prepaid: dict[str, int] = {}
-            status_of: dict[str, str] = {}
-            if accts:
-                for row in conn.execute(_LOCK_CUSTOMERS, {"accts": list_param(conn, accts)}):
-                    prepaid[row.account_no] = int(row.prepaid_fen)
-                    status_of[row.account_no] = row.status
-            plan = _classify(conn, bank_id, results, today, prepaid, status_of) if results else _Plan()
-            if not plan.general:
+        now = _utc(books.clock.now())
+        fee_day = business_date(books.clock)
+        try:
+            with engine.begin() as conn:
+                # Bank-day lock before any account lock; a reconciled today settles tomorrow (as Pay does).
+                lock_bank_day(conn, bank_id)
+                today = settlement_day(conn, bank_id, fee_day)
+                accts = sorted({r.account_no for r in results})
+                prepaid: dict[str, int] = {}
+                accounts: dict[str, Any] = {}
+                if accts:
+                    for row in conn.execute(_LOCK_CUSTOMERS, {"accts": list_param(conn, accts)}):
+                        prepaid[row.account_no] = int(row.prepaid_fen)
+                        accounts[row.account_no] = row
+                plan = _classify(conn, bank_id, results, fee_day, books.rates, accounts) if results else _Plan()
+                general = list(plan.general)
+                if general:
+                    _post_general(conn, books, bank_id, plan, accounts, prepaid, fee_day, today, now)
                 if results:
                     _write_plan(conn, bank_id, plan, today, now, prepaid, report)
                 if cursor_to > 0:
                     _advance_cursor(conn, bank_id, cursor_to, now)
-                return report
-        if attempt == 1:
-            raise RuntimeError("debits still unposted after the general payment path")
-        if pay_general is None:
-            raise Precondition("the general payment path is not available for these debits",
-                               reason="FEED_GENERAL_PATH_MISSING")
-        for r in plan.general:
-            pay_general(r)
+        except IntegrityError:
+            if attempt == 1:
+                raise
+            continue
+        for r in general:
+            business_metrics.record_payment(bank_id, AUTO_DEBIT, r.amount_fen)
+        return report
     raise AssertionError("unreachable")

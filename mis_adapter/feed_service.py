@@ -57,12 +57,12 @@ from sqlalchemy.exc import OperationalError
 from mis_adapter import feed
 from mis_adapter.context import AdapterContext
 from mis_adapter.feed import DebitIn, FeedSettings, Notice
+from mis_adapter.feed_window import FeedWindow
 from yindian.v1 import billing_pb2 as pb
 from yindian_common import business_metrics as bm
 from yindian_common import fields
 from yindian_common.clock import SystemClock
-from yindian_common.errors import InvalidField, SerialConflict, Unavailable, YinDianError
-from yindian_common.status import abort
+from yindian_common.errors import InvalidField, PeerSilent, SerialConflict, Unavailable, YinDianError
 
 log = logging.getLogger("mis_adapter.feed")
 
@@ -70,11 +70,6 @@ log = logging.getLogger("mis_adapter.feed")
 # shifted (--clock-start in demos and tests): they run on the system clock.
 LEASE_CLOCK = SystemClock()
 OUTCOMES = {pb.DEBIT_OUTCOME_DEBITED: feed.DEBITED, pb.DEBIT_OUTCOME_INSUFFICIENT_FUNDS: feed.INSUFFICIENT_FUNDS}
-
-
-class PeerSilent(YinDianError):
-    code = "DEADLINE_EXCEEDED"
-    reason = "FEED_PEER_SILENT"
 
 
 class FeedHub:
@@ -157,10 +152,10 @@ def _set_listening(ref: weakref.ReferenceType[FeedHub], up: bool) -> None:
 
 def hub_of(ctx: AdapterContext) -> FeedHub:
     """The process's FeedHub, created with the first stream and kept on ctx."""
-    hub = getattr(ctx, "feed_hub", None)
+    hub = ctx.feed_hub
     if hub is None:
         with _HUB_LOCK:
-            hub = getattr(ctx, "feed_hub", None)
+            hub = ctx.feed_hub
             if hub is None:
                 hub = FeedHub(ctx.router.primary, FeedSettings.from_adapter_settings(ctx.settings))
                 ctx.feed_hub = hub
@@ -186,7 +181,7 @@ class FeedStream:
     reader thread applying results. Shared state is guarded by `_lock`."""
 
     def __init__(self, ctx: AdapterContext, hub: FeedHub, bank_id: str, start_after: int, stored_cursor: int,
-                 context: grpc.ServicerContext) -> None:
+                 context: grpc.ServicerContext, answered_high: int = 0) -> None:
         self.ctx = ctx
         self.hub = hub
         self.s = hub.settings
@@ -196,9 +191,9 @@ class FeedStream:
         self.holder = f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self.kick = threading.Event()
         self._lock = threading.Lock()
-        self.sent = start_after
-        self.pending: dict[int, Notice] = {}
-        self.cursor = stored_cursor
+        # Window and cursor arithmetic: mis_adapter.feed_window (guarded by _lock).
+        self.window: FeedWindow[Notice] = FeedWindow(start_after=start_after, stored_cursor=stored_cursor,
+                                                     window_max=self.s.window_max, answered_high=answered_high)
         self.error: YinDianError | None = None
         self.last_result_mono = time.monotonic()
 
@@ -228,12 +223,12 @@ class FeedStream:
         if len(results) > self.s.results_batch_max:
             raise InvalidField("results", f"at most {self.s.results_batch_max} results per message")
         with self._lock:
-            pending = dict(self.pending)
-            sent = self.sent
+            pending = dict(self.window.outstanding)
+            delivered = self.window.delivered
         for i, r in enumerate(results):
             if OUTCOMES.get(r.outcome) is None:
                 raise InvalidField(f"results[{i}].outcome", "must be DEBITED or INSUFFICIENT_FUNDS")
-            if r.seq <= 0 or r.seq > sent:
+            if not delivered(r.seq):
                 raise InvalidField(f"results[{i}].seq", f"{r.seq} was not delivered on this stream")
         # Results stored earlier (before a reconnect, or on this stream) are duplicates.
         with feed.reading(self.engine) as conn:
@@ -260,8 +255,9 @@ class FeedStream:
                                    f"{r.amount_fen} is not the notice's {notice.amount_fen} fen")
             new[r.seq] = DebitIn(r.seq, outcome, r.bank_serial, notice.amount_fen, notice.bill_id, notice.account_no)
         done = set(new) | {s for s in pending if s in stored}
-        left = [s for s in pending if s not in done]
-        return list(new.values()), (min(left) - 1 if left else sent), done
+        with self._lock:
+            cursor_to = self.window.cursor_after(done)
+        return list(new.values()), cursor_to, done
 
     def _apply(self, results: list[pb.DebitResult]) -> None:
         t0 = time.perf_counter()
@@ -269,16 +265,13 @@ class FeedStream:
         if not done:
             return
         t1 = time.perf_counter()
-        feed.apply_results(self.engine, self.ctx.clock, self.bank_id, new, cursor_to, self._pay_general)
+        feed.apply_results(self.ctx, self.bank_id, new, cursor_to)
         log.debug("event=feed_results_applied bank=%s n=%d validate_ms=%.1f apply_ms=%.1f cursor=%d",
                   self.bank_id, len(new), 1000 * (t1 - t0), 1000 * (time.perf_counter() - t1), cursor_to)
         with self._lock:
-            for seq in done:
-                self.pending.pop(seq, None)
-            advanced = max(0, cursor_to - self.cursor)
-            self.cursor = max(self.cursor, cursor_to)
+            advanced = self.window.accept(done)
             self.last_result_mono = time.monotonic()
-            unacked = len(self.pending)
+            unacked = len(self.window.outstanding)
         for r in new:
             bm.record_debit_result(self.bank_id, r.outcome)
         if advanced:
@@ -286,13 +279,28 @@ class FeedStream:
         bm.set_feed_unacknowledged(self.bank_id, unacked)
         self.kick.set()
 
-    def _pay_general(self, r: DebitIn) -> None:
-        from mis_adapter.payments import PayCommand, pay
-
-        pay(self.ctx, PayCommand(bank_id=self.bank_id, bank_serial=r.bank_serial, account_no=r.account_no,
-                                 amount_fen=r.amount_fen, channel=feed.AUTO_DEBIT))
-
     # ---- writer ----
+    def _offer(self, notices: list[Notice]) -> None:
+        """Puts notices in the window. A redelivered notice answered on an
+        earlier stream is not waited for (the bank need not answer it again);
+        if that completes the cursor, the cursor is stored at once."""
+        with self._lock:
+            look = self.window.to_look_up([n.seq for n in notices])
+        answered: set[int] = set()
+        if look:
+            with feed.reading(self.engine) as conn:
+                answered = set(feed.stored_results(conn, self.bank_id, look))
+        with self._lock:
+            if not self.window.outstanding:
+                self.last_result_mono = time.monotonic()
+            self.window.offer([(n.seq, n) for n in notices], answered)
+            cursor_to = self.window.cursor_after(())
+            behind = cursor_to > self.window.cursor
+        if behind:
+            feed.apply_results(self.ctx, self.bank_id, [], cursor_to)
+            with self._lock:
+                self.window.accept(())
+
     def responses(self) -> Iterator[pb.BillFeedResponse]:
         last_beat = last_renew = time.monotonic()
         beat_cursor = -1
@@ -313,9 +321,8 @@ class FeedStream:
                 if not renewed:
                     raise feed.FeedBusy("this stream's lease lapsed and another stream took the bank's feed")
             with self._lock:
-                acked = min(self.pending) - 1 if self.pending else self.sent
-                space = self.s.window_max - (self.sent - acked)
-                sent, cursor, outstanding = self.sent, self.cursor, bool(self.pending)
+                space = self.window.space()
+                sent, cursor, outstanding = self.window.sent, self.window.cursor, bool(self.window.outstanding)
                 silent_s = now - self.last_result_mono
             if outstanding and silent_s > self.s.peer_silence_s:
                 raise PeerSilent(f"no debit results for {self.s.peer_silence_s:.0f} s with notices outstanding")
@@ -328,13 +335,9 @@ class FeedStream:
                 with feed.reading(self.engine) as conn:
                     notices = feed.read_notices(conn, self.bank_id, sent, min(space, self.s.notice_batch_max))
                 if notices:
+                    self._offer(notices)
                     with self._lock:
-                        if not self.pending:
-                            self.last_result_mono = time.monotonic()
-                        for n in notices:
-                            self.pending[n.seq] = n
-                        self.sent = notices[-1].seq
-                        unacked = len(self.pending)
+                        unacked = len(self.window.outstanding)
                     bm.record_feed_sent(self.bank_id, len(notices))
                     bm.set_feed_unacknowledged(self.bank_id, unacked)
                     yield pb.BillFeedResponse(notices=pb.NoticeBatch(notices=[notice_to_proto(n) for n in notices]))
@@ -360,13 +363,12 @@ def _subscribe(ctx: AdapterContext, request_iterator: Iterator[pb.BillFeedReques
     return int(first.subscribe.resume_after_seq)
 
 
-def bill_feed(ctx: AdapterContext, request_iterator: Iterator[pb.BillFeedRequest],
+def bill_feed(ctx: AdapterContext, bank_id: str, request_iterator: Iterator[pb.BillFeedRequest],
               context: grpc.ServicerContext) -> Iterator[pb.BillFeedResponse]:
     stream: FeedStream | None = None
     leased = False
     hub: FeedHub | None = None
     try:
-        bank_id = ctx.bank_of(context)
         ctx.banks.ensure_active(bank_id)
         if len(ctx.router.engines()) > 1:
             raise feed.FeedMultiDatabase("the bill feed needs all branches in one database; "
@@ -376,8 +378,9 @@ def bill_feed(ctx: AdapterContext, request_iterator: Iterator[pb.BillFeedRequest
         engine = ctx.router.primary
         with feed.reading(engine) as conn:
             stored = feed.get_cursor(conn, bank_id)
+            high = feed.answered_high(conn, bank_id)
         start_after = stored if requested is None else min(requested, stored)
-        stream = FeedStream(ctx, hub, bank_id, start_after, stored, context)
+        stream = FeedStream(ctx, hub, bank_id, start_after, stored, context, answered_high=high)
         feed.acquire_lease(engine, bank_id, stream.holder, LEASE_CLOCK.now(), hub.settings.lease_ttl_s)
         leased = True
         bm.set_feed_stream_active(bank_id, True)
@@ -388,13 +391,7 @@ def bill_feed(ctx: AdapterContext, request_iterator: Iterator[pb.BillFeedRequest
         threading.Thread(target=stream.read_results, args=(request_iterator,), name=f"feed-results-{bank_id}",
                          daemon=True).start()
         yield from stream.responses()
-    except YinDianError as exc:
-        log.info("event=feed_ended bank=%s reason=%s", stream.bank_id if stream else "-", exc.reason)
-        abort(context, exc)
-    except OperationalError as exc:
-        abort(context, Unavailable("MIS database unavailable", reason="DB_UNAVAILABLE"))
-        raise AssertionError("unreachable") from exc
-    finally:
+    finally:  # refusals reach the bank through the edge's status guard (mis_adapter.service)
         if stream is not None:
             if hub is not None:
                 hub.unregister(stream.bank_id, stream.kick)

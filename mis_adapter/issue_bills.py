@@ -27,10 +27,10 @@ from sqlalchemy.engine import Connection, Engine
 from mis_adapter import feed
 from mis_adapter.db.base import table_of
 from mis_adapter.db.core import Agreement, BillRow, Customer, PrepaidEntry, Reading
-from mis_adapter.feed import InList, bulk_insert, list_param
 from mis_adapter.migrate import upgrade
 from mis_adapter.tariff import Tariff, price_fen
-from yindian_common.clock import Clock, business_date, make_clock
+from yindian_common.bulk_sql import InList, bulk_insert, list_param
+from yindian_common.clock import DEFAULT_TZ, Clock, business_date, make_clock
 from yindian_common.db import make_engine
 from yindian_common.errors import InvalidField
 from yindian_common.logs import setup_logging
@@ -194,7 +194,7 @@ class IssueSettings(YinDianSettings):
     due_days: int = Field(20, description="days from issue to the due date")
     batch_accounts: int = Field(2_000, description="accounts issued per transaction")
     clock_start: str = Field("", description="run the clock from this ISO instant (tests, demos)")
-    timezone: str = Field("Asia/Shanghai", description="the utility's time zone: business dates")
+    timezone: str = Field(DEFAULT_TZ, description="the utility's time zone: business dates")
     migrate: bool = Field(True, description="upgrade the schema first")
     log_level: str = Field("INFO", description="log level")
 

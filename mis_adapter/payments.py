@@ -10,18 +10,22 @@ twice, or let allocations + prepaid differ from the payment."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.exc import IntegrityError
 
-from mis_adapter.allocation import Allocation, AllocationPlan, BillDue, allocate_payment
+from mis_adapter.allocation import (
+    Allocation,
+    AllocationPlan,
+    allocate_payment,
+    bill_status,
+    bills_due,
+    settlement_date,
+)
 from mis_adapter.banks import lock_bank_day
-from mis_adapter.context import AdapterContext
 from mis_adapter.db.base import table_of
 from mis_adapter.db.core import (
     AllocationRow,
@@ -33,9 +37,11 @@ from mis_adapter.db.core import (
     PrepaidEntry,
 )
 from mis_adapter.db.recon import ReconciledDay
-from mis_adapter.late_fee import FeeState, LateFeeRates, accrual_as_of, fee_from_micro
+from mis_adapter.late_fee import LateFeeRates
+from mis_adapter.routing import BranchRouter
 from yindian_common import business_metrics
-from yindian_common.clock import business_date, utc_now
+from yindian_common.clock import Clock, business_date, utc_now
+from yindian_common.db_errors import db_call as _db_call
 from yindian_common.errors import (
     AccountClosed,
     AccountNotFound,
@@ -44,7 +50,6 @@ from yindian_common.errors import (
     SerialConflict,
     SerialReversed,
     Unavailable,
-    YinDianError,
 )
 from yindian_common.fields import mask_name
 
@@ -110,6 +115,28 @@ _BILLS_BY_ID = (sa.select(T_BILL.c.bill_id, T_BILL.c.amount_fen, T_BILL.c.prepai
                           T_BILL.c.principal_paid_fen, T_BILL.c.late_fee_paid_fen, T_BILL.c.accrual_micro,
                           T_BILL.c.accrual_date, T_BILL.c.status, T_BILL.c.paid_on)
                 .where(T_BILL.c.bill_id.in_(_b("ids", expanding=True))))
+
+
+# ---- what the transactions need ----
+class _Bounds(Protocol):
+    @property
+    def cancel_race_retries(self) -> int: ...
+    @property
+    def query_bills_max(self) -> int: ...
+
+
+class Books(Protocol):
+    """What the money transactions need and nothing of the wire: the branch
+    databases, the clock, the late-fee rates and two bounds. The edge passes
+    its AdapterContext (which has these); the feed passes what it was given."""
+    @property
+    def router(self) -> BranchRouter: ...
+    @property
+    def clock(self) -> Clock: ...
+    @property
+    def rates(self) -> LateFeeRates: ...
+    @property
+    def settings(self) -> _Bounds: ...
 
 
 # ---- domain types ----
@@ -199,46 +226,10 @@ def receipt_no_of(branch_code: str, day: dt.date, pk: int) -> str:
     return f"{day.year:04d}{day.month:02d}{day.day:02d}{branch_code}{pk:010d}"
 
 
-# ---- bills and fees ----
-def _fee_state(row: Any, tariff_class: str) -> FeeState:
-    return FeeState(principal_unpaid_fen=row.amount_fen - row.prepaid_applied_fen - row.principal_paid_fen,
-                    accrual_micro=row.accrual_micro, accrual_date=row.accrual_date,
-                    late_fee_paid_fen=row.late_fee_paid_fen, tariff_class=tariff_class,
-                    bill_year=int(row.period[:4]))
-
-
-def _bill_status(amount_fen: int, prepaid_applied: int, principal_paid: int, fee_paid: int) -> str:
-    if prepaid_applied + principal_paid >= amount_fen:
-        return "PAID"
-    return "PARTIAL" if principal_paid or fee_paid or prepaid_applied else "UNPAID"
-
-
-def bills_due(rows: Sequence[Any], tariff_class: str, as_of: dt.date, rates: LateFeeRates
-              ) -> list[tuple[Any, BillDue, int]]:
-    """(row, what is due on it as of `as_of`, its accrual micro as of then), oldest first."""
-    out = []
-    for row in rows:
-        st = _fee_state(row, tariff_class)
-        micro = accrual_as_of(st, as_of, rates)
-        fee_due = max(0, fee_from_micro(micro, rates) - st.late_fee_paid_fen)
-        out.append((row, BillDue(row.bill_id, row.period, fee_due, st.principal_unpaid_fen), micro))
-    return out
-
-
-# ---- translating database trouble ----
-def _db_call(fn: Any, *args: Any) -> Any:
-    try:
-        return fn(*args)
-    except YinDianError:
-        raise
-    except PoolTimeout as exc:
-        raise Unavailable("database connection pool exhausted", reason="DB_POOL_EXHAUSTED") from exc
-    except OperationalError as exc:
-        raise Unavailable("branch database unavailable", reason="DB_UNAVAILABLE") from exc
 
 
 # ---- Pay ----
-def pay(ctx: AdapterContext, cmd: PayCommand) -> PayResult:
+def pay(ctx: Books, cmd: PayCommand) -> PayResult:
     if ctx.router.split:  # several branch databases: through the front registry (mis_adapter.cross_branch)
         from mis_adapter import cross_branch
         result, fresh = _db_call(cross_branch.pay, ctx, cmd)
@@ -251,7 +242,7 @@ def pay(ctx: AdapterContext, cmd: PayCommand) -> PayResult:
     return result
 
 
-def pay_in(ctx: AdapterContext, engine: Engine, cmd: PayCommand) -> tuple[PayResult, bool]:
+def pay_in(ctx: Books, engine: Engine, cmd: PayCommand) -> tuple[PayResult, bool]:
     """The pay transaction in one database: (result, True) when it posted, (stored result, False) for a replay."""
     try:
         return _db_call(_pay_tx, ctx, engine, cmd)  # type: ignore[no-any-return]
@@ -260,7 +251,7 @@ def pay_in(ctx: AdapterContext, engine: Engine, cmd: PayCommand) -> tuple[PayRes
         return _db_call(_replay_after_race, engine, cmd), False
 
 
-def _pay_tx(ctx: AdapterContext, engine: Engine, cmd: PayCommand) -> tuple[PayResult, bool]:
+def _pay_tx(ctx: Books, engine: Engine, cmd: PayCommand) -> tuple[PayResult, bool]:
     """(result, True) for a newly posted payment, (stored result, False) for a replay."""
     now = utc_now(ctx.clock)
     day = business_date(ctx.clock)
@@ -276,17 +267,11 @@ def _pay_tx(ctx: AdapterContext, engine: Engine, cmd: PayCommand) -> tuple[PayRe
             return _answer_existing(conn, existing, cmd), False
         if cust.status != "OPEN":
             raise AccountClosed(f"account {cmd.account_no} is closed")
-        settlement = day  # late fees accrue to today whatever the settlement date
-        if cust.closed_today:
-            if cust.closed_next:
-                raise DayClosed(f"settlement dates {day} and {day + ONE_DAY} are both reconciled")
-            settlement = day + ONE_DAY  # the bank reconciled today already: this payment settles tomorrow
-        posted = post_payment_in_tx(conn, ctx.rates, cmd, cust, fee_day=day, settlement=settlement, now=now)
+        settlement = settlement_date(day, today_reconciled=bool(cust.closed_today),
+                                     next_reconciled=bool(cust.closed_next))
+        posted = pay_in_tx(conn, ctx.rates, cmd, cust, fee_day=day, settlement=settlement, now=now)
         pk, plan = posted.payment_pk, posted.plan
         arrears_after, prepaid_after = posted.arrears_after_fen, posted.prepaid_after_fen
-        conn.execute(_INSERT_JOURNAL, {"at": now, "bank_id": cmd.bank_id, "rpc": "PAY", "serial": cmd.bank_serial,
-                                       "original_serial": "", "account_no": cmd.account_no,
-                                       "amount_fen": cmd.amount_fen, "outcome": POSTED, "payment_id": pk})
         return PayResult(payment_id_of(cust.branch_code, pk), receipt_no_of(cust.branch_code, settlement, pk),
                          settlement,
                          plan.allocations, arrears_after, prepaid_after, cmd.bank_serial, cmd.account_no,
@@ -299,6 +284,20 @@ class Posted:
     plan: AllocationPlan
     arrears_after_fen: int
     prepaid_after_fen: int
+
+
+def pay_in_tx(conn: Connection, rates: LateFeeRates, cmd: PayCommand, cust: Any, *, fee_day: dt.date,
+              settlement: dt.date, now: dt.datetime) -> Posted:
+    """Pay's writes for a new payment inside the caller's transaction: the
+    allocation and rows of `post_payment_in_tx` and Pay's journal line. Used by
+    Pay and by the bill feed for debits its bulk path does not settle; the
+    caller holds the bank-day and account locks, has checked the serial and
+    that the account is open, and records the payment metric after commit."""
+    posted = post_payment_in_tx(conn, rates, cmd, cust, fee_day=fee_day, settlement=settlement, now=now)
+    conn.execute(_INSERT_JOURNAL, {"at": now, "bank_id": cmd.bank_id, "rpc": "PAY", "serial": cmd.bank_serial,
+                                   "original_serial": "", "account_no": cmd.account_no,
+                                   "amount_fen": cmd.amount_fen, "outcome": POSTED, "payment_id": posted.payment_pk})
+    return posted
 
 
 def post_payment_in_tx(conn: Connection, rates: LateFeeRates, cmd: PayCommand, cust: Any, *, fee_day: dt.date,
@@ -331,7 +330,7 @@ def post_payment_in_tx(conn: Connection, rates: LateFeeRates, cmd: PayCommand, c
             row, _d, micro = by_id[a.bill_id]
             principal_paid = row.principal_paid_fen + a.principal_fen
             fee_paid = row.late_fee_paid_fen + a.late_fee_fen
-            status = _bill_status(row.amount_fen, row.prepaid_applied_fen, principal_paid, fee_paid)
+            status = bill_status(row.amount_fen, row.prepaid_applied_fen, principal_paid, fee_paid)
             updates.append({"b_id": a.bill_id, "principal_paid": principal_paid, "fee_paid": fee_paid,
                             "micro": micro, "micro_date": max(day, row.accrual_date), "new_status": status,
                             "new_paid_on": day if status == "PAID" else None})
@@ -383,11 +382,11 @@ def _aware(t: dt.datetime) -> dt.datetime:
 
 
 # ---- GetPayment ----
-def get_payment(ctx: AdapterContext, bank_id: str, bank_serial: str) -> PaymentStatus:
+def get_payment(ctx: Books, bank_id: str, bank_serial: str) -> PaymentStatus:
     return _db_call(_get_payment, ctx, bank_id, bank_serial)
 
 
-def _get_payment(ctx: AdapterContext, bank_id: str, bank_serial: str) -> PaymentStatus:
+def _get_payment(ctx: Books, bank_id: str, bank_serial: str) -> PaymentStatus:
     if ctx.router.split:
         from mis_adapter import cross_branch
         return cross_branch.get_payment(ctx, bank_id, bank_serial)
@@ -410,7 +409,7 @@ def status_in(engine: Engine, bank_id: str, bank_serial: str) -> PaymentStatus |
 
 
 # ---- Cancel (冲正) ----
-def cancel(ctx: AdapterContext, cmd: CancelCommand) -> CancelResult:
+def cancel(ctx: Books, cmd: CancelCommand) -> CancelResult:
     for _attempt in range(ctx.settings.cancel_race_retries):
         try:
             if ctx.router.split:  # several branch databases: through the front registry
@@ -426,7 +425,7 @@ def cancel(ctx: AdapterContext, cmd: CancelCommand) -> CancelResult:
     raise Unavailable("cancel kept racing its payment; retry the same cancel_serial", reason="RETRY")
 
 
-def _find_cancel(ctx: AdapterContext, cmd: CancelCommand) -> Any:
+def _find_cancel(ctx: Books, cmd: CancelCommand) -> Any:
     for engine in ctx.router.engines():
         with engine.connect().execution_options(read_only=True) as conn, conn.begin():
             row = conn.execute(_CANCEL_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.cancel_serial}).first()
@@ -441,7 +440,7 @@ def _answer_cancel_replay(row: Any, cmd: CancelCommand) -> CancelResult:
     return CancelResult(row.outcome, row.settlement_date, row.cancel_serial, row.original_serial)
 
 
-def _cancel_once(ctx: AdapterContext, cmd: CancelCommand) -> tuple[CancelResult, bool]:
+def _cancel_once(ctx: Books, cmd: CancelCommand) -> tuple[CancelResult, bool]:
     """(result, True) when this call applied the cancel, (stored result, False) for a replay."""
     previous = _find_cancel(ctx, cmd)
     if previous is not None:
@@ -454,7 +453,7 @@ def _cancel_once(ctx: AdapterContext, cmd: CancelCommand) -> tuple[CancelResult,
     return _tombstone(ctx, cmd), True
 
 
-def cancel_in(ctx: AdapterContext, engine: Engine, cmd: CancelCommand) -> tuple[CancelResult, bool]:
+def cancel_in(ctx: Books, engine: Engine, cmd: CancelCommand) -> tuple[CancelResult, bool]:
     """The cancel in the one database that holds (or will hold) its original: a replay,
     a reversal, or a tombstone there. IntegrityError when its pay committed meanwhile."""
     with engine.connect().execution_options(read_only=True) as conn, conn.begin():
@@ -490,7 +489,7 @@ def _write_tombstone(conn: Connection, cmd: CancelCommand, now: dt.datetime, day
                                        "outcome": "ORIGINAL_NOT_FOUND", "payment_id": None})
 
 
-def _reverse(ctx: AdapterContext, engine: Engine, found: Any, cmd: CancelCommand) -> tuple[CancelResult, bool]:
+def _reverse(ctx: Books, engine: Engine, found: Any, cmd: CancelCommand) -> tuple[CancelResult, bool]:
     now = utc_now(ctx.clock)
     day = business_date(ctx.clock)
     with engine.begin() as conn:
@@ -542,7 +541,7 @@ def _undo_payment(conn: Connection, p: Any, now: dt.datetime, day: dt.date, canc
             fee_paid = b.late_fee_paid_fen - a.late_fee_fen
             if principal_paid < 0 or fee_paid < 0:
                 raise Precondition(f"bill {b.bill_id} cannot be restored", reason="RESTORE_IMPOSSIBLE")
-            status = _bill_status(b.amount_fen, b.prepaid_applied_fen, principal_paid, fee_paid)
+            status = bill_status(b.amount_fen, b.prepaid_applied_fen, principal_paid, fee_paid)
             updates.append({"b_id": b.bill_id, "principal_paid": principal_paid, "fee_paid": fee_paid,
                             "micro": b.accrual_micro, "micro_date": b.accrual_date, "new_status": status,
                             "new_paid_on": b.paid_on if status == "PAID" else None})
@@ -563,7 +562,7 @@ def _undo_payment(conn: Connection, p: Any, now: dt.datetime, day: dt.date, canc
         raise Precondition(f"payment {p.bank_serial} is no longer posted", reason="NOT_POSTED")
 
 
-def _tombstone(ctx: AdapterContext, cmd: CancelCommand) -> CancelResult:
+def _tombstone(ctx: Books, cmd: CancelCommand) -> CancelResult:
     """The original is unknown everywhere: leave a tombstone in every branch
     database so that a late Pay with that serial is refused. A Pay committing
     meanwhile makes the insert fail (unique key) and the cancel starts over."""
@@ -576,11 +575,11 @@ def _tombstone(ctx: AdapterContext, cmd: CancelCommand) -> CancelResult:
 
 
 # ---- QueryAccount ----
-def query_account(ctx: AdapterContext, account_no: str) -> AccountView:
+def query_account(ctx: Books, account_no: str) -> AccountView:
     return _db_call(_query_account, ctx, account_no)
 
 
-def _query_account(ctx: AdapterContext, account_no: str) -> AccountView:
+def _query_account(ctx: Books, account_no: str) -> AccountView:
     day = business_date(ctx.clock)
     engine = ctx.router.engine_for(account_no)
     with engine.connect().execution_options(read_only=True) as conn, conn.begin():

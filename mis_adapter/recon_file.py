@@ -25,15 +25,16 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from mis_adapter import recon
+from mis_adapter import recon, recon_staging
 from mis_adapter.db.base import table_of
 from mis_adapter.db.core import Bank
+from mis_adapter.matching import StagedRecord
 from mis_adapter.migrate import upgrade
 from mis_adapter.recon import Reconciliation, ReconSummary
 from mis_adapter.settings import AdapterSettings
-from yindian_common.clock import business_date, make_clock
+from yindian_common.clock import DEFAULT_TZ, business_date, make_clock
 from yindian_common.db import make_engine
-from yindian_common.errors import InvalidField
+from yindian_common.errors import FileRejected, InvalidField
 from yindian_common.settings import load_settings
 
 HEADER = ["bank_serial", "account_no", "amount_fen", "status"]
@@ -43,18 +44,12 @@ FILE_LINE_CHARS_MAX = 256     # a longer line is malformed
 FILE_BATCH_RECORDS = 5_000    # records parsed before each bulk load
 
 
-class FileRejected(Exception):
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = problems
-
-
 def _lines(path: Path) -> Iterator[tuple[int, list[str]]]:
     with open(path, encoding="utf-8", newline="") as f:
         yield from enumerate(csv.reader(f), start=1)
 
 
-def _record(line_no: int, row: list[str]) -> recon.StagedRecord:
+def _record(line_no: int, row: list[str]) -> StagedRecord:
     if len(row) != len(HEADER):
         raise InvalidField(f"line {line_no}", f"expected {len(HEADER)} fields, found {len(row)}")
     if sum(len(c) for c in row) > FILE_LINE_CHARS_MAX:
@@ -63,7 +58,7 @@ def _record(line_no: int, row: list[str]) -> recon.StagedRecord:
     if not amount_text.isascii() or not amount_text.isdigit():
         raise InvalidField(f"line {line_no}.amount_fen", "must be a positive integer number of fen")
     rec = (line_no, serial, account, int(amount_text), status)
-    recon.validate_record(rec, f"line {line_no}")
+    recon_staging.validate_record(rec, f"line {line_no}")
     return rec
 
 
@@ -71,7 +66,7 @@ def load_file(run: Reconciliation, path: Path) -> None:
     """Parses, validates and loads the whole file into `run`; raises
     FileRejected listing the problems (nothing is applied then)."""
     problems: list[str] = []
-    batch: list[recon.StagedRecord] = []
+    batch: list[StagedRecord] = []
     trailer: tuple[int, list[str]] | None = None
     saw_header = False
     for line_no, row in _lines(path):
@@ -155,7 +150,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--date", required=True, help="settlement date YYYY-MM-DD")
     p.add_argument("--file", required=True, help="the bank's daily reconciliation file (CSV)")
     p.add_argument("--clock-start", default="", help="run the clock from this ISO instant (tests, demos)")
-    p.add_argument("--timezone", default="Asia/Shanghai", help="the utility's time zone: business dates")
+    p.add_argument("--timezone", default=DEFAULT_TZ, help="the utility's time zone: business dates")
     args = p.parse_args(argv)
     settings = load_settings(AdapterSettings, {"db": args.db, "timezone": args.timezone})
     clock = make_clock(args.clock_start or None, args.timezone)

@@ -15,8 +15,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
-from sqlalchemy.exc import OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from mis_adapter import recon, recon_branches
 from mis_adapter.context import AdapterContext
@@ -25,8 +23,8 @@ from yindian.v1 import billing_pb2 as pb
 from yindian_common import business_metrics as bm
 from yindian_common import fields
 from yindian_common.clock import business_date
-from yindian_common.errors import InvalidField, Unavailable, YinDianError
-from yindian_common.status import abort
+from yindian_common.errors import InvalidField, YinDianError
+from yindian_common.status import guard
 
 log = logging.getLogger("mis_adapter.recon")
 
@@ -88,19 +86,23 @@ def staged(batch: pb.BankRecordBatch, first_line_no: int) -> list[recon.StagedRe
 
 
 # ---- the stream ----
-def reconcile(ctx: AdapterContext, request_iterator: Iterator[Any], context: grpc.ServicerContext
+def reconcile(ctx: AdapterContext, bank_id: str, request_iterator: Iterator[Any], context: grpc.ServicerContext
               ) -> Iterator[pb.ReconcileResponse]:
+    """The Reconcile stream of `bank_id` (the caller, as the link identified it)."""
     known_bank: str | None = None  # set once the bank is known and until the day's result is had: FAILED counts
-    try:
-        bank_id = ctx.bank_of(context)
+
+    def failed(err: YinDianError) -> None:
+        if known_bank is not None:
+            bm.record_reconciliation(known_bank, "FAILED")
+
+    with guard(context, "Reconcile", on_refused=failed):
         ctx.banks.ensure_known(bank_id)
         known_bank = bank_id
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("body") != "header":
             raise InvalidField("header", "the first message must be the header with the settlement date")
         day = settlement_day(ctx, first.header)
-        summary = _db(_stored_summary, ctx, bank_id, day) or _db(_reconcile_stream, ctx, bank_id, day,
-                                                                 request_iterator)
+        summary = _stored_summary(ctx, bank_id, day) or _reconcile_stream(ctx, bank_id, day, request_iterator)
         log.info("event=reconciled bank=%s day=%s records=%d net_fen=%d replayed=%s", bank_id, day,
                  summary.record_count, summary.net_settlement_fen, summary.replayed)
         known_bank = None
@@ -111,11 +113,6 @@ def reconcile(ctx: AdapterContext, request_iterator: Iterator[Any], context: grp
                 bm.record_reconcile_records(bank_id, t.outcome, t.count, t.amount_fen)
             bm.record_reconciliation(bank_id, "COMPLETED")
         yield from result_stream(ctx, summary)
-    except YinDianError as err:
-        log.info("event=reconcile_refused reason=%s msg=%s", err.reason, err.message)
-        if known_bank is not None:
-            bm.record_reconciliation(known_bank, "FAILED")
-        abort(context, err)
 
 
 def _stored_summary(ctx: AdapterContext, bank_id: str, day: dt.date) -> ReconSummary | None:
@@ -141,11 +138,3 @@ def _reconcile_stream(ctx: AdapterContext, bank_id: str, day: dt.date,
                 raise InvalidField("header", "only the first message may be a header")
         return run.close_day()
 
-
-def _db(fn: Any, *args: Any, **kw: Any) -> Any:
-    try:
-        return fn(*args, **kw)
-    except PoolTimeout as exc:
-        raise Unavailable("database connection pool exhausted", reason="DB_POOL_EXHAUSTED") from exc
-    except OperationalError as exc:
-        raise Unavailable("branch database unavailable", reason="DB_UNAVAILABLE") from exc

@@ -21,7 +21,7 @@ from typing import Any
 from mis_adapter import reports
 from mis_adapter.routing import BranchRouter
 from mis_adapter.settings import AdapterSettings
-from yindian_common.clock import business_date, make_clock
+from yindian_common.clock import DEFAULT_TZ, business_date, make_clock
 from yindian_common.errors import InvalidField
 from yindian_common.fields import iso_date
 from yindian_common.settings import load_settings
@@ -85,7 +85,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--branch", default="", help="arrears-detail: only this branch code")
     p.add_argument("--format", default="table", choices=["table", "csv", "json"])
     p.add_argument("--clock-start", default="", help="run the clock from this ISO instant (tests, demos)")
-    p.add_argument("--timezone", default="Asia/Shanghai", help="the utility's time zone: business dates")
+    p.add_argument("--timezone", default=DEFAULT_TZ, help="the utility's time zone: business dates")
     args = p.parse_args(argv)
     settings = load_settings(AdapterSettings, {"db": args.db, "timezone": args.timezone})
     clock = make_clock(args.clock_start or None, args.timezone)

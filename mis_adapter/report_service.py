@@ -5,23 +5,21 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import grpc
 
 from mis_adapter import reports
 from mis_adapter.context import AdapterContext
-from mis_adapter.payments import _db_call
 from yindian.v1 import report_pb2 as pb
 from yindian.v1 import report_pb2_grpc
 from yindian_common import fields
 from yindian_common.clock import business_date
-from yindian_common.errors import InvalidField, YinDianError
-from yindian_common.status import abort
+from yindian_common.errors import InvalidField
+from yindian_common.status import guard
 
 log = logging.getLogger("mis_adapter.reports")
-R = TypeVar("R")
 
 GROUP_BY = {pb.GROUP_BY_BANK: "bank", pb.GROUP_BY_OUTLET: "outlet", pb.GROUP_BY_BRANCH: "branch",
             pb.GROUP_BY_DAY: "day", pb.GROUP_BY_CHANNEL: "channel"}
@@ -60,48 +58,35 @@ class ReportServicer(report_pb2_grpc.ReportServiceServicer):
     def __init__(self, ctx: AdapterContext) -> None:
         self.ctx = ctx
 
-    def _handle(self, context: grpc.ServicerContext, rpc: str, fn: Callable[[], R]) -> R:
-        try:
-            return fn()
-        except YinDianError as err:
-            log.info("event=refused rpc=%s reason=%s msg=%s", rpc, err.reason, err.message)
-            abort(context, err)
-
     def CollectionSummary(self, request: pb.CollectionSummaryRequest, context: grpc.ServicerContext
                           ) -> pb.CollectionSummaryResponse:
-        def run() -> pb.CollectionSummaryResponse:
+        with guard(context, "CollectionSummary"):
             frm = fields.iso_date(request.from_date, "from_date")
             to = past_or_today(self.ctx, request.to_date, "to_date")
             group_by = GROUP_BY.get(request.group_by)
             if group_by is None:
                 raise InvalidField("group_by", "must be BANK, OUTLET, BRANCH, DAY or CHANNEL")
-            rep = _db_call(reports.collection_summary, self.ctx.router.engines(), frm, to, group_by)
+            rep = reports.collection_summary(self.ctx.router.engines(), frm, to, group_by)
             return pb.CollectionSummaryResponse(rows=[collection_row_pb(r) for r in rep.rows],
                                                 total=collection_row_pb(rep.total))
-        return self._handle(context, "CollectionSummary", run)
 
     def ArrearsSummary(self, request: pb.ArrearsSummaryRequest, context: grpc.ServicerContext
                        ) -> pb.ArrearsSummaryResponse:
-        def run() -> pb.ArrearsSummaryResponse:
+        with guard(context, "ArrearsSummary"):
             as_of = past_or_today(self.ctx, request.as_of_date, "as_of_date")
-            rep = _db_call(reports.arrears_summary, self.ctx.router.engines(), as_of, self.ctx.rates,
-                           self.ctx.clock.tz)
+            rep = reports.arrears_summary(self.ctx.router.engines(), as_of, self.ctx.rates, self.ctx.clock.tz)
             return pb.ArrearsSummaryResponse(rows=[arrears_row_pb(r) for r in rep.rows],
                                              total=arrears_row_pb(rep.total), as_of_date=as_of.isoformat())
-        return self._handle(context, "ArrearsSummary", run)
 
     def ArrearsDetail(self, request: pb.ArrearsDetailRequest, context: grpc.ServicerContext
                       ) -> Iterator[pb.ArrearsDetailResponse]:
-        try:
+        with guard(context, "ArrearsDetail"):
             as_of = past_or_today(self.ctx, request.as_of_date, "as_of_date")
             branch = branch_filter(request.branch_code)
             pages: Iterator[Any] = reports.arrears_detail(self.ctx.router.engines(), as_of, self.ctx.rates,
                                                           self.ctx.clock.tz, branch)
             while True:
-                page = _db_call(next, pages, None)
+                page = next(pages, None)
                 if page is None:
                     return
                 yield pb.ArrearsDetailResponse(accounts=[arrears_account_pb(a) for a in page])
-        except YinDianError as err:
-            log.info("event=refused rpc=ArrearsDetail reason=%s msg=%s", err.reason, err.message)
-            abort(context, err)

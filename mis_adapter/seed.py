@@ -25,7 +25,7 @@ from mis_adapter.db.core import Agreement, Bank, BillRow, Branch, Customer, Mete
 from mis_adapter.migrate import upgrade
 from mis_adapter.routing import BranchRouter
 from mis_adapter.tariff import COMMERCIAL, INDUSTRIAL, RESIDENTIAL, price_fen
-from yindian_common.clock import business_date, make_clock, utc_now
+from yindian_common.clock import DEFAULT_TZ, business_date, make_clock, utc_now
 from yindian_common.fields import make_account_no
 
 BATCH_ROWS = 5_000
@@ -214,7 +214,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--roster-dir", required=True, help="where <bank_id>.csv agreement rosters are written")
     p.add_argument("--random-seed", type=int, default=20261128)
     p.add_argument("--clock-start", default="", help="seed as of this ISO instant (default: now)")
-    p.add_argument("--timezone", default="Asia/Shanghai")
+    p.add_argument("--timezone", default=DEFAULT_TZ)
     p.add_argument("--agreement-share", type=float, default=0.6, help="share of households with auto-debit")
     p.add_argument("--arrears-share", type=float, default=0.08, help="share of households in arrears")
     args = p.parse_args(argv)

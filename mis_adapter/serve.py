@@ -2,35 +2,41 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 
 from mis_adapter import cross_branch, metrics_collector
 from mis_adapter.context import AdapterContext
+from mis_adapter.customer_service import CustomerServicer, add_operator_flags
+from mis_adapter.feed import FeedSettings
+from mis_adapter.feed_service import FeedHub
 from mis_adapter.migrate import upgrade
+from mis_adapter.report_service import ReportServicer
 from mis_adapter.service import BillingServicer
 from mis_adapter.settings import AdapterSettings
-from yindian.v1 import billing_pb2_grpc
+from yindian.v1 import billing_pb2_grpc, customer_pb2_grpc, report_pb2_grpc
 from yindian_common.clock import Clock, make_clock
 from yindian_common.logs import setup_logging
 from yindian_common.metrics import grpc_server_interceptors, start_metrics_http
 from yindian_common.server import GrpcServer
-from yindian_common.settings import add_settings_flags, load_settings
+from yindian_common.settings import add_settings_flags, parse_settings
 
 log = logging.getLogger("mis_adapter")
 
 
 def parse(argv: list[str]) -> AdapterSettings:
     parser = argparse.ArgumentParser(prog="python -m mis_adapter serve",
-                                     description="Serve BillingService and ReportService to the banks.")
+                                     description="Serve BillingService and ReportService to the banks, "
+                                                 "CustomerService to the utility's own channels.")
     add_settings_flags(parser, AdapterSettings)
-    args = parser.parse_args(argv)
-    return load_settings(AdapterSettings, args, args.config_file)
+    add_operator_flags(parser)
+    return parse_settings(parser, AdapterSettings, argv)
 
 
 def build_server(settings: AdapterSettings, clock: Clock | None = None) -> tuple[GrpcServer, AdapterContext]:
     clock = clock or make_clock(settings.clock_start or None, settings.timezone)
     ctx = AdapterContext.build(settings, clock)
+    if len(ctx.router.engines()) == 1:  # the feed serves one database only (mis_adapter.feed)
+        ctx.feed_hub = FeedHub(ctx.router.primary, FeedSettings.from_adapter_settings(settings))
     if settings.migrate:
         for engine in ctx.router.all_engines():
             upgrade(engine)
@@ -41,13 +47,11 @@ def build_server(settings: AdapterSettings, clock: Clock | None = None) -> tuple
                         interceptors=grpc_server_interceptors())
     server.add_service("yindian.v1.BillingService", billing_pb2_grpc.add_BillingServiceServicer_to_server,
                        BillingServicer(ctx))
-    try:
-        report = importlib.import_module("mis_adapter.report_service")
-        from yindian.v1 import report_pb2_grpc
-        server.add_service("yindian.v1.ReportService", report_pb2_grpc.add_ReportServiceServicer_to_server,
-                           report.ReportServicer(ctx))
-    except ModuleNotFoundError:
-        log.warning("event=report_service_missing")
+    server.add_service("yindian.v1.ReportService", report_pb2_grpc.add_ReportServiceServicer_to_server,
+                       ReportServicer(ctx))
+    # Customer channels (portal, ivr): utility operators only, never relayed by a bridge.
+    server.add_service("yindian.v1.CustomerService", customer_pb2_grpc.add_CustomerServiceServicer_to_server,
+                       CustomerServicer(ctx))
     server.on_drain(ctx.close)
     return server, ctx
 

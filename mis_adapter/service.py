@@ -4,22 +4,22 @@ gRPC statuses. Business rules live in payments.py and below."""
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2
 
-from mis_adapter import payments
+from mis_adapter import feed_service, payments, recon_service
 from mis_adapter.context import AdapterContext
 from mis_adapter.payments import CancelCommand, PayCommand, PayResult
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
 from yindian_common import fields
-from yindian_common.errors import InvalidField, YinDianError
-from yindian_common.status import abort
+from yindian_common.errors import InvalidField
+from yindian_common.identity import bank_of
+from yindian_common.status import guard, guard_stream
 
 log = logging.getLogger("mis_adapter.service")
 R = TypeVar("R")
@@ -87,27 +87,22 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
     def __init__(self, ctx: AdapterContext) -> None:
         self.ctx = ctx
 
-    def _handle(self, context: grpc.ServicerContext, rpc: str, fn: Callable[[], R]) -> R:
-        try:
-            return fn()
-        except YinDianError as err:
-            log.info("event=refused rpc=%s code=%s reason=%s msg=%r", rpc, err.code, err.reason, err.message)
-            abort(context, err)
+    def _bank(self, context: grpc.ServicerContext) -> str:
+        """The calling bank, from the link (certificate, or metadata in plain-text mode)."""
+        return bank_of(context, tls=self.ctx.tls)
 
     def _money_moving(self, context: grpc.ServicerContext, rpc: str, work: Callable[[str], R]) -> R:
-        def run() -> R:
-            bank_id = self.ctx.bank_of(context)
+        with guard(context, rpc):
+            bank_id = self._bank(context)
             self.ctx.banks.ensure_active(bank_id)
             with self.ctx.banks.slot(bank_id):
                 return work(bank_id)
-        return self._handle(context, rpc, run)
 
     def QueryAccount(self, request: pb.QueryAccountRequest, context: grpc.ServicerContext) -> pb.QueryAccountResponse:
-        def run() -> pb.QueryAccountResponse:
-            self.ctx.banks.ensure_known(self.ctx.bank_of(context))
+        with guard(context, "QueryAccount"):
+            self.ctx.banks.ensure_known(self._bank(context))
             fields.account_no(request.account_no)
             return account_response(payments.query_account(self.ctx, request.account_no))
-        return self._handle(context, "QueryAccount", run)
 
     def Pay(self, request: pb.PayRequest, context: grpc.ServicerContext) -> pb.PayResponse:
         def work(bank_id: str) -> pb.PayResponse:
@@ -127,8 +122,8 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         return self._money_moving(context, "Cancel", work)
 
     def GetPayment(self, request: pb.GetPaymentRequest, context: grpc.ServicerContext) -> pb.GetPaymentResponse:
-        def run() -> pb.GetPaymentResponse:
-            bank_id = self.ctx.bank_of(context)
+        with guard(context, "GetPayment"):
+            bank_id = self._bank(context)
             self.ctx.banks.ensure_known(bank_id)
             fields.serial(request.bank_serial, "bank_serial")
             st = payments.get_payment(self.ctx, bank_id, request.bank_serial)
@@ -136,19 +131,16 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             if st.payment is not None:
                 resp.payment.CopyFrom(pay_response(st.payment))
             return resp
-        return self._handle(context, "GetPayment", run)
 
-    def Reconcile(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
-        return _delegate("mis_adapter.recon_service", "reconcile", self.ctx, request_iterator, context)
+    def Reconcile(self, request_iterator: Iterator[pb.ReconcileRequest], context: grpc.ServicerContext
+                  ) -> Iterator[pb.ReconcileResponse]:
+        with guard(context, "Reconcile"):
+            bank_id = self._bank(context)
+        return recon_service.reconcile(self.ctx, bank_id, request_iterator, context)
 
-    def BillFeed(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
-        return _delegate("mis_adapter.feed_service", "bill_feed", self.ctx, request_iterator, context)
-
-
-def _delegate(module: str, func: str, ctx: AdapterContext, request_iterator: Iterator[Any],
-              context: grpc.ServicerContext) -> Any:
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{module} is not built yet")
-    return getattr(mod, func)(ctx, request_iterator, context)
+    def BillFeed(self, request_iterator: Iterator[pb.BillFeedRequest], context: grpc.ServicerContext
+                 ) -> Iterator[pb.BillFeedResponse]:
+        with guard(context, "BillFeed"):
+            bank_id = self._bank(context)
+        return guard_stream(context, "BillFeed", feed_service.bill_feed(self.ctx, bank_id, request_iterator, context),
+                            database="MIS database")

@@ -1,22 +1,34 @@
-"""Expected failures: the one small tree of domain exceptions, each with the
-gRPC status name it maps to at the edge and a stable UPPER_SNAKE reason.
+"""Expected failures: the one tree of domain exceptions, each with the gRPC
+status name it maps to at the edge (yindian_common.status.guard) and a
+stable UPPER_SNAKE reason. Every expected refusal of YinDian is a class here.
 
     YinDianError
     ├── InvalidField            INVALID_ARGUMENT  (names the field)
+    ├── FileRejected            INVALID_ARGUMENT  (a reconciliation file; lists its problems)
     ├── AccountNotFound         NOT_FOUND
     ├── SerialConflict          ALREADY_EXISTS
     ├── Precondition            FAILED_PRECONDITION
     │   ├── DayClosed
     │   ├── SerialReversed
-    │   └── AccountClosed
+    │   ├── AccountClosed
+    │   └── FeedMultiDatabase   (the bill feed needs all branches in one database)
     ├── Forbidden               PERMISSION_DENIED
     ├── Unauthenticated         UNAUTHENTICATED
     ├── Exhausted               RESOURCE_EXHAUSTED
     ├── Unavailable             UNAVAILABLE
     │   └── BankSuspended
-    └── InFlight                ABORTED (a duplicate whose original is still being applied)
+    ├── Aborted                 ABORTED
+    │   ├── InFlight            (a duplicate whose original is still being applied)
+    │   └── FeedBusy            (a second subscriber to a bank's bill feed)
+    └── PeerSilent              DEADLINE_EXCEEDED (a bill-feed peer sent no results in time)
 
-Anything else raised on a request path is a bug and is not caught."""
+Bugs are outside the tree: a broken invariant raises a `Bug`, which no edge
+maps to a status; it ends the call loudly (logged with its traceback).
+
+    Bug (AssertionError)
+    └── AllocationInvariantBroken
+
+Anything else raised on a request path is a bug too and is not caught."""
 from __future__ import annotations
 
 
@@ -38,6 +50,16 @@ class InvalidField(YinDianError):
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}", field=field)
+
+
+class FileRejected(YinDianError):
+    """A reconciliation file refused as a whole: nothing of it was applied."""
+    code = "INVALID_ARGUMENT"
+    reason = "FILE_REJECTED"
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
 
 
 class AccountNotFound(YinDianError):
@@ -67,6 +89,10 @@ class AccountClosed(Precondition):
     reason = "ACCOUNT_CLOSED"
 
 
+class FeedMultiDatabase(Precondition):
+    reason = "FEED_SINGLE_DATABASE_ONLY"
+
+
 class Forbidden(YinDianError):
     code = "PERMISSION_DENIED"
     reason = "OTHER_BANK"
@@ -91,6 +117,30 @@ class BankSuspended(Unavailable):
     reason = "BANK_SUSPENDED"
 
 
-class InFlight(YinDianError):
+class Aborted(YinDianError):
     code = "ABORTED"
+    reason = "ABORTED"
+
+
+class InFlight(Aborted):
     reason = "DUPLICATE_IN_FLIGHT"
+
+
+class FeedBusy(Aborted):
+    """A second subscriber while the bank's stream is active: refused."""
+    reason = "FEED_ALREADY_ACTIVE"
+
+
+class PeerSilent(YinDianError):
+    code = "DEADLINE_EXCEEDED"
+    reason = "FEED_PEER_SILENT"
+
+
+# ---- bugs: outside the tree, never mapped to a status ----
+
+class Bug(AssertionError):
+    """A broken invariant of our own code. Never caught on a request path."""
+
+
+class AllocationInvariantBroken(Bug):
+    """Allocations do not add up to the payment."""

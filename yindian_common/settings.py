@@ -1,12 +1,21 @@
 """Settings plumbing: every process has one frozen pydantic-settings object,
 built in main from (highest first) command-line flags, YINDIAN_* environment
-variables, a TOML config file, then defaults, and passed down."""
+variables, a TOML config file, then defaults, and passed down.
+
+`ServerSettings` holds what both servers (mis_adapter, bridge) share: TLS and
+plain-text mode, clock and time zone, logging, the Prometheus endpoint, the
+gRPC server's limits and the database pool. Every number is range-checked;
+a value out of range, from any source, is refused naming the setting."""
 from __future__ import annotations
 
 import argparse
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from yindian_common.clock import DEFAULT_TZ
+from yindian_common.server import ServerLimits, TlsFiles
 
 S = TypeVar("S", bound="YinDianSettings")
 
@@ -24,9 +33,51 @@ class YinDianSettings(BaseSettings):
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
 
 
+MESSAGE_BYTES_MAX = 256 * 1024 * 1024
+PORT_MAX = 65_535
+
+
+class ServerSettings(YinDianSettings):
+    """The settings both servers share. Each server declares its own `listen`,
+    `db` and `metrics_port` (their defaults differ) and its own bounds."""
+    metrics_host: str = Field("127.0.0.1", description="address of the Prometheus /metrics endpoint")
+    insecure: bool = Field(False, description="plain text on loopback, no TLS (development only); the bank id "
+                                              "travels as x-yindian-bank-id metadata")
+    force_insecure: bool = Field(False, description="allow plain text on a non-loopback address")
+    tls_cert: str = Field("", description="PEM certificate this server presents")
+    tls_key: str = Field("", description="PEM private key of --tls-cert")
+    tls_ca: str = Field("", description="PEM CA bundle that signs the peers' certificates")
+    clock_start: str = Field("", description="ISO instant the process clock starts at (tests, demos); "
+                                             "empty: system time")
+    timezone: str = Field(DEFAULT_TZ, description="time zone of business dates")
+    log_level: str = Field("INFO", description="log level")
+    db_pool_size: int = Field(16, ge=1, le=1_024, description="pooled connections per database")
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
+        "FULL", description="SQLite durability: FULL (durable) or NORMAL")
+    max_workers: int = Field(64, ge=1, le=4_096, description="threads serving RPCs")
+    max_concurrent_rpcs: int = Field(256, ge=1, le=100_000, description="calls in progress before "
+                                                                         "RESOURCE_EXHAUSTED")
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1_024, le=MESSAGE_BYTES_MAX,
+                                   description="largest gRPC message accepted or sent")
+    grace_s: float = Field(10.0, ge=0, le=3_600, description="drain period on SIGTERM")
+
+    def server_limits(self) -> ServerLimits:
+        return ServerLimits(max_workers=self.max_workers, max_concurrent_rpcs=self.max_concurrent_rpcs,
+                            max_message_bytes=self.max_message_bytes, grace_s=self.grace_s)
+
+    def tls(self) -> TlsFiles | None:
+        """The TLS files, or None in plain-text mode; the three go together."""
+        if not (self.tls_cert or self.tls_key or self.tls_ca):
+            return None
+        if not (self.tls_cert and self.tls_key and self.tls_ca):
+            raise SystemExit("--tls-cert, --tls-key and --tls-ca go together")
+        return TlsFiles(cert=self.tls_cert, key=self.tls_key, ca=self.tls_ca)
+
+
 def load_settings(cls: type[S], args: argparse.Namespace | dict[str, Any] | None = None,
                   config_file: str | None = None) -> S:
-    """Flags that were given (not None) override env, which overrides the TOML file."""
+    """Flags that were given (not None) override env, which overrides the TOML file.
+    Raises pydantic's ValidationError for a refused value (see parse_settings)."""
     given = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
     known = cls.model_fields
     overrides = {k: v for k, v in given.items() if v is not None and k in known}
@@ -35,6 +86,31 @@ def load_settings(cls: type[S], args: argparse.Namespace | dict[str, Any] | None
         target = type(cls.__name__, (cls,), {  # type: ignore[assignment]
             "model_config": {**cls.model_config, "toml_file": config_file}})
     return target(**overrides)
+
+
+def parse_settings(parser: argparse.ArgumentParser, cls: type[S], argv: list[str]) -> S:
+    """A server's settings from its command line (flags from add_settings_flags),
+    env and --config file. A value refused (out of range, wrong type), from any
+    source, ends the process like a bad flag: exit status 2, naming the setting,
+    its flag and its environment variable."""
+    args = parser.parse_args(argv)
+    try:
+        return load_settings(cls, args, args.config_file)
+    except ValidationError as exc:
+        parser.error(settings_error(exc))
+
+
+def settings_error(exc: ValidationError) -> str:
+    """One line per refused setting: `invalid setting NAME (--flag, YINDIAN_NAME): why`."""
+    lines = []
+    for err in exc.errors():
+        if not err["loc"]:  # a rule across settings: its message names them
+            lines.append(f"invalid settings: {err['msg'].removeprefix('Value error, ')}")
+            continue
+        name = ".".join(str(p) for p in err["loc"])
+        flag = str(err["loc"][0])
+        lines.append(f"invalid setting {name} (--{flag.replace('_', '-')}, YINDIAN_{flag.upper()}): {err['msg']}")
+    return "\n".join(lines)
 
 
 def add_settings_flags(parser: argparse.ArgumentParser, cls: type[YinDianSettings],

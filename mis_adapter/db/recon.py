@@ -60,7 +60,7 @@ staging_metadata = sa.MetaData()
 recon_staging = sa.Table(
     "recon_staging", staging_metadata,
     # Unbounded text: whatever the bank sent is loaded, then the field rules are
-    # checked set-based, naming the first bad record (mis_adapter/recon.py).
+    # checked set-based, naming the first bad record (mis_adapter/recon_staging.py).
     sa.Column("line_no", sa.BigInteger, nullable=False),
     sa.Column("bank_serial", sa.Text, nullable=False),
     sa.Column("account_no", sa.Text, nullable=False),

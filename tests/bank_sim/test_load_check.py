@@ -100,3 +100,4 @@ def test_a_saved_ledger_reads_back_the_same(tmp_path: Path) -> None:
     again = RunLedger.load(tmp_path / "l.jsonl")
     assert (again.prefix, again.bank_id, again.target, again.pays) == (ledger.prefix, ledger.bank_id, ledger.target,
                                                                        ledger.pays)
+

@@ -8,6 +8,7 @@ import datetime as dt
 from collections.abc import Iterator
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from bridge import journal as jn
@@ -147,3 +148,40 @@ def test_in_doubt_count_is_per_business_date(engine: Engine) -> None:
     assert j.in_doubt_count(DAY + dt.timedelta(days=1)) == 1
     assert j.in_doubt_count(DAY - dt.timedelta(days=1)) == 0
     assert [c.serial for c in j.cancels_of("A")] == ["C"]
+
+
+def test_migration_0001_is_exactly_the_journal_schema(engine: Engine) -> None:
+    """The tables revision 0001 creates are the ones the code declares: nothing for autogenerate to add."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"version_table": "bridge_alembic_version"})
+        diffs = compare_metadata(ctx, jn.metadata)
+        version = conn.execute(sa.text("SELECT version_num FROM bridge_alembic_version")).scalars().all()
+    assert diffs == []
+    assert version == ["0001"]
+
+
+def test_a_journal_created_before_migrations_is_stamped_and_keeps_its_rows(db_url: str) -> None:
+    """A bridge journal made by the old create_all still starts: it is stamped 0001, its rows kept."""
+    eng = make_engine(db_url, pool_size=2)
+    try:
+        jn.metadata.create_all(eng)  # what every bridge did at start before bridge/migrations existed
+        assert Journal(eng).insert_new(pay("OLD1", 4_200))
+        jn.create_schema(eng)
+        jn.create_schema(eng)  # and every later start is a no-op
+        got = Journal(eng).get(jn.PAY, "OLD1")
+        assert got is not None and got.amount_fen == 4_200 and got.state == jn.PENDING
+        with eng.connect() as conn:
+            assert conn.execute(sa.text("SELECT version_num FROM bridge_alembic_version")).scalars().all() == ["0001"]
+    finally:
+        eng.dispose()
+
+
+def test_entry_and_outcome_share_their_answer_fields() -> None:
+    e = pay("S9", 700, status_code=5, message="m", attempts=2, next_attempt_ms=9)
+    o = jn.outcome_for(e, jn.SUSPECT, AT)
+    assert isinstance(o, jn.Recorded) and isinstance(e, jn.Recorded)
+    assert (o.key, o.amount_fen, o.status_code, o.message, o.attempts, o.next_attempt_ms) == (
+        e.key, 700, 5, "m", 2, 9)

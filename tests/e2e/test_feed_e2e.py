@@ -22,7 +22,8 @@ import pytest
 import sqlalchemy as sa
 
 from bank_sim import autodebit
-from bank_sim.bench_feed import check_feed, open_passbooks, populate_period
+from bank_sim.bench_feed import check_feed, open_passbooks
+from mis_adapter.bench_data import populate_period
 from mis_adapter.issue_bills import issue_bills
 from tests.support import procs
 from tests.support.databases import fresh_database

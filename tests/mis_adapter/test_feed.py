@@ -7,7 +7,7 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
-from bank_sim.bench_feed import populate_period
+from mis_adapter.bench_data import populate_period
 from mis_adapter.db.core import BillRow, Customer, JournalEntry, Payment
 from mis_adapter.db.feed import DebitResultRow, FeedCursor, RefundRow
 from mis_adapter.issue_bills import issue_bills
@@ -252,6 +252,17 @@ def test_debit_on_an_account_with_older_arrears_follows_the_allocation_rule(db_u
         # The old bill (with its late fee) is settled first; the rest goes to the new bill.
         assert bills["202609"].status == "PAID"
         assert bills[PERIOD].principal_paid_fen < n.amount_fen
+        # Posted as Pay posts (one payment, Pay's journal line, allocations adding up to the debit).
+        from mis_adapter.db.core import AllocationRow
+        t_alloc, t_journal = AllocationRow.__table__, JournalEntry.__table__
+        with ra.engine.connect() as conn:
+            pay = conn.execute(sa.select(T_PAY).where(T_PAY.c.bank_serial == f"AD-{n.seq}")).one()
+            allocated = conn.execute(sa.select(sa.func.sum(t_alloc.c.late_fee_fen + t_alloc.c.principal_fen))
+                                     .where(t_alloc.c.payment_id == pay.payment_id)).scalar_one()
+            journal = conn.execute(sa.select(t_journal.c.rpc).where(t_journal.c.serial == f"AD-{n.seq}")).scalars().all()
+        assert (pay.state, pay.channel, pay.amount_fen) == ("POSTED", "AUTO_DEBIT", n.amount_fen)
+        assert allocated + pay.prepaid_added_fen == n.amount_fen and bills["202609"].late_fee_paid_fen > 0
+        assert journal == ["PAY"]
 
 
 @pytest.mark.timeout(120)
@@ -317,3 +328,31 @@ def _wait_for_lock_waiter(engine: sa.Engine) -> None:
                 return
         threading.Event().wait(0.05)
     raise AssertionError("issuer B never waited for A's lock")
+
+
+@pytest.mark.timeout(30)
+def test_answered_notice_redelivered_and_not_answered_again_does_not_stall(db_url_sqlite_pg: str) -> None:
+    """Stream 1 gets answers for seqs 2 and 3 but not 1 (cursor stays 0). Stream 2
+    redelivers 1..3; the bank answers only 1, which it had not answered: the
+    cursor must reach 3 without the bank repeating its answers for 2 and 3."""
+    with running_adapter(db_url_sqlite_pg, **FAST) as ra:
+        _issue(ra, 3)
+        first = subscribe(ra.stub)
+        ns = first.notices(3)
+        first.send([debited(ns[1]), debited(ns[2])])
+        for _ in range(200):  # wait for the two answers to be stored
+            if _count(ra.engine, sa.select(sa.func.count()).select_from(T_RES)) == 2:
+                break
+            first.next_message()
+        first.close()
+        cursor = sa.select(sa.func.coalesce(sa.func.max(FeedCursor.__table__.c.acked_through_seq), 0))
+        assert _count(ra.engine, cursor) == 0
+        second = subscribe(ra.stub)
+        again = second.notices(3)
+        assert [n.seq for n in again] == [1, 2, 3]
+        second.send([debited(again[0])])
+        second.until_cursor(3)
+        second.close()
+        assert _count(ra.engine, cursor) == 3
+        assert _count(ra.engine, sa.select(sa.func.count()).select_from(T_PAY)) == 3
+        assert _count(ra.engine, sa.select(sa.func.sum(T_PAY.c.amount_fen))) == sum(n.amount_fen for n in ns)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import pytest
 import sqlalchemy as sa
 
-from bank_sim.bench_feed import populate_period
+from mis_adapter.bench_data import populate_period
 from mis_adapter.db.core import BillRow, Customer, PrepaidEntry, Reading
 from mis_adapter.db.feed import OutboxRow
 from mis_adapter.issue_bills import issue_bills

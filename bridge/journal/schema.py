@@ -1,0 +1,82 @@
+"""The journal's kinds, states and bounds, and its two tables (migrated by
+bridge/migrations: revision 0001 creates them)."""
+from __future__ import annotations
+
+import datetime as dt
+
+import sqlalchemy as sa
+
+PAY = "PAY"
+CANCEL = "CANCEL"
+
+PENDING = "PENDING"
+POSTED = "POSTED"
+CANCELLED = "CANCELLED"
+FAILED = "FAILED"
+RETRYABLE = "RETRYABLE"
+SUSPECT = "SUSPECT"
+REVERSING = "REVERSING"
+NOT_APPLIED = "NOT_APPLIED"
+
+DEFINITE_STATES = frozenset({POSTED, CANCELLED, FAILED, NOT_APPLIED})
+IN_DOUBT_STATES = frozenset({PENDING, SUSPECT, REVERSING})
+
+MESSAGE_MAX = 256
+WRITER_BACKOFF_CAP_S = 5.0
+
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+TZ = sa.DateTime(timezone=True)
+
+metadata = sa.MetaData()
+
+requests = sa.Table(
+    "bridge_journal", metadata,
+    sa.Column("kind", sa.String(6), primary_key=True),
+    sa.Column("serial", sa.String(32), primary_key=True),
+    sa.Column("bank_id", sa.String(16), nullable=False),
+    sa.Column("account_no", sa.String(10), nullable=False, default=""),
+    sa.Column("original_serial", sa.String(32), nullable=False, default=""),
+    sa.Column("amount_fen", sa.BigInteger, nullable=False),
+    sa.Column("outlet_code", sa.String(16), nullable=False, default=""),
+    sa.Column("teller_id", sa.String(16), nullable=False, default=""),
+    sa.Column("channel", sa.Integer, nullable=False, default=0),
+    sa.Column("bank_balance_fen", sa.BigInteger, nullable=True),
+    sa.Column("reason", sa.String(128), nullable=False, default=""),
+    sa.Column("state", sa.String(12), nullable=False),
+    # gRPC status code of the definite answer (0 = OK)
+    sa.Column("status_code", sa.Integer, nullable=True),
+    # PayResponse / CancelResponse bytes when OK, google.rpc.Status bytes when FAILED
+    sa.Column("body", sa.LargeBinary, nullable=True),
+    sa.Column("message", sa.String(MESSAGE_MAX), nullable=False, default=""),
+    sa.Column("reversal_serial", sa.String(32), nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    # epoch milliseconds: compared the same way on every back end
+    sa.Column("next_attempt_ms", sa.BigInteger, nullable=False, default=0),
+    sa.Column("business_date", sa.Date, nullable=False),
+    sa.Column("created_at", TZ, nullable=False),
+    sa.Column("updated_at", TZ, nullable=False),
+    sa.Index("ix_bridge_journal_state_due", "state", "next_attempt_ms"),
+    sa.Index("ix_bridge_journal_day_state", "business_date", "state"),
+    sa.Index("ix_bridge_journal_original", "original_serial"),
+)
+
+audit = sa.Table(
+    "bridge_audit", metadata,
+    sa.Column("audit_id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("at", TZ, nullable=False),
+    sa.Column("kind", sa.String(6), nullable=False),
+    sa.Column("serial", sa.String(32), nullable=False),
+    sa.Column("bank_id", sa.String(16), nullable=False),
+    sa.Column("amount_fen", sa.BigInteger, nullable=False),
+    sa.Column("state", sa.String(12), nullable=False),
+    sa.Column("status_code", sa.Integer, nullable=True),
+    sa.Column("detail", sa.String(MESSAGE_MAX), nullable=False, default=""),
+    sa.Index("ix_bridge_audit_serial", "kind", "serial"),
+)
+
+COLUMNS = [c.name for c in requests.columns]
+
+
+def utc(value: dt.datetime) -> dt.datetime:
+    """Instants are stored in UTC (SQLite and MariaDB keep only the wall time)."""
+    return value.astimezone(dt.UTC)

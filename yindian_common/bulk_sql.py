@@ -1,0 +1,115 @@
+"""Dialect bulk helpers: one statement per batch, whatever its size.
+
+PostgreSQL gets arrays (`= ANY(array)`, `INSERT ... SELECT unnest(...)`),
+SQLite a JSON list (`IN (SELECT value FROM json_each(...))`) and driver
+executemany, MariaDB `JSON_TABLE` and SQLAlchemy executemany: per-row
+SQLAlchemy parameter processing and IN lists of hundreds of placeholders
+cost more than the database work (BASELINES.md).
+
+Shared by the utility's feed and bill issuing and by the bank simulator's
+own tables; it knows no table of either side."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.visitors import InternalTraversal
+
+__all__ = ["InList", "list_param", "bulk_insert"]
+
+class InList(ColumnElement[bool]):
+    """`col IN <list parameter>`: pass the list through `list_param`."""
+    inherit_cache = True
+    type = sa.Boolean()
+    _is_implicitly_boolean = True  # no "= 1" on SQLite: that would hide the index
+    _traverse_internals = [("col", InternalTraversal.dp_clauseelement),  # type: ignore[misc]
+                           ("param", InternalTraversal.dp_clauseelement)]
+
+    def __init__(self, col: ColumnElement[Any], name: str) -> None:
+        self.col = col
+        self.param: sa.BindParameter[Any] = sa.bindparam(name)
+
+
+@compiles(InList, "postgresql")
+def _in_pg(el: InList, compiler: Any, **kw: Any) -> str:
+    # The array is cast to the column's type: psycopg sends small ints as smallint[],
+    # and `bigint = ANY(smallint[])` is not an index condition (a scan that grows with the table).
+    return (f"{compiler.process(el.col, **kw)} = "
+            f"ANY(CAST({compiler.process(el.param, **kw)} AS {_pg_type(el.col)}[]))")
+
+
+@compiles(InList, "sqlite")
+def _in_sqlite(el: InList, compiler: Any, **kw: Any) -> str:
+    return f"{compiler.process(el.col, **kw)} IN (SELECT value FROM json_each({compiler.process(el.param, **kw)}))"
+
+
+@compiles(InList)
+def _in_other(el: InList, compiler: Any, **kw: Any) -> str:
+    return f"{compiler.process(el.col, **kw)} IN (SELECT value FROM JSON_TABLE({compiler.process(el.param, **kw)}, " \
+        "'$[*]' COLUMNS (value VARCHAR(64) PATH '$')) AS jt)"
+
+
+def list_param(conn: Connection, values: Sequence[object]) -> object:
+    return list(values) if conn.dialect.name == "postgresql" else json.dumps(list(values))
+
+
+def _pg_type(col: ColumnElement[Any]) -> str:
+    t = col.type
+    if isinstance(t, sa.Boolean):
+        return "boolean"
+    if isinstance(t, sa.DateTime):
+        return "timestamptz"
+    if isinstance(t, sa.Date):
+        return "date"
+    if isinstance(t, sa.Integer):
+        return "bigint"
+    return "text"
+
+
+def _sqlite_datetime(v: dt.datetime | None) -> str | None:
+    # SQLAlchemy's SQLite DateTime storage format, in UTC
+    return None if v is None else v.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _sqlite_date(v: dt.date | None) -> str | None:
+    return None if v is None else v.isoformat()
+
+
+def _sqlite_converter(col: sa.Column[Any]) -> Callable[[Any], Any] | None:
+    t = col.type
+    if isinstance(t, sa.DateTime):
+        return _sqlite_datetime
+    if isinstance(t, sa.Date):
+        return _sqlite_date
+    if isinstance(t, sa.Boolean):
+        return lambda v: None if v is None else int(v)
+    return None
+
+
+def bulk_insert(conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]]) -> None:
+    """Inserts rows (dicts with the same keys) in one statement per batch."""
+    if not rows:
+        return
+    cols = list(rows[0])
+    names = ", ".join(cols)
+    if conn.dialect.name == "postgresql":
+        arrays = ", ".join(f"%b::{_pg_type(table.c[c])}[]" for c in cols)
+        conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) SELECT * FROM unnest({arrays})",
+                             tuple([r[c] for r in rows] for c in cols))
+    elif conn.dialect.name == "sqlite":
+        marks = ", ".join("?" * len(cols))
+        convs = [(c, _sqlite_converter(table.c[c])) for c in cols]
+        if all(f is None for _, f in convs):
+            values = [tuple(r[c] for c in cols) for r in rows]
+        else:
+            values = [tuple(r[c] if f is None else f(r[c]) for c, f in convs) for r in rows]
+        conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) VALUES ({marks})", values)
+    else:
+        conn.execute(table.insert(), list(rows))
+
