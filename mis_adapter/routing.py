@@ -55,6 +55,13 @@ class BranchRouter:
         """Each distinct MIS (branch) database once, the primary first."""
         return list(self._engines)
 
+    def database_keys(self) -> list[tuple[str, Engine]]:
+        """Each MIS database with a stable key: '' for the primary, else the lowest branch code it serves."""
+        out: dict[Engine, str] = {self.primary: ""}
+        for code in sorted(self._by_branch):
+            out.setdefault(self._by_branch[code], code)
+        return [(key, engine) for engine, key in out.items()]
+
     def all_engines(self) -> list[Engine]:
         """Every database to migrate: the MIS databases and a separate front database."""
         return list(self._all)

@@ -10,6 +10,8 @@ any branch holds, so each bank has one serial space across branches.
 - `front_cancels`: a cancel serial and the original it names, so a cancel
   serial is one cancel across branches.
 - `front_recon_days`: a bank's day closed in every branch (mis_adapter.recon_branches).
+- `front_feed_map`, `front_feed_heads`: the bill feed's one gapless sequence per
+  bank, merged from the branch outboxes (mis_adapter.feed_branches).
 
 The tables exist in every MIS database (one migration history), but only
 the front database's rows are read or written."""
@@ -59,3 +61,23 @@ class FrontReconDay(Base):
     settlement_date: Mapped[dt.date] = mapped_column(sa.Date, primary_key=True)
     reconciled_at: Mapped[dt.datetime] = mapped_column(TZ)
     summary_json: Mapped[str] = mapped_column(sa.Text)
+
+
+class FrontFeedNotice(Base):
+    """The bill feed across branch databases: global, gapless per-bank seq ->
+    the notice's home database and its seq in that database's outbox."""
+    __tablename__ = "front_feed_map"
+    __table_args__ = (sa.UniqueConstraint("bank_id", "home", "local_seq"),)
+    bank_id: Mapped[str] = mapped_column(sa.String(16), primary_key=True)
+    seq: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True, autoincrement=False)
+    home: Mapped[str] = mapped_column(sa.String(2))
+    local_seq: Mapped[int] = mapped_column(sa.BigInteger)
+
+
+class FrontFeedHead(Base):
+    """How far each database's outbox is merged into the global sequence, and
+    (home '**') the last global seq handed out: the row the merge locks."""
+    __tablename__ = "front_feed_heads"
+    bank_id: Mapped[str] = mapped_column(sa.String(16), primary_key=True)
+    home: Mapped[str] = mapped_column(sa.String(2), primary_key=True)
+    merged_through: Mapped[int] = mapped_column(sa.BigInteger)

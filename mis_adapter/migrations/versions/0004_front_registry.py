@@ -44,9 +44,25 @@ def upgrade() -> None:
     sa.Column('summary_json', sa.Text(), nullable=False),
     sa.PrimaryKeyConstraint('bank_id', 'settlement_date', name=op.f('pk_front_recon_days'))
     )
+    op.create_table('front_feed_map',
+    sa.Column('bank_id', sa.String(length=16), nullable=False),
+    sa.Column('seq', sa.BigInteger(), autoincrement=False, nullable=False),
+    sa.Column('home', sa.String(length=2), nullable=False),
+    sa.Column('local_seq', sa.BigInteger(), nullable=False),
+    sa.PrimaryKeyConstraint('bank_id', 'seq', name=op.f('pk_front_feed_map')),
+    sa.UniqueConstraint('bank_id', 'home', 'local_seq', name=op.f('uq_front_feed_map_bank_id_home_local_seq'))
+    )
+    op.create_table('front_feed_heads',
+    sa.Column('bank_id', sa.String(length=16), nullable=False),
+    sa.Column('home', sa.String(length=2), nullable=False),
+    sa.Column('merged_through', sa.BigInteger(), nullable=False),
+    sa.PrimaryKeyConstraint('bank_id', 'home', name=op.f('pk_front_feed_heads'))
+    )
 
 
 def downgrade() -> None:
+    op.drop_table('front_feed_heads')
+    op.drop_table('front_feed_map')
     op.drop_table('front_recon_days')
     op.drop_table('front_cancels')
     with op.batch_alter_table('front_serials', schema=None) as batch_op:
