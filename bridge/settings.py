@@ -38,6 +38,11 @@ class BridgeSettings(ServerSettings):
     upstream_health_interval_s: float = Field(1.0, gt=0, le=60, description="health check of each upstream "
                                                                             "replica (with more than one)")
     upstream_health_timeout_s: float = Field(1.0, gt=0, le=60, description="deadline of one replica health check")
+    feed_failover_max_s: float = Field(60.0, gt=0, le=3_600,
+                                       description="with replicas: how long the bill feed keeps trying to move "
+                                                   "to a survivor (its dead replica's lease must lapse first)")
+    feed_failover_retry_s: float = Field(0.5, gt=0, le=60,
+                                         description="with replicas: pause between the feed's resubscriptions")
     upstream_max_message_bytes: int = Field(4 * 1024 * 1024, ge=1_024, le=MESSAGE_BYTES_MAX,
                                             description="message size limit on the link")
 
