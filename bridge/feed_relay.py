@@ -22,13 +22,15 @@ cursor (Subscribe without a resume point), retrying while the dead replica's
 lease lapses (FEED_ALREADY_ACTIVE), up to `feed_failover_max_s`. The bank
 core's stream stays open; it may see notices again, which it answers from
 its stored results (the cursor covers only results that reached the
-utility, so nothing is lost and nothing is debited twice). After a move,
+utility, so nothing is lost and nothing is debited twice). A message the
+reader of a finished upstream stream took is given back to the next one. After a move,
 a result for a notice the new upstream stream has not delivered (yet) is
 not forwarded: the notice is redelivered and answered again. The bank
 core's messages pass through a queue of FEED_RELAY_QUEUE_MAX (back-pressure
 beyond it), so that successive upstream calls can share its stream."""
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -113,16 +115,38 @@ class _Attempt:
         return pb.BillFeedRequest(results=pb.DebitResultBatch(results=ok)) if ok else None
 
 
-def _pump(request_iterator: Iterator[pb.BillFeedRequest], q: queue.Queue[pb.BillFeedRequest | None],
-          stop: threading.Event) -> None:
-    """Reads the bank core's stream into the queue (blocking while it is full), then _END."""
+class _Inbox:
+    """The bank core's messages for whichever upstream stream is current: a bounded
+    queue filled by the pump, and the messages a finished stream's reader took
+    but could not send (given back, read first by the next stream)."""
+
+    def __init__(self) -> None:
+        self.q: queue.Queue[pb.BillFeedRequest | None] = queue.Queue(maxsize=FEED_RELAY_QUEUE_MAX)
+        self._carry: collections.deque[pb.BillFeedRequest | None] = collections.deque()
+
+    def take(self, timeout_s: float) -> tuple[bool, pb.BillFeedRequest | None]:
+        try:
+            return True, self._carry.popleft()
+        except IndexError:
+            pass
+        try:
+            return True, self.q.get(timeout=timeout_s)
+        except queue.Empty:
+            return False, None
+
+    def give_back(self, item: pb.BillFeedRequest | None) -> None:
+        self._carry.appendleft(item)
+
+
+def _pump(request_iterator: Iterator[pb.BillFeedRequest], inbox: _Inbox, stop: threading.Event) -> None:
+    """Reads the bank core's stream into the inbox (blocking while it is full), then _END."""
     try:
         for req in request_iterator:
-            if not _put(q, req, stop):
+            if not _put(inbox.q, req, stop):
                 return
     except grpc.RpcError:
         pass  # the bank core went away
-    _put(q, _END, stop)
+    _put(inbox.q, _END, stop)
 
 
 def _put(q: queue.Queue[pb.BillFeedRequest | None], item: pb.BillFeedRequest | None, stop: threading.Event) -> bool:
@@ -135,16 +159,14 @@ def _put(q: queue.Queue[pb.BillFeedRequest | None], item: pb.BillFeedRequest | N
     return False
 
 
-def _requests(first: pb.BillFeedRequest, q: queue.Queue[pb.BillFeedRequest | None],
-              attempt: _Attempt) -> Iterator[pb.BillFeedRequest]:
+def _requests(first: pb.BillFeedRequest, inbox: _Inbox, attempt: _Attempt) -> Iterator[pb.BillFeedRequest]:
     yield first
     while not attempt.over.is_set():
-        try:
-            req = q.get(timeout=0.2)
-        except queue.Empty:
+        got, req = inbox.take(0.2)
+        if not got:
             continue
-        if req is _END:
-            q.put(_END)  # for whoever reads next
+        if req is _END or attempt.over.is_set():
+            inbox.give_back(req)  # the bank core's end, or a message for the next stream
             return
         kept = attempt.keep(req)
         if kept is not None:
@@ -158,10 +180,11 @@ def _bill_feed_replicas(bctx: BridgeContext, request_iterator: Iterator[pb.BillF
         first = next(request_iterator)
     except (StopIteration, grpc.RpcError):
         return
-    q: queue.Queue[pb.BillFeedRequest | None] = queue.Queue(maxsize=FEED_RELAY_QUEUE_MAX)
+    inbox = _Inbox()
     stop = threading.Event()
     context.add_callback(stop.set)
-    threading.Thread(target=_pump, args=(request_iterator, q, stop), name="feed-relay-pump", daemon=True).start()
+    threading.Thread(target=_pump, args=(request_iterator, inbox, stop), name="feed-relay-pump",
+                     daemon=True).start()
     moved = False                   # the stream has moved at least once: filter results (see _Attempt)
     lost_at: float | None = None    # when the current replica was lost, until a survivor answers
     try:
@@ -169,7 +192,7 @@ def _bill_feed_replicas(bctx: BridgeContext, request_iterator: Iterator[pb.BillF
             replica = bctx.replicas.current()
             attempt = _Attempt(moved=moved)
             sub = pb.BillFeedRequest(subscribe=pb.Subscribe()) if moved else first
-            call = replica.stub.BillFeed(_requests(sub, q, attempt), metadata=bctx.metadata(),
+            call = replica.stub.BillFeed(_requests(sub, inbox, attempt), metadata=bctx.metadata(),
                                          timeout=_timeout_of(context))
             context.add_callback(call.cancel)
             log.info("event=feed_relay_open replica=%s moved=%s", replica.address, moved)
