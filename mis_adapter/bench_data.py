@@ -92,6 +92,7 @@ class BenchDataSettings(YinDianSettings):
     accounts: int = Field(1_000, ge=0, le=ACCOUNTS_MAX, description="populate: households")
     banks: str = Field("ICBC", description="populate: comma-separated banks the agreements are spread over")
     first_serial: int = Field(1, ge=1, le=99_999_999, description="account serial of the first household")
+    branch: str = Field(BRANCH, pattern=r"^\d{2}$", description="populate: the households' branch code")
     batch_accounts: int = Field(2_000, ge=1, le=1_000_000, description="issue: accounts per transaction")
     bank: str = Field("PROBE", max_length=16, description="probe: the probe households' bank")
     count: int = Field(200, ge=1, le=PROBES_MAX, description="probe: bills issued one at a time")
@@ -100,7 +101,7 @@ class BenchDataSettings(YinDianSettings):
 def _populate(s: BenchDataSettings, engine: Engine) -> None:
     banks = tuple(b.strip() for b in s.banks.split(",") if b.strip())
     people = populate_period(engine, s.accounts, s.period, banks=banks, now=SystemClock().now(),
-                             first_serial=s.first_serial)
+                             first_serial=s.first_serial, branch=s.branch)
     print(json.dumps({"households": len(people), "first_account_no": people[0][0] if people else None}), flush=True)
 
 
