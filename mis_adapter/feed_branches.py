@@ -241,26 +241,25 @@ class BranchFeed:
             # the branch's own feed cursor is not used: the global one is the front's
             feed.apply_results(cast(payments.Books, view), bank_id, local_results, 0)
         now = self.books.clock.now().astimezone(dt.UTC)
-        for serial in claimed:
-            registry.settle(self.front, bank_id, serial, now)
+        registry.settle_many(self.front, bank_id, claimed, now)
         if cursor_to > 0:
             with self.front.begin() as conn:
                 feed._advance_cursor(conn, bank_id, cursor_to, now)
 
     def _claim_debits(self, bank_id: str, results: Sequence[DebitIn]) -> list[str]:
-        """The debits' serials in the bank's one serial space; a serial held elsewhere refuses the batch."""
-        fresh: list[str] = []
+        """The debits' serials in the bank's one serial space, claimed in one front transaction;
+        a serial held elsewhere (another account or amount, a tombstone) refuses the batch."""
+        debits = [r for r in results if r.outcome == feed.DEBITED]
+        if not debits:
+            return []
         now = self.books.clock.now().astimezone(dt.UTC)
-        for r in results:
-            if r.outcome != feed.DEBITED:
-                continue
-            want = Claim(bank_id, r.bank_serial, registry.PAY, r.account_no[:2], r.account_no, r.amount_fen,
-                         registry.CLAIMED)
-            claim, new = registry.claim(self.front, want, now)
-            if new:
-                fresh.append(r.bank_serial)
-            elif (claim.kind != registry.PAY or claim.account_no != r.account_no
-                  or claim.amount_fen != r.amount_fen):
+        wants = [Claim(bank_id, r.bank_serial, registry.PAY, r.account_no[:2], r.account_no, r.amount_fen,
+                       registry.CLAIMED) for r in debits]
+        claims = registry.claim_many(self.front, bank_id, wants, now)
+        for r in debits:
+            claim = claims[r.bank_serial]
+            if (claim.kind != registry.PAY or claim.account_no != r.account_no
+                    or claim.amount_fen != r.amount_fen):
                 raise SerialConflict(f"bank_serial {r.bank_serial} of feed seq {r.seq} was used for another payment",
                                      reason="SERIAL_REUSED")
-        return fresh
+        return [r.bank_serial for r in debits if claims[r.bank_serial].state == registry.CLAIMED]

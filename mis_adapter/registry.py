@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from mis_adapter.db.base import table_of
@@ -51,6 +51,10 @@ _LOOKUP_MANY = sa.select(T_SER).where(T_SER.c.bank_id == _b("bank_id"),
                                       T_SER.c.serial.in_(_b("serials", expanding=True)))
 _SETTLE = (T_SER.update().where(T_SER.c.bank_id == _b("p_bank"), T_SER.c.serial == _b("p_serial"))
            .values(state=SETTLED, settled_at=_b("p_at")))
+_SETTLE_MANY = (T_SER.update().where(T_SER.c.bank_id == _b("p_bank"),
+                                     T_SER.c.serial.in_(_b("p_serials", expanding=True)),
+                                     T_SER.c.state == CLAIMED)
+                .values(state=SETTLED, settled_at=_b("p_at")))
 _RELEASE = T_SER.delete().where(T_SER.c.bank_id == _b("p_bank"), T_SER.c.serial == _b("p_serial"),
                                 T_SER.c.state == CLAIMED, T_SER.c.kind == PAY)
 _OPEN = (sa.select(T_SER).where(T_SER.c.state == CLAIMED).order_by(T_SER.c.claimed_at).limit(_b("limit")))
@@ -116,6 +120,40 @@ def claim(front: Engine, want: Claim, now: dt.datetime) -> tuple[Claim, bool]:
                 return existing, False
             # released between our insert and our read: claim again
     raise Unavailable("the serial's claim kept racing a release; retry the same serial", reason="RETRY")
+
+
+def _insert_ignoring(conn: Connection) -> Any:
+    name = conn.dialect.name
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+        return pg_insert(T_SER).on_conflict_do_nothing()
+    if name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+        return sqlite_insert(T_SER).on_conflict_do_nothing()
+    return T_SER.insert().prefix_with("IGNORE")
+
+
+def claim_many(front: Engine, bank_id: str, wants: Sequence[Claim], now: dt.datetime) -> dict[str, Claim]:
+    """Claims many serials of one bank in one front transaction (the bill feed's debits);
+    returns each serial's claim after it: ours, or the one somebody made first."""
+    out: dict[str, Claim] = {}
+    for i in range(0, len(wants), LOOKUP_BATCH_MAX):
+        chunk = wants[i:i + LOOKUP_BATCH_MAX]
+        with front.begin() as conn:
+            conn.execute(_insert_ignoring(conn), [
+                {"bank_id": w.bank_id, "serial": w.serial, "kind": w.kind, "home": w.home,
+                 "account_no": w.account_no, "amount_fen": w.amount_fen, "state": w.state, "claimed_at": now,
+                 "settled_at": None} for w in chunk])
+            for row in conn.execute(_LOOKUP_MANY, {"bank_id": bank_id, "serials": [w.serial for w in chunk]}):
+                out[row.serial] = _claim_of(row)
+    return out
+
+
+def settle_many(front: Engine, bank_id: str, serials: Sequence[str], now: dt.datetime) -> None:
+    for i in range(0, len(serials), LOOKUP_BATCH_MAX):
+        with front.begin() as conn:
+            conn.execute(_SETTLE_MANY, {"p_bank": bank_id, "p_serials": list(serials[i:i + LOOKUP_BATCH_MAX]),
+                                        "p_at": now})
 
 
 def settle(front: Engine, bank_id: str, serial: str, now: dt.datetime) -> bool:
