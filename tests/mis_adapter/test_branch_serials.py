@@ -179,3 +179,58 @@ def test_cancel_overtaking_its_pay_on_another_branch_stays_consistent(backend: s
             assert outcome_of(lambda acct=acct: pay(a, "LATE-1", acct)) in (
                 grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS)
         assert not [r for r in payment_rows(b.engines, "LATE-1") if r[1] == "POSTED"]
+
+
+def all_at_once(calls: list[Any]) -> list[Any]:
+    """Runs the calls in threads released together; their outcomes in order."""
+    results: list[Any] = [None] * len(calls)
+    gate = threading.Barrier(len(calls))
+
+    def run(i: int) -> None:
+        gate.wait(30)
+        results[i] = outcome_of(calls[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_racing_pays_replays_and_cancels_of_one_serial_across_branches(backend: str, tmp_path: Path) -> None:
+    """Unforced races: rounds of the same serial paid at once on accounts of three
+    branch databases (plus replays), with a cancel of it in the middle of some.
+    Every round ends with at most one payment anywhere, consistent with what
+    the callers were told."""
+    rounds = 6
+    with three_branch_databases(backend, tmp_path) as b:
+        a = b.adapter
+        for n in range(rounds):
+            serial, with_cancel = f"RACE-{n}", n % 2 == 1
+            calls = [lambda acct=acct, serial=serial: pay(a, serial, acct, 100)
+                     for acct in b.accounts for _replay in range(2)]
+            if with_cancel:
+                calls.append(lambda serial=serial: a.stub.Cancel(pb.CancelRequest(
+                    cancel_serial=f"C-{serial}", original_serial=serial, amount_fen=100), metadata=a.md(), timeout=30))
+            results = all_at_once(calls)
+            rows = payment_rows(b.engines, serial)
+            posted = [r for r in rows if r[1] in ("POSTED", "REVERSED")]
+            assert len(posted) <= 1, rows
+            pays = [r for r in results[:6] if isinstance(r, pb.PayResponse)]
+            assert {p.account_no for p in pays} <= {r[2] for r in posted}, (pays, rows)
+            assert all(r in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED,
+                             grpc.StatusCode.UNAVAILABLE) for r in results[:6] if not isinstance(r, pb.PayResponse)), results
+            if with_cancel:
+                c = results[-1]
+                assert isinstance(c, pb.CancelResponse), c
+                if c.outcome == pb.CANCEL_OUTCOME_REVERSED:
+                    assert [r[1] for r in posted] == ["REVERSED"]
+                else:
+                    assert not posted and not pays, (rows, results)
+            else:
+                assert len(posted) == 1 and posted[0][1] == "POSTED" and pays
+            st = a.stub.GetPayment(pb.GetPaymentRequest(bank_serial=serial), metadata=a.md()).state
+            expected = {"POSTED": pb.PAYMENT_STATE_POSTED, "REVERSED": pb.PAYMENT_STATE_REVERSED}
+            assert st == (expected[posted[0][1]] if posted else pb.PAYMENT_STATE_REFUSED)
