@@ -61,7 +61,7 @@ def per_db(engines: list[sa.Engine], q: sa.Select) -> list[int]:  # type: ignore
     return [total([e], q) for e in engines]
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mariadb"])
 def test_one_gapless_sequence_and_results_in_each_bills_branch(backend: str, tmp_path: Path) -> None:
     with three_branches(backend, tmp_path) as (ra, engines):
         issue(ra, engines, 10)
