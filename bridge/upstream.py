@@ -116,6 +116,10 @@ class Upstream:
                       ) -> Answer[billing_pb2.QueryAccountResponse]:
         return self._call("QueryAccount", request, timeout_s, read=True)
 
+    def call(self, rpc: str, request: Any, timeout_s: float) -> Answer[Any]:
+        """Any unary BillingService method by name (the link's other transactions, bridge.link_relay)."""
+        return self._call(rpc, request, timeout_s)
+
 
 def relay(context: grpc.ServicerContext, answer: Answer[Any]) -> NoReturn:
     """Passes a non-OK answer on to the bank core: a DEFINITE one unchanged,

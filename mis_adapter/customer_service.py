@@ -23,16 +23,14 @@ from mis_adapter import customers
 from mis_adapter.context import AdapterContext
 from yindian.v1 import billing_pb2, customer_pb2_grpc
 from yindian.v1 import customer_pb2 as pb
-from yindian_common import fields
+from yindian_common import fields, identity
 from yindian_common.clock import business_date
-from yindian_common.errors import Forbidden, InvalidField, YinDianError
-from yindian_common.status import abort
+from yindian_common.errors import Forbidden, InvalidField
+from yindian_common.status import guard
 
 log = logging.getLogger("mis_adapter.customers")
 R = TypeVar("R")
 
-OPERATOR_METADATA = "x-yindian-operator"
-OPERATOR_NAME_MAX = 64
 OVERVIEW_MONTHS_DEFAULT = 12
 OVERVIEW_MONTHS_MAX = 24
 CANDIDATES_PAGE_DEFAULT = 100
@@ -65,27 +63,16 @@ def add_operator_flags(parser: argparse.ArgumentParser) -> None:
                                 help=f"same as --{dest.replace('_', '-')}")
 
 
-def _operator_of(context: grpc.ServicerContext, *, tls: bool, operators: Sequence[str]) -> str:
-    """The utility operator calling: the client certificate's CN (else first SAN)
-    under mTLS, `x-yindian-operator` metadata in plain-text loopback mode; it
-    must be listed in the `operators` setting. Anything else is PERMISSION_DENIED."""
-    name = ""
-    if tls:
-        auth = context.auth_context()
-        for key in ("x509_common_name", "x509_subject_alternative_name"):
-            values = auth.get(key)
-            if values:
-                name = values[0].decode("utf-8", "replace")
-                break
-    else:
-        for k, v in context.invocation_metadata():
-            if k == OPERATOR_METADATA:
-                name = v if isinstance(v, str) else v.decode("utf-8", "replace")
-                break
-    if not name or len(name) > OPERATOR_NAME_MAX or name not in operators:
-        raise Forbidden("CustomerService needs a utility operator identity named in mis_adapter's operators",
-                        reason="NOT_AN_OPERATOR")
-    return name
+def _operator_of(context: grpc.ServicerContext, rpc: str, *, tls: bool, operators: Sequence[str]) -> str:
+    """The utility operator calling (yindian_common.identity: the certificate under
+    mTLS, `x-yindian-operator` metadata in plain-text loopback mode), listed in the
+    `operators` setting. Anyone else is PERMISSION_DENIED, audited."""
+    caller = identity.caller_of(context, tls=tls, operators=operators)
+    if caller is None or not caller.is_operator:
+        raise identity.deny(rpc, "NOT_AN_OPERATOR",
+                            "CustomerService needs a utility operator identity named in mis_adapter's operators",
+                            caller)
+    return caller.name
 
 
 def _require_role(operator: str, granted: Sequence[str], setting: str) -> None:
@@ -189,15 +176,14 @@ class CustomerServicer(customer_pb2_grpc.CustomerServiceServicer):
 
     def _handle(self, context: grpc.ServicerContext, rpc: str, fn: Callable[[str], R],
                 role: tuple[Sequence[str], str] | None = None) -> R:
-        try:
-            operator = _operator_of(context, tls=self.ctx.tls, operators=self.operators)
+        # The one status guard; its refusal log carries account numbers at most (masked by the log filter),
+        # never the phone factor or a name.
+        with guard(context, rpc):
+            operator = _operator_of(context, rpc, tls=self.ctx.tls, operators=self.operators)
             if role is not None:
                 _require_role(operator, *role)
             return fn(operator)
-        except YinDianError as err:
-            # Never the phone factor or a name: account numbers only.
-            log.info("event=refused rpc=%s code=%s reason=%s msg=%r", rpc, err.code, err.reason, err.message)
-            abort(context, err)
+        raise AssertionError("unreachable")  # guard aborts the call on a refusal
 
     def _dunning_role(self) -> tuple[Sequence[str], str]:
         return self.ctx.settings.dunning_operators, "dunning_operators"

@@ -34,7 +34,7 @@ from typing import Any, Protocol, cast
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from mis_adapter import feed, payments, registry
+from mis_adapter import agreements, feed, payments, registry
 from mis_adapter.db.base import table_of
 from mis_adapter.db.feed import OutboxRow
 from mis_adapter.db.front import FrontFeedHead, FrontFeedNotice
@@ -76,6 +76,7 @@ class FeedStore(Protocol):
     def read_notices(self, bank_id: str, after_seq: int, limit: int) -> list[Notice]: ...
     def stored_results(self, bank_id: str, seqs: Sequence[int]) -> dict[int, tuple[str, str, int]]: ...
     def apply(self, bank_id: str, results: Sequence[DebitIn], cursor_to: int) -> None: ...
+    def withdrawn_among(self, bank_id: str, seqs: Sequence[int]) -> set[int]: ...
 
 
 def store_for(books: Any) -> FeedStore:
@@ -108,6 +109,10 @@ class OneDatabaseFeed:
 
     def apply(self, bank_id: str, results: Sequence[DebitIn], cursor_to: int) -> None:
         feed.apply_results(self.books, bank_id, results, cursor_to)
+
+    def withdrawn_among(self, bank_id: str, seqs: Sequence[int]) -> set[int]:
+        with feed.reading(self.lease_engine) as conn:
+            return agreements.withdrawn_among(conn, bank_id, seqs)
 
 
 @dataclass(frozen=True)
@@ -226,6 +231,17 @@ class BranchFeed:
             with feed.reading(self._homes[home]) as conn:
                 for local, res in feed.stored_results(conn, bank_id, sorted(locals_)).items():
                     out[locals_[local]] = res
+        return out
+
+    def withdrawn_among(self, bank_id: str, seqs: Sequence[int]) -> set[int]:
+        """Withdrawn notices (their agreement ended) are recorded by local seq in their own branch."""
+        out: set[int] = set()
+        by_home: dict[str, dict[int, int]] = {}
+        for g, (home, local) in self._map(bank_id, seqs).items():
+            by_home.setdefault(home, {})[local] = g
+        for home, locals_ in by_home.items():
+            with feed.reading(self._homes[home]) as conn:
+                out |= {locals_[s] for s in agreements.withdrawn_among(conn, bank_id, sorted(locals_))}
         return out
 
     def apply(self, bank_id: str, results: Sequence[DebitIn], cursor_to: int) -> None:

@@ -19,6 +19,7 @@ from yindian_common.logs import setup_logging
 from yindian_common.metrics import grpc_server_interceptors, start_metrics_http
 from yindian_common.server import GrpcServer
 from yindian_common.settings import add_settings_flags, parse_settings
+from yindian_common.tls import certificate_store
 
 log = logging.getLogger("mis_adapter")
 
@@ -44,7 +45,7 @@ def build_server(settings: AdapterSettings, clock: Clock | None = None) -> tuple
         cross_branch.recover(ctx)  # settle claims a killed process left open
     server = GrpcServer(listen=settings.listen, limits=settings.server_limits(), tls=settings.tls(),
                         insecure=settings.insecure, force_insecure=settings.force_insecure,
-                        interceptors=grpc_server_interceptors())
+                        interceptors=grpc_server_interceptors(), cert_store=certificate_store(settings))
     server.add_service("yindian.v1.BillingService", billing_pb2_grpc.add_BillingServiceServicer_to_server,
                        BillingServicer(ctx))
     server.add_service("yindian.v1.ReportService", report_pb2_grpc.add_ReportServiceServicer_to_server,
