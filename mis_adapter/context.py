@@ -46,7 +46,8 @@ class AdapterContext:
         router = BranchRouter.from_specs(settings.db, settings.branch_db, pool_size=settings.db_pool_size,
                                          pool_timeout_s=settings.db_pool_timeout_s,
                                          sqlite_synchronous=settings.sqlite_synchronous,
-                                         wait_max_s=settings.db_wait_max_s)
+                                         wait_max_s=settings.db_wait_max_s,
+                                         front_url=settings.front_db)
         banks = BankRegistry(router.primary, ttl_s=settings.bank_status_ttl_s,
                              concurrency_max=settings.bank_concurrency_max)
         shares = ConnectionShares(pool_size=settings.db_pool_size, streams_max=settings.db_stream_connections_max,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from mis_adapter import metrics_collector
+from mis_adapter import cross_branch, metrics_collector
 from mis_adapter.context import AdapterContext
 from mis_adapter.customer_service import CustomerServicer, add_operator_flags
 from mis_adapter.db_health import DatabaseWatch
@@ -40,8 +40,10 @@ def build_server(settings: AdapterSettings, clock: Clock | None = None) -> tuple
     if len(ctx.router.engines()) == 1:  # the feed serves one database only (mis_adapter.feed)
         ctx.feed_hub = FeedHub(ctx.router.primary, FeedSettings.from_adapter_settings(settings))
     if settings.migrate:
-        for engine in ctx.router.engines():
+        for engine in ctx.router.all_engines():
             upgrade(engine)
+    if ctx.router.split:
+        cross_branch.recover(ctx)  # settle claims a killed process left open
     server = GrpcServer(listen=settings.listen, limits=settings.server_limits(), tls=settings.tls(),
                         insecure=settings.insecure, force_insecure=settings.force_insecure,
                         interceptors=grpc_server_interceptors(), cert_store=certificate_store(settings))
@@ -52,7 +54,7 @@ def build_server(settings: AdapterSettings, clock: Clock | None = None) -> tuple
     # Customer channels (portal, ivr): utility operators only, never relayed by a bridge.
     server.add_service("yindian.v1.CustomerService", customer_pb2_grpc.add_CustomerServiceServicer_to_server,
                        CustomerServicer(ctx))
-    watch = DatabaseWatch(ctx.router.engines(), server.set_serving, settings.db_health_interval_s)
+    watch = DatabaseWatch(ctx.router.all_engines(), server.set_serving, settings.db_health_interval_s)
     watch.start()
     server.on_drain(watch.stop)
     server.on_drain(ctx.close)
