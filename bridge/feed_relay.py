@@ -22,17 +22,11 @@ from collections.abc import Iterator
 import grpc
 
 from bridge.context import BridgeContext
+from bridge.request_relay import RequestRelay
 from yindian.v1 import billing_pb2 as pb
-from yindian_common.status import trailing_details
+from yindian_common.status import abort, trailing_details
 
 log = logging.getLogger("bridge.feed")
-
-
-def _forward(request_iterator: Iterator[pb.BillFeedRequest]) -> Iterator[pb.BillFeedRequest]:
-    try:
-        yield from request_iterator
-    except grpc.RpcError:
-        return  # the bank core went away; ending our side ends the upstream call
 
 
 def bill_feed(bctx: BridgeContext, request_iterator: Iterator[pb.BillFeedRequest],
@@ -41,12 +35,15 @@ def bill_feed(bctx: BridgeContext, request_iterator: Iterator[pb.BillFeedRequest
     # A feed is a long-lived stream: its liveness comes from heartbeats and
     # keepalive, so it carries the bank core's deadline only if it set one.
     timeout = remaining if remaining is not None and remaining < 10 * 365 * 86400 else None
-    call = bctx.stub.BillFeed(_forward(request_iterator), metadata=bctx.metadata(), timeout=timeout)
+    relay = RequestRelay()
+    call = relay.call = bctx.stub.BillFeed(relay.forward(request_iterator), metadata=bctx.metadata(), timeout=timeout)
     context.add_callback(call.cancel)
     log.info("event=feed_relay_open")
     try:
         yield from call
     except grpc.RpcError as exc:
+        if relay.refused is not None:
+            abort(context, relay.refused)
         if not context.is_active():
             return
         code = exc.code()
