@@ -408,7 +408,21 @@ def check_journal(bridge_db: str, bank: Bank) -> list[str]:
     return out
 
 
-def run(seed: int, ops: int, faults: int, work: Path) -> int:
+def tamper_one_payment(mis_db: str, bank: Bank) -> None:
+    """Change one accepted payment's amount in the MIS behind the system's back: the checks must catch it."""
+    serial = next(s for s, r in bank.ledger.pays.items() if r.outcome == ACCEPTED and r.cancel == CANCEL_NONE)
+    eng = make_engine(mis_db, pool_size=1)
+    p = mis_tables.payments.c
+    try:
+        with eng.begin() as conn:
+            conn.execute(sa.update(mis_tables.payments).where(p.bank_id == BANK_ID, p.bank_serial == serial)
+                         .values(amount_fen=p.amount_fen + 1))
+    finally:
+        eng.dispose()
+    print(f"tampered: payments.amount_fen of {serial} raised by 1 fen behind the system's back", flush=True)
+
+
+def run(seed: int, ops: int, faults: int, work: Path, tamper: bool = False) -> int:
     operations, schedule = make_schedule(seed, ops, faults)
     print(f"chaos seed={seed} ops={ops} faults={len(schedule)} schedule={schedule_digest(operations, schedule)} "
           f"work={work}", flush=True)
@@ -448,6 +462,8 @@ def run(seed: int, ops: int, faults: int, work: Path) -> int:
         drive_s = time.monotonic() - t0
         quiesce(stack, bank)
         unsettled = wait_journal_settled(bridge_db, prefix)
+        if tamper:
+            tamper_one_payment(mis_db, bank)
         day = business_date(make_clock(None))
         lines, summary = reconcile(bank, day)
         mis_view = read_mis([mis_db], BANK_ID, prefix)
@@ -503,12 +519,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--faults", type=int, default=60, help="faults to inject")
     parser.add_argument("--long", action="store_true", help=f"the long soak: {LONG_OPS} ops, {LONG_FAULTS} faults")
     parser.add_argument("--work-dir", default="var/chaos", help="emptied first; databases and process logs")
+    parser.add_argument("--tamper", action="store_true",
+                        help="change one MIS payment behind the system's back before the checks (they must fail)")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 2**31)
     ops, faults = (LONG_OPS, LONG_FAULTS) if args.long else (args.ops, args.faults)
     if ops < 2 or faults < 0:
         parser.error("--ops must be ≥ 2 and --faults ≥ 0")
-    return run(seed, ops, faults, Path(args.work_dir))
+    return run(seed, ops, faults, Path(args.work_dir), tamper=args.tamper)
 
 
 if __name__ == "__main__":

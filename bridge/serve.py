@@ -17,7 +17,7 @@ from bridge.resolver import Backoff, Resolver
 from bridge.service import BillingServicer
 from bridge.settings import BridgeSettings
 from yindian.v1 import billing_pb2_grpc
-from yindian_common import fields
+from yindian_common import crash_points, fields
 from yindian_common.clock import Clock, make_clock
 from yindian_common.db import make_engine
 from yindian_common.errors import InvalidField
@@ -124,6 +124,7 @@ def _ensure_sqlite_dir(url: str) -> None:
 def main(argv: list[str]) -> int:
     settings = parse(argv)
     setup_logging(settings.log_level, "bridge")
+    crash_points.arm(settings.crash_point)
     bridge = Bridge(settings)
     metrics_collector.register(bridge.ctx.engine, bridge.ctx.clock, settings.bank_id)
     metrics_port = start_metrics_http(settings.metrics_host, settings.metrics_port)

@@ -13,6 +13,7 @@ from mis_adapter.report_service import ReportServicer
 from mis_adapter.service import BillingServicer
 from mis_adapter.settings import AdapterSettings
 from yindian.v1 import billing_pb2_grpc, report_pb2_grpc
+from yindian_common import crash_points
 from yindian_common.clock import Clock, make_clock
 from yindian_common.logs import setup_logging
 from yindian_common.metrics import grpc_server_interceptors, start_metrics_http
@@ -51,6 +52,7 @@ def build_server(settings: AdapterSettings, clock: Clock | None = None) -> tuple
 def main(argv: list[str]) -> int:
     settings = parse(argv)
     setup_logging(settings.log_level, "mis_adapter")
+    crash_points.arm(settings.crash_point)
     server, _ctx = build_server(settings)
     metrics_collector.register(_ctx.router.engines(), _ctx.clock)
     metrics_port = start_metrics_http(settings.metrics_host, settings.metrics_port)
