@@ -51,12 +51,15 @@ from bank_sim.processes import ServerProcess, run_command, start_server
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
 from yindian_common.clock import business_date, make_clock
-from yindian_common.db import make_engine
+from yindian_common.db import create_database, drop_database, make_engine, normalize_url
 from yindian_common.fault_proxy import FaultProxy
 from yindian_common.identity import BANK_ID_METADATA
 from yindian_common.status import error_info
 
 FAULT_KINDS = ("kill_mis", "kill_bridge", "link_blackhole", "link_reset", "link_cut", "short_deadline")
+DB_FAULT_KINDS = ("db_reset", "db_blackhole")  # with --mis-db-server: through a proxy between mis_adapter and its DB
+IMMEDIATE_RESENDS = 3          # the teller's prompt resends of an in-doubt pay before moving on
+RESEND_PAUSE_S = 0.05
 OP_MIX = (("query", 15), ("pay", 45), ("autodebit", 10), ("retry", 12), ("conflict", 5), ("cancel", 13))
 IN_DOUBT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
@@ -90,17 +93,18 @@ class Fault:
     arg: float
 
 
-def make_schedule(seed: int, ops: int, faults: int) -> tuple[list[str], list[Fault]]:
+def make_schedule(seed: int, ops: int, faults: int, db_faults: bool = False) -> tuple[list[str], list[Fault]]:
     """The operations and the faults of a run: a function of the seed alone."""
     rng = random.Random(seed)
+    kinds = FAULT_KINDS + (DB_FAULT_KINDS if db_faults else ())
     names = [n for n, _ in OP_MIX]
     weights = [w for _, w in OP_MIX]
     operations = rng.choices(names, weights, k=ops)
     positions = sorted(rng.sample(range(1, ops), min(faults, ops - 1)))
     out = []
     for i, at in enumerate(positions):
-        kind = FAULT_KINDS[i % len(FAULT_KINDS)] if i < len(FAULT_KINDS) else rng.choice(FAULT_KINDS)
-        arg = {"link_blackhole": rng.uniform(*BLACKHOLE_S), "link_cut": float(rng.randint(*CUT_BYTES)),
+        kind = kinds[i] if i < len(kinds) else rng.choice(kinds)  # every kind at least once
+        arg = {"link_blackhole": rng.uniform(*BLACKHOLE_S), "db_blackhole": rng.uniform(*BLACKHOLE_S), "link_cut": float(rng.randint(*CUT_BYTES)),
                "short_deadline": float(rng.randint(*SHORT_DEADLINE_CALLS))}.get(kind, 0.0)
         out.append(Fault(at, kind, arg))
     return operations, out
@@ -125,12 +129,14 @@ class Stack:
     mis_port: int
     bridge_port: int
     proxy: FaultProxy
+    mis_serve_db: str = ""             # the URL mis_adapter serves from (through the DB proxy, if any)
+    db_proxy: FaultProxy | None = None
     mis: ServerProcess | None = None
     bridge: ServerProcess | None = None
 
     def start_mis(self) -> None:
         self.mis = start_server("mis_adapter", [
-            "mis_adapter", "serve", "--db", self.mis_db, "--listen", f"127.0.0.1:{self.mis_port}",
+            "mis_adapter", "serve", "--db", self.mis_serve_db or self.mis_db, "--listen", f"127.0.0.1:{self.mis_port}",
             "--metrics-port", "0", "--insecure"], log_dir=self.work, ready_timeout_s=READY_TIMEOUT_S)
 
     def start_bridge(self) -> None:
@@ -152,6 +158,8 @@ class Stack:
             if proc is not None and proc.popen.poll() is None:
                 proc.stop(STOP_TIMEOUT_S)
         self.proxy.stop()
+        if self.db_proxy is not None:
+            self.db_proxy.stop()
 
 
 @dataclass
@@ -265,7 +273,11 @@ class Bank:
             with self.lock:
                 self.ledger.pays[serial] = PayRecord(acct, amount_fen, "AUTO_DEBIT" if op == "autodebit" else "COUNTER")
                 self.pay_serials.append(serial)
-            self.send_pay(serial, deadline_s)
+            for attempt in range(IMMEDIATE_RESENDS + 1):
+                self.send_pay(serial, deadline_s if attempt == 0 else CALL_DEADLINE_S)
+                if self.ledger.pays[serial].outcome != PENDING:
+                    break
+                time.sleep(RESEND_PAUSE_S * 2 ** attempt)  # the teller's back-off before resending
             return
         with self.lock:
             if not self.pay_serials:
@@ -305,6 +317,12 @@ def inject(stack: Stack, bank: Bank, fault: Fault) -> None:
         stack.proxy.heal()
     elif fault.kind == "link_cut":
         stack.proxy.cut_after(int(fault.arg))
+    elif fault.kind == "db_reset" and stack.db_proxy is not None:  # every MIS database connection terminated
+        stack.db_proxy.reset()
+        stack.db_proxy.heal()
+    elif fault.kind == "db_blackhole" and stack.db_proxy is not None:
+        stack.db_proxy.blackhole()
+        threading.Timer(fault.arg, stack.db_proxy.heal).start()
     elif fault.kind == "short_deadline":
         with bank.lock:
             bank.short_left += int(fault.arg)
@@ -313,6 +331,8 @@ def inject(stack: Stack, bank: Bank, fault: Fault) -> None:
 def quiesce(stack: Stack, bank: Bank) -> None:
     """Heal everything, then resend every pay and cancel still in doubt until definite."""
     stack.proxy.heal()
+    if stack.db_proxy is not None:
+        stack.db_proxy.heal()
     t_end = time.monotonic() + QUIESCE_TIMEOUT_S
     for round_no in range(QUIESCE_ROUNDS_MAX):
         pending = [s for s, r in bank.ledger.pays.items() if r.outcome == PENDING]
@@ -422,20 +442,32 @@ def tamper_one_payment(mis_db: str, bank: Bank) -> None:
     print(f"tampered: payments.amount_fen of {serial} raised by 1 fen behind the system's back", flush=True)
 
 
-def run(seed: int, ops: int, faults: int, work: Path, tamper: bool = False) -> int:
-    operations, schedule = make_schedule(seed, ops, faults)
+def server_database(admin_url: str, name: str, proxy_address: str) -> tuple[str, str]:
+    """A fresh MIS database on a server: (direct URL, URL through the DB fault proxy)."""
+    direct = create_database(admin_url, name)
+    host, port = proxy_address.rsplit(":", 1)
+    return direct, sa.make_url(direct).set(host=host, port=int(port)).render_as_string(hide_password=False)
+
+
+def run(seed: int, ops: int, faults: int, work: Path, tamper: bool = False, db_server: str = "") -> int:
+    operations, schedule = make_schedule(seed, ops, faults, db_faults=bool(db_server))
     print(f"chaos seed={seed} ops={ops} faults={len(schedule)} schedule={schedule_digest(operations, schedule)} "
           f"work={work}", flush=True)
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
     mis_db, bridge_db = f"sqlite:///{work / 'mis.db'}", f"sqlite:///{work / 'bridge.db'}"
+    db_proxy, mis_serve_db, db_name = None, "", f"yd_chaos_{seed}"
+    if db_server:
+        u = sa.make_url(normalize_url(db_server))
+        db_proxy = FaultProxy(f"{u.host}:{u.port or 5432}").start()
+        mis_db, mis_serve_db = server_database(db_server, db_name, db_proxy.address)
     run_command("seed", ["mis_adapter", "seed", "--db", mis_db, "--accounts", str(ACCOUNTS), "--roster-dir",
                          str(work / "rosters"), "--random-seed", str(seed)], log_dir=work, timeout_s=SEED_TIMEOUT_S)
     accounts = read_accounts(work / "rosters" / f"{BANK_ID}.csv", ACCOUNTS)
     mis_port, bridge_port = free_port(), free_port()
     proxy = FaultProxy(f"127.0.0.1:{mis_port}").start()
-    stack = Stack(work, mis_db, bridge_db, mis_port, bridge_port, proxy)
+    stack = Stack(work, mis_db, bridge_db, mis_port, bridge_port, proxy, mis_serve_db, db_proxy)
     prefix = f"K{seed % 10_000_000}-"
     t0 = time.monotonic()
     try:
@@ -472,6 +504,8 @@ def run(seed: int, ops: int, faults: int, work: Path, tamper: bool = False) -> i
         totals_after, bills_after = money_totals(mis_db)
     finally:
         stack.stop()
+        if db_server:
+            drop_database(db_server, db_name)
     net_fen = mis_check.accepted_fen - mis_check.cancelled_fen
     money_delta = totals_after - totals_before
     report(bank, mis_check, lines, unsettled, journal_problems, net_fen, money_delta, bills_before, bills_after,
@@ -521,12 +555,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--work-dir", default="var/chaos", help="emptied first; databases and process logs")
     parser.add_argument("--tamper", action="store_true",
                         help="change one MIS payment behind the system's back before the checks (they must fail)")
+    parser.add_argument("--mis-db-server", default="",
+                        help="admin URL of a PostgreSQL server: the MIS lives there (a fresh database, dropped "
+                             "after) behind a fault proxy, adding db_reset and db_blackhole faults")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 2**31)
     ops, faults = (LONG_OPS, LONG_FAULTS) if args.long else (args.ops, args.faults)
     if ops < 2 or faults < 0:
         parser.error("--ops must be ≥ 2 and --faults ≥ 0")
-    return run(seed, ops, faults, Path(args.work_dir), tamper=args.tamper)
+    return run(seed, ops, faults, Path(args.work_dir), tamper=args.tamper, db_server=args.mis_db_server)
 
 
 if __name__ == "__main__":
