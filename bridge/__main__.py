@@ -4,6 +4,7 @@ from yindian_common.cli import dispatch
 
 COMMANDS = {
     "serve": ("bridge.serve", "serve BillingService to the bank core and forward to mis_adapter"),
+    "audit": ("bridge.audit_cmd", "verify (or seal) the tamper-evident chain over the bridge's audit lines"),
 }
 
 

@@ -13,11 +13,13 @@ import sqlalchemy as sa
 from bridge import metrics_collector
 from bridge.context import BridgeContext
 from bridge.journal import Claims, Journal, JournalWriter, create_schema
+from bridge.journal.audit_chain import AUDIT_CHAIN
 from bridge.resolver import Backoff, Resolver
 from bridge.service import BillingServicer
 from bridge.settings import BridgeSettings
 from yindian.v1 import billing_pb2_grpc
 from yindian_common import crash_points, fields
+from yindian_common.audit_chain import Sealer
 from yindian_common.clock import Clock, make_clock
 from yindian_common.db import make_engine
 from yindian_common.errors import InvalidField
@@ -85,6 +87,7 @@ class Bridge:
         self.server.add_service("yindian.v1.BillingService", billing_pb2_grpc.add_BillingServiceServicer_to_server,
                                 BillingServicer(self.ctx, self.resolver))
         self.server.on_drain(self._after_drain)
+        self.sealer = Sealer([(AUDIT_CHAIN, engine)], settings.audit_seal_interval_s, clock.now)
         self._drained = False
 
     @property
@@ -93,6 +96,7 @@ class Bridge:
 
     def start_workers(self) -> None:
         self.ctx.writer.start()
+        self.sealer.start()
         if self.settings.resolver_enabled:
             self.resolver.start()
 
@@ -110,6 +114,7 @@ class Bridge:
         self._drained = True
         self.resolver.stop(STOP_TIMEOUT_S)
         self.ctx.writer.stop(STOP_TIMEOUT_S)
+        self.sealer.stop()
         self.ctx.upstream_channel.close()
         self.ctx.engine.dispose()
 
