@@ -1,15 +1,15 @@
 """audit chain: bridge_audit_seals, and bridge_audit made append-only
 
-Revision ID: 0002_audit_chain
-Revises: 0001
+Revision ID: 0004_audit_chain
+Revises: 0003_link_journal
 """
 import sqlalchemy as sa
 from alembic import op
 
 from yindian_common.audit_chain import append_only_ddl, drop_append_only_ddl
 
-revision = '0002_audit_chain'
-down_revision = '0001'
+revision = '0004_audit_chain'
+down_revision = '0003_link_journal'
 branch_labels = None
 depends_on = None
 
