@@ -184,14 +184,49 @@ _changed_since = sa.or_(sa.and_(T_PAY.c.state == POSTED, T_PAY.c.settlement_date
                         sa.and_(T_PAY.c.state == REVERSED, T_PAY.c.settlement_date <= _AS_OF,
                                 T_PAY.c.reversed_on > _AS_OF))
 _sign = sa.case((T_PAY.c.state == POSTED, -1), else_=1)
-_DELTA = (sa.select(T_ALLOC.c.bill_id,
-                    sa.func.sum(_sign * T_ALLOC.c.principal_fen).label("principal_delta"),
-                    sa.func.sum(_sign * T_ALLOC.c.late_fee_fen).label("fee_delta"))
-          .select_from(T_ALLOC.join(T_PAY, T_PAY.c.payment_id == T_ALLOC.c.payment_id))
-          .where(_changed_since).group_by(T_ALLOC.c.bill_id).subquery("delta"))
+_DELTA_SELECT = (sa.select(T_ALLOC.c.bill_id,
+                           sa.func.sum(_sign * T_ALLOC.c.principal_fen).label("principal_delta"),
+                           sa.func.sum(_sign * T_ALLOC.c.late_fee_fen).label("fee_delta"))
+                 .select_from(T_ALLOC.join(T_PAY, T_PAY.c.payment_id == T_ALLOC.c.payment_id))
+                 .where(_changed_since).group_by(T_ALLOC.c.bill_id))
+_DELTA = _DELTA_SELECT.subquery("delta")
 
 
-def _arrears_query(branch: bool) -> sa.Select[Any]:
+def _arrears_query(branch: bool, *, indexed: bool = True) -> sa.Select[Any]:
+    """Every bill in arrears at the end of as_of, by account and period.
+
+    indexed: read only the bills that can be in arrears at as_of, found by
+    index (the bills unpaid now, those paid after as_of, those touched by
+    payments posted or reversed after as_of): O(bills in arrears then), not
+    O(bills). Otherwise the whole bills table is read (the reconstruction
+    the indexed path is property-tested against)."""
+    if not indexed:
+        return _arrears_scan_query(branch)
+    delta = _DELTA_SELECT.cte("delta")
+    candidates = sa.union(
+        sa.select(T_BILL.c.bill_id).where(T_BILL.c.status.in_(["UNPAID", "PARTIAL"])),
+        sa.select(T_BILL.c.bill_id).where(T_BILL.c.paid_on.is_(None)),
+        sa.select(T_BILL.c.bill_id).where(T_BILL.c.paid_on > _AS_OF),
+        sa.select(delta.c.bill_id)).subquery("candidates")
+    principal_delta = sa.func.coalesce(delta.c.principal_delta, 0)
+    unpaid = T_BILL.c.amount_fen - T_BILL.c.prepaid_applied_fen - T_BILL.c.principal_paid_fen - principal_delta
+    needs_replay = sa.or_(delta.c.bill_id.is_not(None),
+                          sa.and_(T_BILL.c.accrual_date > _AS_OF, T_BILL.c.accrual_date > T_BILL.c.due_date))
+    q = (sa.select(T_BILL.c.bill_id, T_BILL.c.account_no, T_CUST.c.branch_code, T_CUST.c.tariff_class,
+                   T_CUST.c.name, T_CUST.c.phone, T_BILL.c.period, T_BILL.c.amount_fen, T_BILL.c.prepaid_applied_fen,
+                   T_BILL.c.principal_paid_fen, T_BILL.c.late_fee_paid_fen, T_BILL.c.accrual_micro,
+                   T_BILL.c.accrual_date, T_BILL.c.due_date, unpaid.label("unpaid_fen"),
+                   (T_BILL.c.late_fee_paid_fen + sa.func.coalesce(delta.c.fee_delta, 0)).label("fee_paid_fen"),
+                   sa.case((needs_replay, 1), else_=0).label("needs_replay"))
+         .select_from(candidates.join(T_BILL, T_BILL.c.bill_id == candidates.c.bill_id)
+                      .join(T_CUST, T_CUST.c.account_no == T_BILL.c.account_no)
+                      .outerjoin(delta, delta.c.bill_id == T_BILL.c.bill_id))
+         .where(T_BILL.c.issued_at < _b("issued_before"), unpaid > 0)
+         .order_by(T_BILL.c.account_no, T_BILL.c.period, T_BILL.c.bill_id))
+    return q.where(T_CUST.c.branch_code == _b("branch_code")) if branch else q
+
+
+def _arrears_scan_query(branch: bool) -> sa.Select[Any]:
     principal_delta = sa.func.coalesce(_DELTA.c.principal_delta, 0)
     unpaid = T_BILL.c.amount_fen - T_BILL.c.prepaid_applied_fen - T_BILL.c.principal_paid_fen - principal_delta
     # The current accrual is the accrual at as_of unless history after as_of moved it.
@@ -213,8 +248,8 @@ def _arrears_query(branch: bool) -> sa.Select[Any]:
     return q.where(T_CUST.c.branch_code == _b("branch_code")) if branch else q
 
 
-_ARREARS = _arrears_query(False)
-_ARREARS_OF_BRANCH = _arrears_query(True)
+_ARREARS = {(indexed, branch): _arrears_query(branch, indexed=indexed)
+            for indexed in (True, False) for branch in (True, False)}
 _REPLAY_ALLOCS = (sa.select(T_ALLOC.c.bill_id, T_ALLOC.c.principal_fen, T_ALLOC.c.late_fee_fen, T_PAY.c.state,
                             T_PAY.c.settlement_date, T_PAY.c.reversed_on)
                   .select_from(T_ALLOC.join(T_PAY, T_PAY.c.payment_id == T_ALLOC.c.payment_id))
@@ -260,16 +295,17 @@ def _key_text(v: Any) -> str:
 
 # ---- arrears ----
 def bills_in_arrears(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRates, tz: ZoneInfo,
-                     branch_code: str = "") -> Iterator[tuple[Any, BillAsOf]]:
+                     branch_code: str = "", *, indexed: bool = True) -> Iterator[tuple[Any, BillAsOf]]:
     """(bill row, what it owed) for every bill in arrears at the end of `as_of`,
-    by account then period, one database after another."""
+    by account then period, one database after another. `indexed=False` reads
+    every bill (the reference reconstruction)."""
     cutoff = end_of_day_utc(as_of, tz)
     for engine in engines:
         issued_before = cutoff.replace(tzinfo=None) if engine.dialect.name == "sqlite" else cutoff
         params: dict[str, Any] = {"as_of": as_of, "issued_before": issued_before}
-        stmt = _ARREARS
+        stmt = _ARREARS[indexed, bool(branch_code)]
         if branch_code:
-            stmt, params["branch_code"] = _ARREARS_OF_BRANCH, branch_code
+            params["branch_code"] = branch_code
         with engine.connect().execution_options(read_only=True) as conn, conn.begin(), \
                 engine.connect().execution_options(read_only=True) as side:
             _no_jit(conn)
@@ -292,10 +328,11 @@ def _price_chunk(side: Connection, chunk: Sequence[Any], as_of: dt.date,
         yield b, BillAsOf(b.account_no, b.branch_code, b.period, unpaid, fee)
 
 
-def arrears_summary(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRates, tz: ZoneInfo) -> ArrearsReport:
+def arrears_summary(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRates, tz: ZoneInfo, *,
+                    indexed: bool = True) -> ArrearsReport:
     by_branch: dict[str, ArrearsRow] = {}
     last_account = ""
-    for _row, bill in bills_in_arrears(engines, as_of, rates, tz):
+    for _row, bill in bills_in_arrears(engines, as_of, rates, tz, indexed=indexed):
         row = by_branch.setdefault(bill.branch_code, ArrearsRow(bill.branch_code))
         if bill.account_no != last_account:
             row.households += 1
@@ -311,13 +348,13 @@ def arrears_summary(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRat
 
 
 def arrears_detail(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRates, tz: ZoneInfo,
-                   branch_code: str = "", page_accounts: int = DETAIL_PAGE_ACCOUNTS
+                   branch_code: str = "", page_accounts: int = DETAIL_PAGE_ACCOUNTS, *, indexed: bool = True
                    ) -> Iterator[list[ArrearsAccount]]:
     """Accounts in arrears at the end of `as_of`, by account number, in pages;
     names and phones masked."""
     page: list[ArrearsAccount] = []
     current: ArrearsAccount | None = None
-    for row, bill in bills_in_arrears(engines, as_of, rates, tz, branch_code):
+    for row, bill in bills_in_arrears(engines, as_of, rates, tz, branch_code, indexed=indexed):
         if current is None or current.account_no != bill.account_no:
             if current is not None:
                 page.append(current)
