@@ -60,7 +60,14 @@ class _IntDiv(FunctionElement[int]):
 @compiles(_IntDiv)
 def _div_default(el: _IntDiv, compiler: Any, **kw: Any) -> str:
     a, b = (compiler.process(c, **kw) for c in el.clauses)
-    return f"(({a}) / ({b}))"  # bigint / bigint truncates on PostgreSQL and SQLite
+    return f"(({a}) / ({b}))"  # integer / integer truncates on SQLite
+
+
+@compiles(_IntDiv, "postgresql")
+def _div_pg(el: _IntDiv, compiler: Any, **kw: Any) -> str:
+    a, b = (compiler.process(c, **kw) for c in el.clauses)
+    # a parameter may arrive as numeric: force bigint so that `/` truncates
+    return f"(CAST({a} AS BIGINT) / CAST({b} AS BIGINT))"
 
 
 @compiles(_IntDiv, "mysql")

@@ -26,6 +26,7 @@ Must never write."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ from sqlalchemy.engine import Connection, Engine
 from mis_adapter.db.base import table_of
 from mis_adapter.db.core import AllocationRow, BillRow, Customer, Payment
 from mis_adapter.late_fee import FeeState, LateFeeRates, accrual_as_of, late_fee_due
+from mis_adapter.late_fee_sql import late_fee_due_sql
 from yindian_common.errors import InvalidField
 from yindian_common.fields import mask_name, mask_phone
 
@@ -192,14 +194,15 @@ _DELTA_SELECT = (sa.select(T_ALLOC.c.bill_id,
 _DELTA = _DELTA_SELECT.subquery("delta")
 
 
-def _arrears_query(branch: bool, *, indexed: bool = True) -> sa.Select[Any]:
+def _arrears_query(branch: bool, *, indexed: bool = True, rates: LateFeeRates | None = None) -> sa.Select[Any]:
     """Every bill in arrears at the end of as_of, by account and period.
 
     indexed: read only the bills that can be in arrears at as_of, found by
     index (the bills unpaid now, those paid after as_of, those touched by
     payments posted or reversed after as_of): O(bills in arrears then), not
     O(bills). Otherwise the whole bills table is read (the reconstruction
-    the indexed path is property-tested against)."""
+    the indexed path is property-tested against). With `rates`, a column
+    `fee_sql` gives the late fee owed for the bills that need no replay."""
     if not indexed:
         return _arrears_scan_query(branch)
     delta = _DELTA_SELECT.cte("delta")
@@ -223,6 +226,11 @@ def _arrears_query(branch: bool, *, indexed: bool = True) -> sa.Select[Any]:
                       .outerjoin(delta, delta.c.bill_id == T_BILL.c.bill_id))
          .where(T_BILL.c.issued_at < _b("issued_before"), unpaid > 0)
          .order_by(T_BILL.c.account_no, T_BILL.c.period, T_BILL.c.bill_id))
+    if rates is not None:
+        q = q.add_columns(late_fee_due_sql(
+            principal_unpaid=unpaid, accrual_micro=T_BILL.c.accrual_micro, accrual_date=T_BILL.c.accrual_date,
+            late_fee_paid=T_BILL.c.late_fee_paid_fen, tariff_class=T_CUST.c.tariff_class, period=T_BILL.c.period,
+            as_of=_AS_OF, rates=rates).label("fee_sql"))
     return q.where(T_CUST.c.branch_code == _b("branch_code")) if branch else q
 
 
@@ -330,7 +338,18 @@ def _price_chunk(side: Connection, chunk: Sequence[Any], as_of: dt.date,
 
 def arrears_summary(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRates, tz: ZoneInfo, *,
                     indexed: bool = True) -> ArrearsReport:
+    """Arrears by branch at the end of `as_of`. indexed: added up in the
+    database (O(branches) rows back, plus the few bills whose history after
+    as_of must be replayed); otherwise bill by bill in Python (the reference)."""
     by_branch: dict[str, ArrearsRow] = {}
+    if indexed:
+        for row in _summed_by_branch(engines, as_of, rates, tz):
+            by_branch.setdefault(row.branch_code, ArrearsRow(row.branch_code))
+            mine = by_branch[row.branch_code]
+            mine.households += row.households
+            mine.principal_fen += row.principal_fen
+            mine.late_fee_fen += row.late_fee_fen
+        return _report(as_of, by_branch)
     last_account = ""
     for _row, bill in bills_in_arrears(engines, as_of, rates, tz, indexed=indexed):
         row = by_branch.setdefault(bill.branch_code, ArrearsRow(bill.branch_code))
@@ -339,6 +358,10 @@ def arrears_summary(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRat
             last_account = bill.account_no
         row.principal_fen += bill.principal_fen
         row.late_fee_fen += bill.late_fee_fen
+    return _report(as_of, by_branch)
+
+
+def _report(as_of: dt.date, by_branch: dict[str, ArrearsRow]) -> ArrearsReport:
     total = ArrearsRow("TOTAL")
     for r in by_branch.values():
         total.households += r.households
@@ -351,7 +374,10 @@ def arrears_detail(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRate
                    branch_code: str = "", page_accounts: int = DETAIL_PAGE_ACCOUNTS, *, indexed: bool = True
                    ) -> Iterator[list[ArrearsAccount]]:
     """Accounts in arrears at the end of `as_of`, by account number, in pages;
-    names and phones masked."""
+    names and phones masked. indexed: each account added up in the database."""
+    if indexed:
+        yield from _summed_by_account(engines, as_of, rates, tz, branch_code, page_accounts)
+        return
     page: list[ArrearsAccount] = []
     current: ArrearsAccount | None = None
     for row, bill in bills_in_arrears(engines, as_of, rates, tz, branch_code, indexed=indexed):
@@ -370,3 +396,99 @@ def arrears_detail(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRate
         page.append(current)
     if page:
         yield page
+
+
+# ---- arrears added up in the database ----
+@functools.lru_cache(maxsize=8)
+def _summed_statements(rates: LateFeeRates, branch: bool) -> tuple[sa.Select[Any], sa.Select[Any], sa.Select[Any]]:
+    """(by branch, by account, bills to replay) over the bills in arrears at as_of."""
+    bills = _arrears_query(branch, indexed=True, rates=rates).order_by(None).subquery("arrears_bills")
+    fee = sa.func.sum(sa.case((bills.c.needs_replay == 0, bills.c.fee_sql), else_=0))
+    by_branch = (sa.select(bills.c.branch_code, sa.func.count(sa.distinct(bills.c.account_no)).label("households"),
+                           sa.func.sum(bills.c.unpaid_fen).label("principal_fen"), fee.label("late_fee_fen"))
+                 .group_by(bills.c.branch_code))
+    by_account = (sa.select(bills.c.account_no, bills.c.branch_code, sa.func.min(bills.c.name).label("name"),
+                            sa.func.min(bills.c.phone).label("phone"), sa.func.count().label("unpaid_bills"),
+                            sa.func.sum(bills.c.unpaid_fen).label("principal_fen"), fee.label("late_fee_fen"),
+                            sa.func.min(bills.c.period).label("oldest_period"))
+                  .group_by(bills.c.account_no, bills.c.branch_code).order_by(bills.c.account_no))
+    replays = (sa.select(bills).where(bills.c.needs_replay == 1)
+               .order_by(bills.c.account_no, bills.c.period, bills.c.bill_id))
+    return by_branch, by_account, replays
+
+
+def _params(engine: Engine, as_of: dt.date, tz: ZoneInfo, branch_code: str) -> dict[str, Any]:
+    cutoff = end_of_day_utc(as_of, tz)
+    params: dict[str, Any] = {"as_of": as_of,
+                              "issued_before": cutoff.replace(tzinfo=None) if engine.dialect.name == "sqlite" else cutoff}
+    if branch_code:
+        params["branch_code"] = branch_code
+    return params
+
+
+def _replayed(conn: Connection, side: Connection, stmt: sa.Select[Any], params: dict[str, Any], as_of: dt.date,
+              rates: LateFeeRates) -> Iterator[BillAsOf]:
+    """The bills whose fee needs their history replayed, priced in Python, by account."""
+    result = conn.execute(stmt, params, execution_options={"yield_per": ARREARS_CHUNK_ROWS})
+    for chunk in result.partitions(ARREARS_CHUNK_ROWS):
+        for _row, bill in _price_chunk(side, chunk, as_of, rates):
+            yield bill
+
+
+def _summed_by_branch(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRates,
+                      tz: ZoneInfo) -> Iterator[ArrearsRow]:
+    by_branch, _by_account, replays = _summed_statements(rates, False)
+    for engine in engines:
+        params = _params(engine, as_of, tz, "")
+        with engine.connect().execution_options(read_only=True) as conn, conn.begin(), \
+                engine.connect().execution_options(read_only=True) as side:
+            _no_jit(conn)
+            rows = {r.branch_code: ArrearsRow(r.branch_code, int(r.households), int(r.principal_fen or 0),
+                                              int(r.late_fee_fen or 0))
+                    for r in conn.execute(by_branch, params)}
+            for bill in _replayed(conn, side, replays, params, as_of, rates):
+                rows[bill.branch_code].late_fee_fen += bill.late_fee_fen
+        yield from rows.values()
+
+
+def _summed_by_account(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRates, tz: ZoneInfo,
+                       branch_code: str, page_accounts: int) -> Iterator[list[ArrearsAccount]]:
+    _by_branch, by_account, replays = _summed_statements(rates, bool(branch_code))
+    page: list[ArrearsAccount] = []
+    for engine in engines:
+        params = _params(engine, as_of, tz, branch_code)
+        with engine.connect().execution_options(read_only=True) as conn, conn.begin(), \
+                engine.connect().execution_options(read_only=True) as rconn, rconn.begin(), \
+                engine.connect().execution_options(read_only=True) as side:
+            _no_jit(conn)
+            _no_jit(rconn)
+            replay_fees = _fees_by_account(_replayed(rconn, side, replays, params, as_of, rates))
+            pending = next(replay_fees, None)
+            result = conn.execute(by_account, params, execution_options={"yield_per": ARREARS_CHUNK_ROWS})
+            for r in result:
+                acc = ArrearsAccount(r.account_no, mask_name(r.name), mask_phone(r.phone), r.branch_code,
+                                     int(r.unpaid_bills), int(r.principal_fen), int(r.late_fee_fen or 0),
+                                     r.oldest_period)
+                # both streams are in account order: add the replayed fees of this account
+                while pending is not None and pending[0] <= acc.account_no:
+                    if pending[0] == acc.account_no:
+                        acc.late_fee_fen += pending[1]
+                    pending = next(replay_fees, None)
+                page.append(acc)
+                if len(page) >= page_accounts:
+                    yield page
+                    page = []
+    if page:
+        yield page
+
+
+def _fees_by_account(bills: Iterator[BillAsOf]) -> Iterator[tuple[str, int]]:
+    account, fee = "", 0
+    for bill in bills:
+        if bill.account_no != account and account:
+            yield account, fee
+            fee = 0
+        account = bill.account_no
+        fee += bill.late_fee_fen
+    if account:
+        yield account, fee
