@@ -194,7 +194,8 @@ _DELTA_SELECT = (sa.select(T_ALLOC.c.bill_id,
 _DELTA = _DELTA_SELECT.subquery("delta")
 
 
-def _arrears_query(branch: bool, *, indexed: bool = True, rates: LateFeeRates | None = None) -> sa.Select[Any]:
+def _arrears_query(branch: bool, *, indexed: bool = True, rates: LateFeeRates | None = None,
+                   replay_only: bool = False) -> sa.Select[Any]:
     """Every bill in arrears at the end of as_of, by account and period.
 
     indexed: read only the bills that can be in arrears at as_of, found by
@@ -202,15 +203,22 @@ def _arrears_query(branch: bool, *, indexed: bool = True, rates: LateFeeRates | 
     payments posted or reversed after as_of): O(bills in arrears then), not
     O(bills). Otherwise the whole bills table is read (the reconstruction
     the indexed path is property-tested against). With `rates`, a column
-    `fee_sql` gives the late fee owed for the bills that need no replay."""
+    `fee_sql` gives the late fee owed for the bills that need no replay.
+    replay_only: only the bills whose fee needs their history replayed
+    (touched by payments after as_of, or accrued past it).
+
+    A bill's paid_on is set exactly when it is PAID (payments.py, feed.py,
+    issue_bills.py), so "not paid by as_of" is paid_on NULL or after as_of."""
     if not indexed:
         return _arrears_scan_query(branch)
     delta = _DELTA_SELECT.cte("delta")
-    candidates = sa.union(
-        sa.select(T_BILL.c.bill_id).where(T_BILL.c.status.in_(["UNPAID", "PARTIAL"])),
-        sa.select(T_BILL.c.bill_id).where(T_BILL.c.paid_on.is_(None)),
-        sa.select(T_BILL.c.bill_id).where(T_BILL.c.paid_on > _AS_OF),
-        sa.select(delta.c.bill_id)).subquery("candidates")
+    if replay_only:
+        candidates = sa.union(sa.select(T_BILL.c.bill_id).where(T_BILL.c.accrual_date > _AS_OF),
+                              sa.select(delta.c.bill_id)).subquery("candidates")
+    else:
+        candidates = sa.union(sa.select(T_BILL.c.bill_id).where(T_BILL.c.paid_on.is_(None)),
+                              sa.select(T_BILL.c.bill_id).where(T_BILL.c.paid_on > _AS_OF),
+                              sa.select(delta.c.bill_id)).subquery("candidates")
     principal_delta = sa.func.coalesce(delta.c.principal_delta, 0)
     unpaid = T_BILL.c.amount_fen - T_BILL.c.prepaid_applied_fen - T_BILL.c.principal_paid_fen - principal_delta
     needs_replay = sa.or_(delta.c.bill_id.is_not(None),
@@ -412,8 +420,9 @@ def _summed_statements(rates: LateFeeRates, branch: bool) -> tuple[sa.Select[Any
                             sa.func.sum(bills.c.unpaid_fen).label("principal_fen"), fee.label("late_fee_fen"),
                             sa.func.min(bills.c.period).label("oldest_period"))
                   .group_by(bills.c.account_no, bills.c.branch_code).order_by(bills.c.account_no))
-    replays = (sa.select(bills).where(bills.c.needs_replay == 1)
-               .order_by(bills.c.account_no, bills.c.period, bills.c.bill_id))
+    to_replay = _arrears_query(branch, indexed=True, replay_only=True).order_by(None).subquery("replay_bills")
+    replays = (sa.select(to_replay).where(to_replay.c.needs_replay == 1)
+               .order_by(to_replay.c.account_no, to_replay.c.period, to_replay.c.bill_id))
     return by_branch, by_account, replays
 
 

@@ -75,7 +75,8 @@ class BillRow(Base):
     __table_args__ = (sa.UniqueConstraint("account_no", "period"),
                       sa.Index("ix_bills_status_due", "status", "due_date"),
                       # reports: the bills paid after an as-of date (migration 0004_bulk)
-                      sa.Index("ix_bills_paid_on", "paid_on"))
+                      sa.Index("ix_bills_paid_on", "paid_on"),
+                      sa.Index("ix_bills_accrual_date", "accrual_date"))
     bill_id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     account_no: Mapped[str] = mapped_column(sa.String(10), sa.ForeignKey("customers.account_no"))
     period: Mapped[str] = mapped_column(sa.String(6))
