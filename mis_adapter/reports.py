@@ -192,6 +192,21 @@ _DELTA_SELECT = (sa.select(T_ALLOC.c.bill_id,
                  .select_from(T_ALLOC.join(T_PAY, T_PAY.c.payment_id == T_ALLOC.c.payment_id))
                  .where(_changed_since).group_by(T_ALLOC.c.bill_id))
 _DELTA = _DELTA_SELECT.subquery("delta")
+# The same, driven by the payments posted or reversed after as_of (found by index), not by every allocation.
+_CHANGED = sa.union_all(
+    sa.select(T_PAY.c.payment_id, T_PAY.c.state).where(T_PAY.c.settlement_date > _AS_OF, T_PAY.c.state == POSTED),
+    sa.select(T_PAY.c.payment_id, T_PAY.c.state).where(T_PAY.c.reversed_on > _AS_OF, T_PAY.c.state == REVERSED,
+                                                       T_PAY.c.settlement_date <= _AS_OF)).subquery("changed")
+# Grouped by `bill_id + 0`, which no index gives: SQLite would otherwise walk every allocation in bill order.
+_ALLOC_BILL_EXPR = T_ALLOC.c.bill_id + sa.literal_column("0")
+_ALLOC_BILL = _ALLOC_BILL_EXPR.label("bill_id")
+_DELTA_BY_PAYMENTS = (sa.select(_ALLOC_BILL,
+                                sa.func.sum(sa.case((_CHANGED.c.state == POSTED, -1), else_=1) * T_ALLOC.c.principal_fen)
+                                .label("principal_delta"),
+                                sa.func.sum(sa.case((_CHANGED.c.state == POSTED, -1), else_=1) * T_ALLOC.c.late_fee_fen)
+                                .label("fee_delta"))
+                      .select_from(_CHANGED.join(T_ALLOC, T_ALLOC.c.payment_id == _CHANGED.c.payment_id))
+                      .group_by(_ALLOC_BILL_EXPR))
 
 
 def _arrears_query(branch: bool, *, indexed: bool = True, rates: LateFeeRates | None = None,
@@ -211,7 +226,7 @@ def _arrears_query(branch: bool, *, indexed: bool = True, rates: LateFeeRates | 
     issue_bills.py), so "not paid by as_of" is paid_on NULL or after as_of."""
     if not indexed:
         return _arrears_scan_query(branch)
-    delta = _DELTA_SELECT.cte("delta")
+    delta = _DELTA_BY_PAYMENTS.cte("delta")
     if replay_only:
         candidates = sa.union(sa.select(T_BILL.c.bill_id).where(T_BILL.c.accrual_date > _AS_OF),
                               sa.select(delta.c.bill_id)).subquery("candidates")
@@ -421,8 +436,10 @@ def _summed_statements(rates: LateFeeRates, branch: bool) -> tuple[sa.Select[Any
                             sa.func.min(bills.c.period).label("oldest_period"))
                   .group_by(bills.c.account_no, bills.c.branch_code).order_by(bills.c.account_no))
     to_replay = _arrears_query(branch, indexed=True, replay_only=True).order_by(None).subquery("replay_bills")
+    # ordered by expressions no index gives: the plan starts from the few bills to replay (SQLite would
+    # otherwise walk every bill in account order to avoid the sort)
     replays = (sa.select(to_replay).where(to_replay.c.needs_replay == 1)
-               .order_by(to_replay.c.account_no, to_replay.c.period, to_replay.c.bill_id))
+               .order_by(sa.func.coalesce(to_replay.c.account_no, ""), to_replay.c.period, to_replay.c.bill_id))
     return by_branch, by_account, replays
 
 

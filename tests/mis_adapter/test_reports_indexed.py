@@ -64,8 +64,8 @@ def _amount_of(w: World, bank: str, serial: str) -> int:
 
 
 @pytest.fixture
-def history(db_url_sqlite_pg: str, tmp_path: Path) -> Iterator[World]:
-    w = build_world(db_url_sqlite_pg, tmp_path, accounts=40)
+def history(db_url: str, tmp_path: Path) -> Iterator[World]:
+    w = build_world(db_url, tmp_path, accounts=40)
     _history(w, random.Random(20261128))
     yield w
     w.ctx.router.dispose()
