@@ -117,7 +117,8 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
                       state=jn.PENDING, business_date=business_date(self.bctx.clock), created_at=now,
                       updated_at=now, account_no=request.account_no, outlet_code=request.outlet_code,
                       teller_id=request.teller_id, channel=request.channel,
-                      bank_balance_fen=request.bank_balance_fen if request.HasField("bank_balance_fen") else None)
+                      bank_balance_fen=request.bank_balance_fen if request.HasField("bank_balance_fen") else None,
+                      caller=self.bctx.caller_of(context))
         return self._money_moving(entry, request, context)  # type: ignore[no-any-return]
 
     def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelResponse:
@@ -127,7 +128,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         entry = Entry(kind=jn.CANCEL, serial=request.cancel_serial, bank_id=self._bank_id,
                       amount_fen=request.amount_fen, state=jn.PENDING, business_date=business_date(self.bctx.clock),
                       created_at=now, updated_at=now, original_serial=request.original_serial,
-                      reason=request.reason)
+                      reason=request.reason, caller=self.bctx.caller_of(context))
         return self._money_moving(entry, request, context)  # type: ignore[no-any-return]
 
     def _money_moving(self, entry: Entry, request: Any, context: grpc.ServicerContext) -> Any:

@@ -8,7 +8,7 @@ from typing import Self
 
 from pydantic import Field, model_validator
 
-from yindian_common.settings import MESSAGE_BYTES_MAX, PORT_MAX, ServerSettings
+from yindian_common.settings import MESSAGE_BYTES_MAX, PORT_MAX, NameList, ServerSettings
 
 
 class BridgeSettings(ServerSettings):
@@ -17,9 +17,13 @@ class BridgeSettings(ServerSettings):
     upstream: str = Field("127.0.0.1:50051", description="mis_adapter's address over the link (HOST:PORT)")
     db: str = Field("sqlite:///var/bridge.db", description="SQLAlchemy URL of the bridge's own journal database")
     bank_id: str = Field("", description="this bank's id; sent as x-yindian-bank-id in plain-text mode "
-                                         "(with mTLS the link certificate identifies the bank)")
+                                         "(with mTLS the link certificate identifies the bank: its CN "
+                                         "when --bank-id is not given)")
     metrics_port: int = Field(9102, ge=0, le=PORT_MAX,
                               description="port of the Prometheus /metrics endpoint (0 picks one)")
+    allow_client: NameList = Field(default_factory=list,
+                                   description="another client identity admitted besides --bank-id (repeatable): "
+                                               "certificate CN, or x-yindian-bank-id in plain text")
 
     # --- upstream calls ---
     upstream_deadline_cap_s: float = Field(5.0, gt=0, le=3_600,

@@ -187,6 +187,11 @@ class CancelResult:
 class PaymentStatus:
     state: str  # POSTED, REVERSED, NOT_FOUND, REFUSED
     payment: PayResult | None
+    # What the bank reported with the payment (POSTED or REVERSED), as stored.
+    channel: str = ""
+    outlet_code: str = ""
+    teller_id: str = ""
+    bank_balance_fen: int | None = None
 
 
 @dataclass(frozen=True)
@@ -386,7 +391,8 @@ def _get_payment(ctx: Books, bank_id: str, bank_serial: str) -> PaymentStatus:
                 continue
             if p.state == TOMBSTONE:
                 return PaymentStatus("REFUSED", None)
-            return PaymentStatus(p.state, _result_of(conn, p))
+            return PaymentStatus(p.state, _result_of(conn, p), p.channel, p.outlet_code, p.teller_id,
+                                 p.bank_balance_fen)
     return PaymentStatus("NOT_FOUND", None)
 
 

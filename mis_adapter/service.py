@@ -26,6 +26,7 @@ R = TypeVar("R")
 
 CHANNEL_NAMES = {pb.CHANNEL_COUNTER: "COUNTER", pb.CHANNEL_AUTO_DEBIT: "AUTO_DEBIT", pb.CHANNEL_ATM: "ATM",
                  pb.CHANNEL_ONLINE: "ONLINE"}
+CHANNEL_CODES = {name: code for code, name in CHANNEL_NAMES.items()}
 BILL_STATUS = {"UNPAID": pb.BILL_STATUS_UNPAID, "PARTIAL": pb.BILL_STATUS_PARTIAL, "PAID": pb.BILL_STATUS_PAID}
 PAYMENT_STATE = {"POSTED": pb.PAYMENT_STATE_POSTED, "REVERSED": pb.PAYMENT_STATE_REVERSED,
                  "NOT_FOUND": pb.PAYMENT_STATE_NOT_FOUND, "REFUSED": pb.PAYMENT_STATE_REFUSED}
@@ -130,6 +131,11 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             resp = pb.GetPaymentResponse(state=PAYMENT_STATE[st.state])
             if st.payment is not None:
                 resp.payment.CopyFrom(pay_response(st.payment))
+                # What the bank reported with it, as stored (a RECONCILE posting has no proto channel).
+                resp.outlet_code, resp.teller_id = st.outlet_code, st.teller_id
+                resp.channel = CHANNEL_CODES.get(st.channel, pb.CHANNEL_UNSPECIFIED)
+                if st.bank_balance_fen is not None:
+                    resp.bank_balance_fen = st.bank_balance_fen
             return resp
 
     def Reconcile(self, request_iterator: Iterator[pb.ReconcileRequest], context: grpc.ServicerContext

@@ -42,6 +42,8 @@ requests = sa.Table(
     sa.Column("channel", sa.Integer, nullable=False, default=0),
     sa.Column("bank_balance_fen", sa.BigInteger, nullable=True),
     sa.Column("reason", sa.String(128), nullable=False, default=""),
+    # who sent it: the bank core's certificate identity, or its x-yindian-bank-id (revision 0002_journal_caller)
+    sa.Column("caller", sa.String(16), nullable=False, default="", server_default=""),
     sa.Column("state", sa.String(12), nullable=False),
     # gRPC status code of the definite answer (0 = OK)
     sa.Column("status_code", sa.Integer, nullable=True),
