@@ -536,7 +536,8 @@ def _summed_by_branch(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeR
                                               int(r.late_fee_fen or 0))
                     for r in conn.execute(by_branch, params)}
             for bill in _replayed(conn, side, replays, params, as_of, rates):
-                rows[bill.branch_code].late_fee_fen += bill.late_fee_fen
+                # a bill paid between the two statements is not in the sums: its fee is still owed as of then
+                rows.setdefault(bill.branch_code, ArrearsRow(bill.branch_code)).late_fee_fen += bill.late_fee_fen
         yield from rows.values()
 
 
