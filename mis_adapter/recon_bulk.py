@@ -12,6 +12,12 @@ whose serial is taken, is demoted to MISMATCH with the one-by-one path's
 words. Property-tested equal to the one-by-one path
 (tests/mis_adapter/test_recon_bulk.py).
 
+UTILITY_ONLY lines are reversed the same way (`reverse_utility_only`), as
+payments.reverse_payment_in_tx does one at a time: allocations taken back
+from the bills, the prepaid credit the payment added taken back with a
+REVERSAL ledger line, the payment REVERSED on the reconciled day; a line
+that cannot be restored is demoted with that path's words.
+
 Runs inside the day-closing transaction; never commits."""
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ from mis_adapter.db.recon import ReconLine
 from mis_adapter.late_fee import LateFeeRates
 from yindian_common.bulk_sql import InList, bulk_insert, list_param
 
-__all__ = ["post_bank_only"]
+__all__ = ["post_bank_only", "reverse_utility_only"]
 
 DETAIL_MAX = 128
 POSTED = "POSTED"
@@ -187,3 +193,116 @@ def _write(conn: Connection, w: _Writes, touched: dict[int, _Bill], prepaid: dic
         conn.execute(_SET_PREPAID, [{"acct": a, "prepaid": prepaid[a]} for a in accts])
         bulk_insert(conn, T_PREPAID, [{**row, "payment_id": ids[s]} for s, row in w.prepaid])
     bulk_insert(conn, T_JOURNAL, [{**row, "payment_id": ids[s]} for s, row in w.journal])
+
+
+# ---- UTILITY_ONLY ----
+REVERSED = "REVERSED"
+_PAYMENTS = sa.select(T_PAY).where(T_PAY.c.bank_id == _b("bank_id"), InList(T_PAY.c.bank_serial, "serials"))
+_ALLOCS = (sa.select(T_ALLOC.c.payment_id, T_ALLOC.c.bill_id, T_ALLOC.c.late_fee_fen, T_ALLOC.c.principal_fen)
+           .where(InList(T_ALLOC.c.payment_id, "ids")).order_by(T_ALLOC.c.allocation_id))
+_BILLS = (sa.select(T_BILL.c.bill_id, T_BILL.c.amount_fen, T_BILL.c.prepaid_applied_fen, T_BILL.c.principal_paid_fen,
+                    T_BILL.c.late_fee_paid_fen, T_BILL.c.accrual_micro, T_BILL.c.accrual_date, T_BILL.c.paid_on)
+          .where(InList(T_BILL.c.bill_id, "ids")))
+_COUNT_REVERSED = (sa.select(sa.func.count()).select_from(T_PAY)
+                   .where(InList(T_PAY.c.payment_id, "ids"), T_PAY.c.state == "REVERSED",
+                          T_PAY.c.reversed_on == _b("day", type_=sa.Date)))
+_REVERSE = (T_PAY.update().where(T_PAY.c.payment_id == _b("p_id"), T_PAY.c.state == POSTED)
+            .values(state=REVERSED, reversed_at=_b("at"), reversed_on=_b("day"), cancel_serial=_b("c_serial")))
+
+
+@dataclass
+class _Held:
+    """A bill as a reversal restores it."""
+    bill_id: int
+    amount_fen: int
+    prepaid_applied_fen: int
+    principal_paid_fen: int
+    late_fee_paid_fen: int
+    accrual_micro: int
+    accrual_date: dt.date
+    paid_on: dt.date | None
+
+
+def reverse_utility_only(conn: Connection, lines: Sequence[Any], *, bank_id: str, day: dt.date, now: dt.datetime,
+                         cancel_serial: str) -> None:
+    """Reverses the payments of `lines` (recon_lines rows, UTILITY_ONLY, in line order)."""
+    if not lines:
+        return
+    serials = [ln.bank_serial for ln in lines]
+    pays = {p.bank_serial: p for p in conn.execute(_PAYMENTS, {"bank_id": bank_id,
+                                                               "serials": list_param(conn, serials)})}
+    accts = sorted({p.account_no for p in pays.values() if p.account_no})
+    prepaid = {r.account_no: int(r.prepaid_fen) for r in conn.execute(_LOCK_CUSTOMERS,
+                                                                      {"accts": list_param(conn, accts)})}
+    allocs: dict[int, list[Any]] = {}
+    for a in conn.execute(_ALLOCS, {"ids": list_param(conn, [p.payment_id for p in pays.values()])}):
+        allocs.setdefault(a.payment_id, []).append(a)
+    bill_ids = sorted({a.bill_id for rows in allocs.values() for a in rows})
+    held = {r.bill_id: _Held(r.bill_id, r.amount_fen, r.prepaid_applied_fen, r.principal_paid_fen,
+                             r.late_fee_paid_fen, r.accrual_micro, r.accrual_date, r.paid_on)
+            for r in conn.execute(_BILLS, {"ids": list_param(conn, bill_ids)})}
+    demoted: list[dict[str, Any]] = []
+    reversed_: list[Any] = []
+    ledger: list[dict[str, Any]] = []
+    touched: dict[int, _Held] = {}
+    for ln in lines:
+        p = pays[ln.bank_serial]
+        why = _restore(p, allocs.get(p.payment_id, []), held, prepaid, touched)
+        if why:
+            demoted.append({"l_id": ln.line_id, "why": f"not applied: {why}"[:DETAIL_MAX]})
+            continue
+        reversed_.append(p)
+        if p.prepaid_added_fen:
+            ledger.append({"account_no": p.account_no, "reason": "REVERSAL", "delta_fen": -p.prepaid_added_fen,
+                           "balance_after_fen": prepaid[p.account_no], "payment_id": p.payment_id, "bill_id": None,
+                           "at": now})
+    if demoted:
+        conn.execute(_DEMOTE, demoted)
+    if not reversed_:
+        return
+    if touched:
+        conn.execute(_UPDATE_BILL, [
+            {"b_id": b.bill_id, "principal_paid": b.principal_paid_fen, "fee_paid": b.late_fee_paid_fen,
+             "micro": b.accrual_micro, "micro_date": b.accrual_date, "new_status": _held_status(b),
+             "new_paid_on": b.paid_on if _held_status(b) == "PAID" else None} for b in touched.values()])
+    if ledger:
+        accts_changed = sorted({row["account_no"] for row in ledger})
+        conn.execute(_SET_PREPAID, [{"acct": a, "prepaid": prepaid[a]} for a in accts_changed])
+        bulk_insert(conn, T_PREPAID, ledger)
+    ids = [p.payment_id for p in reversed_]
+    conn.execute(_REVERSE, [{"p_id": i, "at": now, "day": day, "c_serial": cancel_serial} for i in ids])
+    n = conn.execute(_COUNT_REVERSED, {"ids": list_param(conn, ids), "day": day}).scalar_one()
+    if n != len(ids):  # a payment stopped being POSTED under our account locks: a bug, not an operating error
+        raise RuntimeError(f"reversed {n} of {len(ids)} payments")
+    bulk_insert(conn, T_JOURNAL, [{"at": now, "bank_id": bank_id, "rpc": "RECONCILE", "serial": p.bank_serial,
+                                   "original_serial": "", "account_no": p.account_no or "", "amount_fen": p.amount_fen,
+                                   "outcome": "UTILITY_ONLY_REVERSED", "payment_id": p.payment_id}
+                                  for p in reversed_])
+
+
+def _restore(p: Any, allocs: list[Any], held: dict[int, _Held], prepaid: dict[str, int],
+             touched: dict[int, _Held]) -> str:
+    """Takes one payment back on the running state; a refusal (with the one-by-one path's words) changes nothing."""
+    after: dict[int, tuple[int, int]] = {}
+    for a in allocs:
+        b = held[a.bill_id]
+        principal, fee = after.get(b.bill_id, (b.principal_paid_fen, b.late_fee_paid_fen))
+        principal, fee = principal - a.principal_fen, fee - a.late_fee_fen
+        if principal < 0 or fee < 0:
+            return f"bill {b.bill_id} cannot be restored"
+        after[b.bill_id] = (principal, fee)
+    if p.prepaid_added_fen and prepaid[p.account_no] - p.prepaid_added_fen < 0:
+        return f"prepaid credit of payment {p.bank_serial} was already applied to new bills"
+    if p.state != POSTED:
+        return f"payment {p.bank_serial} is no longer posted"
+    for bill_id, (principal, fee) in after.items():
+        b = held[bill_id]
+        b.principal_paid_fen, b.late_fee_paid_fen = principal, fee
+        touched[bill_id] = b
+    if p.prepaid_added_fen:
+        prepaid[p.account_no] -= p.prepaid_added_fen
+    return ""
+
+
+def _held_status(b: _Held) -> str:
+    return bill_status(b.amount_fen, b.prepaid_applied_fen, b.principal_paid_fen, b.late_fee_paid_fen)

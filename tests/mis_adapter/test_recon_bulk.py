@@ -1,4 +1,5 @@
-"""BANK_ONLY posted set-based (recon_bulk) against one by one (the reference):
+"""BANK_ONLY posted and UTILITY_ONLY reversed set-based (recon_bulk) against
+one by one (the reference):
 two identical utilities reconcile the same random bank days, one each way,
 and end with the same payments, allocations, bills, prepaid credit and
 ledger, journal and reconciliation lines. Days mix several BANK_ONLY lines
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mis_adapter import payments
@@ -49,7 +50,7 @@ def twins(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Worl
 # one bank record: (kind, account index, amount); kinds: the bank's only, matched, the MIS's only
 records = st.lists(st.tuples(st.sampled_from(["BANK_ONLY", "BANK_ONLY", "BANK_ONLY", "MATCHED", "UTILITY_ONLY",
                                               "UNKNOWN", "CLOSED"]),
-                             st.integers(0, 5),
+                             st.integers(0, 9),
                              st.one_of(st.integers(1, 300), st.integers(1_000, 40_000), st.integers(100_000, 900_000))),
                    min_size=1, max_size=14)
 
@@ -81,7 +82,7 @@ def _state(engine: sa.Engine) -> dict[str, Any]:
         return {
             "payments": sorted(q("SELECT bank_id, bank_serial, state, account_no, branch_code, amount_fen, channel, "
                                  "settlement_date, arrears_after_fen, prepaid_after_fen, prepaid_added_fen, "
-                                 "reversed_on FROM payments")),
+                                 "reversed_on, cancel_serial FROM payments")),
             "allocations": sorted(q("SELECT p.bank_serial, a.bill_id, a.late_fee_fen, a.principal_fen "
                                     "FROM allocations a JOIN payments p ON p.payment_id = a.payment_id")),
             "bills": sorted(q("SELECT bill_id, principal_paid_fen, late_fee_paid_fen, accrual_micro, accrual_date, "
@@ -96,9 +97,10 @@ def _state(engine: sa.Engine) -> dict[str, Any]:
         }
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(recs=records)
-def test_set_based_bank_only_equals_one_by_one(twins: tuple[World, World], recs: list[tuple[str, int, int]],
+@example(recs=[("UTILITY_ONLY", 1, 50_000), ("UTILITY_ONLY", 2, 300), ("BANK_ONLY", 3, 700), ("MATCHED", 1, 100)])
+def test_set_based_outcomes_equal_one_by_one(twins: tuple[World, World], recs: list[tuple[str, int, int]],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     bulk, each = twins
     _day_counter["n"] += 1
