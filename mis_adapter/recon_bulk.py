@@ -70,6 +70,31 @@ _SET_PREPAID = T_CUST.update().where(T_CUST.c.account_no == _b("acct")).values(p
 _DEMOTE = T_LINE.update().where(T_LINE.c.line_id == _b("l_id")).values(outcome=m.MISMATCH, detail=_b("why"))
 
 
+# PostgreSQL: one UPDATE ... FROM unnest(arrays) per set (executemany there is a statement per row).
+_PG_SET_BILLS = """
+UPDATE bills SET principal_paid_fen = v.principal_paid, late_fee_paid_fen = v.fee_paid, accrual_micro = v.micro,
+       accrual_date = v.micro_date, status = v.new_status, paid_on = v.new_paid_on
+FROM unnest(%(b_id)s::bigint[], %(principal_paid)s::bigint[], %(fee_paid)s::bigint[], %(micro)s::bigint[],
+            %(micro_date)s::date[], %(new_status)s::text[], %(new_paid_on)s::date[])
+     AS v(b_id, principal_paid, fee_paid, micro, micro_date, new_status, new_paid_on)
+WHERE bills.bill_id = v.b_id
+"""
+_PG_SET_PREPAID = """
+UPDATE customers SET prepaid_fen = v.prepaid FROM unnest(%(acct)s::text[], %(prepaid)s::bigint[]) AS v(acct, prepaid)
+WHERE customers.account_no = v.acct
+"""
+
+
+def _update_each(conn: Connection, stmt: Any, pg_sql: str, rows: list[dict[str, Any]]) -> None:
+    """One UPDATE per row (executemany), or on PostgreSQL one UPDATE for all rows."""
+    if not rows:
+        return
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(pg_sql, {k: [r[k] for r in rows] for k in rows[0]})
+    else:
+        conn.execute(stmt, rows)
+
+
 @dataclass
 class _Bill:
     """A bill as the allocation rule reads it, updated as the page's payments settle it."""
@@ -183,14 +208,13 @@ def _write(conn: Connection, w: _Writes, touched: dict[int, _Bill], prepaid: dic
                                                                    "serials": list_param(conn, serials)})}
     if w.allocations:
         bulk_insert(conn, T_ALLOC, [{"payment_id": ids[s], **row} for s, row in w.allocations])
-    if touched:
-        conn.execute(_UPDATE_BILL, [
-            {"b_id": b.bill_id, "principal_paid": b.principal_paid_fen, "fee_paid": b.late_fee_paid_fen,
-             "micro": b.accrual_micro, "micro_date": b.accrual_date, "new_status": _status(b),
-             "new_paid_on": day if _status(b) == "PAID" else None} for b in touched.values()])
+    _update_each(conn, _UPDATE_BILL, _PG_SET_BILLS, [
+        {"b_id": b.bill_id, "principal_paid": b.principal_paid_fen, "fee_paid": b.late_fee_paid_fen,
+         "micro": b.accrual_micro, "micro_date": b.accrual_date, "new_status": _status(b),
+         "new_paid_on": day if _status(b) == "PAID" else None} for b in touched.values()])
     if w.prepaid:
         accts = sorted({row["account_no"] for _s, row in w.prepaid})
-        conn.execute(_SET_PREPAID, [{"acct": a, "prepaid": prepaid[a]} for a in accts])
+        _update_each(conn, _SET_PREPAID, _PG_SET_PREPAID, [{"acct": a, "prepaid": prepaid[a]} for a in accts])
         bulk_insert(conn, T_PREPAID, [{**row, "payment_id": ids[s]} for s, row in w.prepaid])
     bulk_insert(conn, T_JOURNAL, [{**row, "payment_id": ids[s]} for s, row in w.journal])
 
@@ -260,14 +284,13 @@ def reverse_utility_only(conn: Connection, lines: Sequence[Any], *, bank_id: str
         conn.execute(_DEMOTE, demoted)
     if not reversed_:
         return
-    if touched:
-        conn.execute(_UPDATE_BILL, [
-            {"b_id": b.bill_id, "principal_paid": b.principal_paid_fen, "fee_paid": b.late_fee_paid_fen,
-             "micro": b.accrual_micro, "micro_date": b.accrual_date, "new_status": _held_status(b),
-             "new_paid_on": b.paid_on if _held_status(b) == "PAID" else None} for b in touched.values()])
+    _update_each(conn, _UPDATE_BILL, _PG_SET_BILLS, [
+        {"b_id": b.bill_id, "principal_paid": b.principal_paid_fen, "fee_paid": b.late_fee_paid_fen,
+         "micro": b.accrual_micro, "micro_date": b.accrual_date, "new_status": _held_status(b),
+         "new_paid_on": b.paid_on if _held_status(b) == "PAID" else None} for b in touched.values()])
     if ledger:
         accts_changed = sorted({row["account_no"] for row in ledger})
-        conn.execute(_SET_PREPAID, [{"acct": a, "prepaid": prepaid[a]} for a in accts_changed])
+        _update_each(conn, _SET_PREPAID, _PG_SET_PREPAID, [{"acct": a, "prepaid": prepaid[a]} for a in accts_changed])
         bulk_insert(conn, T_PREPAID, ledger)
     ids = [p.payment_id for p in reversed_]
     conn.execute(_REVERSE, [{"p_id": i, "at": now, "day": day, "c_serial": cancel_serial} for i in ids])
