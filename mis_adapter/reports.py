@@ -47,6 +47,7 @@ REPORT_PERIOD_DAYS_MAX = 3_660       # a collections period is at most ten years
 REPORT_ROWS_MAX = 100_000            # groups in one collections report
 ARREARS_CHUNK_ROWS = 5_000           # bills read and priced per chunk
 DETAIL_PAGE_ACCOUNTS = 500           # accounts per ArrearsDetail page
+REPORT_WORK_MEM = "64MB"             # PostgreSQL work_mem of a report's transaction
 DETAIL_PAGE_PAYMENTS = 500           # payments per CollectionDetail page
 
 GROUP_BYS = ("bank", "outlet", "branch", "day", "channel")
@@ -238,17 +239,17 @@ _CHANGED = sa.union_all(
 # Grouped by `bill_id + 0`, which no index gives: SQLite would otherwise walk every allocation in bill order.
 _ALLOC_BILL_EXPR = T_ALLOC.c.bill_id + sa.literal_column("0")
 _ALLOC_BILL = _ALLOC_BILL_EXPR.label("bill_id")
-_DELTA_BY_PAYMENTS = (sa.select(_ALLOC_BILL,
-                                sa.func.sum(sa.case((_CHANGED.c.state == POSTED, -1), else_=1) * T_ALLOC.c.principal_fen)
-                                .label("principal_delta"),
-                                sa.func.sum(sa.case((_CHANGED.c.state == POSTED, -1), else_=1) * T_ALLOC.c.late_fee_fen)
-                                .label("fee_delta"))
+_DELTA_BY_PAYMENTS = (sa.select(_ALLOC_BILL,  # sums cast back to bigint: PostgreSQL's sum(bigint) is numeric
+                                sa.cast(sa.func.sum(sa.case((_CHANGED.c.state == POSTED, -1), else_=1)
+                                                    * T_ALLOC.c.principal_fen), sa.BigInteger).label("principal_delta"),
+                                sa.cast(sa.func.sum(sa.case((_CHANGED.c.state == POSTED, -1), else_=1)
+                                                    * T_ALLOC.c.late_fee_fen), sa.BigInteger).label("fee_delta"))
                       .select_from(_CHANGED.join(T_ALLOC, T_ALLOC.c.payment_id == _CHANGED.c.payment_id))
                       .group_by(_ALLOC_BILL_EXPR))
 
 
 def _arrears_query(branch: bool, *, indexed: bool = True, rates: LateFeeRates | None = None,
-                   replay_only: bool = False) -> sa.Select[Any]:
+                   replay_only: bool = False, union: bool = True) -> sa.Select[Any]:
     """Every bill in arrears at the end of as_of, by account and period.
 
     indexed: read only the bills that can be in arrears at as_of, found by
@@ -268,10 +269,16 @@ def _arrears_query(branch: bool, *, indexed: bool = True, rates: LateFeeRates | 
     if replay_only:
         candidates = sa.union(sa.select(T_BILL.c.bill_id).where(T_BILL.c.accrual_date > _AS_OF),
                               sa.select(delta.c.bill_id)).subquery("candidates")
-    else:
+    elif union:  # SQLite: each part by its index (an OR would be flattened into a walk over every bill)
         candidates = sa.union(sa.select(T_BILL.c.bill_id).where(T_BILL.c.paid_on.is_(None)),
                               sa.select(T_BILL.c.bill_id).where(T_BILL.c.paid_on > _AS_OF),
                               sa.select(delta.c.bill_id)).subquery("candidates")
+    else:
+        # PostgreSQL, MariaDB: one OR, answered by a bitmap OR of the indexes or, when many bills
+        # are in arrears, one sequential pass (no union to sort and hash)
+        candidates = (sa.select(T_BILL.c.bill_id)
+                      .where(sa.or_(T_BILL.c.paid_on.is_(None), T_BILL.c.paid_on > _AS_OF,
+                                    T_BILL.c.bill_id.in_(sa.select(delta.c.bill_id)))).subquery("candidates"))
     principal_delta = sa.func.coalesce(delta.c.principal_delta, 0)
     unpaid = T_BILL.c.amount_fen - T_BILL.c.prepaid_applied_fen - T_BILL.c.principal_paid_fen - principal_delta
     needs_replay = sa.or_(delta.c.bill_id.is_not(None),
@@ -283,7 +290,9 @@ def _arrears_query(branch: bool, *, indexed: bool = True, rates: LateFeeRates | 
                    (T_BILL.c.late_fee_paid_fen + sa.func.coalesce(delta.c.fee_delta, 0)).label("fee_paid_fen"),
                    sa.case((needs_replay, 1), else_=0).label("needs_replay"))
          .select_from(candidates.join(T_BILL, T_BILL.c.bill_id == candidates.c.bill_id)
-                      .join(T_CUST, T_CUST.c.account_no == T_BILL.c.account_no)
+                      # SQLite: an expression, so that no index of bills by account invites a walk over every bill
+                      .join(T_CUST, T_CUST.c.account_no == (sa.func.coalesce(T_BILL.c.account_no, "") if union
+                                                            else T_BILL.c.account_no))
                       .outerjoin(delta, delta.c.bill_id == T_BILL.c.bill_id))
          .where(T_BILL.c.issued_at < _b("issued_before"), unpaid > 0)
          .order_by(T_BILL.c.account_no, T_BILL.c.period, T_BILL.c.bill_id))
@@ -376,9 +385,11 @@ def _collected(r: Any) -> CollectedPayment:
 
 
 def _no_jit(conn: Connection) -> None:
-    """PostgreSQL: compiling a report's plan (JIT) costs seconds more than it saves."""
+    """PostgreSQL: compiling a report's plan (JIT) costs seconds more than it saves;
+    and a report's aggregates get REPORT_WORK_MEM to hash in memory instead of sorting on disk."""
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql("SET LOCAL jit = off")
+        conn.exec_driver_sql(f"SET LOCAL work_mem = '{REPORT_WORK_MEM}'")
 
 
 def _key_text(v: Any) -> str:
@@ -485,14 +496,21 @@ def arrears_detail(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRate
 
 
 # ---- arrears added up in the database ----
-@functools.lru_cache(maxsize=8)
-def _summed_statements(rates: LateFeeRates, branch: bool) -> tuple[sa.Select[Any], sa.Select[Any], sa.Select[Any]]:
+@functools.lru_cache(maxsize=16)
+def _summed_statements(rates: LateFeeRates, branch: bool, dialect: str
+                       ) -> tuple[sa.Select[Any], sa.Select[Any], sa.Select[Any]]:
     """(by branch, by account, bills to replay) over the bills in arrears at as_of."""
-    bills = _arrears_query(branch, indexed=True, rates=rates).order_by(None).subquery("arrears_bills")
+    bills = (_arrears_query(branch, indexed=True, rates=rates, union=dialect == "sqlite").order_by(None)
+             .subquery("arrears_bills"))
     fee = sa.func.sum(sa.case((bills.c.needs_replay == 0, bills.c.fee_sql), else_=0))
-    by_branch = (sa.select(bills.c.branch_code, sa.func.count(sa.distinct(bills.c.account_no)).label("households"),
-                           sa.func.sum(bills.c.unpaid_fen).label("principal_fen"), fee.label("late_fee_fen"))
-                 .group_by(bills.c.branch_code))
+    # by account first, then by branch: a hash aggregate each, where COUNT(DISTINCT) would sort every bill
+    accounts = (sa.select(bills.c.branch_code, sa.func.sum(bills.c.unpaid_fen).label("principal_fen"),
+                          fee.label("late_fee_fen"))
+                .group_by(bills.c.branch_code, bills.c.account_no).subquery("arrears_accounts"))
+    by_branch = (sa.select(accounts.c.branch_code, sa.func.count().label("households"),
+                           sa.func.sum(accounts.c.principal_fen).label("principal_fen"),
+                           sa.func.sum(accounts.c.late_fee_fen).label("late_fee_fen"))
+                 .group_by(accounts.c.branch_code))
     by_account = (sa.select(bills.c.account_no, bills.c.branch_code, sa.func.min(bills.c.name).label("name"),
                             sa.func.min(bills.c.phone).label("phone"), sa.func.count().label("unpaid_bills"),
                             sa.func.sum(bills.c.unpaid_fen).label("principal_fen"), fee.label("late_fee_fen"),
@@ -526,8 +544,8 @@ def _replayed(conn: Connection, side: Connection, stmt: sa.Select[Any], params: 
 
 def _summed_by_branch(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRates,
                       tz: ZoneInfo) -> Iterator[ArrearsRow]:
-    by_branch, _by_account, replays = _summed_statements(rates, False)
     for engine in engines:
+        by_branch, _by_account, replays = _summed_statements(rates, False, engine.dialect.name)
         params = _params(engine, as_of, tz, "")
         with engine.connect().execution_options(read_only=True) as conn, conn.begin(), \
                 engine.connect().execution_options(read_only=True) as side:
@@ -543,9 +561,9 @@ def _summed_by_branch(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeR
 
 def _summed_by_account(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRates, tz: ZoneInfo,
                        branch_code: str, page_accounts: int) -> Iterator[list[ArrearsAccount]]:
-    _by_branch, by_account, replays = _summed_statements(rates, bool(branch_code))
     page: list[ArrearsAccount] = []
     for engine in engines:
+        _by_branch, by_account, replays = _summed_statements(rates, bool(branch_code), engine.dialect.name)
         params = _params(engine, as_of, tz, branch_code)
         with engine.connect().execution_options(read_only=True) as conn, conn.begin(), \
                 engine.connect().execution_options(read_only=True) as rconn, rconn.begin(), \
