@@ -27,7 +27,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bank_sim import autodebit, reconcile, teller
+from bank_sim import autodebit, link_ops, reconcile, teller
 from bank_sim.processes import ProcessFailed, ServerProcess, run_command, start_server
 from bank_sim.settings import DemoSettings, TellerSettings
 from ivr import demo as ivr_demo
@@ -135,7 +135,10 @@ STEPS: list[Step] = [
     ("start mis_adapter", start_mis_adapter),
     ("start the bank's bridge", start_bridge),
     ("counter business through the bridge", counter_business),
+    ("auto-debit agreements signed and ended at the counter", link_ops.demo_agreements_step),
     ("bill issuance and auto-debit through the bridge", autodebit.demo_step),
+    ("refunds credited to passbooks", link_ops.demo_refunds_step),
+    ("day-end sign-off (日终签退) through the bridge", link_ops.demo_sign_off_step),
     ("end-of-day reconciliation through the bridge", reconcile.demo_step),
     ("start the customer portal (网上查询)", ivr_demo.portal_step),
     ("voice dunning campaign (自动语音催费)", ivr_demo.dunning_step),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import threading
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -13,6 +14,7 @@ import sqlalchemy as sa
 from bridge import metrics_collector
 from bridge.context import BridgeContext
 from bridge.journal import Claims, Journal, JournalWriter, create_schema
+from bridge.link_relay import relay_of
 from bridge.resolver import Backoff, Resolver
 from bridge.service import BillingServicer
 from bridge.settings import BridgeSettings
@@ -100,6 +102,8 @@ class Bridge:
                                 BillingServicer(self.ctx, self.resolver))
         self.server.on_drain(self._after_drain)
         self._drained = False
+        self._link = relay_of(self.ctx)  # its journal table exists before the first call
+        self._stop_sign_on = threading.Event()
 
     @property
     def address(self) -> str:
@@ -109,6 +113,10 @@ class Bridge:
         self.ctx.writer.start()
         if self.settings.resolver_enabled:
             self.resolver.start()
+        if self.settings.sign_on_at_start:
+            self._link.sign_on_at_start(self._stop_sign_on, initial_s=self.settings.sign_on_retry_initial_s,
+                                        cap_s=self.settings.sign_on_retry_cap_s,
+                                        call_timeout_s=self.settings.resolver_call_timeout_s)
 
     def start(self) -> None:
         """Serves without signal handling (in-process use, tests)."""
@@ -122,6 +130,7 @@ class Bridge:
         if self._drained:
             return
         self._drained = True
+        self._stop_sign_on.set()
         self.resolver.stop(STOP_TIMEOUT_S)
         self.ctx.writer.stop(STOP_TIMEOUT_S)
         self.ctx.upstream_channel.close()

@@ -65,8 +65,17 @@ class BridgeSettings(ServerSettings):
     resolver_backoff_cap_s: float = Field(10.0, gt=0, le=86_400,
                                           description="longest retry delay of an unresolved row")
 
+    # --- link state (签到/签退) ---
+    sign_on_at_start: bool = Field(True, description="sign the bank on at the utility when the bridge starts")
+    sign_on_retry_initial_s: float = Field(0.5, gt=0, le=3_600,
+                                           description="first retry delay of a failed sign-on at start")
+    sign_on_retry_cap_s: float = Field(10.0, gt=0, le=86_400,
+                                       description="longest retry delay of a failed sign-on at start")
+
     @model_validator(mode="after")
     def _backoff_in_order(self) -> Self:
         if self.resolver_backoff_initial_s > self.resolver_backoff_cap_s:
             raise ValueError("resolver_backoff_initial_s must not exceed resolver_backoff_cap_s")
+        if self.sign_on_retry_initial_s > self.sign_on_retry_cap_s:
+            raise ValueError("sign_on_retry_initial_s must not exceed sign_on_retry_cap_s")
         return self

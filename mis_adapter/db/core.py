@@ -178,8 +178,12 @@ class Agreement(Base):
     account_no: Mapped[str] = mapped_column(sa.String(10), sa.ForeignKey("customers.account_no"),
                                             primary_key=True)
     bank_id: Mapped[str] = mapped_column(sa.String(16), index=True)
+    # the date from which the account's bills are fed (the agreement's start date)
     signed_on: Mapped[dt.date] = mapped_column(sa.Date)
     active: Mapped[bool] = mapped_column(sa.Boolean, default=True)
+    # (revision 0004) the agreement_records row this is the index of, and its per-debit limit (NULL: none)
+    agreement_id: Mapped[int | None] = mapped_column(sa.BigInteger, nullable=True)
+    debit_limit_fen: Mapped[int | None] = mapped_column(Money, nullable=True)
 
 
 class JournalEntry(Base):
