@@ -11,6 +11,7 @@ COMMANDS = {
     "load": ("bank_sim.load", "open-loop load generator with a correctness check"),
     "bench-core": ("bank_sim.bench_core", "benchmark: counter payments, bridge vs direct, SQLite and PostgreSQL"),
     "bench-feed": ("bank_sim.bench_feed", "benchmark: the bill feed end to end"),
+    "chaos": ("bank_sim.chaos", "seeded chaos soak: real processes, faults, every money invariant checked"),
     "bench-branch": ("bank_sim.bench_branch", "benchmark: front + 4 branch databases and 2 replicas vs one "
                                               "database (PostgreSQL)"),
     "bench": ("bank_sim.bench", "benchmark: standard load profile, comparable summary"),

@@ -29,6 +29,7 @@ from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
 from yindian_common import business_metrics, fields
 from yindian_common.clock import business_date
+from yindian_common.crash_points import armed, crash_point
 from yindian_common.errors import (
     InFlight,
     InvalidField,
@@ -168,12 +169,16 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             self._settle(claim, outcome)
             return self._reply(outcome, context)
         call = self.bctx.upstream.pay if entry.kind == jn.PAY else self.bctx.upstream.cancel
+        crash_point("bridge.after_journal")
         answer = call(request, timeout_s)
+        crash_point("bridge.after_answer")
         outcome = self._first_outcome(entry, answer)
         self._settle(claim, outcome)
         log.info("event=%s serial=%s amount_fen=%d state=%s code=%s", entry.kind.lower(), entry.serial,
                  entry.amount_fen, outcome.state, answer.code.name)
         if answer.ok:
+            if armed("bridge.after_reply"):
+                context.add_callback(lambda: crash_point("bridge.after_reply"))
             return answer.response  # the message the journal now holds as bytes
         return self._reply(outcome, context)
 

@@ -66,6 +66,8 @@ class BridgeSettings(ServerSettings):
                                                 "to share a journal transaction with others")
 
     # --- in-doubt resolution ---
+    audit_seal_interval_s: float = Field(2.0, gt=0, le=3_600, description="seconds between passes of the "
+                                         "audit chain's sealer")
     resolver_enabled: bool = Field(True, description="run the background resolver of in-doubt requests")
     resolver_batch_max: int = Field(64, ge=1, le=100_000, description="in-doubt rows taken per resolver pass")
     resolver_idle_wait_s: float = Field(1.0, gt=0, le=3_600,

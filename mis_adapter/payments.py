@@ -37,6 +37,7 @@ from mis_adapter.pay_plan import PaymentEffects, payment_effects
 from mis_adapter.routing import BranchRouter
 from yindian_common import business_metrics
 from yindian_common.clock import Clock, business_date, utc_now
+from yindian_common.crash_points import crash_point
 from yindian_common.db import WaitBound, bound_waits, db_wait_bound
 from yindian_common.db_errors import commit_or_doubt
 from yindian_common.db_errors import db_call as _db_call
@@ -253,6 +254,7 @@ def pay(ctx: Books, cmd: PayCommand, *, time_left_s: float | None = None) -> Pay
     else:
         result, fresh = pay_in(ctx, ctx.router.engine_for(cmd.account_no), cmd, wait)
     if fresh:
+        crash_point("mis.after_commit")
         business_metrics.record_payment(cmd.bank_id, cmd.channel, cmd.amount_fen)
     else:
         business_metrics.record_payment_replay(cmd.bank_id)
@@ -309,6 +311,7 @@ def _pay_tx(ctx: Books, engine: Engine, cmd: PayCommand, wait: WaitBound) -> tup
         else:
             raise Unavailable("the account kept changing while the payment waited; retry the same serial",
                               reason="RETRY")
+        crash_point("mis.before_commit")
         commit_or_doubt(conn)
     return PayResult(payment_id_of(cust.branch_code, pk), receipt_no_of(cust.branch_code, settlement, pk),
                      settlement, effects.plan.allocations, effects.arrears_after_fen, effects.prepaid_after_fen,
