@@ -14,7 +14,7 @@ define GENERATE
 	touch yindian/__init__.py yindian/v1/__init__.py $(GEN_STAMP)
 endef
 
-.PHONY: setup proto test run lint buf-lint bench bench-core bench-feed bench-recon clean
+.PHONY: setup proto test run lint buf-lint bench bench-core bench-ratio bench-feed bench-recon clean
 
 setup: $(VENV)/.installed $(GEN_STAMP)
 
@@ -53,6 +53,9 @@ buf-lint:
 
 bench-core: setup
 	$(PY) -m bank_sim bench-core $(BENCH_ARGS)
+
+bench-ratio: setup
+	$(PY) -m bank_sim bench-ratio $(BENCH_ARGS)
 
 bench-feed: setup
 	$(PY) -m bank_sim bench-feed $(BENCH_ARGS)

@@ -9,6 +9,8 @@ COMMANDS = {
     "reconcile": ("bank_sim.reconcile", "end-of-day reconciliation of the bank's ledger"),
     "load": ("bank_sim.load", "open-loop load generator with a correctness check"),
     "bench-core": ("bank_sim.bench_core", "benchmark: counter payments, bridge vs direct, SQLite and PostgreSQL"),
+    "bench-ratio": ("bank_sim.bench_ratio", "benchmark: pays vs a bare 2-hop gRPC echo, CPU per call per process"),
+    "echo-link": ("bank_sim.echo_link", "one hop of bench-ratio's reference echo (echo or proxy server)"),
     "bench-feed": ("bank_sim.bench_feed", "benchmark: the bill feed end to end"),
     "bench": ("bank_sim.bench", "benchmark: standard load profile, comparable summary"),
 }
