@@ -61,6 +61,16 @@ class BridgeSettings(ServerSettings):
     resolver_backoff_cap_s: float = Field(10.0, gt=0, le=86_400,
                                           description="longest retry delay of an unresolved row")
 
+    retryable_probe_after_s: float = Field(60.0, gt=0, le=86_400,
+                                           description="a Pay refused for now (RETRYABLE) that the bank core has not "
+                                                       "retried within this time is probed by the resolver like an "
+                                                       "in-doubt one (GetPayment, then a tombstone if never posted)")
+
+    # --- testing only ---
+    crash_point: str = Field("", pattern="^(|bridge\\.after_answer)$",
+                             description="testing only: exit at once at this named point (bridge.after_answer: "
+                                         "once a Pay or Cancel answer has been sent to the bank core)")
+
     @model_validator(mode="after")
     def _backoff_in_order(self) -> Self:
         if self.resolver_backoff_initial_s > self.resolver_backoff_cap_s:

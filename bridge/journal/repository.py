@@ -15,6 +15,7 @@ from bridge.journal.schema import (
     IN_DOUBT_STATES,
     PAY,
     PENDING,
+    RETRYABLE,
     REVERSING,
     SUSPECT,
     audit,
@@ -139,7 +140,8 @@ class Journal:
 
     def due(self, now_ms: int, limit: int) -> list[tuple[str, str]]:
         """Keys of in-doubt rows due for another attempt: reversals first
-        (REVERSING pays, SUSPECT cancels), then status probes of SUSPECT pays."""
+        (REVERSING pays, SUSPECT cancels), then status probes of SUSPECT pays
+        and of RETRYABLE pays the bank core left alone past their probe time."""
         c = requests.c
         reversals = (sa.select(c.kind, c.serial)
                      .where(sa.or_(sa.and_(c.state == REVERSING, c.kind == PAY),
@@ -147,7 +149,7 @@ class Journal:
                             c.next_attempt_ms <= now_ms)
                      .order_by(c.next_attempt_ms).limit(limit))
         probes = (sa.select(c.kind, c.serial)
-                  .where(c.state == SUSPECT, c.kind == PAY, c.next_attempt_ms <= now_ms)
+                  .where(c.state.in_((SUSPECT, RETRYABLE)), c.kind == PAY, c.next_attempt_ms <= now_ms)
                   .order_by(c.next_attempt_ms).limit(limit))
         with self.engine.connect() as conn:
             keys = [(r.kind, r.serial) for r in conn.execute(reversals)]
@@ -156,11 +158,24 @@ class Journal:
         return keys
 
     def in_doubt_count(self, business_date: dt.date) -> int:
+        """Rows of the day whose outcome at the utility is not known for sure: the in-doubt
+        states, and RETRYABLE pays (refused "for now": their refusal could have followed a
+        commit whose answer was lost, so they are probed before the day is reconciled)."""
         c = requests.c
         stmt = sa.select(sa.func.count()).select_from(requests).where(
-            c.business_date == business_date, c.state.in_(sorted(IN_DOUBT_STATES)))
+            c.business_date == business_date,
+            sa.or_(c.state.in_(sorted(IN_DOUBT_STATES)), sa.and_(c.state == RETRYABLE, c.kind == PAY)))
         with self.engine.connect() as conn:
             return int(conn.execute(stmt).scalar_one())
+
+    def expedite_retryable(self, business_date: dt.date) -> int:
+        """Makes the day's RETRYABLE pays due for a probe now (the bank core is reconciling:
+        it will not retry them any more). Returns how many."""
+        c = requests.c
+        with self.engine.begin() as conn:
+            return int(conn.execute(requests.update().where(
+                c.business_date == business_date, c.state == RETRYABLE, c.kind == PAY, c.next_attempt_ms > 0
+            ).values(next_attempt_ms=0)).rowcount)
 
     def counts_by_state(self) -> dict[str, int]:
         stmt = sa.select(requests.c.state, sa.func.count()).group_by(requests.c.state)
