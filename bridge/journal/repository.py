@@ -9,6 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from bridge.journal.pg_batch import PgBatch
 from bridge.journal.records import Entry, Outcome
 from bridge.journal.schema import (
     CANCEL,
@@ -61,6 +62,7 @@ class Journal:
                  attempts=sa.bindparam("attempts"), next_attempt_ms=sa.bindparam("next_attempt_ms"),
                  updated_at=sa.bindparam("updated_at"))
         self._audit = audit.insert()
+        self._pg = PgBatch() if engine.dialect.name == "postgresql" else None
         self._cancels_of = sa.select(requests).where(requests.c.kind == CANCEL,
                                                      requests.c.original_serial == sa.bindparam("o"))
 
@@ -84,6 +86,9 @@ class Journal:
             with self.engine.connect() as own:
                 return self.write(entries, outcomes, own)
         inserted: set[tuple[str, str]] = set()
+        if self._pg is not None and self._pg.fits(entries, outcomes):
+            with conn.begin():
+                return self._pg.write(conn, entries, outcomes)
         with conn.begin():
             if entries:
                 existing: set[tuple[str, str]] = set()

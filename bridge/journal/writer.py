@@ -2,6 +2,7 @@
 thread that journals new rows and records outcomes in batches."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -36,10 +37,8 @@ class Latch:
         if self._set:
             return
         self._set = True
-        try:
+        with contextlib.suppress(RuntimeError):  # another thread set it at the same moment
             self._lock.release()
-        except RuntimeError:  # another thread set it at the same moment
-            pass
 
     def is_set(self) -> bool:
         return self._set
