@@ -87,6 +87,8 @@ class BenchRatioSettings(YinDianSettings):
     ready_timeout_s: float = Field(60.0, gt=0, description="longest wait for a server's READY line")
     stop_timeout_s: float = Field(30.0, gt=0, description="longest wait for a server to exit after SIGTERM")
     latency_max_ms: int = Field(60_000, ge=1, description="largest latency the histograms record")
+    bridge_args: str = Field("", description="extra options for the bridge, space-separated (e.g. '--max-workers 16')")
+    mis_args: str = Field("", description="extra options for mis_adapter, space-separated")
 
 
 # ---- CPU from /proc ----
@@ -419,7 +421,8 @@ def bench_backend(name: str, settings: BenchRatioSettings, root: Path, proxy: Se
         roster, mis, bridge = seed_and_start_stack(
             work, mis_db=backend.mis_db, bridge_db=backend.bridge_db, accounts=settings.accounts,
             bank_id=settings.bank_id, ready_timeout_s=settings.ready_timeout_s,
-            seed_timeout_s=settings.seed_timeout_s, cwd=REPO, servers=servers)
+            seed_timeout_s=settings.seed_timeout_s, cwd=REPO, servers=servers,
+            bridge_args=settings.bridge_args.split(), mis_args=settings.mis_args.split())
         accounts = ledger.read_roster(roster)
         make = PayFactory(accounts)
         me = os.getpid()
