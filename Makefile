@@ -14,7 +14,7 @@ define GENERATE
 	touch yindian/__init__.py yindian/v1/__init__.py $(GEN_STAMP)
 endef
 
-.PHONY: setup proto test run lint buf-lint bench bench-core bench-ratio bench-feed bench-recon clean
+.PHONY: setup proto test run lint buf-lint buf-breaking bench bench-core bench-ratio bench-feed bench-recon clean
 
 setup: $(VENV)/.installed $(GEN_STAMP)
 
@@ -50,6 +50,12 @@ lint: setup
 
 buf-lint:
 	cd protos && npx --yes @bufbuild/buf@1.75.0 lint
+
+# Additive changes only: the protos must stay wire- and source-compatible with
+# main's (override with BUF_AGAINST, e.g. '.git#tag=v1.2,subdir=protos').
+BUF_AGAINST ?= .git\#branch=main,subdir=protos
+buf-breaking:
+	npx --yes @bufbuild/buf@1.75.0 breaking protos --against '$(BUF_AGAINST)'
 
 bench-core: setup
 	$(PY) -m bank_sim bench-core $(BENCH_ARGS)

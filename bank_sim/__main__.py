@@ -7,6 +7,7 @@ COMMANDS = {
     "teller": ("bank_sim.teller", "run teller sessions through a bridge"),
     "autodebit": ("bank_sim.autodebit", "consume the bill feed and debit savings accounts"),
     "reconcile": ("bank_sim.reconcile", "end-of-day reconciliation of the bank's ledger"),
+    "refunds": ("bank_sim.link_ops", "credit the utility's refunds to passbooks, then acknowledge them"),
     "load": ("bank_sim.load", "open-loop load generator with a correctness check"),
     "bench-core": ("bank_sim.bench_core", "benchmark: counter payments, bridge vs direct, SQLite and PostgreSQL"),
     "bench-ratio": ("bank_sim.bench_ratio", "benchmark: pays vs a bare 2-hop gRPC echo, CPU per call per process"),

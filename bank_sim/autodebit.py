@@ -51,6 +51,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 DEBITED = "DEBITED"
 INSUFFICIENT_FUNDS = "INSUFFICIENT_FUNDS"
+# a withdrawn notice (the agreement ended before it was answered): nothing is debited
+NOT_DEBITED = "NOT_DEBITED"
+_OUTCOME_PB = {DEBITED: pb.DEBIT_OUTCOME_DEBITED, INSUFFICIENT_FUNDS: pb.DEBIT_OUTCOME_INSUFFICIENT_FUNDS,
+               NOT_DEBITED: pb.DEBIT_OUTCOME_NOT_DEBITED}
 _TS = sa.DateTime(timezone=True)
 
 metadata = sa.MetaData()
@@ -152,8 +156,7 @@ def serial_for(seq: int, bill_id: int) -> str:
 
 def _result(seq: int, outcome: str, serial: str, amount_fen: int) -> pb.DebitResult:
     return pb.DebitResult(seq=seq, amount_fen=amount_fen, bank_serial=serial if outcome == DEBITED else "",
-                          outcome=pb.DEBIT_OUTCOME_DEBITED if outcome == DEBITED
-                          else pb.DEBIT_OUTCOME_INSUFFICIENT_FUNDS)
+                          outcome=_OUTCOME_PB[outcome])
 
 
 def process_batch(engine: Engine, clock: Clock, bank_id: str, notices: Sequence[pb.BillNotice],
@@ -177,7 +180,7 @@ def process_batch(engine: Engine, clock: Clock, bank_id: str, notices: Sequence[
         takes, rows, results = [], [], []
         for n in new:
             serial = serial_for(n.seq, n.bill_id)
-            ok = balances.get(n.account_no, -1) >= n.amount_fen > 0
+            ok = not n.withdrawn and balances.get(n.account_no, -1) >= n.amount_fen > 0
             if ok:
                 balances[n.account_no] -= n.amount_fen
                 takes.append({"p_bank": bank_id, "p_acct": n.account_no, "p_amount": n.amount_fen})
@@ -186,7 +189,8 @@ def process_batch(engine: Engine, clock: Clock, bank_id: str, notices: Sequence[
                              "teller_id": "", "status": ledger.POSTED, "settlement_date": today, "receipt_no": "",
                              "payment_id": "", "failure_reason": "", "created_at": now, "updated_at": now})
             results.append({"bank_id": bank_id, "seq": n.seq, "bill_id": n.bill_id, "account_no": n.account_no,
-                            "amount_fen": n.amount_fen, "outcome": DEBITED if ok else INSUFFICIENT_FUNDS,
+                            "amount_fen": n.amount_fen,
+                            "outcome": DEBITED if ok else NOT_DEBITED if n.withdrawn else INSUFFICIENT_FUNDS,
                             "bank_serial": serial if ok else "", "processed_at": now})
         if takes:
             _take(conn, bank_id, takes)
@@ -292,6 +296,8 @@ def demo_step(day: Any) -> None:
     run_command("issue-bills", ["mis_adapter", "issue-bills", "--db", day.mis_db, "--period", period,
                                 *day.clock_flags()], log_dir=day.work, timeout_s=s.step_timeout_s, cwd=REPO)
     issued = (day.work / "issue-bills.log").read_text(encoding="utf-8").strip().splitlines()[-1]
+    from bank_sim.link_ops import demo_paid_elsewhere
+    demo_paid_elsewhere(day)  # a few fed bills paid at another bank first: their debits come back as refunds
     settings = load_settings(AutodebitSettings, {
         "target": day.servers["bridge"].grpc_addr, "bank_id": s.bank_id, "insecure": True, "db": day.bank_db,
         "clock_start": s.clock_start, "idle_exit_s": 1.0, "run_timeout_s": s.step_timeout_s})

@@ -27,9 +27,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bank_sim import autodebit, reconcile, teller
+from bank_sim import autodebit, link_ops, reconcile, teller
 from bank_sim.processes import ProcessFailed, ServerProcess, run_command, start_server
 from bank_sim.settings import DemoSettings, TellerSettings
+from ivr import demo as ivr_demo
 from yindian_common.clock import make_clock
 from yindian_common.db import make_engine
 from yindian_common.settings import add_settings_flags, load_settings
@@ -87,7 +88,8 @@ def seed_utility(day: DemoDay) -> None:
 
 def start_mis_adapter(day: DemoDay) -> None:
     proc = day.start("mis_adapter", ["mis_adapter", "serve", "--db", day.mis_db, "--listen", "127.0.0.1:0",
-                                     "--metrics-port", "0", "--insecure", *day.clock_flags()])
+                                     "--metrics-port", "0", "--insecure", *day.clock_flags(),
+                                     *ivr_demo.DEMO_OPERATOR_FLAGS])
     day.console.print(f"  mis_adapter serving on {proc.grpc_addr} (metrics :{proc.metrics_port})")
 
 
@@ -133,8 +135,13 @@ STEPS: list[Step] = [
     ("start mis_adapter", start_mis_adapter),
     ("start the bank's bridge", start_bridge),
     ("counter business through the bridge", counter_business),
+    ("auto-debit agreements signed and ended at the counter", link_ops.demo_agreements_step),
     ("bill issuance and auto-debit through the bridge", autodebit.demo_step),
+    ("refunds credited to passbooks", link_ops.demo_refunds_step),
+    ("day-end sign-off (日终签退) through the bridge", link_ops.demo_sign_off_step),
     ("end-of-day reconciliation through the bridge", reconcile.demo_step),
+    ("start the customer portal (网上查询)", ivr_demo.portal_step),
+    ("voice dunning campaign (自动语音催费)", ivr_demo.dunning_step),
 ]
 
 

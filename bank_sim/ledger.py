@@ -111,6 +111,21 @@ ledger = sa.Table(
 )
 
 
+# Refunds the utility gave back (an auto-debit that met a bill already paid), credited to the passbook
+# once per refund_id (bank_sim.link_ops); acknowledged to the utility after the credit committed.
+refund_credits = sa.Table(
+    "refund_credits", metadata,
+    sa.Column("bank_id", sa.String(16), primary_key=True),
+    sa.Column("refund_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("account_no", sa.String(10), nullable=False),
+    sa.Column("amount_fen", sa.BigInteger, nullable=False),
+    sa.Column("original_serial", sa.String(32), nullable=False),
+    sa.Column("credit_serial", sa.String(32), nullable=False),
+    sa.Column("credited_at", _TS, nullable=False),
+    sa.Column("acknowledged_at", _TS, nullable=True),
+)
+
+
 class LedgerError(Exception):
     """An expected refusal by the bank core itself (not a wire status)."""
 
@@ -413,11 +428,17 @@ def totals_by_status(conn: sa.Connection, bank_id: str, serial_prefix: str = "")
 
 def check_passbooks(conn: sa.Connection, bank_id: str) -> int:
     """Invariant: every passbook's balance = opening balance - its PENDING and
-    POSTED debits. Returns the number of passbooks that break it (0 when sound)."""
+    POSTED debits + the refunds credited to it. Returns the number of passbooks
+    that break it (0 when sound)."""
     held = (sa.select(ledger.c.account_no, sa.func.sum(ledger.c.amount_fen).label("held_fen"))
             .where(ledger.c.bank_id == bank_id, ledger.c.status.in_([PENDING, POSTED]))
             .group_by(ledger.c.account_no).subquery())
-    broken = (sa.select(sa.func.count()).select_from(savings.outerjoin(held, held.c.account_no == savings.c.account_no))
+    back = (sa.select(refund_credits.c.account_no, sa.func.sum(refund_credits.c.amount_fen).label("back_fen"))
+            .where(refund_credits.c.bank_id == bank_id).group_by(refund_credits.c.account_no).subquery())
+    broken = (sa.select(sa.func.count())
+              .select_from(savings.outerjoin(held, held.c.account_no == savings.c.account_no)
+                           .outerjoin(back, back.c.account_no == savings.c.account_no))
               .where(savings.c.bank_id == bank_id,
-                     savings.c.balance_fen != savings.c.opening_balance_fen - sa.func.coalesce(held.c.held_fen, 0)))
+                     savings.c.balance_fen != savings.c.opening_balance_fen - sa.func.coalesce(held.c.held_fen, 0)
+                     + sa.func.coalesce(back.c.back_fen, 0)))
     return int(conn.execute(broken).scalar_one())

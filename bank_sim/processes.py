@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-READY_RE = re.compile(r"READY (\S+) grpc=(\S+) metrics=(\d+)")
+READY_RE = re.compile(r"READY (\S+) (?:grpc|agi|http)=(\S+) metrics=(\d+)")
 TAIL_LINES_MAX = 200
 
 

@@ -65,6 +65,9 @@ class ReconOutcome:
     total_fen: int = 0
     totals: dict[str, tuple[int, int]] = field(default_factory=dict)
     net_settlement_fen: int = 0
+    # refunds the utility paid back this day (net_settlement_fen is net of them)
+    refund_count: int = 0
+    refund_fen: int = 0
     replayed: bool = False
     discrepancies: int = 0
     lines: list[dict[str, Any]] = field(default_factory=list)
@@ -72,6 +75,7 @@ class ReconOutcome:
     def to_json(self) -> dict[str, Any]:
         return {"settlement_date": self.settlement_date, "record_count": self.record_count,
                 "total_fen": self.total_fen, "net_settlement_fen": self.net_settlement_fen,
+                "refund_count": self.refund_count, "refund_fen": self.refund_fen,
                 "replayed": self.replayed, "discrepancies": self.discrepancies,
                 "totals": {k: {"count": c, "amount_fen": f} for k, (c, f) in self.totals.items()},
                 "lines": self.lines}
@@ -115,6 +119,7 @@ def reconcile_day(settings: ReconcileSettings, engine: sa.Engine, channel: grpc.
                 s = resp.summary
                 out.totals = {OUTCOME_NAMES[t.outcome]: (t.count, t.amount_fen) for t in s.totals}
                 out.net_settlement_fen = s.net_settlement_fen
+                out.refund_count, out.refund_fen = s.refund_count, s.refund_fen
                 out.replayed = s.replayed
                 out.record_count = s.record_count
     except grpc.RpcError as exc:
@@ -143,6 +148,8 @@ def render(out: ReconOutcome, bank_id: str) -> Table:
     for name in OUTCOME_NAMES.values():
         count, fen = out.totals.get(name, (0, 0))
         t.add_row(name, f"{count:,}", f"{fen / 100:,.2f}")
+    if out.refund_count:
+        t.add_row("refunds to the bank", f"{out.refund_count:,}", f"{-out.refund_fen / 100:,.2f}")
     t.add_row("net settlement", "", f"{out.net_settlement_fen / 100:,.2f}")
     t.add_row("records sent", f"{out.record_count:,}", "")
     return t
@@ -168,6 +175,7 @@ def main(argv: list[str]) -> int:
         engine.dispose()
     print(f"reconciled {settings.bank_id} {day}: records={out.record_count} "
           + " ".join(f"{k}={c}/{f}" for k, (c, f) in out.totals.items())
+          + f" refund_count={out.refund_count} refund_fen={out.refund_fen}"
           + f" net_settlement_fen={out.net_settlement_fen}" + (" replayed" if out.replayed else ""))
     if settings.summary_json:
         Path(settings.summary_json).write_text(json.dumps(out.to_json(), indent=2), encoding="utf-8")

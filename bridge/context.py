@@ -10,6 +10,7 @@ from bridge.journal import Claims, Journal, JournalWriter
 from bridge.settings import BridgeSettings
 from bridge.upstream import Upstream
 from yindian.v1 import billing_pb2_grpc
+from yindian_common import identity
 from yindian_common.clock import Clock
 from yindian_common.identity import BANK_ID_METADATA
 
@@ -31,6 +32,10 @@ class BridgeContext:
     - `deadline_for(context)`: the timeout, in seconds, for an upstream call made
       on behalf of `context`: its remaining time minus a margin, capped by
       `upstream_deadline_cap_s` (the cap when the caller set no deadline)
+    - `admit(context, rpc)` / `caller_of(context)`: who is calling, refused
+      (PERMISSION_DENIED, audited) unless it is this bank (`bank_id`) or a
+      name of `allow_client`: under mTLS the certificate, in plain text the
+      x-yindian-bank-id metadata (this bank when none is sent)
     - `in_doubt_count(settlement_date)`: journaled Pay/Cancel rows of that
       business date whose outcome is not yet definite; reconciliation refuses
       a day while this is not zero
@@ -48,7 +53,17 @@ class BridgeContext:
         self._metadata: tuple[tuple[str, str], ...] = (
             ((BANK_ID_METADATA, settings.bank_id),) if settings.tls() is None else ())
         self.upstream = Upstream(upstream_channel, self._metadata)
+        self._tls = settings.tls() is not None
+        self._allowed = frozenset({settings.bank_id, *settings.allow_client})
         self.stub: billing_pb2_grpc.BillingServiceStub = self.upstream.stub
+
+    def admit(self, context: grpc.ServicerContext, rpc: str) -> identity.Caller:
+        return identity.admit_client(context, rpc, tls=self._tls, allowed=self._allowed,
+                                     default=self.settings.bank_id)
+
+    def caller_of(self, context: grpc.ServicerContext) -> str:
+        """The admitted caller's identity (the admission interceptor refused everyone else)."""
+        return self.admit(context, "").name
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return self._metadata

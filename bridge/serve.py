@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import threading
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -13,6 +14,7 @@ import sqlalchemy as sa
 from bridge import metrics_collector
 from bridge.context import BridgeContext
 from bridge.journal import Claims, Journal, JournalWriter, create_schema
+from bridge.link_relay import relay_of
 from bridge.resolver import Backoff, Resolver
 from bridge.service import BillingServicer
 from bridge.settings import BridgeSettings
@@ -21,10 +23,12 @@ from yindian_common import fields
 from yindian_common.clock import Clock, make_clock
 from yindian_common.db import make_engine
 from yindian_common.errors import InvalidField
+from yindian_common.identity import HEALTH_PREFIX, AdmissionInterceptor
 from yindian_common.logs import setup_logging
 from yindian_common.metrics import grpc_server_interceptors, instrument_channel, start_metrics_http
 from yindian_common.server import GrpcServer, open_channel
 from yindian_common.settings import add_settings_flags, parse_settings
+from yindian_common.tls import certificate_identity, certificate_store
 
 log = logging.getLogger("yindian.bridge")
 
@@ -39,21 +43,32 @@ def parse(argv: list[str]) -> BridgeSettings:
     return parse_settings(parser, BridgeSettings, argv)
 
 
-def check_settings(settings: BridgeSettings) -> None:
-    if settings.tls() is None:
-        if not settings.bank_id:
-            raise SystemExit("--bank-id is required in plain-text mode")
-        try:
-            fields.code(settings.bank_id, "bank_id", required=True)
-        except InvalidField as err:
-            raise SystemExit(f"--bank-id: {err.message}") from err
+def check_settings(settings: BridgeSettings) -> BridgeSettings:
+    """The settings with this bank's id known: --bank-id, or under mTLS the
+    bridge's own certificate's identity (the utility sees the same); the two
+    must agree, or the journal would name another bank than the link."""
+    tls = settings.tls()
+    if tls is None and not settings.bank_id:
+        raise SystemExit("--bank-id is required in plain-text mode")
+    if tls is not None:
+        own = certificate_identity(tls.cert)
+        if settings.bank_id and settings.bank_id != own:
+            raise SystemExit(f"--bank-id {settings.bank_id} differs from the identity of --tls-cert ({own!r})")
+        settings = settings.model_copy(update={"bank_id": own})
+    try:
+        fields.code(settings.bank_id, "bank_id", required=True)
+        for name in settings.allow_client:
+            fields.code(name, "allow_client", required=True)
+    except InvalidField as err:
+        raise SystemExit(f"--{err.field.replace('_', '-') if err.field else 'bank-id'}: {err.message}") from err
+    return settings
 
 
 class Bridge:
     """The assembled bridge: server, journal writer and resolver."""
 
     def __init__(self, settings: BridgeSettings, clock: Clock | None = None) -> None:
-        check_settings(settings)
+        settings = check_settings(settings)
         self.settings = settings
         clock = clock or make_clock(settings.clock_start or None, settings.timezone)
         _ensure_sqlite_dir(settings.db)
@@ -81,11 +96,14 @@ class Bridge:
             call_timeout_s=settings.resolver_call_timeout_s, min_call_s=settings.upstream_deadline_min_s)
         self.server = GrpcServer(listen=settings.listen, limits=settings.server_limits(), tls=settings.tls(),
                                  insecure=settings.insecure, force_insecure=settings.force_insecure,
-                                 interceptors=grpc_server_interceptors())
+                                 interceptors=grpc_server_interceptors(), cert_store=certificate_store(settings),
+                                 guards=[AdmissionInterceptor(self.ctx.admit, exempt_prefixes=(HEALTH_PREFIX,))])
         self.server.add_service("yindian.v1.BillingService", billing_pb2_grpc.add_BillingServiceServicer_to_server,
                                 BillingServicer(self.ctx, self.resolver))
         self.server.on_drain(self._after_drain)
         self._drained = False
+        self._link = relay_of(self.ctx)  # its journal table exists before the first call
+        self._stop_sign_on = threading.Event()
 
     @property
     def address(self) -> str:
@@ -95,6 +113,10 @@ class Bridge:
         self.ctx.writer.start()
         if self.settings.resolver_enabled:
             self.resolver.start()
+        if self.settings.sign_on_at_start:
+            self._link.sign_on_at_start(self._stop_sign_on, initial_s=self.settings.sign_on_retry_initial_s,
+                                        cap_s=self.settings.sign_on_retry_cap_s,
+                                        call_timeout_s=self.settings.resolver_call_timeout_s)
 
     def start(self) -> None:
         """Serves without signal handling (in-process use, tests)."""
@@ -108,6 +130,7 @@ class Bridge:
         if self._drained:
             return
         self._drained = True
+        self._stop_sign_on.set()
         self.resolver.stop(STOP_TIMEOUT_S)
         self.ctx.writer.stop(STOP_TIMEOUT_S)
         self.ctx.upstream_channel.close()
@@ -125,6 +148,7 @@ def main(argv: list[str]) -> int:
     settings = parse(argv)
     setup_logging(settings.log_level, "bridge")
     bridge = Bridge(settings)
+    settings = bridge.settings  # the bank id is known now, also under mTLS
     metrics_collector.register(bridge.ctx.engine, bridge.ctx.clock, settings.bank_id)
     metrics_port = start_metrics_http(settings.metrics_host, settings.metrics_port)
     bridge.start_workers()

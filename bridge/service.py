@@ -25,6 +25,7 @@ from bridge import feed_relay, recon
 from bridge import journal as jn
 from bridge.context import BridgeContext
 from bridge.journal import Claim, Entry, Outcome
+from bridge.link_relay import relay_of
 from bridge.resolver import REVERSAL_PREFIX, Resolver
 from bridge.upstream import DEFINITE, NOT_SENT, RETRY_LATER_CODES, Answer, link_down_status, relay
 from yindian.v1 import billing_pb2 as pb
@@ -136,7 +137,8 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
                       state=jn.PENDING, business_date=business_date(self.bctx.clock), created_at=now,
                       updated_at=now, account_no=request.account_no, outlet_code=request.outlet_code,
                       teller_id=request.teller_id, channel=request.channel,
-                      bank_balance_fen=request.bank_balance_fen if request.HasField("bank_balance_fen") else None)
+                      bank_balance_fen=request.bank_balance_fen if request.HasField("bank_balance_fen") else None,
+                      caller=self.bctx.caller_of(context))
         return self._money_moving(entry, request, context)  # type: ignore[no-any-return]
 
     def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelResponse:
@@ -147,7 +149,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         entry = Entry(kind=jn.CANCEL, serial=request.cancel_serial, bank_id=self._bank_id,
                       amount_fen=request.amount_fen, state=jn.PENDING, business_date=business_date(self.bctx.clock),
                       created_at=now, updated_at=now, original_serial=request.original_serial,
-                      reason=request.reason)
+                      reason=request.reason, caller=self.bctx.caller_of(context))
         return self._money_moving(entry, request, context)  # type: ignore[no-any-return]
 
     def _money_moving(self, entry: Entry, request: Any, context: grpc.ServicerContext) -> Any:
@@ -323,4 +325,31 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
     def BillFeed(self, request_iterator: Iterator[pb.BillFeedRequest], context: grpc.ServicerContext
                  ) -> Iterator[pb.BillFeedResponse]:
         return feed_relay.bill_feed(self.bctx, request_iterator, context)
+
+    # ---- the link's other transactions (bridge.link_relay) ----
+
+    def SignAgreement(self, request: pb.SignAgreementRequest, context: grpc.ServicerContext) -> pb.SignAgreementResponse:
+        return relay_of(self.bctx).sign_agreement(request, context)
+
+    def EndAgreement(self, request: pb.EndAgreementRequest, context: grpc.ServicerContext) -> pb.EndAgreementResponse:
+        return relay_of(self.bctx).end_agreement(request, context)
+
+    def ListAgreements(self, request: pb.ListAgreementsRequest, context: grpc.ServicerContext) -> pb.ListAgreementsResponse:
+        return relay_of(self.bctx).list_agreements(request, context)
+
+    def ListRefunds(self, request: pb.ListRefundsRequest, context: grpc.ServicerContext) -> pb.ListRefundsResponse:
+        return relay_of(self.bctx).list_refunds(request, context)
+
+    def AcknowledgeRefunds(self, request: pb.AcknowledgeRefundsRequest, context: grpc.ServicerContext) -> pb.AcknowledgeRefundsResponse:
+        return relay_of(self.bctx).acknowledge_refunds(request, context)
+
+    def SignOn(self, request: pb.SignOnRequest, context: grpc.ServicerContext) -> pb.SignOnResponse:
+        return relay_of(self.bctx).sign_on(request, context)
+
+    def SignOff(self, request: pb.SignOffRequest, context: grpc.ServicerContext) -> pb.SignOffResponse:
+        return relay_of(self.bctx).sign_off(request, context)
+
+    def Echo(self, request: pb.EchoRequest, context: grpc.ServicerContext) -> pb.EchoResponse:
+        return relay_of(self.bctx).echo(request, context)
+
 

@@ -8,7 +8,7 @@ from typing import Self
 
 from pydantic import Field, model_validator
 
-from yindian_common.settings import MESSAGE_BYTES_MAX, PORT_MAX, ServerSettings
+from yindian_common.settings import MESSAGE_BYTES_MAX, PORT_MAX, NameList, ServerSettings
 
 
 class BridgeSettings(ServerSettings):
@@ -17,9 +17,13 @@ class BridgeSettings(ServerSettings):
     upstream: str = Field("127.0.0.1:50051", description="mis_adapter's address over the link (HOST:PORT)")
     db: str = Field("sqlite:///var/bridge.db", description="SQLAlchemy URL of the bridge's own journal database")
     bank_id: str = Field("", description="this bank's id; sent as x-yindian-bank-id in plain-text mode "
-                                         "(with mTLS the link certificate identifies the bank)")
+                                         "(with mTLS the link certificate identifies the bank: its CN "
+                                         "when --bank-id is not given)")
     metrics_port: int = Field(9102, ge=0, le=PORT_MAX,
                               description="port of the Prometheus /metrics endpoint (0 picks one)")
+    allow_client: NameList = Field(default_factory=list,
+                                   description="another client identity admitted besides --bank-id (repeatable): "
+                                               "certificate CN, or x-yindian-bank-id in plain text")
 
     # --- upstream calls ---
     upstream_deadline_cap_s: float = Field(5.0, gt=0, le=3_600,
@@ -61,6 +65,13 @@ class BridgeSettings(ServerSettings):
     resolver_backoff_cap_s: float = Field(10.0, gt=0, le=86_400,
                                           description="longest retry delay of an unresolved row")
 
+    # --- link state (签到/签退) ---
+    sign_on_at_start: bool = Field(True, description="sign the bank on at the utility when the bridge starts")
+    sign_on_retry_initial_s: float = Field(0.5, gt=0, le=3_600,
+                                           description="first retry delay of a failed sign-on at start")
+    sign_on_retry_cap_s: float = Field(10.0, gt=0, le=86_400,
+                                       description="longest retry delay of a failed sign-on at start")
+
     retryable_probe_after_s: float = Field(60.0, gt=0, le=86_400,
                                            description="a Pay refused for now (RETRYABLE) that the bank core has not "
                                                        "retried within this time is probed by the resolver like an "
@@ -75,4 +86,6 @@ class BridgeSettings(ServerSettings):
     def _backoff_in_order(self) -> Self:
         if self.resolver_backoff_initial_s > self.resolver_backoff_cap_s:
             raise ValueError("resolver_backoff_initial_s must not exceed resolver_backoff_cap_s")
+        if self.sign_on_retry_initial_s > self.sign_on_retry_cap_s:
+            raise ValueError("sign_on_retry_initial_s must not exceed sign_on_retry_cap_s")
         return self

@@ -131,6 +131,10 @@ class Upstream:
                       ) -> Answer[billing_pb2.QueryAccountResponse]:
         return self._call(self.stub.QueryAccount, request, timeout_s)
 
+    def call(self, rpc: str, request: Any, timeout_s: float) -> Answer:
+        """Any unary BillingService method by name (the link's other transactions, bridge.link_relay)."""
+        return self._call(getattr(self.stub, rpc), request, timeout_s)
+
 
 def relay(context: grpc.ServicerContext, answer: Answer[Any]) -> NoReturn:
     """Passes a non-OK answer on to the bank core: a DEFINITE one unchanged,

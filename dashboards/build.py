@@ -145,6 +145,9 @@ def operations() -> dict[str, Any]:
               [Target(f"sum by (bank) (rate(yindian_feed_notices_sent_total{{{SEL}}}[{RI}]))", "sent {{bank}}"),
                Target(f"sum by (bank) (rate(yindian_feed_notices_acknowledged_total{{{SEL}}}[{RI}]))",
                       "acknowledged {{bank}}")]),
+        Panel("Bank link state", "1 for each bank's state on the link: open, signed_on (签到), signed_off "
+              "(签退: pays settle next day) or suspended (停工, overrides sign-on).", "short",
+              [Target(f"max by (bank, state) (yindian_bank_link_state{{{SEL}}})", "{{bank}} {{state}}")]),
         Panel("Reversal queue (bridge)",
               "Reversals awaiting delivery to the utility and pays in doubt (SUSPECT), by bank.", "short",
               [Target(f"sum by (bank) (yindian_reversal_queue_depth{{{SEL}}})", "reversals {{bank}}"),

@@ -89,12 +89,14 @@ def bills_due(rows: Sequence[Any], tariff_class: str, as_of: dt.date, rates: Lat
 
 
 # ---- the settlement date ----
-def settlement_date(today: dt.date, *, today_reconciled: bool, next_reconciled: bool) -> dt.date:
+def settlement_date(today: dt.date, *, today_reconciled: bool, next_reconciled: bool,
+                    signed_off: bool = False) -> dt.date:
     """A payment posted today settles today, or tomorrow once the bank's today
-    is reconciled; refused (DayClosed) when both are. Late fees still accrue
-    to today whatever the settlement date."""
-    if not today_reconciled:
+    is reconciled or the bank signed off today (日终签退: it closed its books for
+    the day); refused (DayClosed) when tomorrow is reconciled as well. Late fees
+    still accrue to today whatever the settlement date."""
+    if not today_reconciled and not signed_off:
         return today
     if next_reconciled:
-        raise DayClosed(f"settlement dates {today} and {today + ONE_DAY} are both reconciled")
+        raise DayClosed(f"settlement dates {today} and {today + ONE_DAY} are both closed for this bank")
     return today + ONE_DAY

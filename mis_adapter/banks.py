@@ -115,9 +115,13 @@ def lock_bank_day(conn: Connection, bank_id: str, *, exclusive: bool = False) ->
 
 
 def settlement_day(conn: Connection, bank_id: str, today: dt.date) -> dt.date:
-    """The settlement date of a payment posted today (allocation.settlement_date),
-    from the bank's reconciled days. Call it after lock_bank_day."""
+    """The settlement date of a payment (or refund) posted today (allocation.settlement_date),
+    from the bank's reconciled days and its sign-off (日终签退, mis_adapter.link_state).
+    Call it after lock_bank_day."""
+    from mis_adapter import link_state  # link_state reads the bank rows this module owns
+
     closed = {r.settlement_date for r in conn.execute(_CLOSED_DAYS, {"bank_id": bank_id,
                                                                     "days": [today, today + dt.timedelta(days=1)]})}
     return settlement_date(today, today_reconciled=today in closed,
-                           next_reconciled=today + dt.timedelta(days=1) in closed)
+                           next_reconciled=today + dt.timedelta(days=1) in closed,
+                           signed_off=link_state.signed_off_on(conn, bank_id, today))

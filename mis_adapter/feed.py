@@ -38,7 +38,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from mis_adapter import payments
+from mis_adapter import agreements, payments
+from mis_adapter import refunds as refunds_
 from mis_adapter.allocation import allocate_payment, bills_due
 from mis_adapter.banks import lock_bank_day, settlement_day
 from mis_adapter.db.base import table_of
@@ -66,6 +67,7 @@ __all__ = [
 NOTIFY_CHANNEL = "yindian_feed"
 DEBITED = "DEBITED"
 INSUFFICIENT_FUNDS = "INSUFFICIENT_FUNDS"
+NOT_DEBITED = agreements.NOT_DEBITED  # the answer to a withdrawn notice: nothing moved
 AUTO_DEBIT = "AUTO_DEBIT"
 
 
@@ -108,6 +110,8 @@ class Notice:
     amount_fen: int
     due_date: dt.date
     issued_at: dt.datetime
+    # the account's agreement ended before a result: to be answered NOT_DEBITED (mis_adapter.agreements)
+    withdrawn: bool = False
 
 
 @dataclass(frozen=True)
@@ -210,8 +214,9 @@ _LAST_SEQ = _SEQ_READ
 
 def read_notices(conn: Connection, bank_id: str, after_seq: int, limit: int) -> list[Notice]:
     rows = conn.execute(_READ_NOTICES, {"bank_id": bank_id, "after": after_seq, "limit": limit}).all()
-    out = [Notice(r.seq, r.bill_id, r.account_no, r.period, r.kwh, r.amount_fen, r.due_date, r.issued_at)
-           for r in rows]
+    withdrawn = agreements.withdrawn_among(conn, bank_id, [r.seq for r in rows])
+    out = [Notice(r.seq, r.bill_id, r.account_no, r.period, r.kwh, r.amount_fen, r.due_date, r.issued_at,
+                  r.seq in withdrawn) for r in rows]
     # Gapless by construction; a hole here is a bug, never skipped silently.
     for i, n in enumerate(out):
         if n.seq != after_seq + 1 + i:
@@ -344,6 +349,7 @@ class _Plan:
     reversed_: list[DebitIn] = field(default_factory=list)
     dunning: list[DebitIn] = field(default_factory=list)
     no_arrears: list[DebitIn] = field(default_factory=list)
+    withdrawn: list[DebitIn] = field(default_factory=list)
 
 
 def _classify(conn: Connection, bank_id: str, results: Sequence[DebitIn], fee_day: dt.date,
@@ -365,6 +371,9 @@ def _classify(conn: Connection, bank_id: str, results: Sequence[DebitIn], fee_da
             raise RuntimeError(f"bill {r.bill_id} of feed seq {r.seq} is missing")
         if r.outcome == INSUFFICIENT_FUNDS:
             (plan.no_arrears if bill.status == "PAID" else plan.dunning).append(r)
+            continue
+        if r.outcome == NOT_DEBITED:
+            plan.withdrawn.append(r)
             continue
         prior = existing.get(r.bank_serial)
         if prior is not None:
@@ -444,8 +453,10 @@ def _write_plan(conn: Connection, bank_id: str, plan: _Plan, today: dt.date, now
         disp[r.seq] = "DUNNING"
     for r in plan.no_arrears:
         disp[r.seq] = "NO_ARREARS"
+    for r in plan.withdrawn:
+        disp[r.seq] = agreements.WITHDRAWN
     everything = plan.fast + plan.surplus + [e[0] for e in plan.earlier] + plan.reversed_ + plan.dunning \
-        + plan.no_arrears
+        + plan.no_arrears + plan.withdrawn
     bulk_insert(conn, T_RES, [
         {"bank_id": bank_id, "seq": r.seq, "outcome": r.outcome, "bank_serial": r.bank_serial,
          "amount_fen": r.amount_fen, "bill_id": r.bill_id, "account_no": r.account_no,
@@ -494,6 +505,8 @@ def _write_surplus(conn: Connection, bank_id: str, plan: _Plan, now: dt.datetime
          "bank_serial": r.bank_serial, "amount_fen": added, "payment_id": pid, "listed_at": now}
         for r, pid, added in refunds])
     report.refunds += len(refunds)
+    # A bank configured for refunds gets them back (offered in this transaction), else they stay credit.
+    refunds_.offer_in_tx(conn, bank_id, [r.seq for r, _pid, _added in refunds], now)
 
 
 def _advance_cursor(conn: Connection, bank_id: str, seq: int, now: dt.datetime) -> None:

@@ -54,7 +54,7 @@ from google.protobuf import timestamp_pb2
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
-from mis_adapter import feed
+from mis_adapter import agreements, feed
 from mis_adapter.context import AdapterContext
 from mis_adapter.feed import DebitIn, FeedSettings, Notice
 from mis_adapter.feed_window import FeedWindow
@@ -69,7 +69,8 @@ log = logging.getLogger("mis_adapter.feed")
 # Leases are shared by processes and replicas whose business clocks may be
 # shifted (--clock-start in demos and tests): they run on the system clock.
 LEASE_CLOCK = SystemClock()
-OUTCOMES = {pb.DEBIT_OUTCOME_DEBITED: feed.DEBITED, pb.DEBIT_OUTCOME_INSUFFICIENT_FUNDS: feed.INSUFFICIENT_FUNDS}
+OUTCOMES = {pb.DEBIT_OUTCOME_DEBITED: feed.DEBITED, pb.DEBIT_OUTCOME_INSUFFICIENT_FUNDS: feed.INSUFFICIENT_FUNDS,
+            pb.DEBIT_OUTCOME_NOT_DEBITED: feed.NOT_DEBITED}
 
 
 class FeedHub:
@@ -173,7 +174,8 @@ def _ts(t: dt.datetime) -> timestamp_pb2.Timestamp:
 
 def notice_to_proto(n: Notice) -> pb.BillNotice:
     return pb.BillNotice(seq=n.seq, bill_id=n.bill_id, account_no=n.account_no, period=n.period, kwh=n.kwh,
-                         amount_fen=n.amount_fen, due_date=n.due_date.isoformat(), issued_at=_ts(n.issued_at))
+                         amount_fen=n.amount_fen, due_date=n.due_date.isoformat(), issued_at=_ts(n.issued_at),
+                         withdrawn=n.withdrawn)
 
 
 class FeedStream:
@@ -227,19 +229,23 @@ class FeedStream:
             delivered = self.window.delivered
         for i, r in enumerate(results):
             if OUTCOMES.get(r.outcome) is None:
-                raise InvalidField(f"results[{i}].outcome", "must be DEBITED or INSUFFICIENT_FUNDS")
+                raise InvalidField(f"results[{i}].outcome", "must be DEBITED, INSUFFICIENT_FUNDS or NOT_DEBITED")
             if not delivered(r.seq):
                 raise InvalidField(f"results[{i}].seq", f"{r.seq} was not delivered on this stream")
         # Results stored earlier (before a reconnect, or on this stream) are duplicates.
         with feed.reading(self.engine) as conn:
             stored = feed.stored_results(conn, self.bank_id, sorted({r.seq for r in results}))
+            not_debited = [r.seq for r in results if r.outcome == pb.DEBIT_OUTCOME_NOT_DEBITED]
+            withdrawn = agreements.withdrawn_among(conn, self.bank_id, not_debited)
         new: dict[int, DebitIn] = {}
         for i, r in enumerate(results):
             outcome = OUTCOMES[r.outcome]
             if outcome == feed.DEBITED:
                 fields.serial(r.bank_serial, f"results[{i}].bank_serial")
             elif r.bank_serial:
-                raise InvalidField(f"results[{i}].bank_serial", "must be empty for INSUFFICIENT_FUNDS")
+                raise InvalidField(f"results[{i}].bank_serial", "must be empty unless DEBITED")
+            if outcome == feed.NOT_DEBITED and r.seq not in withdrawn:
+                raise InvalidField(f"results[{i}].outcome", "NOT_DEBITED answers only a withdrawn notice")
             notice = pending.get(r.seq)
             if r.seq in stored or r.seq in new or notice is None:
                 prior = stored.get(r.seq) or ((new[r.seq].outcome, new[r.seq].bank_serial, new[r.seq].amount_fen)
@@ -250,7 +256,7 @@ class FeedStream:
                     raise SerialConflict(f"results[{i}]: seq {r.seq} already has a different result",
                                          field=f"results[{i}].seq", reason="FEED_RESULT_CONFLICT")
                 continue
-            if r.amount_fen != notice.amount_fen and not (outcome == feed.INSUFFICIENT_FUNDS and r.amount_fen == 0):
+            if r.amount_fen != notice.amount_fen and not (outcome != feed.DEBITED and r.amount_fen == 0):
                 raise InvalidField(f"results[{i}].amount_fen",
                                    f"{r.amount_fen} is not the notice's {notice.amount_fen} fen")
             new[r.seq] = DebitIn(r.seq, outcome, r.bank_serial, notice.amount_fen, notice.bill_id, notice.account_no)

@@ -1,6 +1,7 @@
 """Issuing a period's bills (出账): prices the unbilled meter readings of a
 period at tariff (mis_adapter.tariff), applies each account's prepaid credit first, and writes
-every bill of an account with an active auto-debit agreement at bank B into
+every bill of an account with an active auto-debit agreement at bank B (started
+on or before today, the bill not above its per-debit limit) into
 B's feed outbox in the same transaction, with the next gapless per-bank seq.
 
 Accounts are issued in batches (`batch_accounts`), each one transaction
@@ -81,8 +82,9 @@ _BILL_IDS = sa.select(T_BILLS.c.account_no, T_BILLS.c.bill_id).where(
     T_BILLS.c.period == _b("period"), InList(T_BILLS.c.account_no, "accts"))
 _MARK_BILLED = T_READ.update().where(T_READ.c.period == _b("p_period"), T_READ.c.billed == sa.false(),
                                      InList(T_READ.c.account_no, "accts")).values(billed=True)
-_AGREEMENTS = sa.select(T_AGR.c.account_no, T_AGR.c.bank_id).where(
-    InList(T_AGR.c.account_no, "accts"), T_AGR.c.active == sa.true())
+# Active agreements that have started (signed_on is the start date), with their per-debit limit.
+_AGREEMENTS = sa.select(T_AGR.c.account_no, T_AGR.c.bank_id, T_AGR.c.debit_limit_fen).where(
+    InList(T_AGR.c.account_no, "accts"), T_AGR.c.active == sa.true(), T_AGR.c.signed_on <= _b("today"))
 _TAKE_PREPAID = T_CUST.update().where(T_CUST.c.account_no == _b("acct")).values(
     prepaid_fen=T_CUST.c.prepaid_fen - _b("applied"))
 
@@ -131,13 +133,16 @@ def _issue_batch(conn: Connection, accts: Sequence[str], period: str, tariff: Ta
             {"account_no": b.account_no, "reason": "BILL_APPLIED", "delta_fen": -b.prepaid_applied_fen,
              "balance_after_fen": b.prepaid_after_fen, "payment_id": None, "bill_id": ids[b.account_no],
              "at": issued_at} for b in with_prepaid])
-    banks = {r.account_no: r.bank_id for r in conn.execute(_AGREEMENTS, {"accts": new_accts})}
+    agreed = {r.account_no: r for r in conn.execute(_AGREEMENTS, {"accts": new_accts, "today": today})}
     by_bank: dict[str, list[dict[str, object]]] = {}
     for b in new:
         due = b.amount_fen - b.prepaid_applied_fen
-        bank = banks.get(b.account_no)
-        if bank is None or due <= 0:
+        agreement = agreed.get(b.account_no)
+        if agreement is None or due <= 0:
             continue
+        if agreement.debit_limit_fen is not None and due > agreement.debit_limit_fen:
+            continue  # above the agreement's per-debit limit: paid at the counter, not fed
+        bank = agreement.bank_id
         by_bank.setdefault(bank, []).append(
             {"bill_id": ids[b.account_no], "account_no": b.account_no, "period": period, "kwh": b.kwh,
              "amount_fen": due, "due_date": due_date, "issued_at": issued_at})

@@ -1,6 +1,7 @@
 """The utility front end's scrape-time gauges, read from the branch databases:
 arrears households and fen by branch (one aggregate over unpaid bills), and
-the bill feed's backlog and lag per bank (outbox rows above the cursor).
+the bill feed's backlog and lag per bank (outbox rows above the cursor), and
+each bank's link state (签到/签退, the operator's suspension overriding it).
 Connection-pool use of the serving engines comes with them.
 
 Reads are cached for `CollectorLimits.refresh_s` and bounded by a statement
@@ -18,6 +19,7 @@ from sqlalchemy.engine import Engine
 
 from mis_adapter.db.core import Bank, BillRow, Branch, Customer
 from mis_adapter.db.feed import FeedCursor, OutboxRow
+from mis_adapter.db.link import BankLink
 from yindian_common import business_metrics as bm
 from yindian_common.clock import Clock
 
@@ -60,10 +62,27 @@ FEED_BACKLOG_BY_BANK = (
     .group_by(_banks.c.bank_id)
 )
 
+_links = BankLink.__table__
+# Every bank with its link state; no row: never signed on or off (served as open).
+LINK_STATE_BY_BANK = (
+    sa.select(_banks.c.bank_id, _banks.c.suspended, _links.c.state)
+    .select_from(_banks.outerjoin(_links, _links.c.bank_id == _banks.c.bank_id))
+)
+# The gauge's state label takes exactly these values (one of them is 1 per bank).
+LINK_STATES = ("open", "signed_on", "signed_off", "suspended")
+
 ARREARS_HOUSEHOLDS = "yindian_arrears_households"
 ARREARS_FEN = "yindian_arrears_fen"
 FEED_BACKLOG = "yindian_feed_backlog_notices"
 FEED_LAG = "yindian_feed_lag_seconds"
+LINK_STATE = "yindian_bank_link_state"
+
+
+def link_state_label(suspended: bool, state: str | None) -> str:
+    """The one state a bank is shown in: suspension (停工) overrides sign-on."""
+    if suspended:
+        return "suspended"
+    return {"SIGNED_ON": "signed_on", "SIGNED_OFF": "signed_off"}.get(state or "", "open")
 
 
 def _utc(value: dt.datetime) -> dt.datetime:
@@ -78,6 +97,8 @@ class MisCollector(bm.DbGaugeCollector):
         bm.GaugeSpec(ARREARS_FEN, "Unpaid principal of all bills, in fen, by branch.", ("branch",)),
         bm.GaugeSpec(FEED_BACKLOG, "Bill notices not yet acknowledged by the bank (outbox backlog).", ("bank",)),
         bm.GaugeSpec(FEED_LAG, "Age of the oldest unacknowledged bill notice, in seconds.", ("bank",), merge="max"),
+        bm.GaugeSpec(LINK_STATE, "1 for the bank's link state (open, signed_on, signed_off, suspended), else 0.",
+                     ("bank", "state"), merge="max"),
     )
 
     def __init__(self, engines: Iterable[Engine], clock: Clock,
@@ -91,7 +112,16 @@ class MisCollector(bm.DbGaugeCollector):
         for code, n, owed_fen in conn.execute(ARREARS_BY_BRANCH):
             households[(code,)] = float(n)
             fen[(code,)] = float(owed_fen)
-        return {ARREARS_HOUSEHOLDS: households, ARREARS_FEN: fen, **self._read_feed(conn)}
+        return {ARREARS_HOUSEHOLDS: households, ARREARS_FEN: fen, **self._read_feed(conn),
+                LINK_STATE: self._read_links(conn)}
+
+    def _read_links(self, conn: sa.Connection) -> dict[tuple[str, ...], float]:
+        out: dict[tuple[str, ...], float] = {}
+        for bank, suspended, state in conn.execute(LINK_STATE_BY_BANK):
+            shown = link_state_label(bool(suspended), state)
+            for label in LINK_STATES:
+                out[(bank, label)] = 1.0 if label == shown else 0.0
+        return out
 
     def _read_feed(self, conn: sa.Connection) -> bm.Readings:
         backlog: dict[tuple[str, ...], float] = {}

@@ -38,6 +38,7 @@ from mis_adapter.db.core import (
 )
 from mis_adapter.db.recon import ReconciledDay
 from mis_adapter.late_fee import LateFeeRates
+from mis_adapter.link_state import SIGNED_OFF_TODAY
 from mis_adapter.routing import BranchRouter
 from yindian_common import business_metrics
 from yindian_common.clock import Clock, business_date, utc_now
@@ -82,7 +83,8 @@ _SERIAL_TAKEN = (sa.select(T_PAY.c.payment_id)
                  .where(T_PAY.c.bank_id == _b("bank_id"), T_PAY.c.bank_serial == _b("serial")).scalar_subquery())
 _LOCK_CUSTOMER_FOR_PAY = (sa.select(T_CUST.c.branch_code, T_CUST.c.tariff_class, T_CUST.c.status,
                                     T_CUST.c.prepaid_fen, _CLOSED_ON.label("closed_today"),
-                                    _CLOSED_NEXT.label("closed_next"), _SERIAL_TAKEN.label("taken_id"))
+                                    _CLOSED_NEXT.label("closed_next"), _SERIAL_TAKEN.label("taken_id"),
+                                    SIGNED_OFF_TODAY.label("signed_off"))
                           .where(T_CUST.c.account_no == _b("account_no")).with_for_update())
 _PAYMENT_BY_ID = sa.select(T_PAY).where(T_PAY.c.payment_id == _b("p_id"))
 _PAYMENT_BY_SERIAL = sa.select(T_PAY).where(T_PAY.c.bank_id == _b("bank_id"), T_PAY.c.bank_serial == _b("serial"))
@@ -187,6 +189,11 @@ class CancelResult:
 class PaymentStatus:
     state: str  # POSTED, REVERSED, NOT_FOUND, REFUSED
     payment: PayResult | None
+    # What the bank reported with the payment (POSTED or REVERSED), as stored.
+    channel: str = ""
+    outlet_code: str = ""
+    teller_id: str = ""
+    bank_balance_fen: int | None = None
 
 
 @dataclass(frozen=True)
@@ -259,8 +266,9 @@ def _pay_tx(ctx: Books, engine: Engine, cmd: PayCommand) -> tuple[PayResult, boo
             return _answer_existing(conn, existing, cmd), False
         if cust.status != "OPEN":
             raise AccountClosed(f"account {cmd.account_no} is closed")
+        # The bank's reconciled today or its sign-off (日终签退) move the settlement to tomorrow.
         settlement = settlement_date(day, today_reconciled=bool(cust.closed_today),
-                                     next_reconciled=bool(cust.closed_next))
+                                     next_reconciled=bool(cust.closed_next), signed_off=bool(cust.signed_off))
         posted = pay_in_tx(conn, ctx.rates, cmd, cust, fee_day=day, settlement=settlement, now=now)
         pk, plan = posted.payment_pk, posted.plan
         arrears_after, prepaid_after = posted.arrears_after_fen, posted.prepaid_after_fen
@@ -386,7 +394,8 @@ def _get_payment(ctx: Books, bank_id: str, bank_serial: str) -> PaymentStatus:
                 continue
             if p.state == TOMBSTONE:
                 return PaymentStatus("REFUSED", None)
-            return PaymentStatus(p.state, _result_of(conn, p))
+            return PaymentStatus(p.state, _result_of(conn, p), p.channel, p.outlet_code, p.teller_id,
+                                 p.bank_balance_fen)
     return PaymentStatus("NOT_FOUND", None)
 
 

@@ -41,6 +41,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
+from mis_adapter import refunds
 from mis_adapter.banks import lock_bank_day
 from mis_adapter.db.base import table_of
 from mis_adapter.db.core import JournalEntry, Payment
@@ -122,6 +123,9 @@ class ReconSummary:
     record_count: int
     reconciled_at: dt.datetime
     replayed: bool = False
+    # refunds to the bank acknowledged with this settlement date (mis_adapter.refunds): netted in net_settlement_fen
+    refund_count: int = 0
+    refund_fen: int = 0
 
     def total(self, outcome: str) -> OutcomeTotal:
         return next(t for t in self.totals if t.outcome == outcome)
@@ -130,14 +134,16 @@ class ReconSummary:
         return json.dumps({"bank_id": self.bank_id, "settlement_date": self.settlement_date.isoformat(),
                            "totals": [[t.outcome, t.count, t.amount_fen] for t in self.totals],
                            "net_settlement_fen": self.net_settlement_fen, "record_count": self.record_count,
-                           "reconciled_at": self.reconciled_at.isoformat()}, sort_keys=True)
+                           "reconciled_at": self.reconciled_at.isoformat(), "refund_count": self.refund_count,
+                           "refund_fen": self.refund_fen}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, *, replayed: bool) -> ReconSummary:
         d = json.loads(text)
         return cls(d["bank_id"], dt.date.fromisoformat(d["settlement_date"]),
                    tuple(OutcomeTotal(o, c, a) for o, c, a in d["totals"]), d["net_settlement_fen"],
-                   d["record_count"], dt.datetime.fromisoformat(d["reconciled_at"]), replayed)
+                   d["record_count"], dt.datetime.fromisoformat(d["reconciled_at"]), replayed,
+                   d.get("refund_count", 0), d.get("refund_fen", 0))
 
 
 # ---- statements, built once ----
@@ -344,5 +350,9 @@ class Reconciliation:
                 bank_side_fen += fen
         counts[MATCHED] = [self.record_count - bank_side_n + settled_n, self.total_fen - bank_side_fen + settled_fen]
         net = int(conn.execute(_NET_POSTED, {"bank_id": self.bank_id, "day": self.day}).scalar_one())
-        return ReconSummary(self.bank_id, self.day, tuple(OutcomeTotal(o, *counts[o]) for o in OUTCOMES), net,
-                            self.record_count, self.now)
+        # Refunds the utility paid back this day (under the exclusive bank-day lock: none can join the day now).
+        refund_n, refund_fen = refunds.day_totals(conn, self.bank_id, self.day)
+        return ReconSummary(self.bank_id, self.day, tuple(OutcomeTotal(o, *counts[o]) for o in OUTCOMES),
+                            net - refund_fen, self.record_count, self.now, refund_count=refund_n,
+                            refund_fen=refund_fen)
+

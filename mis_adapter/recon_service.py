@@ -48,7 +48,8 @@ def discrepancy_pb(d: Discrepancy) -> pb.Discrepancy:
 
 def summary_pb(s: ReconSummary) -> pb.ReconcileSummary:
     out = pb.ReconcileSummary(settlement_date=s.settlement_date.isoformat(), net_settlement_fen=s.net_settlement_fen,
-                              record_count=s.record_count, replayed=s.replayed)
+                              record_count=s.record_count, replayed=s.replayed, refund_count=s.refund_count,
+                              refund_fen=s.refund_fen)
     for t in s.totals:
         out.totals.add(outcome=OUTCOME_PB[t.outcome], count=t.count, amount_fen=t.amount_fen)
     out.reconciled_at.FromDatetime(s.reconciled_at.astimezone(dt.UTC))

@@ -5,6 +5,9 @@ as-of date (reports.py reconstructs them from history).
     report collections     --from D --to D --by bank|outlet|branch|day|channel
     report arrears         --as-of D
     report arrears-detail  --as-of D [--branch CODE]
+    report collections-detail --from D --to D [--bank B] [--outlet CODE]
+                           each payment: time, bank, outlet, teller, amount,
+                           the payer's bank balance after the debit, state
 
 --format table (yuan, for people), csv or json (integer fen, for machines).
 Names and phones in the detail are masked."""
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime as dt
 import json
 import sys
 from collections.abc import Iterable, Iterator
@@ -28,6 +32,8 @@ from yindian_common.settings import load_settings
 
 COLLECTION_COLUMNS = ["key", "count", "amount_fen", "cancelled_count", "cancelled_fen"]
 ARREARS_COLUMNS = ["branch_code", "households", "principal_fen", "late_fee_fen"]
+PAYMENT_COLUMNS = ["settlement_date", "posted_at", "bank_id", "bank_serial", "account_no", "amount_fen", "channel",
+                   "outlet_code", "teller_id", "bank_balance_fen", "state", "reversed_on"]
 DETAIL_COLUMNS = ["account_no", "customer_name", "contact_phone", "branch_code", "unpaid_bills", "principal_fen",
                   "late_fee_fen", "oldest_period"]
 
@@ -57,7 +63,13 @@ def emit(columns: list[str], rows: Iterable[dict[str, Any]], fmt: str, out: Any 
         out.write(" ".join(f"{k}={v}" for k, v in meta.items()) + "\n")
     out.write("".join(f"{t:>18}" for t in titles) + "\n")
     for r in rows:
-        out.write("".join(f"{yuan(r[c]) if c.endswith('_fen') else r[c]!s:>18}" for c in columns) + "\n")
+        out.write("".join(f"{_cell(c, r[c]):>18}" for c in columns) + "\n")
+
+
+def _cell(column: str, value: Any) -> str:
+    if value is None:
+        return ""
+    return yuan(value) if column.endswith("_fen") else str(value)
 
 
 def _with_total(rows: Iterable[Any], total: Any) -> Iterator[dict[str, Any]]:
@@ -72,10 +84,20 @@ def _detail_rows(pages: Iterator[list[reports.ArrearsAccount]]) -> Iterator[dict
             yield asdict(a)
 
 
+def _payment_rows(pages: Iterator[list[reports.CollectedPayment]]) -> Iterator[dict[str, Any]]:
+    for page in pages:
+        for p in page:
+            row = asdict(p)
+            row["posted_at"] = p.posted_at.astimezone(dt.UTC).isoformat()
+            row["settlement_date"] = p.settlement_date.isoformat()
+            row["reversed_on"] = p.reversed_on.isoformat() if p.reversed_on else ""
+            yield row
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m mis_adapter report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("report", choices=["collections", "arrears", "arrears-detail"])
+    p.add_argument("report", choices=["collections", "arrears", "arrears-detail", "collections-detail"])
     p.add_argument("--db", required=True, help="SQLAlchemy URL of the MIS database")
     p.add_argument("--branch-db", action="append", default=[], help="CODE=URL (repeatable)")
     p.add_argument("--from", dest="from_date", default="", help="collections: first settlement date (default today)")
@@ -83,6 +105,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--as-of", dest="as_of", default="", help="arrears: as of the end of this date (default today)")
     p.add_argument("--by", default="bank", choices=list(reports.GROUP_BYS), help="collections: grouping")
     p.add_argument("--branch", default="", help="arrears-detail: only this branch code")
+    p.add_argument("--bank", default="", help="collections-detail: only this bank")
+    p.add_argument("--outlet", default="", help="collections-detail: only this outlet code")
     p.add_argument("--format", default="table", choices=["table", "csv", "json"])
     p.add_argument("--clock-start", default="", help="run the clock from this ISO instant (tests, demos)")
     p.add_argument("--timezone", default=DEFAULT_TZ, help="the utility's time zone: business dates")
@@ -104,6 +128,13 @@ def main(argv: list[str]) -> int:
             arr = reports.arrears_summary(engines, as_of, settings.late_fee_rates(), clock.tz)
             emit(ARREARS_COLUMNS, _with_total(arr.rows, arr.total), args.format,
                  meta={"report": "arrears", "as_of": as_of.isoformat()})
+        elif args.report == "collections-detail":
+            frm = iso_date(args.from_date or today, "--from")
+            to = iso_date(args.to_date or today, "--to")
+            payments = reports.collection_detail(engines, frm, to, args.bank, args.outlet)
+            emit(PAYMENT_COLUMNS, _payment_rows(payments), args.format,
+                 meta={"report": "collections-detail", "from": frm.isoformat(), "to": to.isoformat(),
+                       "bank": args.bank or "all", "outlet": args.outlet or "all"})
         else:
             as_of = iso_date(args.as_of or today, "--as-of")
             pages = reports.arrears_detail(engines, as_of, settings.late_fee_rates(), clock.tz, args.branch)

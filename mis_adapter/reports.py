@@ -45,6 +45,7 @@ REPORT_PERIOD_DAYS_MAX = 3_660       # a collections period is at most ten years
 REPORT_ROWS_MAX = 100_000            # groups in one collections report
 ARREARS_CHUNK_ROWS = 5_000           # bills read and priced per chunk
 DETAIL_PAGE_ACCOUNTS = 500           # accounts per ArrearsDetail page
+DETAIL_PAGE_PAYMENTS = 500           # payments per CollectionDetail page
 
 GROUP_BYS = ("bank", "outlet", "branch", "day", "channel")
 POSTED, REVERSED = "POSTED", "REVERSED"
@@ -73,6 +74,25 @@ class CollectionReport:
     group_by: str
     rows: tuple[CollectionRow, ...]
     total: CollectionRow
+
+
+@dataclass(frozen=True)
+class CollectedPayment:
+    """One payment of a collections period, with what the bank reported with it."""
+    bank_id: str
+    bank_serial: str
+    account_no: str
+    branch_code: str
+    amount_fen: int
+    channel: str
+    outlet_code: str
+    teller_id: str
+    bank_balance_fen: int | None
+    posted_at: dt.datetime
+    settlement_date: dt.date
+    state: str
+    reversed_on: dt.date | None
+    payment_id: int
 
 
 @dataclass
@@ -168,16 +188,34 @@ _cancelled = sa.and_(T_PAY.c.state == REVERSED, T_PAY.c.reversed_on <= _TO)
 _GROUP_COLUMNS = {"bank": (T_PAY.c.bank_id,), "outlet": (T_PAY.c.bank_id, T_PAY.c.outlet_code),
                   "branch": (T_PAY.c.branch_code,), "day": (T_PAY.c.settlement_date,),
                   "channel": (T_PAY.c.channel,)}
-_COLLECTIONS = {
-    g: (sa.select(*cols,
-                  sa.func.sum(sa.case((_kept, 1), else_=0)).label("n"),
-                  sa.func.sum(sa.case((_kept, T_PAY.c.amount_fen), else_=0)).label("fen"),
-                  sa.func.sum(sa.case((_cancelled, 1), else_=0)).label("cn"),
-                  sa.func.sum(sa.case((_cancelled, T_PAY.c.amount_fen), else_=0)).label("cfen"))
-        .where(T_PAY.c.settlement_date >= _FROM, T_PAY.c.settlement_date <= _TO,
-               T_PAY.c.state.in_([POSTED, REVERSED]))
-        .group_by(*cols).order_by(*cols).limit(REPORT_ROWS_MAX + 1))
-    for g, cols in _GROUP_COLUMNS.items()}
+_PERIOD = sa.and_(T_PAY.c.settlement_date >= _FROM, T_PAY.c.settlement_date <= _TO,
+                  T_PAY.c.state.in_([POSTED, REVERSED]))
+_OF_BANK = T_PAY.c.bank_id == _b("bank_id")
+
+
+def _collections_query(cols: tuple[Any, ...], of_bank: bool) -> sa.Select[Any]:
+    q = (sa.select(*cols,
+                   sa.func.sum(sa.case((_kept, 1), else_=0)).label("n"),
+                   sa.func.sum(sa.case((_kept, T_PAY.c.amount_fen), else_=0)).label("fen"),
+                   sa.func.sum(sa.case((_cancelled, 1), else_=0)).label("cn"),
+                   sa.func.sum(sa.case((_cancelled, T_PAY.c.amount_fen), else_=0)).label("cfen"))
+         .where(_PERIOD))
+    if of_bank:
+        q = q.where(_OF_BANK)
+    return q.group_by(*cols).order_by(*cols).limit(REPORT_ROWS_MAX + 1)
+
+
+# (group by, one bank only) -> statement
+_COLLECTIONS = {(g, of_bank): _collections_query(cols, of_bank)
+                for g, cols in _GROUP_COLUMNS.items() for of_bank in (False, True)}
+_PAYMENTS_OF_PERIOD = (sa.select(T_PAY.c.payment_id, T_PAY.c.bank_id, T_PAY.c.bank_serial, T_PAY.c.account_no,
+                                 T_PAY.c.branch_code, T_PAY.c.amount_fen, T_PAY.c.channel, T_PAY.c.outlet_code,
+                                 T_PAY.c.teller_id, T_PAY.c.bank_balance_fen, T_PAY.c.posted_at,
+                                 T_PAY.c.settlement_date, T_PAY.c.state, T_PAY.c.reversed_on)
+                       .where(_PERIOD,
+                              sa.or_(_b("bank_id") == "", _OF_BANK),
+                              sa.or_(_b("outlet_code") == "", T_PAY.c.outlet_code == _b("outlet_code")))
+                       .order_by(T_PAY.c.settlement_date, T_PAY.c.bank_id, T_PAY.c.payment_id))
 
 # Allocations whose effect differs between "now" and "the end of as_of".
 _changed_since = sa.or_(sa.and_(T_PAY.c.state == POSTED, T_PAY.c.settlement_date > _AS_OF),
@@ -224,7 +262,8 @@ _REPLAY_ALLOCS = (sa.select(T_ALLOC.c.bill_id, T_ALLOC.c.principal_fen, T_ALLOC.
 
 # ---- collections ----
 def collection_summary(engines: Sequence[Engine], from_date: dt.date, to_date: dt.date,
-                       group_by: str) -> CollectionReport:
+                       group_by: str, bank_id: str = "") -> CollectionReport:
+    """Every bank's collections, or only `bank_id`'s when given."""
     check_period(from_date, to_date)
     if group_by not in GROUP_BYS:
         raise InvalidField("group_by", f"must be one of {', '.join(GROUP_BYS)}")
@@ -233,7 +272,8 @@ def collection_summary(engines: Sequence[Engine], from_date: dt.date, to_date: d
     for engine in engines:
         with engine.connect().execution_options(read_only=True) as conn, conn.begin():
             _no_jit(conn)
-            rows = conn.execute(_COLLECTIONS[group_by], {"from_day": from_date, "to_day": to_date}).all()
+            rows = conn.execute(_COLLECTIONS[group_by, bool(bank_id)],
+                                {"from_day": from_date, "to_day": to_date, "bank_id": bank_id}).all()
         if len(rows) > REPORT_ROWS_MAX:
             raise InvalidField("group_by", f"more than {REPORT_ROWS_MAX} groups: choose a shorter period")
         for r in rows:
@@ -244,6 +284,29 @@ def collection_summary(engines: Sequence[Engine], from_date: dt.date, to_date: d
     for row in by_key.values():
         total.add(row)
     return CollectionReport(from_date, to_date, group_by, tuple(by_key[k] for k in sorted(by_key)), total)
+
+
+def collection_detail(engines: Sequence[Engine], from_date: dt.date, to_date: dt.date, bank_id: str = "",
+                      outlet_code: str = "", page_payments: int = DETAIL_PAGE_PAYMENTS
+                      ) -> Iterator[list[CollectedPayment]]:
+    """The payments of [from, to] (every bank's, or `bank_id`'s; one outlet's when
+    given), by settlement date, bank and payment, in pages, one database after another."""
+    check_period(from_date, to_date)
+    params = {"from_day": from_date, "to_day": to_date, "bank_id": bank_id, "outlet_code": outlet_code}
+    for engine in engines:
+        with engine.connect().execution_options(read_only=True) as conn, conn.begin():
+            _no_jit(conn)
+            result = conn.execute(_PAYMENTS_OF_PERIOD, params, execution_options={"yield_per": page_payments})
+            for chunk in result.partitions(page_payments):
+                yield [_collected(r) for r in chunk]
+
+
+def _collected(r: Any) -> CollectedPayment:
+    posted_at = r.posted_at if r.posted_at.tzinfo else r.posted_at.replace(tzinfo=dt.UTC)  # stored as UTC
+    return CollectedPayment(r.bank_id, r.bank_serial, r.account_no or "", r.branch_code, int(r.amount_fen),
+                            r.channel, r.outlet_code, r.teller_id,
+                            None if r.bank_balance_fen is None else int(r.bank_balance_fen), posted_at,
+                            r.settlement_date, r.state, r.reversed_on, int(r.payment_id))
 
 
 def _no_jit(conn: Connection) -> None:

@@ -20,8 +20,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from mis_adapter.agreements import SignCommand, sign_many_in_tx
 from mis_adapter.db.base import table_of
-from mis_adapter.db.core import Agreement, Bank, BillRow, Branch, Customer, Meter, PrepaidEntry, Reading
+from mis_adapter.db.core import Bank, BillRow, Branch, Customer, Meter, PrepaidEntry, Reading
 from mis_adapter.migrate import upgrade
 from mis_adapter.routing import BranchRouter
 from mis_adapter.tariff import COMMERCIAL, INDUSTRIAL, RESIDENTIAL, price_fen
@@ -39,6 +40,7 @@ GIVEN = "伟芳娜敏静丽强磊军洋勇艳杰娟涛明超秀霞平刚桂英�
 STREETS = ["人民路", "解放路", "中山路", "建设路", "和平街", "新华街", "胜利路", "光明路", "长江路", "黄河路"]
 DUE_DAY = 25  # bills of period M are issued on the 5th of M+1 and due on the 25th
 ISSUE_DAY = 5
+SEED_AGREEMENT_START = dt.date(2020, 1, 1)
 
 
 def periods_before(today: dt.date, n: int) -> list[str]:
@@ -148,7 +150,12 @@ def seed(router: BranchRouter, accounts: int, roster_dir: Path, *, today: dt.dat
 def _seed_engine(engine: Engine, hs: list[tuple[str, str, str]], rng: random.Random, billed: list[str],
                  unbilled: str, today: dt.date, now: dt.datetime, agreement_share: float, arrears_share: float,
                  rosters: dict[str, list[str]], counts: dict[str, int]) -> None:
-    customers, meters, readings, bills, agreements, prepaid = [], [], [], [], [], []
+    customers: list[dict[str, Any]] = []
+    meters: list[dict[str, Any]] = []
+    readings: list[dict[str, Any]] = []
+    bills: list[dict[str, Any]] = []
+    prepaid: list[dict[str, Any]] = []
+    agreements: list[SignCommand] = []
     for acct, branch, cls in hs:
         name = rng.choice(SURNAMES) + "".join(rng.choice(GIVEN) for _ in range(rng.choice((1, 2))))
         phone = "1" + rng.choice("3456789") + "".join(str(rng.randrange(10)) for _ in range(9))
@@ -193,16 +200,25 @@ def _seed_engine(engine: Engine, hs: list[tuple[str, str, str]], rng: random.Ran
                             "balance_after_fen": prepaid_fen, "payment_id": None, "bill_id": None, "at": now})
         if rng.random() < agreement_share:
             bank = BANKS[rng.randrange(len(BANKS))][0]
-            agreements.append({"account_no": acct, "bank_id": bank, "signed_on": dt.date(2020, 1, 1),
-                               "active": True})
+            agreements.append(seed_agreement(bank, acct))
             rosters[bank].append(acct)
     for table, rows in ((Customer, customers), (Meter, meters), (Reading, readings), (BillRow, bills),
-                        (Agreement, agreements), (PrepaidEntry, prepaid)):
+                        (PrepaidEntry, prepaid)):
         bulk_insert(engine, table_of(table), rows)
+    # Agreements through the path SignAgreement takes (records, the accounts' index rows, journal).
+    with engine.begin() as conn:
+        sign_many_in_tx(conn, agreements, today, now)
     counts["customers"] += len(customers)
     counts["bills"] += len(bills)
     counts["readings"] += len(readings)
     counts["agreements"] += len(agreements)
+
+
+def seed_agreement(bank_id: str, account_no: str) -> SignCommand:
+    """A migrated agreement: feeding since SEED_AGREEMENT_START, serial and passbook named by the account."""
+    return SignCommand(bank_id=bank_id, agreement_serial=f"SEED-{account_no}", account_no=account_no,
+                       savings_account_ref=f"PB-{account_no}", debit_limit_fen=None,
+                       start_date=SEED_AGREEMENT_START)
 
 
 def main(argv: list[str]) -> int:

@@ -6,26 +6,30 @@ import logging
 
 from mis_adapter import metrics_collector
 from mis_adapter.context import AdapterContext
+from mis_adapter.customer_service import CustomerServicer, add_operator_flags
 from mis_adapter.feed import FeedSettings
 from mis_adapter.feed_service import FeedHub
 from mis_adapter.migrate import upgrade
 from mis_adapter.report_service import ReportServicer
 from mis_adapter.service import BillingServicer
 from mis_adapter.settings import AdapterSettings
-from yindian.v1 import billing_pb2_grpc, report_pb2_grpc
+from yindian.v1 import billing_pb2_grpc, customer_pb2_grpc, report_pb2_grpc
 from yindian_common.clock import Clock, make_clock
 from yindian_common.logs import setup_logging
 from yindian_common.metrics import grpc_server_interceptors, start_metrics_http
 from yindian_common.server import GrpcServer
 from yindian_common.settings import add_settings_flags, parse_settings
+from yindian_common.tls import certificate_store
 
 log = logging.getLogger("mis_adapter")
 
 
 def parse(argv: list[str]) -> AdapterSettings:
     parser = argparse.ArgumentParser(prog="python -m mis_adapter serve",
-                                     description="Serve BillingService and ReportService to the banks.")
+                                     description="Serve BillingService and ReportService to the banks, "
+                                                 "CustomerService to the utility's own channels.")
     add_settings_flags(parser, AdapterSettings)
+    add_operator_flags(parser)
     return parse_settings(parser, AdapterSettings, argv)
 
 
@@ -39,11 +43,14 @@ def build_server(settings: AdapterSettings, clock: Clock | None = None) -> tuple
             upgrade(engine)
     server = GrpcServer(listen=settings.listen, limits=settings.server_limits(), tls=settings.tls(),
                         insecure=settings.insecure, force_insecure=settings.force_insecure,
-                        interceptors=grpc_server_interceptors())
+                        interceptors=grpc_server_interceptors(), cert_store=certificate_store(settings))
     server.add_service("yindian.v1.BillingService", billing_pb2_grpc.add_BillingServiceServicer_to_server,
                        BillingServicer(ctx))
     server.add_service("yindian.v1.ReportService", report_pb2_grpc.add_ReportServiceServicer_to_server,
                        ReportServicer(ctx))
+    # Customer channels (portal, ivr): utility operators only, never relayed by a bridge.
+    server.add_service("yindian.v1.CustomerService", customer_pb2_grpc.add_CustomerServiceServicer_to_server,
+                       CustomerServicer(ctx))
     server.on_drain(ctx.close)
     return server, ctx
 

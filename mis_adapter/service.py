@@ -11,7 +11,7 @@ from typing import TypeVar
 import grpc
 from google.protobuf import timestamp_pb2
 
-from mis_adapter import feed_service, payments, recon_service
+from mis_adapter import feed_service, link_service, payments, recon_service
 from mis_adapter.context import AdapterContext
 from mis_adapter.payments import CancelCommand, PayCommand, PayResult
 from yindian.v1 import billing_pb2 as pb
@@ -26,6 +26,7 @@ R = TypeVar("R")
 
 CHANNEL_NAMES = {pb.CHANNEL_COUNTER: "COUNTER", pb.CHANNEL_AUTO_DEBIT: "AUTO_DEBIT", pb.CHANNEL_ATM: "ATM",
                  pb.CHANNEL_ONLINE: "ONLINE"}
+CHANNEL_CODES = {name: code for code, name in CHANNEL_NAMES.items()}
 BILL_STATUS = {"UNPAID": pb.BILL_STATUS_UNPAID, "PARTIAL": pb.BILL_STATUS_PARTIAL, "PAID": pb.BILL_STATUS_PAID}
 PAYMENT_STATE = {"POSTED": pb.PAYMENT_STATE_POSTED, "REVERSED": pb.PAYMENT_STATE_REVERSED,
                  "NOT_FOUND": pb.PAYMENT_STATE_NOT_FOUND, "REFUSED": pb.PAYMENT_STATE_REFUSED}
@@ -130,6 +131,11 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             resp = pb.GetPaymentResponse(state=PAYMENT_STATE[st.state])
             if st.payment is not None:
                 resp.payment.CopyFrom(pay_response(st.payment))
+                # What the bank reported with it, as stored (a RECONCILE posting has no proto channel).
+                resp.outlet_code, resp.teller_id = st.outlet_code, st.teller_id
+                resp.channel = CHANNEL_CODES.get(st.channel, pb.CHANNEL_UNSPECIFIED)
+                if st.bank_balance_fen is not None:
+                    resp.bank_balance_fen = st.bank_balance_fen
             return resp
 
     def Reconcile(self, request_iterator: Iterator[pb.ReconcileRequest], context: grpc.ServicerContext
@@ -144,3 +150,29 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             bank_id = self._bank(context)
         return guard_stream(context, "BillFeed", feed_service.bill_feed(self.ctx, bank_id, request_iterator, context),
                             database="MIS database")
+
+    # ---- the link's other transactions (mis_adapter.link_service) ----
+    def SignAgreement(self, request: pb.SignAgreementRequest, context: grpc.ServicerContext) -> pb.SignAgreementResponse:
+        return link_service.sign_agreement(self.ctx, request, context)
+
+    def EndAgreement(self, request: pb.EndAgreementRequest, context: grpc.ServicerContext) -> pb.EndAgreementResponse:
+        return link_service.end_agreement(self.ctx, request, context)
+
+    def ListAgreements(self, request: pb.ListAgreementsRequest, context: grpc.ServicerContext) -> pb.ListAgreementsResponse:
+        return link_service.list_agreements(self.ctx, request, context)
+
+    def ListRefunds(self, request: pb.ListRefundsRequest, context: grpc.ServicerContext) -> pb.ListRefundsResponse:
+        return link_service.list_refunds(self.ctx, request, context)
+
+    def AcknowledgeRefunds(self, request: pb.AcknowledgeRefundsRequest, context: grpc.ServicerContext) -> pb.AcknowledgeRefundsResponse:
+        return link_service.acknowledge_refunds(self.ctx, request, context)
+
+    def SignOn(self, request: pb.SignOnRequest, context: grpc.ServicerContext) -> pb.SignOnResponse:
+        return link_service.sign_on(self.ctx, request, context)
+
+    def SignOff(self, request: pb.SignOffRequest, context: grpc.ServicerContext) -> pb.SignOffResponse:
+        return link_service.sign_off(self.ctx, request, context)
+
+    def Echo(self, request: pb.EchoRequest, context: grpc.ServicerContext) -> pb.EchoResponse:
+        return link_service.echo(self.ctx, request, context)
+

@@ -8,7 +8,7 @@ from typing import Self
 from pydantic import Field, model_validator
 
 from mis_adapter.late_fee import LateFeeRates
-from yindian_common.settings import PORT_MAX, ServerSettings
+from yindian_common.settings import PORT_MAX, NameList, ServerSettings
 
 PPM_MAX = 1_000_000          # a late fee of 100 % a day is already absurd
 FEE_FEN_MAX = 10**9
@@ -48,6 +48,18 @@ class AdapterSettings(ServerSettings):
                                     description="bill feed: a dead replica's stream lease lapses after this")
     feed_peer_silence_s: float = Field(120.0, gt=0, le=86_400,
                                        description="bill feed: end a stream with no results for this long")
+    # Customer channels (CustomerService) and ReportService: utility operator identities, never banks.
+    operators: NameList = Field(default_factory=list,
+                                 description="utility operator NAME allowed operator RPCs (repeatable; "
+                                             "mTLS CN/SAN, or x-yindian-operator metadata in plain text)")
+    factorless_operators: NameList = Field(default_factory=list,
+                                            description="operators that may read an account overview without "
+                                                        "the phone factor (the IVR; repeatable)")
+    dunning_operators: NameList = Field(default_factory=list,
+                                         description="operators that may list dunning candidates (full phone "
+                                                     "numbers), record attempts and opt-outs (repeatable)")
+    dunning_attempts_list_max: int = Field(1_000, ge=1, le=100_000,
+                                           description="dunning attempts returned per ListDunningAttempts")
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeat(self) -> Self:

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = {"yindian-mis-adapter": "mis_adapter", "yindian-bridge": "bridge", "yindian-bank-sim": "bank_sim"}
+SCRIPTS = {"yindian-mis-adapter": "mis_adapter", "yindian-bridge": "bridge", "yindian-bank-sim": "bank_sim",
+           "yindian-ivr": "ivr"}
 BUILD_TIMEOUT_S = 120
 
 

@@ -6,11 +6,13 @@ stable UPPER_SNAKE reason. Every expected refusal of YinDian is a class here.
     ├── InvalidField            INVALID_ARGUMENT  (names the field)
     ├── FileRejected            INVALID_ARGUMENT  (a reconciliation file; lists its problems)
     ├── AccountNotFound         NOT_FOUND
+    ├── AgreementNotFound       NOT_FOUND  (no active agreement of the caller's; another bank's looks the same)
     ├── SerialConflict          ALREADY_EXISTS
     ├── Precondition            FAILED_PRECONDITION
     │   ├── DayClosed
     │   ├── SerialReversed
     │   ├── AccountClosed
+    │   ├── AgreementActive     (the account already has an active auto-debit agreement)
     │   └── FeedMultiDatabase   (the bill feed needs all branches in one database)
     ├── Forbidden               PERMISSION_DENIED
     ├── Unauthenticated         UNAUTHENTICATED
@@ -67,6 +69,11 @@ class AccountNotFound(YinDianError):
     reason = "ACCOUNT_NOT_FOUND"
 
 
+class AgreementNotFound(YinDianError):
+    code = "NOT_FOUND"
+    reason = "AGREEMENT_NOT_FOUND"
+
+
 class SerialConflict(YinDianError):
     code = "ALREADY_EXISTS"
     reason = "SERIAL_REUSED"
@@ -87,6 +94,10 @@ class SerialReversed(Precondition):
 
 class AccountClosed(Precondition):
     reason = "ACCOUNT_CLOSED"
+
+
+class AgreementActive(Precondition):
+    reason = "AGREEMENT_ACTIVE"
 
 
 class FeedMultiDatabase(Precondition):

@@ -18,6 +18,8 @@ AMOUNT_MAX_FEN = 1_000_000_000
 _SERIAL_RE = re.compile(r"[A-Za-z0-9-]{1,32}")
 _CODE_RE = re.compile(r"[A-Za-z0-9_-]*")
 _DIGITS_RE = re.compile(r"[0-9]+")
+# A standalone run of 10 digits (not part of a serial, code or longer number).
+_ACCOUNT_IN_TEXT_RE = re.compile(r"(?<![A-Za-z0-9_-])[0-9]{10}(?![A-Za-z0-9_])")
 
 
 def luhn_check_digit(body: str) -> int:
@@ -126,3 +128,18 @@ def mask_phone(phone: str) -> str:
     if len(phone) < 8:
         return "*" * len(phone)
     return phone[:3] + "*" * (len(phone) - 7) + phone[-4:]
+
+
+def mask_account(account: str) -> str:
+    """01******34-style: the branch code and the last two digits kept."""
+    if len(account) != ACCOUNT_NO_LEN:
+        return "*" * len(account)
+    return account[:2] + "*" * 6 + account[-2:]
+
+
+def mask_accounts(text: str) -> str:
+    """Every valid account number (10 digits, Luhn check digit) standing alone in `text`, masked."""
+    def one(m: re.Match[str]) -> str:
+        digits = m.group(0)
+        return mask_account(digits) if luhn_check_digit(digits[:9]) == ord(digits[9]) - 48 else digits
+    return _ACCOUNT_IN_TEXT_RE.sub(one, text)

@@ -20,6 +20,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from yindian_common.tls import CertificateStore, TlsFiles
+
 log = logging.getLogger("yindian.server")
 
 # Keepalive: a dead peer is noticed within ping interval + timeout.
@@ -34,13 +36,6 @@ class ServerLimits:
     max_concurrent_rpcs: int = 256
     max_message_bytes: int = 4 * 1024 * 1024
     grace_s: float = 10.0
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    cert: str
-    key: str
-    ca: str
 
 
 def is_loopback(host_port: str) -> bool:
@@ -91,11 +86,6 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
-def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
-    return grpc.ssl_server_credentials([(_read(tls.key), _read(tls.cert))],
-                                       root_certificates=_read(tls.ca), require_client_auth=True)
-
-
 def open_channel(target: str, *, tls: TlsFiles | None, insecure: bool, force_insecure: bool = False,
                  max_message_bytes: int = 4 * 1024 * 1024) -> grpc.Channel:
     opts = channel_options(max_message_bytes)
@@ -114,17 +104,23 @@ class GrpcServer:
 
     def __init__(self, *, listen: str, limits: ServerLimits, tls: TlsFiles | None, insecure: bool,
                  force_insecure: bool = False,
-                 interceptors: Sequence[grpc.ServerInterceptor] = ()) -> None:
+                 interceptors: Sequence[grpc.ServerInterceptor] = (),
+                 cert_store: CertificateStore | None = None,
+                 guards: Sequence[grpc.ServerInterceptor] = ()) -> None:
         self.limits = limits
+        # With TLS, the certificates (and the revoked client serials) reload on SIGHUP and when the files change.
+        self.cert_store = cert_store if cert_store is not None or tls is None else CertificateStore(tls)
+        # Revoked certificates are refused first, then the server's own admission `guards`.
+        revocation = [self.cert_store.interceptor()] if self.cert_store is not None else []
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=limits.max_workers, thread_name_prefix="rpc"),
             options=server_options(limits), maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
-            interceptors=list(interceptors))
+            interceptors=[*interceptors, *revocation, *guards])
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         self._service_names: list[str] = [health.SERVICE_NAME, reflection.SERVICE_NAME]
-        if tls is not None:
-            self.port = self._server.add_secure_port(listen, server_credentials(tls))
+        if self.cert_store is not None:
+            self.port = self._server.add_secure_port(listen, self.cert_store.server_credentials())
         else:
             if not insecure:
                 raise SystemExit("no TLS files given: pass --tls-cert/--tls-key/--tls-ca, or --insecure on loopback")
@@ -168,6 +164,7 @@ class GrpcServer:
     def serve_forever(self, ready_line: str | None = None) -> None:
         """Blocks until a signal; prints `ready_line` (with the port) once serving."""
         got_signal = threading.Event()
+        reload_asked = threading.Event()
 
         def handler(signum: int, _frame: Any) -> None:
             if got_signal.is_set():
@@ -177,11 +174,15 @@ class GrpcServer:
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: reload_asked.set())
         self.start()
         if ready_line:
             print(ready_line, flush=True)
         while not got_signal.wait(0.5):
-            pass
+            if reload_asked.is_set():
+                reload_asked.clear()
+                if self.cert_store is not None:
+                    self.cert_store.reload()
         log.info("event=draining grace_s=%s", self.limits.grace_s)
         self.stop()
         log.info("event=stopped")

@@ -9,10 +9,17 @@ a value out of range, from any source, is refused naming the setting."""
 from __future__ import annotations
 
 import argparse
-from typing import Any, Literal, TypeVar
+import json
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic import BeforeValidator, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from yindian_common.clock import DEFAULT_TZ
 from yindian_common.server import ServerLimits, TlsFiles
@@ -35,6 +42,24 @@ class YinDianSettings(BaseSettings):
 
 MESSAGE_BYTES_MAX = 256 * 1024 * 1024
 PORT_MAX = 65_535
+NAMES_MAX = 1_000  # entries of a list of names (operators, allowed clients, revoked serials)
+
+
+def _names(value: Any) -> Any:
+    """A list of names from a flag (repeated), TOML (an array) or the environment
+    (comma-separated, or a JSON array as pydantic-settings writes lists)."""
+    if isinstance(value, str):
+        if value.lstrip().startswith("["):
+            try:
+                return json.loads(value)
+            except ValueError:
+                return value  # refused by the list type, naming the setting
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+# A list setting that YINDIAN_<NAME>=a,b sets as well as a repeated flag or a TOML array.
+NameList = Annotated[list[str], NoDecode, BeforeValidator(_names), Field(max_length=NAMES_MAX)]
 
 
 class ServerSettings(YinDianSettings):
@@ -60,6 +85,14 @@ class ServerSettings(YinDianSettings):
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1_024, le=MESSAGE_BYTES_MAX,
                                    description="largest gRPC message accepted or sent")
     grace_s: float = Field(10.0, ge=0, le=3_600, description="drain period on SIGTERM")
+    # Revoked client certificates (grpcio has no CRL support: refused at every call), reloaded with the
+    # certificates on SIGHUP and when the files change.
+    tls_revoked_serials: NameList = Field(default_factory=list,
+                                          description="revoked client certificate serial, hex (repeatable)")
+    tls_deny_list: str = Field("", description="file of revoked client certificate serials (hex, one a line)")
+    tls_crl: str = Field("", description="certificate revocation list (PEM or DER) signed by a CA of --tls-ca")
+    tls_reload_check_s: float = Field(1.0, gt=0, le=3_600,
+                                      description="how often the TLS files are checked for changes")
 
     def server_limits(self) -> ServerLimits:
         return ServerLimits(max_workers=self.max_workers, max_concurrent_rpcs=self.max_concurrent_rpcs,

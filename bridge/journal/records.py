@@ -47,6 +47,8 @@ class Entry(Recorded):
     channel: int = 0
     bank_balance_fen: int | None = None
     reason: str = ""
+    # Who sent it (not part of the request: a retry by another admitted client is the same request).
+    caller: str = ""
 
     def same_request(self, other: Entry) -> bool:
         """Same parameters (the idempotency rule): only what the bank core sent counts."""

@@ -1,5 +1,6 @@
-"""The journal's kinds, states and bounds, and its two tables (migrated by
-bridge/migrations: revision 0001 creates them)."""
+"""The journal's kinds, states and bounds, and its tables (migrated by
+bridge/migrations: revision 0001 creates the journal and its audit, 0003_link_journal the
+append-only journal of the link's other transactions, bridge.link_journal)."""
 from __future__ import annotations
 
 import datetime as dt
@@ -42,6 +43,8 @@ requests = sa.Table(
     sa.Column("channel", sa.Integer, nullable=False, default=0),
     sa.Column("bank_balance_fen", sa.BigInteger, nullable=True),
     sa.Column("reason", sa.String(128), nullable=False, default=""),
+    # who sent it: the bank core's certificate identity, or its x-yindian-bank-id (revision 0002_journal_caller)
+    sa.Column("caller", sa.String(16), nullable=False, default="", server_default=""),
     sa.Column("state", sa.String(12), nullable=False),
     # gRPC status code of the definite answer (0 = OK)
     sa.Column("status_code", sa.Integer, nullable=True),
@@ -80,3 +83,23 @@ COLUMNS = [c.name for c in requests.columns]
 def utc(value: dt.datetime) -> dt.datetime:
     """Instants are stored in UTC (SQLite and MariaDB keep only the wall time)."""
     return value.astimezone(dt.UTC)
+
+
+# Agreements, refund acknowledgements, sign-on/off (bridge.link_journal): append-only, one line before the
+# request crosses the link (REQUESTED) and one after (ANSWERED).
+LINK_DETAIL_MAX = 256
+link_lines = sa.Table(
+    "bridge_link_journal", metadata,
+    sa.Column("line_id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("at", TZ, nullable=False),
+    sa.Column("bank_id", sa.String(16), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("serial", sa.String(32), nullable=False),
+    sa.Column("account_no", sa.String(10), nullable=False),
+    sa.Column("amount_fen", sa.BigInteger, nullable=False),
+    sa.Column("phase", sa.String(10), nullable=False),
+    # OK, the utility's status code name, or IN_DOUBT (ANSWERED lines only)
+    sa.Column("outcome", sa.String(20), nullable=False),
+    sa.Column("detail", sa.String(LINK_DETAIL_MAX), nullable=False),
+    sa.Index("ix_bridge_link_journal_serial", "kind", "serial"),
+)

@@ -7,11 +7,14 @@ from __future__ import annotations
 import datetime as dt
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import Mapped, mapped_column
 
 from mis_adapter.db.base import Base, BigId, Money
 
 TZ = sa.DateTime(timezone=True)
+# Instants of money movements: microseconds on MariaDB too (revision 0004_time_precision).
+INSTANT = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 
 class Branch(Base):
@@ -114,12 +117,12 @@ class Payment(Base):
     teller_id: Mapped[str] = mapped_column(sa.String(16), default="")
     bank_balance_fen: Mapped[int | None] = mapped_column(Money, nullable=True)
     settlement_date: Mapped[dt.date] = mapped_column(sa.Date)
-    posted_at: Mapped[dt.datetime] = mapped_column(TZ)
+    posted_at: Mapped[dt.datetime] = mapped_column(INSTANT)
     arrears_after_fen: Mapped[int] = mapped_column(Money, default=0)
     prepaid_after_fen: Mapped[int] = mapped_column(Money, default=0)
     # the part of the amount that became prepaid credit
     prepaid_added_fen: Mapped[int] = mapped_column(Money, default=0)
-    reversed_at: Mapped[dt.datetime | None] = mapped_column(TZ, nullable=True)
+    reversed_at: Mapped[dt.datetime | None] = mapped_column(INSTANT, nullable=True)
     reversed_on: Mapped[dt.date | None] = mapped_column(sa.Date, nullable=True)
     cancel_serial: Mapped[str | None] = mapped_column(sa.String(32), nullable=True)
 
@@ -144,7 +147,7 @@ class PrepaidEntry(Base):
     balance_after_fen: Mapped[int] = mapped_column(Money)
     payment_id: Mapped[int | None] = mapped_column(sa.BigInteger, nullable=True)
     bill_id: Mapped[int | None] = mapped_column(sa.BigInteger, nullable=True)
-    at: Mapped[dt.datetime] = mapped_column(TZ)
+    at: Mapped[dt.datetime] = mapped_column(INSTANT)
 
 
 class CancelRow(Base):
@@ -161,7 +164,7 @@ class CancelRow(Base):
     outcome: Mapped[str] = mapped_column(sa.String(20))
     settlement_date: Mapped[dt.date] = mapped_column(sa.Date)
     payment_id: Mapped[int | None] = mapped_column(sa.BigInteger, nullable=True)
-    created_at: Mapped[dt.datetime] = mapped_column(TZ)
+    created_at: Mapped[dt.datetime] = mapped_column(INSTANT)
 
 
 class Agreement(Base):
@@ -170,8 +173,12 @@ class Agreement(Base):
     account_no: Mapped[str] = mapped_column(sa.String(10), sa.ForeignKey("customers.account_no"),
                                             primary_key=True)
     bank_id: Mapped[str] = mapped_column(sa.String(16), index=True)
+    # the date from which the account's bills are fed (the agreement's start date)
     signed_on: Mapped[dt.date] = mapped_column(sa.Date)
     active: Mapped[bool] = mapped_column(sa.Boolean, default=True)
+    # (revision 0004) the agreement_records row this is the index of, and its per-debit limit (NULL: none)
+    agreement_id: Mapped[int | None] = mapped_column(sa.BigInteger, nullable=True)
+    debit_limit_fen: Mapped[int | None] = mapped_column(Money, nullable=True)
 
 
 class JournalEntry(Base):
@@ -180,7 +187,7 @@ class JournalEntry(Base):
     __tablename__ = "journal"
     __table_args__ = (sa.Index("ix_journal_bank_at", "bank_id", "at"),)
     entry_id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    at: Mapped[dt.datetime] = mapped_column(TZ)
+    at: Mapped[dt.datetime] = mapped_column(INSTANT)
     bank_id: Mapped[str] = mapped_column(sa.String(16))
     # PAY, CANCEL, DEBIT, RECONCILE
     rpc: Mapped[str] = mapped_column(sa.String(12))

@@ -112,7 +112,9 @@ def make_bridge(tmp_path: Path) -> Iterator[Callable[..., BankCore]]:
     def make(upstream: str, *, db: str | None = None, **over: object) -> BankCore:
         fields: dict[str, object] = {"listen": "127.0.0.1:0", "upstream": upstream, "bank_id": BANK,
                                      "insecure": True, "db": db or f"sqlite:///{tmp_path / 'bridge.db'}",
-                                     "resolver_enabled": False, "grace_s": 2.0, "metrics_port": 0}
+                                     "resolver_enabled": False, "grace_s": 2.0, "metrics_port": 0,
+                                     # no background SignOn: the fault-injecting link holds the first call it sees
+                                     "sign_on_at_start": False}
         fields.update(over)
         b = Bridge(BridgeSettings(**fields))  # type: ignore[arg-type]
         b.start()

@@ -150,8 +150,15 @@ def test_in_doubt_count_is_per_business_date(engine: Engine) -> None:
     assert [c.serial for c in j.cancels_of("A")] == ["C"]
 
 
-def test_migration_0001_is_exactly_the_journal_schema(engine: Engine) -> None:
-    """The tables revision 0001 creates are the ones the code declares: nothing for autogenerate to add."""
+def _head() -> list[str]:
+    from alembic.script import ScriptDirectory
+
+    from bridge.migrate import alembic_config
+    return list(ScriptDirectory.from_config(alembic_config()).get_heads())
+
+
+def test_migrations_are_exactly_the_journal_schema(engine: Engine) -> None:
+    """The tables the revisions create are the ones the code declares: nothing for autogenerate to add."""
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
@@ -160,21 +167,35 @@ def test_migration_0001_is_exactly_the_journal_schema(engine: Engine) -> None:
         diffs = compare_metadata(ctx, jn.metadata)
         version = conn.execute(sa.text("SELECT version_num FROM bridge_alembic_version")).scalars().all()
     assert diffs == []
-    assert version == ["0001"]
+    assert version == _head() == ["0003_link_journal"]
 
 
 def test_a_journal_created_before_migrations_is_stamped_and_keeps_its_rows(db_url: str) -> None:
-    """A bridge journal made by the old create_all still starts: it is stamped 0001, its rows kept."""
+    """A bridge journal made by the old create_all (exactly revision 0001's tables) still starts: it is
+    stamped 0001 and upgraded, its rows kept (their caller unknown: '')."""
+    from alembic import command
+
+    from bridge.migrate import alembic_config
     eng = make_engine(db_url, pool_size=2)
     try:
-        jn.metadata.create_all(eng)  # what every bridge did at start before bridge/migrations existed
-        assert Journal(eng).insert_new(pay("OLD1", 4_200))
+        cfg = alembic_config()
+        with eng.begin() as conn:  # what every bridge's create_all made before bridge/migrations existed
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0001")
+            conn.execute(sa.text("DROP TABLE bridge_alembic_version"))
+            conn.execute(sa.text(
+                "INSERT INTO bridge_journal (kind, serial, bank_id, account_no, original_serial, amount_fen, "
+                "outlet_code, teller_id, channel, reason, state, message, attempts, next_attempt_ms, "
+                "business_date, created_at, updated_at) VALUES ('PAY', 'OLD1', 'ICBC', '0100000017', '', 4200, "
+                "'O1', 'T1', 1, '', 'PENDING', '', 0, 0, :day, :at, :at)"), {"day": DAY, "at": AT})
         jn.create_schema(eng)
         jn.create_schema(eng)  # and every later start is a no-op
         got = Journal(eng).get(jn.PAY, "OLD1")
-        assert got is not None and got.amount_fen == 4_200 and got.state == jn.PENDING
+        assert got is not None and got.amount_fen == 4_200 and got.state == jn.PENDING and got.caller == ""
+        assert Journal(eng).insert_new(pay("NEW1", 100, caller="ICBC"))
+        assert Journal(eng).get(jn.PAY, "NEW1").caller == "ICBC"  # type: ignore[union-attr]
         with eng.connect() as conn:
-            assert conn.execute(sa.text("SELECT version_num FROM bridge_alembic_version")).scalars().all() == ["0001"]
+            assert conn.execute(sa.text("SELECT version_num FROM bridge_alembic_version")).scalars().all() == _head()
     finally:
         eng.dispose()
 

@@ -28,7 +28,8 @@ def test_demo_day_summary_agrees_with_the_utility(tmp_path: Path) -> None:
     assert "Latency per attempt, ms" in done.stdout and "net posted" in done.stdout
     facts = json.loads(summary_path.read_text(encoding="utf-8"))
     assert facts["ok"] is True
-    assert facts["exit_codes"] == {"bridge": 0, "mis_adapter": 0}
+    assert facts["exit_codes"] == {"bridge": 0, "mis_adapter": 0, "portal": 0}
+    assert facts["portal_url"].startswith("http://127.0.0.1:") and facts["portal_url"] in done.stdout
     day = facts["teller"]
     assert day["customers"].get("paid", 0) > 0 and day["customers"].get("cancelled", 0) > 0
     assert sum(day["customers"].values()) <= 60
@@ -45,3 +46,14 @@ def test_demo_day_summary_agrees_with_the_utility(tmp_path: Path) -> None:
     assert by_state.get("POSTED") == (day["ledger"]["POSTED"]["count"], day["net_posted_fen"])
     assert by_state.get("REVERSED") == (day["ledger"]["CANCELLED"]["count"], day["cancelled_fen"])
     assert set(by_state) <= {"POSTED", "REVERSED"}
+
+    # The day ends with a voice dunning campaign (recording dialer): what it reports is what the MIS holds.
+    dunning = facts["dunning"]
+    assert dunning["calls"] > 0 and dunning["outcomes"]["SKIPPED_OPT_OUT"] == 2
+    assert "Voice dunning campaign" in done.stdout and "arrears reached" in done.stdout
+    with mis.connect() as conn:
+        recorded = dict(conn.execute(sa.text("SELECT outcome, COUNT(*) FROM dunning_attempts WHERE campaign_id = :c "
+                                             "GROUP BY outcome"), {"c": dunning["campaign_id"]}).all())
+    mis.dispose()
+    assert recorded == dunning["outcomes"]
+    assert sum(n for o, n in recorded.items() if not o.startswith("SKIPPED")) == dunning["calls"]

@@ -29,6 +29,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 CLOCK = "2026-11-28T10:00:00+08:00"
 DAY = "2026-11-28"
 BANK = ("x-yindian-bank-id", "ICBC")
+OPERATOR = ("x-yindian-operator", "ops")
 
 
 @pytest.fixture
@@ -40,7 +41,8 @@ def servers(tmp_path: Path) -> Iterator[tuple[procs.Proc, procs.Proc, list[str]]
     router.dispose()
     roster = (tmp_path / "rosters" / "ICBC.csv").read_text().split()[1:]
     mis = procs.start("mis_adapter", ["mis_adapter", "serve", "--db", url, "--listen", "127.0.0.1:0",
-                                      "--metrics-port", "0", "--insecure", "--clock-start", CLOCK], log_dir=tmp_path)
+                                      "--metrics-port", "0", "--insecure", "--clock-start", CLOCK,
+                                      "--operators", "ops"], log_dir=tmp_path)
     bridge = procs.start("bridge", ["bridge", "serve", "--listen", "127.0.0.1:0", "--upstream", mis.grpc_addr,
                                     "--db", f"sqlite:///{tmp_path / 'bridge.db'}", "--bank-id", "ICBC",
                                     "--metrics-port", "0", "--insecure", "--clock-start", CLOCK], log_dir=tmp_path)
@@ -118,17 +120,20 @@ def test_reconcile_through_the_bridge_then_report(servers: tuple[procs.Proc, pro
 
         reports = report_pb2_grpc.ReportServiceStub(ch_m)
         coll = reports.CollectionSummary(report_pb2.CollectionSummaryRequest(
-            from_date=DAY, to_date=DAY, group_by=report_pb2.GROUP_BY_BANK), timeout=10)
+            from_date=DAY, to_date=DAY, group_by=report_pb2.GROUP_BY_BANK), metadata=(OPERATOR,), timeout=10)
         icbc = {r.key: r for r in coll.rows}["ICBC"]
         assert (icbc.count, icbc.amount_fen, icbc.cancelled_count, icbc.cancelled_fen) == (3, 3_700, 1, 300)
-        arrears = reports.ArrearsSummary(report_pb2.ArrearsSummaryRequest(as_of_date=DAY), timeout=10)
+        arrears = reports.ArrearsSummary(report_pb2.ArrearsSummaryRequest(as_of_date=DAY), metadata=(OPERATOR,),
+                                         timeout=10)
         assert arrears.total.households > 0 and arrears.as_of_date == DAY
-        detail = [acc for page in reports.ArrearsDetail(report_pb2.ArrearsDetailRequest(as_of_date=DAY), timeout=10)
+        detail = [acc for page in reports.ArrearsDetail(report_pb2.ArrearsDetailRequest(as_of_date=DAY),
+                                                        metadata=(OPERATOR,), timeout=10)
                   for acc in page.accounts]
         assert len(detail) == arrears.total.households
         assert sum(acc.principal_fen for acc in detail) == arrears.total.principal_fen
         with pytest.raises(grpc.RpcError) as err:
-            reports.ArrearsSummary(report_pb2.ArrearsSummaryRequest(as_of_date="2030-01-01"), timeout=10)
+            reports.ArrearsSummary(report_pb2.ArrearsSummaryRequest(as_of_date="2030-01-01"), metadata=(OPERATOR,),
+                                   timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     # A payment in doubt at the bridge (the utility is gone): the bridge refuses the day, naming it.

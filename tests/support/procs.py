@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-READY_RE = re.compile(r"READY (\S+) grpc=(\S+) metrics=(\d+)")
+READY_RE = re.compile(r"READY (\S+) (?:grpc|agi|http)=(\S+) metrics=(\d+)")
 # Every process a test started, so that none outlives the test session even
 # when a test fails before its own clean-up.
 _STARTED: list[subprocess.Popen[str]] = []
