@@ -14,7 +14,7 @@ define GENERATE
 	touch yindian/__init__.py yindian/v1/__init__.py $(GEN_STAMP)
 endef
 
-.PHONY: setup proto test run lint buf-lint buf-breaking bench bench-core bench-ratio bench-feed bench-recon clean
+.PHONY: setup proto test run lint buf-lint buf-breaking bench bench-core bench-ratio bench-feed bench-recon bench-branch clean
 
 setup: $(VENV)/.installed $(GEN_STAMP)
 
@@ -62,6 +62,9 @@ bench-core: setup
 
 bench-ratio: setup
 	$(PY) -m bank_sim bench-ratio $(BENCH_ARGS)
+
+bench-branch: setup
+	$(PY) -m bank_sim bench-branch $(BENCH_ARGS)
 
 bench-feed: setup
 	$(PY) -m bank_sim bench-feed $(BENCH_ARGS)

@@ -293,9 +293,12 @@ def demo_step(day: Any) -> None:
     s = day.settings
     today = business_date(make_clock(s.clock_start))
     period = f"{today.year:04d}{today.month:02d}"
-    run_command("issue-bills", ["mis_adapter", "issue-bills", "--db", day.mis_db, "--period", period,
-                                *day.clock_flags()], log_dir=day.work, timeout_s=s.step_timeout_s, cwd=REPO)
-    issued = (day.work / "issue-bills.log").read_text(encoding="utf-8").strip().splitlines()[-1]
+    issued_lines = []
+    for db in day.mis_dbs():  # each branch database issues its own bills (the front merges their feeds)
+        run_command("issue-bills", ["mis_adapter", "issue-bills", "--db", db, "--period", period,
+                                    *day.clock_flags()], log_dir=day.work, timeout_s=s.step_timeout_s, cwd=REPO)
+        issued_lines.append((day.work / "issue-bills.log").read_text(encoding="utf-8").strip().splitlines()[-1])
+    issued = "; ".join(issued_lines)
     from bank_sim.link_ops import demo_paid_elsewhere
     demo_paid_elsewhere(day)  # a few fed bills paid at another bank first: their debits come back as refunds
     settings = load_settings(AutodebitSettings, {

@@ -36,6 +36,9 @@ from yindian_common.db import make_engine
 from yindian_common.settings import add_settings_flags, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
+BRANCH_CODES = ("02", "03")  # --branch-topology: the branches with their own database
+TOPOLOGY = ("branch topology: front database + primary (branches 01, 04-08) + branch databases 02 and 03, "
+            "2 mis_adapter replicas behind the bridge")
 DESCRIPTION = "A demonstration business day on SQLite: seed, start mis_adapter and bridge, serve counter customers."
 
 
@@ -48,12 +51,22 @@ class DemoDay:
     bridge_db: str = ""
     bank_db: str = ""
     roster_dir: Path = Path()
+    # --branch-topology: the branch databases (CODE, URL) beside mis_db, and the front database
+    branch_dbs: list[tuple[str, str]] = field(default_factory=list)
+    front_db: str = ""
     servers: dict[str, ServerProcess] = field(default_factory=dict)
     sections: list[Any] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
 
     def sqlite_url(self, name: str) -> str:
         return f"sqlite:///{self.work / name}"
+
+    def mis_dbs(self) -> list[str]:
+        """Every MIS database (issuing bills runs in each)."""
+        return [self.mis_db, *(url for _code, url in self.branch_dbs)]
+
+    def branch_flags(self) -> list[str]:
+        return [f for code, url in self.branch_dbs for f in ("--branch-db", f"{code}={url}")]
 
     def clock_flags(self) -> list[str]:
         return ["--clock-start", self.settings.clock_start] if self.settings.clock_start else []
@@ -74,11 +87,15 @@ def prepare_work_dir(day: DemoDay) -> None:
     day.mis_db = day.sqlite_url("mis.db")
     day.bridge_db = day.sqlite_url("bridge.db")
     day.bank_db = day.sqlite_url("bank.db")
+    if day.settings.branch_topology:
+        day.branch_dbs = [(code, day.sqlite_url(f"mis-{code}.db")) for code in BRANCH_CODES]
+        day.front_db = day.sqlite_url("front.db")
+        day.facts["topology"] = TOPOLOGY
 
 
 def seed_utility(day: DemoDay) -> None:
     run_command("seed", ["mis_adapter", "seed", "--db", day.mis_db, "--accounts", str(day.settings.accounts),
-                         "--roster-dir", str(day.roster_dir), *day.clock_flags()],
+                         "--roster-dir", str(day.roster_dir), *day.branch_flags(), *day.clock_flags()],
                 log_dir=day.work, timeout_s=day.settings.step_timeout_s, cwd=REPO)
     rosters = sorted(p.name for p in day.roster_dir.glob("*.csv"))
     day.facts["accounts"] = day.settings.accounts
@@ -87,18 +104,22 @@ def seed_utility(day: DemoDay) -> None:
 
 
 def start_mis_adapter(day: DemoDay) -> None:
-    proc = day.start("mis_adapter", ["mis_adapter", "serve", "--db", day.mis_db, "--listen", "127.0.0.1:0",
-                                     "--metrics-port", "0", "--insecure", *day.clock_flags(),
-                                     *ivr_demo.DEMO_OPERATOR_FLAGS])
-    day.console.print(f"  mis_adapter serving on {proc.grpc_addr} (metrics :{proc.metrics_port})")
+    names = ["mis_adapter", "mis_adapter-b"] if day.settings.branch_topology else ["mis_adapter"]
+    front = ["--front-db", day.front_db] if day.front_db else []
+    for name in names:
+        proc = day.start(name, ["mis_adapter", "serve", "--db", day.mis_db, *day.branch_flags(), *front,
+                                "--listen", "127.0.0.1:0", "--metrics-port", "0", "--insecure", *day.clock_flags(),
+                                *ivr_demo.DEMO_OPERATOR_FLAGS])
+        day.console.print(f"  {name} serving on {proc.grpc_addr} (metrics :{proc.metrics_port})")
 
 
 def start_bridge(day: DemoDay) -> None:
-    upstream = day.servers["mis_adapter"].grpc_addr
-    proc = day.start("bridge", ["bridge", "serve", "--listen", "127.0.0.1:0", "--upstream", upstream,
+    upstreams = [p.grpc_addr for name, p in day.servers.items() if name.startswith("mis_adapter")]
+    proc = day.start("bridge", ["bridge", "serve", "--listen", "127.0.0.1:0",
+                                *(f for u in upstreams for f in ("--upstream", u)),
                                 "--db", day.bridge_db, "--bank-id", day.settings.bank_id, "--metrics-port", "0",
                                 "--insecure", *day.clock_flags()])
-    day.console.print(f"  bridge for {day.settings.bank_id} serving on {proc.grpc_addr} -> {upstream} "
+    day.console.print(f"  bridge for {day.settings.bank_id} serving on {proc.grpc_addr} -> {', '.join(upstreams)} "
                       f"(metrics :{proc.metrics_port})")
 
 
@@ -196,8 +217,11 @@ def main(argv: list[str]) -> int:
     work = Path(settings.work_dir)
     day = DemoDay(settings, Console(), work if work.is_absolute() else REPO / work)
     day.console.print(f"[bold]YinDian demonstration day[/bold] for bank {settings.bank_id}, work dir {day.work}")
+    if settings.branch_topology:
+        day.console.print(f"  {TOPOLOGY}")
     ok = run_day(day, STEPS)
     day.console.rule("summary")
+    day.console.print(f"Topology: {day.facts.get('topology', 'one SQLite database, one mis_adapter')}")
     for section in day.sections:
         day.console.print(section)
     day.facts["ok"] = ok

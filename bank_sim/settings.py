@@ -55,6 +55,9 @@ class DemoSettings(YinDianSettings):
     ready_timeout_s: float = Field(60.0, description="longest wait for a server's READY line")
     stop_timeout_s: float = Field(30.0, description="longest wait for a server to exit after SIGTERM")
     step_timeout_s: float = Field(300.0, description="longest a child command (seed) may run")
+    branch_topology: bool = Field(False, description="run the day as the seed's utility does: a front database, "
+                                                     "branch databases 02 and 03 beside the primary, and two "
+                                                     "mis_adapter replicas behind the bridge")
 
 
 class BenchCoreSettings(YinDianSettings):

@@ -7,6 +7,7 @@ import grpc
 from sqlalchemy.engine import Engine
 
 from bridge.journal import Claims, Journal, JournalWriter
+from bridge.replicas import ReplicaSet
 from bridge.settings import BridgeSettings
 from bridge.upstream import Upstream
 from yindian.v1 import billing_pb2_grpc
@@ -25,8 +26,8 @@ class BridgeContext:
     - `clock`: the injectable clock (business dates, timestamps)
     - `engine`: the journal database's SQLAlchemy engine
     - `journal`: the journal repository (bridge.journal.Journal)
-    - `upstream_channel`: the gRPC channel to mis_adapter (instrumented)
-    - `stub`: a BillingServiceStub on that channel
+    - `replicas`: mis_adapter's replicas, one instrumented channel each (bridge.replicas)
+    - `stub`: a BillingServiceStub on the current healthy replica (a property)
     - `metadata()`: identity metadata to pass on every upstream call
       (`x-yindian-bank-id` in plain-text mode; empty with mTLS)
     - `deadline_for(context)`: the timeout, in seconds, for an upstream call made
@@ -42,20 +43,23 @@ class BridgeContext:
     """
 
     def __init__(self, *, settings: BridgeSettings, clock: Clock, engine: Engine, journal: Journal,
-                 writer: JournalWriter, claims: Claims, upstream_channel: grpc.Channel) -> None:
+                 writer: JournalWriter, claims: Claims, replicas: ReplicaSet) -> None:
         self.settings = settings
         self.clock = clock
         self.engine = engine
         self.journal = journal
         self.writer = writer
         self.claims = claims
-        self.upstream_channel = upstream_channel
+        self.replicas = replicas
         self._metadata: tuple[tuple[str, str], ...] = (
             ((BANK_ID_METADATA, settings.bank_id),) if settings.tls() is None else ())
-        self.upstream = Upstream(upstream_channel, self._metadata)
+        self.upstream = Upstream(replicas, self._metadata)
         self._tls = settings.tls() is not None
         self._allowed = frozenset({settings.bank_id, *settings.allow_client})
-        self.stub: billing_pb2_grpc.BillingServiceStub = self.upstream.stub
+
+    @property
+    def stub(self) -> billing_pb2_grpc.BillingServiceStub:
+        return self.upstream.stub
 
     def admit(self, context: grpc.ServicerContext, rpc: str) -> identity.Caller:
         return identity.admit_client(context, rpc, tls=self._tls, allowed=self._allowed,

@@ -9,12 +9,14 @@ import logging
 import threading
 from pathlib import Path
 
+import grpc
 import sqlalchemy as sa
 
 from bridge import metrics_collector
 from bridge.context import BridgeContext
 from bridge.journal import Claims, Journal, JournalWriter, create_schema
 from bridge.link_relay import relay_of
+from bridge.replicas import ReplicaSet
 from bridge.resolver import Backoff, Resolver
 from bridge.service import BillingServicer
 from bridge.settings import BridgeSettings
@@ -83,11 +85,18 @@ class Bridge:
         writer = JournalWriter(journal, claims, clock, batch_max=settings.journal_batch_max,
                                queue_max=settings.journal_queue_max, idle_wait_s=settings.journal_idle_wait_s,
                                linger_s=settings.journal_linger_s)
-        channel = instrument_channel(open_channel(settings.upstream, tls=settings.tls(), insecure=settings.insecure,
-                                                  force_insecure=settings.force_insecure,
-                                                  max_message_bytes=settings.upstream_max_message_bytes))
+        def channel(address: str) -> grpc.Channel:
+            return instrument_channel(open_channel(address, tls=settings.tls(), insecure=settings.insecure,
+                                                   force_insecure=settings.force_insecure,
+                                                   max_message_bytes=settings.upstream_max_message_bytes))
+
+        try:
+            replicas = ReplicaSet(settings.upstream, channel, health_interval_s=settings.upstream_health_interval_s,
+                                  health_timeout_s=settings.upstream_health_timeout_s)
+        except ValueError as err:
+            raise SystemExit(f"--upstream: {err}") from err
         self.ctx = BridgeContext(settings=settings, clock=clock, engine=engine, journal=journal, writer=writer,
-                                 claims=claims, upstream_channel=channel)
+                                 claims=claims, replicas=replicas)
         self.resolver = Resolver(
             journal=journal, writer=writer, claims=claims, upstream=self.ctx.upstream, clock=clock,
             bank_id=settings.bank_id,
@@ -110,6 +119,7 @@ class Bridge:
         return f"{self.settings.listen.rsplit(':', 1)[0]}:{self.server.port}"
 
     def start_workers(self) -> None:
+        self.ctx.replicas.start()
         self.ctx.writer.start()
         if self.settings.resolver_enabled:
             self.resolver.start()
@@ -133,7 +143,7 @@ class Bridge:
         self._stop_sign_on.set()
         self.resolver.stop(STOP_TIMEOUT_S)
         self.ctx.writer.stop(STOP_TIMEOUT_S)
-        self.ctx.upstream_channel.close()
+        self.ctx.replicas.close()
         self.ctx.engine.dispose()
 
 
@@ -152,6 +162,7 @@ def main(argv: list[str]) -> int:
     metrics_collector.register(bridge.ctx.engine, bridge.ctx.clock, settings.bank_id)
     metrics_port = start_metrics_http(settings.metrics_host, settings.metrics_port)
     bridge.start_workers()
-    log.info("event=start bank=%s upstream=%s listen=%s", settings.bank_id, settings.upstream, bridge.address)
+    log.info("event=start bank=%s upstream=%s listen=%s", settings.bank_id, ",".join(settings.upstream),
+             bridge.address)
     bridge.server.serve_forever(f"READY bridge grpc={bridge.address} metrics={metrics_port}")
     return 0

@@ -4,9 +4,10 @@ servers share (TLS, clock, time zone, server limits, pool) comes from
 yindian_common.settings.ServerSettings."""
 from __future__ import annotations
 
-from typing import Self
+from typing import Annotated, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode
 
 from yindian_common.settings import MESSAGE_BYTES_MAX, PORT_MAX, NameList, ServerSettings
 
@@ -14,7 +15,10 @@ from yindian_common.settings import MESSAGE_BYTES_MAX, PORT_MAX, NameList, Serve
 class BridgeSettings(ServerSettings):
     # --- addresses and identity ---
     listen: str = Field("127.0.0.1:50052", description="address the bank core connects to (HOST:PORT)")
-    upstream: str = Field("127.0.0.1:50051", description="mis_adapter's address over the link (HOST:PORT)")
+    upstream: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.1:50051"],
+        description="mis_adapter's address over the link (HOST:PORT); repeat it (or separate with commas) for "
+                    "replicas: calls go to a healthy one")
     db: str = Field("sqlite:///var/bridge.db", description="SQLAlchemy URL of the bridge's own journal database")
     bank_id: str = Field("", description="this bank's id; sent as x-yindian-bank-id in plain-text mode "
                                          "(with mTLS the link certificate identifies the bank: its CN "
@@ -35,6 +39,14 @@ class BridgeSettings(ServerSettings):
     upstream_deadline_min_s: float = Field(0.02, ge=0, le=60,
                                            description="a request with less time left than this is refused "
                                                        "with DEADLINE_EXCEEDED before journaling")
+    upstream_health_interval_s: float = Field(1.0, gt=0, le=60, description="health check of each upstream "
+                                                                            "replica (with more than one)")
+    upstream_health_timeout_s: float = Field(1.0, gt=0, le=60, description="deadline of one replica health check")
+    feed_failover_max_s: float = Field(60.0, gt=0, le=3_600,
+                                       description="with replicas: how long the bill feed keeps trying to move "
+                                                   "to a survivor (its dead replica's lease must lapse first)")
+    feed_failover_retry_s: float = Field(0.5, gt=0, le=60,
+                                         description="with replicas: pause between the feed's resubscriptions")
     upstream_max_message_bytes: int = Field(4 * 1024 * 1024, ge=1_024, le=MESSAGE_BYTES_MAX,
                                             description="message size limit on the link")
 
@@ -81,6 +93,15 @@ class BridgeSettings(ServerSettings):
     crash_point: str = Field("", pattern="^(|bridge\\.after_answer)$",
                              description="testing only: exit at once at this named point (bridge.after_answer: "
                                          "once a Pay or Cancel answer has been sent to the bank core)")
+
+    @field_validator("upstream", mode="before")
+    @classmethod
+    def _upstream_list(cls, value: object) -> object:
+        """One address, a comma-separated list, or a list (repeated flags, TOML array)."""
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, list):
+            return [a.strip() for part in items for a in str(part).split(",") if a.strip()]
+        return value
 
     @model_validator(mode="after")
     def _backoff_in_order(self) -> Self:

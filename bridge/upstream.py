@@ -17,7 +17,6 @@ This module never decides what an in-doubt answer means: the resolver does."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, NoReturn, TypeVar
 
@@ -26,6 +25,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from bridge.replicas import Replica, ReplicaSet
 from yindian.v1 import billing_pb2, billing_pb2_grpc
 from yindian_common.status import DOMAIN
 
@@ -105,35 +105,54 @@ def link_down_status(message: str) -> bytes:
 
 
 class Upstream:
-    """BillingService on mis_adapter, with identity metadata on every call."""
+    """BillingService on mis_adapter (one of its replicas, bridge.replicas), with
+    identity metadata on every call. Reads (QueryAccount, GetPayment) that fail
+    at the transport are tried once more on another healthy replica; Pay and
+    Cancel never are: their lost answers are in doubt, whichever replica."""
 
-    def __init__(self, channel: grpc.Channel, metadata: tuple[tuple[str, str], ...]) -> None:
-        self.channel = channel
-        self.stub = billing_pb2_grpc.BillingServiceStub(channel)
+    def __init__(self, replicas: ReplicaSet, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.replicas = replicas
         self.metadata = metadata
 
-    def _call(self, method: Callable[..., M], request: Any, timeout_s: float) -> Answer[M]:
+    @property
+    def stub(self) -> billing_pb2_grpc.BillingServiceStub:
+        """The current replica's stub (streams: Reconcile, BillFeed)."""
+        return self.replicas.current().stub
+
+    def _call(self, method: str, request: Any, timeout_s: float, *, read: bool = False) -> Answer[Any]:
+        replica = self.replicas.current()
+        answer = self._call_on(replica, method, request, timeout_s)
+        if read and answer.kind in (IN_DOUBT, NOT_SENT) and answer.code == grpc.StatusCode.UNAVAILABLE:
+            for other in self.replicas.others(replica)[:1]:
+                answer = self._call_on(other, method, request, timeout_s)
+        return answer
+
+    def _call_on(self, replica: Replica, method: str, request: Any, timeout_s: float) -> Answer[Any]:
         try:
-            return Answer(OK, response=method(request, timeout=timeout_s, metadata=self.metadata))
+            return Answer(OK, response=getattr(replica.stub, method)(request, timeout=timeout_s,
+                                                                    metadata=self.metadata))
         except grpc.RpcError as exc:
-            return classify(exc)
+            answer = classify(exc)
+            if answer.kind in (IN_DOUBT, NOT_SENT) and answer.code == grpc.StatusCode.UNAVAILABLE:
+                self.replicas.mark_down(replica, answer.message[:80])
+            return answer
 
     def pay(self, request: billing_pb2.PayRequest, timeout_s: float) -> Answer[billing_pb2.PayResponse]:
-        return self._call(self.stub.Pay, request, timeout_s)
+        return self._call("Pay", request, timeout_s)
 
     def cancel(self, request: billing_pb2.CancelRequest, timeout_s: float) -> Answer[billing_pb2.CancelResponse]:
-        return self._call(self.stub.Cancel, request, timeout_s)
+        return self._call("Cancel", request, timeout_s)
 
     def get_payment(self, bank_serial: str, timeout_s: float) -> Answer[billing_pb2.GetPaymentResponse]:
-        return self._call(self.stub.GetPayment, billing_pb2.GetPaymentRequest(bank_serial=bank_serial), timeout_s)
+        return self._call("GetPayment", billing_pb2.GetPaymentRequest(bank_serial=bank_serial), timeout_s, read=True)
 
     def query_account(self, request: billing_pb2.QueryAccountRequest, timeout_s: float
                       ) -> Answer[billing_pb2.QueryAccountResponse]:
-        return self._call(self.stub.QueryAccount, request, timeout_s)
+        return self._call("QueryAccount", request, timeout_s, read=True)
 
-    def call(self, rpc: str, request: Any, timeout_s: float) -> Answer:
+    def call(self, rpc: str, request: Any, timeout_s: float) -> Answer[Any]:
         """Any unary BillingService method by name (the link's other transactions, bridge.link_relay)."""
-        return self._call(getattr(self.stub, rpc), request, timeout_s)
+        return self._call(rpc, request, timeout_s)
 
 
 def relay(context: grpc.ServicerContext, answer: Answer[Any]) -> NoReturn:

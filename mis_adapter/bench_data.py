@@ -43,7 +43,8 @@ PROBES_MAX = 100_000
 
 def populate_period(engine: Engine, accounts: int, period: str, *, banks: Sequence[str] = ("ICBC",),
                     now: dt.datetime, first_serial: int = 1, rng_seed: int = 7, prepaid_share: float = 0.0,
-                    agreement_share: float = 1.0, with_banks: bool = True) -> list[tuple[str, str | None]]:
+                    agreement_share: float = 1.0, with_banks: bool = True,
+                    branch: str = BRANCH) -> list[tuple[str, str | None]]:
     """Households with one unbilled reading in `period`, agreements spread over
     `banks`; returns (account_no, bank or None) in account order. Residential
     consumption 50-400 kWh; a `prepaid_share` of households holds some credit."""
@@ -57,15 +58,15 @@ def populate_period(engine: Engine, accounts: int, period: str, *, banks: Sequen
                 conn.execute(sa.insert(table_of(Bank)), [{"bank_id": b, "name": b, "suspended": False,
                                                           "suspended_reason": "", "updated_at": now}
                                                          for b in new_banks])
-        if conn.execute(sa.select(table_of(Branch).c.code).where(table_of(Branch).c.code == BRANCH)).first() is None:
-            conn.execute(sa.insert(table_of(Branch)), [{"code": BRANCH, "name": "城东供电所"}])
+        if conn.execute(sa.select(table_of(Branch).c.code).where(table_of(Branch).c.code == branch)).first() is None:
+            conn.execute(sa.insert(table_of(Branch)), [{"code": branch, "name": "城东供电所" if branch == BRANCH else f"供电所 {branch}"}])
     customers, meters, readings, agreements = [], [], [], []
     out: list[tuple[str, str | None]] = []
     read_on = now.date()
     for i in range(accounts):
-        acct = make_account_no(BRANCH, first_serial + i)
+        acct = make_account_no(branch, first_serial + i)
         prepaid = rng.choice((500, 3000, 100_000)) if rng.random() < prepaid_share else 0
-        customers.append({"account_no": acct, "branch_code": BRANCH, "name": "户主", "address": "-", "phone": "-",
+        customers.append({"account_no": acct, "branch_code": branch, "name": "户主", "address": "-", "phone": "-",
                           "tariff_class": "RESIDENTIAL", "status": "OPEN", "prepaid_fen": prepaid,
                           "opened_on": dt.date(2020, 1, 1)})
         meters.append({"meter_no": f"M{acct}", "account_no": acct, "installed_on": dt.date(2020, 1, 1)})
@@ -91,6 +92,7 @@ class BenchDataSettings(YinDianSettings):
     accounts: int = Field(1_000, ge=0, le=ACCOUNTS_MAX, description="populate: households")
     banks: str = Field("ICBC", description="populate: comma-separated banks the agreements are spread over")
     first_serial: int = Field(1, ge=1, le=99_999_999, description="account serial of the first household")
+    branch: str = Field(BRANCH, pattern=r"^\d{2}$", description="populate: the households' branch code")
     batch_accounts: int = Field(2_000, ge=1, le=1_000_000, description="issue: accounts per transaction")
     bank: str = Field("PROBE", max_length=16, description="probe: the probe households' bank")
     count: int = Field(200, ge=1, le=PROBES_MAX, description="probe: bills issued one at a time")
@@ -99,7 +101,7 @@ class BenchDataSettings(YinDianSettings):
 def _populate(s: BenchDataSettings, engine: Engine) -> None:
     banks = tuple(b.strip() for b in s.banks.split(",") if b.strip())
     people = populate_period(engine, s.accounts, s.period, banks=banks, now=SystemClock().now(),
-                             first_serial=s.first_serial)
+                             first_serial=s.first_serial, branch=s.branch)
     print(json.dumps({"households": len(people), "first_account_no": people[0][0] if people else None}), flush=True)
 
 

@@ -43,7 +43,8 @@ class AdapterContext:
     def build(cls, settings: AdapterSettings, clock: Clock) -> AdapterContext:
         router = BranchRouter.from_specs(settings.db, settings.branch_db, pool_size=settings.db_pool_size,
                                          pool_timeout_s=settings.db_pool_timeout_s,
-                                         sqlite_synchronous=settings.sqlite_synchronous)
+                                         sqlite_synchronous=settings.sqlite_synchronous,
+                                         front_url=settings.front_db)
         banks = BankRegistry(router.primary, ttl_s=settings.bank_status_ttl_s,
                              concurrency_max=settings.bank_concurrency_max)
         return cls(settings, clock, router, settings.late_fee_rates(), banks)

@@ -22,11 +22,11 @@ Rules this module keeps:
   path turned into prepaid credit.
 - INSUFFICIENT_FUNDS marks the bill for dunning; the bill stays in arrears.
 
-One database only: the outbox lives in the database of the bills it
-announces, and a bank's seq space is per database. mis_adapter serves the
-feed only when all branches share one database (`FeedMultiDatabase`
-otherwise); a deployment with branch databases runs one feed per database
-elsewhere. Nothing here speaks gRPC or builds protos."""
+One database at a time: the outbox lives in the database of the bills it
+announces, and a bank's seq space here is per database. With branch
+databases, mis_adapter.feed_branches numbers every branch's outbox into one
+global sequence per bank at the front and applies each result here, in its
+bill's own database. Nothing here speaks gRPC or builds protos."""
 from __future__ import annotations
 
 import datetime as dt

@@ -35,8 +35,10 @@ Protocol (DESIGN.md Money semantics 7):
   outstanding has its stream ended (DEADLINE_EXCEEDED), releasing the lease.
 - Memory per stream is bounded by the window: at most `window_max` notices
   are held, whatever the peer does.
-- Only one database: with branch databases the feed is refused
-  (FAILED_PRECONDITION / FEED_SINGLE_DATABASE_ONLY); see mis_adapter.feed."""
+- With branch databases the stream reads and writes through
+  mis_adapter.feed_branches (one global gapless seq per bank, merged at the
+  front; results stored in each bill's own branch); the cursor, the window
+  and the lease behave exactly as with one database."""
 from __future__ import annotations
 
 import datetime as dt
@@ -54,7 +56,7 @@ from google.protobuf import timestamp_pb2
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
-from mis_adapter import agreements, feed
+from mis_adapter import feed, feed_branches
 from mis_adapter.context import AdapterContext
 from mis_adapter.feed import DebitIn, FeedSettings, Notice
 from mis_adapter.feed_window import FeedWindow
@@ -78,13 +80,13 @@ class FeedHub:
     PostgreSQL a listener thread turns NOTIFY into wake-ups; elsewhere (and
     while the listener is down) streams poll."""
 
-    def __init__(self, engine: Engine, settings: FeedSettings) -> None:
+    def __init__(self, engine: Engine, settings: FeedSettings, *, listen: bool = True) -> None:
         self.settings = settings
         self._lock = threading.Lock()
         self._kicks: dict[str, set[threading.Event]] = {}
         self._listening = False
         self._stop = threading.Event()
-        if engine.dialect.name == "postgresql":
+        if listen and engine.dialect.name == "postgresql":
             dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
             # The thread holds the hub weakly: it ends when the server's context is gone.
             threading.Thread(target=_listen, args=(weakref.ref(self), dsn, settings.listen_retry_s),
@@ -158,7 +160,8 @@ def hub_of(ctx: AdapterContext) -> FeedHub:
         with _HUB_LOCK:
             hub = ctx.feed_hub
             if hub is None:
-                hub = FeedHub(ctx.router.primary, FeedSettings.from_adapter_settings(ctx.settings))
+                hub = FeedHub(ctx.router.primary, FeedSettings.from_adapter_settings(ctx.settings),
+                              listen=not ctx.router.split)
                 ctx.feed_hub = hub
     return hub
 
@@ -188,7 +191,8 @@ class FeedStream:
         self.hub = hub
         self.s = hub.settings
         self.bank_id = bank_id
-        self.engine = ctx.router.primary
+        self.store = feed_branches.store_for(ctx)
+        self.engine = self.store.lease_engine
         self.context = context
         self.holder = f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self.kick = threading.Event()
@@ -233,10 +237,9 @@ class FeedStream:
             if not delivered(r.seq):
                 raise InvalidField(f"results[{i}].seq", f"{r.seq} was not delivered on this stream")
         # Results stored earlier (before a reconnect, or on this stream) are duplicates.
-        with feed.reading(self.engine) as conn:
-            stored = feed.stored_results(conn, self.bank_id, sorted({r.seq for r in results}))
-            not_debited = [r.seq for r in results if r.outcome == pb.DEBIT_OUTCOME_NOT_DEBITED]
-            withdrawn = agreements.withdrawn_among(conn, self.bank_id, not_debited)
+        stored = self.store.stored_results(self.bank_id, sorted({r.seq for r in results}))
+        not_debited = [r.seq for r in results if r.outcome == pb.DEBIT_OUTCOME_NOT_DEBITED]
+        withdrawn = self.store.withdrawn_among(self.bank_id, not_debited)
         new: dict[int, DebitIn] = {}
         for i, r in enumerate(results):
             outcome = OUTCOMES[r.outcome]
@@ -271,7 +274,7 @@ class FeedStream:
         if not done:
             return
         t1 = time.perf_counter()
-        feed.apply_results(self.ctx, self.bank_id, new, cursor_to)
+        self.store.apply(self.bank_id, new, cursor_to)
         log.debug("event=feed_results_applied bank=%s n=%d validate_ms=%.1f apply_ms=%.1f cursor=%d",
                   self.bank_id, len(new), 1000 * (t1 - t0), 1000 * (time.perf_counter() - t1), cursor_to)
         with self._lock:
@@ -294,8 +297,7 @@ class FeedStream:
             look = self.window.to_look_up([n.seq for n in notices])
         answered: set[int] = set()
         if look:
-            with feed.reading(self.engine) as conn:
-                answered = set(feed.stored_results(conn, self.bank_id, look))
+            answered = set(self.store.stored_results(self.bank_id, look))
         with self._lock:
             if not self.window.outstanding:
                 self.last_result_mono = time.monotonic()
@@ -303,7 +305,7 @@ class FeedStream:
             cursor_to = self.window.cursor_after(())
             behind = cursor_to > self.window.cursor
         if behind:
-            feed.apply_results(self.ctx, self.bank_id, [], cursor_to)
+            self.store.apply(self.bank_id, [], cursor_to)
             with self._lock:
                 self.window.accept(())
 
@@ -338,8 +340,7 @@ class FeedStream:
                                                                      acked_through_seq=cursor))
                 continue
             if space > 0:
-                with feed.reading(self.engine) as conn:
-                    notices = feed.read_notices(conn, self.bank_id, sent, min(space, self.s.notice_batch_max))
+                notices = self.store.read_notices(self.bank_id, sent, min(space, self.s.notice_batch_max))
                 if notices:
                     self._offer(notices)
                     with self._lock:
@@ -376,15 +377,12 @@ def bill_feed(ctx: AdapterContext, bank_id: str, request_iterator: Iterator[pb.B
     hub: FeedHub | None = None
     try:
         ctx.banks.ensure_active(bank_id)
-        if len(ctx.router.engines()) > 1:
-            raise feed.FeedMultiDatabase("the bill feed needs all branches in one database; "
-                                         "this mis_adapter routes branches to several")
         requested = _subscribe(ctx, request_iterator)
         hub = hub_of(ctx)
-        engine = ctx.router.primary
-        with feed.reading(engine) as conn:
-            stored = feed.get_cursor(conn, bank_id)
-            high = feed.answered_high(conn, bank_id)
+        store = feed_branches.store_for(ctx)
+        engine = store.lease_engine
+        stored = store.cursor(bank_id)
+        high = store.answered_high(bank_id)
         start_after = stored if requested is None else min(requested, stored)
         stream = FeedStream(ctx, hub, bank_id, start_after, stored, context, answered_high=high)
         feed.acquire_lease(engine, bank_id, stream.holder, LEASE_CLOCK.now(), hub.settings.lease_ttl_s)

@@ -11,9 +11,10 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m mis_adapter migrate", description=__doc__)
     p.add_argument("--db", required=True, help="SQLAlchemy URL of the MIS database")
     p.add_argument("--branch-db", action="append", default=[], help="CODE=URL (repeatable)")
+    p.add_argument("--front-db", default="", help="front database URL (serial registry); default: --db")
     args = p.parse_args(argv)
-    router = BranchRouter.from_specs(args.db, args.branch_db)
-    for engine in router.engines():
+    router = BranchRouter.from_specs(args.db, args.branch_db, front_url=args.front_db)
+    for engine in router.all_engines():
         upgrade(engine)
         print(f"upgraded {engine.url.render_as_string(hide_password=True)}")
     router.dispose()

@@ -237,17 +237,25 @@ def receipt_no_of(branch_code: str, day: dt.date, pk: int) -> str:
 
 # ---- Pay ----
 def pay(ctx: Books, cmd: PayCommand) -> PayResult:
-    engine = ctx.router.engine_for(cmd.account_no)
-    try:
-        result, fresh = _db_call(_pay_tx, ctx, engine, cmd)
-    except IntegrityError:
-        # The same (bank, serial) committed concurrently on another account: answer as a replay would.
-        result, fresh = _db_call(_replay_after_race, engine, cmd), False
+    if ctx.router.split:  # several branch databases: through the front registry (mis_adapter.cross_branch)
+        from mis_adapter import cross_branch
+        result, fresh = _db_call(cross_branch.pay, ctx, cmd)
+    else:
+        result, fresh = pay_in(ctx, ctx.router.engine_for(cmd.account_no), cmd)
     if fresh:
         business_metrics.record_payment(cmd.bank_id, cmd.channel, cmd.amount_fen)
     else:
         business_metrics.record_payment_replay(cmd.bank_id)
     return result
+
+
+def pay_in(ctx: Books, engine: Engine, cmd: PayCommand) -> tuple[PayResult, bool]:
+    """The pay transaction in one database: (result, True) when it posted, (stored result, False) for a replay."""
+    try:
+        return _db_call(_pay_tx, ctx, engine, cmd)  # type: ignore[no-any-return]
+    except IntegrityError:
+        # The same (bank, serial) committed concurrently on another account: answer as a replay would.
+        return _db_call(_replay_after_race, engine, cmd), False
 
 
 def _pay_tx(ctx: Books, engine: Engine, cmd: PayCommand) -> tuple[PayResult, bool]:
@@ -387,23 +395,37 @@ def get_payment(ctx: Books, bank_id: str, bank_serial: str) -> PaymentStatus:
 
 
 def _get_payment(ctx: Books, bank_id: str, bank_serial: str) -> PaymentStatus:
+    if ctx.router.split:
+        from mis_adapter import cross_branch
+        return cross_branch.get_payment(ctx, bank_id, bank_serial)
     for engine in ctx.router.engines():
-        with engine.connect().execution_options(read_only=True) as conn, conn.begin():
-            p = conn.execute(_PAYMENT_BY_SERIAL, {"bank_id": bank_id, "serial": bank_serial}).first()
-            if p is None:
-                continue
-            if p.state == TOMBSTONE:
-                return PaymentStatus("REFUSED", None)
-            return PaymentStatus(p.state, _result_of(conn, p), p.channel, p.outlet_code, p.teller_id,
-                                 p.bank_balance_fen)
+        found = status_in(engine, bank_id, bank_serial)
+        if found is not None:
+            return found
     return PaymentStatus("NOT_FOUND", None)
+
+
+def status_in(engine: Engine, bank_id: str, bank_serial: str) -> PaymentStatus | None:
+    """The serial's payment (or tombstone) in one database; None when it holds neither."""
+    with engine.connect().execution_options(read_only=True) as conn, conn.begin():
+        p = conn.execute(_PAYMENT_BY_SERIAL, {"bank_id": bank_id, "serial": bank_serial}).first()
+        if p is None:
+            return None
+        if p.state == TOMBSTONE:
+            return PaymentStatus("REFUSED", None)
+        return PaymentStatus(p.state, _result_of(conn, p), p.channel, p.outlet_code, p.teller_id,
+                             p.bank_balance_fen)
 
 
 # ---- Cancel (冲正) ----
 def cancel(ctx: Books, cmd: CancelCommand) -> CancelResult:
     for _attempt in range(ctx.settings.cancel_race_retries):
         try:
-            result, fresh = _db_call(_cancel_once, ctx, cmd)
+            if ctx.router.split:  # several branch databases: through the front registry
+                from mis_adapter import cross_branch
+                result, fresh = _db_call(cross_branch.cancel, ctx, cmd)
+            else:
+                result, fresh = _db_call(_cancel_once, ctx, cmd)
             if fresh:
                 business_metrics.record_cancel(cmd.bank_id, result.outcome, cmd.amount_fen)
             return result
@@ -438,6 +460,42 @@ def _cancel_once(ctx: Books, cmd: CancelCommand) -> tuple[CancelResult, bool]:
         if p is not None:
             return _reverse(ctx, engine, p, cmd)
     return _tombstone(ctx, cmd), True
+
+
+def cancel_in(ctx: Books, engine: Engine, cmd: CancelCommand) -> tuple[CancelResult, bool]:
+    """The cancel in the one database that holds (or will hold) its original: a replay,
+    a reversal, or a tombstone there. IntegrityError when its pay committed meanwhile."""
+    with engine.connect().execution_options(read_only=True) as conn, conn.begin():
+        previous = conn.execute(_CANCEL_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.cancel_serial}).first()
+        p = conn.execute(_PAYMENT_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.original_serial}).first()
+    if previous is not None:
+        return _answer_cancel_replay(previous, cmd), False
+    if p is not None:
+        return _reverse(ctx, engine, p, cmd)
+    now = utc_now(ctx.clock)
+    day = business_date(ctx.clock)
+    with engine.begin() as conn:
+        _write_tombstone(conn, cmd, now, day, with_cancel=True)
+    return CancelResult("ORIGINAL_NOT_FOUND", day, cmd.cancel_serial, cmd.original_serial), True
+
+
+def _write_tombstone(conn: Connection, cmd: CancelCommand, now: dt.datetime, day: dt.date, *,
+                     with_cancel: bool) -> None:
+    conn.execute(_INSERT_PAYMENT, {
+        "bank_id": cmd.bank_id, "bank_serial": cmd.original_serial, "state": TOMBSTONE,
+        "account_no": None, "branch_code": "", "amount_fen": cmd.amount_fen, "channel": "",
+        "outlet_code": "", "teller_id": "", "bank_balance_fen": None, "settlement_date": day,
+        "posted_at": now, "arrears_after_fen": 0, "prepaid_after_fen": 0, "prepaid_added_fen": 0,
+        "reversed_at": None, "reversed_on": None, "cancel_serial": cmd.cancel_serial})
+    if with_cancel:
+        conn.execute(_INSERT_CANCEL, {"bank_id": cmd.bank_id, "cancel_serial": cmd.cancel_serial,
+                                      "original_serial": cmd.original_serial, "amount_fen": cmd.amount_fen,
+                                      "reason": cmd.reason, "outcome": "ORIGINAL_NOT_FOUND",
+                                      "settlement_date": day, "payment_id": None, "created_at": now})
+        conn.execute(_INSERT_JOURNAL, {"at": now, "bank_id": cmd.bank_id, "rpc": "CANCEL",
+                                       "serial": cmd.cancel_serial, "original_serial": cmd.original_serial,
+                                       "account_no": "", "amount_fen": cmd.amount_fen,
+                                       "outcome": "ORIGINAL_NOT_FOUND", "payment_id": None})
 
 
 def _reverse(ctx: Books, engine: Engine, found: Any, cmd: CancelCommand) -> tuple[CancelResult, bool]:
@@ -521,21 +579,7 @@ def _tombstone(ctx: Books, cmd: CancelCommand) -> CancelResult:
     day = business_date(ctx.clock)
     for i, engine in enumerate(ctx.router.engines()):
         with engine.begin() as conn:
-            conn.execute(_INSERT_PAYMENT, {
-                "bank_id": cmd.bank_id, "bank_serial": cmd.original_serial, "state": TOMBSTONE,
-                "account_no": None, "branch_code": "", "amount_fen": cmd.amount_fen, "channel": "",
-                "outlet_code": "", "teller_id": "", "bank_balance_fen": None, "settlement_date": day,
-                "posted_at": now, "arrears_after_fen": 0, "prepaid_after_fen": 0, "prepaid_added_fen": 0,
-                "reversed_at": None, "reversed_on": None, "cancel_serial": cmd.cancel_serial})
-            if i == 0:
-                conn.execute(_INSERT_CANCEL, {"bank_id": cmd.bank_id, "cancel_serial": cmd.cancel_serial,
-                                              "original_serial": cmd.original_serial, "amount_fen": cmd.amount_fen,
-                                              "reason": cmd.reason, "outcome": "ORIGINAL_NOT_FOUND",
-                                              "settlement_date": day, "payment_id": None, "created_at": now})
-                conn.execute(_INSERT_JOURNAL, {"at": now, "bank_id": cmd.bank_id, "rpc": "CANCEL",
-                                               "serial": cmd.cancel_serial, "original_serial": cmd.original_serial,
-                                               "account_no": "", "amount_fen": cmd.amount_fen,
-                                               "outcome": "ORIGINAL_NOT_FOUND", "payment_id": None})
+            _write_tombstone(conn, cmd, now, day, with_cancel=i == 0)
     return CancelResult("ORIGINAL_NOT_FOUND", day, cmd.cancel_serial, cmd.original_serial)
 
 

@@ -304,16 +304,32 @@ class Reconciliation:
     def close_day(self, where: str = "records") -> ReconSummary:
         """Matches, applies the outcomes and closes the day in one transaction;
         returns the stored result instead when the day is already closed."""
+        summary = self.prepare_close(where)
+        self.commit()
+        return summary
+
+    def commit(self) -> None:
+        """Commits a close that prepare_close left open (nothing to do after a replay)."""
+        if self.conn.in_transaction():
+            self.conn.commit()
+
+    def prepare_close(self, where: str = "records") -> ReconSummary:
+        """close_day without the commit: the day's transaction stays open (its bank-day
+        lock held) until commit() or the end of the with-block (rollback), so that a
+        reconciliation across branch databases closes all of them or none
+        (mis_adapter.recon_branches). A stored result is returned with no transaction open."""
         conn = self.conn
         self.staging.index(where)
         conn.commit()
         conn.execution_options(read_only=False)
         try:
-            with conn.begin():
+            conn.begin()
+            try:
                 # No payment or cancel of this bank commits while we match and close (banks.lock_bank_day).
                 lock_bank_day(conn, self.bank_id, exclusive=True)
                 stored = _stored_summary(conn, self.bank_id, self.day)
                 if stored is not None:
+                    conn.rollback()
                     return stored
                 # Taken first: a concurrent reconciliation of the day waits here, then replays ours.
                 conn.execute(_CLOSE_DAY, {"bank_id": self.bank_id, "settlement_date": self.day,
@@ -328,6 +344,9 @@ class Reconciliation:
                     "original_serial": "", "account_no": "", "amount_fen": summary.net_settlement_fen,
                     "outcome": "DAY_CLOSED", "payment_id": None})
                 return summary
+            except BaseException:
+                conn.rollback()
+                raise
         except IntegrityError:
             # Another reconciliation of the same day committed first: answer with its result.
             with conn.begin():

@@ -15,16 +15,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
-from sqlalchemy.engine import Engine
 
-from mis_adapter import recon
+from mis_adapter import recon, recon_branches
 from mis_adapter.context import AdapterContext
-from mis_adapter.recon import Discrepancy, Reconciliation, ReconSummary
+from mis_adapter.recon import Discrepancy, ReconSummary
 from yindian.v1 import billing_pb2 as pb
 from yindian_common import business_metrics as bm
 from yindian_common import fields
 from yindian_common.clock import business_date
-from yindian_common.errors import InvalidField, Precondition, YinDianError
+from yindian_common.errors import InvalidField, YinDianError
 from yindian_common.status import guard
 
 log = logging.getLogger("mis_adapter.recon")
@@ -56,8 +55,12 @@ def summary_pb(s: ReconSummary) -> pb.ReconcileSummary:
     return out
 
 
-def result_stream(engine: Engine, summary: ReconSummary) -> Iterator[pb.ReconcileResponse]:
-    for page in recon.stored_lines(engine, summary.bank_id, summary.settlement_date):
+def result_stream(ctx: AdapterContext, summary: ReconSummary) -> Iterator[pb.ReconcileResponse]:
+    if ctx.router.split:  # several branch databases: their lines, branch by branch
+        pages = recon_branches.stored_lines(ctx.router, summary.bank_id, summary.settlement_date)
+    else:
+        pages = recon.stored_lines(ctx.router.primary, summary.bank_id, summary.settlement_date)
+    for page in pages:
         yield pb.ReconcileResponse(discrepancies=pb.DiscrepancyBatch(discrepancies=[discrepancy_pb(d) for d in page]))
     yield pb.ReconcileResponse(summary=summary_pb(summary))
 
@@ -81,12 +84,6 @@ def staged(batch: pb.BankRecordBatch, first_line_no: int) -> list[recon.StagedRe
     return out
 
 
-def engine_of(ctx: AdapterContext) -> Engine:
-    engines = ctx.router.engines()
-    if len(engines) != 1:
-        raise Precondition("reconciliation needs every branch in one database (no --branch-db yet)",
-                           reason="RECON_SPLIT_DATABASES")
-    return engines[0]
 
 
 # ---- the stream ----
@@ -102,13 +99,11 @@ def reconcile(ctx: AdapterContext, bank_id: str, request_iterator: Iterator[Any]
     with guard(context, "Reconcile", on_refused=failed):
         ctx.banks.ensure_known(bank_id)
         known_bank = bank_id
-        engine = engine_of(ctx)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("body") != "header":
             raise InvalidField("header", "the first message must be the header with the settlement date")
         day = settlement_day(ctx, first.header)
-        summary = recon.stored_summary(engine, bank_id, day) or _reconcile_stream(
-            ctx, engine, bank_id, day, request_iterator)
+        summary = _stored_summary(ctx, bank_id, day) or _reconcile_stream(ctx, bank_id, day, request_iterator)
         log.info("event=reconciled bank=%s day=%s records=%d net_fen=%d replayed=%s", bank_id, day,
                  summary.record_count, summary.net_settlement_fen, summary.replayed)
         known_bank = None
@@ -118,12 +113,18 @@ def reconcile(ctx: AdapterContext, bank_id: str, request_iterator: Iterator[Any]
             for t in summary.totals:
                 bm.record_reconcile_records(bank_id, t.outcome, t.count, t.amount_fen)
             bm.record_reconciliation(bank_id, "COMPLETED")
-        yield from result_stream(engine, summary)
+        yield from result_stream(ctx, summary)
 
 
-def _reconcile_stream(ctx: AdapterContext, engine: Engine, bank_id: str, day: dt.date,
+def _stored_summary(ctx: AdapterContext, bank_id: str, day: dt.date) -> ReconSummary | None:
+    if ctx.router.split:
+        return recon_branches.stored_summary(ctx.router, bank_id, day)
+    return recon.stored_summary(ctx.router.primary, bank_id, day)
+
+
+def _reconcile_stream(ctx: AdapterContext, bank_id: str, day: dt.date,
                       request_iterator: Iterator[Any]) -> ReconSummary:
-    with Reconciliation(engine, bank_id, day, rates=ctx.rates, now=ctx.clock.now()) as run:
+    with recon_branches.reconciliation(ctx.router, bank_id, day, rates=ctx.rates, now=ctx.clock.now()) as run:
         trailer_seen = False
         for msg in request_iterator:
             kind = msg.WhichOneof("body")

@@ -1,6 +1,11 @@
 """Branch routing: an account's branch code (its first two digits) selects
 that branch's database. One URL serves all branches by default; branches
-may be given their own (`--branch-db CODE=URL`). Engines are shared per URL."""
+may be given their own (`--branch-db CODE=URL`). Engines are shared per URL.
+
+With several branch databases a front database (`--front-db URL`, default:
+the primary `--db`) holds each bank's serial registry (mis_adapter.registry),
+so that a serial is one payment across branches. With one database there is
+no front (`front is None`): its own unique keys already make serials unique."""
 from __future__ import annotations
 
 from sqlalchemy.engine import Engine
@@ -10,7 +15,7 @@ from yindian_common.db import make_engine
 
 class BranchRouter:
     def __init__(self, default_url: str, branch_urls: dict[str, str], *, pool_size: int = 16,
-                 pool_timeout_s: float = 5.0, sqlite_synchronous: str = "FULL") -> None:
+                 pool_timeout_s: float = 5.0, sqlite_synchronous: str = "FULL", front_url: str = "") -> None:
         by_url: dict[str, Engine] = {}
 
         def engine(url: str) -> Engine:
@@ -22,6 +27,12 @@ class BranchRouter:
         self.primary = engine(default_url)
         self._by_branch = {code: engine(url) for code, url in branch_urls.items()}
         self._engines = list(by_url.values())
+        self.front: Engine | None = None
+        if front_url:
+            self.front = engine(front_url)
+        elif len(self._engines) > 1:
+            self.front = self.primary
+        self._all = list(by_url.values())
 
     @classmethod
     def from_specs(cls, default_url: str, specs: list[str], **kw: object) -> BranchRouter:
@@ -36,10 +47,30 @@ class BranchRouter:
     def engine_for(self, account_no: str) -> Engine:
         return self._by_branch.get(account_no[:2], self.primary)
 
+    def engine_for_branch(self, branch_code: str) -> Engine:
+        """The database of a branch ('' or a branch without its own: the primary)."""
+        return self._by_branch.get(branch_code, self.primary)
+
     def engines(self) -> list[Engine]:
-        """Each distinct database once, the primary first."""
+        """Each distinct MIS (branch) database once, the primary first."""
         return list(self._engines)
 
+    def database_keys(self) -> list[tuple[str, Engine]]:
+        """Each MIS database with a stable key: '' for the primary, else the lowest branch code it serves."""
+        out: dict[Engine, str] = {self.primary: ""}
+        for code in sorted(self._by_branch):
+            out.setdefault(self._by_branch[code], code)
+        return [(key, engine) for engine, key in out.items()]
+
+    def all_engines(self) -> list[Engine]:
+        """Every database to migrate: the MIS databases and a separate front database."""
+        return list(self._all)
+
+    @property
+    def split(self) -> bool:
+        """True when serials must go through the front registry (several databases, or a front database)."""
+        return self.front is not None
+
     def dispose(self) -> None:
-        for e in self._engines:
+        for e in self._all:
             e.dispose()

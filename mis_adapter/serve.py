@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from mis_adapter import metrics_collector
+from mis_adapter import cross_branch, metrics_collector
 from mis_adapter.context import AdapterContext
 from mis_adapter.customer_service import CustomerServicer, add_operator_flags
 from mis_adapter.feed import FeedSettings
@@ -39,8 +39,10 @@ def build_server(settings: AdapterSettings, clock: Clock | None = None) -> tuple
     if len(ctx.router.engines()) == 1:  # the feed serves one database only (mis_adapter.feed)
         ctx.feed_hub = FeedHub(ctx.router.primary, FeedSettings.from_adapter_settings(settings))
     if settings.migrate:
-        for engine in ctx.router.engines():
+        for engine in ctx.router.all_engines():
             upgrade(engine)
+    if ctx.router.split:
+        cross_branch.recover(ctx)  # settle claims a killed process left open
     server = GrpcServer(listen=settings.listen, limits=settings.server_limits(), tls=settings.tls(),
                         insecure=settings.insecure, force_insecure=settings.force_insecure,
                         interceptors=grpc_server_interceptors(), cert_store=certificate_store(settings))

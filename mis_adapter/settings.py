@@ -18,6 +18,8 @@ class AdapterSettings(ServerSettings):
     db: str = Field("sqlite:///var/mis.db", description="SQLAlchemy URL of the MIS database (all branches)")
     branch_db: list[str] = Field(default_factory=list,
                                  description="CODE=URL: branch CODE's database (repeatable); others use --db")
+    front_db: str = Field("", description="front database URL: each bank's serial registry across branch "
+                                          "databases (default: --db, when --branch-db splits the MIS)")
     listen: str = Field("127.0.0.1:50051", description="gRPC listen address HOST:PORT")
     metrics_port: int = Field(9101, ge=0, le=PORT_MAX, description="Prometheus endpoint port (0 picks one)")
     migrate: bool = Field(True, description="upgrade the schema at start")
@@ -48,6 +50,12 @@ class AdapterSettings(ServerSettings):
                                     description="bill feed: a dead replica's stream lease lapses after this")
     feed_peer_silence_s: float = Field(120.0, gt=0, le=86_400,
                                        description="bill feed: end a stream with no results for this long")
+    registry_recover_batch_max: int = Field(10_000, ge=1, le=10_000_000,
+                                            description="front registry: open claims settled per recovery pass "
+                                                        "(at start)")
+    crash_point: str = Field("", description="tests only: SIGKILL this process at a named point "
+                                             "(after_claim, after_branch_commit)")
+
     # Customer channels (CustomerService) and ReportService: utility operator identities, never banks.
     operators: NameList = Field(default_factory=list,
                                  description="utility operator NAME allowed operator RPCs (repeatable; "

@@ -29,7 +29,16 @@ def test_flags_override_environment_which_overrides_the_config_file(tmp_path: Pa
     config.write_text('bank_id = "ABC"\nupstream = "127.0.0.1:1"\nresolver_batch_max = 7\n')
     monkeypatch.setenv("YINDIAN_UPSTREAM", "127.0.0.1:2")
     s = parse(["--config", str(config), "--resolver-batch-max", "9", "--insecure"])
-    assert (s.bank_id, s.upstream, s.resolver_batch_max, s.insecure) == ("ABC", "127.0.0.1:2", 9, True)
+    assert (s.bank_id, s.upstream, s.resolver_batch_max, s.insecure) == ("ABC", ["127.0.0.1:2"], 9, True)
+
+
+def test_upstream_replicas_from_repeated_flags_commas_or_a_toml_array(tmp_path: Path) -> None:
+    assert parse(["--upstream", "127.0.0.1:1", "--upstream", "127.0.0.1:2"]).upstream == ["127.0.0.1:1",
+                                                                                       "127.0.0.1:2"]
+    assert parse(["--upstream", "127.0.0.1:1,127.0.0.1:3"]).upstream == ["127.0.0.1:1", "127.0.0.1:3"]
+    config = tmp_path / "bridge.toml"
+    config.write_text('upstream = ["127.0.0.1:4", "127.0.0.1:5"]\n')
+    assert parse(["--config", str(config)]).upstream == ["127.0.0.1:4", "127.0.0.1:5"]
 
 
 def test_plain_text_needs_a_well_formed_bank_id() -> None:

@@ -1,6 +1,6 @@
 """BillFeed against a real in-process mis_adapter on loopback and a real
 database: delivery, results and their money effects, refusals, resume,
-one stream per bank, the window bound, and branch databases refused."""
+one stream per bank, the window bound (branch databases: test_feed_branches.py)."""
 from __future__ import annotations
 
 import grpc
@@ -263,17 +263,6 @@ def test_debit_on_an_account_with_older_arrears_follows_the_allocation_rule(db_u
         assert (pay.state, pay.channel, pay.amount_fen) == ("POSTED", "AUTO_DEBIT", n.amount_fen)
         assert allocated + pay.prepaid_added_fen == n.amount_fen and bills["202609"].late_fee_paid_fen > 0
         assert journal == ["PAY"]
-
-
-@pytest.mark.timeout(120)
-def test_branch_databases_refuse_the_feed(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    main = f"sqlite:///{tmp_path / 'main.db'}"
-    other = f"sqlite:///{tmp_path / 'b02.db'}"
-    with running_adapter(main, branch_db=[f"02={other}"], **FAST) as ra:
-        err = RawFeed(ra.stub).error()
-        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
-        info = error_info(err)
-        assert info is not None and info.reason == "FEED_SINGLE_DATABASE_ONLY"
 
 
 @pytest.mark.timeout(120)
