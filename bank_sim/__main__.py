@@ -13,6 +13,7 @@ COMMANDS = {
     "bench-ratio": ("bank_sim.bench_ratio", "benchmark: pays vs a bare 2-hop gRPC echo, CPU per call per process"),
     "echo-link": ("bank_sim.echo_link", "one hop of bench-ratio's reference echo (echo or proxy server)"),
     "bench-feed": ("bank_sim.bench_feed", "benchmark: the bill feed end to end"),
+    "chaos": ("bank_sim.chaos", "seeded chaos soak: real processes, faults, every money invariant checked"),
     "bench-branch": ("bank_sim.bench_branch", "benchmark: front + 4 branch databases and 2 replicas vs one "
                                               "database (PostgreSQL)"),
     "bench": ("bank_sim.bench", "benchmark: standard load profile, comparable summary"),

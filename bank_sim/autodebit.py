@@ -38,8 +38,10 @@ from bank_sim import ledger
 from bank_sim.settings import LinkSettings
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
+from yindian_common import crash_points
 from yindian_common.bulk_sql import InList, bulk_insert, list_param
 from yindian_common.clock import Clock, business_date, make_clock
+from yindian_common.crash_points import crash_point
 from yindian_common.db import make_engine
 from yindian_common.identity import BANK_ID_METADATA
 from yindian_common.logs import setup_logging
@@ -91,6 +93,8 @@ class AutodebitSettings(LinkSettings):
     results_queue_max: int = Field(64, description="result messages waiting to be sent")
     summary_json: str | None = Field(None, description="also write the summary as JSON to this file")
     log_level: str = Field("INFO", description="log level")
+    crash_point: str = Field("", description="TESTS ONLY: SIGKILL this process at the named crash point "
+                                             "(yindian_common.crash_points); empty in production")
 
 
 @dataclass
@@ -267,6 +271,7 @@ class Consumer:
                     results = process_batch(self.engine, self.clock, self.s.bank_id, msg.notices.notices,
                                             self.summary)
                     if results:
+                        crash_point("bank.after_debit")
                         out.put(pb.BillFeedRequest(results=pb.DebitResultBatch(results=results)))
                     continue
                 self.summary.acked_through_seq = msg.heartbeat.acked_through_seq
@@ -346,6 +351,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     s = load_settings(AutodebitSettings, args, args.config_file)
     setup_logging(s.log_level, "autodebit")
+    crash_points.arm(s.crash_point)
     engine = make_engine(s.db)
     create_schema(engine)
     clock = make_clock(s.clock_start)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -32,6 +33,7 @@ from sqlalchemy.engine import Engine
 
 from bank_sim import autodebit, ledger, mis_tables
 from bank_sim.processes import run_command, start_server
+from yindian_common.bench_reference import REFERENCE_BATCH_BILLS, bulk_write_bills_per_s
 from yindian_common.clock import SystemClock
 from yindian_common.db import create_database, make_engine
 from yindian_common.fields import make_account_no
@@ -160,6 +162,8 @@ class BenchFeedSettings(YinDianSettings):
     probes: int = Field(200, description="single-bill issues timed from commit to notice")
     ready_timeout_s: float = Field(90.0, description="longest wait for a server's READY line")
     run_timeout_s: float = Field(900.0, description="longest a back end's run may take")
+    reference: bool = Field(True, description="on PostgreSQL, also measure the same-run reference: the same "
+                                              "bills bulk-written at 5 durable rows each (unnest, 500 per tx)")
 
 
 def _instant(v: object) -> float:
@@ -308,6 +312,10 @@ def _run_backend(s: BenchFeedSettings, backend: str, work: Path) -> dict[str, fl
             "p50_ms": 1000 * lat[len(lat) // 2], "p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))]}
 
 
+def _load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bank_sim bench-feed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -327,5 +335,10 @@ def main(argv: list[str]) -> int:
         r = _run_backend(s, backend, work)
         print(f"{backend:<11}{r['issued']:>10,.0f}{r['delivered']:>11,.0f}{r['debited']:>10,.0f}"
               f"{r['acknowledged']:>10,.0f}{r['posted']:>10,.0f}{r['paid']:>9,.0f}{r['dunning']:>9,.0f}"
-              f"{r['p50_ms']:>15.1f}{r['p99_ms']:>9.1f}", flush=True)
+              f"{r['p50_ms']:>15.1f}{r['p99_ms']:>9.1f}  load {_load()}", flush=True)
+        if backend == "postgresql" and s.reference:
+            ref = bulk_write_bills_per_s(s.pg_admin_url, s.bills)
+            print(f"{'  reference':<11}{'':>10}{'':>11}{'':>10}{'':>10}{ref:>10,.0f}  bulk write of the same bills, "
+                  f"5 durable rows each, unnest, {REFERENCE_BATCH_BILLS} per tx, 1 connection: "
+                  f"posted/reference = {r['posted'] / ref:.2f}  load {_load()}", flush=True)
     return 0

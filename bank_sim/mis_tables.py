@@ -16,7 +16,10 @@ payments = sa.table(
 
 bills = sa.table(
     "bills", sa.column("bill_id", sa.BigInteger), sa.column("period", sa.String), sa.column("status", sa.String),
-    sa.column("dunning", sa.Boolean))
+    sa.column("dunning", sa.Boolean), sa.column("principal_paid_fen", sa.BigInteger),
+    sa.column("late_fee_paid_fen", sa.BigInteger))
+
+customers = sa.table("customers", sa.column("account_no", sa.String), sa.column("prepaid_fen", sa.BigInteger))
 
 allocations = sa.table("allocations", sa.column("bill_id", sa.BigInteger), sa.column("payment_id", sa.BigInteger))
 
@@ -30,4 +33,4 @@ feed_results = sa.table(
 
 feed_cursors = sa.table("feed_cursors", sa.column("bank_id", sa.String), sa.column("acked_through_seq", sa.BigInteger))
 
-ALL = (payments, bills, allocations, feed_outbox, feed_results, feed_cursors)
+ALL = (payments, bills, customers, allocations, feed_outbox, feed_results, feed_cursors)

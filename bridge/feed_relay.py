@@ -40,18 +40,12 @@ from collections.abc import Iterator
 import grpc
 
 from bridge.context import BridgeContext
+from bridge.request_relay import RequestRelay
 from bridge.upstream import IN_DOUBT, classify
 from yindian.v1 import billing_pb2 as pb
-from yindian_common.status import trailing_details
+from yindian_common.status import abort, trailing_details
 
 log = logging.getLogger("bridge.feed")
-
-
-def _forward(request_iterator: Iterator[pb.BillFeedRequest]) -> Iterator[pb.BillFeedRequest]:
-    try:
-        yield from request_iterator
-    except grpc.RpcError:
-        return  # the bank core went away; ending our side ends the upstream call
 
 
 def _timeout_of(context: grpc.ServicerContext) -> float | None:
@@ -67,12 +61,15 @@ def bill_feed(bctx: BridgeContext, request_iterator: Iterator[pb.BillFeedRequest
         yield from _bill_feed_replicas(bctx, request_iterator, context)
         return
     timeout = _timeout_of(context)
-    call = bctx.stub.BillFeed(_forward(request_iterator), metadata=bctx.metadata(), timeout=timeout)
+    relay = RequestRelay()
+    call = relay.call = bctx.stub.BillFeed(relay.forward(request_iterator), metadata=bctx.metadata(), timeout=timeout)
     context.add_callback(call.cancel)
     log.info("event=feed_relay_open")
     try:
         yield from call
     except grpc.RpcError as exc:
+        if relay.refused is not None:
+            abort(context, relay.refused)
         if not context.is_active():
             return
         code = exc.code()

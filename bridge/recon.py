@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 
 from bridge.context import BridgeContext
+from bridge.request_relay import RequestRelay
 from bridge.upstream import DEFINITE, classify, relay
 from yindian.v1 import billing_pb2 as pb
 from yindian_common import fields
@@ -69,11 +70,14 @@ def reconcile(bctx: BridgeContext, request_iterator: Iterator[Any], context: grp
         timeout_s = RECON_UPSTREAM_DEADLINE_S
         if remaining is not None:
             timeout_s = min(timeout_s, max(0.0, remaining - bctx.settings.upstream_deadline_margin_s))
-        call = bctx.stub.Reconcile(itertools.chain([first], request_iterator), metadata=bctx.metadata(),
-                                   timeout=timeout_s)
+        requests = RequestRelay()
+        call = requests.call = bctx.stub.Reconcile(requests.forward(itertools.chain([first], request_iterator)),
+                                                metadata=bctx.metadata(), timeout=timeout_s)
         try:
             yield from call
         except grpc.RpcError as exc:
+            if requests.refused is not None:
+                raise requests.refused from None
             answer = classify(exc)
             if answer.kind == DEFINITE:
                 log.info("event=reconcile_refused_upstream day=%s code=%s", day, answer.code.name)

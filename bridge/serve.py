@@ -15,13 +15,15 @@ import sqlalchemy as sa
 from bridge import metrics_collector
 from bridge.context import BridgeContext
 from bridge.journal import Claims, Journal, JournalWriter, create_schema
+from bridge.journal.audit_chain import AUDIT_CHAIN
 from bridge.link_relay import relay_of
 from bridge.replicas import ReplicaSet
 from bridge.resolver import Backoff, Resolver
 from bridge.service import BillingServicer
 from bridge.settings import BridgeSettings
 from yindian.v1 import billing_pb2_grpc
-from yindian_common import fields
+from yindian_common import crash_points, fields
+from yindian_common.audit_chain import Sealer
 from yindian_common.clock import Clock, make_clock
 from yindian_common.db import make_engine
 from yindian_common.errors import InvalidField
@@ -110,6 +112,7 @@ class Bridge:
         self.server.add_service("yindian.v1.BillingService", billing_pb2_grpc.add_BillingServiceServicer_to_server,
                                 BillingServicer(self.ctx, self.resolver))
         self.server.on_drain(self._after_drain)
+        self.sealer = Sealer([(AUDIT_CHAIN, engine)], settings.audit_seal_interval_s, clock.now)
         self._drained = False
         self._link = relay_of(self.ctx)  # its journal table exists before the first call
         self._stop_sign_on = threading.Event()
@@ -121,6 +124,7 @@ class Bridge:
     def start_workers(self) -> None:
         self.ctx.replicas.start()
         self.ctx.writer.start()
+        self.sealer.start()
         if self.settings.resolver_enabled:
             self.resolver.start()
         if self.settings.sign_on_at_start:
@@ -143,6 +147,7 @@ class Bridge:
         self._stop_sign_on.set()
         self.resolver.stop(STOP_TIMEOUT_S)
         self.ctx.writer.stop(STOP_TIMEOUT_S)
+        self.sealer.stop()
         self.ctx.replicas.close()
         self.ctx.engine.dispose()
 
@@ -157,6 +162,7 @@ def _ensure_sqlite_dir(url: str) -> None:
 def main(argv: list[str]) -> int:
     settings = parse(argv)
     setup_logging(settings.log_level, "bridge")
+    crash_points.arm(settings.crash_point)
     bridge = Bridge(settings)
     settings = bridge.settings  # the bank id is known now, also under mTLS
     metrics_collector.register(bridge.ctx.engine, bridge.ctx.clock, settings.bank_id)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -32,6 +31,7 @@ from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
 from yindian_common import business_metrics, fields
 from yindian_common.clock import business_date
+from yindian_common.crash_points import armed, crash_point
 from yindian_common.errors import (
     InFlight,
     InvalidField,
@@ -46,9 +46,6 @@ log = logging.getLogger("yindian.bridge.service")
 
 # A duplicate waits for its original at most this many times before giving up with ABORTED.
 CLAIM_ROUNDS = 3
-
-# Exit status of a process stopped at a test's crash point (settings.crash_point): as abrupt as kill -9.
-CRASH_EXIT_CODE = 137
 
 # States whose answer the bank core takes as definite (a RETRYABLE one says BANK_SUSPENDED, say):
 # recorded durably before the answer is sent.
@@ -93,7 +90,6 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         self._duplicate_wait_s = bctx.settings.duplicate_wait_s
         self._probe_after_ms = int(bctx.settings.retryable_probe_after_s * 1000)
         self._answer_wait_cap_s = bctx.settings.upstream_deadline_cap_s
-        self._crash_after_answer = bctx.settings.crash_point == "bridge.after_answer"
 
     # ---- helpers ----
 
@@ -102,11 +98,6 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         if timeout_s < self._min_call_s:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "too little time left to forward the request")
         return timeout_s
-
-    def _arm_crash_point(self, context: grpc.ServicerContext) -> None:
-        """Tests only: the process dies the moment this call's answer has gone out."""
-        if self._crash_after_answer:
-            context.add_callback(lambda: os._exit(CRASH_EXIT_CODE))
 
     # ---- queries ----
 
@@ -131,7 +122,6 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
     def Pay(self, request: pb.PayRequest, context: grpc.ServicerContext) -> pb.PayResponse:
         with guard(context, "Pay"):
             check_pay(request)
-        self._arm_crash_point(context)
         now = self.bctx.clock.now()
         entry = Entry(kind=jn.PAY, serial=request.bank_serial, bank_id=self._bank_id, amount_fen=request.amount_fen,
                       state=jn.PENDING, business_date=business_date(self.bctx.clock), created_at=now,
@@ -144,7 +134,6 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
     def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelResponse:
         with guard(context, "Cancel"):
             check_cancel(request)
-        self._arm_crash_point(context)
         now = self.bctx.clock.now()
         entry = Entry(kind=jn.CANCEL, serial=request.cancel_serial, bank_id=self._bank_id,
                       amount_fen=request.amount_fen, state=jn.PENDING, business_date=business_date(self.bctx.clock),
@@ -187,11 +176,15 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             outcome = jn.outcome_for(entry, jn.SUSPECT, self.bctx.clock.now(), message="no time left to forward")
             return self._reply(self._settle(claim, outcome, context), context)
         call = self.bctx.upstream.pay if entry.kind == jn.PAY else self.bctx.upstream.cancel
+        crash_point("bridge.after_journal")
         answer = call(request, timeout_s)
+        crash_point("bridge.after_answer")
         told = self._settle(claim, self._first_outcome(entry, answer), context)
         if log.isEnabledFor(logging.DEBUG):  # no per-pay line at INFO: it costs more than the journal write
             log.debug("event=%s serial=%s amount_fen=%d state=%s code=%s", entry.kind.lower(), entry.serial,
                       entry.amount_fen, told.state, answer.code.name)
+        if armed("bridge.after_reply"):  # the bank core got its answer (OK or a refusal)
+            context.add_callback(lambda: crash_point("bridge.after_reply"))
         if answer.ok and told.state in (jn.POSTED, jn.CANCELLED):
             return answer.response  # the message the journal now holds as bytes
         return self._reply(told, context)

@@ -66,6 +66,8 @@ class BridgeSettings(ServerSettings):
                                                 "to share a journal transaction with others")
 
     # --- in-doubt resolution ---
+    audit_seal_interval_s: float = Field(2.0, gt=0, le=3_600, description="seconds between passes of the "
+                                         "audit chain's sealer")
     resolver_enabled: bool = Field(True, description="run the background resolver of in-doubt requests")
     resolver_batch_max: int = Field(64, ge=1, le=100_000, description="in-doubt rows taken per resolver pass")
     resolver_idle_wait_s: float = Field(1.0, gt=0, le=3_600,
@@ -89,10 +91,6 @@ class BridgeSettings(ServerSettings):
                                                        "retried within this time is probed by the resolver like an "
                                                        "in-doubt one (GetPayment, then a tombstone if never posted)")
 
-    # --- testing only ---
-    crash_point: str = Field("", pattern="^(|bridge\\.after_answer)$",
-                             description="testing only: exit at once at this named point (bridge.after_answer: "
-                                         "once a Pay or Cancel answer has been sent to the bank core)")
 
     @field_validator("upstream", mode="before")
     @classmethod

@@ -34,6 +34,7 @@ from mis_adapter.late_fee import LateFeeRates
 from mis_adapter.migrate import upgrade
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
+from yindian_common.bench_reference import copy_join_records_per_s
 from yindian_common.clock import DEFAULT_TZ
 from yindian_common.db import create_database, drop_database, make_engine
 from yindian_common.fields import make_account_no
@@ -53,6 +54,11 @@ RECON_TIMEOUT_S = 900.0
 class Plan:
     accounts: list[str]
     records: int
+    # records i with i % 1000 < bank_only_permille are the bank's only (the MIS never saw them)
+    bank_only_permille: int = 0
+
+    def bank_only(self, i: int) -> bool:
+        return i % 1000 < self.bank_only_permille
 
     def account(self, i: int) -> str:
         return self.accounts[i % len(self.accounts)]
@@ -94,7 +100,8 @@ def create_payments(engine: sa.Engine, plan: Plan, serial_prefix: str, day: dt.d
            f"prepaid_added_fen) "
            f"SELECT :bank, :prefix {cat} CAST(g.i AS VARCHAR(12)), 'POSTED', a.account_no, '01', 1000 + g.i % 5000, "
            f"'COUNTER', '0101', 'T1', :day, :at, 0, 0, 0 "
-           f"FROM {series(engine, plan.records)} JOIN bench_accounts a ON a.i = g.i % {n_acc}")
+           f"FROM {series(engine, plan.records)} JOIN bench_accounts a ON a.i = g.i % {n_acc} "
+           f"WHERE g.i % 1000 >= {int(plan.bank_only_permille)}")
     at = dt.datetime.combine(day, dt.time(12), TZ).astimezone(dt.UTC)
     params = {"bank": BANK, "prefix": serial_prefix, "day": day,
               "at": at.replace(tzinfo=None) if engine.dialect.name == "sqlite" else at}
@@ -102,10 +109,12 @@ def create_payments(engine: sa.Engine, plan: Plan, serial_prefix: str, day: dt.d
         conn.execute(sa.text(sql).bindparams(sa.bindparam("day", type_=sa.Date)), params)
 
 
-def create_bills(engine: sa.Engine, plan: Plan, bills: int) -> None:
-    """`bills` bills over the accounts, ten periods each; one in five unpaid."""
+def create_bills(engine: sa.Engine, plan: Plan, bills: int, arrears_permille: int = 1000) -> None:
+    """`bills` bills over the accounts, ten periods each; in the households in
+    arrears (account index i with i % 1000 < arrears_permille) one bill in five is unpaid."""
     n_acc = len(plan.accounts)
     periods = max(1, bills // n_acc)
+    unpaid = f"((a.i + :k) % 5 = 0 AND a.i % 1000 < {int(arrears_permille)})"
     with engine.begin() as conn:
         for k in range(periods):
             y, m = divmod(2025 * 12 + 10 + k, 12)
@@ -115,9 +124,9 @@ def create_bills(engine: sa.Engine, plan: Plan, bills: int) -> None:
             sql = ("INSERT INTO bills (account_no, period, kwh, amount_fen, prepaid_applied_fen, principal_paid_fen, "
                    "late_fee_paid_fen, accrual_micro, accrual_date, due_date, issued_at, status, paid_on, dunning) "
                    "SELECT a.account_no, :period, 100 + a.i % 300, 5000 + a.i % 20000, 0, "
-                   "CASE WHEN (a.i + :k) % 5 = 0 THEN 0 ELSE 5000 + a.i % 20000 END, 0, 0, :due, :due, :issued, "
-                   "CASE WHEN (a.i + :k) % 5 = 0 THEN 'UNPAID' ELSE 'PAID' END, "
-                   "CASE WHEN (a.i + :k) % 5 = 0 THEN NULL ELSE :due END, false FROM bench_accounts a")
+                   f"CASE WHEN {unpaid} THEN 0 ELSE 5000 + a.i % 20000 END, 0, 0, :due, :due, :issued, "
+                   f"CASE WHEN {unpaid} THEN 'UNPAID' ELSE 'PAID' END, "
+                   f"CASE WHEN {unpaid} THEN NULL ELSE :due END, false FROM bench_accounts a")
             conn.execute(sa.text(sql).bindparams(sa.bindparam("due", type_=sa.Date)), {
                 "period": period, "k": k, "due": due,
                 "issued": issued.replace(tzinfo=None) if engine.dialect.name == "sqlite" else issued})
@@ -138,12 +147,12 @@ def bank_batches(plan: Plan, serial_prefix: str, batch_records: int) -> list[byt
     out: list[bytes] = []
     batch = pb.BankRecordBatch()
     for i in range(1, plan.records + 1):
-        if i % DISCREPANCY_EVERY == 1 and i > 1:
+        if i % DISCREPANCY_EVERY == 1 and i > 1 and not plan.bank_only(i):
             continue
-        amount = plan.amount(i) + (1 if i % DISCREPANCY_EVERY == 0 else 0)
+        amount = plan.amount(i) + (1 if i % DISCREPANCY_EVERY == 0 and not plan.bank_only(i) else 0)
         batch.records.add(bank_serial=f"{serial_prefix}{i}", account_no=plan.account(i), amount_fen=amount,
                           status=pb.BANK_RECORD_STATUS_POSTED)
-        if i % DISCREPANCY_EVERY == 0:
+        if i % DISCREPANCY_EVERY == 0 and not plan.bank_only(i):
             batch.records.add(bank_serial=f"{serial_prefix}X{i}", account_no=plan.account(i), amount_fen=777,
                               status=pb.BANK_RECORD_STATUS_POSTED)
         if len(batch.records) >= batch_records:
@@ -229,6 +238,10 @@ def reconcile_once(url: str, work: Path, plan: Plan, prefix: str, day: dt.date, 
             "rss_peak_mib": f"{peak / 1024:.0f}", "discrepancy_lines": str(lines), "outcomes": totals}
 
 
+def _load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def time_reports(engine: sa.Engine) -> list[tuple[str, float, str]]:
     out = []
     rates = LateFeeRates()
@@ -258,17 +271,22 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path) -> None:
         accounts = [make_account_no("01", i + 1) for i in range(args.accounts)]
         t0 = time.perf_counter()
         create_base(engine, accounts)
-        plan = Plan(accounts, args.records)
+        plan = Plan(accounts, args.records, round(args.bank_only_share * 1000))
         small = Plan(accounts, args.small_records)
         create_payments(engine, small, "Q", DAY - dt.timedelta(days=1))
         create_payments(engine, plan, "S", DAY)
-        create_bills(engine, plan, args.bills)
+        create_bills(engine, plan, args.bills, round(args.arrears_share * 1000))
         analyze(engine)
-        print(f"[{backend}] generated {args.accounts:,} accounts, {args.records + args.small_records:,} payments, "
+        print(f"[{backend}] load={_load()} generated {args.accounts:,} accounts, {args.records + args.small_records:,} payments, "
               f"{args.bills:,} bills in {time.perf_counter() - t0:.1f} s", flush=True)
         for label, p, prefix, day in (("small", small, "Q", DAY - dt.timedelta(days=1)), ("full", plan, "S", DAY)):
             fig = reconcile_once(url, work, p, prefix, day, args.batch_records)
             print(f"[{backend}] reconcile {label}: " + " ".join(f"{k}={v}" for k, v in fig.items()), flush=True)
+            if backend == "postgresql" and label == "full" and args.reference:
+                ref = copy_join_records_per_s(args.pg_admin_url, p.records)
+                ours = float(fig["records_per_s"].replace(",", ""))
+                print(f"[{backend}] reference (COPY of the records + one matching join): records_per_s={ref:,.0f} "
+                      f"ratio={ours / ref:.2f} load={_load()}", flush=True)
         for title, seconds, what in time_reports(engine):
             print(f"[{backend}] report {title}: seconds={seconds:.2f} ({what})", flush=True)
         engine.dispose()
@@ -286,6 +304,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--accounts", type=int, default=100_000, help="accounts the payments and bills spread over")
     p.add_argument("--bills", type=int, default=1_000_000, help="bills for the report timings")
     p.add_argument("--batch-records", type=int, default=5_000, help="records per stream message")
+    p.add_argument("--bank-only-share", type=float, default=0.0,
+                   help="share of the full run's records the MIS never saw (BANK_ONLY), 0..1")
+    p.add_argument("--arrears-share", type=float, default=1.0,
+                   help="share of households with unpaid bills in the report data, 0..1")
+    p.add_argument("--no-reference", dest="reference", action="store_false",
+                   help="skip the same-run PostgreSQL reference")
     p.add_argument("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     p.add_argument("--work-dir", default="var/bench-recon")
     args = p.parse_args(argv)

@@ -49,6 +49,7 @@ from mis_adapter.late_fee import LateFeeRates
 from yindian_common import business_metrics
 from yindian_common.bulk_sql import InList, bulk_insert, list_param
 from yindian_common.clock import business_date
+from yindian_common.crash_points import crash_point
 from yindian_common.errors import (
     AccountClosed,
     AccountNotFound,
@@ -576,6 +577,8 @@ def apply_results(books: payments.Books, bank_id: str, results: Sequence[DebitIn
                     _post_general(conn, books, bank_id, plan, accounts, prepaid, fee_day, today, now)
                 if results:
                     _write_plan(conn, bank_id, plan, today, now, prepaid, report)
+                if results:
+                    crash_point("mis.feed_after_post")
                 if cursor_to > 0:
                     _advance_cursor(conn, bank_id, cursor_to, now)
         except IntegrityError:

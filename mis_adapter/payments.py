@@ -42,6 +42,7 @@ from mis_adapter.link_state import SIGNED_OFF_TODAY
 from mis_adapter.routing import BranchRouter
 from yindian_common import business_metrics
 from yindian_common.clock import Clock, business_date, utc_now
+from yindian_common.crash_points import crash_point
 from yindian_common.db_errors import db_call as _db_call
 from yindian_common.errors import (
     AccountClosed,
@@ -243,6 +244,7 @@ def pay(ctx: Books, cmd: PayCommand) -> PayResult:
     else:
         result, fresh = pay_in(ctx, ctx.router.engine_for(cmd.account_no), cmd)
     if fresh:
+        crash_point("mis.after_commit")
         business_metrics.record_payment(cmd.bank_id, cmd.channel, cmd.amount_fen)
     else:
         business_metrics.record_payment_replay(cmd.bank_id)
@@ -280,6 +282,7 @@ def _pay_tx(ctx: Books, engine: Engine, cmd: PayCommand) -> tuple[PayResult, boo
         posted = pay_in_tx(conn, ctx.rates, cmd, cust, fee_day=day, settlement=settlement, now=now)
         pk, plan = posted.payment_pk, posted.plan
         arrears_after, prepaid_after = posted.arrears_after_fen, posted.prepaid_after_fen
+        crash_point("mis.before_commit")
         return PayResult(payment_id_of(cust.branch_code, pk), receipt_no_of(cust.branch_code, settlement, pk),
                          settlement,
                          plan.allocations, arrears_after, prepaid_after, cmd.bank_serial, cmd.account_no,

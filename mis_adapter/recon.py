@@ -78,6 +78,7 @@ from mis_adapter.recon_staging import (
     validate_record,
     where_of,
 )
+from yindian_common.crash_points import crash_point
 from yindian_common.errors import InvalidField
 
 # Names other modules read from here (the rule lives in matching, loading in recon_staging).
@@ -335,6 +336,7 @@ class Reconciliation:
                 conn.execute(_CLOSE_DAY, {"bank_id": self.bank_id, "settlement_date": self.day,
                                           "reconciled_at": self.now, "summary_json": ""})
                 settled_n, settled_fen = match_day(conn, self.bank_id, self.day)
+                crash_point("mis.recon_mid_apply")
                 OutcomeApplier(conn, self.bank_id, self.day, rates=self.rates, now=self.now).apply()
                 summary = self._summary(settled_n, settled_fen)
                 conn.execute(_STORE_SUMMARY, {"k_bank": self.bank_id, "day": self.day, "summary": summary.to_json(),

@@ -12,6 +12,8 @@ meanwhile) or a UTILITY_ONLY that cannot be restored becomes a MISMATCH."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -23,9 +25,10 @@ from mis_adapter.db.core import Customer, JournalEntry, Payment
 from mis_adapter.db.recon import ReconLine
 from mis_adapter.late_fee import LateFeeRates
 from mis_adapter.payments import PayCommand, post_payment_in_tx, reverse_payment_in_tx
+from mis_adapter.recon_bulk import post_bank_only, reverse_utility_only
 from yindian_common.errors import Precondition, YinDianError
 
-APPLY_PAGE_ROWS = 1_000               # one-sided lines read per page while applying
+APPLY_PAGE_ROWS = 5_000               # one-sided lines read per page while applying
 DETAIL_MAX = 128
 RECON_CHANNEL = "RECONCILE"           # channel of a payment posted by reconciliation (BANK_ONLY)
 
@@ -184,6 +187,9 @@ _LOCK_CUSTOMER = (sa.select(T_CUST.c.branch_code, T_CUST.c.tariff_class, T_CUST.
 class OutcomeApplier:
     """Applies one day's BANK_ONLY and UTILITY_ONLY lines, on the closing transaction's connection."""
 
+    # BANK_ONLY and UTILITY_ONLY applied a page at a time (recon_bulk); False: each on its own (the reference).
+    set_based = True
+
     def __init__(self, conn: Connection, bank_id: str, day: dt.date, *, rates: LateFeeRates,
                  now: dt.datetime) -> None:
         self.conn = conn
@@ -202,7 +208,10 @@ class OutcomeApplier:
                                                   "page": APPLY_PAGE_ROWS}).all()
             if not page:
                 return
+            done = self._apply_set_based(page) if self.set_based else set()
             for line in page:
+                if line.line_id in done:
+                    continue
                 try:
                     with conn.begin_nested():
                         if line.outcome == m.BANK_ONLY:
@@ -214,6 +223,26 @@ class OutcomeApplier:
                     conn.execute(_DEMOTE_LINE, {"l_id": line.line_id,
                                                 "why": f"not applied: {why}"[:DETAIL_MAX]})
             after = page[-1].line_id
+
+    def _apply_set_based(self, page: Sequence[Any]) -> set[int]:
+        """Posts the page's BANK_ONLY lines and reverses its UTILITY_ONLY ones a set at
+        a time, except on accounts the page does both on (those keep their order, one
+        by one); returns the line ids done. Should a serial be taken meanwhile,
+        nothing of it stays and every line goes one by one."""
+        posted = {ln.bank_account_no for ln in page if ln.outcome == m.BANK_ONLY}
+        reversed_ = {ln.mis_account_no for ln in page if ln.outcome == m.UTILITY_ONLY}
+        both = posted & reversed_
+        to_post = [ln for ln in page if ln.outcome == m.BANK_ONLY and ln.bank_account_no not in both]
+        to_reverse = [ln for ln in page if ln.outcome == m.UTILITY_ONLY and ln.mis_account_no not in both]
+        try:
+            with self.conn.begin_nested():
+                post_bank_only(self.conn, to_post, bank_id=self.bank_id, day=self.day, rates=self.rates,
+                               now=self.now, channel=RECON_CHANNEL)
+                reverse_utility_only(self.conn, to_reverse, bank_id=self.bank_id, day=self.day, now=self.now,
+                                     cancel_serial=f"RECON-{self.day:%Y%m%d}")
+        except IntegrityError:
+            return set()
+        return {ln.line_id for ln in to_post + to_reverse}
 
     def _journal(self, serial: str, account_no: str, amount_fen: int, outcome: str, payment_id: int) -> None:
         self.conn.execute(T_JOURNAL.insert(), {

@@ -26,6 +26,7 @@ Must never write."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ from sqlalchemy.engine import Connection, Engine
 from mis_adapter.db.base import table_of
 from mis_adapter.db.core import AllocationRow, BillRow, Customer, Payment
 from mis_adapter.late_fee import FeeState, LateFeeRates, accrual_as_of, late_fee_due
+from mis_adapter.late_fee_sql import late_fee_due_sql
 from yindian_common.errors import InvalidField
 from yindian_common.fields import mask_name, mask_phone
 
@@ -45,6 +47,7 @@ REPORT_PERIOD_DAYS_MAX = 3_660       # a collections period is at most ten years
 REPORT_ROWS_MAX = 100_000            # groups in one collections report
 ARREARS_CHUNK_ROWS = 5_000           # bills read and priced per chunk
 DETAIL_PAGE_ACCOUNTS = 500           # accounts per ArrearsDetail page
+REPORT_WORK_MEM = "64MB"             # PostgreSQL work_mem of a report's transaction
 DETAIL_PAGE_PAYMENTS = 500           # payments per CollectionDetail page
 
 GROUP_BYS = ("bank", "outlet", "branch", "day", "channel")
@@ -222,14 +225,86 @@ _changed_since = sa.or_(sa.and_(T_PAY.c.state == POSTED, T_PAY.c.settlement_date
                         sa.and_(T_PAY.c.state == REVERSED, T_PAY.c.settlement_date <= _AS_OF,
                                 T_PAY.c.reversed_on > _AS_OF))
 _sign = sa.case((T_PAY.c.state == POSTED, -1), else_=1)
-_DELTA = (sa.select(T_ALLOC.c.bill_id,
-                    sa.func.sum(_sign * T_ALLOC.c.principal_fen).label("principal_delta"),
-                    sa.func.sum(_sign * T_ALLOC.c.late_fee_fen).label("fee_delta"))
-          .select_from(T_ALLOC.join(T_PAY, T_PAY.c.payment_id == T_ALLOC.c.payment_id))
-          .where(_changed_since).group_by(T_ALLOC.c.bill_id).subquery("delta"))
+_DELTA_SELECT = (sa.select(T_ALLOC.c.bill_id,
+                           sa.func.sum(_sign * T_ALLOC.c.principal_fen).label("principal_delta"),
+                           sa.func.sum(_sign * T_ALLOC.c.late_fee_fen).label("fee_delta"))
+                 .select_from(T_ALLOC.join(T_PAY, T_PAY.c.payment_id == T_ALLOC.c.payment_id))
+                 .where(_changed_since).group_by(T_ALLOC.c.bill_id))
+_DELTA = _DELTA_SELECT.subquery("delta")
+# The same, driven by the payments posted or reversed after as_of (found by index), not by every allocation.
+_CHANGED = sa.union_all(
+    sa.select(T_PAY.c.payment_id, T_PAY.c.state).where(T_PAY.c.settlement_date > _AS_OF, T_PAY.c.state == POSTED),
+    sa.select(T_PAY.c.payment_id, T_PAY.c.state).where(T_PAY.c.reversed_on > _AS_OF, T_PAY.c.state == REVERSED,
+                                                       T_PAY.c.settlement_date <= _AS_OF)).subquery("changed")
+# Grouped by `bill_id + 0`, which no index gives: SQLite would otherwise walk every allocation in bill order.
+_ALLOC_BILL_EXPR = T_ALLOC.c.bill_id + sa.literal_column("0")
+_ALLOC_BILL = _ALLOC_BILL_EXPR.label("bill_id")
+_DELTA_BY_PAYMENTS = (sa.select(_ALLOC_BILL,  # sums cast back to bigint: PostgreSQL's sum(bigint) is numeric
+                                sa.cast(sa.func.sum(sa.case((_CHANGED.c.state == POSTED, -1), else_=1)
+                                                    * T_ALLOC.c.principal_fen), sa.BigInteger).label("principal_delta"),
+                                sa.cast(sa.func.sum(sa.case((_CHANGED.c.state == POSTED, -1), else_=1)
+                                                    * T_ALLOC.c.late_fee_fen), sa.BigInteger).label("fee_delta"))
+                      .select_from(_CHANGED.join(T_ALLOC, T_ALLOC.c.payment_id == _CHANGED.c.payment_id))
+                      .group_by(_ALLOC_BILL_EXPR))
 
 
-def _arrears_query(branch: bool) -> sa.Select[Any]:
+def _arrears_query(branch: bool, *, indexed: bool = True, rates: LateFeeRates | None = None,
+                   replay_only: bool = False, union: bool = True) -> sa.Select[Any]:
+    """Every bill in arrears at the end of as_of, by account and period.
+
+    indexed: read only the bills that can be in arrears at as_of, found by
+    index (the bills unpaid now, those paid after as_of, those touched by
+    payments posted or reversed after as_of): O(bills in arrears then), not
+    O(bills). Otherwise the whole bills table is read (the reconstruction
+    the indexed path is property-tested against). With `rates`, a column
+    `fee_sql` gives the late fee owed for the bills that need no replay.
+    replay_only: only the bills whose fee needs their history replayed
+    (touched by payments after as_of, or accrued past it).
+
+    A bill's paid_on is set exactly when it is PAID (payments.py, feed.py,
+    issue_bills.py), so "not paid by as_of" is paid_on NULL or after as_of."""
+    if not indexed:
+        return _arrears_scan_query(branch)
+    delta = _DELTA_BY_PAYMENTS.cte("delta")
+    if replay_only:
+        candidates = sa.union(sa.select(T_BILL.c.bill_id).where(T_BILL.c.accrual_date > _AS_OF),
+                              sa.select(delta.c.bill_id)).subquery("candidates")
+    elif union:  # SQLite: each part by its index (an OR would be flattened into a walk over every bill)
+        candidates = sa.union(sa.select(T_BILL.c.bill_id).where(T_BILL.c.paid_on.is_(None)),
+                              sa.select(T_BILL.c.bill_id).where(T_BILL.c.paid_on > _AS_OF),
+                              sa.select(delta.c.bill_id)).subquery("candidates")
+    else:
+        # PostgreSQL, MariaDB: one OR, answered by a bitmap OR of the indexes or, when many bills
+        # are in arrears, one sequential pass (no union to sort and hash)
+        candidates = (sa.select(T_BILL.c.bill_id)
+                      .where(sa.or_(T_BILL.c.paid_on.is_(None), T_BILL.c.paid_on > _AS_OF,
+                                    T_BILL.c.bill_id.in_(sa.select(delta.c.bill_id)))).subquery("candidates"))
+    principal_delta = sa.func.coalesce(delta.c.principal_delta, 0)
+    unpaid = T_BILL.c.amount_fen - T_BILL.c.prepaid_applied_fen - T_BILL.c.principal_paid_fen - principal_delta
+    needs_replay = sa.or_(delta.c.bill_id.is_not(None),
+                          sa.and_(T_BILL.c.accrual_date > _AS_OF, T_BILL.c.accrual_date > T_BILL.c.due_date))
+    q = (sa.select(T_BILL.c.bill_id, T_BILL.c.account_no, T_CUST.c.branch_code, T_CUST.c.tariff_class,
+                   T_CUST.c.name, T_CUST.c.phone, T_BILL.c.period, T_BILL.c.amount_fen, T_BILL.c.prepaid_applied_fen,
+                   T_BILL.c.principal_paid_fen, T_BILL.c.late_fee_paid_fen, T_BILL.c.accrual_micro,
+                   T_BILL.c.accrual_date, T_BILL.c.due_date, unpaid.label("unpaid_fen"),
+                   (T_BILL.c.late_fee_paid_fen + sa.func.coalesce(delta.c.fee_delta, 0)).label("fee_paid_fen"),
+                   sa.case((needs_replay, 1), else_=0).label("needs_replay"))
+         .select_from(candidates.join(T_BILL, T_BILL.c.bill_id == candidates.c.bill_id)
+                      # SQLite: an expression, so that no index of bills by account invites a walk over every bill
+                      .join(T_CUST, T_CUST.c.account_no == (sa.func.coalesce(T_BILL.c.account_no, "") if union
+                                                            else T_BILL.c.account_no))
+                      .outerjoin(delta, delta.c.bill_id == T_BILL.c.bill_id))
+         .where(T_BILL.c.issued_at < _b("issued_before"), unpaid > 0)
+         .order_by(T_BILL.c.account_no, T_BILL.c.period, T_BILL.c.bill_id))
+    if rates is not None:
+        q = q.add_columns(late_fee_due_sql(
+            principal_unpaid=unpaid, accrual_micro=T_BILL.c.accrual_micro, accrual_date=T_BILL.c.accrual_date,
+            late_fee_paid=T_BILL.c.late_fee_paid_fen, tariff_class=T_CUST.c.tariff_class, period=T_BILL.c.period,
+            as_of=_AS_OF, rates=rates).label("fee_sql"))
+    return q.where(T_CUST.c.branch_code == _b("branch_code")) if branch else q
+
+
+def _arrears_scan_query(branch: bool) -> sa.Select[Any]:
     principal_delta = sa.func.coalesce(_DELTA.c.principal_delta, 0)
     unpaid = T_BILL.c.amount_fen - T_BILL.c.prepaid_applied_fen - T_BILL.c.principal_paid_fen - principal_delta
     # The current accrual is the accrual at as_of unless history after as_of moved it.
@@ -251,8 +326,8 @@ def _arrears_query(branch: bool) -> sa.Select[Any]:
     return q.where(T_CUST.c.branch_code == _b("branch_code")) if branch else q
 
 
-_ARREARS = _arrears_query(False)
-_ARREARS_OF_BRANCH = _arrears_query(True)
+_ARREARS = {(indexed, branch): _arrears_query(branch, indexed=indexed)
+            for indexed in (True, False) for branch in (True, False)}
 _REPLAY_ALLOCS = (sa.select(T_ALLOC.c.bill_id, T_ALLOC.c.principal_fen, T_ALLOC.c.late_fee_fen, T_PAY.c.state,
                             T_PAY.c.settlement_date, T_PAY.c.reversed_on)
                   .select_from(T_ALLOC.join(T_PAY, T_PAY.c.payment_id == T_ALLOC.c.payment_id))
@@ -310,9 +385,11 @@ def _collected(r: Any) -> CollectedPayment:
 
 
 def _no_jit(conn: Connection) -> None:
-    """PostgreSQL: compiling a report's plan (JIT) costs seconds more than it saves."""
+    """PostgreSQL: compiling a report's plan (JIT) costs seconds more than it saves;
+    and a report's aggregates get REPORT_WORK_MEM to hash in memory instead of sorting on disk."""
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql("SET LOCAL jit = off")
+        conn.exec_driver_sql(f"SET LOCAL work_mem = '{REPORT_WORK_MEM}'")
 
 
 def _key_text(v: Any) -> str:
@@ -323,16 +400,17 @@ def _key_text(v: Any) -> str:
 
 # ---- arrears ----
 def bills_in_arrears(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRates, tz: ZoneInfo,
-                     branch_code: str = "") -> Iterator[tuple[Any, BillAsOf]]:
+                     branch_code: str = "", *, indexed: bool = True) -> Iterator[tuple[Any, BillAsOf]]:
     """(bill row, what it owed) for every bill in arrears at the end of `as_of`,
-    by account then period, one database after another."""
+    by account then period, one database after another. `indexed=False` reads
+    every bill (the reference reconstruction)."""
     cutoff = end_of_day_utc(as_of, tz)
     for engine in engines:
         issued_before = cutoff.replace(tzinfo=None) if engine.dialect.name == "sqlite" else cutoff
         params: dict[str, Any] = {"as_of": as_of, "issued_before": issued_before}
-        stmt = _ARREARS
+        stmt = _ARREARS[indexed, bool(branch_code)]
         if branch_code:
-            stmt, params["branch_code"] = _ARREARS_OF_BRANCH, branch_code
+            params["branch_code"] = branch_code
         with engine.connect().execution_options(read_only=True) as conn, conn.begin(), \
                 engine.connect().execution_options(read_only=True) as side:
             _no_jit(conn)
@@ -355,16 +433,32 @@ def _price_chunk(side: Connection, chunk: Sequence[Any], as_of: dt.date,
         yield b, BillAsOf(b.account_no, b.branch_code, b.period, unpaid, fee)
 
 
-def arrears_summary(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRates, tz: ZoneInfo) -> ArrearsReport:
+def arrears_summary(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRates, tz: ZoneInfo, *,
+                    indexed: bool = True) -> ArrearsReport:
+    """Arrears by branch at the end of `as_of`. indexed: added up in the
+    database (O(branches) rows back, plus the few bills whose history after
+    as_of must be replayed); otherwise bill by bill in Python (the reference)."""
     by_branch: dict[str, ArrearsRow] = {}
+    if indexed:
+        for row in _summed_by_branch(engines, as_of, rates, tz):
+            by_branch.setdefault(row.branch_code, ArrearsRow(row.branch_code))
+            mine = by_branch[row.branch_code]
+            mine.households += row.households
+            mine.principal_fen += row.principal_fen
+            mine.late_fee_fen += row.late_fee_fen
+        return _report(as_of, by_branch)
     last_account = ""
-    for _row, bill in bills_in_arrears(engines, as_of, rates, tz):
+    for _row, bill in bills_in_arrears(engines, as_of, rates, tz, indexed=indexed):
         row = by_branch.setdefault(bill.branch_code, ArrearsRow(bill.branch_code))
         if bill.account_no != last_account:
             row.households += 1
             last_account = bill.account_no
         row.principal_fen += bill.principal_fen
         row.late_fee_fen += bill.late_fee_fen
+    return _report(as_of, by_branch)
+
+
+def _report(as_of: dt.date, by_branch: dict[str, ArrearsRow]) -> ArrearsReport:
     total = ArrearsRow("TOTAL")
     for r in by_branch.values():
         total.households += r.households
@@ -374,13 +468,16 @@ def arrears_summary(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRat
 
 
 def arrears_detail(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRates, tz: ZoneInfo,
-                   branch_code: str = "", page_accounts: int = DETAIL_PAGE_ACCOUNTS
+                   branch_code: str = "", page_accounts: int = DETAIL_PAGE_ACCOUNTS, *, indexed: bool = True
                    ) -> Iterator[list[ArrearsAccount]]:
     """Accounts in arrears at the end of `as_of`, by account number, in pages;
-    names and phones masked."""
+    names and phones masked. indexed: each account added up in the database."""
+    if indexed:
+        yield from _summed_by_account(engines, as_of, rates, tz, branch_code, page_accounts)
+        return
     page: list[ArrearsAccount] = []
     current: ArrearsAccount | None = None
-    for row, bill in bills_in_arrears(engines, as_of, rates, tz, branch_code):
+    for row, bill in bills_in_arrears(engines, as_of, rates, tz, branch_code, indexed=indexed):
         if current is None or current.account_no != bill.account_no:
             if current is not None:
                 page.append(current)
@@ -396,3 +493,110 @@ def arrears_detail(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRate
         page.append(current)
     if page:
         yield page
+
+
+# ---- arrears added up in the database ----
+@functools.lru_cache(maxsize=16)
+def _summed_statements(rates: LateFeeRates, branch: bool, dialect: str
+                       ) -> tuple[sa.Select[Any], sa.Select[Any], sa.Select[Any]]:
+    """(by branch, by account, bills to replay) over the bills in arrears at as_of."""
+    bills = (_arrears_query(branch, indexed=True, rates=rates, union=dialect == "sqlite").order_by(None)
+             .subquery("arrears_bills"))
+    fee = sa.func.sum(sa.case((bills.c.needs_replay == 0, bills.c.fee_sql), else_=0))
+    # by account first, then by branch: a hash aggregate each, where COUNT(DISTINCT) would sort every bill
+    accounts = (sa.select(bills.c.branch_code, sa.func.sum(bills.c.unpaid_fen).label("principal_fen"),
+                          fee.label("late_fee_fen"))
+                .group_by(bills.c.branch_code, bills.c.account_no).subquery("arrears_accounts"))
+    by_branch = (sa.select(accounts.c.branch_code, sa.func.count().label("households"),
+                           sa.func.sum(accounts.c.principal_fen).label("principal_fen"),
+                           sa.func.sum(accounts.c.late_fee_fen).label("late_fee_fen"))
+                 .group_by(accounts.c.branch_code))
+    by_account = (sa.select(bills.c.account_no, bills.c.branch_code, sa.func.min(bills.c.name).label("name"),
+                            sa.func.min(bills.c.phone).label("phone"), sa.func.count().label("unpaid_bills"),
+                            sa.func.sum(bills.c.unpaid_fen).label("principal_fen"), fee.label("late_fee_fen"),
+                            sa.func.min(bills.c.period).label("oldest_period"))
+                  .group_by(bills.c.account_no, bills.c.branch_code).order_by(bills.c.account_no))
+    to_replay = _arrears_query(branch, indexed=True, replay_only=True).order_by(None).subquery("replay_bills")
+    # ordered by expressions no index gives: the plan starts from the few bills to replay (SQLite would
+    # otherwise walk every bill in account order to avoid the sort)
+    replays = (sa.select(to_replay).where(to_replay.c.needs_replay == 1)
+               .order_by(sa.func.coalesce(to_replay.c.account_no, ""), to_replay.c.period, to_replay.c.bill_id))
+    return by_branch, by_account, replays
+
+
+def _params(engine: Engine, as_of: dt.date, tz: ZoneInfo, branch_code: str) -> dict[str, Any]:
+    cutoff = end_of_day_utc(as_of, tz)
+    params: dict[str, Any] = {"as_of": as_of,
+                              "issued_before": cutoff.replace(tzinfo=None) if engine.dialect.name == "sqlite" else cutoff}
+    if branch_code:
+        params["branch_code"] = branch_code
+    return params
+
+
+def _replayed(conn: Connection, side: Connection, stmt: sa.Select[Any], params: dict[str, Any], as_of: dt.date,
+              rates: LateFeeRates) -> Iterator[BillAsOf]:
+    """The bills whose fee needs their history replayed, priced in Python, by account."""
+    result = conn.execute(stmt, params, execution_options={"yield_per": ARREARS_CHUNK_ROWS})
+    for chunk in result.partitions(ARREARS_CHUNK_ROWS):
+        for _row, bill in _price_chunk(side, chunk, as_of, rates):
+            yield bill
+
+
+def _summed_by_branch(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRates,
+                      tz: ZoneInfo) -> Iterator[ArrearsRow]:
+    for engine in engines:
+        by_branch, _by_account, replays = _summed_statements(rates, False, engine.dialect.name)
+        params = _params(engine, as_of, tz, "")
+        with engine.connect().execution_options(read_only=True) as conn, conn.begin(), \
+                engine.connect().execution_options(read_only=True) as side:
+            _no_jit(conn)
+            rows = {r.branch_code: ArrearsRow(r.branch_code, int(r.households), int(r.principal_fen or 0),
+                                              int(r.late_fee_fen or 0))
+                    for r in conn.execute(by_branch, params)}
+            for bill in _replayed(conn, side, replays, params, as_of, rates):
+                # a bill paid between the two statements is not in the sums: its fee is still owed as of then
+                rows.setdefault(bill.branch_code, ArrearsRow(bill.branch_code)).late_fee_fen += bill.late_fee_fen
+        yield from rows.values()
+
+
+def _summed_by_account(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRates, tz: ZoneInfo,
+                       branch_code: str, page_accounts: int) -> Iterator[list[ArrearsAccount]]:
+    page: list[ArrearsAccount] = []
+    for engine in engines:
+        _by_branch, by_account, replays = _summed_statements(rates, bool(branch_code), engine.dialect.name)
+        params = _params(engine, as_of, tz, branch_code)
+        with engine.connect().execution_options(read_only=True) as conn, conn.begin(), \
+                engine.connect().execution_options(read_only=True) as rconn, rconn.begin(), \
+                engine.connect().execution_options(read_only=True) as side:
+            _no_jit(conn)
+            _no_jit(rconn)
+            replay_fees = _fees_by_account(_replayed(rconn, side, replays, params, as_of, rates))
+            pending = next(replay_fees, None)
+            result = conn.execute(by_account, params, execution_options={"yield_per": ARREARS_CHUNK_ROWS})
+            for r in result:
+                acc = ArrearsAccount(r.account_no, mask_name(r.name), mask_phone(r.phone), r.branch_code,
+                                     int(r.unpaid_bills), int(r.principal_fen), int(r.late_fee_fen or 0),
+                                     r.oldest_period)
+                # both streams are in account order: add the replayed fees of this account
+                while pending is not None and pending[0] <= acc.account_no:
+                    if pending[0] == acc.account_no:
+                        acc.late_fee_fen += pending[1]
+                    pending = next(replay_fees, None)
+                page.append(acc)
+                if len(page) >= page_accounts:
+                    yield page
+                    page = []
+    if page:
+        yield page
+
+
+def _fees_by_account(bills: Iterator[BillAsOf]) -> Iterator[tuple[str, int]]:
+    account, fee = "", 0
+    for bill in bills:
+        if bill.account_no != account and account:
+            yield account, fee
+            fee = 0
+        account = bill.account_no
+        fee += bill.late_fee_fen
+    if account:
+        yield account, fee

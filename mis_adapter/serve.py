@@ -7,6 +7,7 @@ import logging
 from mis_adapter import cross_branch, metrics_collector
 from mis_adapter.context import AdapterContext
 from mis_adapter.customer_service import CustomerServicer, add_operator_flags
+from mis_adapter.db.audit import JOURNAL_CHAIN
 from mis_adapter.feed import FeedSettings
 from mis_adapter.feed_service import FeedHub
 from mis_adapter.migrate import upgrade
@@ -14,6 +15,8 @@ from mis_adapter.report_service import ReportServicer
 from mis_adapter.service import BillingServicer
 from mis_adapter.settings import AdapterSettings
 from yindian.v1 import billing_pb2_grpc, customer_pb2_grpc, report_pb2_grpc
+from yindian_common import crash_points
+from yindian_common.audit_chain import Sealer
 from yindian_common.clock import Clock, make_clock
 from yindian_common.logs import setup_logging
 from yindian_common.metrics import grpc_server_interceptors, start_metrics_http
@@ -60,8 +63,13 @@ def build_server(settings: AdapterSettings, clock: Clock | None = None) -> tuple
 def main(argv: list[str]) -> int:
     settings = parse(argv)
     setup_logging(settings.log_level, "mis_adapter")
+    crash_points.arm(settings.crash_point)
     server, _ctx = build_server(settings)
     metrics_collector.register(_ctx.router.engines(), _ctx.clock)
+    sealer = Sealer([(JOURNAL_CHAIN, e) for e in _ctx.router.engines()], settings.audit_seal_interval_s,
+                    _ctx.clock.now)
+    sealer.start()
+    server.on_drain(sealer.stop)
     metrics_port = start_metrics_http(settings.metrics_host, settings.metrics_port)
     server.serve_forever(f"READY mis_adapter grpc={settings.listen.rsplit(':', 1)[0]}:{server.port} "
                          f"metrics={metrics_port}")

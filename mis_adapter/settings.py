@@ -48,6 +48,8 @@ class AdapterSettings(ServerSettings):
                                         description="bill feed: outbox poll interval without LISTEN/NOTIFY")
     feed_lease_ttl_s: float = Field(15.0, gt=0, le=3_600,
                                     description="bill feed: a dead replica's stream lease lapses after this")
+    audit_seal_interval_s: float = Field(2.0, gt=0, le=3_600, description="seconds between passes of the "
+                                         "journal's audit-chain sealer")
     feed_peer_silence_s: float = Field(120.0, gt=0, le=86_400,
                                        description="bill feed: end a stream with no results for this long")
     registry_recover_batch_max: int = Field(10_000, ge=1, le=10_000_000,

@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from yindian_common.tls import CertificateStore, TlsFiles
+from yindian_common.wire_guard import MalformedRequestInterceptor
 
 log = logging.getLogger("yindian.server")
 
@@ -115,7 +116,7 @@ class GrpcServer:
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=limits.max_workers, thread_name_prefix="rpc"),
             options=server_options(limits), maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
-            interceptors=[*interceptors, *revocation, *guards])
+            interceptors=[*interceptors, *revocation, *guards, MalformedRequestInterceptor()])  # innermost
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         self._service_names: list[str] = [health.SERVICE_NAME, reflection.SERVICE_NAME]

@@ -76,6 +76,8 @@ class ServerSettings(YinDianSettings):
                                              "empty: system time")
     timezone: str = Field(DEFAULT_TZ, description="time zone of business dates")
     log_level: str = Field("INFO", description="log level")
+    crash_point: str = Field("", description="TESTS ONLY: SIGKILL this process at the named crash point(s) "
+                                             "(yindian_common.crash_points); empty in production")
     db_pool_size: int = Field(16, ge=1, le=1_024, description="pooled connections per database")
     sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
         "FULL", description="SQLite durability: FULL (durable) or NORMAL")

@@ -32,6 +32,7 @@ Modules by job: `schema` (kinds, states, bounds, the two tables), `records`
 group-commit `JournalWriter`)."""
 from __future__ import annotations
 
+from bridge.journal import audit_chain  # noqa: F401  (registers bridge_audit_seals in the metadata)
 from bridge.journal.records import Entry, Outcome, Recorded, outcome_for
 from bridge.journal.repository import Journal, create_schema
 from bridge.journal.schema import (

@@ -76,7 +76,10 @@ class BillRow(Base):
     a fen up to `accrual_date`, so partial payments never round twice."""
     __tablename__ = "bills"
     __table_args__ = (sa.UniqueConstraint("account_no", "period"),
-                      sa.Index("ix_bills_status_due", "status", "due_date"))
+                      sa.Index("ix_bills_status_due", "status", "due_date"),
+                      # reports: the bills paid after an as-of date (migration 0004_bulk)
+                      sa.Index("ix_bills_paid_on", "paid_on"),
+                      sa.Index("ix_bills_accrual_date", "accrual_date"))
     bill_id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     account_no: Mapped[str] = mapped_column(sa.String(10), sa.ForeignKey("customers.account_no"))
     period: Mapped[str] = mapped_column(sa.String(6))
@@ -103,7 +106,9 @@ class Payment(Base):
     __tablename__ = "payments"
     __table_args__ = (sa.UniqueConstraint("bank_id", "bank_serial"),
                       sa.Index("ix_payments_bank_day", "bank_id", "settlement_date"),
-                      sa.Index("ix_payments_day", "settlement_date"))
+                      sa.Index("ix_payments_day", "settlement_date"),
+                      # reports: the payments reversed after an as-of date (migration 0004_bulk)
+                      sa.Index("ix_payments_reversed_on", "reversed_on"))
     payment_id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     bank_id: Mapped[str] = mapped_column(sa.String(16))
     bank_serial: Mapped[str] = mapped_column(sa.String(32))

@@ -3,7 +3,7 @@
 Pay P through the bridge; the utility's operator suspends the bank; Cancel of
 P is answered UNAVAILABLE reason BANK_SUSPENDED (a definite refusal: the bank
 core keeps P standing); the bridge dies the moment that answer has gone out
-(crash point `bridge.after_answer`, as abrupt as kill -9). After restart and
+(crash point `bridge.after_reply`: SIGKILL). After restart and
 resume, the bridge must not apply the cancel on its own: the MIS still has P
 POSTED and the journal does not hold the cancel as CANCELLED.
 
@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 BANK = "ICBC"
 CALL_TIMEOUT_S = 10.0
 WAIT_S = 30.0
-CRASH_EXIT_CODE = 137
+CRASH_EXIT_CODE = -9  # SIGKILL (yindian_common.crash_points)
 
 
 def bridge_args(upstream: str, journal_db: str) -> list[str]:
@@ -88,7 +88,7 @@ def test_refused_cancel_stays_refused_after_a_bridge_crash_right_after_answering
         bank_admin(mis_db, "suspend")
 
         bridge = start("bridge-armed", bridge_args(adapter.grpc_addr, journal_db), log_dir=tmp_path,
-                       env={"YINDIAN_CRASH_POINT": "bridge.after_answer"})
+                       env={"YINDIAN_CRASH_POINT": "bridge.after_reply"})
         with grpc.insecure_channel(bridge.grpc_addr) as ch, pytest.raises(grpc.RpcError) as refused:
             billing_pb2_grpc.BillingServiceStub(ch).Cancel(
                 pb.CancelRequest(cancel_serial="CRASH-C1", original_serial="CRASH-P1", amount_fen=12_345,

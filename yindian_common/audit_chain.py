@@ -1,0 +1,202 @@
+"""A tamper-evident hash chain over an append-only journal table (the MIS's
+`journal`, the bridge's `bridge_audit`), kept in a companion seals table.
+
+A sealer (a background thread of the server, or `audit seal`) takes the
+journal rows not yet sealed, in id order, and appends one seal per row:
+gapless `seal_no`, the row's id, the columns it hashed, the previous seal's
+hash and its own: SHA-256 over the previous hash and the row's canonical
+form (column = value, sorted). Sealing is off the money path: a pay never
+waits for the chain. `verify` walks the seals in order and names every
+entry that was edited (hash differs), deleted (sealed id gone), reordered
+(ids swapped: both hashes differ) or whose seal was removed (a gap in
+seal_no or a broken link).
+
+What it cannot see: a row written behind the system's back before the
+sealer ran is sealed like any other, and the newest rows with their seals
+cut off together look like a shorter chain (publish the head hash to an
+outside party to close that). Append-only is enforced by triggers where
+the database can (PostgreSQL, MariaDB, SQLite): `append_only_ddl`."""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+
+GENESIS = "0" * 64
+SEAL_BATCH_MAX = 1_000            # rows sealed per transaction
+VERIFY_FETCH_ROWS = 5_000
+PROBLEMS_KEPT_MAX = 100
+
+
+def seals_table(metadata: sa.MetaData, name: str) -> sa.Table:
+    return sa.Table(
+        name, metadata,
+        sa.Column("seal_no", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("entry_id", sa.BigInteger, nullable=False, unique=True),
+        sa.Column("columns", sa.String(512), nullable=False),
+        sa.Column("prev_hash", sa.String(64), nullable=False),
+        sa.Column("entry_hash", sa.String(64), nullable=False),
+        sa.Column("sealed_at", sa.DateTime(timezone=True), nullable=False),
+    )
+
+
+def _canonical(value: Any) -> str:
+    if value is None:
+        return "\x00null"
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(dt.UTC).replace(tzinfo=None)
+        return value.isoformat()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+def entry_hash(prev_hash: str, columns: list[str], row: Any) -> str:
+    h = hashlib.sha256(prev_hash.encode())
+    for c in columns:
+        h.update(b"\x1f" + c.encode() + b"=" + _canonical(row[c]).encode("utf-8"))
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Chain:
+    """One journal table and its seals table."""
+    entries: sa.Table
+    id_column: str
+    seals: sa.Table
+
+    @property
+    def columns(self) -> list[str]:
+        return sorted(c.name for c in self.entries.columns)
+
+    def seal_pending(self, engine: Engine, now: dt.datetime, batch_max: int = SEAL_BATCH_MAX) -> int:
+        """Seals up to batch_max unsealed rows; returns how many. Concurrent sealers: one wins, the other retries."""
+        s, e = self.seals.c, self.entries.c
+        ident = e[self.id_column]
+        try:
+            with engine.begin() as conn:
+                head = conn.execute(sa.select(s.seal_no, s.entry_hash).order_by(s.seal_no.desc()).limit(1)
+                                    .with_for_update()).first()
+                seal_no, prev = (int(head.seal_no), str(head.entry_hash)) if head else (0, GENESIS)
+                rows = conn.execute(sa.select(self.entries).outerjoin(self.seals, s.entry_id == ident)
+                                    .where(s.seal_no.is_(None)).order_by(ident).limit(batch_max)).mappings().all()
+                columns = self.columns
+                out = []
+                for row in rows:
+                    seal_no += 1
+                    h = entry_hash(prev, columns, row)
+                    out.append({"seal_no": seal_no, "entry_id": row[self.id_column], "columns": ",".join(columns),
+                                "prev_hash": prev, "entry_hash": h, "sealed_at": now})
+                    prev = h
+                if out:
+                    conn.execute(self.seals.insert(), out)
+                return len(out)
+        except IntegrityError:
+            return 0  # another sealer took these seal numbers first; the next pass continues from its head
+
+    def verify(self, conn: Connection) -> tuple[int, list[str], int]:
+        """(seals checked, problems naming the entries, rows not yet sealed)."""
+        s, e = self.seals.c, self.entries.c
+        ident = e[self.id_column]
+        problems: list[str] = []
+        expected_no, prev, checked = 1, GENESIS, 0
+        for seal in self._seals(conn):
+            checked += 1
+            if seal["seal_no"] != expected_no:
+                problems.append(f"seals {expected_no}..{seal['seal_no'] - 1} missing (removed from the chain)")
+            if seal["prev_hash"] != prev:
+                problems.append(f"seal {seal['seal_no']} (entry {seal['entry_id']}): link broken, previous hash "
+                                "differs (a seal was removed or edited)")
+            row = conn.execute(sa.select(self.entries).where(ident == seal["entry_id"])).mappings().first()
+            if row is None:
+                problems.append(f"entry {seal['entry_id']} deleted (seal {seal['seal_no']})")
+            else:
+                cols = seal["columns"].split(",")
+                missing = [c for c in cols if c not in row]
+                if missing or entry_hash(seal["prev_hash"], cols, row) != seal["entry_hash"]:
+                    problems.append(f"entry {seal['entry_id']} edited or reordered (seal {seal['seal_no']})")
+            prev, expected_no = seal["entry_hash"], seal["seal_no"] + 1
+            if len(problems) >= PROBLEMS_KEPT_MAX:
+                break
+        unsealed = conn.execute(sa.select(sa.func.count()).select_from(
+            self.entries.outerjoin(self.seals, s.entry_id == ident)).where(s.seal_no.is_(None))).scalar_one()
+        return checked, problems, int(unsealed)
+
+    def _seals(self, conn: Connection) -> Iterator[Any]:
+        """Every seal in order, a page at a time (keyset: no open cursor while the entries are read)."""
+        s, after = self.seals.c, 0
+        while True:
+            page = conn.execute(sa.select(self.seals).where(s.seal_no > after).order_by(s.seal_no)
+                                .limit(VERIFY_FETCH_ROWS)).mappings().all()
+            if not page:
+                return
+            yield from page
+            after = page[-1]["seal_no"]
+
+
+def append_only_ddl(dialect: str, table: str) -> list[str]:
+    """Statements making `table` refuse UPDATE and DELETE (INSERT only)."""
+    if dialect == "postgresql":
+        return [
+            "CREATE OR REPLACE FUNCTION yd_append_only() RETURNS trigger AS $$ BEGIN "
+            "RAISE EXCEPTION 'table % is append-only', TG_TABLE_NAME; END $$ LANGUAGE plpgsql",
+            f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
+            "FOR EACH ROW EXECUTE FUNCTION yd_append_only()",
+        ]
+    if dialect in ("mysql", "mariadb"):
+        return [f"CREATE TRIGGER {table}_no_{op.lower()} BEFORE {op} ON {table} FOR EACH ROW "
+                f"SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = '{table} is append-only'" for op in ("UPDATE", "DELETE")]
+    if dialect == "sqlite":
+        return [f"CREATE TRIGGER {table}_no_{op.lower()} BEFORE {op} ON {table} "
+                f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END" for op in ("UPDATE", "DELETE")]
+    return []
+
+
+def drop_append_only_ddl(dialect: str, table: str) -> list[str]:
+    if dialect == "postgresql":
+        return [f"DROP TRIGGER IF EXISTS {table}_append_only ON {table}"]
+    return [f"DROP TRIGGER IF EXISTS {table}_no_{op.lower()}" for op in ("update", "delete")]
+
+
+class Sealer:
+    """The server's background sealer: seals new journal rows every interval_s
+    (a database error is logged and retried at the next pass)."""
+
+    def __init__(self, jobs: list[tuple[Chain, Engine]], interval_s: float, now: Any) -> None:
+        import threading
+        self._jobs, self._interval_s, self._now = jobs, interval_s, now
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="audit-sealer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(self._interval_s + 5)
+        self.seal_once()  # what the drain's last calls journaled
+
+    def seal_once(self) -> int:
+        total = 0
+        for chain, engine in self._jobs:
+            while n := chain.seal_pending(engine, self._now()):
+                total += n
+        return total
+
+    def _run(self) -> None:
+        import logging
+        log = logging.getLogger("yindian.audit")
+        while not self._stop.wait(self._interval_s):
+            try:
+                self.seal_once()
+            except sa.exc.SQLAlchemyError as exc:
+                log.warning("event=audit_seal_failed error=%s", type(exc).__name__)
