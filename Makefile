@@ -14,7 +14,7 @@ define GENERATE
 	touch yindian/__init__.py yindian/v1/__init__.py $(GEN_STAMP)
 endef
 
-.PHONY: setup proto test run lint buf-lint buf-breaking bench bench-core bench-feed bench-recon bench-branch bench-pay clean
+.PHONY: setup proto test run lint buf-lint buf-breaking bench bench-core bench-ratio bench-feed bench-recon bench-branch bench-pay clean
 
 setup: $(VENV)/.installed $(GEN_STAMP)
 
@@ -59,6 +59,9 @@ buf-breaking:
 
 bench-core: setup
 	$(PY) -m bank_sim bench-core $(BENCH_ARGS)
+
+bench-ratio: setup
+	$(PY) -m bank_sim bench-ratio $(BENCH_ARGS)
 
 bench-branch: setup
 	$(PY) -m bank_sim bench-branch $(BENCH_ARGS)

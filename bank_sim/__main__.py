@@ -10,6 +10,8 @@ COMMANDS = {
     "refunds": ("bank_sim.link_ops", "credit the utility's refunds to passbooks, then acknowledge them"),
     "load": ("bank_sim.load", "open-loop load generator with a correctness check"),
     "bench-core": ("bank_sim.bench_core", "benchmark: counter payments, bridge vs direct, SQLite and PostgreSQL"),
+    "bench-ratio": ("bank_sim.bench_ratio", "benchmark: pays vs a bare 2-hop gRPC echo, CPU per call per process"),
+    "echo-link": ("bank_sim.echo_link", "one hop of bench-ratio's reference echo (echo or proxy server)"),
     "bench-feed": ("bank_sim.bench_feed", "benchmark: the bill feed end to end"),
     "chaos": ("bank_sim.chaos", "seeded chaos soak: real processes, faults, every money invariant checked"),
     "bench-branch": ("bank_sim.bench_branch", "benchmark: front + 4 branch databases and 2 replicas vs one "

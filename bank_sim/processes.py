@@ -104,18 +104,20 @@ def run_command(name: str, args: Sequence[str], *, log_dir: Path, timeout_s: flo
 
 def seed_and_start_stack(work: Path, *, mis_db: str, bridge_db: str, accounts: int, bank_id: str,
                          ready_timeout_s: float, seed_timeout_s: float, cwd: Path,
-                         servers: list[ServerProcess]) -> tuple[Path, ServerProcess, ServerProcess]:
+                         servers: list[ServerProcess], bridge_args: Sequence[str] = (),
+                         mis_args: Sequence[str] = ()) -> tuple[Path, ServerProcess, ServerProcess]:
     """Seeds the utility, starts mis_adapter and the bank's bridge on loopback
     (both appended to `servers` as they start, so the caller stops whatever
     did start); returns the bank's roster file, mis_adapter and the bridge."""
     run_command("seed", ["mis_adapter", "seed", "--db", mis_db, "--accounts", str(accounts),
                          "--roster-dir", str(work / "rosters")], log_dir=work, timeout_s=seed_timeout_s, cwd=cwd)
     mis = start_server("mis_adapter", ["mis_adapter", "serve", "--db", mis_db, "--listen", "127.0.0.1:0",
-                                       "--metrics-port", "0", "--insecure"],
+                                       "--metrics-port", "0", "--insecure", *mis_args],
                        log_dir=work, ready_timeout_s=ready_timeout_s, cwd=cwd)
     servers.append(mis)
     bridge = start_server("bridge", ["bridge", "serve", "--listen", "127.0.0.1:0", "--upstream", mis.grpc_addr,
-                                     "--db", bridge_db, "--bank-id", bank_id, "--metrics-port", "0", "--insecure"],
+                                     "--db", bridge_db, "--bank-id", bank_id, "--metrics-port", "0", "--insecure",
+                                     *bridge_args],
                           log_dir=work, ready_timeout_s=ready_timeout_s, cwd=cwd)
     servers.append(bridge)
     return work / "rosters" / f"{bank_id}.csv", mis, bridge

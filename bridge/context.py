@@ -79,6 +79,10 @@ class BridgeContext:
             return cap_s
         return max(0.0, min(cap_s, remaining - self.settings.upstream_deadline_margin_s))
 
+    def expedite_retryable(self, settlement_date: dt.date) -> int:
+        """The day's RETRYABLE pays are probed at once (see Journal.expedite_retryable)."""
+        return self.journal.expedite_retryable(settlement_date)
+
     def in_doubt_count(self, settlement_date: dt.date | str) -> int:
         day = dt.date.fromisoformat(settlement_date) if isinstance(settlement_date, str) else settlement_date
         # Outcomes already known but not yet recorded are not in doubt: record them first.

@@ -46,6 +46,7 @@ def wait_until_settled(bctx: BridgeContext, day: dt.date, wait_s: float = IN_DOU
     """Returns once nothing of `day` is in doubt; raises DAY_IN_DOUBT after `wait_s`."""
     deadline_s = monotonic_s() + wait_s
     pause = threading.Event()
+    bctx.expedite_retryable(day)
     while True:
         n = bctx.in_doubt_count(day)
         if n == 0:

@@ -209,11 +209,11 @@ class Resolver:
             if not owned:
                 continue
             entry = self._journal.get(*key)
-            if entry is None or entry.state not in jn.IN_DOUBT_STATES or entry.next_attempt_ms > now_ms(self._clock):
+            if entry is None or not _resolvable(entry) or entry.next_attempt_ms > now_ms(self._clock):
                 self._claims.release(claim)
                 continue
             outcome = self.resolve(entry, self._call_timeout_s)
-            claim.finish(outcome)
+            claim.result = outcome  # waiters wake when the claim is released: once the outcome is durable
             self._writer.submit(outcome, claim)
             log.info("event=resolve kind=%s serial=%s from=%s to=%s attempts=%d detail=%r", entry.kind,
                      entry.serial, entry.state, outcome.state, outcome.attempts, outcome.message)
@@ -232,6 +232,12 @@ class Resolver:
             if advanced == 0:
                 self._wake.wait(self._idle_wait_s)
                 self._wake.clear()
+
+
+def _resolvable(entry: Entry) -> bool:
+    """In doubt, or a RETRYABLE pay due for its probe (a RETRYABLE cancel is never resent on the
+    bridge's own initiative: its refusal reached the bank core, which keeps the payment standing)."""
+    return entry.state in jn.IN_DOUBT_STATES or (entry.state == jn.RETRYABLE and entry.kind == jn.PAY)
 
 
 def _reversal_label(outcome: Outcome) -> str:

@@ -9,9 +9,11 @@ journal and never forwarded twice. Malformed requests never cross the link
 and are never journaled."""
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any, NoReturn
 
 import grpc
@@ -24,7 +26,7 @@ from bridge.context import BridgeContext
 from bridge.journal import Claim, Entry, Outcome
 from bridge.link_relay import relay_of
 from bridge.resolver import REVERSAL_PREFIX, Resolver
-from bridge.upstream import DEFINITE, RETRY_LATER_CODES, Answer, relay
+from bridge.upstream import DEFINITE, NOT_SENT, RETRY_LATER_CODES, Answer, link_down_status, relay
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
 from yindian_common import business_metrics, fields
@@ -44,6 +46,10 @@ log = logging.getLogger("yindian.bridge.service")
 
 # A duplicate waits for its original at most this many times before giving up with ABORTED.
 CLAIM_ROUNDS = 3
+
+# States whose answer the bank core takes as definite (a RETRYABLE one says BANK_SUSPENDED, say):
+# recorded durably before the answer is sent.
+TOLD_DEFINITE_STATES = jn.DEFINITE_STATES | {jn.RETRYABLE}
 
 CHANNELS = frozenset({pb.CHANNEL_COUNTER, pb.CHANNEL_AUTO_DEBIT, pb.CHANNEL_ATM, pb.CHANNEL_ONLINE})
 BANK_BALANCE_MAX_FEN = 10**15
@@ -82,6 +88,8 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         self._bank_id = bctx.settings.bank_id
         self._min_call_s = bctx.settings.upstream_deadline_min_s
         self._duplicate_wait_s = bctx.settings.duplicate_wait_s
+        self._probe_after_ms = int(bctx.settings.retryable_probe_after_s * 1000)
+        self._answer_wait_cap_s = bctx.settings.upstream_deadline_cap_s
 
     # ---- helpers ----
 
@@ -166,21 +174,20 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         """Sends a journaled request (we own its claim) and answers from the outcome."""
         if timeout_s < self._min_call_s:
             outcome = jn.outcome_for(entry, jn.SUSPECT, self.bctx.clock.now(), message="no time left to forward")
-            self._settle(claim, outcome)
-            return self._reply(outcome, context)
+            return self._reply(self._settle(claim, outcome, context), context)
         call = self.bctx.upstream.pay if entry.kind == jn.PAY else self.bctx.upstream.cancel
         crash_point("bridge.after_journal")
         answer = call(request, timeout_s)
         crash_point("bridge.after_answer")
-        outcome = self._first_outcome(entry, answer)
-        self._settle(claim, outcome)
-        log.info("event=%s serial=%s amount_fen=%d state=%s code=%s", entry.kind.lower(), entry.serial,
-                 entry.amount_fen, outcome.state, answer.code.name)
-        if answer.ok:
-            if armed("bridge.after_reply"):
-                context.add_callback(lambda: crash_point("bridge.after_reply"))
+        told = self._settle(claim, self._first_outcome(entry, answer), context)
+        if log.isEnabledFor(logging.DEBUG):  # no per-pay line at INFO: it costs more than the journal write
+            log.debug("event=%s serial=%s amount_fen=%d state=%s code=%s", entry.kind.lower(), entry.serial,
+                      entry.amount_fen, told.state, answer.code.name)
+        if armed("bridge.after_reply"):  # the bank core got its answer (OK or a refusal)
+            context.add_callback(lambda: crash_point("bridge.after_reply"))
+        if answer.ok and told.state in (jn.POSTED, jn.CANCELLED):
             return answer.response  # the message the journal now holds as bytes
-        return self._reply(outcome, context)
+        return self._reply(told, context)
 
     def _first_outcome(self, entry: Entry, answer: Answer[Any]) -> Outcome:
         at = self.bctx.clock.now()
@@ -189,21 +196,46 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
                                   body=answer.response.SerializeToString(), message="")
         if answer.kind == DEFINITE:
             # "Nothing written, retry later" (limits, suspension, a branch down): the serial may be sent again.
-            state = jn.RETRYABLE if answer.code in RETRY_LATER_CODES else jn.FAILED
-            return jn.outcome_for(entry, state, at, status_code=answer.code.value[0], body=answer.status_bytes,
+            # A pay the bank core then leaves alone is probed after retryable_probe_after_s (issue 9 item 2).
+            if answer.code in RETRY_LATER_CODES:
+                return jn.outcome_for(entry, jn.RETRYABLE, at, status_code=answer.code.value[0],
+                                      body=answer.status_bytes, message=answer.message,
+                                      next_attempt_ms=self._probe_due_ms(at))
+            return jn.outcome_for(entry, jn.FAILED, at, status_code=answer.code.value[0], body=answer.status_bytes,
                                   message=answer.message)
+        if answer.kind == NOT_SENT:
+            # Provably never left the bridge (no connection to the utility): nothing to resolve, retry later.
+            return jn.outcome_for(entry, jn.RETRYABLE, at, status_code=grpc.StatusCode.UNAVAILABLE.value[0],
+                                  body=link_down_status(answer.message), message=answer.message,
+                                  next_attempt_ms=self._probe_due_ms(at))
         # In doubt: due for resolution at once.
         if entry.kind == jn.PAY:
             business_metrics.record_suspect_payment(entry.bank_id)
         return jn.outcome_for(entry, jn.SUSPECT, at, message=f"in doubt: {answer.code.name}: {answer.message}",
                               next_attempt_ms=0)
 
-    def _settle(self, claim: Claim, outcome: Outcome) -> None:
-        """Tells waiting duplicates, then records the outcome (the claim is released once durable)."""
-        claim.finish(outcome)
-        self._writer.submit(outcome, claim)
+    def _probe_due_ms(self, at: dt.datetime) -> int:
+        return int(at.timestamp() * 1000) + self._probe_after_ms
+
+    def _settle(self, claim: Claim, outcome: Outcome, context: grpc.ServicerContext) -> Outcome:
+        """Records `outcome` and returns what the bank core may be told. An answer it takes as
+        definite is sent only once durable (issue 9 item 1: what the bank core was told is what the
+        journal holds); if the journal is too slow for the caller's deadline it is told "in doubt"
+        instead, and a retry reads the recorded answer. Duplicates waiting on the claim are woken
+        when it is released, i.e. once the outcome is durable."""
+        claim.result = outcome
+        waited = outcome.state in TOLD_DEFINITE_STATES
+        recording = self._writer.submit(outcome, claim, waited=waited)
         if not outcome.definite:
             self.resolver.wake()
+        if not waited:
+            return outcome
+        remaining = context.time_remaining()
+        if recording.wait(self._answer_wait_cap_s if remaining is None else max(0.0, remaining)):
+            return outcome
+        log.warning("event=journal_slow_answer kind=%s serial=%s state=%s", outcome.kind, outcome.serial,
+                    outcome.state)
+        return replace(outcome, state=jn.SUSPECT)
 
     def _answer_journaled(self, claim: Claim, entry: Entry, existing: Entry, request: Any,
                           context: grpc.ServicerContext, timeout_s: float) -> Any:
@@ -224,10 +256,10 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             claim.finish(outcome)
             self._claims.release(claim)
             return self._reply(outcome, context)
-        self._settle(claim, outcome)
+        told = self._settle(claim, outcome, context)
         log.info("event=retry_in_doubt kind=%s serial=%s from=%s to=%s", entry.kind, entry.serial, existing.state,
                  outcome.state)
-        return self._reply(outcome, context)
+        return self._reply(told, context)
 
     def _reversed_by_cancel(self, bank_serial: str) -> bool:
         """The utility refuses a replayed pay once it was reversed: so does the bridge."""

@@ -86,6 +86,12 @@ class BridgeSettings(ServerSettings):
     sign_on_retry_cap_s: float = Field(10.0, gt=0, le=86_400,
                                        description="longest retry delay of a failed sign-on at start")
 
+    retryable_probe_after_s: float = Field(60.0, gt=0, le=86_400,
+                                           description="a Pay refused for now (RETRYABLE) that the bank core has not "
+                                                       "retried within this time is probed by the resolver like an "
+                                                       "in-doubt one (GetPayment, then a tombstone if never posted)")
+
+
     @field_validator("upstream", mode="before")
     @classmethod
     def _upstream_list(cls, value: object) -> object:

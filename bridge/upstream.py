@@ -3,9 +3,16 @@ identity and a deadline, and sorts every answer into exactly one of
     OK         the utility's response message
     DEFINITE   a status the utility answered with google.rpc.ErrorInfo:
                relayed to the bank core unchanged (code, message, details)
+    NOT_SENT   the call provably never left the bridge: the channel had no
+               connection to the utility ("failed to connect to all
+               addresses", the call fails at the pick, before any stream is
+               opened, as calls are made without wait_for_ready): nothing can
+               have been applied, so a retry is safe (issue 9 item 3)
     IN_DOUBT   anything else (deadline, lost connection, CANCELLED, UNKNOWN,
-               INTERNAL, UNAVAILABLE without ErrorInfo): the request may or
-               may not have been applied.
+               INTERNAL, UNAVAILABLE without ErrorInfo, and UNAVAILABLE with
+               reason COMMIT_IN_DOUBT: the utility's database may have
+               committed before the error): the request may or may not have
+               been applied.
 This module never decides what an in-doubt answer means: the resolver does."""
 from __future__ import annotations
 
@@ -14,11 +21,13 @@ from dataclasses import dataclass
 from typing import Any, Generic, NoReturn, TypeVar
 
 import grpc
+from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from bridge.replicas import Replica, ReplicaSet
 from yindian.v1 import billing_pb2, billing_pb2_grpc
+from yindian_common.status import DOMAIN
 
 log = logging.getLogger("yindian.bridge.upstream")
 M = TypeVar("M")
@@ -26,6 +35,15 @@ M = TypeVar("M")
 OK = "OK"
 DEFINITE = "DEFINITE"
 IN_DOUBT = "IN_DOUBT"
+NOT_SENT = "NOT_SENT"
+
+# ErrorInfo reasons of an answer that does not say whether the request was applied (issue 9 item 2:
+# mis_adapter answers an error at or after COMMIT so).
+IN_DOUBT_REASONS = frozenset({"COMMIT_IN_DOUBT"})
+# gRPC core's message when a call fails at the pick because no address could be connected to: the
+# request was never written to any connection.
+NOT_CONNECTED_MESSAGE = "failed to connect to all addresses"
+LINK_DOWN_REASON = "UTILITY_UNREACHABLE"
 
 # Definite refusals after which the utility has written nothing and invites a retry of the same serial.
 RETRY_LATER_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE,
@@ -66,8 +84,24 @@ def classify(exc: grpc.RpcError) -> Answer[Any]:
     except ValueError:  # details disagree with the status line: not a trustworthy answer
         st = None
     if st is not None and any(d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR) for d in st.details):
-        return Answer(DEFINITE, status_bytes=st.SerializeToString(), code=code, message=message)
+        answer: Answer[Any] = Answer(DEFINITE, status_bytes=st.SerializeToString(), code=code, message=message)
+        if answer.reason() in IN_DOUBT_REASONS:
+            return Answer(IN_DOUBT, code=code, message=message)
+        return answer
+    if code == grpc.StatusCode.UNAVAILABLE and message.startswith(NOT_CONNECTED_MESSAGE):
+        return Answer(NOT_SENT, code=code, message=message)
     return Answer(IN_DOUBT, code=code, message=message)
+
+
+def link_down_status(message: str) -> bytes:
+    """The google.rpc.Status the bank core gets for a request that never reached the utility:
+    UNAVAILABLE, nothing written, retry the same serial."""
+    info = error_details_pb2.ErrorInfo(reason=LINK_DOWN_REASON, domain=DOMAIN)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    return status_pb2.Status(code=grpc.StatusCode.UNAVAILABLE.value[0],
+                             message=f"the utility is unreachable, nothing was sent; retry the same serial ({message})"[:512],
+                             details=[detail]).SerializeToString()
 
 
 class Upstream:
@@ -88,7 +122,7 @@ class Upstream:
     def _call(self, method: str, request: Any, timeout_s: float, *, read: bool = False) -> Answer[Any]:
         replica = self.replicas.current()
         answer = self._call_on(replica, method, request, timeout_s)
-        if read and answer.kind == IN_DOUBT and answer.code == grpc.StatusCode.UNAVAILABLE:
+        if read and answer.kind in (IN_DOUBT, NOT_SENT) and answer.code == grpc.StatusCode.UNAVAILABLE:
             for other in self.replicas.others(replica)[:1]:
                 answer = self._call_on(other, method, request, timeout_s)
         return answer
@@ -99,7 +133,7 @@ class Upstream:
                                                                     metadata=self.metadata))
         except grpc.RpcError as exc:
             answer = classify(exc)
-            if answer.kind == IN_DOUBT and answer.code == grpc.StatusCode.UNAVAILABLE:
+            if answer.kind in (IN_DOUBT, NOT_SENT) and answer.code == grpc.StatusCode.UNAVAILABLE:
                 self.replicas.mark_down(replica, answer.message[:80])
             return answer
 

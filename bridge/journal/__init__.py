@@ -54,9 +54,9 @@ from bridge.journal.schema import (
     requests,
     utc,
 )
-from bridge.journal.writer import Claim, Claims, JournalWriter, NewRow
+from bridge.journal.writer import Claim, Claims, JournalWriter, NewRow, Recording
 
 __all__ = ["CANCEL", "CANCELLED", "DEFINITE_STATES", "FAILED", "IN_DOUBT_STATES", "MESSAGE_MAX", "NOT_APPLIED", "PAY",
            "PENDING", "POSTED", "RETRYABLE", "REVERSING", "SUSPECT", "Claim", "Claims", "Entry", "Journal",
-           "JournalWriter", "NewRow", "Outcome", "Recorded", "audit", "create_schema", "metadata", "outcome_for",
+           "JournalWriter", "NewRow", "Outcome", "Recorded", "Recording", "audit", "create_schema", "metadata", "outcome_for",
            "requests", "utc"]

@@ -9,12 +9,14 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from bridge.journal.pg_batch import PgBatch
 from bridge.journal.records import Entry, Outcome
 from bridge.journal.schema import (
     CANCEL,
     IN_DOUBT_STATES,
     PAY,
     PENDING,
+    RETRYABLE,
     REVERSING,
     SUSPECT,
     audit,
@@ -60,6 +62,7 @@ class Journal:
                  attempts=sa.bindparam("attempts"), next_attempt_ms=sa.bindparam("next_attempt_ms"),
                  updated_at=sa.bindparam("updated_at"))
         self._audit = audit.insert()
+        self._pg = PgBatch() if engine.dialect.name == "postgresql" else None
         self._cancels_of = sa.select(requests).where(requests.c.kind == CANCEL,
                                                      requests.c.original_serial == sa.bindparam("o"))
 
@@ -83,6 +86,9 @@ class Journal:
             with self.engine.connect() as own:
                 return self.write(entries, outcomes, own)
         inserted: set[tuple[str, str]] = set()
+        if self._pg is not None and self._pg.fits(entries, outcomes):
+            with conn.begin():
+                return self._pg.write(conn, entries, outcomes)
         with conn.begin():
             if entries:
                 existing: set[tuple[str, str]] = set()
@@ -139,7 +145,8 @@ class Journal:
 
     def due(self, now_ms: int, limit: int) -> list[tuple[str, str]]:
         """Keys of in-doubt rows due for another attempt: reversals first
-        (REVERSING pays, SUSPECT cancels), then status probes of SUSPECT pays."""
+        (REVERSING pays, SUSPECT cancels), then status probes of SUSPECT pays
+        and of RETRYABLE pays the bank core left alone past their probe time."""
         c = requests.c
         reversals = (sa.select(c.kind, c.serial)
                      .where(sa.or_(sa.and_(c.state == REVERSING, c.kind == PAY),
@@ -147,7 +154,7 @@ class Journal:
                             c.next_attempt_ms <= now_ms)
                      .order_by(c.next_attempt_ms).limit(limit))
         probes = (sa.select(c.kind, c.serial)
-                  .where(c.state == SUSPECT, c.kind == PAY, c.next_attempt_ms <= now_ms)
+                  .where(c.state.in_((SUSPECT, RETRYABLE)), c.kind == PAY, c.next_attempt_ms <= now_ms)
                   .order_by(c.next_attempt_ms).limit(limit))
         with self.engine.connect() as conn:
             keys = [(r.kind, r.serial) for r in conn.execute(reversals)]
@@ -156,11 +163,24 @@ class Journal:
         return keys
 
     def in_doubt_count(self, business_date: dt.date) -> int:
+        """Rows of the day whose outcome at the utility is not known for sure: the in-doubt
+        states, and RETRYABLE pays (refused "for now": their refusal could have followed a
+        commit whose answer was lost, so they are probed before the day is reconciled)."""
         c = requests.c
         stmt = sa.select(sa.func.count()).select_from(requests).where(
-            c.business_date == business_date, c.state.in_(sorted(IN_DOUBT_STATES)))
+            c.business_date == business_date,
+            sa.or_(c.state.in_(sorted(IN_DOUBT_STATES)), sa.and_(c.state == RETRYABLE, c.kind == PAY)))
         with self.engine.connect() as conn:
             return int(conn.execute(stmt).scalar_one())
+
+    def expedite_retryable(self, business_date: dt.date) -> int:
+        """Makes the day's RETRYABLE pays due for a probe now (the bank core is reconciling:
+        it will not retry them any more). Returns how many."""
+        c = requests.c
+        with self.engine.begin() as conn:
+            return int(conn.execute(requests.update().where(
+                c.business_date == business_date, c.state == RETRYABLE, c.kind == PAY, c.next_attempt_ms > 0
+            ).values(next_attempt_ms=0)).rowcount)
 
     def counts_by_state(self) -> dict[str, int]:
         stmt = sa.select(requests.c.state, sa.func.count()).group_by(requests.c.state)

@@ -2,6 +2,7 @@
 thread that journals new rows and records outcomes in batches."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -19,14 +20,46 @@ from yindian_common.clock import Clock
 log = logging.getLogger("yindian.bridge.journal")
 
 
+# ---- a one-shot signal, cheaper than threading.Event ----
+
+class Latch:
+    """Set once, waited for by any number of threads. A bare lock held from creation
+    until `set`: creating one and waking its waiter costs a fraction of a
+    threading.Event (no Condition, no waiter list), and the bridge makes several per pay."""
+    __slots__ = ("_lock", "_set")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self._set = False
+
+    def set(self) -> None:
+        if self._set:
+            return
+        self._set = True
+        with contextlib.suppress(RuntimeError):  # another thread set it at the same moment
+            self._lock.release()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        if self._set:
+            return True
+        if not self._lock.acquire(timeout=-1 if timeout_s is None else max(0.0, timeout_s)):
+            return self._set
+        self._lock.release()  # let the next waiter through
+        return True
+
+
 # ---- in-process ownership of serials ----
 
 @dataclass
 class Claim:
     """One thread's ownership of a serial. Waiters read `result` once `done` is set."""
     key: tuple[str, str]
-    done: threading.Event = field(default_factory=threading.Event)
-    released: threading.Event = field(default_factory=threading.Event)
+    done: Latch = field(default_factory=Latch)
+    released: Latch = field(default_factory=Latch)
     result: Any = None
 
     def finish(self, result: Any) -> None:
@@ -67,7 +100,7 @@ class Claims:
 
 @dataclass
 class _Flush:
-    done: threading.Event = field(default_factory=threading.Event)
+    done: Latch = field(default_factory=Latch)
 
 
 @dataclass
@@ -78,7 +111,7 @@ class NewRow:
     settles it (it may not be forwarded any more, but the bridge never guesses)."""
     entry: Entry
     claim: Claim
-    done: threading.Event = field(default_factory=threading.Event)
+    done: Latch = field(default_factory=Latch)
     inserted: bool = False
     abandoned: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -94,7 +127,19 @@ class NewRow:
             return False
 
 
-_Item = tuple[Outcome, Claim | None] | NewRow | _Flush | None
+@dataclass
+class Recording:
+    """An outcome on its way to the journal; `done` is set once it is durable."""
+    outcome: Outcome
+    claim: Claim | None
+    waited: bool
+    done: Latch = field(default_factory=Latch)
+
+    def wait(self, timeout_s: float) -> bool:
+        return self.done.wait(timeout_s)
+
+
+_Item = Recording | NewRow | _Flush | None
 
 
 class JournalWriter:
@@ -119,7 +164,7 @@ class JournalWriter:
         self._queue: queue.Queue[_Item] = queue.Queue(maxsize=queue_max)
         self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
         # SUSPECT outcomes of rows whose owner gave up, written with the next batch (at most batch_max).
-        self._carried: list[tuple[Outcome, Claim | None]] = []
+        self._carried: list[Recording] = []
 
     def start(self) -> None:
         self._thread.start()
@@ -130,9 +175,12 @@ class JournalWriter:
         self._queue.put(row)
         return row
 
-    def submit(self, outcome: Outcome, claim: Claim | None) -> None:
-        """Queues `outcome`; `claim` is released once it is durable. Blocks while the queue is full."""
-        self._queue.put((outcome, claim))
+    def submit(self, outcome: Outcome, claim: Claim | None, *, waited: bool = False) -> Recording:
+        """Queues `outcome`; `claim` is released once it is durable. Blocks while the queue is full.
+        `waited`: the caller waits for it (an answer not yet sent), so it is written at once, not lingering."""
+        rec = Recording(outcome, claim, waited)
+        self._queue.put(rec)
+        return rec
 
     def flush(self, timeout_s: float) -> bool:
         """Waits until everything submitted so far is durable."""
@@ -147,12 +195,13 @@ class JournalWriter:
             self._queue.put(None, timeout=timeout_s)
             self._thread.join(timeout_s)
 
-    def _take_batch(self) -> tuple[list[NewRow], list[tuple[Outcome, Claim | None]], list[_Flush], bool]:
+    def _take_batch(self) -> tuple[list[NewRow], list[Recording], list[_Flush], bool]:
         rows: list[NewRow] = []
         outcomes, self._carried = self._carried, []
         flushes: list[_Flush] = []
         wait_s = self._idle_wait_s if not outcomes else 0.0
         linger_until = 0.0
+        urgent = False
         while len(rows) + len(outcomes) < self._batch_max:
             try:
                 item = self._queue.get(timeout=wait_s) if wait_s > 0 else self._queue.get_nowait()
@@ -166,11 +215,12 @@ class JournalWriter:
                 rows.append(item)
             else:
                 outcomes.append(item)
+                urgent = urgent or item.waited
                 if not linger_until:
                     linger_until = time.monotonic() + self._linger_s
-            # Outcomes alone may linger for company (their callers were already answered);
-            # a new row or a flush is written at once.
-            wait_s = 0.0 if rows or flushes else linger_until - time.monotonic()
+            # Outcomes nobody waits for (resolver outcomes) may linger for company; a new row, a
+            # flush or an outcome whose answer waits is written with whatever has queued meanwhile.
+            wait_s = 0.0 if rows or flushes or urgent else linger_until - time.monotonic()
         return rows, outcomes, flushes, False
 
     def _run(self) -> None:
@@ -184,7 +234,7 @@ class JournalWriter:
         if self._conn is not None:
             self._conn.close()
 
-    def _write(self, rows: list[NewRow], outcomes: list[tuple[Outcome, Claim | None]]) -> None:
+    def _write(self, rows: list[NewRow], outcomes: list[Recording]) -> None:
         if not rows and not outcomes:
             return
         backoff_s = 0.05
@@ -192,7 +242,7 @@ class JournalWriter:
             try:
                 if self._conn is None:
                     self._conn = self._journal.engine.connect()
-                inserted = self._journal.write([r.entry for r in rows], [o for o, _ in outcomes], self._conn)
+                inserted = self._journal.write([r.entry for r in rows], [o.outcome for o in outcomes], self._conn)
                 self.transactions += 1
                 self.rows_written += len(rows)
                 self.outcomes_written += len(outcomes)
@@ -207,9 +257,10 @@ class JournalWriter:
                               len(outcomes), backoff_s)
                 time.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, WRITER_BACKOFF_CAP_S)
-        for _outcome, claim in outcomes:
-            if claim is not None:
-                self._claims.release(claim)
+        for rec in outcomes:
+            rec.done.set()
+            if rec.claim is not None:
+                self._claims.release(rec.claim)
         for r in rows:
             with r.lock:
                 r.inserted = r.entry.key in inserted
@@ -218,7 +269,8 @@ class JournalWriter:
             if not abandoned:
                 continue
             if r.inserted:
-                self._carried.append((outcome_for(r.entry, SUSPECT, self._clock.now(), message="journaled after its caller "
-                                                  "gave up: in doubt"), r.claim))
+                self._carried.append(Recording(outcome_for(r.entry, SUSPECT, self._clock.now(),
+                                                           message="journaled after its caller gave up: in doubt"),
+                                               r.claim, waited=False))
             else:
                 self._claims.release(r.claim)

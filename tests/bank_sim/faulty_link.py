@@ -12,6 +12,9 @@ from enum import Enum
 from typing import Any
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from yindian.v1 import billing_pb2
 
@@ -23,6 +26,11 @@ class Fault(Enum):
     UNAVAILABLE_BEFORE = "unavailable_before"  # never reaches the utility
     LOSE_ANSWER = "lose_answer"  # the utility applies it, the caller hears UNAVAILABLE
     REFUSE = "refuse"  # a definite INVALID_ARGUMENT, never reaches the utility
+    # the utility applies it, the caller hears UNAVAILABLE with ErrorInfo COMMIT_IN_DOUBT (a lost COMMIT reply)
+    COMMIT_IN_DOUBT = "commit_in_doubt"
+    # the utility applies it, the caller hears UNAVAILABLE with ErrorInfo DB_UNAVAILABLE ("nothing written":
+    # what mis_adapter answered for a lost COMMIT reply before issue 9 item 2)
+    FALSE_REFUSAL = "false_refusal"
 
 
 # rule(rpc, serial, attempt) -> Fault; attempt counts from 1 per (rpc, serial)
@@ -77,7 +85,19 @@ class FaultyLink:
             context.abort(exc.code(), exc.details() or "")  # type: ignore[attr-defined]
         if fault is Fault.LOSE_ANSWER:
             context.abort(grpc.StatusCode.UNAVAILABLE, "injected: answer lost")
+        if fault is Fault.COMMIT_IN_DOUBT:
+            _abort_with_reason(context, "COMMIT_IN_DOUBT", "injected: connection lost at COMMIT")
+        if fault is Fault.FALSE_REFUSAL:
+            _abort_with_reason(context, "DB_UNAVAILABLE", "injected: branch database unavailable")
         return answer
+
+
+def _abort_with_reason(context: grpc.ServicerContext, reason: str, message: str) -> None:
+    """UNAVAILABLE with google.rpc.ErrorInfo, as mis_adapter answers."""
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain="yindian"))
+    context.abort_with_status(rpc_status.to_status(status_pb2.Status(
+        code=grpc.StatusCode.UNAVAILABLE.value[0], message=message, details=[detail])))
 
 
 class _Handler(grpc.GenericRpcHandler):

@@ -206,3 +206,32 @@ def test_entry_and_outcome_share_their_answer_fields() -> None:
     assert isinstance(o, jn.Recorded) and isinstance(e, jn.Recorded)
     assert (o.key, o.amount_fen, o.status_code, o.message, o.attempts, o.next_attempt_ms) == (
         e.key, 700, 5, "m", 2, 9)
+
+
+def as_utc(at: dt.datetime) -> dt.datetime:
+    """SQLite and MariaDB keep the UTC wall time only."""
+    return at if at.tzinfo is not None else at.replace(tzinfo=dt.UTC)
+
+
+def test_a_group_commit_keeps_every_byte_and_character_of_rows_and_outcomes(engine: Engine) -> None:
+    """PostgreSQL writes a group commit as one statement with JSON parameters: nothing may be lost in it."""
+    journal = Journal(engine)
+    first = [pay(f"BYTES-{i}", amount_fen=10**12 + i, bank_balance_fen=None if i % 2 else 10**15)
+             for i in range(3)]
+    assert journal.write(first, []) == {e.key for e in first}
+    body = bytes(range(256))
+    message = '冲正 "quoted" \\ back\\slash \u00e9'
+    outcomes = [jn.outcome_for(e, jn.POSTED, AT + dt.timedelta(seconds=1), status_code=0, body=body,
+                               message=message, attempts=2**31 - 1, next_attempt_ms=2**62) for e in first]
+    late = pay("BYTES-late", reason="原因")
+    assert journal.write([late, first[0]], outcomes) == {late.key}
+    for e in first:
+        row = journal.get(*e.key)
+        assert row is not None and row.state == jn.POSTED and row.body == body and row.message == message
+        assert (row.amount_fen, row.bank_balance_fen, row.attempts, row.next_attempt_ms) == (
+            e.amount_fen, e.bank_balance_fen, 2**31 - 1, 2**62)
+        assert as_utc(row.updated_at) == AT + dt.timedelta(seconds=1) and as_utc(row.created_at) == AT
+        assert row.business_date == DAY
+        assert [(a["state"], a["detail"]) for a in journal.audit_lines(*e.key)] == [(jn.POSTED, message)]
+    stored = journal.get(*late.key)
+    assert stored is not None and stored.same_request(late) and stored.state == jn.PENDING

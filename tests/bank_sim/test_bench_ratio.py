@@ -1,0 +1,56 @@
+"""`make bench-ratio`: one short real run on SQLite (echo and pays measured with
+every process's CPU), and the open loop's "highest rate held" rule."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bank_sim.bench_ratio import CpuGroup, CpuMeter, Measured, highest_held
+from tests.support.procs import REPO
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def step(rate: float, per_s: float, p99_ms: float, dropped: int = 0, errors: dict[str, int] | None = None
+         ) -> Measured:
+    return Measured("pay", "open", rate, int(per_s * 10), per_s, 1.0, p99_ms, dropped, errors or {})
+
+
+def test_a_rate_is_held_only_when_achieved_without_drops_errors_or_a_slow_p99() -> None:
+    steps = [step(100, 100, 10), step(200, 199, 20), step(300, 299, 60), step(400, 350, 30),
+             step(500, 500, 30, dropped=1), step(600, 600, 30, errors={"UNAVAILABLE": 1})]
+    assert highest_held(steps, 50.0) == 200
+    assert highest_held([], 50.0) == 0
+
+
+def test_cpu_meter_counts_only_what_a_process_used_inside_the_window() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        meter = CpuMeter([CpuGroup("child", lambda: [child.pid])])
+        meter.start()
+        used = meter.stop()
+        assert 0.0 <= used["child"] < 0.05  # idle, blocked on stdin
+    finally:
+        child.kill()
+        child.wait(10)
+
+
+def test_one_short_run_prints_the_ratio_and_cpu_of_every_process(tmp_path: Path) -> None:
+    out = tmp_path / "ratio.json"
+    run = subprocess.run([sys.executable, "-m", "bank_sim", "bench-ratio", "--backends", "sqlite", "--accounts", "200",
+                          "--in-flight", "4", "--duration-s", "1", "--warmup-s", "0.5",
+                          "--work-dir", str(tmp_path / "work"), "--json", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=150)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "ratio pay/echo" in run.stdout
+    (result,) = json.loads(out.read_text())
+    echo, pay = result["echo"][0], result["pay"][0]
+    assert echo["calls"] > 0 and pay["calls"] > 0 and not echo["errors"] and not pay["errors"]
+    assert set(echo["cpu_ms_per_call"]) == {"client", "proxy", "echo"}
+    assert set(pay["cpu_ms_per_call"]) == {"client", "bridge", "mis_adapter"}
+    assert all(v > 0 for v in pay["cpu_ms_per_call"].values())
+    assert len(pay["load_average"]) == 3
