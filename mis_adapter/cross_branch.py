@@ -16,20 +16,19 @@ cancel-before-pay exactly as with one database. A pay claimed on one branch
 and replayed on another account answers ALREADY_EXISTS; a pay whose serial a
 cancel claimed first is refused (FAILED_PRECONDITION), as a tombstone is.
 
-Crashes: `crash_point` kills the process at a named point (tests only).
+Crashes: the crash points mis.registry_after_claim and mis.registry_after_branch_commit (tests only).
 Killed after the claim, nothing is in the branch and the retry posts; killed
 after the branch commit, the retry replays and settles. `recover` settles
 claims whose branch holds the serial (run at start)."""
 from __future__ import annotations
 
 import logging
-import os
-import signal
 from typing import Any
 
 from mis_adapter import payments, registry
 from mis_adapter.payments import CancelCommand, CancelResult, PayCommand, PaymentStatus, PayResult
 from mis_adapter.registry import Claim
+from yindian_common import crash_points
 from yindian_common.clock import utc_now
 from yindian_common.errors import (
     AccountClosed,
@@ -43,9 +42,8 @@ from yindian_common.errors import (
 
 log = logging.getLogger("mis_adapter.cross_branch")
 
-AFTER_CLAIM = "after_claim"
-AFTER_BRANCH_COMMIT = "after_branch_commit"
-CRASH_POINTS = (AFTER_CLAIM, AFTER_BRANCH_COMMIT)
+AFTER_CLAIM = "mis.registry_after_claim"
+AFTER_BRANCH_COMMIT = "mis.registry_after_branch_commit"
 
 # The branch refused the pay outright and wrote nothing: the claim is released.
 _NOTHING_WRITTEN = (AccountNotFound, AccountClosed, DayClosed)
@@ -54,10 +52,12 @@ _HELD = (SerialConflict, SerialReversed)
 
 
 def crash_point(ctx: Any, name: str) -> None:
-    """Tests only: die like kill -9 at this point when the setting names it."""
-    if getattr(ctx.settings, "crash_point", "") == name:
+    """Tests only: die like kill -9 at this point when the process's crash_point
+    setting arms it (yindian_common.crash_points); logged first so a test can
+    see that the process died where it meant to."""
+    if crash_points.armed(name):
         log.warning("event=crash_point name=%s", name)
-        os.kill(os.getpid(), signal.SIGKILL)
+        crash_points.crash_point(name)
 
 
 def _front(ctx: Any) -> Any:

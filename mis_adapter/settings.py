@@ -67,8 +67,6 @@ class AdapterSettings(ServerSettings):
     registry_recover_batch_max: int = Field(10_000, ge=1, le=10_000_000,
                                             description="front registry: open claims settled per recovery pass "
                                                         "(at start)")
-    crash_point: str = Field("", description="tests only: SIGKILL this process at a named point "
-                                             "(after_claim, after_branch_commit)")
 
     # Customer channels (CustomerService) and ReportService: utility operator identities, never banks.
     operators: NameList = Field(default_factory=list,

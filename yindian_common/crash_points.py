@@ -14,6 +14,9 @@ The points (one call each, at the place the name says):
 - mis.after_commit       a pay committed; the answer is not yet sent
 - mis.recon_mid_apply    a reconciliation matched the day and is applying its outcomes
 - mis.feed_after_post    a feed result batch is posted, the cursor not yet moved
+- mis.registry_after_claim          branch topology: the front registry holds the
+                                    serial's claim, the branch has not posted
+- mis.registry_after_branch_commit  the branch committed the pay, the claim is not yet marked
 - bank.after_debit       bank_sim debited the passbooks, the results not yet sent
 
 Never armed in production: the setting's description says so, and it is
@@ -26,6 +29,7 @@ import signal
 NAMES = frozenset({
     "bridge.after_journal", "bridge.after_answer", "bridge.after_reply",
     "mis.before_commit", "mis.after_commit", "mis.recon_mid_apply", "mis.feed_after_post",
+    "mis.registry_after_claim", "mis.registry_after_branch_commit",
     "bank.after_debit",
 })
 

@@ -86,7 +86,7 @@ def claim_state(engine: Engine, serial: str) -> str | None:
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-@pytest.mark.parametrize("crash_point", ["after_claim", "after_branch_commit"])
+@pytest.mark.parametrize("crash_point", ["mis.registry_after_claim", "mis.registry_after_branch_commit"])
 def test_kill_9_inside_the_registry_protocol_the_retry_posts_exactly_once(
         backend: str, crash_point: str, tmp_path: Path) -> None:
     with branch_databases(backend, tmp_path) as (urls, engines, accounts):
@@ -98,7 +98,7 @@ def test_kill_9_inside_the_registry_protocol_the_retry_posts_exactly_once(
         assert doomed.popen.wait(timeout=30) == -9
         assert any(f"event=crash_point name={crash_point}" in line for line in doomed.output)
         in_branch = posted(engines, "KILL-1")
-        assert in_branch == ([] if crash_point == "after_claim" else [(1, "POSTED", acct2)])
+        assert in_branch == ([] if crash_point == "mis.registry_after_claim" else [(1, "POSTED", acct2)])
         assert claim_state(engines[0], "KILL-1") == "CLAIMED"
 
         survivor = adapter(urls, tmp_path, "mis_adapter-2")
@@ -122,7 +122,7 @@ def test_kill_9_inside_the_registry_protocol_the_retry_posts_exactly_once(
 def test_restart_settles_a_claim_whose_branch_committed(backend: str, tmp_path: Path) -> None:
     """The recovery pass at start settles, by looking in the branch, a claim a killed process left open."""
     with branch_databases(backend, tmp_path) as (urls, engines, accounts):
-        doomed = adapter(urls, tmp_path, "mis_adapter-doomed", "--crash-point", "after_branch_commit")
+        doomed = adapter(urls, tmp_path, "mis_adapter-doomed", "--crash-point", "mis.registry_after_branch_commit")
         with pytest.raises(grpc.RpcError):
             pay(doomed, "KILL-2", accounts[2])
         doomed.popen.wait(timeout=30)
