@@ -429,17 +429,21 @@ class DbGaugeCollector(Collector):
 
 
 _registrations_lock = threading.Lock()
-_registrations: dict[tuple[int, str], list[Collector]] = {}
+# Per registry (weakly: a registry that is gone takes its entries with it, and a new one that
+# happens to get the same id() never sees them), the collectors registered under each key.
+_registrations: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, list[Collector]]] = \
+    weakref.WeakKeyDictionary()
 
 
 def register_collectors(registry: CollectorRegistry, key: str, collectors: list[Collector]) -> None:
     """Registers a process's collectors under `key`, replacing (and closing) any registered before under
     it, so a server built twice in one process (tests) does not collide on metric names."""
     with _registrations_lock:
-        for old in _registrations.pop((id(registry), key), []):
+        by_key = _registrations.setdefault(registry, {})
+        for old in by_key.pop(key, []):
             registry.unregister(old)
             if isinstance(old, DbGaugeCollector):
                 old.close()
         for collector in collectors:
             registry.register(collector)
-        _registrations[(id(registry), key)] = collectors
+        by_key[key] = collectors
