@@ -44,6 +44,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -73,6 +74,22 @@ log = logging.getLogger("mis_adapter.feed")
 LEASE_CLOCK = SystemClock()
 OUTCOMES = {pb.DEBIT_OUTCOME_DEBITED: feed.DEBITED, pb.DEBIT_OUTCOME_INSUFFICIENT_FUNDS: feed.INSUFFICIENT_FUNDS,
             pb.DEBIT_OUTCOME_NOT_DEBITED: feed.NOT_DEBITED}
+
+
+# What the receiving thread hands the poster: a message's results, the refusal
+# that ends the stream, or None at its end.
+_Received = list[pb.DebitResult] | YinDianError | None
+
+
+def _put(q: queue.Queue[_Received], item: _Received, stop: threading.Event) -> bool:
+    """Blocks while `q` is full, until the poster stops."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.5)
+            return True
+        except queue.Full:
+            continue
+    return False
 
 
 class FeedHub:
@@ -205,29 +222,82 @@ class FeedStream:
 
     # ---- reader ----
     def read_results(self, request_iterator: Iterator[pb.BillFeedRequest]) -> None:
+        """Posts the bank's results as they come. A receiving thread reads the
+        next messages (at most `results_queue_max` waiting) while a batch is
+        posted; the messages waiting are then posted together, up to
+        `apply_batch_max` results in one transaction (_post)."""
+        inbox: queue.Queue[_Received] = queue.Queue(maxsize=self.s.results_queue_max)
+        stop = threading.Event()
+        threading.Thread(target=self._receive, args=(request_iterator, inbox, stop),
+                         name=f"feed-receive-{self.bank_id}", daemon=True).start()
         try:
-            for req in request_iterator:
-                if req.WhichOneof("body") != "results":
-                    raise InvalidField("subscribe", "only the first message may subscribe")
-                self._apply(list(req.results.results))
+            carried: list[_Received] = []
+            while True:
+                item = carried.pop() if carried else inbox.get()
+                if not isinstance(item, list):
+                    if item is not None:
+                        raise item
+                    return
+                messages, n = [item], len(item)
+                while not carried:
+                    try:
+                        more = inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if isinstance(more, list) and n + len(more) <= self.s.apply_batch_max:
+                        messages.append(more)
+                        n += len(more)
+                    else:
+                        carried.append(more)  # the end, a refusal, or the next transaction's first message
+                self._post(messages)
         except YinDianError as exc:
             self.error = exc
         except OperationalError as exc:
             self.error = Unavailable("MIS database unavailable", reason="DB_UNAVAILABLE")
             log.warning("event=feed_db_error bank=%s error=%s", self.bank_id, type(exc).__name__)
-        except grpc.RpcError:
-            pass  # the peer went away; the writer sees the call end
         except Exception as exc:  # a bug: end the stream loudly rather than hang the writer
             self.error = YinDianError(f"internal error: {type(exc).__name__}")
             log.exception("event=feed_reader_crash bank=%s", self.bank_id)
         finally:
+            stop.set()
             self.kick.set()
+
+    def _receive(self, request_iterator: Iterator[pb.BillFeedRequest], inbox: queue.Queue[_Received],
+                 stop: threading.Event) -> None:
+        """Puts each message's results in `inbox` (blocking while it is full),
+        then the refusal of a malformed message or None at the stream's end."""
+        last: _Received = None
+        try:
+            for req in request_iterator:
+                if req.WhichOneof("body") != "results":
+                    last = InvalidField("subscribe", "only the first message may subscribe")
+                    break
+                if len(req.results.results) > self.s.results_batch_max:
+                    last = InvalidField("results", f"at most {self.s.results_batch_max} results per message")
+                    break
+                if not _put(inbox, list(req.results.results), stop):
+                    return
+        except grpc.RpcError:
+            pass  # the peer went away; the writer sees the call end
+        _put(inbox, last, stop)
+
+    def _post(self, messages: list[list[pb.DebitResult]]) -> None:
+        """Several messages in one transaction. If that is refused (a bad
+        result, a conflict), nothing of it was kept: the messages are then
+        posted one by one, so those before the refused one are stored and
+        the stream ends on it, exactly as if each had been posted alone."""
+        if len(messages) == 1:
+            self._apply(messages[0])
+            return
+        try:
+            self._apply([r for m in messages for r in m])
+        except YinDianError:
+            for m in messages:
+                self._apply(m)
 
     def _validate(self, results: list[pb.DebitResult]) -> tuple[list[DebitIn], int, set[int]]:
         """New results joined with their notices, and the cursor they complete.
         Everything is checked before anything is written."""
-        if len(results) > self.s.results_batch_max:
-            raise InvalidField("results", f"at most {self.s.results_batch_max} results per message")
         with self._lock:
             pending = dict(self.window.outstanding)
             delivered = self.window.delivered
