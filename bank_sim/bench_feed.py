@@ -157,8 +157,8 @@ class BenchFeedSettings(YinDianSettings):
     backends: str = Field("sqlite,postgresql", description="comma-separated back ends to measure")
     pg_admin_url: str = Field("postgresql://postgres@127.0.0.1:5432/postgres",
                               description="PostgreSQL server to create the benchmark databases on")
-    window: int = Field(10_000, description="mis_adapter --feed-window-max")
-    notice_batch: int = Field(1_000, description="mis_adapter --feed-notice-batch-max")
+    window: int = Field(20_000, description="mis_adapter --feed-window-max")
+    notice_batch: int = Field(2_500, description="mis_adapter --feed-notice-batch-max")
     issue_batch: int = Field(5_000, description="accounts issued per transaction")
     probes: int = Field(200, description="single-bill issues timed from commit to notice")
     ready_timeout_s: float = Field(90.0, description="longest wait for a server's READY line")

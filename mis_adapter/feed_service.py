@@ -21,7 +21,12 @@ Protocol (DESIGN.md Money semantics 7):
   and ends the stream with INVALID_ARGUMENT naming `results[i].<field>`.
   A duplicate of a stored result is ignored; a duplicate that differs ends
   the stream with ALREADY_EXISTS. Valid results and the cursor over the
-  contiguous acknowledgements are committed in one transaction.
+  contiguous acknowledgements are committed in one transaction; on
+  PostgreSQL a large batch is split by account over `apply_partitions`
+  transactions posted at once, and the cursor is committed after them all
+  (a crash in between redelivers those notices: their stored results make
+  them duplicates). Messages waiting while a batch posts are posted
+  together, up to `apply_batch_max` results.
 - A `FeedHeartbeat` (with the cursor) goes out every `heartbeat_s`, and as
   soon as the cursor advances while nothing else is pending, so a silent
   peer is noticed on both sides; the stream's lease is renewed with it.
@@ -50,7 +55,9 @@ import threading
 import time
 import uuid
 import weakref
+import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -74,6 +81,21 @@ log = logging.getLogger("mis_adapter.feed")
 LEASE_CLOCK = SystemClock()
 OUTCOMES = {pb.DEBIT_OUTCOME_DEBITED: feed.DEBITED, pb.DEBIT_OUTCOME_INSUFFICIENT_FUNDS: feed.INSUFFICIENT_FUNDS,
             pb.DEBIT_OUTCOME_NOT_DEBITED: feed.NOT_DEBITED}
+
+
+APPLY_PARTITION_MIN = 250  # results per parallel transaction, at least (smaller batches post in one)
+
+def partition_by_account(results: list[DebitIn], parts_max: int) -> list[list[DebitIn]]:
+    """The results split by account into at most `parts_max` lists, none
+    under APPLY_PARTITION_MIN results: an account's results all go to one
+    list, in their order, so per-account order holds in every transaction."""
+    parts_n = min(parts_max, len(results) // APPLY_PARTITION_MIN)
+    if parts_n < 2:
+        return [results]
+    parts: list[list[DebitIn]] = [[] for _ in range(parts_n)]
+    for r in results:
+        parts[zlib.crc32(r.account_no.encode()) % parts_n].append(r)
+    return [p for p in parts if p]
 
 
 # What the receiving thread hands the poster: a message's results, the refusal
@@ -219,6 +241,10 @@ class FeedStream:
                                                      window_max=self.s.window_max, answered_high=answered_high)
         self.error: YinDianError | None = None
         self.last_result_mono = time.monotonic()
+        # Parallel posting where the database takes concurrent writers and one database holds the bills.
+        parallel = isinstance(self.store, feed_branches.OneDatabaseFeed) and self.engine.dialect.name == "postgresql"
+        self.partitions = self.s.apply_partitions if parallel else 1
+        self._pool: ThreadPoolExecutor | None = None
 
     # ---- reader ----
     def read_results(self, request_iterator: Iterator[pb.BillFeedRequest]) -> None:
@@ -260,6 +286,7 @@ class FeedStream:
             log.exception("event=feed_reader_crash bank=%s", self.bank_id)
         finally:
             stop.set()
+            self.close()
             self.kick.set()
 
     def _receive(self, request_iterator: Iterator[pb.BillFeedRequest], inbox: queue.Queue[_Received],
@@ -344,7 +371,11 @@ class FeedStream:
         if not done:
             return
         t1 = time.perf_counter()
-        self.store.apply(self.bank_id, new, cursor_to)
+        parts = partition_by_account(new, self.partitions)
+        if len(parts) > 1:
+            self._apply_partitioned(parts, cursor_to)
+        else:
+            self.store.apply(self.bank_id, new, cursor_to)
         log.debug("event=feed_results_applied bank=%s n=%d validate_ms=%.1f apply_ms=%.1f cursor=%d",
                   self.bank_id, len(new), 1000 * (t1 - t0), 1000 * (time.perf_counter() - t1), cursor_to)
         with self._lock:
@@ -357,6 +388,23 @@ class FeedStream:
             bm.record_feed_acknowledged(self.bank_id, advanced)
         bm.set_feed_unacknowledged(self.bank_id, unacked)
         self.kick.set()
+
+    def _apply_partitioned(self, parts: list[list[DebitIn]], cursor_to: int) -> None:
+        """Each part posted in its own transaction, at once (disjoint accounts:
+        disjoint locks), then the cursor in one more. Until that commits the
+        cursor does not cover them: a crash redelivers those notices, whose
+        stored results are then duplicates."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.partitions, thread_name_prefix=f"feed-post-{self.bank_id}")
+        futures = [self._pool.submit(self.store.apply, self.bank_id, part, 0) for part in parts]
+        wait(futures)
+        for f in futures:
+            f.result()  # the first failure ends the stream (the parts that committed are stored results)
+        self.store.apply(self.bank_id, [], cursor_to)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
     # ---- writer ----
     def _offer(self, notices: list[Notice]) -> None:
