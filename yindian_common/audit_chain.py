@@ -34,7 +34,7 @@ SEAL_BATCH_MAX = 1_000            # rows sealed per transaction
 # committed after rows with higher ids: a longer transaction), and over the whole table every
 # FULL_PASS_EVERY passes and at stop; the whole-table anti-join costs O(journal) (56 ms at 16,500
 # rows on PostgreSQL), which every 2 s would grow without bound with the journal.
-SEAL_LOOKBACK_IDS = 10_000
+SEAL_LOOKBACK_IDS = 1_000
 FULL_PASS_EVERY = 150
 VERIFY_FETCH_ROWS = 5_000
 PROBLEMS_KEPT_MAX = 100
@@ -53,6 +53,11 @@ def seals_table(metadata: sa.MetaData, name: str) -> sa.Table:
 
 
 def _canonical(value: Any) -> str:
+    kind = type(value)
+    if kind is str:  # the common cases first (bool is not int here: type(), not isinstance)
+        return value  # type: ignore[no-any-return]
+    if kind is int:
+        return str(value)
     if value is None:
         return "\x00null"
     if isinstance(value, dt.datetime):
