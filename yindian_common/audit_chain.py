@@ -99,7 +99,8 @@ class Chain:
                 head = conn.execute(sa.select(s.seal_no, s.entry_hash, s.entry_id).order_by(s.seal_no.desc())
                                     .limit(1).with_for_update()).first()
                 seal_no, prev = (int(head.seal_no), str(head.entry_hash)) if head else (0, GENESIS)
-                join_on, where = s.entry_id == ident, s.seal_no.is_(None)
+                join_on: sa.ColumnElement[bool] = s.entry_id == ident
+                where: sa.ColumnElement[bool] = s.seal_no.is_(None)
                 if head is not None and lookback_ids is not None:
                     # Bounded on both sides so that each is an index range scan, not the whole table.
                     floor = int(head.entry_id) - lookback_ids
