@@ -62,14 +62,14 @@ def test_daily_file_reconciles_and_bad_files_are_rejected_whole(world: World, tm
         "after-trailer.csv": ([*good, f"TRAILER,4,{total}", f"F-9,{a[0]},1,POSTED"], ["line 7"]),
         "bad-header.csv": (["serial,account,amount,status", *good[1:], f"TRAILER,4,{total}"], ["line 1"]),
     }
-    snap = snapshot(w.engine)
+    snap = snapshot(w)
     for name, (lines, wanted) in bad_files.items():
         assert cli(url, write(tmp_path, name, lines)) == 2, name
         err = capsys.readouterr().err
         assert "nothing applied" in err, name
         for want in wanted:
             assert want in err, (name, err)
-    assert snapshot(w.engine) == snap
+    assert snapshot(w) == snap
 
     assert cli(url, write(tmp_path, "good.csv", [*good, f"TRAILER,4,{total}"])) == 0
     out = capsys.readouterr().out
@@ -81,7 +81,7 @@ def test_daily_file_reconciles_and_bad_files_are_rejected_whole(world: World, tm
     assert summary.net_settlement_fen == 1_000 + 2_000 + 550
     assert "net_settlement_fen=3550" in out and "F-4" in out and "line 5" in out
     # The same file again: the stored result, nothing changes.
-    snap2 = snapshot(w.engine)
+    snap2 = snapshot(w)
     assert cli(url, write(tmp_path, "again.csv", [*good, f"TRAILER,4,{total}"])) == 0
     assert "already reconciled" in capsys.readouterr().out
-    assert snapshot(w.engine) == snap2
+    assert snapshot(w) == snap2
