@@ -169,8 +169,13 @@ def release(front: Engine, bank_id: str, serial: str) -> None:
 
 
 def open_claims(front: Engine, limit: int) -> list[Claim]:
+    return [c for c, _at in open_claims_with_age(front, limit)]
+
+
+def open_claims_with_age(front: Engine, limit: int) -> list[tuple[Claim, dt.datetime]]:
+    """Open (CLAIMED) claims, oldest first, each with when it was claimed."""
     with front.connect().execution_options(read_only=True) as conn, conn.begin():
-        return [_claim_of(r) for r in conn.execute(_OPEN, {"limit": limit})]
+        return [(_claim_of(r), r.claimed_at) for r in conn.execute(_OPEN, {"limit": limit})]
 
 
 def claim_cancel(front: Engine, want: CancelClaim, now: dt.datetime) -> CancelClaim | None:
