@@ -17,6 +17,7 @@ from mis_adapter.banks import set_suspended
 from mis_adapter.db.core import Customer
 from mis_adapter.db.feed import RefundRow
 from tests.support.mis_data import NOON, TODAY, BillSpec, add_account, row_counts, running_adapter
+from tests.support.topology import Topology
 from yindian.v1 import billing_pb2 as pb
 from yindian_common.fields import make_account_no
 from yindian_common.status import error_info
@@ -92,9 +93,13 @@ def _pay(ra, serial: str, acct: str, timeout: float = 10):  # type: ignore[no-un
 
 
 @pytest.mark.timeout(120)
-def test_sign_off_on_suspension_and_echo(db_url_sqlite_pg: str) -> None:
-    with running_adapter(db_url_sqlite_pg) as ra:
-        acct = add_account(ra.engine, "01", 1, [BillSpec("202610", 50_000, dt.date(2026, 11, 25))])
+def test_sign_off_on_suspension_and_echo(topology: Topology) -> None:
+    """Also with branch databases (the pay's settlement date is what reconciliation matches on): the
+    account then lives in branch 03's own database, and the link is signed on and off at the front."""
+    with running_adapter(topology.db, branch_db=topology.branch_db) as ra:
+        code = topology.codes[-1]
+        acct = add_account(ra.ctx.router.engine_for_branch(code), code, 1,
+                           [BillSpec("202610", 50_000, dt.date(2026, 11, 25))])
         s = ra.stub
         echo = s.Echo(pb.EchoRequest(nonce="n-1"), timeout=10, metadata=ra.md("ICBC"))
         assert (echo.nonce, echo.link.state, echo.link.settlement_date) == \
