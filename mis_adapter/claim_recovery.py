@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from mis_adapter import payments, registry
+from mis_adapter.migrate import upgrade
 from mis_adapter.registry import Claim
 from mis_adapter.routing import BranchRouter
 from mis_adapter.settings import AdapterSettings
@@ -115,10 +116,13 @@ class ClaimRecovery:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m mis_adapter registry recover`: one recovery pass, by the operator."""
+    """`python -m mis_adapter registry recover|backfill`: one recovery pass, or the backfill after a
+    split (mis_adapter.registry_backfill), by the operator. Exit 1: backfill found conflicting serials."""
     p = argparse.ArgumentParser(prog="python -m mis_adapter registry", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["recover"])
+    p.add_argument("action", choices=["recover", "backfill"],
+                   help="recover: settle or release open claims; backfill: load the serials the databases "
+                        "already hold (once, after splitting one database)")
     p.add_argument("--db", required=True, help="SQLAlchemy URL of the primary MIS database")
     p.add_argument("--branch-db", action="append", default=[], help="CODE=URL (repeatable), as `serve` has them")
     p.add_argument("--front-db", default="", help="the front database (default: --db), as `serve` has it")
@@ -132,12 +136,27 @@ def main(argv: list[str]) -> int:
     settings = load_settings(AdapterSettings, overrides)
     router = BranchRouter.from_specs(settings.db, settings.branch_db, front_url=settings.front_db)
     try:
+        for engine in router.all_engines():
+            upgrade(engine)  # the front database's registry tables, on a first run after the split
         if router.front is None:
             print("one database: its own unique keys keep serials unique; there is no registry to recover")
             return 0
-        r = recover(router, make_clock(args.clock_start or None, settings.timezone),
-                    batch_max=settings.registry_recover_batch_max, expiry_s=settings.registry_claim_expiry_s)
+        clock = make_clock(args.clock_start or None, settings.timezone)
+        if args.action == "backfill":
+            return _backfill(router, clock)
+        r = recover(router, clock, batch_max=settings.registry_recover_batch_max,
+                    expiry_s=settings.registry_claim_expiry_s)
         print(f"registry recovered: settled={r.settled} released={r.released} open={r.open}")
         return 0
     finally:
         router.dispose()
+
+
+def _backfill(router: BranchRouter, clock: Clock) -> int:
+    from mis_adapter.registry_backfill import backfill
+
+    b = backfill(router, utc_now(clock))
+    print(f"registry backfilled: serials={b.serials} cancels={b.cancels} conflicts={b.conflicts}")
+    for line in b.shown:
+        print(f"  conflict: {line}")
+    return 1 if b.conflicts else 0

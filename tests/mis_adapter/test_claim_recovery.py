@@ -24,7 +24,7 @@ from mis_adapter.settings import AdapterSettings
 from tests.support.mis_data import BillSpec, add_account, add_bank
 from tests.support.topology import BRANCHES3, Topology, topology_databases
 from yindian_common.clock import ManualClock, utc_now
-from yindian_common.errors import SerialConflict
+from yindian_common.errors import SerialConflict, SerialReversed
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -87,3 +87,51 @@ def test_recovery_settles_posted_releases_expired_and_keeps_young_claims(
             assert states(ctx) == {"DEAD-AFTER-COMMIT": "SETTLED", "DEAD-BEFORE-COMMIT": "SETTLED"}
         finally:
             ctx.router.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mariadb"])
+def test_backfill_after_a_split_makes_old_serials_one_payment_across_branches(
+        backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Three databases that ran on their own before the split (each its own serial check), then
+    `registry backfill`: a serial posted before the split cannot post again on another branch, its
+    reversal and tombstone hold, GetPayment finds it; a serial two databases hold is reported."""
+    with topology_databases(backend, BRANCHES3, tmp_path) as topo:
+        urls = [topo.db, *(spec.split("=", 1)[1] for spec in topo.branch_db)]
+        clock = ManualClock(NOW)
+        alone = [AdapterContext.build(AdapterSettings(db=u), clock) for u in urls]
+        split = AdapterContext.build(AdapterSettings(db=topo.db, branch_db=topo.branch_db), clock)
+        try:
+            for c in alone:
+                upgrade(c.router.primary)
+                add_bank(c.router.primary, BANK)
+            a01, a02, a03 = (add_account(c.router.primary, code, 1, BILL) for c, code in zip(alone, ("01", "02", "03"),
+                                                                                               strict=True))
+            payments.pay(alone[1], PayCommand(BANK, "OLD-02", a02, FEN))
+            payments.pay(alone[2], PayCommand(BANK, "OLD-03", a03, 500))
+            payments.cancel(alone[2], payments.CancelCommand(BANK, "C-OLD-03", "OLD-03", 500))
+            payments.cancel(alone[0], payments.CancelCommand(BANK, "C-NEVER", "NEVER-ARRIVED", 700))  # tombstone
+            payments.pay(alone[1], PayCommand(BANK, "DUP-1", a02, 100))  # the same serial in two databases
+            payments.pay(alone[2], PayCommand(BANK, "DUP-1", a03, 100))
+
+            assert claim_recovery.main(["backfill", *topo.cli_flags()]) == 1
+            out = capsys.readouterr().out
+            assert "serials=5 cancels=2 conflicts=1" in out
+            assert "serial DUP-1: PAY in database 03, the registry says PAY in 02" in out
+            # the bank reusing a pre-split serial on another branch's account: refused, nothing posted
+            with pytest.raises(SerialConflict):
+                payments.pay(split, PayCommand(BANK, "OLD-02", a01, FEN))
+            got = payments.get_payment(split, BANK, "OLD-02")
+            assert got.state == "POSTED" and got.payment is not None and got.payment.account_no == a02
+            assert payments.get_payment(split, BANK, "OLD-03").state == "REVERSED"
+            # the bank's retry of the pre-split cancel is answered from branch 03's stored cancel
+            assert payments.cancel(split, payments.CancelCommand(BANK, "C-OLD-03", "OLD-03", 500)).outcome == "REVERSED"
+            with pytest.raises(SerialConflict):
+                payments.cancel(split, payments.CancelCommand(BANK, "C-OLD-03", "OLD-02", FEN))
+            with pytest.raises(SerialReversed):  # cancelled before it arrived, before the split
+                payments.pay(split, PayCommand(BANK, "NEVER-ARRIVED", a03, 700))
+            # a rerun writes nothing new and reports the same
+            assert claim_recovery.main(["backfill", *topo.cli_flags()]) == 1
+            assert "serials=5 cancels=2 conflicts=1" in capsys.readouterr().out
+        finally:
+            for c in (*alone, split):
+                c.router.dispose()
