@@ -42,3 +42,13 @@ def topology(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Topolog
     backend, name = request.param
     with topology_databases(backend, name, tmp_path) as topo:
         yield topo
+
+
+@pytest.fixture(params=[p for p in TOPOLOGY_PARAMS if p.id != "postgresql-branches3"])
+def topology_lite(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Topology]:
+    """`topology` without PostgreSQL branch databases: for scenarios whose SQL is the single database's
+    (validation, cursor, lease, window), where a third and fourth PostgreSQL database per test adds
+    only setup and drop time."""
+    backend, name = request.param
+    with topology_databases(backend, name, tmp_path) as topo:
+        yield topo

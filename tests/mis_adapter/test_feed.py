@@ -6,7 +6,9 @@ Every scenario runs on one database and on three branch databases (the
 `topology` fixture, tests.support.topology): there the bills are issued in
 each branch, the bank sees one gapless sequence, and every count and fen is
 summed over the branch databases (test_feed_branches.py adds scenarios
-only the branch topology has)."""
+only the branch topology has). Scenarios whose SQL is the single database's
+(validation, resume cursor, lease, window) run their branch variant on
+SQLite only (`topology_lite`), to keep CI short."""
 from __future__ import annotations
 
 import grpc
@@ -103,8 +105,8 @@ def test_notices_results_and_money(topology: Topology) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_bad_results_are_refused_without_effect(topology: Topology) -> None:
-    with _adapter(topology) as ra:
+def test_bad_results_are_refused_without_effect(topology_lite: Topology) -> None:
+    with _adapter(topology_lite) as ra:
         _issue(ra, 5)
         cases = [
             ([pb.DebitResult(seq=99, outcome=pb.DEBIT_OUTCOME_DEBITED, bank_serial="X1", amount_fen=1)],
@@ -154,8 +156,8 @@ def test_duplicates_out_of_order_and_conflicts(topology: Topology) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_resume_with_old_future_and_no_cursor(topology: Topology) -> None:
-    with _adapter(topology) as ra:
+def test_resume_with_old_future_and_no_cursor(topology_lite: Topology) -> None:
+    with _adapter(topology_lite) as ra:
         _issue(ra, 10)
         feed = RawFeed(ra.stub)
         ns = feed.notices(10)
@@ -185,8 +187,8 @@ def test_resume_with_old_future_and_no_cursor(topology: Topology) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_second_subscriber_is_refused_until_the_first_ends(topology: Topology) -> None:
-    with _adapter(topology) as ra:
+def test_second_subscriber_is_refused_until_the_first_ends(topology_lite: Topology) -> None:
+    with _adapter(topology_lite) as ra:
         _issue(ra, 3)
         first = RawFeed(ra.stub)
         first.notices(3)
@@ -205,8 +207,8 @@ def test_second_subscriber_is_refused_until_the_first_ends(topology: Topology) -
 
 
 @pytest.mark.timeout(120)
-def test_a_bank_that_stops_reading_holds_at_most_the_window(topology: Topology) -> None:
-    with _adapter(topology, feed_window_max=10, feed_notice_batch_max=4) as ra:
+def test_a_bank_that_stops_reading_holds_at_most_the_window(topology_lite: Topology) -> None:
+    with _adapter(topology_lite, feed_window_max=10, feed_notice_batch_max=4) as ra:
         _issue(ra, 40)
         feed = RawFeed(ra.stub)
         ns = feed.notices(10)
@@ -358,11 +360,11 @@ def _wait_for_lock_waiter(engine: sa.Engine) -> None:
 
 
 @pytest.mark.timeout(30)
-def test_answered_notice_redelivered_and_not_answered_again_does_not_stall(topology: Topology) -> None:
+def test_answered_notice_redelivered_and_not_answered_again_does_not_stall(topology_lite: Topology) -> None:
     """Stream 1 gets answers for seqs 2 and 3 but not 1 (cursor stays 0). Stream 2
     redelivers 1..3; the bank answers only 1, which it had not answered: the
     cursor must reach 3 without the bank repeating its answers for 2 and 3."""
-    with _adapter(topology) as ra:
+    with _adapter(topology_lite) as ra:
         _issue(ra, 3)
         first = subscribe(ra.stub)
         ns = first.notices(3)
