@@ -73,8 +73,14 @@ class AdapterSettings(ServerSettings):
     feed_peer_silence_s: float = Field(120.0, gt=0, le=86_400,
                                        description="bill feed: end a stream with no results for this long")
     registry_recover_batch_max: int = Field(10_000, ge=1, le=10_000_000,
-                                            description="front registry: open claims settled per recovery pass "
-                                                        "(at start)")
+                                            description="front registry: open claims looked at per recovery "
+                                                        "pass (at start, then every registry_recover_interval_s)")
+    registry_recover_interval_s: float = Field(60.0, gt=0, le=86_400,
+                                               description="front registry: seconds between recovery passes")
+    registry_claim_expiry_s: float = Field(600.0, ge=60, le=7 * 86_400,
+                                           description="front registry: an open claim with nothing in its "
+                                                       "branch this old is released (must exceed the longest "
+                                                       "a Pay can take)")
 
     # Customer channels (CustomerService) and ReportService: utility operator identities, never banks.
     operators: NameList = Field(default_factory=list,
