@@ -35,9 +35,8 @@ def test_a_day_close_waits_for_a_pay_in_flight_in_a_database_without_bank_rows(b
     with branch_engine.connect() as pay, branch_engine.connect() as close:
         pay_tx = pay.begin()
         lock_bank_day(pay, BANK)  # a pay in flight holds the lock shared
-        with pytest.raises(OperationalError):  # the close's bounded lock wait runs out
-            with close.begin():
-                lock_bank_day(close, BANK, exclusive=True)
+        with pytest.raises(OperationalError), close.begin():  # the close's bounded lock wait runs out
+            lock_bank_day(close, BANK, exclusive=True)
         pay_tx.commit()
         with close.begin():  # the pay committed: the close gets the lock at once
             lock_bank_day(close, BANK, exclusive=True)
@@ -52,7 +51,6 @@ def test_pays_share_the_lock_and_a_pay_waits_for_a_close(branch_engine: sa.Engin
             lock_bank_day(b, BANK)
         close_tx = a.begin()
         lock_bank_day(a, BANK, exclusive=True)
-        with pytest.raises(OperationalError):  # a pay during the close waits (bounded), never slips in
-            with b.begin():
-                lock_bank_day(b, BANK)
+        with pytest.raises(OperationalError), b.begin():  # a pay during the close waits (bounded), never slips in
+            lock_bank_day(b, BANK)
         close_tx.commit()
