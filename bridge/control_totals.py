@@ -19,7 +19,10 @@ From the journal (read only; the writer and the resolver are untouched):
   reversed on its journal day (the utility's answer to a reversal does not
   carry the payment's date);
 - a pay PENDING, SUSPECT, REVERSING or RETRYABLE, and the original of a
-  cancel PENDING or SUSPECT, are in doubt.
+  cancel PENDING or SUSPECT, are in doubt; so is the original of a cancel
+  journaled within `settle_s` before the cutoff (the utility counts a
+  reversal only once it is older than the cutoff, and the journal does not
+  know exactly when the utility applied it).
 What it must never do: write to the journal, or alarm on a single
 exchange."""
 from __future__ import annotations
@@ -56,7 +59,7 @@ PAY_IN_DOUBT = frozenset({jn.PENDING, jn.SUSPECT, jn.REVERSING, jn.RETRYABLE})
 CANCEL_IN_DOUBT = frozenset({jn.PENDING, jn.SUSPECT})
 _j = jn.requests.c
 _ROWS = sa.select(_j.kind, _j.serial, _j.state, _j.amount_fen, _j.body, _j.original_serial, _j.message,
-                  _j.business_date)
+                  _j.business_date, _j.created_at, _j.updated_at)
 
 
 @dataclass(frozen=True)
@@ -74,9 +77,19 @@ def _reversed_by_utility(message: str) -> bool:
     return "reversed" in message.lower()
 
 
-def journal_view(engine: Engine, bank_id: str, day: dt.date, posted_before: dt.datetime) -> JournalView:
+def _utc(value: dt.datetime) -> dt.datetime:
+    # SQLite and MariaDB hand back naive datetimes; the journal stores UTC instants.
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+def journal_view(engine: Engine, bank_id: str, day: dt.date, posted_before: dt.datetime,
+                 settled_before: dt.datetime) -> JournalView:
     """The journal's pays of settlement date `day` posted before `posted_before`, and the serials in doubt.
-    Pays journaled the day before count too: one made after the utility's sign-off settles on `day`."""
+    Pays journaled the day before count too: one made after the utility's sign-off settles on `day`.
+
+    A reversal counts once it is surely older than the cutoff at the utility too: a cancel journaled (or a
+    pay resolved "reversed") before `settled_before`, which is the cutoff less the skew allowance; a more
+    recent one leaves its pay out on both sides, like an in-doubt one."""
     entries: dict[str, Entry] = {}
     in_doubt: set[str] = set()
     reversed_serials: set[str] = set()
@@ -84,7 +97,7 @@ def journal_view(engine: Engine, bank_id: str, day: dt.date, posted_before: dt.d
     with engine.connect() as conn:
         rows = conn.execute(_ROWS.where(_j.bank_id == bank_id, _j.business_date >= day - dt.timedelta(days=1),
                                         _j.business_date <= day)).all()
-    for kind, serial, state, amount_fen, body, original, message, journal_day in rows:
+    for kind, serial, state, amount_fen, body, original, message, journal_day, created_at, updated_at in rows:
         if kind == jn.PAY:
             if state in PAY_IN_DOUBT:
                 in_doubt.add(serial)
@@ -94,8 +107,11 @@ def journal_view(engine: Engine, bank_id: str, day: dt.date, posted_before: dt.d
                         resp.posted_at.ToDatetime(tzinfo=dt.UTC) < posted_before:
                     entries[serial] = Entry(int(amount_fen), False)
             elif state == jn.NOT_APPLIED and journal_day == day and _reversed_by_utility(message or ""):
-                entries[serial] = Entry(int(amount_fen), True)
-        elif state in CANCEL_IN_DOUBT:
+                if _utc(updated_at) < settled_before:
+                    entries[serial] = Entry(int(amount_fen), True)
+                else:
+                    in_doubt.add(serial)
+        elif state in CANCEL_IN_DOUBT or _utc(created_at) >= settled_before:
             in_doubt.add(original)
         elif state == jn.CANCELLED and pb.CancelResponse.FromString(body or b"").outcome == \
                 pb.CANCEL_OUTCOME_REVERSED:
@@ -156,7 +172,8 @@ class ControlTotalsExchanger:
         now = utc_now(self.clock)
         day = business_date(self.clock)
         cutoff = now - dt.timedelta(seconds=self.limits.settle_s)
-        view = journal_view(self.engine, self.bank_id, day, cutoff)
+        settled_before = cutoff - dt.timedelta(seconds=self.limits.settle_s)
+        view = journal_view(self.engine, self.bank_id, day, cutoff, settled_before)
         if len(view.in_doubt) > self.limits.in_doubt_max:
             log.info("event=control_totals_skipped bank=%s in_doubt=%d", self.bank_id, len(view.in_doubt))
             business_metrics.record_control_exchange(self.bank_id, "SKIPPED")

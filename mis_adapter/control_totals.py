@@ -58,24 +58,33 @@ def _counted(q: ControlQuery) -> list[sa.ColumnElement[bool]]:
             p.posted_at < q.posted_before, p.channel != RECON_CHANNEL, ~from_feed]
 
 
+def _reversed_by_cutoff(q: ControlQuery) -> sa.ColumnElement[int]:
+    """1 when the pay was reversed before the cutoff: a reversal after it still counts as posted (the state
+    as of the cutoff), so that a cancel answered between the two sides' reads is counted alike."""
+    p = T_PAY.c
+    return sa.case((sa.and_(p.state == REVERSED, p.reversed_at < q.posted_before), 1), else_=0)
+
+
 def _totals(conn: Connection, q: ControlQuery) -> ControlTotals:
     p = T_PAY.c
-    by_state = {state: (int(n), int(fen or 0)) for state, n, fen in conn.execute(
-        sa.select(p.state, sa.func.count(), sa.func.sum(p.amount_fen)).where(*_counted(q)).group_by(p.state))}
+    is_reversed = _reversed_by_cutoff(q).label("is_reversed")
+    by_state = {int(rev): (int(n), int(fen or 0)) for rev, n, fen in conn.execute(
+        sa.select(is_reversed, sa.func.count(), sa.func.sum(p.amount_fen)).where(*_counted(q))
+        .group_by(is_reversed))}
     if q.in_doubt:  # subtracted rather than excluded in SQL: the aggregate keeps its plain index range
-        for state, amount_fen in conn.execute(sa.select(p.state, p.amount_fen).where(
+        for rev, amount_fen in conn.execute(sa.select(is_reversed, p.amount_fen).where(
                 *_counted(q), p.bank_serial.in_(sorted(q.in_doubt)))):
-            n, fen = by_state[state]
-            by_state[state] = (n - 1, fen - int(amount_fen))
-    posted, reversed_ = by_state.get(POSTED, (0, 0)), by_state.get(REVERSED, (0, 0))
+            n, fen = by_state[int(rev)]
+            by_state[int(rev)] = (n - 1, fen - int(amount_fen))
+    posted, reversed_ = by_state.get(0, (0, 0)), by_state.get(1, (0, 0))
     return ControlTotals(posted[0], posted[1], reversed_[0], reversed_[1])
 
 
 def _entries(conn: Connection, q: ControlQuery, in_doubt: Collection[str]) -> list[tuple[str, Entry]]:
     p = T_PAY.c
-    rows = conn.execute(sa.select(p.bank_serial, p.amount_fen, p.state).where(
+    rows = conn.execute(sa.select(p.bank_serial, p.amount_fen, _reversed_by_cutoff(q)).where(
         *_counted(q), p.bank_serial > q.list_after).order_by(p.bank_serial).limit(q.list_max + 1 + len(in_doubt)))
-    return [(s, Entry(int(fen), state == REVERSED)) for s, fen, state in rows if s not in in_doubt]
+    return [(s, Entry(int(fen), bool(rev))) for s, fen, rev in rows if s not in in_doubt]
 
 
 def control_view(router: BranchRouter, q: ControlQuery) -> ControlView:

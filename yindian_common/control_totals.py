@@ -13,7 +13,9 @@ both sides:
   reversed;
 - only pays posted before a cutoff the bridge chooses (the MIS's own
   `posted_at`, which both sides hold) count, so that a pay answered between
-  the two reads is left out of both;
+  the two reads is left out of both; a pay counts as reversed only when the
+  reversal is older than the cutoff (the MIS's `reversed_at`; the bridge,
+  which does not hold that instant, leaves out pays with a recent cancel);
 - a divergence is flagged only once it has persisted past a window
   (`DivergenceTracker`): an answer crossing the two reads is not an alarm.
 

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.timeout(60)
 DAY = dt.date(2026, 11, 28)
 AT = dt.datetime(2026, 11, 28, 2, 0, tzinfo=dt.UTC)
 CUTOFF = AT + dt.timedelta(minutes=5)
+SETTLED_BEFORE = CUTOFF - dt.timedelta(seconds=5)
 
 
 @pytest.fixture
@@ -38,17 +39,17 @@ def _posted_body(serial: str, amount_fen: int, *, day: dt.date = DAY, at: dt.dat
 
 
 def _row(kind: str, serial: str, state: str, amount_fen: int = 1_000, *, bank: str = "ICBC", body: bytes | None = None,
-         original: str = "", message: str = "", day: dt.date = DAY) -> dict[str, object]:
+         original: str = "", message: str = "", day: dt.date = DAY, at: dt.datetime = AT) -> dict[str, object]:
     return {"kind": kind, "serial": serial, "bank_id": bank, "account_no": "0100000017", "original_serial": original,
             "amount_fen": amount_fen, "outlet_code": "O1", "teller_id": "T1", "channel": 1, "bank_balance_fen": None,
             "reason": "", "caller": "", "state": state, "status_code": 0 if body else None, "body": body,
             "message": message, "reversal_serial": None, "attempts": 0, "next_attempt_ms": 0,
-            "business_date": day, "created_at": AT, "updated_at": AT}
+            "business_date": day, "created_at": at, "updated_at": at}
 
 
-def _cancelled(serial: str, original: str, outcome: int) -> dict[str, object]:
+def _cancelled(serial: str, original: str, outcome: int, at: dt.datetime = AT) -> dict[str, object]:
     body = pb.CancelResponse(outcome=outcome, cancel_serial=serial, original_serial=original).SerializeToString()
-    return _row(jn.CANCEL, serial, jn.CANCELLED, body=body, original=original)
+    return _row(jn.CANCEL, serial, jn.CANCELLED, body=body, original=original, at=at)
 
 
 def test_journal_states_count_as_the_utility_holds_them(engine: Engine) -> None:
@@ -73,14 +74,20 @@ def test_journal_states_count_as_the_utility_holds_them(engine: Engine) -> None:
         _row(P, "SIGNED-OFF", jn.POSTED, 800, body=_posted_body("SIGNED-OFF", 800), day=DAY - dt.timedelta(days=1)),
         _row(P, "OTHER-BANK", jn.POSTED, 9_000, bank="ABC", body=_posted_body("OTHER-BANK", 9_000)),
         _cancelled("C-3", "NO-SUCH-PAY", pb.CANCEL_OUTCOME_ORIGINAL_NOT_FOUND),
+        # Reversed just now: the utility may not count it as reversed as of the cutoff yet, so neither side does.
+        _row(P, "JUST-CANCELLED", jn.POSTED, 1_100, body=_posted_body("JUST-CANCELLED", 1_100)),
+        _cancelled("C-4", "JUST-CANCELLED", pb.CANCEL_OUTCOME_REVERSED, at=SETTLED_BEFORE),
+        _row(P, "JUST-RESOLVED", jn.NOT_APPLIED, 1_200, message="resolved: reversed at the utility",
+             at=SETTLED_BEFORE + dt.timedelta(seconds=1)),
     ]
     with engine.begin() as conn:
         conn.execute(sa.insert(jn.requests), rows)
 
-    view = journal_view(engine, "ICBC", DAY, CUTOFF)
+    view = journal_view(engine, "ICBC", DAY, CUTOFF, SETTLED_BEFORE)
 
     assert view.entries == {"STANDING": Entry(1_000, False), "CANCELLED": Entry(2_000, True),
                             "RESOLVED-REVERSED": Entry(400, True), "TOMBSTONED-LATE": Entry(500, True),
                             "SIGNED-OFF": Entry(800, False)}
-    assert view.in_doubt == sorted(["CANCEL-IN-DOUBT", "SUSPECT", "PENDING", "REVERSING", "RETRYABLE"])
+    assert view.in_doubt == sorted(["CANCEL-IN-DOUBT", "SUSPECT", "PENDING", "REVERSING", "RETRYABLE",
+                                    "JUST-CANCELLED", "JUST-RESOLVED"])
     assert view.totals == ControlTotals(posted_count=2, posted_fen=1_800, reversed_count=3, reversed_fen=2_900)

@@ -64,6 +64,8 @@ def test_utility_totals_count_exactly_the_bridges_pays(db_url: str) -> None:
         _side_rows(ra.engine, acct)
         ra.clock.advance(dt.timedelta(seconds=10))
         _pay(ra, "LATE", acct, 500)  # posted after the cutoff below
+        ra.stub.Cancel(pb.CancelRequest(cancel_serial="C2", original_serial="P2", amount_fen=3_000, reason="x"),
+                       timeout=10, metadata=ra.md())  # reversed after the cutoff: still posted as of it
         cutoff = UTC_NOON + dt.timedelta(seconds=5)
         before = row_counts([ra.engine])
 
@@ -85,6 +87,9 @@ def test_utility_totals_count_exactly_the_bridges_pays(db_url: str) -> None:
                 break
         assert listed == [("P0", 1_000, False), ("P1", 2_000, True), ("P2", 3_000, False), ("P3", 4_000, False)]
         assert row_counts([ra.engine]) == before  # read-only
+        later = ra.stub.ExchangeControlTotals(_request(UTC_NOON + dt.timedelta(seconds=11)), timeout=10,
+                                              metadata=ra.md())
+        assert later.totals == pb.ControlTotals(posted_count=3, posted_fen=5_500, reversed_count=2, reversed_fen=5_000)
 
         with ra.engine.begin() as conn:
             conn.execute(sa.insert(ReconciledDay.__table__).values(bank_id="ICBC", settlement_date=TODAY,
