@@ -3,15 +3,18 @@
 the link between them, and a bank core that drives mixed operations through
 the bridge while faults are injected on a schedule drawn from the seed:
 
-- `kill_mis`, `kill_bridge`: SIGKILL the process, start it again;
+- `kill_mis`, `kill_bridge`, `kill_bank` (the bank's auto-debit worker):
+  SIGKILL the process, start it again;
 - `link_blackhole` (for a while), `link_reset`, `link_cut` (after N bytes):
   through the fault proxy between bridge and mis_adapter;
 - `short_deadline`: the next calls carry a deadline too short to finish.
 
-Operations: query, pay (COUNTER or AUTO_DEBIT channel), a retry of an
-earlier pay with the same serial and request, a conflicting retry (same
-serial, another amount), a cancel of an accepted pay. An in-doubt answer is
-resent with the same serial at quiescence until definite.
+Operations: query, pay, a retry of an earlier pay with the same serial and
+request, a conflicting retry (same serial, another amount), a cancel of an
+accepted pay. An in-doubt answer is resent with the same serial at
+quiescence until definite. Meanwhile the utility issues bills in tranches
+and the bank's auto-debit worker takes them through the real bill feed
+(bank_sim.chaos_feed); its results are checked from both sides.
 
 Continuous reconciliation runs throughout (control totals exchanged every
 `--control-interval-s`, flagged after `--control-window-s`): both servers'
@@ -52,6 +55,7 @@ import grpc
 import sqlalchemy as sa
 
 from bank_sim import mis_tables
+from bank_sim.chaos_feed import FEED_TRANCHES, FeedSide
 from bank_sim.control_watch import ControlWatch
 from bank_sim.load.check import PayRecord, RunLedger, compare, read_mis
 from bank_sim.load.profile import ACCEPTED, CANCEL_IN_DOUBT, CANCEL_NONE, CANCEL_REVERSED, PENDING, REFUSED
@@ -64,11 +68,12 @@ from yindian_common.fault_proxy import FaultProxy
 from yindian_common.identity import BANK_ID_METADATA
 from yindian_common.status import error_info
 
-FAULT_KINDS = ("kill_mis", "kill_bridge", "link_blackhole", "link_reset", "link_cut", "short_deadline")
+FAULT_KINDS = ("kill_mis", "kill_bridge", "kill_bank", "link_blackhole", "link_reset", "link_cut", "short_deadline")
 DB_FAULT_KINDS = ("db_reset", "db_blackhole")  # with --mis-db-server: through a proxy between mis_adapter and its DB
 IMMEDIATE_RESENDS = 3          # the teller's prompt resends of an in-doubt pay before moving on
 RESEND_PAUSE_S = 0.05
-OP_MIX = (("query", 15), ("pay", 45), ("autodebit", 10), ("retry", 12), ("conflict", 5), ("cancel", 13))
+# Auto-debit goes through the real bill feed (bank_sim.chaos_feed), not as pays on the AUTO_DEBIT channel.
+OP_MIX = (("query", 15), ("pay", 55), ("retry", 12), ("conflict", 5), ("cancel", 13))
 IN_DOUBT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
             grpc.StatusCode.CANCELLED}
@@ -159,7 +164,8 @@ class Stack:
     def start_mis(self) -> None:
         self.mis = start_server("mis_adapter", [
             "mis_adapter", "serve", "--db", self.mis_serve_db or self.mis_db, "--listen", f"127.0.0.1:{self.mis_port}",
-            "--metrics-port", "0", "--insecure", "--control-totals-window-s", str(self.control.window_s)],
+            "--metrics-port", "0", "--insecure", "--control-totals-window-s", str(self.control.window_s),
+            "--feed-heartbeat-s", "0.3", "--feed-lease-ttl-s", "3"],
             log_dir=self.work, ready_timeout_s=READY_TIMEOUT_S)
 
     def start_bridge(self) -> None:
@@ -296,11 +302,11 @@ class Bank:
             except grpc.RpcError as exc:
                 self.tally.codes[f"QueryAccount.{exc.code().name}"] += 1  # type: ignore[attr-defined]
             return
-        if op in ("pay", "autodebit"):
+        if op == "pay":
             serial = f"{self.ledger.prefix}{i}"
             acct = self.accounts[int(pick * len(self.accounts))]
             with self.lock:
-                self.ledger.pays[serial] = PayRecord(acct, amount_fen, "AUTO_DEBIT" if op == "autodebit" else "COUNTER")
+                self.ledger.pays[serial] = PayRecord(acct, amount_fen, "COUNTER")
                 self.pay_serials.append(serial)
             for attempt in range(IMMEDIATE_RESENDS + 1):
                 self.send_pay(serial, deadline_s if attempt == 0 else CALL_DEADLINE_S)
@@ -332,9 +338,11 @@ def read_accounts(roster: Path, limit: int) -> list[str]:
         return [row["account_no"] for row in csv.DictReader(f)][:limit]
 
 
-def inject(stack: Stack, bank: Bank, fault: Fault) -> None:
+def inject(stack: Stack, bank: Bank, feed: FeedSide, fault: Fault) -> None:
     bank.tally.faults[fault.kind] += 1
-    if fault.kind == "kill_mis":
+    if fault.kind == "kill_bank":
+        feed.kill_worker()
+    elif fault.kind == "kill_mis":
         stack.kill("mis")
     elif fault.kind == "kill_bridge":
         stack.kill("bridge")
@@ -395,11 +403,11 @@ def wait_journal_settled(bridge_db: str, prefix: str) -> int:
         eng.dispose()
 
 
-def reconcile(bank: Bank, day: dt.date) -> tuple[int, pb.ReconcileSummary | None]:
+def reconcile(bank: Bank, day: dt.date, auto_debits: list[pb.BankRecord]) -> tuple[int, pb.ReconcileSummary | None]:
     records = [pb.BankRecord(bank_serial=s, account_no=r.account_no, amount_fen=r.amount_fen,
                              status=pb.BANK_RECORD_STATUS_CANCELLED if r.cancel == CANCEL_REVERSED
                              else pb.BANK_RECORD_STATUS_POSTED)
-               for s, r in bank.ledger.pays.items() if r.outcome == ACCEPTED]
+               for s, r in bank.ledger.pays.items() if r.outcome == ACCEPTED] + auto_debits
     msgs = [pb.ReconcileRequest(header=pb.ReconcileHeader(settlement_date=day.isoformat()))]
     for k in range(0, len(records), 5_000):
         msgs.append(pb.ReconcileRequest(batch=pb.BankRecordBatch(records=records[k:k + 5_000])))
@@ -546,12 +554,15 @@ def run(seed: int, ops: int, faults: int, work: Path, tamper: bool = False, db_s
     proxy = FaultProxy(f"127.0.0.1:{mis_port}").start()
     stack = Stack(work, mis_db, bridge_db, mis_port, bridge_port, proxy, mis_serve_db, db_proxy, control=control)
     watch = ControlWatch(stack.metrics_ports, BANK_ID, CONTROL_SAMPLE_S)
+    feed = FeedSide(work, mis_db, BANK_ID, f"127.0.0.1:{bridge_port}")
+    tranche_at = {ops * (k + 1) // (FEED_TRANCHES + 1): k for k in range(FEED_TRANCHES)}
     prefix = f"K{seed % 10_000_000}-"
     t0 = time.monotonic()
     try:
         stack.start_mis()
         stack.start_bridge()
         watch.start()
+        feed.start_worker()
         totals_before, bills_before = money_totals(mis_db)
         bank = Bank(prefix, accounts, f"127.0.0.1:{bridge_port}", seed)
         op_rng = random.Random(seed + 2)
@@ -564,7 +575,9 @@ def run(seed: int, ops: int, faults: int, work: Path, tamper: bool = False, db_s
                     for fut in window:  # the fault lands after the operations before it were answered
                         fut.result()
                     window.clear()
-                    inject(stack, bank, fault_at[i])
+                    inject(stack, bank, feed, fault_at[i])
+                if i in tranche_at:
+                    window.append(pool.submit(feed.issue_tranche, tranche_at[i]))
                 window.append(pool.submit(bank.run_op, i, op, *picks[i]))
                 if len(window) >= CONCURRENCY * 4:
                     window.pop(0).result()
@@ -573,27 +586,33 @@ def run(seed: int, ops: int, faults: int, work: Path, tamper: bool = False, db_s
         drive_s = time.monotonic() - t0
         quiesce(stack, bank)
         unsettled = wait_journal_settled(bridge_db, prefix)
+        feed_acked = feed.wait_acknowledged()
         control_report = control_after_quiescence(stack, watch)
         if tamper:
             measure_flag(stack, watch, control_report, mis_db, bank)
         day = business_date(make_clock(None))
-        lines, summary = reconcile(bank, day)
+        lines, summary = reconcile(bank, day, feed.bank_records())
         mis_view = read_mis([mis_db], BANK_ID, prefix)
         mis_check = compare(bank.ledger, mis_view, "MIS", mis_complete=True)
         journal_problems = check_journal(bridge_db, bank)
         totals_after, bills_after = money_totals(mis_db)
+        feed_check = feed.check()
     finally:
+        feed.stop_worker()
         watch.stop()
         stack.stop()
         if db_server:
             drop_database(db_server, db_name)
-    net_fen = mis_check.accepted_fen - mis_check.cancelled_fen
+    net_fen = mis_check.accepted_fen - mis_check.cancelled_fen + feed_check.paid_fen
     money_delta = totals_after - totals_before
     report(bank, mis_check, lines, unsettled, journal_problems, net_fen, money_delta, bills_before, bills_after,
            drive_s, summary)
+    feed_ok = (feed_acked and not feed_check.problems and feed_check.bills == feed.issued
+               and feed_check.fed == feed.issued and bills_after == bills_before + feed.issued)
+    report_feed(feed, feed_check, feed_acked)
     report_control(control_report, stack.control)
     ok = (mis_check.ok and lines == 0 and unsettled == 0 and not journal_problems and not bank.tally.violations
-          and money_delta == net_fen and bills_before == bills_after and control_report.ok)
+          and money_delta == net_fen and feed_ok and control_report.ok)
     print(f"chaos seed={seed}: {'OK: every invariant holds' if ok else 'FAILED'}", flush=True)
     return 0 if ok else 1
 
@@ -626,6 +645,15 @@ def report(bank: Bank, mis_check: Any, recon_lines: int, unsettled: int, journal
     print(f"violations seen by the bank core: {len(t.violations)}")
     for v in t.violations[:10]:
         print(f"  {v}")
+
+
+def report_feed(feed: FeedSide, c: Any, acked: bool) -> None:
+    print(f"bill feed: {feed.issued} bills issued in tranches, {c.fed} fed, all acknowledged: "
+          f"{'yes' if acked else 'NO'}; debited {c.paid_by_debit} = {c.paid_fen} fen (bank ledger {c.bank_debits} "
+          f"= {c.bank_debit_fen} fen), insufficient funds {c.dunning} (bank {c.bank_insufficient}); "
+          f"auto-debit worker killed {feed.kills}; {len(c.problems)} problems")
+    for p in c.problems[:10]:
+        print(f"  {p}")
 
 
 def _seconds(value: float | None) -> str:
