@@ -95,7 +95,7 @@ CONTROL_DIVERGENCE_FEN = Gauge("yindian_control_total_divergence_fen",
                                "Continuous reconciliation: fen by which this side's control totals of the open "
                                "settlement date differ from the other side's, once the difference has persisted "
                                "past the in-doubt window (0 in agreement).", ["bank"])
-CONTROL_DIVERGENCE_COUNT = Gauge("yindian_control_total_divergence_count",
+CONTROL_DIVERGENCE_COUNT = Gauge("yindian_control_total_divergence_pays",
                                  "Continuous reconciliation: pays by which the control totals differ, once the "
                                  "difference has persisted past the in-doubt window (0 in agreement).", ["bank"])
 CONTROL_EXCHANGES = Counter("yindian_control_total_exchanges", "Exchanges of control totals, by result.",

@@ -1,5 +1,7 @@
 """The seeded chaos soak (bank_sim chaos) with real processes: ≥ 10,000
-operations and ≥ 50 faults end with every invariant holding (exit 0), and
+operations and ≥ 50 faults (kill -9 of mis_adapter, the bridge and the
+bank's auto-debit worker, link faults, short deadlines), with auto-debit
+through the real bill feed, end with every invariant holding (exit 0), and
 continuous reconciliation's gauge stays 0 on both servers through the
 faults; the same seed gives the same schedule; a row changed behind the
 system's back is flagged by continuous reconciliation on both servers
@@ -45,6 +47,13 @@ def test_chaos_soak_holds_every_invariant(tmp_path: Path) -> None:
     assert re.search(rf"^faults: {FAULTS} ", out, re.M)
     assert "reconciliation: 0 discrepancies" in out and "MIS check: 0 discrepancies" in out
     assert "bridge journal: 0 unsettled, 0 disagreements" in out and "still_in_doubt=0" in out
+    # Auto-debit through the real bill feed, its worker killed (-9) on the way: checked from both sides.
+    feed = re.search(r"^bill feed: (\d+) bills issued in tranches, (\d+) fed, all acknowledged: yes; "
+                     r"debited (\d+) = (\d+) fen \(bank ledger (\d+) = (\d+) fen\), .* auto-debit worker "
+                     r"killed (\d+); 0 problems", out, re.M)
+    assert feed is not None, out[-3000:]
+    assert int(feed.group(1)) == int(feed.group(2)) > 0 and int(feed.group(3)) > 0
+    assert (feed.group(3), feed.group(4)) == (feed.group(5), feed.group(6)) and int(feed.group(7)) > 0
     assert "chaos seed=20261129 ops=" in out  # the seed is printed
     control = re.search(r"^control totals \(.*: (\d+) samples .* max divergence (\d+) fen; agreeing after "
                         r"quiescence: (\w+); flagged before any tamper: (\d+)", out, re.M)
