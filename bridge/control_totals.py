@@ -14,10 +14,12 @@ From the journal (read only; the writer and the resolver are untouched):
 - a POSTED pay counts with the settlement date and `posted_at` of the
   utility's stored answer; reversed when a cancel of it was answered
   REVERSED;
-- a NOT_APPLIED pay that the utility reversed (resolved "reversed at the
-  utility", or the bridge's own reversal answered REVERSED) counts as
-  reversed on its journal day (the utility's answer to a reversal does not
-  carry the payment's date);
+- a NOT_APPLIED pay that the utility had posted and reversed (resolved
+  "reversed at the utility", or the bridge's own reversal answered
+  REVERSED) is left out on both sides like an in-doubt one: the journal
+  never saw its posting, so it does not know its settlement date (a pay
+  after the utility's sign-off settles the next day); these are few (pays
+  whose answer was lost), and the daily reconciliation covers them;
 - a pay PENDING, SUSPECT, REVERSING or RETRYABLE, and the original of a
   cancel PENDING or SUSPECT, are in doubt; so is the original of a cancel
   journaled within `settle_s` before the cutoff (the utility counts a
@@ -59,7 +61,7 @@ PAY_IN_DOUBT = frozenset({jn.PENDING, jn.SUSPECT, jn.REVERSING, jn.RETRYABLE})
 CANCEL_IN_DOUBT = frozenset({jn.PENDING, jn.SUSPECT})
 _j = jn.requests.c
 _ROWS = sa.select(_j.kind, _j.serial, _j.state, _j.amount_fen, _j.body, _j.original_serial, _j.message,
-                  _j.business_date, _j.created_at, _j.updated_at)
+                  _j.created_at)
 
 
 @dataclass(frozen=True)
@@ -87,9 +89,9 @@ def journal_view(engine: Engine, bank_id: str, day: dt.date, posted_before: dt.d
     """The journal's pays of settlement date `day` posted before `posted_before`, and the serials in doubt.
     Pays journaled the day before count too: one made after the utility's sign-off settles on `day`.
 
-    A reversal counts once it is surely older than the cutoff at the utility too: a cancel journaled (or a
-    pay resolved "reversed") before `settled_before`, which is the cutoff less the skew allowance; a more
-    recent one leaves its pay out on both sides, like an in-doubt one."""
+    A reversal counts once it is surely older than the cutoff at the utility too: a cancel journaled before
+    `settled_before`, which is the cutoff less the skew allowance; a more recent one leaves its pay out on
+    both sides, like an in-doubt one."""
     entries: dict[str, Entry] = {}
     in_doubt: set[str] = set()
     reversed_serials: set[str] = set()
@@ -97,7 +99,7 @@ def journal_view(engine: Engine, bank_id: str, day: dt.date, posted_before: dt.d
     with engine.connect() as conn:
         rows = conn.execute(_ROWS.where(_j.bank_id == bank_id, _j.business_date >= day - dt.timedelta(days=1),
                                         _j.business_date <= day)).all()
-    for kind, serial, state, amount_fen, body, original, message, journal_day, created_at, updated_at in rows:
+    for kind, serial, state, amount_fen, body, original, message, created_at in rows:
         if kind == jn.PAY:
             if state in PAY_IN_DOUBT:
                 in_doubt.add(serial)
@@ -106,11 +108,8 @@ def journal_view(engine: Engine, bank_id: str, day: dt.date, posted_before: dt.d
                 if resp.settlement_date == iso_day and \
                         resp.posted_at.ToDatetime(tzinfo=dt.UTC) < posted_before:
                     entries[serial] = Entry(int(amount_fen), False)
-            elif state == jn.NOT_APPLIED and journal_day == day and _reversed_by_utility(message or ""):
-                if _utc(updated_at) < settled_before:
-                    entries[serial] = Entry(int(amount_fen), True)
-                else:
-                    in_doubt.add(serial)
+            elif state == jn.NOT_APPLIED and _reversed_by_utility(message or ""):
+                in_doubt.add(serial)
         elif state in CANCEL_IN_DOUBT or _utc(created_at) >= settled_before:
             in_doubt.add(original)
         elif state == jn.CANCELLED and pb.CancelResponse.FromString(body or b"").outcome == \
