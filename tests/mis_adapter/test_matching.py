@@ -231,11 +231,14 @@ def test_a_bad_record_names_the_field_with_the_field_rules_message() -> None:
 # ---- the one home of the rule ----
 def test_production_statements_carry_the_generated_case() -> None:
     """What closes a day runs the CASE generated from the table, on every back end."""
-    for statements in (recon_outcomes._MATCHING_IN_PLACE, *recon_outcomes._MATCHING.values()):
-        bank_side, mis_only, settled = (str(s) for s in statements)
-        assert recon_outcomes.BANK_SIDE_OUTCOME in bank_side and recon_outcomes.BANK_SIDE_DETAIL in bank_side
-        assert recon_outcomes.MIS_ONLY_OUTCOME in mis_only and recon_outcomes.MIS_ONLY_DETAIL in mis_only
-        assert recon_outcomes.MIS_ONLY_REPORTED in mis_only and recon_outcomes.MIS_ONLY_MATCHED in settled
+    bank_side, mis_only, settled = (str(s) for s in recon_outcomes._MATCHING_IN_PLACE)
+    assert recon_outcomes.BANK_SIDE_OUTCOME in bank_side and recon_outcomes.BANK_SIDE_DETAIL in bank_side
+    assert recon_outcomes.MIS_ONLY_OUTCOME in mis_only and recon_outcomes.MIS_ONLY_DETAIL in mis_only
+    assert recon_outcomes.MIS_ONLY_REPORTED in mis_only and recon_outcomes.MIS_ONLY_MATCHED in settled
+    # PostgreSQL's one pass: both sides' CASEs, the payments the bank did not send decided by the same table
+    one_pass = str(recon_outcomes._ONE_PASS)
+    assert recon_outcomes.BANK_SIDE_OUTCOME in one_pass and recon_outcomes.BANK_SIDE_DETAIL in one_pass
+    assert recon_outcomes.ONE_PASS_MIS_ONLY_OUTCOME in one_pass and recon_outcomes.ONE_PASS_MIS_ONLY_DETAIL in one_pass
 
 
 def test_the_rule_module_is_pure() -> None:
