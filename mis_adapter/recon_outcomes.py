@@ -134,15 +134,16 @@ WITH kept AS (
     FROM (
       SELECT s.line_no, COALESCE(s.bank_serial, p.bank_serial) AS bank_serial, s.account_no, s.amount_fen,
              s.status, p.payment_id AS same_day,
-             CASE WHEN p.payment_id IS NULL THEN (SELECT q.state FROM payments q
-                  WHERE q.bank_id = :bank_id AND q.bank_serial = s.bank_serial) ELSE p.state END AS m_state,
-             CASE WHEN p.payment_id IS NULL THEN (SELECT q.account_no FROM payments q
-                  WHERE q.bank_id = :bank_id AND q.bank_serial = s.bank_serial) ELSE p.account_no END AS m_account,
-             CASE WHEN p.payment_id IS NULL THEN (SELECT q.amount_fen FROM payments q
-                  WHERE q.bank_id = :bank_id AND q.bank_serial = s.bank_serial) ELSE p.amount_fen END AS m_amount
+             CASE WHEN p.payment_id IS NULL THEN q.state ELSE p.state END AS m_state,
+             CASE WHEN p.payment_id IS NULL THEN q.account_no ELSE p.account_no END AS m_account,
+             CASE WHEN p.payment_id IS NULL THEN q.amount_fen ELSE p.amount_fen END AS m_amount
       FROM recon_staging s
       FULL JOIN (SELECT payment_id, bank_serial, state, account_no, amount_fen FROM payments
                  WHERE bank_id = :bank_id AND settlement_date = :day) p ON p.bank_serial = s.bank_serial
+      -- a record not found that day: looked up on any day, once, by the unique (bank, serial) index
+      LEFT JOIN LATERAL (SELECT q.state, q.account_no, q.amount_fen FROM payments q
+                         WHERE p.payment_id IS NULL AND q.bank_id = :bank_id AND q.bank_serial = s.bank_serial) q
+             ON true
     ) j
   ) c
   WHERE c.outcome <> 'MATCHED' OR c.line_no IS NULL
