@@ -19,6 +19,7 @@ import datetime as dt
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from bank_sim import autodebit, ledger, mis_tables
 from bank_sim.processes import run_command, start_server
 from yindian_common.bench_reference import REFERENCE_BATCH_BILLS, bulk_write_bills_per_s
 from yindian_common.clock import SystemClock
-from yindian_common.db import create_database, make_engine
+from yindian_common.db import create_database, drop_database, make_engine
 from yindian_common.fields import make_account_no
 from yindian_common.settings import YinDianSettings, add_settings_flags, load_settings
 
@@ -156,12 +157,14 @@ class BenchFeedSettings(YinDianSettings):
     backends: str = Field("sqlite,postgresql", description="comma-separated back ends to measure")
     pg_admin_url: str = Field("postgresql://postgres@127.0.0.1:5432/postgres",
                               description="PostgreSQL server to create the benchmark databases on")
-    window: int = Field(1_000, description="mis_adapter --feed-window-max")
-    notice_batch: int = Field(500, description="mis_adapter --feed-notice-batch-max")
+    window: int = Field(20_000, description="mis_adapter --feed-window-max")
+    notice_batch: int = Field(2_500, description="mis_adapter --feed-notice-batch-max")
     issue_batch: int = Field(5_000, description="accounts issued per transaction")
     probes: int = Field(200, description="single-bill issues timed from commit to notice")
     ready_timeout_s: float = Field(90.0, description="longest wait for a server's READY line")
     run_timeout_s: float = Field(900.0, description="longest a back end's run may take")
+    keep_databases: bool = Field(False, description="PostgreSQL: keep the yd_bench_feed_* databases for a look "
+                                                    "afterwards (dropped by default)")
     reference: bool = Field(True, description="on PostgreSQL, also measure the same-run reference: the same "
                                               "bills bulk-written at 5 durable rows each (unnest, 500 per tx)")
 
@@ -250,11 +253,31 @@ BENCH_PERIOD = "202611"
 
 def _run_backend(s: BenchFeedSettings, backend: str, work: Path) -> dict[str, float]:
     if backend == "sqlite":
-        mis_url, bank_url = f"sqlite:///{work / 'mis.db'}", f"sqlite:///{work / 'bank.db'}"
-    else:
-        tag = f"{int(time.time())}"
-        mis_url = create_database(s.pg_admin_url, f"yd_bench_feed_mis_{tag}")
-        bank_url = create_database(s.pg_admin_url, f"yd_bench_feed_bank_{tag}")
+        return _run_urls(s, f"sqlite:///{work / 'mis.db'}", f"sqlite:///{work / 'bank.db'}", work)
+    tag = f"{int(time.time())}_{os.getpid()}"
+    names = [f"yd_bench_feed_mis_{tag}", f"yd_bench_feed_bank_{tag}"]
+    try:
+        mis_url, bank_url = (create_database(s.pg_admin_url, n) for n in names)
+        return _run_urls(s, mis_url, bank_url, work)
+    finally:
+        if not s.keep_databases:  # scratch databases: a month of bills each
+            for n in names:
+                drop_database(s.pg_admin_url, n)
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used so far."""
+    fields_ = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of the children waited for so far (the issuer and the bank's consumer)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _run_urls(s: BenchFeedSettings, mis_url: str, bank_url: str, work: Path) -> dict[str, float]:
     bridge_url = f"sqlite:///{work / 'bridge.db'}"
     clock = SystemClock()
     repo = Path(__file__).resolve().parents[1]
@@ -282,14 +305,18 @@ def _run_backend(s: BenchFeedSettings, backend: str, work: Path) -> dict[str, fl
              "--bank-id", BENCH_BANK, "--insecure", "--idle-exit-s", "1.5", "--idle-exit-after-seq", str(s.bills),
              "--run-timeout-s", str(s.run_timeout_s)], cwd=repo, stdout=log, stderr=subprocess.STDOUT)
         # Issuance is timed inside the issuing process (its start-up is not issuance).
+        cpu0 = _children_cpu_s()
         issued = subprocess.run(_bench_data("issue", mis_url, "--batch-accounts", str(s.issue_batch)), cwd=repo,
                                 capture_output=True, text=True, timeout=s.run_timeout_s)
         if issued.returncode != 0:
             raise RuntimeError(f"bench-data issue failed: {issued.stderr[-2000:]}")
         timing = json.loads(issued.stdout.strip().splitlines()[-1])
         issued_s, wall0 = float(timing["issued_s"]), float(timing["started_wall"])
+        cpu_issue = _children_cpu_s() - cpu0
         if consumer.wait(timeout=s.run_timeout_s) != 0:
             raise RuntimeError(f"autodebit failed; see {work / 'autodebit.log'}")
+        cpu_bank = _children_cpu_s() - cpu0 - cpu_issue
+        cpu_adapter, cpu_bridge = _cpu_s(adapter.popen.pid), _cpu_s(bridge.popen.pid)
         res, pay, led = autodebit.results_table, mis_tables.payments, ledger.ledger
         delivered = _span(bank, sa.select(sa.func.max(res.c.processed_at)))
         debited = _span(bank, sa.select(sa.func.max(led.c.created_at)).where(led.c.channel == "AUTO_DEBIT"))
@@ -309,6 +336,8 @@ def _run_backend(s: BenchFeedSettings, backend: str, work: Path) -> dict[str, fl
     return {"issued": n / issued_s, "delivered": n / (delivered - wall0), "debited": n / (debited - wall0),
             "acknowledged": n / (acked - wall0), "posted": n / (posted - wall0),
             "paid": check.paid_by_debit, "dunning": check.dunning,
+            "cpu_issue_us": 1e6 * cpu_issue / n, "cpu_adapter_us": 1e6 * cpu_adapter / n,
+            "cpu_bridge_us": 1e6 * cpu_bridge / n, "cpu_bank_us": 1e6 * cpu_bank / n,
             "p50_ms": 1000 * lat[len(lat) // 2], "p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))]}
 
 
@@ -336,6 +365,9 @@ def main(argv: list[str]) -> int:
         print(f"{backend:<11}{r['issued']:>10,.0f}{r['delivered']:>11,.0f}{r['debited']:>10,.0f}"
               f"{r['acknowledged']:>10,.0f}{r['posted']:>10,.0f}{r['paid']:>9,.0f}{r['dunning']:>9,.0f}"
               f"{r['p50_ms']:>15.1f}{r['p99_ms']:>9.1f}  load {_load()}", flush=True)
+        print(f"{'  CPU':<11}µs per bill: issuer {r['cpu_issue_us']:,.0f}, mis_adapter {r['cpu_adapter_us']:,.0f} "
+              f"(with its start-up), bridge {r['cpu_bridge_us']:,.0f}, bank auto-debit {r['cpu_bank_us']:,.0f} "
+              "(the database servers' CPU not counted)", flush=True)
         if backend == "postgresql" and s.reference:
             ref = bulk_write_bills_per_s(s.pg_admin_url, s.bills)
             print(f"{'  reference':<11}{'':>10}{'':>11}{'':>10}{'':>10}{ref:>10,.0f}  bulk write of the same bills, "

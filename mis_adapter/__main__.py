@@ -9,6 +9,7 @@ COMMANDS = {
     "bank": ("mis_adapter.bank_admin", "operator: list, suspend (停工) or resume (开工) a bank"),
     "issue-bills": ("mis_adapter.issue_bills", "price a period's readings, issue bills, feed auto-debit banks"),
     "reconcile": ("mis_adapter.recon_file", "reconcile a bank's day from its daily file"),
+    "registry": ("mis_adapter.claim_recovery", "operator: recover open registry claims, or backfill it after a split"),
     "audit": ("mis_adapter.audit_cmd", "verify (or seal) the tamper-evident chain over the MIS journal"),
     "report": ("mis_adapter.report_cmd", "collection and arrears statistics"),
     "bench-recon": ("mis_adapter.bench_recon", "benchmark: reconciliation and reports at scale"),

@@ -41,6 +41,7 @@ from mis_adapter.db.core import Agreement, BillRow, Customer, JournalEntry
 from mis_adapter.db.feed import DebitResultRow, OutboxRow
 from mis_adapter.db.link import AgreementRecord, FeedWithdrawal
 from yindian_common import fields
+from yindian_common.bulk_sql import bulk_insert
 from yindian_common.errors import (
     AccountClosed,
     AccountNotFound,
@@ -264,7 +265,7 @@ def sign_many_in_tx(conn: Connection, cmds: Sequence[SignCommand], today: dt.dat
                 raise AgreementActive(f"account {c.account_no} already has an active auto-debit agreement")
             if c.start_date is None:
                 raise ValueError("sign_many_in_tx needs validated commands (start_date resolved)")
-        conn.execute(T_REC.insert(), [
+        bulk_insert(conn, T_REC, [
             {"bank_id": c.bank_id, "agreement_serial": c.agreement_serial, "account_no": c.account_no,
              "savings_account_ref": c.savings_account_ref, "debit_limit_fen": c.debit_limit_fen,
              "start_date": c.start_date, "signed_at": now, "state": ACTIVE, "end_serial": None, "end_reason": "",
@@ -278,7 +279,7 @@ def sign_many_in_tx(conn: Connection, cmds: Sequence[SignCommand], today: dt.dat
         new_index = [c for c in batch if c.account_no not in index]
         again = [c for c in batch if c.account_no in index]
         if new_index:
-            conn.execute(T_AGR.insert(), [
+            bulk_insert(conn, T_AGR, [
                 {"account_no": c.account_no, "bank_id": c.bank_id, "signed_on": c.start_date, "active": True,
                  "agreement_id": ids[(c.bank_id, c.agreement_serial)], "debit_limit_fen": c.debit_limit_fen}
                 for c in new_index])
@@ -286,7 +287,7 @@ def sign_many_in_tx(conn: Connection, cmds: Sequence[SignCommand], today: dt.dat
             conn.execute(_UPDATE_INDEX, {"acct": c.account_no, "v_bank": c.bank_id, "v_start": c.start_date,
                                          "v_id": ids[(c.bank_id, c.agreement_serial)],
                                          "v_limit": c.debit_limit_fen})
-        conn.execute(T_JOURNAL.insert(), [_journal("AGREE_SIGN", c.bank_id, c.agreement_serial, c.account_no,
+        bulk_insert(conn, T_JOURNAL, [_journal("AGREE_SIGN", c.bank_id, c.agreement_serial, c.account_no,
                                                    ACTIVE, now) for c in batch])
     return [ids[(c.bank_id, c.agreement_serial)] for c in cmds]
 

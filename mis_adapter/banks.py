@@ -16,10 +16,10 @@ from sqlalchemy.engine import Connection, Engine
 
 from mis_adapter.allocation import settlement_date
 from mis_adapter.db.base import table_of
-from mis_adapter.db.core import Bank
+from mis_adapter.db.core import Bank, BankDayLock
 from mis_adapter.db.recon import ReconciledDay
 from yindian_common.db_errors import db_errors
-from yindian_common.errors import BankSuspended, Exhausted, Forbidden
+from yindian_common.errors import BankSuspended, Bug, Exhausted, Forbidden
 
 T_BANKS = table_of(Bank)
 _SELECT_BANK = sa.select(T_BANKS.c.suspended, T_BANKS.c.suspended_reason).where(
@@ -92,16 +92,20 @@ def set_suspended(engine: Engine, bank_id: str, suspended: bool, reason: str, no
 # matched), or sees the closed day and settles on the next one. Same order
 # everywhere (bank-day, then accounts): no deadlock between the two.
 # PostgreSQL: a transaction-scoped advisory lock (in memory, no row write);
-# MariaDB: a shared/exclusive row lock on the bank's row; SQLite: writers are
+# MariaDB: a shared/exclusive lock on the bank's row in bank_day_locks (made on
+# first use in each database: branch databases hold no banks rows); SQLite: writers are
 # serialized already.
 T_RECON = table_of(ReconciledDay)
 _CLOSED_DAYS = sa.select(T_RECON.c.settlement_date).where(
     T_RECON.c.bank_id == sa.bindparam("bank_id"), T_RECON.c.settlement_date.in_(sa.bindparam("days", expanding=True)))
 _ADVISORY_SHARED = sa.text("SELECT pg_advisory_xact_lock_shared(:k)")
 _ADVISORY_EXCLUSIVE = sa.text("SELECT pg_advisory_xact_lock(:k)")
-_ROW_SHARED = sa.select(T_BANKS.c.bank_id).where(T_BANKS.c.bank_id == sa.bindparam("bank_id")).with_for_update(
-    read=True)
-_ROW_EXCLUSIVE = sa.select(T_BANKS.c.bank_id).where(T_BANKS.c.bank_id == sa.bindparam("bank_id")).with_for_update()
+T_DAY_LOCKS = table_of(BankDayLock)
+_ROW_SHARED = sa.select(T_DAY_LOCKS.c.bank_id).where(
+    T_DAY_LOCKS.c.bank_id == sa.bindparam("bank_id")).with_for_update(read=True)
+_ROW_EXCLUSIVE = sa.select(T_DAY_LOCKS.c.bank_id).where(
+    T_DAY_LOCKS.c.bank_id == sa.bindparam("bank_id")).with_for_update()
+_MAKE_ROW = T_DAY_LOCKS.insert().prefix_with("IGNORE").values(bank_id=sa.bindparam("bank_id"))
 
 
 BANK_DAY_KEYS_CACHED_MAX = 4_096
@@ -124,7 +128,14 @@ def lock_bank_day(conn: Connection, bank_id: str, *, exclusive: bool = False) ->
     if dialect == "postgresql":
         conn.execute(_ADVISORY_EXCLUSIVE if exclusive else _ADVISORY_SHARED, {"k": bank_day_key(bank_id)})
     elif dialect != "sqlite":
-        conn.execute(_ROW_EXCLUSIVE if exclusive else _ROW_SHARED, {"bank_id": bank_id}).first()
+        lock = _ROW_EXCLUSIVE if exclusive else _ROW_SHARED
+        if conn.execute(lock, {"bank_id": bank_id}).first() is None:
+            # First use in this database: a lock on a missing row locks nothing. The made row is held
+            # exclusive until this transaction ends (the bank's other first users wait for it, once);
+            # INSERT IGNORE waits on a concurrent maker's uncommitted row, so all lock the same row.
+            conn.execute(_MAKE_ROW, {"bank_id": bank_id})
+            if conn.execute(lock, {"bank_id": bank_id}).first() is None:
+                raise Bug(f"bank-day lock row of {bank_id} missing after it was made")
 
 
 def settlement_day(conn: Connection, bank_id: str, today: dt.date) -> dt.date:

@@ -27,7 +27,7 @@ from sqlalchemy.engine import Engine
 
 from mis_adapter.db.base import table_of
 from mis_adapter.db.core import Agreement, Bank, Branch, Customer, Meter, Reading
-from mis_adapter.issue_bills import issue_bills
+from mis_adapter.issue_bills import ISSUE_WORKERS_MAX, issue_bills
 from mis_adapter.migrate import upgrade
 from mis_adapter.seed import bulk_insert
 from yindian_common.clock import SystemClock
@@ -94,6 +94,7 @@ class BenchDataSettings(YinDianSettings):
     first_serial: int = Field(1, ge=1, le=99_999_999, description="account serial of the first household")
     branch: str = Field(BRANCH, pattern=r"^\d{2}$", description="populate: the households' branch code")
     batch_accounts: int = Field(2_000, ge=1, le=1_000_000, description="issue: accounts per transaction")
+    workers: int = Field(2, ge=1, le=ISSUE_WORKERS_MAX, description="issue: batches issued at once (SQLite: one)")
     bank: str = Field("PROBE", max_length=16, description="probe: the probe households' bank")
     count: int = Field(200, ge=1, le=PROBES_MAX, description="probe: bills issued one at a time")
 
@@ -108,7 +109,7 @@ def _populate(s: BenchDataSettings, engine: Engine) -> None:
 def _issue(s: BenchDataSettings, engine: Engine) -> None:
     upgrade(engine)
     started_wall, t0 = time.time(), time.perf_counter()
-    summary = issue_bills(engine, SystemClock(), s.period, batch_accounts=s.batch_accounts)
+    summary = issue_bills(engine, SystemClock(), s.period, batch_accounts=s.batch_accounts, workers=s.workers)
     issued_s = time.perf_counter() - t0
     print(json.dumps({"bills": summary.bills, "started_wall": started_wall, "issued_s": issued_s}), flush=True)
 

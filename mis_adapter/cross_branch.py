@@ -18,8 +18,9 @@ cancel claimed first is refused (FAILED_PRECONDITION), as a tombstone is.
 
 Crashes: the crash points mis.registry_after_claim and mis.registry_after_branch_commit (tests only).
 Killed after the claim, nothing is in the branch and the retry posts; killed
-after the branch commit, the retry replays and settles. `recover` settles
-claims whose branch holds the serial (run at start)."""
+after the branch commit, the retry replays and settles. Claims nobody will
+settle are settled or released by mis_adapter.claim_recovery (at start,
+periodically, and by the operator)."""
 from __future__ import annotations
 
 import logging
@@ -141,21 +142,3 @@ def _pin_original(ctx: Any, cmd: CancelCommand) -> str:
             return claim.home
         # its pay released the claim meanwhile (refused outright): claim again
     raise Unavailable("the cancel kept racing its payment's claim; retry the same cancel_serial", reason="RETRY")
-
-
-# ---- recovery ----
-def recover(ctx: Any) -> int:
-    """Settles open claims whose home branch holds the serial (a process died after
-    the branch commit). Claims with nothing in their branch stay open: they are
-    "nothing written" to every reader. Returns how many were settled."""
-    front = ctx.router.front
-    if front is None:
-        return 0
-    settled = 0
-    for claim in registry.open_claims(front, ctx.settings.registry_recover_batch_max):
-        engine = ctx.router.engine_for_branch(claim.home)
-        if payments.status_in(engine, claim.bank_id, claim.serial) is not None:
-            registry.settle(front, claim.bank_id, claim.serial, utc_now(ctx.clock))
-            settled += 1
-    log.info("event=registry_recovered settled=%d", settled)
-    return settled

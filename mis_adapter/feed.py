@@ -76,9 +76,12 @@ AUTO_DEBIT = "AUTO_DEBIT"
 class FeedSettings:
     """Every bound of the feed, named. mis_adapter's AdapterSettings carries
     the same fields prefixed `feed_`; `from_adapter_settings` reads them."""
-    window_max: int = 1_000          # notices sent and not yet acknowledged (contiguously)
-    notice_batch_max: int = 500      # notices per stream message
+    window_max: int = 20_000         # notices sent and not yet acknowledged (contiguously)
+    notice_batch_max: int = 2_500    # notices per stream message
     results_batch_max: int = 5_000   # results accepted in one message
+    apply_batch_max: int = 10_000    # results of queued messages posted in one transaction
+    results_queue_max: int = 8       # result messages received and waiting to be posted
+    apply_partitions: int = 2        # PostgreSQL: connections posting a batch's results at once, split by account
     heartbeat_s: float = 5.0         # a heartbeat at least this often; lease renewed with it
     poll_interval_s: float = 0.2     # fallback wake-up when no LISTEN/NOTIFY (SQLite, lost listener)
     lease_ttl_s: float = 15.0        # a stream's lease lapses this long after its last renewal
@@ -86,7 +89,8 @@ class FeedSettings:
     listen_retry_s: float = 1.0      # PostgreSQL listener reconnect back-off
 
     def __post_init__(self) -> None:
-        if self.window_max < 1 or self.notice_batch_max < 1 or self.results_batch_max < 1:
+        if min(self.window_max, self.notice_batch_max, self.results_batch_max, self.apply_batch_max,
+               self.results_queue_max, self.apply_partitions) < 1:
             raise ValueError("feed window and batch sizes must be positive")
         if self.heartbeat_s <= 0 or self.poll_interval_s <= 0 or self.lease_ttl_s <= self.heartbeat_s:
             raise ValueError("feed intervals must be positive and the lease must outlive a heartbeat")

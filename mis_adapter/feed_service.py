@@ -21,7 +21,12 @@ Protocol (DESIGN.md Money semantics 7):
   and ends the stream with INVALID_ARGUMENT naming `results[i].<field>`.
   A duplicate of a stored result is ignored; a duplicate that differs ends
   the stream with ALREADY_EXISTS. Valid results and the cursor over the
-  contiguous acknowledgements are committed in one transaction.
+  contiguous acknowledgements are committed in one transaction; on
+  PostgreSQL a large batch is split by account over `apply_partitions`
+  transactions posted at once, and the cursor is committed after them all
+  (a crash in between redelivers those notices: their stored results make
+  them duplicates). Messages waiting while a batch posts are posted
+  together, up to `apply_batch_max` results.
 - A `FeedHeartbeat` (with the cursor) goes out every `heartbeat_s`, and as
   soon as the cursor advances while nothing else is pending, so a silent
   peer is noticed on both sides; the stream's lease is renewed with it.
@@ -44,12 +49,15 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import queue
 import socket
 import threading
 import time
 import uuid
 import weakref
+import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -73,6 +81,37 @@ log = logging.getLogger("mis_adapter.feed")
 LEASE_CLOCK = SystemClock()
 OUTCOMES = {pb.DEBIT_OUTCOME_DEBITED: feed.DEBITED, pb.DEBIT_OUTCOME_INSUFFICIENT_FUNDS: feed.INSUFFICIENT_FUNDS,
             pb.DEBIT_OUTCOME_NOT_DEBITED: feed.NOT_DEBITED}
+
+
+APPLY_PARTITION_MIN = 250  # results per parallel transaction, at least (smaller batches post in one)
+
+def partition_by_account(results: list[DebitIn], parts_max: int) -> list[list[DebitIn]]:
+    """The results split by account into at most `parts_max` lists, none
+    under APPLY_PARTITION_MIN results: an account's results all go to one
+    list, in their order, so per-account order holds in every transaction."""
+    parts_n = min(parts_max, len(results) // APPLY_PARTITION_MIN)
+    if parts_n < 2:
+        return [results]
+    parts: list[list[DebitIn]] = [[] for _ in range(parts_n)]
+    for r in results:
+        parts[zlib.crc32(r.account_no.encode()) % parts_n].append(r)
+    return [p for p in parts if p]
+
+
+# What the receiving thread hands the poster: a message's results, the refusal
+# that ends the stream, or None at its end.
+_Received = list[pb.DebitResult] | YinDianError | None
+
+
+def _put(q: queue.Queue[_Received], item: _Received, stop: threading.Event) -> bool:
+    """Blocks while `q` is full, until the poster stops."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.5)
+            return True
+        except queue.Full:
+            continue
+    return False
 
 
 class FeedHub:
@@ -202,32 +241,90 @@ class FeedStream:
                                                      window_max=self.s.window_max, answered_high=answered_high)
         self.error: YinDianError | None = None
         self.last_result_mono = time.monotonic()
+        # Parallel posting where the database takes concurrent writers and one database holds the bills.
+        parallel = isinstance(self.store, feed_branches.OneDatabaseFeed) and self.engine.dialect.name == "postgresql"
+        self.partitions = self.s.apply_partitions if parallel else 1
+        self._pool: ThreadPoolExecutor | None = None
 
     # ---- reader ----
     def read_results(self, request_iterator: Iterator[pb.BillFeedRequest]) -> None:
+        """Posts the bank's results as they come. A receiving thread reads the
+        next messages (at most `results_queue_max` waiting) while a batch is
+        posted; the messages waiting are then posted together, up to
+        `apply_batch_max` results in one transaction (_post)."""
+        inbox: queue.Queue[_Received] = queue.Queue(maxsize=self.s.results_queue_max)
+        stop = threading.Event()
+        threading.Thread(target=self._receive, args=(request_iterator, inbox, stop),
+                         name=f"feed-receive-{self.bank_id}", daemon=True).start()
         try:
-            for req in request_iterator:
-                if req.WhichOneof("body") != "results":
-                    raise InvalidField("subscribe", "only the first message may subscribe")
-                self._apply(list(req.results.results))
+            carried: list[_Received] = []
+            while True:
+                item = carried.pop() if carried else inbox.get()
+                if not isinstance(item, list):
+                    if item is not None:
+                        raise item
+                    return
+                messages, n = [item], len(item)
+                while not carried:
+                    try:
+                        more = inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if isinstance(more, list) and n + len(more) <= self.s.apply_batch_max:
+                        messages.append(more)
+                        n += len(more)
+                    else:
+                        carried.append(more)  # the end, a refusal, or the next transaction's first message
+                self._post(messages)
         except YinDianError as exc:
             self.error = exc
         except OperationalError as exc:
             self.error = Unavailable("MIS database unavailable", reason="DB_UNAVAILABLE")
             log.warning("event=feed_db_error bank=%s error=%s", self.bank_id, type(exc).__name__)
-        except grpc.RpcError:
-            pass  # the peer went away; the writer sees the call end
         except Exception as exc:  # a bug: end the stream loudly rather than hang the writer
             self.error = YinDianError(f"internal error: {type(exc).__name__}")
             log.exception("event=feed_reader_crash bank=%s", self.bank_id)
         finally:
+            stop.set()
+            self.close()
             self.kick.set()
+
+    def _receive(self, request_iterator: Iterator[pb.BillFeedRequest], inbox: queue.Queue[_Received],
+                 stop: threading.Event) -> None:
+        """Puts each message's results in `inbox` (blocking while it is full),
+        then the refusal of a malformed message or None at the stream's end."""
+        last: _Received = None
+        try:
+            for req in request_iterator:
+                if req.WhichOneof("body") != "results":
+                    last = InvalidField("subscribe", "only the first message may subscribe")
+                    break
+                if len(req.results.results) > self.s.results_batch_max:
+                    last = InvalidField("results", f"at most {self.s.results_batch_max} results per message")
+                    break
+                if not _put(inbox, list(req.results.results), stop):
+                    return
+        except grpc.RpcError:
+            pass  # the peer went away; the writer sees the call end
+        _put(inbox, last, stop)
+
+    def _post(self, messages: list[list[pb.DebitResult]]) -> None:
+        """Several messages in one transaction. If that is refused (a bad
+        result, a conflict), nothing of it was kept: the messages are then
+        posted one by one, so those before the refused one are stored and
+        the stream ends on it, exactly as if each had been posted alone."""
+        if len(messages) == 1:
+            self._apply(messages[0])
+            return
+        try:
+            self._apply([r for m in messages for r in m])
+        except YinDianError:
+            for m in messages:
+                self._apply(m)
 
     def _validate(self, results: list[pb.DebitResult]) -> tuple[list[DebitIn], int, set[int]]:
         """New results joined with their notices, and the cursor they complete.
         Everything is checked before anything is written."""
-        if len(results) > self.s.results_batch_max:
-            raise InvalidField("results", f"at most {self.s.results_batch_max} results per message")
         with self._lock:
             pending = dict(self.window.outstanding)
             delivered = self.window.delivered
@@ -274,7 +371,11 @@ class FeedStream:
         if not done:
             return
         t1 = time.perf_counter()
-        self.store.apply(self.bank_id, new, cursor_to)
+        parts = partition_by_account(new, self.partitions)
+        if len(parts) > 1:
+            self._apply_partitioned(parts, cursor_to)
+        else:
+            self.store.apply(self.bank_id, new, cursor_to)
         log.debug("event=feed_results_applied bank=%s n=%d validate_ms=%.1f apply_ms=%.1f cursor=%d",
                   self.bank_id, len(new), 1000 * (t1 - t0), 1000 * (time.perf_counter() - t1), cursor_to)
         with self._lock:
@@ -287,6 +388,23 @@ class FeedStream:
             bm.record_feed_acknowledged(self.bank_id, advanced)
         bm.set_feed_unacknowledged(self.bank_id, unacked)
         self.kick.set()
+
+    def _apply_partitioned(self, parts: list[list[DebitIn]], cursor_to: int) -> None:
+        """Each part posted in its own transaction, at once (disjoint accounts:
+        disjoint locks), then the cursor in one more. Until that commits the
+        cursor does not cover them: a crash redelivers those notices, whose
+        stored results are then duplicates."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.partitions, thread_name_prefix=f"feed-post-{self.bank_id}")
+        futures = [self._pool.submit(self.store.apply, self.bank_id, part, 0) for part in parts]
+        wait(futures)
+        for f in futures:
+            f.result()  # the first failure ends the stream (the parts that committed are stored results)
+        self.store.apply(self.bank_id, [], cursor_to)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
     # ---- writer ----
     def _offer(self, notices: list[Notice]) -> None:

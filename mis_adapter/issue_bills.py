@@ -18,7 +18,9 @@ import argparse
 import datetime as dt
 import logging
 import re
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
@@ -46,6 +48,7 @@ T_BILLS = table_of(BillRow)
 T_PREPAID = table_of(PrepaidEntry)
 _b = sa.bindparam
 _PERIOD_RE = re.compile(r"[0-9]{4}(0[1-9]|1[0-2])")
+ISSUE_WORKERS_MAX = 16   # batches issued at once (connections)
 
 
 @dataclass
@@ -162,35 +165,81 @@ def _issue_batch(conn: Connection, accts: Sequence[str], period: str, tariff: Ta
 
 def issue_bills(engine: Engine, clock: Clock, period: str, *, tariff: Tariff | None = None, due_days: int = 20,
                 batch_accounts: int = 2_000, accounts: Sequence[str] | None = None,
-                before_commit: Callable[[Sequence[str]], None] | None = None) -> IssueSummary:
+                before_commit: Callable[[Sequence[str]], None] | None = None, workers: int = 1) -> IssueSummary:
     """Issues the period's bills for every account with unbilled readings
     (or only `accounts`). Safe to run again: billed readings and existing
     bills are skipped. `before_commit` is called inside each batch's
-    transaction just before it commits (tests hold a transaction open with it)."""
+    transaction just before it commits (tests hold a transaction open with it).
+    With `workers` > 1 (not on SQLite: one writer at a time) that many
+    batches are issued at once, each in its own transaction on its own
+    connection: their accounts are disjoint and the counter rows are taken
+    last, in bank order, so they never deadlock."""
     check_period(period)
     if batch_accounts < 1 or due_days < 0:
         raise ValueError("batch_accounts must be positive and due_days not negative")
+    if not 1 <= workers <= ISSUE_WORKERS_MAX:
+        raise ValueError(f"workers must be between 1 and {ISSUE_WORKERS_MAX}")
     tariff = tariff or Tariff()
     summary = IssueSummary(period)
     issued_at = feed._utc(clock.now())
     today = business_date(clock)
     due_date = today + dt.timedelta(days=due_days)
     wanted = sorted(set(accounts)) if accounts is not None else None
-    after = ""
-    while True:
-        if wanted is not None:
-            batch = [a for a in wanted if a > after][:batch_accounts]
-        else:
-            with feed.reading(engine) as conn:
-                batch = list(conn.execute(_NEXT_ACCOUNTS, {"period": period, "after": after,
-                                                           "limit": batch_accounts}).scalars())
-        if not batch:
-            return summary
+
+    def batches() -> Iterator[list[str]]:
+        after = ""
+        while True:
+            if wanted is not None:
+                batch = [a for a in wanted if a > after][:batch_accounts]
+            else:
+                with feed.reading(engine) as conn:
+                    batch = list(conn.execute(_NEXT_ACCOUNTS, {"period": period, "after": after,
+                                                               "limit": batch_accounts}).scalars())
+            if not batch:
+                return
+            yield batch
+            after = batch[-1]
+
+    merge_lock = threading.Lock()
+
+    def issue(batch: list[str]) -> None:
+        part = IssueSummary(period)
         with engine.begin() as conn:
-            _issue_batch(conn, batch, period, tariff, issued_at, today, due_date, summary)
+            _issue_batch(conn, batch, period, tariff, issued_at, today, due_date, part)
             if before_commit is not None:
                 before_commit(batch)
-        after = batch[-1]
+        with merge_lock:
+            _merge(summary, part)
+
+    if workers == 1 or engine.dialect.name == "sqlite":
+        for batch in batches():
+            issue(batch)
+        return summary
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="issue") as pool:
+        running: set[Future[None]] = set()
+        try:
+            for batch in batches():
+                if len(running) >= workers:
+                    done, running = wait(running, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        f.result()
+                running.add(pool.submit(issue, batch))
+        finally:
+            wait(running)
+        for f in running:
+            f.result()
+    return summary
+
+
+def _merge(into: IssueSummary, part: IssueSummary) -> None:
+    into.bills += part.bills
+    into.amount_fen += part.amount_fen
+    into.prepaid_applied_fen += part.prepaid_applied_fen
+    into.skipped_existing += part.skipped_existing
+    for bank, n in part.fed.items():
+        into.fed[bank] = into.fed.get(bank, 0) + n
+    for bank, fen in part.fed_fen.items():
+        into.fed_fen[bank] = into.fed_fen.get(bank, 0) + fen
 
 
 class IssueSettings(YinDianSettings):
@@ -198,6 +247,8 @@ class IssueSettings(YinDianSettings):
     period: str = Field("", description="billing period YYYYMM")
     due_days: int = Field(20, description="days from issue to the due date")
     batch_accounts: int = Field(2_000, description="accounts issued per transaction")
+    workers: int = Field(2, ge=1, le=ISSUE_WORKERS_MAX, description="batches issued at once, each on its own "
+                                                                   "connection (SQLite: one)")
     clock_start: str = Field("", description="run the clock from this ISO instant (tests, demos)")
     timezone: str = Field(DEFAULT_TZ, description="the utility's time zone: business dates")
     migrate: bool = Field(True, description="upgrade the schema first")
@@ -220,7 +271,7 @@ def main(argv: list[str]) -> int:
         if s.migrate:
             upgrade(engine)
         summary = issue_bills(engine, make_clock(s.clock_start or None, s.timezone), s.period,
-                              due_days=s.due_days, batch_accounts=s.batch_accounts)
+                              due_days=s.due_days, batch_accounts=s.batch_accounts, workers=s.workers)
     finally:
         engine.dispose()
     fed = " ".join(f"{b}={n}" for b, n in sorted(summary.fed.items())) or "none"

@@ -164,9 +164,18 @@ def link_status(ctx: AdapterContext, v: ls.LinkView) -> pb.LinkStatus:
                          changed_at=_ts(v.changed_at), suspended=v.suspended, settlement_date=settles)
 
 
+def mirror_link(ctx: AdapterContext, v: ls.LinkView) -> None:
+    """With branch databases, each branch database gets the primary's link state before the bank is
+    answered, so that a pay posted in any branch after the answer settles as the link says. A crash
+    between the databases is healed by the bank's retry of the same sign-on/off, and at start (`serve`)."""
+    for engine in ctx.router.engines()[1:]:
+        ls.mirror(engine, v)
+
+
 def sign_on(ctx: AdapterContext, req: pb.SignOnRequest, context: grpc.ServicerContext) -> pb.SignOnResponse:
     def work(bank_id: str) -> pb.SignOnResponse:
         v = ls.sign_on(ctx.router.primary, bank_id, business_date(ctx.clock), utc_now(ctx.clock))
+        mirror_link(ctx, v)
         log.info("event=signed_on bank=%s suspended=%s", bank_id, v.suspended)
         return pb.SignOnResponse(link=link_status(ctx, v))
     return _reading(ctx, context, "SignOn", work)
@@ -175,6 +184,7 @@ def sign_on(ctx: AdapterContext, req: pb.SignOnRequest, context: grpc.ServicerCo
 def sign_off(ctx: AdapterContext, req: pb.SignOffRequest, context: grpc.ServicerContext) -> pb.SignOffResponse:
     def work(bank_id: str) -> pb.SignOffResponse:
         v = ls.sign_off(ctx.router.primary, bank_id, business_date(ctx.clock), utc_now(ctx.clock))
+        mirror_link(ctx, v)
         log.info("event=signed_off bank=%s", bank_id)
         return pb.SignOffResponse(link=link_status(ctx, v))
     return _reading(ctx, context, "SignOff", work)

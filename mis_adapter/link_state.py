@@ -34,7 +34,7 @@ from yindian_common.errors import Forbidden, InvalidField
 __all__ = [
     "SIGNED_ON", "SIGNED_OFF", "OPEN", "PREPAID", "REFUND", "REFUND_MODES", "LinkView",
     "signed_off_for", "signed_off_on", "sign_on", "sign_off", "read_link", "set_refund_mode", "refund_mode",
-    "SIGNED_OFF_TODAY", "link_states",
+    "SIGNED_OFF_TODAY", "link_states", "mirror",
 ]
 
 SIGNED_ON, SIGNED_OFF = "SIGNED_ON", "SIGNED_OFF"
@@ -135,6 +135,24 @@ def _set_state(engine: Engine, bank_id: str, state: str, rpc: str, today: dt.dat
         conn.execute(T_JOURNAL.insert().values(at=now, bank_id=bank_id, rpc=rpc, serial="", original_serial="",
                                                account_no="", amount_fen=0, outcome=state, payment_id=None))
         return read_link(conn, bank_id)
+
+
+def mirror(engine: Engine, v: LinkView) -> None:
+    """With branch databases: the branch database's copy of the bank's link state, written after the
+    primary's (which stays the truth, and is what Echo and SignOn answer from). A branch's pays and feed
+    results read it in their own transaction (SIGNED_OFF_TODAY), exactly as with one database. No
+    bank check and no journal line here: the primary's transaction made both.
+
+    The refund mode is not copied: ListRefunds and AcknowledgeRefunds serve the primary's refunds
+    only, so a branch database keeps every over-debit as the account's prepaid credit (PREPAID)
+    rather than offer a refund no bank would ever be shown."""
+    with engine.begin() as conn:
+        if conn.execute(_LOCK_ROW, {"bank_id": v.bank_id}).first() is None:
+            _insert_ignore(conn, {"bank_id": v.bank_id, "state": v.state, "business_date": v.business_date,
+                                  "changed_at": v.changed_at, "refund_mode": PREPAID})
+            conn.execute(_LOCK_ROW, {"bank_id": v.bank_id}).first()
+        conn.execute(_SET_STATE, {"p_bank": v.bank_id, "p_state": v.state, "p_day": v.business_date,
+                                  "p_at": v.changed_at})
 
 
 def sign_on(engine: Engine, bank_id: str, today: dt.date, now: dt.datetime) -> LinkView:

@@ -20,8 +20,12 @@ so the guard sees every commit that READ could have missed, and nothing can
 change them afterwards until we commit. When the guard fails (only after
 such a wait) Pay reads again in the same transaction, now without waiting.
 
-Statements are plain driver SQL strings built once, so psycopg prepares them
-after its fifth execution on a connection and SQLAlchemy compiles nothing."""
+Statements are plain driver SQL strings built once, prepared on each
+connection, and SQLAlchemy compiles nothing. READ also sets plan_cache_mode
+to force_generic_plan for the rest of the transaction: left to choose,
+PostgreSQL re-plans WRITE at every execution (its generic plan's estimate
+never beats the custom ones), ~0.3 ms of server CPU per pay; its generic plan
+is index lookups by key only (checked with EXPLAIN)."""
 from __future__ import annotations
 
 import datetime as dt
@@ -42,6 +46,7 @@ WITH bounds AS MATERIALIZED (
   SELECT set_config('lock_timeout', $5, true) AS lock_bound,
          set_config('statement_timeout', $5, true) AS statement_bound,
          set_config('idle_in_transaction_session_timeout', $6, true) AS idle_bound,
+         set_config('plan_cache_mode', 'force_generic_plan', true) AS write_plan,
          pg_advisory_xact_lock_shared($7::bigint) AS day_lock)
 SELECT c.branch_code, c.tariff_class, c.status, c.prepaid_fen, c.xmin::text AS c_version,
        EXISTS (SELECT 1 FROM reconciled_days r WHERE r.bank_id = $2 AND r.settlement_date = $4::date),

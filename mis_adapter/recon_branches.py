@@ -68,6 +68,18 @@ def stored_lines(router: BranchRouter, bank_id: str, day: dt.date) -> Iterator[l
         yield from recon.stored_lines(engine, bank_id, day)
 
 
+def day_summary(router: BranchRouter, bank_id: str, day: dt.date) -> ReconSummary | None:
+    """The day's stored result in either topology: the front's sum, or the one database's."""
+    return stored_summary(router, bank_id, day) if router.split else recon.stored_summary(router.primary, bank_id, day)
+
+
+def day_lines(router: BranchRouter, bank_id: str, day: dt.date) -> Iterator[list[Discrepancy]]:
+    """The day's discrepancy lines in either topology (branch by branch, the primary first)."""
+    if router.split:
+        return stored_lines(router, bank_id, day)
+    return recon.stored_lines(router.primary, bank_id, day)
+
+
 def summed(bank_id: str, day: dt.date, parts: Sequence[ReconSummary], now: dt.datetime) -> ReconSummary:
     totals = tuple(OutcomeTotal(o, sum(p.total(o).count for p in parts), sum(p.total(o).amount_fen for p in parts))
                    for o in recon.OUTCOMES)

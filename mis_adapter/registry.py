@@ -60,6 +60,8 @@ _RELEASE = T_SER.delete().where(T_SER.c.bank_id == _b("p_bank"), T_SER.c.serial 
 _OPEN = (sa.select(T_SER).where(T_SER.c.state == CLAIMED).order_by(T_SER.c.claimed_at).limit(_b("limit")))
 _INSERT_CANCEL = T_CAN.insert()
 _CANCEL = sa.select(T_CAN).where(T_CAN.c.bank_id == _b("bank_id"), T_CAN.c.cancel_serial == _b("serial"))
+_CANCELS_MANY = sa.select(T_CAN).where(T_CAN.c.bank_id == _b("bank_id"),
+                                      T_CAN.c.cancel_serial.in_(_b("serials", expanding=True)))
 _RELEASE_CANCEL = T_CAN.delete().where(T_CAN.c.bank_id == _b("p_bank"), T_CAN.c.cancel_serial == _b("p_serial"))
 
 
@@ -149,6 +151,47 @@ def claim_many(front: Engine, bank_id: str, wants: Sequence[Claim], now: dt.date
     return out
 
 
+def settled_many(front: Engine, bank_id: str, claims: Sequence[Claim], now: dt.datetime) -> dict[str, Claim]:
+    """Writes SETTLED claims for serials already held by a branch (the backfill after a split),
+    leaving any existing claim as it is; returns each serial's claim after it."""
+    out: dict[str, Claim] = {}
+    for i in range(0, len(claims), LOOKUP_BATCH_MAX):
+        chunk = claims[i:i + LOOKUP_BATCH_MAX]
+        with front.begin() as conn:
+            conn.execute(_insert_ignoring(conn), [
+                {"bank_id": c.bank_id, "serial": c.serial, "kind": c.kind, "home": c.home,
+                 "account_no": c.account_no, "amount_fen": c.amount_fen, "state": SETTLED, "claimed_at": now,
+                 "settled_at": now} for c in chunk])
+            for row in conn.execute(_LOOKUP_MANY, {"bank_id": bank_id, "serials": [c.serial for c in chunk]}):
+                out[row.serial] = _claim_of(row)
+    return out
+
+
+def cancels_many(front: Engine, bank_id: str, cancels: Sequence[CancelClaim],
+                 now: dt.datetime) -> dict[str, CancelClaim]:
+    """Writes cancel-serial claims (the backfill after a split), leaving existing ones; returns each after it."""
+    out: dict[str, CancelClaim] = {}
+    for i in range(0, len(cancels), LOOKUP_BATCH_MAX):
+        chunk = cancels[i:i + LOOKUP_BATCH_MAX]
+        with front.begin() as conn:
+            name = conn.dialect.name
+            if name == "postgresql":
+                from sqlalchemy.dialects.postgresql import insert as pg_insert
+                stmt: Any = pg_insert(T_CAN).on_conflict_do_nothing()
+            elif name == "sqlite":
+                from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+                stmt = sqlite_insert(T_CAN).on_conflict_do_nothing()
+            else:
+                stmt = T_CAN.insert().prefix_with("IGNORE")
+            conn.execute(stmt, [{"bank_id": c.bank_id, "cancel_serial": c.cancel_serial,
+                                 "original_serial": c.original_serial, "amount_fen": c.amount_fen,
+                                 "claimed_at": now} for c in chunk])
+            for row in conn.execute(_CANCELS_MANY, {"bank_id": bank_id, "serials": [c.cancel_serial for c in chunk]}):
+                out[row.cancel_serial] = CancelClaim(row.bank_id, row.cancel_serial, row.original_serial,
+                                                     row.amount_fen)
+    return out
+
+
 def settle_many(front: Engine, bank_id: str, serials: Sequence[str], now: dt.datetime) -> None:
     for i in range(0, len(serials), LOOKUP_BATCH_MAX):
         with front.begin() as conn:
@@ -169,8 +212,13 @@ def release(front: Engine, bank_id: str, serial: str) -> None:
 
 
 def open_claims(front: Engine, limit: int) -> list[Claim]:
+    return [c for c, _at in open_claims_with_age(front, limit)]
+
+
+def open_claims_with_age(front: Engine, limit: int) -> list[tuple[Claim, dt.datetime]]:
+    """Open (CLAIMED) claims, oldest first, each with when it was claimed."""
     with front.connect().execution_options(read_only=True) as conn, conn.begin():
-        return [_claim_of(r) for r in conn.execute(_OPEN, {"limit": limit})]
+        return [(_claim_of(r), r.claimed_at) for r in conn.execute(_OPEN, {"limit": limit})]
 
 
 def claim_cancel(front: Engine, want: CancelClaim, now: dt.datetime) -> CancelClaim | None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from mis_adapter import cross_branch, metrics_collector
+from mis_adapter import link_state, metrics_collector
+from mis_adapter.claim_recovery import ClaimRecovery
 from mis_adapter.context import AdapterContext
 from mis_adapter.customer_service import CustomerServicer, add_operator_flags
 from mis_adapter.db.audit import JOURNAL_CHAIN
@@ -45,8 +46,14 @@ def build_server(settings: AdapterSettings, clock: Clock | None = None) -> tuple
     if settings.migrate:
         for engine in ctx.router.all_engines():
             upgrade(engine)
-    if ctx.router.split:
-        cross_branch.recover(ctx)  # settle claims a killed process left open
+    recovery = ClaimRecovery(ctx.router, clock, settings) if ctx.router.split else None
+    if recovery is not None:
+        recovery.run_once()  # settle or release claims a killed process left open
+        for view in link_state.link_states(ctx.router.primary):  # heal a sign-on/off a crash left half-mirrored
+            if view.changed_at is None:
+                continue  # never signed on or off, refund mode never set: nothing to copy
+            for engine in ctx.router.engines()[1:]:
+                link_state.mirror(engine, view)
     server = GrpcServer(listen=settings.listen, limits=settings.server_limits(), tls=settings.tls(),
                         insecure=settings.insecure, force_insecure=settings.force_insecure,
                         interceptors=grpc_server_interceptors(), cert_store=certificate_store(settings))
@@ -60,6 +67,9 @@ def build_server(settings: AdapterSettings, clock: Clock | None = None) -> tuple
     watch = DatabaseWatch(ctx.router.all_engines(), server.set_serving, settings.db_health_interval_s)
     watch.start()
     server.on_drain(watch.stop)
+    if recovery is not None:
+        recovery.start()
+        server.on_drain(recovery.stop)
     server.on_drain(ctx.close)
     return server, ctx
 

@@ -49,11 +49,19 @@ class AdapterSettings(ServerSettings):
     other_earlier_years_ppm_per_day: int = Field(3_000, ge=0, le=PPM_MAX,
                                                  description="late fee, others, earlier years' arrears")
     late_fee_minimum_fen: int = Field(100, ge=0, le=FEE_FEN_MAX, description="minimum late fee once any accrues")
-    feed_window_max: int = Field(1_000, ge=1, le=1_000_000,
+    feed_window_max: int = Field(20_000, ge=1, le=1_000_000,
                                  description="bill feed: notices outstanding past the contiguous ack")
-    feed_notice_batch_max: int = Field(500, ge=1, le=100_000, description="bill feed: notices per stream message")
+    feed_notice_batch_max: int = Field(2_500, ge=1, le=100_000,
+                                       description="bill feed: notices per stream message")
     feed_results_batch_max: int = Field(5_000, ge=1, le=100_000,
                                         description="bill feed: debit results accepted per message")
+    feed_apply_batch_max: int = Field(10_000, ge=1, le=100_000,
+                                      description="bill feed: results of queued messages posted in one transaction")
+    feed_results_queue_max: int = Field(8, ge=1, le=1_000,
+                                        description="bill feed: result messages received and waiting to be posted")
+    feed_apply_partitions: int = Field(2, ge=1, le=16,
+                                       description="bill feed, PostgreSQL: connections posting a batch's results at "
+                                                   "once, split by account (1: one transaction)")
     feed_heartbeat_s: float = Field(5.0, gt=0, le=3_600,
                                     description="bill feed: heartbeat (and lease renewal) interval")
     feed_poll_interval_s: float = Field(0.2, gt=0, le=60,
@@ -65,8 +73,14 @@ class AdapterSettings(ServerSettings):
     feed_peer_silence_s: float = Field(120.0, gt=0, le=86_400,
                                        description="bill feed: end a stream with no results for this long")
     registry_recover_batch_max: int = Field(10_000, ge=1, le=10_000_000,
-                                            description="front registry: open claims settled per recovery pass "
-                                                        "(at start)")
+                                            description="front registry: open claims looked at per recovery "
+                                                        "pass (at start, then every registry_recover_interval_s)")
+    registry_recover_interval_s: float = Field(60.0, gt=0, le=86_400,
+                                               description="front registry: seconds between recovery passes")
+    registry_claim_expiry_s: float = Field(600.0, ge=60, le=7 * 86_400,
+                                           description="front registry: an open claim with nothing in its "
+                                                       "branch this old is released (must exceed the longest "
+                                                       "a Pay can take)")
 
     # Customer channels (CustomerService) and ReportService: utility operator identities, never banks.
     operators: NameList = Field(default_factory=list,

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.databases import fresh_database
+from tests.support.topology import BRANCHES3, SINGLE, Topology, topology_databases
 
 ALL_BACKENDS = ["sqlite", "postgresql", "mariadb"]
 SQLITE_PG = ["sqlite", "postgresql"]
@@ -30,3 +31,24 @@ def db_url_sqlite_pg(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator
 def sqlite_url(tmp_path: Path) -> Iterator[str]:
     with fresh_database("sqlite", tmp_path) as url:
         yield url
+
+
+TOPOLOGY_PARAMS = [pytest.param((b, t), id=f"{b}-{t}") for t in (SINGLE, BRANCHES3) for b in SQLITE_PG]
+
+
+@pytest.fixture(params=TOPOLOGY_PARAMS)
+def topology(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Topology]:
+    """One database, and a front database plus branch databases 02 and 03, on SQLite and PostgreSQL."""
+    backend, name = request.param
+    with topology_databases(backend, name, tmp_path) as topo:
+        yield topo
+
+
+@pytest.fixture(params=[p for p in TOPOLOGY_PARAMS if p.id != "postgresql-branches3"])
+def topology_lite(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Topology]:
+    """`topology` without PostgreSQL branch databases: for scenarios whose SQL is the single database's
+    (validation, cursor, lease, window), where a third and fourth PostgreSQL database per test adds
+    only setup and drop time."""
+    backend, name = request.param
+    with topology_databases(backend, name, tmp_path) as topo:
+        yield topo

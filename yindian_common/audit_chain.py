@@ -30,6 +30,12 @@ from sqlalchemy.exc import IntegrityError
 
 GENESIS = "0" * 64
 SEAL_BATCH_MAX = 1_000            # rows sealed per transaction
+# A background pass looks for unsealed rows only this many ids below the head's entry (a row that
+# committed after rows with higher ids: a longer transaction), and over the whole table every
+# FULL_PASS_EVERY passes and at stop; the whole-table anti-join costs O(journal) (56 ms at 16,500
+# rows on PostgreSQL), which every 2 s would grow without bound with the journal.
+SEAL_LOOKBACK_IDS = 1_000
+FULL_PASS_EVERY = 150
 VERIFY_FETCH_ROWS = 5_000
 PROBLEMS_KEPT_MAX = 100
 
@@ -47,6 +53,11 @@ def seals_table(metadata: sa.MetaData, name: str) -> sa.Table:
 
 
 def _canonical(value: Any) -> str:
+    kind = type(value)
+    if kind is str:  # the common cases first (bool is not int here: type(), not isinstance)
+        return value  # type: ignore[no-any-return]
+    if kind is int:
+        return str(value)
     if value is None:
         return "\x00null"
     if isinstance(value, dt.datetime):
@@ -61,10 +72,9 @@ def _canonical(value: Any) -> str:
 
 
 def entry_hash(prev_hash: str, columns: list[str], row: Any) -> str:
-    h = hashlib.sha256(prev_hash.encode())
-    for c in columns:
-        h.update(b"\x1f" + c.encode() + b"=" + _canonical(row[c]).encode("utf-8"))
-    return h.hexdigest()
+    # One update over the joined parts: the same digest as one update per column, at a fraction of the calls.
+    text = "".join(f"\x1f{c}={_canonical(row[c])}" for c in columns)
+    return hashlib.sha256(prev_hash.encode() + text.encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -78,17 +88,25 @@ class Chain:
     def columns(self) -> list[str]:
         return sorted(c.name for c in self.entries.columns)
 
-    def seal_pending(self, engine: Engine, now: dt.datetime, batch_max: int = SEAL_BATCH_MAX) -> int:
-        """Seals up to batch_max unsealed rows; returns how many. Concurrent sealers: one wins, the other retries."""
+    def seal_pending(self, engine: Engine, now: dt.datetime, batch_max: int = SEAL_BATCH_MAX,
+                     lookback_ids: int | None = None) -> int:
+        """Seals up to batch_max unsealed rows; returns how many. Concurrent sealers: one wins, the other retries.
+        `lookback_ids`: look only at rows above the head's entry id minus this (None: the whole table)."""
         s, e = self.seals.c, self.entries.c
         ident = e[self.id_column]
         try:
             with engine.begin() as conn:
-                head = conn.execute(sa.select(s.seal_no, s.entry_hash).order_by(s.seal_no.desc()).limit(1)
-                                    .with_for_update()).first()
+                head = conn.execute(sa.select(s.seal_no, s.entry_hash, s.entry_id).order_by(s.seal_no.desc())
+                                    .limit(1).with_for_update()).first()
                 seal_no, prev = (int(head.seal_no), str(head.entry_hash)) if head else (0, GENESIS)
-                rows = conn.execute(sa.select(self.entries).outerjoin(self.seals, s.entry_id == ident)
-                                    .where(s.seal_no.is_(None)).order_by(ident).limit(batch_max)).mappings().all()
+                join_on: sa.ColumnElement[bool] = s.entry_id == ident
+                where: sa.ColumnElement[bool] = s.seal_no.is_(None)
+                if head is not None and lookback_ids is not None:
+                    # Bounded on both sides so that each is an index range scan, not the whole table.
+                    floor = int(head.entry_id) - lookback_ids
+                    join_on, where = sa.and_(join_on, s.entry_id > floor), sa.and_(where, ident > floor)
+                rows = conn.execute(sa.select(self.entries).outerjoin(self.seals, join_on)
+                                    .where(where).order_by(ident).limit(batch_max)).mappings().all()
                 columns = self.columns
                 out = []
                 for row in rows:
@@ -185,18 +203,21 @@ class Sealer:
         self._thread.join(self._interval_s + 5)
         self.seal_once()  # what the drain's last calls journaled
 
-    def seal_once(self) -> int:
+    def seal_once(self, lookback_ids: int | None = None) -> int:
+        """One pass over every chain (lookback_ids: see Chain.seal_pending; None: whole tables)."""
         total = 0
         for chain, engine in self._jobs:
-            while n := chain.seal_pending(engine, self._now()):
+            while n := chain.seal_pending(engine, self._now(), lookback_ids=lookback_ids):
                 total += n
         return total
 
     def _run(self) -> None:
         import logging
         log = logging.getLogger("yindian.audit")
+        passes = 0
         while not self._stop.wait(self._interval_s):
+            passes += 1
             try:
-                self.seal_once()
+                self.seal_once(None if passes % FULL_PASS_EVERY == 0 else SEAL_LOOKBACK_IDS)
             except sa.exc.SQLAlchemyError as exc:
                 log.warning("event=audit_seal_failed error=%s", type(exc).__name__)

@@ -112,11 +112,23 @@ def _channel(channel: str) -> str:
     return _member(channel.removeprefix("CHANNEL_"), CHANNELS)
 
 
+# Label children of the per-pay counters, resolved once per (bank, channel): `labels()` takes a lock and
+# builds the key on every call. Bounded: banks by BANK_LABELS_MAX (+ OTHER), channels by CHANNELS (+ OTHER).
+PAYMENT_CHILDREN_MAX = (BANK_LABELS_MAX + 1) * (len(CHANNELS) + 1)
+_payment_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+
 def record_payment(bank: str, channel: str, amount_fen: int) -> None:
     """A payment newly posted; `channel` is COUNTER, AUTO_DEBIT, ATM or ONLINE (a CHANNEL_ prefix is dropped)."""
-    labels = (_bank(bank), _channel(channel))
-    PAYMENTS.labels(*labels).inc()
-    PAYMENTS_FEN.labels(*labels).inc(amount_fen)
+    key = (bank, channel)
+    children = _payment_children.get(key)
+    if children is None:
+        labels = (_bank(bank), _channel(channel))
+        children = (PAYMENTS.labels(*labels), PAYMENTS_FEN.labels(*labels))
+        if len(_payment_children) < PAYMENT_CHILDREN_MAX:
+            _payment_children[key] = children
+    children[0].inc()
+    children[1].inc(amount_fen)
 
 
 def record_payment_replay(bank: str) -> None:

@@ -30,14 +30,14 @@ _OUTCOME_COLUMNS = ("kind", "serial", "bank_id", "amount_fen", "state", "status_
 
 
 def _json_value(value: Any) -> Any:
-    """A value as PostgreSQL's input function for its column reads it from JSON text."""
+    """A value JSON has no type for, as PostgreSQL's input function for its column reads it from JSON text."""
     if isinstance(value, bytes):
         return "\\x" + value.hex()
     if isinstance(value, dt.datetime):
         return utc(value).isoformat()
     if isinstance(value, dt.date):
         return value.isoformat()
-    return value
+    raise TypeError(f"no JSON form for a journal value of type {type(value).__name__}")
 
 
 class PgBatch:
@@ -76,12 +76,13 @@ class PgBatch:
               ) -> set[tuple[str, str]]:
         """Inside the caller's transaction on `conn`; returns the keys inserted."""
         params: dict[str, str] = {}
+        # json.dumps calls _json_value only for what JSON lacks (bytes, dates): no pass over every value.
         if entries:
-            params["rows"] = json.dumps([{c: _json_value(v) for c, v in e.row().items()} for e in entries])
+            params["rows"] = json.dumps([e.row() for e in entries], default=_json_value)
         if outcomes:
             params["outcomes"] = json.dumps([
-                {c: _json_value(o.at if c == "updated_at" else getattr(o, c)) for c in _OUTCOME_COLUMNS}
-                for o in outcomes])
+                {c: o.at if c == "updated_at" else getattr(o, c) for c in _OUTCOME_COLUMNS} for o in outcomes],
+                default=_json_value)
         sql = self.both if entries and outcomes else self.rows_only if entries else self.outcomes_only
         cur = conn.connection.cursor()
         try:

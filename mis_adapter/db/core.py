@@ -33,6 +33,14 @@ class Bank(Base):
     updated_at: Mapped[dt.datetime | None] = mapped_column(TZ, nullable=True)
 
 
+class BankDayLock(Base):
+    """The row MariaDB's bank-day lock (banks.lock_bank_day) takes shared or exclusive, one per bank and
+    database. Made on first use in each database (a branch database holds no `banks` rows, and a lock
+    on a missing row locks nothing); it says nothing about the bank: `banks` is who exists."""
+    __tablename__ = "bank_day_locks"
+    bank_id: Mapped[str] = mapped_column(sa.String(16), primary_key=True)
+
+
 class Customer(Base):
     """One electricity account (户号) and its holder."""
     __tablename__ = "customers"

@@ -7,6 +7,7 @@ posted, in the account's branch, and the bill is paid once."""
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -134,3 +135,42 @@ def test_restart_settles_a_claim_whose_branch_committed(backend: str, tmp_path: 
         finally:
             assert survivor.terminate() == 0
         assert posted(engines, "KILL-2") == [(2, "POSTED", accounts[2])]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_claim_killed_before_its_branch_commit_is_released_once_expired(backend: str, tmp_path: Path) -> None:
+    """Killed between the claim and the branch commit, and the bank never retries: the claim would hold the
+    serial for ever. A restart past registry_claim_expiry_s finds nothing in the branch and releases it; the
+    periodic pass settles a claim whose branch holds the serial without any restart."""
+    with branch_databases(backend, tmp_path) as (urls, engines, accounts):
+        _acct1, acct2, acct3 = accounts
+        doomed = adapter(urls, tmp_path, "mis_adapter-doomed", "--crash-point", "mis.registry_after_claim")
+        with pytest.raises(grpc.RpcError):
+            pay(doomed, "KILL-3", acct2)
+        assert doomed.popen.wait(timeout=30) == -9
+        assert posted(engines, "KILL-3") == [] and claim_state(engines[0], "KILL-3") == "CLAIMED"
+        later = (dt.datetime.fromisoformat(CLOCK) + dt.timedelta(hours=1)).isoformat()
+        survivor = start("mis_adapter-2", ["mis_adapter", "serve", "--db", urls[0], "--branch-db", f"02={urls[1]}",
+                                           "--branch-db", f"03={urls[2]}", "--listen", "127.0.0.1:0",
+                                           "--metrics-port", "0", "--insecure", "--clock-start", later,
+                                           "--registry-recover-interval-s", "0.2"], log_dir=tmp_path)
+        try:
+            assert claim_state(engines[0], "KILL-3") is None
+            assert any("event=registry_recovered settled=0 released=1 open=0" in line for line in survivor.output)
+            # nothing was written: the serial is free, and the bank's next use of it posts exactly once
+            first = pay(survivor, "KILL-3", acct3)
+            assert pay(survivor, "KILL-3", acct3).payment_id == first.payment_id
+            # a claim left open with its payment committed (as a kill after the branch commit leaves it)
+            # is settled by the periodic pass, no restart needed
+            t = FrontSerial.__table__
+            with engines[0].begin() as conn:
+                conn.execute(t.update().where(t.c.serial == "KILL-3").values(state="CLAIMED", settled_at=None))
+            for _ in range(200):
+                if claim_state(engines[0], "KILL-3") == "SETTLED":
+                    break
+                threading.Event().wait(0.05)
+            assert claim_state(engines[0], "KILL-3") == "SETTLED"
+        finally:
+            assert survivor.terminate() == 0
+        assert posted(engines, "KILL-3") == [(2, "POSTED", acct3)]
+        assert [bill_paid_fen(e) for e in engines] == [0, 0, AMOUNT_FEN]

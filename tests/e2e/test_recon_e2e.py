@@ -2,10 +2,15 @@
 real processes on loopback, the bank core's calls made through the bridge.
 A reconciled day answers with discrepancies and a summary, replays it, and
 refuses cancels; ReportService reports the day; a day with a payment in
-doubt at the bridge is refused until it is resolved."""
+doubt at the bridge is refused until it is resolved.
+
+Both scenarios run on one database and on three branch databases (front
+database plus --branch-db 02 and 03), the bank's accounts taken in turn
+from each branch."""
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import random
 import subprocess
@@ -20,6 +25,7 @@ from bank_sim import ledger
 from mis_adapter.routing import BranchRouter
 from mis_adapter.seed import seed
 from tests.support import procs
+from tests.support.topology import BRANCHES3, SINGLE, Topology, topology_databases
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc, report_pb2, report_pb2_grpc
 from yindian_common.db import make_engine
@@ -32,15 +38,26 @@ BANK = ("x-yindian-bank-id", "ICBC")
 OPERATOR = ("x-yindian-operator", "ops")
 
 
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[tuple[procs.Proc, procs.Proc, list[str]]]:
-    url = f"sqlite:///{tmp_path / 'mis.db'}"
-    router = BranchRouter(url, {})
-    seed(router, 30, tmp_path / "rosters", today=dt.date(2026, 11, 28),
+@pytest.fixture(params=[SINGLE, BRANCHES3])
+def servers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[procs.Proc, procs.Proc, list[str]]]:
+    with topology_databases("sqlite", request.param, tmp_path) as topo:
+        yield from _servers(topo, tmp_path)
+
+
+def _servers(topo: Topology, tmp_path: Path) -> Iterator[tuple[procs.Proc, procs.Proc, list[str]]]:
+    router = BranchRouter.from_specs(topo.db, topo.branch_db)
+    seed(router, 30 * len(topo.codes), tmp_path / "rosters", today=dt.date(2026, 11, 28),
          now=dt.datetime.fromisoformat(CLOCK), arrears_share=0.6)
-    router.dispose()
     roster = (tmp_path / "rosters" / "ICBC.csv").read_text().split()[1:]
-    mis = procs.start("mis_adapter", ["mis_adapter", "serve", "--db", url, "--listen", "127.0.0.1:0",
+    # the accounts taken in turn from each database (with branches: 02's, 03's, the front's, ...)
+    by_db: dict[str, list[str]] = {}
+    for acct in roster:
+        by_db.setdefault(acct[:2] if acct[:2] in ("02", "03") else "", []).append(acct)
+    if topo.split:
+        rows = itertools.zip_longest(*(by_db[k] for k in sorted(by_db, key=lambda k: k or "99")))
+        roster = [acct for row in rows for acct in row if acct is not None]
+    router.dispose()
+    mis = procs.start("mis_adapter", ["mis_adapter", "serve", *topo.cli_flags(), "--listen", "127.0.0.1:0",
                                       "--metrics-port", "0", "--insecure", "--clock-start", CLOCK,
                                       "--operators", "ops"], log_dir=tmp_path)
     bridge = procs.start("bridge", ["bridge", "serve", "--listen", "127.0.0.1:0", "--upstream", mis.grpc_addr,

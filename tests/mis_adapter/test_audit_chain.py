@@ -71,3 +71,31 @@ def test_chain_verifies_and_names_tampered_entries(adapter: RunningAdapter, db_u
     assert f"entry {ids[2]} deleted" in bad.stdout
     assert f"entry {ids[3]} edited or reordered" in bad.stdout and f"entry {ids[4]} edited or reordered" in bad.stdout
     assert f"entry {ids[0]} " not in bad.stdout and f"entry {ids[5]} " not in bad.stdout
+
+
+def copy_entry(adapter: RunningAdapter, source_id: int, new_id: int) -> None:
+    """A journal row with an id of our choosing (an id taken earlier whose transaction committed late)."""
+    cols = [c for c in JOURNAL_CHAIN.columns if c != "entry_id"]
+    with adapter.engine.begin() as conn:
+        conn.execute(sa.text(f"INSERT INTO journal (entry_id, {', '.join(cols)}) "
+                             f"SELECT :new_id, {', '.join(cols)} FROM journal WHERE entry_id = :source_id"),
+                     {"new_id": new_id, "source_id": source_id})
+
+
+def test_background_pass_looks_back_a_window_and_a_full_pass_seals_the_rest(adapter: RunningAdapter,
+                                                                          db_url: str) -> None:
+    acct = add_account(adapter.engine, "01", 8, [BillSpec("202610", 9_000, dt.date(2026, 12, 20))])
+    for i in range(2):
+        adapter.stub.Pay(pb.PayRequest(bank_serial=f"LB-{i}", account_no=acct, amount_fen=100, outlet_code="O1",
+                                       teller_id="T1", channel=pb.CHANNEL_COUNTER), metadata=adapter.md())
+    now = dt.datetime.now(dt.UTC)
+    first = entry_ids(adapter)[0]
+    copy_entry(adapter, first, first + 1_000)
+    assert JOURNAL_CHAIN.seal_pending(adapter.engine, now, lookback_ids=10) == 3
+    copy_entry(adapter, first, first + 500)  # committed after a row with a higher id was sealed
+    copy_entry(adapter, first, first + 995)
+    assert JOURNAL_CHAIN.seal_pending(adapter.engine, now, lookback_ids=10) == 1  # only the one in the window
+    assert JOURNAL_CHAIN.seal_pending(adapter.engine, now) == 1  # the whole table: the late one too
+    ok = verify(db_url)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "5 sealed entries checked, 0 problems" in ok.stdout

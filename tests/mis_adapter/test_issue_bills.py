@@ -120,3 +120,34 @@ def _wait_for_lock_waiter(engine: sa.Engine) -> None:
                 return
         threading.Event().wait(0.05)
     raise AssertionError("issuer B never waited for A's lock")
+
+
+@pytest.mark.timeout(180)
+def test_concurrent_batches_issue_what_one_issuer_does(db_url: str) -> None:
+    """Several batches issued at once (workers) give the same bills and notices
+    as one issuer: every account billed once at tariff, each notice the bill's
+    due amount, seqs gapless from 1 and each bank's notices in commit order of
+    their batches (each batch's accounts hold consecutive seqs)."""
+    engine = make_engine(db_url)
+    people = populate_period(engine, 260, PERIOD, banks=("ICBC", "ABC"), now=NOON, prepaid_share=0.3,
+                             agreement_share=0.8)
+    summary = issue_bills(engine, ManualClock(NOON), PERIOD, batch_accounts=25, workers=4)
+    assert summary.bills == 260
+    with engine.connect() as conn:
+        bills = {r.account_no: r for r in conn.execute(sa.select(T_BILLS))}
+    assert set(bills) == {a for a, _ in people}
+    for bank in ("ICBC", "ABC"):
+        rows = _outbox(engine, bank)
+        assert [r.seq for r in rows] == list(range(1, len(rows) + 1)), "gapless, from 1"
+        assert {r.account_no for r in rows} == {a for a, bk in people if bk == bank and bills[a].status != "PAID"}
+        for r in rows:
+            b = bills[r.account_no]
+            assert (r.bill_id, r.amount_fen) == (b.bill_id, b.amount_fen - b.prepaid_applied_fen)
+        assert summary.fed[bank] == len(rows) and summary.fed_fen[bank] == sum(r.amount_fen for r in rows)
+        # a batch (25 consecutive accounts) takes its seqs in one step: its notices are consecutive
+        batch_of = {a: i // 25 for i, (a, _) in enumerate(people)}
+        runs = [batch_of[r.account_no] for r in rows]
+        for b in set(runs):
+            at = [i for i, x in enumerate(runs) if x == b]
+            assert at == list(range(at[0], at[-1] + 1)), f"batch {b}'s notices are consecutive"
+    engine.dispose()

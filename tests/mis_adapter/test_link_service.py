@@ -17,6 +17,7 @@ from mis_adapter.banks import set_suspended
 from mis_adapter.db.core import Customer
 from mis_adapter.db.feed import RefundRow
 from tests.support.mis_data import NOON, TODAY, BillSpec, add_account, row_counts, running_adapter
+from tests.support.topology import Topology
 from yindian.v1 import billing_pb2 as pb
 from yindian_common.fields import make_account_no
 from yindian_common.status import error_info
@@ -92,9 +93,13 @@ def _pay(ra, serial: str, acct: str, timeout: float = 10):  # type: ignore[no-un
 
 
 @pytest.mark.timeout(120)
-def test_sign_off_on_suspension_and_echo(db_url_sqlite_pg: str) -> None:
-    with running_adapter(db_url_sqlite_pg) as ra:
-        acct = add_account(ra.engine, "01", 1, [BillSpec("202610", 50_000, dt.date(2026, 11, 25))])
+def test_sign_off_on_suspension_and_echo(topology: Topology) -> None:
+    """Also with branch databases (the pay's settlement date is what reconciliation matches on): the
+    account then lives in branch 03's own database, and the link is signed on and off at the front."""
+    with running_adapter(topology.db, branch_db=topology.branch_db) as ra:
+        code = topology.codes[-1]
+        acct = add_account(ra.ctx.router.engine_for_branch(code), code, 1,
+                           [BillSpec("202610", 50_000, dt.date(2026, 11, 25))])
         s = ra.stub
         echo = s.Echo(pb.EchoRequest(nonce="n-1"), timeout=10, metadata=ra.md("ICBC"))
         assert (echo.nonce, echo.link.state, echo.link.settlement_date) == \
@@ -149,21 +154,25 @@ def test_refunds_over_the_wire(db_url_sqlite_pg: str) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_ended_agreement_notice_is_withdrawn_and_answered_not_debited(db_url_sqlite_pg: str) -> None:
+def test_ended_agreement_notice_is_withdrawn_and_answered_not_debited(topology: Topology) -> None:
+    """Also with branch databases: the ended agreement's account in branch 02's database, the kept one in 03's."""
     from mis_adapter.db.core import BillRow
     from mis_adapter.db.feed import DebitResultRow
     from mis_adapter.issue_bills import issue_bills
     from tests.mis_adapter.test_agreements import _reading
     from tests.mis_adapter.test_feed_support import debited, subscribe
 
-    with running_adapter(db_url_sqlite_pg, feed_heartbeat_s=0.2, feed_lease_ttl_s=5.0,
+    with running_adapter(topology.db, branch_db=topology.branch_db, feed_heartbeat_s=0.2, feed_lease_ttl_s=5.0,
                          feed_poll_interval_s=0.05) as ra:
-        ended, kept = add_account(ra.engine, "01", 1), add_account(ra.engine, "01", 2)
-        for i, a in enumerate((ended, kept)):
+        codes = topology.codes[-2:] if topology.split else ("01", "01")
+        engines = [ra.ctx.router.engine_for_branch(c) for c in codes]
+        ended, kept = add_account(engines[0], codes[0], 1), add_account(engines[1], codes[1], 2)
+        for i, (a, e) in enumerate(zip((ended, kept), engines, strict=True)):
             ra.stub.SignAgreement(pb.SignAgreementRequest(agreement_serial=f"AG-{i}", account_no=a,
                                                           savings_account_ref="S"), timeout=10, metadata=ra.md())
-            _reading(ra.engine, a, "202611", 200)
-        issue_bills(ra.engine, ra.clock, "202611")
+            _reading(e, a, "202611", 200)
+        for e in ra.ctx.router.engines():
+            issue_bills(e, ra.clock, "202611")
         r = ra.stub.EndAgreement(pb.EndAgreementRequest(end_serial="E-0", account_no=ended), timeout=10,
                                  metadata=ra.md())
         assert r.withdrawn_notices == 1
@@ -183,9 +192,11 @@ def test_ended_agreement_notice_is_withdrawn_and_answered_not_debited(db_url_sql
                    debited(again[kept])])
         feed.until_cursor(2)
         feed.close()
-        with ra.engine.connect() as conn:
-            disp = dict(conn.execute(sa.select(DebitResultRow.__table__.c.account_no,
-                                               DebitResultRow.__table__.c.disposition)).all())
-            bills = {r.account_no: (r.status, r.dunning) for r in conn.execute(sa.select(BillRow.__table__))}
+        disp, bills = {}, {}
+        for e in ra.ctx.router.engines():
+            with e.connect() as conn:
+                disp.update(conn.execute(sa.select(DebitResultRow.__table__.c.account_no,
+                                                   DebitResultRow.__table__.c.disposition)).all())
+                bills.update({r.account_no: (r.status, r.dunning) for r in conn.execute(sa.select(BillRow.__table__))})
         assert disp == {ended: "WITHDRAWN", kept: "PAID"}
         assert bills == {ended: ("UNPAID", False), kept: ("PAID", False)}

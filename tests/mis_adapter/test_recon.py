@@ -2,7 +2,14 @@
 PostgreSQL: every outcome constructed on purpose, exact counts and fen, the
 MIS changed exactly as the outcomes say, the day closed to cancels, a second
 reconciliation replaying the stored result, and refused input changing
-nothing."""
+nothing.
+
+Every scenario runs on one database and on three branch databases (a front
+database that is also branch 01's, plus 02 and 03: tests.support.topology)
+through recon_branches.reconciliation, as the Reconcile stream does; there
+the scenario's accounts alternate between the branches and every row, count
+and fen is read over all three databases. test_recon_branches.py adds what
+only the branch topology has (a branch failing mid-close, the wire stream)."""
 from __future__ import annotations
 
 import datetime as dt
@@ -16,16 +23,16 @@ import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mis_adapter import payments, recon, recon_staging
+from mis_adapter import payments, recon, recon_branches, recon_staging
 from mis_adapter.banks import lock_bank_day
 from mis_adapter.context import AdapterContext
 from mis_adapter.payments import CancelCommand, PayCommand
-from mis_adapter.recon import Reconciliation
 from mis_adapter.seed import seed
 from mis_adapter.settings import AdapterSettings
+from tests.support.topology import BRANCHES3, SINGLE, Topology, topology_databases, total
 from yindian_common import fields
 from yindian_common.clock import ManualClock, business_date
-from yindian_common.errors import DayClosed, InvalidField
+from yindian_common.errors import DayClosed, InvalidField, SerialConflict
 from yindian_common.fields import make_account_no
 
 pytestmark = pytest.mark.timeout(120)
@@ -41,47 +48,78 @@ SNAPSHOT_TABLES = ("payments", "allocations", "bills", "customers", "prepaid_led
 class World:
     ctx: AdapterContext
     clock: ManualClock
-    engine: sa.Engine
-    accounts: list[str]  # accounts with unpaid bills, most owing first
+    engine: sa.Engine        # the primary (and, with branches, front) database
+    accounts: list[str]      # accounts with unpaid bills, most owing first (alternating branches when split)
+
+    @property
+    def engines(self) -> list[sa.Engine]:
+        return self.ctx.router.engines()
+
+    @property
+    def split(self) -> bool:
+        return self.ctx.router.split
+
+    def db_of(self, account: str) -> int:
+        """The index in `engines` of the database holding the account."""
+        return self.engines.index(self.ctx.router.engine_for(account))
 
 
-def build_world(url: str, tmp_path: Path, accounts: int = 60) -> World:
+def build_world(topo: Topology | str, tmp_path: Path, accounts: int = 60) -> World:
+    """A seeded MIS; with branch databases three times the households, so that each branch has enough."""
+    if isinstance(topo, str):
+        topo = Topology(SINGLE, topo)
     clock = ManualClock(DAY_START)
-    ctx = AdapterContext.build(AdapterSettings(db=url, sqlite_synchronous="NORMAL"), clock)
-    seed(ctx.router, accounts, tmp_path / "rosters", today=business_date(clock), now=clock.now(),
-         arrears_share=0.6)
-    engine = ctx.router.primary
-    with engine.connect() as conn:
-        owing = [r[0] for r in conn.execute(sa.text(
-            "SELECT account_no FROM bills WHERE status <> 'PAID' GROUP BY account_no "
-            "ORDER BY SUM(amount_fen) DESC, account_no"))]
-    return World(ctx, clock, engine, owing)
+    ctx = AdapterContext.build(AdapterSettings(db=topo.db, branch_db=topo.branch_db, sqlite_synchronous="NORMAL"),
+                               clock)
+    seed(ctx.router, accounts * (3 if topo.split else 1), tmp_path / "rosters", today=business_date(clock),
+         now=clock.now(), arrears_share=0.6)
+    per_db: list[list[str]] = []
+    for engine in ctx.router.engines():
+        with engine.connect() as conn:
+            per_db.append([r[0] for r in conn.execute(sa.text(
+                "SELECT account_no FROM bills WHERE status <> 'PAID' GROUP BY account_no "
+                "ORDER BY SUM(amount_fen) DESC, account_no"))])
+    # most owing first in each database, taken in turn: with branches the scenario's accounts span them
+    owing = [acct for row in zip(*per_db, strict=False) for acct in row]
+    return World(ctx, clock, ctx.router.primary, owing)
 
 
 @pytest.fixture
-def world(db_url_sqlite_pg: str, tmp_path: Path) -> Iterator[World]:
-    w = build_world(db_url_sqlite_pg, tmp_path)
+def world(topology: Topology, tmp_path: Path) -> Iterator[World]:
+    w = build_world(topology, tmp_path)
     yield w
     w.ctx.router.dispose()
 
 
 @pytest.fixture
-def world_all(db_url: str, tmp_path: Path) -> Iterator[World]:
+def world_lite(topology_lite: Topology, tmp_path: Path) -> Iterator[World]:
+    """`world` without PostgreSQL branch databases: for refusals that stop before any SQL that differs."""
+    w = build_world(topology_lite, tmp_path)
+    yield w
+    w.ctx.router.dispose()
+
+
+@pytest.fixture(params=[pytest.param((b, t), id=f"{b}-{t}") for t in (SINGLE, BRANCHES3)
+                        for b in ("sqlite", "postgresql", "mariadb")])
+def world_all(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
     """The same on SQLite, PostgreSQL and MariaDB."""
-    w = build_world(db_url, tmp_path)
-    yield w
-    w.ctx.router.dispose()
+    with topology_databases(*request.param, tmp_path) as topo:
+        w = build_world(topo, tmp_path)
+        yield w
+        w.ctx.router.dispose()
 
 
-def snapshot(engine: sa.Engine) -> dict[str, dict[Any, tuple[Any, ...]]]:
-    md = sa.MetaData()
-    md.reflect(engine, only=SNAPSHOT_TABLES)
-    out: dict[str, dict[Any, tuple[Any, ...]]] = {}
-    with engine.connect() as conn:
-        for name in SNAPSHOT_TABLES:
-            t = md.tables[name]
-            pk = [c.name for c in t.primary_key.columns]
-            out[name] = {tuple(r._mapping[c] for c in pk): tuple(r) for r in conn.execute(sa.select(t))}
+def snapshot(w: World) -> dict[str, dict[Any, tuple[Any, ...]]]:
+    """Every row of the money tables over every MIS database, keyed by (primary key..., database index)."""
+    out: dict[str, dict[Any, tuple[Any, ...]]] = {name: {} for name in SNAPSHOT_TABLES}
+    for i, engine in enumerate(w.engines):
+        md = sa.MetaData()
+        md.reflect(engine, only=SNAPSHOT_TABLES)
+        with engine.connect() as conn:
+            for name in SNAPSHOT_TABLES:
+                t = md.tables[name]
+                pk = [c.name for c in t.primary_key.columns]
+                out[name].update({(*(r._mapping[c] for c in pk), i): tuple(r) for r in conn.execute(sa.select(t))})
     return out
 
 
@@ -105,31 +143,43 @@ def cancel(w: World, serial: str, original: str, amount: int) -> payments.Cancel
 def run(w: World, records: list[tuple[str, str, int, str]], *, trailer: tuple[int, int] | None = None,
         batch: int = 3) -> recon.ReconSummary:
     staged = [(i + 1, *r) for i, r in enumerate(records)]
-    with Reconciliation(w.engine, BANK, business_date(w.clock), rates=w.ctx.rates, now=w.clock.now()) as r:
+    with recon_branches.reconciliation(w.ctx.router, BANK, business_date(w.clock), rates=w.ctx.rates,
+                                       now=w.clock.now()) as r:
         for start in range(0, len(staged), batch):
             r.load(staged[start:start + batch])
         if trailer is not None:
             r.check_trailer(*trailer)
-        return r.close_day()
+        return r.close_day()  # type: ignore[no-any-return]
 
 
 def lines(w: World) -> dict[str, recon.Discrepancy]:
-    out = {}
-    for page in recon.stored_lines(w.engine, BANK, business_date(w.clock), page_rows=4):
-        for d in page:
-            out[d.bank_serial] = d
+    out: dict[str, recon.Discrepancy] = {}
+    for engine in w.engines:
+        for page in recon.stored_lines(engine, BANK, business_date(w.clock), page_rows=4):
+            for d in page:
+                assert d.bank_serial not in out, f"{d.bank_serial} has lines in two databases"
+                out[d.bank_serial] = d
     return out
 
 
-def bill_state(engine: sa.Engine, account: str) -> list[tuple[Any, ...]]:
-    with engine.connect() as conn:
+def stored_summary(w: World) -> recon.ReconSummary | None:
+    return recon_branches.day_summary(w.ctx.router, BANK, business_date(w.clock))
+
+
+def closed_in(w: World) -> list[int]:
+    """The databases whose reconciled_days row says the day is closed."""
+    return [i for i, e in enumerate(w.engines) if total([e], sa.text("SELECT COUNT(*) FROM reconciled_days"))]
+
+
+def bill_state(w: World, account: str) -> list[tuple[Any, ...]]:
+    with w.ctx.router.engine_for(account).connect() as conn:
         return [tuple(r) for r in conn.execute(sa.text(
             "SELECT bill_id, principal_paid_fen, late_fee_paid_fen, status, paid_on FROM bills "
             "WHERE account_no = :a ORDER BY bill_id"), {"a": account})]
 
 
-def prepaid(engine: sa.Engine, account: str) -> int:
-    with engine.connect() as conn:
+def prepaid(w: World, account: str) -> int:
+    with w.ctx.router.engine_for(account).connect() as conn:
         return int(conn.execute(sa.text("SELECT prepaid_fen FROM customers WHERE account_no = :a"),
                                 {"a": account}).scalar_one())
 
@@ -145,7 +195,7 @@ def test_every_outcome_exact_and_the_mis_changes_only_as_they_say(world_all: Wor
     pay(w, "M-2", a[1], 2_000)
     pay(w, "PAIR", a[2], 300)
     cancel(w, "C-PAIR", "PAIR", 300)
-    before_u = {acct: (bill_state(w.engine, acct), prepaid(w.engine, acct)) for acct in (a[3], a[4])}
+    before_u = {acct: (bill_state(w, acct), prepaid(w, acct)) for acct in (a[3], a[4])}
     pay(w, "U-1", a[3], 700)          # the bank never sends it
     pay(w, "U-2", a[4], 999_999)      # the bank sends it CANCELLED (its cancel never arrived); creates prepaid
     pay(w, "X-AMT", a[5], 1_000)
@@ -154,8 +204,10 @@ def test_every_outcome_exact_and_the_mis_changes_only_as_they_say(world_all: Wor
     cancel(w, "C-REV", "X-REV", 400)
     cancel(w, "C-TOMB", "X-TOMB", 800)  # overtook its payment: tombstone
     pay(w, "M-1", a[0], 1_000, bank="ABC")  # another bank's serial space: untouched
-    before_bank_only = bill_state(w.engine, a[8])
+    before_bank_only = bill_state(w, a[8])
     unknown_account = make_account_no("09", 9_999_999)
+    # the bank's account for X-ACC: another branch's (another database's, when split)
+    x_acc_bank = next(x for x in a[9:] if x[:2] != a[6][:2] and w.db_of(x) != w.db_of(a[6]) or not w.split)
     records = [
         ("M-1", a[0], 1_000, "POSTED"),
         ("M-2", a[1], 2_000, "POSTED"),
@@ -164,14 +216,14 @@ def test_every_outcome_exact_and_the_mis_changes_only_as_they_say(world_all: Wor
         ("B-1", a[8], 1_500, "POSTED"),
         ("B-GONE", a[9], 200, "CANCELLED"),       # cancelled at the bank, never reached the MIS
         ("X-AMT", a[5], 1_200, "POSTED"),
-        ("X-ACC", a[9], 1_000, "POSTED"),
+        ("X-ACC", x_acc_bank, 1_000, "POSTED"),
         ("X-REV", a[7], 400, "POSTED"),
         ("X-TOMB", a[10], 800, "POSTED"),
         ("Y-1", a[0], 500, "POSTED"),
         ("B-NOACCT", unknown_account, 600, "POSTED"),
     ]
     mis_before = {s: p for s, p in _mis_payments(w).items()}
-    snap = snapshot(w.engine)
+    snap = snapshot(w)
 
     summary = run(w, records, trailer=(len(records), sum(r[2] for r in records)))
 
@@ -210,7 +262,7 @@ def test_every_outcome_exact_and_the_mis_changes_only_as_they_say(world_all: Wor
     assert recon.classify(None, mis_before["U-1"], day) == (recon.UTILITY_ONLY, recon.DETAIL_REVERSED_NOW)
 
     # The MIS changed exactly as the outcomes say.
-    after = snapshot(w.engine)
+    after = snapshot(w)
     diff = changed(snap, after)
     pays = _mis_payments(w)
     assert pays["U-1"].state == "REVERSED" and pays["U-2"].state == "REVERSED"
@@ -220,18 +272,17 @@ def test_every_outcome_exact_and_the_mis_changes_only_as_they_say(world_all: Wor
     changed_payments = {after["payments"].get(k, snap["payments"].get(k))[2] for k in diff["payments"]}
     assert changed_payments == {"U-1", "U-2", "B-1"}
     for acct, (bills, credit) in before_u.items():
-        assert bill_state(w.engine, acct) == bills
-        assert prepaid(w.engine, acct) == credit
-    assert bill_state(w.engine, a[8]) != before_bank_only
-    with w.engine.connect() as conn:
+        assert bill_state(w, acct) == bills
+        assert prepaid(w, acct) == credit
+    assert bill_state(w, a[8]) != before_bank_only
+    with w.ctx.router.engine_for(a[8]).connect() as conn:  # B-1 posted in its account's database
         b1 = conn.execute(sa.text("SELECT payment_id, amount_fen, prepaid_added_fen FROM payments "
                                   "WHERE bank_id = 'ICBC' AND bank_serial = 'B-1'")).one()
         allocated = conn.execute(sa.text("SELECT COALESCE(SUM(late_fee_fen + principal_fen), 0) FROM allocations "
                                          "WHERE payment_id = :p"), {"p": b1.payment_id}).scalar_one()
     assert allocated + b1.prepaid_added_fen == 1_500
-    bill_ids_touched = {row[0] for row in bill_state(w.engine, a[3]) + bill_state(w.engine, a[4])
-                        + bill_state(w.engine, a[8])}
-    assert {k[0] for k in diff.get("bills", set())} <= bill_ids_touched
+    bill_ids_touched = {(row[0], w.db_of(acct)) for acct in (a[3], a[4], a[8]) for row in bill_state(w, acct)}
+    assert {(k[0], k[-1]) for k in diff.get("bills", set())} <= bill_ids_touched
     assert {after["customers"].get(k, snap["customers"].get(k))[0] for k in diff.get("customers", set())} <= {
         a[3], a[4], a[8]}
     assert set(diff) <= {"payments", "allocations", "bills", "customers", "prepaid_ledger", "journal",
@@ -240,20 +291,32 @@ def test_every_outcome_exact_and_the_mis_changes_only_as_they_say(world_all: Wor
     # The day is closed: cancels are refused, and reconciling again replays and changes nothing.
     with pytest.raises(DayClosed):
         cancel(w, "C-LATE", "M-2", 2_000)
-    snap2 = snapshot(w.engine)
+    snap2 = snapshot(w)
     again = run(w, records[:2])
     assert again.replayed
     assert (again.totals, again.net_settlement_fen, again.record_count) == (
         summary.totals, summary.net_settlement_fen, summary.record_count)
     assert lines(w) == found
-    assert snapshot(w.engine) == snap2
+    assert snapshot(w) == snap2
+    if w.split:  # closed in every branch database; the BANK_ONLY serial is one payment across branches
+        assert closed_in(w) == [0, 1, 2]
+        with pytest.raises(DayClosed):
+            cancel(w, "C-LATE-2", "M-1", 1_000)
+        with pytest.raises(SerialConflict):
+            pay(w, "B-1", next(x for x in a if w.db_of(x) != w.db_of(a[8])), 1_500)
 
 
 def _mis_payments(w: World) -> dict[str, recon.MisPayment]:
-    with w.engine.connect() as conn:
-        rows = conn.execute(sa.text("SELECT bank_serial, account_no, amount_fen, state, settlement_date "
-                                    "FROM payments WHERE bank_id = 'ICBC'")).all()
-    return {r[0]: recon.MisPayment(r[0], r[1] or "", r[2], r[3], _date(r[4])) for r in rows}
+    """The bank's payments over every MIS database; a serial held by two is a failure."""
+    out: dict[str, recon.MisPayment] = {}
+    for engine in w.engines:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT bank_serial, account_no, amount_fen, state, settlement_date "
+                                        "FROM payments WHERE bank_id = 'ICBC'")).all()
+        for r in rows:
+            assert r[0] not in out, f"serial {r[0]} in two databases"
+            out[r[0]] = recon.MisPayment(r[0], r[1] or "", r[2], r[3], _date(r[4]))
+    return out
 
 
 def _date(v: Any) -> dt.date:
@@ -261,10 +324,9 @@ def _date(v: Any) -> dt.date:
 
 
 def _posted_fen(w: World) -> int:
-    with w.engine.connect() as conn:
-        return int(conn.execute(sa.text(
-            "SELECT COALESCE(SUM(amount_fen), 0) FROM payments WHERE bank_id = 'ICBC' AND state = 'POSTED' "
-            "AND settlement_date = :d"), {"d": business_date(w.clock)}).scalar_one())
+    return total(w.engines, sa.select(sa.func.sum(payments.T_PAY.c.amount_fen)).where(
+        payments.T_PAY.c.bank_id == BANK, payments.T_PAY.c.state == "POSTED",
+        payments.T_PAY.c.settlement_date == business_date(w.clock)))
 
 
 BAD_RECORDS = [
@@ -275,24 +337,24 @@ BAD_RECORDS = [
 ]
 
 
-def test_a_bad_record_is_refused_naming_it_and_nothing_changes(world: World) -> None:
-    w = world
+def test_a_bad_record_is_refused_naming_it_and_nothing_changes(world_lite: World) -> None:
+    w = world_lite
     pay(w, "S-1", w.accounts[0], 100)
     pay(w, "S-9", w.accounts[1], 100)  # would be UTILITY_ONLY if anything were applied
-    snap = snapshot(w.engine)
+    snap = snapshot(w)
     for bad, field in BAD_RECORDS:
         bad_rec = (bad[0], bad[1] or w.accounts[2], bad[2], bad[3])
         with pytest.raises(InvalidField) as err:
             run(w, [("S-1", w.accounts[0], 100, "POSTED"), ("S-2", w.accounts[1], 100, "CANCELLED"), bad_rec])
         assert err.value.field == field
-    assert snapshot(w.engine) == snap
-    assert recon.stored_summary(w.engine, BANK, business_date(w.clock)) is None
+    assert snapshot(w) == snap
+    assert stored_summary(w) is None
 
 
 def test_duplicates_and_a_wrong_trailer_are_refused_and_nothing_changes(world: World) -> None:
     w = world
     pay(w, "S-1", w.accounts[0], 100)
-    snap = snapshot(w.engine)
+    snap = snapshot(w)
     recs = [("S-1", w.accounts[0], 100, "POSTED"), ("S-2", w.accounts[1], 50, "POSTED"),
             ("S-1", w.accounts[0], 100, "POSTED")]
     with pytest.raises(InvalidField) as err:
@@ -304,7 +366,7 @@ def test_duplicates_and_a_wrong_trailer_are_refused_and_nothing_changes(world: W
     with pytest.raises(InvalidField) as err:
         run(w, recs[:2], trailer=(3, 150))
     assert err.value.field == "trailer.record_count"
-    assert snapshot(w.engine) == snap
+    assert snapshot(w) == snap
     # After the refusals a correct run still works and closes the day.
     summary = run(w, recs[:2], trailer=(2, 150))
     assert summary.total(recon.BANK_ONLY).count == 1 and summary.total(recon.MATCHED).count == 1
@@ -334,15 +396,15 @@ def test_two_reconciliations_of_a_day_at_once_apply_it_once(world: World) -> Non
     pay(w, "K-1", w.accounts[0], 1_000)
     pay(w, "K-2", w.accounts[1], 2_000)  # not in the bank's records: reversed, once
     records = [(1, "K-1", w.accounts[0], 1_000, "POSTED"), (2, "K-3", w.accounts[2], 300, "POSTED")]
-    runs = [Reconciliation(w.engine, BANK, business_date(w.clock), rates=w.ctx.rates, now=w.clock.now())
-            for _ in range(2)]
+    runs = [recon_branches.reconciliation(w.ctx.router, BANK, business_date(w.clock), rates=w.ctx.rates,
+                                          now=w.clock.now()) for _ in range(2)]
     for r in runs:
         r.__enter__()
         r.load(records)
     start = threading.Barrier(2)
     results: list[recon.ReconSummary] = []
 
-    def close(r: Reconciliation) -> None:
+    def close(r: Any) -> None:
         start.wait(timeout=30)
         results.append(r.close_day())
 
@@ -355,10 +417,14 @@ def test_two_reconciliations_of_a_day_at_once_apply_it_once(world: World) -> Non
         r.__exit__(None, None, None)
     assert sorted(s.replayed for s in results) == [False, True]
     assert results[0].totals == results[1].totals
-    with w.engine.connect() as conn:
-        journal = conn.execute(sa.text("SELECT outcome, COUNT(*) FROM journal WHERE rpc = 'RECONCILE' "
-                                       "GROUP BY outcome ORDER BY outcome")).all()
-    assert [tuple(j) for j in journal] == [("BANK_ONLY_POSTED", 1), ("DAY_CLOSED", 1), ("UTILITY_ONLY_REVERSED", 1)]
+    journal: dict[str, int] = {}
+    for engine in w.engines:
+        with engine.connect() as conn:
+            for outcome, n in conn.execute(sa.text("SELECT outcome, COUNT(*) FROM journal WHERE rpc = 'RECONCILE' "
+                                                   "GROUP BY outcome")):
+                journal[outcome] = journal.get(outcome, 0) + n
+    # each database closes the day once (with branches: three DAY_CLOSED lines, one per database)
+    assert journal == {"BANK_ONLY_POSTED": 1, "DAY_CLOSED": len(w.engines), "UTILITY_ONLY_REVERSED": 1}
     assert _mis_payments(w)["K-2"].state == "REVERSED" and _mis_payments(w)["K-3"].state == "POSTED"
 
 
@@ -381,12 +447,14 @@ def test_a_cancel_in_flight_when_the_day_closes_is_seen_and_a_later_one_refused(
     import threading
 
     w = world
-    a = w.accounts
+    # with branches: R-1 in branch database 02 (not the front's), R-2 in 03
+    a = w.accounts[1:] if w.split else w.accounts
     pay(w, "R-1", a[0], 1_000)
     pay(w, "R-2", a[1], 2_000)
     # A cancel of R-1 is in flight: as payments.cancel does, it holds the bank-day lock (shared) and
     # the account lock, and has seen the day open.
-    cancel_conn = w.engine.connect()
+    home = w.ctx.router.engine_for(a[0])
+    cancel_conn = home.connect()
     cancel_tx = cancel_conn.begin()
     lock_bank_day(cancel_conn, BANK)
     cancel_conn.execute(sa.select(payments.T_CUST.c.account_no).where(payments.T_CUST.c.account_no == a[0])
@@ -396,12 +464,13 @@ def test_a_cancel_in_flight_when_the_day_closes_is_seen_and_a_later_one_refused(
     records = [(1, "R-1", a[0], 1_000, "POSTED"), (2, "R-2", a[1], 2_000, "POSTED")]
 
     def reconcile() -> None:
-        with Reconciliation(w.engine, BANK, business_date(w.clock), rates=w.ctx.rates, now=w.clock.now()) as r:
+        with recon_branches.reconciliation(w.ctx.router, BANK, business_date(w.clock), rates=w.ctx.rates,
+                                           now=w.clock.now()) as r:
             r.load(records)
             results.append(r.close_day())
 
     t = threading.Thread(target=reconcile)
-    if w.engine.dialect.name == "sqlite":
+    if home.dialect.name == "sqlite":
         # One writer: the cancel finishes first, the reconciliation then sees it.
         payments.reverse_payment_in_tx(cancel_conn, p, w.clock.now(), business_date(w.clock), "C-R1")
         cancel_tx.commit()
@@ -410,7 +479,7 @@ def test_a_cancel_in_flight_when_the_day_closes_is_seen_and_a_later_one_refused(
         t.start()
         # The reconciliation queues behind the cancel's bank-day lock.
         deadline = dt.datetime.now() + dt.timedelta(seconds=30)
-        with w.engine.connect() as watch:
+        with home.connect() as watch:
             while not watch.execute(sa.text(
                     "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() "
                     "AND wait_event_type = 'Lock'")).scalar_one():

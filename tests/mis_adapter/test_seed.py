@@ -5,12 +5,15 @@ import csv
 import datetime as dt
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from mis_adapter.db.core import Agreement, BillRow, Customer, Reading
+from mis_adapter.migrate import upgrade
 from mis_adapter.routing import BranchRouter
-from mis_adapter.seed import seed
+from mis_adapter.seed import deferred_keys, seed
 from mis_adapter.tariff import price_fen
+from tests.support.databases import fresh_database
 from yindian_common.fields import account_no
 
 
@@ -43,3 +46,40 @@ def test_seed_is_consistent(db_url: str, tmp_path: Path) -> None:
         rostered |= {(f.stem, row["account_no"]) for row in rows}
     assert rostered == agreements and len(agreements) > 100
     router.dispose()
+
+
+def _keys(conn: sa.Connection) -> set[tuple[str, str, str]]:
+    """Every index and constraint of the seeded tables, as PostgreSQL defines them."""
+    idx = conn.exec_driver_sql("SELECT tablename, indexname, indexdef FROM pg_indexes "
+                               "WHERE schemaname = current_schema()").all()
+    cons = conn.exec_driver_sql("SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) "
+                                "FROM pg_constraint WHERE connamespace = current_schema()::regnamespace").all()
+    return {tuple(r) for r in idx} | {tuple(r) for r in cons}  # type: ignore[misc]
+
+
+@pytest.mark.timeout(120)
+def test_seed_rebuilds_every_key_it_deferred_even_after_a_failure(tmp_path: Path) -> None:
+    """PostgreSQL: the bulk load drops the seeded tables' secondary indexes and
+    unique/foreign keys and builds them after; the schema ends exactly as the
+    migrations made it, also when the load fails half way, and the keys hold."""
+    with fresh_database("postgresql", tmp_path, "seedkeys") as url:
+        router = BranchRouter(url, {})
+        engine = router.primary
+        upgrade(engine)
+        with engine.connect() as conn:
+            migrated = _keys(conn)
+        with pytest.raises(RuntimeError, match="load failed"), deferred_keys(engine):
+            with engine.connect() as conn:
+                assert _keys(conn) < migrated, "indexes and keys are dropped during the load"
+            raise RuntimeError("load failed")
+        with engine.connect() as conn:
+            assert _keys(conn) == migrated
+        seed(router, 120, tmp_path / "rosters", today=dt.date(2026, 11, 28),
+             now=dt.datetime(2026, 11, 28, 2, 0, tzinfo=dt.UTC))
+        with engine.connect() as conn:
+            assert _keys(conn) == migrated
+        with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:  # the unique key is back
+            conn.execute(sa.insert(BillRow.__table__).from_select(
+                [c.name for c in BillRow.__table__.c if c.name != "bill_id"],
+                sa.select(*[c for c in BillRow.__table__.c if c.name != "bill_id"]).limit(1)))
+        router.dispose()
