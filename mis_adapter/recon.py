@@ -76,6 +76,7 @@ from mis_adapter.recon_staging import (
     RECORDS_PER_DAY_MAX,
     Staging,
     record_ok,
+    records_ok,
     validate_record,
     where_of,
 )
@@ -287,9 +288,10 @@ class Reconciliation:
             raise InvalidField("batch.records", f"at most {RECORDS_PER_BATCH_MAX} records per batch")
         if self.record_count + len(records) > RECORDS_PER_DAY_MAX:
             raise InvalidField("batch.records", f"at most {RECORDS_PER_DAY_MAX} records per day")
-        for rec in records:
-            if not record_ok(rec):
-                validate_record(rec, where_of(where, rec[0]))  # raises, naming the field
+        if not records_ok(records):  # some record is bad: the first one is named, as one by one
+            for rec in records:
+                if not record_ok(rec):
+                    validate_record(rec, where_of(where, rec[0]))  # raises, naming the field
         total = sum(rec[3] for rec in records)
         self.staging.insert(records)
         self.record_count += len(records)

@@ -216,6 +216,73 @@ def test_fast_serial_verdict_is_the_field_rule(serial: str) -> None:
     assert fields.serial_ok(serial) == valid
 
 
+# ---- batch verdicts: a batch is accepted exactly when every record is ----
+def _off_by_one(account: str) -> str:
+    return account[:9] + str((int(account[9]) + 1) % 10)
+
+
+_VALID_SERIALS = st.from_regex(r"[A-Za-z0-9-]{1,32}", fullmatch=True)
+# a separator inside (two valid halves), too long, empty, other characters
+_ANY_SERIALS = st.one_of(st.tuples(_VALID_SERIALS, _VALID_SERIALS).map("\n".join),
+                         st.text(alphabet="AZaz09-_ é\n\t", max_size=34))
+_VALID_ACCOUNTS = st.builds(make_account_no, st.sampled_from(["00", "01", "57", "99"]),
+                            st.integers(min_value=0, max_value=9_999_999))
+# wrong check digit, wrong length, a separator inside (or between two valid numbers), non-ASCII digits, letters, empty
+_ANY_ACCOUNTS = st.one_of(_VALID_ACCOUNTS.map(_off_by_one), _VALID_ACCOUNTS.map(lambda a: a[:5] + "\n" + a[5:9]),
+                          st.tuples(_VALID_ACCOUNTS, _VALID_ACCOUNTS).map("\n".join),
+                          st.text(alphabet="0123456789x \n\u0661", max_size=12))
+
+
+def _batches(valid: st.SearchStrategy[str], anything: st.SearchStrategy[str]) -> st.SearchStrategy[list[str]]:
+    """All-valid batches (the common case) and batches with any mix of bad values."""
+    return st.one_of(st.lists(valid, max_size=40), st.lists(st.one_of(valid, anything), max_size=40))
+
+
+@given(_batches(_VALID_SERIALS, _ANY_SERIALS))
+@settings(max_examples=500, deadline=None)
+def test_batch_serial_verdict_is_every_serials_verdict(serials: list[str]) -> None:
+    assert fields.serials_ok(serials) == all(fields.serial_ok(s) for s in serials)
+
+
+@given(_batches(_VALID_ACCOUNTS, _ANY_ACCOUNTS))
+@settings(max_examples=500, deadline=None)
+def test_batch_account_verdict_is_every_accounts_verdict(accounts: list[str]) -> None:
+    assert fields.account_nos_ok(accounts) == all(fields.account_no_ok(a) for a in accounts)
+
+
+def test_batch_account_verdict_over_a_full_batch_finds_one_wrong_check_digit() -> None:
+    accounts = [make_account_no(f"{i % 100:02d}", i * 7919 % 10_000_000) for i in range(recon_staging.RECORDS_PER_BATCH_MAX)]
+    assert fields.account_nos_ok(accounts)
+    for at in (0, 4_321, len(accounts) - 1):
+        bad = list(accounts)
+        bad[at] = _off_by_one(bad[at])
+        assert not fields.account_nos_ok(bad)
+    assert fields.serials_ok(["S" * 32] * recon_staging.RECORDS_PER_BATCH_MAX)
+
+
+_VALID_RECORDS = st.tuples(st.integers(min_value=1, max_value=10**6), _VALID_SERIALS, _VALID_ACCOUNTS,
+                           st.integers(min_value=fields.AMOUNT_MIN_FEN, max_value=fields.AMOUNT_MAX_FEN),
+                           st.sampled_from([m.BANK_POSTED, m.BANK_CANCELLED]))
+_ANY_RECORDS = st.tuples(st.integers(min_value=1, max_value=10**6), st.one_of(_VALID_SERIALS, _ANY_SERIALS),
+                         st.one_of(_VALID_ACCOUNTS, _ANY_ACCOUNTS),
+                         st.integers(min_value=-1, max_value=fields.AMOUNT_MAX_FEN + 1),
+                         st.sampled_from([m.BANK_POSTED, m.BANK_CANCELLED, "VOID", ""]))
+
+
+@given(st.one_of(st.lists(_VALID_RECORDS, max_size=40), st.lists(st.one_of(_VALID_RECORDS, _ANY_RECORDS), max_size=40)))
+@settings(max_examples=500, deadline=None)
+def test_batch_record_verdict_is_every_records_verdict(records: list[StagedRecord]) -> None:
+    """records_ok (the batch path of Reconciliation.load) says yes exactly when validate_record
+    accepts every record; when it says no, load names the first record validate_record refuses."""
+    def accepted(rec: StagedRecord) -> bool:
+        try:
+            recon_staging.validate_record(rec, "r")
+            return True
+        except InvalidField:
+            return False
+    assert recon_staging.records_ok(records) == all(accepted(r) for r in records)
+
+
 def test_a_bad_record_names_the_field_with_the_field_rules_message() -> None:
     good: StagedRecord = (3, "S-1", ACCOUNTS[0], 100, m.BANK_POSTED)
     recon_staging.validate_record(good, "records[3]")
