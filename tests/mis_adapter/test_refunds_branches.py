@@ -10,6 +10,7 @@ import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -24,8 +25,10 @@ from mis_adapter.late_fee import LateFeeRates
 from mis_adapter.migrate import upgrade
 from mis_adapter.routing import BranchRouter
 from tests.conftest import TOPOLOGY_PARAMS
-from tests.support.mis_data import NOON, TODAY, add_account, add_bank
+from tests.mis_adapter.test_link_service import _refused
+from tests.support.mis_data import NOON, TODAY, add_account, add_bank, running_adapter
 from tests.support.topology import BRANCHES3, Topology, topology_databases
+from yindian.v1 import billing_pb2 as pb
 from yindian_common.errors import InvalidField, SerialConflict
 
 pytestmark = pytest.mark.timeout(180)
@@ -164,3 +167,32 @@ def test_refund_id_numbers_do_not_depend_on_flag_order_and_00_is_refused(tmp_pat
     finally:
         for r in (one, other, shared):
             r.dispose()
+
+
+def test_refunds_of_two_databases_over_the_wire(topology: Topology) -> None:
+    """The mode set on the primary reaches branch 02 by the bank's SignOn; ListRefunds and
+    AcknowledgeRefunds answer both refunds, and statuses stay those of one database."""
+    with running_adapter(topology.db, branch_db=topology.branch_db) as ra:
+        far = topology.codes[1] if topology.split else "01"
+        home, away = ra.ctx.router.engine_for_branch("01"), ra.ctx.router.engine_for_branch(far)
+        a_home, a_away = add_account(home, "01", 1), add_account(away, far, 2)
+        ls.set_refund_mode(ra.ctx.router.primary, "ICBC", ls.REFUND, TODAY, NOON)
+        s = ra.stub
+        s.SignOn(pb.SignOnRequest(), timeout=10, metadata=ra.md("ICBC"))
+        _over_debit(home, "ICBC", 1, a_home, 4_000)
+        _over_debit(away, "ICBC", 2, a_away, 1_500)
+        notices = s.ListRefunds(pb.ListRefundsRequest(), timeout=10, metadata=ra.md("ICBC")).refunds
+        assert [(n.account_no, n.amount_fen, n.original_serial) for n in notices] == \
+            [(a_home, 4_000, "AD-1"), (a_away, 1_500, "AD-2")]
+        assert list(s.ListRefunds(pb.ListRefundsRequest(), timeout=10, metadata=ra.md("ABC")).refunds) == []
+        ack = pb.AcknowledgeRefundsRequest(acks=[
+            pb.RefundAck(refund_id=n.refund_id, credit_serial=f"CR-{i}", amount_fen=n.amount_fen)
+            for i, n in enumerate(notices)])
+        assert _refused(s.AcknowledgeRefunds, ack, metadata=ra.md("ABC"))[:3] == \
+            (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD", "acks[0].refund_id")
+        r = s.AcknowledgeRefunds(ack, timeout=10, metadata=ra.md("ICBC"))
+        assert (r.acknowledged, r.replayed, r.settlement_date) == (2, 0, TODAY.isoformat())
+        again = s.AcknowledgeRefunds(ack, timeout=10, metadata=ra.md("ICBC"))
+        assert (again.acknowledged, again.replayed) == (0, 2)
+        assert list(s.ListRefunds(pb.ListRefundsRequest(), timeout=10, metadata=ra.md("ICBC")).refunds) == []
+        assert (_prepaid(home, a_home), _prepaid(away, a_away)) == (0, 0)
