@@ -3,15 +3,25 @@
 the link between them, and a bank core that drives mixed operations through
 the bridge while faults are injected on a schedule drawn from the seed:
 
-- `kill_mis`, `kill_bridge`: SIGKILL the process, start it again;
+- `kill_mis`, `kill_bridge`, `kill_bank` (the bank's auto-debit worker):
+  SIGKILL the process, start it again;
 - `link_blackhole` (for a while), `link_reset`, `link_cut` (after N bytes):
   through the fault proxy between bridge and mis_adapter;
 - `short_deadline`: the next calls carry a deadline too short to finish.
 
-Operations: query, pay (COUNTER or AUTO_DEBIT channel), a retry of an
-earlier pay with the same serial and request, a conflicting retry (same
-serial, another amount), a cancel of an accepted pay. An in-doubt answer is
-resent with the same serial at quiescence until definite.
+Operations: query, pay, a retry of an earlier pay with the same serial and
+request, a conflicting retry (same serial, another amount), a cancel of an
+accepted pay. An in-doubt answer is resent with the same serial at
+quiescence until definite. Meanwhile the utility issues bills in tranches
+and the bank's auto-debit worker takes them through the real bill feed
+(bank_sim.chaos_feed); its results are checked from both sides.
+
+Continuous reconciliation runs throughout (control totals exchanged every
+`--control-interval-s`, flagged after `--control-window-s`): both servers'
+`yindian_control_total_divergence_fen` is sampled during the faults and
+must stay 0, and exchanges must agree after quiescence. With `--tamper` the
+time from the row change to the gauge going non-zero on each server is
+printed.
 
 After quiescence (faults healed, every in-doubt pay and cancel answered,
 the bridge's journal settled) the day is reconciled through the bridge, and
@@ -45,6 +55,8 @@ import grpc
 import sqlalchemy as sa
 
 from bank_sim import mis_tables
+from bank_sim.chaos_feed import FEED_TRANCHES, FeedSide
+from bank_sim.control_watch import ControlWatch
 from bank_sim.load.check import PayRecord, RunLedger, compare, read_mis
 from bank_sim.load.profile import ACCEPTED, CANCEL_IN_DOUBT, CANCEL_NONE, CANCEL_REVERSED, PENDING, REFUSED
 from bank_sim.processes import ServerProcess, run_command, start_server
@@ -56,11 +68,12 @@ from yindian_common.fault_proxy import FaultProxy
 from yindian_common.identity import BANK_ID_METADATA
 from yindian_common.status import error_info
 
-FAULT_KINDS = ("kill_mis", "kill_bridge", "link_blackhole", "link_reset", "link_cut", "short_deadline")
+FAULT_KINDS = ("kill_mis", "kill_bridge", "kill_bank", "link_blackhole", "link_reset", "link_cut", "short_deadline")
 DB_FAULT_KINDS = ("db_reset", "db_blackhole")  # with --mis-db-server: through a proxy between mis_adapter and its DB
 IMMEDIATE_RESENDS = 3          # the teller's prompt resends of an in-doubt pay before moving on
 RESEND_PAUSE_S = 0.05
-OP_MIX = (("query", 15), ("pay", 45), ("autodebit", 10), ("retry", 12), ("conflict", 5), ("cancel", 13))
+# Auto-debit goes through the real bill feed (bank_sim.chaos_feed), not as pays on the AUTO_DEBIT channel.
+OP_MIX = (("query", 15), ("pay", 55), ("retry", 12), ("conflict", 5), ("cancel", 13))
 IN_DOUBT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
             grpc.StatusCode.CANCELLED}
@@ -80,6 +93,12 @@ SEED_TIMEOUT_S = 300.0
 ACCOUNTS = 400
 PAY_FEN = (100, 40_000)
 LONG_OPS, LONG_FAULTS = 100_000, 500
+# Continuous reconciliation in the soak: a tighter cadence than production's (10 s / 30 s / 5 s) so that a
+# short run still spans many exchanges and windows; --control-* flags set production's to measure it.
+CONTROL_INTERVAL_S, CONTROL_WINDOW_S, CONTROL_SETTLE_S = 1.0, 10.0, 1.0
+CONTROL_SAMPLE_S = 1.0
+CONTROL_AGREEING_EXCHANGES = 2
+CONTROL_FLAG_TIMEOUT_S = 180.0
 
 bridge_journal = sa.table(  # the bridge's journal, only the columns read here (bank_sim imports nothing of bridge)
     "bridge_journal", sa.column("kind", sa.String), sa.column("serial", sa.String),
@@ -121,6 +140,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class ControlCadence:
+    interval_s: float = CONTROL_INTERVAL_S
+    window_s: float = CONTROL_WINDOW_S
+    settle_s: float = CONTROL_SETTLE_S
+
+
 @dataclass
 class Stack:
     work: Path
@@ -133,18 +159,27 @@ class Stack:
     db_proxy: FaultProxy | None = None
     mis: ServerProcess | None = None
     bridge: ServerProcess | None = None
+    control: ControlCadence = ControlCadence()
 
     def start_mis(self) -> None:
         self.mis = start_server("mis_adapter", [
             "mis_adapter", "serve", "--db", self.mis_serve_db or self.mis_db, "--listen", f"127.0.0.1:{self.mis_port}",
-            "--metrics-port", "0", "--insecure"], log_dir=self.work, ready_timeout_s=READY_TIMEOUT_S)
+            "--metrics-port", "0", "--insecure", "--control-totals-window-s", str(self.control.window_s),
+            "--feed-heartbeat-s", "0.3", "--feed-lease-ttl-s", "3"],
+            log_dir=self.work, ready_timeout_s=READY_TIMEOUT_S)
 
     def start_bridge(self) -> None:
         self.bridge = start_server("bridge", [
             "bridge", "serve", "--listen", f"127.0.0.1:{self.bridge_port}", "--upstream", self.proxy.address,
             "--db", self.bridge_db, "--bank-id", BANK_ID, "--metrics-port", "0", "--insecure",
             "--resolver-backoff-initial-s", "0.05", "--resolver-backoff-cap-s", "1.0",
-            "--resolver-idle-wait-s", "0.2"], log_dir=self.work, ready_timeout_s=READY_TIMEOUT_S)
+            "--resolver-idle-wait-s", "0.2", "--control-totals-interval-s", str(self.control.interval_s),
+            "--control-totals-window-s", str(self.control.window_s),
+            "--control-totals-settle-s", str(self.control.settle_s)], log_dir=self.work,
+            ready_timeout_s=READY_TIMEOUT_S)
+
+    def metrics_ports(self) -> dict[str, int]:
+        return {p.name: p.metrics_port for p in (self.mis, self.bridge) if p is not None and p.metrics_port}
 
     def kill(self, which: str) -> None:
         proc = self.mis if which == "mis" else self.bridge
@@ -267,11 +302,11 @@ class Bank:
             except grpc.RpcError as exc:
                 self.tally.codes[f"QueryAccount.{exc.code().name}"] += 1  # type: ignore[attr-defined]
             return
-        if op in ("pay", "autodebit"):
+        if op == "pay":
             serial = f"{self.ledger.prefix}{i}"
             acct = self.accounts[int(pick * len(self.accounts))]
             with self.lock:
-                self.ledger.pays[serial] = PayRecord(acct, amount_fen, "AUTO_DEBIT" if op == "autodebit" else "COUNTER")
+                self.ledger.pays[serial] = PayRecord(acct, amount_fen, "COUNTER")
                 self.pay_serials.append(serial)
             for attempt in range(IMMEDIATE_RESENDS + 1):
                 self.send_pay(serial, deadline_s if attempt == 0 else CALL_DEADLINE_S)
@@ -303,9 +338,11 @@ def read_accounts(roster: Path, limit: int) -> list[str]:
         return [row["account_no"] for row in csv.DictReader(f)][:limit]
 
 
-def inject(stack: Stack, bank: Bank, fault: Fault) -> None:
+def inject(stack: Stack, bank: Bank, feed: FeedSide, fault: Fault) -> None:
     bank.tally.faults[fault.kind] += 1
-    if fault.kind == "kill_mis":
+    if fault.kind == "kill_bank":
+        feed.kill_worker()
+    elif fault.kind == "kill_mis":
         stack.kill("mis")
     elif fault.kind == "kill_bridge":
         stack.kill("bridge")
@@ -366,11 +403,11 @@ def wait_journal_settled(bridge_db: str, prefix: str) -> int:
         eng.dispose()
 
 
-def reconcile(bank: Bank, day: dt.date) -> tuple[int, pb.ReconcileSummary | None]:
+def reconcile(bank: Bank, day: dt.date, auto_debits: list[pb.BankRecord]) -> tuple[int, pb.ReconcileSummary | None]:
     records = [pb.BankRecord(bank_serial=s, account_no=r.account_no, amount_fen=r.amount_fen,
                              status=pb.BANK_RECORD_STATUS_CANCELLED if r.cancel == CANCEL_REVERSED
                              else pb.BANK_RECORD_STATUS_POSTED)
-               for s, r in bank.ledger.pays.items() if r.outcome == ACCEPTED]
+               for s, r in bank.ledger.pays.items() if r.outcome == ACCEPTED] + auto_debits
     msgs = [pb.ReconcileRequest(header=pb.ReconcileHeader(settlement_date=day.isoformat()))]
     for k in range(0, len(records), 5_000):
         msgs.append(pb.ReconcileRequest(batch=pb.BankRecordBatch(records=records[k:k + 5_000])))
@@ -428,7 +465,7 @@ def check_journal(bridge_db: str, bank: Bank) -> list[str]:
     return out
 
 
-def tamper_one_payment(mis_db: str, bank: Bank) -> None:
+def tamper_one_payment(mis_db: str, bank: Bank) -> str:
     """Change one accepted payment's amount in the MIS behind the system's back: the checks must catch it."""
     serial = next(s for s, r in bank.ledger.pays.items() if r.outcome == ACCEPTED and r.cancel == CANCEL_NONE)
     eng = make_engine(mis_db, pool_size=1)
@@ -440,6 +477,53 @@ def tamper_one_payment(mis_db: str, bank: Bank) -> None:
     finally:
         eng.dispose()
     print(f"tampered: payments.amount_fen of {serial} raised by 1 fen behind the system's back", flush=True)
+    return serial
+
+
+def log_lines(work: Path, name: str, event: str) -> list[str]:
+    path = work / f"{name}.log"
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return [line.rstrip() for line in f if f"event={event}" in line]
+
+
+@dataclass
+class ControlReport:
+    samples: int
+    missed: int
+    max_fen: float
+    nonzero: list[str]
+    agreed_after: bool
+    flagged_before_tamper: list[str]
+    flag_s: dict[str, float | None] = field(default_factory=dict)
+    named: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.max_fen == 0 and self.agreed_after and not self.flagged_before_tamper
+
+
+def control_after_quiescence(stack: Stack, watch: ControlWatch) -> ControlReport:
+    """Stops the sampling once exchanges agree again after quiescence (bounded)."""
+    agreed = watch.wait_agreeing(CONTROL_AGREEING_EXCHANGES,
+                                 stack.control.interval_s * (CONTROL_AGREEING_EXCHANGES + 2) + 30.0)
+    watch.stop()
+    flagged = log_lines(stack.work, "bridge", "control_totals_diverged") + \
+        log_lines(stack.work, "mis_adapter", "control_totals_diverged")
+    return ControlReport(watch.samples, watch.missed, watch.max_fen, list(watch.nonzero), agreed, flagged)
+
+
+def measure_flag(stack: Stack, watch: ControlWatch, report: ControlReport, mis_db: str, bank: Bank) -> None:
+    """Tampers one MIS row and measures the seconds until each server's gauge is non-zero."""
+    t0 = time.monotonic()
+    serial = tamper_one_payment(mis_db, bank)
+    report.flag_s = watch.seconds_to_flag(t0, CONTROL_FLAG_TIMEOUT_S)
+    t_end = time.monotonic() + 10 * stack.control.interval_s + 10.0
+    while time.monotonic() < t_end and not report.named:
+        report.named = any(serial in line for line in log_lines(stack.work, "bridge",
+                                                                "control_totals_differing_serials"))
+        time.sleep(0.2)  # polling the bridge's log file: nothing to wait on
 
 
 def server_database(admin_url: str, name: str, proxy_address: str) -> tuple[str, str]:
@@ -449,7 +533,8 @@ def server_database(admin_url: str, name: str, proxy_address: str) -> tuple[str,
     return direct, sa.make_url(direct).set(host=host, port=int(port)).render_as_string(hide_password=False)
 
 
-def run(seed: int, ops: int, faults: int, work: Path, tamper: bool = False, db_server: str = "") -> int:
+def run(seed: int, ops: int, faults: int, work: Path, tamper: bool = False, db_server: str = "",
+        control: ControlCadence = ControlCadence()) -> int:
     operations, schedule = make_schedule(seed, ops, faults, db_faults=bool(db_server))
     print(f"chaos seed={seed} ops={ops} faults={len(schedule)} schedule={schedule_digest(operations, schedule)} "
           f"work={work}", flush=True)
@@ -467,12 +552,17 @@ def run(seed: int, ops: int, faults: int, work: Path, tamper: bool = False, db_s
     accounts = read_accounts(work / "rosters" / f"{BANK_ID}.csv", ACCOUNTS)
     mis_port, bridge_port = free_port(), free_port()
     proxy = FaultProxy(f"127.0.0.1:{mis_port}").start()
-    stack = Stack(work, mis_db, bridge_db, mis_port, bridge_port, proxy, mis_serve_db, db_proxy)
+    stack = Stack(work, mis_db, bridge_db, mis_port, bridge_port, proxy, mis_serve_db, db_proxy, control=control)
+    watch = ControlWatch(stack.metrics_ports, BANK_ID, CONTROL_SAMPLE_S)
+    feed = FeedSide(work, mis_db, BANK_ID, f"127.0.0.1:{bridge_port}")
+    tranche_at = {ops * (k + 1) // (FEED_TRANCHES + 1): k for k in range(FEED_TRANCHES)}
     prefix = f"K{seed % 10_000_000}-"
     t0 = time.monotonic()
     try:
         stack.start_mis()
         stack.start_bridge()
+        watch.start()
+        feed.start_worker()
         totals_before, bills_before = money_totals(mis_db)
         bank = Bank(prefix, accounts, f"127.0.0.1:{bridge_port}", seed)
         op_rng = random.Random(seed + 2)
@@ -485,7 +575,9 @@ def run(seed: int, ops: int, faults: int, work: Path, tamper: bool = False, db_s
                     for fut in window:  # the fault lands after the operations before it were answered
                         fut.result()
                     window.clear()
-                    inject(stack, bank, fault_at[i])
+                    inject(stack, bank, feed, fault_at[i])
+                if i in tranche_at:
+                    window.append(pool.submit(feed.issue_tranche, tranche_at[i]))
                 window.append(pool.submit(bank.run_op, i, op, *picks[i]))
                 if len(window) >= CONCURRENCY * 4:
                     window.pop(0).result()
@@ -494,24 +586,33 @@ def run(seed: int, ops: int, faults: int, work: Path, tamper: bool = False, db_s
         drive_s = time.monotonic() - t0
         quiesce(stack, bank)
         unsettled = wait_journal_settled(bridge_db, prefix)
+        feed_acked = feed.wait_acknowledged()
+        control_report = control_after_quiescence(stack, watch)
         if tamper:
-            tamper_one_payment(mis_db, bank)
+            measure_flag(stack, watch, control_report, mis_db, bank)
         day = business_date(make_clock(None))
-        lines, summary = reconcile(bank, day)
+        lines, summary = reconcile(bank, day, feed.bank_records())
         mis_view = read_mis([mis_db], BANK_ID, prefix)
         mis_check = compare(bank.ledger, mis_view, "MIS", mis_complete=True)
         journal_problems = check_journal(bridge_db, bank)
         totals_after, bills_after = money_totals(mis_db)
+        feed_check = feed.check()
     finally:
+        feed.stop_worker()
+        watch.stop()
         stack.stop()
         if db_server:
             drop_database(db_server, db_name)
-    net_fen = mis_check.accepted_fen - mis_check.cancelled_fen
+    net_fen = mis_check.accepted_fen - mis_check.cancelled_fen + feed_check.paid_fen
     money_delta = totals_after - totals_before
     report(bank, mis_check, lines, unsettled, journal_problems, net_fen, money_delta, bills_before, bills_after,
            drive_s, summary)
+    feed_ok = (feed_acked and not feed_check.problems and feed_check.bills == feed.issued
+               and feed_check.fed == feed.issued and bills_after == bills_before + feed.issued)
+    report_feed(feed, feed_check, feed_acked)
+    report_control(control_report, stack.control)
     ok = (mis_check.ok and lines == 0 and unsettled == 0 and not journal_problems and not bank.tally.violations
-          and money_delta == net_fen and bills_before == bills_after)
+          and money_delta == net_fen and feed_ok and control_report.ok)
     print(f"chaos seed={seed}: {'OK: every invariant holds' if ok else 'FAILED'}", flush=True)
     return 0 if ok else 1
 
@@ -546,6 +647,32 @@ def report(bank: Bank, mis_check: Any, recon_lines: int, unsettled: int, journal
         print(f"  {v}")
 
 
+def report_feed(feed: FeedSide, c: Any, acked: bool) -> None:
+    print(f"bill feed: {feed.issued} bills issued in tranches, {c.fed} fed, all acknowledged: "
+          f"{'yes' if acked else 'NO'}; debited {c.paid_by_debit} = {c.paid_fen} fen (bank ledger {c.bank_debits} "
+          f"= {c.bank_debit_fen} fen), insufficient funds {c.dunning} (bank {c.bank_insufficient}); "
+          f"auto-debit worker killed {feed.kills}; {len(c.problems)} problems")
+    for p in c.problems[:10]:
+        print(f"  {p}")
+
+
+def _seconds(value: float | None) -> str:
+    return "NOT FLAGGED" if value is None else f"{value:.1f} s"
+
+
+def report_control(r: ControlReport, c: ControlCadence) -> None:
+    print(f"control totals (every {c.interval_s:g} s, window {c.window_s:g} s, settle {c.settle_s:g} s): "
+          f"{r.samples} samples of both servers' gauges during the run ({r.missed} missed while restarting), "
+          f"max divergence {r.max_fen:.0f} fen; agreeing after quiescence: {'yes' if r.agreed_after else 'NO'}; "
+          f"flagged before any tamper: {len(r.flagged_before_tamper)}")
+    for line in r.nonzero + r.flagged_before_tamper[:5]:
+        print(f"  {line}")
+    if r.flag_s:
+        times = " ".join(f"{side}={_seconds(v)}" for side, v in sorted(r.flag_s.items()))
+        print(f"control totals: injected discrepancy flagged in {times}; bridge log names the serial: "
+              f"{'yes' if r.named else 'NO'}")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bank_sim chaos", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=None, help="schedule seed (default: random, printed)")
@@ -558,12 +685,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--mis-db-server", default="",
                         help="admin URL of a PostgreSQL server: the MIS lives there (a fresh database, dropped "
                              "after) behind a fault proxy, adding db_reset and db_blackhole faults")
+    parser.add_argument("--control-interval-s", type=float, default=CONTROL_INTERVAL_S,
+                        help="seconds between exchanges of control totals (production default 10)")
+    parser.add_argument("--control-window-s", type=float, default=CONTROL_WINDOW_S,
+                        help="how long a divergence must persist before it is flagged (production default 30)")
+    parser.add_argument("--control-settle-s", type=float, default=CONTROL_SETTLE_S,
+                        help="clock-skew allowance of the control totals' cutoff (production default 5)")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 2**31)
     ops, faults = (LONG_OPS, LONG_FAULTS) if args.long else (args.ops, args.faults)
     if ops < 2 or faults < 0:
         parser.error("--ops must be ≥ 2 and --faults ≥ 0")
-    return run(seed, ops, faults, Path(args.work_dir), tamper=args.tamper, db_server=args.mis_db_server)
+    return run(seed, ops, faults, Path(args.work_dir), tamper=args.tamper, db_server=args.mis_db_server,
+               control=ControlCadence(args.control_interval_s, args.control_window_s, args.control_settle_s))
 
 
 if __name__ == "__main__":

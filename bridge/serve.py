@@ -14,6 +14,7 @@ import sqlalchemy as sa
 
 from bridge import metrics_collector
 from bridge.context import BridgeContext
+from bridge.control_totals import ControlTotalsExchanger, ExchangeLimits
 from bridge.journal import Claims, Journal, JournalWriter, create_schema
 from bridge.journal.audit_chain import AUDIT_CHAIN
 from bridge.link_relay import relay_of
@@ -113,6 +114,12 @@ class Bridge:
                                 BillingServicer(self.ctx, self.resolver))
         self.server.on_drain(self._after_drain)
         self.sealer = Sealer([(AUDIT_CHAIN, engine)], settings.audit_seal_interval_s, clock.now)
+        self.control_totals = ControlTotalsExchanger(engine, self.ctx.upstream, clock, settings.bank_id, ExchangeLimits(
+            interval_s=settings.control_totals_interval_s, window_s=settings.control_totals_window_s,
+            settle_s=settings.control_totals_settle_s, call_timeout_s=settings.control_totals_call_timeout_s,
+            in_doubt_max=settings.control_totals_in_doubt_max, list_page_max=settings.control_totals_list_page_max,
+            list_pages_max=settings.control_totals_list_pages_max,
+            serials_logged=settings.control_totals_serials_logged))
         self._drained = False
         self._link = relay_of(self.ctx)  # its journal table exists before the first call
         self._stop_sign_on = threading.Event()
@@ -127,6 +134,8 @@ class Bridge:
         self.sealer.start()
         if self.settings.resolver_enabled:
             self.resolver.start()
+        if self.settings.control_totals_enabled:
+            self.control_totals.start()
         if self.settings.sign_on_at_start:
             self._link.sign_on_at_start(self._stop_sign_on, initial_s=self.settings.sign_on_retry_initial_s,
                                         cap_s=self.settings.sign_on_retry_cap_s,
@@ -145,6 +154,7 @@ class Bridge:
             return
         self._drained = True
         self._stop_sign_on.set()
+        self.control_totals.stop(STOP_TIMEOUT_S)
         self.resolver.stop(STOP_TIMEOUT_S)
         self.ctx.writer.stop(STOP_TIMEOUT_S)
         self.sealer.stop()

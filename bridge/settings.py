@@ -91,6 +91,31 @@ class BridgeSettings(ServerSettings):
                                                        "retried within this time is probed by the resolver like an "
                                                        "in-doubt one (GetPayment, then a tombstone if never posted)")
 
+    # --- continuous reconciliation (bridge.control_totals) ---
+    control_totals_enabled: bool = Field(True, description="exchange control totals with the utility while "
+                                                           "serving")
+    control_totals_interval_s: float = Field(10.0, gt=0, le=3_600,
+                                             description="seconds between exchanges of control totals")
+    control_totals_window_s: float = Field(30.0, ge=0, le=86_400,
+                                           description="how long the control totals must differ before the "
+                                                       "divergence is flagged (gauge, log): longer than an "
+                                                       "in-doubt pay takes to resolve")
+    control_totals_settle_s: float = Field(5.0, ge=0, le=3_600,
+                                           description="only pays the utility posted at least this long before "
+                                                       "an exchange count (covers clock skew between the sides)")
+    control_totals_call_timeout_s: float = Field(5.0, gt=0, le=600,
+                                                 description="deadline of one exchange of control totals")
+    control_totals_in_doubt_max: int = Field(1_000, ge=0, le=1_000,
+                                             description="in-doubt serials an exchange may leave out; with more "
+                                                         "in doubt the exchange is skipped")
+    control_totals_list_page_max: int = Field(1_000, ge=1, le=1_000,
+                                              description="entries per page when listing the utility's serials "
+                                                          "to name the differing ones")
+    control_totals_list_pages_max: int = Field(200, ge=0, le=100_000,
+                                               description="pages read per flagged divergence to name its "
+                                                           "serials")
+    control_totals_serials_logged: int = Field(10, ge=1, le=10,
+                                               description="differing serials named in the log")
 
     @field_validator("upstream", mode="before")
     @classmethod

@@ -156,6 +156,11 @@ def operations() -> dict[str, Any]:
               "s",
               [Target(f"max by (bank) (yindian_reversal_queue_oldest_age_seconds{{{SEL}}})", "reversal {{bank}}"),
                Target(f"max by (bank) (yindian_suspect_payments_oldest_age_seconds{{{SEL}}})", "suspect {{bank}}")]),
+        Panel("Control totals divergence (continuous reconciliation)",
+              "Fen by which the bridge's and the utility's control totals of the open settlement date differ, "
+              "once the difference has persisted past the in-doubt window; 0 in agreement. Both servers report "
+              "it: non-zero means a payment changed on one side only (see the logs for the serials).", "short",
+              [Target(f"max by (job, bank) (yindian_control_total_divergence_fen{{{SEL}}})", "{{job}} {{bank}}")]),
         Panel("Database pool use", "Checked-out connections as a share of each pool.", "percentunit",
               [Target(f"sum by (job, db) (yindian_db_pool_checked_out_connections{{{SEL}}}) "
                       f"/ sum by (job, db) (yindian_db_pool_size_connections{{{SEL}}})", "{{job}} {{db}}")]),

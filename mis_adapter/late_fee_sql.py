@@ -97,8 +97,28 @@ def _ye_other(el: _YearEnd, compiler: Any, **kw: Any) -> str:
         else f"CAST(CONCAT(SUBSTR({period}, 1, 4), '-12-31') AS DATE)"
 
 
+class _Greatest(FunctionElement[int]):
+    """The larger of two non-NULL integers, each expression evaluated once (a CASE
+    would repeat the larger one's expression, and the fee's is long)."""
+    type = sa.BigInteger()
+    inherit_cache = True
+    name = "greatest"
+
+
+@compiles(_Greatest)
+def _greatest_default(el: _Greatest, compiler: Any, **kw: Any) -> str:
+    a, b = (compiler.process(c, **kw) for c in el.clauses)
+    return f"GREATEST({a}, {b})"
+
+
+@compiles(_Greatest, "sqlite")
+def _greatest_sqlite(el: _Greatest, compiler: Any, **kw: Any) -> str:
+    a, b = (compiler.process(c, **kw) for c in el.clauses)
+    return f"max({a}, {b})"  # scalar max of two arguments
+
+
 def _at_least_zero(x: ColumnElement[Any]) -> ColumnElement[Any]:
-    return sa.case((x > 0, x), else_=0)
+    return _Greatest(x, sa.literal(0, sa.BigInteger()))
 
 
 def late_fee_due_sql(*, principal_unpaid: ColumnElement[Any], accrual_micro: ColumnElement[Any],
@@ -117,5 +137,5 @@ def late_fee_due_sql(*, principal_unpaid: ColumnElement[Any], accrual_micro: Col
                                 + (days - current_days) * rates.other_earlier_years_ppm_per_day)
     micro = accrual_micro + sa.case((sa.not_(accrues), 0), (tariff_class == RESIDENTIAL, residential), else_=other)
     rounded = _IntDiv(micro + MICRO_PER_FEN // 2, MICRO_PER_FEN)
-    fee = sa.case((micro <= 0, 0), (rounded < rates.minimum_fen, rates.minimum_fen), else_=rounded)
+    fee = sa.case((micro <= 0, 0), else_=_Greatest(rounded, sa.literal(rates.minimum_fen, sa.BigInteger())))
     return _at_least_zero(fee - late_fee_paid)

@@ -15,18 +15,19 @@ the sum of the day's payments still POSTED in the MIS (MISMATCH lines count
 at the MIS amount until people settle them by hand).
 
 Storage: the bank's records are validated batch by batch and bulk-loaded into
-a TEMPORARY staging table on one connection, then matched with two joins
-against the day's payments (on PostgreSQL first copied into a narrow temporary
-table); discrepancies are written to `recon_lines`, the outcomes applied, and
+a TEMPORARY staging table on one connection, then matched against the day's
+payments (PostgreSQL: one hash full join; elsewhere a join per side);
+discrepancies are written to `recon_lines`, the outcomes applied, and
 the day closed (`reconciled_days`) in one transaction. Memory stays flat in
 the number of records: nothing holds more than one batch or one page.
 
-Concurrency: the closing transaction first inserts the reconciled_days row (a
-second reconciliation of the day waits on it, then replays the stored
-result), then locks the accounts of the day's posted payments (PostgreSQL,
-MariaDB; SQLite has one writer): Cancel takes its account lock before it
-looks at reconciled_days, so no cancel of the day can land between the
-matching and the commit.
+Concurrency: the closing transaction takes the bank-day lock exclusive
+(banks.lock_bank_day; every pay, cancel, feed posting and refund of the bank
+takes it shared before anything else), so no payment or cancel of the day
+can land between the matching and the commit; then it inserts the
+reconciled_days row (a second reconciliation of the day waits on it, then
+replays the stored result). Applying an outcome locks its accounts, as a Pay
+does.
 
 Must never: apply anything when the input is refused, correct a MISMATCH,
 or change a day that is already closed."""

@@ -22,7 +22,7 @@ Runs inside the day-closing transaction; never commits."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,13 +86,54 @@ WHERE customers.account_no = v.acct
 
 
 def _update_each(conn: Connection, stmt: Any, pg_sql: str, rows: list[dict[str, Any]]) -> None:
-    """One UPDATE per row (executemany), or on PostgreSQL one UPDATE for all rows."""
+    """One UPDATE per row (executemany), or on PostgreSQL one UPDATE for all rows, its
+    arrays sent as text literals (psycopg dumps a list element by element in Python)."""
     if not rows:
         return
     if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(pg_sql, {k: [r[k] for r in rows] for k in rows[0]})
+        conn.exec_driver_sql(pg_sql, {k: _pg_array_text([r[k] for r in rows]) for k in rows[0]})
     else:
         conn.execute(stmt, rows)
+
+
+def _pg_array_text(values: list[Any]) -> str:
+    """A PostgreSQL array literal of integers, dates, NULLs and bill states (no quoting needed:
+    none holds a comma, brace, quote, backslash or space)."""
+    return "{" + ",".join("NULL" if v is None else v.isoformat() if isinstance(v, dt.date) else str(v)
+                          for v in values) + "}"
+
+
+def _insert(conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+    """bulk_insert; on PostgreSQL a COPY (rows formatted by psycopg's C code, no arrays to dump)."""
+    if not rows:
+        return
+    if conn.dialect.name != "postgresql":
+        bulk_insert(conn, table, rows)
+        return
+    _copy(conn, table, list(rows[0]), (tuple(r.values()) for r in rows))
+
+
+def _copy(conn: Connection, table: sa.Table, cols: list[str], rows: Iterable[tuple[Any, ...]]) -> None:
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    with cursor.copy(f"COPY {table.name} ({', '.join(cols)}) FROM STDIN") as copy:
+        for r in rows:
+            copy.write_row(r)
+
+
+_PG_NEXT_PAYMENT_IDS = "SELECT nextval(pg_get_serial_sequence('payments', 'payment_id')) FROM generate_series(1, %(n)s)"
+
+
+def _insert_payments(conn: Connection, rows: list[dict[str, Any]], bank_id: str) -> dict[str, int]:
+    """Inserts the payments; returns their ids by serial. PostgreSQL: ids drawn from the
+    sequence first, so that the rows go in by COPY and need no read back."""
+    if conn.dialect.name == "postgresql":
+        ids = [r[0] for r in conn.exec_driver_sql(_PG_NEXT_PAYMENT_IDS, {"n": len(rows)})]
+        _copy(conn, T_PAY, ["payment_id", *rows[0]], ((i, *r.values()) for i, r in zip(ids, rows, strict=True)))
+        return {r["bank_serial"]: i for i, r in zip(ids, rows, strict=True)}
+    bulk_insert(conn, T_PAY, rows)
+    serials = [p["bank_serial"] for p in rows]
+    return {r.bank_serial: r.payment_id for r in conn.execute(_IDS, {"bank_id": bank_id,
+                                                                    "serials": list_param(conn, serials)})}
 
 
 @dataclass
@@ -128,10 +169,8 @@ def post_bank_only(conn: Connection, lines: Sequence[Any], *, bank_id: str, day:
     taken = {r.bank_serial for r in conn.execute(_TAKEN, {"bank_id": bank_id,
                                                           "serials": list_param(conn, serials)})}
     bills: dict[str, list[_Bill]] = {}
-    for r in conn.execute(_UNPAID, {"accts": list_param(conn, accts)}):
-        bills.setdefault(r.account_no, []).append(_Bill(r.bill_id, r.period, r.amount_fen, r.prepaid_applied_fen,
-                                                        r.principal_paid_fen, r.late_fee_paid_fen,
-                                                        r.accrual_micro, r.accrual_date))
+    for bill_id, account_no, *rest in conn.execute(_UNPAID, {"accts": list_param(conn, accts)}):
+        bills.setdefault(account_no, []).append(_Bill(bill_id, *rest))  # _UNPAID's columns in _Bill's order
     prepaid = {a: int(c.prepaid_fen) for a, c in custs.items()}
     w = _Writes([], [], [], [], [])
     touched: dict[int, _Bill] = {}
@@ -202,12 +241,9 @@ def _write(conn: Connection, w: _Writes, touched: dict[int, _Bill], prepaid: dic
         conn.execute(_DEMOTE, w.demoted)
     if not w.payments:
         return
-    bulk_insert(conn, T_PAY, w.payments)
-    serials = [p["bank_serial"] for p in w.payments]
-    ids = {r.bank_serial: r.payment_id for r in conn.execute(_IDS, {"bank_id": bank_id,
-                                                                   "serials": list_param(conn, serials)})}
+    ids = _insert_payments(conn, w.payments, bank_id)
     if w.allocations:
-        bulk_insert(conn, T_ALLOC, [{"payment_id": ids[s], **row} for s, row in w.allocations])
+        _insert(conn, T_ALLOC, [{"payment_id": ids[s], **row} for s, row in w.allocations])
     _update_each(conn, _UPDATE_BILL, _PG_SET_BILLS, [
         {"b_id": b.bill_id, "principal_paid": b.principal_paid_fen, "fee_paid": b.late_fee_paid_fen,
          "micro": b.accrual_micro, "micro_date": b.accrual_date, "new_status": _status(b),
@@ -215,8 +251,8 @@ def _write(conn: Connection, w: _Writes, touched: dict[int, _Bill], prepaid: dic
     if w.prepaid:
         accts = sorted({row["account_no"] for _s, row in w.prepaid})
         _update_each(conn, _SET_PREPAID, _PG_SET_PREPAID, [{"acct": a, "prepaid": prepaid[a]} for a in accts])
-        bulk_insert(conn, T_PREPAID, [{**row, "payment_id": ids[s]} for s, row in w.prepaid])
-    bulk_insert(conn, T_JOURNAL, [{**row, "payment_id": ids[s]} for s, row in w.journal])
+        _insert(conn, T_PREPAID, [{**row, "payment_id": ids[s]} for s, row in w.prepaid])
+    _insert(conn, T_JOURNAL, [{**row, "payment_id": ids[s]} for s, row in w.journal])
 
 
 # ---- UTILITY_ONLY ----
@@ -291,13 +327,13 @@ def reverse_utility_only(conn: Connection, lines: Sequence[Any], *, bank_id: str
     if ledger:
         accts_changed = sorted({row["account_no"] for row in ledger})
         _update_each(conn, _SET_PREPAID, _PG_SET_PREPAID, [{"acct": a, "prepaid": prepaid[a]} for a in accts_changed])
-        bulk_insert(conn, T_PREPAID, ledger)
+        _insert(conn, T_PREPAID, ledger)
     ids = [p.payment_id for p in reversed_]
     conn.execute(_REVERSE, [{"p_id": i, "at": now, "day": day, "c_serial": cancel_serial} for i in ids])
     n = conn.execute(_COUNT_REVERSED, {"ids": list_param(conn, ids), "day": day}).scalar_one()
     if n != len(ids):  # a payment stopped being POSTED under our account locks: a bug, not an operating error
         raise RuntimeError(f"reversed {n} of {len(ids)} payments")
-    bulk_insert(conn, T_JOURNAL, [{"at": now, "bank_id": bank_id, "rpc": "RECONCILE", "serial": p.bank_serial,
+    _insert(conn, T_JOURNAL, [{"at": now, "bank_id": bank_id, "rpc": "RECONCILE", "serial": p.bank_serial,
                                    "original_serial": "", "account_no": p.account_no or "", "amount_fen": p.amount_fen,
                                    "outcome": "UTILITY_ONLY_REVERSED", "payment_id": p.payment_id}
                                   for p in reversed_])

@@ -114,29 +114,55 @@ WHERE {day_where} {matched}
   AND NOT EXISTS (SELECT 1 FROM recon_staging s WHERE s.bank_serial = p.bank_serial)
 """
 
-# Where "the day's payments" come from. PostgreSQL copies them once, after the
-# accounts are locked, into a narrow temporary table (recon_day) that the joins
-# read from memory; the others read them in place through the (bank, day) index.
+# SQLite, MariaDB: the day's payments read in place through the (bank, day) index.
 _IN_PLACE = {"day_payments": "payments", "day_join": "p.bank_id = :bank_id AND p.settlement_date = :day AND",
              "day_where": "p.bank_id = :bank_id AND p.settlement_date = :day AND"}
-_COPIED = {"day_payments": "recon_day", "day_join": "", "day_where": ""}
-_COPY_DAY = sa.text("""
-CREATE TEMPORARY TABLE recon_day AS
-SELECT payment_id, bank_serial, state, account_no, amount_fen FROM payments
-WHERE bank_id = :bank_id AND settlement_date = :day
-""").bindparams(_DAY)
 
-# Lock the accounts of the day's payments (PostgreSQL, MariaDB): a Cancel takes
-# the account lock before it looks at reconciled_days, so once we hold these,
-# no cancel of the day can slip in between our matching and our commit.
-_LOCK_DAY_ACCOUNTS = sa.text("""
-SELECT COUNT(*) FROM (
-  SELECT c.account_no FROM customers c
-  WHERE c.account_no IN (SELECT p.account_no FROM payments p
-                         WHERE p.bank_id = :bank_id AND p.settlement_date = :day AND p.state = 'POSTED')
-  FOR UPDATE
-) locked
-""").bindparams(_DAY)
+# PostgreSQL: both sides in ONE pass, a hash FULL JOIN of the staged records with the
+# day's payments read in place (by the (bank, day) index): a row with no record is a
+# payment the bank did not send (its facts as _MIS_ONLY_FACTS), any other row is the bank
+# side. Only discrepancies and the payments the bank did not send are kept (a small
+# set); from them the lines are written in the order the two statements above write
+# them (records by line, then payments by id) and the settled ones counted.
+_PG_MIS_ONLY_FACTS = {m.MIS: "j.m_state"}
+_ONE_PASS_SQL = """
+WITH kept AS (
+  SELECT c.* FROM (
+    SELECT j.*,
+           CASE WHEN j.line_no IS NULL THEN {mis_outcome} ELSE {bank_outcome} END AS outcome,
+           CASE WHEN j.line_no IS NULL THEN {mis_detail} ELSE {bank_detail} END AS detail
+    FROM (
+      SELECT s.line_no, COALESCE(s.bank_serial, p.bank_serial) AS bank_serial, s.account_no, s.amount_fen,
+             s.status, p.payment_id AS same_day,
+             CASE WHEN p.payment_id IS NULL THEN q.state ELSE p.state END AS m_state,
+             CASE WHEN p.payment_id IS NULL THEN q.account_no ELSE p.account_no END AS m_account,
+             CASE WHEN p.payment_id IS NULL THEN q.amount_fen ELSE p.amount_fen END AS m_amount
+      FROM recon_staging s
+      FULL JOIN (SELECT payment_id, bank_serial, state, account_no, amount_fen FROM payments
+                 WHERE bank_id = :bank_id AND settlement_date = :day) p ON p.bank_serial = s.bank_serial
+      -- a record not found that day: looked up on any day, once, by the unique (bank, serial) index
+      LEFT JOIN LATERAL (SELECT q.state, q.account_no, q.amount_fen FROM payments q
+                         WHERE p.payment_id IS NULL AND q.bank_id = :bank_id AND q.bank_serial = s.bank_serial) q
+             ON true
+    ) j
+  ) c
+  WHERE c.outcome <> 'MATCHED' OR c.line_no IS NULL
+), written AS (
+  INSERT INTO recon_lines (bank_id, settlement_date, bank_serial, outcome, bank_line_no, bank_account_no,
+                           mis_account_no, bank_amount_fen, mis_amount_fen, bank_status, mis_state, detail)
+  SELECT :bank_id, :day, k.bank_serial, k.outcome, COALESCE(k.line_no, 0), COALESCE(k.account_no, ''),
+         COALESCE(k.m_account, ''), COALESCE(k.amount_fen, 0), COALESCE(k.m_amount, 0), COALESCE(k.status, ''),
+         COALESCE(k.m_state, ''), k.detail
+  FROM kept k WHERE k.outcome <> 'MATCHED'
+  ORDER BY k.line_no IS NULL, k.line_no, k.same_day
+)
+SELECT COUNT(*), COALESCE(SUM(k.m_amount), 0) FROM kept k WHERE k.line_no IS NULL AND k.outcome = 'MATCHED'
+"""
+ONE_PASS_MIS_ONLY_OUTCOME = m.sql_case(_PG_MIS_ONLY_FACTS, column="outcome", known=_MIS_ONLY_KNOWN)
+ONE_PASS_MIS_ONLY_DETAIL = m.sql_case(_PG_MIS_ONLY_FACTS, column="detail", known=_MIS_ONLY_KNOWN)
+_ONE_PASS = sa.text(_ONE_PASS_SQL.format(mis_outcome=ONE_PASS_MIS_ONLY_OUTCOME, mis_detail=ONE_PASS_MIS_ONLY_DETAIL,
+                                         bank_outcome=BANK_SIDE_OUTCOME, bank_detail=BANK_SIDE_DETAIL)
+                    ).bindparams(_DAY)
 
 
 def _matching(where: dict[str, str]) -> tuple[sa.TextClause, sa.TextClause, sa.TextClause]:
@@ -150,22 +176,20 @@ def _matching(where: dict[str, str]) -> tuple[sa.TextClause, sa.TextClause, sa.T
             text(_MIS_ONLY_SETTLED_SQL, MIS_ONLY_OUTCOME, MIS_ONLY_DETAIL))
 
 
-_MATCHING = {"postgresql": _matching(_COPIED)}
 _MATCHING_IN_PLACE = _matching(_IN_PLACE)
 
 
 def match_day(conn: Connection, bank_id: str, day: dt.date) -> tuple[int, int]:
     """Writes the day's discrepancy lines (the staging table against the day's
-    payments, their accounts locked first); returns (count, fen) of the day's
-    payments the bank did not send that are MATCHED (moved no money)."""
-    dialect = conn.dialect.name
+    payments); returns (count, fen) of the day's payments the bank did not send
+    that are MATCHED (moved no money). The caller holds the bank-day lock
+    exclusive (banks.lock_bank_day): no payment or reversal of the day can
+    commit meanwhile, so the day's payments need no row locks."""
     key = {"bank_id": bank_id, "day": day}
-    if dialect != "sqlite":
-        conn.execute(_LOCK_DAY_ACCOUNTS, key)
-    if dialect == "postgresql":
-        conn.execute(_COPY_DAY, key)
-        conn.exec_driver_sql("ANALYZE recon_day")
-    bank_side, mis_only, mis_only_settled = _MATCHING.get(dialect, _MATCHING_IN_PLACE)
+    if conn.dialect.name == "postgresql":
+        settled_n, settled_fen = conn.execute(_ONE_PASS, key).one()
+        return int(settled_n), int(settled_fen)
+    bank_side, mis_only, mis_only_settled = _MATCHING_IN_PLACE
     conn.execute(bank_side, key)
     conn.execute(mis_only, key)
     settled_n, settled_fen = conn.execute(mis_only_settled, key).one()

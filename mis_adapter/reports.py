@@ -266,19 +266,28 @@ def _arrears_query(branch: bool, *, indexed: bool = True, rates: LateFeeRates | 
     if not indexed:
         return _arrears_scan_query(branch)
     delta = _DELTA_BY_PAYMENTS.cte("delta")
+    # SQLite: the customer joined on an expression, so that no index of bills by account invites a walk
+    # over every bill
+    cust_join = T_CUST.c.account_no == (sa.func.coalesce(T_BILL.c.account_no, "") if union else T_BILL.c.account_no)
     if replay_only:
         candidates = sa.union(sa.select(T_BILL.c.bill_id).where(T_BILL.c.accrual_date > _AS_OF),
                               sa.select(delta.c.bill_id)).subquery("candidates")
-    elif union:  # SQLite: each part by its index (an OR would be flattened into a walk over every bill)
-        candidates = sa.union(sa.select(T_BILL.c.bill_id).where(T_BILL.c.paid_on.is_(None)),
-                              sa.select(T_BILL.c.bill_id).where(T_BILL.c.paid_on > _AS_OF),
-                              sa.select(delta.c.bill_id)).subquery("candidates")
-    else:
-        # PostgreSQL, MariaDB: one OR, answered by a bitmap OR of the indexes or, when many bills
-        # are in arrears, one sequential pass (no union to sort and hash)
-        candidates = (sa.select(T_BILL.c.bill_id)
-                      .where(sa.or_(T_BILL.c.paid_on.is_(None), T_BILL.c.paid_on > _AS_OF,
-                                    T_BILL.c.bill_id.in_(sa.select(delta.c.bill_id)))).subquery("candidates"))
+        return _arrears_part(candidates.join(T_BILL, T_BILL.c.bill_id == candidates.c.bill_id)
+                             .join(T_CUST, cust_join).outerjoin(delta, delta.c.bill_id == T_BILL.c.bill_id),
+                             delta, branch, rates).order_by(T_BILL.c.account_no, T_BILL.c.period, T_BILL.c.bill_id)
+    # Three disjoint parts, each read once by its own index or scan (no second pass over bills to join
+    # candidates back): unpaid now, paid after as_of, paid by as_of but touched by payments after it.
+    now_read = T_BILL.outerjoin(delta, delta.c.bill_id == T_BILL.c.bill_id).join(T_CUST, cust_join)
+    touched = delta.join(T_BILL, T_BILL.c.bill_id == delta.c.bill_id).join(T_CUST, cust_join)
+    parts = (_arrears_part(now_read, delta, branch, rates).where(T_BILL.c.paid_on.is_(None)),
+             _arrears_part(now_read, delta, branch, rates).where(T_BILL.c.paid_on > _AS_OF),
+             _arrears_part(touched, delta, branch, rates).where(T_BILL.c.paid_on <= _AS_OF))
+    u = sa.union_all(*parts).subquery("arrears_parts")
+    return sa.select(u).order_by(u.c.account_no, u.c.period, u.c.bill_id)
+
+
+def _arrears_part(frm: Any, delta: Any, branch: bool, rates: LateFeeRates | None) -> sa.Select[Any]:
+    """The columns of _arrears_query over `frm` (bills, their customer, their delta)."""
     principal_delta = sa.func.coalesce(delta.c.principal_delta, 0)
     unpaid = T_BILL.c.amount_fen - T_BILL.c.prepaid_applied_fen - T_BILL.c.principal_paid_fen - principal_delta
     needs_replay = sa.or_(delta.c.bill_id.is_not(None),
@@ -289,13 +298,8 @@ def _arrears_query(branch: bool, *, indexed: bool = True, rates: LateFeeRates | 
                    T_BILL.c.accrual_date, T_BILL.c.due_date, unpaid.label("unpaid_fen"),
                    (T_BILL.c.late_fee_paid_fen + sa.func.coalesce(delta.c.fee_delta, 0)).label("fee_paid_fen"),
                    sa.case((needs_replay, 1), else_=0).label("needs_replay"))
-         .select_from(candidates.join(T_BILL, T_BILL.c.bill_id == candidates.c.bill_id)
-                      # SQLite: an expression, so that no index of bills by account invites a walk over every bill
-                      .join(T_CUST, T_CUST.c.account_no == (sa.func.coalesce(T_BILL.c.account_no, "") if union
-                                                            else T_BILL.c.account_no))
-                      .outerjoin(delta, delta.c.bill_id == T_BILL.c.bill_id))
-         .where(T_BILL.c.issued_at < _b("issued_before"), unpaid > 0)
-         .order_by(T_BILL.c.account_no, T_BILL.c.period, T_BILL.c.bill_id))
+         .select_from(frm)
+         .where(T_BILL.c.issued_at < _b("issued_before"), unpaid > 0))
     if rates is not None:
         q = q.add_columns(late_fee_due_sql(
             principal_unpaid=unpaid, accrual_micro=T_BILL.c.accrual_micro, accrual_date=T_BILL.c.accrual_date,
@@ -502,19 +506,24 @@ def _summed_statements(rates: LateFeeRates, branch: bool, dialect: str
     """(by branch, by account, bills to replay) over the bills in arrears at as_of."""
     bills = (_arrears_query(branch, indexed=True, rates=rates, union=dialect == "sqlite").order_by(None)
              .subquery("arrears_bills"))
-    fee = sa.func.sum(sa.case((bills.c.needs_replay == 0, bills.c.fee_sql), else_=0))
+
+    def total(x: Any) -> Any:  # PostgreSQL's sum(bigint) is numeric (a Decimal per value in Python)
+        return sa.cast(sa.func.sum(x), sa.BigInteger)
+
+    fee = total(sa.case((bills.c.needs_replay == 0, bills.c.fee_sql), else_=0))
     # by account first, then by branch: a hash aggregate each, where COUNT(DISTINCT) would sort every bill
-    accounts = (sa.select(bills.c.branch_code, sa.func.sum(bills.c.unpaid_fen).label("principal_fen"),
+    accounts = (sa.select(bills.c.branch_code, total(bills.c.unpaid_fen).label("principal_fen"),
                           fee.label("late_fee_fen"))
                 .group_by(bills.c.branch_code, bills.c.account_no).subquery("arrears_accounts"))
     by_branch = (sa.select(accounts.c.branch_code, sa.func.count().label("households"),
-                           sa.func.sum(accounts.c.principal_fen).label("principal_fen"),
-                           sa.func.sum(accounts.c.late_fee_fen).label("late_fee_fen"))
+                           total(accounts.c.principal_fen).label("principal_fen"),
+                           total(accounts.c.late_fee_fen).label("late_fee_fen"))
                  .group_by(accounts.c.branch_code))
-    by_account = (sa.select(bills.c.account_no, bills.c.branch_code, sa.func.min(bills.c.name).label("name"),
-                            sa.func.min(bills.c.phone).label("phone"), sa.func.count().label("unpaid_bills"),
-                            sa.func.sum(bills.c.unpaid_fen).label("principal_fen"), fee.label("late_fee_fen"),
-                            sa.func.min(bills.c.period).label("oldest_period"))
+    # columns in ArrearsAccount's order (rows are read as plain tuples)
+    by_account = (sa.select(bills.c.account_no, sa.func.min(bills.c.name).label("name"),
+                            sa.func.min(bills.c.phone).label("phone"), bills.c.branch_code,
+                            sa.func.count().label("unpaid_bills"), total(bills.c.unpaid_fen).label("principal_fen"),
+                            fee.label("late_fee_fen"), sa.func.min(bills.c.period).label("oldest_period"))
                   .group_by(bills.c.account_no, bills.c.branch_code).order_by(bills.c.account_no))
     to_replay = _arrears_query(branch, indexed=True, replay_only=True).order_by(None).subquery("replay_bills")
     # ordered by expressions no index gives: the plan starts from the few bills to replay (SQLite would
@@ -573,10 +582,9 @@ def _summed_by_account(engines: Sequence[Engine], as_of: dt.date, rates: LateFee
             replay_fees = _fees_by_account(_replayed(rconn, side, replays, params, as_of, rates))
             pending = next(replay_fees, None)
             result = conn.execute(by_account, params, execution_options={"yield_per": ARREARS_CHUNK_ROWS})
-            for r in result:
-                acc = ArrearsAccount(r.account_no, mask_name(r.name), mask_phone(r.phone), r.branch_code,
-                                     int(r.unpaid_bills), int(r.principal_fen), int(r.late_fee_fen or 0),
-                                     r.oldest_period)
+            for account_no, name, phone, branch, n, principal_fen, fee_fen, oldest in result:
+                acc = ArrearsAccount(account_no, mask_name(name), mask_phone(phone), branch, n, principal_fen,
+                                     fee_fen or 0, oldest)
                 # both streams are in account order: add the replayed fees of this account
                 while pending is not None and pending[0] <= acc.account_no:
                     if pending[0] == acc.account_no:

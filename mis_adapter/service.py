@@ -13,6 +13,7 @@ from google.protobuf import timestamp_pb2
 
 from mis_adapter import feed_service, link_service, payments, recon_service
 from mis_adapter.context import AdapterContext
+from mis_adapter.control_totals_service import ControlTotalsDesk
 from mis_adapter.payments import CancelCommand, PayCommand, PayResult
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
@@ -87,6 +88,7 @@ def account_response(v: payments.AccountView) -> pb.QueryAccountResponse:
 class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
     def __init__(self, ctx: AdapterContext) -> None:
         self.ctx = ctx
+        self.control = ControlTotalsDesk(ctx)
 
     def _bank(self, context: grpc.ServicerContext) -> str:
         """The calling bank, from the link (certificate, or metadata in plain-text mode)."""
@@ -178,3 +180,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
     def Echo(self, request: pb.EchoRequest, context: grpc.ServicerContext) -> pb.EchoResponse:
         return link_service.echo(self.ctx, request, context)
 
+    # ---- continuous reconciliation (mis_adapter.control_totals_service) ----
+    def ExchangeControlTotals(self, request: pb.ExchangeControlTotalsRequest, context: grpc.ServicerContext
+                              ) -> pb.ExchangeControlTotalsResponse:
+        return self.control.exchange(request, context)

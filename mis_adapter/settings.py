@@ -95,6 +95,16 @@ class AdapterSettings(ServerSettings):
     dunning_attempts_list_max: int = Field(1_000, ge=1, le=100_000,
                                            description="dunning attempts returned per ListDunningAttempts")
 
+    # --- continuous reconciliation (ExchangeControlTotals) ---
+    control_totals_window_s: float = Field(30.0, ge=0, le=86_400,
+                                           description="how long a bank's control totals must differ from its "
+                                                       "bridge's before the divergence is flagged (gauge, log)")
+    control_totals_in_doubt_max: int = Field(1_000, ge=0, le=1_000,
+                                             description="in-doubt serials an exchange of control totals may "
+                                                         "leave out (more: INVALID_ARGUMENT in_doubt_serials)")
+    control_totals_list_max: int = Field(1_000, ge=1, le=1_000,
+                                         description="most per-serial entries one exchange lists")
+
     @model_validator(mode="after")
     def _lease_outlives_heartbeat(self) -> Self:
         if self.feed_lease_ttl_s <= self.feed_heartbeat_s:

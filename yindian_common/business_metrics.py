@@ -24,6 +24,8 @@ Call-site contract (who calls what):
     set_feed_stream_active(bank, active)           a bank's feed stream opened / closed
     record_reconcile_records(bank, outcome, records, amount_fen)   per outcome of one reconciliation
     record_reconciliation(bank, result)            COMPLETED, REPLAYED (stored result) or FAILED
+    set_control_divergence(bank, fen, count)       continuous reconciliation: a persisting divergence (0: agree)
+    record_control_exchange(bank, result)          one exchange of control totals: AGREE, WATCHING, FLAGGED, FAILED
 """
 from __future__ import annotations
 
@@ -49,8 +51,8 @@ log = logging.getLogger("yindian.metrics")
 __all__ = [
     "BANK_LABELS_MAX", "DEFAULT_COLLECTOR_LIMITS", "CollectorLimits", "DbGaugeCollector", "GaugeSpec", "PoolCollector", "Readings", "db_label", "initialize_bridge_bank", "initialize_utility_bank", "instrument_engine", "record_cancel", "record_db_error",
     "record_debit_result", "record_feed_acknowledged", "record_feed_sent", "record_payment",
-    "record_payment_replay", "record_reconcile_records", "record_reconciliation", "record_reversal",
-    "read_only_engine", "record_suspect_payment", "register_collectors", "set_feed_stream_active", "set_feed_unacknowledged",
+    "record_payment_replay", "record_control_exchange", "record_reconcile_records", "record_reconciliation", "record_reversal",
+    "read_only_engine", "record_suspect_payment", "register_collectors", "set_control_divergence", "set_feed_stream_active", "set_feed_unacknowledged",
 ]
 
 # Bank ids come from certificates (or loopback metadata): cap the label set anyway.
@@ -65,6 +67,7 @@ REVERSAL_OUTCOMES = frozenset({"POSTED", "REVERSED", "ORIGINAL_NOT_FOUND", "RETR
 DEBIT_OUTCOMES = frozenset({"DEBITED", "INSUFFICIENT_FUNDS", "NO_AGREEMENT", "REJECTED", "SETTLED_ELSEWHERE"})
 RECONCILE_OUTCOMES = frozenset({"MATCHED", "BANK_ONLY", "UTILITY_ONLY", "MISMATCH"})
 RECONCILIATION_RESULTS = frozenset({"COMPLETED", "REPLAYED", "FAILED"})
+CONTROL_EXCHANGE_RESULTS = frozenset({"AGREE", "WATCHING", "FLAGGED", "RECONCILED", "SKIPPED", "FAILED"})
 DB_ERRORS = frozenset({"OperationalError", "IntegrityError", "DataError", "ProgrammingError", "InterfaceError",
                        "InternalError", "NotSupportedError", "DatabaseError", "TimeoutError"})
 
@@ -88,6 +91,15 @@ FEED_STREAMS = Gauge("yindian_feed_streams_active", "Open bill-feed streams.", [
 RECONCILE_RECORDS = Counter("yindian_reconcile_records", "Reconciled records, by outcome.", ["bank", "outcome"])
 RECONCILE_FEN = Counter("yindian_reconcile_fen", "Fen of reconciled records, by outcome.", ["bank", "outcome"])
 RECONCILIATIONS = Counter("yindian_reconciliations", "Reconciliations run, by result.", ["bank", "result"])
+CONTROL_DIVERGENCE_FEN = Gauge("yindian_control_total_divergence_fen",
+                               "Continuous reconciliation: fen by which this side's control totals of the open "
+                               "settlement date differ from the other side's, once the difference has persisted "
+                               "past the in-doubt window (0 in agreement).", ["bank"])
+CONTROL_DIVERGENCE_COUNT = Gauge("yindian_control_total_divergence_pays",
+                                 "Continuous reconciliation: pays by which the control totals differ, once the "
+                                 "difference has persisted past the in-doubt window (0 in agreement).", ["bank"])
+CONTROL_EXCHANGES = Counter("yindian_control_total_exchanges", "Exchanges of control totals, by result.",
+                            ["bank", "result"])
 DB_ERRORS_TOTAL = Counter("yindian_db_errors", "Database errors, by database and error class.", ["db", "error"])
 
 _banks_lock = threading.Lock()
@@ -183,6 +195,23 @@ _initialized_lock = threading.Lock()
 _initialized: set[tuple[str, str]] = set()
 
 
+def set_control_divergence(bank: str, fen: int, count: int) -> None:
+    bank = _bank(bank)
+    CONTROL_DIVERGENCE_FEN.labels(bank).set(fen)
+    CONTROL_DIVERGENCE_COUNT.labels(bank).set(count)
+
+
+def record_control_exchange(bank: str, result: str) -> None:
+    CONTROL_EXCHANGES.labels(_bank(bank), _member(result, CONTROL_EXCHANGE_RESULTS)).inc()
+
+
+def _initialize_control_totals(bank: str) -> None:
+    CONTROL_DIVERGENCE_FEN.labels(bank)
+    CONTROL_DIVERGENCE_COUNT.labels(bank)
+    for result in CONTROL_EXCHANGE_RESULTS:
+        CONTROL_EXCHANGES.labels(bank, result)
+
+
 def _initialize_once(side: str, bank: str) -> bool:
     with _initialized_lock:
         if (side, bank) in _initialized:
@@ -215,6 +244,7 @@ def initialize_utility_bank(bank: str) -> None:
         RECONCILE_FEN.labels(bank, outcome)
     for result in RECONCILIATION_RESULTS:
         RECONCILIATIONS.labels(bank, result)
+    _initialize_control_totals(bank)
 
 
 def initialize_bridge_bank(bank: str) -> None:
@@ -225,6 +255,7 @@ def initialize_bridge_bank(bank: str) -> None:
     SUSPECT_PAYMENTS.labels(bank)
     for outcome in REVERSAL_OUTCOMES:
         REVERSALS.labels(bank, outcome)
+    _initialize_control_totals(bank)
 
 
 # ---- databases ------------------------------------------------------------------------------------------------

@@ -92,6 +92,8 @@ class _Conn:
         self.client = client
         self.upstream: asyncio.StreamWriter | None = None
         self.dead = False
+        # The cut's budget is spent: nothing more crosses, in either direction, while its last bytes drain.
+        self.cut = False
 
     def abort(self) -> None:
         if self.dead:
@@ -304,7 +306,7 @@ class FaultProxy:
                 await self._flowing.wait()
                 if self._delay_s > 0:
                     await asyncio.sleep(self._delay_s)
-                if conn.dead:
+                if conn.dead or conn.cut:
                     return
                 if self._mode == "cut":
                     if len(data) >= self._cut_left:
@@ -312,6 +314,7 @@ class FaultProxy:
                         self._count(direction, self._cut_left)
                         self._mode, self._cut_left = "pass", 0
                         self.stats.cuts += 1
+                        conn.cut = True
                         with contextlib.suppress(Exception):
                             await asyncio.wait_for(writer.drain(), 1.0)
                         conn.abort()

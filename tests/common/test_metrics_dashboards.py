@@ -139,3 +139,29 @@ def test_grafana_provisioning_points_at_the_dashboards_and_a_datasource() -> Non
     assert "scrape_interval: 15s" in scrape  # Grafana's $__rate_interval assumes the same interval
     dash = (prov / "dashboards" / "yindian.yaml").read_text(encoding="utf-8")
     assert "type: file" in dash and "path:" in dash
+
+
+def _promtool() -> str:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if IN_CI:
+            pytest.fail("promtool not installed and CI=true requires it")
+        pytest.skip("promtool not installed (apt-get install prometheus)")
+    return promtool
+
+
+def test_alert_rules_are_valid_and_loaded_by_the_deploy_config() -> None:
+    assert "alerts.yml" in (REPO / "deploy" / "prometheus.yml").read_text(encoding="utf-8")
+    out = subprocess.run([_promtool(), "check", "rules", str(REPO / "deploy" / "alerts.yml")],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 rules found" in out.stdout
+
+
+def test_alert_rules_fire_on_a_divergence_and_on_silence_only() -> None:
+    """deploy/alerts_test.yml: a flagged divergence (fen, or count only) alerts on both servers at once and
+    stops with agreement; a bridge that stops exchanging alerts after its 5-minute `for`."""
+    out = subprocess.run([_promtool(), "test", "rules", "alerts_test.yml"], cwd=REPO / "deploy",
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS" in out.stdout

@@ -1,7 +1,12 @@
 """The seeded chaos soak (bank_sim chaos) with real processes: ≥ 10,000
-operations and ≥ 50 faults end with every invariant holding (exit 0); the
-same seed gives the same schedule; a row changed behind the system's back
-is caught (exit 1). CHAOS_OPS / CHAOS_FAULTS change the size of the soak."""
+operations and ≥ 50 faults (kill -9 of mis_adapter, the bridge and the
+bank's auto-debit worker, link faults, short deadlines), with auto-debit
+through the real bill feed, end with every invariant holding (exit 0), and
+continuous reconciliation's gauge stays 0 on both servers through the
+faults; the same seed gives the same schedule; a row changed behind the
+system's back is flagged by continuous reconciliation on both servers
+within a minute (the log naming its serial) and caught by the end-of-day
+checks (exit 1). CHAOS_OPS / CHAOS_FAULTS change the size of the soak."""
 from __future__ import annotations
 
 import os
@@ -42,7 +47,19 @@ def test_chaos_soak_holds_every_invariant(tmp_path: Path) -> None:
     assert re.search(rf"^faults: {FAULTS} ", out, re.M)
     assert "reconciliation: 0 discrepancies" in out and "MIS check: 0 discrepancies" in out
     assert "bridge journal: 0 unsettled, 0 disagreements" in out and "still_in_doubt=0" in out
+    # Auto-debit through the real bill feed, its worker killed (-9) on the way: checked from both sides.
+    feed = re.search(r"^bill feed: (\d+) bills issued in tranches, (\d+) fed, all acknowledged: yes; "
+                     r"debited (\d+) = (\d+) fen \(bank ledger (\d+) = (\d+) fen\), .* auto-debit worker "
+                     r"killed (\d+); 0 problems", out, re.M)
+    assert feed is not None, out[-3000:]
+    assert int(feed.group(1)) == int(feed.group(2)) > 0 and int(feed.group(3)) > 0
+    assert (feed.group(3), feed.group(4)) == (feed.group(5), feed.group(6)) and int(feed.group(7)) > 0
     assert "chaos seed=20261129 ops=" in out  # the seed is printed
+    control = re.search(r"^control totals \(.*: (\d+) samples .* max divergence (\d+) fen; agreeing after "
+                        r"quiescence: (\w+); flagged before any tamper: (\d+)", out, re.M)
+    assert control is not None, out[-3000:]
+    assert int(control.group(1)) > 0 and control.group(2) == "0" and control.group(3) == "yes" \
+        and control.group(4) == "0"
 
 
 @pytest.mark.timeout(300)
@@ -51,3 +68,9 @@ def test_a_row_changed_behind_the_systems_back_is_caught(tmp_path: Path) -> None
     assert res.returncode == 1, res.stdout[-3000:]
     assert "tampered:" in res.stdout
     assert "WRONG_AMOUNT" in res.stdout and "FAILED" in res.stdout
+    # Before the end-of-day checks, continuous reconciliation flagged it on both servers within a minute.
+    flagged = re.search(r"^control totals: injected discrepancy flagged in bridge=([\d.]+) s "
+                        r"mis_adapter=([\d.]+) s; bridge log names the serial: yes", res.stdout, re.M)
+    assert flagged is not None, res.stdout[-3000:]
+    assert all(float(flagged.group(k)) < 60.0 for k in (1, 2))
+    assert "max divergence 0 fen; agreeing after quiescence: yes; flagged before any tamper: 0" in res.stdout

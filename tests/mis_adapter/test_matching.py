@@ -116,6 +116,9 @@ _MIS_ONLY = sa.text(f"SELECT p.case_no, {recon_outcomes.MIS_ONLY_OUTCOME}, {reco
                     f"CASE WHEN {recon_outcomes.MIS_ONLY_REPORTED} THEN 1 ELSE 0 END, "
                     f"CASE WHEN {recon_outcomes.MIS_ONLY_MATCHED} THEN 1 ELSE 0 END "
                     "FROM (SELECT case_no, m_state AS state FROM match_cases) p ORDER BY p.case_no")
+# PostgreSQL's one pass decides a payment the bank did not send from the joined row `j`
+_ONE_PASS_MIS_ONLY = sa.text(f"SELECT j.case_no, {recon_outcomes.ONE_PASS_MIS_ONLY_OUTCOME}, "
+                             f"{recon_outcomes.ONE_PASS_MIS_ONLY_DETAIL} FROM match_cases j ORDER BY j.case_no")
 
 
 def _row(n: int, bank: StagedRecord | None, mis: MisPayment | None) -> dict[str, object]:
@@ -139,10 +142,12 @@ class SqlMatcher:
             conn.execute(_CASES.insert(), [_row(i, b, mi) for i, (b, mi) in enumerate(cases)])
             bank_side = {r[0]: (r[1], r[2]) for r in conn.execute(_BANK_SIDE)}
             mis_only = {r[0]: tuple(r[1:]) for r in conn.execute(_MIS_ONLY)}
+            one_pass = {r[0]: (r[1], r[2]) for r in conn.execute(_ONE_PASS_MIS_ONLY)}
         for i, (b, _mi) in enumerate(cases):
             if b is None:  # the WHERE conditions that pick the MIS's own lines agree with the CASE
                 outcome, _detail, reported, matched = mis_only[i]
                 assert (reported, matched) == ((0, 1) if outcome == m.MATCHED else (1, 0)), mis_only[i]
+                assert one_pass[i] == mis_only[i][:2]
         return [bank_side[i] if b is not None else mis_only[i][:2] for i, (b, _mi) in enumerate(cases)]
 
 
@@ -231,11 +236,14 @@ def test_a_bad_record_names_the_field_with_the_field_rules_message() -> None:
 # ---- the one home of the rule ----
 def test_production_statements_carry_the_generated_case() -> None:
     """What closes a day runs the CASE generated from the table, on every back end."""
-    for statements in (recon_outcomes._MATCHING_IN_PLACE, *recon_outcomes._MATCHING.values()):
-        bank_side, mis_only, settled = (str(s) for s in statements)
-        assert recon_outcomes.BANK_SIDE_OUTCOME in bank_side and recon_outcomes.BANK_SIDE_DETAIL in bank_side
-        assert recon_outcomes.MIS_ONLY_OUTCOME in mis_only and recon_outcomes.MIS_ONLY_DETAIL in mis_only
-        assert recon_outcomes.MIS_ONLY_REPORTED in mis_only and recon_outcomes.MIS_ONLY_MATCHED in settled
+    bank_side, mis_only, settled = (str(s) for s in recon_outcomes._MATCHING_IN_PLACE)
+    assert recon_outcomes.BANK_SIDE_OUTCOME in bank_side and recon_outcomes.BANK_SIDE_DETAIL in bank_side
+    assert recon_outcomes.MIS_ONLY_OUTCOME in mis_only and recon_outcomes.MIS_ONLY_DETAIL in mis_only
+    assert recon_outcomes.MIS_ONLY_REPORTED in mis_only and recon_outcomes.MIS_ONLY_MATCHED in settled
+    # PostgreSQL's one pass: both sides' CASEs, the payments the bank did not send decided by the same table
+    one_pass = str(recon_outcomes._ONE_PASS)
+    assert recon_outcomes.BANK_SIDE_OUTCOME in one_pass and recon_outcomes.BANK_SIDE_DETAIL in one_pass
+    assert recon_outcomes.ONE_PASS_MIS_ONLY_OUTCOME in one_pass and recon_outcomes.ONE_PASS_MIS_ONLY_DETAIL in one_pass
 
 
 def test_the_rule_module_is_pure() -> None:

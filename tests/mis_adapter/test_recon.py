@@ -24,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mis_adapter import payments, recon, recon_branches, recon_staging
+from mis_adapter.banks import lock_bank_day
 from mis_adapter.context import AdapterContext
 from mis_adapter.payments import CancelCommand, PayCommand
 from mis_adapter.seed import seed
@@ -450,10 +451,12 @@ def test_a_cancel_in_flight_when_the_day_closes_is_seen_and_a_later_one_refused(
     a = w.accounts[1:] if w.split else w.accounts
     pay(w, "R-1", a[0], 1_000)
     pay(w, "R-2", a[1], 2_000)
-    # A cancel of R-1 is in flight: it holds the account lock and has seen the day open.
+    # A cancel of R-1 is in flight: as payments.cancel does, it holds the bank-day lock (shared) and
+    # the account lock, and has seen the day open.
     home = w.ctx.router.engine_for(a[0])
     cancel_conn = home.connect()
     cancel_tx = cancel_conn.begin()
+    lock_bank_day(cancel_conn, BANK)
     cancel_conn.execute(sa.select(payments.T_CUST.c.account_no).where(payments.T_CUST.c.account_no == a[0])
                         .with_for_update())
     p = cancel_conn.execute(sa.select(payments.T_PAY).where(payments.T_PAY.c.bank_serial == "R-1")).one()
@@ -474,7 +477,7 @@ def test_a_cancel_in_flight_when_the_day_closes_is_seen_and_a_later_one_refused(
         t.start()
     else:
         t.start()
-        # The reconciliation queues behind the cancel's account lock.
+        # The reconciliation queues behind the cancel's bank-day lock.
         deadline = dt.datetime.now() + dt.timedelta(seconds=30)
         with home.connect() as watch:
             while not watch.execute(sa.text(
