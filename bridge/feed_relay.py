@@ -43,6 +43,7 @@ from bridge.context import BridgeContext
 from bridge.request_relay import RequestRelay
 from bridge.upstream import IN_DOUBT, classify
 from yindian.v1 import billing_pb2 as pb
+from yindian_common.handoff import put_until_stopped
 from yindian_common.status import abort, trailing_details
 
 log = logging.getLogger("bridge.feed")
@@ -139,21 +140,13 @@ def _pump(request_iterator: Iterator[pb.BillFeedRequest], inbox: _Inbox, stop: t
     """Reads the bank core's stream into the inbox (blocking while it is full), then _END."""
     try:
         for req in request_iterator:
-            if not _put(inbox.q, req, stop):
+            if not put_until_stopped(inbox.q, req, stop):
                 return
     except grpc.RpcError:
         pass  # the bank core went away
-    _put(inbox.q, _END, stop)
+    put_until_stopped(inbox.q, _END, stop)
 
 
-def _put(q: queue.Queue[pb.BillFeedRequest | None], item: pb.BillFeedRequest | None, stop: threading.Event) -> bool:
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.5)
-            return True
-        except queue.Full:
-            continue
-    return False
 
 
 def _requests(first: pb.BillFeedRequest, inbox: _Inbox, attempt: _Attempt) -> Iterator[pb.BillFeedRequest]:

@@ -7,7 +7,10 @@
 - refund-mode BANK prepaid|refund: what happens to an auto-debit that met a
   bill already settled elsewhere: kept as the account's prepaid credit
   (prepaid, the default) or offered back to the bank (refund: ListRefunds /
-  AcknowledgeRefunds). Applies to over-debits listed from now on.
+  AcknowledgeRefunds). Applies to over-debits listed from now on. With branch
+  databases give them (`--branch-db CODE=URL`, as to `serve`): each gets the
+  mode at once; otherwise a branch database learns it at the bank's next
+  sign-on or sign-off, or when `serve` starts.
 - list: every bank with its suspension, link state (签到/签退) and refund mode."""
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import datetime as dt
 
 from mis_adapter import link_state
 from mis_adapter.banks import set_suspended
+from mis_adapter.routing import BranchRouter
 from yindian_common import fields
 from yindian_common.clock import business_date, make_clock, utc_now
 from yindian_common.db import make_engine
@@ -29,6 +33,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("bank_id", nargs="?", default="")
     p.add_argument("mode", nargs="?", default="", help="refund-mode only: prepaid or refund")
     p.add_argument("--db", required=True, help="SQLAlchemy URL of the MIS (primary) database")
+    p.add_argument("--branch-db", action="append", default=[], metavar="CODE=URL",
+                   help="refund-mode: a branch database to copy the mode to at once (repeatable)")
     p.add_argument("--reason", default="", help="why (shown to the bank), at most 128 characters")
     p.add_argument("--timezone", default="Asia/Shanghai", help="the utility's time zone: business dates")
     args = p.parse_args(argv)
@@ -53,6 +59,13 @@ def main(argv: list[str]) -> int:
             except Forbidden:
                 print(f"no such bank: {args.bank_id}")
                 return 1
+            if args.branch_db:
+                router = BranchRouter.from_specs(args.db, args.branch_db, pool_size=1)
+                try:
+                    for branch in router.engines()[1:]:
+                        link_state.mirror(branch, v)
+                finally:
+                    router.dispose()
             print(f"{args.bank_id} refund mode {v.refund_mode}")
             return 0
         fields.text(args.reason, "reason", fields.REASON_MAX)

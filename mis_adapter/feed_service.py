@@ -73,6 +73,7 @@ from yindian_common import business_metrics as bm
 from yindian_common import fields
 from yindian_common.clock import SystemClock
 from yindian_common.errors import InvalidField, PeerSilent, SerialConflict, Unavailable, YinDianError
+from yindian_common.handoff import put_until_stopped
 
 log = logging.getLogger("mis_adapter.feed")
 
@@ -103,15 +104,6 @@ def partition_by_account(results: list[DebitIn], parts_max: int) -> list[list[De
 _Received = list[pb.DebitResult] | YinDianError | None
 
 
-def _put(q: queue.Queue[_Received], item: _Received, stop: threading.Event) -> bool:
-    """Blocks while `q` is full, until the poster stops."""
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.5)
-            return True
-        except queue.Full:
-            continue
-    return False
 
 
 class FeedHub:
@@ -302,11 +294,11 @@ class FeedStream:
                 if len(req.results.results) > self.s.results_batch_max:
                     last = InvalidField("results", f"at most {self.s.results_batch_max} results per message")
                     break
-                if not _put(inbox, list(req.results.results), stop):
+                if not put_until_stopped(inbox, list(req.results.results), stop):
                     return
         except grpc.RpcError:
             pass  # the peer went away; the writer sees the call end
-        _put(inbox, last, stop)
+        put_until_stopped(inbox, last, stop)
 
     def _post(self, messages: list[list[pb.DebitResult]]) -> None:
         """Several messages in one transaction. If that is refused (a bad

@@ -127,11 +127,17 @@ def list_agreements(ctx: AdapterContext, req: pb.ListAgreementsRequest,
 
 # ---- refunds ----
 
+def refund_databases(ctx: AdapterContext) -> list[rf.RefundDatabase]:
+    """Every MIS database refunds are offered from, with its refund id number (mis_adapter.refunds)."""
+    return rf.databases_of(ctx.router.database_keys(), ctx.router.engines())
+
+
 def list_refunds(ctx: AdapterContext, req: pb.ListRefundsRequest,
                  context: grpc.ServicerContext) -> pb.ListRefundsResponse:
     def work(bank_id: str) -> pb.ListRefundsResponse:
         return pb.ListRefundsResponse(refunds=[refund_to_proto(r) for r in
-                                               rf.list_open(ctx.router.primary, bank_id, req.page_size)])
+                                               rf.list_open_across(refund_databases(ctx), bank_id,
+                                                                   req.page_size)])
     return _reading(ctx, context, "ListRefunds", work)
 
 
@@ -141,7 +147,8 @@ def acknowledge_refunds(ctx: AdapterContext, req: pb.AcknowledgeRefundsRequest,
         if len(req.acks) > rf.ACK_BATCH_MAX:
             raise InvalidField("acks", f"at most {rf.ACK_BATCH_MAX} acknowledgements per call")
         acks = [rf.RefundAckIn(a.refund_id, a.credit_serial, a.amount_fen) for a in req.acks]
-        r = rf.acknowledge(ctx.router.primary, bank_id, acks, business_date(ctx.clock), utc_now(ctx.clock))
+        r = rf.acknowledge_across(refund_databases(ctx), bank_id, acks, business_date(ctx.clock),
+                                  utc_now(ctx.clock))
         log.info("event=refunds_acknowledged bank=%s new=%d replayed=%d fen=%d", bank_id, r.acknowledged,
                  r.replayed, r.acknowledged_fen)
         return pb.AcknowledgeRefundsResponse(acknowledged=r.acknowledged, replayed=r.replayed,

@@ -138,21 +138,20 @@ def _set_state(engine: Engine, bank_id: str, state: str, rpc: str, today: dt.dat
 
 
 def mirror(engine: Engine, v: LinkView) -> None:
-    """With branch databases: the branch database's copy of the bank's link state, written after the
-    primary's (which stays the truth, and is what Echo and SignOn answer from). A branch's pays and feed
-    results read it in their own transaction (SIGNED_OFF_TODAY), exactly as with one database. No
-    bank check and no journal line here: the primary's transaction made both.
-
-    The refund mode is not copied: ListRefunds and AcknowledgeRefunds serve the primary's refunds
-    only, so a branch database keeps every over-debit as the account's prepaid credit (PREPAID)
-    rather than offer a refund no bank would ever be shown."""
+    """With branch databases: the branch database's copy of the bank's link state and refund mode,
+    written after the primary's (which stays the truth, and is what Echo and SignOn answer from). A
+    branch's pays and feed results read it in their own transaction (SIGNED_OFF_TODAY, refund_mode),
+    exactly as with one database: a REFUND bank's over-debit in a branch is offered there, and
+    ListRefunds / AcknowledgeRefunds serve every database (mis_adapter.refunds). No bank check and
+    no journal line here: the primary's transaction made both."""
     with engine.begin() as conn:
         if conn.execute(_LOCK_ROW, {"bank_id": v.bank_id}).first() is None:
             _insert_ignore(conn, {"bank_id": v.bank_id, "state": v.state, "business_date": v.business_date,
-                                  "changed_at": v.changed_at, "refund_mode": PREPAID})
+                                  "changed_at": v.changed_at, "refund_mode": v.refund_mode})
             conn.execute(_LOCK_ROW, {"bank_id": v.bank_id}).first()
         conn.execute(_SET_STATE, {"p_bank": v.bank_id, "p_state": v.state, "p_day": v.business_date,
                                   "p_at": v.changed_at})
+        conn.execute(_SET_MODE, {"p_bank": v.bank_id, "p_mode": v.refund_mode})
 
 
 def sign_on(engine: Engine, bank_id: str, today: dt.date, now: dt.datetime) -> LinkView:

@@ -19,8 +19,8 @@ the bank's rerun does it all. Only a failure between the branches' commits
 replays their stored results and closes the rest. The day is reported
 closed (`stored_summary`) only once the front row is written.
 
-Reports sum across branches: counts and fen per outcome, record count and
-net settlement; the discrepancy lines are replayed branch by branch, the
+Reports sum across branches: counts and fen per outcome, record count, the
+refunds acknowledged for the day (each branch nets its own) and net settlement; the discrepancy lines are replayed branch by branch, the
 primary first. Memory: one batch at a time, plus the serials the registry
 does not know (bounded by UNCLAIMED_SERIALS_MAX)."""
 from __future__ import annotations
@@ -84,7 +84,8 @@ def summed(bank_id: str, day: dt.date, parts: Sequence[ReconSummary], now: dt.da
     totals = tuple(OutcomeTotal(o, sum(p.total(o).count for p in parts), sum(p.total(o).amount_fen for p in parts))
                    for o in recon.OUTCOMES)
     return ReconSummary(bank_id, day, totals, sum(p.net_settlement_fen for p in parts),
-                        sum(p.record_count for p in parts), now)
+                        sum(p.record_count for p in parts), now, refund_count=sum(p.refund_count for p in parts),
+                        refund_fen=sum(p.refund_fen for p in parts))
 
 
 class BranchReconciliation:

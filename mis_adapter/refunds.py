@@ -19,6 +19,18 @@ configured for refunds (`bank_links.refund_mode` REFUND; operator command
   the bank's settlement date at acknowledgement (the payment rule: the next
   day after a sign-off or once today is reconciled).
 
+With branch databases (`--branch-db`) each database offers the refunds of its
+own over-debits (the refund mode is mirrored to it like the link state,
+mis_adapter.link_state.mirror). Refund ids are per database, so on the wire
+(and only with several MIS databases) a refund id is `local id * 100 + N`,
+N being 0 for the primary database and the branch code (01-99) for a branch
+database (the lowest code it serves): stable across restarts and the order
+of the `--branch-db` flags; branch code 00 cannot have a database of its
+own. With one database wire ids are the database's ids, as always.
+ListRefunds merges every database's open refunds (offered_at, then id);
+AcknowledgeRefunds routes each id to its database, and an id of no database
+is answered like one never offered.
+
 A bank configured PREPAID (the default) keeps every over-debit as the
 account's prepaid credit, as before; its `feed_refunds` rows are only a list.
 The first half is pure; the second is storage (SQLAlchemy Core)."""
@@ -26,7 +38,8 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -44,12 +57,14 @@ from yindian_common.errors import InvalidField, SerialConflict
 __all__ = [
     "OFFERED", "ACKNOWLEDGED", "ACK_BATCH_MAX", "LIST_PAGE_MAX", "LIST_PAGE_DEFAULT", "RefundView", "RefundAckIn",
     "AckResult", "validate_acks", "offer_in_tx", "list_open", "acknowledge", "day_totals",
+    "REFUND_ID_DATABASES", "RefundDatabase", "databases_of", "list_open_across", "acknowledge_across",
 ]
 
 OFFERED, ACKNOWLEDGED = "OFFERED", "ACKNOWLEDGED"
 ACK_BATCH_MAX = 500       # acknowledgements per call
 LIST_PAGE_MAX = 500       # refunds per ListRefunds answer
 LIST_PAGE_DEFAULT = 100
+REFUND_ID_DATABASES = 100  # with branch databases: wire refund id = local id * 100 + database number
 LEDGER_REASON = "REFUND_OFFERED"
 
 
@@ -184,49 +199,124 @@ def list_open(engine: Engine, bank_id: str, page_size: int) -> list[RefundView]:
         return [_view(r) for r in conn.execute(_OPEN, {"bank_id": bank_id, "limit": limit})]
 
 
+# ---- several databases (branch databases, mis_adapter.routing) ----
+
+@dataclass(frozen=True)
+class RefundDatabase:
+    """A MIS database refunds are offered from. `number` is None for the only database (wire
+    refund ids are its own ids, as they always were); with branch databases it is 0 for the
+    primary and int(code) for a branch database, code being the lowest branch code it serves."""
+    number: int | None
+    engine: Engine
+
+    def wire_id(self, local_id: int) -> int:
+        return local_id if self.number is None else local_id * REFUND_ID_DATABASES + self.number
+
+
+def databases_of(keys: Sequence[tuple[str, Engine]], order: Sequence[Engine]) -> list[RefundDatabase]:
+    """The router's databases (`database_keys`: '' for the primary, else the lowest branch code it
+    serves), in `order` (the router's engines(), the order reconciliation locks them in)."""
+    if len(keys) == 1:
+        return [RefundDatabase(None, keys[0][1])]
+    number = {engine: int(key) if key else 0 for key, engine in keys}
+    if any(key == "00" for key, _ in keys):
+        raise ValueError("branch code 00 cannot have a database of its own: refund ids ending in 00 "
+                         "are the primary database's")
+    return [RefundDatabase(number[e], e) for e in order]
+
+
+def _route(dbs: Sequence[RefundDatabase], wire_id: int) -> tuple[int, int] | None:
+    """(index in dbs, local refund id) of a wire refund id, None when no database has that number."""
+    if len(dbs) == 1 and dbs[0].number is None:
+        return 0, wire_id
+    local_id, number = divmod(wire_id, REFUND_ID_DATABASES)
+    for i, d in enumerate(dbs):
+        if d.number == number and local_id > 0:
+            return i, local_id
+    return None
+
+
+def list_open_across(dbs: Sequence[RefundDatabase], bank_id: str, page_size: int) -> list[RefundView]:
+    """The bank's OFFERED refunds of every database with wire ids, oldest first (offered_at, then id),
+    at most one page: each database answers at most a page, the merge keeps the oldest page."""
+    limit = list_size_of(page_size)
+    views = [replace(v, refund_id=d.wire_id(v.refund_id)) for d in dbs for v in list_open(d.engine, bank_id, limit)]
+    return sorted(views, key=lambda v: (v.offered_at, v.refund_id))[:limit]
+
+
 def acknowledge(engine: Engine, bank_id: str, acks: Sequence[RefundAckIn], today: dt.date,
                 now: dt.datetime) -> AckResult:
     """Records the bank's credits of offered refunds (AcknowledgeRefunds), all or nothing."""
+    return acknowledge_across([RefundDatabase(None, engine)], bank_id, acks, today, now)
+
+
+def acknowledge_across(dbs: Sequence[RefundDatabase], bank_id: str, acks: Sequence[RefundAckIn],
+                       today: dt.date, now: dt.datetime) -> AckResult:
+    """AcknowledgeRefunds over `dbs`: each wire id goes to its database. Every database's transaction
+    is open, its bank-day lock held (in `dbs` order, as reconciliation takes them) and the whole batch
+    checked, credit serials across all databases, before any is written. Only a database lost
+    between the commits leaves part of a batch acknowledged: the bank's retry replays that part."""
     validate_acks(acks)
-    with engine.begin() as conn:
-        # Bank-day lock first (as payments take it), so reconciliation sees each refund in one day.
-        lock_bank_day(conn, bank_id)
-        offers = {int(r.refund_id): r for r in conn.execute(
-            _LOCK_OFFERS, {"bank_id": bank_id, "ids": sorted(a.refund_id for a in acks)})}
-        used = {r.credit_serial: int(r.refund_id) for r in conn.execute(
-            _SERIALS_USED, {"bank_id": bank_id, "serials": [a.credit_serial for a in acks]})}
-        fresh: list[RefundAckIn] = []
+    routed: list[list[tuple[int, int, RefundAckIn]]] = [[] for _ in dbs]
+    for i, a in enumerate(acks):
+        where = _route(dbs, a.refund_id)
+        if where is None:
+            raise InvalidField(f"acks[{i}].refund_id", f"{a.refund_id} was not offered to this bank")
+        routed[where[0]].append((i, where[1], a))
+    with ExitStack() as stack:
+        conns = [stack.enter_context(d.engine.begin()) for d in dbs]
+        for conn in conns:
+            # Bank-day lock first (as payments take it), so reconciliation sees each refund in one day.
+            lock_bank_day(conn, bank_id)
+        serials = [a.credit_serial for a in acks]
+        used = {r.credit_serial: (k, int(r.refund_id)) for k, conn in enumerate(conns)
+                for r in conn.execute(_SERIALS_USED, {"bank_id": bank_id, "serials": serials})}
+        fresh: list[list[tuple[int, RefundAckIn, Any]]] = [[] for _ in dbs]
         replayed = 0
-        for i, a in enumerate(acks):
-            offer = offers.get(a.refund_id)
-            if offer is None:
-                raise InvalidField(f"acks[{i}].refund_id", f"{a.refund_id} was not offered to this bank")
-            if a.amount_fen != offer.amount_fen:
-                raise InvalidField(f"acks[{i}].amount_fen", f"{a.amount_fen} is not the refund's "
-                                                            f"{offer.amount_fen} fen")
-            if used.get(a.credit_serial, a.refund_id) != a.refund_id:
-                raise SerialConflict(f"acks[{i}].credit_serial {a.credit_serial} acknowledged another refund",
-                                     field=f"acks[{i}].credit_serial")
-            if offer.state == ACKNOWLEDGED:
-                if offer.credit_serial != a.credit_serial:
-                    raise SerialConflict(f"acks[{i}]: refund {a.refund_id} was acknowledged with another "
-                                         "credit serial", field=f"acks[{i}].credit_serial",
-                                         reason="REFUND_ALREADY_ACKNOWLEDGED")
-                replayed += 1
+        for k, (conn, items) in enumerate(zip(conns, routed, strict=True)):
+            if not items:
                 continue
-            fresh.append(a)
-        if not fresh:
+            offers = {int(r.refund_id): r for r in conn.execute(
+                _LOCK_OFFERS, {"bank_id": bank_id, "ids": sorted(local for _i, local, _a in items)})}
+            for i, local, a in items:
+                offer = offers.get(local)
+                if offer is None:
+                    raise InvalidField(f"acks[{i}].refund_id", f"{a.refund_id} was not offered to this bank")
+                if a.amount_fen != offer.amount_fen:
+                    raise InvalidField(f"acks[{i}].amount_fen", f"{a.amount_fen} is not the refund's "
+                                                                f"{offer.amount_fen} fen")
+                if used.get(a.credit_serial, (k, local)) != (k, local):
+                    raise SerialConflict(f"acks[{i}].credit_serial {a.credit_serial} acknowledged another refund",
+                                         field=f"acks[{i}].credit_serial")
+                if offer.state == ACKNOWLEDGED:
+                    if offer.credit_serial != a.credit_serial:
+                        raise SerialConflict(f"acks[{i}]: refund {a.refund_id} was acknowledged with another "
+                                             "credit serial", field=f"acks[{i}].credit_serial",
+                                             reason="REFUND_ALREADY_ACKNOWLEDGED")
+                    replayed += 1
+                    continue
+                fresh[k].append((local, a, offer))
+        days = [_write_acks(conn, bank_id, items, today, now) for conn, items in zip(conns, fresh, strict=True)
+                if items]
+        if not days:
             return AckResult(0, replayed, None, 0)
-        day = settlement_day(conn, bank_id, today)
-        for a in fresh:
-            if conn.execute(_ACK, {"p_id": a.refund_id, "p_serial": a.credit_serial, "p_at": now,
-                                   "p_day": day}).rowcount != 1:
-                raise RuntimeError(f"refund {a.refund_id} changed under its row lock")
-        conn.execute(T_JOURNAL.insert(), [
-            {"at": now, "bank_id": bank_id, "rpc": "REFUND_ACK", "serial": a.credit_serial, "original_serial":
-             offers[a.refund_id].original_serial, "account_no": offers[a.refund_id].account_no,
-             "amount_fen": a.amount_fen, "outcome": ACKNOWLEDGED, "payment_id": None} for a in fresh])
-        return AckResult(len(fresh), replayed, day, sum(a.amount_fen for a in fresh))
+        done = [a for items in fresh for _local, a, _offer in items]
+        return AckResult(len(done), replayed, max(days), sum(a.amount_fen for a in done))
+
+
+def _write_acks(conn: Connection, bank_id: str, items: Sequence[tuple[int, RefundAckIn, Any]], today: dt.date,
+                now: dt.datetime) -> dt.date:
+    """Acknowledges checked refunds of one database; returns their settlement date there."""
+    day = settlement_day(conn, bank_id, today)
+    for local, a, _offer in items:
+        if conn.execute(_ACK, {"p_id": local, "p_serial": a.credit_serial, "p_at": now,
+                               "p_day": day}).rowcount != 1:
+            raise RuntimeError(f"refund {a.refund_id} changed under its row lock")
+    conn.execute(T_JOURNAL.insert(), [
+        {"at": now, "bank_id": bank_id, "rpc": "REFUND_ACK", "serial": a.credit_serial, "original_serial":
+         offer.original_serial, "account_no": offer.account_no, "amount_fen": a.amount_fen,
+         "outcome": ACKNOWLEDGED, "payment_id": None} for _local, a, offer in items])
+    return day
 
 
 def day_totals(conn: Connection, bank_id: str, day: dt.date) -> tuple[int, int]:

@@ -26,7 +26,11 @@ class BranchRouter:
             return by_url[url]
 
         self.primary = engine(default_url)
-        self._by_branch = {code: engine(url) for code, url in branch_urls.items()}
+        # Engines in branch-code order, whatever the order of the flags: every transaction that spans
+        # databases (the day close, refund acknowledgements) locks them in engines() order, and two
+        # replicas given the flags in different orders would otherwise lock in different orders and
+        # deadlock across databases, which no one database can detect.
+        self._by_branch = {code: engine(url) for code, url in sorted(branch_urls.items())}
         self._engines = list(by_url.values())
         self.front: Engine | None = None
         if front_url:
@@ -53,7 +57,7 @@ class BranchRouter:
         return self._by_branch.get(branch_code, self.primary)
 
     def engines(self) -> list[Engine]:
-        """Each distinct MIS (branch) database once, the primary first."""
+        """Each distinct MIS (branch) database once: the primary first, then by lowest branch code."""
         return list(self._engines)
 
     def database_keys(self) -> list[tuple[str, Engine]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from mis_adapter import link_state, metrics_collector
+from mis_adapter import link_state, metrics_collector, refunds
 from mis_adapter.claim_recovery import ClaimRecovery
 from mis_adapter.context import AdapterContext
 from mis_adapter.customer_service import CustomerServicer, add_operator_flags
@@ -46,6 +46,11 @@ def build_server(settings: AdapterSettings, clock: Clock | None = None) -> tuple
     if settings.migrate:
         for engine in ctx.router.all_engines():
             upgrade(engine)
+    try:
+        refunds.databases_of(ctx.router.database_keys(), ctx.router.engines())
+    except ValueError as exc:
+        ctx.close()
+        raise SystemExit(f"--branch-db: {exc}") from exc
     recovery = ClaimRecovery(ctx.router, clock, settings) if ctx.router.split else None
     if recovery is not None:
         recovery.run_once()  # settle or release claims a killed process left open

@@ -45,3 +45,19 @@ def test_two_branch_databases(backend: str, tmp_path: Path) -> None:
                     a.stub.Pay(pb.PayRequest(bank_serial="S3", account_no=acct, amount_fen=500,
                                              channel=pb.CHANNEL_COUNTER), metadata=a.md())
                 assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_databases_in_branch_code_order_whatever_the_flag_order(tmp_path: Path) -> None:
+    """Transactions that span databases lock them in engines() order: two replicas given the
+    --branch-db flags in different orders must still take the locks in the same order."""
+    from mis_adapter.routing import BranchRouter
+
+    urls = {code: f"sqlite:///{tmp_path / f'b{code}.db'}" for code in ("02", "03", "04")}
+    orders = [["04", "02", "03"], ["03", "04", "02"], ["02", "03", "04"]]
+    seen = []
+    for order in orders:
+        router = BranchRouter(f"sqlite:///{tmp_path / 'main.db'}", {c: urls[c] for c in order})
+        seen.append([str(e.url) for e in router.engines()])
+        router.dispose()
+    assert seen[0] == seen[1] == seen[2]
+    assert seen[0][1:] == [urls["02"], urls["03"], urls["04"]]
