@@ -43,6 +43,7 @@ from bridge.context import BridgeContext
 from bridge.request_relay import RequestRelay
 from bridge.upstream import IN_DOUBT, classify
 from yindian.v1 import billing_pb2 as pb
+from yindian_common.errors import YinDianError
 from yindian_common.handoff import put_until_stopped
 from yindian_common.status import abort, trailing_details
 
@@ -121,6 +122,8 @@ class _Inbox:
     def __init__(self) -> None:
         self.q: queue.Queue[pb.BillFeedRequest | None] = queue.Queue(maxsize=FEED_RELAY_QUEUE_MAX)
         self._carry: collections.deque[pb.BillFeedRequest | None] = collections.deque()
+        self.refused: YinDianError | None = None  # a malformed bank-core message: the stream ends on it
+        self.upstream: grpc.Future | None = None   # the current upstream stream, cancelled on a refusal
 
     def take(self, timeout_s: float) -> tuple[bool, pb.BillFeedRequest | None]:
         try:
@@ -144,6 +147,10 @@ def _pump(request_iterator: Iterator[pb.BillFeedRequest], inbox: _Inbox, stop: t
                 return
     except grpc.RpcError:
         pass  # the bank core went away
+    except YinDianError as exc:  # a malformed message (wire_guard): the bank core is answered its refusal
+        inbox.refused = exc
+        if inbox.upstream is not None:
+            inbox.upstream.cancel()  # the relay loop sees the call end and answers the refusal
     put_until_stopped(inbox.q, _END, stop)
 
 
@@ -185,6 +192,9 @@ def _bill_feed_replicas(bctx: BridgeContext, request_iterator: Iterator[pb.BillF
             call = replica.stub.BillFeed(_requests(sub, inbox, attempt), metadata=bctx.metadata(),
                                          timeout=_timeout_of(context))
             context.add_callback(call.cancel)
+            inbox.upstream = call
+            if inbox.refused is not None:  # refused before this stream opened
+                call.cancel()
             log.info("event=feed_relay_open replica=%s moved=%s", replica.address, moved)
             try:
                 for msg in call:
@@ -194,8 +204,12 @@ def _bill_feed_replicas(bctx: BridgeContext, request_iterator: Iterator[pb.BillF
                         lost_at = None
                     attempt.saw(msg)
                     yield msg
+                if inbox.refused is not None:
+                    abort(context, inbox.refused)
                 return  # the utility ended the stream normally (the bank core closed its side)
             except grpc.RpcError as exc:
+                if inbox.refused is not None:
+                    abort(context, inbox.refused)
                 if not context.is_active() or stop.is_set():
                     return
                 answer = classify(exc)
