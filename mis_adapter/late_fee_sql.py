@@ -22,7 +22,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from mis_adapter.late_fee import MICRO_PER_FEN, RESIDENTIAL, LateFeeRates
 
-__all__ = ["late_fee_due_sql"]
+__all__ = ["accrual_micro_sql", "fee_due_from_micro_sql", "late_fee_due_sql"]
 
 
 class _DaysBetween(FunctionElement[int]):
@@ -121,11 +121,10 @@ def _at_least_zero(x: ColumnElement[Any]) -> ColumnElement[Any]:
     return _Greatest(x, sa.literal(0, sa.BigInteger()))
 
 
-def late_fee_due_sql(*, principal_unpaid: ColumnElement[Any], accrual_micro: ColumnElement[Any],
-                     accrual_date: ColumnElement[Any], late_fee_paid: ColumnElement[Any],
-                     tariff_class: ColumnElement[Any], period: ColumnElement[Any], as_of: ColumnElement[Any],
-                     rates: LateFeeRates) -> ColumnElement[Any]:
-    """late_fee.late_fee_due(FeeState(...), as_of, rates) as an expression."""
+def accrual_micro_sql(*, principal_unpaid: ColumnElement[Any], accrual_micro: ColumnElement[Any],
+                      accrual_date: ColumnElement[Any], tariff_class: ColumnElement[Any], period: ColumnElement[Any],
+                      as_of: ColumnElement[Any], rates: LateFeeRates) -> ColumnElement[Any]:
+    """late_fee.accrual_as_of(FeeState(...), as_of, rates) as an expression: the exact accrual in micro."""
     days = _DaysBetween(as_of, accrual_date)
     year_end = _YearEnd(period)
     # min(as_of, 31 Dec) - accrual_date, at least 0: the current-year days
@@ -135,7 +134,23 @@ def late_fee_due_sql(*, principal_unpaid: ColumnElement[Any], accrual_micro: Col
     residential = principal_unpaid * days * rates.residential_ppm_per_day
     other = principal_unpaid * (current_days * rates.other_current_year_ppm_per_day
                                 + (days - current_days) * rates.other_earlier_years_ppm_per_day)
-    micro = accrual_micro + sa.case((sa.not_(accrues), 0), (tariff_class == RESIDENTIAL, residential), else_=other)
+    return accrual_micro + sa.case((sa.not_(accrues), 0), (tariff_class == RESIDENTIAL, residential), else_=other)
+
+
+def fee_due_from_micro_sql(micro: ColumnElement[Any], late_fee_paid: ColumnElement[Any],
+                           rates: LateFeeRates) -> ColumnElement[Any]:
+    """max(0, late_fee.fee_from_micro(micro) - late_fee_paid) as an expression."""
     rounded = _IntDiv(micro + MICRO_PER_FEN // 2, MICRO_PER_FEN)
     fee = sa.case((micro <= 0, 0), else_=_Greatest(rounded, sa.literal(rates.minimum_fen, sa.BigInteger())))
     return _at_least_zero(fee - late_fee_paid)
+
+
+def late_fee_due_sql(*, principal_unpaid: ColumnElement[Any], accrual_micro: ColumnElement[Any],
+                     accrual_date: ColumnElement[Any], late_fee_paid: ColumnElement[Any],
+                     tariff_class: ColumnElement[Any], period: ColumnElement[Any], as_of: ColumnElement[Any],
+                     rates: LateFeeRates) -> ColumnElement[Any]:
+    """late_fee.late_fee_due(FeeState(...), as_of, rates) as an expression."""
+    micro = accrual_micro_sql(principal_unpaid=principal_unpaid, accrual_micro=accrual_micro,
+                              accrual_date=accrual_date, tariff_class=tariff_class, period=period, as_of=as_of,
+                              rates=rates)
+    return fee_due_from_micro_sql(micro, late_fee_paid, rates)

@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from mis_adapter import matching as m
+from mis_adapter import recon_bank_only
 from mis_adapter.db.base import table_of
 from mis_adapter.db.core import Customer, JournalEntry, Payment
 from mis_adapter.db.recon import ReconLine
@@ -201,6 +202,9 @@ _LINES_TO_APPLY = (sa.select(T_LINE).where(T_LINE.c.bank_id == _b("bank_id"), T_
                                            T_LINE.c.outcome.in_([m.BANK_ONLY, m.UTILITY_ONLY]),
                                            T_LINE.c.line_id > _b("after"))
                    .order_by(T_LINE.c.line_id).limit(_b("page")))
+# the same, without the lines recon_bank_only posted already
+_FAST = sa.table(recon_bank_only.FAST_LINES, sa.column("line_id", sa.BigInteger))
+_OTHER_LINES_TO_APPLY = _LINES_TO_APPLY.where(~sa.exists().where(_FAST.c.line_id == T_LINE.c.line_id))
 _DEMOTE_LINE = (T_LINE.update().where(T_LINE.c.line_id == _b("l_id"))
                 .values(outcome=m.MISMATCH, detail=_b("why")))
 _PAYMENT_BY_SERIAL = sa.select(T_PAY).where(T_PAY.c.bank_id == _b("bank_id"), T_PAY.c.bank_serial == _b("serial"))
@@ -224,12 +228,29 @@ class OutcomeApplier:
 
     def apply(self) -> None:
         """BANK_ONLY lines are posted, UTILITY_ONLY ones reversed, in the order found;
-        one that cannot be applied is demoted to MISMATCH, saying why."""
+        one that cannot be applied is demoted to MISMATCH, saying why. Set-based, the
+        common BANK_ONLY lines go first, all at once in SQL (recon_bank_only), then the
+        rest a page at a time."""
+        if not self.set_based:
+            self._apply_pages(_LINES_TO_APPLY)
+            return
+        conn = self.conn
+        recon_bank_only.create_work_tables(conn)
+        try:
+            with conn.begin_nested():
+                recon_bank_only.post_common_bank_only(conn, bank_id=self.bank_id, day=self.day, rates=self.rates,
+                                                      now=self.now, channel=RECON_CHANNEL)
+        except IntegrityError:  # a serial taken meanwhile: nothing of it stays, every line goes the paged way
+            recon_bank_only.forget_fast_lines(conn)
+        self._apply_pages(_OTHER_LINES_TO_APPLY)
+        recon_bank_only.drop_work_tables(conn)
+
+    def _apply_pages(self, lines_to_apply: sa.Select) -> None:  # type: ignore[type-arg]
         conn = self.conn
         after = 0
         while True:
-            page = conn.execute(_LINES_TO_APPLY, {"bank_id": self.bank_id, "day": self.day, "after": after,
-                                                  "page": APPLY_PAGE_ROWS}).all()
+            page = conn.execute(lines_to_apply, {"bank_id": self.bank_id, "day": self.day, "after": after,
+                                                 "page": APPLY_PAGE_ROWS}).all()
             if not page:
                 return
             done = self._apply_set_based(page) if self.set_based else set()
