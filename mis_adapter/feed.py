@@ -47,7 +47,7 @@ from mis_adapter.db.core import AllocationRow, BillRow, Customer, JournalEntry, 
 from mis_adapter.db.feed import DebitResultRow, FeedCursor, FeedLease, FeedSequence, OutboxRow, RefundRow
 from mis_adapter.late_fee import LateFeeRates
 from yindian_common import business_metrics
-from yindian_common.bulk_sql import InList, bulk_insert, list_param
+from yindian_common.bulk_sql import InList, bulk_insert, bulk_insert_returning, list_param
 from yindian_common.clock import business_date
 from yindian_common.crash_points import crash_point
 from yindian_common.errors import (
@@ -438,8 +438,7 @@ def _write_plan(conn: Connection, bank_id: str, plan: _Plan, today: dt.date, now
         surplus_after.append(prepaid[r.account_no])
         pay_rows.append(_payment_row(bank_id, r, today, now, arrears_after_fen=arrears.get(r.account_no, 0),
                                      prepaid_after_fen=prepaid[r.account_no], prepaid_added_fen=r.amount_fen))
-    if pay_rows:
-        bulk_insert(conn, T_PAY, pay_rows)
+    ids = _insert_payments(conn, bank_id, pay_rows)
     if plan.fast:
         conn.execute(_SETTLE_BILLS, {"ids": list_param(conn, [r.bill_id for r in plan.fast]), "today": today})
     if plan.dunning:
@@ -468,9 +467,6 @@ def _write_plan(conn: Connection, bank_id: str, plan: _Plan, today: dt.date, now
          "disposition": disp[r.seq], "received_at": now} for r in everything])
     new_debits = plan.fast + plan.surplus
     if new_debits:
-        # The new payments' ids by serial (unique index), then allocations and journal in bulk.
-        ids = {row.bank_serial: row.payment_id for row in conn.execute(
-            _PAYMENTS_BY_SERIAL, {"bank_id": bank_id, "serials": list_param(conn, [r.bank_serial for r in new_debits])})}
         bulk_insert(conn, T_ALLOC, [{"payment_id": ids[r.bank_serial], "bill_id": r.bill_id, "late_fee_fen": 0,
                                      "principal_fen": r.amount_fen} for r in plan.fast])
         bulk_insert(conn, T_JOURNAL, [
@@ -482,22 +478,32 @@ def _write_plan(conn: Connection, bank_id: str, plan: _Plan, today: dt.date, now
             {"at": now, "bank_id": bank_id, "rpc": "DEBIT", "serial": "", "original_serial": "",
              "account_no": r.account_no, "amount_fen": r.amount_fen, "outcome": INSUFFICIENT_FUNDS,
              "payment_id": None} for r in plan.dunning + plan.no_arrears])
-    _write_surplus(conn, bank_id, plan, now, surplus_after, report)
+    _write_surplus(conn, bank_id, plan, now, surplus_after, ids, report)
     report.paid += len(plan.fast)
     report.posted += len(plan.earlier)
     report.dunning += len(plan.dunning)
     report.dispositions.update(disp)
 
 
+def _insert_payments(conn: Connection, bank_id: str, rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Inserts the new payments; returns their ids by serial: on PostgreSQL from the INSERT
+    itself (RETURNING), elsewhere read back once by the unique (bank, serial) index."""
+    if not rows:
+        return {}
+    returned = bulk_insert_returning(conn, T_PAY, rows, ("bank_serial", "payment_id"))
+    if returned is not None:
+        return {serial: int(pid) for serial, pid in returned}
+    return {row.bank_serial: row.payment_id for row in conn.execute(
+        _PAYMENTS_BY_SERIAL, {"bank_id": bank_id, "serials": list_param(conn, [r["bank_serial"] for r in rows])})}
+
+
 def _write_surplus(conn: Connection, bank_id: str, plan: _Plan, now: dt.datetime, surplus_after: list[int],
-                   report: ApplyReport) -> None:
+                   ids: dict[str, int], report: ApplyReport) -> None:
     refunds: list[tuple[DebitIn, int, int]] = [(r, 0, r.amount_fen) for r in plan.surplus]
     refunds += [(r, pid, added) for r, pid, added in plan.earlier if added > 0]
     if not refunds:
         return
     if plan.surplus:
-        ids = {row.bank_serial: row.payment_id for row in conn.execute(
-            _PAYMENTS_BY_SERIAL, {"bank_id": bank_id, "serials": list_param(conn, [r.bank_serial for r in plan.surplus])})}
         for r in plan.surplus:
             conn.execute(_ADD_PREPAID, {"acct": r.account_no, "delta": r.amount_fen})
         conn.execute(T_PREPAID.insert(), [

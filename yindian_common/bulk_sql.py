@@ -72,6 +72,23 @@ def _pg_type(col: ColumnElement[Any]) -> str:
     return "text"
 
 
+def _pg_insert_sql(table: sa.Table, cols: Sequence[str]) -> str:
+    arrays = ", ".join(f"%b::{_pg_type(table.c[c])}[]" for c in cols)
+    return f"INSERT INTO {table.name} ({', '.join(cols)}) SELECT * FROM unnest({arrays})"
+
+
+def bulk_insert_returning(conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]],
+                          returning: Sequence[str]) -> list[tuple[Any, ...]] | None:
+    """bulk_insert; on PostgreSQL also returns the `returning` columns of the new rows
+    (INSERT ... RETURNING: generated ids without reading them back). None elsewhere."""
+    if conn.dialect.name != "postgresql" or not rows:
+        bulk_insert(conn, table, rows)
+        return None
+    cols = list(rows[0])
+    sql = f"{_pg_insert_sql(table, cols)} RETURNING {', '.join(returning)}"
+    return [tuple(r) for r in conn.exec_driver_sql(sql, tuple([r[c] for r in rows] for c in cols))]
+
+
 def _sqlite_datetime(v: dt.datetime | None) -> str | None:
     # SQLAlchemy's SQLite DateTime storage format, in UTC
     return None if v is None else v.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
@@ -99,9 +116,7 @@ def bulk_insert(conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]
     cols = list(rows[0])
     names = ", ".join(cols)
     if conn.dialect.name == "postgresql":
-        arrays = ", ".join(f"%b::{_pg_type(table.c[c])}[]" for c in cols)
-        conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) SELECT * FROM unnest({arrays})",
-                             tuple([r[c] for r in rows] for c in cols))
+        conn.exec_driver_sql(_pg_insert_sql(table, cols), tuple([r[c] for r in rows] for c in cols))
     elif conn.dialect.name == "sqlite":
         marks = ", ".join("?" * len(cols))
         convs = [(c, _sqlite_converter(table.c[c])) for c in cols]
