@@ -237,7 +237,9 @@ _CHANGED = sa.union_all(
     sa.select(T_PAY.c.payment_id, T_PAY.c.state).where(T_PAY.c.reversed_on > _AS_OF, T_PAY.c.state == REVERSED,
                                                        T_PAY.c.settlement_date <= _AS_OF)).subquery("changed")
 # Grouped by `bill_id + 0`, which no index gives: SQLite would otherwise walk every allocation in bill order.
-_ALLOC_BILL_EXPR = T_ALLOC.c.bill_id + sa.literal_column("0")
+# Cast back to an integer: a bare expression has no affinity on SQLite, which then cannot build an automatic
+# index to join the bills to it (each bill would scan every touched bill).
+_ALLOC_BILL_EXPR = sa.cast(T_ALLOC.c.bill_id + sa.literal_column("0"), sa.BigInteger)
 _ALLOC_BILL = _ALLOC_BILL_EXPR.label("bill_id")
 _DELTA_BY_PAYMENTS = (sa.select(_ALLOC_BILL,  # sums cast back to bigint: PostgreSQL's sum(bigint) is numeric
                                 sa.cast(sa.func.sum(sa.case((_CHANGED.c.state == POSTED, -1), else_=1)
