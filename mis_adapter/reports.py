@@ -303,7 +303,9 @@ def _replay_fees(delta: Any, rates: LateFeeRates) -> Any:
         accrual_micro=sa.func.coalesce(accrued.c.micro, 0), accrual_date=accrual_date,
         late_fee_paid=b.c.late_fee_paid_fen - sa.func.coalesce(posted.c.fee, 0) + sa.func.coalesce(accrued.c.fee, 0),
         tariff_class=c.c.tariff_class, period=b.c.period, as_of=_AS_OF, rates=rates)
-    return (sa.select(ids.c.bill_id, sa.cast(fee, sa.BigInteger).label("fee"))
+    # DISTINCT (one row per bill anyway): MariaDB would otherwise merge this into the report's query and
+    # join every bill in arrears to the bills and customers again
+    return (sa.select(ids.c.bill_id, sa.cast(fee, sa.BigInteger).label("fee")).distinct()
             .select_from(ids.join(b, b.c.bill_id == ids.c.bill_id).join(c, c.c.account_no == b.c.account_no)
                          .outerjoin(posted, posted.c.bill_id == ids.c.bill_id)
                          .outerjoin(accrued, accrued.c.bill_id == ids.c.bill_id))
@@ -332,8 +334,8 @@ def _arrears_query(branch: bool, *, indexed: bool = True, rates: LateFeeRates | 
     if not indexed:
         return _arrears_scan_query(branch)
     delta = _DELTA_BY_PAYMENTS.cte("delta")
-    # SQLite: the customer joined on an expression, so that no index of bills by account invites a walk
-    # over every bill
+    # SQLite, MariaDB: the customer joined on an expression, so that no index of bills by account invites
+    # a walk over every bill (from every customer)
     cust_join = T_CUST.c.account_no == (sa.func.coalesce(T_BILL.c.account_no, "") if union else T_BILL.c.account_no)
     # Three disjoint parts, each read once by its own index or scan (no second pass over bills to join
     # candidates back): unpaid now, paid after as_of, paid by as_of but touched by payments after it.
@@ -574,7 +576,7 @@ def arrears_detail(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRate
 def _summed_statements(rates: LateFeeRates, branch: bool, dialect: str) -> tuple[sa.Select[Any], sa.Select[Any]]:
     """(by branch, by account) over the bills in arrears at as_of, every fee priced in the
     database (the bills whose history after as_of changed them replayed set-based)."""
-    bills = (_arrears_query(branch, indexed=True, rates=rates, union=dialect == "sqlite").order_by(None)
+    bills = (_arrears_query(branch, indexed=True, rates=rates, union=dialect in ("sqlite", "mysql")).order_by(None)
              .subquery("arrears_bills"))
     total = _sum_bigint
     # by account first, then by branch: a hash aggregate each, where COUNT(DISTINCT) would sort every bill
