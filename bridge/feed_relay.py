@@ -63,7 +63,7 @@ def bill_feed(bctx: BridgeContext, request_iterator: Iterator[pb.BillFeedRequest
         yield from _bill_feed_replicas(bctx, request_iterator, context)
         return
     timeout = _timeout_of(context)
-    relay = RequestRelay()
+    relay = RequestRelay(context)
     call = relay.call = bctx.stub.BillFeed(relay.forward(request_iterator), metadata=bctx.metadata(), timeout=timeout)
     context.add_callback(call.cancel)
     log.info("event=feed_relay_open")

@@ -12,7 +12,8 @@ caller's remaining deadline), then refuses the day with
 FAILED_PRECONDITION, reason DAY_IN_DOUBT, naming how many are still in doubt;
 the bank retries later. Nothing is forwarded while anything is in doubt.
 
-Must never: forward a day with in-doubt items, or change the records."""
+Must never: forward a day with in-doubt items, change the records, or end
+the upstream stream unless the bank core ended its own (bridge.request_relay)."""
 from __future__ import annotations
 
 import datetime as dt
@@ -70,9 +71,10 @@ def reconcile(bctx: BridgeContext, request_iterator: Iterator[Any], context: grp
         timeout_s = RECON_UPSTREAM_DEADLINE_S
         if remaining is not None:
             timeout_s = min(timeout_s, max(0.0, remaining - bctx.settings.upstream_deadline_margin_s))
-        requests = RequestRelay()
+        requests = RequestRelay(context)
         call = requests.call = bctx.stub.Reconcile(requests.forward(itertools.chain([first], request_iterator)),
                                                 metadata=bctx.metadata(), timeout=timeout_s)
+        context.add_callback(call.cancel)  # the bank core gone while the MIS closes: it must not commit (see relay)
         try:
             yield from call
         except grpc.RpcError as exc:

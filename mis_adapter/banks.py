@@ -43,7 +43,12 @@ class BankRegistry:
             return hit[1], hit[2]
         # Translated here, not only at the edge: a terminated backend answers UNAVAILABLE wherever
         # the status is read (issue 9 item 6).
-        with db_errors("MIS database"), self._engine.connect() as conn:
+        # Autocommit: no transaction to roll back. A ROLLBACK makes psycopg forget every statement it
+        # prepared on the connection (and DEALLOCATE ALL), so this refresh, on the pool the pays use,
+        # sent the next pays on that connection back to parsing and planning (pg_stat_database: ~6
+        # rollbacks/s under bench-ratio, nearly all from here).
+        with db_errors("MIS database"), \
+                self._engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             row = conn.execute(_SELECT_BANK, {"bank_id": bank_id}).first()
         if row is None:
             return None

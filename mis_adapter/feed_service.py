@@ -298,6 +298,8 @@ class FeedStream:
                     return
         except grpc.RpcError:
             pass  # the peer went away; the writer sees the call end
+        except YinDianError as exc:  # a malformed message (wire_guard): the stream ends on its refusal
+            last = exc
         put_until_stopped(inbox, last, stop)
 
     def _post(self, messages: list[list[pb.DebitResult]]) -> None:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -202,6 +202,10 @@ def stored_lines(engine: Engine, bank_id: str, day: dt.date,
         after = rows[-1].line_id
 
 
+def nothing_to_confirm() -> None:
+    """A close that nothing can withdraw (a file read to its end)."""
+
+
 # ---- one reconciliation ----
 class Reconciliation:
     """One bank's settlement day being reconciled, on one connection (the
@@ -305,10 +309,15 @@ class Reconciliation:
             raise InvalidField(f"{field}.total_fen", f"says {total_fen} fen, the records add up to {self.total_fen}")
 
     # -- closing the day --
-    def close_day(self, where: str = "records") -> ReconSummary:
+    def close_day(self, where: str = "records", confirm: Callable[[], None] = nothing_to_confirm) -> ReconSummary:
         """Matches, applies the outcomes and closes the day in one transaction;
-        returns the stored result instead when the day is already closed."""
+        returns the stored result instead when the day is already closed.
+        `confirm` runs just before the commit and refuses (raises) when the
+        records are no longer wanted (the bank's stream was cancelled): the
+        transaction is then rolled back and nothing of the day is applied."""
         summary = self.prepare_close(where)
+        if not summary.replayed:
+            confirm()
         self.commit()
         return summary
 

@@ -26,7 +26,7 @@ does not know (bounded by UNCLAIMED_SERIALS_MAX)."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from typing import Any
 
@@ -159,12 +159,14 @@ class BranchReconciliation:
             raise InvalidField(f"{field}.total_fen", f"says {total_fen} fen, the records add up to {self.total_fen}")
 
     # -- closing the day everywhere --
-    def close_day(self, where: str = "records") -> ReconSummary:
+    def close_day(self, where: str = "records", confirm: Callable[[], None] = recon.nothing_to_confirm
+                  ) -> ReconSummary:
         stored = stored_summary(self.router, self.bank_id, self.day)
         if stored is not None:
             return stored
         claimed = self._claim_bank_only()
         parts = [run.prepare_close(where) for run in self._runs]  # any failure: every branch rolls back
+        confirm()  # the bank's stream still wants them (recon.Reconciliation.close_day)
         for run in self._runs:
             run.commit()
         for serial in claimed:

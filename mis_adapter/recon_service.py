@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -23,7 +23,7 @@ from yindian.v1 import billing_pb2 as pb
 from yindian_common import business_metrics as bm
 from yindian_common import fields
 from yindian_common.clock import business_date
-from yindian_common.errors import InvalidField, YinDianError
+from yindian_common.errors import Aborted, InvalidField, YinDianError
 from yindian_common.status import guard
 
 log = logging.getLogger("mis_adapter.recon")
@@ -103,7 +103,8 @@ def reconcile(ctx: AdapterContext, bank_id: str, request_iterator: Iterator[Any]
         if first is None or first.WhichOneof("body") != "header":
             raise InvalidField("header", "the first message must be the header with the settlement date")
         day = settlement_day(ctx, first.header)
-        summary = _stored_summary(ctx, bank_id, day) or _reconcile_stream(ctx, bank_id, day, request_iterator)
+        summary = _stored_summary(ctx, bank_id, day) or _reconcile_stream(ctx, bank_id, day, request_iterator,
+                                                                         _still_wanted(context))
         log.info("event=reconciled bank=%s day=%s records=%d net_fen=%d replayed=%s", bank_id, day,
                  summary.record_count, summary.net_settlement_fen, summary.replayed)
         known_bank = None
@@ -122,8 +123,22 @@ def _stored_summary(ctx: AdapterContext, bank_id: str, day: dt.date) -> ReconSum
     return recon.stored_summary(ctx.router.primary, bank_id, day)
 
 
+def _still_wanted(context: grpc.ServicerContext) -> Callable[[], None]:
+    """Refuses to close a day whose stream was cancelled. grpcio can end a
+    stream's request iterator as if the bank had sent its last message when
+    the call was in fact cancelled (both arrive as "no more messages"; the
+    cancellation is marked a moment later), and the trailer is optional: a
+    stream cut short must not be reconciled as the bank's whole day. Asked
+    when the records end and again just before the close commits."""
+    def confirm() -> None:
+        if not context.is_active():
+            raise Aborted("the reconciliation stream was cancelled before it ended: nothing of the day was "
+                          "applied", reason="STREAM_CANCELLED")
+    return confirm
+
+
 def _reconcile_stream(ctx: AdapterContext, bank_id: str, day: dt.date,
-                      request_iterator: Iterator[Any]) -> ReconSummary:
+                      request_iterator: Iterator[Any], confirm: Callable[[], None]) -> ReconSummary:
     with recon_branches.reconciliation(ctx.router, bank_id, day, rates=ctx.rates, now=ctx.clock.now()) as run:
         trailer_seen = False
         for msg in request_iterator:
@@ -137,5 +152,6 @@ def _reconcile_stream(ctx: AdapterContext, bank_id: str, day: dt.date,
                 trailer_seen = True
             else:
                 raise InvalidField("header", "only the first message may be a header")
-        return run.close_day()
+        confirm()
+        return run.close_day(confirm=confirm)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +72,13 @@ def _canonical(value: Any) -> str:
     return str(value)
 
 
+def _json_instant(value: Any) -> str:
+    """sealed_at as PostgreSQL's timestamptz input reads it (the only value JSON has no type for)."""
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    raise TypeError(f"no JSON form for a seal value of type {type(value).__name__}")
+
+
 def entry_hash(prev_hash: str, columns: list[str], row: Any) -> str:
     # One update over the joined parts: the same digest as one update per column, at a fraction of the calls.
     text = "".join(f"\x1f{c}={_canonical(row[c])}" for c in columns)
@@ -116,10 +124,23 @@ class Chain:
                                 "prev_hash": prev, "entry_hash": h, "sealed_at": now})
                     prev = h
                 if out:
-                    conn.execute(self.seals.insert(), out)
+                    self._insert_seals(conn, out)
                 return len(out)
         except IntegrityError:
             return 0  # another sealer took these seal numbers first; the next pass continues from its head
+
+    def _insert_seals(self, conn: Connection, out: list[dict[str, Any]]) -> None:
+        """The batch's seals. On PostgreSQL as ONE statement with the batch as one JSON parameter
+        (a pass seals ~1,000 rows: an executemany costs a bound, dumped and executed statement per
+        row in both the server process and PostgreSQL); elsewhere as an executemany."""
+        if conn.dialect.name != "postgresql":
+            conn.execute(self.seals.insert(), out)
+            return
+        name = self.seals.name
+        cols = ", ".join(c.name for c in self.seals.columns)
+        conn.exec_driver_sql(f"INSERT INTO {name} ({cols}) SELECT {cols} "
+                             f"FROM json_populate_recordset(NULL::{name}, %(seals)s::json)",
+                             {"seals": json.dumps(out, default=_json_instant)})
 
     def verify(self, conn: Connection) -> tuple[int, list[str], int]:
         """(seals checked, problems naming the entries, rows not yet sealed)."""

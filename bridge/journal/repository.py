@@ -66,6 +66,29 @@ class Journal:
         self._cancels_of = sa.select(requests).where(requests.c.kind == CANCEL,
                                                      requests.c.original_serial == sa.bindparam("o"))
 
+    def open_writer_connection(self) -> sa.Connection:
+        """The journal writer's own connection, kept across its batches (on PostgreSQL with the
+        batch statement's keyed plan, PgBatch.WRITER_SESSION)."""
+        conn = self.engine.connect()
+        if self._pg is not None:
+            try:
+                for sql in PgBatch.WRITER_SESSION:
+                    conn.exec_driver_sql(sql)
+                conn.commit()
+            except sa.exc.SQLAlchemyError:
+                conn.invalidate()
+                conn.close()
+                raise
+        return conn
+
+    def close_writer_connection(self, conn: sa.Connection) -> None:
+        """Back to the pool as any other connection."""
+        if self._pg is not None:
+            for sql in PgBatch.WRITER_SESSION_RESET:
+                conn.exec_driver_sql(sql)
+            conn.commit()
+        conn.close()
+
     def insert_new(self, entry: Entry) -> bool:
         """Journals a new request durably; False when the serial is already journaled."""
         with self.engine.begin() as conn:

@@ -232,7 +232,11 @@ class JournalWriter:
             for f in flushes:
                 f.done.set()
         if self._conn is not None:
-            self._conn.close()
+            try:
+                self._journal.close_writer_connection(self._conn)
+            except sa.exc.SQLAlchemyError:
+                self._conn.invalidate()
+                self._conn.close()
 
     def _write(self, rows: list[NewRow], outcomes: list[Recording]) -> None:
         if not rows and not outcomes:
@@ -241,7 +245,7 @@ class JournalWriter:
         while True:
             try:
                 if self._conn is None:
-                    self._conn = self._journal.engine.connect()
+                    self._conn = self._journal.open_writer_connection()
                 inserted = self._journal.write([r.entry for r in rows], [o.outcome for o in outcomes], self._conn)
                 self.transactions += 1
                 self.rows_written += len(rows)

@@ -115,8 +115,12 @@ class Payment(Base):
     __table_args__ = (sa.UniqueConstraint("bank_id", "bank_serial"),
                       sa.Index("ix_payments_bank_day", "bank_id", "settlement_date"),
                       sa.Index("ix_payments_day", "settlement_date"),
-                      # reports: the payments reversed after an as-of date (migration 0004_bulk)
-                      sa.Index("ix_payments_reversed_on", "reversed_on"))
+                      # reports: the payments reversed after an as-of date (migration 0004_bulk); only
+                      # reversed rows are indexed where the database can (0004_partial_reversed_on): a
+                      # pay writes one index entry less
+                      sa.Index("ix_payments_reversed_on", "reversed_on",
+                               postgresql_where=sa.text("reversed_on IS NOT NULL"),
+                               sqlite_where=sa.text("reversed_on IS NOT NULL")))
     payment_id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     bank_id: Mapped[str] = mapped_column(sa.String(16))
     bank_serial: Mapped[str] = mapped_column(sa.String(32))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ SERIAL_POOL = [f"FZ-{i}" for i in range(24)]
 # deadline-ended stream finishes); it is not data a request writes.
 LEASE_TABLES = {"feed_leases"}
 FORBIDDEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+RECENT_CASES = 6              # named in a failure: a late write shows which earlier case made it
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -84,6 +86,8 @@ class World:
     _count_mis: Any = None
     pay_messages: st.SearchStrategy[Message] | None = None
     samples: dict[str, list[str]] = field(default_factory=dict)
+    recent: list[str] = field(default_factory=list)  # the last RECENT_CASES cases, for a failure message
+    desc: str = ""                                     # what the current case sends, as the run sets it
 
     def stub(self, server: str) -> Any:
         return billing_pb2_grpc.BillingServiceStub(self.channel(server))
@@ -181,11 +185,13 @@ def check(w: World, key: str, request_fields: Sequence[str], call: Callable[[], 
             named = info.metadata.get("field", "") if info is not None else ""
             assert named, f"{key}: INVALID_ARGUMENT without a field: {details!r}"
     after = w.last = w.counts()
+    w.recent = [*w.recent[-RECENT_CASES + 1:], f"{time.monotonic():.3f} {key} {code.name} {details[:80]!r} {w.desc}"]
     w.tally.add(key, code)
     if code != grpc.StatusCode.OK and len(w.samples.setdefault(f"{key}.{code.name}", [])) < 3:
         w.samples[f"{key}.{code.name}"].append(details[:120])
     if code not in (grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED):
-        assert after[:-1] == before[:-1], f"{key}: refused ({code.name}) yet MIS rows changed"
+        assert after[:-1] == before[:-1], (f"{key}: refused ({code.name}) yet MIS rows changed; the last cases:\n"
+                                           + "\n".join(w.recent))
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             assert after[-1] == before[-1], f"{key}: refused ({code.name}) yet the bridge journaled it"
 
@@ -315,6 +321,7 @@ def test_fuzz_malformed_bytes_in_streams(world: World) -> None:
         server, path, first = method
         call = world.channel(server).stream_stream(path)
         stream = [first.SerializeToString(), raw] if first_valid else [raw]
+        world.desc = repr(stream)
         check(world, f"{server}.raw{path.rsplit('/', 1)[1]}", [],
               lambda: list(call(iter(stream), timeout=FEED_TIMEOUT_S if "Feed" in path else CALL_TIMEOUT_S,
                                 metadata=metadata_for(BANK))), open_stream="Feed" in path)
@@ -358,6 +365,7 @@ def test_fuzz_reconcile_streams(world: World) -> None:
     @given(st.sampled_from(["mis", "bridge"]), reconcile_streams(world), BANK_MD)
     def run(server: str, stream: list[pb.ReconcileRequest], bank: str | None) -> None:
         stub = world.stub(server)
+        world.desc = repr(stream)[:300]
         check(world, f"{server}.Reconcile", [],
               lambda: list(stub.Reconcile(iter(stream), timeout=CALL_TIMEOUT_S, metadata=metadata_for(bank))))
 

@@ -497,3 +497,30 @@ def test_a_cancel_in_flight_when_the_day_closes_is_seen_and_a_later_one_refused(
     # A cancel after the close is refused.
     with pytest.raises(DayClosed):
         cancel(w, "C-R2", "R-2", 2_000)
+
+
+def test_a_close_the_bank_no_longer_wants_applies_nothing_and_a_rerun_closes_the_day(world: World) -> None:
+    """The Reconcile stream asks, just before the close commits, whether the bank still wants it
+    (a cancelled stream can end like a finished one: recon_service._still_wanted). Refused there,
+    every database is rolled back: no line, no reversal, no BANK_ONLY posting, the day open."""
+    from yindian_common.errors import Aborted
+
+    w = world
+    pay(w, "W-1", w.accounts[0], 1_000)
+    pay(w, "W-2", w.accounts[1], 2_000)  # not in the records: would be reversed
+    records = [(1, "W-1", w.accounts[0], 1_000, "POSTED"), (2, "W-3", w.accounts[2], 300, "POSTED")]
+    before = snapshot(w)
+
+    def cancelled() -> None:
+        raise Aborted("the stream was cancelled", reason="STREAM_CANCELLED")
+
+    with pytest.raises(Aborted), recon_branches.reconciliation(w.ctx.router, BANK, business_date(w.clock),
+                                                               rates=w.ctx.rates, now=w.clock.now()) as r:
+        r.load(records)
+        r.close_day(confirm=cancelled)
+    assert changed(before, snapshot(w)) == {}
+    assert stored_summary(w) is None and closed_in(w) == []
+    summary = run(w, [rec[1:] for rec in records])
+    assert not summary.replayed and {t.outcome: t.count for t in summary.totals if t.count} == {
+        "MATCHED": 1, "BANK_ONLY": 1, "UTILITY_ONLY": 1}
+    assert _mis_payments(w)["W-2"].state == "REVERSED" and _mis_payments(w)["W-3"].state == "POSTED"
