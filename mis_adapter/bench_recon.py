@@ -46,6 +46,8 @@ BANK = "BENCH"
 DAY = dt.date(2026, 11, 27)
 CLOCK = "2026-11-28T09:00:00+08:00"
 DISCREPANCY_EVERY = 10_000      # one record in this many is made a discrepancy of some kind
+LATER_DAY = DAY - dt.timedelta(days=10)   # the --later-payments are settled on this day
+PAST_AS_OF = DAY + dt.timedelta(days=1) - dt.timedelta(days=40)   # the past-date reports' as-of date
 READY_TIMEOUT_S = 120.0
 RECON_TIMEOUT_S = 900.0
 
@@ -132,11 +134,46 @@ def create_bills(engine: sa.Engine, plan: Plan, bills: int, arrears_permille: in
                 "issued": issued.replace(tzinfo=None) if engine.dialect.name == "sqlite" else issued})
 
 
+def create_later_payments(engine: sa.Engine, n: int, day: dt.date) -> None:
+    """`n` paid bills are made paid by a payment settled on `day` (one allocation each, the whole
+    principal), so that a report as of an earlier date must undo those payments' effect."""
+    if n <= 0:
+        return
+    pay, bill, alloc = (sa.table(t, *(sa.column(c) for c in cols)) for t, cols in (
+        ("payments", ("bank_id", "bank_serial", "state", "account_no", "branch_code", "amount_fen", "channel",
+                      "outlet_code", "teller_id", "settlement_date", "posted_at", "arrears_after_fen",
+                      "prepaid_after_fen", "prepaid_added_fen", "payment_id")),
+        ("bills", ("bill_id", "account_no", "amount_fen", "status", "paid_on", "accrual_date", "accrual_micro",
+                   "due_date")),
+        ("allocations", ("payment_id", "bill_id", "late_fee_fen", "principal_fen"))))
+    at = dt.datetime.combine(day, dt.time(12), TZ).astimezone(dt.UTC)
+    serial = sa.literal("L", sa.String) + sa.cast(bill.c.bill_id, sa.String(20))
+    chosen = (sa.select(bill.c.bill_id).where(bill.c.status == "PAID").order_by(bill.c.bill_id).limit(n)
+              .subquery("chosen"))
+    picked = bill.join(chosen, chosen.c.bill_id == bill.c.bill_id)
+    with engine.begin() as conn:
+        conn.execute(pay.insert().from_select(
+            ["bank_id", "bank_serial", "state", "account_no", "branch_code", "amount_fen", "channel", "outlet_code",
+             "teller_id", "settlement_date", "posted_at", "arrears_after_fen", "prepaid_after_fen",
+             "prepaid_added_fen"],
+            sa.select(sa.literal(BANK), serial, sa.literal("POSTED"), bill.c.account_no, sa.literal("01"),
+                      bill.c.amount_fen, sa.literal("COUNTER"), sa.literal("0101"), sa.literal("T1"),
+                      sa.literal(day, sa.Date), sa.literal(at.replace(tzinfo=None) if engine.dialect.name == "sqlite"
+                                                           else at, sa.DateTime(timezone=True)),
+                      sa.literal(0), sa.literal(0), sa.literal(0)).select_from(picked)))
+        conn.execute(alloc.insert().from_select(
+            ["payment_id", "bill_id", "late_fee_fen", "principal_fen"],
+            sa.select(pay.c.payment_id, bill.c.bill_id, sa.literal(0), bill.c.amount_fen)
+            .select_from(picked.join(pay, sa.and_(pay.c.bank_id == BANK, pay.c.bank_serial == serial)))))
+        conn.execute(bill.update().where(bill.c.bill_id.in_(sa.select(chosen.c.bill_id)))
+                     .values(paid_on=sa.literal(day, sa.Date), accrual_date=sa.literal(day, sa.Date)))
+
+
 def analyze(engine: sa.Engine) -> None:
     """Fresh planner statistics, as autovacuum would have them after a day's business."""
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         for table in ("customers", "payments", "bills", "allocations"):
-            conn.exec_driver_sql(f"ANALYZE {table}")
+            conn.exec_driver_sql(f"ANALYZE TABLE {table}" if engine.dialect.name == "mysql" else f"ANALYZE {table}")
 
 
 # ---- the bank's stream ----
@@ -257,15 +294,19 @@ def time_reports(engine: sa.Engine) -> list[tuple[str, float, str]]:
     n = sum(len(page) for page in reports.arrears_detail([engine], as_of, rates, TZ))
     out.append(("arrears detail", time.perf_counter() - t0, f"{n:,} accounts"))
     t0 = time.perf_counter()
-    arr = reports.arrears_summary([engine], as_of - dt.timedelta(days=40), rates, TZ)
+    arr = reports.arrears_summary([engine], PAST_AS_OF, rates, TZ)
     out.append(("arrears summary, 40 days ago", time.perf_counter() - t0, f"{arr.total.households:,} households"))
+    t0 = time.perf_counter()
+    n = sum(len(page) for page in reports.arrears_detail([engine], PAST_AS_OF, rates, TZ))
+    out.append(("arrears detail, 40 days ago", time.perf_counter() - t0, f"{n:,} accounts"))
     return out
 
 
 def run_backend(backend: str, args: argparse.Namespace, work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     name = f"yd_bench_recon_{os.getpid()}"
-    url = f"sqlite:///{work / 'mis.db'}" if backend == "sqlite" else create_database(args.pg_admin_url, name)
+    admin = args.mariadb_admin_url if backend == "mariadb" else args.pg_admin_url
+    url = f"sqlite:///{work / 'mis.db'}" if backend == "sqlite" else create_database(admin, name)
     try:
         engine = make_engine(url, sqlite_synchronous="NORMAL")
         accounts = [make_account_no("01", i + 1) for i in range(args.accounts)]
@@ -273,13 +314,17 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path) -> None:
         create_base(engine, accounts)
         plan = Plan(accounts, args.records, round(args.bank_only_share * 1000))
         small = Plan(accounts, args.small_records)
-        create_payments(engine, small, "Q", DAY - dt.timedelta(days=1))
-        create_payments(engine, plan, "S", DAY)
+        if args.reconcile:
+            create_payments(engine, small, "Q", DAY - dt.timedelta(days=1))
+            create_payments(engine, plan, "S", DAY)
         create_bills(engine, plan, args.bills, round(args.arrears_share * 1000))
+        create_later_payments(engine, args.later_payments, LATER_DAY)
         analyze(engine)
-        print(f"[{backend}] load={_load()} generated {args.accounts:,} accounts, {args.records + args.small_records:,} payments, "
+        print(f"[{backend}] load={_load()} generated {args.accounts:,} accounts, "
+              f"{(args.records + args.small_records) * args.reconcile + args.later_payments:,} payments, "
               f"{args.bills:,} bills in {time.perf_counter() - t0:.1f} s", flush=True)
-        for label, p, prefix, day in (("small", small, "Q", DAY - dt.timedelta(days=1)), ("full", plan, "S", DAY)):
+        runs = (("small", small, "Q", DAY - dt.timedelta(days=1)), ("full", plan, "S", DAY)) if args.reconcile else ()
+        for label, p, prefix, day in runs:
             fig = reconcile_once(url, work, p, prefix, day, args.batch_records)
             print(f"[{backend}] reconcile {label}: " + " ".join(f"{k}={v}" for k, v in fig.items()), flush=True)
             if backend == "postgresql" and label == "full" and args.reference:
@@ -288,17 +333,18 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path) -> None:
                 print(f"[{backend}] reference (COPY of the records + one matching join): records_per_s={ref:,.0f} "
                       f"ratio={ours / ref:.2f} load={_load()}", flush=True)
         for title, seconds, what in time_reports(engine):
-            print(f"[{backend}] report {title}: seconds={seconds:.2f} ({what})", flush=True)
+            print(f"[{backend}] report {title}: seconds={seconds:.2f} ({what}) load={_load()}", flush=True)
         engine.dispose()
     finally:
         if backend != "sqlite":
-            drop_database(args.pg_admin_url, name)
+            drop_database(admin, name)
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m mis_adapter bench-recon", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backends", default="sqlite,postgresql", help="comma-separated: sqlite, postgresql")
+    p.add_argument("--backends", default="sqlite,postgresql",
+                   help="comma-separated: sqlite, postgresql, mariadb (reports only)")
     p.add_argument("--records", type=int, default=1_000_000, help="records of the bank's day")
     p.add_argument("--small-records", type=int, default=100_000, help="records of the comparison run")
     p.add_argument("--accounts", type=int, default=100_000, help="accounts the payments and bills spread over")
@@ -308,11 +354,18 @@ def main(argv: list[str]) -> int:
                    help="share of the full run's records the MIS never saw (BANK_ONLY), 0..1")
     p.add_argument("--arrears-share", type=float, default=1.0,
                    help="share of households with unpaid bills in the report data, 0..1")
+    p.add_argument("--later-payments", type=int, default=0,
+                   help="paid bills made paid by a payment after the past-date reports' as-of date")
+    p.add_argument("--reports-only", dest="reconcile", action="store_false",
+                   help="skip the reconciliation runs (reports only; the only choice on mariadb)")
     p.add_argument("--no-reference", dest="reference", action="store_false",
                    help="skip the same-run PostgreSQL reference")
     p.add_argument("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    p.add_argument("--mariadb-admin-url", default="mysql://root@127.0.0.1:3306/mysql")
     p.add_argument("--work-dir", default="var/bench-recon")
     args = p.parse_args(argv)
+    if "mariadb" in args.backends and args.reconcile:
+        p.error("mariadb: reports only (--reports-only)")
     work = Path(args.work_dir)
     work = work if work.is_absolute() else REPO / work
     if work.exists():

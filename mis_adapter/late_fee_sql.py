@@ -22,7 +22,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from mis_adapter.late_fee import MICRO_PER_FEN, RESIDENTIAL, LateFeeRates
 
-__all__ = ["accrual_micro_sql", "fee_due_from_micro_sql", "late_fee_due_sql"]
+__all__ = ["accrual_micro_sql", "accrued_micro_sql", "fee_due_from_micro_sql", "late_fee_due_sql"]
 
 
 class _DaysBetween(FunctionElement[int]):
@@ -121,28 +121,21 @@ def _at_least_zero(x: ColumnElement[Any]) -> ColumnElement[Any]:
     return _Greatest(x, sa.literal(0, sa.BigInteger()))
 
 
-def accrual_micro_sql(*, principal_unpaid: ColumnElement[Any], accrual_micro: ColumnElement[Any],
-                      accrual_date: ColumnElement[Any], tariff_class: ColumnElement[Any], period: ColumnElement[Any],
-                      as_of: ColumnElement[Any], rates: LateFeeRates) -> ColumnElement[Any]:
-    """late_fee.accrual_as_of(FeeState(...), as_of, rates) as an expression: the exact accrual in micro."""
-    days = _DaysBetween(as_of, accrual_date)
+def accrued_micro_sql(*, principal: ColumnElement[Any], from_date: ColumnElement[Any],
+                      to_date: ColumnElement[Any], tariff_class: ColumnElement[Any], period: ColumnElement[Any],
+                      rates: LateFeeRates) -> ColumnElement[Any]:
+    """late_fee.accrued_micro(principal, from_date, to_date, ...) as an expression: the fee accrued on
+    `principal` for the days after `from_date` up to and including `to_date`, in millionths of a fen."""
+    days = _DaysBetween(to_date, from_date)
     year_end = _YearEnd(period)
-    # min(as_of, 31 Dec) - accrual_date, at least 0: the current-year days
-    current_days = _at_least_zero(sa.case((_DaysBetween(as_of, year_end) < 0, days),
-                                          else_=_DaysBetween(year_end, accrual_date)))
-    accrues = sa.and_(principal_unpaid > 0, days > 0)
-    residential = principal_unpaid * days * rates.residential_ppm_per_day
-    other = principal_unpaid * (current_days * rates.other_current_year_ppm_per_day
-                                + (days - current_days) * rates.other_earlier_years_ppm_per_day)
-    return accrual_micro + sa.case((sa.not_(accrues), 0), (tariff_class == RESIDENTIAL, residential), else_=other)
-
-
-def fee_due_from_micro_sql(micro: ColumnElement[Any], late_fee_paid: ColumnElement[Any],
-                           rates: LateFeeRates) -> ColumnElement[Any]:
-    """max(0, late_fee.fee_from_micro(micro) - late_fee_paid) as an expression."""
-    rounded = _IntDiv(micro + MICRO_PER_FEN // 2, MICRO_PER_FEN)
-    fee = sa.case((micro <= 0, 0), else_=_Greatest(rounded, sa.literal(rates.minimum_fen, sa.BigInteger())))
-    return _at_least_zero(fee - late_fee_paid)
+    # min(to_date, 31 Dec) - from_date, at least 0: the current-year days
+    current_days = _at_least_zero(sa.case((_DaysBetween(to_date, year_end) < 0, days),
+                                          else_=_DaysBetween(year_end, from_date)))
+    accrues = sa.and_(principal > 0, days > 0)
+    residential = principal * days * rates.residential_ppm_per_day
+    other = principal * (current_days * rates.other_current_year_ppm_per_day
+                         + (days - current_days) * rates.other_earlier_years_ppm_per_day)
+    return sa.case((sa.not_(accrues), 0), (tariff_class == RESIDENTIAL, residential), else_=other)
 
 
 def late_fee_due_sql(*, principal_unpaid: ColumnElement[Any], accrual_micro: ColumnElement[Any],
@@ -154,3 +147,19 @@ def late_fee_due_sql(*, principal_unpaid: ColumnElement[Any], accrual_micro: Col
                               accrual_date=accrual_date, tariff_class=tariff_class, period=period, as_of=as_of,
                               rates=rates)
     return fee_due_from_micro_sql(micro, late_fee_paid, rates)
+
+
+def accrual_micro_sql(*, principal_unpaid: ColumnElement[Any], accrual_micro: ColumnElement[Any],
+                      accrual_date: ColumnElement[Any], tariff_class: ColumnElement[Any], period: ColumnElement[Any],
+                      as_of: ColumnElement[Any], rates: LateFeeRates) -> ColumnElement[Any]:
+    """late_fee.accrual_as_of(FeeState(...), as_of, rates) as an expression: the exact accrual in micro."""
+    return accrual_micro + accrued_micro_sql(principal=principal_unpaid, from_date=accrual_date, to_date=as_of,
+                                             tariff_class=tariff_class, period=period, rates=rates)
+
+
+def fee_due_from_micro_sql(micro: ColumnElement[Any], late_fee_paid: ColumnElement[Any],
+                           rates: LateFeeRates) -> ColumnElement[Any]:
+    """max(0, late_fee.fee_from_micro(micro) - late_fee_paid) as an expression."""
+    rounded = _IntDiv(micro + MICRO_PER_FEN // 2, MICRO_PER_FEN)
+    fee = sa.case((micro <= 0, 0), else_=_Greatest(rounded, sa.literal(rates.minimum_fen, sa.BigInteger())))
+    return _at_least_zero(fee - late_fee_paid)

@@ -38,7 +38,7 @@ from sqlalchemy.engine import Connection, Engine
 from mis_adapter.db.base import table_of
 from mis_adapter.db.core import AllocationRow, BillRow, Customer, Payment
 from mis_adapter.late_fee import FeeState, LateFeeRates, accrual_as_of, late_fee_due
-from mis_adapter.late_fee_sql import late_fee_due_sql
+from mis_adapter.late_fee_sql import accrued_micro_sql, late_fee_due_sql
 from yindian_common.errors import InvalidField
 from yindian_common.fields import mask_name, mask_phone
 
@@ -237,7 +237,9 @@ _CHANGED = sa.union_all(
     sa.select(T_PAY.c.payment_id, T_PAY.c.state).where(T_PAY.c.reversed_on > _AS_OF, T_PAY.c.state == REVERSED,
                                                        T_PAY.c.settlement_date <= _AS_OF)).subquery("changed")
 # Grouped by `bill_id + 0`, which no index gives: SQLite would otherwise walk every allocation in bill order.
-_ALLOC_BILL_EXPR = T_ALLOC.c.bill_id + sa.literal_column("0")
+# Cast back to an integer: a bare expression has no affinity on SQLite, which then cannot build an automatic
+# index to join the bills to it (each bill would scan every touched bill).
+_ALLOC_BILL_EXPR = sa.cast(T_ALLOC.c.bill_id + sa.literal_column("0"), sa.BigInteger)
 _ALLOC_BILL = _ALLOC_BILL_EXPR.label("bill_id")
 _DELTA_BY_PAYMENTS = (sa.select(_ALLOC_BILL,  # sums cast back to bigint: PostgreSQL's sum(bigint) is numeric
                                 sa.cast(sa.func.sum(sa.case((_CHANGED.c.state == POSTED, -1), else_=1)
@@ -248,8 +250,75 @@ _DELTA_BY_PAYMENTS = (sa.select(_ALLOC_BILL,  # sums cast back to bigint: Postgr
                       .group_by(_ALLOC_BILL_EXPR))
 
 
+def _replay_fees(delta: Any, rates: LateFeeRates) -> Any:
+    """(bill_id, fee): the late fee owed at the end of as_of by every bill whose fee
+    needs its history replayed (touched by payments posted or reversed after as_of,
+    or accrued past it), replayed set-based: fee_as_of's loop as window sums.
+
+    From the bill's issue, every allocation in effect at as_of (settled by then and
+    not reversed by then), in settlement order, accrues the fee on the principal
+    still unpaid before it over the days since the previous one (or the due date);
+    what was paid outside any allocation (migrated history) counts from the start.
+    A bill's accrual is a sum of such segments, so one pass of running sums over
+    the bill's allocations gives it; found by index (delta: the payments after
+    as_of; the bills accrued past as_of)."""
+    ids = sa.union(sa.select(T_BILL.c.bill_id.label("bill_id"))
+                   .where(T_BILL.c.accrual_date > _AS_OF, T_BILL.c.accrual_date > T_BILL.c.due_date),
+                   sa.select(delta.c.bill_id)).cte("replay_ids")
+    a, p = T_ALLOC.alias("ra"), T_PAY.alias("rp")
+    total = _sum_bigint
+    # allocations of payments POSTED now: the bill's current figures include them
+    posted = (sa.select(a.c.bill_id,
+                        total(sa.case((p.c.state == POSTED, a.c.principal_fen), else_=0)).label("principal"),
+                        total(sa.case((p.c.state == POSTED, a.c.late_fee_fen), else_=0)).label("fee"))
+              .select_from(ids.join(a, a.c.bill_id == ids.c.bill_id).join(p, p.c.payment_id == a.c.payment_id))
+              .group_by(a.c.bill_id).subquery("replay_posted"))
+    in_effect = sa.and_(p.c.settlement_date <= _AS_OF,
+                        sa.not_(sa.and_(p.c.state == REVERSED, p.c.reversed_on.is_not(None),
+                                        p.c.reversed_on <= _AS_OF)))
+    order = (p.c.settlement_date, p.c.payment_id, a.c.allocation_id)
+    steps = (sa.select(a.c.bill_id, a.c.principal_fen, a.c.late_fee_fen, p.c.settlement_date,
+                       (sa.func.sum(a.c.principal_fen).over(partition_by=a.c.bill_id, order_by=order, rows=(None, 0))
+                        - a.c.principal_fen).label("paid_before"),
+                       sa.func.lag(p.c.settlement_date).over(partition_by=a.c.bill_id, order_by=order)
+                       .label("previous_day"))
+             .select_from(ids.join(a, a.c.bill_id == ids.c.bill_id).join(p, p.c.payment_id == a.c.payment_id))
+             .where(in_effect).subquery("replay_steps"))
+    b, c = T_BILL.alias("rb"), T_CUST.alias("rc")
+    unpaid_at_issue = (b.c.amount_fen - b.c.prepaid_applied_fen - b.c.principal_paid_fen
+                       + sa.func.coalesce(posted.c.principal, 0))
+    since = sa.case((steps.c.previous_day > b.c.due_date, steps.c.previous_day), else_=b.c.due_date)
+    segment = accrued_micro_sql(principal=unpaid_at_issue - steps.c.paid_before, from_date=since,
+                                to_date=steps.c.settlement_date, tariff_class=c.c.tariff_class, period=b.c.period,
+                                rates=rates)
+    accrued = (sa.select(steps.c.bill_id, total(segment).label("micro"),
+                         total(steps.c.principal_fen).label("principal"), total(steps.c.late_fee_fen).label("fee"),
+                         sa.func.max(steps.c.settlement_date).label("last_day"))
+               .select_from(steps.join(b, b.c.bill_id == steps.c.bill_id).join(c, c.c.account_no == b.c.account_no)
+                            .outerjoin(posted, posted.c.bill_id == steps.c.bill_id))
+               .group_by(steps.c.bill_id).subquery("replay_accrued"))
+    accrual_date = sa.case((accrued.c.last_day > b.c.due_date, accrued.c.last_day), else_=b.c.due_date)
+    fee = late_fee_due_sql(
+        principal_unpaid=unpaid_at_issue - sa.func.coalesce(accrued.c.principal, 0),
+        accrual_micro=sa.func.coalesce(accrued.c.micro, 0), accrual_date=accrual_date,
+        late_fee_paid=b.c.late_fee_paid_fen - sa.func.coalesce(posted.c.fee, 0) + sa.func.coalesce(accrued.c.fee, 0),
+        tariff_class=c.c.tariff_class, period=b.c.period, as_of=_AS_OF, rates=rates)
+    # DISTINCT (one row per bill anyway): MariaDB would otherwise merge this into the report's query and
+    # join every bill in arrears to the bills and customers again
+    return (sa.select(ids.c.bill_id, sa.cast(fee, sa.BigInteger).label("fee")).distinct()
+            .select_from(ids.join(b, b.c.bill_id == ids.c.bill_id).join(c, c.c.account_no == b.c.account_no)
+                         .outerjoin(posted, posted.c.bill_id == ids.c.bill_id)
+                         .outerjoin(accrued, accrued.c.bill_id == ids.c.bill_id))
+            .cte("replay_fees"))
+
+
+def _sum_bigint(x: Any) -> Any:
+    """SUM as bigint: PostgreSQL's sum(bigint) is numeric (a Decimal per value in Python)."""
+    return sa.cast(sa.func.sum(x), sa.BigInteger)
+
+
 def _arrears_query(branch: bool, *, indexed: bool = True, rates: LateFeeRates | None = None,
-                   replay_only: bool = False, union: bool = True) -> sa.Select[Any]:
+                   union: bool = True) -> sa.Select[Any]:
     """Every bill in arrears at the end of as_of, by account and period.
 
     indexed: read only the bills that can be in arrears at as_of, found by
@@ -257,37 +326,37 @@ def _arrears_query(branch: bool, *, indexed: bool = True, rates: LateFeeRates | 
     payments posted or reversed after as_of): O(bills in arrears then), not
     O(bills). Otherwise the whole bills table is read (the reconstruction
     the indexed path is property-tested against). With `rates`, a column
-    `fee_sql` gives the late fee owed for the bills that need no replay.
-    replay_only: only the bills whose fee needs their history replayed
-    (touched by payments after as_of, or accrued past it).
+    `fee_sql` gives every bill's late fee owed at as_of (replayed set-based
+    where history after as_of changed it; _replay_fees).
 
     A bill's paid_on is set exactly when it is PAID (payments.py, feed.py,
     issue_bills.py), so "not paid by as_of" is paid_on NULL or after as_of."""
     if not indexed:
         return _arrears_scan_query(branch)
     delta = _DELTA_BY_PAYMENTS.cte("delta")
-    # SQLite: the customer joined on an expression, so that no index of bills by account invites a walk
-    # over every bill
+    # SQLite, MariaDB: the customer joined on an expression, so that no index of bills by account invites
+    # a walk over every bill (from every customer)
     cust_join = T_CUST.c.account_no == (sa.func.coalesce(T_BILL.c.account_no, "") if union else T_BILL.c.account_no)
-    if replay_only:
-        candidates = sa.union(sa.select(T_BILL.c.bill_id).where(T_BILL.c.accrual_date > _AS_OF),
-                              sa.select(delta.c.bill_id)).subquery("candidates")
-        return _arrears_part(candidates.join(T_BILL, T_BILL.c.bill_id == candidates.c.bill_id)
-                             .join(T_CUST, cust_join).outerjoin(delta, delta.c.bill_id == T_BILL.c.bill_id),
-                             delta, branch, rates).order_by(T_BILL.c.account_no, T_BILL.c.period, T_BILL.c.bill_id)
     # Three disjoint parts, each read once by its own index or scan (no second pass over bills to join
     # candidates back): unpaid now, paid after as_of, paid by as_of but touched by payments after it.
     now_read = T_BILL.outerjoin(delta, delta.c.bill_id == T_BILL.c.bill_id).join(T_CUST, cust_join)
     touched = delta.join(T_BILL, T_BILL.c.bill_id == delta.c.bill_id).join(T_CUST, cust_join)
-    parts = (_arrears_part(now_read, delta, branch, rates).where(T_BILL.c.paid_on.is_(None)),
-             _arrears_part(now_read, delta, branch, rates).where(T_BILL.c.paid_on > _AS_OF),
-             _arrears_part(touched, delta, branch, rates).where(T_BILL.c.paid_on <= _AS_OF))
+    replayed = None
+    if rates is not None:
+        replayed = _replay_fees(delta, rates)
+        now_read = now_read.outerjoin(replayed, replayed.c.bill_id == T_BILL.c.bill_id)
+        touched = touched.outerjoin(replayed, replayed.c.bill_id == T_BILL.c.bill_id)
+    parts = (_arrears_part(now_read, delta, branch, rates, replayed).where(T_BILL.c.paid_on.is_(None)),
+             _arrears_part(now_read, delta, branch, rates, replayed).where(T_BILL.c.paid_on > _AS_OF),
+             _arrears_part(touched, delta, branch, rates, replayed).where(T_BILL.c.paid_on <= _AS_OF))
     u = sa.union_all(*parts).subquery("arrears_parts")
     return sa.select(u).order_by(u.c.account_no, u.c.period, u.c.bill_id)
 
 
-def _arrears_part(frm: Any, delta: Any, branch: bool, rates: LateFeeRates | None) -> sa.Select[Any]:
-    """The columns of _arrears_query over `frm` (bills, their customer, their delta)."""
+def _arrears_part(frm: Any, delta: Any, branch: bool, rates: LateFeeRates | None,
+                  replayed: Any = None) -> sa.Select[Any]:
+    """The columns of _arrears_query over `frm` (bills, their customer, their delta;
+    with `replayed`, the replayed fees: column `fee_sql` is then every bill's fee)."""
     principal_delta = sa.func.coalesce(delta.c.principal_delta, 0)
     unpaid = T_BILL.c.amount_fen - T_BILL.c.prepaid_applied_fen - T_BILL.c.principal_paid_fen - principal_delta
     needs_replay = sa.or_(delta.c.bill_id.is_not(None),
@@ -301,10 +370,13 @@ def _arrears_part(frm: Any, delta: Any, branch: bool, rates: LateFeeRates | None
          .select_from(frm)
          .where(T_BILL.c.issued_at < _b("issued_before"), unpaid > 0))
     if rates is not None:
-        q = q.add_columns(late_fee_due_sql(
+        fee = late_fee_due_sql(
             principal_unpaid=unpaid, accrual_micro=T_BILL.c.accrual_micro, accrual_date=T_BILL.c.accrual_date,
             late_fee_paid=T_BILL.c.late_fee_paid_fen, tariff_class=T_CUST.c.tariff_class, period=T_BILL.c.period,
-            as_of=_AS_OF, rates=rates).label("fee_sql"))
+            as_of=_AS_OF, rates=rates)
+        if replayed is not None:
+            fee = sa.case((needs_replay, replayed.c.fee), else_=fee)
+        q = q.add_columns(fee.label("fee_sql"))
     return q.where(T_CUST.c.branch_code == _b("branch_code")) if branch else q
 
 
@@ -501,19 +573,15 @@ def arrears_detail(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRate
 
 # ---- arrears added up in the database ----
 @functools.lru_cache(maxsize=16)
-def _summed_statements(rates: LateFeeRates, branch: bool, dialect: str
-                       ) -> tuple[sa.Select[Any], sa.Select[Any], sa.Select[Any]]:
-    """(by branch, by account, bills to replay) over the bills in arrears at as_of."""
-    bills = (_arrears_query(branch, indexed=True, rates=rates, union=dialect == "sqlite").order_by(None)
+def _summed_statements(rates: LateFeeRates, branch: bool, dialect: str) -> tuple[sa.Select[Any], sa.Select[Any]]:
+    """(by branch, by account) over the bills in arrears at as_of, every fee priced in the
+    database (the bills whose history after as_of changed them replayed set-based)."""
+    bills = (_arrears_query(branch, indexed=True, rates=rates, union=dialect in ("sqlite", "mysql")).order_by(None)
              .subquery("arrears_bills"))
-
-    def total(x: Any) -> Any:  # PostgreSQL's sum(bigint) is numeric (a Decimal per value in Python)
-        return sa.cast(sa.func.sum(x), sa.BigInteger)
-
-    fee = total(sa.case((bills.c.needs_replay == 0, bills.c.fee_sql), else_=0))
+    total = _sum_bigint
     # by account first, then by branch: a hash aggregate each, where COUNT(DISTINCT) would sort every bill
     accounts = (sa.select(bills.c.branch_code, total(bills.c.unpaid_fen).label("principal_fen"),
-                          fee.label("late_fee_fen"))
+                          total(bills.c.fee_sql).label("late_fee_fen"))
                 .group_by(bills.c.branch_code, bills.c.account_no).subquery("arrears_accounts"))
     by_branch = (sa.select(accounts.c.branch_code, sa.func.count().label("households"),
                            total(accounts.c.principal_fen).label("principal_fen"),
@@ -523,14 +591,10 @@ def _summed_statements(rates: LateFeeRates, branch: bool, dialect: str
     by_account = (sa.select(bills.c.account_no, sa.func.min(bills.c.name).label("name"),
                             sa.func.min(bills.c.phone).label("phone"), bills.c.branch_code,
                             sa.func.count().label("unpaid_bills"), total(bills.c.unpaid_fen).label("principal_fen"),
-                            fee.label("late_fee_fen"), sa.func.min(bills.c.period).label("oldest_period"))
+                            total(bills.c.fee_sql).label("late_fee_fen"),
+                            sa.func.min(bills.c.period).label("oldest_period"))
                   .group_by(bills.c.account_no, bills.c.branch_code).order_by(bills.c.account_no))
-    to_replay = _arrears_query(branch, indexed=True, replay_only=True).order_by(None).subquery("replay_bills")
-    # ordered by expressions no index gives: the plan starts from the few bills to replay (SQLite would
-    # otherwise walk every bill in account order to avoid the sort)
-    replays = (sa.select(to_replay).where(to_replay.c.needs_replay == 1)
-               .order_by(sa.func.coalesce(to_replay.c.account_no, ""), to_replay.c.period, to_replay.c.bill_id))
-    return by_branch, by_account, replays
+    return by_branch, by_account
 
 
 def _params(engine: Engine, as_of: dt.date, tz: ZoneInfo, branch_code: str) -> dict[str, Any]:
@@ -542,69 +606,31 @@ def _params(engine: Engine, as_of: dt.date, tz: ZoneInfo, branch_code: str) -> d
     return params
 
 
-def _replayed(conn: Connection, side: Connection, stmt: sa.Select[Any], params: dict[str, Any], as_of: dt.date,
-              rates: LateFeeRates) -> Iterator[BillAsOf]:
-    """The bills whose fee needs their history replayed, priced in Python, by account."""
-    result = conn.execute(stmt, params, execution_options={"yield_per": ARREARS_CHUNK_ROWS})
-    for chunk in result.partitions(ARREARS_CHUNK_ROWS):
-        for _row, bill in _price_chunk(side, chunk, as_of, rates):
-            yield bill
-
-
 def _summed_by_branch(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRates,
                       tz: ZoneInfo) -> Iterator[ArrearsRow]:
     for engine in engines:
-        by_branch, _by_account, replays = _summed_statements(rates, False, engine.dialect.name)
-        params = _params(engine, as_of, tz, "")
-        with engine.connect().execution_options(read_only=True) as conn, conn.begin(), \
-                engine.connect().execution_options(read_only=True) as side:
+        by_branch, _by_account = _summed_statements(rates, False, engine.dialect.name)
+        with engine.connect().execution_options(read_only=True) as conn, conn.begin():
             _no_jit(conn)
-            rows = {r.branch_code: ArrearsRow(r.branch_code, int(r.households), int(r.principal_fen or 0),
-                                              int(r.late_fee_fen or 0))
-                    for r in conn.execute(by_branch, params)}
-            for bill in _replayed(conn, side, replays, params, as_of, rates):
-                # a bill paid between the two statements is not in the sums: its fee is still owed as of then
-                rows.setdefault(bill.branch_code, ArrearsRow(bill.branch_code)).late_fee_fen += bill.late_fee_fen
-        yield from rows.values()
+            rows = conn.execute(by_branch, _params(engine, as_of, tz, "")).all()
+        yield from (ArrearsRow(r.branch_code, int(r.households), int(r.principal_fen or 0), int(r.late_fee_fen or 0))
+                    for r in rows)
 
 
 def _summed_by_account(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRates, tz: ZoneInfo,
                        branch_code: str, page_accounts: int) -> Iterator[list[ArrearsAccount]]:
     page: list[ArrearsAccount] = []
     for engine in engines:
-        _by_branch, by_account, replays = _summed_statements(rates, bool(branch_code), engine.dialect.name)
-        params = _params(engine, as_of, tz, branch_code)
-        with engine.connect().execution_options(read_only=True) as conn, conn.begin(), \
-                engine.connect().execution_options(read_only=True) as rconn, rconn.begin(), \
-                engine.connect().execution_options(read_only=True) as side:
+        _by_branch, by_account = _summed_statements(rates, bool(branch_code), engine.dialect.name)
+        with engine.connect().execution_options(read_only=True) as conn, conn.begin():
             _no_jit(conn)
-            _no_jit(rconn)
-            replay_fees = _fees_by_account(_replayed(rconn, side, replays, params, as_of, rates))
-            pending = next(replay_fees, None)
-            result = conn.execute(by_account, params, execution_options={"yield_per": ARREARS_CHUNK_ROWS})
+            result = conn.execute(by_account, _params(engine, as_of, tz, branch_code),
+                                  execution_options={"yield_per": ARREARS_CHUNK_ROWS})
             for account_no, name, phone, branch, n, principal_fen, fee_fen, oldest in result:
-                acc = ArrearsAccount(account_no, mask_name(name), mask_phone(phone), branch, n, principal_fen,
-                                     fee_fen or 0, oldest)
-                # both streams are in account order: add the replayed fees of this account
-                while pending is not None and pending[0] <= acc.account_no:
-                    if pending[0] == acc.account_no:
-                        acc.late_fee_fen += pending[1]
-                    pending = next(replay_fees, None)
-                page.append(acc)
+                page.append(ArrearsAccount(account_no, mask_name(name), mask_phone(phone), branch, n, principal_fen,
+                                           fee_fen or 0, oldest))
                 if len(page) >= page_accounts:
                     yield page
                     page = []
     if page:
         yield page
-
-
-def _fees_by_account(bills: Iterator[BillAsOf]) -> Iterator[tuple[str, int]]:
-    account, fee = "", 0
-    for bill in bills:
-        if bill.account_no != account and account:
-            yield account, fee
-            fee = 0
-        account = bill.account_no
-        fee += bill.late_fee_fen
-    if account:
-        yield account, fee
