@@ -106,14 +106,25 @@ def bulk_insert(engine: Engine, table: sa.Table, rows: list[dict[str, Any]]) -> 
 
 
 def _copy_rows(engine: Engine, table: sa.Table, rows: list[dict[str, Any]]) -> None:
-    """PostgreSQL: COPY FROM STDIN (psycopg), one transaction."""
+    """PostgreSQL: COPY FROM STDIN (psycopg), one transaction, in the binary
+    format: the server then reads each value as it stores it instead of
+    parsing text (numbers, dates, instants)."""
     cols = list(rows[0].keys())
+    types = [_pg_binary_type(engine, table.c[c].type) for c in cols]
     with engine.begin() as conn:
         driver = conn.connection.driver_connection
         assert driver is not None
-        with driver.cursor() as cur, cur.copy(f"COPY {table.name} ({', '.join(cols)}) FROM STDIN") as copy:
+        sql = f"COPY {table.name} ({', '.join(cols)}) FROM STDIN (FORMAT BINARY)"
+        with driver.cursor() as cur, cur.copy(sql) as copy:
+            copy.set_types(types)
             for r in rows:
                 copy.write_row([r[c] for c in cols])
+
+
+def _pg_binary_type(engine: Engine, column_type: sa.types.TypeEngine[Any]) -> str:
+    """The PostgreSQL type name a column's values are sent as in a binary COPY
+    (which needs the exact type): its DDL name without the length."""
+    return column_type.compile(dialect=engine.dialect).split("(")[0].lower()
 
 
 @functools.lru_cache(maxsize=4096)
