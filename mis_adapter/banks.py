@@ -43,18 +43,26 @@ class BankRegistry:
             return hit[1], hit[2]
         # Translated here, not only at the edge: a terminated backend answers UNAVAILABLE wherever
         # the status is read (issue 9 item 6).
-        # Autocommit: no transaction to roll back. A ROLLBACK makes psycopg forget every statement it
-        # prepared on the connection (and DEALLOCATE ALL), so this refresh, on the pool the pays use,
-        # sent the next pays on that connection back to parsing and planning (pg_stat_database: ~6
-        # rollbacks/s under bench-ratio, nearly all from here).
-        with db_errors("MIS database"), \
-                self._engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        # PostgreSQL: autocommit, no transaction to roll back. A ROLLBACK makes psycopg forget every
+        # statement it prepared on the connection (and DEALLOCATE ALL), so this refresh, on the pool the
+        # pays use, sent the next pays on that connection back to parsing and planning (pg_stat_database:
+        # ~6 rollbacks/s under bench-ratio, nearly all from here); psycopg switches autocommit without a
+        # round trip. Elsewhere as before: on MariaDB the switch back, as the connection returns to the
+        # pool, is a round trip outside any statement, where a terminated backend surfaced as a raw
+        # driver error (UNKNOWN).
+        with db_errors("MIS database"), self._connect() as conn:
             row = conn.execute(_SELECT_BANK, {"bank_id": bank_id}).first()
         if row is None:
             return None
         with self._lock:
             self._cache[bank_id] = (now, bool(row.suspended), row.suspended_reason)
         return bool(row.suspended), row.suspended_reason
+
+    def _connect(self) -> Connection:
+        conn = self._engine.connect()
+        if self._engine.dialect.name == "postgresql":
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+        return conn
 
     def ensure_known(self, bank_id: str) -> None:
         if self._status(bank_id) is None:

@@ -13,7 +13,6 @@ the MIS is read directly, and a complete rerun must close the day itself."""
 from __future__ import annotations
 
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 
@@ -24,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.bridge.conftest import BankCore, Utility, new_serial
 from tests.bridge.link import Link
+from tests.support.waiting import wait_until
 from yindian.v1 import billing_pb2 as pb
 from yindian_common.db import make_engine
 from yindian_common.status import error_info
@@ -42,11 +42,6 @@ def handled_reconciles(utility: Utility) -> float:
                if s.name == "grpc_server_handled_total" and s.labels.get("grpc_method") == "Reconcile")
 
 
-def wait_until(what: str, cond: Callable[[], bool]) -> None:
-    end = time.monotonic() + WAIT_S
-    while not cond():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def closed_days(utility: Utility) -> int:
@@ -78,13 +73,13 @@ def cancelled_after(core: BankCore, utility: Utility, link: Link, sent: list[pb.
         more.wait(WAIT_S)  # the bank core still sending its records when it cancels
 
     call = core.channel.stream_stream(RECONCILE)(records(), timeout=DEADLINE_S)
-    wait_until("the bridge's upstream stream", lambda: link.requests > calls_on_link)
+    wait_until(lambda: link.requests > calls_on_link, "the bridge's upstream stream")
     call.cancel()
     more.set()
     with pytest.raises(grpc.RpcError) as caught:
         list(call)
     assert caught.value.code() == grpc.StatusCode.CANCELLED  # type: ignore[attr-defined]
-    wait_until("mis_adapter to finish with the cancelled stream", lambda: handled_reconciles(utility) > handled)
+    wait_until(lambda: handled_reconciles(utility) > handled, "mis_adapter to finish with the cancelled stream")
 
 
 def refused_malformed(core: BankCore, utility: Utility, link: Link, day: str) -> None:
@@ -97,7 +92,7 @@ def refused_malformed(core: BankCore, utility: Utility, link: Link, day: str) ->
     info = error_info(caught.value)
     assert info is not None and info.metadata["field"] == "request"
     if link.requests > calls_on_link:  # the bridge had opened its upstream stream before the refusal
-        wait_until("mis_adapter to finish with the refused stream", lambda: handled_reconciles(utility) > handled)
+        wait_until(lambda: handled_reconciles(utility) > handled, "mis_adapter to finish with the refused stream")
 
 
 def test_a_reconciliation_the_bank_core_did_not_end_applies_nothing(

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -22,6 +21,7 @@ import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
 from tests.support.mis_data import NOON, running_adapter
+from tests.support.waiting import wait_until
 from yindian.v1 import billing_pb2 as pb
 
 pytestmark = pytest.mark.timeout(180)
@@ -38,11 +38,6 @@ def handled() -> float:
     return sum(counter("grpc_server_handled_total", grpc_code=code.name) for code in grpc.StatusCode)
 
 
-def wait_until(what: str, cond: Callable[[], bool]) -> None:
-    end = time.monotonic() + WAIT_S
-    while not cond():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 def test_cancelled_reconcile_streams_close_no_day(sqlite_url: str) -> None:
@@ -57,13 +52,13 @@ def test_cancelled_reconcile_streams_close_no_day(sqlite_url: str) -> None:
                 more.wait(WAIT_S)
 
             call = a.stub.Reconcile(records(), timeout=WAIT_S, metadata=[("x-yindian-bank-id", "ICBC")])
-            wait_until("mis_adapter to read the header",
-                       lambda n=received: counter("grpc_server_msg_received_total") > n)  # type: ignore[misc]
+            wait_until(lambda n=received: counter("grpc_server_msg_received_total") > n,  # type: ignore[misc]
+                       "mis_adapter to read the header")
             call.cancel()
             more.set()
             with pytest.raises(grpc.RpcError):
                 list(call)
-            wait_until("mis_adapter to finish with the stream", lambda n=done: handled() > n)  # type: ignore[misc]
+            wait_until(lambda n=done: handled() > n, "mis_adapter to finish with the stream")  # type: ignore[misc]
         with a.engine.connect() as conn:
             closed = conn.execute(sa.text("SELECT settlement_date FROM reconciled_days")).scalars().all()
     assert closed == [], f"{len(closed)} of {STREAMS} cancelled streams closed their day"
