@@ -96,8 +96,9 @@ def pay(ctx: Any, cmd: PayCommand) -> tuple[PayResult, bool]:
 
 
 def _settle(ctx: Any, claim: Claim) -> None:
+    """After the branch answered with the serial held: the mark need not be durable (registry.settle)."""
     if claim.state != registry.SETTLED:
-        registry.settle(_front(ctx), claim.bank_id, claim.serial, utc_now(ctx.clock))
+        registry.settle(_front(ctx), claim.bank_id, claim.serial, utc_now(ctx.clock), durable=False)
 
 
 # ---- GetPayment ----

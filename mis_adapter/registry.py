@@ -19,6 +19,16 @@ The protocol (mis_adapter.cross_branch runs it):
   settles the claim before it acts, so a release can never undo the home a
   tombstone was written to.
 
+On PostgreSQL a pay's claim and its settle are each one statement in one round
+trip (autocommit: psycopg sends no BEGIN and no COMMIT of its own; the
+statement is prepared on its connection, SQLAlchemy compiles nothing): the
+claim inserts and, when someone had the serial, returns theirs; the settle
+commits without waiting for its WAL flush (synchronous_commit off for that
+one statement), because a settle lost in a server crash leaves a CLAIMED
+claim whose branch holds the serial, the state a crash after the branch
+commit leaves and that the retry or the recovery pass settles. The claim
+itself is durable before the branch commit.
+
 Must never: let two branches hold the same (bank, serial), or release a
 claim whose branch may hold the serial."""
 from __future__ import annotations
@@ -28,9 +38,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from mis_adapter.db.base import table_of
 from mis_adapter.db.front import FrontCancel, FrontSerial
@@ -59,6 +70,30 @@ _RELEASE = T_SER.delete().where(T_SER.c.bank_id == _b("p_bank"), T_SER.c.serial 
                                 T_SER.c.state == CLAIMED, T_SER.c.kind == PAY)
 _OPEN = (sa.select(T_SER).where(T_SER.c.state == CLAIMED).order_by(T_SER.c.claimed_at).limit(_b("limit")))
 _INSERT_CANCEL = T_CAN.insert()
+
+# PostgreSQL, one statement each ($n placeholders, psycopg's RawCursor). CLAIM_PG: (True, ours) when
+# inserted; (False, theirs) when the serial was claimed and committed before the statement started;
+# no row when a claim committed while the insert waited on it (its row is not in this statement's
+# snapshot) or it was released meanwhile: the caller reads it (`lookup`), as after an IntegrityError.
+CLAIM_PG = """
+WITH ins AS (
+  INSERT INTO front_serials (bank_id, serial, kind, home, account_no, amount_fen, state, claimed_at, settled_at)
+  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+  ON CONFLICT (bank_id, serial) DO NOTHING
+  RETURNING kind, home, account_no, amount_fen, state)
+SELECT true, kind, home, account_no, amount_fen, state FROM ins
+UNION ALL
+SELECT false, s.kind, s.home, s.account_no, s.amount_fen, s.state FROM front_serials s
+WHERE s.bank_id = $1 AND s.serial = $2 AND NOT EXISTS (SELECT 1 FROM ins)"""
+# SETTLE_PG: one row when the claim was there. SETTLE_PG_LAZY: the same without waiting for the WAL
+# flush; its set_config lasts until this statement's own commit.
+SETTLE_PG = """
+UPDATE front_serials SET state = 'SETTLED', settled_at = $3 WHERE bank_id = $1 AND serial = $2 RETURNING 1"""
+SETTLE_PG_LAZY = """
+WITH relaxed AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS sync)
+UPDATE front_serials SET state = 'SETTLED', settled_at = $3
+WHERE bank_id = $1 AND serial = $2 AND (SELECT sync FROM relaxed) IS NOT NULL
+RETURNING 1"""
 _CANCEL = sa.select(T_CAN).where(T_CAN.c.bank_id == _b("bank_id"), T_CAN.c.cancel_serial == _b("serial"))
 _CANCELS_MANY = sa.select(T_CAN).where(T_CAN.c.bank_id == _b("bank_id"),
                                       T_CAN.c.cancel_serial.in_(_b("serials", expanding=True)))
@@ -105,10 +140,52 @@ def lookup_many(front: Engine, bank_id: str, serials: Sequence[str]) -> dict[str
     return out
 
 
+def _pg_autocommit(front: Engine, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """`sql` alone in autocommit on a pooled front connection (PostgreSQL), prepared there;
+    driver errors become SQLAlchemy's (db_errors translates them; a broken connection is invalidated).
+    psycopg switches autocommit on an idle connection without a round trip, and the pool's rollback
+    on return sends nothing when no transaction is open."""
+    with front.connect() as conn:
+        raw: Any = conn.connection.driver_connection
+        raw.autocommit = True
+        try:
+            with psycopg.RawCursor(raw) as cur:
+                cur.execute(sql, params, prepare=True)
+                return cur.fetchall()
+        except psycopg.Error as exc:
+            if raw.closed or raw.broken:
+                conn.invalidate()
+            raise DBAPIError.instance(sql, list(params), exc, psycopg.Error,
+                                      connection_invalidated=conn.invalidated) from exc
+        finally:
+            if not (raw.closed or raw.broken):
+                raw.autocommit = False
+
+
+def _claim_pg(front: Engine, want: Claim, now: dt.datetime) -> tuple[Claim, bool] | None:
+    rows = _pg_autocommit(front, CLAIM_PG, (
+        want.bank_id, want.serial, want.kind, want.home, want.account_no, want.amount_fen, want.state, now,
+        now if want.state == SETTLED else None))
+    if not rows:
+        return None
+    fresh, kind, home, account_no, amount_fen, state = rows[0]
+    return (want, True) if fresh else (Claim(want.bank_id, want.serial, kind, home, account_no, amount_fen,
+                                             state), False)
+
+
 def claim(front: Engine, want: Claim, now: dt.datetime) -> tuple[Claim, bool]:
     """(want, True) when this call claimed the serial; (the existing claim, False)
-    when someone had. One short transaction on the front database."""
+    when someone had. One short transaction on the front database (PostgreSQL: one round trip)."""
+    pg = front.dialect.name == "postgresql"
     for _attempt in range(CLAIM_ATTEMPTS_MAX):
+        if pg:
+            got = _claim_pg(front, want, now)
+            if got is not None:
+                return got
+            existing = lookup(front, want.bank_id, want.serial)
+            if existing is not None:
+                return existing, False
+            continue  # released between our insert and our read: claim again
         try:
             with front.begin() as conn:
                 conn.execute(_INSERT, {"bank_id": want.bank_id, "serial": want.serial, "kind": want.kind,
@@ -199,8 +276,11 @@ def settle_many(front: Engine, bank_id: str, serials: Sequence[str], now: dt.dat
                                         "p_at": now})
 
 
-def settle(front: Engine, bank_id: str, serial: str, now: dt.datetime) -> bool:
-    """Marks the claim SETTLED (never released); False when there is no claim."""
+def settle(front: Engine, bank_id: str, serial: str, now: dt.datetime, *, durable: bool = True) -> bool:
+    """Marks the claim SETTLED (never released); False when there is no claim. `durable=False`
+    (PostgreSQL): a pay's settle after its branch commit, which the retry or recovery would redo."""
+    if front.dialect.name == "postgresql":
+        return len(_pg_autocommit(front, SETTLE_PG if durable else SETTLE_PG_LAZY, (bank_id, serial, now))) == 1
     with front.begin() as conn:
         return conn.execute(_SETTLE, {"p_bank": bank_id, "p_serial": serial, "p_at": now}).rowcount == 1
 
