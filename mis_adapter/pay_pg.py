@@ -169,6 +169,34 @@ def _execute(conn: Connection, sql: str, params: Sequence[Any]) -> list[tuple[An
                                   connection_invalidated=conn.invalidated) from exc
 
 
+def end_write_free(conn: Connection) -> None:
+    """Ends a pay transaction that wrote nothing (a replay answered, a refusal) on PostgreSQL with
+    COMMIT instead of the ROLLBACK the connection's close would send: psycopg forgets every statement
+    it prepared on the connection at a ROLLBACK (and sends DEALLOCATE ALL), so the next pays on it
+    would parse and plan READ and WRITE again, five times each before they are prepared again.
+
+    READ's row lock gave the transaction an id, so its COMMIT would wait for a WAL flush; it does
+    not, with synchronous_commit off for this transaction only. Nothing is lost if a crash loses the
+    commit record: the transaction wrote no row (its row lock and advisory lock end with the server
+    either way), and a later transaction's synchronous commit flushes the WAL up to its own record,
+    past this one. A failure here changes nothing either: the caller's answer stands and the
+    connection's close rolls back (a broken connection is invalidated there). Elsewhere: nothing,
+    the close rolls back as before (no prepared statements to lose)."""
+    if conn.dialect.name != "postgresql":
+        return
+    raw = _driver(conn)
+    try:
+        raw.execute(b"SET LOCAL synchronous_commit = off", prepare=False)
+    except psycopg.Error:
+        if raw.closed or raw.broken:
+            conn.invalidate()
+        return
+    try:
+        conn.commit()
+    except DBAPIError:  # SQLAlchemy invalidates a connection that broke
+        return
+
+
 def _array(items: Iterable[int | str]) -> str:
     """An array literal of integers or status words (no quoting needed), cast by the statement:
     a text parameter costs psycopg far less to send than a list it must type element by element."""
