@@ -154,14 +154,29 @@ def _driver(conn: Connection) -> Any:
     return conn.connection.driver_connection
 
 
+_CURSOR = "yindian_pay_cursor"
+
+
+def _cursor(conn: Connection, raw: Any) -> psycopg.RawCursor[Any]:
+    """The connection's own cursor for READ and WRITE, kept for the driver connection's life: a new
+    cursor per statement copies the connection's adapters and finds each parameter's dumper again.
+    Kept in the pool's per-connection `info` (cleared when the connection is replaced) and checked
+    against the driver connection it was made on."""
+    info = conn.connection.info
+    kept = info.get(_CURSOR)
+    if kept is None or kept.connection is not raw or kept.closed:
+        kept = info[_CURSOR] = psycopg.RawCursor(raw)
+    return kept
+
+
 def _execute(conn: Connection, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
     """`sql` on the connection's psycopg connection, prepared; driver errors become
     SQLAlchemy's (db_errors translates those; a broken connection is invalidated)."""
     raw = _driver(conn)
     try:
-        with psycopg.RawCursor(raw) as cur:
-            cur.execute(sql, params, prepare=True)
-            return cur.fetchall()  # both statements return rows; `description` would cost a Column per field
+        cur = _cursor(conn, raw)
+        cur.execute(sql, params, prepare=True)
+        return cur.fetchall()  # both statements return rows; `description` would cost a Column per field
     except psycopg.Error as exc:
         if raw.closed or raw.broken:
             conn.invalidate()
