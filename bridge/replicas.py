@@ -2,13 +2,9 @@
 one channel per replica, a health checker (grpc.health.v1, service
 yindian.v1.BillingService) and the choice of the replica a call goes to.
 
-- Unary calls go to the healthy replicas in turn (`pick`): each replica's
-  process takes its share of the calls, so two replicas serve with two
-  processes' CPU (mis_adapter is one Python process; its GIL, not the
-  databases, limited the branch topology while one replica stood by).
-- Streams (BillFeed, Reconcile) go to the current replica while it is
-  healthy; when it is not, to the first healthy one in the order given
-  (sticky, so a feed stays where its lease is).
+- A call goes to the current replica while it is healthy; when it is not,
+  to the first healthy one in the order given (sticky, so one replica takes
+  the load and the other stands by warm).
 - A replica is taken out at once when a call to it fails at the transport
   (UNAVAILABLE without the utility's ErrorInfo), and put back by the next
   health check that finds it SERVING; it is checked every
@@ -61,7 +57,6 @@ class ReplicaSet:
         self._timeout_s = health_timeout_s
         self._lock = threading.Lock()
         self._current = 0
-        self._next = 0  # pick()'s turn
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -77,17 +72,6 @@ class ReplicaSet:
                     self._current = i
                     return r
             return cur
-
-    def pick(self) -> Replica:
-        """A unary call's replica: the next healthy one in turn; none healthy: `current()`."""
-        with self._lock:
-            n = len(self.replicas)
-            for k in range(n):
-                i = (self._next + k) % n
-                if self.replicas[i].healthy:
-                    self._next = i + 1
-                    return self.replicas[i]
-        return self.current()
 
     def others(self, replica: Replica) -> list[Replica]:
         """The healthy replicas other than `replica` (for a safe retry of a read)."""

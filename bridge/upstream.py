@@ -120,7 +120,7 @@ class Upstream:
         return self.replicas.current().stub
 
     def _call(self, method: str, request: Any, timeout_s: float, *, read: bool = False) -> Answer[Any]:
-        replica = self.replicas.pick()
+        replica = self.replicas.current()
         answer = self._call_on(replica, method, request, timeout_s)
         if read and answer.kind in (IN_DOUBT, NOT_SENT) and answer.code == grpc.StatusCode.UNAVAILABLE:
             for other in self.replicas.others(replica)[:1]:
