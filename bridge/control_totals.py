@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import sys
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -98,21 +99,29 @@ class _Fact(NamedTuple):
     settlement_date: str  # a POSTED pay's, from the utility's answer ("" otherwise)
     posted_at: dt.datetime | None
     original: str
-    created_at: dt.datetime
+    created_at: dt.datetime | None  # a cancel's
     reverses: bool  # a CANCELLED cancel answered REVERSED
+
+
+_STATES = {s: s for s in (jn.PENDING, jn.POSTED, jn.CANCELLED, jn.FAILED, jn.RETRYABLE, jn.SUSPECT, jn.REVERSING,
+                           jn.NOT_APPLIED)}
 
 
 def _fact(kind: str, serial: str, state: str, amount_fen: int, body: bytes | None, original: str,
           message: str | None, created_at: dt.datetime) -> _Fact:
-    created = _utc(created_at)
+    # The cache holds one fact per row of two days: states and settlement dates shared, not one string per row,
+    # and a pay keeps no journaling instant (only a cancel's counts).
+    state = _STATES.get(state, state)
     if kind == jn.PAY:
+        kind = jn.PAY
         if state in PAY_IN_DOUBT or (state == jn.NOT_APPLIED and _reversed_by_utility(message or "")):
-            return _Fact(kind, serial, state, True, None, "", None, original, created, False)
+            return _Fact(kind, serial, state, True, None, "", None, original, None, False)
         if state == jn.POSTED:
             resp = pb.PayResponse.FromString(body or b"")
-            return _Fact(kind, serial, state, False, Entry(int(amount_fen), False), resp.settlement_date,
-                         resp.posted_at.ToDatetime(tzinfo=dt.UTC), original, created, False)
-        return _Fact(kind, serial, state, False, None, "", None, original, created, False)
+            return _Fact(kind, serial, state, False, Entry(int(amount_fen), False), sys.intern(resp.settlement_date),
+                         resp.posted_at.ToDatetime(tzinfo=dt.UTC), original, None, False)
+        return _Fact(kind, serial, state, False, None, "", None, original, None, False)
+    created = _utc(created_at)
     if state in CANCEL_IN_DOUBT:
         return _Fact(kind, serial, state, True, None, "", None, original, created, False)
     reverses = state == jn.CANCELLED and \
@@ -133,7 +142,7 @@ def _view_of(facts: Iterable[_Fact], day: dt.date, posted_before: dt.datetime,
                 in_doubt.add(f.serial)
             elif f.settlement_date == iso_day and f.posted_at < posted_before:  # type: ignore[operator]
                 entries[f.serial] = f.entry  # type: ignore[assignment]
-        elif f.doubt or f.created_at >= settled_before:
+        elif f.doubt or f.created_at >= settled_before:  # type: ignore[operator]
             in_doubt.add(f.original)
         elif f.reverses:
             reversed_serials.add(f.original)
