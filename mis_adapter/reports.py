@@ -258,10 +258,10 @@ def _sum_bigint(x: Any) -> Any:
 def _arrears_query(branch: bool, *, indexed: bool = True, union: bool = True) -> sa.Select[Any]:
     """Every bill in arrears at the end of as_of, by account and period.
 
-    indexed: read only the bills that can be in arrears at as_of, found by
-    index (the bills unpaid now, those paid after as_of, those touched by
-    payments posted or reversed after as_of): O(bills in arrears then), not
-    O(bills). Otherwise the whole bills table is read (the reconstruction
+    indexed: return only the bills that can be in arrears at as_of (the bills
+    unpaid now, those paid after as_of, those touched by payments posted or
+    reversed after as_of; paid_on is not indexed since 0004_bills_indexes, so
+    the first two are one filtered scan). Otherwise the whole bills table is read (the reconstruction
     the indexed path is property-tested against). Fees are priced in Python
     (bills_in_arrears); the summed reports price them in SQL (_arrears_bills).
 
