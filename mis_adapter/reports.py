@@ -325,7 +325,8 @@ def _arrears_scan_query(branch: bool) -> sa.Select[Any]:
 
 # ---- arrears priced in SQL: the bills untouched since as_of, plus the replayed ones ----
 
-def _replay_bills(rates: LateFeeRates, *, cust_on_expression: bool, narrow_group: bool) -> tuple[Any, Any]:
+def _replay_bills(rates: LateFeeRates, *, cust_on_expression: bool, narrow_group: bool,
+                  from_ids: bool = False) -> tuple[Any, Any]:
     """One row per bill whose fee at as_of needs its history replayed (touched by
     payments posted or reversed after as_of, or accrued past it) and issued before
     `issued_before`: its account, branch, name, phone, period, the principal it
@@ -343,7 +344,9 @@ def _replay_bills(rates: LateFeeRates, *, cust_on_expression: bool, narrow_group
     semi-join on their ids: PostgreSQL had hashed every bill to join them), each
     with its steps, and priced in one aggregate. Returns (this, the delta CTE).
     narrow_group: group by the primary keys alone (PostgreSQL: the other columns
-    depend on them, and a narrow key hashes in less memory)."""
+    depend on them, and a narrow key hashes in less memory). from_ids (MariaDB):
+    the bills read from the ids in that join order, not by a semi-join (MariaDB
+    scanned every bill and looked up its customer before the ids filtered it)."""
     delta = _DELTA_BY_PAYMENTS.cte("delta")
     ids = sa.union(sa.select(T_BILL.c.bill_id.label("bill_id"))
                    .where(T_BILL.c.accrual_date > _AS_OF, T_BILL.c.accrual_date > T_BILL.c.due_date),
@@ -393,11 +396,15 @@ def _replay_bills(rates: LateFeeRates, *, cust_on_expression: bool, narrow_group
                           sa.func.coalesce(total(steps.c.in_effect * steps.c.late_fee_fen), 0).label("eff_fee"),
                           sa.func.max(sa.case((steps.c.in_effect == 1, steps.c.settlement_date))).label("last_day"),
                           sa.func.coalesce(total(steps.c.changed * steps.c.principal_fen), 0).label("principal_delta"))
-                .select_from(b.join(c, cust_join).outerjoin(steps, steps.c.bill_id == b.c.bill_id))
-                .where(b.c.bill_id.in_(sa.select(ids.c.bill_id)), b.c.issued_at < _b("issued_before"))
-                .group_by(*group)
-                .subquery("replay_bills"))
-    r = per_bill.c
+                .group_by(*group))
+    if from_ids:
+        per_bill = (per_bill.select_from(ids.join(b, b.c.bill_id == ids.c.bill_id).join(c, cust_join)
+                                         .outerjoin(steps, steps.c.bill_id == b.c.bill_id))
+                    .prefix_with("STRAIGHT_JOIN", dialect="mysql"))
+    else:
+        per_bill = (per_bill.select_from(b.join(c, cust_join).outerjoin(steps, steps.c.bill_id == b.c.bill_id))
+                    .where(b.c.bill_id.in_(sa.select(ids.c.bill_id))))
+    r = per_bill.where(b.c.issued_at < _b("issued_before")).subquery("replay_bills").c
     accrual_date = sa.case((r.last_day > r.due_date, r.last_day), else_=r.due_date)
     fee = late_fee_due_sql(principal_unpaid=r.unpaid_now + r.posted_principal - r.eff_principal,
                            accrual_micro=r.micro, accrual_date=accrual_date,
@@ -415,7 +422,7 @@ def _arrears_bills(branch: bool, rates: LateFeeRates, dialect: str) -> Any:
     current accrual, and the replayed ones (_replay_bills). O(bills unpaid then)."""
     cust_on_expression = dialect in ("sqlite", "mysql")
     replayed, delta = _replay_bills(rates, cust_on_expression=cust_on_expression,
-                                    narrow_group=dialect == "postgresql")
+                                    narrow_group=dialect == "postgresql", from_ids=dialect == "mysql")
     unpaid = T_BILL.c.amount_fen - T_BILL.c.prepaid_applied_fen - T_BILL.c.principal_paid_fen
     cust_join = T_CUST.c.account_no == (sa.func.coalesce(T_BILL.c.account_no, "") if cust_on_expression
                                         else T_BILL.c.account_no)
