@@ -7,8 +7,7 @@ import os
 import shutil
 import subprocess
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
 
@@ -16,6 +15,7 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY, generate_latest
 
+from tests.support.waiting import wait_until
 from yindian_common.metrics import grpc_server_interceptors, instrument_channel
 
 pytestmark = pytest.mark.timeout(60)
@@ -108,13 +108,6 @@ class Delta:
         return {k: after[k] - self.before[k] for k in after if after[k] != self.before[k]}
 
 
-def wait_for(cond: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
 
 def call(channel: grpc.Channel, method: str, kind: str) -> Any:
     path = f"/{SERVICE}/{method}"
@@ -150,7 +143,7 @@ def test_unary_future_and_with_call_are_counted_once(channel: grpc.Channel) -> N
     assert resp == b"b" and c.code() == grpc.StatusCode.OK
     bad = call(channel, "Unary", "unary_unary").future(b"missing", timeout=5)
     assert bad.exception() is not None
-    wait_for(lambda: client.moved().get("NOT_FOUND") == 1, "the future's failure to be counted")
+    wait_until(lambda: client.moved().get("NOT_FOUND") == 1, "the future's failure to be counted", WAIT_S)
     assert client.moved() == {"started": 3, "msg_sent": 3, "msg_received": 2, "latency_count": 3, "OK": 2,
                               "NOT_FOUND": 1}
 
@@ -159,7 +152,7 @@ def test_server_stream_counts_messages_and_no_latency(channel: grpc.Channel) -> 
     server = Delta("server", "server_stream", "ServerStream")
     client = Delta("client", "server_stream", "ServerStream")
     assert list(call(channel, "ServerStream", "unary_stream")(b"5", timeout=5)) == [b"0", b"1", b"2", b"3", b"4"]
-    wait_for(lambda: server.moved().get("OK") == 1, "the server stream's status")
+    wait_until(lambda: server.moved().get("OK") == 1, "the server stream's status", WAIT_S)
     assert server.moved() == {"started": 1, "msg_received": 1, "msg_sent": 5, "OK": 1}
     assert client.moved() == {"started": 1, "msg_sent": 1, "msg_received": 5, "OK": 1}
 
@@ -172,7 +165,7 @@ def test_server_stream_abort_after_messages_counts_its_code(channel: grpc.Channe
         for m in call(channel, "ServerStream", "unary_stream")(b"3", timeout=5):
             got.append(m)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and len(got) == 3
-    wait_for(lambda: client.moved().get("RESOURCE_EXHAUSTED") == 1, "the client's status")
+    wait_until(lambda: client.moved().get("RESOURCE_EXHAUSTED") == 1, "the client's status", WAIT_S)
     assert server.moved() == {"started": 1, "msg_received": 1, "msg_sent": 3, "RESOURCE_EXHAUSTED": 1}
     assert client.moved() == {"started": 1, "msg_sent": 1, "msg_received": 3, "RESOURCE_EXHAUSTED": 1}
 
@@ -200,8 +193,8 @@ def test_bidi_cancelled_by_client_is_counted_cancelled_not_timed(channel: grpc.C
     assert next(stream) == b"one" and next(stream) == b"two"
     stream.cancel()
     gate.set()
-    wait_for(lambda: server.moved().get("CANCELLED") == 1, "the server to see the cancellation")
-    wait_for(lambda: client.moved().get("CANCELLED") == 1, "the client to see the cancellation")
+    wait_until(lambda: server.moved().get("CANCELLED") == 1, "the server to see the cancellation", WAIT_S)
+    wait_until(lambda: client.moved().get("CANCELLED") == 1, "the client to see the cancellation", WAIT_S)
     assert server.moved() == {"started": 1, "msg_received": 2, "msg_sent": 2, "CANCELLED": 1}
     assert client.moved() == {"started": 1, "msg_sent": 2, "msg_received": 2, "CANCELLED": 1}
 

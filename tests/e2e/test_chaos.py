@@ -6,7 +6,12 @@ continuous reconciliation's gauge stays 0 on both servers through the
 faults; the same seed gives the same schedule; a row changed behind the
 system's back is flagged by continuous reconciliation on both servers
 within a minute (the log naming its serial) and caught by the end-of-day
-checks (exit 1). CHAOS_OPS / CHAOS_FAULTS change the size of the soak."""
+checks (exit 1). CHAOS_OPS / CHAOS_FAULTS change the size of the soak.
+
+Where a PostgreSQL server is reachable (always in CI) the soak puts the MIS
+there behind a second fault proxy, so its faults also terminate
+mis_adapter's database connections and blackhole the database; on a machine
+with nothing but Python it runs on SQLite without those two kinds."""
 from __future__ import annotations
 
 import os
@@ -18,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from bank_sim.chaos import FAULT_KINDS, make_schedule, schedule_digest
+from tests.support.databases import IN_CI, admin_url, reachable_admin_url
 from tests.support.procs import REPO
 
 OPS = int(os.environ.get("CHAOS_OPS", "10000"))
@@ -39,12 +45,19 @@ def test_the_same_seed_gives_the_same_schedule() -> None:
 
 @pytest.mark.timeout(900)
 def test_chaos_soak_holds_every_invariant(tmp_path: Path) -> None:
-    res = chaos(tmp_path, "--seed", "20261129", "--ops", str(OPS), "--faults", str(FAULTS), timeout_s=850)
+    on_server = IN_CI or reachable_admin_url("postgresql") is not None
+    server = ["--mis-db-server", admin_url("postgresql")] if on_server else []
+    res = chaos(tmp_path, "--seed", "20261129", "--ops", str(OPS), "--faults", str(FAULTS), *server,
+                timeout_s=850)
     print(res.stdout)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     out = res.stdout
     assert re.search(rf"^operations: {OPS} ", out, re.M)
-    assert re.search(rf"^faults: {FAULTS} ", out, re.M)
+    faults = re.search(rf"^faults: {FAULTS} (.*)$", out, re.M)
+    assert faults is not None, out[-3000:]
+    kinds = dict(kv.split("=") for kv in faults.group(1).split())
+    expected = set(FAULT_KINDS) | ({"db_reset", "db_blackhole"} if on_server else set())
+    assert set(kinds) == expected and all(int(n) > 0 for n in kinds.values()), kinds
     assert "reconciliation: 0 discrepancies" in out and "MIS check: 0 discrepancies" in out
     assert "bridge journal: 0 unsettled, 0 disagreements" in out and "still_in_doubt=0" in out
     # Auto-debit through the real bill feed, its worker killed (-9) on the way: checked from both sides.

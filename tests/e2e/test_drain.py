@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import sqlite3
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import sqlalchemy as sa
 from mis_adapter.migrate import upgrade
 from tests.support import procs
 from tests.support.mis_data import BillSpec, add_account, add_bank
+from tests.support.waiting import wait_until
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
 from yindian_common.db import make_engine
@@ -31,13 +31,6 @@ def _started_pays(metrics_port: int) -> float:
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
-
-def _wait(cond, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_sigterm_drains_the_pay_in_flight_and_exits_0(tmp_path: Path) -> None:
@@ -67,7 +60,7 @@ def test_sigterm_drains_the_pay_in_flight_and_exits_0(tmp_path: Path) -> None:
 
         t = threading.Thread(target=pay)
         t.start()
-        _wait(lambda: _started_pays(proc.metrics_port) >= 1, 30, "the pay to reach the server")
+        wait_until(lambda: _started_pays(proc.metrics_port) >= 1, "the pay to reach the server", 30)
         proc.popen.terminate()
         # While draining, new calls are refused.
         with grpc.insecure_channel(proc.grpc_addr) as ch2:
@@ -80,7 +73,7 @@ def test_sigterm_drains_the_pay_in_flight_and_exits_0(tmp_path: Path) -> None:
                 except grpc.RpcError as e:
                     return e.code() == grpc.StatusCode.UNAVAILABLE
                 return False
-            _wait(refused, 15, "new calls to be refused during the drain")
+            wait_until(refused, "new calls to be refused during the drain", 15)
         blocker.execute("ROLLBACK")
         blocker.close()
         t.join(timeout=60)

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.support.procs import REPO, Proc, start
+from tests.support.waiting import wait_until
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
 from yindian_common.db import make_engine
@@ -44,13 +44,6 @@ WAIT_S = 45.0
 RETRIABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.RESOURCE_EXHAUSTED}
 
-
-def wait_until(cond: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @dataclass
@@ -133,13 +126,13 @@ def test_kill_9_adapter_mid_flight_every_success_posted_once_and_money_adds_up(t
     try:
         for t in threads:
             t.start()
-        wait_until(lambda: len(ledger.succeeded) >= PAYS_BEFORE_KILL, "pays before the kill")
+        wait_until(lambda: len(ledger.succeeded) >= PAYS_BEFORE_KILL, "pays before the kill", WAIT_S)
         seen_before_kill = ledger.in_doubt_answers
         adapter.kill9()
-        wait_until(lambda: ledger.in_doubt_answers > seen_before_kill, "the bank core to see the utility gone")
+        wait_until(lambda: ledger.in_doubt_answers > seen_before_kill, "the bank core to see the utility gone", WAIT_S)
         adapter = start("mis_adapter-2", [*adapter_args, "--listen", adapter.grpc_addr], log_dir=tmp_path)
         target = len(ledger.succeeded) + PAYS_AFTER_RESTART
-        wait_until(lambda: len(ledger.succeeded) >= target, "pays after the restart")
+        wait_until(lambda: len(ledger.succeeded) >= target, "pays after the restart", WAIT_S)
         stop.set()
         for t in threads:
             t.join(WAIT_S)
@@ -151,7 +144,7 @@ def test_kill_9_adapter_mid_flight_every_success_posted_once_and_money_adds_up(t
         def resolved() -> bool:
             with journal.connect() as conn:
                 return int(conn.execute(in_doubt).scalar_one()) == 0
-        wait_until(resolved, "the bridge to resolve every in-doubt pay")
+        wait_until(resolved, "the bridge to resolve every in-doubt pay", WAIT_S)
         with journal.connect() as conn:
             bridge_states = dict(conn.execute(sa.text("SELECT serial, state FROM bridge_journal WHERE kind = 'PAY'"))
                                  .all())

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.support.procs import REPO, Proc, start
+from tests.support.waiting import wait_until
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
 from yindian_common.db import make_engine
@@ -59,13 +59,6 @@ class Tally:
     pay_again_serials: set[str] = field(default_factory=set)
     down: threading.Event = field(default_factory=threading.Event)
 
-
-def wait_until(cond: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def teller(n: int, target: str, accounts: list[str], tally: Tally, stop: threading.Event) -> None:
@@ -110,6 +103,18 @@ def settle(stub: billing_pb2_grpc.BillingServiceStub, req: pb.PayRequest, tally:
     raise AssertionError(f"{req.bank_serial} still in doubt after {WAIT_S} s")
 
 
+def unreachable(target: str, account_no: str) -> bool:
+    with grpc.insecure_channel(target) as ch:
+        try:
+            billing_pb2_grpc.BillingServiceStub(ch).QueryAccount(pb.QueryAccountRequest(account_no=account_no),
+                                                                 timeout=CALL_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            info = error_info(exc)
+            return (info is not None and info.reason == "UTILITY_UNREACHABLE") \
+                or "failed to connect" in (exc.details() or "")  # type: ignore[attr-defined]
+    return False
+
+
 def test_an_outage_turns_only_pays_in_flight_at_the_kill_into_pay_again(tmp_path: Path) -> None:
     mis_db = f"sqlite:///{tmp_path / 'mis.db'}"
     subprocess.run([sys.executable, "-m", "mis_adapter", "seed", "--db", mis_db, "--accounts", str(ACCOUNTS),
@@ -131,8 +136,13 @@ def test_an_outage_turns_only_pays_in_flight_at_the_kill_into_pay_again(tmp_path
     try:
         for t in threads:
             t.start()
-        wait_until(lambda: tally.ok >= PAYS_BEFORE, "pays before the outage")
+        wait_until(lambda: tally.ok >= PAYS_BEFORE, "pays before the outage", WAIT_S)
         adapter.kill9()  # returns once the process is gone: a pay started after this cannot reach it
+        # ...but a pay written onto the dead connection before the bridge has noticed it is gone is in doubt
+        # to the bridge (it cannot know the bytes were never read). "Sent while down" starts once the bridge
+        # itself answers "failed to connect" (UTILITY_UNREACHABLE).
+        wait_until(lambda: unreachable(bridge.grpc_addr, accounts[0]), "the bridge to see the utility gone",
+                   WAIT_S)
         tally.down.set()
         late = [threading.Thread(target=teller, args=(TELLERS + n, bridge.grpc_addr, accounts, tally, stop),
                                  daemon=True) for n in range(LATE_TELLERS)]
@@ -143,7 +153,7 @@ def test_an_outage_turns_only_pays_in_flight_at_the_kill_into_pay_again(tmp_path
         adapter = start("mis_adapter-2", [*adapter_args, "--listen", adapter.grpc_addr], log_dir=tmp_path)
         tally.down.clear()
         target = tally.ok + PAYS_AFTER
-        wait_until(lambda: tally.ok >= target, "pays after the restart")
+        wait_until(lambda: tally.ok >= target, "pays after the restart", WAIT_S)
         stop.set()
         for t in threads:
             t.join(WAIT_S)

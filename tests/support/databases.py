@@ -37,12 +37,17 @@ def _first_reachable(urls: list[str]) -> str | None:
     return None
 
 
-def admin_url(backend: str) -> str:
-    """The admin URL of a reachable server, or fail (CI) / skip (elsewhere)."""
+def reachable_admin_url(backend: str) -> str | None:
+    """The admin URL of a reachable server, or None."""
     if backend not in _reachable:
         urls = PG_ADMIN_URLS if backend == "postgresql" else MARIADB_ADMIN_URLS
         _reachable[backend] = _first_reachable(urls)
-    url = _reachable[backend]
+    return _reachable[backend]
+
+
+def admin_url(backend: str) -> str:
+    """The admin URL of a reachable server, or fail (CI) / skip (elsewhere)."""
+    url = reachable_admin_url(backend)
     if url is None:
         msg = f"{backend} server not reachable (tried {PG_ADMIN_URLS if backend == 'postgresql' else MARIADB_ADMIN_URLS})"
         if IN_CI:
