@@ -26,6 +26,20 @@ _SELECT_BANK = sa.select(T_BANKS.c.suspended, T_BANKS.c.suspended_reason).where(
     T_BANKS.c.bank_id == sa.bindparam("bank_id"))
 
 
+# How long a worker waits for another's refresh of the same bank's status before reading it itself.
+BANK_STATUS_WAIT_S = 2.0
+
+
+class _Refresh:
+    """One read of a bank's status in progress; the workers that found the entry expired meanwhile
+    wait for it."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.ok = False
+        self.status: tuple[bool, str] | None = None
+
+
 class BankRegistry:
     def __init__(self, engine: Engine, *, ttl_s: float, concurrency_max: int) -> None:
         self._engine = engine
@@ -34,13 +48,36 @@ class BankRegistry:
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[float, bool, str]] = {}
         self._in_flight: dict[str, int] = {}
+        self._refreshing: dict[str, _Refresh] = {}
 
     def _status(self, bank_id: str) -> tuple[bool, str] | None:
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(bank_id)
-        if hit and now - hit[0] < self._ttl_s:
-            return hit[1], hit[2]
+            if hit and now - hit[0] < self._ttl_s:
+                return hit[1], hit[2]
+            flight = self._refreshing.get(bank_id)
+            leading = flight is None
+            if flight is None:
+                flight = self._refreshing[bank_id] = _Refresh()
+        if not leading:
+            # One refresh per bank at a time: when an entry expires under load, every worker found it
+            # expired at once and each read the bank (N queries instead of one). The others take the
+            # leader's answer (read after they found the entry expired, or concurrently with that);
+            # if it failed or is slower than the bound, they read it themselves, as before.
+            if flight.done.wait(BANK_STATUS_WAIT_S) and flight.ok:
+                return flight.status
+            return self._read(bank_id, now)
+        try:
+            flight.status = self._read(bank_id, now)
+            flight.ok = True
+        finally:
+            with self._lock:
+                del self._refreshing[bank_id]
+            flight.done.set()
+        return flight.status
+
+    def _read(self, bank_id: str, now: float) -> tuple[bool, str] | None:
         # Translated here, not only at the edge: a terminated backend answers UNAVAILABLE wherever
         # the status is read (issue 9 item 6).
         # PostgreSQL: autocommit, no transaction to roll back. A ROLLBACK makes psycopg forget every

@@ -154,19 +154,62 @@ def _driver(conn: Connection) -> Any:
     return conn.connection.driver_connection
 
 
+_CURSOR = "yindian_pay_cursor"
+
+
+def _cursor(conn: Connection, raw: Any) -> psycopg.RawCursor[Any]:
+    """The connection's own cursor for READ and WRITE, kept for the driver connection's life: a new
+    cursor per statement copies the connection's adapters and finds each parameter's dumper again.
+    Kept in the pool's per-connection `info` (cleared when the connection is replaced) and checked
+    against the driver connection it was made on."""
+    info = conn.connection.info
+    kept = info.get(_CURSOR)
+    if kept is None or kept.connection is not raw or kept.closed:
+        kept = info[_CURSOR] = psycopg.RawCursor(raw)
+    return kept
+
+
 def _execute(conn: Connection, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
     """`sql` on the connection's psycopg connection, prepared; driver errors become
     SQLAlchemy's (db_errors translates those; a broken connection is invalidated)."""
     raw = _driver(conn)
     try:
-        with psycopg.RawCursor(raw) as cur:
-            cur.execute(sql, params, prepare=True)
-            return cur.fetchall()  # both statements return rows; `description` would cost a Column per field
+        cur = _cursor(conn, raw)
+        cur.execute(sql, params, prepare=True)
+        return cur.fetchall()  # both statements return rows; `description` would cost a Column per field
     except psycopg.Error as exc:
         if raw.closed or raw.broken:
             conn.invalidate()
         raise DBAPIError.instance(sql, params, exc, psycopg.Error,
                                   connection_invalidated=conn.invalidated) from exc
+
+
+def end_write_free(conn: Connection) -> None:
+    """Ends a pay transaction that wrote nothing (a replay answered, a refusal) on PostgreSQL with
+    COMMIT instead of the ROLLBACK the connection's close would send: psycopg forgets every statement
+    it prepared on the connection at a ROLLBACK (and sends DEALLOCATE ALL), so the next pays on it
+    would parse and plan READ and WRITE again, five times each before they are prepared again.
+
+    READ's row lock gave the transaction an id, so its COMMIT would wait for a WAL flush; it does
+    not, with synchronous_commit off for this transaction only. Nothing is lost if a crash loses the
+    commit record: the transaction wrote no row (its row lock and advisory lock end with the server
+    either way), and a later transaction's synchronous commit flushes the WAL up to its own record,
+    past this one. A failure here changes nothing either: the caller's answer stands and the
+    connection's close rolls back (a broken connection is invalidated there). Elsewhere: nothing,
+    the close rolls back as before (no prepared statements to lose)."""
+    if conn.dialect.name != "postgresql":
+        return
+    raw = _driver(conn)
+    try:
+        raw.execute(b"SET LOCAL synchronous_commit = off", prepare=False)
+    except psycopg.Error:
+        if raw.closed or raw.broken:
+            conn.invalidate()
+        return
+    try:
+        conn.commit()
+    except DBAPIError:  # SQLAlchemy invalidates a connection that broke
+        return
 
 
 def _array(items: Iterable[int | str]) -> str:

@@ -50,6 +50,7 @@ from yindian_common.errors import (
     SerialConflict,
     SerialReversed,
     Unavailable,
+    YinDianError,
 )
 from yindian_common.fields import mask_name
 
@@ -283,34 +284,48 @@ def _pay_tx(ctx: Books, engine: Engine, cmd: PayCommand, wait: WaitBound) -> tup
         fast = conn.dialect.name == "postgresql" and not ctx.settings.pay_portable_sql
         if not fast:
             bound_waits(conn, wait)
-        for _attempt in range(PAY_READ_ATTEMPTS_MAX):
-            seen = _read_for_pay(conn, cmd, day, wait) if fast else _read_for_pay_portable(conn, cmd, day)
-            cust = seen.customer
-            if cust is None:
-                raise AccountNotFound(f"account {cmd.account_no} not found")
-            if cust.taken_id is not None:  # a replay (or a conflict): answer from the stored payment
-                existing = conn.execute(_PAYMENT_BY_ID, {"p_id": cust.taken_id}).one()
-                return _answer_existing(conn, existing, cmd), False
-            if fast and cust.suspended:
-                raise BankSuspended(f"bank {cmd.bank_id} is suspended by the utility (停工): "
-                                    f"{cust.suspended_reason}")
-            if cust.status != "OPEN":
-                raise AccountClosed(f"account {cmd.account_no} is closed")
-            # The bank's reconciled today or its sign-off (日终签退) move the settlement to tomorrow.
-            settlement = settlement_date(day, today_reconciled=bool(cust.closed_today),
-                                         next_reconciled=bool(cust.closed_next), signed_off=bool(cust.signed_off))
-            effects = payment_effects(cmd.amount_fen, seen.bills, cust.tariff_class, cust.prepaid_fen, day,
-                                      ctx.rates)
-            if not fast:
-                pk = _write_pay_portable(conn, cmd, cust, effects, settlement=settlement, now=now)
-                break
-            written = pay_pg.write_pay(conn, seen, effects, cmd=cmd, day=day, settlement=settlement, now=now)
-            if written is not None:
-                pk = written
-                break
-        else:
-            raise Unavailable("the account kept changing while the payment waited; retry the same serial",
-                              reason="RETRY")
+        # Until a write runs, every way out (a replay answered, a refusal) has written nothing:
+        # on PostgreSQL such a transaction ends in COMMIT (pay_pg.end_write_free), keeping the
+        # connection's prepared statements.
+        wrote = False
+        try:
+            for _attempt in range(PAY_READ_ATTEMPTS_MAX):
+                seen = _read_for_pay(conn, cmd, day, wait) if fast else _read_for_pay_portable(conn, cmd, day)
+                cust = seen.customer
+                if cust is None:
+                    raise AccountNotFound(f"account {cmd.account_no} not found")
+                if cust.taken_id is not None:  # a replay (or a conflict): answer from the stored payment
+                    existing = conn.execute(_PAYMENT_BY_ID, {"p_id": cust.taken_id}).one()
+                    answer = _answer_existing(conn, existing, cmd)
+                    pay_pg.end_write_free(conn)
+                    return answer, False
+                if fast and cust.suspended:
+                    raise BankSuspended(f"bank {cmd.bank_id} is suspended by the utility (停工): "
+                                        f"{cust.suspended_reason}")
+                if cust.status != "OPEN":
+                    raise AccountClosed(f"account {cmd.account_no} is closed")
+                # The bank's reconciled today or its sign-off (日终签退) move the settlement to tomorrow.
+                settlement = settlement_date(day, today_reconciled=bool(cust.closed_today),
+                                             next_reconciled=bool(cust.closed_next),
+                                             signed_off=bool(cust.signed_off))
+                effects = payment_effects(cmd.amount_fen, seen.bills, cust.tariff_class, cust.prepaid_fen, day,
+                                          ctx.rates)
+                if not fast:
+                    wrote = True
+                    pk = _write_pay_portable(conn, cmd, cust, effects, settlement=settlement, now=now)
+                    break
+                # A guard that fails writes nothing (pay_pg.WRITE_PAY): the transaction stays write-free.
+                written = pay_pg.write_pay(conn, seen, effects, cmd=cmd, day=day, settlement=settlement, now=now)
+                if written is not None:
+                    pk = written
+                    break
+            else:
+                raise Unavailable("the account kept changing while the payment waited; retry the same serial",
+                                  reason="RETRY")
+        except YinDianError:  # a refusal, decided by our code: no statement failed
+            if not wrote:
+                pay_pg.end_write_free(conn)
+            raise
         crash_point("mis.before_commit")
         commit_or_doubt(conn)
     return PayResult(payment_id_of(cust.branch_code, pk), receipt_no_of(cust.branch_code, settlement, pk),

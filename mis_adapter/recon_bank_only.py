@@ -102,13 +102,13 @@ FROM bo_lines l JOIN bo_bills b ON b.account_no = l.account_no
 # The payment rows: arrears and prepaid credit after each, in the account's line order.
 _PAYS = """
 INSERT INTO bo_pays (line_id, bank_serial, account_no, branch_code, amount_fen, arrears_after_fen,
-                     prepaid_after_fen, prepaid_added_fen)
+                     prepaid_after_fen, prepaid_added_fen{id_col})
 SELECT w.line_id, w.bank_serial, w.account_no, w.branch_code, w.amount_fen,
        w.principal_due_fen - SUM(w.principal_fen) OVER (PARTITION BY w.account_no ORDER BY w.line_id
                                                         ROWS UNBOUNDED PRECEDING),
        w.prepaid_fen + SUM(w.amount_fen - w.allocated_fen) OVER (PARTITION BY w.account_no ORDER BY w.line_id
                                                                  ROWS UNBOUNDED PRECEDING),
-       w.amount_fen - w.allocated_fen
+       w.amount_fen - w.allocated_fen{id_val}
 FROM (
   SELECT l.line_id, l.bank_serial, l.account_no, c.branch_code, l.amount_fen, c.prepaid_fen,
          COALESCE(t.principal_due_fen, 0) AS principal_due_fen,
@@ -118,8 +118,14 @@ FROM (
          ON t.account_no = l.account_no
   LEFT JOIN (SELECT line_id, SUM(principal_fen) AS principal_fen, SUM(late_fee_fen + principal_fen) AS allocated_fen
              FROM bo_allocs GROUP BY line_id) a ON a.line_id = l.line_id
-) w
+) w{order}
 """
+# PostgreSQL: each payment's id drawn from the sequence here, in line order (a volatile
+# output column is computed after the ORDER BY's sort), so that the payments go in by a
+# plain INSERT: no RETURNING, no second pass writing the ids into bo_pays.
+_PG_PAYS = _PAYS.format(id_col=", payment_id", id_val=",\n       nextval(pg_get_serial_sequence('payments', 'payment_id'))",
+                        order="\nORDER BY w.line_id")
+_PAYS = _PAYS.format(id_col="", id_val="", order="")
 
 _CHECK = """
 SELECT COUNT(*), COALESCE(SUM(p.amount_fen - p.prepaid_added_fen), 0),
@@ -136,11 +142,9 @@ SELECT :bank_id, p.bank_serial, 'POSTED', p.account_no, p.branch_code, p.amount_
        :now, p.arrears_after_fen, p.prepaid_after_fen, p.prepaid_added_fen, NULL, NULL, NULL
 FROM bo_pays p ORDER BY p.line_id
 """
-# PostgreSQL: the ids come back from the INSERT itself.
-_PG_INSERT_PAYMENTS = f"""
-WITH ins AS ({_INSERT_PAYMENTS} RETURNING payment_id, bank_serial)
-UPDATE bo_pays SET payment_id = ins.payment_id FROM ins WHERE bo_pays.bank_serial = ins.bank_serial
-"""
+# PostgreSQL: with the ids drawn in bo_pays (_PG_PAYS).
+_PG_INSERT_PAYMENTS = (_INSERT_PAYMENTS.replace("INSERT INTO payments (", "INSERT INTO payments (payment_id, ")
+                       .replace("SELECT :bank_id, p.bank_serial", "SELECT p.payment_id, :bank_id, p.bank_serial"))
 _PAYMENT_IDS = """
 UPDATE bo_pays SET payment_id = (SELECT p.payment_id FROM payments p
                                  WHERE p.bank_id = :bank_id AND p.bank_serial = bo_pays.bank_serial)
@@ -278,9 +282,7 @@ def post_common_bank_only(conn: Connection, *, bank_id: str, day: dt.date, rates
     _analyze(conn, "bo_bills")
     least, greatest = ("min", "max") if dialect == "sqlite" else ("LEAST", "GREATEST")
     conn.execute(_text(_ALLOCS.format(least=least, greatest=greatest)))
-    _analyze(conn, "bo_allocs")
-    conn.execute(_text(_PAYS))
-    _analyze(conn, "bo_pays")
+    conn.execute(_text(_PG_PAYS if dialect == "postgresql" else _PAYS))
     _check(conn)
     at = {"bank_id": bank_id, "day": day, "now": now, "channel": channel}
     if dialect == "postgresql":

@@ -16,6 +16,7 @@ from yindian_common.errors import InvalidField
 from yindian_common.status import abort
 
 MALFORMED = "the request is not a valid protobuf message of this method"
+METHODS_MAX = 512  # methods whose guarded handler is kept (a server has a few dozen)
 
 
 class _Malformed:
@@ -61,18 +62,36 @@ def _streaming(behavior: Callable[[Iterator[Any], grpc.ServicerContext], Any]
 
 
 class MalformedRequestInterceptor(grpc.ServerInterceptor):
+    """The guarded handler of a method is built once and reused while the server returns the same
+    handler: a new handler object per call also defeated the caches of the interceptors outside this
+    one (admission, metrics), which then rebuilt their wrappers and metric label children per call."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
                           handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        replace: dict[str, Any] = {"request_deserializer": _safe(handler.request_deserializer)}
-        if handler.unary_unary is not None:
-            replace["unary_unary"] = _unary(handler.unary_unary)
-        elif handler.unary_stream is not None:
-            replace["unary_stream"] = _unary(handler.unary_stream)
-        elif handler.stream_unary is not None:
-            replace["stream_unary"] = _streaming(handler.stream_unary)
-        elif handler.stream_stream is not None:
-            replace["stream_stream"] = _streaming(handler.stream_stream)
-        return handler._replace(**replace)  # type: ignore[attr-defined, no-any-return]
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _guard(handler)
+        if len(self._wrapped) < METHODS_MAX:
+            self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+
+def _guard(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    replace: dict[str, Any] = {"request_deserializer": _safe(handler.request_deserializer)}
+    if handler.unary_unary is not None:
+        replace["unary_unary"] = _unary(handler.unary_unary)
+    elif handler.unary_stream is not None:
+        replace["unary_stream"] = _unary(handler.unary_stream)
+    elif handler.stream_unary is not None:
+        replace["stream_unary"] = _streaming(handler.stream_unary)
+    elif handler.stream_stream is not None:
+        replace["stream_stream"] = _streaming(handler.stream_stream)
+    return handler._replace(**replace)  # type: ignore[attr-defined, no-any-return]

@@ -250,3 +250,46 @@ def test_generated_service_handler_is_wrapped_once_and_reused(monkeypatch: pytes
     finally:
         server.stop(None).wait(5)
     assert wraps == ["/yindian.v1.BillingService/QueryAccount"]
+
+
+def test_full_server_stack_wraps_each_method_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same through GrpcServer's whole interceptor stack (metrics outermost, an admission guard,
+    the malformed-request guard innermost): an inner interceptor that built a new handler per call
+    made the outer ones rebuild their wrappers and label children on every call."""
+    from yindian.v1 import billing_pb2 as pb
+    from yindian.v1 import billing_pb2_grpc
+    from yindian_common import metrics
+    from yindian_common.identity import AdmissionInterceptor
+    from yindian_common.server import GrpcServer, ServerLimits
+
+    wraps: list[str] = []
+    real_wrap = metrics._wrap_handler
+
+    def counting_wrap(handler: grpc.RpcMethodHandler, method: str, fam: Any) -> grpc.RpcMethodHandler:
+        wraps.append(method)
+        return real_wrap(handler, method, fam)
+
+    monkeypatch.setattr(metrics, "_wrap_handler", counting_wrap)
+
+    class Servicer(billing_pb2_grpc.BillingServiceServicer):
+        def QueryAccount(self, request: Any, context: grpc.ServicerContext) -> Any:
+            return pb.QueryAccountResponse(account_no=request.account_no)
+
+    server = GrpcServer(listen="127.0.0.1:0", limits=ServerLimits(max_workers=2), tls=None, insecure=True,
+                        interceptors=grpc_server_interceptors(),
+                        guards=[AdmissionInterceptor(lambda _context, _rpc: None)])
+    server.add_service("yindian.v1.BillingService", billing_pb2_grpc.add_BillingServiceServicer_to_server,
+                       Servicer())
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = billing_pb2_grpc.BillingServiceStub(ch)
+            answers = [stub.QueryAccount(pb.QueryAccountRequest(account_no="0100000017"), timeout=5).account_no
+                       for _ in range(5)]
+            with pytest.raises(grpc.RpcError) as bad:  # the malformed-request guard still answers
+                ch.unary_unary("/yindian.v1.BillingService/QueryAccount")(b"\xff\xff\xff", timeout=5)
+    finally:
+        server.stop()
+    assert answers == ["0100000017"] * 5
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert wraps == ["/yindian.v1.BillingService/QueryAccount"]

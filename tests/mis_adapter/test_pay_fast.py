@@ -23,6 +23,8 @@ from tests.support.databases import fresh_database
 from tests.support.mis_data import NOON, TODAY, BillSpec, RunningAdapter, add_account, running_adapter
 from yindian.v1 import billing_pb2 as pb
 from yindian_common.clock import ManualClock
+from yindian_common.errors import AccountClosed, AccountNotFound, SerialConflict
+from yindian_common.fields import make_account_no
 from yindian_common.settings import load_settings
 
 D = dt.date
@@ -129,3 +131,52 @@ def test_fast_path_writes_exactly_what_the_portable_rule_writes(tmp_path: Path) 
         finally:
             for c in ctxs.values():
                 c.close()
+
+
+def test_replays_and_refusals_keep_the_pays_prepared_statements(tmp_path: Path) -> None:
+    """A replayed pay and every refusal wrote nothing and end without a ROLLBACK (at which psycopg
+    forgets the connection's prepared statements): on the one connection in use, Pay's statements
+    stay prepared, the replay answers the stored payment, the refusals change no row, and the next
+    pay posts."""
+    with fresh_database("postgresql", tmp_path) as url:
+        ctx = AdapterContext.build(load_settings(AdapterSettings, {"db": url, "insecure": True, "db_pool_size": 2}),
+                                   ManualClock(NOON))
+        try:
+            from mis_adapter.migrate import upgrade
+            from tests.support.mis_data import add_bank
+            engine = ctx.router.primary
+            upgrade(engine)
+            add_bank(engine, "ICBC")
+            acct = add_account(engine, "01", 1, BILLS)
+            closed = add_account(engine, "01", 2, BILLS, status="CLOSED")
+
+            def prepared() -> int:
+                with engine.connect() as conn, conn.begin():
+                    return int(conn.execute(sa.text(
+                        "SELECT COUNT(*) FROM pg_prepared_statements "
+                        "WHERE statement LIKE '%pg_advisory_xact_lock_shared%'")).scalar_one())
+
+            first = payments.pay(ctx, PayCommand("ICBC", "P-0", acct, 1_000, "O", "T"))
+            for k in range(1, 6):
+                payments.pay(ctx, PayCommand("ICBC", f"P-{k}", acct, 1_000, "O", "T"))
+            assert prepared() == 1
+            watch = sa.create_engine(url)  # the test's own reads end in ROLLBACK: not on the pays' connection
+            before = _state(watch, acct), _state(watch, closed)
+            assert payments.pay(ctx, PayCommand("ICBC", "P-0", acct, 1_000, "O", "T")) == first
+            with pytest.raises(SerialConflict):
+                payments.pay(ctx, PayCommand("ICBC", "P-0", acct, 2_000, "O", "T"))
+            with pytest.raises(AccountClosed):
+                payments.pay(ctx, PayCommand("ICBC", "P-closed", closed, 1_000, "O", "T"))
+            with pytest.raises(AccountNotFound):
+                payments.pay(ctx, PayCommand("ICBC", "P-nobody", make_account_no("01", 999), 1_000, "O", "T"))
+            assert (_state(watch, acct), _state(watch, closed)) == before
+            assert prepared() == 1
+            after = payments.pay(ctx, PayCommand("ICBC", "P-6", acct, 1_000, "O", "T"))
+            assert after.amount_fen == 1_000 and after.payment_id != first.payment_id
+            with watch.connect() as conn:
+                p = Payment.__table__
+                assert conn.execute(sa.select(sa.func.count()).where(p.c.account_no == acct)).scalar_one() == 7
+                assert conn.execute(sa.select(sa.func.count()).where(p.c.account_no == closed)).scalar_one() == 0
+            watch.dispose()
+        finally:
+            ctx.close()

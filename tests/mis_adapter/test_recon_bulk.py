@@ -94,6 +94,8 @@ def _state(engine: sa.Engine) -> dict[str, Any]:
             "journal": Counter(q("SELECT j.bank_id, j.rpc, j.serial, j.account_no, j.amount_fen, j.outcome, "
                                  "p.bank_serial FROM journal j LEFT JOIN payments p ON p.payment_id = j.payment_id")),
             "lines": sorted(q("SELECT bank_serial, outcome, detail, settlement_date FROM recon_lines")),
+            # an account's payments in the order they were posted (its history as a statement lists it)
+            "posting_order": q("SELECT account_no, bank_serial FROM payments ORDER BY account_no, payment_id"),
         }
 
 
