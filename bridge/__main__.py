@@ -8,6 +8,8 @@ COMMANDS = {
     "sign-on": ("bridge.sign_on", "sign the bank on at the utility (签到) through a running bridge"),
     "sign-off": ("bridge.sign_off", "sign the bank off at day end (日终签退): later pays settle the next day"),
     "echo": ("bridge.echo", "echo the utility through a running bridge: link state and round trip"),
+    "bench-control-totals": ("bridge.bench_control_totals",
+                             "bench: bridge CPU per control-totals exchange, full read vs incremental"),
 }
 
 

@@ -31,10 +31,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import sys
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Engine
 
 from bridge import journal as jn
@@ -53,7 +57,7 @@ from yindian_common.control_totals import (
     totals_of,
 )
 
-__all__ = ["ControlTotalsExchanger", "ExchangeLimits", "JournalView", "journal_view"]
+__all__ = ["ControlTotalsExchanger", "ExchangeLimits", "JournalView", "JournalViewCache", "journal_view"]
 
 log = logging.getLogger("yindian.bridge.control_totals")
 
@@ -84,6 +88,75 @@ def _utc(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
+class _Fact(NamedTuple):
+    """What one journal row contributes, parsed once (a definite row's never changes); whether it counts
+    as of a cutoff is decided in `_view_of`, so the same fact serves every exchange."""
+    kind: str
+    serial: str
+    state: str
+    doubt: bool  # a pay in doubt whatever the cutoff; a cancel whose original is
+    entry: Entry | None  # a POSTED pay's, built once
+    settlement_date: str  # a POSTED pay's, from the utility's answer ("" otherwise)
+    posted_at: dt.datetime | None
+    original: str
+    created_at: dt.datetime | None  # a cancel's
+    reverses: bool  # a CANCELLED cancel answered REVERSED
+
+
+_STATES = {s: s for s in (jn.PENDING, jn.POSTED, jn.CANCELLED, jn.FAILED, jn.RETRYABLE, jn.SUSPECT, jn.REVERSING,
+                           jn.NOT_APPLIED)}
+
+
+def _fact(kind: str, serial: str, state: str, amount_fen: int, body: bytes | None, original: str,
+          message: str | None, created_at: dt.datetime) -> _Fact:
+    # The cache holds one fact per row of two days: states and settlement dates shared, not one string per row,
+    # and a pay keeps no journaling instant (only a cancel's counts).
+    state = _STATES.get(state, state)
+    if kind == jn.PAY:
+        kind = jn.PAY
+        if state in PAY_IN_DOUBT or (state == jn.NOT_APPLIED and _reversed_by_utility(message or "")):
+            return _Fact(kind, serial, state, True, None, "", None, original, None, False)
+        if state == jn.POSTED:
+            resp = pb.PayResponse.FromString(body or b"")
+            return _Fact(kind, serial, state, False, Entry(int(amount_fen), False), sys.intern(resp.settlement_date),
+                         resp.posted_at.ToDatetime(tzinfo=dt.UTC), original, None, False)
+        return _Fact(kind, serial, state, False, None, "", None, original, None, False)
+    created = _utc(created_at)
+    if state in CANCEL_IN_DOUBT:
+        return _Fact(kind, serial, state, True, None, "", None, original, created, False)
+    reverses = state == jn.CANCELLED and \
+        pb.CancelResponse.FromString(body or b"").outcome == pb.CANCEL_OUTCOME_REVERSED
+    return _Fact(kind, serial, state, False, None, "", None, original, created, reverses)
+
+
+def _view_of(facts: Iterable[_Fact], day: dt.date, posted_before: dt.datetime,
+             settled_before: dt.datetime) -> JournalView:
+    entries: dict[str, Entry] = {}
+    in_doubt: set[str] = set()
+    reversed_serials: set[str] = set()
+    iso_day = day.isoformat()
+    pay = jn.PAY
+    for f in facts:
+        if f.kind == pay:
+            if f.doubt:
+                in_doubt.add(f.serial)
+            elif f.settlement_date == iso_day and f.posted_at < posted_before:  # type: ignore[operator]
+                entries[f.serial] = f.entry  # type: ignore[assignment]
+        elif f.doubt or f.created_at >= settled_before:  # type: ignore[operator]
+            in_doubt.add(f.original)
+        elif f.reverses:
+            reversed_serials.add(f.original)
+    for serial in reversed_serials & entries.keys():
+        entries[serial] = Entry(entries[serial].amount_fen, True)
+    for serial in in_doubt:
+        entries.pop(serial, None)
+    return JournalView(entries, sorted(in_doubt))
+
+
+def _days(day: dt.date) -> sa.ColumnElement[bool]:
+    return sa.and_(_j.business_date >= day - dt.timedelta(days=1), _j.business_date <= day)
+
+
 def journal_view(engine: Engine, bank_id: str, day: dt.date, posted_before: dt.datetime,
                  settled_before: dt.datetime) -> JournalView:
     """The journal's pays of settlement date `day` posted before `posted_before`, and the serials in doubt.
@@ -91,35 +164,120 @@ def journal_view(engine: Engine, bank_id: str, day: dt.date, posted_before: dt.d
 
     A reversal counts once it is surely older than the cutoff at the utility too: a cancel journaled before
     `settled_before`, which is the cutoff less the skew allowance; a more recent one leaves its pay out on
-    both sides, like an in-doubt one."""
-    entries: dict[str, Entry] = {}
-    in_doubt: set[str] = set()
-    reversed_serials: set[str] = set()
-    iso_day = day.isoformat()
+    both sides, like an in-doubt one.
+
+    Reads and parses every row of the two days: the reference `JournalViewCache` is held equal to."""
     with engine.connect() as conn:
-        rows = conn.execute(_ROWS.where(_j.bank_id == bank_id, _j.business_date >= day - dt.timedelta(days=1),
-                                        _j.business_date <= day)).all()
-    for kind, serial, state, amount_fen, body, original, message, created_at in rows:
-        if kind == jn.PAY:
-            if state in PAY_IN_DOUBT:
-                in_doubt.add(serial)
-            elif state == jn.POSTED:
-                resp = pb.PayResponse.FromString(body or b"")
-                if resp.settlement_date == iso_day and \
-                        resp.posted_at.ToDatetime(tzinfo=dt.UTC) < posted_before:
-                    entries[serial] = Entry(int(amount_fen), False)
-            elif state == jn.NOT_APPLIED and _reversed_by_utility(message or ""):
-                in_doubt.add(serial)
-        elif state in CANCEL_IN_DOUBT or _utc(created_at) >= settled_before:
-            in_doubt.add(original)
-        elif state == jn.CANCELLED and pb.CancelResponse.FromString(body or b"").outcome == \
-                pb.CANCEL_OUTCOME_REVERSED:
-            reversed_serials.add(original)
-    for serial in reversed_serials & entries.keys():
-        entries[serial] = Entry(entries[serial].amount_fen, True)
-    for serial in in_doubt:
-        entries.pop(serial, None)
-    return JournalView(entries, sorted(in_doubt))
+        rows = conn.execute(_ROWS.where(_j.bank_id == bank_id, _days(day))).all()
+    return _view_of((_fact(*r) for r in rows), day, posted_before, settled_before)
+
+
+# Journal states a row can still leave (every other state is definite and final: its fact is kept).
+OPEN_STATES = (jn.PENDING, jn.SUSPECT, jn.REVERSING, jn.RETRYABLE)
+_a = jn.audit.c
+_ROWS_BY_KEY = _ROWS.add_columns(_j.bank_id, _j.business_date)
+_ONE_DAY = dt.timedelta(days=1)
+
+
+class JournalViewCache:
+    """`journal_view` at a cost per exchange that follows what changed, not the day's size.
+
+    It keeps the fact of every journal row of the bank's two business days (bounded by those rows, the
+    same rows `journal_view` reads at every exchange; the cache of the previous settlement date is dropped
+    when the date changes). At each exchange, in one consistent snapshot of the journal:
+    - the rows still open (PENDING/SUSPECT/REVERSING/RETRYABLE, the (business_date, state) index), and
+      every row open at the previous exchange, are read again;
+    - the rows named by audit lines (every state change writes one, in the same transaction) from
+      `lookback_ids` below the last head seen (lines commit out of id order) whose state the cache does
+      not hold yet are read: new rows that became definite between two exchanges;
+    - the rows of the two days are counted: rows never leave the journal and a definite row never changes,
+      so the cache holds every row of the snapshot exactly when the count equals its size. Otherwise (a line
+      that committed later than the look-back window, or not in one snapshot on SQLite under writes) it
+      rebuilds from a full read, as it also does every `rebuild_every` exchanges and when the date changes.
+    The view is then computed from the facts without parsing (the cutoffs move with every exchange)."""
+
+    def __init__(self, engine: Engine, bank_id: str, *, rebuild_every: int = 60, lookback_ids: int = 2_000) -> None:
+        self.engine = engine
+        self.bank_id = bank_id
+        self.rebuild_every = rebuild_every
+        self.lookback_ids = lookback_ids
+        self._day: dt.date | None = None
+        self._facts: dict[tuple[str, str], _Fact] = {}
+        self._open: set[tuple[str, str]] = set()
+        self._head = 0
+        self._since_rebuild = 0
+        self.rebuilds = 0
+        self.rows_read = 0  # journal rows read (and parsed where definite) by the last exchange
+
+    def _connect(self) -> sa.Connection:
+        conn = self.engine.connect()
+        if self.engine.dialect.name == "sqlite":
+            return conn.execution_options(read_only=True)  # a deferred BEGIN: one WAL snapshot
+        return conn.execution_options(isolation_level="REPEATABLE READ")
+
+    def view(self, day: dt.date, posted_before: dt.datetime, settled_before: dt.datetime) -> JournalView:
+        with self._connect() as conn, conn.begin():
+            if day != self._day or self._since_rebuild >= self.rebuild_every or not self._catch_up(conn, day):
+                self._rebuild(conn, day)
+        self._since_rebuild += 1
+        return _view_of(self._facts.values(), day, posted_before, settled_before)
+
+    def _keep(self, rows: Iterable[Any]) -> None:
+        for r in rows:
+            f = _fact(*r)
+            key = (f.kind, f.serial)
+            self._facts[key] = f
+            if f.state in OPEN_STATES:
+                self._open.add(key)
+            else:
+                self._open.discard(key)
+
+    def _rebuild(self, conn: sa.Connection, day: dt.date) -> None:
+        head = conn.execute(sa.select(sa.func.coalesce(sa.func.max(_a.audit_id), 0))).scalar_one()
+        rows = conn.execute(_ROWS.where(_j.bank_id == self.bank_id, _days(day))).all()
+        self._facts, self._open = {}, set()
+        self._keep(rows)
+        self._day, self._head, self._since_rebuild = day, int(head), 0
+        self.rebuilds += 1
+        self.rows_read = len(rows)
+
+    @staticmethod
+    def _among(conn: sa.Connection, serials: list[str]) -> sa.ColumnElement[bool]:
+        if conn.dialect.name == "postgresql":  # one array parameter: no statement text rendered per serial
+            return _j.serial == sa.any_(sa.bindparam("serials", serials, type_=ARRAY(sa.String(32))))
+        return _j.serial.in_(serials)
+
+    def _catch_up(self, conn: sa.Connection, day: dt.date) -> bool:
+        """Brings the facts to the snapshot; False when a row was missed (the caller rebuilds)."""
+        where = (_j.bank_id == self.bank_id, _days(day))
+        still_open = conn.execute(_ROWS.where(*where, _j.state.in_(OPEN_STATES))).all()
+        lines = conn.execute(sa.select(_a.audit_id, _a.kind, _a.serial, _a.state).where(
+            _a.audit_id > self._head - self.lookback_ids, _a.bank_id == self.bank_id).order_by(_a.audit_id)).all()
+        was_open = self._open
+        self._open = set()
+        self._keep(still_open)
+        stale = {k for k in was_open if k not in self._open}
+        latest: dict[tuple[str, str], str] = {}
+        for audit_id, kind, serial, state in lines:
+            latest[(kind, serial)] = state
+            self._head = max(self._head, int(audit_id))
+        for key, state in latest.items():
+            known = self._facts.get(key)
+            if known is None or known.state != state:
+                stale.add(key)
+        stale.difference_update(r[:2] for r in still_open)
+        read = len(still_open)
+        for kind in (jn.PAY, jn.CANCEL):
+            serials = sorted(s for k, s in stale if k == kind)
+            for i in range(0, len(serials), 500):
+                # by primary key alone (a plan that cannot turn into a scan), the day and bank checked here
+                got = conn.execute(_ROWS_BY_KEY.where(_j.kind == kind, self._among(conn, serials[i:i + 500]))).all()
+                rows = [r[:-2] for r in got if r[-2] == self.bank_id and day - _ONE_DAY <= r[-1] <= day]
+                self._keep(rows)
+                read += len(rows)
+        self.rows_read = read
+        count = conn.execute(sa.select(sa.func.count()).select_from(jn.requests).where(*where)).scalar_one()
+        return int(count) == len(self._facts)
 
 
 @dataclass(frozen=True)
@@ -148,6 +306,7 @@ class ControlTotalsExchanger:
 
     def __post_init__(self) -> None:
         self.tracker = DivergenceTracker(self.limits.window_s)
+        self.journal = JournalViewCache(self.engine, self.bank_id)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="control-totals", daemon=True)
@@ -172,7 +331,7 @@ class ControlTotalsExchanger:
         day = business_date(self.clock)
         cutoff = now - dt.timedelta(seconds=self.limits.settle_s)
         settled_before = cutoff - dt.timedelta(seconds=self.limits.settle_s)
-        view = journal_view(self.engine, self.bank_id, day, cutoff, settled_before)
+        view = self.journal.view(day, cutoff, settled_before)
         if len(view.in_doubt) > self.limits.in_doubt_max:
             log.info("event=control_totals_skipped bank=%s in_doubt=%d", self.bank_id, len(view.in_doubt))
             business_metrics.record_control_exchange(self.bank_id, "SKIPPED")

@@ -250,6 +250,8 @@ def sign_many_in_tx(conn: Connection, cmds: Sequence[SignCommand], today: dt.dat
     accts = [c.account_no for c in cmds]
     if len(set(accts)) != len(accts):
         raise ValueError("sign_many_in_tx: one command per account")
+    if conn.dialect.name == "postgresql":
+        return _sign_many_pg(conn, cmds, now)
     ids: dict[tuple[str, str], int] = {}
     for start in range(0, len(cmds), SIGN_BATCH_MAX):
         batch = cmds[start:start + SIGN_BATCH_MAX]
@@ -289,6 +291,64 @@ def sign_many_in_tx(conn: Connection, cmds: Sequence[SignCommand], today: dt.dat
                                          "v_limit": c.debit_limit_fen})
         bulk_insert(conn, T_JOURNAL, [_journal("AGREE_SIGN", c.bank_id, c.agreement_serial, c.account_no,
                                                    ACTIVE, now) for c in batch])
+    return [ids[(c.bank_id, c.agreement_serial)] for c in cmds]
+
+
+# PostgreSQL: the accounts locked and read with their index rows in one statement, then the
+# records, the index rows and the journal lines written by one statement per batch (ids from
+# RETURNING, not read back by serial). Records and journal lines are numbered in command order.
+_PG_LOCK_WITH_INDEX = ("SELECT c.account_no, c.status, a.active FROM customers c "
+                       "LEFT JOIN agreements a ON a.account_no = c.account_no "
+                       "WHERE c.account_no = ANY(%(accts)s::text[]) ORDER BY c.account_no FOR UPDATE OF c")
+_PG_SIGN = """
+WITH cmd AS (
+  SELECT * FROM unnest(%(bank)s::text[], %(serial)s::text[], %(acct)s::text[], %(ref)s::text[],
+                       %(lim)s::bigint[], %(start)s::date[]) WITH ORDINALITY
+         AS t(bank_id, agreement_serial, account_no, savings_account_ref, debit_limit_fen, start_date, ord)),
+rec AS (
+  INSERT INTO agreement_records (bank_id, agreement_serial, account_no, savings_account_ref, debit_limit_fen,
+                                 start_date, signed_at, state, end_serial, end_reason, end_date, ended_at)
+  SELECT bank_id, agreement_serial, account_no, savings_account_ref, debit_limit_fen, start_date,
+         %(now)s, %(active)s, NULL, '', NULL, NULL FROM cmd ORDER BY ord
+  RETURNING agreement_id, bank_id, agreement_serial, account_no, start_date, debit_limit_fen),
+idx AS (
+  INSERT INTO agreements (account_no, bank_id, signed_on, active, agreement_id, debit_limit_fen)
+  SELECT account_no, bank_id, start_date, true, agreement_id, debit_limit_fen FROM rec
+  ON CONFLICT (account_no) DO UPDATE SET bank_id = EXCLUDED.bank_id, signed_on = EXCLUDED.signed_on,
+    active = true, agreement_id = EXCLUDED.agreement_id, debit_limit_fen = EXCLUDED.debit_limit_fen),
+jr AS (
+  INSERT INTO journal (at, bank_id, rpc, serial, original_serial, account_no, amount_fen, outcome, payment_id)
+  SELECT %(now)s, bank_id, 'AGREE_SIGN', agreement_serial, '', account_no, 0, %(active)s, NULL
+  FROM cmd ORDER BY ord)
+SELECT bank_id, agreement_serial, agreement_id FROM rec"""
+PG_SIGN_BATCH_MAX = 10_000  # agreements per statement on PostgreSQL
+
+
+def _sign_many_pg(conn: Connection, cmds: Sequence[SignCommand], now: dt.datetime) -> list[int]:
+    """sign_many_in_tx on PostgreSQL: the same checks under the same account
+    locks, then the same rows, in two statements per batch."""
+    ids: dict[tuple[str, str], int] = {}
+    for start in range(0, len(cmds), PG_SIGN_BATCH_MAX):
+        batch = cmds[start:start + PG_SIGN_BATCH_MAX]
+        found = {r[0]: (r[1], r[2]) for r in conn.exec_driver_sql(
+            _PG_LOCK_WITH_INDEX, {"accts": sorted(c.account_no for c in batch)})}
+        for c in batch:
+            if c.account_no not in found:
+                raise AccountNotFound(f"account {c.account_no} not found")
+            status, active = found[c.account_no]
+            if status != "OPEN":
+                raise AccountClosed(f"account {c.account_no} is closed")
+            if active:
+                raise AgreementActive(f"account {c.account_no} already has an active auto-debit agreement")
+            if c.start_date is None:
+                raise ValueError("sign_many_in_tx needs validated commands (start_date resolved)")
+        rows = conn.exec_driver_sql(_PG_SIGN, {
+            "bank": [c.bank_id for c in batch], "serial": [c.agreement_serial for c in batch],
+            "acct": [c.account_no for c in batch], "ref": [c.savings_account_ref for c in batch],
+            "lim": [c.debit_limit_fen for c in batch], "start": [c.start_date for c in batch],
+            "now": now, "active": ACTIVE})
+        for bank_id, serial, agreement_id in rows:
+            ids[(bank_id, serial)] = int(agreement_id)
     return [ids[(c.bank_id, c.agreement_serial)] for c in cmds]
 
 

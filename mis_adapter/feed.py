@@ -220,8 +220,8 @@ _LAST_SEQ = _SEQ_READ
 def read_notices(conn: Connection, bank_id: str, after_seq: int, limit: int) -> list[Notice]:
     rows = conn.execute(_READ_NOTICES, {"bank_id": bank_id, "after": after_seq, "limit": limit}).all()
     withdrawn = agreements.withdrawn_among(conn, bank_id, [r.seq for r in rows])
-    out = [Notice(r.seq, r.bill_id, r.account_no, r.period, r.kwh, r.amount_fen, r.due_date, r.issued_at,
-                  r.seq in withdrawn) for r in rows]
+    # Positional: the select's columns are Notice's fields in order (a named read per field cost more).
+    out = [Notice(*r, r[0] in withdrawn) for r in rows]
     # Gapless by construction; a hole here is a bug, never skipped silently.
     for i, n in enumerate(out):
         if n.seq != after_seq + 1 + i:

@@ -206,10 +206,22 @@ def _ts(t: dt.datetime) -> timestamp_pb2.Timestamp:
     return out
 
 
-def notice_to_proto(n: Notice) -> pb.BillNotice:
-    return pb.BillNotice(seq=n.seq, bill_id=n.bill_id, account_no=n.account_no, period=n.period, kwh=n.kwh,
-                         amount_fen=n.amount_fen, due_date=n.due_date.isoformat(), issued_at=_ts(n.issued_at),
-                         withdrawn=n.withdrawn)
+def notices_to_proto(notices: list[Notice]) -> pb.NoticeBatch:
+    """A batch's notices; the bills of one issuing run share a few due dates and issue instants,
+    each converted once per batch (the conversion cost more than the rest of the notice)."""
+    dues: dict[dt.date, str] = {}
+    stamps: dict[dt.datetime, timestamp_pb2.Timestamp] = {}
+    out = []
+    for n in notices:
+        due = dues.get(n.due_date)
+        if due is None:
+            due = dues[n.due_date] = n.due_date.isoformat()
+        stamp = stamps.get(n.issued_at)
+        if stamp is None:
+            stamp = stamps[n.issued_at] = _ts(n.issued_at)
+        out.append(pb.BillNotice(seq=n.seq, bill_id=n.bill_id, account_no=n.account_no, period=n.period, kwh=n.kwh,
+                                 amount_fen=n.amount_fen, due_date=due, issued_at=stamp, withdrawn=n.withdrawn))
+    return pb.NoticeBatch(notices=out)
 
 
 class FeedStream:
@@ -459,7 +471,7 @@ class FeedStream:
                         unacked = len(self.window.outstanding)
                     bm.record_feed_sent(self.bank_id, len(notices))
                     bm.set_feed_unacknowledged(self.bank_id, unacked)
-                    yield pb.BillFeedResponse(notices=pb.NoticeBatch(notices=[notice_to_proto(n) for n in notices]))
+                    yield pb.BillFeedResponse(notices=notices_to_proto(notices))
                     continue
             wait_s = self.s.heartbeat_s - (now - last_beat)
             if self.hub.polling:

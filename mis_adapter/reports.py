@@ -250,84 +250,20 @@ _DELTA_BY_PAYMENTS = (sa.select(_ALLOC_BILL,  # sums cast back to bigint: Postgr
                       .group_by(_ALLOC_BILL_EXPR))
 
 
-def _replay_fees(delta: Any, rates: LateFeeRates) -> Any:
-    """(bill_id, fee): the late fee owed at the end of as_of by every bill whose fee
-    needs its history replayed (touched by payments posted or reversed after as_of,
-    or accrued past it), replayed set-based: fee_as_of's loop as window sums.
-
-    From the bill's issue, every allocation in effect at as_of (settled by then and
-    not reversed by then), in settlement order, accrues the fee on the principal
-    still unpaid before it over the days since the previous one (or the due date);
-    what was paid outside any allocation (migrated history) counts from the start.
-    A bill's accrual is a sum of such segments, so one pass of running sums over
-    the bill's allocations gives it; found by index (delta: the payments after
-    as_of; the bills accrued past as_of)."""
-    ids = sa.union(sa.select(T_BILL.c.bill_id.label("bill_id"))
-                   .where(T_BILL.c.accrual_date > _AS_OF, T_BILL.c.accrual_date > T_BILL.c.due_date),
-                   sa.select(delta.c.bill_id)).cte("replay_ids")
-    a, p = T_ALLOC.alias("ra"), T_PAY.alias("rp")
-    total = _sum_bigint
-    # allocations of payments POSTED now: the bill's current figures include them
-    posted = (sa.select(a.c.bill_id,
-                        total(sa.case((p.c.state == POSTED, a.c.principal_fen), else_=0)).label("principal"),
-                        total(sa.case((p.c.state == POSTED, a.c.late_fee_fen), else_=0)).label("fee"))
-              .select_from(ids.join(a, a.c.bill_id == ids.c.bill_id).join(p, p.c.payment_id == a.c.payment_id))
-              .group_by(a.c.bill_id).subquery("replay_posted"))
-    in_effect = sa.and_(p.c.settlement_date <= _AS_OF,
-                        sa.not_(sa.and_(p.c.state == REVERSED, p.c.reversed_on.is_not(None),
-                                        p.c.reversed_on <= _AS_OF)))
-    order = (p.c.settlement_date, p.c.payment_id, a.c.allocation_id)
-    steps = (sa.select(a.c.bill_id, a.c.principal_fen, a.c.late_fee_fen, p.c.settlement_date,
-                       (sa.func.sum(a.c.principal_fen).over(partition_by=a.c.bill_id, order_by=order, rows=(None, 0))
-                        - a.c.principal_fen).label("paid_before"),
-                       sa.func.lag(p.c.settlement_date).over(partition_by=a.c.bill_id, order_by=order)
-                       .label("previous_day"))
-             .select_from(ids.join(a, a.c.bill_id == ids.c.bill_id).join(p, p.c.payment_id == a.c.payment_id))
-             .where(in_effect).subquery("replay_steps"))
-    b, c = T_BILL.alias("rb"), T_CUST.alias("rc")
-    unpaid_at_issue = (b.c.amount_fen - b.c.prepaid_applied_fen - b.c.principal_paid_fen
-                       + sa.func.coalesce(posted.c.principal, 0))
-    since = sa.case((steps.c.previous_day > b.c.due_date, steps.c.previous_day), else_=b.c.due_date)
-    segment = accrued_micro_sql(principal=unpaid_at_issue - steps.c.paid_before, from_date=since,
-                                to_date=steps.c.settlement_date, tariff_class=c.c.tariff_class, period=b.c.period,
-                                rates=rates)
-    accrued = (sa.select(steps.c.bill_id, total(segment).label("micro"),
-                         total(steps.c.principal_fen).label("principal"), total(steps.c.late_fee_fen).label("fee"),
-                         sa.func.max(steps.c.settlement_date).label("last_day"))
-               .select_from(steps.join(b, b.c.bill_id == steps.c.bill_id).join(c, c.c.account_no == b.c.account_no)
-                            .outerjoin(posted, posted.c.bill_id == steps.c.bill_id))
-               .group_by(steps.c.bill_id).subquery("replay_accrued"))
-    accrual_date = sa.case((accrued.c.last_day > b.c.due_date, accrued.c.last_day), else_=b.c.due_date)
-    fee = late_fee_due_sql(
-        principal_unpaid=unpaid_at_issue - sa.func.coalesce(accrued.c.principal, 0),
-        accrual_micro=sa.func.coalesce(accrued.c.micro, 0), accrual_date=accrual_date,
-        late_fee_paid=b.c.late_fee_paid_fen - sa.func.coalesce(posted.c.fee, 0) + sa.func.coalesce(accrued.c.fee, 0),
-        tariff_class=c.c.tariff_class, period=b.c.period, as_of=_AS_OF, rates=rates)
-    # DISTINCT (one row per bill anyway): MariaDB would otherwise merge this into the report's query and
-    # join every bill in arrears to the bills and customers again
-    return (sa.select(ids.c.bill_id, sa.cast(fee, sa.BigInteger).label("fee")).distinct()
-            .select_from(ids.join(b, b.c.bill_id == ids.c.bill_id).join(c, c.c.account_no == b.c.account_no)
-                         .outerjoin(posted, posted.c.bill_id == ids.c.bill_id)
-                         .outerjoin(accrued, accrued.c.bill_id == ids.c.bill_id))
-            .cte("replay_fees"))
-
-
 def _sum_bigint(x: Any) -> Any:
     """SUM as bigint: PostgreSQL's sum(bigint) is numeric (a Decimal per value in Python)."""
     return sa.cast(sa.func.sum(x), sa.BigInteger)
 
 
-def _arrears_query(branch: bool, *, indexed: bool = True, rates: LateFeeRates | None = None,
-                   union: bool = True) -> sa.Select[Any]:
+def _arrears_query(branch: bool, *, indexed: bool = True, union: bool = True) -> sa.Select[Any]:
     """Every bill in arrears at the end of as_of, by account and period.
 
-    indexed: read only the bills that can be in arrears at as_of, found by
-    index (the bills unpaid now, those paid after as_of, those touched by
-    payments posted or reversed after as_of): O(bills in arrears then), not
-    O(bills). Otherwise the whole bills table is read (the reconstruction
-    the indexed path is property-tested against). With `rates`, a column
-    `fee_sql` gives every bill's late fee owed at as_of (replayed set-based
-    where history after as_of changed it; _replay_fees).
+    indexed: return only the bills that can be in arrears at as_of (the bills
+    unpaid now, those paid after as_of, those touched by payments posted or
+    reversed after as_of; paid_on is not indexed since 0004_bills_indexes, so
+    the first two are one filtered scan). Otherwise the whole bills table is read (the reconstruction
+    the indexed path is property-tested against). Fees are priced in Python
+    (bills_in_arrears); the summed reports price them in SQL (_arrears_bills).
 
     A bill's paid_on is set exactly when it is PAID (payments.py, feed.py,
     issue_bills.py), so "not paid by as_of" is paid_on NULL or after as_of."""
@@ -341,22 +277,15 @@ def _arrears_query(branch: bool, *, indexed: bool = True, rates: LateFeeRates | 
     # candidates back): unpaid now, paid after as_of, paid by as_of but touched by payments after it.
     now_read = T_BILL.outerjoin(delta, delta.c.bill_id == T_BILL.c.bill_id).join(T_CUST, cust_join)
     touched = delta.join(T_BILL, T_BILL.c.bill_id == delta.c.bill_id).join(T_CUST, cust_join)
-    replayed = None
-    if rates is not None:
-        replayed = _replay_fees(delta, rates)
-        now_read = now_read.outerjoin(replayed, replayed.c.bill_id == T_BILL.c.bill_id)
-        touched = touched.outerjoin(replayed, replayed.c.bill_id == T_BILL.c.bill_id)
-    parts = (_arrears_part(now_read, delta, branch, rates, replayed).where(T_BILL.c.paid_on.is_(None)),
-             _arrears_part(now_read, delta, branch, rates, replayed).where(T_BILL.c.paid_on > _AS_OF),
-             _arrears_part(touched, delta, branch, rates, replayed).where(T_BILL.c.paid_on <= _AS_OF))
+    parts = (_arrears_part(now_read, delta, branch).where(T_BILL.c.paid_on.is_(None)),
+             _arrears_part(now_read, delta, branch).where(T_BILL.c.paid_on > _AS_OF),
+             _arrears_part(touched, delta, branch).where(T_BILL.c.paid_on <= _AS_OF))
     u = sa.union_all(*parts).subquery("arrears_parts")
     return sa.select(u).order_by(u.c.account_no, u.c.period, u.c.bill_id)
 
 
-def _arrears_part(frm: Any, delta: Any, branch: bool, rates: LateFeeRates | None,
-                  replayed: Any = None) -> sa.Select[Any]:
-    """The columns of _arrears_query over `frm` (bills, their customer, their delta;
-    with `replayed`, the replayed fees: column `fee_sql` is then every bill's fee)."""
+def _arrears_part(frm: Any, delta: Any, branch: bool) -> sa.Select[Any]:
+    """The columns of _arrears_query over `frm` (bills, their customer, their delta)."""
     principal_delta = sa.func.coalesce(delta.c.principal_delta, 0)
     unpaid = T_BILL.c.amount_fen - T_BILL.c.prepaid_applied_fen - T_BILL.c.principal_paid_fen - principal_delta
     needs_replay = sa.or_(delta.c.bill_id.is_not(None),
@@ -369,14 +298,6 @@ def _arrears_part(frm: Any, delta: Any, branch: bool, rates: LateFeeRates | None
                    sa.case((needs_replay, 1), else_=0).label("needs_replay"))
          .select_from(frm)
          .where(T_BILL.c.issued_at < _b("issued_before"), unpaid > 0))
-    if rates is not None:
-        fee = late_fee_due_sql(
-            principal_unpaid=unpaid, accrual_micro=T_BILL.c.accrual_micro, accrual_date=T_BILL.c.accrual_date,
-            late_fee_paid=T_BILL.c.late_fee_paid_fen, tariff_class=T_CUST.c.tariff_class, period=T_BILL.c.period,
-            as_of=_AS_OF, rates=rates)
-        if replayed is not None:
-            fee = sa.case((needs_replay, replayed.c.fee), else_=fee)
-        q = q.add_columns(fee.label("fee_sql"))
     return q.where(T_CUST.c.branch_code == _b("branch_code")) if branch else q
 
 
@@ -400,6 +321,126 @@ def _arrears_scan_query(branch: bool) -> sa.Select[Any]:
                 unpaid > 0)
          .order_by(T_BILL.c.account_no, T_BILL.c.period, T_BILL.c.bill_id))
     return q.where(T_CUST.c.branch_code == _b("branch_code")) if branch else q
+
+
+# ---- arrears priced in SQL: the bills untouched since as_of, plus the replayed ones ----
+
+def _replay_bills(rates: LateFeeRates, *, cust_on_expression: bool, narrow_group: bool,
+                  from_ids: bool = False) -> tuple[Any, Any]:
+    """One row per bill whose fee at as_of needs its history replayed (touched by
+    payments posted or reversed after as_of, or accrued past it) and issued before
+    `issued_before`: its account, branch, name, phone, period, the principal it
+    owed at as_of (`unpaid_fen`) and the late fee (`fee_sql`).
+
+    fee_as_of's loop as running sums: from the bill's issue, every allocation in
+    effect at as_of (settled by then and not reversed by then), in settlement
+    order, accrues the fee on the principal still unpaid before it over the days
+    since the previous one (or the due date); what was paid outside any allocation
+    (migrated history) counts from the start. A bill's accrual is a sum of such
+    segments.
+
+    The replayed bills' allocations are read once (found by index from the bills'
+    ids) and windowed without the bills; the bills are then read once, by key (a
+    semi-join on their ids: PostgreSQL had hashed every bill to join them), each
+    with its steps, and priced in one aggregate. Returns (this, the delta CTE).
+    narrow_group: group by the primary keys alone (PostgreSQL: the other columns
+    depend on them, and a narrow key hashes in less memory). from_ids (MariaDB):
+    the bills read from the ids in that join order, not by a semi-join (MariaDB
+    scanned every bill and looked up its customer before the ids filtered it)."""
+    delta = _DELTA_BY_PAYMENTS.cte("delta")
+    ids = sa.union(sa.select(T_BILL.c.bill_id.label("bill_id"))
+                   .where(T_BILL.c.accrual_date > _AS_OF, T_BILL.c.accrual_date > T_BILL.c.due_date),
+                   sa.select(delta.c.bill_id)).cte("replay_ids")
+    a, p = T_ALLOC.alias("ra"), T_PAY.alias("rp")
+    posted = p.c.state == POSTED
+    in_effect = sa.and_(p.c.settlement_date <= _AS_OF,
+                        sa.not_(sa.and_(p.c.state == REVERSED, p.c.reversed_on.is_not(None),
+                                        p.c.reversed_on <= _AS_OF)))
+    # the sign of an allocation's change since as_of (the delta's rule): posted after it undone, reversed after it redone
+    changed = sa.case((sa.and_(posted, p.c.settlement_date > _AS_OF), -1),
+                      (sa.and_(p.c.state == REVERSED, p.c.settlement_date <= _AS_OF, p.c.reversed_on > _AS_OF), 1),
+                      else_=0)
+    order = (p.c.settlement_date, p.c.payment_id, a.c.allocation_id)
+    effect = sa.case((in_effect, 1), else_=0)
+    steps = (sa.select(a.c.bill_id, a.c.principal_fen, a.c.late_fee_fen, p.c.settlement_date,
+                       effect.label("in_effect"), changed.label("changed"),
+                       sa.case((posted, a.c.late_fee_fen), else_=0).label("posted_fee"),
+                       sa.func.sum(sa.case((posted, a.c.principal_fen), else_=0))
+                       .over(partition_by=a.c.bill_id).label("posted_principal"),
+                       sa.func.sum(effect * a.c.principal_fen)
+                       .over(partition_by=a.c.bill_id, order_by=order, rows=(None, -1)).label("paid_before"),
+                       sa.func.max(sa.case((in_effect, p.c.settlement_date)))
+                       .over(partition_by=a.c.bill_id, order_by=order, rows=(None, -1)).label("previous_day"))
+             .select_from(ids.join(a, a.c.bill_id == ids.c.bill_id).join(p, p.c.payment_id == a.c.payment_id))
+             .subquery("replay_steps"))
+    b, c = T_BILL.alias("rb"), T_CUST.alias("rc")
+    unpaid_now = b.c.amount_fen - b.c.prepaid_applied_fen - b.c.principal_paid_fen
+    unpaid_at_issue = unpaid_now + sa.func.coalesce(steps.c.posted_principal, 0)
+    since = sa.case((steps.c.previous_day > b.c.due_date, steps.c.previous_day), else_=b.c.due_date)
+    segment = sa.case((steps.c.in_effect == 1,
+                       accrued_micro_sql(principal=unpaid_at_issue - sa.func.coalesce(steps.c.paid_before, 0),
+                                         from_date=since, to_date=steps.c.settlement_date,
+                                         tariff_class=c.c.tariff_class, period=b.c.period, rates=rates)),
+                      else_=0)
+    total = _sum_bigint
+    keys = (b.c.bill_id, b.c.account_no, c.c.branch_code, c.c.name, c.c.phone, c.c.tariff_class, b.c.period,
+            b.c.late_fee_paid_fen, b.c.due_date)
+    group = (b.c.bill_id, c.c.account_no) if narrow_group else \
+        (*keys, b.c.amount_fen, b.c.prepaid_applied_fen, b.c.principal_paid_fen)
+    cust_join = c.c.account_no == (sa.func.coalesce(b.c.account_no, "") if cust_on_expression else b.c.account_no)
+    per_bill = (sa.select(*keys, unpaid_now.label("unpaid_now"),
+                          sa.func.coalesce(sa.func.max(steps.c.posted_principal), 0).label("posted_principal"),
+                          sa.func.coalesce(total(steps.c.posted_fee), 0).label("posted_fee"),
+                          sa.func.coalesce(total(segment), 0).label("micro"),
+                          sa.func.coalesce(total(steps.c.in_effect * steps.c.principal_fen), 0).label("eff_principal"),
+                          sa.func.coalesce(total(steps.c.in_effect * steps.c.late_fee_fen), 0).label("eff_fee"),
+                          sa.func.max(sa.case((steps.c.in_effect == 1, steps.c.settlement_date))).label("last_day"),
+                          sa.func.coalesce(total(steps.c.changed * steps.c.principal_fen), 0).label("principal_delta"))
+                .group_by(*group))
+    if from_ids:
+        per_bill = (per_bill.select_from(ids.join(b, b.c.bill_id == ids.c.bill_id).join(c, cust_join)
+                                         .outerjoin(steps, steps.c.bill_id == b.c.bill_id))
+                    .prefix_with("STRAIGHT_JOIN", dialect="mysql"))
+    else:
+        per_bill = (per_bill.select_from(b.join(c, cust_join).outerjoin(steps, steps.c.bill_id == b.c.bill_id))
+                    .where(b.c.bill_id.in_(sa.select(ids.c.bill_id))))
+    r = per_bill.where(b.c.issued_at < _b("issued_before")).subquery("replay_bills").c
+    accrual_date = sa.case((r.last_day > r.due_date, r.last_day), else_=r.due_date)
+    fee = late_fee_due_sql(principal_unpaid=r.unpaid_now + r.posted_principal - r.eff_principal,
+                           accrual_micro=r.micro, accrual_date=accrual_date,
+                           late_fee_paid=r.late_fee_paid_fen - r.posted_fee + r.eff_fee,
+                           tariff_class=r.tariff_class, period=r.period, as_of=_AS_OF, rates=rates)
+    return (sa.select(r.bill_id, r.account_no, r.branch_code, r.name, r.phone, r.period,
+                      (r.unpaid_now - r.principal_delta).label("unpaid_fen"), sa.cast(fee, sa.BigInteger).label("fee_sql"))
+            .subquery("replayed"), delta)
+
+
+def _arrears_bills(branch: bool, rates: LateFeeRates, dialect: str) -> Any:
+    """Every bill in arrears at the end of as_of with its principal and late fee then
+    (columns account_no, branch_code, name, phone, period, unpaid_fen, fee_sql):
+    the bills not paid by as_of that nothing after as_of touched, priced from their
+    current accrual, and the replayed ones (_replay_bills). O(bills unpaid then)."""
+    cust_on_expression = dialect in ("sqlite", "mysql")
+    replayed, delta = _replay_bills(rates, cust_on_expression=cust_on_expression,
+                                    narrow_group=dialect == "postgresql", from_ids=dialect == "mysql")
+    unpaid = T_BILL.c.amount_fen - T_BILL.c.prepaid_applied_fen - T_BILL.c.principal_paid_fen
+    cust_join = T_CUST.c.account_no == (sa.func.coalesce(T_BILL.c.account_no, "") if cust_on_expression
+                                        else T_BILL.c.account_no)
+    fee = late_fee_due_sql(principal_unpaid=unpaid, accrual_micro=T_BILL.c.accrual_micro,
+                           accrual_date=T_BILL.c.accrual_date, late_fee_paid=T_BILL.c.late_fee_paid_fen,
+                           tariff_class=T_CUST.c.tariff_class, period=T_BILL.c.period, as_of=_AS_OF, rates=rates)
+    untouched = (sa.select(T_BILL.c.bill_id, T_BILL.c.account_no, T_CUST.c.branch_code, T_CUST.c.name, T_CUST.c.phone,
+                           T_BILL.c.period, unpaid.label("unpaid_fen"), fee.label("fee_sql"))
+                 .select_from(T_BILL.join(T_CUST, cust_join))
+                 .where(sa.or_(T_BILL.c.paid_on.is_(None), T_BILL.c.paid_on > _AS_OF),
+                        T_BILL.c.issued_at < _b("issued_before"), unpaid > 0,
+                        sa.not_(sa.and_(T_BILL.c.accrual_date > _AS_OF, T_BILL.c.accrual_date > T_BILL.c.due_date)),
+                        T_BILL.c.bill_id.not_in(sa.select(delta.c.bill_id))))
+    touched = sa.select(replayed).where(replayed.c.unpaid_fen > 0)
+    if branch:
+        untouched = untouched.where(T_CUST.c.branch_code == _b("branch_code"))
+        touched = touched.where(replayed.c.branch_code == _b("branch_code"))
+    return sa.union_all(untouched, touched).subquery("arrears_bills")
 
 
 _ARREARS = {(indexed, branch): _arrears_query(branch, indexed=indexed)
@@ -576,8 +617,7 @@ def arrears_detail(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRate
 def _summed_statements(rates: LateFeeRates, branch: bool, dialect: str) -> tuple[sa.Select[Any], sa.Select[Any]]:
     """(by branch, by account) over the bills in arrears at as_of, every fee priced in the
     database (the bills whose history after as_of changed them replayed set-based)."""
-    bills = (_arrears_query(branch, indexed=True, rates=rates, union=dialect in ("sqlite", "mysql")).order_by(None)
-             .subquery("arrears_bills"))
+    bills = _arrears_bills(branch, rates, dialect)
     total = _sum_bigint
     # by account first, then by branch: a hash aggregate each, where COUNT(DISTINCT) would sort every bill
     accounts = (sa.select(bills.c.branch_code, total(bills.c.unpaid_fen).label("principal_fen"),

@@ -48,9 +48,11 @@ STREETS = ["人民路", "解放路", "中山路", "建设路", "和平街", "新
 DUE_DAY = 25  # bills of period M are issued on the 5th of M+1 and due on the 25th
 ISSUE_DAY = 5
 SEED_AGREEMENT_START = dt.date(2020, 1, 1)
-# Tables the seed bulk-loads; on a fresh PostgreSQL database their secondary indexes and
-# unique/foreign keys are built once after the load (deferred_keys).
-BULK_TABLES = ("customers", "meters", "readings", "bills", "prepaid_ledger")
+# Tables the seed bulk-loads, and those the agreements are signed into; on a fresh PostgreSQL
+# database their secondary indexes and unique/foreign keys are built once after the load
+# (deferred_keys). The primary keys the signing looks up and upserts by stay.
+BULK_TABLES = ("customers", "meters", "readings", "bills", "prepaid_ledger",
+               "agreement_records", "agreements", "journal")
 REBUILD_WORK_MEM = "256MB"  # maintenance_work_mem while the deferred indexes are sorted
 
 

@@ -72,9 +72,35 @@ def _pg_type(col: ColumnElement[Any]) -> str:
     return "text"
 
 
-def _pg_insert_sql(table: sa.Table, cols: Sequence[str]) -> str:
-    arrays = ", ".join(f"%b::{_pg_type(table.c[c])}[]" for c in cols)
-    return f"INSERT INTO {table.name} ({', '.join(cols)}) SELECT * FROM unnest({arrays})"
+def _pg_insert(table: sa.Table, rows: Sequence[dict[str, Any]]) -> tuple[str, tuple[Any, ...]]:
+    """`INSERT ... SELECT ... FROM unnest(arrays)` and its parameters. A column with one value
+    in every row (a batch's bank, instant, state, channel ...) is sent once, not as an array:
+    the client then dumps and the server reads one value instead of one per row."""
+    cols = list(rows[0])
+    exprs: list[str] = []
+    consts: list[Any] = []
+    arrays: list[list[Any]] = []
+    array_types: list[str] = []
+    for c in cols:
+        values = [r[c] for r in rows]
+        first = values[0]
+        # identity first (list.count): the batch's shared objects compare at once; bool is never taken for int
+        if len(values) > 1 and values.count(first) == len(values) and all(type(v) is type(first) for v in values):
+            exprs.append(f"%b::{_pg_type(table.c[c])}")
+            consts.append(first)
+        else:
+            exprs.append(f"u.a{len(arrays)}")
+            arrays.append(values)
+            array_types.append(f"%b::{_pg_type(table.c[c])}[]")
+    if not arrays:  # identical rows: unnest needs one array for the row count
+        exprs[0] = "u.a0"
+        arrays.append([r[cols[0]] for r in rows])
+        array_types.append(f"%b::{_pg_type(table.c[cols[0]])}[]")
+        consts.pop(0)
+    names = ", ".join(f"a{i}" for i in range(len(arrays)))
+    sql = (f"INSERT INTO {table.name} ({', '.join(cols)}) SELECT {', '.join(exprs)} "
+           f"FROM unnest({', '.join(array_types)}) AS u({names})")
+    return sql, (*consts, *arrays)
 
 
 def bulk_insert_returning(conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]],
@@ -84,9 +110,8 @@ def bulk_insert_returning(conn: Connection, table: sa.Table, rows: Sequence[dict
     if conn.dialect.name != "postgresql" or not rows:
         bulk_insert(conn, table, rows)
         return None
-    cols = list(rows[0])
-    sql = f"{_pg_insert_sql(table, cols)} RETURNING {', '.join(returning)}"
-    return [tuple(r) for r in conn.exec_driver_sql(sql, tuple([r[c] for r in rows] for c in cols))]
+    sql, params = _pg_insert(table, rows)
+    return [tuple(r) for r in conn.exec_driver_sql(f"{sql} RETURNING {', '.join(returning)}", params)]
 
 
 def _sqlite_datetime(v: dt.datetime | None) -> str | None:
@@ -116,7 +141,7 @@ def bulk_insert(conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]
     cols = list(rows[0])
     names = ", ".join(cols)
     if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(_pg_insert_sql(table, cols), tuple([r[c] for r in rows] for c in cols))
+        conn.exec_driver_sql(*_pg_insert(table, rows))
     elif conn.dialect.name == "sqlite":
         marks = ", ".join("?" * len(cols))
         convs = [(c, _sqlite_converter(table.c[c])) for c in cols]

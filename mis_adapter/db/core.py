@@ -84,10 +84,9 @@ class BillRow(Base):
     a fen up to `accrual_date`, so partial payments never round twice."""
     __tablename__ = "bills"
     __table_args__ = (sa.UniqueConstraint("account_no", "period"),
-                      sa.Index("ix_bills_status_due", "status", "due_date"),
-                      # reports: the bills paid after an as-of date (migration 0004_bulk)
-                      sa.Index("ix_bills_paid_on", "paid_on"),
-                      sa.Index("ix_bills_accrual_date", "accrual_date"))
+                      sa.Index("ix_bills_status_due", "status", "due_date"))
+    # no index on paid_on or accrual_date (0004_bills_indexes): every settled bill changes both, and the
+    # arrears reports read the bills unpaid at a date in one scan
     bill_id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     account_no: Mapped[str] = mapped_column(sa.String(10), sa.ForeignKey("customers.account_no"))
     period: Mapped[str] = mapped_column(sa.String(6))
