@@ -15,6 +15,7 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
+from bridge import journal as jn
 from bridge.serve import Bridge
 from bridge.settings import BridgeSettings
 from tests.bridge.link import Link
@@ -127,3 +128,12 @@ def make_bridge(tmp_path: Path) -> Iterator[Callable[..., BankCore]]:
     for core in started:
         core.channel.close()
         core.bridge.stop()
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[sa.Engine]:
+    """The bridge's journal schema on a fresh database of the test's back end (db_url)."""
+    eng = make_engine(db_url, pool_size=4)
+    jn.create_schema(eng)
+    yield eng
+    eng.dispose()

@@ -4,7 +4,6 @@ each journal state counts as the utility would hold it, or is in doubt."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -14,7 +13,6 @@ from bridge import journal as jn
 from bridge.control_totals import journal_view
 from yindian.v1 import billing_pb2 as pb
 from yindian_common.control_totals import ControlTotals, Entry
-from yindian_common.db import make_engine
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -23,13 +21,6 @@ AT = dt.datetime(2026, 11, 28, 2, 0, tzinfo=dt.UTC)
 CUTOFF = AT + dt.timedelta(minutes=5)
 SETTLED_BEFORE = CUTOFF - dt.timedelta(seconds=5)
 
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url, pool_size=2)
-    jn.create_schema(eng)
-    yield eng
-    eng.dispose()
 
 
 def _posted_body(serial: str, amount_fen: int, *, day: dt.date = DAY, at: dt.datetime = AT) -> bytes:

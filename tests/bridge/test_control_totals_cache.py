@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -16,7 +15,6 @@ from sqlalchemy.engine import Engine
 from bridge import journal as jn
 from bridge.control_totals import JournalViewCache, journal_view
 from yindian.v1 import billing_pb2 as pb
-from yindian_common.db import make_engine
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -26,13 +24,6 @@ SETTLE_S = 5
 _banks = itertools.count()
 OPEN = (jn.PENDING, jn.SUSPECT, jn.REVERSING, jn.RETRYABLE)
 
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url, pool_size=2)
-    jn.create_schema(eng)
-    yield eng
-    eng.dispose()
 
 
 class Bank:

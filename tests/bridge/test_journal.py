@@ -5,7 +5,6 @@ the in-doubt count reconciliation relies on."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -22,13 +21,6 @@ AT = dt.datetime(2026, 11, 28, 2, 0, tzinfo=dt.UTC)
 DAY = dt.date(2026, 11, 28)
 WAIT_S = 10.0
 
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url, pool_size=4)
-    jn.create_schema(eng)
-    yield eng
-    eng.dispose()
 
 
 def pay(serial: str, amount_fen: int = 1_000, **over: object) -> Entry:

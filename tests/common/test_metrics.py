@@ -16,6 +16,8 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 
 from tests.support.waiting import wait_until
+from yindian.v1 import billing_pb2 as pb
+from yindian.v1 import billing_pb2_grpc
 from yindian_common.metrics import grpc_server_interceptors, instrument_channel
 
 pytestmark = pytest.mark.timeout(60)
@@ -219,27 +221,33 @@ def test_exposition_passes_promtool(channel: grpc.Channel) -> None:
     assert out.returncode == 0, out.stdout.decode() + out.stderr.decode()
 
 
-def test_generated_service_handler_is_wrapped_once_and_reused(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The per-call cost claim rests on this: label children are resolved once per method, not per call."""
-    from yindian.v1 import billing_pb2 as pb
-    from yindian.v1 import billing_pb2_grpc
+class QueryServicer(billing_pb2_grpc.BillingServiceServicer):
+    def QueryAccount(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return pb.QueryAccountResponse(account_no=request.account_no)
+
+
+@pytest.fixture
+def wraps(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The methods whose handlers the metrics interceptor wrapped, in order."""
     from yindian_common import metrics
 
-    wraps: list[str] = []
+    seen: list[str] = []
     real_wrap = metrics._wrap_handler
 
     def counting_wrap(handler: grpc.RpcMethodHandler, method: str, fam: Any) -> grpc.RpcMethodHandler:
-        wraps.append(method)
+        seen.append(method)
         return real_wrap(handler, method, fam)
 
     monkeypatch.setattr(metrics, "_wrap_handler", counting_wrap)
+    return seen
 
-    class Servicer(billing_pb2_grpc.BillingServiceServicer):
-        def QueryAccount(self, request: Any, context: grpc.ServicerContext) -> Any:
-            return pb.QueryAccountResponse(account_no=request.account_no)
+
+def test_generated_service_handler_is_wrapped_once_and_reused(wraps: list[str]) -> None:
+    """The per-call cost claim rests on this: label children are resolved once per method, not per call."""
+
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=grpc_server_interceptors())
-    billing_pb2_grpc.add_BillingServiceServicer_to_server(Servicer(), server)
+    billing_pb2_grpc.add_BillingServiceServicer_to_server(QueryServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
@@ -252,34 +260,19 @@ def test_generated_service_handler_is_wrapped_once_and_reused(monkeypatch: pytes
     assert wraps == ["/yindian.v1.BillingService/QueryAccount"]
 
 
-def test_full_server_stack_wraps_each_method_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_server_stack_wraps_each_method_once(wraps: list[str]) -> None:
     """The same through GrpcServer's whole interceptor stack (metrics outermost, an admission guard,
     the malformed-request guard innermost): an inner interceptor that built a new handler per call
     made the outer ones rebuild their wrappers and label children on every call."""
-    from yindian.v1 import billing_pb2 as pb
-    from yindian.v1 import billing_pb2_grpc
-    from yindian_common import metrics
     from yindian_common.identity import AdmissionInterceptor
     from yindian_common.server import GrpcServer, ServerLimits
 
-    wraps: list[str] = []
-    real_wrap = metrics._wrap_handler
-
-    def counting_wrap(handler: grpc.RpcMethodHandler, method: str, fam: Any) -> grpc.RpcMethodHandler:
-        wraps.append(method)
-        return real_wrap(handler, method, fam)
-
-    monkeypatch.setattr(metrics, "_wrap_handler", counting_wrap)
-
-    class Servicer(billing_pb2_grpc.BillingServiceServicer):
-        def QueryAccount(self, request: Any, context: grpc.ServicerContext) -> Any:
-            return pb.QueryAccountResponse(account_no=request.account_no)
 
     server = GrpcServer(listen="127.0.0.1:0", limits=ServerLimits(max_workers=2), tls=None, insecure=True,
                         interceptors=grpc_server_interceptors(),
                         guards=[AdmissionInterceptor(lambda _context, _rpc: None)])
     server.add_service("yindian.v1.BillingService", billing_pb2_grpc.add_BillingServiceServicer_to_server,
-                       Servicer())
+                       QueryServicer())
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
