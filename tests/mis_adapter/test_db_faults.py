@@ -19,6 +19,8 @@ from sqlalchemy import event
 from mis_adapter.db.core import Customer, JournalEntry, Payment
 from tests.support.databases import fresh_database
 from tests.support.mis_data import BillSpec, RunningAdapter, add_account, running_adapter
+from tests.support.topology import BRANCHES3, topology_databases
+from tests.support.waiting import wait_until
 from yindian.v1 import billing_pb2 as pb
 from yindian_common.status import error_info
 
@@ -221,6 +223,45 @@ def test_a_held_lock_ends_the_pay_within_its_deadline(db_url: str) -> None:
         # once the lock is gone, the same serial is paid
         r = a.stub.Pay(pay_req("LOCKED", acct, 5_000), metadata=a.md(), timeout=5)
         assert r.amount_fen == 5_000 and payment_rows(a) == 1
+
+
+@pytest.mark.timeout(120)
+def test_a_held_lock_in_a_branch_database_ends_the_pay_within_its_deadline(tmp_path: Path) -> None:
+    """The same with branch databases (issue 10): the pay goes through the front registry to branch 02,
+    and its transaction there is bounded by the call's deadline too, not by the configured maximum
+    (10 s) — else it would go on waiting after the bank was answered and post when the lock goes."""
+    with topology_databases("postgresql", BRANCHES3, tmp_path) as topo, \
+            running_adapter(topo.db, branch_db=topo.branch_db) as a:
+        b02 = a.ctx.router.engine_for_branch("02")
+        acct = add_account(b02, "02", 1, BILLS)
+
+        def lock_waiters() -> int:
+            with b02.connect() as conn:
+                return int(conn.execute(sa.text("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = "
+                                                "current_database() AND wait_event_type = 'Lock'")).scalar_one())
+
+        def branch_payments() -> int:
+            with b02.connect() as conn:
+                return int(conn.execute(sa.select(sa.func.count()).select_from(Payment.__table__)).scalar_one())
+
+        holder = b02.connect()
+        tx = holder.begin()
+        holder.execute(sa.select(Customer.__table__.c.account_no)
+                       .where(Customer.__table__.c.account_no == acct).with_for_update())
+        try:
+            with pytest.raises(grpc.RpcError) as exc:
+                a.stub.Pay(pay_req("LOCKED-02", acct, 5_000), metadata=a.md(), timeout=2)
+            assert exc.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            # while the lock is still held: the branch server stopped waiting, and nothing was posted
+            wait_until(lambda: lock_waiters() == 0, "the branch pay to stop waiting for the lock", 2.0)
+            assert branch_payments() == 0
+        finally:
+            tx.rollback()
+            holder.close()
+        assert branch_payments() == 0
+        # once the lock is gone, the same serial is paid, in branch 02
+        r = a.stub.Pay(pay_req("LOCKED-02", acct, 5_000), metadata=a.md(), timeout=5)
+        assert r.amount_fen == 5_000 and branch_payments() == 1
 
 
 def test_the_bank_status_read_is_translated_where_it_happens(pg_adapter: RunningAdapter) -> None:
