@@ -31,6 +31,7 @@ from mis_adapter.payments import CancelCommand, CancelResult, PayCommand, Paymen
 from mis_adapter.registry import Claim
 from yindian_common import crash_points
 from yindian_common.clock import utc_now
+from yindian_common.db import WaitBound
 from yindian_common.errors import (
     AccountClosed,
     AccountNotFound,
@@ -69,8 +70,10 @@ def _front(ctx: Any) -> Any:
 
 
 # ---- Pay ----
-def pay(ctx: Any, cmd: PayCommand) -> tuple[PayResult, bool]:
-    """(result, True) when this call posted it, (stored result, False) for a replay."""
+def pay(ctx: Any, cmd: PayCommand, wait: WaitBound | None = None) -> tuple[PayResult, bool]:
+    """(result, True) when this call posted it, (stored result, False) for a replay. `wait`: the
+    call's database wait bound for the branch transaction (None: the configured maximum), as with
+    one database."""
     front = _front(ctx)
     want = Claim(cmd.bank_id, cmd.bank_serial, registry.PAY, cmd.account_no[:2], cmd.account_no, cmd.amount_fen,
                  registry.CLAIMED)
@@ -82,7 +85,7 @@ def pay(ctx: Any, cmd: PayCommand) -> tuple[PayResult, bool]:
     crash_point(ctx, AFTER_CLAIM)
     engine = ctx.router.engine_for_branch(claim.home)
     try:
-        result, fresh = payments.pay_in(ctx, engine, cmd)
+        result, fresh = payments.pay_in(ctx, engine, cmd, wait)
     except _NOTHING_WRITTEN:
         if claim.state == registry.CLAIMED:
             registry.release(front, cmd.bank_id, cmd.bank_serial)

@@ -251,7 +251,7 @@ def pay(ctx: Books, cmd: PayCommand, *, time_left_s: float | None = None) -> Pay
     wait = db_wait_bound(ctx.settings, time_left_s)
     if ctx.router.split:  # several branch databases: through the front registry (mis_adapter.cross_branch)
         from mis_adapter import cross_branch
-        result, fresh = _db_call(cross_branch.pay, ctx, cmd)
+        result, fresh = _db_call(cross_branch.pay, ctx, cmd, wait)
     else:
         result, fresh = pay_in(ctx, ctx.router.engine_for(cmd.account_no), cmd, wait)
     if fresh:
