@@ -226,10 +226,12 @@ def test_a_held_lock_ends_the_pay_within_its_deadline(db_url: str) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_a_held_lock_in_a_branch_database_ends_the_pay_within_its_deadline(tmp_path: Path) -> None:
-    """The same with branch databases (issue 10): the pay goes through the front registry to branch 02,
-    and its transaction there is bounded by the call's deadline too, not by the configured maximum
-    (10 s) — else it would go on waiting after the bank was answered and post when the lock goes."""
+@pytest.mark.parametrize("rpc", ["pay", "cancel"])
+def test_a_held_lock_in_a_branch_database_ends_the_call_within_its_deadline(tmp_path: Path, rpc: str) -> None:
+    """The same with branch databases (issue 10): a pay or a cancel goes through the front registry to
+    branch 02, and its transaction there is bounded by the call's deadline too, not by the configured
+    maximum (10 s) — else it would go on waiting after the bank was answered and apply when the lock
+    goes."""
     with topology_databases("postgresql", BRANCHES3, tmp_path) as topo, \
             running_adapter(topo.db, branch_db=topo.branch_db) as a:
         b02 = a.ctx.router.engine_for_branch("02")
@@ -244,24 +246,39 @@ def test_a_held_lock_in_a_branch_database_ends_the_pay_within_its_deadline(tmp_p
             with b02.connect() as conn:
                 return int(conn.execute(sa.select(sa.func.count()).select_from(Payment.__table__)).scalar_one())
 
+        def reversed_payments() -> int:
+            with b02.connect() as conn:
+                return int(conn.execute(sa.select(sa.func.count()).select_from(Payment.__table__)
+                                        .where(Payment.__table__.c.state == "REVERSED")).scalar_one())
+
+        if rpc == "cancel":
+            a.stub.Pay(pay_req("LOCKED-02", acct, 5_000), metadata=a.md(), timeout=5)
+
+        def call(timeout: float) -> Any:
+            if rpc == "pay":
+                return a.stub.Pay(pay_req("LOCKED-02", acct, 5_000), metadata=a.md(), timeout=timeout)
+            return a.stub.Cancel(pb.CancelRequest(cancel_serial="C-LOCKED-02", original_serial="LOCKED-02",
+                                                  amount_fen=5_000, reason="r"), metadata=a.md(), timeout=timeout)
+
+        before = (branch_payments(), reversed_payments())
         holder = b02.connect()
         tx = holder.begin()
         holder.execute(sa.select(Customer.__table__.c.account_no)
                        .where(Customer.__table__.c.account_no == acct).with_for_update())
         try:
             with pytest.raises(grpc.RpcError) as exc:
-                a.stub.Pay(pay_req("LOCKED-02", acct, 5_000), metadata=a.md(), timeout=2)
+                call(2)
             assert exc.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-            # while the lock is still held: the branch server stopped waiting, and nothing was posted
-            wait_until(lambda: lock_waiters() == 0, "the branch pay to stop waiting for the lock", 2.0)
-            assert branch_payments() == 0
+            # while the lock is still held: the branch server stopped waiting, and nothing was applied
+            wait_until(lambda: lock_waiters() == 0, f"the branch {rpc} to stop waiting for the lock", 2.0)
+            assert (branch_payments(), reversed_payments()) == before
         finally:
             tx.rollback()
             holder.close()
-        assert branch_payments() == 0
-        # once the lock is gone, the same serial is paid, in branch 02
-        r = a.stub.Pay(pay_req("LOCKED-02", acct, 5_000), metadata=a.md(), timeout=5)
-        assert r.amount_fen == 5_000 and branch_payments() == 1
+        assert (branch_payments(), reversed_payments()) == before
+        # once the lock is gone, the same serial goes through, in branch 02
+        call(5)
+        assert (branch_payments(), reversed_payments()) == ((1, 0) if rpc == "pay" else (1, 1))
 
 
 def test_the_bank_status_read_is_translated_where_it_happens(pg_adapter: RunningAdapter) -> None:
