@@ -114,9 +114,10 @@ def get_payment(ctx: Any, bank_id: str, bank_serial: str) -> PaymentStatus:
 
 
 # ---- Cancel ----
-def cancel(ctx: Any, cmd: CancelCommand) -> tuple[CancelResult, bool]:
+def cancel(ctx: Any, cmd: CancelCommand, wait: WaitBound | None = None) -> tuple[CancelResult, bool]:
     """(result, True) when this call applied the cancel, (stored result, False) for a replay.
-    IntegrityError (from the home branch) when its pay committed meanwhile: the caller retries."""
+    IntegrityError (from the home branch) when its pay committed meanwhile: the caller retries.
+    `wait`: the call's database wait bound for the branch transaction (None: the configured maximum)."""
     front = _front(ctx)
     now = utc_now(ctx.clock)
     earlier = registry.claim_cancel(front, registry.CancelClaim(cmd.bank_id, cmd.cancel_serial, cmd.original_serial,
@@ -126,7 +127,7 @@ def cancel(ctx: Any, cmd: CancelCommand) -> tuple[CancelResult, bool]:
         raise SerialConflict(f"cancel_serial {cmd.cancel_serial} was used with different parameters")
     home = _pin_original(ctx, cmd)
     try:
-        return payments.cancel_in(ctx, ctx.router.engine_for_branch(home), cmd)
+        return payments.cancel_in(ctx, ctx.router.engine_for_branch(home), cmd, wait)
     except (Precondition, SerialConflict):
         if earlier is None:  # refused, nothing written: the cancel serial stays free
             registry.release_cancel(front, cmd.bank_id, cmd.cancel_serial)

@@ -494,7 +494,7 @@ def cancel(ctx: Books, cmd: CancelCommand, *, time_left_s: float | None = None) 
         try:
             if ctx.router.split:  # several branch databases: through the front registry
                 from mis_adapter import cross_branch
-                result, fresh = _db_call(cross_branch.cancel, ctx, cmd)
+                result, fresh = _db_call(cross_branch.cancel, ctx, cmd, wait)
             else:
                 result, fresh = _db_call(_cancel_once, ctx, cmd, wait)
             if fresh:
