@@ -53,6 +53,8 @@ SEED_AGREEMENT_START = dt.date(2020, 1, 1)
 # (deferred_keys). The primary keys the signing looks up and upserts by stay.
 BULK_TABLES = ("customers", "meters", "readings", "bills", "prepaid_ledger",
                "agreement_records", "agreements", "journal")
+# Of those, the tables whose primary keys nothing reads during the load: built after it too.
+PK_DEFERRED_TABLES = ("meters", "readings", "bills", "prepaid_ledger", "journal")
 REBUILD_WORK_MEM = "256MB"  # maintenance_work_mem while the deferred indexes are sorted
 
 
@@ -193,17 +195,22 @@ def seed(router: BranchRouter, accounts: int, roster_dir: Path, *, today: dt.dat
     for h in households:
         by_engine.setdefault(router.engine_for(h[0]), []).append(h)
 
+    first_ids = {engine: _next_ids(engine) for engine in by_engine}
+    next_ids = {engine: None if ids is None else list(ids) for engine, ids in first_ids.items()}
+
     def chunks() -> Iterator[_Chunk]:  # memory stays flat in N: at most GENERATED_AHEAD_MAX chunks wait
         for engine, hs in by_engine.items():
             for start in range(0, len(hs), HOUSEHOLDS_PER_CHUNK):
                 yield _generate(engine, hs[start:start + HOUSEHOLDS_PER_CHUNK], rng, billed, unbilled, today, now,
-                                agreement_share, arrears_share, rosters, counts)
+                                agreement_share, arrears_share, rosters, counts, next_ids[engine])
 
     with contextlib.ExitStack() as stack:
         for engine in by_engine:
             stack.enter_context(deferred_keys(engine))
         for chunk in _ahead(chunks()):
             _load(chunk, today, now, counts)
+        for engine, ids in next_ids.items():
+            _advance_sequences(engine, first_ids[engine], ids)
 
     roster_dir.mkdir(parents=True, exist_ok=True)
     for bank_id, accts in rosters.items():
@@ -212,6 +219,41 @@ def seed(router: BranchRouter, accounts: int, roster_dir: Path, *, today: dt.dat
             w.writerow(["account_no"])
             w.writerows([a] for a in sorted(accts))
     return counts
+
+
+# The tables whose generated keys the seed numbers itself on PostgreSQL (the database would
+# otherwise call nextval once per row: 1M bills and 1.08M readings), and their key columns.
+NUMBERED = (("readings", "reading_id"), ("bills", "bill_id"), ("prepaid_ledger", "entry_id"))
+
+
+def _next_ids(engine: Engine) -> list[int] | None:
+    """PostgreSQL: the id each NUMBERED table's sequence would give next (read,
+    not drawn), in NUMBERED order; None elsewhere (the database numbers the
+    rows as they are inserted)."""
+    if engine.dialect.name != "postgresql":
+        return None
+    out = []
+    with engine.connect() as conn:
+        for table, column in NUMBERED:
+            start, step, last = conn.exec_driver_sql(
+                "SELECT s.start_value, s.increment_by, s.last_value FROM pg_sequences s "
+                "WHERE format('%%I.%%I', s.schemaname, s.sequencename)::regclass = "
+                "pg_get_serial_sequence(%s, %s)::regclass", (table, column)).one()
+            if step != 1:
+                return None
+            out.append(int(start) if last is None else int(last) + 1)
+    return out
+
+
+def _advance_sequences(engine: Engine, first: list[int] | None, after: list[int] | None) -> None:
+    """After the load: each NUMBERED sequence that numbered rows stands where
+    nextval per row would have left it (the last id given); the others untouched."""
+    if first is None or after is None:
+        return
+    with engine.begin() as conn:
+        for (table, column), a, b in zip(NUMBERED, first, after, strict=True):
+            if b != a:
+                conn.exec_driver_sql("SELECT setval(pg_get_serial_sequence(%s, %s), %s)", (table, column, b - 1))
 
 
 def _ahead(chunks: Iterator[_Chunk]) -> Iterator[_Chunk]:
@@ -245,8 +287,12 @@ def _ahead(chunks: Iterator[_Chunk]) -> Iterator[_Chunk]:
         stop.set()
 
 
+# The unique and foreign keys of BULK_TABLES, the primary keys of PK_DEFERRED_TABLES and the foreign
+# keys (of any table) that reference those: foreign keys first (contype f < p < u).
 _PG_KEYS = ("SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid), contype FROM pg_constraint "
-            "WHERE conrelid = ANY(%s::regclass[]) AND contype IN ('f', 'u') ORDER BY contype, conname")
+            "WHERE (conrelid = ANY(%(bulk)s::regclass[]) AND contype IN ('f', 'u')) "
+            "OR (conrelid = ANY(%(pk)s::regclass[]) AND contype = 'p') "
+            "OR (confrelid = ANY(%(pk)s::regclass[]) AND contype = 'f') ORDER BY contype, conname")
 _PG_PLAIN_INDEXES = ("SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid) FROM pg_index i "
                      "WHERE i.indrelid = ANY(%s::regclass[]) AND NOT EXISTS (SELECT 1 FROM pg_constraint c "
                      "WHERE c.conindid = i.indexrelid AND c.contype IN ('p', 'u', 'x')) ORDER BY 1")
@@ -255,19 +301,20 @@ _PG_PLAIN_INDEXES = ("SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.ind
 @contextlib.contextmanager
 def deferred_keys(engine: Engine) -> Iterator[None]:
     """PostgreSQL (the seed runs only on an empty database): the secondary
-    indexes and the unique and foreign keys of BULK_TABLES are dropped for
-    the bulk load and rebuilt after it, also when the load fails: one sort
-    per index and one validating pass per key instead of a B-tree insert and
-    a key lookup per row. Primary keys stay (agreements are signed against
-    them). Elsewhere nothing changes."""
+    indexes and the unique and foreign keys of BULK_TABLES, and the primary
+    keys of PK_DEFERRED_TABLES (with the foreign keys that reference them),
+    are dropped for the bulk load and rebuilt after it, also when the load
+    fails: one sort per index and one validating pass per key instead of a
+    B-tree insert and a key lookup per row. The primary keys agreements are
+    signed against (customers, agreements, agreement_records) stay.
+    Elsewhere nothing changes."""
     if engine.dialect.name != "postgresql":
         yield
         return
-    tables = list(BULK_TABLES)
     with engine.begin() as conn:
-        keys = conn.exec_driver_sql(_PG_KEYS, (tables,)).all()
-        indexes = conn.exec_driver_sql(_PG_PLAIN_INDEXES, (tables,)).all()
-        for table, name, _definition, _kind in keys:  # foreign keys first (contype f < u)
+        keys = conn.exec_driver_sql(_PG_KEYS, {"bulk": list(BULK_TABLES), "pk": list(PK_DEFERRED_TABLES)}).all()
+        indexes = conn.exec_driver_sql(_PG_PLAIN_INDEXES, (list(BULK_TABLES),)).all()
+        for table, name, _definition, _kind in keys:
             conn.exec_driver_sql(f'ALTER TABLE {table} DROP CONSTRAINT "{name}"')
         for name, _definition in indexes:
             conn.exec_driver_sql(f"DROP INDEX {name}")
@@ -278,7 +325,7 @@ def deferred_keys(engine: Engine) -> Iterator[None]:
             conn.exec_driver_sql(f"SET LOCAL maintenance_work_mem = '{REBUILD_WORK_MEM}'")
             for _name, definition in indexes:
                 conn.exec_driver_sql(definition)
-            for table, name, definition, _kind in reversed(keys):  # unique keys before the foreign keys
+            for table, name, definition, _kind in reversed(keys):  # unique and primary before foreign keys
                 conn.exec_driver_sql(f'ALTER TABLE {table} ADD CONSTRAINT "{name}" {definition}')
 
 
@@ -294,11 +341,11 @@ class _Chunk:
 CUSTOMER_COLS = ("account_no", "branch_code", "name", "address", "phone", "tariff_class", "status", "prepaid_fen",
                  "opened_on")
 METER_COLS = ("meter_no", "account_no", "installed_on")
-READING_COLS = ("meter_no", "account_no", "period", "register_kwh", "kwh", "read_on", "billed")
-BILL_COLS = ("account_no", "period", "kwh", "amount_fen", "prepaid_applied_fen", "principal_paid_fen",
+READING_COLS = ("reading_id", "meter_no", "account_no", "period", "register_kwh", "kwh", "read_on", "billed")
+BILL_COLS = ("bill_id", "account_no", "period", "kwh", "amount_fen", "prepaid_applied_fen", "principal_paid_fen",
              "late_fee_paid_fen", "accrual_micro", "accrual_date", "due_date", "issued_at", "status", "paid_on",
              "dunning")
-PREPAID_COLS = ("account_no", "reason", "delta_fen", "balance_after_fen", "payment_id", "bill_id", "at")
+PREPAID_COLS = ("entry_id", "account_no", "reason", "delta_fen", "balance_after_fen", "payment_id", "bill_id", "at")
 KWH_LOW, KWH_HIGH = 0.6, 1.5  # a month's consumption: base × uniform(KWH_LOW, KWH_HIGH)
 PAID_DAYS_BEFORE_DUE = 15  # a paid bill was paid 0..14 days before its due date (or today)
 INSTALLED_ON = dt.date(2015, 1, 1)
@@ -306,10 +353,12 @@ INSTALLED_ON = dt.date(2015, 1, 1)
 
 def _generate(engine: Engine, hs: list[tuple[str, str, str]], rng: random.Random, billed: list[str],
               unbilled: str, today: dt.date, now: dt.datetime, agreement_share: float, arrears_share: float,
-              rosters: dict[str, list[str]], counts: dict[str, int]) -> _Chunk:
+              rosters: dict[str, list[str]], counts: dict[str, int], next_ids: list[int] | None) -> _Chunk:
     """Rows built as tuples straight in column order (1M bills: no dict per row
     to build and pick apart again); the random draws in the same order as
-    ever (rng.uniform(a, b) is a + (b - a) * rng.random(), inlined)."""
+    ever (rng.uniform(a, b) is a + (b - a) * rng.random(), inlined).
+    `next_ids` (PostgreSQL, NUMBERED order, advanced here): readings, bills
+    and prepaid entries carry their ids, numbered as nextval would have."""
     customers: list[tuple[Any, ...]] = []
     meters: list[tuple[Any, ...]] = []
     readings: list[tuple[Any, ...]] = []
@@ -318,6 +367,7 @@ def _generate(engine: Engine, hs: list[tuple[str, str, str]], rng: random.Random
     agreements: list[SignCommand] = []
     rnd, randrange, choice, randint = rng.random, rng.randrange, rng.choice, rng.randint
     kwh_span = KWH_HIGH - KWH_LOW
+    reading_id, bill_id, entry_id = next_ids or (1, 1, 1)
     n_billed = len(billed)
     # per billed month, the same for every household: index, period, read on, due date, issued at, and
     # the dates a paid bill may have been paid on (by the days drawn before its due date or today)
@@ -342,29 +392,39 @@ def _generate(engine: Engine, hs: list[tuple[str, str, str]], rng: random.Random
         for i, period, read_on, due, issued_at, paid_on in months:
             kwh = max(0, int(base * (KWH_LOW + kwh_span * rnd())))
             register += kwh
-            readings.append((meter, acct, period, register, kwh, read_on, True))
+            readings.append((reading_id, meter, acct, period, register, kwh, read_on, True))
+            reading_id += 1
             amount = _price_fen(kwh, cls)
             if i >= first_unpaid or due >= today:
                 any_unpaid = True
-                bills.append((acct, period, kwh, amount, 0, 0, 0, 0, due, due, issued_at, "UNPAID", None, False))
+                bills.append((bill_id, acct, period, kwh, amount, 0, 0, 0, 0, due, due, issued_at, "UNPAID", None,
+                              False))
             else:
-                bills.append((acct, period, kwh, amount, 0, amount, 0, 0, due, due, issued_at, "PAID",
+                bills.append((bill_id, acct, period, kwh, amount, 0, amount, 0, 0, due, due, issued_at, "PAID",
                               paid_on[randrange(0, PAID_DAYS_BEFORE_DUE)], False))
+            bill_id += 1
         kwh = max(0, int(base * (KWH_LOW + kwh_span * rnd())))  # this month's reading, not billed yet
-        readings.append((meter, acct, unbilled, register + kwh, kwh, today, False))
+        readings.append((reading_id, meter, acct, unbilled, register + kwh, kwh, today, False))
+        reading_id += 1
         # prepaid credit only where no bill is unpaid: credit is applied to bills as they are issued
         prepaid_fen = choice((0, 0, 0, 0, 0, 0, 0, 0, 1000, 5000)) if cls == RESIDENTIAL and not any_unpaid else 0
         customers.append((acct, branch, name, address, phone, cls, "OPEN", prepaid_fen,
                           dt.date(2015 + randrange(10), 1 + randrange(12), 1)))
         if prepaid_fen:
-            prepaid.append((acct, "MIGRATED", prepaid_fen, prepaid_fen, None, None, now))
+            prepaid.append((entry_id, acct, "MIGRATED", prepaid_fen, prepaid_fen, None, None, now))
+            entry_id += 1
         if rnd() < agreement_share:
             bank = BANKS[randrange(len(BANKS))][0]
             agreements.append(seed_agreement(bank, acct))
             rosters[bank].append(acct)
+    numbered = [(table_of(Reading), READING_COLS, readings), (table_of(BillRow), BILL_COLS, bills),
+                (table_of(PrepaidEntry), PREPAID_COLS, prepaid)]
+    if next_ids is None:  # the database numbers them: the id column left out
+        numbered = [(t, cols[1:], [r[1:] for r in rows]) for t, cols, rows in numbered]
+    else:
+        next_ids[:] = [reading_id, bill_id, entry_id]
     return _Chunk(engine, [(table_of(Customer), CUSTOMER_COLS, customers), (table_of(Meter), METER_COLS, meters),
-                           (table_of(Reading), READING_COLS, readings), (table_of(BillRow), BILL_COLS, bills),
-                           (table_of(PrepaidEntry), PREPAID_COLS, prepaid)], agreements)
+                           *numbered], agreements)
 
 
 def _load(chunk: _Chunk, today: dt.date, now: dt.datetime, counts: dict[str, int]) -> None:
