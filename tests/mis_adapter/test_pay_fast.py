@@ -17,13 +17,13 @@ from mis_adapter.banks import lock_bank_day
 from mis_adapter.context import AdapterContext
 from mis_adapter.db.core import AllocationRow, BillRow, Customer, Payment, PrepaidEntry
 from mis_adapter.db.recon import ReconciledDay
-from mis_adapter.payments import PayCommand
+from mis_adapter.payments import CancelCommand, PayCommand
 from mis_adapter.settings import AdapterSettings
 from tests.support.databases import fresh_database
 from tests.support.mis_data import NOON, TODAY, BillSpec, RunningAdapter, add_account, running_adapter
 from yindian.v1 import billing_pb2 as pb
 from yindian_common.clock import ManualClock
-from yindian_common.errors import AccountClosed, AccountNotFound, SerialConflict
+from yindian_common.errors import AccountClosed, AccountNotFound, DayClosed, Precondition, SerialConflict
 from yindian_common.fields import make_account_no
 from yindian_common.settings import load_settings
 
@@ -177,6 +177,55 @@ def test_replays_and_refusals_keep_the_pays_prepared_statements(tmp_path: Path) 
                 p = Payment.__table__
                 assert conn.execute(sa.select(sa.func.count()).where(p.c.account_no == acct)).scalar_one() == 7
                 assert conn.execute(sa.select(sa.func.count()).where(p.c.account_no == closed)).scalar_one() == 0
+            watch.dispose()
+        finally:
+            ctx.close()
+
+
+def test_refused_cancels_keep_the_pays_prepared_statements(tmp_path: Path) -> None:
+    """A Cancel refused after it locked the payment's account (amount mismatch, a reconciled day)
+    wrote nothing and ends without a ROLLBACK on the pool the pays share: Pay's statements stay
+    prepared on the one connection in use, the refusals change no row, and a later cancel reverses."""
+    with fresh_database("postgresql", tmp_path) as url:
+        ctx = AdapterContext.build(load_settings(AdapterSettings, {"db": url, "insecure": True, "db_pool_size": 2}),
+                                   ManualClock(NOON))
+        try:
+            from mis_adapter.migrate import upgrade
+            from tests.support.mis_data import add_bank
+            engine = ctx.router.primary
+            upgrade(engine)
+            add_bank(engine, "ICBC")
+            acct = add_account(engine, "01", 1, BILLS)
+
+            def prepared() -> int:
+                with engine.connect() as conn, conn.begin():
+                    return int(conn.execute(sa.text(
+                        "SELECT COUNT(*) FROM pg_prepared_statements "
+                        "WHERE statement LIKE '%pg_advisory_xact_lock_shared%'")).scalar_one())
+
+            for k in range(6):
+                payments.pay(ctx, PayCommand("ICBC", f"P-{k}", acct, 1_000, "O", "T"))
+            assert prepared() == 1
+            watch = sa.create_engine(url)  # the test's own reads end in ROLLBACK: not on the pays' connection
+            before = _state(watch, acct)
+            with pytest.raises(Precondition) as refused:
+                payments.cancel(ctx, CancelCommand("ICBC", "C-1", "P-0", 2_000))
+            assert refused.value.reason == "AMOUNT_MISMATCH"
+            with watch.begin() as conn:
+                conn.execute(sa.insert(ReconciledDay.__table__).values(bank_id="ICBC", settlement_date=TODAY,
+                                                                       reconciled_at=NOON, summary_json="{}"))
+            with pytest.raises(DayClosed):
+                payments.cancel(ctx, CancelCommand("ICBC", "C-2", "P-1", 1_000))
+            assert _state(watch, acct) == before
+            assert prepared() == 1
+            with watch.begin() as conn:
+                conn.execute(sa.delete(ReconciledDay.__table__))
+            assert payments.cancel(ctx, CancelCommand("ICBC", "C-3", "P-2", 1_000)).outcome == "REVERSED"
+            with watch.connect() as conn:
+                p = Payment.__table__
+                states = conn.execute(sa.select(p.c.bank_serial, p.c.state).order_by(p.c.bank_serial)).all()
+                assert [tuple(r) for r in states] == [("P-0", "POSTED"), ("P-1", "POSTED"), ("P-2", "REVERSED"),
+                                                      ("P-3", "POSTED"), ("P-4", "POSTED"), ("P-5", "POSTED")]
             watch.dispose()
         finally:
             ctx.close()
