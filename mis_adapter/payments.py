@@ -473,10 +473,14 @@ def _answer_existing(conn: Connection, existing: Any, cmd: PayCommand) -> PayRes
 
 def _replay_after_race(engine: Engine, cmd: PayCommand) -> PayResult:
     with engine.connect().execution_options(read_only=True) as conn, conn.begin():
-        existing = conn.execute(_PAYMENT_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.bank_serial}).first()
-        if existing is None:
-            raise Unavailable("payment raced with a concurrent request; retry the same serial", reason="RETRY")
-        return _answer_existing(conn, existing, cmd)
+        try:
+            existing = conn.execute(_PAYMENT_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.bank_serial}).first()
+            if existing is None:
+                raise Unavailable("payment raced with a concurrent request; retry the same serial", reason="RETRY")
+            return _answer_existing(conn, existing, cmd)
+        except YinDianError:  # a refusal read nothing it must undo: COMMIT, not ROLLBACK (pay_pg.end_write_free)
+            pay_pg.end_write_free(conn)
+            raise
 
 
 def _result_of(conn: Connection, p: Any) -> PayResult:
@@ -615,25 +619,38 @@ def _reverse(ctx: Books, engine: Engine, found: Any, cmd: CancelCommand, wait: W
     with engine.connect() as conn:
         conn.begin()
         bound_waits(conn, wait)
-        lock_bank_day(conn, cmd.bank_id)
-        if found.account_no:
-            conn.execute(_LOCK_CUSTOMER, {"account_no": found.account_no}).first()
-        again = conn.execute(_CANCEL_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.cancel_serial}).first()
-        if again is not None:
-            return _answer_cancel_replay(again, cmd), False
-        p = conn.execute(_PAYMENT_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.original_serial}).one()
-        if p.state == TOMBSTONE:
-            outcome = "ORIGINAL_NOT_FOUND"
-        elif p.amount_fen != cmd.amount_fen:
-            raise Precondition(f"amount_fen {cmd.amount_fen} does not match the original payment's "
-                               f"{p.amount_fen}", field="amount_fen", reason="AMOUNT_MISMATCH")
-        elif p.state == REVERSED:
-            outcome = "REVERSED"
-        else:
-            if conn.execute(_DAY_CLOSED, {"bank_id": cmd.bank_id, "day": p.settlement_date}).first():
-                raise DayClosed(f"settlement date {p.settlement_date} is reconciled; payment cannot be cancelled")
+        # Until _undo_payment writes, every way out (a replay answered, a refusal) has written nothing:
+        # on PostgreSQL it ends in COMMIT (pay_pg.end_write_free), not in the ROLLBACK at which psycopg
+        # forgets the prepared statements of a connection the pays share.
+        try:
+            lock_bank_day(conn, cmd.bank_id)
+            if found.account_no:
+                conn.execute(_LOCK_CUSTOMER, {"account_no": found.account_no}).first()
+            again = conn.execute(_CANCEL_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.cancel_serial}).first()
+            if again is not None:
+                answer = _answer_cancel_replay(again, cmd)
+                pay_pg.end_write_free(conn)
+                return answer, False
+            p = conn.execute(_PAYMENT_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.original_serial}).one()
+            undo = False
+            if p.state == TOMBSTONE:
+                outcome = "ORIGINAL_NOT_FOUND"
+            elif p.amount_fen != cmd.amount_fen:
+                raise Precondition(f"amount_fen {cmd.amount_fen} does not match the original payment's "
+                                   f"{p.amount_fen}", field="amount_fen", reason="AMOUNT_MISMATCH")
+            elif p.state == REVERSED:
+                outcome = "REVERSED"
+            else:
+                if conn.execute(_DAY_CLOSED, {"bank_id": cmd.bank_id, "day": p.settlement_date}).first():
+                    raise DayClosed(f"settlement date {p.settlement_date} is reconciled; "
+                                    "payment cannot be cancelled")
+                undo = True
+                outcome = "REVERSED"
+        except YinDianError:
+            pay_pg.end_write_free(conn)
+            raise
+        if undo:
             _undo_payment(conn, p, now, day, cmd.cancel_serial)
-            outcome = "REVERSED"
         conn.execute(_INSERT_CANCEL, {"bank_id": cmd.bank_id, "cancel_serial": cmd.cancel_serial,
                                       "original_serial": cmd.original_serial, "amount_fen": cmd.amount_fen,
                                       "reason": cmd.reason, "outcome": outcome, "settlement_date": day,
