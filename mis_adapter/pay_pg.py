@@ -173,6 +173,10 @@ def _kept(conn: Connection, raw: Any, key: str) -> psycopg.RawCursor[Any]:
 
 
 def _translated(conn: Connection, raw: Any, sql: str, params: Any, exc: psycopg.Error) -> Exception:
+    # Leaving pipeline mode fetches what is left after the first error, and the statements the server
+    # skipped then raise PipelineAborted over it: the error that counts is the one it replaced.
+    while isinstance(exc, psycopg.errors.PipelineAborted) and isinstance(exc.__context__, psycopg.Error):
+        exc = exc.__context__
     if raw.closed or raw.broken:
         conn.invalidate()
     return DBAPIError.instance(sql, params, exc, psycopg.Error, connection_invalidated=conn.invalidated)

@@ -229,3 +229,43 @@ def test_refused_cancels_keep_the_pays_prepared_statements(tmp_path: Path) -> No
             watch.dispose()
         finally:
             ctx.close()
+
+
+def test_a_serial_taken_between_read_and_write_is_answered_as_its_owner(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """READ saw the serial free; another account's pay commits it before WRITE+COMMIT is sent. The
+    WRITE fails on the unique serial and its COMMIT never runs: nothing of this pay is written, and
+    the pay is answered from the stored payment (another account: a serial conflict), not UNAVAILABLE."""
+    with fresh_database("postgresql", tmp_path) as url:
+        ctx = AdapterContext.build(load_settings(AdapterSettings, {"db": url, "insecure": True, "db_pool_size": 2}),
+                                   ManualClock(NOON))
+        try:
+            from mis_adapter.migrate import upgrade
+            from tests.support.mis_data import add_bank
+            engine = ctx.router.primary
+            upgrade(engine)
+            add_bank(engine, "ICBC")
+            acct, other = add_account(engine, "01", 1, BILLS), add_account(engine, "01", 2, BILLS)
+            for k in range(6):  # the statements are prepared, as under load
+                payments.pay(ctx, PayCommand("ICBC", f"P-{k}", acct, 1_000, "O", "T"))
+            before = _state(engine, acct)
+            other_ctx = AdapterContext.build(load_settings(AdapterSettings, {"db": url, "insecure": True,
+                                                                             "db_pool_size": 2}), ManualClock(NOON))
+            taken: list[object] = []
+
+            def between_read_and_write(name: str) -> None:
+                if name == "mis.before_commit" and not taken:
+                    taken.append(name)  # once: the other account's pay passes here too
+                    taken.append(payments.pay(other_ctx, PayCommand("ICBC", "RACE", other, 2_000, "O", "T")))
+
+            monkeypatch.setattr(payments, "crash_point", between_read_and_write)
+            try:
+                with pytest.raises(SerialConflict):
+                    payments.pay(ctx, PayCommand("ICBC", "RACE", acct, 1_000, "O", "T"))
+            finally:
+                other_ctx.close()
+            assert len(taken) == 2 and _state(engine, acct) == before
+            after = payments.pay(ctx, PayCommand("ICBC", "P-6", acct, 1_000, "O", "T"))
+            assert after.amount_fen == 1_000
+        finally:
+            ctx.close()
