@@ -28,6 +28,7 @@ never beats the custom ones), ~0.3 ms of server CPU per pay; its generic plan
 is index lookups by key only (checked with EXPLAIN)."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -157,7 +158,6 @@ def _driver(conn: Connection) -> Any:
 
 
 _CURSOR = "yindian_pay_cursor"
-_CONTROL = "yindian_pay_control"
 
 
 def _kept(conn: Connection, raw: Any, key: str) -> psycopg.RawCursor[Any]:
@@ -183,60 +183,56 @@ def _translated(conn: Connection, raw: Any, sql: str, params: Any, exc: psycopg.
 
 
 IN_DOUBT_TEXT = "the database connection broke during COMMIT: the outcome is unknown, ask GetPayment"
-_BEGIN = b"BEGIN"
-_COMMIT = b"COMMIT"
-_NO_FLUSH_WAIT = b"SET LOCAL synchronous_commit = off"
+# A write-free transaction's end waits for no WAL flush (PayTx.end_write_free).
+_NO_FLUSH_WAIT = b"SELECT set_config('synchronous_commit', 'off', true)"
 
 
 class PayTx:
-    """One pay's transaction on the connection's psycopg connection in pipeline mode: BEGIN and READ
-    go in one flush, WRITE and COMMIT in another, two round trips for a pay instead of four (psycopg
-    sends BEGIN and COMMIT each on its own, and in pipeline mode syncs after its own BEGIN). For that
-    the connection is in autocommit while the pay runs (psycopg then sends no BEGIN; ours is queued
-    with READ); `close` puts it back, rolling back first if the transaction did not end.
+    """One pay's transaction on the connection's psycopg connection in pipeline mode, as the
+    protocol's implicit transaction: READ goes with a Flush, WRITE with the Sync that commits, two
+    round trips and no BEGIN or COMMIT statement (psycopg sends each of those on its own, four round
+    trips a pay; in pipeline mode it even syncs after its own BEGIN). Between two Syncs the server
+    runs the statements in one transaction, each statement with its own snapshot (READ COMMITTED,
+    as before), holding READ's locks and its `set_config(..., true)` bounds until the Sync; the idle
+    bound holds while Python computes the allocation. For that the connection is in autocommit while
+    the pay runs (psycopg then sends no BEGIN); `close` puts it back.
 
-    Errors: a statement that fails aborts the rest of its flush (the server skips to the Sync); the
-    error is raised as today's, and the transaction, in error, rolls back at `close`. A WRITE that
-    fails (a unique serial taken meanwhile, a timeout) never reaches its COMMIT: nothing committed,
-    not in doubt. A connection that breaks during the WRITE+COMMIT flush is in doubt: the server may
-    have committed before the answer was lost (COMMIT_IN_DOUBT)."""
+    Errors: a statement that fails aborts the transaction and the server skips to the Sync, where it
+    rolls back; no ROLLBACK statement is sent, so psycopg keeps the connection's prepared statements
+    (it forgets them at a ROLLBACK it sends). A WRITE that fails (a serial taken meanwhile, a
+    timeout) commits nothing: not in doubt. A connection that breaks while WRITE and its Sync are
+    out is in doubt: the server may have committed before the answer was lost (COMMIT_IN_DOUBT)."""
 
-    __slots__ = ("conn", "raw", "cur", "ctl", "pipe", "open")
+    __slots__ = ("conn", "raw", "cur", "pipe")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self.raw = raw = _driver(conn)
-        self.cur = _kept(conn, raw, _CURSOR)
-        self.ctl = _kept(conn, raw, _CONTROL)
-        self.pipe: psycopg.Pipeline | None = None
-        self.open = False  # our BEGIN was sent and no COMMIT yet
+        self.raw = _driver(conn)
+        self.cur = _kept(conn, self.raw, _CURSOR)
+        self.pipe: psycopg.Pipeline | None = None  # open: a transaction is running (no Sync since READ)
 
     def _enter(self) -> None:
         if self.pipe is None:
-            if not self.open:
-                self.raw.autocommit = True
+            self.raw.autocommit = True
             pipe = self.raw.pipeline()
             pipe.__enter__()
             self.pipe = pipe
 
     def _sync(self) -> None:
-        """Sends what is queued with a Sync and waits for all its results (the first error raised)."""
+        """Sends what is queued and a Sync (ending the transaction), and waits for all the results
+        (the first error raised)."""
         pipe, self.pipe = self.pipe, None
         if pipe is not None:
             pipe.__exit__(None, None, None)
 
     def read(self, *, account_no: str, bank_id: str, serial: str, day: dt.date, day_key: int, wait_ms: int,
              idle_ms: int) -> PayRead:
-        """READ, after BEGIN in the same flush when no transaction is open (the first READ of a pay,
-        or the first after a WRITE+COMMIT whose guard failed); alone in the open transaction else."""
+        """READ: the first statement of a new transaction, or again in the open one (its locks held)."""
         params = (account_no, bank_id, serial, day, str(wait_ms), str(idle_ms), day_key)
         try:
             self._enter()
-            if not self.open:
-                self.ctl.execute(_BEGIN)
-                self.open = True
             self.cur.execute(READ_FOR_PAY, params, prepare=True)
-            rows = self.cur.fetchall()  # in pipeline mode: a flush request, and the results of both
+            rows = self.cur.fetchall()  # in pipeline mode: a Flush, not a Sync; the transaction stays open
         except psycopg.Error as exc:
             raise _translated(self.conn, self.raw, READ_FOR_PAY, params, exc) from exc
         return _pay_read(rows)
@@ -244,19 +240,16 @@ class PayTx:
     def write(self, seen: PayRead, effects: PaymentEffects, *, cmd: Any, day: dt.date, settlement: dt.date,
               now: dt.datetime, commit: bool) -> int | None:
         """The new payment's id, or None when the guard found the account changed since READ.
-        `commit`: COMMIT in the same flush (a failed guard then commits a transaction that wrote
-        nothing and released its locks: the caller reads again in a new one)."""
+        `commit`: the Sync that commits goes with WRITE (a failed guard then ends a transaction that
+        wrote nothing and released its locks: the caller reads again in a new one)."""
         params = _write_params(seen, effects, cmd=cmd, day=day, settlement=settlement, now=now)
         try:
             self._enter()
+            if commit:
+                self.conn.dispatch.commit(self.conn)  # the engine's "commit" listeners, as conn.commit() calls them
             self.cur.execute(WRITE_PAY, params, prepare=True)
-            if not commit:
-                rows = self.cur.fetchall()
-                return int(rows[0][0]) if rows else None
-            self.conn.dispatch.commit(self.conn)  # the engine's "commit" listeners, as conn.commit() calls them
-            self.ctl.execute(_COMMIT)
-            self.open = False
-            self._sync()
+            if commit:
+                self._sync()
             rows = self.cur.fetchall()
         except psycopg.Error as exc:
             failed = _translated(self.conn, self.raw, WRITE_PAY, params, exc)
@@ -266,12 +259,9 @@ class PayTx:
         return int(rows[0][0]) if rows else None
 
     def commit(self) -> None:
-        """COMMIT of an open transaction whose WRITE has run (the pay's write, sent alone)."""
+        """The Sync that commits a transaction whose WRITE was sent alone."""
         try:
-            self._enter()
             self.conn.dispatch.commit(self.conn)
-            self.ctl.execute(_COMMIT)
-            self.open = False
             self._sync()
         except psycopg.Error as exc:
             failed = _translated(self.conn, self.raw, "COMMIT", (), exc)
@@ -279,47 +269,30 @@ class PayTx:
                 raise Unavailable(IN_DOUBT_TEXT, reason=COMMIT_IN_DOUBT) from failed
             raise failed from exc
 
-    def pause(self) -> None:
-        """Leaves pipeline mode with the transaction open (SQLAlchemy statements follow: a replay's
-        answer is read in the pay's transaction)."""
-        try:
-            self._sync()
-        except psycopg.Error as exc:
-            raise _translated(self.conn, self.raw, "SYNC", (), exc) from exc
-
     def end_write_free(self) -> None:
-        """Ends a transaction that wrote nothing (a replay answered, a refusal) with COMMIT in one
-        flush, not with the ROLLBACK `close` would send: psycopg forgets every statement it prepared
-        on the connection at a ROLLBACK (and sends DEALLOCATE ALL), so the next pays on it would parse
-        and plan READ and WRITE again, five times each before they are prepared again.
-
-        READ's row lock gave the transaction an id, so its COMMIT would wait for a WAL flush; it does
-        not, with synchronous_commit off for this transaction only. Nothing is lost if a crash loses
-        the commit record: the transaction wrote no row (its row lock and advisory lock end with the
+        """Ends a transaction that wrote nothing (a refusal) without waiting for a WAL flush: READ's
+        row lock gave it an id, so its commit would wait for one. Nothing is lost if a crash loses the
+        commit record: the transaction wrote no row (its row lock and advisory lock end with the
         server either way), and a later transaction's synchronous commit flushes the WAL up to its own
-        record, past this one. A failure here changes nothing either: the caller's answer stands and
-        `close` rolls back (a broken connection is invalidated there)."""
-        if not self.open:
+        record, past this one. A failure here changes nothing: the caller's answer stands."""
+        if self.pipe is None:
             return
-        try:
-            self._enter()
-            self.ctl.execute(_NO_FLUSH_WAIT)
-            self.ctl.execute(_COMMIT)
-            self.open = False
+        with contextlib.suppress(psycopg.Error):  # `close` invalidates a broken connection
+            self.cur.execute(_NO_FLUSH_WAIT, prepare=True)
             self._sync()
-        except psycopg.Error:
-            self.open = True  # unknown: `close` rolls back whatever is left
+
+    def pause(self) -> None:
+        """Ends the transaction (nothing written) and leaves pipeline mode: a replay's answer is read
+        after, with SQLAlchemy, each statement on its own (the connection still in autocommit)."""
+        self.end_write_free()
 
     def close(self) -> None:
-        """Leaves pipeline mode, rolls back a transaction that did not end, and gives the connection
-        back its autocommit off. Never raises; a broken connection is invalidated."""
+        """Leaves pipeline mode (the Sync ends a transaction left open: it rolls back one that
+        failed) and gives the connection back its autocommit off. Never raises; a broken connection
+        is invalidated."""
         raw = self.raw
-        try:
-            pipe, self.pipe = self.pipe, None
-            if pipe is not None:
-                pipe.__exit__(None, None, None)
-        except psycopg.Error:
-            pass
+        with contextlib.suppress(psycopg.Error):
+            self._sync()
         try:
             if not (raw.closed or raw.broken):
                 if raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
