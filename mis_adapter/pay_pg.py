@@ -1,4 +1,5 @@
-"""Pay on PostgreSQL in two statements and a COMMIT (issue 11).
+"""Pay on PostgreSQL in two statements and two round trips (issue 11): READ, then
+WRITE with the Sync that commits, in pipeline mode (PayTx).
 
 READ: one statement that bounds this transaction's waits (`set_config(...,
 true)`, i.e. SET LOCAL, no extra round trip), takes the bank-day lock SHARED
@@ -21,7 +22,10 @@ change them afterwards until we commit. When the guard fails (only after
 such a wait) Pay reads again in the same transaction, now without waiting.
 
 Statements are plain driver SQL strings built once, prepared on each
-connection, and SQLAlchemy compiles nothing. READ also sets plan_cache_mode
+connection, and SQLAlchemy compiles nothing. They run as the protocol's
+implicit transaction (no BEGIN or COMMIT statement): READ is followed by a
+Flush, which returns its rows and keeps the transaction open; WRITE by the
+Sync, which commits it (or rolls back a transaction a statement failed in). READ also sets plan_cache_mode
 to force_generic_plan for the rest of the transaction: left to choose,
 PostgreSQL re-plans WRITE at every execution (its generic plan's estimate
 never beats the custom ones), ~0.3 ms of server CPU per pay; its generic plan
