@@ -23,7 +23,14 @@ from tests.support.databases import fresh_database
 from tests.support.mis_data import NOON, TODAY, BillSpec, RunningAdapter, add_account, running_adapter
 from yindian.v1 import billing_pb2 as pb
 from yindian_common.clock import ManualClock
-from yindian_common.errors import AccountClosed, AccountNotFound, DayClosed, Precondition, SerialConflict
+from yindian_common.errors import (
+    AccountClosed,
+    AccountNotFound,
+    DayClosed,
+    Precondition,
+    SerialConflict,
+    Unavailable,
+)
 from yindian_common.fields import make_account_no
 from yindian_common.settings import load_settings
 
@@ -268,4 +275,51 @@ def test_a_serial_taken_between_read_and_write_is_answered_as_its_owner(tmp_path
             after = payments.pay(ctx, PayCommand("ICBC", "P-6", acct, 1_000, "O", "T"))
             assert after.amount_fen == 1_000
         finally:
+            ctx.close()
+
+
+def test_a_pay_frozen_between_read_and_write_loses_its_locks_within_the_idle_bound(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pay's process stops after READ (its locks held: the account row, the bank-day lock a
+    reconciliation needs). The server ends the transaction at the call's idle bound (its wait bound
+    + 1 s) and the locks go; the pay, when it resumes, is UNAVAILABLE and nothing was written."""
+    from tests.support.waiting import wait_until
+    with fresh_database("postgresql", tmp_path) as url:
+        ctx = AdapterContext.build(load_settings(AdapterSettings, {"db": url, "insecure": True, "db_pool_size": 2}),
+                                   ManualClock(NOON))
+        watch = sa.create_engine(url)
+        try:
+            from mis_adapter.migrate import upgrade
+            from tests.support.mis_data import add_bank
+            engine = ctx.router.primary
+            upgrade(engine)
+            add_bank(engine, "ICBC")
+            acct = add_account(engine, "01", 1, BILLS)
+            for k in range(6):  # the statements are prepared, as under load
+                payments.pay(ctx, PayCommand("ICBC", f"P-{k}", acct, 1_000, "O", "T"))
+            before = _state(watch, acct)
+
+            def holders() -> list[int]:
+                with watch.connect() as conn:
+                    return list(conn.execute(sa.text(
+                        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                    )).scalars())
+
+            frozen: list[list[int]] = []
+
+            def freeze(name: str) -> None:  # the process stops here until the server gave up on it
+                if name == "mis.before_commit":
+                    frozen.append(holders())
+                    wait_until(lambda: not holders(), "the server to end the idle transaction", timeout_s=20)
+
+            monkeypatch.setattr(payments, "crash_point", freeze)
+            with pytest.raises(Unavailable):
+                payments.pay(ctx, PayCommand("ICBC", "FROZEN", acct, 1_000, "O", "T"), time_left_s=0.5)
+            assert len(frozen) == 1 and len(frozen[0]) == 1  # it held the bank-day lock while frozen
+            assert _state(watch, acct) == before
+            monkeypatch.undo()
+            assert payments.pay(ctx, PayCommand("ICBC", "AFTER", acct, 1_000, "O", "T")).amount_fen == 1_000
+        finally:
+            watch.dispose()
             ctx.close()
