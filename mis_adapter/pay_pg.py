@@ -1,5 +1,5 @@
-"""Pay on PostgreSQL in two statements and two round trips (issue 11): READ, then
-WRITE with the Sync that commits, in pipeline mode (PayTx).
+"""Pay on PostgreSQL in two statements and two round trips (issue 11): BEGIN and
+READ, then WRITE and COMMIT, in pipeline mode (PayTx).
 
 READ: one statement that bounds this transaction's waits (`set_config(...,
 true)`, i.e. SET LOCAL, no extra round trip), takes the bank-day lock SHARED
@@ -22,10 +22,9 @@ change them afterwards until we commit. When the guard fails (only after
 such a wait) Pay reads again in the same transaction, now without waiting.
 
 Statements are plain driver SQL strings built once, prepared on each
-connection, and SQLAlchemy compiles nothing. They run as the protocol's
-implicit transaction (no BEGIN or COMMIT statement): READ is followed by a
-Flush, which returns its rows and keeps the transaction open; WRITE by the
-Sync, which commits it (or rolls back a transaction a statement failed in). READ also sets plan_cache_mode
+connection, and SQLAlchemy compiles nothing. They go in pipeline mode (PayTx):
+BEGIN, READ and a Sync in one round trip; WRITE, COMMIT and a Sync in another.
+READ also sets plan_cache_mode
 to force_generic_plan for the rest of the transaction: left to choose,
 PostgreSQL re-plans WRITE at every execution (its generic plan's estimate
 never beats the custom ones), ~0.3 ms of server CPU per pay; its generic plan
@@ -35,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -162,6 +162,7 @@ def _driver(conn: Connection) -> Any:
 
 
 _CURSOR = "yindian_pay_cursor"
+_CONTROL = "yindian_pay_control"
 
 
 def _kept(conn: Connection, raw: Any, key: str) -> psycopg.RawCursor[Any]:
@@ -187,56 +188,69 @@ def _translated(conn: Connection, raw: Any, sql: str, params: Any, exc: psycopg.
 
 
 IN_DOUBT_TEXT = "the database connection broke during COMMIT: the outcome is unknown, ask GetPayment"
+_BEGIN = b"BEGIN"
+_COMMIT = b"COMMIT"
 # A write-free transaction's end waits for no WAL flush (PayTx.end_write_free).
-_NO_FLUSH_WAIT = b"SELECT set_config('synchronous_commit', 'off', true)"
+_NO_FLUSH_WAIT = b"SET LOCAL synchronous_commit = off"
 
 
 class PayTx:
-    """One pay's transaction on the connection's psycopg connection in pipeline mode, as the
-    protocol's implicit transaction: READ goes with a Flush, WRITE with the Sync that commits, two
-    round trips and no BEGIN or COMMIT statement (psycopg sends each of those on its own, four round
-    trips a pay; in pipeline mode it even syncs after its own BEGIN). Between two Syncs the server
-    runs the statements in one transaction, each statement with its own snapshot (READ COMMITTED,
-    as before), holding READ's locks and its `set_config(..., true)` bounds until the Sync; the idle
-    bound holds while Python computes the allocation. For that the connection is in autocommit while
-    the pay runs (psycopg then sends no BEGIN); `close` puts it back.
+    """One pay's transaction on the connection's psycopg connection in pipeline mode: BEGIN, READ and
+    a Sync in one round trip, WRITE, COMMIT and a Sync in another: two round trips a pay instead of
+    four (psycopg waits for its own BEGIN and COMMIT each alone, and in pipeline mode syncs after its
+    own BEGIN; so the connection is in autocommit while the pay runs and our BEGIN is sent with
+    READ; `close` puts it back). Each round trip ends in a Sync, so that the server answers
+    ReadyForQuery and arms the transaction's idle bound while Python computes the allocation (after
+    a mere Flush it would not: a frozen process would hold the locks unbounded).
 
-    Errors: a statement that fails aborts the transaction and the server skips to the Sync, where it
-    rolls back; no ROLLBACK statement is sent, so psycopg keeps the connection's prepared statements
-    (it forgets them at a ROLLBACK it sends). A WRITE that fails (a serial taken meanwhile, a
-    timeout) commits nothing: not in doubt. A connection that breaks while WRITE and its Sync are
-    out is in doubt: the server may have committed before the answer was lost (COMMIT_IN_DOUBT)."""
+    Errors: a statement that fails aborts the rest of its round trip (the server skips to the Sync);
+    its error is raised as before, and the transaction, in error, rolls back at `close`. A WRITE that
+    fails (a serial taken meanwhile, a timeout) never reaches its COMMIT: not in doubt. A connection
+    that breaks while WRITE and COMMIT are out is in doubt: the server may have committed before the
+    answer was lost (COMMIT_IN_DOUBT)."""
 
-    __slots__ = ("conn", "raw", "cur", "pipe")
+    __slots__ = ("conn", "raw", "cur", "ctl", "pipe", "pipeline", "open")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self.raw = _driver(conn)
-        self.cur = _kept(conn, self.raw, _CURSOR)
-        self.pipe: psycopg.Pipeline | None = None  # open: a transaction is running (no Sync since READ)
+        self.raw = raw = _driver(conn)
+        self.cur = _kept(conn, raw, _CURSOR)
+        self.ctl = _kept(conn, raw, _CONTROL)  # BEGIN, COMMIT: READ's and WRITE's rows stay on `cur`
+        self.pipe: AbstractContextManager[psycopg.Pipeline] | None = None
+        self.pipeline: psycopg.Pipeline | None = None
+        self.open = False  # our BEGIN was sent, our COMMIT not yet
 
-    def _enter(self) -> None:
+    def _enter(self) -> psycopg.Pipeline:
         if self.pipe is None:
-            self.raw.autocommit = True
-            pipe = self.raw.pipeline()
-            pipe.__enter__()
-            self.pipe = pipe
+            if not self.open:
+                self.raw.autocommit = True
+            mode = self.raw.pipeline()  # psycopg's context manager: leaving it syncs and leaves the mode
+            self.pipeline = pipeline = mode.__enter__()
+            self.pipe = mode
+            return pipeline
+        assert self.pipeline is not None
+        return self.pipeline
 
-    def _sync(self) -> None:
-        """Sends what is queued and a Sync (ending the transaction), and waits for all the results
-        (the first error raised)."""
-        pipe, self.pipe = self.pipe, None
-        if pipe is not None:
-            pipe.__exit__(None, None, None)
+    def _leave(self) -> None:
+        """Leaves pipeline mode: sends what is queued and a Sync and waits for all the results (the
+        first error raised)."""
+        mode, self.pipe = self.pipe, None
+        if mode is not None:
+            mode.__exit__(None, None, None)
 
     def read(self, *, account_no: str, bank_id: str, serial: str, day: dt.date, day_key: int, wait_ms: int,
              idle_ms: int) -> PayRead:
-        """READ: the first statement of a new transaction, or again in the open one (its locks held)."""
+        """READ, after BEGIN in the same round trip when no transaction is open (a pay's first READ,
+        or the first after a WRITE+COMMIT whose guard failed); alone in the open transaction else."""
         params = (account_no, bank_id, serial, day, str(wait_ms), str(idle_ms), day_key)
         try:
-            self._enter()
+            pipe = self._enter()
+            if not self.open:
+                self.ctl.execute(_BEGIN)
+                self.open = True
             self.cur.execute(READ_FOR_PAY, params, prepare=True)
-            rows = self.cur.fetchall()  # in pipeline mode: a Flush, not a Sync; the transaction stays open
+            pipe.sync()
+            rows = self.cur.fetchall()
         except psycopg.Error as exc:
             raise _translated(self.conn, self.raw, READ_FOR_PAY, params, exc) from exc
         return _pay_read(rows)
@@ -244,16 +258,19 @@ class PayTx:
     def write(self, seen: PayRead, effects: PaymentEffects, *, cmd: Any, day: dt.date, settlement: dt.date,
               now: dt.datetime, commit: bool) -> int | None:
         """The new payment's id, or None when the guard found the account changed since READ.
-        `commit`: the Sync that commits goes with WRITE (a failed guard then ends a transaction that
-        wrote nothing and released its locks: the caller reads again in a new one)."""
+        `commit`: COMMIT in the same round trip (a failed guard then commits a transaction that wrote
+        nothing and released its locks: the caller reads again in a new one)."""
         params = _write_params(seen, effects, cmd=cmd, day=day, settlement=settlement, now=now)
         try:
-            self._enter()
-            if commit:
-                self.conn.dispatch.commit(self.conn)  # the engine's "commit" listeners, as conn.commit() calls them
+            pipe = self._enter()
             self.cur.execute(WRITE_PAY, params, prepare=True)
             if commit:
-                self._sync()
+                self.conn.dispatch.commit(self.conn)  # the engine's "commit" listeners, as conn.commit() calls them
+                self.ctl.execute(_COMMIT)
+                self.open = False
+                self._leave()
+            else:
+                pipe.sync()
             rows = self.cur.fetchall()
         except psycopg.Error as exc:
             failed = _translated(self.conn, self.raw, WRITE_PAY, params, exc)
@@ -263,40 +280,54 @@ class PayTx:
         return int(rows[0][0]) if rows else None
 
     def commit(self) -> None:
-        """The Sync that commits a transaction whose WRITE was sent alone."""
+        """COMMIT of an open transaction whose WRITE was sent alone."""
         try:
+            self._enter()
             self.conn.dispatch.commit(self.conn)
-            self._sync()
+            self.ctl.execute(_COMMIT)
+            self.open = False
+            self._leave()
         except psycopg.Error as exc:
             failed = _translated(self.conn, self.raw, "COMMIT", (), exc)
             if self.conn.invalidated:
                 raise Unavailable(IN_DOUBT_TEXT, reason=COMMIT_IN_DOUBT) from failed
             raise failed from exc
 
-    def end_write_free(self) -> None:
-        """Ends a transaction that wrote nothing (a refusal) without waiting for a WAL flush: READ's
-        row lock gave it an id, so its commit would wait for one. Nothing is lost if a crash loses the
-        commit record: the transaction wrote no row (its row lock and advisory lock end with the
-        server either way), and a later transaction's synchronous commit flushes the WAL up to its own
-        record, past this one. A failure here changes nothing: the caller's answer stands."""
-        if self.pipe is None:
-            return
-        with contextlib.suppress(psycopg.Error):  # `close` invalidates a broken connection
-            self.cur.execute(_NO_FLUSH_WAIT, prepare=True)
-            self._sync()
-
     def pause(self) -> None:
-        """Ends the transaction (nothing written) and leaves pipeline mode: a replay's answer is read
-        after, with SQLAlchemy, each statement on its own (the connection still in autocommit)."""
-        self.end_write_free()
+        """Leaves pipeline mode with the transaction open: SQLAlchemy statements follow in it (a
+        replay's answer is read with the account still locked, as before)."""
+        try:
+            self._leave()
+        except psycopg.Error as exc:
+            raise _translated(self.conn, self.raw, "SYNC", (), exc) from exc
+
+    def end_write_free(self) -> None:
+        """Ends a transaction that wrote nothing (a replay answered, a refusal) with COMMIT in one round
+        trip, not with the ROLLBACK `close` would send: psycopg forgets every statement it prepared on
+        the connection at a ROLLBACK (and sends DEALLOCATE ALL), so the next pays on it would parse and
+        plan READ and WRITE again, five times each before they are prepared again.
+
+        READ's row lock gave the transaction an id, so its COMMIT would wait for a WAL flush; it does
+        not, with synchronous_commit off for this transaction only. Nothing is lost if a crash loses
+        the commit record: the transaction wrote no row (its row lock and advisory lock end with the
+        server either way), and a later transaction's synchronous commit flushes the WAL up to its own
+        record, past this one. A failure here changes nothing: the caller's answer stands and `close`
+        rolls back (a broken connection is invalidated there)."""
+        if not self.open:
+            return
+        with contextlib.suppress(psycopg.Error):
+            self._enter()
+            self.ctl.execute(_NO_FLUSH_WAIT)
+            self.ctl.execute(_COMMIT)
+            self._leave()
+            self.open = False
 
     def close(self) -> None:
-        """Leaves pipeline mode (the Sync ends a transaction left open: it rolls back one that
-        failed) and gives the connection back its autocommit off. Never raises; a broken connection
-        is invalidated."""
+        """Leaves pipeline mode, rolls back a transaction that did not end, and gives the connection
+        back its autocommit off. Never raises; a broken connection is invalidated."""
         raw = self.raw
         with contextlib.suppress(psycopg.Error):
-            self._sync()
+            self._leave()
         try:
             if not (raw.closed or raw.broken):
                 if raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:

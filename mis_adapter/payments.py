@@ -326,13 +326,12 @@ def _posted(cmd: PayCommand, cust: Any, pk: int, settlement: dt.date, effects: P
 
 def _pay_fast(ctx: Books, conn: Connection, tx: pay_pg.PayTx, cmd: PayCommand, wait: WaitBound, day: dt.date,
               now: dt.datetime) -> tuple[PayResult, bool]:
-    """Pay on PostgreSQL in two round trips (pay_pg.PayTx): READ, then WRITE with the Sync that
-    commits. A guard that fails there has ended a transaction that wrote nothing (only after READ
-    waited for a lock, or lost a race to one): the pay then reads again in a new transaction and
-    sends its WRITE alone, so that a guard failing again re-reads with the locks held (which cannot
-    fail: a third attempt at most). Every way out before a write (a replay answered, a refusal) ends
-    the transaction without a ROLLBACK (PayTx.end_write_free), keeping the connection's prepared
-    statements; a replay is answered after it, from the stored payment."""
+    """Pay on PostgreSQL in two round trips (pay_pg.PayTx): BEGIN+READ, then WRITE+COMMIT. A guard
+    that fails there has committed a transaction that wrote nothing (only after READ waited for a
+    lock, or lost a race to one): the pay then reads again in a new transaction and sends its WRITE
+    alone, so that a guard failing again re-reads with the locks held (which cannot fail: a third
+    attempt at most). Every way out before a write (a replay answered, a refusal) ends in COMMIT
+    (PayTx.end_write_free), keeping the connection's prepared statements."""
     commit_with_write = True
     wrote = False
     try:
