@@ -117,6 +117,25 @@ def _greatest_sqlite(el: _Greatest, compiler: Any, **kw: Any) -> str:
     return f"max({a}, {b})"  # scalar max of two arguments
 
 
+class _LeastDate(FunctionElement[Any]):
+    """The earlier of two dates."""
+    type = sa.Date()
+    inherit_cache = True
+    name = "least_date"
+
+
+@compiles(_LeastDate)
+def _least_date_default(el: _LeastDate, compiler: Any, **kw: Any) -> str:
+    a, b = (compiler.process(c, **kw) for c in el.clauses)
+    return f"LEAST({a}, {b})"
+
+
+@compiles(_LeastDate, "sqlite")
+def _least_date_sqlite(el: _LeastDate, compiler: Any, **kw: Any) -> str:
+    a, b = (compiler.process(c, **kw) for c in el.clauses)
+    return f"min({a}, {b})"  # ISO dates as text: the earlier is the smaller string
+
+
 def _at_least_zero(x: ColumnElement[Any]) -> ColumnElement[Any]:
     return _Greatest(x, sa.literal(0, sa.BigInteger()))
 
@@ -125,17 +144,22 @@ def accrued_micro_sql(*, principal: ColumnElement[Any], from_date: ColumnElement
                       to_date: ColumnElement[Any], tariff_class: ColumnElement[Any], period: ColumnElement[Any],
                       rates: LateFeeRates) -> ColumnElement[Any]:
     """late_fee.accrued_micro(principal, from_date, to_date, ...) as an expression: the fee accrued on
-    `principal` for the days after `from_date` up to and including `to_date`, in millionths of a fen."""
-    days = _DaysBetween(to_date, from_date)
-    year_end = _YearEnd(period)
-    # min(to_date, 31 Dec) - from_date, at least 0: the current-year days
-    current_days = _at_least_zero(sa.case((_DaysBetween(to_date, year_end) < 0, days),
-                                          else_=_DaysBetween(year_end, from_date)))
-    accrues = sa.and_(principal > 0, days > 0)
-    residential = principal * days * rates.residential_ppm_per_day
-    other = principal * (current_days * rates.other_current_year_ppm_per_day
-                         + (days - current_days) * rates.other_earlier_years_ppm_per_day)
-    return sa.case((sa.not_(accrues), 0), (tariff_class == RESIDENTIAL, residential), else_=other)
+    `principal` for the days after `from_date` up to and including `to_date`, in millionths of a fen.
+
+    Each input is written once (no database here shares a repeated subexpression, and the
+    principal and the dates are themselves expressions in the reports): no days accrue on a
+    principal at or below zero (greatest(principal, 0)) nor when to_date is not later
+    (greatest(days, 0); the current-year days are then zero too), and the non-residential rule
+    current x rate_c + (days - current) x rate_e is days x rate_e + current x (rate_c - rate_e),
+    with current = max(0, min(to_date, 31 Dec) - from_date)."""
+    principal_or_zero = _at_least_zero(principal)
+    days = _at_least_zero(_DaysBetween(to_date, from_date))
+    current_days = _at_least_zero(_DaysBetween(_LeastDate(to_date, _YearEnd(period)), from_date))
+    residential = principal_or_zero * days * rates.residential_ppm_per_day
+    other = principal_or_zero * (days * rates.other_earlier_years_ppm_per_day
+                                 + current_days * (rates.other_current_year_ppm_per_day
+                                                   - rates.other_earlier_years_ppm_per_day))
+    return sa.case((tariff_class == RESIDENTIAL, residential), else_=other)
 
 
 def late_fee_due_sql(*, principal_unpaid: ColumnElement[Any], accrual_micro: ColumnElement[Any],
