@@ -25,6 +25,7 @@ with one query. Every branch database is read and the figures added up.
 Must never write."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 from collections.abc import Iterator, Sequence
@@ -325,8 +326,26 @@ def _arrears_scan_query(branch: bool) -> sa.Select[Any]:
 
 # ---- arrears priced in SQL: the bills untouched since as_of, plus the replayed ones ----
 
+# MariaDB evaluates a CTE once per reference (the delta three times, the replay list twice, each with a
+# scan of bills): there they are materialised once per report, as temporary tables of the report's
+# session (private to it, dropped after it; nothing shared is written).
+_TMP_DELTA = sa.table("yd_report_delta", sa.column("bill_id", sa.BigInteger),
+                      sa.column("principal_delta", sa.BigInteger), sa.column("fee_delta", sa.BigInteger))
+_TMP_REPLAY_IDS = sa.table("yd_report_replay_ids", sa.column("bill_id", sa.BigInteger))
+
+
+def _replay_ids_select(delta: Any) -> Any:
+    """The bills whose fee at as_of needs a replay: accrued past as_of, or touched after it (the delta)."""
+    return sa.union(sa.select(T_BILL.c.bill_id.label("bill_id"))
+                    .where(T_BILL.c.accrual_date > _AS_OF, T_BILL.c.accrual_date > T_BILL.c.due_date),
+                    sa.select(delta.c.bill_id))
+
+
+_MATERIALISED = ((_TMP_DELTA.name, _DELTA_BY_PAYMENTS), (_TMP_REPLAY_IDS.name, _replay_ids_select(_TMP_DELTA)))
+
+
 def _replay_bills(rates: LateFeeRates, *, cust_on_expression: bool, narrow_group: bool,
-                  from_ids: bool = False) -> tuple[Any, Any]:
+                  from_ids: bool = False, materialised: bool = False) -> tuple[Any, Any]:
     """One row per bill whose fee at as_of needs its history replayed (touched by
     payments posted or reversed after as_of, or accrued past it) and issued before
     `issued_before`: its account, branch, name, phone, period, the principal it
@@ -346,11 +365,13 @@ def _replay_bills(rates: LateFeeRates, *, cust_on_expression: bool, narrow_group
     narrow_group: group by the primary keys alone (PostgreSQL: the other columns
     depend on them, and a narrow key hashes in less memory). from_ids (MariaDB):
     the bills read from the ids in that join order, not by a semi-join (MariaDB
-    scanned every bill and looked up its customer before the ids filtered it)."""
-    delta = _DELTA_BY_PAYMENTS.cte("delta")
-    ids = sa.union(sa.select(T_BILL.c.bill_id.label("bill_id"))
-                   .where(T_BILL.c.accrual_date > _AS_OF, T_BILL.c.accrual_date > T_BILL.c.due_date),
-                   sa.select(delta.c.bill_id)).cte("replay_ids")
+    scanned every bill and looked up its customer before the ids filtered it). materialised
+    (MariaDB): the delta and the ids read from the temporary tables _materialise fills."""
+    if materialised:
+        delta, ids = _TMP_DELTA, _TMP_REPLAY_IDS
+    else:
+        delta = _DELTA_BY_PAYMENTS.cte("delta")
+        ids = _replay_ids_select(delta).cte("replay_ids")
     a, p = T_ALLOC.alias("ra"), T_PAY.alias("rp")
     posted = p.c.state == POSTED
     in_effect = sa.and_(p.c.settlement_date <= _AS_OF,
@@ -422,7 +443,8 @@ def _arrears_bills(branch: bool, rates: LateFeeRates, dialect: str) -> Any:
     current accrual, and the replayed ones (_replay_bills). O(bills unpaid then)."""
     cust_on_expression = dialect in ("sqlite", "mysql")
     replayed, delta = _replay_bills(rates, cust_on_expression=cust_on_expression,
-                                    narrow_group=dialect == "postgresql", from_ids=dialect == "mysql")
+                                    narrow_group=dialect == "postgresql", from_ids=dialect == "mysql",
+                                    materialised=dialect == "mysql")
     unpaid = T_BILL.c.amount_fen - T_BILL.c.prepaid_applied_fen - T_BILL.c.principal_paid_fen
     cust_join = T_CUST.c.account_no == (sa.func.coalesce(T_BILL.c.account_no, "") if cust_on_expression
                                         else T_BILL.c.account_no)
@@ -646,13 +668,33 @@ def _params(engine: Engine, as_of: dt.date, tz: ZoneInfo, branch_code: str) -> d
     return params
 
 
+@contextlib.contextmanager
+def _materialised(conn: Connection, params: dict[str, Any]) -> Iterator[None]:
+    """MariaDB: the delta and the replay list of the report's as-of date as temporary tables of
+    this session, each computed once (see _TMP_DELTA), dropped afterwards. Nothing elsewhere."""
+    if conn.dialect.name != "mysql":
+        yield
+        return
+    try:
+        for name, select in _MATERIALISED:
+            compiled = select.compile(dialect=conn.dialect)
+            conn.exec_driver_sql(f"DROP TEMPORARY TABLE IF EXISTS {name}")
+            conn.exec_driver_sql(f"CREATE TEMPORARY TABLE {name} (PRIMARY KEY (bill_id)) {compiled}",
+                                 {**compiled.params, "as_of": params["as_of"]})
+        yield
+    finally:
+        for name, _select in reversed(_MATERIALISED):
+            conn.exec_driver_sql(f"DROP TEMPORARY TABLE IF EXISTS {name}")
+
+
 def _summed_by_branch(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRates,
                       tz: ZoneInfo) -> Iterator[ArrearsRow]:
     for engine in engines:
         by_branch, _by_account = _summed_statements(rates, False, engine.dialect.name)
-        with engine.connect().execution_options(read_only=True) as conn, conn.begin():
+        params = _params(engine, as_of, tz, "")
+        with engine.connect().execution_options(read_only=True) as conn, conn.begin(), _materialised(conn, params):
             _no_jit(conn)
-            rows = conn.execute(by_branch, _params(engine, as_of, tz, "")).all()
+            rows = conn.execute(by_branch, params).all()
         yield from (ArrearsRow(r.branch_code, int(r.households), int(r.principal_fen or 0), int(r.late_fee_fen or 0))
                     for r in rows)
 
@@ -662,10 +704,10 @@ def _summed_by_account(engines: Sequence[Engine], as_of: dt.date, rates: LateFee
     page: list[ArrearsAccount] = []
     for engine in engines:
         _by_branch, by_account = _summed_statements(rates, bool(branch_code), engine.dialect.name)
-        with engine.connect().execution_options(read_only=True) as conn, conn.begin():
+        params = _params(engine, as_of, tz, branch_code)
+        with engine.connect().execution_options(read_only=True) as conn, conn.begin(), _materialised(conn, params):
             _no_jit(conn)
-            result = conn.execute(by_account, _params(engine, as_of, tz, branch_code),
-                                  execution_options={"yield_per": ARREARS_CHUNK_ROWS})
+            result = conn.execute(by_account, params, execution_options={"yield_per": ARREARS_CHUNK_ROWS})
             for account_no, name, phone, branch, n, principal_fen, fee_fen, oldest in result:
                 page.append(ArrearsAccount(account_no, mask_name(name), mask_phone(phone), branch, n, principal_fen,
                                            fee_fen or 0, oldest))
