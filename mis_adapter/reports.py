@@ -22,7 +22,8 @@ steps a Pay takes.
 Storage: SQLAlchemy Core, statements built once; bills are streamed in
 chunks (memory flat in the number of bills); one chunk's replays are fetched
 with one query. Every branch database is read and the figures added up.
-Must never write."""
+Must never write (MariaDB's temporary tables, _materialised, are the
+report session's own and dropped after it)."""
 from __future__ import annotations
 
 import contextlib
