@@ -367,7 +367,9 @@ def _replay_bills(rates: LateFeeRates, *, cust_on_expression: bool, narrow_group
     depend on them, and a narrow key hashes in less memory). from_ids (MariaDB):
     the bills read from the ids in that join order, not by a semi-join (MariaDB
     scanned every bill and looked up its customer before the ids filtered it). materialised
-    (MariaDB): the delta and the ids read from the temporary tables _materialise fills."""
+    (MariaDB): the delta and the ids read from the temporary tables _materialised fills."""
+    delta: Any
+    ids: Any
     if materialised:
         delta, ids = _TMP_DELTA, _TMP_REPLAY_IDS
     else:
