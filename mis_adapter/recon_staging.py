@@ -136,7 +136,8 @@ class Staging:
                 {"line_no": r[0], "bank_serial": r[1], "account_no": r[2], "amount_fen": r[3], "status": r[4]}
                 for r in records])
 
-    def _finish_copy(self) -> None:
+    def finish_copy(self) -> None:
+        """Ends the COPY of the stream (PostgreSQL): the server has every record once this returns."""
         if self._copy is not None:
             copy, self._copy, self._copy_writer = self._copy, None, None
             copy.__exit__(None, None, None)
@@ -144,7 +145,7 @@ class Staging:
     def index(self, where: str) -> None:
         """Refuses duplicate serials, naming their lines. On SQLite a unique index does it
         and serves the joins; PostgreSQL hashes (an index build would sort by collation)."""
-        self._finish_copy()
+        self.finish_copy()
         conn = self.conn
         if self.dialect != "sqlite":
             self._refuse_duplicates(where)
