@@ -365,13 +365,17 @@ class Reconciliation:
                     lock_bank_day(conn, self.bank_id, exclusive=True)
                 stored = _stored_summary(conn, self.bank_id, self.day)
                 if stored is not None:
+                    self._refuse_duplicates_once_more(where)  # refused input is refused, closed day or not
                     conn.rollback()
                     return stored
                 # Taken first: a concurrent reconciliation of the day waits here, then replays ours.
                 conn.execute(_CLOSE_DAY, {"bank_id": self.bank_id, "settlement_date": self.day,
                                           "reconciled_at": self.now, "summary_json": ""})
                 with self._timed("match"):
-                    settled_n, settled_fen = match_day(conn, self.bank_id, self.day)
+                    settled_n, settled_fen, duplicates = match_day(conn, self.bank_id, self.day, self.record_count)
+                if duplicates:  # the lines just written go with the rollback
+                    self.staging.refuse_duplicates(where)
+                    raise RuntimeError("the matching pass saw a repeated serial that the staging does not hold")
                 crash_point("mis.recon_mid_apply")
                 with self._timed("apply"):
                     OutcomeApplier(conn, self.bank_id, self.day, rates=self.rates, now=self.now).apply()
@@ -391,9 +395,17 @@ class Reconciliation:
             # Another reconciliation of the same day committed first: answer with its result.
             with conn.begin():
                 stored = _stored_summary(conn, self.bank_id, self.day)
+                if stored is not None:
+                    self._refuse_duplicates_once_more(where)
             if stored is None:
                 raise
             return stored
+
+    def _refuse_duplicates_once_more(self, where: str) -> None:
+        """On PostgreSQL duplicates are found by the matching pass, which a closed day never
+        runs: the records are checked on their own before its stored result is answered."""
+        if self._dialect == "postgresql":
+            self.staging.refuse_duplicates(where)
 
     def _summary(self, settled_n: int, settled_fen: int) -> ReconSummary:
         conn = self.conn
