@@ -241,10 +241,57 @@ class Adapter:
                 return int(line.split()[1])
         return 0
 
+    def cpu_s(self) -> float:
+        """The adapter process's CPU seconds so far (utime + stime, all threads)."""
+        fields_ = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.popen.terminate()
         self.popen.wait(timeout=60)
         self.log.close()
+
+
+def _cpu_of(pid: int) -> float | None:
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class BackendCpu:
+    """CPU seconds of the PostgreSQL backends serving one database while it runs (sampled
+    every 0.1 s through pg_stat_activity and /proc: the server is on this machine; a backend
+    that ends between samples loses at most its last 0.1 s)."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        with self.engine.connect() as conn:
+            me = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+            while not self.stop.is_set():
+                pids = conn.execute(sa.text("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                                            "AND pid <> :me"), {"me": me}).scalars().all()
+                conn.rollback()
+                for pid in pids:
+                    cpu = _cpu_of(pid)
+                    if cpu is not None:
+                        self.first.setdefault(pid, cpu)
+                        self.last[pid] = cpu
+                self.stop.wait(0.1)
+
+    def seconds(self) -> float:
+        self.stop.set()
+        self.thread.join(timeout=10)
+        self.engine.dispose()
+        return sum(self.last[p] - self.first[p] for p in self.last)
 
 
 def reconcile_once(url: str, work: Path, plan: Plan, prefix: str, day: dt.date, batch_records: int) -> dict[str, str]:
@@ -255,6 +302,8 @@ def reconcile_once(url: str, work: Path, plan: Plan, prefix: str, day: dt.date, 
         with grpc.insecure_channel(adapter.addr, options=[("grpc.max_send_message_length", 16 * 1024 * 1024),
                                                          ("grpc.max_receive_message_length", 16 * 1024 * 1024)]) as ch:
             stub = billing_pb2_grpc.BillingServiceStub(ch)
+            backends = BackendCpu(url) if url.startswith("postgresql") else None
+            cpu_start = adapter.cpu_s()
             started = time.perf_counter()
             lines = 0
             summary = None
@@ -265,6 +314,8 @@ def reconcile_once(url: str, work: Path, plan: Plan, prefix: str, day: dt.date, 
                 else:
                     lines += len(resp.discrepancies.discrepancies)
             seconds = time.perf_counter() - started
+        cpu = adapter.cpu_s() - cpu_start
+        backend_cpu = backends.seconds() if backends is not None else 0.0
         peak = adapter.rss_kib("VmHWM")
     finally:
         adapter.stop()
@@ -273,7 +324,10 @@ def reconcile_once(url: str, work: Path, plan: Plan, prefix: str, day: dt.date, 
     totals = " ".join(f"{pb.ReconcileOutcome.Name(t.outcome).removeprefix('RECONCILE_OUTCOME_')}={t.count}"
                       for t in summary.totals)
     return {"records": f"{summary.record_count:,}", "seconds": f"{seconds:.1f}",
-            "records_per_s": f"{summary.record_count / seconds:,.0f}", "rss_start_mib": f"{rss_start / 1024:.0f}",
+            "records_per_s": f"{summary.record_count / seconds:,.0f}",
+            "adapter_cpu_us_per_record": f"{cpu * 1e6 / summary.record_count:.2f}",
+            "pg_backend_cpu_us_per_record": f"{backend_cpu * 1e6 / summary.record_count:.2f}",
+            "rss_start_mib": f"{rss_start / 1024:.0f}",
             "rss_peak_mib": f"{peak / 1024:.0f}", "discrepancy_lines": str(lines), "outcomes": totals,
             # the adapter's own wall seconds per stage of this close (recon.Reconciliation.stages)
             "stages": f"[{stages[-1]}]" if stages else "[]"}
