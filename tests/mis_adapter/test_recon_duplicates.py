@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from mis_adapter import recon
 from mis_adapter.matching import MisPayment, StagedRecord, classify
-from tests.mis_adapter.test_recon import (  # noqa: F401  (world_all is a fixture)
+from tests.mis_adapter.test_recon import (
     BANK,
     DAY_START,
     World,
@@ -28,9 +28,8 @@ from tests.mis_adapter.test_recon import (  # noqa: F401  (world_all is a fixtur
     run,
     snapshot,
     stored_summary,
-    world_all,
 )
-from tests.support.topology import SINGLE, topology_databases
+from tests.support.topology import BRANCHES3, SINGLE, topology_databases
 from yindian_common.clock import business_date
 from yindian_common.errors import InvalidField
 
@@ -55,6 +54,16 @@ def _day_of_payments(w: World) -> dict[str, MisPayment]:
     pay(w, "U-0", a[4], 700)
     mis["U-0"] = MisPayment("U-0", a[4], 700, "POSTED", today)
     return mis
+
+
+@pytest.fixture(params=[pytest.param((b, t), id=f"{b}-{t}") for t in (SINGLE, BRANCHES3)
+                        for b in ("sqlite", "postgresql", "mariadb")])
+def world_all(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
+    """One database and three branch databases, on SQLite, PostgreSQL and MariaDB."""
+    with topology_databases(*request.param, tmp_path) as topo:
+        w = build_world(topo, tmp_path)
+        yield w
+        w.ctx.router.dispose()
 
 
 def test_every_kind_of_repeated_serial_is_refused_naming_its_lines_and_nothing_changes(world_all: World) -> None:
