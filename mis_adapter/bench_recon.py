@@ -242,9 +242,7 @@ class Adapter:
         return 0
 
     def cpu_s(self) -> float:
-        """The adapter process's CPU seconds so far (utime + stime, all threads)."""
-        fields_ = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")
+        return _proc_cpu_s(self.popen.pid)
 
     def stop(self) -> None:
         self.popen.terminate()
@@ -252,58 +250,15 @@ class Adapter:
         self.log.close()
 
 
-def _cpu_of(pid: int) -> float | None:
-    try:
-        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class BackendCpu:
-    """CPU seconds of the PostgreSQL backends serving one database while it runs (sampled
-    every 0.1 s through pg_stat_activity and /proc: the server is on this machine; a backend
-    that ends between samples loses at most its last 0.1 s)."""
-
-    def __init__(self, url: str) -> None:
-        self.engine = make_engine(url)
-        self.first: dict[int, float] = {}
-        self.last: dict[int, float] = {}
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-
-    def _sample(self) -> None:
-        with self.engine.connect() as conn:
-            me = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
-            while not self.stop.is_set():
-                pids = conn.execute(sa.text("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                                            "AND pid <> :me"), {"me": me}).scalars().all()
-                conn.rollback()
-                for pid in pids:
-                    cpu = _cpu_of(pid)
-                    if cpu is not None:
-                        self.first.setdefault(pid, cpu)
-                        self.last[pid] = cpu
-                self.stop.wait(0.1)
-
-    def seconds(self) -> float:
-        self.stop.set()
-        self.thread.join(timeout=10)
-        self.engine.dispose()
-        return sum(self.last[p] - self.first[p] for p in self.last)
-
-
 def reconcile_once(url: str, work: Path, plan: Plan, prefix: str, day: dt.date, batch_records: int) -> dict[str, str]:
     batches = bank_batches(plan, prefix, batch_records)
     adapter = Adapter(url, work / "mis_adapter.log")
     try:
         rss_start = adapter.rss_kib("VmRSS")
+        cpu_start, db_cpu = adapter.cpu_s(), BackendCpu(url)
         with grpc.insecure_channel(adapter.addr, options=[("grpc.max_send_message_length", 16 * 1024 * 1024),
                                                          ("grpc.max_receive_message_length", 16 * 1024 * 1024)]) as ch:
             stub = billing_pb2_grpc.BillingServiceStub(ch)
-            backends = BackendCpu(url) if url.startswith("postgresql") else None
-            cpu_start = adapter.cpu_s()
             started = time.perf_counter()
             lines = 0
             summary = None
@@ -314,9 +269,8 @@ def reconcile_once(url: str, work: Path, plan: Plan, prefix: str, day: dt.date, 
                 else:
                     lines += len(resp.discrepancies.discrepancies)
             seconds = time.perf_counter() - started
-        cpu = adapter.cpu_s() - cpu_start
-        backend_cpu = backends.seconds() if backends is not None else 0.0
         peak = adapter.rss_kib("VmHWM")
+        cpu, db = adapter.cpu_s() - cpu_start, db_cpu.stop()
     finally:
         adapter.stop()
     assert summary is not None
@@ -324,13 +278,62 @@ def reconcile_once(url: str, work: Path, plan: Plan, prefix: str, day: dt.date, 
     totals = " ".join(f"{pb.ReconcileOutcome.Name(t.outcome).removeprefix('RECONCILE_OUTCOME_')}={t.count}"
                       for t in summary.totals)
     return {"records": f"{summary.record_count:,}", "seconds": f"{seconds:.1f}",
-            "records_per_s": f"{summary.record_count / seconds:,.0f}",
-            "adapter_cpu_us_per_record": f"{cpu * 1e6 / summary.record_count:.2f}",
-            "pg_backend_cpu_us_per_record": f"{backend_cpu * 1e6 / summary.record_count:.2f}",
-            "rss_start_mib": f"{rss_start / 1024:.0f}",
+            "records_per_s": f"{summary.record_count / seconds:,.0f}", "rss_start_mib": f"{rss_start / 1024:.0f}",
             "rss_peak_mib": f"{peak / 1024:.0f}", "discrepancy_lines": str(lines), "outcomes": totals,
+            "adapter_cpu_s": f"{cpu:.1f}", **({"db_cpu_s": f"{db:.1f}"} if db is not None else {}),
             # the adapter's own wall seconds per stage of this close (recon.Reconciliation.stages)
-            "stages": f"[{stages[-1]}]" if stages else "[]"}
+            "stages": f"[{stages[-1]}]" if stages else "[]",
+            "load": _load().replace(" ", "/")}
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """User + system CPU of a local process, in seconds (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class BackendCpu:
+    """PostgreSQL on this machine: the CPU of the backends connected to the bench database
+    (the adapter's), sampled every SAMPLE_S from the start until stop(). A backend's CPU counts
+    from its first sample (0 if it started after the first), up to its last; a backend living
+    less than SAMPLE_S is missed, so the figure is a lower bound. None on other databases."""
+    SAMPLE_S = 0.2
+
+    def __init__(self, url: str) -> None:
+        self._first: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._engine = sa.create_engine(url, poolclass=sa.pool.NullPool) if url.startswith("postgresql") else None
+        if self._engine is not None:
+            self._sample(first=True)
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+
+    def _sample(self, first: bool = False) -> None:
+        assert self._engine is not None
+        with self._engine.connect() as conn:
+            pids = conn.execute(sa.text("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                                        "AND pid <> pg_backend_pid()")).scalars().all()
+        for pid in pids:
+            cpu = _proc_cpu_s(pid)
+            self._first.setdefault(pid, cpu if first else 0.0)
+            self._last[pid] = max(cpu, self._last.get(pid, 0.0))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.SAMPLE_S):
+            self._sample()
+
+    def stop(self) -> float | None:
+        if self._engine is None:
+            return None
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._sample()
+        self._engine.dispose()
+        return sum(cpu - self._first[pid] for pid, cpu in self._last.items())
 
 
 def _load() -> str:
@@ -390,7 +393,7 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path) -> None:
                 ours = float(fig["records_per_s"].replace(",", ""))
                 print(f"[{backend}] reference (COPY of the records + one matching join): records_per_s={ref:,.0f} "
                       f"ratio={ours / ref:.2f} load={_load()}", flush=True)
-        for title, seconds, what in time_reports(engine):
+        for title, seconds, what in (time_reports(engine) if args.reports else ()):
             print(f"[{backend}] report {title}: seconds={seconds:.2f} ({what}) load={_load()}", flush=True)
         engine.dispose()
     finally:
@@ -416,6 +419,8 @@ def main(argv: list[str]) -> int:
                    help="paid bills made paid by a payment after the past-date reports' as-of date")
     p.add_argument("--reports-only", dest="reconcile", action="store_false",
                    help="skip the reconciliation runs (reports only; the only choice on mariadb)")
+    p.add_argument("--no-reports", dest="reports", action="store_false",
+                   help="skip the report timings (reconciliation only)")
     p.add_argument("--no-reference", dest="reference", action="store_false",
                    help="skip the same-run PostgreSQL reference")
     p.add_argument("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")

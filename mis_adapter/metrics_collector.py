@@ -31,8 +31,10 @@ _bills = BillRow.__table__
 _customers = Customer.__table__
 _branches = Branch.__table__
 
-# Unpaid bills through their status index (arrears are the few, not the many), then every branch, with
-# zeros where nothing is owed. Unpaid principal = amount - prepaid applied - principal paid.
+# Unpaid bills in one scan of the bills (status is not indexed: a payment changes it on every bill it
+# settles, and unindexed it lets PostgreSQL update the bill HOT, see migration 0004_bills_hot), then every
+# branch, with zeros where nothing is owed. Unpaid principal = amount - prepaid applied - principal paid.
+# The read runs once per CollectorLimits.refresh_s under its statement timeout.
 _owed = (
     sa.select(_customers.c.branch_code.label("branch_code"),
               sa.func.count(sa.distinct(_bills.c.account_no)).label("households"),

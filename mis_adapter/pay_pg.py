@@ -1,4 +1,5 @@
-"""Pay on PostgreSQL in two statements and a COMMIT (issue 11).
+"""Pay on PostgreSQL in two statements and two round trips (issue 11): BEGIN and
+READ, then WRITE and COMMIT, in pipeline mode (PayTx).
 
 READ: one statement that bounds this transaction's waits (`set_config(...,
 true)`, i.e. SET LOCAL, no extra round trip), takes the bank-day lock SHARED
@@ -21,15 +22,19 @@ change them afterwards until we commit. When the guard fails (only after
 such a wait) Pay reads again in the same transaction, now without waiting.
 
 Statements are plain driver SQL strings built once, prepared on each
-connection, and SQLAlchemy compiles nothing. READ also sets plan_cache_mode
+connection, and SQLAlchemy compiles nothing. They go in pipeline mode (PayTx):
+BEGIN, READ and a Sync in one round trip; WRITE, COMMIT and a Sync in another.
+READ also sets plan_cache_mode
 to force_generic_plan for the rest of the transaction: left to choose,
 PostgreSQL re-plans WRITE at every execution (its generic plan's estimate
 never beats the custom ones), ~0.3 ms of server CPU per pay; its generic plan
 is index lookups by key only (checked with EXPLAIN)."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -38,6 +43,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from mis_adapter.pay_plan import PaymentEffects
+from yindian_common.db_errors import COMMIT_IN_DOUBT
+from yindian_common.errors import Unavailable
 
 # PostgreSQL's own $n placeholders (psycopg's RawCursor): psycopg rewrites nothing, and each
 # statement is prepared on its connection (prepare=True) from its first execution.
@@ -155,53 +162,201 @@ def _driver(conn: Connection) -> Any:
 
 
 _CURSOR = "yindian_pay_cursor"
+_CONTROL = "yindian_pay_control"
 
 
-def _cursor(conn: Connection, raw: Any) -> psycopg.RawCursor[Any]:
-    """The connection's own cursor for READ and WRITE, kept for the driver connection's life: a new
-    cursor per statement copies the connection's adapters and finds each parameter's dumper again.
-    Kept in the pool's per-connection `info` (cleared when the connection is replaced) and checked
-    against the driver connection it was made on."""
+def _kept(conn: Connection, raw: Any, key: str) -> psycopg.RawCursor[Any]:
+    """A cursor kept for the driver connection's life: a new cursor per statement copies the
+    connection's adapters and finds each parameter's dumper again. Kept in the pool's per-connection
+    `info` (cleared when the connection is replaced) and checked against the driver connection it
+    was made on."""
     info = conn.connection.info
-    kept = info.get(_CURSOR)
+    kept = info.get(key)
     if kept is None or kept.connection is not raw or kept.closed:
-        kept = info[_CURSOR] = psycopg.RawCursor(raw)
+        kept = info[key] = psycopg.RawCursor(raw)
     return kept
 
 
-def _execute(conn: Connection, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-    """`sql` on the connection's psycopg connection, prepared; driver errors become
-    SQLAlchemy's (db_errors translates those; a broken connection is invalidated)."""
-    raw = _driver(conn)
-    try:
-        cur = _cursor(conn, raw)
-        cur.execute(sql, params, prepare=True)
-        return cur.fetchall()  # both statements return rows; `description` would cost a Column per field
-    except psycopg.Error as exc:
-        if raw.closed or raw.broken:
-            conn.invalidate()
-        raise DBAPIError.instance(sql, params, exc, psycopg.Error,
-                                  connection_invalidated=conn.invalidated) from exc
+def _translated(conn: Connection, raw: Any, sql: str, params: Any, exc: psycopg.Error) -> Exception:
+    # Leaving pipeline mode fetches what is left after the first error, and the statements the server
+    # skipped then raise PipelineAborted over it: the error that counts is the one it replaced.
+    while isinstance(exc, psycopg.errors.PipelineAborted) and isinstance(exc.__context__, psycopg.Error):
+        exc = exc.__context__
+    if raw.closed or raw.broken:
+        conn.invalidate()
+    return DBAPIError.instance(sql, params, exc, psycopg.Error, connection_invalidated=conn.invalidated)
+
+
+IN_DOUBT_TEXT = "the database connection broke during COMMIT: the outcome is unknown, ask GetPayment"
+_BEGIN = b"BEGIN"
+_COMMIT = b"COMMIT"
+# A write-free transaction's end waits for no WAL flush (PayTx.end_write_free).
+_NO_FLUSH_WAIT = b"SET LOCAL synchronous_commit = off"
+
+
+class PayTx:
+    """One pay's transaction on the connection's psycopg connection in pipeline mode: BEGIN, READ and
+    a Sync in one round trip, WRITE, COMMIT and a Sync in another: two round trips a pay instead of
+    four (psycopg waits for its own BEGIN and COMMIT each alone, and in pipeline mode syncs after its
+    own BEGIN; so the connection is in autocommit while the pay runs and our BEGIN is sent with
+    READ; `close` puts it back). Each round trip ends in a Sync, so that the server answers
+    ReadyForQuery and arms the transaction's idle bound while Python computes the allocation (after
+    a mere Flush it would not: a frozen process would hold the locks unbounded).
+
+    Errors: a statement that fails aborts the rest of its round trip (the server skips to the Sync);
+    its error is raised as before, and the transaction, in error, rolls back at `close`. A WRITE that
+    fails (a serial taken meanwhile, a timeout) never reaches its COMMIT: not in doubt. A connection
+    that breaks while WRITE and COMMIT are out is in doubt: the server may have committed before the
+    answer was lost (COMMIT_IN_DOUBT)."""
+
+    __slots__ = ("conn", "raw", "cur", "ctl", "pipe", "pipeline", "open")
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.raw = raw = _driver(conn)
+        self.cur = _kept(conn, raw, _CURSOR)
+        self.ctl = _kept(conn, raw, _CONTROL)  # BEGIN, COMMIT: READ's and WRITE's rows stay on `cur`
+        self.pipe: AbstractContextManager[psycopg.Pipeline] | None = None
+        self.pipeline: psycopg.Pipeline | None = None
+        self.open = False  # our BEGIN was sent, our COMMIT not yet
+
+    def _enter(self) -> psycopg.Pipeline:
+        if self.pipe is None:
+            if not self.open:
+                self.raw.autocommit = True
+            mode = self.raw.pipeline()  # psycopg's context manager: leaving it syncs and leaves the mode
+            self.pipeline = pipeline = mode.__enter__()
+            self.pipe = mode
+            return pipeline
+        assert self.pipeline is not None
+        return self.pipeline
+
+    def _leave(self) -> None:
+        """Leaves pipeline mode: sends what is queued and a Sync and waits for all the results (the
+        first error raised)."""
+        mode, self.pipe = self.pipe, None
+        if mode is not None:
+            mode.__exit__(None, None, None)
+
+    def read(self, *, account_no: str, bank_id: str, serial: str, day: dt.date, day_key: int, wait_ms: int,
+             idle_ms: int) -> PayRead:
+        """READ, after BEGIN in the same round trip when no transaction is open (a pay's first READ,
+        or the first after a WRITE+COMMIT whose guard failed); alone in the open transaction else."""
+        params = (account_no, bank_id, serial, day, str(wait_ms), str(idle_ms), day_key)
+        try:
+            pipe = self._enter()
+            if not self.open:
+                self.ctl.execute(_BEGIN)
+                self.open = True
+            self.cur.execute(READ_FOR_PAY, params, prepare=True)
+            pipe.sync()
+            rows = self.cur.fetchall()
+        except psycopg.Error as exc:
+            raise _translated(self.conn, self.raw, READ_FOR_PAY, params, exc) from exc
+        return _pay_read(rows)
+
+    def write(self, seen: PayRead, effects: PaymentEffects, *, cmd: Any, day: dt.date, settlement: dt.date,
+              now: dt.datetime, commit: bool) -> int | None:
+        """The new payment's id, or None when the guard found the account changed since READ.
+        `commit`: COMMIT in the same round trip (a failed guard then commits a transaction that wrote
+        nothing and released its locks: the caller reads again in a new one)."""
+        params = _write_params(seen, effects, cmd=cmd, day=day, settlement=settlement, now=now)
+        try:
+            pipe = self._enter()
+            self.cur.execute(WRITE_PAY, params, prepare=True)
+            if commit:
+                self.conn.dispatch.commit(self.conn)  # the engine's "commit" listeners, as conn.commit() calls them
+                self.ctl.execute(_COMMIT)
+                self.open = False
+                self._leave()
+            else:
+                pipe.sync()
+            rows = self.cur.fetchall()
+        except psycopg.Error as exc:
+            failed = _translated(self.conn, self.raw, WRITE_PAY, params, exc)
+            if commit and self.conn.invalidated:
+                raise Unavailable(IN_DOUBT_TEXT, reason=COMMIT_IN_DOUBT) from failed
+            raise failed from exc
+        return int(rows[0][0]) if rows else None
+
+    def commit(self) -> None:
+        """COMMIT of an open transaction whose WRITE was sent alone."""
+        try:
+            self._enter()
+            self.conn.dispatch.commit(self.conn)
+            self.ctl.execute(_COMMIT)
+            self.open = False
+            self._leave()
+        except psycopg.Error as exc:
+            failed = _translated(self.conn, self.raw, "COMMIT", (), exc)
+            if self.conn.invalidated:
+                raise Unavailable(IN_DOUBT_TEXT, reason=COMMIT_IN_DOUBT) from failed
+            raise failed from exc
+
+    def pause(self) -> None:
+        """Leaves pipeline mode with the transaction open: SQLAlchemy statements follow in it (a
+        replay's answer is read with the account still locked, as before)."""
+        try:
+            self._leave()
+        except psycopg.Error as exc:
+            raise _translated(self.conn, self.raw, "SYNC", (), exc) from exc
+
+    def end_write_free(self) -> None:
+        """Ends a transaction that wrote nothing (a replay answered, a refusal) with COMMIT in one round
+        trip, not with the ROLLBACK `close` would send: psycopg forgets every statement it prepared on
+        the connection at a ROLLBACK (and sends DEALLOCATE ALL), so the next pays on it would parse and
+        plan READ and WRITE again, five times each before they are prepared again.
+
+        READ's row lock gave the transaction an id, so its COMMIT would wait for a WAL flush; it does
+        not, with synchronous_commit off for this transaction only. Nothing is lost if a crash loses
+        the commit record: the transaction wrote no row (its row lock and advisory lock end with the
+        server either way), and a later transaction's synchronous commit flushes the WAL up to its own
+        record, past this one. A failure here changes nothing: the caller's answer stands and `close`
+        rolls back (a broken connection is invalidated there)."""
+        if not self.open:
+            return
+        with contextlib.suppress(psycopg.Error):
+            self._enter()
+            self.ctl.execute(_NO_FLUSH_WAIT)
+            self.ctl.execute(_COMMIT)
+            self._leave()
+            self.open = False
+
+    def close(self) -> None:
+        """Leaves pipeline mode, rolls back a transaction that did not end, and gives the connection
+        back its autocommit off. Never raises; a broken connection is invalidated."""
+        raw = self.raw
+        with contextlib.suppress(psycopg.Error):
+            self._leave()
+        try:
+            if not (raw.closed or raw.broken):
+                if raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    raw.rollback()
+                raw.autocommit = False
+        except psycopg.Error:
+            pass
+        if (raw.closed or raw.broken or raw.autocommit) and not self.conn.invalidated:
+            self.conn.invalidate()
+
+
+def _array(items: Iterable[int | str]) -> str:
+    """An array literal of integers or status words (no quoting needed), cast by the statement:
+    a text parameter costs psycopg far less to send than a list it must type element by element."""
+    return "{" + ",".join(map(str, items)) + "}"
 
 
 def end_write_free(conn: Connection) -> None:
-    """Ends a pay transaction that wrote nothing (a replay answered, a refusal) on PostgreSQL with
-    COMMIT instead of the ROLLBACK the connection's close would send: psycopg forgets every statement
-    it prepared on the connection at a ROLLBACK (and sends DEALLOCATE ALL), so the next pays on it
-    would parse and plan READ and WRITE again, five times each before they are prepared again.
-
-    READ's row lock gave the transaction an id, so its COMMIT would wait for a WAL flush; it does
-    not, with synchronous_commit off for this transaction only. Nothing is lost if a crash loses the
-    commit record: the transaction wrote no row (its row lock and advisory lock end with the server
-    either way), and a later transaction's synchronous commit flushes the WAL up to its own record,
-    past this one. A failure here changes nothing either: the caller's answer stands and the
-    connection's close rolls back (a broken connection is invalidated there). Elsewhere: nothing,
-    the close rolls back as before (no prepared statements to lose)."""
-    if conn.dialect.name != "postgresql":
+    """Ends a transaction on the pays' pool that wrote nothing (a refusal, a replay answered) on
+    PostgreSQL with COMMIT instead of the ROLLBACK the connection's close would send, for the reason
+    and with the safety PayTx.end_write_free gives (no WAL flush waited for: nothing was written). A
+    failure here changes nothing: the caller's answer stands and the close rolls back (a broken
+    connection is invalidated there). Elsewhere: nothing, the close rolls back as before (no prepared
+    statements to lose)."""
+    if conn.dialect.name != "postgresql" or not conn.in_transaction():
         return
     raw = _driver(conn)
     try:
-        raw.execute(b"SET LOCAL synchronous_commit = off", prepare=False)
+        raw.execute(_NO_FLUSH_WAIT, prepare=False)
     except psycopg.Error:
         if raw.closed or raw.broken:
             conn.invalidate()
@@ -212,15 +367,7 @@ def end_write_free(conn: Connection) -> None:
         return
 
 
-def _array(items: Iterable[int | str]) -> str:
-    """An array literal of integers or status words (no quoting needed), cast by the statement:
-    a text parameter costs psycopg far less to send than a list it must type element by element."""
-    return "{" + ",".join(map(str, items)) + "}"
-
-
-def read_for_pay(conn: Connection, *, account_no: str, bank_id: str, serial: str, day: dt.date,
-                 day_key: int, wait_ms: int, idle_ms: int) -> PayRead:
-    rows = _execute(conn, READ_FOR_PAY, (account_no, bank_id, serial, day, str(wait_ms), str(idle_ms), day_key))
+def _pay_read(rows: list[tuple[Any, ...]]) -> PayRead:
     if not rows:
         return PayRead(None, (), "")
     bills = tuple(Bill._make(r[11:]) for r in rows if r[11] is not None)
@@ -228,16 +375,13 @@ def read_for_pay(conn: Connection, *, account_no: str, bank_id: str, serial: str
     return PayRead(Customer._make(rows[0][:11]), bills, version)
 
 
-def write_pay(conn: Connection, seen: PayRead, effects: PaymentEffects, *, cmd: Any, day: dt.date,
-              settlement: dt.date, now: dt.datetime) -> int | None:
-    """The new payment's id, or None when the guard found the account changed since READ."""
+def _write_params(seen: PayRead, effects: PaymentEffects, *, cmd: Any, day: dt.date, settlement: dt.date,
+                  now: dt.datetime) -> tuple[Any, ...]:
     c = seen.customer
     allocs = effects.plan.allocations
-    rows = _execute(conn, WRITE_PAY, (
-        cmd.account_no, cmd.bank_id, cmd.bank_serial, c.c_version, seen.bills_version, day,
-        bool(c.closed_today), bool(c.closed_next), c.branch_code, cmd.amount_fen, cmd.channel, cmd.outlet_code,
-        cmd.teller_id, cmd.bank_balance_fen, settlement, now, effects.arrears_after_fen, effects.prepaid_after_fen,
-        effects.plan.prepaid_fen, _array(a.bill_id for a in allocs), _array(a.late_fee_fen for a in allocs),
-        _array(a.principal_fen for a in allocs), _array(u.accrual_micro for u in effects.bill_updates),
-        _array(u.status for u in effects.bill_updates), bool(c.signed_off)))
-    return int(rows[0][0]) if rows else None
+    return (cmd.account_no, cmd.bank_id, cmd.bank_serial, c.c_version, seen.bills_version, day,
+            bool(c.closed_today), bool(c.closed_next), c.branch_code, cmd.amount_fen, cmd.channel, cmd.outlet_code,
+            cmd.teller_id, cmd.bank_balance_fen, settlement, now, effects.arrears_after_fen, effects.prepaid_after_fen,
+            effects.plan.prepaid_fen, _array(a.bill_id for a in allocs), _array(a.late_fee_fen for a in allocs),
+            _array(a.principal_fen for a in allocs), _array(u.accrual_micro for u in effects.bill_updates),
+            _array(u.status for u in effects.bill_updates), bool(c.signed_off))

@@ -281,62 +281,96 @@ def _pay_tx(ctx: Books, engine: Engine, cmd: PayCommand, wait: WaitBound) -> tup
     day = business_date(ctx.clock)
     with engine.connect() as conn:
         conn.begin()
-        fast = conn.dialect.name == "postgresql" and not ctx.settings.pay_portable_sql
-        if not fast:
-            bound_waits(conn, wait)
-        # Until a write runs, every way out (a replay answered, a refusal) has written nothing:
-        # on PostgreSQL such a transaction ends in COMMIT (pay_pg.end_write_free), keeping the
-        # connection's prepared statements.
-        wrote = False
-        try:
-            for _attempt in range(PAY_READ_ATTEMPTS_MAX):
-                seen = _read_for_pay(conn, cmd, day, wait) if fast else _read_for_pay_portable(conn, cmd, day)
-                cust = seen.customer
-                if cust is None:
-                    raise AccountNotFound(f"account {cmd.account_no} not found")
-                if cust.taken_id is not None:  # a replay (or a conflict): answer from the stored payment
-                    existing = conn.execute(_PAYMENT_BY_ID, {"p_id": cust.taken_id}).one()
-                    answer = _answer_existing(conn, existing, cmd)
-                    pay_pg.end_write_free(conn)
-                    return answer, False
-                if fast and cust.suspended:
-                    raise BankSuspended(f"bank {cmd.bank_id} is suspended by the utility (停工): "
-                                        f"{cust.suspended_reason}")
-                if cust.status != "OPEN":
-                    raise AccountClosed(f"account {cmd.account_no} is closed")
-                # The bank's reconciled today or its sign-off (日终签退) move the settlement to tomorrow.
-                settlement = settlement_date(day, today_reconciled=bool(cust.closed_today),
-                                             next_reconciled=bool(cust.closed_next),
-                                             signed_off=bool(cust.signed_off))
-                effects = payment_effects(cmd.amount_fen, seen.bills, cust.tariff_class, cust.prepaid_fen, day,
-                                          ctx.rates)
-                if not fast:
-                    wrote = True
-                    pk = _write_pay_portable(conn, cmd, cust, effects, settlement=settlement, now=now)
-                    break
-                # A guard that fails writes nothing (pay_pg.WRITE_PAY): the transaction stays write-free.
-                written = pay_pg.write_pay(conn, seen, effects, cmd=cmd, day=day, settlement=settlement, now=now)
-                if written is not None:
-                    pk = written
-                    break
-            else:
-                raise Unavailable("the account kept changing while the payment waited; retry the same serial",
-                                  reason="RETRY")
-        except YinDianError:  # a refusal, decided by our code: no statement failed
-            if not wrote:
+        if conn.dialect.name == "postgresql" and not ctx.settings.pay_portable_sql:
+            tx = pay_pg.PayTx(conn)
+            try:
+                return _pay_fast(ctx, conn, tx, cmd, wait, day, now)
+            finally:
+                tx.close()
+        bound_waits(conn, wait)
+        try:  # until the write, every way out has written nothing (pay_pg.end_write_free)
+            seen = _read_for_pay_portable(conn, cmd, day)
+            cust = seen.customer
+            if cust is None:
+                raise AccountNotFound(f"account {cmd.account_no} not found")
+            if cust.taken_id is not None:  # a replay (or a conflict): answer from the stored payment
+                existing = conn.execute(_PAYMENT_BY_ID, {"p_id": cust.taken_id}).one()
+                answer = _answer_existing(conn, existing, cmd)
                 pay_pg.end_write_free(conn)
+                return answer, False
+            if cust.status != "OPEN":
+                raise AccountClosed(f"account {cmd.account_no} is closed")
+        except YinDianError:
+            pay_pg.end_write_free(conn)
             raise
+        settlement = _settlement(day, cust)
+        effects = payment_effects(cmd.amount_fen, seen.bills, cust.tariff_class, cust.prepaid_fen, day, ctx.rates)
+        pk = _write_pay_portable(conn, cmd, cust, effects, settlement=settlement, now=now)
         crash_point("mis.before_commit")
         commit_or_doubt(conn)
+    return _posted(cmd, cust, pk, settlement, effects, now), True
+
+
+def _settlement(day: dt.date, cust: Any) -> dt.date:
+    # The bank's reconciled today or its sign-off (日终签退) move the settlement to tomorrow.
+    return settlement_date(day, today_reconciled=bool(cust.closed_today), next_reconciled=bool(cust.closed_next),
+                           signed_off=bool(cust.signed_off))
+
+
+def _posted(cmd: PayCommand, cust: Any, pk: int, settlement: dt.date, effects: PaymentEffects,
+            now: dt.datetime) -> PayResult:
     return PayResult(payment_id_of(cust.branch_code, pk), receipt_no_of(cust.branch_code, settlement, pk),
                      settlement, effects.plan.allocations, effects.arrears_after_fen, effects.prepaid_after_fen,
-                     cmd.bank_serial, cmd.account_no, cmd.amount_fen, now), True
+                     cmd.bank_serial, cmd.account_no, cmd.amount_fen, now)
 
 
-def _read_for_pay(conn: Connection, cmd: PayCommand, day: dt.date, wait: WaitBound) -> pay_pg.PayRead:
-    return pay_pg.read_for_pay(conn, account_no=cmd.account_no, bank_id=cmd.bank_id, serial=cmd.bank_serial,
-                               day=day, day_key=bank_day_key(cmd.bank_id), wait_ms=wait.wait_ms,
-                               idle_ms=wait.idle_ms)
+def _pay_fast(ctx: Books, conn: Connection, tx: pay_pg.PayTx, cmd: PayCommand, wait: WaitBound, day: dt.date,
+              now: dt.datetime) -> tuple[PayResult, bool]:
+    """Pay on PostgreSQL in two round trips (pay_pg.PayTx): BEGIN+READ, then WRITE+COMMIT. A guard
+    that fails there has committed a transaction that wrote nothing (only after READ waited for a
+    lock, or lost a race to one): the pay then reads again in a new transaction and sends its WRITE
+    alone, so that a guard failing again re-reads with the locks held (which cannot fail: a third
+    attempt at most). Every way out before a write (a replay answered, a refusal) ends in COMMIT
+    (PayTx.end_write_free), keeping the connection's prepared statements."""
+    commit_with_write = True
+    wrote = False
+    try:
+        for _attempt in range(PAY_READ_ATTEMPTS_MAX):
+            seen = tx.read(account_no=cmd.account_no, bank_id=cmd.bank_id, serial=cmd.bank_serial, day=day,
+                           day_key=bank_day_key(cmd.bank_id), wait_ms=wait.wait_ms, idle_ms=wait.idle_ms)
+            cust = seen.customer
+            if cust is None:
+                raise AccountNotFound(f"account {cmd.account_no} not found")
+            if cust.taken_id is not None:  # a replay (or a conflict): answer from the stored payment
+                tx.pause()
+                existing = conn.execute(_PAYMENT_BY_ID, {"p_id": cust.taken_id}).one()
+                answer = _answer_existing(conn, existing, cmd)
+                tx.end_write_free()
+                return answer, False
+            if cust.suspended:
+                raise BankSuspended(f"bank {cmd.bank_id} is suspended by the utility (停工): {cust.suspended_reason}")
+            if cust.status != "OPEN":
+                raise AccountClosed(f"account {cmd.account_no} is closed")
+            settlement = _settlement(day, cust)
+            effects = payment_effects(cmd.amount_fen, seen.bills, cust.tariff_class, cust.prepaid_fen, day,
+                                      ctx.rates)
+            if commit_with_write:
+                crash_point("mis.before_commit")  # nothing sent yet of WRITE and its COMMIT
+            # A guard that fails writes nothing (pay_pg.WRITE_PAY): the transaction stays write-free.
+            pk = tx.write(seen, effects, cmd=cmd, day=day, settlement=settlement, now=now, commit=commit_with_write)
+            if pk is not None:
+                if not commit_with_write:
+                    wrote = True
+                    crash_point("mis.before_commit")
+                    tx.commit()
+                return _posted(cmd, cust, pk, settlement, effects, now), True
+            commit_with_write = False
+        raise Unavailable("the account kept changing while the payment waited; retry the same serial",
+                          reason="RETRY")
+    except YinDianError:  # a refusal, decided by our code (or a COMMIT in doubt, which ended the transaction)
+        if not wrote:
+            tx.end_write_free()
+        raise
 
 
 def _read_for_pay_portable(conn: Connection, cmd: PayCommand, day: dt.date) -> pay_pg.PayRead:
@@ -439,10 +473,14 @@ def _answer_existing(conn: Connection, existing: Any, cmd: PayCommand) -> PayRes
 
 def _replay_after_race(engine: Engine, cmd: PayCommand) -> PayResult:
     with engine.connect().execution_options(read_only=True) as conn, conn.begin():
-        existing = conn.execute(_PAYMENT_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.bank_serial}).first()
-        if existing is None:
-            raise Unavailable("payment raced with a concurrent request; retry the same serial", reason="RETRY")
-        return _answer_existing(conn, existing, cmd)
+        try:
+            existing = conn.execute(_PAYMENT_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.bank_serial}).first()
+            if existing is None:
+                raise Unavailable("payment raced with a concurrent request; retry the same serial", reason="RETRY")
+            return _answer_existing(conn, existing, cmd)
+        except YinDianError:  # a refusal read nothing it must undo: COMMIT, not ROLLBACK (pay_pg.end_write_free)
+            pay_pg.end_write_free(conn)
+            raise
 
 
 def _result_of(conn: Connection, p: Any) -> PayResult:
@@ -581,25 +619,38 @@ def _reverse(ctx: Books, engine: Engine, found: Any, cmd: CancelCommand, wait: W
     with engine.connect() as conn:
         conn.begin()
         bound_waits(conn, wait)
-        lock_bank_day(conn, cmd.bank_id)
-        if found.account_no:
-            conn.execute(_LOCK_CUSTOMER, {"account_no": found.account_no}).first()
-        again = conn.execute(_CANCEL_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.cancel_serial}).first()
-        if again is not None:
-            return _answer_cancel_replay(again, cmd), False
-        p = conn.execute(_PAYMENT_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.original_serial}).one()
-        if p.state == TOMBSTONE:
-            outcome = "ORIGINAL_NOT_FOUND"
-        elif p.amount_fen != cmd.amount_fen:
-            raise Precondition(f"amount_fen {cmd.amount_fen} does not match the original payment's "
-                               f"{p.amount_fen}", field="amount_fen", reason="AMOUNT_MISMATCH")
-        elif p.state == REVERSED:
-            outcome = "REVERSED"
-        else:
-            if conn.execute(_DAY_CLOSED, {"bank_id": cmd.bank_id, "day": p.settlement_date}).first():
-                raise DayClosed(f"settlement date {p.settlement_date} is reconciled; payment cannot be cancelled")
+        # Until _undo_payment writes, every way out (a replay answered, a refusal) has written nothing:
+        # on PostgreSQL it ends in COMMIT (pay_pg.end_write_free), not in the ROLLBACK at which psycopg
+        # forgets the prepared statements of a connection the pays share.
+        try:
+            lock_bank_day(conn, cmd.bank_id)
+            if found.account_no:
+                conn.execute(_LOCK_CUSTOMER, {"account_no": found.account_no}).first()
+            again = conn.execute(_CANCEL_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.cancel_serial}).first()
+            if again is not None:
+                answer = _answer_cancel_replay(again, cmd)
+                pay_pg.end_write_free(conn)
+                return answer, False
+            p = conn.execute(_PAYMENT_BY_SERIAL, {"bank_id": cmd.bank_id, "serial": cmd.original_serial}).one()
+            undo = False
+            if p.state == TOMBSTONE:
+                outcome = "ORIGINAL_NOT_FOUND"
+            elif p.amount_fen != cmd.amount_fen:
+                raise Precondition(f"amount_fen {cmd.amount_fen} does not match the original payment's "
+                                   f"{p.amount_fen}", field="amount_fen", reason="AMOUNT_MISMATCH")
+            elif p.state == REVERSED:
+                outcome = "REVERSED"
+            else:
+                if conn.execute(_DAY_CLOSED, {"bank_id": cmd.bank_id, "day": p.settlement_date}).first():
+                    raise DayClosed(f"settlement date {p.settlement_date} is reconciled; "
+                                    "payment cannot be cancelled")
+                undo = True
+                outcome = "REVERSED"
+        except YinDianError:
+            pay_pg.end_write_free(conn)
+            raise
+        if undo:
             _undo_payment(conn, p, now, day, cmd.cancel_serial)
-            outcome = "REVERSED"
         conn.execute(_INSERT_CANCEL, {"bank_id": cmd.bank_id, "cancel_serial": cmd.cancel_serial,
                                       "original_serial": cmd.original_serial, "amount_fen": cmd.amount_fen,
                                       "reason": cmd.reason, "outcome": outcome, "settlement_date": day,

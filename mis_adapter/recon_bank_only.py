@@ -122,8 +122,13 @@ FROM (
 """
 # PostgreSQL: each payment's id drawn from the sequence here, in line order (a volatile
 # output column is computed after the ORDER BY's sort), so that the payments go in by a
-# plain INSERT: no RETURNING, no second pass writing the ids into bo_pays.
-_PG_PAYS = _PAYS.format(id_col=", payment_id", id_val=",\n       nextval(pg_get_serial_sequence('payments', 'payment_id'))",
+# plain INSERT: no RETURNING, no second pass writing the ids into bo_pays. The sequence is
+# looked up once (an InitPlan returning the regclass): pg_get_serial_sequence's text, cast
+# to regclass in each row, was a catalog lookup by name per payment (≈1.0 s of 1.4 s per
+# 100k rows; 0.1 s without).
+_PG_PAYS = _PAYS.format(id_col=", payment_id",
+                        id_val=",\n       nextval((SELECT CAST(pg_get_serial_sequence('payments', 'payment_id') "
+                               "AS regclass)))",
                         order="\nORDER BY w.line_id")
 _PAYS = _PAYS.format(id_col="", id_val="", order="")
 
@@ -290,8 +295,10 @@ def post_common_bank_only(conn: Connection, *, bank_id: str, day: dt.date, rates
     else:
         conn.execute(_text(_INSERT_PAYMENTS), at)
         conn.execute(_text(_PAYMENT_IDS), at)
-    conn.execute(_text(_INSERT_ALLOCATIONS))
+    # the bills before their allocations: each allocation's foreign-key check then finds its bill
+    # already locked by this transaction's update, on a page just visited in bill order
     conn.execute(_text(_MYSQL_UPDATE_BILLS if mysql else _UPDATE_BILLS), key)
+    conn.execute(_text(_INSERT_ALLOCATIONS))
     conn.execute(_text(_MYSQL_UPDATE_PREPAID if mysql else _UPDATE_PREPAID))
     conn.execute(_text(_INSERT_LEDGER), at)
     conn.execute(_text(_INSERT_JOURNAL), at)

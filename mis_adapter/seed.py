@@ -53,6 +53,8 @@ SEED_AGREEMENT_START = dt.date(2020, 1, 1)
 # (deferred_keys). The primary keys the signing looks up and upserts by stay.
 BULK_TABLES = ("customers", "meters", "readings", "bills", "prepaid_ledger",
                "agreement_records", "agreements", "journal")
+# Of those, the tables whose primary keys nothing reads during the load: built after it too.
+PK_DEFERRED_TABLES = ("meters", "readings", "bills", "prepaid_ledger", "journal")
 REBUILD_WORK_MEM = "256MB"  # maintenance_work_mem while the deferred indexes are sorted
 
 
@@ -82,16 +84,25 @@ def _price_fen(kwh: int, tariff_class: str) -> int:
 
 
 def bulk_insert(engine: Engine, table: sa.Table, rows: list[dict[str, Any]]) -> None:
-    """Driver-level executemany in batches: SQLAlchemy's per-row parameter
-    processing costs more than the inserts themselves at this volume.
-    PostgreSQL: one `INSERT ... SELECT unnest(arrays)` per batch (executemany
-    there is a round trip per row)."""
+    """bulk_insert_rows for rows given as dicts (every dict with the same keys)."""
+    if not rows:
+        return
+    cols = tuple(rows[0].keys())
+    values = operator.itemgetter(*cols)
+    bulk_insert_rows(engine, table, cols, [values(r) for r in rows] if len(cols) > 1 else [(r[cols[0]],) for r in rows])
+
+
+def bulk_insert_rows(engine: Engine, table: sa.Table, cols: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+    """Rows given as tuples in `cols` order. Driver-level executemany in
+    batches: SQLAlchemy's per-row parameter processing costs more than the
+    inserts themselves at this volume. PostgreSQL: COPY (executemany there is
+    a round trip per row)."""
     if not rows:
         return
     if engine.dialect.name == "postgresql":
-        _copy_rows(engine, table, rows)
+        with engine.begin() as conn:
+            copy_rows(conn, table, cols, rows)
         return
-    cols = list(rows[0].keys())
     mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
     q = engine.dialect.identifier_preparer.quote
     sql = (f"INSERT INTO {q(table.name)} ({', '.join(q(c) for c in cols)}) "
@@ -104,34 +115,38 @@ def bulk_insert(engine: Engine, table: sa.Table, rows: list[dict[str, Any]]) -> 
             elif isinstance(table.c[c].type, sa.Date):
                 converters.append((i, _sqlite_date))
     for start in range(0, len(rows), BATCH_ROWS):
-        batch = []
-        for r in rows[start:start + BATCH_ROWS]:
-            values = [r[c] for c in cols]
-            for i, conv in converters:
-                values[i] = conv(values[i])
-            batch.append(tuple(values))
+        batch = rows[start:start + BATCH_ROWS]
+        if converters:
+            converted = []
+            for r in batch:
+                values = list(r)
+                for i, conv in converters:
+                    values[i] = conv(values[i])
+                converted.append(tuple(values))
+            batch = converted
         with engine.begin() as conn:
             conn.exec_driver_sql(sql, batch)  # type: ignore[arg-type]
 
 
-def _copy_rows(engine: Engine, table: sa.Table, rows: list[dict[str, Any]]) -> None:
-    """PostgreSQL: COPY FROM STDIN (psycopg), one transaction, in the binary
-    format: the server then reads each value as it stores it instead of
-    parsing text (numbers, dates, instants)."""
-    cols = list(rows[0].keys())
-    types = [_pg_binary_type(engine, table.c[c].type) for c in cols]
-    with engine.begin() as conn:
-        driver = conn.connection.driver_connection
-        assert driver is not None
-        sql = f"COPY {table.name} ({', '.join(cols)}) FROM STDIN (FORMAT BINARY)"
-        with driver.cursor() as cur, cur.copy(sql) as copy:
-            copy.set_types(types)
-            values = operator.itemgetter(*cols)  # one C call per row instead of a comprehension
-            for r in rows:
-                copy.write_row(values(r))
+def copy_rows(conn: sa.Connection, table: sa.Table, cols: tuple[str, ...], rows: list[tuple[Any, ...]],
+              *, freeze: bool = False) -> None:
+    """PostgreSQL: COPY FROM STDIN (psycopg) in the caller's transaction, in
+    the binary format: the server then reads each value as it stores it
+    instead of parsing text (numbers, dates, instants). `freeze`: COPY FREEZE
+    (the table must have been created or truncated in this transaction)."""
+    types = [_pg_binary_type(conn.engine, table.c[c].type) for c in cols]
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    options = "FORMAT BINARY, FREEZE" if freeze else "FORMAT BINARY"
+    sql = f"COPY {table.name} ({', '.join(cols)}) FROM STDIN ({options})"
+    with driver.cursor() as cur, cur.copy(sql) as copy:
+        copy.set_types(types)
+        write = copy.write_row
+        for r in rows:
+            write(r)
 
 
-def _pg_binary_type(engine: Engine, column_type: sa.types.TypeEngine[Any]) -> str:
+def _pg_binary_type(engine: Engine | sa.Connection, column_type: sa.types.TypeEngine[Any]) -> str:
     """The PostgreSQL type name a column's values are sent as in a binary COPY
     (which needs the exact type): its DDL name without the length."""
     return column_type.compile(dialect=engine.dialect).split("(")[0].lower()
@@ -180,17 +195,22 @@ def seed(router: BranchRouter, accounts: int, roster_dir: Path, *, today: dt.dat
     for h in households:
         by_engine.setdefault(router.engine_for(h[0]), []).append(h)
 
+    first_ids = {engine: _next_ids(engine) for engine in by_engine}
+    next_ids = {engine: None if ids is None else list(ids) for engine, ids in first_ids.items()}
+
     def chunks() -> Iterator[_Chunk]:  # memory stays flat in N: at most GENERATED_AHEAD_MAX chunks wait
         for engine, hs in by_engine.items():
             for start in range(0, len(hs), HOUSEHOLDS_PER_CHUNK):
                 yield _generate(engine, hs[start:start + HOUSEHOLDS_PER_CHUNK], rng, billed, unbilled, today, now,
-                                agreement_share, arrears_share, rosters, counts)
+                                agreement_share, arrears_share, rosters, counts, next_ids[engine])
 
     with contextlib.ExitStack() as stack:
         for engine in by_engine:
             stack.enter_context(deferred_keys(engine))
         for chunk in _ahead(chunks()):
             _load(chunk, today, now, counts)
+        for engine, ids in next_ids.items():
+            _advance_sequences(engine, first_ids[engine], ids)
 
     roster_dir.mkdir(parents=True, exist_ok=True)
     for bank_id, accts in rosters.items():
@@ -199,6 +219,41 @@ def seed(router: BranchRouter, accounts: int, roster_dir: Path, *, today: dt.dat
             w.writerow(["account_no"])
             w.writerows([a] for a in sorted(accts))
     return counts
+
+
+# The tables whose generated keys the seed numbers itself on PostgreSQL (the database would
+# otherwise call nextval once per row: 1M bills and 1.08M readings), and their key columns.
+NUMBERED = (("readings", "reading_id"), ("bills", "bill_id"), ("prepaid_ledger", "entry_id"))
+
+
+def _next_ids(engine: Engine) -> list[int] | None:
+    """PostgreSQL: the id each NUMBERED table's sequence would give next (read,
+    not drawn), in NUMBERED order; None elsewhere (the database numbers the
+    rows as they are inserted)."""
+    if engine.dialect.name != "postgresql":
+        return None
+    out = []
+    with engine.connect() as conn:
+        for table, column in NUMBERED:
+            start, step, last = conn.exec_driver_sql(
+                "SELECT s.start_value, s.increment_by, s.last_value FROM pg_sequences s "
+                "WHERE format('%%I.%%I', s.schemaname, s.sequencename)::regclass = "
+                "pg_get_serial_sequence(%s, %s)::regclass", (table, column)).one()
+            if step != 1:
+                return None
+            out.append(int(start) if last is None else int(last) + 1)
+    return out
+
+
+def _advance_sequences(engine: Engine, first: list[int] | None, after: list[int] | None) -> None:
+    """After the load: each NUMBERED sequence that numbered rows stands where
+    nextval per row would have left it (the last id given); the others untouched."""
+    if first is None or after is None:
+        return
+    with engine.begin() as conn:
+        for (table, column), a, b in zip(NUMBERED, first, after, strict=True):
+            if b != a:
+                conn.exec_driver_sql("SELECT setval(pg_get_serial_sequence(%s, %s), %s)", (table, column, b - 1))
 
 
 def _ahead(chunks: Iterator[_Chunk]) -> Iterator[_Chunk]:
@@ -232,8 +287,12 @@ def _ahead(chunks: Iterator[_Chunk]) -> Iterator[_Chunk]:
         stop.set()
 
 
+# The unique and foreign keys of BULK_TABLES, the primary keys of PK_DEFERRED_TABLES and the foreign
+# keys (of any table) that reference those: foreign keys first (contype f < p < u).
 _PG_KEYS = ("SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid), contype FROM pg_constraint "
-            "WHERE conrelid = ANY(%s::regclass[]) AND contype IN ('f', 'u') ORDER BY contype, conname")
+            "WHERE (conrelid = ANY(%(bulk)s::regclass[]) AND contype IN ('f', 'u')) "
+            "OR (conrelid = ANY(%(pk)s::regclass[]) AND contype = 'p') "
+            "OR (confrelid = ANY(%(pk)s::regclass[]) AND contype = 'f') ORDER BY contype, conname")
 _PG_PLAIN_INDEXES = ("SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid) FROM pg_index i "
                      "WHERE i.indrelid = ANY(%s::regclass[]) AND NOT EXISTS (SELECT 1 FROM pg_constraint c "
                      "WHERE c.conindid = i.indexrelid AND c.contype IN ('p', 'u', 'x')) ORDER BY 1")
@@ -242,19 +301,20 @@ _PG_PLAIN_INDEXES = ("SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.ind
 @contextlib.contextmanager
 def deferred_keys(engine: Engine) -> Iterator[None]:
     """PostgreSQL (the seed runs only on an empty database): the secondary
-    indexes and the unique and foreign keys of BULK_TABLES are dropped for
-    the bulk load and rebuilt after it, also when the load fails: one sort
-    per index and one validating pass per key instead of a B-tree insert and
-    a key lookup per row. Primary keys stay (agreements are signed against
-    them). Elsewhere nothing changes."""
+    indexes and the unique and foreign keys of BULK_TABLES, and the primary
+    keys of PK_DEFERRED_TABLES (with the foreign keys that reference them),
+    are dropped for the bulk load and rebuilt after it, also when the load
+    fails: one sort per index and one validating pass per key instead of a
+    B-tree insert and a key lookup per row. The primary keys agreements are
+    signed against (customers, agreements, agreement_records) stay.
+    Elsewhere nothing changes."""
     if engine.dialect.name != "postgresql":
         yield
         return
-    tables = list(BULK_TABLES)
     with engine.begin() as conn:
-        keys = conn.exec_driver_sql(_PG_KEYS, (tables,)).all()
-        indexes = conn.exec_driver_sql(_PG_PLAIN_INDEXES, (tables,)).all()
-        for table, name, _definition, _kind in keys:  # foreign keys first (contype f < u)
+        keys = conn.exec_driver_sql(_PG_KEYS, {"bulk": list(BULK_TABLES), "pk": list(PK_DEFERRED_TABLES)}).all()
+        indexes = conn.exec_driver_sql(_PG_PLAIN_INDEXES, (list(BULK_TABLES),)).all()
+        for table, name, _definition, _kind in keys:
             conn.exec_driver_sql(f'ALTER TABLE {table} DROP CONSTRAINT "{name}"')
         for name, _definition in indexes:
             conn.exec_driver_sql(f"DROP INDEX {name}")
@@ -265,80 +325,111 @@ def deferred_keys(engine: Engine) -> Iterator[None]:
             conn.exec_driver_sql(f"SET LOCAL maintenance_work_mem = '{REBUILD_WORK_MEM}'")
             for _name, definition in indexes:
                 conn.exec_driver_sql(definition)
-            for table, name, definition, _kind in reversed(keys):  # unique keys before the foreign keys
+            for table, name, definition, _kind in reversed(keys):  # unique and primary before foreign keys
                 conn.exec_driver_sql(f'ALTER TABLE {table} ADD CONSTRAINT "{name}" {definition}')
 
 
 @dataclass
 class _Chunk:
-    """One chunk of households, generated, to be loaded into `engine`."""
+    """One chunk of households, generated, to be loaded into `engine`: per
+    table its columns and rows as tuples in that column order."""
     engine: Engine
-    tables: list[tuple[sa.Table, list[dict[str, Any]]]]
+    tables: list[tuple[sa.Table, tuple[str, ...], list[tuple[Any, ...]]]]
     agreements: list[SignCommand]
+
+
+CUSTOMER_COLS = ("account_no", "branch_code", "name", "address", "phone", "tariff_class", "status", "prepaid_fen",
+                 "opened_on")
+METER_COLS = ("meter_no", "account_no", "installed_on")
+READING_COLS = ("reading_id", "meter_no", "account_no", "period", "register_kwh", "kwh", "read_on", "billed")
+BILL_COLS = ("bill_id", "account_no", "period", "kwh", "amount_fen", "prepaid_applied_fen", "principal_paid_fen",
+             "late_fee_paid_fen", "accrual_micro", "accrual_date", "due_date", "issued_at", "status", "paid_on",
+             "dunning")
+PREPAID_COLS = ("entry_id", "account_no", "reason", "delta_fen", "balance_after_fen", "payment_id", "bill_id", "at")
+KWH_LOW, KWH_HIGH = 0.6, 1.5  # a month's consumption: base × uniform(KWH_LOW, KWH_HIGH)
+PAID_DAYS_BEFORE_DUE = 15  # a paid bill was paid 0..14 days before its due date (or today)
+INSTALLED_ON = dt.date(2015, 1, 1)
 
 
 def _generate(engine: Engine, hs: list[tuple[str, str, str]], rng: random.Random, billed: list[str],
               unbilled: str, today: dt.date, now: dt.datetime, agreement_share: float, arrears_share: float,
-              rosters: dict[str, list[str]], counts: dict[str, int]) -> _Chunk:
-    customers: list[dict[str, Any]] = []
-    meters: list[dict[str, Any]] = []
-    readings: list[dict[str, Any]] = []
-    bills: list[dict[str, Any]] = []
-    prepaid: list[dict[str, Any]] = []
+              rosters: dict[str, list[str]], counts: dict[str, int], next_ids: list[int] | None) -> _Chunk:
+    """Rows built as tuples straight in column order (1M bills: no dict per row
+    to build and pick apart again); the random draws in the same order as
+    ever (rng.uniform(a, b) is a + (b - a) * rng.random(), inlined).
+    `next_ids` (PostgreSQL, NUMBERED order, advanced here): readings, bills
+    and prepaid entries carry their ids, numbered as nextval would have."""
+    customers: list[tuple[Any, ...]] = []
+    meters: list[tuple[Any, ...]] = []
+    readings: list[tuple[Any, ...]] = []
+    bills: list[tuple[Any, ...]] = []
+    prepaid: list[tuple[Any, ...]] = []
     agreements: list[SignCommand] = []
-    # per billed month, the same for every household: period, read on, due date, issued at
-    months = [(period, next_month_day(period, 1) - dt.timedelta(days=1), next_month_day(period, DUE_DAY),
-               dt.datetime.combine(next_month_day(period, ISSUE_DAY), dt.time(2, 0), dt.UTC)) for period in billed]
+    rnd, randrange, choice, randint = rng.random, rng.randrange, rng.choice, rng.randint
+    kwh_span = KWH_HIGH - KWH_LOW
+    reading_id, bill_id, entry_id = next_ids or (1, 1, 1)
+    n_billed = len(billed)
+    # per billed month, the same for every household: index, period, read on, due date, issued at, and
+    # the dates a paid bill may have been paid on (by the days drawn before its due date or today)
+    months = [(i, period, next_month_day(period, 1) - dt.timedelta(days=1), next_month_day(period, DUE_DAY),
+               dt.datetime.combine(next_month_day(period, ISSUE_DAY), dt.time(2, 0), dt.UTC),
+               [min(next_month_day(period, DUE_DAY), today) - dt.timedelta(days=d)
+                for d in range(PAID_DAYS_BEFORE_DUE)])
+              for i, period in enumerate(billed)]
     for acct, branch, cls in hs:
-        name = rng.choice(SURNAMES) + "".join(rng.choice(GIVEN) for _ in range(rng.choice((1, 2))))
-        phone = "1" + rng.choice("3456789") + "".join(str(rng.randrange(10)) for _ in range(9))
-        address = f"{rng.choice(STREETS)}{rng.randrange(1, 999)}号{rng.randrange(1, 30)}栋{rng.randrange(101, 2999)}室"
+        name = choice(SURNAMES) + "".join(choice(GIVEN) for _ in range(choice((1, 2))))
+        phone = "1" + choice("3456789") + "".join(str(randrange(10)) for _ in range(9))
+        address = f"{choice(STREETS)}{randrange(1, 999)}号{randrange(1, 30)}栋{randrange(101, 2999)}室"
         meter = f"M{acct}"
-        meters.append({"meter_no": meter, "account_no": acct, "installed_on": dt.date(2015, 1, 1)})
-        in_arrears = rng.random() < arrears_share
-        unpaid_months = rng.randint(1, 4) if in_arrears else 0
+        meters.append((meter, acct, INSTALLED_ON))
+        in_arrears = rnd() < arrears_share
+        unpaid_months = randint(1, 4) if in_arrears else 0
         counts["arrears_households"] += 1 if in_arrears else 0
+        first_unpaid = n_billed - unpaid_months
         any_unpaid = False
-        register = rng.randrange(1000, 50000)
-        base = rng.randint(80, 400) if cls == RESIDENTIAL else rng.randint(500, 6000)
-        for i, (period, read_on, due, issued_at) in enumerate(months):
-            kwh = max(0, int(base * rng.uniform(0.6, 1.5)))
+        register = randrange(1000, 50000)
+        base = randint(80, 400) if cls == RESIDENTIAL else randint(500, 6000)
+        for i, period, read_on, due, issued_at, paid_on in months:
+            kwh = max(0, int(base * (KWH_LOW + kwh_span * rnd())))
             register += kwh
-            readings.append({"meter_no": meter, "account_no": acct, "period": period, "register_kwh": register,
-                             "kwh": kwh, "read_on": read_on, "billed": True})
+            readings.append((reading_id, meter, acct, period, register, kwh, read_on, True))
+            reading_id += 1
             amount = _price_fen(kwh, cls)
-            unpaid = i >= len(billed) - unpaid_months or due >= today
-            paid = not unpaid
-            any_unpaid = any_unpaid or unpaid
-            bills.append({"account_no": acct, "period": period, "kwh": kwh, "amount_fen": amount,
-                          "prepaid_applied_fen": 0, "principal_paid_fen": amount if paid else 0,
-                          "late_fee_paid_fen": 0, "accrual_micro": 0, "accrual_date": due, "due_date": due,
-                          "issued_at": issued_at,
-                          "status": "PAID" if paid else "UNPAID",
-                          "paid_on": min(due, today) - dt.timedelta(days=rng.randrange(0, 15)) if paid else None,
-                          "dunning": False})
-        kwh = max(0, int(base * rng.uniform(0.6, 1.5)))  # this month's reading, not billed yet
-        readings.append({"meter_no": meter, "account_no": acct, "period": unbilled, "register_kwh": register + kwh,
-                         "kwh": kwh, "read_on": today, "billed": False})
+            if i >= first_unpaid or due >= today:
+                any_unpaid = True
+                bills.append((bill_id, acct, period, kwh, amount, 0, 0, 0, 0, due, due, issued_at, "UNPAID", None,
+                              False))
+            else:
+                bills.append((bill_id, acct, period, kwh, amount, 0, amount, 0, 0, due, due, issued_at, "PAID",
+                              paid_on[randrange(0, PAID_DAYS_BEFORE_DUE)], False))
+            bill_id += 1
+        kwh = max(0, int(base * (KWH_LOW + kwh_span * rnd())))  # this month's reading, not billed yet
+        readings.append((reading_id, meter, acct, unbilled, register + kwh, kwh, today, False))
+        reading_id += 1
         # prepaid credit only where no bill is unpaid: credit is applied to bills as they are issued
-        prepaid_fen = rng.choice((0, 0, 0, 0, 0, 0, 0, 0, 1000, 5000)) if cls == RESIDENTIAL and not any_unpaid else 0
-        customers.append({"account_no": acct, "branch_code": branch, "name": name, "address": address,
-                          "phone": phone, "tariff_class": cls, "status": "OPEN", "prepaid_fen": prepaid_fen,
-                          "opened_on": dt.date(2015 + rng.randrange(10), 1 + rng.randrange(12), 1)})
+        prepaid_fen = choice((0, 0, 0, 0, 0, 0, 0, 0, 1000, 5000)) if cls == RESIDENTIAL and not any_unpaid else 0
+        customers.append((acct, branch, name, address, phone, cls, "OPEN", prepaid_fen,
+                          dt.date(2015 + randrange(10), 1 + randrange(12), 1)))
         if prepaid_fen:
-            prepaid.append({"account_no": acct, "reason": "MIGRATED", "delta_fen": prepaid_fen,
-                            "balance_after_fen": prepaid_fen, "payment_id": None, "bill_id": None, "at": now})
-        if rng.random() < agreement_share:
-            bank = BANKS[rng.randrange(len(BANKS))][0]
+            prepaid.append((entry_id, acct, "MIGRATED", prepaid_fen, prepaid_fen, None, None, now))
+            entry_id += 1
+        if rnd() < agreement_share:
+            bank = BANKS[randrange(len(BANKS))][0]
             agreements.append(seed_agreement(bank, acct))
             rosters[bank].append(acct)
-    return _Chunk(engine, [(table_of(Customer), customers), (table_of(Meter), meters), (table_of(Reading), readings),
-                           (table_of(BillRow), bills), (table_of(PrepaidEntry), prepaid)], agreements)
+    numbered = [(table_of(Reading), READING_COLS, readings), (table_of(BillRow), BILL_COLS, bills),
+                (table_of(PrepaidEntry), PREPAID_COLS, prepaid)]
+    if next_ids is None:  # the database numbers them: the id column left out
+        numbered = [(t, cols[1:], [r[1:] for r in rows]) for t, cols, rows in numbered]
+    else:
+        next_ids[:] = [reading_id, bill_id, entry_id]
+    return _Chunk(engine, [(table_of(Customer), CUSTOMER_COLS, customers), (table_of(Meter), METER_COLS, meters),
+                           *numbered], agreements)
 
 
 def _load(chunk: _Chunk, today: dt.date, now: dt.datetime, counts: dict[str, int]) -> None:
-    for table, rows in chunk.tables:
-        bulk_insert(chunk.engine, table, rows)
+    for table, cols, rows in chunk.tables:
+        bulk_insert_rows(chunk.engine, table, cols, rows)
         if table.name in counts:
             counts[table.name] += len(rows)
     # Agreements through the path SignAgreement takes (records, the accounts' index rows, journal).

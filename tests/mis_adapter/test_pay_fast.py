@@ -17,13 +17,20 @@ from mis_adapter.banks import lock_bank_day
 from mis_adapter.context import AdapterContext
 from mis_adapter.db.core import AllocationRow, BillRow, Customer, Payment, PrepaidEntry
 from mis_adapter.db.recon import ReconciledDay
-from mis_adapter.payments import PayCommand
+from mis_adapter.payments import CancelCommand, PayCommand
 from mis_adapter.settings import AdapterSettings
 from tests.support.databases import fresh_database
 from tests.support.mis_data import NOON, TODAY, BillSpec, RunningAdapter, add_account, running_adapter
 from yindian.v1 import billing_pb2 as pb
 from yindian_common.clock import ManualClock
-from yindian_common.errors import AccountClosed, AccountNotFound, SerialConflict
+from yindian_common.errors import (
+    AccountClosed,
+    AccountNotFound,
+    DayClosed,
+    Precondition,
+    SerialConflict,
+    Unavailable,
+)
 from yindian_common.fields import make_account_no
 from yindian_common.settings import load_settings
 
@@ -179,4 +186,140 @@ def test_replays_and_refusals_keep_the_pays_prepared_statements(tmp_path: Path) 
                 assert conn.execute(sa.select(sa.func.count()).where(p.c.account_no == closed)).scalar_one() == 0
             watch.dispose()
         finally:
+            ctx.close()
+
+
+def test_refused_cancels_keep_the_pays_prepared_statements(tmp_path: Path) -> None:
+    """A Cancel refused after it locked the payment's account (amount mismatch, a reconciled day)
+    wrote nothing and ends without a ROLLBACK on the pool the pays share: Pay's statements stay
+    prepared on the one connection in use, the refusals change no row, and a later cancel reverses."""
+    with fresh_database("postgresql", tmp_path) as url:
+        ctx = AdapterContext.build(load_settings(AdapterSettings, {"db": url, "insecure": True, "db_pool_size": 2}),
+                                   ManualClock(NOON))
+        try:
+            from mis_adapter.migrate import upgrade
+            from tests.support.mis_data import add_bank
+            engine = ctx.router.primary
+            upgrade(engine)
+            add_bank(engine, "ICBC")
+            acct = add_account(engine, "01", 1, BILLS)
+
+            def prepared() -> int:
+                with engine.connect() as conn, conn.begin():
+                    return int(conn.execute(sa.text(
+                        "SELECT COUNT(*) FROM pg_prepared_statements "
+                        "WHERE statement LIKE '%pg_advisory_xact_lock_shared%'")).scalar_one())
+
+            for k in range(6):
+                payments.pay(ctx, PayCommand("ICBC", f"P-{k}", acct, 1_000, "O", "T"))
+            assert prepared() == 1
+            watch = sa.create_engine(url)  # the test's own reads end in ROLLBACK: not on the pays' connection
+            before = _state(watch, acct)
+            with pytest.raises(Precondition) as refused:
+                payments.cancel(ctx, CancelCommand("ICBC", "C-1", "P-0", 2_000))
+            assert refused.value.reason == "AMOUNT_MISMATCH"
+            with watch.begin() as conn:
+                conn.execute(sa.insert(ReconciledDay.__table__).values(bank_id="ICBC", settlement_date=TODAY,
+                                                                       reconciled_at=NOON, summary_json="{}"))
+            with pytest.raises(DayClosed):
+                payments.cancel(ctx, CancelCommand("ICBC", "C-2", "P-1", 1_000))
+            assert _state(watch, acct) == before
+            assert prepared() == 1
+            with watch.begin() as conn:
+                conn.execute(sa.delete(ReconciledDay.__table__))
+            assert payments.cancel(ctx, CancelCommand("ICBC", "C-3", "P-2", 1_000)).outcome == "REVERSED"
+            with watch.connect() as conn:
+                p = Payment.__table__
+                states = conn.execute(sa.select(p.c.bank_serial, p.c.state).order_by(p.c.bank_serial)).all()
+                assert [tuple(r) for r in states] == [("P-0", "POSTED"), ("P-1", "POSTED"), ("P-2", "REVERSED"),
+                                                      ("P-3", "POSTED"), ("P-4", "POSTED"), ("P-5", "POSTED")]
+            watch.dispose()
+        finally:
+            ctx.close()
+
+
+def test_a_serial_taken_between_read_and_write_is_answered_as_its_owner(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """READ saw the serial free; another account's pay commits it before WRITE+COMMIT is sent. The
+    WRITE fails on the unique serial and its COMMIT never runs: nothing of this pay is written, and
+    the pay is answered from the stored payment (another account: a serial conflict), not UNAVAILABLE."""
+    with fresh_database("postgresql", tmp_path) as url:
+        ctx = AdapterContext.build(load_settings(AdapterSettings, {"db": url, "insecure": True, "db_pool_size": 2}),
+                                   ManualClock(NOON))
+        try:
+            from mis_adapter.migrate import upgrade
+            from tests.support.mis_data import add_bank
+            engine = ctx.router.primary
+            upgrade(engine)
+            add_bank(engine, "ICBC")
+            acct, other = add_account(engine, "01", 1, BILLS), add_account(engine, "01", 2, BILLS)
+            for k in range(6):  # the statements are prepared, as under load
+                payments.pay(ctx, PayCommand("ICBC", f"P-{k}", acct, 1_000, "O", "T"))
+            before = _state(engine, acct)
+            other_ctx = AdapterContext.build(load_settings(AdapterSettings, {"db": url, "insecure": True,
+                                                                             "db_pool_size": 2}), ManualClock(NOON))
+            taken: list[object] = []
+
+            def between_read_and_write(name: str) -> None:
+                if name == "mis.before_commit" and not taken:
+                    taken.append(name)  # once: the other account's pay passes here too
+                    taken.append(payments.pay(other_ctx, PayCommand("ICBC", "RACE", other, 2_000, "O", "T")))
+
+            monkeypatch.setattr(payments, "crash_point", between_read_and_write)
+            try:
+                with pytest.raises(SerialConflict):
+                    payments.pay(ctx, PayCommand("ICBC", "RACE", acct, 1_000, "O", "T"))
+            finally:
+                other_ctx.close()
+            assert len(taken) == 2 and _state(engine, acct) == before
+            after = payments.pay(ctx, PayCommand("ICBC", "P-6", acct, 1_000, "O", "T"))
+            assert after.amount_fen == 1_000
+        finally:
+            ctx.close()
+
+
+def test_a_pay_frozen_between_read_and_write_loses_its_locks_within_the_idle_bound(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pay's process stops after READ (its locks held: the account row, the bank-day lock a
+    reconciliation needs). The server ends the transaction at the call's idle bound (its wait bound
+    + 1 s) and the locks go; the pay, when it resumes, is UNAVAILABLE and nothing was written."""
+    from tests.support.waiting import wait_until
+    with fresh_database("postgresql", tmp_path) as url:
+        ctx = AdapterContext.build(load_settings(AdapterSettings, {"db": url, "insecure": True, "db_pool_size": 2}),
+                                   ManualClock(NOON))
+        watch = sa.create_engine(url)
+        try:
+            from mis_adapter.migrate import upgrade
+            from tests.support.mis_data import add_bank
+            engine = ctx.router.primary
+            upgrade(engine)
+            add_bank(engine, "ICBC")
+            acct = add_account(engine, "01", 1, BILLS)
+            for k in range(6):  # the statements are prepared, as under load
+                payments.pay(ctx, PayCommand("ICBC", f"P-{k}", acct, 1_000, "O", "T"))
+            before = _state(watch, acct)
+
+            def holders() -> list[int]:
+                with watch.connect() as conn:
+                    return list(conn.execute(sa.text(
+                        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                    )).scalars())
+
+            frozen: list[list[int]] = []
+
+            def freeze(name: str) -> None:  # the process stops here until the server gave up on it
+                if name == "mis.before_commit":
+                    frozen.append(holders())
+                    wait_until(lambda: not holders(), "the server to end the idle transaction", timeout_s=20)
+
+            monkeypatch.setattr(payments, "crash_point", freeze)
+            with pytest.raises(Unavailable):
+                payments.pay(ctx, PayCommand("ICBC", "FROZEN", acct, 1_000, "O", "T"), time_left_s=0.5)
+            assert len(frozen) == 1 and len(frozen[0]) == 1  # it held the bank-day lock while frozen
+            assert _state(watch, acct) == before
+            monkeypatch.undo()
+            assert payments.pay(ctx, PayCommand("ICBC", "AFTER", acct, 1_000, "O", "T")).amount_fen == 1_000
+        finally:
+            watch.dispose()
             ctx.close()

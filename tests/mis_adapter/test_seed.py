@@ -8,12 +8,15 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from mis_adapter.db.core import Agreement, BillRow, Customer, Reading
+from mis_adapter.db.base import table_of
+from mis_adapter.db.core import Agreement, BillRow, Customer, PrepaidEntry, Reading
+from mis_adapter.issue_bills import issue_bills
 from mis_adapter.migrate import upgrade
 from mis_adapter.routing import BranchRouter
 from mis_adapter.seed import deferred_keys, seed
 from mis_adapter.tariff import price_fen
 from tests.support.databases import fresh_database
+from yindian_common.clock import ManualClock
 from yindian_common.fields import account_no
 
 
@@ -83,3 +86,33 @@ def test_seed_rebuilds_every_key_it_deferred_even_after_a_failure(tmp_path: Path
                 [c.name for c in BillRow.__table__.c if c.name != "bill_id"],
                 sa.select(*[c for c in BillRow.__table__.c if c.name != "bill_id"]).limit(1)))
         router.dispose()
+
+
+def test_rows_written_after_the_seed_take_the_next_ids(db_url: str, tmp_path: Path) -> None:
+    """The seed numbers readings, bills and prepaid entries itself on
+    PostgreSQL: afterwards the database goes on from the last of them, so
+    issuing the unbilled month and recording a new reading work (no key
+    clash) and number after the seeded rows, with no id skipped."""
+    router = BranchRouter(db_url, {})
+    engine = router.primary
+    now = dt.datetime(2026, 11, 28, 2, 0, tzinfo=dt.UTC)
+    seed(router, 300, tmp_path / "rosters", today=now.date(), now=now)
+    b, r, p = table_of(BillRow), table_of(Reading), table_of(PrepaidEntry)
+    with engine.connect() as conn:
+        seeded = {t.name: conn.execute(sa.select(t.c[col])).scalars().all()
+                  for t, col in ((b, "bill_id"), (r, "reading_id"), (p, "entry_id"))}
+    for name, ids in seeded.items():
+        assert sorted(ids) == list(range(1, len(ids) + 1)), name
+    summary = issue_bills(engine, ManualClock(now), "202611")
+    assert summary.bills == 300 and summary.prepaid_applied_fen > 0
+    with engine.begin() as conn:
+        new_bills = conn.execute(sa.select(b.c.bill_id).where(b.c.period == "202611")).scalars().all()
+        applied = conn.execute(sa.select(p.c.entry_id).where(p.c.reason == "BILL_APPLIED")).scalars().all()
+        reading_id = conn.execute(r.insert().values(
+            meter_no=conn.execute(sa.select(r.c.meter_no).limit(1)).scalar_one(), account_no="x", period="202612",
+            register_kwh=1, kwh=1, read_on=dt.date(2026, 12, 31), billed=False).returning(r.c.reading_id)).scalar_one()
+    assert sorted(new_bills) == list(range(len(seeded["bills"]) + 1, len(seeded["bills"]) + 301))
+    assert sorted(applied) == list(range(len(seeded["prepaid_ledger"]) + 1,
+                                         len(seeded["prepaid_ledger"]) + len(applied) + 1))
+    assert reading_id == len(seeded["readings"]) + 1
+    router.dispose()
