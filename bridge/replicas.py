@@ -25,6 +25,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from yindian.v1 import billing_pb2_grpc
+from yindian_common.metrics import instrument_channel
 
 log = logging.getLogger("yindian.bridge.replicas")
 
@@ -38,11 +39,15 @@ class Replica:
     channel: grpc.Channel
     stub: billing_pb2_grpc.BillingServiceStub = field(init=False)
     health: health_pb2_grpc.HealthStub = field(init=False)
+    # Unary calls without the metrics interceptor: bridge.upstream records their grpc_client_* itself.
+    unary: billing_pb2_grpc.BillingServiceStub = field(init=False)
     healthy: bool = True  # optimistic at start: the first call or check tells
 
     def __post_init__(self) -> None:
-        self.stub = billing_pb2_grpc.BillingServiceStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
+        instrumented = instrument_channel(self.channel)
+        self.stub = billing_pb2_grpc.BillingServiceStub(instrumented)
+        self.health = health_pb2_grpc.HealthStub(instrumented)
+        self.unary = billing_pb2_grpc.BillingServiceStub(self.channel)
 
 
 class ReplicaSet:

@@ -30,7 +30,7 @@ from yindian_common.db import make_engine
 from yindian_common.errors import InvalidField
 from yindian_common.identity import HEALTH_PREFIX, AdmissionInterceptor
 from yindian_common.logs import setup_logging
-from yindian_common.metrics import grpc_server_interceptors, instrument_channel, start_metrics_http
+from yindian_common.metrics import grpc_server_interceptors, start_metrics_http
 from yindian_common.server import GrpcServer, open_channel
 from yindian_common.settings import add_settings_flags, parse_settings
 from yindian_common.tls import certificate_identity, certificate_store
@@ -89,9 +89,10 @@ class Bridge:
                                queue_max=settings.journal_queue_max, idle_wait_s=settings.journal_idle_wait_s,
                                linger_s=settings.journal_linger_s)
         def channel(address: str) -> grpc.Channel:
-            return instrument_channel(open_channel(address, tls=settings.tls(), insecure=settings.insecure,
-                                                   force_insecure=settings.force_insecure,
-                                                   max_message_bytes=settings.upstream_max_message_bytes))
+            # Plain: each replica instruments it (bridge.replicas), its unary calls are counted by bridge.upstream.
+            return open_channel(address, tls=settings.tls(), insecure=settings.insecure,
+                                force_insecure=settings.force_insecure,
+                                max_message_bytes=settings.upstream_max_message_bytes)
 
         try:
             replicas = ReplicaSet(settings.upstream, channel, health_interval_s=settings.upstream_health_interval_s,

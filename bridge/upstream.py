@@ -25,8 +25,9 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from bridge.replicas import Replica, ReplicaSet
+from bridge.replicas import BILLING_SERVICE, Replica, ReplicaSet
 from yindian.v1 import billing_pb2, billing_pb2_grpc
+from yindian_common.metrics import UnaryClientMetrics
 from yindian_common.status import DOMAIN
 
 log = logging.getLogger("yindian.bridge.upstream")
@@ -113,6 +114,7 @@ class Upstream:
     def __init__(self, replicas: ReplicaSet, metadata: tuple[tuple[str, str], ...]) -> None:
         self.replicas = replicas
         self.metadata = metadata
+        self._metrics: dict[str, UnaryClientMetrics] = {}
 
     @property
     def stub(self) -> billing_pb2_grpc.BillingServiceStub:
@@ -128,9 +130,12 @@ class Upstream:
         return answer
 
     def _call_on(self, replica: Replica, method: str, request: Any, timeout_s: float) -> Answer[Any]:
+        metrics = self._metrics.get(method)
+        if metrics is None:  # the methods are a fixed few: each added once (a race adds an equal one)
+            metrics = self._metrics[method] = UnaryClientMetrics(f"/{BILLING_SERVICE}/{method}")
         try:
-            return Answer(OK, response=getattr(replica.stub, method)(request, timeout=timeout_s,
-                                                                    metadata=self.metadata))
+            return Answer(OK, response=metrics.call(getattr(replica.unary, method), request, timeout=timeout_s,
+                                                    metadata=self.metadata))
         except grpc.RpcError as exc:
             answer = classify(exc)
             if answer.kind in (IN_DOUBT, NOT_SENT) and answer.code == grpc.StatusCode.UNAVAILABLE:

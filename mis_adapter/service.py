@@ -11,7 +11,7 @@ from typing import TypeVar
 import grpc
 from google.protobuf import timestamp_pb2
 
-from mis_adapter import feed_service, link_service, payments, recon_service
+from mis_adapter import account_query, feed_service, link_service, payments, recon_service
 from mis_adapter.context import AdapterContext
 from mis_adapter.control_totals_service import ControlTotalsDesk
 from mis_adapter.payments import CancelCommand, PayCommand, PayResult
@@ -105,7 +105,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         with guard(context, "QueryAccount"):
             self.ctx.banks.ensure_known(self._bank(context))
             fields.account_no(request.account_no)
-            return account_response(payments.query_account(self.ctx, request.account_no))
+            return account_response(account_query.query_account(self.ctx, request.account_no))
 
     def Pay(self, request: pb.PayRequest, context: grpc.ServicerContext) -> pb.PayResponse:
         def work(bank_id: str) -> pb.PayResponse:

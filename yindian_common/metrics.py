@@ -406,6 +406,37 @@ class ClientMetricsInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStrea
         return _CountedResponses(call, mm.received)
 
 
+class UnaryClientMetrics:
+    """The grpc_client_* series of one unary method, recorded around a call made on a channel
+    without the interceptor, exactly as ClientMetricsInterceptor records them. For hot unary
+    calls: grpcio's intercepted-channel path (call details, continuation, the outcome object and
+    its done callback) cost 55-100 us of the calling thread per call on top of the call itself
+    (170-185 us), measured in-process against a local server."""
+
+    __slots__ = ("_mm",)
+
+    def __init__(self, full_method: str, registry: CollectorRegistry = REGISTRY) -> None:
+        self._mm = _MethodMetrics(_families_for("client", registry), UNARY, full_method)
+
+    def call(self, multicallable: Callable[..., Any], request: Any, **kwargs: Any) -> Any:
+        """`multicallable(request, **kwargs)` (a blocking unary call), counted and timed."""
+        mm = self._mm
+        mm.started.inc()
+        mm.sent.inc()
+        start = time.perf_counter()
+        try:
+            response = multicallable(request, **kwargs)
+        except grpc.RpcError as exc:
+            mm.seconds.observe(time.perf_counter() - start)
+            code = exc.code() if isinstance(exc, grpc.Call) else None
+            mm.handled(code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN).inc()
+            raise
+        mm.seconds.observe(time.perf_counter() - start)
+        mm.received.inc()
+        mm.handled(_OK).inc()
+        return response
+
+
 _client_interceptor_lock = threading.Lock()
 _client_interceptor: ClientMetricsInterceptor | None = None
 
