@@ -120,7 +120,10 @@ def _copy(conn: Connection, table: sa.Table, cols: list[str], rows: Iterable[tup
             copy.write_row(r)
 
 
-_PG_NEXT_PAYMENT_IDS = "SELECT nextval(pg_get_serial_sequence('payments', 'payment_id')) FROM generate_series(1, %(n)s)"
+# The sequence is looked up once (an InitPlan returning the regclass), not once per row: pg_get_serial_sequence
+# is only STABLE, so in the target list it runs for every id (100k ids: 0.5-0.9 s against 0.07-0.10 s).
+_PG_NEXT_PAYMENT_IDS = ("SELECT nextval((SELECT CAST(pg_get_serial_sequence('payments', 'payment_id') AS regclass))) "
+                        "FROM generate_series(1, %(n)s)")
 
 
 def _insert_payments(conn: Connection, rows: list[dict[str, Any]], bank_id: str) -> dict[str, int]:
