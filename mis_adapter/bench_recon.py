@@ -41,6 +41,7 @@ from yindian_common.fields import make_account_no
 
 REPO = Path(__file__).resolve().parents[1]
 READY_RE = re.compile(r"READY (\S+) grpc=(\S+) metrics=(\d+)")
+STAGES_RE = re.compile(r"event=recon_stages .*?records=\d+ (.*)$")
 TZ = ZoneInfo(DEFAULT_TZ)
 BANK = "BENCH"
 DAY = dt.date(2026, 11, 27)
@@ -273,12 +274,15 @@ def reconcile_once(url: str, work: Path, plan: Plan, prefix: str, day: dt.date, 
     finally:
         adapter.stop()
     assert summary is not None
+    stages = [m.group(1) for m in map(STAGES_RE.search, (work / "mis_adapter.log").read_text().splitlines()) if m]
     totals = " ".join(f"{pb.ReconcileOutcome.Name(t.outcome).removeprefix('RECONCILE_OUTCOME_')}={t.count}"
                       for t in summary.totals)
     return {"records": f"{summary.record_count:,}", "seconds": f"{seconds:.1f}",
             "records_per_s": f"{summary.record_count / seconds:,.0f}", "rss_start_mib": f"{rss_start / 1024:.0f}",
             "rss_peak_mib": f"{peak / 1024:.0f}", "discrepancy_lines": str(lines), "outcomes": totals,
             "adapter_cpu_s": f"{cpu:.1f}", **({"db_cpu_s": f"{db:.1f}"} if db is not None else {}),
+            # the adapter's own wall seconds per stage of this close (recon.Reconciliation.stages)
+            "stages": f"[{stages[-1]}]" if stages else "[]",
             "load": _load().replace(" ", "/")}
 
 

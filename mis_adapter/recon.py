@@ -35,7 +35,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -93,6 +96,8 @@ __all__ = [
 ]
 
 DISCREPANCIES_PER_MESSAGE = 500       # stored lines per outgoing batch / page read
+
+log = logging.getLogger("mis_adapter.recon")
 
 
 # ---- the day's result ----
@@ -229,6 +234,16 @@ class Reconciliation:
         self._conn: Connection | None = None
         self._staging: Staging | None = None
         self._dialect = engine.dialect.name
+        # wall seconds per stage of this reconciliation (logged once the day is closed; bench-recon prints them)
+        self.stages: dict[str, float] = {}
+
+    @contextmanager
+    def _timed(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[stage] = self.stages.get(stage, 0.0) + time.perf_counter() - started
 
     # -- lifetime --
     def __enter__(self) -> Reconciliation:
@@ -297,7 +312,8 @@ class Reconciliation:
                 if not record_ok(rec):
                     validate_record(rec, where_of(where, rec[0]))  # raises, naming the field
         total = sum(rec[3] for rec in records)
-        self.staging.insert(records)
+        with self._timed("copy"):
+            self.staging.insert(records)
         self.record_count += len(records)
         self.total_fen += total
 
@@ -324,7 +340,10 @@ class Reconciliation:
     def commit(self) -> None:
         """Commits a close that prepare_close left open (nothing to do after a replay)."""
         if self.conn.in_transaction():
-            self.conn.commit()
+            with self._timed("commit"):
+                self.conn.commit()
+            log.info("event=recon_stages bank=%s day=%s records=%d %s", self.bank_id, self.day, self.record_count,
+                     " ".join(f"{k}_s={v:.3f}" for k, v in self.stages.items()))
 
     def prepare_close(self, where: str = "records") -> ReconSummary:
         """close_day without the commit: the day's transaction stays open (its bank-day
@@ -332,25 +351,36 @@ class Reconciliation:
         reconciliation across branch databases closes all of them or none
         (mis_adapter.recon_branches). A stored result is returned with no transaction open."""
         conn = self.conn
-        self.staging.index(where)
-        conn.commit()
+        with self._timed("copy_end"):
+            self.staging.finish_copy()
+        with self._timed("check"):
+            self.staging.index(where)
+            conn.commit()
         conn.execution_options(read_only=False)
         try:
             conn.begin()
             try:
                 # No payment or cancel of this bank commits while we match and close (banks.lock_bank_day).
-                lock_bank_day(conn, self.bank_id, exclusive=True)
+                with self._timed("lock"):
+                    lock_bank_day(conn, self.bank_id, exclusive=True)
                 stored = _stored_summary(conn, self.bank_id, self.day)
                 if stored is not None:
+                    self._refuse_duplicates_once_more(where)  # refused input is refused, closed day or not
                     conn.rollback()
                     return stored
                 # Taken first: a concurrent reconciliation of the day waits here, then replays ours.
                 conn.execute(_CLOSE_DAY, {"bank_id": self.bank_id, "settlement_date": self.day,
                                           "reconciled_at": self.now, "summary_json": ""})
-                settled_n, settled_fen = match_day(conn, self.bank_id, self.day)
+                with self._timed("match"):
+                    settled_n, settled_fen, duplicates = match_day(conn, self.bank_id, self.day, self.record_count)
+                if duplicates:  # the lines just written go with the rollback
+                    self.staging.refuse_duplicates(where)
+                    raise RuntimeError("the matching pass saw a repeated serial that the staging does not hold")
                 crash_point("mis.recon_mid_apply")
-                OutcomeApplier(conn, self.bank_id, self.day, rates=self.rates, now=self.now).apply()
-                summary = self._summary(settled_n, settled_fen)
+                with self._timed("apply"):
+                    OutcomeApplier(conn, self.bank_id, self.day, rates=self.rates, now=self.now).apply()
+                with self._timed("summary"):
+                    summary = self._summary(settled_n, settled_fen)
                 conn.execute(_STORE_SUMMARY, {"k_bank": self.bank_id, "day": self.day, "summary": summary.to_json(),
                                               "at": self.now})
                 conn.execute(T_JOURNAL.insert(), {
@@ -365,9 +395,17 @@ class Reconciliation:
             # Another reconciliation of the same day committed first: answer with its result.
             with conn.begin():
                 stored = _stored_summary(conn, self.bank_id, self.day)
+                if stored is not None:
+                    self._refuse_duplicates_once_more(where)
             if stored is None:
                 raise
             return stored
+
+    def _refuse_duplicates_once_more(self, where: str) -> None:
+        """On PostgreSQL duplicates are found by the matching pass, which a closed day never
+        runs: the records are checked on their own before its stored result is answered."""
+        if self._dialect == "postgresql":
+            self.staging.refuse_duplicates(where)
 
     def _summary(self, settled_n: int, settled_fen: int) -> ReconSummary:
         conn = self.conn

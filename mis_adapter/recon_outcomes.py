@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -122,9 +122,19 @@ _IN_PLACE = {"day_payments": "payments", "day_join": "p.bank_id = :bank_id AND p
 # PostgreSQL: both sides in ONE pass, a hash FULL JOIN of the staged records with the
 # day's payments read in place (by the (bank, day) index): a row with no record is a
 # payment the bank did not send (its facts as _MIS_ONLY_FACTS), any other row is the bank
-# side. Only discrepancies and the payments the bank did not send are kept (a small
-# set); from them the lines are written in the order the two statements above write
-# them (records by line, then payments by id) and the settled ones counted.
+# side. Only discrepancies, the payments the bank did not send and the records with no
+# payment that day are kept (a small set); from them the lines are written in the order
+# the two statements above write them (records by line, then payments by id) and the
+# settled ones counted.
+#
+# The same pass also answers whether a serial repeats in the records (no separate
+# GROUP BY over the staged records, which cost as much as a third of the join): the
+# day's payments have distinct serials, so each record joins at most one of them and
+# the join has exactly `records` rows with a record. A serial repeated among records
+# with no payment that day shows in the kept set (its rows > its distinct serials); one
+# repeated among records that match a payment of the day makes that payment appear
+# twice, so the rows with a payment (records - unmatched records + payments not sent)
+# exceed the day's payments. Either way DayMatch.duplicates is true.
 _PG_MIS_ONLY_FACTS = {m.MIS: "j.m_state"}
 _ONE_PASS_SQL = """
 WITH kept AS (
@@ -141,13 +151,16 @@ WITH kept AS (
       FROM recon_staging s
       FULL JOIN (SELECT payment_id, bank_serial, state, account_no, amount_fen FROM payments
                  WHERE bank_id = :bank_id AND settlement_date = :day) p ON p.bank_serial = s.bank_serial
-      -- a record not found that day: looked up on any day, once, by the unique (bank, serial) index
+      -- a record not found that day: looked up on any day, once, by the unique (bank, serial) index.
+      -- OFFSET 0 keeps it a per-record lookup: pulled up into the join, the planner hashed every
+      -- payment the bank ever made (a second pass over payments, 2-3 s of a 1M-record close).
       LEFT JOIN LATERAL (SELECT q.state, q.account_no, q.amount_fen FROM payments q
-                         WHERE p.payment_id IS NULL AND q.bank_id = :bank_id AND q.bank_serial = s.bank_serial) q
+                         WHERE p.payment_id IS NULL AND q.bank_id = :bank_id AND q.bank_serial = s.bank_serial
+                         OFFSET 0) q
              ON true
     ) j
   ) c
-  WHERE c.outcome <> 'MATCHED' OR c.line_no IS NULL
+  WHERE c.outcome <> 'MATCHED' OR c.line_no IS NULL OR c.same_day IS NULL
 ), written AS (
   INSERT INTO recon_lines (bank_id, settlement_date, bank_serial, outcome, bank_line_no, bank_account_no,
                            mis_account_no, bank_amount_fen, mis_amount_fen, bank_status, mis_state, detail)
@@ -157,7 +170,13 @@ WITH kept AS (
   FROM kept k WHERE k.outcome <> 'MATCHED'
   ORDER BY k.line_no IS NULL, k.line_no, k.same_day
 )
-SELECT COUNT(*), COALESCE(SUM(k.m_amount), 0) FROM kept k WHERE k.line_no IS NULL AND k.outcome = 'MATCHED'
+SELECT COUNT(*) FILTER (WHERE k.line_no IS NULL AND k.outcome = 'MATCHED'),
+       COALESCE(SUM(k.m_amount) FILTER (WHERE k.line_no IS NULL AND k.outcome = 'MATCHED'), 0),
+       COUNT(*) FILTER (WHERE k.line_no IS NULL),
+       COUNT(*) FILTER (WHERE k.line_no IS NOT NULL AND k.same_day IS NULL),
+       COUNT(DISTINCT k.bank_serial) FILTER (WHERE k.line_no IS NOT NULL AND k.same_day IS NULL),
+       (SELECT COUNT(*) FROM payments WHERE bank_id = :bank_id AND settlement_date = :day)
+FROM kept k
 """
 ONE_PASS_MIS_ONLY_OUTCOME = m.sql_case(_PG_MIS_ONLY_FACTS, column="outcome", known=_MIS_ONLY_KNOWN)
 ONE_PASS_MIS_ONLY_DETAIL = m.sql_case(_PG_MIS_ONLY_FACTS, column="detail", known=_MIS_ONLY_KNOWN)
@@ -180,21 +199,29 @@ def _matching(where: dict[str, str]) -> tuple[sa.TextClause, sa.TextClause, sa.T
 _MATCHING_IN_PLACE = _matching(_IN_PLACE)
 
 
-def match_day(conn: Connection, bank_id: str, day: dt.date) -> tuple[int, int]:
-    """Writes the day's discrepancy lines (the staging table against the day's
-    payments); returns (count, fen) of the day's payments the bank did not send
-    that are MATCHED (moved no money). The caller holds the bank-day lock
+class DayMatch(NamedTuple):
+    settled_n: int        # the day's payments the bank did not send that are MATCHED (moved no money)
+    settled_fen: int
+    duplicates: bool      # some serial repeats in the staged records (only PostgreSQL's one pass tells;
+                          # elsewhere the staging refused them before): the lines written must not stand
+
+
+def match_day(conn: Connection, bank_id: str, day: dt.date, records: int) -> DayMatch:
+    """Writes the day's discrepancy lines (the staging table, holding `records`
+    records, against the day's payments). The caller holds the bank-day lock
     exclusive (banks.lock_bank_day): no payment or reversal of the day can
     commit meanwhile, so the day's payments need no row locks."""
     key = {"bank_id": bank_id, "day": day}
     if conn.dialect.name == "postgresql":
-        settled_n, settled_fen = conn.execute(_ONE_PASS, key).one()
-        return int(settled_n), int(settled_fen)
-    bank_side, mis_only, mis_only_settled = _MATCHING_IN_PLACE
+        settled_n, settled_fen, mis_only, unmatched, unmatched_serials, day_payments = conn.execute(_ONE_PASS,
+                                                                                                   key).one()
+        repeated = unmatched != unmatched_serials or records - unmatched + mis_only != day_payments
+        return DayMatch(int(settled_n), int(settled_fen), repeated)
+    bank_side, mis_only_lines, mis_only_settled = _MATCHING_IN_PLACE
     conn.execute(bank_side, key)
-    conn.execute(mis_only, key)
+    conn.execute(mis_only_lines, key)
     settled_n, settled_fen = conn.execute(mis_only_settled, key).one()
-    return int(settled_n), int(settled_fen)
+    return DayMatch(int(settled_n), int(settled_fen), False)
 
 
 # ---- applying ----

@@ -136,29 +136,35 @@ class Staging:
                 {"line_no": r[0], "bank_serial": r[1], "account_no": r[2], "amount_fen": r[3], "status": r[4]}
                 for r in records])
 
-    def _finish_copy(self) -> None:
+    def finish_copy(self) -> None:
+        """Ends the COPY of the stream (PostgreSQL): the server has every record once this returns."""
         if self._copy is not None:
             copy, self._copy, self._copy_writer = self._copy, None, None
             copy.__exit__(None, None, None)
 
     def index(self, where: str) -> None:
         """Refuses duplicate serials, naming their lines. On SQLite a unique index does it
-        and serves the joins; PostgreSQL hashes (an index build would sort by collation)."""
-        self._finish_copy()
+        and serves the joins; on MariaDB a GROUP BY. On PostgreSQL nothing here: the
+        day's one matching pass tells whether a serial repeats (recon_outcomes.match_day),
+        and the close calls refuse_duplicates then; the staging needs no planner
+        statistics either (its joins are a hash full join and per-record index lookups
+        whatever its size), so no ANALYZE."""
+        self.finish_copy()
         conn = self.conn
+        if self.dialect == "postgresql":
+            return
         if self.dialect != "sqlite":
-            self._refuse_duplicates(where)
-            if self.dialect == "postgresql":
-                conn.exec_driver_sql("ANALYZE recon_staging")  # autovacuum never sees temporary tables
+            self.refuse_duplicates(where)
             return
         try:
             with conn.begin_nested():
                 conn.exec_driver_sql("CREATE UNIQUE INDEX ix_recon_staging_serial ON recon_staging (bank_serial)")
         except IntegrityError:
-            self._refuse_duplicates(where)
+            self.refuse_duplicates(where)
             raise
 
-    def _refuse_duplicates(self, where: str) -> None:
+    def refuse_duplicates(self, where: str) -> None:
+        """Raises InvalidField naming the first repeated serials and their lines, if any."""
         dups = self.conn.execute(_DUPLICATES, {"n": DUPLICATES_NAMED_MAX}).all()
         if dups:
             named = "; ".join(f"{s} at {where_of(where, lo)} and {where_of(where, hi)}"
