@@ -180,7 +180,7 @@ def process_batch(engine: Engine, clock: Clock, bank_id: str, notices: Sequence[
         if not new:
             return out
         balances = {r.account_no: int(r.balance_fen) for r in conn.execute(
-            _BALANCES, {"p_bank": bank_id, "p_accts": list_param(conn, sorted({n.account_no for n in new}))})}
+            _BALANCES, {"p_bank": bank_id, "p_accts": list_param(conn, sorted({n.account_no for n in new}))}).all()}
         takes, rows, results = [], [], []
         for n in new:
             serial = serial_for(n.seq, n.bill_id)

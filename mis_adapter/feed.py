@@ -361,11 +361,16 @@ def _classify(conn: Connection, bank_id: str, results: Sequence[DebitIn], fee_da
               rates: LateFeeRates, accounts: dict[str, Any]) -> _Plan:
     plan = _Plan()
     debits = [r for r in results if r.outcome == DEBITED]
+    # Each read fetched whole (`.all()`): iterating a result fetches row by row, which cost more than the rule.
     existing = {row.bank_serial: row for row in conn.execute(
-        _PAYMENTS_BY_SERIAL, {"bank_id": bank_id, "serials": list_param(conn, [r.bank_serial for r in debits])})} if debits else {}
-    bills = {row.bill_id: row for row in conn.execute(_BILLS, {"ids": list_param(conn, sorted({r.bill_id for r in results}))})}
+        _PAYMENTS_BY_SERIAL, {"bank_id": bank_id, "serials": list_param(conn, [r.bank_serial for r in debits])}
+    ).all()} if debits else {}
+    bills = {row.bill_id: row for row in conn.execute(
+        _BILLS, {"ids": list_param(conn, sorted({r.bill_id for r in results}))}).all()}
     accts = sorted({r.account_no for r in results})
-    unpaid = {row.account_no: row.n for row in conn.execute(_UNPAID_BY_ACCOUNT, {"accts": list_param(conn, accts)})}
+    unpaid = {row.account_no: row.n for row in conn.execute(
+        _UNPAID_BY_ACCOUNT, {"accts": list_param(conn, accts)}).all()}
+    settles = _SettlesMemo(fee_day, rates)
     per_account: dict[str, int] = {}
     for r in debits:
         if r.bank_serial not in existing:
@@ -394,11 +399,31 @@ def _classify(conn: Connection, bank_id: str, results: Sequence[DebitIn], fee_da
             plan.surplus.append(r)
         elif (unpaid.get(r.account_no) == 1 and per_account[r.account_no] == 1
               and (acct := accounts.get(r.account_no)) is not None and acct.status == "OPEN"
-              and _settles_bill(r, bill, acct.tariff_class, fee_day, rates)):
+              and settles(r, bill, acct.tariff_class)):
             plan.fast.append(r)
         else:
             plan.general.append(r)
     return plan
+
+
+class _SettlesMemo:
+    """`_settles_bill` asked once per distinct input within a batch: its answer depends only on
+    the debit's amount, the tariff class and the bill's money fields below (not on ids or
+    accounts), and a month's bills repeat the same few amounts and states. The rule ran per
+    debit was the largest share of posting a batch."""
+
+    def __init__(self, fee_day: dt.date, rates: LateFeeRates) -> None:
+        self.fee_day = fee_day
+        self.rates = rates
+        self.known: dict[tuple[Any, ...], bool] = {}
+
+    def __call__(self, r: DebitIn, bill: Any, tariff_class: str) -> bool:
+        key = (r.amount_fen, tariff_class, bill.period, bill.amount_fen, bill.prepaid_applied_fen,
+               bill.principal_paid_fen, bill.accrual_micro, bill.accrual_date, bill.late_fee_paid_fen)
+        answer = self.known.get(key)
+        if answer is None:
+            answer = self.known[key] = _settles_bill(r, bill, tariff_class, self.fee_day, self.rates)
+        return answer
 
 
 def _settles_bill(r: DebitIn, bill: Any, tariff_class: str, fee_day: dt.date, rates: LateFeeRates) -> bool:
@@ -578,7 +603,7 @@ def apply_results(books: payments.Books, bank_id: str, results: Sequence[DebitIn
                 prepaid: dict[str, int] = {}
                 accounts: dict[str, Any] = {}
                 if accts:
-                    for row in conn.execute(_LOCK_CUSTOMERS, {"accts": list_param(conn, accts)}):
+                    for row in conn.execute(_LOCK_CUSTOMERS, {"accts": list_param(conn, accts)}).all():
                         prepaid[row.account_no] = int(row.prepaid_fen)
                         accounts[row.account_no] = row
                 plan = _classify(conn, bank_id, results, fee_day, books.rates, accounts) if results else _Plan()

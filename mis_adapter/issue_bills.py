@@ -105,9 +105,9 @@ def _issue_batch(conn: Connection, accts: Sequence[str], period: str, tariff: Ta
                  today: dt.date, due_date: dt.date, summary: IssueSummary) -> set[str]:
     """One transaction's work; returns the banks whose outbox grew."""
     batch = list_param(conn, accts)
-    customers = {r.account_no: r for r in conn.execute(_LOCK_CUSTOMERS, {"accts": batch})}
-    kwh = {r.account_no: int(r.kwh) for r in conn.execute(_KWH, {"period": period, "accts": batch})}
-    existing = {r.account_no for r in conn.execute(_EXISTING, {"period": period, "accts": batch})}
+    customers = {r.account_no: r for r in conn.execute(_LOCK_CUSTOMERS, {"accts": batch}).all()}
+    kwh = {r.account_no: int(r.kwh) for r in conn.execute(_KWH, {"period": period, "accts": batch}).all()}
+    existing = {r.account_no for r in conn.execute(_EXISTING, {"period": period, "accts": batch}).all()}
     summary.skipped_existing += len(existing & set(kwh))
     new: list[_NewBill] = []
     for acct in sorted(kwh):
@@ -128,7 +128,7 @@ def _issue_batch(conn: Connection, accts: Sequence[str], period: str, tariff: Ta
         for b in new])
     new_accts = list_param(conn, [b.account_no for b in new])
     conn.execute(_MARK_BILLED, {"p_period": period, "accts": new_accts})
-    ids = {r.account_no: r.bill_id for r in conn.execute(_BILL_IDS, {"period": period, "accts": new_accts})}
+    ids = {r.account_no: r.bill_id for r in conn.execute(_BILL_IDS, {"period": period, "accts": new_accts}).all()}
     with_prepaid = [b for b in new if b.prepaid_applied_fen > 0]
     if with_prepaid:
         conn.execute(_TAKE_PREPAID, [{"acct": b.account_no, "applied": b.prepaid_applied_fen} for b in with_prepaid])
@@ -136,7 +136,7 @@ def _issue_batch(conn: Connection, accts: Sequence[str], period: str, tariff: Ta
             {"account_no": b.account_no, "reason": "BILL_APPLIED", "delta_fen": -b.prepaid_applied_fen,
              "balance_after_fen": b.prepaid_after_fen, "payment_id": None, "bill_id": ids[b.account_no],
              "at": issued_at} for b in with_prepaid])
-    agreed = {r.account_no: r for r in conn.execute(_AGREEMENTS, {"accts": new_accts, "today": today})}
+    agreed = {r.account_no: r for r in conn.execute(_AGREEMENTS, {"accts": new_accts, "today": today}).all()}
     by_bank: dict[str, list[dict[str, object]]] = {}
     for b in new:
         due = b.amount_fen - b.prepaid_applied_fen
