@@ -284,20 +284,35 @@ _LEASE_RELEASE = T_LEASE.delete().where(T_LEASE.c.bank_id == _b("p_bank"), T_LEA
 _LEASE_HOLDER = sa.select(T_LEASE.c.holder, T_LEASE.c.expires_at).where(T_LEASE.c.bank_id == _b("bank_id"))
 
 
+# Times a stream tries to take the bank's lease when the holder lets it go mid-attempt (see acquire_lease).
+LEASE_TAKE_ATTEMPTS = 3
+
+
 def acquire_lease(engine: Engine, bank_id: str, holder: str, now: dt.datetime, ttl_s: float) -> None:
-    """Takes the bank's lease, or raises FeedBusy when another live stream holds it."""
+    """Takes the bank's lease, or raises FeedBusy when another live stream holds it.
+
+    The holder's row may be released between our insert (which its row made a no-op) and our read of
+    it: a stream ending as the bank's next one starts. Each statement sees what committed before it
+    (READ COMMITTED), so the read then finds no lease at all; that attempt is repeated, at most
+    LEASE_TAKE_ATTEMPTS times, after which the stream is refused as busy (ABORTED, never UNKNOWN)."""
     now = _utc(now)
     expires = now + dt.timedelta(seconds=ttl_s)
     params = {"p_bank": bank_id, "p_holder": holder, "p_now": now, "p_expires": expires}
-    with engine.begin() as conn:
-        if conn.execute(_LEASE_TAKE, params).rowcount == 1:
-            return
-        _insert_ignore(conn, T_LEASE, {"bank_id": bank_id, "holder": holder, "acquired_at": now,
-                                       "expires_at": expires})
-        row = conn.execute(_LEASE_HOLDER, {"bank_id": bank_id}).one()
-    if row.holder != holder:
-        raise FeedBusy(f"bank {bank_id} already has an active bill feed stream; "
-                       "it is refused until that stream ends or its lease lapses")
+    for _ in range(LEASE_TAKE_ATTEMPTS):
+        with engine.begin() as conn:
+            if conn.execute(_LEASE_TAKE, params).rowcount == 1:
+                return
+            _insert_ignore(conn, T_LEASE, {"bank_id": bank_id, "holder": holder, "acquired_at": now,
+                                           "expires_at": expires})
+            row = conn.execute(_LEASE_HOLDER, {"bank_id": bank_id}).first()
+        if row is None:
+            continue  # released by its holder after our insert: take it again
+        if row.holder != holder:
+            raise FeedBusy(f"bank {bank_id} already has an active bill feed stream; "
+                           "it is refused until that stream ends or its lease lapses")
+        return
+    raise FeedBusy(f"bank {bank_id}'s bill feed lease changed hands {LEASE_TAKE_ATTEMPTS} times while this "
+                   "stream tried to take it; it is refused, try again")
 
 
 def renew_lease(engine: Engine, bank_id: str, holder: str, now: dt.datetime, ttl_s: float) -> bool:
