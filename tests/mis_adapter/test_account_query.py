@@ -23,7 +23,7 @@ from mis_adapter.migrate import upgrade
 from mis_adapter.payments import PayCommand
 from mis_adapter.settings import AdapterSettings
 from tests.support.databases import fresh_database
-from tests.support.mis_data import NOON, BillSpec, add_account, add_bank
+from tests.support.mis_data import NOON, BillSpec, add_account, add_bank, pay_read_prepared
 from yindian_common.clock import ManualClock
 from yindian_common.errors import AccountNotFound
 from yindian_common.fields import make_account_no
@@ -113,19 +113,14 @@ def test_queries_keep_the_pays_prepared_statements(tmp_path: Path) -> None:
             add_bank(engine, "ICBC")
             acct = add_account(engine, "01", 1, [BillSpec("202611", 150_000, D(2026, 12, 25))])
 
-            def prepared() -> int:
-                with engine.connect() as conn, conn.begin():
-                    return int(conn.execute(sa.text(
-                        "SELECT COUNT(*) FROM pg_prepared_statements "
-                        "WHERE statement LIKE '%pg_advisory_xact_lock_shared%'")).scalar_one())
 
             for k in range(6):
                 payments.pay(c, PayCommand("ICBC", f"P-{k}", acct, 1_000, "O", "T"))
-            assert prepared() == 1
+            assert pay_read_prepared(engine) == 1
             for _ in range(3):
                 assert account_query.query_account(c, acct).arrears_fen == 150_000 - 6_000
                 with pytest.raises(AccountNotFound):
                     account_query.query_account(c, make_account_no("01", 2))
-            assert prepared() == 1
+            assert pay_read_prepared(engine) == 1
         finally:
             c.close()

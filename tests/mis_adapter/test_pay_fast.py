@@ -20,7 +20,15 @@ from mis_adapter.db.recon import ReconciledDay
 from mis_adapter.payments import CancelCommand, PayCommand
 from mis_adapter.settings import AdapterSettings
 from tests.support.databases import fresh_database
-from tests.support.mis_data import NOON, TODAY, BillSpec, RunningAdapter, add_account, running_adapter
+from tests.support.mis_data import (
+    NOON,
+    TODAY,
+    BillSpec,
+    RunningAdapter,
+    add_account,
+    pay_read_prepared,
+    running_adapter,
+)
 from yindian.v1 import billing_pb2 as pb
 from yindian_common.clock import ManualClock
 from yindian_common.errors import (
@@ -157,16 +165,11 @@ def test_replays_and_refusals_keep_the_pays_prepared_statements(tmp_path: Path) 
             acct = add_account(engine, "01", 1, BILLS)
             closed = add_account(engine, "01", 2, BILLS, status="CLOSED")
 
-            def prepared() -> int:
-                with engine.connect() as conn, conn.begin():
-                    return int(conn.execute(sa.text(
-                        "SELECT COUNT(*) FROM pg_prepared_statements "
-                        "WHERE statement LIKE '%pg_advisory_xact_lock_shared%'")).scalar_one())
 
             first = payments.pay(ctx, PayCommand("ICBC", "P-0", acct, 1_000, "O", "T"))
             for k in range(1, 6):
                 payments.pay(ctx, PayCommand("ICBC", f"P-{k}", acct, 1_000, "O", "T"))
-            assert prepared() == 1
+            assert pay_read_prepared(engine) == 1
             watch = sa.create_engine(url)  # the test's own reads end in ROLLBACK: not on the pays' connection
             before = _state(watch, acct), _state(watch, closed)
             assert payments.pay(ctx, PayCommand("ICBC", "P-0", acct, 1_000, "O", "T")) == first
@@ -177,7 +180,7 @@ def test_replays_and_refusals_keep_the_pays_prepared_statements(tmp_path: Path) 
             with pytest.raises(AccountNotFound):
                 payments.pay(ctx, PayCommand("ICBC", "P-nobody", make_account_no("01", 999), 1_000, "O", "T"))
             assert (_state(watch, acct), _state(watch, closed)) == before
-            assert prepared() == 1
+            assert pay_read_prepared(engine) == 1
             after = payments.pay(ctx, PayCommand("ICBC", "P-6", acct, 1_000, "O", "T"))
             assert after.amount_fen == 1_000 and after.payment_id != first.payment_id
             with watch.connect() as conn:
@@ -204,15 +207,10 @@ def test_refused_cancels_keep_the_pays_prepared_statements(tmp_path: Path) -> No
             add_bank(engine, "ICBC")
             acct = add_account(engine, "01", 1, BILLS)
 
-            def prepared() -> int:
-                with engine.connect() as conn, conn.begin():
-                    return int(conn.execute(sa.text(
-                        "SELECT COUNT(*) FROM pg_prepared_statements "
-                        "WHERE statement LIKE '%pg_advisory_xact_lock_shared%'")).scalar_one())
 
             for k in range(6):
                 payments.pay(ctx, PayCommand("ICBC", f"P-{k}", acct, 1_000, "O", "T"))
-            assert prepared() == 1
+            assert pay_read_prepared(engine) == 1
             watch = sa.create_engine(url)  # the test's own reads end in ROLLBACK: not on the pays' connection
             before = _state(watch, acct)
             with pytest.raises(Precondition) as refused:
@@ -224,7 +222,7 @@ def test_refused_cancels_keep_the_pays_prepared_statements(tmp_path: Path) -> No
             with pytest.raises(DayClosed):
                 payments.cancel(ctx, CancelCommand("ICBC", "C-2", "P-1", 1_000))
             assert _state(watch, acct) == before
-            assert prepared() == 1
+            assert pay_read_prepared(engine) == 1
             with watch.begin() as conn:
                 conn.execute(sa.delete(ReconciledDay.__table__))
             assert payments.cancel(ctx, CancelCommand("ICBC", "C-3", "P-2", 1_000)).outcome == "REVERSED"
