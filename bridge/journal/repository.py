@@ -109,9 +109,8 @@ class Journal:
             with self.engine.connect() as own:
                 return self.write(entries, outcomes, own)
         inserted: set[tuple[str, str]] = set()
-        if self._pg is not None and self._pg.fits(entries, outcomes):
-            with conn.begin():
-                return self._pg.write(conn, entries, outcomes)
+        if self._pg is not None and self._pg.fits(entries, outcomes) and not conn.in_transaction():
+            return self._pg.write(conn, entries, outcomes)  # one statement: its own transaction
         with conn.begin():
             if entries:
                 existing: set[tuple[str, str]] = set()

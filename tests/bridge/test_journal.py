@@ -227,3 +227,39 @@ def test_a_group_commit_keeps_every_byte_and_character_of_rows_and_outcomes(engi
         assert [(a["state"], a["detail"]) for a in journal.audit_lines(*e.key)] == [(jn.POSTED, message)]
     stored = journal.get(*late.key)
     assert stored is not None and stored.same_request(late) and stored.state == jn.PENDING
+
+
+def _drop_other_connections(engine: Engine) -> None:
+    """Ends every other session on the test's database, as a server restart or a network cut would."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                 "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
+        else:
+            ids = conn.execute(sa.text("SELECT id FROM information_schema.processlist "
+                                       "WHERE db = DATABASE() AND id <> CONNECTION_ID()")).scalars().all()
+            for pid in ids:
+                conn.execute(sa.text(f"KILL {int(pid)}"))
+        conn.commit()
+
+
+def test_the_writer_journals_on_after_its_connection_is_cut(engine: Engine) -> None:
+    if engine.dialect.name == "sqlite":
+        pytest.skip("no server connection to cut")
+    j, claims = Journal(engine), Claims()
+    writer = JournalWriter(j, claims, ManualClock(AT), batch_max=16, queue_max=64, idle_wait_s=0.05)
+    writer.start()
+    try:
+        first = writer.journal_new(pay("BEFORE"), claims.acquire((jn.PAY, "BEFORE"))[0])
+        assert first.wait(WAIT_S) and first.inserted
+        _drop_other_connections(engine)  # the writer's kept connection among them
+        claim = claims.acquire((jn.PAY, "AFTER"))[0]
+        after = writer.journal_new(pay("AFTER"), claim)
+        assert after.wait(WAIT_S) and after.inserted, "the writer retries on a new connection"
+        rec = writer.submit(jn.outcome_for(pay("AFTER"), jn.POSTED, AT, status_code=0, body=b"ok", message=""),
+                            claim, waited=True)
+        assert rec.wait(WAIT_S)
+        got = j.get(jn.PAY, "AFTER")
+        assert got is not None and got.state == jn.POSTED and got.body == b"ok"
+    finally:
+        writer.stop(WAIT_S)
