@@ -338,7 +338,7 @@ def deferred_keys(engine: Engine) -> Iterator[None]:
             if kind != "f":
                 builds.setdefault(table, []).append(f'ALTER TABLE {table} ADD CONSTRAINT "{name}" {definition}')
         with engine.connect() as conn:
-            sizes: dict[str, int] = dict(conn.exec_driver_sql(_PG_SIZES, (list(builds),)).tuples().all())
+            sizes = {str(t): int(n) for t, n in conn.exec_driver_sql(_PG_SIZES, (list(builds),))}
         shares: list[list[str]] = [[] for _ in range(REBUILD_CONNECTIONS)]
         weights = [0] * REBUILD_CONNECTIONS
         for table in sorted(builds, key=lambda t: (-sizes.get(t, 0) * len(builds[t]), t)):
