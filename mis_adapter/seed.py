@@ -313,7 +313,9 @@ def deferred_keys(engine: Engine) -> Iterator[None]:
     are dropped for the bulk load and rebuilt after it, also when the load
     fails: one sort per index and one validating pass per key instead of a
     B-tree insert and a key lookup per row. The primary keys agreements are
-    signed against (customers, agreements, agreement_records) stay.
+    signed against (customers, agreements, agreement_records) stay. The
+    indexes, unique and primary keys are built on REBUILD_CONNECTIONS
+    connections at once (each table's on one), then the foreign keys.
     Elsewhere nothing changes."""
     if engine.dialect.name != "postgresql":
         yield
