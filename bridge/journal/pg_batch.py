@@ -114,7 +114,7 @@ class PgBatch:
         if outcomes:
             params["outcomes"] = json.dumps([self._outcome(o) for o in outcomes], default=_json_value)
         sql = self.both if entries and outcomes else self.rows_only if entries else self.outcomes_only
-        raw = conn.connection.driver_connection
+        raw: Any = conn.connection.driver_connection  # a psycopg connection: this module is PostgreSQL's
         try:
             raw.autocommit = True
             try:
