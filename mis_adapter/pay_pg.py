@@ -187,13 +187,13 @@ def _translated(conn: Connection, raw: Any, sql: str, params: Any, exc: psycopg.
 
 
 def _queue(raw: Any, command: bytes) -> None:
-    """Queues a parameterless command (BEGIN, COMMIT, SET LOCAL) in pipeline mode, the way psycopg
-    queues its own COMMIT in a pipeline (`Connection._exec_command`): its result is checked when the
-    pipeline syncs, as a cursor's would be (the first error raised). A cursor's `execute` ran the
-    whole statement machinery for it (query conversion, the prepared-statement cache, a communicate
-    cycle with its poll); queued, mis_adapter spent 636-637 -> 515-533 us CPU per pay (bench-pay
-    shape in process, two sets of 6 interleaved rounds). It does not save packets: psycopg's
-    pipeline still flushes each queued command on its own (strace: 7 sends per pay before and after)."""
+    """Queues a parameterless command (BEGIN, COMMIT, SET LOCAL) in pipeline mode without sending it:
+    it goes out with the next statement or Sync. A cursor's `execute` sends at once, so BEGIN, READ and
+    the Sync were three sends (and three wake-ups of the backend) for one round trip, and the same
+    for WRITE, COMMIT and the Sync: queued, a pay makes 5 sends instead of 7, and mis_adapter spent
+    637 -> 515 us CPU per pay (bench-pay shape, 6 interleaved rounds). This is how psycopg itself
+    queues its own COMMIT in a pipeline (`Connection._exec_command`); its result is checked when the
+    pipeline syncs, as a cursor's would be (the first error raised)."""
     with raw.lock:
         raw.wait(raw._exec_command(command))
 
