@@ -162,6 +162,7 @@ def _driver(conn: Connection) -> Any:
 
 
 _CURSOR = "yindian_pay_cursor"
+_CONTROL = "yindian_pay_control"
 
 
 def _kept(conn: Connection, raw: Any, key: str) -> psycopg.RawCursor[Any]:
@@ -186,18 +187,6 @@ def _translated(conn: Connection, raw: Any, sql: str, params: Any, exc: psycopg.
     return DBAPIError.instance(sql, params, exc, psycopg.Error, connection_invalidated=conn.invalidated)
 
 
-def _queue(raw: Any, command: bytes) -> None:
-    """Queues a parameterless command (BEGIN, COMMIT, SET LOCAL) in pipeline mode without sending it:
-    it goes out with the next statement or Sync. A cursor's `execute` sends at once, so BEGIN, READ and
-    the Sync were three sends (and three wake-ups of the backend) for one round trip, and the same
-    for WRITE, COMMIT and the Sync: queued, a pay makes 5 sends instead of 7, and mis_adapter spent
-    637 -> 515 us CPU per pay (bench-pay shape, 6 interleaved rounds). This is how psycopg itself
-    queues its own COMMIT in a pipeline (`Connection._exec_command`); its result is checked when the
-    pipeline syncs, as a cursor's would be (the first error raised)."""
-    with raw.lock:
-        raw.wait(raw._exec_command(command))
-
-
 IN_DOUBT_TEXT = "the database connection broke during COMMIT: the outcome is unknown, ask GetPayment"
 _BEGIN = b"BEGIN"
 _COMMIT = b"COMMIT"
@@ -220,12 +209,13 @@ class PayTx:
     that breaks while WRITE and COMMIT are out is in doubt: the server may have committed before the
     answer was lost (COMMIT_IN_DOUBT)."""
 
-    __slots__ = ("conn", "raw", "cur", "pipe", "pipeline", "open")
+    __slots__ = ("conn", "raw", "cur", "ctl", "pipe", "pipeline", "open")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.raw = raw = _driver(conn)
         self.cur = _kept(conn, raw, _CURSOR)
+        self.ctl = _kept(conn, raw, _CONTROL)  # BEGIN, COMMIT: READ's and WRITE's rows stay on `cur`
         self.pipe: AbstractContextManager[psycopg.Pipeline] | None = None
         self.pipeline: psycopg.Pipeline | None = None
         self.open = False  # our BEGIN was sent, our COMMIT not yet
@@ -256,7 +246,7 @@ class PayTx:
         try:
             pipe = self._enter()
             if not self.open:
-                _queue(self.raw, _BEGIN)
+                self.ctl.execute(_BEGIN)
                 self.open = True
             self.cur.execute(READ_FOR_PAY, params, prepare=True)
             pipe.sync()
@@ -276,7 +266,7 @@ class PayTx:
             self.cur.execute(WRITE_PAY, params, prepare=True)
             if commit:
                 self.conn.dispatch.commit(self.conn)  # the engine's "commit" listeners, as conn.commit() calls them
-                _queue(self.raw, _COMMIT)
+                self.ctl.execute(_COMMIT)
                 self.open = False
                 self._leave()
             else:
@@ -294,7 +284,7 @@ class PayTx:
         try:
             self._enter()
             self.conn.dispatch.commit(self.conn)
-            _queue(self.raw, _COMMIT)
+            self.ctl.execute(_COMMIT)
             self.open = False
             self._leave()
         except psycopg.Error as exc:
@@ -327,8 +317,8 @@ class PayTx:
             return
         with contextlib.suppress(psycopg.Error):
             self._enter()
-            _queue(self.raw, _NO_FLUSH_WAIT)
-            _queue(self.raw, _COMMIT)
+            self.ctl.execute(_NO_FLUSH_WAIT)
+            self.ctl.execute(_COMMIT)
             self._leave()
             self.open = False
 
