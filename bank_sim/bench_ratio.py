@@ -197,9 +197,10 @@ class DbStats:
 
     def __init__(self, admin_url: str, databases: dict[str, str]) -> None:
         admin = sa.make_url(normalize_url(admin_url))
-        self._admin = sa.create_engine(admin, poolclass=sa.pool.NullPool)
-        self._dbs = {label: sa.create_engine(admin.set(database=name), poolclass=sa.pool.NullPool)
-                     for label, name in databases.items()}
+        named = {"application_name": "bench-ratio"}  # its own reads show apart from the servers' roles
+        self._admin = sa.create_engine(admin, poolclass=sa.pool.NullPool, connect_args=named)
+        self._dbs = {label: sa.create_engine(admin.set(database=name), poolclass=sa.pool.NullPool,
+                                             connect_args=named) for label, name in databases.items()}
         self._before: dict[str, dict[str, float]] = {}
         self.delta: dict[str, dict[str, float]] = {}
         self.indexes: dict[str, int] = {}  # "label.table" → indexes on it
