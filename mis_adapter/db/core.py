@@ -44,8 +44,6 @@ class BankDayLock(Base):
 class Customer(Base):
     """One electricity account (户号) and its holder."""
     __tablename__ = "customers"
-    # Room on each page (0004_customers_hot): a pay's prepaid update is then HOT (no index entry).
-    __table_args__ = ({"postgresql_with": {"fillfactor": 80}},)
     account_no: Mapped[str] = mapped_column(sa.String(10), primary_key=True)
     branch_code: Mapped[str] = mapped_column(sa.String(2), sa.ForeignKey("branches.code"), index=True)
     name: Mapped[str] = mapped_column(sa.String(64))
