@@ -178,10 +178,14 @@ class CpuMeter:
 
 PG_DB_COUNTERS = ("xact_commit", "xact_rollback", "tup_inserted", "tup_updated", "tup_deleted", "blks_read",
                   "blks_hit")
-PG_TABLE_COUNTERS = ("n_tup_ins", "n_tup_upd", "n_tup_hot_upd", "n_tup_del", "seq_scan", "idx_scan")
+# n_dead_tup is a level, not a count: its change is the dead row versions left behind (pruning and
+# vacuum not keeping up); every index lookup of such a row walks past them.
+PG_TABLE_COUNTERS = ("n_tup_ins", "n_tup_upd", "n_tup_hot_upd", "n_tup_del", "seq_scan", "idx_scan", "n_dead_tup",
+                     "heap_blks_hit", "idx_blks_hit")
 PG_TABLE_STATS = ("SELECT s.relname, s.n_tup_ins, s.n_tup_upd, s.n_tup_hot_upd, s.n_tup_del, s.seq_scan, "
-                  "coalesce(s.idx_scan, 0), (SELECT count(*) FROM pg_index i WHERE i.indrelid = s.relid) "
-                  "FROM pg_stat_user_tables s")
+                  "coalesce(s.idx_scan, 0), s.n_dead_tup, coalesce(io.heap_blks_hit, 0), "
+                  "coalesce(io.idx_blks_hit, 0), (SELECT count(*) FROM pg_index i WHERE i.indrelid = s.relid) "
+                  "FROM pg_stat_user_tables s JOIN pg_statio_user_tables io ON io.relid = s.relid")
 PG_WAL_STATS = ("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint, w.wal_records, w.wal_fpi "
                 "FROM pg_stat_wal w")
 
@@ -214,8 +218,8 @@ class DbStats:
                 out[label] = {k: float(v) for k, v in zip(PG_DB_COUNTERS, row, strict=True)}
                 for r in conn.execute(sa.text(PG_TABLE_STATS)):
                     key = f"{label}.{r[0]}"
-                    out[key] = {k: float(v) for k, v in zip(PG_TABLE_COUNTERS, r[1:7], strict=True)}
-                    self.indexes[key] = int(r[7])
+                    out[key] = {k: float(v) for k, v in zip(PG_TABLE_COUNTERS, r[1:10], strict=True)}
+                    self.indexes[key] = int(r[10])
         with self._admin.connect() as conn:
             wal = conn.execute(sa.text(PG_WAL_STATS)).one()
         out["wal"] = {"bytes": float(wal[0]), "records": float(wal[1]), "fpi": float(wal[2])}
@@ -507,7 +511,8 @@ def fmt(m: Measured) -> str:
 
 def fmt_db(per: dict[str, dict[str, float]]) -> list[str]:
     """Per call: each database's transactions and rows, its tables' rows (i inserted, u updated of which
-    h HOT, d deleted, seq/idx scans; ix = indexes on the table), and the server's WAL."""
+    h HOT, d deleted, seq/idx scans, dead = change of its dead row versions, buffer blocks hit in the table and
+    in its indexes; ix = indexes on the table), and the server's WAL."""
     lines = []
     for label in (k for k in per if "." not in k and k != "wal"):
         d = per[label]
@@ -517,7 +522,9 @@ def fmt_db(per: dict[str, dict[str, float]]) -> list[str]:
                 parts = [f"i{t['n_tup_ins']:g}" if t["n_tup_ins"] else "",
                          f"u{t['n_tup_upd']:g}(h{t['n_tup_hot_upd']:g})" if t["n_tup_upd"] else "",
                          f"d{t['n_tup_del']:g}" if t["n_tup_del"] else "",
-                         f"seq{t['seq_scan']:g}" if t["seq_scan"] else "", f"idx{t['idx_scan']:g}"]
+                         f"seq{t['seq_scan']:g}" if t["seq_scan"] else "", f"idx{t['idx_scan']:g}",
+                         f"dead{t['n_dead_tup']:+g}" if t["n_dead_tup"] else "",
+                         f"blocks hit heap {t['heap_blks_hit']:g} index {t['idx_blks_hit']:g}"]
                 tables.append(f"{key.split('.', 1)[1]} ({t['indexes']:g} ix) " + " ".join(p for p in parts if p))
         lines.append(f"db {label} per call: commits {d['xact_commit']:g} rollbacks {d['xact_rollback']:g}  rows "
                      f"ins {d['tup_inserted']:g} upd {d['tup_updated']:g} del {d['tup_deleted']:g}  blocks hit "
