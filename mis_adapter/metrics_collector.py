@@ -32,23 +32,16 @@ _customers = Customer.__table__
 _branches = Branch.__table__
 
 # Unpaid bills in one scan of the bills (status is not indexed: a payment changes it on every bill it
-# settles, and unindexed it lets PostgreSQL update the bill HOT, see migration 0004_bills_hot), added up by
-# account first and only then joined to the customers and added up by branch: a hash aggregate each, where
-# COUNT(DISTINCT account) over the joined bills sorted every unpaid bill (on disk on PostgreSQL at 1M bills).
-# Then every branch, with zeros where nothing is owed. Unpaid principal = amount - prepaid applied - principal
-# paid. The read runs once per CollectorLimits.refresh_s under its statement timeout.
-_owed_by_account = (
-    sa.select(_bills.c.account_no.label("account_no"),
+# settles, and unindexed it lets PostgreSQL update the bill HOT, see migration 0004_bills_hot), then every
+# branch, with zeros where nothing is owed. Unpaid principal = amount - prepaid applied - principal paid.
+# The read runs once per CollectorLimits.refresh_s under its statement timeout.
+_owed = (
+    sa.select(_customers.c.branch_code.label("branch_code"),
+              sa.func.count(sa.distinct(_bills.c.account_no)).label("households"),
               sa.func.sum(_bills.c.amount_fen - _bills.c.prepaid_applied_fen
                           - _bills.c.principal_paid_fen).label("owed_fen"))
+    .select_from(_bills.join(_customers, _customers.c.account_no == _bills.c.account_no))
     .where(_bills.c.status.in_(UNPAID))
-    .group_by(_bills.c.account_no)
-    .subquery("owed_by_account")
-)
-_owed = (
-    sa.select(_customers.c.branch_code.label("branch_code"), sa.func.count().label("households"),
-              sa.func.sum(_owed_by_account.c.owed_fen).label("owed_fen"))
-    .select_from(_owed_by_account.join(_customers, _customers.c.account_no == _owed_by_account.c.account_no))
     .group_by(_customers.c.branch_code)
     .subquery("owed")
 )
