@@ -56,6 +56,7 @@ import time
 import uuid
 import weakref
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -388,8 +389,9 @@ class FeedStream:
             advanced = self.window.accept(done)
             self.last_result_mono = time.monotonic()
             unacked = len(self.window.outstanding)
-        for r in new:
-            bm.record_debit_result(self.bank_id, r.outcome)
+        # counted per outcome, not per result (a labelled increment costs 1.2 µs)
+        for outcome, n in Counter(r.outcome for r in new).items():
+            bm.record_debit_result(self.bank_id, outcome, n)
         if advanced:
             bm.record_feed_acknowledged(self.bank_id, advanced)
         bm.set_feed_unacknowledged(self.bank_id, unacked)
