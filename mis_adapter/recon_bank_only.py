@@ -13,9 +13,9 @@ in line order, are intervals on the same axis, and a payment pays exactly
 the overlap of its interval with each due one; what lies beyond the last
 bill is prepaid credit. Running sums (window functions) give both axes.
 
-Only lines whose account is OPEN, is not also reversed that day
-(UTILITY_ONLY) and whose serials are all free go this way, all
-of an account's lines or none; every other line is left to the paged
+Only lines whose account is OPEN and is not also reversed that day
+(UTILITY_ONLY) go this way, all of an account's lines or none (a serial
+taken meanwhile: none of the day's); every other line is left to the paged
 path of recon_bulk (demotions keep its words). Property-tested equal to the
 one-by-one path on every back end (tests/mis_adapter/test_recon_bulk.py).
 
@@ -60,8 +60,12 @@ _CREATE = (
 
 # The day's BANK_ONLY lines on accounts where every line can go this way, with what the
 # account's earlier lines of the day paid. A line is irregular when its account is unknown
-# or closed, reversed that day too, or its serial is taken (the day's serials are unique:
-# staging refuses a repeated one before the close).
+# or closed, or reversed that day too (the day's serials are unique: staging refuses a
+# repeated one before the close). Its serial is not looked up again: the matching found no
+# payment with it on any day, under the exclusive bank-day lock, so none of the bank's pays
+# can have taken it since; should a writer that bypasses the lock have, the payments' unique
+# key refuses the INSERT and every line goes the paged path (OutcomeApplier.apply), which
+# demotes that one. (One index probe per line saved: ~0.1 s of backend CPU per 100k.)
 _LINES = """
 INSERT INTO bo_lines (line_id, bank_serial, account_no, amount_fen, paid_before_fen)
 SELECT r.line_id, r.bank_serial, r.bank_account_no, r.bank_amount_fen,
@@ -72,7 +76,6 @@ FROM (
   FROM (
     SELECT l.line_id, l.bank_serial, l.bank_account_no, l.bank_amount_fen,
            CASE WHEN c.account_no IS NULL OR c.status <> 'OPEN'
-                  OR EXISTS (SELECT 1 FROM payments p WHERE p.bank_id = :bank_id AND p.bank_serial = l.bank_serial)
                   OR l.bank_account_no IN (SELECT u.mis_account_no FROM recon_lines u
                                            WHERE u.bank_id = :bank_id AND u.settlement_date = :day
                                              AND u.outcome = 'UTILITY_ONLY')

@@ -9,6 +9,7 @@ Deterministic for a given --random-seed and clock. Bulk inserts in batches."""
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import csv
 import datetime as dt
@@ -55,7 +56,11 @@ BULK_TABLES = ("customers", "meters", "readings", "bills", "prepaid_ledger",
                "agreement_records", "agreements", "journal")
 # Of those, the tables whose primary keys nothing reads during the load: built after it too.
 PK_DEFERRED_TABLES = ("meters", "readings", "bills", "prepaid_ledger", "journal")
-REBUILD_WORK_MEM = "256MB"  # maintenance_work_mem while the deferred indexes are sorted
+REBUILD_WORK_MEM = "256MB"  # maintenance_work_mem while the deferred indexes are sorted (per connection)
+# PostgreSQL: the two largest tables, loaded on a second connection while the rest of the same chunk
+# loads on the first (when the seed numbers their ids itself: their rows then wait on nothing).
+SIDE_TABLES = ("readings", "bills")
+REBUILD_CONNECTIONS = 2  # PostgreSQL: connections the deferred indexes and keys are built on at once
 
 
 def periods_before(today: dt.date, n: int) -> list[str]:
@@ -207,8 +212,9 @@ def seed(router: BranchRouter, accounts: int, roster_dir: Path, *, today: dt.dat
     with contextlib.ExitStack() as stack:
         for engine in by_engine:
             stack.enter_context(deferred_keys(engine))
-        for chunk in _ahead(chunks()):
-            _load(chunk, today, now, counts)
+        with _SideLoader() as side:
+            for chunk in _ahead(chunks()):
+                _load(chunk, today, now, counts, side)
         for engine, ids in next_ids.items():
             _advance_sequences(engine, first_ids[engine], ids)
 
@@ -293,7 +299,8 @@ _PG_KEYS = ("SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid)
             "WHERE (conrelid = ANY(%(bulk)s::regclass[]) AND contype IN ('f', 'u')) "
             "OR (conrelid = ANY(%(pk)s::regclass[]) AND contype = 'p') "
             "OR (confrelid = ANY(%(pk)s::regclass[]) AND contype = 'f') ORDER BY contype, conname")
-_PG_PLAIN_INDEXES = ("SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid) FROM pg_index i "
+_PG_PLAIN_INDEXES = ("SELECT i.indrelid::regclass::text, i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid) "
+                     "FROM pg_index i "
                      "WHERE i.indrelid = ANY(%s::regclass[]) AND NOT EXISTS (SELECT 1 FROM pg_constraint c "
                      "WHERE c.conindid = i.indexrelid AND c.contype IN ('p', 'u', 'x')) ORDER BY 1")
 
@@ -306,7 +313,9 @@ def deferred_keys(engine: Engine) -> Iterator[None]:
     are dropped for the bulk load and rebuilt after it, also when the load
     fails: one sort per index and one validating pass per key instead of a
     B-tree insert and a key lookup per row. The primary keys agreements are
-    signed against (customers, agreements, agreement_records) stay.
+    signed against (customers, agreements, agreement_records) stay. The
+    indexes, unique and primary keys are built on REBUILD_CONNECTIONS
+    connections at once (each table's on one), then the foreign keys.
     Elsewhere nothing changes."""
     if engine.dialect.name != "postgresql":
         yield
@@ -316,17 +325,44 @@ def deferred_keys(engine: Engine) -> Iterator[None]:
         indexes = conn.exec_driver_sql(_PG_PLAIN_INDEXES, (list(BULK_TABLES),)).all()
         for table, name, _definition, _kind in keys:
             conn.exec_driver_sql(f'ALTER TABLE {table} DROP CONSTRAINT "{name}"')
-        for name, _definition in indexes:
+        for _table, name, _definition in indexes:
             conn.exec_driver_sql(f"DROP INDEX {name}")
     try:
         yield
     finally:
-        with engine.begin() as conn:
-            conn.exec_driver_sql(f"SET LOCAL maintenance_work_mem = '{REBUILD_WORK_MEM}'")
-            for _name, definition in indexes:
-                conn.exec_driver_sql(definition)
-            for table, name, definition, _kind in reversed(keys):  # unique and primary before foreign keys
-                conn.exec_driver_sql(f'ALTER TABLE {table} ADD CONSTRAINT "{name}" {definition}')
+        # Each table's indexes, unique and primary keys (one sort each), the tables shared out over
+        # REBUILD_CONNECTIONS connections by size; then the foreign keys, which read the keys they
+        # reference, on one connection.
+        builds: dict[str, list[str]] = {}
+        for table, _name, definition in indexes:
+            builds.setdefault(table, []).append(definition)
+        for table, name, definition, kind in reversed(keys):  # unique before primary keys
+            if kind != "f":
+                builds.setdefault(table, []).append(f'ALTER TABLE {table} ADD CONSTRAINT "{name}" {definition}')
+        with engine.connect() as conn:
+            sizes = {str(t): int(n) for t, n in conn.exec_driver_sql(_PG_SIZES, (list(builds),))}
+        shares: list[list[str]] = [[] for _ in range(REBUILD_CONNECTIONS)]
+        weights = [0] * REBUILD_CONNECTIONS
+        for table in sorted(builds, key=lambda t: (-sizes.get(t, 0) * len(builds[t]), t)):
+            lightest = weights.index(min(weights))
+            shares[lightest] += builds[table]
+            weights[lightest] += sizes.get(table, 0) * len(builds[table])
+        with concurrent.futures.ThreadPoolExecutor(REBUILD_CONNECTIONS, thread_name_prefix="seed-keys") as pool:
+            for done in [pool.submit(_rebuild, engine, share) for share in shares if share]:
+                done.result()
+        _rebuild(engine, [f'ALTER TABLE {table} ADD CONSTRAINT "{name}" {definition}'
+                          for table, name, definition, kind in reversed(keys) if kind == "f"])
+
+
+_PG_SIZES = "SELECT t, pg_relation_size(t::regclass) FROM unnest(%s::text[]) AS t"
+
+
+def _rebuild(engine: Engine, statements: list[str]) -> None:
+    """Runs index and key builds in one transaction of their own connection."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"SET LOCAL maintenance_work_mem = '{REBUILD_WORK_MEM}'")
+        for sql in statements:
+            conn.exec_driver_sql(sql)
 
 
 @dataclass
@@ -336,6 +372,7 @@ class _Chunk:
     engine: Engine
     tables: list[tuple[sa.Table, tuple[str, ...], list[tuple[Any, ...]]]]
     agreements: list[SignCommand]
+    numbered: bool  # the rows carry their ids (NUMBERED), so no table waits on another's sequence
 
 
 CUSTOMER_COLS = ("account_no", "branch_code", "name", "address", "phone", "tariff_class", "status", "prepaid_fen",
@@ -424,12 +461,51 @@ def _generate(engine: Engine, hs: list[tuple[str, str, str]], rng: random.Random
     else:
         next_ids[:] = [reading_id, bill_id, entry_id]
     return _Chunk(engine, [(table_of(Customer), CUSTOMER_COLS, customers), (table_of(Meter), METER_COLS, meters),
-                           *numbered], agreements)
+                           *numbered], agreements, next_ids is not None)
 
 
-def _load(chunk: _Chunk, today: dt.date, now: dt.datetime, counts: dict[str, int]) -> None:
-    for table, cols, rows in chunk.tables:
-        bulk_insert_rows(chunk.engine, table, cols, rows)
+class _SideLoader:
+    """PostgreSQL: a second thread (and connection) loading SIDE_TABLES of one chunk while the
+    first loads the rest: the two COPYs keep two server processes busy instead of one. At most
+    one chunk's side tables are in flight (memory stays flat); a failure is raised to the loader
+    at its next chunk or at the end."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="seed-side-load")
+        self._pending: concurrent.futures.Future[None] | None = None
+
+    def __enter__(self) -> _SideLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def submit(self, engine: Engine, tables: list[tuple[sa.Table, tuple[str, ...], list[tuple[Any, ...]]]]) -> None:
+        self.wait()
+        self._pending = self._pool.submit(_insert_tables, engine, tables)
+
+
+def _insert_tables(engine: Engine, tables: list[tuple[sa.Table, tuple[str, ...], list[tuple[Any, ...]]]]) -> None:
+    for table, cols, rows in tables:
+        bulk_insert_rows(engine, table, cols, rows)
+
+
+def _load(chunk: _Chunk, today: dt.date, now: dt.datetime, counts: dict[str, int], side: _SideLoader) -> None:
+    here = chunk.tables
+    if chunk.numbered and chunk.engine.dialect.name == "postgresql":
+        side.submit(chunk.engine, [t for t in chunk.tables if t[0].name in SIDE_TABLES])
+        here = [t for t in chunk.tables if t[0].name not in SIDE_TABLES]
+    _insert_tables(chunk.engine, here)
+    for table, _cols, rows in chunk.tables:
         if table.name in counts:
             counts[table.name] += len(rows)
     # Agreements through the path SignAgreement takes (records, the accounts' index rows, journal).

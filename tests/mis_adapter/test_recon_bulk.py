@@ -129,3 +129,39 @@ def test_a_day_of_bank_only_lines_posts_each_and_demotes_the_unpostable(twins: t
     assert posted[1][10] > 0                          # and leaves prepaid credit
     demoted = {ln[0]: ln[1] for ln in st_["lines"] if ln[0].startswith(f"{day:%m%d}-")}
     assert demoted[f"{day:%m%d}-2"] == demoted[f"{day:%m%d}-3"] == "MISMATCH"
+
+
+def test_a_serial_taken_while_the_day_closes_is_demoted_and_the_rest_posted(
+        twins: tuple[World, World], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A payment with a BANK_ONLY line's serial committed between the matching and the
+    applying (by a writer that does not take the bank-day lock): the set-based close does not
+    fail nor post it twice; that line is demoted (serial taken meanwhile) and every other line
+    of the day, on the same account too, is posted as the one-by-one path would."""
+    bulk, _each = twins
+    if bulk.engine.dialect.name == "sqlite":
+        pytest.skip("SQLite has one writer: nothing commits while the day closes")
+    day = DAY_START.date() + dt.timedelta(days=70)
+    taken = f"{day:%m%d}-1"
+
+    def take_serial(name: str) -> None:
+        if name != "mis.recon_mid_apply":
+            return
+        with bulk.engine.begin() as conn:
+            conn.execute(sa.text(
+                "INSERT INTO payments (bank_id, bank_serial, state, account_no, branch_code, amount_fen, channel, "
+                "outlet_code, teller_id, settlement_date, posted_at, arrears_after_fen, prepaid_after_fen, "
+                "prepaid_added_fen) VALUES (:b, :s, 'POSTED', :a, '01', 1, 'COUNTER', '', '', :d, :at, 0, 0, 0)"
+            ).bindparams(sa.bindparam("d", type_=sa.Date), sa.bindparam("at", type_=sa.DateTime(timezone=True))),
+                {"b": BANK, "s": taken, "a": bulk.accounts[0], "d": day, "at": bulk.clock.now()})
+
+    monkeypatch.setattr("mis_adapter.recon.crash_point", take_serial)
+    recs = [("BANK_ONLY", 0, 500), ("BANK_ONLY", 0, 700), ("BANK_ONLY", 0, 900), ("BANK_ONLY", 1, 300)]
+    _reconcile(bulk, day, recs, set_based=True, monkeypatch=monkeypatch)
+    st_ = _state(bulk.engine)
+    ours = {p[1]: p for p in st_["payments"] if p[1].startswith(f"{day:%m%d}-")}
+    assert {s: (p[5], p[6]) for s, p in ours.items()} == {
+        f"{day:%m%d}-0": (500, "RECONCILE"), taken: (1, "COUNTER"), f"{day:%m%d}-2": (900, "RECONCILE"),
+        f"{day:%m%d}-3": (300, "RECONCILE")}
+    lines = {ln[0]: ln[1:3] for ln in st_["lines"] if ln[0].startswith(f"{day:%m%d}-")}
+    assert lines[taken] == ("MISMATCH", "not applied: serial taken meanwhile")
+    assert {lines[s][0] for s in lines if s != taken} == {"BANK_ONLY"}

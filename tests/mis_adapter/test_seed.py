@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from mis_adapter import seed as seed_module
 from mis_adapter.db.base import table_of
 from mis_adapter.db.core import Agreement, BillRow, Customer, PrepaidEntry, Reading
 from mis_adapter.issue_bills import issue_bills
@@ -116,3 +117,35 @@ def test_rows_written_after_the_seed_take_the_next_ids(db_url: str, tmp_path: Pa
                                          len(seeded["prepaid_ledger"]) + len(applied) + 1))
     assert reading_id == len(seeded["readings"]) + 1
     router.dispose()
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_side_load_fails_the_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL loads readings and bills on a second connection (seed.SIDE_TABLES): a COPY
+    failing there fails the seed with its error (no seed that reports success with bills
+    missing), and the deferred keys are still rebuilt."""
+    real_insert = seed_module.bulk_insert_rows
+    copied: list[str] = []
+
+    def insert_failing_on_bills(engine: sa.Engine, table: sa.Table, cols: tuple[str, ...],
+                                rows: list[tuple[object, ...]]) -> None:
+        if table.name == "bills" and copied.count("bills") == 1:  # the second chunk's bills
+            raise RuntimeError("bills COPY failed")
+        copied.append(table.name)
+        real_insert(engine, table, cols, rows)
+
+    monkeypatch.setattr(seed_module, "HOUSEHOLDS_PER_CHUNK", 50)
+    monkeypatch.setattr(seed_module, "bulk_insert_rows", insert_failing_on_bills)
+    with fresh_database("postgresql", tmp_path, "seedside") as url:
+        router = BranchRouter(url, {})
+        engine = router.primary
+        upgrade(engine)
+        with engine.connect() as conn:
+            migrated = _keys(conn)
+        with pytest.raises(RuntimeError, match="bills COPY failed"):
+            seed(router, 200, tmp_path / "rosters", today=dt.date(2026, 11, 28),
+                 now=dt.datetime(2026, 11, 28, 2, 0, tzinfo=dt.UTC))
+        with engine.connect() as conn:
+            assert _keys(conn) == migrated
+            assert conn.execute(sa.select(sa.func.count()).select_from(BillRow.__table__)).scalar_one() == 12 * 50
+        router.dispose()
