@@ -170,8 +170,8 @@ def record_feed_acknowledged(bank: str, notices: int) -> None:
     FEED_ACKED.labels(_bank(bank)).inc(notices)
 
 
-def record_debit_result(bank: str, outcome: str) -> None:
-    FEED_DEBIT_RESULTS.labels(_bank(bank), _member(outcome.removeprefix("DEBIT_OUTCOME_"), DEBIT_OUTCOMES)).inc()
+def record_debit_result(bank: str, outcome: str, results: int = 1) -> None:
+    FEED_DEBIT_RESULTS.labels(_bank(bank), _member(outcome.removeprefix("DEBIT_OUTCOME_"), DEBIT_OUTCOMES)).inc(results)
 
 
 def set_feed_unacknowledged(bank: str, notices: int) -> None:
