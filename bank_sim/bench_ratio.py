@@ -13,6 +13,14 @@ server: on PostgreSQL the backends serving the benchmark's databases, plus the
 server's shared background processes shown apart; on MariaDB the whole server
 process) and the load average.
 
+On PostgreSQL it also breaks the pays' database work down: the backends' CPU per
+pay by database and role (each server names its pools with `application_name`:
+`mis_adapter`, `mis_adapter/sealer`, `bridge`, `bridge/journal-writer`,
+`bridge/resolver`, `bridge/sealer`, `.../metrics`, `.../health`), and per pay each
+database's transactions committed and rolled back, rows inserted/updated/deleted,
+each table's rows (HOT updates apart, with its index count) and scans, and the WAL
+the server wrote (DbStats).
+
 Closed loop by default: N tasks, call after call (`--in-flight`, 32). With
 `--open-loop`, arrivals come at a fixed rate whatever earlier calls did
 (latency counted from the intended start, an arrival finding every slot busy
@@ -125,28 +133,120 @@ class CpuGroup:
 
 
 class CpuMeter:
-    """CPU seconds per group between `start` and `stop` (processes present at both)."""
+    """CPU seconds per group between `start` and `stop` (processes present at both). `split`
+    (optional) names further groups found at each sample, e.g. the database backends by role;
+    their figures come back from `stop` under `split_used`. `stats` (optional): database
+    counters read at the same instants (DbStats)."""
 
-    def __init__(self, groups: list[CpuGroup]) -> None:
+    def __init__(self, groups: list[CpuGroup], split: Callable[[], dict[str, list[int]]] | None = None,
+                 stats: DbStats | None = None) -> None:
         self.groups = groups
+        self._split = split
+        self.stats = stats
         self._before: dict[str, dict[int, float]] = {}
+        self._split_before: dict[str, dict[int, float]] = {}
+        self.split_used: dict[str, float] = {}
 
-    def _sample(self) -> dict[str, dict[int, float]]:
+    def _sample(self, groups: dict[str, list[int]]) -> dict[str, dict[int, float]]:
         out: dict[str, dict[int, float]] = {}
-        for g in self.groups:
-            values = {pid: process_cpu_s(pid) for pid in g.pids()}
-            out[g.name] = {pid: v for pid, v in values.items() if v is not None}
+        for name, pids in groups.items():
+            values = {pid: process_cpu_s(pid) for pid in pids}
+            out[name] = {pid: v for pid, v in values.items() if v is not None}
+        return out
+
+    @staticmethod
+    def _used(before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]) -> dict[str, float]:
+        return {name: sum(after[name][pid] - v for pid, v in b.items() if pid in after.get(name, {}))
+                for name, b in before.items()}
+
+    def start(self) -> None:
+        self._before = self._sample({g.name: g.pids() for g in self.groups})
+        self._split_before = self._sample(self._split()) if self._split else {}
+        if self.stats:
+            self.stats.start()
+
+    def stop(self) -> dict[str, float]:
+        after = self._sample({g.name: g.pids() for g in self.groups})
+        if self._split:
+            self.split_used = self._used(self._split_before, self._sample(self._split()))
+        if self.stats:
+            self.stats.stop()
+        return self._used(self._before, after)
+
+
+# ---- PostgreSQL counters ----
+
+PG_DB_COUNTERS = ("xact_commit", "xact_rollback", "tup_inserted", "tup_updated", "tup_deleted", "blks_read",
+                  "blks_hit")
+# n_dead_tup is a level, not a count: its change is the dead row versions left behind (pruning and
+# vacuum not keeping up); every index lookup of such a row walks past them.
+PG_TABLE_COUNTERS = ("n_tup_ins", "n_tup_upd", "n_tup_hot_upd", "n_tup_del", "seq_scan", "idx_scan", "n_dead_tup",
+                     "heap_blks_hit", "idx_blks_hit")
+PG_TABLE_STATS = ("SELECT s.relname, s.n_tup_ins, s.n_tup_upd, s.n_tup_hot_upd, s.n_tup_del, s.seq_scan, "
+                  "coalesce(s.idx_scan, 0), s.n_dead_tup, coalesce(io.heap_blks_hit, 0), "
+                  "coalesce(io.idx_blks_hit, 0), (SELECT count(*) FROM pg_index i WHERE i.indrelid = s.relid) "
+                  "FROM pg_stat_user_tables s JOIN pg_statio_user_tables io ON io.relid = s.relid")
+PG_WAL_STATS = ("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint, w.wal_records, w.wal_fpi "
+                "FROM pg_stat_wal w")
+
+
+class DbStats:
+    """PostgreSQL's own counters over a measurement: per database (label → database name)
+    pg_stat_database (transactions committed/rolled back, rows inserted/updated/deleted,
+    blocks), pg_stat_user_tables per table (rows, HOT updates, scans, with the table's index
+    count), and the WAL the whole server wrote (insert position; pg_stat_wal's records and
+    full-page images). Backends report table and transaction counts when a transaction
+    ends, at most about once a second, so a 10 s window is good to a few per cent; the
+    WAL figure includes whatever else runs on the server."""
+
+    def __init__(self, admin_url: str, databases: dict[str, str]) -> None:
+        admin = sa.make_url(normalize_url(admin_url))
+        named = {"application_name": "bench-ratio"}  # its own reads show apart from the servers' roles
+        self._admin = sa.create_engine(admin, poolclass=sa.pool.NullPool, connect_args=named)
+        self._dbs = {label: sa.create_engine(admin.set(database=name), poolclass=sa.pool.NullPool,
+                                             connect_args=named) for label, name in databases.items()}
+        self._before: dict[str, dict[str, float]] = {}
+        self.delta: dict[str, dict[str, float]] = {}
+        self.indexes: dict[str, int] = {}  # "label.table" → indexes on it
+
+    def _sample(self) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for label, engine in self._dbs.items():
+            with engine.connect() as conn:
+                row = conn.execute(sa.text(f"SELECT {', '.join(PG_DB_COUNTERS)} FROM pg_stat_database "
+                                           "WHERE datname = current_database()")).one()
+                out[label] = {k: float(v) for k, v in zip(PG_DB_COUNTERS, row, strict=True)}
+                for r in conn.execute(sa.text(PG_TABLE_STATS)):
+                    key = f"{label}.{r[0]}"
+                    out[key] = {k: float(v) for k, v in zip(PG_TABLE_COUNTERS, r[1:10], strict=True)}
+                    self.indexes[key] = int(r[10])
+        with self._admin.connect() as conn:
+            wal = conn.execute(sa.text(PG_WAL_STATS)).one()
+        out["wal"] = {"bytes": float(wal[0]), "records": float(wal[1]), "fpi": float(wal[2])}
         return out
 
     def start(self) -> None:
         self._before = self._sample()
 
-    def stop(self) -> dict[str, float]:
+    def stop(self) -> None:
         after = self._sample()
-        used: dict[str, float] = {}
-        for name, before in self._before.items():
-            used[name] = sum(after[name][pid] - v for pid, v in before.items() if pid in after.get(name, {}))
-        return used
+        self.delta = {key: {k: after[key][k] - v for k, v in before.items()}
+                      for key, before in self._before.items() if key in after}
+
+    def per_call(self, calls: int) -> dict[str, dict[str, float]]:
+        """Each counter's change ÷ calls; tables that did not change are left out."""
+        out: dict[str, dict[str, float]] = {}
+        for key, d in self.delta.items():
+            if "." in key and not any(d.values()):
+                continue
+            out[key] = {k: round(v / calls, 3) for k, v in d.items()}
+            if key in self.indexes:
+                out[key]["indexes"] = self.indexes[key]
+        return out
+
+    def dispose(self) -> None:
+        for engine in (self._admin, *self._dbs.values()):
+            engine.dispose()
 
 
 # ---- drivers ----
@@ -164,6 +264,9 @@ class Measured:
     errors: dict[str, int] = field(default_factory=dict)
     cpu_ms_per_call: dict[str, float] = field(default_factory=dict)
     load_average: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    # PostgreSQL: backends' CPU by database and application_name, and the servers' counters (DbStats).
+    db_role_cpu_ms_per_call: dict[str, float] = field(default_factory=dict)
+    db_per_call: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def held(self) -> bool:
@@ -300,9 +403,12 @@ def measure(what: str, target: str, bank_id: str, make: PayFactory, settings: Be
     asyncio.run(run())
     calls = window.counted
     per = {name: round(s * 1000 / calls, 3) for name, s in cpu.items()} if calls else {}
+    roles = ({name: round(s * 1000 / calls, 3) for name, s in sorted(meter.split_used.items(), key=lambda x: -x[1])}
+             if calls else {})
+    db = meter.stats.per_call(calls) if calls and meter.stats else {}
     return Measured(what, "closed" if rate is None else "open", rate, calls, round(calls / settings.duration_s, 1),
                     window.hist.get_value_at_percentile(50) / 1000, window.hist.get_value_at_percentile(99) / 1000,
-                    window.dropped, window.errors, per, os.getloadavg())
+                    window.dropped, window.errors, per, os.getloadavg(), roles, db)
 
 
 # ---- the stacks ----
@@ -350,6 +456,33 @@ def database_groups(backend: Backend) -> list[CpuGroup]:
     return []
 
 
+def database_roles(backend: Backend) -> Callable[[], dict[str, list[int]]] | None:
+    """PostgreSQL: the benchmark's backends grouped as '<database>:<application_name>' ('mis:mis_adapter',
+    'bridge:bridge/journal-writer', ...; the servers name each pool by role, yindian_common.db.role_name).
+    A backend that lives less than a measurement (a health probe's connection) is not counted."""
+    if backend.name != "postgresql":
+        return None
+    engine = sa.create_engine(normalize_url(backend.admin_url), poolclass=sa.pool.NullPool)
+    labels = dict(zip(backend.dropped, ("mis", "bridge"), strict=True))
+
+    def roles() -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT pid, datname, application_name FROM pg_stat_activity "
+                                        "WHERE datname = ANY(:d)"), {"d": backend.dropped})
+            for pid, datname, app in rows:
+                out.setdefault(f"{labels[datname]}:{app or '(unnamed)'}", []).append(int(pid))
+        return out
+
+    return roles
+
+
+def database_stats(backend: Backend) -> DbStats | None:
+    if backend.name != "postgresql":
+        return None
+    return DbStats(backend.admin_url, dict(zip(("mis", "bridge"), backend.dropped, strict=True)))
+
+
 def start_echo(work: Path, settings: BenchRatioSettings, servers: list[ServerProcess]) -> ServerProcess:
     echo = start_server("echo", ["bank_sim", "echo-link", "--role", "echo", "--insecure", "--listen", "127.0.0.1:0",
                                  "--metrics-port", "0"], log_dir=work, ready_timeout_s=settings.ready_timeout_s,
@@ -368,8 +501,40 @@ def fmt(m: Measured) -> str:
     offered = f"offered {m.offered_per_s:>6,.0f}/s " if m.offered_per_s is not None else ""
     extra = (f" dropped {m.dropped}" if m.dropped else "") + (f" errors {m.errors}" if m.errors else "")
     la = " ".join(f"{x:.2f}" for x in m.load_average)
-    return (f"{m.what:<18} {offered}{m.calls_per_s:>8,.1f}/s  p50 {m.p50_ms:7.2f} ms  p99 {m.p99_ms:7.2f} ms  "
+    line = (f"{m.what:<18} {offered}{m.calls_per_s:>8,.1f}/s  p50 {m.p50_ms:7.2f} ms  p99 {m.p99_ms:7.2f} ms  "
             f"CPU ms/call: {cpu}  load {la}{extra}")
+    if m.db_role_cpu_ms_per_call:
+        line += "\n  postgres backends by database:role, CPU ms/call: " + "  ".join(
+            f"{k} {v:.3f}" for k, v in m.db_role_cpu_ms_per_call.items())
+    return line + "".join(f"\n  {x}" for x in fmt_db(m.db_per_call))
+
+
+def fmt_db(per: dict[str, dict[str, float]]) -> list[str]:
+    """Per call: each database's transactions and rows, its tables' rows (i inserted, u updated of which
+    h HOT, d deleted, seq/idx scans, dead = change of its dead row versions, buffer blocks hit in the table and
+    in its indexes; ix = indexes on the table), and the server's WAL."""
+    lines = []
+    for label in (k for k in per if "." not in k and k != "wal"):
+        d = per[label]
+        tables = []
+        for key, t in per.items():
+            if key.startswith(f"{label}."):
+                parts = [f"i{t['n_tup_ins']:g}" if t["n_tup_ins"] else "",
+                         f"u{t['n_tup_upd']:g}(h{t['n_tup_hot_upd']:g})" if t["n_tup_upd"] else "",
+                         f"d{t['n_tup_del']:g}" if t["n_tup_del"] else "",
+                         f"seq{t['seq_scan']:g}" if t["seq_scan"] else "", f"idx{t['idx_scan']:g}",
+                         f"dead{t['n_dead_tup']:+g}" if t["n_dead_tup"] else "",
+                         f"blocks hit heap {t['heap_blks_hit']:g} index {t['idx_blks_hit']:g}"]
+                tables.append(f"{key.split('.', 1)[1]} ({t['indexes']:g} ix) " + " ".join(p for p in parts if p))
+        lines.append(f"db {label} per call: commits {d['xact_commit']:g} rollbacks {d['xact_rollback']:g}  rows "
+                     f"ins {d['tup_inserted']:g} upd {d['tup_updated']:g} del {d['tup_deleted']:g}  blocks hit "
+                     f"{d['blks_hit']:g} read {d['blks_read']:g}")
+        lines.extend(f"    {t}" for t in tables)
+    if "wal" in per:
+        w = per["wal"]
+        lines.append(f"WAL per call (whole server): {w['bytes']:,.0f} bytes, {w['records']:g} records, "
+                     f"{w['fpi']:g} full-page images")
+    return lines
 
 
 def run_mode(what: str, target: str, make: PayFactory, settings: BenchRatioSettings, meter: CpuMeter,
@@ -417,6 +582,7 @@ def bench_backend(name: str, settings: BenchRatioSettings, root: Path, proxy: Se
         return {}
     servers: list[ServerProcess] = []
     out: dict[str, object] = {}
+    stats: DbStats | None = None
     try:
         roster, mis, bridge = seed_and_start_stack(
             work, mis_db=backend.mis_db, bridge_db=backend.bridge_db, accounts=settings.accounts,
@@ -428,8 +594,10 @@ def bench_backend(name: str, settings: BenchRatioSettings, root: Path, proxy: Se
         me = os.getpid()
         echo_meter = CpuMeter([CpuGroup("client", lambda: [me]), CpuGroup("proxy", lambda: [proxy.popen.pid]),
                                CpuGroup("echo", lambda: [echo.popen.pid])])
+        stats = database_stats(backend)
         pay_meter = CpuMeter([CpuGroup("client", lambda: [me]), CpuGroup("bridge", lambda: [bridge.popen.pid]),
-                              CpuGroup("mis_adapter", lambda: [mis.popen.pid]), *database_groups(backend)])
+                              CpuGroup("mis_adapter", lambda: [mis.popen.pid]), *database_groups(backend)],
+                             split=database_roles(backend), stats=stats)
         console.print(f"[bold]{name}[/bold]: {settings.accounts:,} households, {len(accounts):,} paying accounts")
         echo_steps = run_mode("echo (2 hops)", proxy.grpc_addr, make, settings, echo_meter, console)
         pay_steps = run_mode(f"pay {name}", bridge.grpc_addr, make, settings, pay_meter, console)
@@ -446,6 +614,8 @@ def bench_backend(name: str, settings: BenchRatioSettings, root: Path, proxy: Se
                 proc.stop(settings.stop_timeout_s)
             except ProcessFailed as exc:
                 console.print(f"[red]{exc}[/red]")
+        if stats is not None:
+            stats.dispose()
         for db_name in backend.dropped:
             drop_database(backend.admin_url, db_name)
     return out

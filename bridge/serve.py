@@ -26,7 +26,7 @@ from yindian.v1 import billing_pb2_grpc
 from yindian_common import crash_points, fields
 from yindian_common.audit_chain import Sealer
 from yindian_common.clock import Clock, make_clock
-from yindian_common.db import make_engine
+from yindian_common.db import make_engine, role_name
 from yindian_common.errors import InvalidField
 from yindian_common.identity import HEALTH_PREFIX, AdmissionInterceptor
 from yindian_common.logs import setup_logging
@@ -38,6 +38,10 @@ from yindian_common.tls import certificate_identity, certificate_store
 log = logging.getLogger("yindian.bridge")
 
 STOP_TIMEOUT_S = 10.0
+# PostgreSQL application_name of the serving pool's connections; background roles add "/<role>".
+PROCESS_NAME = "bridge"
+# Connections of a background role's own pool (one thread each).
+ROLE_POOL_SIZE = 2
 
 
 def parse(argv: list[str]) -> BridgeSettings:
@@ -78,7 +82,12 @@ class Bridge:
         clock = clock or make_clock(settings.clock_start or None, settings.timezone)
         _ensure_sqlite_dir(settings.db)
         engine = make_engine(settings.db, pool_size=settings.db_pool_size,
-                             sqlite_synchronous=settings.sqlite_synchronous)
+                             sqlite_synchronous=settings.sqlite_synchronous, application_name=PROCESS_NAME)
+        # PostgreSQL: the background roles on small pools of their own, named in pg_stat_activity
+        # (bench-ratio's CPU by role); the journal writer names its own connection (Journal).
+        self._role_engines = {role: make_engine(settings.db, pool_size=ROLE_POOL_SIZE,
+                                                application_name=role_name(PROCESS_NAME, role))
+                              for role in ("sealer", "resolver") if engine.dialect.name == "postgresql"}
         create_schema(engine)
         journal = Journal(engine)
         recovered = journal.recover_orphans(clock.now())
@@ -101,8 +110,9 @@ class Bridge:
             raise SystemExit(f"--upstream: {err}") from err
         self.ctx = BridgeContext(settings=settings, clock=clock, engine=engine, journal=journal, writer=writer,
                                  claims=claims, replicas=replicas)
+        resolver_engine = self._role_engines.get("resolver")
         self.resolver = Resolver(
-            journal=journal, writer=writer, claims=claims, upstream=self.ctx.upstream, clock=clock,
+            journal=journal if resolver_engine is None else Journal(resolver_engine), writer=writer, claims=claims, upstream=self.ctx.upstream, clock=clock,
             bank_id=settings.bank_id,
             backoff=Backoff(settings.resolver_backoff_initial_s, settings.resolver_backoff_cap_s),
             batch_max=settings.resolver_batch_max, idle_wait_s=settings.resolver_idle_wait_s,
@@ -114,7 +124,8 @@ class Bridge:
         self.server.add_service("yindian.v1.BillingService", billing_pb2_grpc.add_BillingServiceServicer_to_server,
                                 BillingServicer(self.ctx, self.resolver))
         self.server.on_drain(self._after_drain)
-        self.sealer = Sealer([(AUDIT_CHAIN, engine)], settings.audit_seal_interval_s, clock.now)
+        self.sealer = Sealer([(AUDIT_CHAIN, self._role_engines.get("sealer", engine))], settings.audit_seal_interval_s,
+                             clock.now)
         self.control_totals = ControlTotalsExchanger(engine, self.ctx.upstream, clock, settings.bank_id, ExchangeLimits(
             interval_s=settings.control_totals_interval_s, window_s=settings.control_totals_window_s,
             settle_s=settings.control_totals_settle_s, call_timeout_s=settings.control_totals_call_timeout_s,
@@ -161,6 +172,8 @@ class Bridge:
         self.sealer.stop()
         self.ctx.replicas.close()
         self.ctx.engine.dispose()
+        for own in self._role_engines.values():
+            own.dispose()
 
 
 def _ensure_sqlite_dir(url: str) -> None:

@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from mis_adapter.routing import PROCESS_NAME
+from yindian_common.db import role_name
 from yindian_common.db_errors import DB_TROUBLE
 
 log = logging.getLogger("mis_adapter.health")
@@ -23,6 +25,8 @@ def _probe_engine(engine: Engine) -> Engine:
     args: dict[str, object] = {}
     if engine.dialect.name in ("postgresql", "mysql"):
         args["connect_timeout"] = PROBE_CONNECT_TIMEOUT_S
+    if engine.dialect.name == "postgresql":
+        args["application_name"] = role_name(PROCESS_NAME, "health")
     return sa.create_engine(engine.url, poolclass=sa.pool.NullPool, connect_args=args)
 
 

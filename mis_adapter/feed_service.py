@@ -56,6 +56,7 @@ import time
 import uuid
 import weakref
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -344,10 +345,14 @@ class FeedStream:
         not_debited = [r.seq for r in results if r.outcome == pb.DEBIT_OUTCOME_NOT_DEBITED]
         withdrawn = self.store.withdrawn_among(self.bank_id, not_debited)
         new: dict[int, DebitIn] = {}
+        # Every debit's serial checked in one pass (fields.serials_ok); only a batch holding a bad one
+        # checks them one by one, which names the first (per-result checks were 3 % of mis_adapter's CPU).
+        check_serials = not fields.serials_ok([r.bank_serial for r in results if r.outcome == pb.DEBIT_OUTCOME_DEBITED])
         for i, r in enumerate(results):
             outcome = OUTCOMES[r.outcome]
             if outcome == feed.DEBITED:
-                fields.serial(r.bank_serial, f"results[{i}].bank_serial")
+                if check_serials:
+                    fields.serial(r.bank_serial, f"results[{i}].bank_serial")
             elif r.bank_serial:
                 raise InvalidField(f"results[{i}].bank_serial", "must be empty unless DEBITED")
             if outcome == feed.NOT_DEBITED and r.seq not in withdrawn:
@@ -388,8 +393,9 @@ class FeedStream:
             advanced = self.window.accept(done)
             self.last_result_mono = time.monotonic()
             unacked = len(self.window.outstanding)
-        for r in new:
-            bm.record_debit_result(self.bank_id, r.outcome)
+        # counted per outcome, not per result (a labelled increment costs 1.2 µs)
+        for outcome, n in Counter(r.outcome for r in new).items():
+            bm.record_debit_result(self.bank_id, outcome, n)
         if advanced:
             bm.record_feed_acknowledged(self.bank_id, advanced)
         bm.set_feed_unacknowledged(self.bank_id, unacked)

@@ -32,7 +32,7 @@ from mis_adapter.db.base import table_of
 from mis_adapter.db.core import Agreement, BillRow, Customer, PrepaidEntry, Reading
 from mis_adapter.migrate import upgrade
 from mis_adapter.tariff import Tariff, price_fen
-from yindian_common.bulk_sql import InList, bulk_insert, list_param
+from yindian_common.bulk_sql import InList, bulk_insert_returning, list_param
 from yindian_common.clock import DEFAULT_TZ, Clock, business_date, make_clock
 from yindian_common.db import make_engine
 from yindian_common.errors import InvalidField
@@ -119,16 +119,20 @@ def _issue_batch(conn: Connection, accts: Sequence[str], period: str, tariff: Ta
         new.append(_NewBill(acct, kwh[acct], amount, applied, int(c.prepaid_fen) - applied))
     if not new:
         return set()
-    bulk_insert(conn, T_BILLS, [
+    # The new bills' ids come back from the INSERT on PostgreSQL (RETURNING); elsewhere they are read back.
+    returned = bulk_insert_returning(conn, T_BILLS, [
         {"account_no": b.account_no, "period": period, "kwh": b.kwh, "amount_fen": b.amount_fen,
          "prepaid_applied_fen": b.prepaid_applied_fen, "principal_paid_fen": 0, "late_fee_paid_fen": 0,
          "accrual_micro": 0, "accrual_date": due_date, "due_date": due_date, "issued_at": issued_at,
          "status": "PAID" if b.prepaid_applied_fen == b.amount_fen else "UNPAID",
          "paid_on": today if b.prepaid_applied_fen == b.amount_fen else None, "dunning": False}
-        for b in new])
+        for b in new], ("account_no", "bill_id"))
     new_accts = list_param(conn, [b.account_no for b in new])
     conn.execute(_MARK_BILLED, {"p_period": period, "accts": new_accts})
-    ids = {r.account_no: r.bill_id for r in conn.execute(_BILL_IDS, {"period": period, "accts": new_accts}).all()}
+    if returned is not None:
+        ids = {acct: int(bill_id) for acct, bill_id in returned}
+    else:
+        ids = {r.account_no: r.bill_id for r in conn.execute(_BILL_IDS, {"period": period, "accts": new_accts}).all()}
     with_prepaid = [b for b in new if b.prepaid_applied_fen > 0]
     if with_prepaid:
         conn.execute(_TAKE_PREPAID, [{"acct": b.account_no, "applied": b.prepaid_applied_fen} for b in with_prepaid])

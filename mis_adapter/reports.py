@@ -50,6 +50,7 @@ REPORT_ROWS_MAX = 100_000            # groups in one collections report
 ARREARS_CHUNK_ROWS = 5_000           # bills read and priced per chunk
 DETAIL_PAGE_ACCOUNTS = 500           # accounts per ArrearsDetail page
 REPORT_WORK_MEM = "64MB"             # PostgreSQL work_mem of a report's transaction
+REPORT_TMP_TABLE_BYTES = 64 << 20    # MariaDB: in-memory temporary tables of a report's session
 DETAIL_PAGE_PAYMENTS = 500           # payments per CollectionDetail page
 
 GROUP_BYS = ("bank", "outlet", "branch", "day", "channel")
@@ -325,147 +326,149 @@ def _arrears_scan_query(branch: bool) -> sa.Select[Any]:
     return q.where(T_CUST.c.branch_code == _b("branch_code")) if branch else q
 
 
-# ---- arrears priced in SQL: the bills untouched since as_of, plus the replayed ones ----
+# ---- arrears priced in SQL: the untouched bills in one pass, the touched ones found from the later payments ----
 
-# MariaDB evaluates a CTE once per reference (the delta three times, the replay list twice, each with a
-# scan of bills): there they are materialised once per report, as temporary tables of the report's
-# session (private to it, dropped after it; nothing shared is written).
-_TMP_DELTA = sa.table("yd_report_delta", sa.column("bill_id", sa.BigInteger),
-                      sa.column("principal_delta", sa.BigInteger), sa.column("fee_delta", sa.BigInteger))
-_TMP_REPLAY_IDS = sa.table("yd_report_replay_ids", sa.column("bill_id", sa.BigInteger))
-
-
-def _replay_ids_select(delta: Any) -> Any:
-    """The bills whose fee at as_of needs a replay: accrued past as_of, or touched after it (the delta)."""
-    return sa.union(sa.select(T_BILL.c.bill_id.label("bill_id"))
-                    .where(T_BILL.c.accrual_date > _AS_OF, T_BILL.c.accrual_date > T_BILL.c.due_date),
-                    sa.select(delta.c.bill_id))
+# The bills whose state at as_of may differ from their state now: those with an allocation of a payment settled
+# after as_of (posted, or reversed since: its accrual moved the bill's accrual date) or reversed after as_of.
+# Found from the payments by their indexes (settlement_date; the partial reversed_on), never by a scan of bills.
+# Complete because a bill's accrual date only ever moves to the fee day of a payment allocated to it, which is at
+# most that payment's settlement date (pay_plan, feed, recon_bulk, recon_bank_only; a reversal leaves it): a bill
+# whose accrual date is after as_of has an allocation settled after as_of.
+def _touched_select() -> Any:
+    a, p = T_ALLOC.alias("ta"), T_PAY.alias("tp")
+    by_payment = a.join(p, p.c.payment_id == a.c.payment_id)
+    return sa.union(sa.select(a.c.bill_id).select_from(by_payment).where(p.c.settlement_date > _AS_OF),
+                    sa.select(a.c.bill_id).select_from(by_payment).where(p.c.reversed_on > _AS_OF))
 
 
-_MATERIALISED = ((_TMP_DELTA.name, _DELTA_BY_PAYMENTS), (_TMP_REPLAY_IDS.name, _replay_ids_select(_TMP_DELTA)))
+# MariaDB evaluates a CTE once per reference: there the touched bills and their replay steps are
+# materialised once per report, as temporary tables of the report's session indexed by bill (private to it,
+# dropped after it; nothing shared is written).
+_TMP_TOUCHED, _TMP_STEPS = "yd_report_touched", "yd_report_steps"
+_STEPS_COLUMNS = ("bill_id", "principal_fen", "late_fee_fen", "settlement_date", "in_effect", "changed",
+                  "posted_fee", "posted_principal", "paid_before", "previous_day")
+_TMP_TOUCHED_TABLE = sa.table(_TMP_TOUCHED, sa.column("bill_id"))
+_TMP_STEPS_TABLE = sa.table(_TMP_STEPS, *(sa.column(c) for c in _STEPS_COLUMNS))
 
 
-def _replay_bills(rates: LateFeeRates, *, cust_on_expression: bool, narrow_group: bool,
-                  from_ids: bool = False, materialised: bool = False) -> tuple[Any, Any]:
-    """One row per bill whose fee at as_of needs its history replayed (touched by
-    payments posted or reversed after as_of, or accrued past it) and issued before
-    `issued_before`: its account, branch, name, phone, period, the principal it
-    owed at as_of (`unpaid_fen`) and the late fee (`fee_sql`).
+def _steps_select(touched: Any) -> Any:
+    """One row per allocation of a touched bill (_touched_select), with the window sums of fee_as_of's loop:
+    in settlement order, whether the allocation is in effect at as_of (settled by then, not reversed by then),
+    the principal the bill's allocations in effect paid before it (`paid_before`), the previous in-effect
+    settlement day, the bill's posted principal (what the replay undoes to find the bill at its issue), and the
+    sign of the allocation's change since as_of (`changed`: posted after it -1, reversed after it +1; a bill
+    with a non-zero one is in the delta).
 
-    fee_as_of's loop as running sums: from the bill's issue, every allocation in
-    effect at as_of (settled by then and not reversed by then), in settlement
-    order, accrues the fee on the principal still unpaid before it over the days
-    since the previous one (or the due date); what was paid outside any allocation
-    (migrated history) counts from the start. A bill's accrual is a sum of such
-    segments.
-
-    The replayed bills' allocations are read once (found by index from the bills'
-    ids) and windowed without the bills; the bills are then read once, by key (a
-    semi-join on their ids: PostgreSQL had hashed every bill to join them), each
-    with its steps, and priced in one aggregate. Returns (this, the delta CTE).
-    narrow_group: group by the primary keys alone (PostgreSQL: the other columns
-    depend on them, and a narrow key hashes in less memory). from_ids (MariaDB):
-    the bills read from the ids in that join order, not by a semi-join (MariaDB
-    scanned every bill and looked up its customer before the ids filtered it). materialised
-    (MariaDB): the delta and the ids read from the temporary tables _materialised fills."""
-    delta: Any
-    ids: Any
-    if materialised:
-        delta, ids = _TMP_DELTA, _TMP_REPLAY_IDS
-    else:
-        delta = _DELTA_BY_PAYMENTS.cte("delta")
-        ids = _replay_ids_select(delta).cte("replay_ids")
+    fee_as_of's loop as running sums: from the bill's issue, every allocation in effect at as_of, in
+    settlement order, accrues the fee on the principal still unpaid before it over the days since the
+    previous one (or the due date); what was paid outside any allocation (migrated history) counts from the
+    start. A bill's accrual at as_of is the sum of these segments (_arrears_bills adds them up)."""
     a, p = T_ALLOC.alias("ra"), T_PAY.alias("rp")
     posted = p.c.state == POSTED
     in_effect = sa.and_(p.c.settlement_date <= _AS_OF,
                         sa.not_(sa.and_(p.c.state == REVERSED, p.c.reversed_on.is_not(None),
                                         p.c.reversed_on <= _AS_OF)))
-    # the sign of an allocation's change since as_of (the delta's rule): posted after it undone, reversed after it redone
     changed = sa.case((sa.and_(posted, p.c.settlement_date > _AS_OF), -1),
                       (sa.and_(p.c.state == REVERSED, p.c.settlement_date <= _AS_OF, p.c.reversed_on > _AS_OF), 1),
                       else_=0)
     order = (p.c.settlement_date, p.c.payment_id, a.c.allocation_id)
     effect = sa.case((in_effect, 1), else_=0)
-    steps = (sa.select(a.c.bill_id, a.c.principal_fen, a.c.late_fee_fen, p.c.settlement_date,
-                       effect.label("in_effect"), changed.label("changed"),
-                       sa.case((posted, a.c.late_fee_fen), else_=0).label("posted_fee"),
-                       sa.func.sum(sa.case((posted, a.c.principal_fen), else_=0))
-                       .over(partition_by=a.c.bill_id).label("posted_principal"),
-                       sa.func.sum(effect * a.c.principal_fen)
-                       .over(partition_by=a.c.bill_id, order_by=order, rows=(None, -1)).label("paid_before"),
-                       sa.func.max(sa.case((in_effect, p.c.settlement_date)))
-                       .over(partition_by=a.c.bill_id, order_by=order, rows=(None, -1)).label("previous_day"))
-             .select_from(ids.join(a, a.c.bill_id == ids.c.bill_id).join(p, p.c.payment_id == a.c.payment_id))
-             .subquery("replay_steps"))
-    b, c = T_BILL.alias("rb"), T_CUST.alias("rc")
-    unpaid_now = b.c.amount_fen - b.c.prepaid_applied_fen - b.c.principal_paid_fen
-    unpaid_at_issue = unpaid_now + sa.func.coalesce(steps.c.posted_principal, 0)
-    since = sa.case((steps.c.previous_day > b.c.due_date, steps.c.previous_day), else_=b.c.due_date)
-    segment = sa.case((steps.c.in_effect == 1,
-                       accrued_micro_sql(principal=unpaid_at_issue - sa.func.coalesce(steps.c.paid_before, 0),
-                                         from_date=since, to_date=steps.c.settlement_date,
-                                         tariff_class=c.c.tariff_class, period=b.c.period, rates=rates)),
-                      else_=0)
-    total = _sum_bigint
-    keys = (b.c.bill_id, b.c.account_no, c.c.branch_code, c.c.name, c.c.phone, c.c.tariff_class, b.c.period,
-            b.c.late_fee_paid_fen, b.c.due_date)
-    group = (b.c.bill_id, c.c.account_no) if narrow_group else \
-        (*keys, b.c.amount_fen, b.c.prepaid_applied_fen, b.c.principal_paid_fen)
-    cust_join = c.c.account_no == (sa.func.coalesce(b.c.account_no, "") if cust_on_expression else b.c.account_no)
-    per_bill = (sa.select(*keys, unpaid_now.label("unpaid_now"),
-                          sa.func.coalesce(sa.func.max(steps.c.posted_principal), 0).label("posted_principal"),
-                          sa.func.coalesce(total(steps.c.posted_fee), 0).label("posted_fee"),
-                          sa.func.coalesce(total(segment), 0).label("micro"),
-                          sa.func.coalesce(total(steps.c.in_effect * steps.c.principal_fen), 0).label("eff_principal"),
-                          sa.func.coalesce(total(steps.c.in_effect * steps.c.late_fee_fen), 0).label("eff_fee"),
-                          sa.func.max(sa.case((steps.c.in_effect == 1, steps.c.settlement_date))).label("last_day"),
-                          sa.func.coalesce(total(steps.c.changed * steps.c.principal_fen), 0).label("principal_delta"))
-                .group_by(*group))
-    if from_ids:
-        per_bill = (per_bill.select_from(ids.join(b, b.c.bill_id == ids.c.bill_id).join(c, cust_join)
-                                         .outerjoin(steps, steps.c.bill_id == b.c.bill_id))
-                    .prefix_with("STRAIGHT_JOIN", dialect="mysql"))
-    else:
-        per_bill = (per_bill.select_from(b.join(c, cust_join).outerjoin(steps, steps.c.bill_id == b.c.bill_id))
-                    .where(b.c.bill_id.in_(sa.select(ids.c.bill_id))))
-    r = per_bill.where(b.c.issued_at < _b("issued_before")).subquery("replay_bills").c
-    accrual_date = sa.case((r.last_day > r.due_date, r.last_day), else_=r.due_date)
-    fee = late_fee_due_sql(principal_unpaid=r.unpaid_now + r.posted_principal - r.eff_principal,
-                           accrual_micro=r.micro, accrual_date=accrual_date,
-                           late_fee_paid=r.late_fee_paid_fen - r.posted_fee + r.eff_fee,
-                           tariff_class=r.tariff_class, period=r.period, as_of=_AS_OF, rates=rates)
-    return (sa.select(r.bill_id, r.account_no, r.branch_code, r.name, r.phone, r.period,
-                      (r.unpaid_now - r.principal_delta).label("unpaid_fen"), sa.cast(fee, sa.BigInteger).label("fee_sql"))
-            .subquery("replayed"), delta)
+    return (sa.select(a.c.bill_id, a.c.principal_fen, a.c.late_fee_fen, p.c.settlement_date,
+                      effect.label("in_effect"), changed.label("changed"),
+                      sa.case((posted, a.c.late_fee_fen), else_=0).label("posted_fee"),
+                      sa.func.sum(sa.case((posted, a.c.principal_fen), else_=0))
+                      .over(partition_by=a.c.bill_id).label("posted_principal"),
+                      sa.func.sum(effect * a.c.principal_fen)
+                      .over(partition_by=a.c.bill_id, order_by=order, rows=(None, -1)).label("paid_before"),
+                      sa.func.max(sa.case((in_effect, p.c.settlement_date)))
+                      .over(partition_by=a.c.bill_id, order_by=order, rows=(None, -1)).label("previous_day"))
+            .select_from(touched.join(a, a.c.bill_id == touched.c.bill_id).join(p, p.c.payment_id == a.c.payment_id)))
 
 
 def _arrears_bills(branch: bool, rates: LateFeeRates, dialect: str) -> Any:
-    """Every bill in arrears at the end of as_of with its principal and late fee then
-    (columns account_no, branch_code, name, phone, period, unpaid_fen, fee_sql):
-    the bills not paid by as_of that nothing after as_of touched, priced from their
-    current accrual, and the replayed ones (_replay_bills). O(bills unpaid then)."""
-    cust_on_expression = dialect in ("sqlite", "mysql")
-    replayed, delta = _replay_bills(rates, cust_on_expression=cust_on_expression,
-                                    narrow_group=dialect == "postgresql", from_ids=dialect == "mysql",
-                                    materialised=dialect == "mysql")
-    unpaid = T_BILL.c.amount_fen - T_BILL.c.prepaid_applied_fen - T_BILL.c.principal_paid_fen
-    cust_join = T_CUST.c.account_no == (sa.func.coalesce(T_BILL.c.account_no, "") if cust_on_expression
-                                        else T_BILL.c.account_no)
-    fee = late_fee_due_sql(principal_unpaid=unpaid, accrual_micro=T_BILL.c.accrual_micro,
-                           accrual_date=T_BILL.c.accrual_date, late_fee_paid=T_BILL.c.late_fee_paid_fen,
-                           tariff_class=T_CUST.c.tariff_class, period=T_BILL.c.period, as_of=_AS_OF, rates=rates)
-    untouched = (sa.select(T_BILL.c.bill_id, T_BILL.c.account_no, T_CUST.c.branch_code, T_CUST.c.name, T_CUST.c.phone,
-                           T_BILL.c.period, unpaid.label("unpaid_fen"), fee.label("fee_sql"))
-                 .select_from(T_BILL.join(T_CUST, cust_join))
-                 .where(sa.or_(T_BILL.c.paid_on.is_(None), T_BILL.c.paid_on > _AS_OF),
-                        T_BILL.c.issued_at < _b("issued_before"), unpaid > 0,
-                        sa.not_(sa.and_(T_BILL.c.accrual_date > _AS_OF, T_BILL.c.accrual_date > T_BILL.c.due_date)),
-                        T_BILL.c.bill_id.not_in(sa.select(delta.c.bill_id))))
-    touched = sa.select(replayed).where(replayed.c.unpaid_fen > 0)
+    """Every bill in arrears at the end of as_of with what it owed then (columns bill_id, account_no,
+    branch_code, period, unpaid_fen, fee_sql; no names or phones, which the detail joins to each account,
+    not to each bill), priced as the reference reconstruction
+    (bills_in_arrears with indexed=False) prices it, in two disjoint parts:
+
+    - untouched: the bills unpaid now or paid after as_of that no allocation of a payment settled or reversed
+      after as_of touched. Their state now is their state at as_of: priced from their current accrual. One
+      filtered pass over the bills.
+    - touched (_touched_select, found from the payments of after as_of by index): each with its steps
+      (_steps_select) added up, and priced as the reference does: replayed from its issue (fee_as_of's loop as
+      sums over the steps) when it is in the delta or accrued past as_of, otherwise from its current accrual;
+      the delta's principal undone. O(allocations of the touched bills).
+
+    No scan of bills finds the bills to replay (a bill accrued past as_of is touched, _touched_select)."""
+    touched: Any
+    if dialect == "mysql":
+        touched, steps = _TMP_TOUCHED_TABLE, _TMP_STEPS_TABLE
+    else:
+        touched = _touched_select().cte("touched")
+        steps = _steps_select(touched).subquery("steps")
+    s = steps.c
+    b, c = T_BILL, T_CUST
+    # SQLite, MariaDB: the customer joined on an expression, so that no index of bills by account invites
+    # a walk over every bill (from every customer)
+    cust_join = c.c.account_no == (sa.func.coalesce(b.c.account_no, "") if dialect in ("sqlite", "mysql")
+                                   else b.c.account_no)
+    unpaid_now = b.c.amount_fen - b.c.prepaid_applied_fen - b.c.principal_paid_fen
+    current_fee = late_fee_due_sql(principal_unpaid=unpaid_now, accrual_micro=b.c.accrual_micro,
+                                   accrual_date=b.c.accrual_date, late_fee_paid=b.c.late_fee_paid_fen,
+                                   tariff_class=c.c.tariff_class, period=b.c.period, as_of=_AS_OF, rates=rates)
+    untouched = (sa.select(b.c.bill_id, b.c.account_no, c.c.branch_code, b.c.period,
+                           unpaid_now.label("unpaid_fen"), current_fee.label("fee_sql"))
+                 .select_from(b.join(c, cust_join))
+                 .where(sa.or_(b.c.paid_on.is_(None), b.c.paid_on > _AS_OF), b.c.issued_at < _b("issued_before"),
+                        unpaid_now > 0, b.c.bill_id.not_in(sa.select(touched.c.bill_id))))
+
+    unpaid_at_issue = unpaid_now + sa.func.coalesce(s.posted_principal, 0)
+    since = sa.case((s.previous_day > b.c.due_date, s.previous_day), else_=b.c.due_date)
+    segment = sa.case((s.in_effect == 1,
+                       accrued_micro_sql(principal=unpaid_at_issue - sa.func.coalesce(s.paid_before, 0),
+                                         from_date=since, to_date=s.settlement_date,
+                                         tariff_class=c.c.tariff_class, period=b.c.period, rates=rates)),
+                      else_=0)
+    total = _sum_bigint
+    keys = (b.c.bill_id, b.c.account_no, c.c.branch_code, c.c.tariff_class, b.c.period,
+            b.c.late_fee_paid_fen, b.c.due_date, b.c.accrual_micro, b.c.accrual_date)
+    # PostgreSQL: grouped by the primary keys alone (the other columns depend on them; a narrow key hashes
+    # in less memory)
+    group = (b.c.bill_id, c.c.account_no) if dialect == "postgresql" else \
+        (*keys, b.c.amount_fen, b.c.prepaid_applied_fen, b.c.principal_paid_fen)
+    per_bill = (sa.select(*keys, unpaid_now.label("unpaid_now"),
+                          sa.func.max(s.posted_principal).label("posted_principal"),
+                          total(s.posted_fee).label("posted_fee"), total(segment).label("micro"),
+                          total(s.in_effect * s.principal_fen).label("eff_principal"),
+                          total(s.in_effect * s.late_fee_fen).label("eff_fee"),
+                          sa.func.max(sa.case((s.in_effect == 1, s.settlement_date))).label("last_day"),
+                          total(s.changed * s.principal_fen).label("principal_delta"),
+                          sa.func.max(sa.case((s.changed != 0, 1), else_=0)).label("in_delta"))
+                .select_from(steps.join(b, b.c.bill_id == s.bill_id).join(c, cust_join))
+                .where(b.c.issued_at < _b("issued_before"))
+                .group_by(*group))
     if branch:
-        untouched = untouched.where(T_CUST.c.branch_code == _b("branch_code"))
-        touched = touched.where(replayed.c.branch_code == _b("branch_code"))
-    return sa.union_all(untouched, touched).subquery("arrears_bills")
+        untouched = untouched.where(c.c.branch_code == _b("branch_code"))
+        per_bill = per_bill.where(c.c.branch_code == _b("branch_code"))
+    r = per_bill.subquery("touched_bills").c
+    replayed = sa.or_(r.in_delta == 1, sa.and_(r.accrual_date > _AS_OF, r.accrual_date > r.due_date))
+    replay_fee = late_fee_due_sql(
+        principal_unpaid=r.unpaid_now + r.posted_principal - r.eff_principal, accrual_micro=r.micro,
+        accrual_date=sa.case((r.last_day > r.due_date, r.last_day), else_=r.due_date),
+        late_fee_paid=r.late_fee_paid_fen - r.posted_fee + r.eff_fee,
+        tariff_class=r.tariff_class, period=r.period, as_of=_AS_OF, rates=rates)
+    kept_fee = late_fee_due_sql(principal_unpaid=r.unpaid_now, accrual_micro=r.accrual_micro,
+                                accrual_date=r.accrual_date, late_fee_paid=r.late_fee_paid_fen,
+                                tariff_class=r.tariff_class, period=r.period, as_of=_AS_OF, rates=rates)
+    unpaid = r.unpaid_now - r.principal_delta
+    touched_part = (sa.select(r.bill_id, r.account_no, r.branch_code, r.period,
+                              unpaid.label("unpaid_fen"),
+                              sa.case((replayed, replay_fee), else_=kept_fee).label("fee_sql"))
+                    .where(unpaid > 0))
+    u = sa.union_all(untouched, touched_part).subquery("arrears_bills")
+    return sa.select(*(u.c[k] for k in ("bill_id", "account_no", "branch_code", "period",
+                                        "unpaid_fen")), sa.cast(u.c.fee_sql, sa.BigInteger).label("fee_sql")) \
+        .subquery("arrears_bills_typed")
 
 
 _ARREARS = {(indexed, branch): _arrears_query(branch, indexed=indexed)
@@ -652,13 +655,18 @@ def _summed_statements(rates: LateFeeRates, branch: bool, dialect: str) -> tuple
                            total(accounts.c.principal_fen).label("principal_fen"),
                            total(accounts.c.late_fee_fen).label("late_fee_fen"))
                  .group_by(accounts.c.branch_code))
-    # columns in ArrearsAccount's order (rows are read as plain tuples)
-    by_account = (sa.select(bills.c.account_no, sa.func.min(bills.c.name).label("name"),
-                            sa.func.min(bills.c.phone).label("phone"), bills.c.branch_code,
-                            sa.func.count().label("unpaid_bills"), total(bills.c.unpaid_fen).label("principal_fen"),
-                            total(bills.c.fee_sql).label("late_fee_fen"),
-                            sa.func.min(bills.c.period).label("oldest_period"))
-                  .group_by(bills.c.account_no, bills.c.branch_code).order_by(bills.c.account_no))
+    # columns in ArrearsAccount's order (rows are read as plain tuples); the name and phone joined to each
+    # account once it is added up (carried through the bills they widened every row MariaDB sorts)
+    per_account = (sa.select(bills.c.account_no, bills.c.branch_code, sa.func.count().label("unpaid_bills"),
+                             total(bills.c.unpaid_fen).label("principal_fen"),
+                             total(bills.c.fee_sql).label("late_fee_fen"),
+                             sa.func.min(bills.c.period).label("oldest_period"))
+                   .group_by(bills.c.account_no, bills.c.branch_code).subquery("arrears_by_account"))
+    acc, cust = per_account.c, T_CUST.alias("named")
+    by_account = (sa.select(acc.account_no, cust.c.name, cust.c.phone, acc.branch_code, acc.unpaid_bills,
+                            acc.principal_fen, acc.late_fee_fen, acc.oldest_period)
+                  .select_from(per_account.join(cust, cust.c.account_no == acc.account_no))
+                  .order_by(acc.account_no))
     return by_branch, by_account
 
 
@@ -673,21 +681,27 @@ def _params(engine: Engine, as_of: dt.date, tz: ZoneInfo, branch_code: str) -> d
 
 @contextlib.contextmanager
 def _materialised(conn: Connection, params: dict[str, Any]) -> Iterator[None]:
-    """MariaDB: the delta and the replay list of the report's as-of date as temporary tables of
-    this session, each computed once (see _TMP_DELTA), dropped afterwards. Nothing elsewhere."""
+    """MariaDB: the touched bills of the report's as-of date and their replay steps (_touched_select,
+    _steps_select) as temporary tables of this session, indexed by bill, each computed once, dropped
+    afterwards. Nothing elsewhere."""
     if conn.dialect.name != "mysql":
         yield
         return
+    saved = conn.exec_driver_sql("SELECT @@tmp_table_size, @@max_heap_table_size").one()
     try:
-        for name, select in _MATERIALISED:
+        conn.exec_driver_sql(f"SET SESSION tmp_table_size = {REPORT_TMP_TABLE_BYTES}, "
+                             f"max_heap_table_size = {REPORT_TMP_TABLE_BYTES}")
+        for name, key, select in ((_TMP_TOUCHED, "PRIMARY KEY (bill_id)", _touched_select()),
+                                  (_TMP_STEPS, "INDEX (bill_id)", _steps_select(_TMP_TOUCHED_TABLE))):
             compiled = select.compile(dialect=conn.dialect)
             conn.exec_driver_sql(f"DROP TEMPORARY TABLE IF EXISTS {name}")
-            conn.exec_driver_sql(f"CREATE TEMPORARY TABLE {name} (PRIMARY KEY (bill_id)) {compiled}",
+            conn.exec_driver_sql(f"CREATE TEMPORARY TABLE {name} ({key}) {compiled}",
                                  {**compiled.params, "as_of": params["as_of"]})
         yield
     finally:
-        for name, _select in reversed(_MATERIALISED):
+        for name in (_TMP_STEPS, _TMP_TOUCHED):
             conn.exec_driver_sql(f"DROP TEMPORARY TABLE IF EXISTS {name}")
+        conn.exec_driver_sql(f"SET SESSION tmp_table_size = {int(saved[0])}, max_heap_table_size = {int(saved[1])}")
 
 
 def _summed_by_branch(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRates,

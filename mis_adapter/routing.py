@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from sqlalchemy.engine import Engine
 
-from yindian_common.db import make_engine
+from yindian_common.db import make_engine, role_name
+
+# PostgreSQL application_name of the serving pool's connections; background roles add "/<role>".
+PROCESS_NAME = "mis_adapter"
+# Connections of a background role's own pool (one thread each; role_engines).
+ROLE_POOL_SIZE = 2
 
 
 class BranchRouter:
@@ -18,12 +23,18 @@ class BranchRouter:
                  pool_timeout_s: float = 5.0, sqlite_synchronous: str = "FULL", front_url: str = "",
                  wait_max_s: float | None = None) -> None:
         by_url: dict[str, Engine] = {}
+        self._pool_timeout_s, self._sqlite_synchronous, self._wait_max_s = pool_timeout_s, sqlite_synchronous, wait_max_s
+        self._role_engines: list[Engine] = []
 
         def engine(url: str) -> Engine:
             if url not in by_url:
                 by_url[url] = make_engine(url, pool_size=pool_size, pool_timeout_s=pool_timeout_s,
-                                          sqlite_synchronous=sqlite_synchronous, wait_max_s=wait_max_s)
+                                          sqlite_synchronous=sqlite_synchronous, wait_max_s=wait_max_s,
+                                          application_name=PROCESS_NAME)
+                self._urls[by_url[url]] = url
             return by_url[url]
+
+        self._urls: dict[Engine, str] = {}
 
         self.primary = engine(default_url)
         # Engines in branch-code order, whatever the order of the flags: every transaction that spans
@@ -76,6 +87,21 @@ class BranchRouter:
         """True when serials must go through the front registry (several databases, or a front database)."""
         return self.front is not None
 
+    def role_engines(self, engines: list[Engine], role: str) -> list[Engine]:
+        """A background role's own small pool on each of `engines` (PostgreSQL; same bounds,
+        application_name 'mis_adapter/<role>'), so that its connections show apart from the
+        pays' in pg_stat_activity (bench-ratio's CPU by role). SQLite and MariaDB: the same engines."""
+        out = []
+        for e in engines:
+            if e.dialect.name != "postgresql":
+                out.append(e)
+                continue
+            own = make_engine(self._urls[e], pool_size=ROLE_POOL_SIZE, pool_timeout_s=self._pool_timeout_s,
+                              wait_max_s=self._wait_max_s, application_name=role_name(PROCESS_NAME, role))
+            self._role_engines.append(own)
+            out.append(own)
+        return out
+
     def dispose(self) -> None:
-        for e in self._all:
+        for e in self._all + self._role_engines:
             e.dispose()

@@ -85,8 +85,8 @@ def main(argv: list[str]) -> int:
     crash_points.arm(settings.crash_point)
     server, _ctx = build_server(settings)
     metrics_collector.register(_ctx.router.engines(), _ctx.clock)
-    sealer = Sealer([(JOURNAL_CHAIN, e) for e in _ctx.router.engines()], settings.audit_seal_interval_s,
-                    _ctx.clock.now)
+    sealer = Sealer([(JOURNAL_CHAIN, e) for e in _ctx.router.role_engines(_ctx.router.engines(), "sealer")],
+                    settings.audit_seal_interval_s, _ctx.clock.now)
     sealer.start()
     server.on_drain(sealer.stop)
     metrics_port = start_metrics_http(settings.metrics_host, settings.metrics_port)

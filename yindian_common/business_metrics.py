@@ -45,6 +45,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from yindian_common import metrics as _grpc_metrics  # noqa: F401  (turns off the _created series)
+from yindian_common.db import role_name
 
 log = logging.getLogger("yindian.metrics")
 
@@ -169,8 +170,8 @@ def record_feed_acknowledged(bank: str, notices: int) -> None:
     FEED_ACKED.labels(_bank(bank)).inc(notices)
 
 
-def record_debit_result(bank: str, outcome: str) -> None:
-    FEED_DEBIT_RESULTS.labels(_bank(bank), _member(outcome.removeprefix("DEBIT_OUTCOME_"), DEBIT_OUTCOMES)).inc()
+def record_debit_result(bank: str, outcome: str, results: int = 1) -> None:
+    FEED_DEBIT_RESULTS.labels(_bank(bank), _member(outcome.removeprefix("DEBIT_OUTCOME_"), DEBIT_OUTCOMES)).inc(results)
 
 
 def set_feed_unacknowledged(bank: str, notices: int) -> None:
@@ -353,8 +354,9 @@ class GaugeSpec:
 Readings = dict[str, dict[tuple[str, ...], float]]
 
 
-def read_only_engine(engine: Engine, timeout_s: float) -> Engine:
-    """A one-connection engine on `engine`'s database whose statements stop after `timeout_s`."""
+def read_only_engine(engine: Engine, timeout_s: float, application_name: str = "") -> Engine:
+    """A one-connection engine on `engine`'s database whose statements stop after `timeout_s`
+    (`application_name`: PostgreSQL's name for its connection, e.g. 'bridge/metrics')."""
     url = engine.url
     backend = url.get_backend_name()
     timeout_ms = max(1, int(timeout_s * 1000))
@@ -376,9 +378,11 @@ def read_only_engine(engine: Engine, timeout_s: float) -> Engine:
 
         return eng
     if backend == "postgresql":
-        return sa.create_engine(url, pool_pre_ping=True, connect_args={
-            "connect_timeout": max(1, int(timeout_s)),
-            "options": f"-c statement_timeout={timeout_ms} -c default_transaction_read_only=on"}, **common)
+        args: dict[str, Any] = {"connect_timeout": max(1, int(timeout_s)),
+                                "options": f"-c statement_timeout={timeout_ms} -c default_transaction_read_only=on"}
+        if application_name:
+            args["application_name"] = application_name
+        return sa.create_engine(url, pool_pre_ping=True, connect_args=args, **common)
     eng = sa.create_engine(url, pool_pre_ping=True, connect_args={
         "connect_timeout": max(1, int(timeout_s)), "read_timeout": max(1, int(timeout_s) + 1)}, **common)
 
@@ -407,7 +411,8 @@ class DbGaugeCollector(Collector):
 
     def __init__(self, engines: Iterable[Engine], limits: CollectorLimits = DEFAULT_COLLECTOR_LIMITS) -> None:
         self.limits = limits
-        self._readers = [read_only_engine(e, limits.query_timeout_s) for e in engines]
+        self._readers = [read_only_engine(e, limits.query_timeout_s, role_name(self.name, "metrics"))
+                         for e in engines]
         self._lock = threading.Lock()
         self._last_read_at = -1e18
         self._readings: Readings = {}

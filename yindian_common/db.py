@@ -36,6 +36,8 @@ IDLE_SLACK_MS = 1_000
 # Session-level bounds (SQLite, MariaDB) change only in steps of this, so that a run of
 # calls with similar deadlines sends no statement at all.
 WAIT_STEP_MS = 250
+# application_name of a process's connections for a role: "<process>/<role>" (role_name).
+ROLE_SEP = "/"
 
 
 class _WaitSettings(Protocol):
@@ -151,9 +153,13 @@ def dialect_of(engine: Engine) -> str:
 
 def make_engine(url: str, *, pool_size: int = 16, pool_overflow: int = 0,
                 pool_timeout_s: float = 10.0, sqlite_synchronous: str = "FULL",
-                wait_max_s: float | None = None, idle_in_tx_max_s: float = DB_IDLE_IN_TX_MAX_S) -> Engine:
+                wait_max_s: float | None = None, idle_in_tx_max_s: float = DB_IDLE_IN_TX_MAX_S,
+                application_name: str = "") -> Engine:
     """`wait_max_s`: every lock wait's bound on this engine's connections (None: the
-    server's default; SQLite: SQLITE_BUSY_TIMEOUT_MS)."""
+    server's default; SQLite: SQLITE_BUSY_TIMEOUT_MS). `application_name` (PostgreSQL):
+    the role its connections show in pg_stat_activity (`role_name`), sent in the
+    startup packet, so that an operator or `bench-ratio` can tell the pays' backends
+    from the sealer's or the journal writer's."""
     url = normalize_url(url)
     kwargs: dict[str, Any] = {"future": True}
     if url.startswith("sqlite"):
@@ -178,13 +184,23 @@ def make_engine(url: str, *, pool_size: int = 16, pool_overflow: int = 0,
         if wait_max_s is not None:
             kwargs["connect_args"]["init_command"] = (
                 f"SET SESSION innodb_lock_wait_timeout = {max(1, math.ceil(wait_max_s))}")
-    elif wait_max_s is not None:  # PostgreSQL: session defaults in the startup packet, no round trip
-        kwargs["connect_args"] = {"options": f"-c lock_timeout={int(wait_max_s * 1000)} "
-                                             f"-c idle_in_transaction_session_timeout={int(idle_in_tx_max_s * 1000)}"}
+    else:  # PostgreSQL: session defaults in the startup packet, no round trip
+        kwargs["connect_args"] = {}
+        if wait_max_s is not None:
+            kwargs["connect_args"]["options"] = (f"-c lock_timeout={int(wait_max_s * 1000)} "
+                                                 f"-c idle_in_transaction_session_timeout={int(idle_in_tx_max_s * 1000)}")
+        if application_name:
+            kwargs["connect_args"]["application_name"] = application_name
     engine = sa.create_engine(url, **kwargs)
     if url.startswith("mysql"):
         _session_wait_defaults(engine, None if wait_max_s is None else int(wait_max_s * 1000))
     return engine
+
+
+def role_name(process: str, role: str = "") -> str:
+    """The PostgreSQL application_name of a process's connections for one role: 'mis_adapter'
+    (its serving pool), 'mis_adapter/sealer', 'bridge/journal-writer', ... (ROLE_SEP between)."""
+    return f"{process}{ROLE_SEP}{role}" if role else process
 
 
 def _configure_sqlite(engine: Engine, synchronous: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> None:

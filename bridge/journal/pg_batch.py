@@ -75,8 +75,12 @@ class PgBatch:
     # say. Left to the estimates, a journal of a few thousand rows whose statistics lagged was
     # hashed whole by a sequential scan at every group commit (perf under bench-ratio: half the
     # journal backend's CPU); its keyed plan needs no scan and no join but the nested loop.
-    WRITER_SESSION = ("SET enable_seqscan = off", "SET enable_hashjoin = off", "SET enable_mergejoin = off")
-    WRITER_SESSION_RESET = ("RESET enable_seqscan", "RESET enable_hashjoin", "RESET enable_mergejoin")
+    # It also names itself in pg_stat_activity (the pool's other connections are 'bridge'), so that
+    # bench-ratio and an operator see the journal writer's backend apart.
+    WRITER_SESSION = ("SET enable_seqscan = off", "SET enable_hashjoin = off", "SET enable_mergejoin = off",
+                      "SET application_name = 'bridge/journal-writer'")
+    WRITER_SESSION_RESET = ("RESET enable_seqscan", "RESET enable_hashjoin", "RESET enable_mergejoin",
+                            "RESET application_name")
 
     def _row(self, e: Entry) -> dict[str, Any]:
         out = {c: getattr(e, c) for c in self._cols}

@@ -114,8 +114,9 @@ class Payment(Base):
     overtook its payment. (bank_id, bank_serial) is unique: the idempotency key."""
     __tablename__ = "payments"
     __table_args__ = (sa.UniqueConstraint("bank_id", "bank_serial"),
-                      sa.Index("ix_payments_bank_day", "bank_id", "settlement_date"),
-                      sa.Index("ix_payments_day", "settlement_date"),
+                      # one index for the day and the bank (0004_payments_day_bank): no other index
+                      # led by bank_id, so the serial look-up's generic plan is the unique key
+                      sa.Index("ix_payments_day_bank", "settlement_date", "bank_id"),
                       # reports: the payments reversed after an as-of date (migration 0004_bulk); only
                       # reversed rows are indexed where the database can (0004_partial_reversed_on): a
                       # pay writes one index entry less

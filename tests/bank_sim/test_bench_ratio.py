@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bank_sim.bench_ratio import CpuGroup, CpuMeter, Measured, highest_held
+from tests.support.databases import admin_url
 from tests.support.procs import REPO
 
 pytestmark = pytest.mark.timeout(180)
@@ -54,3 +55,27 @@ def test_one_short_run_prints_the_ratio_and_cpu_of_every_process(tmp_path: Path)
     assert set(pay["cpu_ms_per_call"]) == {"client", "bridge", "mis_adapter"}
     assert all(v > 0 for v in pay["cpu_ms_per_call"].values())
     assert len(pay["load_average"]) == 3
+
+
+def test_on_postgresql_it_breaks_the_database_work_down_by_role_and_table(tmp_path: Path) -> None:
+    """Each server names its pools (application_name), so the backends' CPU comes out by role, and the
+    database counters per pay name the tables a pay writes."""
+    admin_url("postgresql")  # skip (or fail under CI) without a server
+    out = tmp_path / "ratio.json"
+    run = subprocess.run([sys.executable, "-m", "bank_sim", "bench-ratio", "--backends", "postgresql", "--accounts",
+                          "200", "--in-flight", "4", "--duration-s", "3", "--warmup-s", "0.5",
+                          "--work-dir", str(tmp_path / "work"), "--json", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=150)
+    assert run.returncode == 0, run.stdout + run.stderr
+    (result,) = json.loads(out.read_text())
+    pay = result["pay"][0]
+    assert pay["calls"] > 0 and not pay["errors"]
+    roles = pay["db_role_cpu_ms_per_call"]
+    assert {"mis:mis_adapter", "bridge:bridge/journal-writer", "mis:mis_adapter/sealer", "bridge:bridge/sealer",
+            "bridge:bridge/resolver"} <= set(roles), roles
+    assert roles["mis:mis_adapter"] > 0
+    db = pay["db_per_call"]
+    assert {"mis", "bridge", "wal", "mis.payments", "bridge.bridge_journal"} <= set(db), sorted(db)
+    assert db["mis"]["xact_commit"] > 0 and db["mis.payments"]["n_tup_ins"] > 0
+    assert db["mis.payments"]["indexes"] >= 2 and db["wal"]["bytes"] > 0
+    assert "postgres backends by database:role" in run.stdout and "db mis per call" in run.stdout

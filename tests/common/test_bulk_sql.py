@@ -6,8 +6,10 @@ from __future__ import annotations
 import datetime as dt
 
 import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from yindian_common.bulk_sql import bulk_insert, bulk_insert_returning
+from yindian_common.bulk_sql import InList, bulk_insert, bulk_insert_returning, list_param
 from yindian_common.db import make_engine
 
 NOW = dt.datetime(2026, 11, 29, 2, 0, 0, tzinfo=dt.UTC)  # whole seconds: a plain MariaDB DATETIME keeps no more
@@ -61,4 +63,49 @@ def test_bulk_insert_keeps_every_value(db_url: str) -> None:
             assert returned == [(6, "")]
     finally:
         md.drop_all(engine)
+        engine.dispose()
+
+
+_probe_md = sa.MetaData()
+_probe = sa.Table("bulk_in_probe", _probe_md,
+                  sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+                            autoincrement=True),
+                  sa.Column("n", sa.BigInteger, nullable=True),
+                  sa.Column("s", sa.String(40), nullable=True))
+# Text that PostgreSQL's array syntax would misread unquoted or unescaped, next to plain serials.
+_texts = st.one_of(st.sampled_from(["", "NULL", "null", " a ", "{x}", "a,b", 'q"uote', "back\\slash", "ICBC2026",
+                                    "01" + "0" * 8]),
+                   st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=0x4e2d), max_size=12))
+_ints = st.integers(min_value=-(2 ** 63), max_value=2 ** 63 - 1)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ns=st.lists(_ints, max_size=12), ss=st.lists(_texts, max_size=12))
+def test_list_parameters_and_bulk_arrays_keep_every_value(db_url: str, ns: list[int], ss: list[str]) -> None:
+    """Whatever form a list takes on the wire (PostgreSQL array text made by a join, or the list
+    itself), `bulk_insert` stores exactly its values and `col IN list_param(...)` finds exactly the
+    listed ones (decoy rows, never listed, are not found)."""
+    engine = make_engine(db_url)
+    int_decoys = [d for d in (0, 1, -1, 2 ** 40) if d not in ns]
+    text_decoys = ["\u9fa5decoy", "\u9fa5"]  # outside the generated alphabet: no collation equates them to a listed value
+    try:
+        with engine.begin() as conn:
+            _probe_md.drop_all(conn)
+            _probe_md.create_all(conn)
+            rows = [{"n": n, "s": s} for n, s in zip(ns, ss, strict=False)]
+            bulk_insert(conn, _probe, rows)
+            got = [(r.n, r.s) for r in conn.execute(sa.select(_probe.c.n, _probe.c.s).order_by(_probe.c.id))]
+            assert got == [(r["n"], r["s"]) for r in rows]
+            conn.execute(_probe.delete())
+            bulk_insert(conn, _probe, [{"n": n, "s": None} for n in ns + int_decoys])
+            by_n = conn.execute(sa.select(_probe.c.n).where(InList(_probe.c.n, "p")),
+                                {"p": list_param(conn, ns)}).scalars().all()
+            assert sorted(by_n) == sorted(ns)
+            conn.execute(_probe.delete())
+            bulk_insert(conn, _probe, [{"n": 0, "s": s} for s in ss + text_decoys])
+            by_s = conn.execute(sa.select(_probe.c.s).where(InList(_probe.c.s, "p")),
+                                {"p": list_param(conn, ss)}).scalars().all()
+            assert sorted(by_s) == sorted(ss)
+    finally:
+        _probe_md.drop_all(engine)
         engine.dispose()

@@ -94,3 +94,37 @@ def test_history_moves_the_arrears(history: World) -> None:
     after = reports.arrears_summary(engines, DAY_START.date() + dt.timedelta(days=HISTORY_DAYS), history.ctx.rates, TZ)
     assert before.total.households > 0 and after.total.households > 0
     assert before.total.principal_fen != after.total.principal_fen
+
+
+@pytest.fixture(params=[7, 1129])
+def other_history(request: pytest.FixtureRequest, db_url: str, tmp_path: Path) -> Iterator[World]:
+    """The same kind of history from other random draws (other accounts, amounts, cancels)."""
+    w = build_world(db_url, tmp_path, accounts=40)
+    _history(w, random.Random(request.param))
+    yield w
+    w.ctx.router.dispose()
+
+
+def _event_days(w: World) -> list[dt.date]:
+    """Every day on which the history changed something: settlements, reversals, due dates."""
+    import sqlalchemy as sa
+    pay, bill = reports.T_PAY, reports.T_BILL
+    days = sa.union(sa.select(pay.c.settlement_date), sa.select(pay.c.reversed_on).where(pay.c.reversed_on.is_not(None)),
+                    sa.select(bill.c.due_date))
+    with w.engine.connect() as conn:
+        return sorted({d for (d,) in conn.execute(days)})
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), shift=st.sampled_from([-1, 0, 1]), branch=st.sampled_from(["", "01", "02"]))
+def test_arrears_on_the_days_around_each_event_equal_the_full_reconstruction(
+        other_history: World, data: st.DataObject, shift: int, branch: str) -> None:
+    """As of the day before, of and after each settlement, reversal (same-day cancel, the reconciliation's
+    UTILITY_ONLY) and due date: the reports equal the reconstruction over every bill."""
+    w = other_history
+    as_of = data.draw(st.sampled_from(_event_days(w))) + dt.timedelta(days=shift)
+    engines = w.ctx.router.engines()
+    assert reports.arrears_summary(engines, as_of, w.ctx.rates, TZ) == \
+        reports.arrears_summary(engines, as_of, w.ctx.rates, TZ, indexed=False)
+    assert [a for page in reports.arrears_detail(engines, as_of, w.ctx.rates, TZ, branch) for a in page] == \
+        [a for page in reports.arrears_detail(engines, as_of, w.ctx.rates, TZ, branch, indexed=False) for a in page]

@@ -1,9 +1,10 @@
-"""The arrears reports' set-based replay (reports._replay_bills: a bill's late fee
-as of a past date, undoing the payments posted or reversed after it, as window
-sums in SQL) against the one-by-one replay of reports.fee_as_of, on SQLite,
-PostgreSQL and MariaDB: random bills with several partial allocations before
-and after the as-of date, some reversed before or after it, paid partly
-outside any allocation (migrated history), across year ends, every tariff."""
+"""The arrears reports' bills priced in SQL (reports._arrears_bills: every bill's
+principal and late fee as of a past date, the bills touched after it replayed as
+window sums, the others priced from their current accrual) against the one-by-one
+rule of the reference reconstruction (reports.fee_as_of), on SQLite, PostgreSQL and
+MariaDB: random bills with several partial allocations before and after the as-of
+date, some reversed before or after it, paid partly outside any allocation
+(migrated history), across year ends, every tariff."""
 from __future__ import annotations
 
 import datetime as dt
@@ -26,9 +27,17 @@ RATES = LateFeeRates()
 TARIFFS = ("RESIDENTIAL", "COMMERCIAL", "INDUSTRIAL")
 ACCOUNTS = {t: f"01{i:07d}{i}" for i, t in enumerate(TARIFFS)}  # shape only: no check digit is verified here
 BASE = dt.date(2025, 6, 1)
-STMT = (lambda rf: sa.select(rf.c.bill_id, rf.c.fee_sql.label("fee")).order_by(rf.c.bill_id))(
-    reports._replay_bills(RATES, cust_on_expression=False, narrow_group=False)[0])
-ISSUED_BEFORE = dt.datetime(2100, 1, 1, tzinfo=dt.UTC)  # every bill: the replay's own issue-date filter is not tested here
+ISSUED_BEFORE = dt.datetime(2100, 1, 1, tzinfo=dt.UTC)  # every bill: the issue-date filter is not tested here
+
+
+def _priced(conn: sa.Connection, as_of: dt.date) -> dict[int, tuple[int, int]]:
+    """bill id -> (principal, late fee) at as_of, as the reports' SQL prices the bills in arrears then."""
+    dialect = conn.dialect.name
+    bills = reports._arrears_bills(False, RATES, dialect)
+    params = _params(as_of, dialect == "sqlite")
+    with reports._materialised(conn, params):
+        rows = conn.execute(sa.select(bills.c.bill_id, bills.c.unpaid_fen, bills.c.fee_sql), params).all()
+    return {int(r.bill_id): (int(r.unpaid_fen), int(r.fee_sql)) for r in rows}
 
 
 def _params(as_of: dt.date, sqlite: bool) -> dict[str, Any]:
@@ -125,11 +134,22 @@ def test_set_based_replay_equals_the_one_by_one_replay(engine: sa.Engine, bills:
         trans = conn.begin()
         try:
             rows = _insert(conn, bills, engine.dialect.name == "sqlite")
-            got = {int(r.bill_id): int(r.fee) for r in conn.execute(STMT, _params(as_of, engine.dialect.name == "sqlite"))}
+            got = _priced(conn, as_of)
         finally:
             trans.rollback()
-    want = {r.bill_id: reports.fee_as_of(r, as_of, 0, 0, r.replay, RATES) for r in rows if _needs_replay(r, as_of)}
-    assert got == want
+    assert got == {r.bill_id: owed for r in rows if (owed := _owed(r, as_of))[0] > 0}
+
+
+def _owed(row: SimpleNamespace, as_of: dt.date) -> tuple[int, int]:
+    """The reference's (principal, fee) of the bill at as_of: its principal now with the delta undone; the
+    fee replayed when the bill needs it, otherwise from its current accrual."""
+    delta = sum(-p if s == "POSTED" and sd > as_of else
+                p if s == "REVERSED" and sd <= as_of and ro is not None and ro > as_of else 0
+                for p, _f, s, sd, ro in row.replay.allocations)
+    unpaid = row.amount_fen - row.prepaid_applied_fen - row.principal_paid_fen - delta
+    if _needs_replay(row, as_of):
+        return unpaid, reports.fee_as_of(row, as_of, 0, 0, row.replay, RATES)
+    return unpaid, reports.fee_as_of(row, as_of, unpaid, row.late_fee_paid_fen, None, RATES)
 
 
 @pytest.mark.parametrize(("reversed_day", "as_of_day", "fee"), [
@@ -149,8 +169,8 @@ def test_a_partial_payment_before_the_as_of_date_changes_the_accrual(engine: sa.
         trans = conn.begin()
         try:
             rows = _insert(conn, [b], engine.dialect.name == "sqlite")
-            got = conn.execute(STMT, _params(BASE + dt.timedelta(days=as_of_day), engine.dialect.name == "sqlite")).all()
+            got = _priced(conn, BASE + dt.timedelta(days=as_of_day))
         finally:
             trans.rollback()
-    assert [(int(r.bill_id), int(r.fee)) for r in got] == [(1, fee)]
+    assert {bill_id: owed[1] for bill_id, owed in got.items()} == {1: fee}
     assert reports.fee_as_of(rows[0], BASE + dt.timedelta(days=as_of_day), 0, 0, rows[0].replay, RATES) == fee
