@@ -6,7 +6,12 @@ stored lines and summary (`replayed`), whatever records follow.
 
 Errors: a malformed stream or record is INVALID_ARGUMENT naming the field and
 the record (records[<n>], n counted from 1 over the whole stream); nothing is
-applied. Nothing here knows the matching rule."""
+applied. A bank silent for `recon_peer_silence_s` between two messages
+(holding its staging connection, on PostgreSQL an open COPY) ends the
+stream DEADLINE_EXCEEDED RECON_PEER_SILENT, nothing applied: the messages are
+received on a thread into a small queue (yindian_common.handoff.received), so
+the wait is bounded; the close after the last message is not. Nothing here
+knows the matching rule."""
 from __future__ import annotations
 
 import datetime as dt
@@ -23,10 +28,15 @@ from yindian.v1 import billing_pb2 as pb
 from yindian_common import business_metrics as bm
 from yindian_common import fields
 from yindian_common.clock import business_date
-from yindian_common.errors import Aborted, InvalidField, YinDianError
+from yindian_common.errors import Aborted, InvalidField, ReconPeerSilent, YinDianError
+from yindian_common.handoff import received
 from yindian_common.status import guard
 
 log = logging.getLogger("mis_adapter.recon")
+
+# Messages received from the bank and waiting to be loaded: a few batches, so that receiving overlaps
+# loading while memory stays bounded (the bank is held back by flow control beyond).
+RECEIVE_QUEUE_MAX = 4
 
 BANK_STATUS = {pb.BANK_RECORD_STATUS_POSTED: recon.BANK_POSTED, pb.BANK_RECORD_STATUS_CANCELLED: recon.BANK_CANCELLED}
 BANK_STATUS_PB = {v: k for k, v in BANK_STATUS.items()}
@@ -96,14 +106,22 @@ def reconcile(ctx: AdapterContext, bank_id: str, request_iterator: Iterator[Any]
         if known_bank is not None:
             bm.record_reconciliation(known_bank, "FAILED")
 
-    with guard(context, "Reconcile", on_refused=failed):
+    silence_s = ctx.settings.recon_peer_silence_s
+
+    def silent() -> Exception:
+        return ReconPeerSilent(f"the bank sent nothing for {silence_s:g} s in the middle of its Reconcile stream: "
+                               "nothing of the day was applied")
+
+    with guard(context, "Reconcile", on_refused=failed), \
+            received(request_iterator, queue_max=RECEIVE_QUEUE_MAX, silence_s=silence_s, silent=silent,
+                     name=f"recon-receive-{bank_id}") as messages:
         ctx.banks.ensure_known(bank_id)
         known_bank = bank_id
-        first = next(request_iterator, None)
+        first = next(messages, None)
         if first is None or first.WhichOneof("body") != "header":
             raise InvalidField("header", "the first message must be the header with the settlement date")
         day = settlement_day(ctx, first.header)
-        summary = _stored_summary(ctx, bank_id, day) or _reconcile_stream(ctx, bank_id, day, request_iterator,
+        summary = _stored_summary(ctx, bank_id, day) or _reconcile_stream(ctx, bank_id, day, messages,
                                                                          _still_wanted(context))
         log.info("event=reconciled bank=%s day=%s records=%d net_fen=%d replayed=%s", bank_id, day,
                  summary.record_count, summary.net_settlement_fen, summary.replayed)

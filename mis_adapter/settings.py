@@ -33,6 +33,9 @@ class AdapterSettings(ServerSettings):
     db_bank_stream_connections_max: int = Field(0, ge=0, le=1_024, description="database connections one bank's "
                                                                             "streams may hold; 0: half the streams' "
                                                                             "share")
+    recon_peer_silence_s: float = Field(60.0, gt=0, le=86_400,
+                                        description="Reconcile: end a stream whose bank sends nothing for this "
+                                                    "long (DEADLINE_EXCEEDED RECON_PEER_SILENT, nothing applied)")
     db_health_interval_s: float = Field(2.0, gt=0, le=3_600, description="how often health probes the database "
                                                                          "(NOT_SERVING while unreachable)")
     pay_portable_sql: bool = Field(False, description="Pay with the portable statements on PostgreSQL too "

@@ -147,6 +147,12 @@ class PeerSilent(YinDianError):
     reason = "FEED_PEER_SILENT"
 
 
+class ReconPeerSilent(YinDianError):
+    """A Reconcile stream whose bank sent nothing for too long: ended, nothing applied."""
+    code = "DEADLINE_EXCEEDED"
+    reason = "RECON_PEER_SILENT"
+
+
 # ---- bugs: outside the tree, never mapped to a status ----
 
 class Bug(AssertionError):
