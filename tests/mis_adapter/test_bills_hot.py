@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from alembic import command
 
-from mis_adapter.migrate import alembic_config, upgrade
+from mis_adapter.migrate import downgrade, upgrade
 from tests.support.databases import fresh_database
 from yindian_common.db import make_engine
 
@@ -78,10 +77,7 @@ def test_settling_a_bill_is_a_hot_update_on_postgresql(pg_url: str) -> None:
 def test_downgrade_restores_the_status_index(db_url: str) -> None:
     engine = make_engine(db_url)
     upgrade(engine)
-    cfg = alembic_config()
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "0004_bills_hot@-1")
+    downgrade(engine, "0004_bills_hot@-1")
     assert _indexed_columns(engine).get("ix_bills_status_due") == {"status", "due_date"}
     upgrade(engine)
     assert "ix_bills_status_due" not in _indexed_columns(engine)

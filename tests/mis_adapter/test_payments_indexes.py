@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from alembic import command
 
-from mis_adapter.migrate import alembic_config, upgrade
+from mis_adapter.migrate import downgrade, upgrade
 from mis_adapter.pay_pg import READ_FOR_PAY
 from tests.support.databases import fresh_database
 from yindian_common.db import make_engine
@@ -66,10 +65,7 @@ def test_the_serial_lookup_of_a_never_analyzed_table_uses_the_unique_key(pg_url:
 def test_downgrade_brings_back_both_indexes_and_the_old_plan(pg_url: str) -> None:
     engine = make_engine(pg_url)
     upgrade(engine)
-    cfg = alembic_config()
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "0004_payments_day_bank@-1")
+    downgrade(engine, "0004_payments_day_bank@-1")
     assert {"ix_payments_bank_day", "ix_payments_day"} <= set(_payment_indexes(engine))
     assert "ix_payments_bank_day" in _serial_lookup_plan(engine)  # what the pays walked before
     upgrade(engine)
