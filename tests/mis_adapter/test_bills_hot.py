@@ -8,14 +8,10 @@ downgrade puts the status index back."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
 
 from mis_adapter.migrate import downgrade, upgrade
-from tests.support.databases import fresh_database
 from yindian_common.db import make_engine
 
 # what allocation/payment posting and reversal change on a bill
@@ -49,12 +45,6 @@ def test_no_bill_index_covers_a_column_a_payment_changes(db_url: str) -> None:
     covering = {name: cols & CHANGED_BY_A_PAYMENT for name, cols in _indexed_columns(engine).items()}
     assert {name: cols for name, cols in covering.items() if cols} == {}
     engine.dispose()
-
-
-@pytest.fixture
-def pg_url(tmp_path: Path) -> Iterator[str]:
-    with fresh_database("postgresql", tmp_path) as url:
-        yield url
 
 
 def test_settling_a_bill_is_a_hot_update_on_postgresql(pg_url: str) -> None:
