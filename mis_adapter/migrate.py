@@ -30,3 +30,11 @@ def upgrade(engine: Engine) -> None:
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "heads")
+
+
+def downgrade(engine: Engine, target: str) -> None:
+    """`alembic downgrade target` (e.g. "0004_bills_hot@-1": that revision undone) on a branch database."""
+    cfg = alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, target)

@@ -33,6 +33,13 @@ def sqlite_url(tmp_path: Path) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture
+def pg_url(tmp_path: Path) -> Iterator[str]:
+    """An empty PostgreSQL database (tests of what only PostgreSQL has: plans, HOT updates, its driver)."""
+    with fresh_database("postgresql", tmp_path) as url:
+        yield url
+
+
 TOPOLOGY_PARAMS = [pytest.param((b, t), id=f"{b}-{t}") for t in (SINGLE, BRANCHES3) for b in SQLITE_PG]
 
 

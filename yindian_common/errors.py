@@ -22,7 +22,8 @@ stable UPPER_SNAKE reason. Every expected refusal of YinDian is a class here.
     ├── Aborted                 ABORTED
     │   ├── InFlight            (a duplicate whose original is still being applied)
     │   └── FeedBusy            (a second subscriber to a bank's bill feed)
-    └── PeerSilent              DEADLINE_EXCEEDED (a bill-feed peer sent no results in time)
+    ├── PeerSilent              DEADLINE_EXCEEDED (a bill-feed peer sent no results in time)
+    └── ReconPeerSilent         DEADLINE_EXCEEDED (a bank silent mid-Reconcile: nothing of the day applied)
 
 Bugs are outside the tree: a broken invariant raises a `Bug`, which no edge
 maps to a status; it ends the call loudly (logged with its traceback).

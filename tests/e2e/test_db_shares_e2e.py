@@ -7,7 +7,6 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -17,7 +16,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mis_adapter.migrate import upgrade
 from tests.support import procs
-from tests.support.databases import fresh_database
 from tests.support.mis_data import BillSpec, add_account, add_bank
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
@@ -28,12 +26,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 CLOCK = "2026-11-28T10:00:00+08:00"
 POOL = 8
 BILLS = [BillSpec("202610", 15_000, __import__("datetime").date(2026, 11, 25))]
-
-
-@pytest.fixture
-def pg_url(tmp_path: Path) -> Iterator[str]:
-    with fresh_database("postgresql", tmp_path) as url:
-        yield url
 
 
 def start_mis(url: str, tmp_path: Path) -> procs.Proc:

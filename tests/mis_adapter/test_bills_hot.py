@@ -8,15 +8,10 @@ downgrade puts the status index back."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
-from alembic import command
 
-from mis_adapter.migrate import alembic_config, upgrade
-from tests.support.databases import fresh_database
+from mis_adapter.migrate import downgrade, upgrade
 from yindian_common.db import make_engine
 
 # what allocation/payment posting and reversal change on a bill
@@ -52,12 +47,6 @@ def test_no_bill_index_covers_a_column_a_payment_changes(db_url: str) -> None:
     engine.dispose()
 
 
-@pytest.fixture
-def pg_url(tmp_path: Path) -> Iterator[str]:
-    with fresh_database("postgresql", tmp_path) as url:
-        yield url
-
-
 def test_settling_a_bill_is_a_hot_update_on_postgresql(pg_url: str) -> None:
     engine = make_engine(pg_url)
     upgrade(engine)
@@ -78,10 +67,7 @@ def test_settling_a_bill_is_a_hot_update_on_postgresql(pg_url: str) -> None:
 def test_downgrade_restores_the_status_index(db_url: str) -> None:
     engine = make_engine(db_url)
     upgrade(engine)
-    cfg = alembic_config()
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "0004_bills_hot@-1")
+    downgrade(engine, "0004_bills_hot@-1")
     assert _indexed_columns(engine).get("ix_bills_status_due") == {"status", "due_date"}
     upgrade(engine)
     assert "ix_bills_status_due" not in _indexed_columns(engine)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -61,17 +63,27 @@ def _keys(conn: sa.Connection) -> set[tuple[str, str, str]]:
     return {tuple(r) for r in idx} | {tuple(r) for r in cons}  # type: ignore[misc]
 
 
+@contextmanager
+def _migrated_postgresql(tmp_path: Path, name: str) -> Iterator[tuple[BranchRouter, set[tuple[str, str, str]]]]:
+    """A fresh PostgreSQL database, migrated: its router and the keys and indexes the migrations made."""
+    with fresh_database("postgresql", tmp_path, name) as url:
+        router = BranchRouter(url, {})
+        upgrade(router.primary)
+        with router.primary.connect() as conn:
+            migrated = _keys(conn)
+        try:
+            yield router, migrated
+        finally:
+            router.dispose()
+
+
 @pytest.mark.timeout(120)
 def test_seed_rebuilds_every_key_it_deferred_even_after_a_failure(tmp_path: Path) -> None:
     """PostgreSQL: the bulk load drops the seeded tables' secondary indexes and
     unique/foreign keys and builds them after; the schema ends exactly as the
     migrations made it, also when the load fails half way, and the keys hold."""
-    with fresh_database("postgresql", tmp_path, "seedkeys") as url:
-        router = BranchRouter(url, {})
+    with _migrated_postgresql(tmp_path, "seedkeys") as (router, migrated):
         engine = router.primary
-        upgrade(engine)
-        with engine.connect() as conn:
-            migrated = _keys(conn)
         with pytest.raises(RuntimeError, match="load failed"), deferred_keys(engine):
             with engine.connect() as conn:
                 assert _keys(conn) < migrated, "indexes and keys are dropped during the load"
@@ -86,7 +98,6 @@ def test_seed_rebuilds_every_key_it_deferred_even_after_a_failure(tmp_path: Path
             conn.execute(sa.insert(BillRow.__table__).from_select(
                 [c.name for c in BillRow.__table__.c if c.name != "bill_id"],
                 sa.select(*[c for c in BillRow.__table__.c if c.name != "bill_id"]).limit(1)))
-        router.dispose()
 
 
 def test_rows_written_after_the_seed_take_the_next_ids(db_url: str, tmp_path: Path) -> None:
@@ -136,16 +147,11 @@ def test_a_failed_side_load_fails_the_seed(tmp_path: Path, monkeypatch: pytest.M
 
     monkeypatch.setattr(seed_module, "HOUSEHOLDS_PER_CHUNK", 50)
     monkeypatch.setattr(seed_module, "bulk_insert_rows", insert_failing_on_bills)
-    with fresh_database("postgresql", tmp_path, "seedside") as url:
-        router = BranchRouter(url, {})
+    with _migrated_postgresql(tmp_path, "seedside") as (router, migrated):
         engine = router.primary
-        upgrade(engine)
-        with engine.connect() as conn:
-            migrated = _keys(conn)
         with pytest.raises(RuntimeError, match="bills COPY failed"):
             seed(router, 200, tmp_path / "rosters", today=dt.date(2026, 11, 28),
                  now=dt.datetime(2026, 11, 28, 2, 0, tzinfo=dt.UTC))
         with engine.connect() as conn:
             assert _keys(conn) == migrated
             assert conn.execute(sa.select(sa.func.count()).select_from(BillRow.__table__)).scalar_one() == 12 * 50
-        router.dispose()
