@@ -97,7 +97,7 @@ class BenchRatioSettings(YinDianSettings):
     latency_max_ms: int = Field(60_000, ge=1, description="largest latency the histograms record")
     bridge_args: str = Field("", description="extra options for the bridge, space-separated (e.g. '--max-workers 16')")
     mis_args: str = Field("", description="extra options for mis_adapter, space-separated")
-    proxy_args: str = Field("", description="extra options for the echo's proxy, space-separated (e.g. '--aio')")
+    proxy_args: str = Field("", description="extra options for the echo's proxy, space-separated (e.g. --proxy-args=--aio)")
 
 
 # ---- CPU from /proc ----

@@ -15,7 +15,7 @@ the work (journal, database).
 
 `--aio` (role proxy, plain text only) serves and forwards with grpc.aio instead:
 a measurement of whether an asyncio bridge would be cheaper (bench-ratio
-`--proxy-args --aio`). Measured on this box: no, per call it costs the same as
+`--proxy-args=--aio`). Measured on this box: no, per call it costs the same as
 the thread-pool proxy (README, benchmark section).
 
 Must never touch a database or import mis_adapter or bridge (bank_sim speaks only the wire)."""
