@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,7 +164,8 @@ class JournalWriter:
     variables: a put is an append and, at most, one lock release."""
 
     def __init__(self, journal: Journal, claims: Claims, clock: Clock, *, batch_max: int, queue_max: int,
-                 idle_wait_s: float, linger_s: float = 0.0, commit_linger_s: float = 0.0) -> None:
+                 idle_wait_s: float, linger_s: float = 0.0, commit_linger_s: float = 0.0,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self._journal = journal
         self._clock = clock
         self._claims = claims
@@ -172,6 +174,7 @@ class JournalWriter:
         self._idle_wait_s = idle_wait_s
         self._linger_s = linger_s
         self._commit_linger_s = commit_linger_s
+        self._sleep = sleep  # the commit linger's wait (a test sees what arrives during it)
         self.transactions = 0  # group commits so far, and what they carried (for metrics and benchmarks)
         self.rows_written = 0
         self.outcomes_written = 0
@@ -268,7 +271,7 @@ class JournalWriter:
             if not self._sleep_until_work(self._idle_wait_s):
                 return rows, outcomes, flushes, False
             if self._commit_linger_s > 0:
-                time.sleep(self._commit_linger_s)  # let the work arriving meanwhile share this commit
+                self._sleep(self._commit_linger_s)  # let the work arriving meanwhile share this commit
         linger_until = 0.0
         urgent = bool(outcomes)
         while True:
