@@ -150,10 +150,10 @@ class JournalWriter:
     outcome's claim is released once it is durable, so a serial's next owner
     reads the recorded state.
 
-    Batching by time as well as by queue: at open-loop rates the writer is often
-    idle when a row arrives, and without a wait every pay paid a commit (and a
-    writer wake-up) of its own for its row and again for its outcome. Woken from
-    idle, the writer first waits `commit_linger_s` (a bound, not a poll: it is not
+    Batching by time as well as by queue (`commit_linger_s`, 0 = off): at open-loop
+    rates the writer is often idle when a row arrives, and without a wait every pay
+    pays a commit (and a writer wake-up) of its own for its row and again for its
+    outcome. Woken from idle, the writer first waits `commit_linger_s` (a bound, not a poll: it is not
     woken per arrival meanwhile) so that what arrives in that time shares the
     commit; work that queued while a commit was running is written at once (it has
     waited a commit already). Outcomes nobody waits for (`waited=False`) may wait up
