@@ -87,7 +87,7 @@ class PgBatch:
     def _row(self, e: Entry) -> dict[str, Any]:
         # A key left out reads as NULL in json_populate_recordset, exactly as a JSON null does: the None
         # values are dropped (less to build and to encode), the rest is read in one attrgetter call.
-        out = {c: v for c, v in zip(self._cols, self._values(e)) if v is not None}
+        out = {c: v for c, v in zip(self._cols, self._values(e), strict=True) if v is not None}
         created = utc(e.created_at).isoformat()
         out["created_at"] = created
         out["updated_at"] = created if e.updated_at is e.created_at else utc(e.updated_at).isoformat()
