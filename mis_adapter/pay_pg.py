@@ -88,18 +88,18 @@ FOR UPDATE OF c
 """
 
 # The bills' new paid amounts are the read ones plus the allocation (the guard holds them as read);
-# their new status is computed in Python by allocation.bill_status and passed in. Two variants, each
-# prepared on its connection: WRITE_PAY_CREDIT for a pay that adds prepaid credit ($17 > 0: the
-# customer's balance and its ledger line), WRITE_PAY for one that adds none (most): every table a
-# statement names is opened, locked and readied for writing at each execution, whether a row is
-# written there or not.
+# their new status is computed in Python by allocation.bill_status and passed in. Four variants, each
+# prepared on its connection when first used: with or without the prepaid credit ($17 <> 0: the
+# customer's balance and its ledger line), with or without bills settled (allocations and bill
+# updates): every table a statement names is opened, locked and readied for writing at each
+# execution, whether a row is written there or not.
 _WRITE_PAY = """
 WITH guard AS (
   SELECT coalesce((SELECT string_agg(b.bill_id::text || ':' || b.xmin::text, ',' ORDER BY b.bill_id)
                    FROM bills b WHERE b.account_no = $1 AND b.status <> 'PAID'), '') = $4
      AND (SELECT """ + RECONCILED_DAYS.format(day="$5") + """) = $6::int
      AND EXISTS (SELECT 1 FROM bank_links l
-                 WHERE l.bank_id = $2 AND l.state = 'SIGNED_OFF' AND l.business_date >= $5::date) = $23
+                 WHERE l.bank_id = $2 AND l.state = 'SIGNED_OFF' AND l.business_date >= $5::date) = $18
      AS ok
 ), pay AS (
   INSERT INTO payments (bank_id, bank_serial, state, account_no, branch_code, amount_fen, channel, outlet_code,
@@ -109,21 +109,7 @@ WITH guard AS (
          $15::bigint, $16::bigint, $17::bigint, NULL, NULL, NULL
   FROM guard WHERE guard.ok
   RETURNING payment_id
-), alloc AS (
-  INSERT INTO allocations (payment_id, bill_id, late_fee_fen, principal_fen)
-  SELECT pay.payment_id, a.bill_id, a.fee, a.principal
-  FROM pay, unnest($18::bigint[], $19::bigint[], $20::bigint[]) WITH ORDINALITY AS a(bill_id, fee, principal, n)
-  ORDER BY a.n
-), bill_update AS (
-  UPDATE bills b SET principal_paid_fen = b.principal_paid_fen + u.principal,
-                     late_fee_paid_fen = b.late_fee_paid_fen + u.fee,
-                     accrual_micro = u.micro, accrual_date = greatest(b.accrual_date, $5::date),
-                     status = u.new_status,
-                     paid_on = CASE WHEN u.new_status = 'PAID' THEN $5::date ELSE NULL END
-  FROM pay, unnest($18::bigint[], $19::bigint[], $20::bigint[], $21::bigint[], $22::text[])
-       AS u(bill_id, fee, principal, micro, new_status)
-  WHERE b.bill_id = u.bill_id
-{credit}), journal AS (
+{bills}{credit}), journal AS (
   INSERT INTO journal (at, bank_id, rpc, serial, original_serial, account_no, amount_fen, outcome, payment_id)
   SELECT $14::timestamptz, $2, 'PAY', $3, '', $1, $8::bigint, 'POSTED', pay.payment_id
   FROM pay
@@ -138,8 +124,25 @@ _CREDIT = """), credit AS (
   SELECT $1, 'PAYMENT', $17::bigint, $16::bigint, pay.payment_id, NULL, $14::timestamptz
   FROM pay WHERE $17::bigint <> 0
 """
-WRITE_PAY = _WRITE_PAY.replace("{credit}", "")
-WRITE_PAY_CREDIT = _WRITE_PAY.replace("{credit}", _CREDIT)
+_BILLS = """), alloc AS (
+  INSERT INTO allocations (payment_id, bill_id, late_fee_fen, principal_fen)
+  SELECT pay.payment_id, a.bill_id, a.fee, a.principal
+  FROM pay, unnest($19::bigint[], $20::bigint[], $21::bigint[]) WITH ORDINALITY AS a(bill_id, fee, principal, n)
+  ORDER BY a.n
+), bill_update AS (
+  UPDATE bills b SET principal_paid_fen = b.principal_paid_fen + u.principal,
+                     late_fee_paid_fen = b.late_fee_paid_fen + u.fee,
+                     accrual_micro = u.micro, accrual_date = greatest(b.accrual_date, $5::date),
+                     status = u.new_status,
+                     paid_on = CASE WHEN u.new_status = 'PAID' THEN $5::date ELSE NULL END
+  FROM pay, unnest($19::bigint[], $20::bigint[], $21::bigint[], $22::bigint[], $23::text[])
+       AS u(bill_id, fee, principal, micro, new_status)
+  WHERE b.bill_id = u.bill_id
+"""
+# (adds prepaid credit, settles bills) -> WRITE; its parameters are _write_params' first 18, then the
+# bills' 5 arrays when it settles bills.
+WRITE_PAY = {(credit, bills): _WRITE_PAY.replace("{credit}", _CREDIT if credit else "")
+             .replace("{bills}", _BILLS if bills else "") for credit in (False, True) for bills in (False, True)}
 
 
 class Customer(NamedTuple):
@@ -290,7 +293,10 @@ class PayTx:
         `commit`: COMMIT in the same round trip (a failed guard then commits a transaction that wrote
         nothing and released its locks: the caller reads again in a new one)."""
         params = _write_params(seen, effects, cmd=cmd, day=day, settlement=settlement, now=now)
-        sql = WRITE_PAY_CREDIT if effects.plan.prepaid_fen else WRITE_PAY
+        bills = bool(effects.plan.allocations or effects.bill_updates)
+        sql = WRITE_PAY[bool(effects.plan.prepaid_fen), bills]
+        if not bills:
+            params = params[:_BILL_ARRAYS_AT]
         try:
             pipe = self._enter()
             self.cur.execute(sql, params, prepare=True)
@@ -405,12 +411,16 @@ def _pay_read(rows: list[tuple[Any, ...]]) -> PayRead:
     return PayRead(Customer._make(rows[0][:8]), bills, version)
 
 
+_BILL_ARRAYS_AT = 18
+
+
 def _write_params(seen: PayRead, effects: PaymentEffects, *, cmd: Any, day: dt.date, settlement: dt.date,
                   now: dt.datetime) -> tuple[Any, ...]:
     c = seen.customer
     allocs = effects.plan.allocations
     return (cmd.account_no, cmd.bank_id, cmd.bank_serial, seen.bills_version, day, c.closed_bits, c.branch_code,
-            cmd.amount_fen, cmd.channel, cmd.outlet_code, cmd.teller_id, cmd.bank_balance_fen, settlement, now, effects.arrears_after_fen, effects.prepaid_after_fen,
-            effects.plan.prepaid_fen, _array(a.bill_id for a in allocs), _array(a.late_fee_fen for a in allocs),
+            cmd.amount_fen, cmd.channel, cmd.outlet_code, cmd.teller_id, cmd.bank_balance_fen, settlement, now,
+            effects.arrears_after_fen, effects.prepaid_after_fen, effects.plan.prepaid_fen, bool(c.signed_off),
+            _array(a.bill_id for a in allocs), _array(a.late_fee_fen for a in allocs),
             _array(a.principal_fen for a in allocs), _array(u.accrual_micro for u in effects.bill_updates),
-            _array(u.status for u in effects.bill_updates), bool(c.signed_off))
+            _array(u.status for u in effects.bill_updates))
