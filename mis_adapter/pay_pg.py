@@ -292,11 +292,9 @@ class PayTx:
         """The new payment's id, or None when the guard found the account changed since READ.
         `commit`: COMMIT in the same round trip (a failed guard then commits a transaction that wrote
         nothing and released its locks: the caller reads again in a new one)."""
-        params = _write_params(seen, effects, cmd=cmd, day=day, settlement=settlement, now=now)
         bills = bool(effects.plan.allocations or effects.bill_updates)
         sql = WRITE_PAY[bool(effects.plan.prepaid_fen), bills]
-        if not bills:
-            params = params[:_BILL_ARRAYS_AT]
+        params = _write_params(seen, effects, cmd=cmd, day=day, settlement=settlement, now=now, bills=bills)
         try:
             pipe = self._enter()
             self.cur.execute(sql, params, prepare=True)
@@ -411,16 +409,16 @@ def _pay_read(rows: list[tuple[Any, ...]]) -> PayRead:
     return PayRead(Customer._make(rows[0][:8]), bills, version)
 
 
-_BILL_ARRAYS_AT = 18
-
-
 def _write_params(seen: PayRead, effects: PaymentEffects, *, cmd: Any, day: dt.date, settlement: dt.date,
-                  now: dt.datetime) -> tuple[Any, ...]:
+                  now: dt.datetime, bills: bool) -> tuple[Any, ...]:
+    """WRITE's parameters: 18, and the bills' 5 arrays when it settles bills (`bills`)."""
     c = seen.customer
-    allocs = effects.plan.allocations
-    return (cmd.account_no, cmd.bank_id, cmd.bank_serial, seen.bills_version, day, c.closed_bits, c.branch_code,
-            cmd.amount_fen, cmd.channel, cmd.outlet_code, cmd.teller_id, cmd.bank_balance_fen, settlement, now,
-            effects.arrears_after_fen, effects.prepaid_after_fen, effects.plan.prepaid_fen, bool(c.signed_off),
-            _array(a.bill_id for a in allocs), _array(a.late_fee_fen for a in allocs),
-            _array(a.principal_fen for a in allocs), _array(u.accrual_micro for u in effects.bill_updates),
-            _array(u.status for u in effects.bill_updates))
+    params = (cmd.account_no, cmd.bank_id, cmd.bank_serial, seen.bills_version, day, c.closed_bits, c.branch_code,
+              cmd.amount_fen, cmd.channel, cmd.outlet_code, cmd.teller_id, cmd.bank_balance_fen, settlement, now,
+              effects.arrears_after_fen, effects.prepaid_after_fen, effects.plan.prepaid_fen, bool(c.signed_off))
+    if not bills:
+        return params
+    allocs, updates = effects.plan.allocations, effects.bill_updates
+    return (*params, _array(a.bill_id for a in allocs), _array(a.late_fee_fen for a in allocs),
+            _array(a.principal_fen for a in allocs), _array(u.accrual_micro for u in updates),
+            _array(u.status for u in updates))

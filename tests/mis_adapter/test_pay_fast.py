@@ -391,3 +391,43 @@ def test_the_pays_bank_state_is_the_python_rule_of_the_rows(
     except (DayClosed, BankSuspended) as exc:
         got = type(exc)
     assert got == expected
+
+
+def test_pays_waiting_for_the_account_see_its_newest_balance(pg_ctx: AdapterContext) -> None:
+    """WRITE's guard does not re-check the account row: a pay that waited for the account lock reads
+    the row at its newest version (READ locks it FOR UPDATE). 24 concurrent over-pays of one account:
+    each payment's prepaid_after and ledger line continue exactly from the one before (a pay that
+    computed from a balance older than the previous commit would break the chain), and the last is
+    the account's balance."""
+    engine = pg_ctx.router.primary
+    acct = add_account(engine, "01", 900_001, BILLS[:1])
+    amounts = [3_000 + 101 * i for i in range(24)]
+    barrier = threading.Barrier(len(amounts))
+    errors: list[Exception] = []
+
+    def one(i: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            payments.pay(pg_ctx, PayCommand("ICBC", f"BAL-{i}", acct, amounts[i], "O", "T"))
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(amounts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    p, pl, c = Payment.__table__, PrepaidEntry.__table__, Customer.__table__
+    with engine.connect() as conn:
+        pays = conn.execute(sa.select(p.c.prepaid_added_fen, p.c.prepaid_after_fen).where(p.c.account_no == acct)
+                            .order_by(p.c.payment_id)).all()
+        ledger = conn.execute(sa.select(pl.c.delta_fen, pl.c.balance_after_fen).where(pl.c.account_no == acct)
+                              .order_by(pl.c.entry_id)).all()
+        balance = conn.execute(sa.select(c.c.prepaid_fen).where(c.c.account_no == acct)).scalar_one()
+    running = 0
+    for added, after in pays:
+        running += added
+        assert after == running
+    assert [(d, a) for d, a in ledger] == [(added, after) for added, after in pays if added]
+    assert balance == running > sum(amounts) - BILLS[0].amount_fen - 5_000
