@@ -30,7 +30,7 @@ import concurrent.futures
 import contextlib
 import datetime as dt
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -644,7 +644,7 @@ def _report(as_of: dt.date, by_branch: dict[str, ArrearsRow]) -> ArrearsReport:
 
 def arrears_detail(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRates, tz: ZoneInfo,
                    branch_code: str = "", page_accounts: int = DETAIL_PAGE_ACCOUNTS, *, indexed: bool = True
-                   ) -> Iterator[list[ArrearsAccount]]:
+                   ) -> Generator[list[ArrearsAccount], None, None]:
     """Accounts in arrears at the end of `as_of`, by account number, in pages;
     names and phones masked. indexed: each account added up in the database."""
     if indexed:
