@@ -97,6 +97,7 @@ class BenchRatioSettings(YinDianSettings):
     latency_max_ms: int = Field(60_000, ge=1, description="largest latency the histograms record")
     bridge_args: str = Field("", description="extra options for the bridge, space-separated (e.g. '--max-workers 16')")
     mis_args: str = Field("", description="extra options for mis_adapter, space-separated")
+    proxy_args: str = Field("", description="extra options for the echo's proxy, space-separated (e.g. --proxy-args=--aio)")
 
 
 # ---- CPU from /proc ----
@@ -490,8 +491,8 @@ def start_echo(work: Path, settings: BenchRatioSettings, servers: list[ServerPro
     servers.append(echo)
     proxy = start_server("proxy", ["bank_sim", "echo-link", "--role", "proxy", "--insecure", "--listen",
                                    "127.0.0.1:0", "--upstream", echo.grpc_addr, "--bank-id", settings.bank_id,
-                                   "--metrics-port", "0"], log_dir=work, ready_timeout_s=settings.ready_timeout_s,
-                         cwd=REPO)
+                                   "--metrics-port", "0", *settings.proxy_args.split()], log_dir=work,
+                         ready_timeout_s=settings.ready_timeout_s, cwd=REPO)
     servers.append(proxy)
     return proxy
 

@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.engine import Engine
 
 from bridge import journal as jn
+from bridge.journal.schema import in_states
 from yindian_common import business_metrics as bm
 from yindian_common.clock import Clock
 
@@ -24,7 +25,7 @@ _j = jn.requests
 
 IN_DOUBT_BY_BANK = (
     sa.select(_j.c.bank_id, _j.c.kind, _j.c.state, sa.func.count(), sa.func.min(_j.c.created_at))
-    .where(_j.c.state.in_((jn.SUSPECT, jn.REVERSING)))
+    .where(in_states(jn.SUSPECT, jn.REVERSING))
     .group_by(_j.c.bank_id, _j.c.kind, _j.c.state)
 )
 

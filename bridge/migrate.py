@@ -34,3 +34,11 @@ def upgrade(engine: Engine) -> None:
         if "bridge_journal" in tables and VERSION_TABLE not in tables:
             command.stamp(cfg, PRE_MIGRATION_REVISION)
         command.upgrade(cfg, "heads")
+
+
+def downgrade(engine: Engine, target: str) -> None:
+    """`alembic downgrade target` (e.g. "0005_journal_lean_indexes@-1": that revision undone)."""
+    cfg = alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, target)

@@ -30,7 +30,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from bridge import journal as jn
 from bridge.journal import Claims, Entry, Journal, JournalWriter, Outcome
-from bridge.journal.schema import requests
+from bridge.journal.schema import in_states, requests
 from bridge.upstream import DEFINITE, RETRY_LATER_CODES, Answer, Upstream
 from yindian.v1 import billing_pb2
 from yindian_common import business_metrics
@@ -53,9 +53,9 @@ def _any_due_statement() -> sa.Select[Any]:
     test_resolver_idle.py compares it with Journal.due over random journals)."""
     c = requests.c
     return (sa.select(sa.literal(1)).select_from(requests)
-            .where(sa.or_(sa.and_(c.state == jn.REVERSING, c.kind == jn.PAY),
-                          sa.and_(c.state == jn.SUSPECT, c.kind == jn.CANCEL),
-                          sa.and_(c.state.in_((jn.SUSPECT, jn.RETRYABLE)), c.kind == jn.PAY)),
+            .where(sa.or_(sa.and_(in_states(jn.REVERSING), c.kind == jn.PAY),
+                          sa.and_(in_states(jn.SUSPECT), c.kind == jn.CANCEL),
+                          sa.and_(in_states(jn.SUSPECT, jn.RETRYABLE), c.kind == jn.PAY)),
                    c.next_attempt_ms <= sa.bindparam("now_ms", type_=sa.BigInteger))
             .limit(1))
 

@@ -96,7 +96,8 @@ class Bridge:
         claims = Claims()
         writer = JournalWriter(journal, claims, clock, batch_max=settings.journal_batch_max,
                                queue_max=settings.journal_queue_max, idle_wait_s=settings.journal_idle_wait_s,
-                               linger_s=settings.journal_linger_s)
+                               linger_s=settings.journal_linger_s,
+                               commit_linger_s=settings.journal_commit_linger_s)
         def channel(address: str) -> grpc.Channel:
             # Plain: each replica instruments it (bridge.replicas), its unary calls are counted by bridge.upstream.
             return open_channel(address, tls=settings.tls(), insecure=settings.insecure,

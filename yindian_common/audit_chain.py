@@ -175,42 +175,55 @@ class Chain:
              "prevs": ",".join(prevs), "hashes": ",".join(hashes)})
 
     def verify(self, conn: Connection) -> tuple[int, list[str], int]:
-        """(seals checked, problems naming the entries, rows not yet sealed)."""
+        """(seals checked, problems naming the entries, rows not yet sealed). Seals are read a page at a
+        time and each page's entries in one query by id (one round trip per VERIFY_FETCH_ROWS seals, not
+        one per seal: 20,000 rows took over 10 s of round trips that way)."""
         s, e = self.seals.c, self.entries.c
         ident = e[self.id_column]
         problems: list[str] = []
         expected_no, prev, checked = 1, GENESIS, 0
-        for seal in self._seals(conn):
-            checked += 1
-            if seal["seal_no"] != expected_no:
-                problems.append(f"seals {expected_no}..{seal['seal_no'] - 1} missing (removed from the chain)")
-            if seal["prev_hash"] != prev:
-                problems.append(f"seal {seal['seal_no']} (entry {seal['entry_id']}): link broken, previous hash "
-                                "differs (a seal was removed or edited)")
-            row = conn.execute(sa.select(self.entries).where(ident == seal["entry_id"])).mappings().first()
-            if row is None:
-                problems.append(f"entry {seal['entry_id']} deleted (seal {seal['seal_no']})")
-            else:
-                cols = seal["columns"].split(",")
-                missing = [c for c in cols if c not in row]
-                if missing or entry_hash(seal["prev_hash"], cols, row) != seal["entry_hash"]:
-                    problems.append(f"entry {seal['entry_id']} edited or reordered (seal {seal['seal_no']})")
-            prev, expected_no = seal["entry_hash"], seal["seal_no"] + 1
+        for page in self._seal_pages(conn):
+            ids = [seal["entry_id"] for seal in page]
+            rows = {row[self.id_column]: row
+                    for row in conn.execute(sa.select(self.entries).where(ident.in_(ids))).mappings()}
+            for seal in page:
+                checked += 1
+                self._check_seal(seal, expected_no, prev, rows.get(seal["entry_id"]), problems)
+                prev, expected_no = seal["entry_hash"], seal["seal_no"] + 1
+                if len(problems) >= PROBLEMS_KEPT_MAX:
+                    break
             if len(problems) >= PROBLEMS_KEPT_MAX:
                 break
         unsealed = conn.execute(sa.select(sa.func.count()).select_from(
             self.entries.outerjoin(self.seals, s.entry_id == ident)).where(s.seal_no.is_(None))).scalar_one()
         return checked, problems, int(unsealed)
 
-    def _seals(self, conn: Connection) -> Iterator[Any]:
-        """Every seal in order, a page at a time (keyset: no open cursor while the entries are read)."""
+    @staticmethod
+    def _check_seal(seal: Any, expected_no: int, prev: str, row: Any, problems: list[str]) -> None:
+        """Append to problems what is wrong with one seal and the entry it names (None: the entry is gone)."""
+        if seal["seal_no"] != expected_no:
+            problems.append(f"seals {expected_no}..{seal['seal_no'] - 1} missing (removed from the chain)")
+        if seal["prev_hash"] != prev:
+            problems.append(f"seal {seal['seal_no']} (entry {seal['entry_id']}): link broken, previous hash "
+                            "differs (a seal was removed or edited)")
+        if row is None:
+            problems.append(f"entry {seal['entry_id']} deleted (seal {seal['seal_no']})")
+            return
+        cols = seal["columns"].split(",")
+        missing = [c for c in cols if c not in row]
+        if missing or entry_hash(seal["prev_hash"], cols, row) != seal["entry_hash"]:
+            problems.append(f"entry {seal['entry_id']} edited or reordered (seal {seal['seal_no']})")
+
+    def _seal_pages(self, conn: Connection) -> Iterator[Sequence[Any]]:
+        """Every seal in order, a page of VERIFY_FETCH_ROWS at a time (keyset: no open cursor while the
+        entries are read)."""
         s, after = self.seals.c, 0
         while True:
             page = conn.execute(sa.select(self.seals).where(s.seal_no > after).order_by(s.seal_no)
                                 .limit(VERIFY_FETCH_ROWS)).mappings().all()
             if not page:
                 return
-            yield from page
+            yield page
             after = page[-1]["seal_no"]
 
 

@@ -20,6 +20,8 @@ from bridge.journal.schema import (
     REVERSING,
     SUSPECT,
     audit,
+    in_states,
+    kind_is,
     requests,
     utc,
 )
@@ -43,6 +45,35 @@ def _insert_ignoring_duplicates(dialect: str) -> sa.Insert:
     return stmt.prefix_with("IGNORE")
 
 
+def _readers() -> dict[str, Any]:
+    """The journal's statements that find rows by state or by original serial, built once. Each is
+    served by an index on every back end (on PostgreSQL a partial one: the states and the kind are
+    literals, see schema.in_states; tests/bridge/test_journal_indexes.py checks their generic plans)."""
+    c = requests.c
+    now = sa.bindparam("now_ms", type_=sa.BigInteger)
+    lim = sa.bindparam("lim", type_=sa.Integer)
+    day = sa.bindparam("day", type_=sa.Date)
+    return {
+        "pending": sa.select(c.kind, c.serial, c.bank_id, c.amount_fen).where(in_states(PENDING)),
+        "due_reversals": sa.select(c.kind, c.serial).where(
+            sa.or_(sa.and_(in_states(REVERSING), c.kind == PAY), sa.and_(in_states(SUSPECT), c.kind == CANCEL)),
+            c.next_attempt_ms <= now).order_by(c.next_attempt_ms).limit(lim),
+        "due_probes": sa.select(c.kind, c.serial).where(
+            in_states(SUSPECT, RETRYABLE), c.kind == PAY, c.next_attempt_ms <= now
+        ).order_by(c.next_attempt_ms).limit(lim),
+        "in_doubt_count": sa.select(sa.func.count()).select_from(requests).where(
+            c.business_date == day,
+            sa.or_(in_states(*sorted(IN_DOUBT_STATES)), sa.and_(in_states(RETRYABLE), c.kind == PAY))),
+        "expedite_retryable": requests.update().where(
+            c.business_date == day, in_states(RETRYABLE), c.kind == PAY, c.next_attempt_ms > 0
+        ).values(next_attempt_ms=0),
+        "cancels_of": sa.select(requests).where(kind_is(CANCEL), c.original_serial == sa.bindparam("o")),
+    }
+
+
+READERS = _readers()
+
+
 class Journal:
     """Repository over the journal tables, statements built once."""
 
@@ -63,8 +94,7 @@ class Journal:
                  updated_at=sa.bindparam("updated_at"))
         self._audit = audit.insert()
         self._pg = PgBatch() if engine.dialect.name == "postgresql" else None
-        self._cancels_of = sa.select(requests).where(requests.c.kind == CANCEL,
-                                                     requests.c.original_serial == sa.bindparam("o"))
+        self._cancels_of = READERS["cancels_of"]
 
     def open_writer_connection(self) -> sa.Connection:
         """The journal writer's own connection, kept across its batches (on PostgreSQL with the
@@ -154,11 +184,10 @@ class Journal:
         in a crash and becomes SUSPECT, due at once. Returns how many."""
         at = utc(at)
         with self.engine.begin() as conn:
-            rows = conn.execute(sa.select(requests.c.kind, requests.c.serial, requests.c.bank_id,
-                                          requests.c.amount_fen).where(requests.c.state == PENDING)).all()
+            rows = conn.execute(READERS["pending"]).all()
             if not rows:
                 return 0
-            conn.execute(requests.update().where(requests.c.state == PENDING)
+            conn.execute(requests.update().where(in_states(PENDING))
                          .values(state=SUSPECT, next_attempt_ms=0, updated_at=at))
             conn.execute(self._audit, [{"at": at, "kind": r.kind, "serial": r.serial, "bank_id": r.bank_id,
                                         "amount_fen": r.amount_fen, "state": SUSPECT, "status_code": None,
@@ -169,40 +198,26 @@ class Journal:
         """Keys of in-doubt rows due for another attempt: reversals first
         (REVERSING pays, SUSPECT cancels), then status probes of SUSPECT pays
         and of RETRYABLE pays the bank core left alone past their probe time."""
-        c = requests.c
-        reversals = (sa.select(c.kind, c.serial)
-                     .where(sa.or_(sa.and_(c.state == REVERSING, c.kind == PAY),
-                                   sa.and_(c.state == SUSPECT, c.kind == CANCEL)),
-                            c.next_attempt_ms <= now_ms)
-                     .order_by(c.next_attempt_ms).limit(limit))
-        probes = (sa.select(c.kind, c.serial)
-                  .where(c.state.in_((SUSPECT, RETRYABLE)), c.kind == PAY, c.next_attempt_ms <= now_ms)
-                  .order_by(c.next_attempt_ms).limit(limit))
         with self.engine.connect() as conn:
-            keys = [(r.kind, r.serial) for r in conn.execute(reversals)]
+            keys = [(r.kind, r.serial) for r in conn.execute(READERS["due_reversals"],
+                                                             {"now_ms": now_ms, "lim": limit})]
             if len(keys) < limit:
-                keys += [(r.kind, r.serial) for r in conn.execute(probes.limit(limit - len(keys)))]
+                keys += [(r.kind, r.serial) for r in conn.execute(READERS["due_probes"],
+                                                                  {"now_ms": now_ms, "lim": limit - len(keys)})]
         return keys
 
     def in_doubt_count(self, business_date: dt.date) -> int:
         """Rows of the day whose outcome at the utility is not known for sure: the in-doubt
         states, and RETRYABLE pays (refused "for now": their refusal could have followed a
         commit whose answer was lost, so they are probed before the day is reconciled)."""
-        c = requests.c
-        stmt = sa.select(sa.func.count()).select_from(requests).where(
-            c.business_date == business_date,
-            sa.or_(c.state.in_(sorted(IN_DOUBT_STATES)), sa.and_(c.state == RETRYABLE, c.kind == PAY)))
         with self.engine.connect() as conn:
-            return int(conn.execute(stmt).scalar_one())
+            return int(conn.execute(READERS["in_doubt_count"], {"day": business_date}).scalar_one())
 
     def expedite_retryable(self, business_date: dt.date) -> int:
         """Makes the day's RETRYABLE pays due for a probe now (the bank core is reconciling:
         it will not retry them any more). Returns how many."""
-        c = requests.c
         with self.engine.begin() as conn:
-            return int(conn.execute(requests.update().where(
-                c.business_date == business_date, c.state == RETRYABLE, c.kind == PAY, c.next_attempt_ms > 0
-            ).values(next_attempt_ms=0)).rowcount)
+            return int(conn.execute(READERS["expedite_retryable"], {"day": business_date}).rowcount)
 
     def counts_by_state(self) -> dict[str, int]:
         stmt = sa.select(requests.c.state, sa.func.count()).group_by(requests.c.state)

@@ -22,6 +22,13 @@ NOT_APPLIED = "NOT_APPLIED"
 DEFINITE_STATES = frozenset({POSTED, CANCELLED, FAILED, NOT_APPLIED})
 IN_DOUBT_STATES = frozenset({PENDING, SUSPECT, REVERSING})
 
+# The states a reader looks rows up by (every query on `state` asks for some of these): on PostgreSQL
+# only rows in them are in ix_bridge_journal_state_due, so a pay's outcome (POSTED, FAILED, ...) adds
+# no entry there (revision 0005_journal_lean_indexes). Queries name them as literals (`in_states`) so
+# that a prepared statement's generic plan can still prove the index's predicate.
+OPEN_STATES = (PENDING, RETRYABLE, REVERSING, SUSPECT)
+OPEN_STATES_SQL = ", ".join(f"'{s}'" for s in OPEN_STATES)
+
 MESSAGE_MAX = 256
 WRITER_BACKOFF_CAP_S = 5.0
 
@@ -58,10 +65,25 @@ requests = sa.Table(
     sa.Column("business_date", sa.Date, nullable=False),
     sa.Column("created_at", TZ, nullable=False),
     sa.Column("updated_at", TZ, nullable=False),
-    sa.Index("ix_bridge_journal_state_due", "state", "next_attempt_ms"),
-    sa.Index("ix_bridge_journal_day_state", "business_date", "state"),
-    sa.Index("ix_bridge_journal_original", "original_serial"),
+    sa.Index("ix_bridge_journal_state_due", "state", "next_attempt_ms",
+             postgresql_where=sa.text(f"state IN ({OPEN_STATES_SQL})")),
+    sa.Index("ix_bridge_journal_original", "original_serial", postgresql_where=sa.text("kind = 'CANCEL'")),
 )
+
+
+def in_states(*states: str) -> sa.ColumnElement[bool]:
+    """`state IN (...)` with the states as SQL literals (see OPEN_STATES), never bound parameters."""
+    unknown = set(states) - set(OPEN_STATES)
+    if unknown:
+        raise ValueError(f"not an indexed state: {sorted(unknown)}")
+    return requests.c.state.in_([sa.literal_column(f"'{s}'") for s in states])
+
+
+def kind_is(kind: str) -> sa.ColumnElement[bool]:
+    """`kind = '...'` as an SQL literal (ix_bridge_journal_original's predicate names CANCEL)."""
+    if kind not in (PAY, CANCEL):
+        raise ValueError(f"not a journal kind: {kind!r}")
+    return requests.c.kind == sa.literal_column(f"'{kind}'")
 
 audit = sa.Table(
     "bridge_audit", metadata,

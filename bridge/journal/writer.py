@@ -3,9 +3,10 @@ thread that journals new rows and records outcomes in batches."""
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,22 +148,46 @@ class JournalWriter:
     """Writes new rows and outcomes in group commits on one thread: one
     transaction (one fsync) for everything that queued up meanwhile. An
     outcome's claim is released once it is durable, so a serial's next owner
-    reads the recorded state."""
+    reads the recorded state.
+
+    Batching by time as well as by queue (`commit_linger_s`, 0 = off): at open-loop
+    rates the writer is often idle when a row arrives, and without a wait every pay
+    pays a commit (and a writer wake-up) of its own for its row and again for its
+    outcome. Woken from idle, the writer first waits `commit_linger_s` (a bound, not a poll: it is not
+    woken per arrival meanwhile) so that what arrives in that time shares the
+    commit; work that queued while a commit was running is written at once (it has
+    waited a commit already). Outcomes nobody waits for (`waited=False`) may wait up
+    to `linger_s` for company. A batch holds at most `batch_max` rows and outcomes.
+
+    The hand-off is a deque (appends and pops are atomic) plus one wake lock
+    released only when the writer sleeps idle, instead of queue.Queue's condition
+    variables: a put is an append and, at most, one lock release."""
 
     def __init__(self, journal: Journal, claims: Claims, clock: Clock, *, batch_max: int, queue_max: int,
-                 idle_wait_s: float, linger_s: float = 0.0) -> None:
+                 idle_wait_s: float, linger_s: float = 0.0, commit_linger_s: float = 0.0,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self._journal = journal
         self._clock = clock
         self._claims = claims
         self._batch_max = batch_max
+        self._queue_max = queue_max
         self._idle_wait_s = idle_wait_s
         self._linger_s = linger_s
+        self._commit_linger_s = commit_linger_s
+        self._sleep = sleep  # the commit linger's wait (a test sees what arrives during it)
         self.transactions = 0  # group commits so far, and what they carried (for metrics and benchmarks)
         self.rows_written = 0
         self.outcomes_written = 0
         # The writer's own connection, kept across batches (no pool checkout or liveness ping per commit).
         self._conn: sa.Connection | None = None
-        self._queue: queue.Queue[_Item] = queue.Queue(maxsize=queue_max)
+        self._items: deque[_Item] = deque()
+        # Held while the writer needs no waking; released by the first put that finds it idle.
+        self._wake = threading.Lock()
+        self._wake.acquire()
+        self._idle = False
+        # Callers blocked on a full queue (rare: queue_max outstanding items) wait here.
+        self._space = threading.Condition()
+        self._space_waiters = 0
         self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
         # SUSPECT outcomes of rows whose owner gave up, written with the next batch (at most batch_max).
         self._carried: list[Recording] = []
@@ -173,56 +198,113 @@ class JournalWriter:
     def journal_new(self, entry: Entry, claim: Claim) -> NewRow:
         """Queues a new request; wait on the result before forwarding it."""
         row = NewRow(entry, claim)
-        self._queue.put(row)
+        self._put(row, None)
         return row
 
     def submit(self, outcome: Outcome, claim: Claim | None, *, waited: bool = False) -> Recording:
         """Queues `outcome`; `claim` is released once it is durable. Blocks while the queue is full.
-        `waited`: the caller waits for it (an answer not yet sent), so it is written at once, not lingering."""
+        `waited`: the caller waits for it (an answer not yet sent), so it does not linger for company
+        beyond `commit_linger_s`."""
         rec = Recording(outcome, claim, waited)
-        self._queue.put(rec)
+        self._put(rec, None)
         return rec
 
     def flush(self, timeout_s: float) -> bool:
         """Waits until everything submitted so far is durable."""
         if not self._thread.is_alive():
-            return self._queue.empty()
+            return not self._items
         marker = _Flush()
-        self._queue.put(marker, timeout=timeout_s)
+        if not self._put(marker, timeout_s):
+            return False
         return marker.done.wait(timeout_s)
 
     def stop(self, timeout_s: float) -> None:
         if self._thread.is_alive():
-            self._queue.put(None, timeout=timeout_s)
+            self._put(None, timeout_s)
             self._thread.join(timeout_s)
+
+    def _put(self, item: _Item, timeout_s: float | None) -> bool:
+        """Queues `item`, waiting while queue_max items are queued (at most `timeout_s`, None: until there
+        is room). False if it timed out."""
+        if len(self._items) >= self._queue_max and not self._wait_for_room(timeout_s):
+            return False
+        self._items.append(item)
+        if self._idle:
+            self._idle = False
+            try:  # a plain try: contextlib.suppress builds an object per call
+                self._wake.release()
+            except RuntimeError:  # another put released it at the same moment
+                return True
+        return True
+
+    def _wait_for_room(self, timeout_s: float | None) -> bool:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._space:
+            self._space_waiters += 1
+            try:
+                while len(self._items) >= self._queue_max:
+                    left = self._idle_wait_s if deadline is None else min(self._idle_wait_s,
+                                                                          deadline - time.monotonic())
+                    if left <= 0:
+                        return False
+                    self._space.wait(left)  # bounded: a missed notify costs at most idle_wait_s
+                return True
+            finally:
+                self._space_waiters -= 1
+
+    def _sleep_until_work(self, timeout_s: float) -> bool:
+        """Sleeps until a put wakes the writer or `timeout_s` passes; True if there is work."""
+        self._idle = True
+        if self._items:  # queued between the caller's look and the flag: no sleep
+            self._idle = False
+            return True
+        self._wake.acquire(timeout=timeout_s)
+        self._idle = False
+        return bool(self._items)
 
     def _take_batch(self) -> tuple[list[NewRow], list[Recording], list[_Flush], bool]:
         rows: list[NewRow] = []
         outcomes, self._carried = self._carried, []
         flushes: list[_Flush] = []
-        wait_s = self._idle_wait_s if not outcomes else 0.0
+        items = self._items
+        if not outcomes and not items:
+            if not self._sleep_until_work(self._idle_wait_s):
+                return rows, outcomes, flushes, False
+            if self._commit_linger_s > 0:
+                self._sleep(self._commit_linger_s)  # let the work arriving meanwhile share this commit
         linger_until = 0.0
-        urgent = False
-        while len(rows) + len(outcomes) < self._batch_max:
-            try:
-                item = self._queue.get(timeout=wait_s) if wait_s > 0 else self._queue.get_nowait()
-            except queue.Empty:
+        urgent = bool(outcomes)
+        while True:
+            while items and len(rows) + len(outcomes) < self._batch_max:
+                item = items.popleft()
+                if item is None:
+                    self._room()
+                    return rows, outcomes, flushes, True
+                if isinstance(item, NewRow):
+                    rows.append(item)
+                    urgent = True
+                elif isinstance(item, Recording):
+                    outcomes.append(item)
+                    urgent = urgent or item.waited
+                    if not linger_until:
+                        linger_until = time.monotonic() + self._linger_s
+                else:
+                    flushes.append(item)
+                    urgent = True
+            if urgent or len(rows) + len(outcomes) >= self._batch_max or not outcomes:
                 break
-            if item is None:
-                return rows, outcomes, flushes, True
-            if isinstance(item, _Flush):
-                flushes.append(item)
-            elif isinstance(item, NewRow):
-                rows.append(item)
-            else:
-                outcomes.append(item)
-                urgent = urgent or item.waited
-                if not linger_until:
-                    linger_until = time.monotonic() + self._linger_s
-            # Outcomes nobody waits for (resolver outcomes) may linger for company; a new row, a
-            # flush or an outcome whose answer waits is written with whatever has queued meanwhile.
-            wait_s = 0.0 if rows or flushes or urgent else linger_until - time.monotonic()
+            # Only outcomes nobody waits for (resolver outcomes): they may linger for company, woken
+            # early by any new work.
+            left = linger_until - time.monotonic()
+            if left <= 0 or (not items and not self._sleep_until_work(left)):
+                break
+        self._room()
         return rows, outcomes, flushes, False
+
+    def _room(self) -> None:
+        if self._space_waiters:
+            with self._space:
+                self._space.notify_all()
 
     def _run(self) -> None:
         stop = False

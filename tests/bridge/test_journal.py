@@ -159,7 +159,7 @@ def test_migrations_are_exactly_the_journal_schema(engine: Engine) -> None:
         diffs = compare_metadata(ctx, jn.metadata)
         version = conn.execute(sa.text("SELECT version_num FROM bridge_alembic_version")).scalars().all()
     assert diffs == []
-    assert version == _head() == ["0004_audit_chain"]
+    assert version == _head() == ["0005_journal_lean_indexes"]
 
 
 def test_a_journal_created_before_migrations_is_stamped_and_keeps_its_rows(db_url: str) -> None:
@@ -261,5 +261,36 @@ def test_the_writer_journals_on_after_its_connection_is_cut(engine: Engine) -> N
         assert rec.wait(WAIT_S)
         got = j.get(jn.PAY, "AFTER")
         assert got is not None and got.state == jn.POSTED and got.body == b"ok"
+    finally:
+        writer.stop(WAIT_S)
+
+
+def test_what_arrives_while_the_idle_writer_lingers_shares_its_commit(engine: Engine) -> None:
+    """Batching by time: woken from idle by one pay's row, the writer waits commit_linger_s; another
+    pay's row and a third pay's outcome arriving meanwhile go in the same commit (one transaction)."""
+    j, claims = Journal(engine), Claims()
+    j.insert_new(pay("DONE"))
+    waits: list[float] = []
+    late: list[object] = []
+
+    def linger(seconds: float) -> None:  # the writer's wait: two more pays' work arrives during it
+        waits.append(seconds)
+        if not late:
+            late.append(writer.journal_new(pay("L2"), claims.acquire((jn.PAY, "L2"))[0]))
+            late.append(writer.submit(jn.outcome_for(pay("DONE"), jn.POSTED, AT, status_code=0, body=b"r"),
+                                      claims.acquire((jn.PAY, "DONE"))[0], waited=True))
+
+    writer = JournalWriter(j, claims, ManualClock(AT), batch_max=16, queue_max=64, idle_wait_s=0.05,
+                           commit_linger_s=0.002, sleep=linger)
+    writer.start()
+    try:
+        first = writer.journal_new(pay("L1"), claims.acquire((jn.PAY, "L1"))[0])
+        assert first.wait(WAIT_S) and first.inserted
+        assert all(x.wait(WAIT_S) for x in late)  # type: ignore[attr-defined]
+        assert waits == [0.002]
+        assert writer.transactions == 1 and writer.rows_written == 2 and writer.outcomes_written == 1
+        assert [j.get(jn.PAY, s).state for s in ("L1", "L2", "DONE")] == [  # type: ignore[union-attr]
+            jn.PENDING, jn.PENDING, jn.POSTED]
+        assert len(claims) == 2, "the outcome's claim is released once durable; the new rows' are the callers'"
     finally:
         writer.stop(WAIT_S)
