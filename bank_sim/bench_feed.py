@@ -15,6 +15,7 @@ the MIS over SQL through bank_sim's own table declarations (bank_sim.mis_tables)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -27,6 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from pydantic import Field
@@ -277,6 +279,56 @@ def _children_cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+BACKEND_SAMPLE_S = 0.2   # how often the database backends' CPU is read (a backend's last < 0.2 s can be missed)
+
+
+class _BackendCpu:
+    """CPU seconds the PostgreSQL backends of the given databases use while it
+    runs (this machine's server only): every BACKEND_SAMPLE_S it lists their
+    pids (pg_stat_activity) and reads each one's CPU from /proc, keeping each
+    pid's first and last reading. A backend that ends loses at most its last
+    interval; one that is gone from /proc is skipped."""
+
+    def __init__(self, admin_url: str, databases: Sequence[str]) -> None:
+        import threading
+        self._url = "postgresql://" + admin_url.split("://", 1)[1]   # libpq's form of the SQLAlchemy URL
+        self._dbs = list(databases)
+        self._first: dict[int, tuple[str, float]] = {}
+        self._last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="backend-cpu", daemon=True)
+
+    def _sample(self, conn: Any, started: bool) -> None:
+        for pid, db in conn.execute("SELECT pid, datname FROM pg_stat_activity WHERE datname = ANY(%s)",
+                                    (self._dbs,)).fetchall():
+            try:
+                cpu = _cpu_s(pid)
+            except OSError:
+                continue
+            if pid not in self._first:
+                self._first[pid] = (db, cpu if not started else 0.0)
+            self._last[pid] = cpu
+
+    def _run(self) -> None:
+        import psycopg
+        with psycopg.connect(self._url, autocommit=True) as conn:
+            self._sample(conn, False)
+            while not self._stop.wait(BACKEND_SAMPLE_S):
+                self._sample(conn, True)
+            self._sample(conn, True)
+
+    def __enter__(self) -> _BackendCpu:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def seconds(self, database: str) -> float:
+        return sum(self._last[p] - cpu for p, (db, cpu) in self._first.items() if db == database)
+
+
 def _run_urls(s: BenchFeedSettings, mis_url: str, bank_url: str, work: Path) -> dict[str, float]:
     bridge_url = f"sqlite:///{work / 'bridge.db'}"
     clock = SystemClock()
@@ -306,6 +358,10 @@ def _run_urls(s: BenchFeedSettings, mis_url: str, bank_url: str, work: Path) -> 
              "--run-timeout-s", str(s.run_timeout_s)], cwd=repo, stdout=log, stderr=subprocess.STDOUT)
         # Issuance is timed inside the issuing process (its start-up is not issuance).
         cpu0 = _children_cpu_s()
+        mis_db, bank_db = (sa.make_url(u).database or "" for u in (mis_url, bank_url))
+        sampler = (_BackendCpu(s.pg_admin_url, [mis_db, bank_db]) if mis_url.startswith("postgresql")
+                   else contextlib.nullcontext())
+        sampler.__enter__()
         issued = subprocess.run(_bench_data("issue", mis_url, "--batch-accounts", str(s.issue_batch)), cwd=repo,
                                 capture_output=True, text=True, timeout=s.run_timeout_s)
         if issued.returncode != 0:
@@ -316,6 +372,9 @@ def _run_urls(s: BenchFeedSettings, mis_url: str, bank_url: str, work: Path) -> 
         if consumer.wait(timeout=s.run_timeout_s) != 0:
             raise RuntimeError(f"autodebit failed; see {work / 'autodebit.log'}")
         cpu_bank = _children_cpu_s() - cpu0 - cpu_issue
+        sampler.__exit__(None, None, None)
+        db_cpu = ((sampler.seconds(mis_db), sampler.seconds(bank_db)) if isinstance(sampler, _BackendCpu)
+                  else (float("nan"), float("nan")))
         cpu_adapter, cpu_bridge = _cpu_s(adapter.popen.pid), _cpu_s(bridge.popen.pid)
         res, pay, led = autodebit.results_table, mis_tables.payments, ledger.ledger
         delivered = _span(bank, sa.select(sa.func.max(res.c.processed_at)))
@@ -338,6 +397,7 @@ def _run_urls(s: BenchFeedSettings, mis_url: str, bank_url: str, work: Path) -> 
             "paid": check.paid_by_debit, "dunning": check.dunning,
             "cpu_issue_us": 1e6 * cpu_issue / n, "cpu_adapter_us": 1e6 * cpu_adapter / n,
             "cpu_bridge_us": 1e6 * cpu_bridge / n, "cpu_bank_us": 1e6 * cpu_bank / n,
+            "cpu_mis_db_us": 1e6 * db_cpu[0] / n, "cpu_bank_db_us": 1e6 * db_cpu[1] / n,
             "p50_ms": 1000 * lat[len(lat) // 2], "p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))]}
 
 
@@ -366,8 +426,9 @@ def main(argv: list[str]) -> int:
               f"{r['acknowledged']:>10,.0f}{r['posted']:>10,.0f}{r['paid']:>9,.0f}{r['dunning']:>9,.0f}"
               f"{r['p50_ms']:>15.1f}{r['p99_ms']:>9.1f}  load {_load()}", flush=True)
         print(f"{'  CPU':<11}µs per bill: issuer {r['cpu_issue_us']:,.0f}, mis_adapter {r['cpu_adapter_us']:,.0f} "
-              f"(with its start-up), bridge {r['cpu_bridge_us']:,.0f}, bank auto-debit {r['cpu_bank_us']:,.0f} "
-              "(the database servers' CPU not counted)", flush=True)
+              f"(with its start-up), bridge {r['cpu_bridge_us']:,.0f}, bank auto-debit {r['cpu_bank_us']:,.0f}"
+              + (f"; PostgreSQL backends: MIS {r['cpu_mis_db_us']:,.0f}, bank {r['cpu_bank_db_us']:,.0f} "
+                 f"(sampled every {BACKEND_SAMPLE_S} s)" if backend == "postgresql" else ""), flush=True)
         if backend == "postgresql" and s.reference:
             ref = bulk_write_bills_per_s(s.pg_admin_url, s.bills)
             print(f"{'  reference':<11}{'':>10}{'':>11}{'':>10}{'':>10}{ref:>10,.0f}  bulk write of the same bills, "

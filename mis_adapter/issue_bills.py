@@ -85,6 +85,14 @@ _BILL_IDS = sa.select(T_BILLS.c.account_no, T_BILLS.c.bill_id).where(
     T_BILLS.c.period == _b("period"), InList(T_BILLS.c.account_no, "accts"))
 _MARK_BILLED = T_READ.update().where(T_READ.c.period == _b("p_period"), T_READ.c.billed == sa.false(),
                                      InList(T_READ.c.account_no, "accts")).values(billed=True)
+_MARK_BILLED_RETURNING = _MARK_BILLED.returning(T_READ.c.account_no, T_READ.c.kwh)
+
+
+def _marks_returning(conn: Connection) -> bool:
+    """Whether the readings are marked and read in one UPDATE ... RETURNING (PostgreSQL, SQLite)."""
+    return bool(conn.dialect.update_returning)
+
+
 # Active agreements that have started (signed_on is the start date), with their per-debit limit.
 _AGREEMENTS = sa.select(T_AGR.c.account_no, T_AGR.c.bank_id, T_AGR.c.debit_limit_fen).where(
     InList(T_AGR.c.account_no, "accts"), T_AGR.c.active == sa.true(), T_AGR.c.signed_on <= _b("today"))
@@ -106,9 +114,22 @@ def _issue_batch(conn: Connection, accts: Sequence[str], period: str, tariff: Ta
     """One transaction's work; returns the banks whose outbox grew."""
     batch = list_param(conn, accts)
     customers = {r.account_no: r for r in conn.execute(_LOCK_CUSTOMERS, {"accts": batch}).all()}
-    kwh = {r.account_no: int(r.kwh) for r in conn.execute(_KWH, {"period": period, "accts": batch}).all()}
     existing = {r.account_no for r in conn.execute(_EXISTING, {"period": period, "accts": batch}).all()}
-    summary.skipped_existing += len(existing & set(kwh))
+    if _marks_returning(conn):
+        # One statement marks the readings billed and answers their kWh: of the accounts that get a bill
+        # (a customer, no bill of the period yet), exactly the readings summed are the readings marked.
+        billable = [a for a in sorted(accts) if a in customers and a not in existing]
+        kwh: dict[str, int] = {}
+        marked = conn.execute(_MARK_BILLED_RETURNING, {"p_period": period, "accts": list_param(conn, billable)}).all() \
+            if billable else []
+        for acct, n in marked:
+            kwh[acct] = kwh.get(acct, 0) + int(n)
+        if existing:
+            skipped = list_param(conn, sorted(existing))
+            summary.skipped_existing += len(conn.execute(_KWH, {"period": period, "accts": skipped}).all())
+    else:  # MariaDB: no UPDATE ... RETURNING; the kWh read, then the same readings marked below
+        kwh = {r.account_no: int(r.kwh) for r in conn.execute(_KWH, {"period": period, "accts": batch}).all()}
+        summary.skipped_existing += len(existing & set(kwh))
     new: list[_NewBill] = []
     for acct in sorted(kwh):
         c = customers.get(acct)
@@ -128,7 +149,8 @@ def _issue_batch(conn: Connection, accts: Sequence[str], period: str, tariff: Ta
          "paid_on": today if b.prepaid_applied_fen == b.amount_fen else None, "dunning": False}
         for b in new], ("account_no", "bill_id"))
     new_accts = list_param(conn, [b.account_no for b in new])
-    conn.execute(_MARK_BILLED, {"p_period": period, "accts": new_accts})
+    if not _marks_returning(conn):
+        conn.execute(_MARK_BILLED, {"p_period": period, "accts": new_accts})
     if returned is not None:
         ids = {acct: int(bill_id) for acct, bill_id in returned}
     else:

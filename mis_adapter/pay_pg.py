@@ -5,21 +5,27 @@ READ: one statement that bounds this transaction's waits (`set_config(...,
 true)`, i.e. SET LOCAL, no extra round trip), takes the bank-day lock SHARED
 (banks.py: the advisory lock reconciliation takes EXCLUSIVE), locks the
 account row and reads all a pay needs: the customer, its unpaid bills, the
-serial, whether today and tomorrow are reconciled and whether the bank is
-suspended or signed off (link_state). The bank-day lock is taken in a MATERIALIZED CTE that the locked
+serial, whether today and tomorrow are reconciled (one range scan of the
+key: RECONCILED_DAYS) and whether the bank is suspended (one lookup) or
+signed off (link_state). The bank-day lock is taken in a MATERIALIZED CTE that the locked
 row is joined with, so it is held before the account row is locked (the
 same order as everywhere: bank-day, then accounts).
 
 WRITE: one statement (data-modifying CTEs over `unnest` arrays) that writes
 the payment, its allocations, the bills, any prepaid credit with its ledger
-line and the journal line, guarded: it writes nothing unless the account
-row, the unpaid bills (their xmin versions) and the bank's reconciled days
+line and the journal line, guarded: it writes nothing unless the unpaid
+bills (their xmin versions), the bank's reconciled days and its sign-off
 are exactly as READ saw them. READ's snapshot may predate a wait for the
 account lock or the bank-day lock (READ COMMITTED takes the snapshot when
 the statement starts); WRITE's snapshot is taken after both locks are held,
 so the guard sees every commit that READ could have missed, and nothing can
-change them afterwards until we commit. When the guard fails (only after
-such a wait) Pay reads again in the same transaction, now without waiting.
+change the bills and days afterwards until we commit. When the guard fails (only after
+such a wait, or a sign-off meanwhile) Pay reads again in the same transaction, now without waiting.
+The account row itself needs no re-check: READ locks it FOR UPDATE, and a
+row locked after a wait is re-read at its newest version (READ COMMITTED's
+re-check of a locked row), so READ's customer columns are current, and the
+lock keeps them so until we commit. The bills joined to it are not re-read
+that way: they are as of READ's snapshot, hence their versions in the guard.
 
 Statements are plain driver SQL strings built once, prepared on each
 connection, and SQLAlchemy compiles nothing. They go in pipeline mode (PayTx):
@@ -46,6 +52,17 @@ from mis_adapter.pay_plan import PaymentEffects
 from yindian_common.db_errors import COMMIT_IN_DOUBT
 from yindian_common.errors import Unavailable
 
+# Whether the bank's `day` and `day + 1` are reconciled, in one range scan of the key: bit 0 the day,
+# bit 1 the next (0 to 3; `closed_bits`). READ and WRITE's guard both read it; $2 is the bank.
+RECONCILED_DAYS = """coalesce(bit_or(1 << (r.settlement_date - {day}::date)), 0) FROM reconciled_days r
+          WHERE r.bank_id = $2 AND r.settlement_date BETWEEN {day}::date AND {day}::date + 1"""
+
+
+def closed_bits(closed_today: bool, closed_next: bool) -> int:
+    """The Python side of RECONCILED_DAYS: its value for the two facts."""
+    return int(closed_today) | int(closed_next) << 1
+
+
 # PostgreSQL's own $n placeholders (psycopg's RawCursor): psycopg rewrites nothing, and each
 # statement is prepared on its connection (prepare=True) from its first execution.
 READ_FOR_PAY = """
@@ -55,12 +72,10 @@ WITH bounds AS MATERIALIZED (
          set_config('idle_in_transaction_session_timeout', $6, true) AS idle_bound,
          set_config('plan_cache_mode', 'force_generic_plan', true) AS write_plan,
          pg_advisory_xact_lock_shared($7::bigint) AS day_lock)
-SELECT c.branch_code, c.tariff_class, c.status, c.prepaid_fen, c.xmin::text AS c_version,
-       EXISTS (SELECT 1 FROM reconciled_days r WHERE r.bank_id = $2 AND r.settlement_date = $4::date),
-       EXISTS (SELECT 1 FROM reconciled_days r WHERE r.bank_id = $2 AND r.settlement_date = $4::date + 1),
+SELECT c.branch_code, c.tariff_class, c.status, c.prepaid_fen,
+       (SELECT """ + RECONCILED_DAYS.format(day="$4") + """),
        (SELECT p.payment_id FROM payments p WHERE p.bank_id = $2 AND p.bank_serial = $3),
-       coalesce((SELECT k.suspended FROM banks k WHERE k.bank_id = $2), false),
-       (SELECT k.suspended_reason FROM banks k WHERE k.bank_id = $2),
+       (SELECT k.suspended_reason FROM banks k WHERE k.bank_id = $2 AND k.suspended),
        EXISTS (SELECT 1 FROM bank_links l
                WHERE l.bank_id = $2 AND l.state = 'SIGNED_OFF' AND l.business_date >= $4::date),
        b.bill_id, b.period, b.amount_fen, b.prepaid_applied_fen, b.principal_paid_fen, b.late_fee_paid_fen,
@@ -73,53 +88,61 @@ FOR UPDATE OF c
 """
 
 # The bills' new paid amounts are the read ones plus the allocation (the guard holds them as read);
-# their new status is computed in Python by allocation.bill_status and passed in.
-WRITE_PAY = """
+# their new status is computed in Python by allocation.bill_status and passed in. Four variants, each
+# prepared on its connection when first used: with or without the prepaid credit ($17 <> 0: the
+# customer's balance and its ledger line), with or without bills settled (allocations and bill
+# updates): every table a statement names is opened, locked and readied for writing at each
+# execution, whether a row is written there or not.
+_WRITE_PAY = """
 WITH guard AS (
-  SELECT (SELECT c.xmin::text FROM customers c WHERE c.account_no = $1) = $4
-     AND coalesce((SELECT string_agg(b.bill_id::text || ':' || b.xmin::text, ',' ORDER BY b.bill_id)
-                   FROM bills b WHERE b.account_no = $1 AND b.status <> 'PAID'), '') = $5
-     AND EXISTS (SELECT 1 FROM reconciled_days r WHERE r.bank_id = $2 AND r.settlement_date = $6::date) = $7
-     AND EXISTS (SELECT 1 FROM reconciled_days r WHERE r.bank_id = $2 AND r.settlement_date = $6::date + 1) = $8
+  SELECT coalesce((SELECT string_agg(b.bill_id::text || ':' || b.xmin::text, ',' ORDER BY b.bill_id)
+                   FROM bills b WHERE b.account_no = $1 AND b.status <> 'PAID'), '') = $4
+     AND (SELECT """ + RECONCILED_DAYS.format(day="$5") + """) = $6::int
      AND EXISTS (SELECT 1 FROM bank_links l
-                 WHERE l.bank_id = $2 AND l.state = 'SIGNED_OFF' AND l.business_date >= $6::date) = $25
+                 WHERE l.bank_id = $2 AND l.state = 'SIGNED_OFF' AND l.business_date >= $5::date) = $18
      AS ok
 ), pay AS (
   INSERT INTO payments (bank_id, bank_serial, state, account_no, branch_code, amount_fen, channel, outlet_code,
                         teller_id, bank_balance_fen, settlement_date, posted_at, arrears_after_fen,
                         prepaid_after_fen, prepaid_added_fen, reversed_at, reversed_on, cancel_serial)
-  SELECT $2, $3, 'POSTED', $1, $9, $10::bigint, $11, $12, $13, $14::bigint, $15::date, $16::timestamptz,
-         $17::bigint, $18::bigint, $19::bigint, NULL, NULL, NULL
+  SELECT $2, $3, 'POSTED', $1, $7, $8::bigint, $9, $10, $11, $12::bigint, $13::date, $14::timestamptz,
+         $15::bigint, $16::bigint, $17::bigint, NULL, NULL, NULL
   FROM guard WHERE guard.ok
   RETURNING payment_id
-), alloc AS (
-  INSERT INTO allocations (payment_id, bill_id, late_fee_fen, principal_fen)
-  SELECT pay.payment_id, a.bill_id, a.fee, a.principal
-  FROM pay, unnest($20::bigint[], $21::bigint[], $22::bigint[]) WITH ORDINALITY AS a(bill_id, fee, principal, n)
-  ORDER BY a.n
-), bill_update AS (
-  UPDATE bills b SET principal_paid_fen = b.principal_paid_fen + u.principal,
-                     late_fee_paid_fen = b.late_fee_paid_fen + u.fee,
-                     accrual_micro = u.micro, accrual_date = greatest(b.accrual_date, $6::date),
-                     status = u.new_status,
-                     paid_on = CASE WHEN u.new_status = 'PAID' THEN $6::date ELSE NULL END
-  FROM pay, unnest($20::bigint[], $21::bigint[], $22::bigint[], $23::bigint[], $24::text[])
-       AS u(bill_id, fee, principal, micro, new_status)
-  WHERE b.bill_id = u.bill_id
-), credit AS (
-  UPDATE customers c SET prepaid_fen = c.prepaid_fen + $19::bigint
-  FROM pay WHERE c.account_no = $1 AND $19::bigint <> 0
-), ledger AS (
-  INSERT INTO prepaid_ledger (account_no, reason, delta_fen, balance_after_fen, payment_id, bill_id, at)
-  SELECT $1, 'PAYMENT', $19::bigint, $18::bigint, pay.payment_id, NULL, $16::timestamptz
-  FROM pay WHERE $19::bigint <> 0
-), journal AS (
+{bills}{credit}), journal AS (
   INSERT INTO journal (at, bank_id, rpc, serial, original_serial, account_no, amount_fen, outcome, payment_id)
-  SELECT $16::timestamptz, $2, 'PAY', $3, '', $1, $10::bigint, 'POSTED', pay.payment_id
+  SELECT $14::timestamptz, $2, 'PAY', $3, '', $1, $8::bigint, 'POSTED', pay.payment_id
   FROM pay
 )
 SELECT payment_id FROM pay
 """
+_CREDIT = """), credit AS (
+  UPDATE customers c SET prepaid_fen = c.prepaid_fen + $17::bigint
+  FROM pay WHERE c.account_no = $1 AND $17::bigint <> 0
+), ledger AS (
+  INSERT INTO prepaid_ledger (account_no, reason, delta_fen, balance_after_fen, payment_id, bill_id, at)
+  SELECT $1, 'PAYMENT', $17::bigint, $16::bigint, pay.payment_id, NULL, $14::timestamptz
+  FROM pay WHERE $17::bigint <> 0
+"""
+_BILLS = """), alloc AS (
+  INSERT INTO allocations (payment_id, bill_id, late_fee_fen, principal_fen)
+  SELECT pay.payment_id, a.bill_id, a.fee, a.principal
+  FROM pay, unnest($19::bigint[], $20::bigint[], $21::bigint[]) WITH ORDINALITY AS a(bill_id, fee, principal, n)
+  ORDER BY a.n
+), bill_update AS (
+  UPDATE bills b SET principal_paid_fen = b.principal_paid_fen + u.principal,
+                     late_fee_paid_fen = b.late_fee_paid_fen + u.fee,
+                     accrual_micro = u.micro, accrual_date = greatest(b.accrual_date, $5::date),
+                     status = u.new_status,
+                     paid_on = CASE WHEN u.new_status = 'PAID' THEN $5::date ELSE NULL END
+  FROM pay, unnest($19::bigint[], $20::bigint[], $21::bigint[], $22::bigint[], $23::text[])
+       AS u(bill_id, fee, principal, micro, new_status)
+  WHERE b.bill_id = u.bill_id
+"""
+# (adds prepaid credit, settles bills) -> WRITE; its parameters are _write_params' first 18, then the
+# bills' 5 arrays when it settles bills.
+WRITE_PAY = {(credit, bills): _WRITE_PAY.replace("{credit}", _CREDIT if credit else "")
+             .replace("{bills}", _BILLS if bills else "") for credit in (False, True) for bills in (False, True)}
 
 
 class Customer(NamedTuple):
@@ -127,13 +150,22 @@ class Customer(NamedTuple):
     tariff_class: str
     status: str
     prepaid_fen: int
-    c_version: str
-    closed_today: bool
-    closed_next: bool
+    closed_bits: int               # RECONCILED_DAYS
     taken_id: int | None
-    suspended: bool
-    suspended_reason: str | None
+    suspended_reason: str | None   # None: the bank is not suspended
     signed_off: bool
+
+    @property
+    def closed_today(self) -> bool:
+        return bool(self.closed_bits & 1)
+
+    @property
+    def closed_next(self) -> bool:
+        return bool(self.closed_bits & 2)
+
+    @property
+    def suspended(self) -> bool:
+        return self.suspended_reason is not None
 
 
 class Bill(NamedTuple):
@@ -260,10 +292,12 @@ class PayTx:
         """The new payment's id, or None when the guard found the account changed since READ.
         `commit`: COMMIT in the same round trip (a failed guard then commits a transaction that wrote
         nothing and released its locks: the caller reads again in a new one)."""
-        params = _write_params(seen, effects, cmd=cmd, day=day, settlement=settlement, now=now)
+        bills = bool(effects.plan.allocations or effects.bill_updates)
+        sql = WRITE_PAY[bool(effects.plan.prepaid_fen), bills]
+        params = _write_params(seen, effects, cmd=cmd, day=day, settlement=settlement, now=now, bills=bills)
         try:
             pipe = self._enter()
-            self.cur.execute(WRITE_PAY, params, prepare=True)
+            self.cur.execute(sql, params, prepare=True)
             if commit:
                 self.conn.dispatch.commit(self.conn)  # the engine's "commit" listeners, as conn.commit() calls them
                 self.ctl.execute(_COMMIT)
@@ -273,7 +307,7 @@ class PayTx:
                 pipe.sync()
             rows = self.cur.fetchall()
         except psycopg.Error as exc:
-            failed = _translated(self.conn, self.raw, WRITE_PAY, params, exc)
+            failed = _translated(self.conn, self.raw, sql, params, exc)
             if commit and self.conn.invalidated:
                 raise Unavailable(IN_DOUBT_TEXT, reason=COMMIT_IN_DOUBT) from failed
             raise failed from exc
@@ -370,18 +404,21 @@ def end_write_free(conn: Connection) -> None:
 def _pay_read(rows: list[tuple[Any, ...]]) -> PayRead:
     if not rows:
         return PayRead(None, (), "")
-    bills = tuple(Bill._make(r[11:]) for r in rows if r[11] is not None)
+    bills = tuple(Bill._make(r[8:]) for r in rows if r[8] is not None)
     version = ",".join(f"{b.bill_id}:{b.b_version}" for b in sorted(bills, key=lambda b: b.bill_id))
-    return PayRead(Customer._make(rows[0][:11]), bills, version)
+    return PayRead(Customer._make(rows[0][:8]), bills, version)
 
 
 def _write_params(seen: PayRead, effects: PaymentEffects, *, cmd: Any, day: dt.date, settlement: dt.date,
-                  now: dt.datetime) -> tuple[Any, ...]:
+                  now: dt.datetime, bills: bool) -> tuple[Any, ...]:
+    """WRITE's parameters: 18, and the bills' 5 arrays when it settles bills (`bills`)."""
     c = seen.customer
-    allocs = effects.plan.allocations
-    return (cmd.account_no, cmd.bank_id, cmd.bank_serial, c.c_version, seen.bills_version, day,
-            bool(c.closed_today), bool(c.closed_next), c.branch_code, cmd.amount_fen, cmd.channel, cmd.outlet_code,
-            cmd.teller_id, cmd.bank_balance_fen, settlement, now, effects.arrears_after_fen, effects.prepaid_after_fen,
-            effects.plan.prepaid_fen, _array(a.bill_id for a in allocs), _array(a.late_fee_fen for a in allocs),
-            _array(a.principal_fen for a in allocs), _array(u.accrual_micro for u in effects.bill_updates),
-            _array(u.status for u in effects.bill_updates), bool(c.signed_off))
+    params = (cmd.account_no, cmd.bank_id, cmd.bank_serial, seen.bills_version, day, c.closed_bits, c.branch_code,
+              cmd.amount_fen, cmd.channel, cmd.outlet_code, cmd.teller_id, cmd.bank_balance_fen, settlement, now,
+              effects.arrears_after_fen, effects.prepaid_after_fen, effects.plan.prepaid_fen, bool(c.signed_off))
+    if not bills:
+        return params
+    allocs, updates = effects.plan.allocations, effects.bill_updates
+    return (*params, _array(a.bill_id for a in allocs), _array(a.late_fee_fen for a in allocs),
+            _array(a.principal_fen for a in allocs), _array(u.accrual_micro for u in updates),
+            _array(u.status for u in updates))

@@ -26,10 +26,11 @@ Must never write (MariaDB's temporary tables, _materialised, are the
 report session's own and dropped after it)."""
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime as dt
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -40,7 +41,7 @@ from sqlalchemy.engine import Connection, Engine
 from mis_adapter.db.base import table_of
 from mis_adapter.db.core import AllocationRow, BillRow, Customer, Payment
 from mis_adapter.late_fee import FeeState, LateFeeRates, accrual_as_of, late_fee_due
-from mis_adapter.late_fee_sql import accrued_micro_sql, late_fee_due_sql
+from mis_adapter.late_fee_sql import accrual_micro_sql, accrued_micro_sql, fee_due_from_micro_sql
 from yindian_common.errors import InvalidField
 from yindian_common.fields import mask_name, mask_phone
 
@@ -51,6 +52,7 @@ ARREARS_CHUNK_ROWS = 5_000           # bills read and priced per chunk
 DETAIL_PAGE_ACCOUNTS = 500           # accounts per ArrearsDetail page
 REPORT_WORK_MEM = "64MB"             # PostgreSQL work_mem of a report's transaction
 REPORT_TMP_TABLE_BYTES = 64 << 20    # MariaDB: in-memory temporary tables of a report's session
+REPORT_PARTS_MARIADB = 2             # MariaDB: connections an arrears report adds up on at once (_parts)
 DETAIL_PAGE_PAYMENTS = 500           # payments per CollectionDetail page
 
 GROUP_BYS = ("bank", "outlet", "branch", "day", "channel")
@@ -334,11 +336,22 @@ def _arrears_scan_query(branch: bool) -> sa.Select[Any]:
 # Complete because a bill's accrual date only ever moves to the fee day of a payment allocated to it, which is at
 # most that payment's settlement date (pay_plan, feed, recon_bulk, recon_bank_only; a reversal leaves it): a bill
 # whose accrual date is after as_of has an allocation settled after as_of.
-def _touched_select() -> Any:
+def _touched_select(part: tuple[bool, bool] = (False, False)) -> Any:
     a, p = T_ALLOC.alias("ta"), T_PAY.alias("tp")
     by_payment = a.join(p, p.c.payment_id == a.c.payment_id)
-    return sa.union(sa.select(a.c.bill_id).select_from(by_payment).where(p.c.settlement_date > _AS_OF),
-                    sa.select(a.c.bill_id).select_from(by_payment).where(p.c.reversed_on > _AS_OF))
+    # a part of the accounts (_in_part): an allocation's bill is of its payment's account (a payment pays one
+    # account: payments, pay_pg, feed, recon_bulk, recon_bank_only)
+    return sa.union(sa.select(a.c.bill_id).select_from(by_payment)
+                    .where(p.c.settlement_date > _AS_OF, *_in_part(p.c.account_no, part)),
+                    sa.select(a.c.bill_id).select_from(by_payment)
+                    .where(p.c.reversed_on > _AS_OF, *_in_part(p.c.account_no, part)))
+
+
+def _in_part(account_no: Any, part: tuple[bool, bool]) -> tuple[Any, ...]:
+    """The accounts of a part of a MariaDB report (_parts): (bounded below, bounded above) by the
+    parameters part_from (inclusive) and part_to (exclusive); (False, False) is every account."""
+    low, high = part
+    return ((account_no >= _b("part_from"),) if low else ()) + ((account_no < _b("part_to"),) if high else ())
 
 
 # MariaDB evaluates a CTE once per reference: there the touched bills and their replay steps are
@@ -385,7 +398,8 @@ def _steps_select(touched: Any) -> Any:
             .select_from(touched.join(a, a.c.bill_id == touched.c.bill_id).join(p, p.c.payment_id == a.c.payment_id)))
 
 
-def _arrears_bills(branch: bool, rates: LateFeeRates, dialect: str) -> Any:
+def _arrears_bills(branch: bool, rates: LateFeeRates, dialect: str,
+                   part: tuple[bool, bool] = (False, False)) -> Any:
     """Every bill in arrears at the end of as_of with what it owed then (columns bill_id, account_no,
     branch_code, period, unpaid_fen, fee_sql; no names or phones, which the detail joins to each account,
     not to each bill), priced as the reference reconstruction
@@ -413,11 +427,12 @@ def _arrears_bills(branch: bool, rates: LateFeeRates, dialect: str) -> Any:
     cust_join = c.c.account_no == (sa.func.coalesce(b.c.account_no, "") if dialect in ("sqlite", "mysql")
                                    else b.c.account_no)
     unpaid_now = b.c.amount_fen - b.c.prepaid_applied_fen - b.c.principal_paid_fen
-    current_fee = late_fee_due_sql(principal_unpaid=unpaid_now, accrual_micro=b.c.accrual_micro,
-                                   accrual_date=b.c.accrual_date, late_fee_paid=b.c.late_fee_paid_fen,
-                                   tariff_class=c.c.tariff_class, period=b.c.period, as_of=_AS_OF, rates=rates)
+    current_micro = accrual_micro_sql(principal_unpaid=unpaid_now, accrual_micro=b.c.accrual_micro,
+                                      accrual_date=b.c.accrual_date, tariff_class=c.c.tariff_class,
+                                      period=b.c.period, as_of=_AS_OF, rates=rates)
     untouched = (sa.select(b.c.bill_id, b.c.account_no, c.c.branch_code, b.c.period,
-                           unpaid_now.label("unpaid_fen"), current_fee.label("fee_sql"))
+                           unpaid_now.label("unpaid_fen"), current_micro.label("micro"),
+                           b.c.late_fee_paid_fen.label("fee_paid"))
                  .select_from(b.join(c, cust_join))
                  .where(sa.or_(b.c.paid_on.is_(None), b.c.paid_on > _AS_OF), b.c.issued_at < _b("issued_before"),
                         unpaid_now > 0, b.c.bill_id.not_in(sa.select(touched.c.bill_id))))
@@ -434,9 +449,17 @@ def _arrears_bills(branch: bool, rates: LateFeeRates, dialect: str) -> Any:
             b.c.late_fee_paid_fen, b.c.due_date, b.c.accrual_micro, b.c.accrual_date)
     # PostgreSQL: grouped by the primary keys alone (the other columns depend on them; a narrow key hashes
     # in less memory)
-    group = (b.c.bill_id, c.c.account_no) if dialect == "postgresql" else \
+    group: tuple[Any, ...] = (b.c.bill_id, c.c.account_no) if dialect == "postgresql" else \
         (*keys, b.c.amount_fen, b.c.prepaid_applied_fen, b.c.principal_paid_fen)
-    per_bill = (sa.select(*keys, unpaid_now.label("unpaid_now"),
+    columns: tuple[Any, ...] = (*keys, unpaid_now.label("unpaid_now"))
+    if dialect == "mysql":
+        # MariaDB sorts the groups: grouped by the bill alone, its other columns (one value per bill) taken by
+        # max(), the sort key is 8 bytes instead of twelve columns
+        group = (b.c.bill_id,)
+        columns = (b.c.bill_id, *(sa.func.max(k).label(k.name) for k in keys[1:]),
+                   (sa.func.max(b.c.amount_fen) - sa.func.max(b.c.prepaid_applied_fen)
+                    - sa.func.max(b.c.principal_paid_fen)).label("unpaid_now"))
+    per_bill = (sa.select(*columns,
                           sa.func.max(s.posted_principal).label("posted_principal"),
                           total(s.posted_fee).label("posted_fee"), total(segment).label("micro"),
                           total(s.in_effect * s.principal_fen).label("eff_principal"),
@@ -450,24 +473,31 @@ def _arrears_bills(branch: bool, rates: LateFeeRates, dialect: str) -> Any:
     if branch:
         untouched = untouched.where(c.c.branch_code == _b("branch_code"))
         per_bill = per_bill.where(c.c.branch_code == _b("branch_code"))
+    untouched = untouched.where(*_in_part(b.c.account_no, part))
+    per_bill = per_bill.where(*_in_part(b.c.account_no, part))
     r = per_bill.subquery("touched_bills").c
     replayed = sa.or_(r.in_delta == 1, sa.and_(r.accrual_date > _AS_OF, r.accrual_date > r.due_date))
-    replay_fee = late_fee_due_sql(
+    replay_micro = accrual_micro_sql(
         principal_unpaid=r.unpaid_now + r.posted_principal - r.eff_principal, accrual_micro=r.micro,
         accrual_date=sa.case((r.last_day > r.due_date, r.last_day), else_=r.due_date),
-        late_fee_paid=r.late_fee_paid_fen - r.posted_fee + r.eff_fee,
         tariff_class=r.tariff_class, period=r.period, as_of=_AS_OF, rates=rates)
-    kept_fee = late_fee_due_sql(principal_unpaid=r.unpaid_now, accrual_micro=r.accrual_micro,
-                                accrual_date=r.accrual_date, late_fee_paid=r.late_fee_paid_fen,
-                                tariff_class=r.tariff_class, period=r.period, as_of=_AS_OF, rates=rates)
+    kept_micro = accrual_micro_sql(principal_unpaid=r.unpaid_now, accrual_micro=r.accrual_micro,
+                                   accrual_date=r.accrual_date, tariff_class=r.tariff_class, period=r.period,
+                                   as_of=_AS_OF, rates=rates)
     unpaid = r.unpaid_now - r.principal_delta
     touched_part = (sa.select(r.bill_id, r.account_no, r.branch_code, r.period,
                               unpaid.label("unpaid_fen"),
-                              sa.case((replayed, replay_fee), else_=kept_fee).label("fee_sql"))
+                              sa.case((replayed, replay_micro), else_=kept_micro).label("micro"),
+                              sa.case((replayed, r.late_fee_paid_fen - r.posted_fee + r.eff_fee),
+                                      else_=r.late_fee_paid_fen).label("fee_paid"))
                     .where(unpaid > 0))
+    # Each bill's accrual at as_of (micro) and fee paid by then come out of the union; the fee is rounded from
+    # them above it, where the accrual is a column: the rounding names it twice, and inside the union each
+    # name would evaluate the whole accrual expression again (MariaDB, SQLite share no subexpression).
     u = sa.union_all(untouched, touched_part).subquery("arrears_bills")
+    fee = fee_due_from_micro_sql(u.c.micro, u.c.fee_paid, rates)
     return sa.select(*(u.c[k] for k in ("bill_id", "account_no", "branch_code", "period",
-                                        "unpaid_fen")), sa.cast(u.c.fee_sql, sa.BigInteger).label("fee_sql")) \
+                                        "unpaid_fen")), sa.cast(fee, sa.BigInteger).label("fee_sql")) \
         .subquery("arrears_bills_typed")
 
 
@@ -614,7 +644,7 @@ def _report(as_of: dt.date, by_branch: dict[str, ArrearsRow]) -> ArrearsReport:
 
 def arrears_detail(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRates, tz: ZoneInfo,
                    branch_code: str = "", page_accounts: int = DETAIL_PAGE_ACCOUNTS, *, indexed: bool = True
-                   ) -> Iterator[list[ArrearsAccount]]:
+                   ) -> Generator[list[ArrearsAccount], None, None]:
     """Accounts in arrears at the end of `as_of`, by account number, in pages;
     names and phones masked. indexed: each account added up in the database."""
     if indexed:
@@ -642,10 +672,11 @@ def arrears_detail(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRate
 
 # ---- arrears added up in the database ----
 @functools.lru_cache(maxsize=16)
-def _summed_statements(rates: LateFeeRates, branch: bool, dialect: str) -> tuple[sa.Select[Any], sa.Select[Any]]:
+def _summed_statements(rates: LateFeeRates, branch: bool, dialect: str,
+                       part: tuple[bool, bool] = (False, False)) -> tuple[sa.Select[Any], sa.Select[Any]]:
     """(by branch, by account) over the bills in arrears at as_of, every fee priced in the
     database (the bills whose history after as_of changed them replayed set-based)."""
-    bills = _arrears_bills(branch, rates, dialect)
+    bills = _arrears_bills(branch, rates, dialect, part)
     total = _sum_bigint
     # by account first, then by branch: a hash aggregate each, where COUNT(DISTINCT) would sort every bill
     accounts = (sa.select(bills.c.branch_code, total(bills.c.unpaid_fen).label("principal_fen"),
@@ -687,7 +718,8 @@ _ER_RECORD_FILE_FULL = 1114
 
 
 @contextlib.contextmanager
-def _materialised(conn: Connection, params: dict[str, Any]) -> Iterator[None]:
+def _materialised(conn: Connection, params: dict[str, Any], part: tuple[bool, bool] = (False, False)
+                  ) -> Iterator[None]:
     """MariaDB: the touched bills of the report's as-of date and their replay steps (_touched_select,
     _steps_select) as temporary tables of this session, indexed by bill, each computed once, dropped
     afterwards (in memory while they fit in REPORT_TMP_TABLE_BYTES, else on disk). Nothing elsewhere."""
@@ -698,14 +730,15 @@ def _materialised(conn: Connection, params: dict[str, Any]) -> Iterator[None]:
     try:
         conn.exec_driver_sql(f"SET SESSION tmp_table_size = {REPORT_TMP_TABLE_BYTES}, "
                              f"max_heap_table_size = {REPORT_TMP_TABLE_BYTES}")
-        for name, key, select in ((_TMP_TOUCHED, "PRIMARY KEY (bill_id)", _touched_select()),
+        for name, key, select in ((_TMP_TOUCHED, "PRIMARY KEY (bill_id)", _touched_select(part)),
                                   (_TMP_STEPS, "INDEX (bill_id)", _steps_select(_TMP_TOUCHED_TABLE))):
             compiled = select.compile(dialect=conn.dialect)
             for tmp_engine in _TMP_ENGINES:
                 conn.exec_driver_sql(f"DROP TEMPORARY TABLE IF EXISTS {name}")
                 try:
                     conn.exec_driver_sql(f"CREATE TEMPORARY TABLE {name} ({key}) ENGINE={tmp_engine} {compiled}",
-                                         {**compiled.params, "as_of": params["as_of"]})
+                                         {**compiled.params, **{k: v for k, v in params.items()
+                                                                if k in compiled.params}})
                     break
                 except sa.exc.OperationalError as e:
                     if tmp_engine == _TMP_ENGINES[-1] or e.orig is None or e.orig.args[0] != _ER_RECORD_FILE_FULL:
@@ -717,32 +750,118 @@ def _materialised(conn: Connection, params: dict[str, Any]) -> Iterator[None]:
         conn.exec_driver_sql(f"SET SESSION tmp_table_size = {int(saved[0])}, max_heap_table_size = {int(saved[1])}")
 
 
+@dataclass(frozen=True)
+class _Part:
+    """The accounts one connection of a report adds up: [part_from, part_to), either end open."""
+    flags: tuple[bool, bool] = (False, False)
+    params: dict[str, str] = field(default_factory=dict)
+
+
+def _parts(engine: Engine) -> list[_Part]:
+    """The report's parts, in account order, covering every account once: REPORT_PARTS_MARIADB ranges of
+    accounts of about equal size on MariaDB (which runs a statement on one core; each part is a connection
+    of its own, run at the same time), the whole database elsewhere (PostgreSQL runs its own workers)."""
+    if engine.dialect.name != "mysql" or REPORT_PARTS_MARIADB < 2:
+        return [_Part()]
+    with engine.connect().execution_options(read_only=True) as conn, conn.begin():
+        n = int(conn.execute(_COUNT_CUSTOMERS).scalar_one())
+        bounds = sorted({b for i in range(1, REPORT_PARTS_MARIADB)
+                         if (b := conn.execute(_NTH_ACCOUNT, {"k": n * i // REPORT_PARTS_MARIADB}).scalar())
+                         is not None})
+    if not bounds:
+        return [_Part()]
+    edges: list[str | None] = [None, *bounds, None]
+    parts = []
+    for low, high in zip(edges, edges[1:], strict=False):
+        params = ({"part_from": low} if low is not None else {}) | ({"part_to": high} if high is not None else {})
+        parts.append(_Part((low is not None, high is not None), params))
+    return parts
+
+
+_COUNT_CUSTOMERS = sa.select(sa.func.count()).select_from(T_CUST)
+_NTH_ACCOUNT = (sa.select(T_CUST.c.account_no).order_by(T_CUST.c.account_no).limit(1)
+                .offset(_b("k", type_=sa.Integer)))
+
+
+def _at_once(parts: Sequence[_Part], run: Callable[[_Part], Any],
+             undo: Callable[[Any], None] | None = None) -> list[Any]:
+    """run(part) for every part, the first on this thread and the others each on a thread of its own, at
+    the same time; their results in the parts' order. Each waits for its own statements only, as a
+    one-connection report does. When one fails, the first failure is raised once every part has ended,
+    after undo(result) of each part that succeeded."""
+    if len(parts) == 1:
+        return [run(parts[0])]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(parts) - 1,
+                                               thread_name_prefix="report-part") as pool:
+        others = [pool.submit(run, part) for part in parts[1:]]
+        try:
+            first = run(parts[0])
+        except BaseException:
+            concurrent.futures.wait(others)
+            for f in others:
+                if undo is not None and f.exception() is None:
+                    undo(f.result())
+            raise
+        concurrent.futures.wait(others)
+        failures = [e for f in others if (e := f.exception()) is not None]
+        if failures:
+            for result in (first, *(f.result() for f in others if f.exception() is None)):
+                if undo is not None:
+                    undo(result)
+            raise failures[0]
+        return [first, *(f.result() for f in others)]
+
+
 def _summed_by_branch(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRates,
                       tz: ZoneInfo) -> Iterator[ArrearsRow]:
     for engine in engines:
-        by_branch, _by_account = _summed_statements(rates, False, engine.dialect.name)
         params = _params(engine, as_of, tz, "")
-        with engine.connect().execution_options(read_only=True) as conn, conn.begin(), _materialised(conn, params):
-            _no_jit(conn)
-            rows = conn.execute(by_branch, params).all()
-        yield from (ArrearsRow(r.branch_code, int(r.households), int(r.principal_fen or 0), int(r.late_fee_fen or 0))
-                    for r in rows)
+
+        def by_branch_of(part: _Part, engine: Engine = engine, params: dict[str, Any] = params) -> list[Any]:
+            by_branch, _by_account = _summed_statements(rates, False, engine.dialect.name, part.flags)
+            mine = {**params, **part.params}
+            with engine.connect().execution_options(read_only=True) as conn, conn.begin(), \
+                    _materialised(conn, mine, part.flags):
+                _no_jit(conn)
+                return list(conn.execute(by_branch, mine).all())
+
+        for rows in _at_once(_parts(engine), by_branch_of):
+            yield from (ArrearsRow(r.branch_code, int(r.households), int(r.principal_fen or 0),
+                                   int(r.late_fee_fen or 0)) for r in rows)
 
 
 def _summed_by_account(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeRates, tz: ZoneInfo,
                        branch_code: str, page_accounts: int) -> Iterator[list[ArrearsAccount]]:
+    """Every part's statement is started at once (_at_once); the parts are then read one after another, in
+    account order, each streamed (its rows wait in the database until read)."""
     page: list[ArrearsAccount] = []
     for engine in engines:
-        _by_branch, by_account = _summed_statements(rates, bool(branch_code), engine.dialect.name)
         params = _params(engine, as_of, tz, branch_code)
-        with engine.connect().execution_options(read_only=True) as conn, conn.begin(), _materialised(conn, params):
-            _no_jit(conn)
-            result = conn.execute(by_account, params, execution_options={"yield_per": ARREARS_CHUNK_ROWS})
-            for account_no, name, phone, branch, n, principal_fen, fee_fen, oldest in result:
-                page.append(ArrearsAccount(account_no, mask_name(name), mask_phone(phone), branch, n, principal_fen,
-                                           fee_fen or 0, oldest))
-                if len(page) >= page_accounts:
-                    yield page
-                    page = []
+
+        def started(part: _Part, engine: Engine = engine, params: dict[str, Any] = params
+                    ) -> tuple[contextlib.ExitStack, Any]:
+            _by_branch, by_account = _summed_statements(rates, bool(branch_code), engine.dialect.name, part.flags)
+            mine = {**params, **part.params}
+            with contextlib.ExitStack() as stack:
+                conn = stack.enter_context(engine.connect().execution_options(read_only=True))
+                stack.enter_context(conn.begin())
+                stack.enter_context(_materialised(conn, mine, part.flags))
+                _no_jit(conn)
+                result = conn.execute(by_account, mine, execution_options={"yield_per": ARREARS_CHUNK_ROWS})
+                stack.callback(result.close)
+                return stack.pop_all(), result
+
+        opened = _at_once(_parts(engine), started, undo=lambda opened: opened[0].close())
+        try:
+            for _stack, result in opened:
+                for account_no, name, phone, branch, n, principal_fen, fee_fen, oldest in result:
+                    page.append(ArrearsAccount(account_no, mask_name(name), mask_phone(phone), branch, n,
+                                               principal_fen, fee_fen or 0, oldest))
+                    if len(page) >= page_accounts:
+                        yield page
+                        page = []
+        finally:
+            for stack, _result in opened:
+                stack.close()
     if page:
         yield page

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mis_adapter import payments
 from mis_adapter.banks import lock_bank_day
@@ -321,3 +323,111 @@ def test_a_pay_frozen_between_read_and_write_loses_its_locks_within_the_idle_bou
         finally:
             watch.dispose()
             ctx.close()
+
+
+@pytest.fixture
+def pg_ctx(tmp_path: Path) -> Iterator[AdapterContext]:
+    with fresh_database("postgresql", tmp_path) as url:
+        c = AdapterContext.build(load_settings(AdapterSettings, {"db": url, "insecure": True}), ManualClock(NOON))
+        try:
+            from mis_adapter.migrate import upgrade
+            from tests.support.mis_data import add_bank
+            upgrade(c.router.primary)
+            add_bank(c.router.primary, "ICBC")
+            add_bank(c.router.primary, "ABC")
+            yield c
+        finally:
+            c.close()
+
+
+_pay_serials = iter(range(1, 10**9))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(closed=st.sets(st.integers(-2, 3)), others_closed=st.sets(st.integers(-1, 2)), suspended=st.booleans(),
+       signed_off=st.sampled_from([None, -1, 0, 1]), link_state=st.sampled_from(["SIGNED_OFF", "SIGNED_ON"]))
+def test_the_pays_bank_state_is_the_python_rule_of_the_rows(
+        pg_ctx: AdapterContext, closed: set[int], others_closed: set[int], suspended: bool, signed_off: int | None,
+        link_state: str) -> None:
+    """READ and WRITE's guard restate in SQL which of the bank's days are reconciled (one range scan,
+    pay_pg.RECONCILED_DAYS), whether it is suspended and whether it signed off. Over random reconciled
+    days of this bank and another, suspension and link states, a pay answers what the Python rules
+    (allocation.settlement_date, link_state.signed_off_for) say of the same rows: settled today or
+    tomorrow, DayClosed, or BankSuspended. A guard that disagreed with READ would never write (the
+    pay would end in RETRY)."""
+    from mis_adapter.allocation import settlement_date
+    from mis_adapter.db.core import Bank
+    from mis_adapter.db.link import BankLink
+    from mis_adapter.link_state import signed_off_for
+    from yindian_common.errors import BankSuspended
+    engine = pg_ctx.router.primary
+    rd, links, banks = ReconciledDay.__table__, BankLink.__table__, Bank.__table__
+    with engine.begin() as conn:
+        conn.execute(sa.delete(rd))
+        conn.execute(sa.delete(links))
+        rows = [{"bank_id": b, "settlement_date": TODAY + dt.timedelta(days=d), "reconciled_at": NOON,
+                 "summary_json": "{}"} for b, ds in (("ICBC", closed), ("ABC", others_closed)) for d in ds]
+        if rows:
+            conn.execute(sa.insert(rd), rows)
+        if signed_off is not None:
+            conn.execute(sa.insert(links).values(bank_id="ICBC", state=link_state,
+                                                 business_date=TODAY + dt.timedelta(days=signed_off),
+                                                 changed_at=NOON, refund_mode="PREPAID"))
+        conn.execute(sa.update(banks).where(banks.c.bank_id == "ICBC").values(suspended=suspended,
+                                                                              suspended_reason="strike"))
+    acct = add_account(engine, "01", next(_pay_serials), BILLS)
+    cmd = PayCommand("ICBC", f"PROP-{acct}", acct, 5_000, "O", "T")
+    try:
+        expected: object = settlement_date(
+            TODAY, today_reconciled=0 in closed, next_reconciled=1 in closed,
+            signed_off=signed_off is not None and signed_off_for(link_state, TODAY + dt.timedelta(days=signed_off),
+                                                                 TODAY))
+    except DayClosed:
+        expected = DayClosed
+    if suspended:
+        expected = BankSuspended
+    try:
+        got: object = payments.pay(pg_ctx, cmd).settlement_date
+    except (DayClosed, BankSuspended) as exc:
+        got = type(exc)
+    assert got == expected
+
+
+def test_pays_waiting_for_the_account_see_its_newest_balance(pg_ctx: AdapterContext) -> None:
+    """WRITE's guard does not re-check the account row: a pay that waited for the account lock reads
+    the row at its newest version (READ locks it FOR UPDATE). 24 concurrent over-pays of one account:
+    each payment's prepaid_after and ledger line continue exactly from the one before (a pay that
+    computed from a balance older than the previous commit would break the chain), and the last is
+    the account's balance."""
+    engine = pg_ctx.router.primary
+    acct = add_account(engine, "01", 900_001, BILLS[:1])
+    amounts = [3_000 + 101 * i for i in range(24)]
+    barrier = threading.Barrier(len(amounts))
+    errors: list[Exception] = []
+
+    def one(i: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            payments.pay(pg_ctx, PayCommand("ICBC", f"BAL-{i}", acct, amounts[i], "O", "T"))
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(amounts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    p, pl, c = Payment.__table__, PrepaidEntry.__table__, Customer.__table__
+    with engine.connect() as conn:
+        pays = conn.execute(sa.select(p.c.prepaid_added_fen, p.c.prepaid_after_fen).where(p.c.account_no == acct)
+                            .order_by(p.c.payment_id)).all()
+        ledger = conn.execute(sa.select(pl.c.delta_fen, pl.c.balance_after_fen).where(pl.c.account_no == acct)
+                              .order_by(pl.c.entry_id)).all()
+        balance = conn.execute(sa.select(c.c.prepaid_fen).where(c.c.account_no == acct)).scalar_one()
+    running = 0
+    for added, after in pays:
+        running += added
+        assert after == running
+    assert [(d, a) for d, a in ledger] == [(added, after) for added, after in pays if added]
+    assert balance == running > sum(amounts) - BILLS[0].amount_fen - 5_000
