@@ -79,6 +79,13 @@ _KWH = (sa.select(T_READ.c.account_no, sa.func.sum(T_READ.c.kwh).label("kwh"))
         .where(T_READ.c.period == _b("period"), T_READ.c.billed == sa.false(),
                InList(T_READ.c.account_no, "accts"))
         .group_by(T_READ.c.account_no))
+# MariaDB (no UPDATE ... RETURNING): the readings priced, by id, so that exactly they are marked billed; a
+# reading committed after this read is left unbilled (and counted as skipped by the next run), never marked
+# billed without being priced.
+_READINGS = (sa.select(T_READ.c.reading_id, T_READ.c.account_no, T_READ.c.kwh)
+             .where(T_READ.c.period == _b("period"), T_READ.c.billed == sa.false(),
+                    InList(T_READ.c.account_no, "accts")))
+_MARK_BILLED_IDS = T_READ.update().where(InList(T_READ.c.reading_id, "ids")).values(billed=True)
 _EXISTING = sa.select(T_BILLS.c.account_no).where(T_BILLS.c.period == _b("period"),
                                                   InList(T_BILLS.c.account_no, "accts"))
 _BILL_IDS = sa.select(T_BILLS.c.account_no, T_BILLS.c.bill_id).where(
@@ -127,8 +134,12 @@ def _issue_batch(conn: Connection, accts: Sequence[str], period: str, tariff: Ta
         if existing:
             skipped = list_param(conn, sorted(existing))
             summary.skipped_existing += len(conn.execute(_KWH, {"period": period, "accts": skipped}).all())
-    else:  # MariaDB: no UPDATE ... RETURNING; the kWh read, then the same readings marked below
-        kwh = {r.account_no: int(r.kwh) for r in conn.execute(_KWH, {"period": period, "accts": batch}).all()}
+    else:  # MariaDB: no UPDATE ... RETURNING; the readings read, then the same readings (by id) marked below
+        kwh = {}
+        reading_ids: dict[str, list[int]] = {}
+        for reading_id, acct, n in conn.execute(_READINGS, {"period": period, "accts": batch}).all():
+            kwh[acct] = kwh.get(acct, 0) + int(n)
+            reading_ids.setdefault(acct, []).append(int(reading_id))
         summary.skipped_existing += len(existing & set(kwh))
     new: list[_NewBill] = []
     for acct in sorted(kwh):
@@ -150,7 +161,7 @@ def _issue_batch(conn: Connection, accts: Sequence[str], period: str, tariff: Ta
         for b in new], ("account_no", "bill_id"))
     new_accts = list_param(conn, [b.account_no for b in new])
     if not _marks_returning(conn):
-        conn.execute(_MARK_BILLED, {"p_period": period, "accts": new_accts})
+        conn.execute(_MARK_BILLED_IDS, {"ids": list_param(conn, [i for b in new for i in reading_ids[b.account_no]])})
     if returned is not None:
         ids = {acct: int(bill_id) for acct, bill_id in returned}
     else:

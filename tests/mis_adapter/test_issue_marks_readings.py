@@ -2,7 +2,7 @@
 
 On PostgreSQL and SQLite one `UPDATE readings ... RETURNING` marks a batch's
 readings billed and answers their kWh; MariaDB (no UPDATE ... RETURNING) reads
-the kWh and then marks the same readings. The property test holds the one
+the readings and then marks the same readings by id. The property test holds the one
 statement equal to the read-then-mark rule on random households: several
 meters, readings already billed, a bill of the period already issued, a reading
 of another period, no agreement, prepaid credit. And on PostgreSQL the marking
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from mis_adapter.db.feed import OutboxRow
 from mis_adapter.issue_bills import issue_bills
 from mis_adapter.migrate import downgrade, upgrade
 from mis_adapter.tariff import Tariff
+from tests.support.databases import fresh_database
 from yindian_common.clock import ManualClock
 from yindian_common.db import make_engine
 
@@ -125,3 +127,40 @@ def test_marking_readings_billed_is_a_hot_update_on_postgresql(pg_url: str) -> N
             is None
     upgrade(engine)
     engine.dispose()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])
+def test_a_reading_committed_while_a_batch_is_priced_is_left_unbilled_not_marked(backend: str,
+                                                                                   tmp_path: Path) -> None:
+    """A meter reading that lands while issuing prices its batch (another writer, committed between the
+    read and the mark) is not in the bill, so it must not be marked billed: it stays unbilled, visible to
+    the next run. (SQLite is left out: its one writer at a time cannot commit between the two.) On MariaDB,
+    marking by account instead of by the readings priced marked it billed."""
+    with fresh_database(backend, tmp_path) as url:
+        engine = make_engine(url)
+        (acct, _), = populate_period(engine, 1, PERIOD, now=NOON)
+        with engine.begin() as conn:   # a second meter, installed before (its row is not what issuing locks)
+            conn.execute(T_METER.insert().values(meter_no=f"L{acct}", account_no=acct,
+                                                 installed_on=dt.date(2020, 1, 1)))
+            kwh_before = conn.execute(sa.select(sa.func.sum(T_READ.c.kwh)).where(T_READ.c.account_no == acct)
+                                      ).scalar_one()
+        other = make_engine(url)
+        price = issue_mod.price_fen
+
+        def price_while_a_reading_lands(kwh: int, *args: Any) -> int:
+            with other.begin() as conn:
+                conn.execute(T_READ.insert().values(meter_no=f"L{acct}", account_no=acct, period=PERIOD, kwh=55,
+                                                    register_kwh=55, read_on=NOON.date(), billed=False))
+            return price(kwh, *args)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(issue_mod, "price_fen", price_while_a_reading_lands)
+            summary = issue_bills(engine, ManualClock(NOON), PERIOD, accounts=[acct])
+        with engine.connect() as conn:
+            bill_kwh = conn.execute(sa.select(T_BILLS.c.kwh).where(T_BILLS.c.account_no == acct)).scalar_one()
+            late = conn.execute(sa.select(T_READ.c.billed).where(T_READ.c.meter_no == f"L{acct}")).scalar_one()
+        other.dispose()
+        engine.dispose()
+    assert summary.bills == 1 and bill_kwh == kwh_before
+    assert late is False or late == 0
