@@ -90,11 +90,7 @@ class AioUnaryClientMetrics:
         try:
             response = await multicallable(request, **kwargs)
         except grpc.RpcError as exc:
-            mm.seconds.observe(time.perf_counter() - start)
-            code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
-            mm.handled(code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN).inc()
+            mm.client_failed(start, exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None)
             raise
-        mm.seconds.observe(time.perf_counter() - start)
-        mm.received.inc()
-        mm.handled(_OK).inc()
+        mm.client_answered(start)
         return response

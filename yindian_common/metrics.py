@@ -101,6 +101,17 @@ class _MethodMetrics:
             self._handled[code] = child
         return child
 
+    def client_answered(self, start: float) -> None:
+        """A client call that started at `start` (perf_counter) was answered OK."""
+        self.seconds.observe(time.perf_counter() - start)
+        self.received.inc()
+        self.handled(_OK).inc()
+
+    def client_failed(self, start: float, code: object) -> None:
+        """A client call that started at `start` failed with `code` (UNKNOWN when it is not a status)."""
+        self.seconds.observe(time.perf_counter() - start)
+        self.handled(code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN).inc()
+
 
 _families_lock = threading.Lock()
 _families: dict[tuple[str, int], _Families] = {}
@@ -427,13 +438,9 @@ class UnaryClientMetrics:
         try:
             response = multicallable(request, **kwargs)
         except grpc.RpcError as exc:
-            mm.seconds.observe(time.perf_counter() - start)
-            code = exc.code() if isinstance(exc, grpc.Call) else None
-            mm.handled(code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN).inc()
+            mm.client_failed(start, exc.code() if isinstance(exc, grpc.Call) else None)
             raise
-        mm.seconds.observe(time.perf_counter() - start)
-        mm.received.inc()
-        mm.handled(_OK).inc()
+        mm.client_answered(start)
         return response
 
 
