@@ -396,6 +396,11 @@ def _history_select(touched: Any) -> Any:
             .group_by(a.c.bill_id))
 
 
+# MariaDB sorts a GROUP BY's output by its keys unless told ORDER BY NULL: the groups that are only added up
+# again, or stored in a table keyed by bill, are not sorted there
+_UNORDERED = (sa.null(),)
+
+
 def _segments_select(touched: Any, rates: LateFeeRates, dialect: str) -> Any:
     """fee_as_of's loop as sums, one row per touched bill (_touched_select) with an allocation in effect at
     as_of: the fee it accrued from its issue up to its last such allocation, in millionths of a fen (`micro`).
@@ -713,11 +718,14 @@ def _summed_statements(rates: LateFeeRates, branch: bool, dialect: str,
     # by account first, then by branch: a hash aggregate each, where COUNT(DISTINCT) would sort every bill
     accounts = (sa.select(bills.c.branch_code, total(bills.c.unpaid_fen).label("principal_fen"),
                           total(bills.c.fee_sql).label("late_fee_fen"))
-                .group_by(bills.c.branch_code, bills.c.account_no).subquery("arrears_accounts"))
+                .group_by(bills.c.branch_code, bills.c.account_no))
+    accounts = (accounts.order_by(*_UNORDERED) if dialect == "mysql" else accounts).subquery("arrears_accounts")
     by_branch = (sa.select(accounts.c.branch_code, sa.func.count().label("households"),
                            total(accounts.c.principal_fen).label("principal_fen"),
                            total(accounts.c.late_fee_fen).label("late_fee_fen"))
                  .group_by(accounts.c.branch_code))
+    if dialect == "mysql":
+        by_branch = by_branch.order_by(*_UNORDERED)  # the branches are put in order in Python (_report)
     # columns in ArrearsAccount's order (rows are read as plain tuples); the name and phone joined to each
     # account once it is added up (carried through the bills they widened every row MariaDB sorts)
     per_account = (sa.select(bills.c.account_no, bills.c.branch_code, sa.func.count().label("unpaid_bills"),
@@ -790,7 +798,7 @@ def _materialised(conn: Connection, params: dict[str, Any], rates: LateFeeRates,
                              f"max_heap_table_size = {REPORT_TMP_TABLE_BYTES}")
         for name, key, select in (
                 (_TMP_TOUCHED, "PRIMARY KEY (bill_id)", _touched_select(part)),
-                (_TMP_HISTORY, "PRIMARY KEY (bill_id)", _history_select(_TMP_TOUCHED_TABLE)),
+                (_TMP_HISTORY, "PRIMARY KEY (bill_id)", _history_select(_TMP_TOUCHED_TABLE).order_by(*_UNORDERED)),
                 (_TMP_SEGMENTS, "PRIMARY KEY (bill_id)",
                  _segments_select(_TMP_TOUCHED_TABLE, rates, "mysql"))):
             compiled = select.compile(dialect=conn.dialect)
