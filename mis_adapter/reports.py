@@ -716,11 +716,11 @@ def _summed_statements(rates: LateFeeRates, branch: bool, dialect: str,
     bills = _arrears_bills(branch, rates, dialect, part)
     total = _sum_bigint
     # by account first, then by branch: a hash aggregate each, where COUNT(DISTINCT) would sort every bill
-    accounts = (sa.select(bills.c.branch_code, total(bills.c.unpaid_fen).label("principal_fen"),
-                          total(bills.c.fee_sql).label("late_fee_fen"))
-                .group_by(bills.c.branch_code, bills.c.account_no))
-    accounts = (accounts.order_by(*_UNORDERED) if dialect == "mysql" else accounts).subquery("arrears_accounts")
-    by_branch = (sa.select(accounts.c.branch_code, sa.func.count().label("households"),
+    grouped = (sa.select(bills.c.branch_code, total(bills.c.unpaid_fen).label("principal_fen"),
+                         total(bills.c.fee_sql).label("late_fee_fen"))
+               .group_by(bills.c.branch_code, bills.c.account_no))
+    accounts = (grouped.order_by(*_UNORDERED) if dialect == "mysql" else grouped).subquery("arrears_accounts")
+    by_branch: sa.Select[Any] = (sa.select(accounts.c.branch_code, sa.func.count().label("households"),
                            total(accounts.c.principal_fen).label("principal_fen"),
                            total(accounts.c.late_fee_fen).label("late_fee_fen"))
                  .group_by(accounts.c.branch_code))
