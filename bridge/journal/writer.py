@@ -109,17 +109,16 @@ class _Flush:
 
 
 class _Waitable:
-    """Work a caller waits for. Its fields change only under the writer's mutex. The
-    caller's `latch` is released at most once per wait: when the work is durable
-    (`is_done`) or when the caller is handed the commit (`promoted`)."""
-    __slots__ = ("_writer", "latch", "is_done", "waiting", "promoted", "abandoned")
+    """Work a caller waits for. Its flags change only under the writer's mutex; the
+    caller's `latch` is released once, when the work is durable (`is_done`) and the
+    caller sleeps on it (`waiting`)."""
+    __slots__ = ("_writer", "latch", "is_done", "waiting", "abandoned")
 
     def __init__(self, writer: JournalWriter) -> None:
         self._writer = writer
         self.latch = Latch()
         self.is_done = False
         self.waiting = False  # its caller sleeps on `latch`
-        self.promoted = False
         self.abandoned = False
 
 
@@ -159,33 +158,39 @@ _Item = Recording | NewRow | _Flush | None
 
 
 class JournalWriter:
-    """Group commit of new rows and outcomes, one transaction (one fsync) for
-    everything queued meanwhile, committed by the callers themselves
-    (leader/follower): a caller waiting for its work (a pay's row before it is
-    forwarded, a definite outcome before it is told) commits it on its own thread
-    when no commit is in progress, with everything else queued; otherwise it
-    sleeps until its work is durable or until the committing thread hands it the
-    commit (its work is then the oldest waited for). So a caller is woken at most
-    once per durable step, a committing caller never wakes itself, and a lone pay
-    at open-loop rates is not woken at all (a writer thread in between cost two
-    thread wake-ups per step: it was woken, then it woke the caller; each one is
-    18-28 us of CPU on this box and a GIL hand-off).
+    """Group commit of new rows and outcomes: one transaction (one fsync) for
+    everything queued meanwhile, committed by a caller itself when the journal is
+    idle and by the writer thread when it is busy.
 
-    The writer thread does the rest: work nobody waits for (resolver outcomes,
-    the SUSPECT outcome of a row whose caller gave up, flushes, stop), and a
-    commit that failed (the journal database down, a connection cut mid-batch):
-    the leader puts its batch back at the head of the queue, hands the commit
-    to the writer thread, which retries it with back-off on a new connection,
-    and waits for it as any caller, bounded by its deadline (journal_slow). A
-    caller with no time left does not start a commit. The thread also sweeps
-    the queue every `idle_wait_s`, so work whose caller never waits is written.
+    - A caller waiting for its work (a pay's row before it is forwarded, a definite
+      outcome before it is told) commits it on its own thread, with everything
+      queued, when no commit is in progress: a lone pay at open-loop rates is not
+      woken at all (through the writer thread each durable step cost two thread
+      wake-ups, the writer's and the caller's, 18-28 us of CPU each on this box,
+      and a GIL hand-off).
+    - While a commit is in progress, callers queue and sleep until their work is
+      durable (one wake-up). A caller done with its commit hands the rest to the
+      writer thread if anyone sleeps on it, and that thread commits back to back
+      while anything is queued (a caller could continue only after being woken
+      itself: measured, passing the commit from caller to caller cut throughput
+      under load), then lets go.
+    - The writer thread also writes the work nobody waits for (resolver outcomes,
+      the SUSPECT outcome of a row whose caller gave up, flushes, stop), sweeping
+      the queue every `idle_wait_s`; and a commit that failed (the journal
+      database down, a connection cut mid-batch): the caller puts its batch back
+      at the head of the queue and hands the commit to the writer thread, which
+      retries with back-off on a new connection, and waits for it as any caller,
+      bounded by its deadline (the bridge's journal_slow path). A caller with no
+      time left does not start a commit. A commit that hangs (no error, no
+      answer) holds its caller past its deadline, as it held the writer thread
+      before; the other callers time out as before.
 
     An outcome's claim is released once it is durable, so a serial's next owner
     reads the recorded state. Batching by time (`commit_linger_s`, 0 = off): a
-    caller starting a commit while none ran first waits that long so that what
-    arrives meanwhile shares it; outcomes nobody waits for may wait up to
-    `linger_s` for company. A batch holds at most `batch_max` rows and outcomes;
-    at most `queue_max` items wait (callers beyond it block, bounded)."""
+    caller starting a commit first waits that long so that what arrives meanwhile
+    shares it; outcomes nobody waits for may wait up to `linger_s` for company. A
+    batch holds at most `batch_max` rows and outcomes; at most `queue_max` items
+    wait (callers beyond it block, bounded)."""
 
     def __init__(self, journal: Journal, claims: Claims, clock: Clock, *, batch_max: int, queue_max: int,
                  idle_wait_s: float, linger_s: float = 0.0, commit_linger_s: float = 0.0,
@@ -293,43 +298,36 @@ class JournalWriter:
 
     def _await(self, item: NewRow | Recording, timeout_s: float) -> bool:
         """Until `item` is durable: commits it (and everything queued) if no commit is in progress, else
-        sleeps until it is durable or the commit is handed over. False after `timeout_s` (a NewRow's
-        claim then passes to the writer)."""
+        sleeps until it is durable. False after `timeout_s` (a NewRow's claim then passes to the writer)."""
         deadline = time.monotonic() + timeout_s
         with self._m:
             if item.is_done:
                 return True
-            if self._leading or timeout_s <= 0:
-                item.waiting = timeout_s > 0
-                lead = False
-            else:
-                self._leading = lead = True
-        if lead and self._commit_linger_s > 0:
-            self._sleep(self._commit_linger_s)  # let the work arriving meanwhile share this commit
-        while True:
+            lead = not self._leading and timeout_s > 0  # with no time left, no commit is started
             if lead:
-                if self._lead(item):
+                self._leading = True
+            else:
+                item.waiting = True
+        if lead:
+            if self._commit_linger_s > 0:
+                self._sleep(self._commit_linger_s)  # let the work arriving meanwhile share this commit
+            if self._lead(item):
+                return True
+            # The commit failed; the writer thread retries it. Wait for it like any caller.
+            with self._m:
+                if item.is_done:
                     return True
-                # The commit failed; the writer thread retries it. Wait for it like any caller.
-                with self._m:
-                    if item.is_done:
-                        return True
-                    item.waiting = True
+                item.waiting = True
+        while True:
             left = deadline - time.monotonic()
             if left > 0:
                 item.latch.wait(left)
             with self._m:
-                item.waiting = False
                 if item.is_done:
                     return True
-                if item.promoted:  # handed the commit: lead it, even late (the commit must go on)
-                    item.promoted = False
-                    item.latch = Latch()
-                    lead = True
+                if time.monotonic() < deadline:  # cannot be: the latch is released only once durable
                     continue
-                if time.monotonic() < deadline:  # a latch released for an earlier wait: wait on
-                    item.waiting = True
-                    continue
+                item.waiting = False
                 item.abandoned = True
                 wake = self._idle and not self._leading
                 if wake:
@@ -442,11 +440,9 @@ class JournalWriter:
                     else:
                         release.append(r.claim)
             own_done = own is None or own.is_done
-            successor, wake_writer = self._pass_on() if own_done else (None, False)
-        if successor is not None:
-            successor.set()  # first: the next commit starts while this thread wakes the others
-        elif wake_writer:
-            self._wake_writer()
+            wake_writer = own_done and self._pass_on(own is None)
+        if wake_writer:
+            self._wake_writer()  # first: the next commit starts while this thread wakes the others
         for latch in wake:
             latch.set()
         for f in flushes:
@@ -455,28 +451,25 @@ class JournalWriter:
             self._claims.release(claim)
         return own_done
 
-    def _pass_on(self) -> tuple[Latch | None, bool]:
-        """Under `_m`, by the thread holding the commit, done with it: hands it to the oldest caller
-        sleeping on queued work (whose latch is returned, to release), else to the writer thread if work
-        nobody will wait for is queued (True: wake it), else lets it go (a caller not yet waiting will
-        take it)."""
-        need_writer = False
-        for item in self._items:
-            if isinstance(item, (NewRow, Recording)):
-                if item.waiting:
-                    item.waiting = False
-                    item.promoted = True
-                    return item.latch, False
-                if not (isinstance(item, NewRow) or item.waited) or item.abandoned:
-                    need_writer = True
+    def _pass_on(self, by_writer: bool) -> bool:
+        """Under `_m`, by the thread holding the commit, done with it. The writer thread keeps it while
+        anything is queued (under load it commits back to back, as no caller could without being woken
+        first). A caller lets it go if nothing is queued or only work whose caller has not started waiting
+        (that caller will commit it); else hands it to the writer thread (True: wake it)."""
+        if by_writer:
+            if self._items:
+                self._writer_turn = True
             else:
-                need_writer = True
-        if need_writer:
-            self._writer_turn = True
-            wake, self._idle = self._idle, False
-            return None, wake
+                self._leading = False
+            return False
+        for item in self._items:
+            if not isinstance(item, (NewRow, Recording)) or item.waiting or item.abandoned or not (
+                    isinstance(item, NewRow) or item.waited):
+                self._writer_turn = True
+                wake, self._idle = self._idle, False
+                return wake
         self._leading = False
-        return None, False
+        return False
 
     # ---- the writer thread ----
 
