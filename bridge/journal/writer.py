@@ -194,7 +194,7 @@ class JournalWriter:
 
     def __init__(self, journal: Journal, claims: Claims, clock: Clock, *, batch_max: int, queue_max: int,
                  idle_wait_s: float, linger_s: float = 0.0, commit_linger_s: float = 0.0,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 lead_extra_max: int = 0, sleep: Callable[[float], None] = time.sleep) -> None:
         self._journal = journal
         self._clock = clock
         self._claims = claims
@@ -203,6 +203,7 @@ class JournalWriter:
         self._idle_wait_s = idle_wait_s
         self._linger_s = linger_s
         self._commit_linger_s = commit_linger_s
+        self._lead_extra_max = lead_extra_max
         self._sleep = sleep  # the commit linger's wait (a test sees what arrives during it)
         self.transactions = 0  # group commits so far, and what they carried (for metrics and benchmarks)
         self.rows_written = 0
@@ -338,7 +339,10 @@ class JournalWriter:
 
     def _lead(self, own: NewRow | Recording) -> bool:
         """This caller holds the commit: commits batches until `own` is durable, then hands the
-        commit on. False if a commit failed (the writer thread then holds it)."""
+        commit on: it first commits up to `lead_extra_max` more batches for callers sleeping on queued
+        work (it is running already; the writer thread would have to be woken first). False if a commit
+        failed (the writer thread then holds it)."""
+        extra = 0
         while True:
             with self._m:
                 rows, outcomes, flushes, stop = self._take()
@@ -361,8 +365,12 @@ class JournalWriter:
                     self._idle = False
                 self._wake_writer()
                 return False
-            if self._complete(rows, outcomes, flushes, inserted, own=own):
-                return True
+            own_done, kept = self._complete(rows, outcomes, flushes, inserted, own=own,
+                                            keep=extra < self._lead_extra_max)
+            if own_done:
+                if not kept:
+                    return True
+                extra += 1
 
     # ---- the commit ----
 
@@ -413,11 +421,13 @@ class JournalWriter:
         return inserted
 
     def _complete(self, rows: list[NewRow], outcomes: list[Recording], flushes: list[_Flush],
-                  inserted: set[tuple[str, str]], *, own: NewRow | Recording | None) -> bool:
+                  inserted: set[tuple[str, str]], *, own: NewRow | Recording | None,
+                  keep: bool = False) -> tuple[bool, bool]:
         """After a commit: marks its work durable, hands the commit on (below), then wakes the callers
         whose work it carried and releases the outcomes' claims. A row whose caller gave up is recorded
         SUSPECT by the writer thread (its claim released then), or its claim released if it was
-        journaled already. Returns whether `own` is durable (False: this thread keeps the commit)."""
+        journaled already. Returns whether `own` is durable and whether this thread keeps the commit
+        (`keep`: a caller may, for callers sleeping on queued work)."""
         wake: list[Latch] = []
         release: list[Claim] = []
         with self._m:
@@ -440,7 +450,9 @@ class JournalWriter:
                     else:
                         release.append(r.claim)
             own_done = own is None or own.is_done
-            wake_writer = own_done and self._pass_on(own is None)
+            kept = not own_done or (keep and any(isinstance(i, (NewRow, Recording)) and i.waiting
+                                                 for i in self._items))
+            wake_writer = not kept and self._pass_on(own is None)
         if wake_writer:
             self._wake_writer()  # first: the next commit starts while this thread wakes the others
         for latch in wake:
@@ -449,7 +461,7 @@ class JournalWriter:
             f.done.set()
         for claim in release:
             self._claims.release(claim)
-        return own_done
+        return own_done, kept
 
     def _pass_on(self, by_writer: bool) -> bool:
         """Under `_m`, by the thread holding the commit, done with it. The writer thread keeps it while
