@@ -60,15 +60,14 @@ class BridgeSettings(ServerSettings):
     journal_queue_max: int = Field(4096, ge=1, le=10_000_000,
                                    description="outcomes waiting to be recorded before callers block")
     journal_idle_wait_s: float = Field(0.5, gt=0, le=60,
-                                       description="how long the journal writer thread sleeps between sweeps "
-                                                   "for work nobody waits for")
+                                       description="how long the journal writer waits for work per loop")
     journal_linger_s: float = Field(0.005, ge=0, le=10,
                                     description="how long recorded outcomes (already answered) may wait "
                                                 "to share a journal transaction with others")
     # Off by default: not yet measured better on a quiet box (open loop at 400-600 pays/s).
     journal_commit_linger_s: float = Field(0.0, ge=0, le=0.1,
-                                           description="how long a journal commit started from idle waits "
-                                                       "for more work to share it (every pay's row "
+                                           description="how long the journal writer, woken from idle, waits "
+                                                       "for more work to share the commit (every pay's row "
                                                        "and outcome wait at most this much for company; 0: "
                                                        "no wait, group commit by queue only)")
 

@@ -4,9 +4,9 @@ and the utility's answer once definite, plus an append-only audit of every
 outcome. The row is written before the request crosses the link, so no
 payment the bridge forwarded can be forgotten; an outcome is recorded after.
 
-Cost (BASELINES.md): new rows (insert-or-ignore) and outcomes (one UPDATE +
-one audit line each) are written in group commits, many per transaction, by a
-waiting caller when the journal is idle, else by the writer thread (`writer`).
+Cost (BASELINES.md): one INSERT (insert-or-ignore, prebuilt) per request on
+the caller's thread, and outcomes recorded by one writer thread in group
+commits (one UPDATE + one audit INSERT per outcome, many per transaction).
 Recording an outcome after answering the bank core is safe: a row still
 PENDING after a crash is in doubt and is resolved at the utility, never
 guessed.

@@ -296,27 +296,9 @@ def test_what_arrives_while_the_idle_writer_lingers_shares_its_commit(engine: En
         writer.stop(WAIT_S)
 
 
-def test_a_caller_commits_its_own_row_and_outcome_when_no_commit_is_running(engine: Engine) -> None:
-    """Leader/follower group commit: with no commit in progress, a caller's wait commits its work on its
-    own thread (no writer thread in between: here it is never started)."""
-    j, claims = Journal(engine), Claims()
-    writer = JournalWriter(j, claims, ManualClock(AT), batch_max=16, queue_max=64, idle_wait_s=0.05)
-    claim = claims.acquire((jn.PAY, "LEAD"))[0]
-    row = writer.journal_new(pay("LEAD"), claim)
-    assert row.wait(WAIT_S) and row.inserted
-    assert j.get(jn.PAY, "LEAD").state == jn.PENDING  # type: ignore[union-attr]
-    rec = writer.submit(jn.outcome_for(pay("LEAD"), jn.POSTED, AT, status_code=0, body=b"ok"), claim, waited=True)
-    assert rec.wait(WAIT_S)
-    got = j.get(jn.PAY, "LEAD")
-    assert got is not None and got.state == jn.POSTED and got.body == b"ok"
-    assert claim.released.is_set() and len(claims) == 0
-    assert writer.transactions == 2
-
-
 def test_concurrent_pays_share_commits_and_every_one_is_journaled_once(engine: Engine) -> None:
     """32 threads journal a row, then its outcome, waiting for each as the bridge does: every caller is
-    answered (followers woken by whoever committed their work), every row is POSTED with one audit line,
-    every claim is released, and commits were shared."""
+    answered, every row is POSTED with one audit line, every claim is released, and commits were shared."""
     import threading
     j, claims = Journal(engine), Claims()
     writer = JournalWriter(j, claims, ManualClock(AT), batch_max=16, queue_max=64, idle_wait_s=0.05)
@@ -375,12 +357,12 @@ def _other_sessions(engine: Engine, holder: sa.Connection) -> list[int]:
         return [int(p) for p in conn.execute(sa.text(sql), {"me": me}).scalars().all()]
 
 
-def test_a_commit_cut_while_the_journal_is_locked_passes_to_the_writer_and_its_caller_gives_up(
-        engine: Engine) -> None:
-    """The caller committing its row finds the journal locked, and its connection is then cut: the
-    commit passes to the writer thread (which retries), the caller gives up at its deadline (the
-    bridge's journal_slow path: not forwarded), and once the journal is free the row is journaled,
-    recorded SUSPECT (nobody will forward or answer it: the resolver settles it) and its claim let go."""
+def test_a_commit_cut_while_the_journal_is_locked_is_retried_and_its_caller_gives_up(engine: Engine) -> None:
+    """A pay's row is being committed while the journal is locked, and the committing connection is
+    then cut mid-batch: the caller gives up at its deadline (the bridge's journal_slow path: not
+    forwarded), the writer retries on a new connection, and once the journal is free the row is
+    journaled, recorded SUSPECT (nobody will forward or answer it: the resolver settles it) and its
+    claim let go."""
     if engine.dialect.name == "sqlite":
         pytest.skip("no server session to lock the table and cut the connection")
     import threading
@@ -399,7 +381,7 @@ def test_a_commit_cut_while_the_journal_is_locked_passes_to_the_writer_and_its_c
         deadline = time.monotonic() + WAIT_S
         while not blocked and time.monotonic() < deadline:  # until the caller's commit waits on the lock
             blocked = _other_sessions(engine, holder)
-        assert blocked, "the caller's commit waits behind the lock"
+        assert blocked, "the commit waits behind the lock"
         with engine.connect() as conn:
             for pid in blocked:
                 conn.execute(sa.text("SELECT pg_terminate_backend(:p)" if engine.dialect.name == "postgresql"
