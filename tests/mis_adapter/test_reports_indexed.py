@@ -156,3 +156,46 @@ def test_arrears_of_a_past_date_when_the_replay_outgrows_the_in_memory_tables(
         assert sum(a.late_fee_fen for a in detail) == summed.total.late_fee_fen
     finally:
         engine.dispose()
+
+
+def test_a_bill_paid_today_by_a_payment_settling_tomorrow_is_in_arrears_as_of_today(db_url: str,
+                                                                                   tmp_path: Path) -> None:
+    """A pay after the bank's day is reconciled settles tomorrow, while the bill it pays off is marked paid
+    today (paid_on is the business date). As of today the payment has not settled: the bill is still owed,
+    and the report finds it although its paid_on is not after the as-of date."""
+    import sqlalchemy as sa
+    w = build_world(db_url, tmp_path, accounts=12)
+    try:
+        today = DAY_START.date()
+        with Reconciliation(w.engine, "ICBC", today, rates=w.ctx.rates, now=w.clock.now()) as r:
+            r.load([])
+            r.close_day()
+        acct = w.accounts[0]
+        engines = w.ctx.router.engines()
+        before = reports.arrears_summary(engines, today, w.ctx.rates, TZ)
+        owed = [a for page in reports.arrears_detail(engines, today, w.ctx.rates, TZ) for a in page
+                if a.account_no == acct]
+        assert owed and owed[0].principal_fen > 0
+        result = payments.pay(w.ctx, PayCommand("ICBC", "SETTLES-TOMORROW", acct,
+                                                owed[0].principal_fen + owed[0].late_fee_fen + 10_000,
+                                                channel="COUNTER"))
+        assert result.settlement_date == today + dt.timedelta(days=1)
+        with w.engine.connect() as conn:
+            paid_on = list(conn.execute(sa.text(
+                "SELECT b.paid_on FROM bills b JOIN allocations a ON a.bill_id = b.bill_id "
+                "JOIN payments p ON p.payment_id = a.payment_id WHERE p.bank_serial = 'SETTLES-TOMORROW'")).scalars())
+            unpaid = conn.execute(sa.text("SELECT count(*) FROM bills WHERE account_no = :a AND status <> 'PAID'"),
+                                  {"a": acct}).scalar_one()
+        assert paid_on and {str(d) for d in paid_on} == {today.isoformat()} and unpaid == 0  # the account paid off, its bills marked today
+
+        assert reports.arrears_summary(engines, today, w.ctx.rates, TZ) == before
+        assert reports.arrears_summary(engines, today, w.ctx.rates, TZ, indexed=False) == before
+        detail = [a for page in reports.arrears_detail(engines, today, w.ctx.rates, TZ) for a in page]
+        assert [a for a in detail if a.account_no == acct] == owed
+        assert detail == [a for page in reports.arrears_detail(engines, today, w.ctx.rates, TZ, indexed=False)
+                          for a in page]
+        tomorrow = [a for page in reports.arrears_detail(engines, today + dt.timedelta(days=1), w.ctx.rates, TZ)
+                    for a in page]
+        assert acct not in {a.account_no for a in tomorrow}
+    finally:
+        w.ctx.router.dispose()
