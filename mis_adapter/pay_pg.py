@@ -313,6 +313,35 @@ class PayTx:
             raise failed from exc
         return int(rows[0][0]) if rows else None
 
+    def call(self, *, cmd: Any, day: dt.date, day_key: int, now: dt.datetime, wait_ms: int,
+             rates: Any) -> PayCalled | None:
+        """The whole pay in one round trip: CALL_BOUNDS and yd_pay in one implicit transaction (autocommit,
+        pipeline mode: the server commits it at the Sync that ends the round trip). None when yd_pay's
+        guard found a bill changed (BILL_CHANGED): the transaction rolled back, nothing was written.
+        A connection that breaks once the call is sent is in doubt (COMMIT_IN_DOUBT), as WRITE+COMMIT."""
+        params = (cmd.account_no, cmd.bank_id, cmd.bank_serial, day, day_key, cmd.amount_fen, cmd.channel,
+                  cmd.outlet_code, cmd.teller_id, cmd.bank_balance_fen, now, rates.residential_ppm_per_day,
+                  rates.other_current_year_ppm_per_day, rates.other_earlier_years_ppm_per_day, rates.minimum_fen)
+        try:
+            self._enter()
+            self.conn.dispatch.commit(self.conn)  # the engine's "commit" listeners, as conn.commit() calls them
+            self.ctl.execute(CALL_BOUNDS, (str(wait_ms),), prepare=True)
+            self.cur.execute(PAY_CALL, params, prepare=True)
+            self._leave()
+            row = self.cur.fetchone()
+        except psycopg.Error as exc:
+            cause = exc
+            while isinstance(cause, psycopg.errors.PipelineAborted) and isinstance(cause.__context__, psycopg.Error):
+                cause = cause.__context__
+            if cause.sqlstate == BILL_CHANGED:
+                return None
+            failed = _translated(self.conn, self.raw, PAY_CALL, params, exc)
+            if self.conn.invalidated:
+                raise Unavailable(IN_DOUBT_TEXT, reason=COMMIT_IN_DOUBT) from failed
+            raise failed from exc
+        assert row is not None
+        return PayCalled._make(row)
+
     def commit(self) -> None:
         """COMMIT of an open transaction whose WRITE was sent alone."""
         try:
@@ -371,6 +400,36 @@ class PayTx:
             pass
         if (raw.closed or raw.broken or raw.autocommit) and not self.conn.invalidated:
             self.conn.invalidate()
+
+
+# ---- one round trip: the function yd_pay (migration 0004_pay_function) ----
+# The call's waits bounded (lock and statement timeouts, SET LOCAL) and its plans generic, in a statement
+# of their own: statement_timeout is armed when a statement starts, so it bounds the next one.
+CALL_BOUNDS = """SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $1, true),
+       set_config('plan_cache_mode', 'force_generic_plan', true)"""
+PAY_CALL = """SELECT code, payment_id, branch_code, settlement, arrears_after, prepaid_after, refusal, allocs
+FROM yd_pay($1::text, $2::text, $3::text, $4::date, $5::bigint, $6::bigint, $7::text, $8::text, $9::text,
+            $10::bigint, $11::timestamptz, $12::bigint, $13::bigint, $14::bigint, $15::bigint)"""
+# yd_pay's SQLSTATE when a bill it prices changed before its write (the guard): nothing was written.
+BILL_CHANGED = "YDP01"
+
+
+class PayCalled(NamedTuple):
+    """yd_pay's answer. code: POSTED, NOT_FOUND, TAKEN (payment_id: the stored payment), SUSPENDED
+    (refusal: the reason), CLOSED or DAY_CLOSED; allocs "bill:fee:principal,..." in allocation order."""
+    code: str
+    payment_id: int | None
+    branch_code: str | None
+    settlement: dt.date | None
+    arrears_after: int | None
+    prepaid_after: int | None
+    refusal: str | None
+    allocs: str | None
+
+    def allocations(self) -> tuple[tuple[int, int, int], ...]:
+        if not self.allocs:
+            return ()
+        return tuple((int(b), int(f), int(p)) for b, f, p in (a.split(":") for a in self.allocs.split(",")))
 
 
 def _array(items: Iterable[int | str]) -> str:
