@@ -1,4 +1,44 @@
-"""Pay on PostgreSQL in two statements and two round trips (issue 11): BEGIN and
+"""Pay on PostgreSQL in one round trip (setting pay_pg_function, the default) or in
+two (off): issue 11.
+
+ONE ROUND TRIP (PayTx.call): CALL_BOUNDS (SET LOCAL of the call's lock and statement
+timeouts and of generic plans) and PAY_CALL, the function yd_pay of migration
+0004_pay_function, in pipeline mode in autocommit: one implicit transaction that the
+server commits at the Sync ending the round trip. No transaction is ever open while
+the client computes, so there is no idle bound to keep. yd_pay takes the bank-day
+lock shared, then the account row FOR UPDATE (statement 1), then reads in statement 2
+(a new READ COMMITTED snapshot, taken with both locks held) the serial, the bank's
+suspension, reconciled today/tomorrow and sign-off, and the unpaid bills; prices and
+allocates by the rules of late_fee.py, allocation.py and pay_plan.py (restated in
+PL/pgSQL, property-tested equal to this module's Python path on PostgreSQL:
+tests/mis_adapter/test_pay_function.py), and writes in statement 3 (one CTE, four
+variants as below) or answers a refusal code that wrote nothing.
+
+Why statement 2 needs no guard for the bank's state and for what it did not write:
+reconciliation takes the bank-day lock EXCLUSIVE (reconciled days, BANK_ONLY and
+UTILITY_ONLY postings): a snapshot taken after our shared lock is granted sees every
+such commit. Sign-off and suspension take no lock a pay waits for: statement 2 reads
+them as the two-trip path's WRITE guard does, in a snapshot taken after the locks,
+just before the commit. The bills: every writer of an account's bills holds that account's
+row lock: issuance (issue_bills._LOCK_CUSTOMERS), the feed's posting
+(feed._LOCK_CUSTOMERS, after the bank-day lock), reconciliation BANK_ONLY
+(recon_bulk._LOCK_CUSTOMERS, recon_bank_only._LOCK) and UTILITY_ONLY reversal
+(recon_bulk.reverse_utility_only), cancel (payments._reverse), Pay itself and the
+feed's general path (payments.pay_in_tx under the feed's locks); refunds write only
+the prepaid balance under the account lock (refunds._PREPAID_OF); the feed's dunning
+flag (feed._DUN_BILLS) is a column Pay neither reads nor writes; late fees accrue only
+in those writers' own rows (no separate accrual job). One writer does not: the
+feed's bulk settle (feed._SETTLE_BILLS) of a bill that a notice names under another
+account (feed._batch_bills reads such a bill by id) locks the notice's account, not
+the bill's. So yd_pay keeps one guard, on the bills it writes only: each UPDATE
+matches the version (xmin) it priced; a bill changed meanwhile (the UPDATE waited
+for that writer, then re-checked its row) makes yd_pay raise BILL_CHANGED, its
+transaction rolls back, and Pay calls again (payments.PAY_READ_ATTEMPTS_MAX).
+Bills it does not write may change under it only by that writer, ordered after this
+pay. The account row needs no guard: locked FOR UPDATE, it is read at its newest
+version and kept so.
+
+TWO ROUND TRIPS (PayTx.read/write, pay_pg_function off): BEGIN and
 READ, then WRITE and COMMIT, in pipeline mode (PayTx).
 
 READ: one statement that bounds this transaction's waits (`set_config(...,
