@@ -1,4 +1,44 @@
-"""Pay on PostgreSQL in two statements and two round trips (issue 11): BEGIN and
+"""Pay on PostgreSQL in one round trip (setting pay_pg_function, the default) or in
+two (off): issue 11.
+
+ONE ROUND TRIP (PayTx.call): CALL_BOUNDS (SET LOCAL of the call's lock and statement
+timeouts and of generic plans) and PAY_CALL, the function yd_pay of migration
+0004_pay_function, in pipeline mode in autocommit: one implicit transaction that the
+server commits at the Sync ending the round trip. No transaction is ever open while
+the client computes, so there is no idle bound to keep. yd_pay takes the bank-day
+lock shared, then the account row FOR UPDATE (statement 1), then reads in statement 2
+(a new READ COMMITTED snapshot, taken with both locks held) the serial, the bank's
+suspension, reconciled today/tomorrow and sign-off, and the unpaid bills; prices and
+allocates by the rules of late_fee.py, allocation.py and pay_plan.py (restated in
+PL/pgSQL, property-tested equal to this module's Python path on PostgreSQL:
+tests/mis_adapter/test_pay_function.py), and writes in statement 3 (one CTE, four
+variants as below) or answers a refusal code that wrote nothing.
+
+Why statement 2 needs no guard for the bank's state and for what it did not write:
+reconciliation takes the bank-day lock EXCLUSIVE (reconciled days, BANK_ONLY and
+UTILITY_ONLY postings): a snapshot taken after our shared lock is granted sees every
+such commit. Sign-off and suspension take no lock a pay waits for: statement 2 reads
+them as the two-trip path's WRITE guard does, in a snapshot taken after the locks,
+just before the commit. The bills: every writer of an account's bills holds that account's
+row lock: issuance (issue_bills._LOCK_CUSTOMERS), the feed's posting
+(feed._LOCK_CUSTOMERS, after the bank-day lock), reconciliation BANK_ONLY
+(recon_bulk._LOCK_CUSTOMERS, recon_bank_only._LOCK) and UTILITY_ONLY reversal
+(recon_bulk.reverse_utility_only), cancel (payments._reverse), Pay itself and the
+feed's general path (payments.pay_in_tx under the feed's locks); refunds write only
+the prepaid balance under the account lock (refunds._PREPAID_OF); the feed's dunning
+flag (feed._DUN_BILLS) is a column Pay neither reads nor writes; late fees accrue only
+in those writers' own rows (no separate accrual job). One writer does not: the
+feed's bulk settle (feed._SETTLE_BILLS) of a bill that a notice names under another
+account (feed._batch_bills reads such a bill by id) locks the notice's account, not
+the bill's. So yd_pay keeps one guard, on the bills it writes only: each UPDATE
+matches the version (xmin) it priced; a bill changed meanwhile (the UPDATE waited
+for that writer, then re-checked its row) makes yd_pay raise BILL_CHANGED, its
+transaction rolls back, and Pay calls again (payments.PAY_READ_ATTEMPTS_MAX).
+Bills it does not write may change under it only by that writer, ordered after this
+pay. The account row needs no guard: locked FOR UPDATE, it is read at its newest
+version and kept so.
+
+TWO ROUND TRIPS (PayTx.read/write, pay_pg_function off): BEGIN and
 READ, then WRITE and COMMIT, in pipeline mode (PayTx).
 
 READ: one statement that bounds this transaction's waits (`set_config(...,
@@ -313,6 +353,35 @@ class PayTx:
             raise failed from exc
         return int(rows[0][0]) if rows else None
 
+    def call(self, *, cmd: Any, day: dt.date, day_key: int, now: dt.datetime, wait_ms: int,
+             rates: Any) -> PayCalled | None:
+        """The whole pay in one round trip: CALL_BOUNDS and yd_pay in one implicit transaction (autocommit,
+        pipeline mode: the server commits it at the Sync that ends the round trip). None when yd_pay's
+        guard found a bill changed (BILL_CHANGED): the transaction rolled back, nothing was written.
+        A connection that breaks once the call is sent is in doubt (COMMIT_IN_DOUBT), as WRITE+COMMIT."""
+        params = (cmd.account_no, cmd.bank_id, cmd.bank_serial, day, day_key, cmd.amount_fen, cmd.channel,
+                  cmd.outlet_code, cmd.teller_id, cmd.bank_balance_fen, now, rates.residential_ppm_per_day,
+                  rates.other_current_year_ppm_per_day, rates.other_earlier_years_ppm_per_day, rates.minimum_fen)
+        try:
+            self._enter()
+            self.conn.dispatch.commit(self.conn)  # the engine's "commit" listeners, as conn.commit() calls them
+            self.ctl.execute(CALL_BOUNDS, (str(wait_ms),), prepare=True)
+            self.cur.execute(PAY_CALL, params, prepare=True)
+            self._leave()
+            row = self.cur.fetchone()
+        except psycopg.Error as exc:
+            cause = exc
+            while isinstance(cause, psycopg.errors.PipelineAborted) and isinstance(cause.__context__, psycopg.Error):
+                cause = cause.__context__
+            if cause.sqlstate == BILL_CHANGED:
+                return None
+            failed = _translated(self.conn, self.raw, PAY_CALL, params, exc)
+            if self.conn.invalidated:
+                raise Unavailable(IN_DOUBT_TEXT, reason=COMMIT_IN_DOUBT) from failed
+            raise failed from exc
+        assert row is not None
+        return PayCalled._make(row)
+
     def commit(self) -> None:
         """COMMIT of an open transaction whose WRITE was sent alone."""
         try:
@@ -371,6 +440,36 @@ class PayTx:
             pass
         if (raw.closed or raw.broken or raw.autocommit) and not self.conn.invalidated:
             self.conn.invalidate()
+
+
+# ---- one round trip: the function yd_pay (migration 0004_pay_function) ----
+# The call's waits bounded (lock and statement timeouts, SET LOCAL) and its plans generic, in a statement
+# of their own: statement_timeout is armed when a statement starts, so it bounds the next one.
+CALL_BOUNDS = """SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $1, true),
+       set_config('plan_cache_mode', 'force_generic_plan', true)"""
+PAY_CALL = """SELECT code, payment_id, branch_code, settlement, arrears_after, prepaid_after, refusal, allocs
+FROM yd_pay($1::text, $2::text, $3::text, $4::date, $5::bigint, $6::bigint, $7::text, $8::text, $9::text,
+            $10::bigint, $11::timestamptz, $12::bigint, $13::bigint, $14::bigint, $15::bigint)"""
+# yd_pay's SQLSTATE when a bill it prices changed before its write (the guard): nothing was written.
+BILL_CHANGED = "YDP01"
+
+
+class PayCalled(NamedTuple):
+    """yd_pay's answer. code: POSTED, NOT_FOUND, TAKEN (payment_id: the stored payment), SUSPENDED
+    (refusal: the reason), CLOSED or DAY_CLOSED; allocs "bill:fee:principal,..." in allocation order."""
+    code: str
+    payment_id: int | None
+    branch_code: str | None
+    settlement: dt.date | None
+    arrears_after: int | None
+    prepaid_after: int | None
+    refusal: str | None
+    allocs: str | None
+
+    def allocations(self) -> tuple[tuple[int, int, int], ...]:
+        if not self.allocs:
+            return ()
+        return tuple((int(b), int(f), int(p)) for b, f, p in (a.split(":") for a in self.allocs.split(",")))
 
 
 def _array(items: Iterable[int | str]) -> str:

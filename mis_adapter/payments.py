@@ -129,6 +129,8 @@ class _Bounds(Protocol):
     def db_wait_max_s(self) -> float: ...
     @property
     def pay_portable_sql(self) -> bool: ...
+    @property
+    def pay_pg_function(self) -> bool: ...
 
 
 class Books(Protocol):
@@ -284,6 +286,8 @@ def _pay_tx(ctx: Books, engine: Engine, cmd: PayCommand, wait: WaitBound) -> tup
         if conn.dialect.name == "postgresql" and not ctx.settings.pay_portable_sql:
             tx = pay_pg.PayTx(conn)
             try:
+                if ctx.settings.pay_pg_function:
+                    return _pay_one_trip(ctx, conn, tx, cmd, wait, day, now)
                 return _pay_fast(ctx, conn, tx, cmd, wait, day, now)
             finally:
                 tx.close()
@@ -371,6 +375,42 @@ def _pay_fast(ctx: Books, conn: Connection, tx: pay_pg.PayTx, cmd: PayCommand, w
         if not wrote:
             tx.end_write_free()
         raise
+
+
+def _pay_one_trip(ctx: Books, conn: Connection, tx: pay_pg.PayTx, cmd: PayCommand, wait: WaitBound, day: dt.date,
+                  now: dt.datetime) -> tuple[PayResult, bool]:
+    """Pay on PostgreSQL in one round trip: the function yd_pay (pay_pg.PayTx.call) locks, reads, prices,
+    allocates and writes, or answers why not; its transaction ends at the round trip's end. A bill that
+    changed under it (only a writer without the account lock: pay_pg.py) rolls it back; the pay then
+    calls again (PAY_READ_ATTEMPTS_MAX in all). The crash point before the commit is before the call
+    is sent: from there on the server decides and commits alone."""
+    for _attempt in range(PAY_READ_ATTEMPTS_MAX):
+        crash_point("mis.before_commit")
+        got = tx.call(cmd=cmd, day=day, day_key=bank_day_key(cmd.bank_id), now=now, wait_ms=wait.wait_ms,
+                      rates=ctx.rates)
+        if got is None:
+            continue
+        code = got.code
+        if code == "POSTED":
+            assert got.payment_id is not None and got.branch_code is not None and got.settlement is not None
+            pk, branch, settlement = got.payment_id, got.branch_code, got.settlement
+            allocs = tuple(Allocation(b, f, p) for b, f, p in got.allocations())
+            return PayResult(payment_id_of(branch, pk), receipt_no_of(branch, settlement, pk), settlement, allocs,
+                             int(got.arrears_after or 0), int(got.prepaid_after or 0), cmd.bank_serial,
+                             cmd.account_no, cmd.amount_fen, now), True
+        if code == "NOT_FOUND":
+            raise AccountNotFound(f"account {cmd.account_no} not found")
+        if code == "TAKEN":  # a replay (or a conflict): answer from the stored payment (autocommit reads)
+            existing = conn.execute(_PAYMENT_BY_ID, {"p_id": got.payment_id}).one()
+            return _answer_existing(conn, existing, cmd), False
+        if code == "SUSPENDED":
+            raise BankSuspended(f"bank {cmd.bank_id} is suspended by the utility (停工): {got.refusal}")
+        if code == "CLOSED":
+            raise AccountClosed(f"account {cmd.account_no} is closed")
+        if code == "DAY_CLOSED":
+            settlement_date(day, today_reconciled=True, next_reconciled=True)  # raises DayClosed, as Pay's rule
+        raise AssertionError(f"yd_pay answered {code!r}")
+    raise Unavailable("the account kept changing while the payment waited; retry the same serial", reason="RETRY")
 
 
 def _read_for_pay_portable(conn: Connection, cmd: PayCommand, day: dt.date) -> pay_pg.PayRead:

@@ -282,10 +282,12 @@ def test_a_pay_frozen_between_read_and_write_loses_its_locks_within_the_idle_bou
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The pay's process stops after READ (its locks held: the account row, the bank-day lock a
     reconciliation needs). The server ends the transaction at the call's idle bound (its wait bound
-    + 1 s) and the locks go; the pay, when it resumes, is UNAVAILABLE and nothing was written."""
+    + 1 s) and the locks go; the pay, when it resumes, is UNAVAILABLE and nothing was written.
+    (The two-round-trip path: the one-trip function, pay_pg_function, holds no lock between trips.)"""
     from tests.support.waiting import wait_until
     with fresh_database("postgresql", tmp_path) as url:
-        ctx = AdapterContext.build(load_settings(AdapterSettings, {"db": url, "insecure": True, "db_pool_size": 2}),
+        ctx = AdapterContext.build(load_settings(AdapterSettings, {"db": url, "insecure": True, "db_pool_size": 2,
+                                                                   "pay_pg_function": False}),
                                    ManualClock(NOON))
         watch = sa.create_engine(url)
         try:

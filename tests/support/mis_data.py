@@ -105,9 +105,10 @@ def running_adapter(db_url: str, **overrides: object) -> Iterator[RunningAdapter
 
 def pay_read_prepared(engine: Engine) -> int:
     """How many of the engine's pooled PostgreSQL connections the next checkout lands on have Pay's
-    READ prepared (0 or 1): psycopg forgets a connection's prepared statements at every ROLLBACK, so
+    READ (or its one-trip call of yd_pay) prepared (0 or 1): psycopg forgets a connection's prepared statements at every ROLLBACK, so
     a write-free path that ends in one shows here as 0. (The check's own transaction ends in COMMIT.)"""
     with engine.connect() as conn, conn.begin():
         return int(conn.execute(sa.text(
             "SELECT COUNT(*) FROM pg_prepared_statements "
-            "WHERE statement LIKE '%pg_advisory_xact_lock_shared%'")).scalar_one())
+            "WHERE statement LIKE '%pg_advisory_xact_lock_shared%' OR statement LIKE '%FROM yd_pay(%'"
+        )).scalar_one())
