@@ -167,6 +167,8 @@ def test_a_bill_settled_without_the_account_lock_while_the_function_prices_it_is
     fn_ctx, _py_ctx, clock = twins
     clock.set(START)
     engine = sa.create_engine(fn_ctx.router.primary.url)  # not the pays' pool
+    # the module's databases are shared: the property test may have left the bank suspended or its day closed
+    _set_bank(engine, START.date(), frozenset(), False, False, START)
     acct = add_account(engine, "01", next(_accounts), [BillSpec("202510", 5_000, dt.date(2025, 11, 20))])
     b = BillRow.__table__
     with engine.connect() as conn:
