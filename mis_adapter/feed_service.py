@@ -250,6 +250,8 @@ class FeedStream:
         parallel = isinstance(self.store, feed_branches.OneDatabaseFeed) and self.engine.dialect.name == "postgresql"
         self.partitions = self.s.apply_partitions if parallel else 1
         self._pool: ThreadPoolExecutor | None = None
+        # a partitioned post failed after some parts committed: outstanding seqs may have stored results
+        self._parts_committed = False
 
     # ---- reader ----
     def read_results(self, request_iterator: Iterator[pb.BillFeedRequest]) -> None:
@@ -340,8 +342,14 @@ class FeedStream:
                 raise InvalidField(f"results[{i}].outcome", "must be DEBITED, INSUFFICIENT_FUNDS or NOT_DEBITED")
             if not delivered(r.seq):
                 raise InvalidField(f"results[{i}].seq", f"{r.seq} was not delivered on this stream")
-        # Results stored earlier (before a reconnect, or on this stream) are duplicates.
-        stored = self.store.stored_results(self.bank_id, sorted({r.seq for r in results}))
+        # Results stored earlier (before a reconnect, or on this stream) are duplicates. Only seqs that are
+        # not outstanding can have one: an outstanding seq had none when it was offered (FeedWindow), and
+        # only this stream, the bank's lease holder, stores results for it, removing it from the window once
+        # they commit. The exception is a partitioned post that failed after some of its parts committed
+        # (`_parts_committed`): from then on every seq is looked up. So the steady state (every result
+        # answers an outstanding notice) reads nothing here; the read was one index probe per result.
+        settled = sorted({r.seq for r in results if self._parts_committed or r.seq not in pending})
+        stored = self.store.stored_results(self.bank_id, settled) if settled else {}
         not_debited = [r.seq for r in results if r.outcome == pb.DEBIT_OUTCOME_NOT_DEBITED]
         withdrawn = self.store.withdrawn_among(self.bank_id, not_debited)
         new: dict[int, DebitIn] = {}
@@ -410,8 +418,11 @@ class FeedStream:
             self._pool = ThreadPoolExecutor(max_workers=self.partitions, thread_name_prefix=f"feed-post-{self.bank_id}")
         futures = [self._pool.submit(self.store.apply, self.bank_id, part, 0) for part in parts]
         wait(futures)
+        if any(f.exception() is not None for f in futures):
+            # the parts that committed are stored results of seqs still outstanding (see _validate)
+            self._parts_committed = True
         for f in futures:
-            f.result()  # the first failure ends the stream (the parts that committed are stored results)
+            f.result()  # the first failure ends the stream, or _post retries its messages one by one
         self.store.apply(self.bank_id, [], cursor_to)
 
     def close(self) -> None:
