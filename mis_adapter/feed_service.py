@@ -194,6 +194,7 @@ def hub_of(ctx: AdapterContext) -> FeedHub:
             if hub is None:
                 hub = FeedHub(ctx.router.primary, FeedSettings.from_adapter_settings(ctx.settings),
                               listen=not ctx.router.split)
+                feed.raise_gc_threshold(hub.settings.gc_gen0_threshold)  # a process that feeds posts in bulk
                 ctx.feed_hub = hub
     return hub
 

@@ -210,8 +210,10 @@ def issue_bills(engine: Engine, clock: Clock, period: str, *, tariff: Tariff | N
     With `workers` > 1 (not on SQLite: one writer at a time) that many
     batches are issued at once, each in its own transaction on its own
     connection: their accounts are disjoint and the counter rows are taken
-    last, in bank order, so they never deadlock."""
+    last, in bank order, so they never deadlock. Raises this process's garbage collection threshold
+    (feed.raise_gc_threshold)."""
     check_period(period)
+    feed.raise_gc_threshold(feed.FeedSettings.gc_gen0_threshold)
     if batch_accounts < 1 or due_days < 0:
         raise ValueError("batch_accounts must be positive and due_days not negative")
     if not 1 <= workers <= ISSUE_WORKERS_MAX:

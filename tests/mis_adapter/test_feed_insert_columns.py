@@ -65,3 +65,19 @@ def test_columns_store_exactly_the_rows_given(db_url: str, rows: list[tuple[obje
     finally:
         _md.drop_all(engine)
         engine.dispose()
+
+
+def test_the_gc_threshold_is_raised_to_the_setting_and_never_lowered() -> None:
+    import gc
+
+    from mis_adapter.feed import FeedSettings, raise_gc_threshold
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, before[1], before[2])
+        raise_gc_threshold(FeedSettings().gc_gen0_threshold)
+        assert gc.get_threshold() == (20_000, before[1], before[2])
+        raise_gc_threshold(5_000)  # a lower setting leaves the higher threshold as it is
+        assert gc.get_threshold()[0] == 20_000
+    finally:
+        gc.set_threshold(*before)
