@@ -354,48 +354,99 @@ def _in_part(account_no: Any, part: tuple[bool, bool]) -> tuple[Any, ...]:
     return ((account_no >= _b("part_from"),) if low else ()) + ((account_no < _b("part_to"),) if high else ())
 
 
-# MariaDB evaluates a CTE once per reference: there the touched bills and their replay steps are
-# materialised once per report, as temporary tables of the report's session indexed by bill (private to it,
-# dropped after it; nothing shared is written).
-_TMP_TOUCHED, _TMP_STEPS = "yd_report_touched", "yd_report_steps"
-_STEPS_COLUMNS = ("bill_id", "principal_fen", "late_fee_fen", "settlement_date", "in_effect", "changed",
-                  "posted_fee", "posted_principal", "paid_before", "previous_day")
+# MariaDB evaluates a CTE once per reference: there the touched bills, their histories and their replayed
+# segments are materialised once per report, as temporary tables of the report's session keyed by bill
+# (private to it, dropped after it; nothing shared is written). Each is named once per statement.
+_TMP_TOUCHED, _TMP_HISTORY, _TMP_SEGMENTS = "yd_report_touched", "yd_report_history", "yd_report_segments"
+_HISTORY_COLUMNS = ("bill_id", "posted_principal", "posted_fee", "eff_principal", "eff_fee", "last_day",
+                    "principal_delta", "in_delta")
 _TMP_TOUCHED_TABLE = sa.table(_TMP_TOUCHED, sa.column("bill_id"))
-_TMP_STEPS_TABLE = sa.table(_TMP_STEPS, *(sa.column(c) for c in _STEPS_COLUMNS))
+_TMP_HISTORY_TABLE = sa.table(_TMP_HISTORY, *(sa.column(c) for c in _HISTORY_COLUMNS))
+_TMP_SEGMENTS_TABLE = sa.table(_TMP_SEGMENTS, sa.column("bill_id"), sa.column("micro"))
 
 
-def _steps_select(touched: Any) -> Any:
-    """One row per allocation of a touched bill (_touched_select), with the window sums of fee_as_of's loop:
-    in settlement order, whether the allocation is in effect at as_of (settled by then, not reversed by then),
-    the principal the bill's allocations in effect paid before it (`paid_before`), the previous in-effect
-    settlement day, the bill's posted principal (what the replay undoes to find the bill at its issue), and the
-    sign of the allocation's change since as_of (`changed`: posted after it -1, reversed after it +1; a bill
-    with a non-zero one is in the delta).
+def _in_effect(p: Any) -> Any:
+    """The allocations of payment `p` in effect at the end of as_of: settled by then, not reversed by then."""
+    return sa.and_(p.c.settlement_date <= _AS_OF,
+                   sa.not_(sa.and_(p.c.state == REVERSED, p.c.reversed_on.is_not(None), p.c.reversed_on <= _AS_OF)))
 
-    fee_as_of's loop as running sums: from the bill's issue, every allocation in effect at as_of, in
-    settlement order, accrues the fee on the principal still unpaid before it over the days since the
-    previous one (or the due date); what was paid outside any allocation (migrated history) counts from the
-    start. A bill's accrual at as_of is the sum of these segments (_arrears_bills adds them up)."""
-    a, p = T_ALLOC.alias("ra"), T_PAY.alias("rp")
+
+def _history_select(touched: Any) -> Any:
+    """One row per touched bill (_touched_select): sums over every allocation of the bill, in no order (one
+    hash aggregate over narrow rows, no sort): the principal and fee of its posted allocations (what the
+    replay undoes to find the bill at its issue), of its allocations in effect at as_of (`eff_principal`,
+    `eff_fee`), the last in-effect settlement day, and the principal changed since as_of (`principal_delta`:
+    posted after it undone, reversed after it restored; `in_delta` 1 when any allocation changed)."""
+    a, p = T_ALLOC.alias("ha"), T_PAY.alias("hp")
     posted = p.c.state == POSTED
-    in_effect = sa.and_(p.c.settlement_date <= _AS_OF,
-                        sa.not_(sa.and_(p.c.state == REVERSED, p.c.reversed_on.is_not(None),
-                                        p.c.reversed_on <= _AS_OF)))
+    in_effect = _in_effect(p)
     changed = sa.case((sa.and_(posted, p.c.settlement_date > _AS_OF), -1),
                       (sa.and_(p.c.state == REVERSED, p.c.settlement_date <= _AS_OF, p.c.reversed_on > _AS_OF), 1),
                       else_=0)
-    order = (p.c.settlement_date, p.c.payment_id, a.c.allocation_id)
     effect = sa.case((in_effect, 1), else_=0)
-    return (sa.select(a.c.bill_id, a.c.principal_fen, a.c.late_fee_fen, p.c.settlement_date,
-                      effect.label("in_effect"), changed.label("changed"),
-                      sa.case((posted, a.c.late_fee_fen), else_=0).label("posted_fee"),
-                      sa.func.sum(sa.case((posted, a.c.principal_fen), else_=0))
-                      .over(partition_by=a.c.bill_id).label("posted_principal"),
-                      sa.func.sum(effect * a.c.principal_fen)
-                      .over(partition_by=a.c.bill_id, order_by=order, rows=(None, -1)).label("paid_before"),
-                      sa.func.max(sa.case((in_effect, p.c.settlement_date)))
-                      .over(partition_by=a.c.bill_id, order_by=order, rows=(None, -1)).label("previous_day"))
-            .select_from(touched.join(a, a.c.bill_id == touched.c.bill_id).join(p, p.c.payment_id == a.c.payment_id)))
+    return (sa.select(a.c.bill_id,
+                      _sum_bigint(sa.case((posted, a.c.principal_fen), else_=0)).label("posted_principal"),
+                      _sum_bigint(sa.case((posted, a.c.late_fee_fen), else_=0)).label("posted_fee"),
+                      _sum_bigint(effect * a.c.principal_fen).label("eff_principal"),
+                      _sum_bigint(effect * a.c.late_fee_fen).label("eff_fee"),
+                      sa.func.max(sa.case((in_effect, p.c.settlement_date))).label("last_day"),
+                      _sum_bigint(changed * a.c.principal_fen).label("principal_delta"),
+                      sa.func.max(sa.case((changed != 0, 1), else_=0)).label("in_delta"))
+            .select_from(touched.join(a, a.c.bill_id == touched.c.bill_id).join(p, p.c.payment_id == a.c.payment_id))
+            .group_by(a.c.bill_id))
+
+
+# MariaDB sorts a GROUP BY's output by its keys unless told ORDER BY NULL: the groups that are only added up
+# again, or stored in a table keyed by bill, are not sorted there
+_UNORDERED = (sa.null(),)
+
+
+def _segments_select(touched: Any, rates: LateFeeRates, dialect: str) -> Any:
+    """fee_as_of's loop as sums, one row per touched bill (_touched_select) with an allocation in effect at
+    as_of: the fee it accrued from its issue up to its last such allocation, in millionths of a fen (`micro`).
+
+    From the bill's issue, every allocation in effect at as_of, in settlement order, accrues the fee on the
+    principal still unpaid before it (the bill at its issue, its posted allocations undone, less what the
+    in-effect allocations before it paid: `paid_before`) over the days since the previous one (or the due
+    date); what was paid outside any allocation (migrated history) counts from the start. Only the bills with
+    an allocation in effect are ordered (the window); a touched bill with none has no row (its accrual
+    restarts at its due date, _arrears_bills)."""
+    a, p = T_ALLOC.alias("sa"), T_PAY.alias("sp")
+    ea, ep = T_ALLOC.alias("ea"), T_PAY.alias("ep")
+    replayed_bills = (sa.select(ea.c.bill_id)
+                      .select_from(touched.join(ea, ea.c.bill_id == touched.c.bill_id)
+                                   .join(ep, ep.c.payment_id == ea.c.payment_id))
+                      .where(_in_effect(ep)))
+    in_effect = _in_effect(p)
+    effect = sa.case((in_effect, 1), else_=0)
+    order = (p.c.settlement_date, p.c.payment_id, a.c.allocation_id)
+    steps = (sa.select(a.c.bill_id, p.c.settlement_date, effect.label("in_effect"),
+                       sa.func.sum(sa.case((p.c.state == POSTED, a.c.principal_fen), else_=0))
+                       .over(partition_by=a.c.bill_id).label("posted_principal"),
+                       sa.func.sum(effect * a.c.principal_fen)
+                       .over(partition_by=a.c.bill_id, order_by=order, rows=(None, -1)).label("paid_before"),
+                       sa.func.max(sa.case((in_effect, p.c.settlement_date)))
+                       .over(partition_by=a.c.bill_id, order_by=order, rows=(None, -1)).label("previous_day"))
+             .select_from(a.join(p, p.c.payment_id == a.c.payment_id))
+             .where(a.c.bill_id.in_(replayed_bills))
+             .subquery("replay_steps"))
+    s, b, c = steps.c, T_BILL, T_CUST
+    unpaid_at_issue = b.c.amount_fen - b.c.prepaid_applied_fen - b.c.principal_paid_fen + s.posted_principal
+    since = sa.case((s.previous_day > b.c.due_date, s.previous_day), else_=b.c.due_date)
+    micro = accrued_micro_sql(principal=unpaid_at_issue - sa.func.coalesce(s.paid_before, 0), from_date=since,
+                              to_date=s.settlement_date, tariff_class=c.c.tariff_class, period=b.c.period,
+                              rates=rates)
+    return (sa.select(s.bill_id, _sum_bigint(micro).label("micro"))
+            .select_from(steps.join(b, b.c.bill_id == s.bill_id).join(c, _customer_of(b, c, dialect)))
+            .where(s.in_effect == 1)
+            .group_by(s.bill_id))
+
+
+def _customer_of(b: Any, c: Any, dialect: str) -> Any:
+    """The join of bills `b` to their customer `c`. SQLite, MariaDB: on an expression, so that no index of
+    bills by account invites a walk over every bill (from every customer)."""
+    return c.c.account_no == (sa.func.coalesce(b.c.account_no, "") if dialect in ("sqlite", "mysql")
+                              else b.c.account_no)
 
 
 def _arrears_bills(branch: bool, rates: LateFeeRates, dialect: str,
@@ -408,24 +459,24 @@ def _arrears_bills(branch: bool, rates: LateFeeRates, dialect: str,
     - untouched: the bills unpaid now or paid after as_of that no allocation of a payment settled or reversed
       after as_of touched. Their state now is their state at as_of: priced from their current accrual. One
       filtered pass over the bills.
-    - touched (_touched_select, found from the payments of after as_of by index): each with its steps
-      (_steps_select) added up, and priced as the reference does: replayed from its issue (fee_as_of's loop as
-      sums over the steps) when it is in the delta or accrued past as_of, otherwise from its current accrual;
-      the delta's principal undone. O(allocations of the touched bills).
+    - touched (_touched_select, found from the payments of after as_of by index): each with its history
+      (_history_select) and replayed segments (_segments_select) joined one to one, and priced as the
+      reference does: replayed from its issue when it is in the delta or accrued past as_of, otherwise from
+      its current accrual; the delta's principal undone. O(allocations of the touched bills), and only the
+      allocations in effect at as_of are sorted.
 
     No scan of bills finds the bills to replay (a bill accrued past as_of is touched, _touched_select)."""
     touched: Any
     if dialect == "mysql":
-        touched, steps = _TMP_TOUCHED_TABLE, _TMP_STEPS_TABLE
+        touched, history, segments = _TMP_TOUCHED_TABLE, _TMP_HISTORY_TABLE, _TMP_SEGMENTS_TABLE
     else:
+        # the touched bills are named three times (a CTE, computed once); each history and segment once (a
+        # subquery: PostgreSQL plans its joins from the tables' statistics, which a CTE hides)
         touched = _touched_select().cte("touched")
-        steps = _steps_select(touched).subquery("steps")
-    s = steps.c
-    b, c = T_BILL, T_CUST
-    # SQLite, MariaDB: the customer joined on an expression, so that no index of bills by account invites
-    # a walk over every bill (from every customer)
-    cust_join = c.c.account_no == (sa.func.coalesce(b.c.account_no, "") if dialect in ("sqlite", "mysql")
-                                   else b.c.account_no)
+        history = _history_select(touched).subquery("history")
+        segments = _segments_select(touched, rates, dialect).subquery("segments")
+    b, c, h, g = T_BILL, T_CUST, history.c, segments.c
+    cust_join = _customer_of(b, c, dialect)
     unpaid_now = b.c.amount_fen - b.c.prepaid_applied_fen - b.c.principal_paid_fen
     current_micro = accrual_micro_sql(principal_unpaid=unpaid_now, accrual_micro=b.c.accrual_micro,
                                       accrual_date=b.c.accrual_date, tariff_class=c.c.tariff_class,
@@ -437,64 +488,50 @@ def _arrears_bills(branch: bool, rates: LateFeeRates, dialect: str,
                  .where(sa.or_(b.c.paid_on.is_(None), b.c.paid_on > _AS_OF), b.c.issued_at < _b("issued_before"),
                         unpaid_now > 0, b.c.bill_id.not_in(sa.select(touched.c.bill_id))))
 
-    unpaid_at_issue = unpaid_now + sa.func.coalesce(s.posted_principal, 0)
-    since = sa.case((s.previous_day > b.c.due_date, s.previous_day), else_=b.c.due_date)
-    segment = sa.case((s.in_effect == 1,
-                       accrued_micro_sql(principal=unpaid_at_issue - sa.func.coalesce(s.paid_before, 0),
-                                         from_date=since, to_date=s.settlement_date,
-                                         tariff_class=c.c.tariff_class, period=b.c.period, rates=rates)),
-                      else_=0)
-    total = _sum_bigint
-    keys = (b.c.bill_id, b.c.account_no, c.c.branch_code, c.c.tariff_class, b.c.period,
-            b.c.late_fee_paid_fen, b.c.due_date, b.c.accrual_micro, b.c.accrual_date)
-    # PostgreSQL: grouped by the primary keys alone (the other columns depend on them; a narrow key hashes
-    # in less memory)
-    group: tuple[Any, ...] = (b.c.bill_id, c.c.account_no) if dialect == "postgresql" else \
-        (*keys, b.c.amount_fen, b.c.prepaid_applied_fen, b.c.principal_paid_fen)
-    columns: tuple[Any, ...] = (*keys, unpaid_now.label("unpaid_now"))
-    if dialect == "mysql":
-        # MariaDB sorts the groups: grouped by the bill alone, its other columns (one value per bill) taken by
-        # max(), the sort key is 8 bytes instead of twelve columns
-        group = (b.c.bill_id,)
-        columns = (b.c.bill_id, *(sa.func.max(k).label(k.name) for k in keys[1:]),
-                   (sa.func.max(b.c.amount_fen) - sa.func.max(b.c.prepaid_applied_fen)
-                    - sa.func.max(b.c.principal_paid_fen)).label("unpaid_now"))
-    per_bill = (sa.select(*columns,
-                          sa.func.max(s.posted_principal).label("posted_principal"),
-                          total(s.posted_fee).label("posted_fee"), total(segment).label("micro"),
-                          total(s.in_effect * s.principal_fen).label("eff_principal"),
-                          total(s.in_effect * s.late_fee_fen).label("eff_fee"),
-                          sa.func.max(sa.case((s.in_effect == 1, s.settlement_date))).label("last_day"),
-                          total(s.changed * s.principal_fen).label("principal_delta"),
-                          sa.func.max(sa.case((s.changed != 0, 1), else_=0)).label("in_delta"))
-                .select_from(steps.join(b, b.c.bill_id == s.bill_id).join(c, cust_join))
-                .where(b.c.issued_at < _b("issued_before"))
-                .group_by(*group))
-    if branch:
-        untouched = untouched.where(c.c.branch_code == _b("branch_code"))
-        per_bill = per_bill.where(c.c.branch_code == _b("branch_code"))
-    untouched = untouched.where(*_in_part(b.c.account_no, part))
-    per_bill = per_bill.where(*_in_part(b.c.account_no, part))
-    r = per_bill.subquery("touched_bills").c
-    replayed = sa.or_(r.in_delta == 1, sa.and_(r.accrual_date > _AS_OF, r.accrual_date > r.due_date))
+    replayed = sa.or_(h.in_delta == 1, sa.and_(b.c.accrual_date > _AS_OF, b.c.accrual_date > b.c.due_date))
     replay_micro = accrual_micro_sql(
-        principal_unpaid=r.unpaid_now + r.posted_principal - r.eff_principal, accrual_micro=r.micro,
-        accrual_date=sa.case((r.last_day > r.due_date, r.last_day), else_=r.due_date),
-        tariff_class=r.tariff_class, period=r.period, as_of=_AS_OF, rates=rates)
-    kept_micro = accrual_micro_sql(principal_unpaid=r.unpaid_now, accrual_micro=r.accrual_micro,
-                                   accrual_date=r.accrual_date, tariff_class=r.tariff_class, period=r.period,
-                                   as_of=_AS_OF, rates=rates)
-    unpaid = r.unpaid_now - r.principal_delta
-    touched_part = (sa.select(r.bill_id, r.account_no, r.branch_code, r.period,
+        principal_unpaid=unpaid_now + h.posted_principal - h.eff_principal,
+        accrual_micro=sa.func.coalesce(g.micro, 0),
+        accrual_date=sa.case((h.last_day > b.c.due_date, h.last_day), else_=b.c.due_date),
+        tariff_class=c.c.tariff_class, period=b.c.period, as_of=_AS_OF, rates=rates)
+    unpaid = unpaid_now - h.principal_delta
+    touched_part = (sa.select(b.c.bill_id, b.c.account_no, c.c.branch_code, b.c.period,
                               unpaid.label("unpaid_fen"),
-                              sa.case((replayed, replay_micro), else_=kept_micro).label("micro"),
-                              sa.case((replayed, r.late_fee_paid_fen - r.posted_fee + r.eff_fee),
-                                      else_=r.late_fee_paid_fen).label("fee_paid"))
-                    .where(unpaid > 0))
+                              sa.case((replayed, replay_micro), else_=current_micro).label("micro"),
+                              sa.case((replayed, b.c.late_fee_paid_fen - h.posted_fee + h.eff_fee),
+                                      else_=b.c.late_fee_paid_fen).label("fee_paid"))
+                    .select_from(history.join(b, b.c.bill_id == h.bill_id).join(c, cust_join)
+                                 .outerjoin(segments, g.bill_id == h.bill_id))
+                    .where(b.c.issued_at < _b("issued_before"), unpaid > 0))
+    if dialect == "postgresql":
+        # One pass over the bills: those that can be in arrears kept by the scan's own filter (unpaid now,
+        # paid after as_of, or touched: a hashed lookup in the touched bills), then each joined to its
+        # history, if any (a hash of the touched bills' histories). PostgreSQL would otherwise join the
+        # touched bills back to bills by hashing every bill, a second pass. A bill is priced as untouched
+        # exactly when it has no history (every touched bill has one: _history_select).
+        fresh = h.bill_id.is_(None)
+        unpaid_either = unpaid_now - sa.func.coalesce(h.principal_delta, 0)
+        one_pass = (sa.select(b.c.bill_id, b.c.account_no, c.c.branch_code, b.c.period,
+                              unpaid_either.label("unpaid_fen"),
+                              sa.case((fresh, current_micro), (replayed, replay_micro),
+                                      else_=current_micro).label("micro"),
+                              sa.case((fresh, b.c.late_fee_paid_fen),
+                                      (replayed, b.c.late_fee_paid_fen - h.posted_fee + h.eff_fee),
+                                      else_=b.c.late_fee_paid_fen).label("fee_paid"))
+                    .select_from(b.join(c, cust_join).outerjoin(history, h.bill_id == b.c.bill_id)
+                                 .outerjoin(segments, g.bill_id == b.c.bill_id))
+                    .where(sa.or_(b.c.paid_on.is_(None), b.c.paid_on > _AS_OF,
+                                  b.c.bill_id.in_(sa.select(touched.c.bill_id))),
+                           b.c.issued_at < _b("issued_before"), unpaid_either > 0))
+        parts = [one_pass]
+    else:
+        parts = [untouched, touched_part]
+    parts = [q.where(*_in_part(b.c.account_no, part),
+                     *((c.c.branch_code == _b("branch_code"),) if branch else ())) for q in parts]
     # Each bill's accrual at as_of (micro) and fee paid by then come out of the union; the fee is rounded from
     # them above it, where the accrual is a column: the rounding names it twice, and inside the union each
     # name would evaluate the whole accrual expression again (MariaDB, SQLite share no subexpression).
-    u = sa.union_all(untouched, touched_part).subquery("arrears_bills")
+    u = (sa.union_all(*parts) if len(parts) > 1 else parts[0]).subquery("arrears_bills")
     fee = fee_due_from_micro_sql(u.c.micro, u.c.fee_paid, rates)
     return sa.select(*(u.c[k] for k in ("bill_id", "account_no", "branch_code", "period",
                                         "unpaid_fen")), sa.cast(fee, sa.BigInteger).label("fee_sql")) \
@@ -679,13 +716,16 @@ def _summed_statements(rates: LateFeeRates, branch: bool, dialect: str,
     bills = _arrears_bills(branch, rates, dialect, part)
     total = _sum_bigint
     # by account first, then by branch: a hash aggregate each, where COUNT(DISTINCT) would sort every bill
-    accounts = (sa.select(bills.c.branch_code, total(bills.c.unpaid_fen).label("principal_fen"),
-                          total(bills.c.fee_sql).label("late_fee_fen"))
-                .group_by(bills.c.branch_code, bills.c.account_no).subquery("arrears_accounts"))
-    by_branch = (sa.select(accounts.c.branch_code, sa.func.count().label("households"),
+    grouped = (sa.select(bills.c.branch_code, total(bills.c.unpaid_fen).label("principal_fen"),
+                         total(bills.c.fee_sql).label("late_fee_fen"))
+               .group_by(bills.c.branch_code, bills.c.account_no))
+    accounts = (grouped.order_by(*_UNORDERED) if dialect == "mysql" else grouped).subquery("arrears_accounts")
+    by_branch: sa.Select[Any] = (sa.select(accounts.c.branch_code, sa.func.count().label("households"),
                            total(accounts.c.principal_fen).label("principal_fen"),
                            total(accounts.c.late_fee_fen).label("late_fee_fen"))
                  .group_by(accounts.c.branch_code))
+    if dialect == "mysql":
+        by_branch = by_branch.order_by(*_UNORDERED)  # the branches are put in order in Python (_report)
     # columns in ArrearsAccount's order (rows are read as plain tuples); the name and phone joined to each
     # account once it is added up (carried through the bills they widened every row MariaDB sorts)
     per_account = (sa.select(bills.c.account_no, bills.c.branch_code, sa.func.count().label("unpaid_bills"),
@@ -694,11 +734,36 @@ def _summed_statements(rates: LateFeeRates, branch: bool, dialect: str,
                              sa.func.min(bills.c.period).label("oldest_period"))
                    .group_by(bills.c.account_no, bills.c.branch_code).subquery("arrears_by_account"))
     acc, cust = per_account.c, T_CUST.alias("named")
-    by_account = (sa.select(acc.account_no, cust.c.name, cust.c.phone, acc.branch_code, acc.unpaid_bills,
-                            acc.principal_fen, acc.late_fee_fen, acc.oldest_period)
+    columns: tuple[Any, ...] = (acc.account_no, cust.c.name, cust.c.phone, acc.branch_code, acc.unpaid_bills,
+                                acc.principal_fen, acc.late_fee_fen, acc.oldest_period)
+    if dialect == "mysql":
+        # pymysql decodes every column of every row in Python: the six fields that are codes or integers
+        # travel as one text column (_PACKED), the free-text name and phone as their own
+        columns = (sa.func.concat_ws(sa.func.char(_PACK_SEP_CODE),
+                                     *(sa.func.coalesce(x, "") for x in (acc.account_no, acc.branch_code,
+                                                                         acc.unpaid_bills, acc.principal_fen,
+                                                                         acc.late_fee_fen, acc.oldest_period)))
+                   .label("packed"), cust.c.name, cust.c.phone)
+    by_account = (sa.select(*columns)
                   .select_from(per_account.join(cust, cust.c.account_no == acc.account_no))
                   .order_by(acc.account_no))
     return by_branch, by_account
+
+
+_PACK_SEP_CODE = 31  # ASCII unit separator: never in an account number, branch code, integer or period
+_PACK_SEP = chr(_PACK_SEP_CODE)
+_PACKED_FIELDS = 6
+
+
+def _unpacked(packed: str, name: str, phone: str) -> ArrearsAccount:
+    """An ArrearsAccount from MariaDB's packed row (_summed_statements): exactly _PACKED_FIELDS fields or the
+    report fails (a code holding the separator would shift them), never a misread figure."""
+    fields = packed.split(_PACK_SEP)
+    if len(fields) != _PACKED_FIELDS:
+        raise ValueError(f"arrears detail: a packed account row has {len(fields)} fields, not {_PACKED_FIELDS}")
+    account_no, branch, n, principal_fen, fee_fen, oldest = fields
+    return ArrearsAccount(account_no, mask_name(name), mask_phone(phone), branch, int(n), int(principal_fen),
+                          int(fee_fen or 0), oldest)
 
 
 def _params(engine: Engine, as_of: dt.date, tz: ZoneInfo, branch_code: str) -> dict[str, Any]:
@@ -718,11 +783,12 @@ _ER_RECORD_FILE_FULL = 1114
 
 
 @contextlib.contextmanager
-def _materialised(conn: Connection, params: dict[str, Any], part: tuple[bool, bool] = (False, False)
-                  ) -> Iterator[None]:
-    """MariaDB: the touched bills of the report's as-of date and their replay steps (_touched_select,
-    _steps_select) as temporary tables of this session, indexed by bill, each computed once, dropped
-    afterwards (in memory while they fit in REPORT_TMP_TABLE_BYTES, else on disk). Nothing elsewhere."""
+def _materialised(conn: Connection, params: dict[str, Any], rates: LateFeeRates,
+                  part: tuple[bool, bool] = (False, False)) -> Iterator[None]:
+    """MariaDB: the touched bills of the report's as-of date, their histories and their replayed segments
+    (_touched_select, _history_select, _segments_select) as temporary tables of this session, keyed by bill,
+    each computed once, dropped afterwards (in memory while they fit in REPORT_TMP_TABLE_BYTES, else on
+    disk). Nothing elsewhere."""
     if conn.dialect.name != "mysql":
         yield
         return
@@ -730,8 +796,11 @@ def _materialised(conn: Connection, params: dict[str, Any], part: tuple[bool, bo
     try:
         conn.exec_driver_sql(f"SET SESSION tmp_table_size = {REPORT_TMP_TABLE_BYTES}, "
                              f"max_heap_table_size = {REPORT_TMP_TABLE_BYTES}")
-        for name, key, select in ((_TMP_TOUCHED, "PRIMARY KEY (bill_id)", _touched_select(part)),
-                                  (_TMP_STEPS, "INDEX (bill_id)", _steps_select(_TMP_TOUCHED_TABLE))):
+        for name, key, select in (
+                (_TMP_TOUCHED, "PRIMARY KEY (bill_id)", _touched_select(part)),
+                (_TMP_HISTORY, "PRIMARY KEY (bill_id)", _history_select(_TMP_TOUCHED_TABLE).order_by(*_UNORDERED)),
+                (_TMP_SEGMENTS, "PRIMARY KEY (bill_id)",
+                 _segments_select(_TMP_TOUCHED_TABLE, rates, "mysql"))):
             compiled = select.compile(dialect=conn.dialect)
             for tmp_engine in _TMP_ENGINES:
                 conn.exec_driver_sql(f"DROP TEMPORARY TABLE IF EXISTS {name}")
@@ -745,7 +814,7 @@ def _materialised(conn: Connection, params: dict[str, Any], part: tuple[bool, bo
                         raise
         yield
     finally:
-        for name in (_TMP_STEPS, _TMP_TOUCHED):
+        for name in (_TMP_SEGMENTS, _TMP_HISTORY, _TMP_TOUCHED):
             conn.exec_driver_sql(f"DROP TEMPORARY TABLE IF EXISTS {name}")
         conn.exec_driver_sql(f"SET SESSION tmp_table_size = {int(saved[0])}, max_heap_table_size = {int(saved[1])}")
 
@@ -821,7 +890,7 @@ def _summed_by_branch(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeR
             by_branch, _by_account = _summed_statements(rates, False, engine.dialect.name, part.flags)
             mine = {**params, **part.params}
             with engine.connect().execution_options(read_only=True) as conn, conn.begin(), \
-                    _materialised(conn, mine, part.flags):
+                    _materialised(conn, mine, rates, part.flags):
                 _no_jit(conn)
                 return list(conn.execute(by_branch, mine).all())
 
@@ -845,7 +914,7 @@ def _summed_by_account(engines: Sequence[Engine], as_of: dt.date, rates: LateFee
             with contextlib.ExitStack() as stack:
                 conn = stack.enter_context(engine.connect().execution_options(read_only=True))
                 stack.enter_context(conn.begin())
-                stack.enter_context(_materialised(conn, mine, part.flags))
+                stack.enter_context(_materialised(conn, mine, rates, part.flags))
                 _no_jit(conn)
                 result = conn.execute(by_account, mine, execution_options={"yield_per": ARREARS_CHUNK_ROWS})
                 stack.callback(result.close)
@@ -853,10 +922,15 @@ def _summed_by_account(engines: Sequence[Engine], as_of: dt.date, rates: LateFee
 
         opened = _at_once(_parts(engine), started, undo=lambda opened: opened[0].close())
         try:
+            packed = engine.dialect.name == "mysql"
             for _stack, result in opened:
-                for account_no, name, phone, branch, n, principal_fen, fee_fen, oldest in result:
-                    page.append(ArrearsAccount(account_no, mask_name(name), mask_phone(phone), branch, n,
-                                               principal_fen, fee_fen or 0, oldest))
+                for row in result:
+                    if packed:
+                        page.append(_unpacked(*row))
+                    else:
+                        account_no, name, phone, branch, n, principal_fen, fee_fen, oldest = row
+                        page.append(ArrearsAccount(account_no, mask_name(name), mask_phone(phone), branch, n,
+                                                   principal_fen, fee_fen or 0, oldest))
                     if len(page) >= page_accounts:
                         yield page
                         page = []

@@ -294,3 +294,112 @@ def test_what_arrives_while_the_idle_writer_lingers_shares_its_commit(engine: En
         assert len(claims) == 2, "the outcome's claim is released once durable; the new rows' are the callers'"
     finally:
         writer.stop(WAIT_S)
+
+
+def test_concurrent_pays_share_commits_and_every_one_is_journaled_once(engine: Engine) -> None:
+    """32 threads journal a row, then its outcome, waiting for each as the bridge does: every caller is
+    answered, every row is POSTED with one audit line, every claim is released, and commits were shared."""
+    import threading
+    j, claims = Journal(engine), Claims()
+    writer = JournalWriter(j, claims, ManualClock(AT), batch_max=16, queue_max=64, idle_wait_s=0.05)
+    writer.start()
+    serials = [f"C{i:02d}" for i in range(32)]
+    results: dict[str, tuple[bool, bool, bool]] = {}
+    go = threading.Barrier(len(serials))
+
+    def one(serial: str) -> None:
+        claim = claims.acquire((jn.PAY, serial))[0]
+        go.wait()
+        row = writer.journal_new(pay(serial), claim)
+        written = row.wait(WAIT_S)
+        rec = writer.submit(jn.outcome_for(pay(serial), jn.POSTED, AT, status_code=0, body=serial.encode()),
+                            claim, waited=True)
+        results[serial] = (written, row.inserted, rec.wait(WAIT_S))
+
+    threads = [threading.Thread(target=one, args=(s,)) for s in serials]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT_S * 3)
+        assert results == {s: (True, True, True) for s in serials}
+        for s in serials:
+            got = j.get(jn.PAY, s)
+            assert got is not None and got.state == jn.POSTED and got.body == s.encode()
+            assert [a["state"] for a in j.audit_lines(jn.PAY, s)] == [jn.POSTED]
+        assert len(claims) == 0
+        assert writer.rows_written == 32 and writer.outcomes_written == 32
+        assert writer.transactions < 64, "commits are shared"
+    finally:
+        writer.stop(WAIT_S)
+
+
+def _hold_journal_lock(engine: Engine) -> sa.Connection:
+    """Another session locks the journal table: the writer's statements wait behind it."""
+    conn = engine.connect()
+    if engine.dialect.name == "postgresql":
+        conn.execute(sa.text(f"LOCK TABLE {jn.requests.name} IN ACCESS EXCLUSIVE MODE"))
+    else:
+        conn.execute(sa.text(f"LOCK TABLES {jn.requests.name} WRITE"))
+    return conn
+
+
+def _other_sessions(engine: Engine, holder: sa.Connection) -> list[int]:
+    me = holder.execute(sa.text("SELECT pg_backend_pid()" if engine.dialect.name == "postgresql"
+                                else "SELECT CONNECTION_ID()")).scalar_one()
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            sql = ("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                   "AND pid <> pg_backend_pid() AND pid <> :me AND wait_event_type = 'Lock'")
+        else:
+            sql = ("SELECT id FROM information_schema.processlist WHERE db = DATABASE() "
+                   "AND id <> CONNECTION_ID() AND id <> :me AND state LIKE '%lock%'")
+        return [int(p) for p in conn.execute(sa.text(sql), {"me": me}).scalars().all()]
+
+
+def test_a_commit_cut_while_the_journal_is_locked_is_retried_and_its_caller_gives_up(engine: Engine) -> None:
+    """A pay's row is being committed while the journal is locked, and the committing connection is
+    then cut mid-batch: the caller gives up at its deadline (the bridge's journal_slow path: not
+    forwarded), the writer retries on a new connection, and once the journal is free the row is
+    journaled, recorded SUSPECT (nobody will forward or answer it: the resolver settles it) and its
+    claim let go."""
+    if engine.dialect.name == "sqlite":
+        pytest.skip("no server session to lock the table and cut the connection")
+    import threading
+    import time
+    j, claims = Journal(engine), Claims()
+    writer = JournalWriter(j, claims, ManualClock(AT), batch_max=16, queue_max=64, idle_wait_s=0.05)
+    writer.start()
+    holder = _hold_journal_lock(engine)
+    try:
+        claim = claims.acquire((jn.PAY, "LOCKED"))[0]
+        row = writer.journal_new(pay("LOCKED"), claim)
+        answer: list[bool] = []
+        caller = threading.Thread(target=lambda: answer.append(row.wait(3.0)))
+        caller.start()
+        blocked: list[int] = []
+        deadline = time.monotonic() + WAIT_S
+        while not blocked and time.monotonic() < deadline:  # until the caller's commit waits on the lock
+            blocked = _other_sessions(engine, holder)
+        assert blocked, "the commit waits behind the lock"
+        with engine.connect() as conn:
+            for pid in blocked:
+                conn.execute(sa.text("SELECT pg_terminate_backend(:p)" if engine.dialect.name == "postgresql"
+                                     else f"KILL {pid}"), {"p": pid})
+            conn.commit()
+        caller.join(WAIT_S)
+        assert answer == [False], "the caller gives up at its deadline"
+        assert not claim.released.is_set(), "the writer holds the claim of a row it may still write"
+    finally:
+        if engine.dialect.name != "postgresql":
+            holder.execute(sa.text("UNLOCK TABLES"))
+        holder.rollback()
+        holder.close()
+    try:
+        assert claim.released.wait(WAIT_S)
+        assert writer.flush(WAIT_S)
+        got = j.get(jn.PAY, "LOCKED")
+        assert got is not None and got.state == jn.SUSPECT
+        assert [a["state"] for a in j.audit_lines(jn.PAY, "LOCKED")] == [jn.SUSPECT]
+    finally:
+        writer.stop(WAIT_S)

@@ -35,7 +35,7 @@ def _priced(conn: sa.Connection, as_of: dt.date) -> dict[int, tuple[int, int]]:
     dialect = conn.dialect.name
     bills = reports._arrears_bills(False, RATES, dialect)
     params = _params(as_of, dialect == "sqlite")
-    with reports._materialised(conn, params):
+    with reports._materialised(conn, params, RATES):
         rows = conn.execute(sa.select(bills.c.bill_id, bills.c.unpaid_fen, bills.c.fee_sql), params).all()
     return {int(r.bill_id): (int(r.unpaid_fen), int(r.fee_sql)) for r in rows}
 
