@@ -194,6 +194,7 @@ def hub_of(ctx: AdapterContext) -> FeedHub:
             if hub is None:
                 hub = FeedHub(ctx.router.primary, FeedSettings.from_adapter_settings(ctx.settings),
                               listen=not ctx.router.split)
+                feed.raise_gc_threshold(hub.settings.gc_gen0_threshold)  # a process that feeds posts in bulk
                 ctx.feed_hub = hub
     return hub
 
@@ -207,12 +208,15 @@ def _ts(t: dt.datetime) -> timestamp_pb2.Timestamp:
     return out
 
 
-def notices_to_proto(notices: list[Notice]) -> pb.NoticeBatch:
-    """A batch's notices; the bills of one issuing run share a few due dates and issue instants,
-    each converted once per batch (the conversion cost more than the rest of the notice)."""
+def notices_to_proto(notices: list[Notice]) -> pb.BillFeedResponse:
+    """A batch's notices as the stream's response message, each added in place (`notices.add`: building
+    a BillNotice and then the batch from the list copied every notice again, 2.8 against 1.6 µs per
+    notice, measured). The bills of one issuing run share a few due dates and issue instants, each
+    converted once per batch (the conversion cost more than the rest of the notice)."""
     dues: dict[dt.date, str] = {}
     stamps: dict[dt.datetime, timestamp_pb2.Timestamp] = {}
-    out = []
+    out = pb.BillFeedResponse()
+    add = out.notices.notices.add
     for n in notices:
         due = dues.get(n.due_date)
         if due is None:
@@ -220,9 +224,9 @@ def notices_to_proto(notices: list[Notice]) -> pb.NoticeBatch:
         stamp = stamps.get(n.issued_at)
         if stamp is None:
             stamp = stamps[n.issued_at] = _ts(n.issued_at)
-        out.append(pb.BillNotice(seq=n.seq, bill_id=n.bill_id, account_no=n.account_no, period=n.period, kwh=n.kwh,
-                                 amount_fen=n.amount_fen, due_date=due, issued_at=stamp, withdrawn=n.withdrawn))
-    return pb.NoticeBatch(notices=out)
+        add(seq=n.seq, bill_id=n.bill_id, account_no=n.account_no, period=n.period, kwh=n.kwh,
+            amount_fen=n.amount_fen, due_date=due, issued_at=stamp, withdrawn=n.withdrawn)
+    return out
 
 
 class FeedStream:
@@ -250,6 +254,8 @@ class FeedStream:
         parallel = isinstance(self.store, feed_branches.OneDatabaseFeed) and self.engine.dialect.name == "postgresql"
         self.partitions = self.s.apply_partitions if parallel else 1
         self._pool: ThreadPoolExecutor | None = None
+        # a partitioned post failed after some parts committed: outstanding seqs may have stored results
+        self._parts_committed = False
 
     # ---- reader ----
     def read_results(self, request_iterator: Iterator[pb.BillFeedRequest]) -> None:
@@ -340,8 +346,14 @@ class FeedStream:
                 raise InvalidField(f"results[{i}].outcome", "must be DEBITED, INSUFFICIENT_FUNDS or NOT_DEBITED")
             if not delivered(r.seq):
                 raise InvalidField(f"results[{i}].seq", f"{r.seq} was not delivered on this stream")
-        # Results stored earlier (before a reconnect, or on this stream) are duplicates.
-        stored = self.store.stored_results(self.bank_id, sorted({r.seq for r in results}))
+        # Results stored earlier (before a reconnect, or on this stream) are duplicates. Only seqs that are
+        # not outstanding can have one: an outstanding seq had none when it was offered (FeedWindow), and
+        # only this stream, the bank's lease holder, stores results for it, removing it from the window once
+        # they commit. The exception is a partitioned post that failed after some of its parts committed
+        # (`_parts_committed`): from then on every seq is looked up. So the steady state (every result
+        # answers an outstanding notice) reads nothing here; the read was one index probe per result.
+        settled = sorted({r.seq for r in results if self._parts_committed or r.seq not in pending})
+        stored = self.store.stored_results(self.bank_id, settled) if settled else {}
         not_debited = [r.seq for r in results if r.outcome == pb.DEBIT_OUTCOME_NOT_DEBITED]
         withdrawn = self.store.withdrawn_among(self.bank_id, not_debited)
         new: dict[int, DebitIn] = {}
@@ -410,8 +422,11 @@ class FeedStream:
             self._pool = ThreadPoolExecutor(max_workers=self.partitions, thread_name_prefix=f"feed-post-{self.bank_id}")
         futures = [self._pool.submit(self.store.apply, self.bank_id, part, 0) for part in parts]
         wait(futures)
+        if any(f.exception() is not None for f in futures):
+            # the parts that committed are stored results of seqs still outstanding (see _validate)
+            self._parts_committed = True
         for f in futures:
-            f.result()  # the first failure ends the stream (the parts that committed are stored results)
+            f.result()  # the first failure ends the stream, or _post retries its messages one by one
         self.store.apply(self.bank_id, [], cursor_to)
 
     def close(self) -> None:
@@ -477,7 +492,7 @@ class FeedStream:
                         unacked = len(self.window.outstanding)
                     bm.record_feed_sent(self.bank_id, len(notices))
                     bm.set_feed_unacknowledged(self.bank_id, unacked)
-                    yield pb.BillFeedResponse(notices=notices_to_proto(notices))
+                    yield notices_to_proto(notices)
                     continue
             wait_s = self.s.heartbeat_s - (now - last_beat)
             if self.hub.polling:

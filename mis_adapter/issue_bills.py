@@ -32,7 +32,7 @@ from mis_adapter.db.base import table_of
 from mis_adapter.db.core import Agreement, BillRow, Customer, PrepaidEntry, Reading
 from mis_adapter.migrate import upgrade
 from mis_adapter.tariff import Tariff, price_fen
-from yindian_common.bulk_sql import InList, bulk_insert_returning, list_param
+from yindian_common.bulk_sql import InList
 from yindian_common.clock import DEFAULT_TZ, Clock, business_date, make_clock
 from yindian_common.db import make_engine
 from yindian_common.errors import InvalidField
@@ -119,7 +119,7 @@ class _NewBill:
 def _issue_batch(conn: Connection, accts: Sequence[str], period: str, tariff: Tariff, issued_at: dt.datetime,
                  today: dt.date, due_date: dt.date, summary: IssueSummary) -> set[str]:
     """One transaction's work; returns the banks whose outbox grew."""
-    batch = list_param(conn, accts)
+    batch = feed.list_of(conn, accts)
     customers = {r.account_no: r for r in conn.execute(_LOCK_CUSTOMERS, {"accts": batch}).all()}
     existing = {r.account_no for r in conn.execute(_EXISTING, {"period": period, "accts": batch}).all()}
     if _marks_returning(conn):
@@ -127,12 +127,12 @@ def _issue_batch(conn: Connection, accts: Sequence[str], period: str, tariff: Ta
         # (a customer, no bill of the period yet), exactly the readings summed are the readings marked.
         billable = [a for a in sorted(accts) if a in customers and a not in existing]
         kwh: dict[str, int] = {}
-        marked = conn.execute(_MARK_BILLED_RETURNING, {"p_period": period, "accts": list_param(conn, billable)}).all() \
+        marked = conn.execute(_MARK_BILLED_RETURNING, {"p_period": period, "accts": feed.list_of(conn, billable)}).all() \
             if billable else []
         for acct, n in marked:
             kwh[acct] = kwh.get(acct, 0) + int(n)
         if existing:
-            skipped = list_param(conn, sorted(existing))
+            skipped = feed.list_of(conn, sorted(existing))
             summary.skipped_existing += len(conn.execute(_KWH, {"period": period, "accts": skipped}).all())
     else:  # MariaDB: no UPDATE ... RETURNING; the readings read, then the same readings (by id) marked below
         kwh = {}
@@ -152,16 +152,17 @@ def _issue_batch(conn: Connection, accts: Sequence[str], period: str, tariff: Ta
     if not new:
         return set()
     # The new bills' ids come back from the INSERT on PostgreSQL (RETURNING); elsewhere they are read back.
-    returned = bulk_insert_returning(conn, T_BILLS, [
-        {"account_no": b.account_no, "period": period, "kwh": b.kwh, "amount_fen": b.amount_fen,
-         "prepaid_applied_fen": b.prepaid_applied_fen, "principal_paid_fen": 0, "late_fee_paid_fen": 0,
-         "accrual_micro": 0, "accrual_date": due_date, "due_date": due_date, "issued_at": issued_at,
-         "status": "PAID" if b.prepaid_applied_fen == b.amount_fen else "UNPAID",
-         "paid_on": today if b.prepaid_applied_fen == b.amount_fen else None, "dunning": False}
-        for b in new], ("account_no", "bill_id"))
-    new_accts = list_param(conn, [b.account_no for b in new])
+    paid = [b.prepaid_applied_fen == b.amount_fen for b in new]
+    returned = feed.insert_columns(conn, T_BILLS, {
+        "period": period, "principal_paid_fen": 0, "late_fee_paid_fen": 0, "accrual_micro": 0,
+        "accrual_date": due_date, "due_date": due_date, "issued_at": issued_at, "dunning": False,
+    }, {"account_no": [b.account_no for b in new], "kwh": [b.kwh for b in new],
+        "amount_fen": [b.amount_fen for b in new], "prepaid_applied_fen": [b.prepaid_applied_fen for b in new],
+        "status": ["PAID" if p else "UNPAID" for p in paid], "paid_on": [today if p else None for p in paid]},
+        returning=("account_no", "bill_id"))
+    new_accts = feed.list_of(conn, [b.account_no for b in new])
     if not _marks_returning(conn):
-        conn.execute(_MARK_BILLED_IDS, {"ids": list_param(conn, [i for b in new for i in reading_ids[b.account_no]])})
+        conn.execute(_MARK_BILLED_IDS, {"ids": feed.list_of(conn, [i for b in new for i in reading_ids[b.account_no]])})
     if returned is not None:
         ids = {acct: int(bill_id) for acct, bill_id in returned}
     else:
@@ -174,7 +175,7 @@ def _issue_batch(conn: Connection, accts: Sequence[str], period: str, tariff: Ta
              "balance_after_fen": b.prepaid_after_fen, "payment_id": None, "bill_id": ids[b.account_no],
              "at": issued_at} for b in with_prepaid])
     agreed = {r.account_no: r for r in conn.execute(_AGREEMENTS, {"accts": new_accts, "today": today}).all()}
-    by_bank: dict[str, list[dict[str, object]]] = {}
+    by_bank: dict[str, list[tuple[_NewBill, int]]] = {}
     for b in new:
         due = b.amount_fen - b.prepaid_applied_fen
         agreement = agreed.get(b.account_no)
@@ -182,17 +183,16 @@ def _issue_batch(conn: Connection, accts: Sequence[str], period: str, tariff: Ta
             continue
         if agreement.debit_limit_fen is not None and due > agreement.debit_limit_fen:
             continue  # above the agreement's per-debit limit: paid at the counter, not fed
-        bank = agreement.bank_id
-        by_bank.setdefault(bank, []).append(
-            {"bill_id": ids[b.account_no], "account_no": b.account_no, "period": period, "kwh": b.kwh,
-             "amount_fen": due, "due_date": due_date, "issued_at": issued_at})
+        by_bank.setdefault(agreement.bank_id, []).append((b, due))
     # Counter rows last and in bank order: held for the shortest time, never in opposite orders.
     for bank in sorted(by_bank):
-        rows = by_bank[bank]
-        first = feed.take_seqs(conn, bank, len(rows))
-        feed.insert_outbox(conn, bank, first, rows)
-        summary.fed[bank] = summary.fed.get(bank, 0) + len(rows)
-        summary.fed_fen[bank] = summary.fed_fen.get(bank, 0) + sum(int(r["amount_fen"]) for r in rows)  # type: ignore[call-overload]
+        fed = by_bank[bank]
+        first = feed.take_seqs(conn, bank, len(fed))
+        feed.insert_outbox(conn, bank, first, {"period": period, "due_date": due_date, "issued_at": issued_at}, {
+            "bill_id": [ids[b.account_no] for b, _due in fed], "account_no": [b.account_no for b, _due in fed],
+            "kwh": [b.kwh for b, _due in fed], "amount_fen": [due for _b, due in fed]})
+        summary.fed[bank] = summary.fed.get(bank, 0) + len(fed)
+        summary.fed_fen[bank] = summary.fed_fen.get(bank, 0) + sum(due for _b, due in fed)
     feed.notify_banks(conn, by_bank)
     summary.bills += len(new)
     summary.amount_fen += sum(b.amount_fen for b in new)
@@ -210,8 +210,10 @@ def issue_bills(engine: Engine, clock: Clock, period: str, *, tariff: Tariff | N
     With `workers` > 1 (not on SQLite: one writer at a time) that many
     batches are issued at once, each in its own transaction on its own
     connection: their accounts are disjoint and the counter rows are taken
-    last, in bank order, so they never deadlock."""
+    last, in bank order, so they never deadlock. Raises this process's garbage collection threshold
+    (feed.raise_gc_threshold)."""
     check_period(period)
+    feed.raise_gc_threshold(feed.FeedSettings.gc_gen0_threshold)
     if batch_accounts < 1 or due_days < 0:
         raise ValueError("batch_accounts must be positive and due_days not negative")
     if not 1 <= workers <= ISSUE_WORKERS_MAX:
