@@ -73,7 +73,8 @@ def pg_array(values: list[Any]) -> Any:
     if kinds == {str}:
         joined = '","'.join(values)
         # every element quoted: "NULL", "" and commas or braces inside stay text; only " and \ need escapes
-        if '"' not in joined and "\\" not in joined:
+        # (the separators hold 2 quotes each: any other quote is in a value)
+        if "\\" not in joined and joined.count('"') == 2 * (len(values) - 1):
             return '{"' + joined + '"}'
     return values
 
