@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from typing import TypeVar
 
 import grpc
@@ -20,6 +21,7 @@ from yindian.v1 import billing_pb2_grpc
 from yindian_common import fields
 from yindian_common.errors import InvalidField
 from yindian_common.identity import bank_of
+from yindian_common.rpc_pools import on_pool
 from yindian_common.status import guard, guard_stream
 
 log = logging.getLogger("mis_adapter.service")
@@ -107,10 +109,17 @@ def account_response(v: payments.AccountView) -> pb.QueryAccountResponse:
                        principal_due_fen=b.principal_due_fen) for b in v.bills])
 
 
+# The calls that block on the pays' database connections (rpc_pools: on the money pool, when given).
+MONEY_MOVING = ("Pay", "Cancel")
+
+
 class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
-    def __init__(self, ctx: AdapterContext) -> None:
+    def __init__(self, ctx: AdapterContext, money_pool: Executor | None = None) -> None:
         self.ctx = ctx
         self.control = ControlTotalsDesk(ctx)
+        if money_pool is not None:
+            for rpc in MONEY_MOVING:
+                setattr(self, rpc, on_pool(getattr(self, rpc), money_pool))
 
     def _bank(self, context: grpc.ServicerContext) -> str:
         """The calling bank, from the link (certificate, or metadata in plain-text mode)."""

@@ -40,6 +40,11 @@ class AdapterSettings(ServerSettings):
                                                                          "(NOT_SERVING while unreachable)")
     pay_portable_sql: bool = Field(False, description="Pay with the portable statements on PostgreSQL too "
                                                        "(comparison and diagnosis; slower)")
+    money_workers: int = Field(0, ge=0, le=4_096,
+                               description="threads serving the money-moving calls (Pay, Cancel), apart from the "
+                                           "server's --max-workers; 0: one per pays' database connection "
+                                           "(--db-pool-size per database), beyond which a thread would only "
+                                           "wait for one")
     bank_concurrency_max: int = Field(64, ge=1, le=100_000, description="money-moving calls in progress per bank")
     bank_status_ttl_s: float = Field(1.0, ge=0, le=3_600, description="how long a bank's suspended flag is cached")
     query_bills_max: int = Field(120, ge=1, le=10_000,
