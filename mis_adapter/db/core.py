@@ -205,7 +205,7 @@ class JournalEntry(Base):
     """Append-only: every money-moving request that changed or confirmed state.
     Nothing updates or deletes these rows."""
     __tablename__ = "journal"
-    __table_args__ = (sa.Index("ix_journal_bank_at", "bank_id", "at"),)
+    # no index but the key: nothing reads the journal by bank or time (0004_journal_no_bank_at)
     entry_id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     at: Mapped[dt.datetime] = mapped_column(INSTANT)
     bank_id: Mapped[str] = mapped_column(sa.String(16))
