@@ -8,8 +8,6 @@ import functools
 import hashlib
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -112,19 +110,36 @@ class BankRegistry:
         if status[0]:
             raise BankSuspended(f"bank {bank_id} is suspended by the utility (停工): {status[1]}")
 
-    @contextmanager
-    def slot(self, bank_id: str) -> Iterator[None]:
-        """A money-moving call in progress; RESOURCE_EXHAUSTED past the bank's limit."""
+    def slot(self, bank_id: str) -> _Slot:
+        """`with registry.slot(bank)`: a money-moving call in progress; RESOURCE_EXHAUSTED past the bank's limit."""
+        return _Slot(self, bank_id)
+
+    def _take_slot(self, bank_id: str) -> None:
         with self._lock:
             n = self._in_flight.get(bank_id, 0)
             if n >= self._concurrency_max:
                 raise Exhausted(f"bank {bank_id} has {n} calls in progress (limit {self._concurrency_max})")
             self._in_flight[bank_id] = n + 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._in_flight[bank_id] -= 1
+
+    def _free_slot(self, bank_id: str) -> None:
+        with self._lock:
+            self._in_flight[bank_id] -= 1
+
+
+class _Slot:
+    """BankRegistry.slot's context manager: a plain class (it wraps every Pay; contextlib's generator
+    costs twice as much)."""
+    __slots__ = ("_registry", "_bank_id")
+
+    def __init__(self, registry: BankRegistry, bank_id: str) -> None:
+        self._registry = registry
+        self._bank_id = bank_id
+
+    def __enter__(self) -> None:
+        self._registry._take_slot(self._bank_id)
+
+    def __exit__(self, *_exc: object) -> None:
+        self._registry._free_slot(self._bank_id)
 
 
 def set_suspended(engine: Engine, bank_id: str, suspended: bool, reason: str, now: dt.datetime) -> bool:

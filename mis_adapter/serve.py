@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 from mis_adapter import link_state, metrics_collector, refunds
 from mis_adapter.claim_recovery import ClaimRecovery
@@ -62,8 +63,11 @@ def build_server(settings: AdapterSettings, clock: Clock | None = None) -> tuple
     server = GrpcServer(listen=settings.listen, limits=settings.server_limits(), tls=settings.tls(),
                         insecure=settings.insecure, force_insecure=settings.force_insecure,
                         interceptors=grpc_server_interceptors(), cert_store=certificate_store(settings))
+    # Pay and Cancel on threads of their own, as many as the pays' connections (settings.money_workers).
+    money_workers = settings.money_workers or settings.db_pool_size * len(ctx.router.engines())
+    money_pool = ThreadPoolExecutor(max_workers=money_workers, thread_name_prefix="money")
     server.add_service("yindian.v1.BillingService", billing_pb2_grpc.add_BillingServiceServicer_to_server,
-                       BillingServicer(ctx))
+                       BillingServicer(ctx, money_pool))
     server.add_service("yindian.v1.ReportService", report_pb2_grpc.add_ReportServiceServicer_to_server,
                        ReportServicer(ctx))
     # Customer channels (portal, ivr): utility operators only, never relayed by a bridge.
@@ -75,6 +79,7 @@ def build_server(settings: AdapterSettings, clock: Clock | None = None) -> tuple
     if recovery is not None:
         recovery.start()
         server.on_drain(recovery.stop)
+    server.on_drain(lambda: money_pool.shutdown(wait=False, cancel_futures=True))
     server.on_drain(ctx.close)
     return server, ctx
 

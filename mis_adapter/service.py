@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from typing import TypeVar
 
 import grpc
@@ -20,6 +21,7 @@ from yindian.v1 import billing_pb2_grpc
 from yindian_common import fields
 from yindian_common.errors import InvalidField
 from yindian_common.identity import bank_of
+from yindian_common.rpc_pools import on_pool
 from yindian_common.status import guard, guard_stream
 
 log = logging.getLogger("mis_adapter.service")
@@ -34,27 +36,46 @@ PAYMENT_STATE = {"POSTED": pb.PAYMENT_STATE_POSTED, "REVERSED": pb.PAYMENT_STATE
 CANCEL_OUTCOME = {"REVERSED": pb.CANCEL_OUTCOME_REVERSED, "ORIGINAL_NOT_FOUND": pb.CANCEL_OUTCOME_ORIGINAL_NOT_FOUND}
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
 def ts(t: dt.datetime) -> timestamp_pb2.Timestamp:
     out = timestamp_pb2.Timestamp()
-    out.FromDatetime(t.astimezone(dt.UTC))
+    set_ts(out, t)
     return out
+
+
+def set_ts(out: timestamp_pb2.Timestamp, t: dt.datetime) -> None:
+    """`out.FromDatetime(t.astimezone(UTC))`, exactly, in a fifth of its time for an aware `t` (every
+    Pay answers one): whole seconds and microseconds of the difference from the epoch."""
+    if t.tzinfo is None:  # naive: local time, as astimezone reads it
+        out.FromDatetime(t.astimezone(dt.UTC))
+        return
+    since = t - _EPOCH
+    out.seconds = since.days * 86_400 + since.seconds
+    out.nanos = since.microseconds * 1_000
 
 
 # ---- proto -> domain, validating ----
 def pay_command(bank_id: str, req: pb.PayRequest) -> PayCommand:
-    fields.serial(req.bank_serial, "bank_serial")
-    fields.account_no(req.account_no)
-    fields.amount_fen(req.amount_fen)
-    fields.code(req.outlet_code, "outlet_code")
-    fields.code(req.teller_id, "teller_id")
+    serial, account, amount = req.bank_serial, req.account_no, req.amount_fen
+    outlet, teller = req.outlet_code, req.teller_id
+    if not (fields.serial_ok(serial) and fields.account_no_ok(account)
+            and fields.AMOUNT_MIN_FEN <= amount <= fields.AMOUNT_MAX_FEN
+            and fields.code_ok(outlet) and fields.code_ok(teller)):
+        # Some field is wrong: the checks that name it, in the contract's order.
+        fields.serial(serial, "bank_serial")
+        fields.account_no(account)
+        fields.amount_fen(amount)
+        fields.code(outlet, "outlet_code")
+        fields.code(teller, "teller_id")
     channel = CHANNEL_NAMES.get(req.channel)
     if channel is None:
         raise InvalidField("channel", "must be COUNTER, AUTO_DEBIT, ATM or ONLINE")
     balance = req.bank_balance_fen if req.HasField("bank_balance_fen") else None
     if balance is not None and not 0 <= balance <= 10**15:
         raise InvalidField("bank_balance_fen", "must be between 0 and 10^15 fen")
-    return PayCommand(bank_id, req.bank_serial, req.account_no, req.amount_fen, req.outlet_code, req.teller_id,
-                      channel, balance)
+    return PayCommand(bank_id, serial, account, amount, outlet, teller, channel, balance)
 
 
 def cancel_command(bank_id: str, req: pb.CancelRequest) -> CancelCommand:
@@ -67,12 +88,15 @@ def cancel_command(bank_id: str, req: pb.CancelRequest) -> CancelCommand:
 
 # ---- domain -> proto ----
 def pay_response(r: PayResult) -> pb.PayResponse:
-    return pb.PayResponse(
+    resp = pb.PayResponse(
         payment_id=r.payment_id, receipt_no=r.receipt_no, settlement_date=r.settlement_date.isoformat(),
-        allocations=[pb.Allocation(bill_id=a.bill_id, late_fee_fen=a.late_fee_fen, principal_fen=a.principal_fen)
-                     for a in r.allocations],
         arrears_after_fen=r.arrears_after_fen, prepaid_after_fen=r.prepaid_after_fen, bank_serial=r.bank_serial,
-        account_no=r.account_no, amount_fen=r.amount_fen, posted_at=ts(r.posted_at))
+        account_no=r.account_no, amount_fen=r.amount_fen)
+    set_ts(resp.posted_at, r.posted_at)
+    add = resp.allocations.add  # in place: no Allocation message built and then copied in
+    for a in r.allocations:
+        add(bill_id=a.bill_id, late_fee_fen=a.late_fee_fen, principal_fen=a.principal_fen)
+    return resp
 
 
 def account_response(v: payments.AccountView) -> pb.QueryAccountResponse:
@@ -85,10 +109,17 @@ def account_response(v: payments.AccountView) -> pb.QueryAccountResponse:
                        principal_due_fen=b.principal_due_fen) for b in v.bills])
 
 
+# The calls that block on the pays' database connections (rpc_pools: on the money pool, when given).
+MONEY_MOVING = ("Pay", "Cancel")
+
+
 class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
-    def __init__(self, ctx: AdapterContext) -> None:
+    def __init__(self, ctx: AdapterContext, money_pool: Executor | None = None) -> None:
         self.ctx = ctx
         self.control = ControlTotalsDesk(ctx)
+        if money_pool is not None:
+            for rpc in MONEY_MOVING:
+                setattr(self, rpc, on_pool(getattr(self, rpc), money_pool))
 
     def _bank(self, context: grpc.ServicerContext) -> str:
         """The calling bank, from the link (certificate, or metadata in plain-text mode)."""

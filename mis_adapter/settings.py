@@ -43,6 +43,11 @@ class AdapterSettings(ServerSettings):
     pay_pg_function: bool = Field(True, description="Pay on PostgreSQL in one round trip, the function yd_pay "
                                                      "(migration 0004_pay_function); off: two round trips, the "
                                                      "allocation in Python (pay_pg.PayTx)")
+    money_workers: int = Field(0, ge=0, le=4_096,
+                               description="threads serving the money-moving calls (Pay, Cancel), apart from the "
+                                           "server's --max-workers; 0: one per pays' database connection "
+                                           "(--db-pool-size per database), beyond which a thread would only "
+                                           "wait for one")
     bank_concurrency_max: int = Field(64, ge=1, le=100_000, description="money-moving calls in progress per bank")
     bank_status_ttl_s: float = Field(1.0, ge=0, le=3_600, description="how long a bank's suspended flag is cached")
     query_bills_max: int = Field(120, ge=1, le=10_000,

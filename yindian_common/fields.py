@@ -75,6 +75,11 @@ def account_no_ok(value: str) -> bool:
     return (10 - total % 10) % 10 == raw[9] - 48
 
 
+def code_ok(value: str) -> bool:
+    """code()'s verdict (not `required`) without building a message."""
+    return len(value) <= CODE_MAX and value.isascii() and _CODE_RE.fullmatch(value) is not None
+
+
 def serial_ok(value: str) -> bool:
     """serial()'s verdict without building a message."""
     return value.isascii() and _SERIAL_RE.fullmatch(value) is not None

@@ -28,6 +28,7 @@ from prometheus_client import Counter
 
 from yindian_common import fields
 from yindian_common.errors import Forbidden, Unauthenticated, YinDianError
+from yindian_common.rpc_pools import same_pool
 from yindian_common.status import abort
 
 BANK_ID_METADATA = "x-yindian-bank-id"
@@ -174,12 +175,12 @@ def _guarded(check: Check, rpc: str, behavior: Callable[..., Any], streaming_res
         def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             run_check(context)
             yield from behavior(request, context)
-        return stream
+        return same_pool(stream, behavior)
 
     def unary(request: Any, context: grpc.ServicerContext) -> Any:
         run_check(context)
         return behavior(request, context)
-    return unary
+    return same_pool(unary, behavior)
 
 
 class AdmissionInterceptor(grpc.ServerInterceptor):

@@ -31,6 +31,8 @@ from typing import Any
 import grpc
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
 
+from yindian_common.rpc_pools import same_pool
+
 try:  # _created series double the exposition for no operational use
     from prometheus_client import disable_created_metrics
 
@@ -225,7 +227,7 @@ def _wrap_unary_unary(behavior: Callable[..., Any], mm: _MethodMetrics) -> Calla
         mm.handled(code).inc()
         return response
 
-    return unary_unary
+    return same_pool(unary_unary, behavior)
 
 
 def _wrap_unary_stream(behavior: Callable[..., Any], mm: _MethodMetrics) -> Callable[..., Any]:
@@ -240,7 +242,7 @@ def _wrap_unary_stream(behavior: Callable[..., Any], mm: _MethodMetrics) -> Call
             raise
         return call.responses(responses)
 
-    return unary_stream
+    return same_pool(unary_stream, behavior)
 
 
 def _wrap_stream_unary(behavior: Callable[..., Any], mm: _MethodMetrics) -> Callable[..., Any]:
@@ -258,7 +260,7 @@ def _wrap_stream_unary(behavior: Callable[..., Any], mm: _MethodMetrics) -> Call
         call.finish(code)
         return response
 
-    return stream_unary
+    return same_pool(stream_unary, behavior)
 
 
 def _wrap_stream_stream(behavior: Callable[..., Any], mm: _MethodMetrics) -> Callable[..., Any]:
@@ -272,7 +274,7 @@ def _wrap_stream_stream(behavior: Callable[..., Any], mm: _MethodMetrics) -> Cal
             raise
         return call.responses(responses)
 
-    return stream_stream
+    return same_pool(stream_stream, behavior)
 
 
 def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, fam: _Families) -> grpc.RpcMethodHandler:

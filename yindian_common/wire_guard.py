@@ -13,6 +13,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from yindian_common.errors import InvalidField
+from yindian_common.rpc_pools import same_pool
 from yindian_common.status import abort
 
 MALFORMED = "the request is not a valid protobuf message of this method"
@@ -51,14 +52,14 @@ def _unary(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[An
         if request is _MALFORMED:
             abort(context, InvalidField("request", MALFORMED))
         return behavior(request, context)
-    return handle
+    return same_pool(handle, behavior)
 
 
 def _streaming(behavior: Callable[[Iterator[Any], grpc.ServicerContext], Any]
                ) -> Callable[[Iterator[Any], grpc.ServicerContext], Any]:
     def handle(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
         return behavior(_checked(requests), context)
-    return handle
+    return same_pool(handle, behavior)
 
 
 class MalformedRequestInterceptor(grpc.ServerInterceptor):
