@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 import pytest
@@ -43,14 +45,20 @@ def _wait_until_a_pay_waits_on_a_lock(a: RunningAdapter) -> None:
     pytest.fail("the first pay never waited on its account's lock")
 
 
+@contextmanager
+def _account_locked(a: RunningAdapter, acct: str) -> Iterator[sa.Connection]:
+    """A transaction holding `acct`'s row lock, as a pay would (the caller rolls it back)."""
+    customers = Customer.__table__
+    with a.engine.connect() as holder:
+        holder.begin()
+        holder.execute(sa.select(customers.c.account_no).where(customers.c.account_no == acct).with_for_update())
+        yield holder
+
+
 def test_a_pay_waits_for_a_money_thread_while_queries_answer(pg_url: str) -> None:
     with running_adapter(pg_url, money_workers=1) as a:
         held, other = add_account(a.engine, "01", 1, BILLS), add_account(a.engine, "01", 2, BILLS)
-        customers = Customer.__table__
-        with a.engine.connect() as holder:
-            holder.begin()
-            holder.execute(sa.select(customers.c.account_no).where(customers.c.account_no == held)
-                           .with_for_update())
+        with _account_locked(a, held) as holder:
             first = a.stub.Pay.future(pay_req("P-HELD", held, 1_000), metadata=a.md(), timeout=30)
             _wait_until_a_pay_waits_on_a_lock(a)  # the one money thread is taken
             # Queries are served by the server's threads.
@@ -72,11 +80,7 @@ def test_a_pay_waits_for_a_money_thread_while_queries_answer(pg_url: str) -> Non
 def test_a_bank_past_its_concurrency_limit_is_refused_and_another_bank_is_not(pg_url: str) -> None:
     with running_adapter(pg_url, bank_concurrency_max=1) as a:
         held, other = add_account(a.engine, "01", 1, BILLS), add_account(a.engine, "01", 2, BILLS)
-        customers = Customer.__table__
-        with a.engine.connect() as holder:
-            holder.begin()
-            holder.execute(sa.select(customers.c.account_no).where(customers.c.account_no == held)
-                           .with_for_update())
+        with _account_locked(a, held) as holder:
             first = a.stub.Pay.future(pay_req("P-HELD", held, 1_000), metadata=a.md(), timeout=30)
             _wait_until_a_pay_waits_on_a_lock(a)  # ICBC's one call in progress
             with pytest.raises(grpc.RpcError) as exc:
