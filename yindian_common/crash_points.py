@@ -10,7 +10,7 @@ The points (one call each, at the place the name says):
 - bridge.after_journal   the request is journaled, not yet forwarded
 - bridge.after_answer    mis_adapter answered; the outcome is not yet journaled
 - bridge.after_reply     the bank core got its answer
-- mis.before_commit      a pay's transaction is written, not committed
+- mis.before_commit      a pay is computed and nothing of it is committed (PostgreSQL's one-trip pay: not yet sent)
 - mis.after_commit       a pay committed; the answer is not yet sent
 - mis.recon_mid_apply    a reconciliation matched the day and is applying its outcomes
 - mis.feed_after_post    a feed result batch is posted, the cursor not yet moved
