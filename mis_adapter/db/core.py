@@ -160,7 +160,8 @@ class PrepaidEntry(Base):
     """Every change of an account's prepaid credit (预存), with its cause."""
     __tablename__ = "prepaid_ledger"
     entry_id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    account_no: Mapped[str] = mapped_column(sa.String(10), index=True)
+    # not indexed (0004_pgpay_lean_pay): nothing reads the ledger by account
+    account_no: Mapped[str] = mapped_column(sa.String(10))
     # PAYMENT, REVERSAL, BILL_APPLIED, DEBIT_SURPLUS
     reason: Mapped[str] = mapped_column(sa.String(16))
     delta_fen: Mapped[int] = mapped_column(Money)
