@@ -1,11 +1,12 @@
 """Migration 0004_pgpay_lean_pay: the prepaid ledger without its account_no index (every back end),
-and on PostgreSQL yd_pay with leaner statements (its rules are held equal to the Python path by
+on PostgreSQL customers with room on each page (fillfactor 90) and yd_pay with leaner statements (its rules are held equal to the Python path by
 test_pay_function.py, which runs on the current revision).
 
 Here: the round trip of the migration on the three databases (the downgrade gives back the index
 and, on PostgreSQL, 0004_pay_function's yd_pay); and on PostgreSQL that every statement yd_pay runs
 reaches the account, its bills and the serial by an index, never by a scan, once the tables are
-analyzed at a size where a scan would cost more."""
+analyzed at a size where a scan would cost more; and that a pay's prepaid credit on a freshly loaded
+customers table is a HOT update (no index entry)."""
 from __future__ import annotations
 
 import datetime as dt
@@ -29,6 +30,12 @@ def _ledger_indexes(engine: sa.Engine) -> dict[str, list[str]]:
             for ix in sa.inspect(engine).get_indexes("prepaid_ledger")}
 
 
+def _customers_options(engine: sa.Engine) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.execute(sa.text("SELECT reloptions FROM pg_class WHERE relname = 'customers'")).scalar_one()
+                    or [])
+
+
 def _pay_source(engine: sa.Engine) -> str:
     with engine.connect() as conn:
         return str(conn.execute(sa.text("SELECT prosrc FROM pg_proc WHERE proname = 'yd_pay'")).scalar_one())
@@ -40,17 +47,20 @@ def test_the_ledger_loses_its_account_index_and_the_downgrade_gives_it_back(db_u
         upgrade(engine)
         assert "ix_prepaid_ledger_account_no" not in _ledger_indexes(engine)
         assert PrepaidEntry.__table__.c.account_no.index is not True  # the model says the same
-        lean = _pay_source(engine) if engine.dialect.name == "postgresql" else ""
+        pg = engine.dialect.name == "postgresql"
+        lean = _pay_source(engine) if pg else ""
+        assert not pg or _customers_options(engine) == ["fillfactor=90"]
         downgrade(engine, "0004_pgpay_lean_pay@-1")
         assert _ledger_indexes(engine)["ix_prepaid_ledger_account_no"] == ["account_no"]
-        if engine.dialect.name == "postgresql":
+        if pg:
+            assert _customers_options(engine) == []
             old = _pay_source(engine)
             assert "day_lock AS MATERIALIZED" in old and "nextval" not in old  # 0004_pay_function's body
             assert "nextval" in lean
         upgrade(engine)
         assert "ix_prepaid_ledger_account_no" not in _ledger_indexes(engine)
-        if engine.dialect.name == "postgresql":
-            assert _pay_source(engine) == lean
+        if pg:
+            assert _pay_source(engine) == lean and _customers_options(engine) == ["fillfactor=90"]
     finally:
         engine.dispose()
 
@@ -123,3 +133,35 @@ def test_the_plans_show_each_write(pg_url: str, field: str) -> None:
     finally:
         engine.dispose()
     assert field in "\n".join(plans)
+
+
+def test_a_pays_credit_on_freshly_loaded_customers_is_a_hot_update(pg_url: str) -> None:
+    """Customers loaded in bulk (as the seed and a migration from another system load them), then a pay
+    adding prepaid credit to one account on each of five pages: every customer update is HOT."""
+    engine = make_engine(pg_url)
+    try:
+        upgrade(engine)
+        add_bank(engine, "ICBC")
+        with engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO branches (code, name) VALUES ('01', 'b')"))
+            conn.execute(sa.text(
+                "INSERT INTO customers (account_no, branch_code, name, address, phone, tariff_class, status, "
+                "prepaid_fen, opened_on) SELECT '8' || lpad(g::text, 9, '0'), '01', '张三丰', '人民路1号', "
+                "'13812345678', 'RESIDENTIAL', 'OPEN', 0, DATE '2020-01-01' FROM generate_series(1, 1000) g"))
+            pages = conn.execute(sa.text("SELECT count(DISTINCT (ctid::text::point)[0]) FROM customers")).scalar_one()
+        assert pages >= 10
+        accts = [f"8{n:09d}" for n in (1, 201, 401, 601, 801)]
+        with engine.connect() as conn:
+            for i, acct in enumerate(accts):
+                code = conn.execute(sa.text(
+                    "SELECT code FROM yd_pay(:a, 'ICBC', :s, DATE '2026-11-30', :k, 700, 'COUNTER', 'O', 'T', NULL, "
+                    "now(), 1000, 2000, 3000, 100)"), {"a": acct, "s": f"HOT{i}", "k": bank_day_key("ICBC")}).scalar_one()
+                assert code == "POSTED"
+            updated, hot = conn.execute(sa.text("SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables "
+                                                "WHERE relname = 'customers'")).one()
+            prepaid = conn.execute(sa.text("SELECT sum(prepaid_fen) FROM customers")).scalar_one()
+            conn.rollback()
+    finally:
+        engine.dispose()
+    assert prepaid == 5 * 700
+    assert (updated, hot) == (5, 5)
