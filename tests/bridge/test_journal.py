@@ -12,8 +12,8 @@ from sqlalchemy.engine import Engine
 
 from bridge import journal as jn
 from bridge.journal import Claims, Entry, Journal, JournalWriter
-from yindian_common.clock import ManualClock
 from tests.conftest import SERVERS
+from yindian_common.clock import ManualClock
 from yindian_common.db import make_engine
 
 pytestmark = pytest.mark.timeout(60)
