@@ -98,6 +98,12 @@ def _canonical(value: Any) -> str:
         return value  # type: ignore[no-any-return]
     if kind is int:
         return str(value)
+    if kind is dt.datetime and value.tzinfo is not None:
+        # Every instant a driver hands back, in UTC: its isoformat less the "+00:00" the conversion
+        # below would strip (1 us against 3; a non-zero offset never ends so).
+        text = value.isoformat()
+        if text.endswith("+00:00"):
+            return text[:-6]
     if value is None:
         return "\x00null"
     if isinstance(value, dt.datetime):
