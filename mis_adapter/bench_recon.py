@@ -29,13 +29,13 @@ from zoneinfo import ZoneInfo
 import grpc
 import sqlalchemy as sa
 
-from mis_adapter import reports
+from mis_adapter import arrears_snapshot, reports
 from mis_adapter.late_fee import LateFeeRates
 from mis_adapter.migrate import upgrade
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
 from yindian_common.bench_reference import copy_join_records_per_s
-from yindian_common.clock import DEFAULT_TZ
+from yindian_common.clock import DEFAULT_TZ, ManualClock
 from yindian_common.db import create_database, drop_database, make_engine
 from yindian_common.fields import make_account_no
 
@@ -340,6 +340,20 @@ def _load() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
+# --snapshots: the arrears snapshots the reports read (arrears_snapshot.py): the day before today's reports and
+# the month end before the past-date reports' as-of date, as the daily job and its retention would leave them
+SNAPSHOT_DAYS = (DAY, PAST_AS_OF.replace(day=1) - dt.timedelta(days=1))
+
+
+def take_snapshots(engine: sa.Engine) -> list[tuple[str, float, str]]:
+    clock = ManualClock(dt.datetime.fromisoformat(CLOCK))
+    out = []
+    for day in SNAPSHOT_DAYS:
+        built = arrears_snapshot.build(engine, clock, day)
+        out.append((f"arrears snapshot of {day}", built.seconds, f"{built.outcome}, {built.bills:,} bills"))
+    return out
+
+
 def time_reports(engine: sa.Engine) -> list[tuple[str, float, str]]:
     out = []
     rates = LateFeeRates()
@@ -394,6 +408,9 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path) -> None:
                 ours = float(fig["records_per_s"].replace(",", ""))
                 print(f"[{backend}] reference (COPY of the records + one matching join): records_per_s={ref:,.0f} "
                       f"ratio={ours / ref:.2f} load={_load()}", flush=True)
+        if args.reports and args.snapshots:
+            for title, seconds, what in take_snapshots(engine):
+                print(f"[{backend}] {title}: seconds={seconds:.2f} ({what}) load={_load()}", flush=True)
         for title, seconds, what in (time_reports(engine) if args.reports else ()):
             print(f"[{backend}] report {title}: seconds={seconds:.2f} ({what}) load={_load()}", flush=True)
         engine.dispose()
@@ -422,6 +439,9 @@ def main(argv: list[str]) -> int:
                    help="skip the reconciliation runs (reports only; the only choice on mariadb)")
     p.add_argument("--no-reports", dest="reports", action="store_false",
                    help="skip the report timings (reconciliation only)")
+    p.add_argument("--snapshots", action="store_true",
+                   help="take the arrears snapshots (arrears-snapshot) before the report timings: the day before "
+                        "today and the month end before the past-date reports' as-of date")
     p.add_argument("--no-reference", dest="reference", action="store_false",
                    help="skip the same-run PostgreSQL reference")
     p.add_argument("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
