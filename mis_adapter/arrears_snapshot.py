@@ -199,7 +199,8 @@ def _open_transactions(conn: Connection) -> set[tuple[Any, ...]]:
     elif dialect == "mysql":
         rows = conn.exec_driver_sql(
             "SELECT trx_id, trx_mysql_thread_id FROM information_schema.innodb_trx "
-            "WHERE trx_mysql_thread_id <> CONNECTION_ID()").all()
+            "WHERE trx_mysql_thread_id <> CONNECTION_ID() AND trx_mysql_thread_id IN "
+            "(SELECT id FROM information_schema.processlist WHERE db = DATABASE())").all()
     else:
         return set()
     return {tuple(r) for r in rows}

@@ -369,8 +369,6 @@ def _in_part(account_no: Any, part: tuple[bool, bool]) -> tuple[Any, ...]:
 # segments are materialised once per report, as temporary tables of the report's session keyed by bill
 # (private to it, dropped after it; nothing shared is written). Each is named once per statement.
 _TMP_TOUCHED, _TMP_HISTORY, _TMP_SEGMENTS = "yd_report_touched", "yd_report_history", "yd_report_segments"
-_TMP_TOUCHED_SNAP = "yd_report_touched_snap"  # the bills touched after the snapshot's day (snapshot path)
-_TMP_TOUCHED_SNAP_TABLE = sa.table(_TMP_TOUCHED_SNAP, sa.column("bill_id"))
 _HISTORY_COLUMNS = ("bill_id", "posted_principal", "posted_fee", "eff_principal", "eff_fee", "last_day",
                     "principal_delta", "in_delta")
 _TMP_TOUCHED_TABLE = sa.table(_TMP_TOUCHED, sa.column("bill_id"))
@@ -480,22 +478,25 @@ def _arrears_bills(branch: bool, rates: LateFeeRates, dialect: str,
 
     No scan of bills finds the bills to replay (a bill accrued past as_of is touched, _touched_select).
 
-    snap: the untouched bills are not found by a pass over every bill but from the snapshot of a day
-    S <= as_of (parameters snap_day, bills_upto; arrears_snapshot.py), in three disjoint parts:
-    - the snapshot's bills that no payment settled or reversed after S touches now (touched after S:
-      `touched_s`, which holds every bill touched after as_of). Nothing changed them since S, so their
-      row is the one copied (the only writes dated on or before S that can come after the snapshot,
-      a reconciliation of such a day, make the report ignore it: _snapshot_of);
+    snap: no pass over every bill. The bills are taken from the snapshot of a day S <= as_of (parameters
+    snap_day, bills_upto; arrears_snapshot.py) in three disjoint parts, `touched` being the bills touched
+    after S (a superset of those touched after as_of):
+    - the snapshot's bills not touched after S now. Nothing changed them since S, so their row is the one
+      copied (the only writes dated on or before S that can come after the snapshot, a reconciliation of
+      such a day, make the report ignore it: _snapshot_of);
     - the bills issued after the snapshot was taken (bill_id > bills_upto), not touched after S;
-    - the bills touched after S but not after as_of, read by key: their row now is their row at as_of.
-    A bill in none of these and not touched after as_of was paid by S and untouched since: not in arrears."""
+    - the touched part above over the bills touched after S. One touched after S but not after as_of has
+      no allocation settled or reversed after as_of, so no delta and an accrual date on or before as_of:
+      it is priced from its row now, as the untouched part would price it (unpaid now > 0 means not PAID,
+      so paid_on is NULL).
+    A bill in none of these was paid by S and untouched since: not in arrears at as_of."""
     touched: Any
     if dialect == "mysql":
         touched, history, segments = _TMP_TOUCHED_TABLE, _TMP_HISTORY_TABLE, _TMP_SEGMENTS_TABLE
     else:
         # the touched bills are named three times (a CTE, computed once); each history and segment once (a
         # subquery: PostgreSQL plans its joins from the tables' statistics, which a CTE hides)
-        touched = _touched_select().cte("touched")
+        touched = _touched_select(day=_SNAP_DAY if snap else _AS_OF).cte("touched")
         history = _history_select(touched).subquery("history")
         segments = _segments_select(touched, rates, dialect).subquery("segments")
     b, c, h, g = T_BILL, T_CUST, history.c, segments.c
@@ -533,7 +534,6 @@ def _arrears_bills(branch: bool, rates: LateFeeRates, dialect: str,
                     .where(b.c.issued_at < _b("issued_before"), unpaid > 0))
     parts: list[Any]
     if snap:
-        touched_s = _TMP_TOUCHED_SNAP_TABLE if dialect == "mysql" else _touched_select(day=_SNAP_DAY).cte("touched_s")
         s, sc = T_SNAP_BILL, T_CUST.alias("snap_customer")
         snap_micro = accrual_micro_sql(principal_unpaid=s.c.unpaid_fen, accrual_micro=s.c.accrual_micro,
                                        accrual_date=s.c.accrual_date, tariff_class=sc.c.tariff_class,
@@ -542,12 +542,11 @@ def _arrears_bills(branch: bool, rates: LateFeeRates, dialect: str,
                                    s.c.unpaid_fen.label("unpaid_fen"), snap_micro.label("micro"),
                                    s.c.late_fee_paid_fen.label("fee_paid"))
                          .select_from(s.join(sc, sc.c.account_no == s.c.account_no))
-                         .where(s.c.as_of == _SNAP_DAY, s.c.bill_id.not_in(sa.select(touched_s.c.bill_id)),
+                         .where(s.c.as_of == _SNAP_DAY, s.c.bill_id.not_in(sa.select(touched.c.bill_id)),
                                 *_in_part(s.c.account_no, part),
                                 *((sc.c.branch_code == _b("branch_code"),) if branch else ())))
-        issued_later = untouched.where(b.c.bill_id > _BILLS_UPTO, b.c.bill_id.not_in(sa.select(touched_s.c.bill_id)))
-        untouched_since = current_rows(touched_s.join(b, b.c.bill_id == touched_s.c.bill_id).join(c, cust_join))
-        parts = [issued_later, untouched_since, touched_part]
+        issued_later = untouched.where(b.c.bill_id > _BILLS_UPTO)
+        parts = [issued_later, touched_part]
         parts = [from_snapshot] + [q.where(*_in_part(b.c.account_no, part),
                                            *((c.c.branch_code == _b("branch_code"),) if branch else ()))
                                    for q in parts]
@@ -839,7 +838,7 @@ def _materialised(conn: Connection, params: dict[str, Any], rates: LateFeeRates,
     """MariaDB: the touched bills of the report's as-of date, their histories and their replayed segments
     (_touched_select, _history_select, _segments_select) as temporary tables of this session, keyed by bill,
     each computed once, dropped afterwards (in memory while they fit in REPORT_TMP_TABLE_BYTES, else on
-    disk). Nothing elsewhere. snap: also the bills touched after the snapshot's day (_arrears_bills)."""
+    disk). Nothing elsewhere. snap: the bills touched after the snapshot's day, not after as_of (_arrears_bills)."""
     if conn.dialect.name != "mysql":
         yield
         return
@@ -847,10 +846,8 @@ def _materialised(conn: Connection, params: dict[str, Any], rates: LateFeeRates,
     try:
         conn.exec_driver_sql(f"SET SESSION tmp_table_size = {REPORT_TMP_TABLE_BYTES}, "
                              f"max_heap_table_size = {REPORT_TMP_TABLE_BYTES}")
-        tables = [(_TMP_TOUCHED_SNAP, "PRIMARY KEY (bill_id)", _touched_select(part, _SNAP_DAY))] if snap else []
         for name, key, select in (
-                *tables,
-                (_TMP_TOUCHED, "PRIMARY KEY (bill_id)", _touched_select(part)),
+                (_TMP_TOUCHED, "PRIMARY KEY (bill_id)", _touched_select(part, _SNAP_DAY if snap else _AS_OF)),
                 (_TMP_HISTORY, "PRIMARY KEY (bill_id)", _history_select(_TMP_TOUCHED_TABLE).order_by(*_UNORDERED)),
                 (_TMP_SEGMENTS, "PRIMARY KEY (bill_id)",
                  _segments_select(_TMP_TOUCHED_TABLE, rates, "mysql"))):
@@ -867,7 +864,7 @@ def _materialised(conn: Connection, params: dict[str, Any], rates: LateFeeRates,
                         raise
         yield
     finally:
-        for name in (_TMP_SEGMENTS, _TMP_HISTORY, _TMP_TOUCHED, _TMP_TOUCHED_SNAP):
+        for name in (_TMP_SEGMENTS, _TMP_HISTORY, _TMP_TOUCHED):
             conn.exec_driver_sql(f"DROP TEMPORARY TABLE IF EXISTS {name}")
         conn.exec_driver_sql(f"SET SESSION tmp_table_size = {int(saved[0])}, max_heap_table_size = {int(saved[1])}")
 
