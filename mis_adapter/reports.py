@@ -532,7 +532,7 @@ def _arrears_bills(branch: bool, rates: LateFeeRates, dialect: str,
                     .select_from(history.join(b, b.c.bill_id == h.bill_id).join(c, cust_join)
                                  .outerjoin(segments, g.bill_id == h.bill_id))
                     .where(b.c.issued_at < _b("issued_before"), unpaid > 0))
-    parts: list[Any]
+    parts: list[sa.Select[Any]]
     if snap:
         s, sc = T_SNAP_BILL, T_CUST.alias("snap_customer")
         snap_micro = accrual_micro_sql(principal_unpaid=s.c.unpaid_fen, accrual_micro=s.c.accrual_micro,
