@@ -326,3 +326,22 @@ def test_each_write_after_the_snapshot_shows_in_the_report(engine: sa.Engine, sc
     assert (got[0].total.principal_fen, got[1][0].principal_fen) == (expected, expected)
     assert got == _reports(engine, as_of, False)
     assert (_snapshot_read(engine, as_of) is None) == (scenario == "closed late")
+
+
+def test_the_migration_makes_the_declared_tables_and_its_downgrade_removes_them(db_url: str) -> None:
+    from mis_adapter.migrate import downgrade
+
+    e = make_engine(db_url)
+    try:
+        upgrade(e)
+        for table in (reports.T_SNAP, reports.T_SNAP_BILL):
+            insp = sa.inspect(e)
+            assert {c["name"] for c in insp.get_columns(table.name)} == {c.name for c in table.columns}
+            assert set(insp.get_pk_constraint(table.name)["constrained_columns"]) == \
+                {c.name for c in table.primary_key.columns}
+        downgrade(e, "0004_arrears_snapshots@-1")
+        assert not {"arrears_snapshots", "arrears_snapshot_bills"} & set(sa.inspect(e).get_table_names())
+        upgrade(e)
+        assert {"arrears_snapshots", "arrears_snapshot_bills"} <= set(sa.inspect(e).get_table_names())
+    finally:
+        e.dispose()
