@@ -345,3 +345,25 @@ def test_the_migration_makes_the_declared_tables_and_its_downgrade_removes_them(
         assert {"arrears_snapshots", "arrears_snapshot_bills"} <= set(sa.inspect(e).get_table_names())
     finally:
         e.dispose()
+
+
+def test_a_report_reading_a_snapshot_while_it_is_dropped_stays_whole(engine: sa.Engine) -> None:
+    """A detail read page by page: after its first page the snapshot it reads is dropped (retention); the
+    pages still add up to the report as it began (it reads one snapshot of the database); the next report
+    reconstructs from every bill and equals it."""
+    unpaid = {"account": 0, "amount": 10_000, "prepaid": 0, "migrated": 0, "migrated_fee": 0, "due": 0,
+              "year": 2025, "allocations": []}
+    day = BASE + dt.timedelta(days=30)
+    with engine.begin() as conn:
+        books = Books(conn)
+        for n in range(1, len(ACCOUNTS) + 1):
+            books.bill(n, {**unpaid, "account": n - 1}, EARLY)
+    arrears_snapshot.build(engine, ManualClock(reports.end_of_day_utc(day, TZ) + dt.timedelta(days=1)), day)
+    as_of = day + dt.timedelta(days=1)
+    whole = _reports(engine, as_of, True)
+    pages = reports.arrears_detail([engine], as_of, RATES, TZ, page_accounts=1)
+    first = next(pages)
+    arrears_snapshot._drop(engine, day)
+    assert [first, *pages] == [[a] for a in whole[1]]
+    assert _snapshot_read(engine, as_of) is None
+    assert _reports(engine, as_of, True) == whole
