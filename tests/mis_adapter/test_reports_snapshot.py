@@ -367,3 +367,32 @@ def test_a_report_reading_a_snapshot_while_it_is_dropped_stays_whole(engine: sa.
     assert [first, *pages] == [[a] for a in whole[1]]
     assert _snapshot_read(engine, as_of) is None
     assert _reports(engine, as_of, True) == whole
+
+
+def test_the_job_takes_the_newest_day_every_bank_has_closed(engine: sa.Engine) -> None:
+    """The command's default day: the newest day that every bank which has reconciled a day has
+    reconciled, never today nor a day that ended less than the margin ago; none before any reconciliation.
+    The command takes it and reports what it did."""
+    clock = ManualClock(dt.datetime(2026, 3, 10, 0, 5, tzinfo=TZ))  # 5 minutes into 10 March
+    assert arrears_snapshot.newest_closed_day(engine, clock) is None
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO banks (bank_id, name, suspended, suspended_reason) "
+                             "VALUES ('C', 'other', false, '')"))
+        for bank, days in (("B", (5, 6, 9)), ("C", (4, 7))):
+            for d in days:
+                conn.execute(reports.T_RECON.insert().values(
+                    bank_id=bank, settlement_date=dt.date(2026, 3, d), summary_json="",
+                    reconciled_at=EARLY.replace(tzinfo=None) if engine.dialect.name == "sqlite" else EARLY))
+    assert arrears_snapshot.newest_closed_day(engine, clock) == dt.date(2026, 3, 7)
+    with engine.begin() as conn:
+        conn.execute(reports.T_RECON.insert().values(
+            bank_id="C", settlement_date=dt.date(2026, 3, 9), summary_json="",
+            reconciled_at=EARLY.replace(tzinfo=None) if engine.dialect.name == "sqlite" else EARLY))
+    assert arrears_snapshot.newest_closed_day(engine, clock) == dt.date(2026, 3, 8)  # 9 March ended 5 min ago
+    clock.advance(dt.timedelta(minutes=10))
+    assert arrears_snapshot.newest_closed_day(engine, clock) == dt.date(2026, 3, 9)
+    url = engine.url.render_as_string(hide_password=False)
+    assert arrears_snapshot.main(["--db", url, "--clock-start", clock.now().isoformat()]) == 0
+    assert _snapshot_read(engine, dt.date(2026, 3, 9)) == {"snap_day": dt.date(2026, 3, 9), "bills_upto": 0}
+    assert arrears_snapshot.main(["--db", url, "--day", "2026-03-10", "--clock-start",
+                                  clock.now().isoformat()]) == 2  # today: refused
