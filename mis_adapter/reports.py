@@ -59,6 +59,11 @@ DETAIL_PAGE_PAYMENTS = 500           # payments per CollectionDetail page
 # An arrears report for a date D reads the newest valid snapshot of a day S <= D (arrears_snapshot.py) instead
 # of every bill; off: every report reconstructs from every bill, as before the snapshots.
 ARREARS_SNAPSHOTS = True
+# PostgreSQL: the snapshot is read only while at most this many payments were settled or reversed after its day.
+# Its one pass over every bill (_arrears_bills) then costs less than reading the snapshot and joining the touched
+# bills back to bills (measured on 1M bills with 100k payments after the day: past-date reports 5.6-8.9 s against
+# 3.9-6.1 s at load 8-12; with none after it, today's 1.1-1.4 s against 2.2-2.8 s).
+ARREARS_SNAPSHOT_PG_CHANGED_MAX = 10_000
 
 GROUP_BYS = ("bank", "outlet", "branch", "day", "channel")
 POSTED, REVERSED = "POSTED", "REVERSED"
@@ -925,7 +930,20 @@ def _snapshot_of(conn: Connection, as_of: dt.date) -> dict[str, Any] | None:
     if not ARREARS_SNAPSHOTS:
         return None
     row = conn.execute(_SNAPSHOT_OF, {"as_of": as_of}).first()
-    return None if row is None else {"snap_day": row.as_of, "bills_upto": int(row.bills_upto)}
+    if row is None:
+        return None
+    if conn.dialect.name == "postgresql" and int(conn.execute(
+            _CHANGED_AFTER, {"snap_day": row.as_of, "n": ARREARS_SNAPSHOT_PG_CHANGED_MAX + 1}).scalar_one()) \
+            > ARREARS_SNAPSHOT_PG_CHANGED_MAX:
+        return None
+    return {"snap_day": row.as_of, "bills_upto": int(row.bills_upto)}
+
+
+# Payments settled or reversed after the snapshot's day, counted up to :n (by their indexes).
+_CHANGED_AFTER = sa.select(sa.func.count()).select_from(sa.union_all(
+    sa.select(T_PAY.c.payment_id).where(T_PAY.c.settlement_date > _SNAP_DAY).limit(_b("n", type_=sa.Integer)),
+    sa.select(T_PAY.c.payment_id).where(T_PAY.c.reversed_on > _SNAP_DAY).limit(_b("n", type_=sa.Integer)))
+    .subquery("changed_after"))
 
 
 _COUNT_CUSTOMERS = sa.select(sa.func.count()).select_from(T_CUST)
