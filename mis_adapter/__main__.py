@@ -12,6 +12,7 @@ COMMANDS = {
     "registry": ("mis_adapter.claim_recovery", "operator: recover open registry claims, or backfill it after a split"),
     "audit": ("mis_adapter.audit_cmd", "verify (or seal) the tamper-evident chain over the MIS journal"),
     "report": ("mis_adapter.report_cmd", "collection and arrears statistics"),
+    "arrears-snapshot": ("mis_adapter.arrears_snapshot", "take the arrears snapshot of a closed day (reports read it)"),
     "bench-recon": ("mis_adapter.bench_recon", "benchmark: reconciliation and reports at scale"),
     "bench-pay": ("mis_adapter.bench_pay", "benchmark: CPU per Pay inside mis_adapter, portable vs fast SQL"),
     "bench-data": ("mis_adapter.bench_data", "benchmark/test data: populate a period, timed issue, paced probes"),

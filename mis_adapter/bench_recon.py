@@ -35,7 +35,7 @@ from mis_adapter.migrate import upgrade
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
 from yindian_common.bench_reference import copy_join_records_per_s
-from yindian_common.clock import DEFAULT_TZ
+from yindian_common.clock import DEFAULT_TZ, ManualClock
 from yindian_common.db import create_database, drop_database, make_engine
 from yindian_common.fields import make_account_no
 
@@ -340,27 +340,71 @@ def _load() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
+# --snapshots: the arrears snapshots the reports read (arrears_snapshot.py): the day before today's reports and
+# the month end before the past-date reports' as-of date, as the daily job and its retention would leave them
+SNAPSHOT_DAYS = (DAY, PAST_AS_OF.replace(day=1) - dt.timedelta(days=1))
+
+
+def take_snapshots(engine: sa.Engine) -> list[tuple[str, float, str]]:
+    from mis_adapter import arrears_snapshot  # only here: the bench runs against code without it too
+
+    clock = ManualClock(dt.datetime.fromisoformat(CLOCK))
+    out = []
+    for day in SNAPSHOT_DAYS:
+        built = arrears_snapshot.build(engine, clock, day)
+        out.append((f"arrears snapshot of {day}", built.seconds, f"{built.outcome}, {built.bills:,} bills"))
+    return out
+
+
+class ReportCpu:
+    """CPU of a report, in seconds: this process's (the report's Python; SQLite runs in it) and the database
+    server's for its connections (PostgreSQL: the backends this engine checked out; MariaDB: the whole
+    mysqld process, which other clients of the server may share; SQLite: none)."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self.pids: set[int] = set()
+        self.mysqld = 0
+        if engine.dialect.name == "postgresql":
+            sa.event.listen(engine, "checkout", lambda dbapi, _rec, _proxy: self.pids.add(dbapi.info.backend_pid))
+        elif engine.dialect.name == "mysql":
+            with engine.connect() as conn:
+                pid_file = conn.exec_driver_sql("SELECT @@pid_file").scalar()
+            try:
+                self.mysqld = int(Path(str(pid_file)).read_text().strip())
+            except (OSError, ValueError):
+                self.mysqld = 0
+
+    def now(self) -> tuple[float, float]:
+        server = sum(_proc_cpu_s(p) for p in ([self.mysqld] if self.mysqld else self.pids))
+        return time.process_time(), server
+
+
 def time_reports(engine: sa.Engine) -> list[tuple[str, float, str]]:
     out = []
     rates = LateFeeRates()
+    cpu = ReportCpu(engine)
     for g in reports.GROUP_BYS:
         t0 = time.perf_counter()
         rep = reports.collection_summary([engine], DAY - dt.timedelta(days=30), DAY, g)
         out.append((f"collections by {g}", time.perf_counter() - t0, f"{len(rep.rows)} rows, {rep.total.count:,} pays"))
     for label, as_of in (("", dt.date(2026, 11, 28)), (", 40 days ago", PAST_AS_OF)):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu.now()
         arr = reports.arrears_summary([engine], as_of, rates, TZ)
-        t = arr.total
+        t, c1 = arr.total, cpu.now()
         out.append((f"arrears summary{label}", time.perf_counter() - t0,
-                     f"{t.households:,} households, principal {t.principal_fen:,} fen, fees {t.late_fee_fen:,} fen"))
-        t0 = time.perf_counter()
+                     f"{t.households:,} households, principal {t.principal_fen:,} fen, fees {t.late_fee_fen:,} fen; "
+                     f"cpu client={c1[0] - c0[0]:.2f} server={c1[1] - c0[1]:.2f}"))
+        t0, c0 = time.perf_counter(), cpu.now()
         n = principal = fees = 0
         for page in reports.arrears_detail([engine], as_of, rates, TZ):
             n += len(page)
             principal += sum(a.principal_fen for a in page)
             fees += sum(a.late_fee_fen for a in page)
+        c1 = cpu.now()
         out.append((f"arrears detail{label}", time.perf_counter() - t0,
-                    f"{n:,} accounts, principal {principal:,} fen, fees {fees:,} fen"))
+                    f"{n:,} accounts, principal {principal:,} fen, fees {fees:,} fen; "
+                    f"cpu client={c1[0] - c0[0]:.2f} server={c1[1] - c0[1]:.2f}"))
     return out
 
 
@@ -394,6 +438,9 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path) -> None:
                 ours = float(fig["records_per_s"].replace(",", ""))
                 print(f"[{backend}] reference (COPY of the records + one matching join): records_per_s={ref:,.0f} "
                       f"ratio={ours / ref:.2f} load={_load()}", flush=True)
+        if args.reports and args.snapshots:
+            for title, seconds, what in take_snapshots(engine):
+                print(f"[{backend}] {title}: seconds={seconds:.2f} ({what}) load={_load()}", flush=True)
         for title, seconds, what in (time_reports(engine) if args.reports else ()):
             print(f"[{backend}] report {title}: seconds={seconds:.2f} ({what}) load={_load()}", flush=True)
         engine.dispose()
@@ -422,6 +469,9 @@ def main(argv: list[str]) -> int:
                    help="skip the reconciliation runs (reports only; the only choice on mariadb)")
     p.add_argument("--no-reports", dest="reports", action="store_false",
                    help="skip the report timings (reconciliation only)")
+    p.add_argument("--snapshots", action="store_true",
+                   help="take the arrears snapshots (arrears-snapshot) before the report timings: the day before "
+                        "today and the month end before the past-date reports' as-of date")
     p.add_argument("--no-reference", dest="reference", action="store_false",
                    help="skip the same-run PostgreSQL reference")
     p.add_argument("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")

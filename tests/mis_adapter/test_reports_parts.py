@@ -70,10 +70,11 @@ def test_a_part_that_fails_fails_the_report_and_leaves_no_connection(engine: sa.
     expected = _reports(engine, bench_recon.PAST_AS_OF, "")
     real = reports._summed_statements
 
-    def failing(rates: LateFeeRates, branch: bool, dialect: str, part: tuple[bool, bool] = (False, False)) -> Any:
+    def failing(rates: LateFeeRates, branch: bool, dialect: str, part: tuple[bool, bool] = (False, False),
+                snap: bool = False) -> Any:
         if part == (True, False) or dialect != "mysql":  # the last part of several (MariaDB), or the only one
             raise RuntimeError("the last part failed")
-        return real(rates, branch, dialect, part)
+        return real(rates, branch, dialect, part, snap)
 
     monkeypatch.setattr(reports, "_summed_statements", failing)
     with pytest.raises(RuntimeError, match="the last part failed"):
