@@ -474,6 +474,13 @@ class _SettlesMemo:
         self.known: dict[tuple[Any, ...], bool] = {}
 
     def __call__(self, r: DebitIn, bill: Any, tariff_class: str) -> bool:
+        if bill.accrual_micro == 0 and self.fee_day <= bill.accrual_date:
+            # Nothing accrued and nothing accruing by the fee day (late_fee.accrued_micro is 0 up to the accrual
+            # date): no fee is due and the accrual stays 0, so the rule's one allocation of the whole debit to
+            # principal is exactly a debit of the principal due. A month's bills fed before their due date
+            # all take this branch (the rule per distinct amount was most of classifying a batch).
+            due = bill.amount_fen - bill.prepaid_applied_fen - bill.principal_paid_fen
+            return bool(r.amount_fen == due > 0)
         # (period, amount_fen, prepaid_applied_fen, principal_paid_fen, accrual_micro, accrual_date,
         # late_fee_paid_fen) by one slice of the row: nine reads by name were most of the memo's cost
         key = (r.amount_fen, tariff_class, bill[_MEMO_FIELDS])

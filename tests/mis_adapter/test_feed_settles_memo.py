@@ -3,7 +3,9 @@ exactly what the allocation rule answers for every debit (feed._settles_bill), w
 order of the batch and however its bills share amounts, states and dates: the batch holds
 pairs of debits that differ in one input only, so a key missing an input gives a cached wrong answer.
 (Leaving out the tariff class or the period passes today: they change only an accrual, and a
-bill that accrues is never settled by the bulk path; the key keeps them so that it stays exact.)"""
+bill that accrues is never settled by the bulk path; the key keeps them so that it stays exact.)
+The memo's shortcut for a bill with nothing accrued by its accrual date is held to the rule too (the
+domains put the accrual date after, on and before the fee day; reversing its date test fails)."""
 from __future__ import annotations
 
 import datetime as dt
