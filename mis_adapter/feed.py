@@ -510,10 +510,10 @@ def _array_text(values: list[Any]) -> Any:
     anything else (None among them, other types) stays the list for psycopg to dump element by element.
     (yindian_common.bulk_sql.pg_array means to do the same, but its string check looks at the joined text,
     whose separators hold quotes, so every string list falls back to the per-element dump.)"""
-    first = values[0]
-    if type(first) is int and all(type(v) is int for v in values):
+    kinds = set(map(type, values))  # one pass in C, not a generator per element
+    if kinds == {int}:
         return "{" + ",".join(map(str, values)) + "}"
-    if type(first) is str and all(type(v) is str for v in values):
+    if kinds == {str}:
         raw = "".join(values)
         if '"' not in raw and "\\" not in raw:
             return '{"' + '","'.join(values) + '"}'
