@@ -1,7 +1,8 @@
 """`python -m bridge audit verify|seal --db URL`: the tamper-evident chain
 over the bridge's audit lines (yindian_common.audit_chain). `verify` is
 read only and exits 1 naming every edited, deleted or reordered line and
-every removed seal; `seal` appends seals for lines not yet sealed."""
+every removed or edited seal; `seal` appends seals (one per batch of
+lines) for lines not yet sealed."""
 from __future__ import annotations
 
 import argparse

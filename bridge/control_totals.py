@@ -97,7 +97,7 @@ class _Fact(NamedTuple):
     doubt: bool  # a pay in doubt whatever the cutoff; a cancel whose original is
     entry: Entry | None  # a POSTED pay's, built once
     settlement_date: str  # a POSTED pay's, from the utility's answer ("" otherwise)
-    posted_at: dt.datetime | None
+    posted_at_us: int  # a POSTED pay's `posted_at`, microseconds since the epoch (0 otherwise)
     original: str
     created_at: dt.datetime | None  # a cancel's
     reverses: bool  # a CANCELLED cancel answered REVERSED
@@ -115,18 +115,23 @@ def _fact(kind: str, serial: str, state: str, amount_fen: int, body: bytes | Non
     if kind == jn.PAY:
         kind = jn.PAY
         if state in PAY_IN_DOUBT or (state == jn.NOT_APPLIED and _reversed_by_utility(message or "")):
-            return _Fact(kind, serial, state, True, None, "", None, original, None, False)
+            return _Fact(kind, serial, state, True, None, "", 0, original, None, False)
         if state == jn.POSTED:
             resp = pb.PayResponse.FromString(body or b"")
+            at = resp.posted_at  # compared in whole microseconds, as Timestamp.ToDatetime truncates (3 us a row)
             return _Fact(kind, serial, state, False, Entry(int(amount_fen), False), sys.intern(resp.settlement_date),
-                         resp.posted_at.ToDatetime(tzinfo=dt.UTC), original, None, False)
-        return _Fact(kind, serial, state, False, None, "", None, original, None, False)
+                         at.seconds * 1_000_000 + at.nanos // 1_000, original, None, False)
+        return _Fact(kind, serial, state, False, None, "", 0, original, None, False)
     created = _utc(created_at)
     if state in CANCEL_IN_DOUBT:
-        return _Fact(kind, serial, state, True, None, "", None, original, created, False)
+        return _Fact(kind, serial, state, True, None, "", 0, original, created, False)
     reverses = state == jn.CANCELLED and \
         pb.CancelResponse.FromString(body or b"").outcome == pb.CANCEL_OUTCOME_REVERSED
-    return _Fact(kind, serial, state, False, None, "", None, original, created, reverses)
+    return _Fact(kind, serial, state, False, None, "", 0, original, created, reverses)
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_US = dt.timedelta(microseconds=1)
 
 
 def _view_of(facts: Iterable[_Fact], day: dt.date, posted_before: dt.datetime,
@@ -136,11 +141,12 @@ def _view_of(facts: Iterable[_Fact], day: dt.date, posted_before: dt.datetime,
     reversed_serials: set[str] = set()
     iso_day = day.isoformat()
     pay = jn.PAY
+    before_us = (_utc(posted_before) - _EPOCH) // _US
     for f in facts:
         if f.kind == pay:
             if f.doubt:
                 in_doubt.add(f.serial)
-            elif f.settlement_date == iso_day and f.posted_at < posted_before:  # type: ignore[operator]
+            elif f.settlement_date == iso_day and f.posted_at_us < before_us:
                 entries[f.serial] = f.entry  # type: ignore[assignment]
         elif f.doubt or f.created_at >= settled_before:  # type: ignore[operator]
             in_doubt.add(f.original)
@@ -257,10 +263,9 @@ class JournalViewCache:
         self._open = set()
         self._keep(still_open)
         stale = {k for k in was_open if k not in self._open}
-        latest: dict[tuple[str, str], str] = {}
-        for audit_id, kind, serial, state in lines:
-            latest[(kind, serial)] = state
-            self._head = max(self._head, int(audit_id))
+        latest = {(kind, serial): state for _, kind, serial, state in lines}  # in id order: the last line wins
+        if lines:
+            self._head = max(self._head, int(lines[-1][0]))
         for key, state in latest.items():
             known = self._facts.get(key)
             if known is None or known.state != state:

@@ -1,8 +1,9 @@
 """`python -m mis_adapter audit verify|seal --db URL`: the tamper-evident
 chain over the MIS journal (yindian_common.audit_chain). `verify` is read
 only: it walks the seals and exits 1 naming every edited, deleted or
-reordered entry and every removed seal; `seal` appends seals for entries
-not yet sealed (the server's sealer does this every few seconds)."""
+reordered entry and every removed or edited seal; `seal` appends seals
+(one per batch of entries) for entries not yet sealed (the server's
+sealer does this every few seconds)."""
 from __future__ import annotations
 
 import argparse

@@ -12,6 +12,7 @@ from sqlalchemy.engine import Engine
 
 from bridge import journal as jn
 from bridge.journal import Claims, Entry, Journal, JournalWriter
+from tests.conftest import SERVERS
 from yindian_common.clock import ManualClock
 from yindian_common.db import make_engine
 
@@ -159,7 +160,7 @@ def test_migrations_are_exactly_the_journal_schema(engine: Engine) -> None:
         diffs = compare_metadata(ctx, jn.metadata)
         version = conn.execute(sa.text("SELECT version_num FROM bridge_alembic_version")).scalars().all()
     assert diffs == []
-    assert version == _head() == ["0005_journal_lean_indexes"]
+    assert version == _head() == ["0006_seals_batches"]
 
 
 def test_a_journal_created_before_migrations_is_stamped_and_keeps_its_rows(db_url: str) -> None:
@@ -243,9 +244,8 @@ def _drop_other_connections(engine: Engine) -> None:
         conn.commit()
 
 
+@pytest.mark.parametrize("db_url", SERVERS, indirect=True)  # SQLite has no server connection to cut
 def test_the_writer_journals_on_after_its_connection_is_cut(engine: Engine) -> None:
-    if engine.dialect.name == "sqlite":
-        pytest.skip("no server connection to cut")
     j, claims = Journal(engine), Claims()
     writer = JournalWriter(j, claims, ManualClock(AT), batch_max=16, queue_max=64, idle_wait_s=0.05)
     writer.start()
@@ -357,14 +357,13 @@ def _other_sessions(engine: Engine, holder: sa.Connection) -> list[int]:
         return [int(p) for p in conn.execute(sa.text(sql), {"me": me}).scalars().all()]
 
 
+@pytest.mark.parametrize("db_url", SERVERS, indirect=True)  # SQLite: no server session to lock and cut
 def test_a_commit_cut_while_the_journal_is_locked_is_retried_and_its_caller_gives_up(engine: Engine) -> None:
     """A pay's row is being committed while the journal is locked, and the committing connection is
     then cut mid-batch: the caller gives up at its deadline (the bridge's journal_slow path: not
     forwarded), the writer retries on a new connection, and once the journal is free the row is
     journaled, recorded SUSPECT (nobody will forward or answer it: the resolver settles it) and its
     claim let go."""
-    if engine.dialect.name == "sqlite":
-        pytest.skip("no server session to lock the table and cut the connection")
     import threading
     import time
     j, claims = Journal(engine), Claims()

@@ -1,8 +1,9 @@
 """The sealer's hash is the same bytes as the per-column form it replaced, so chains sealed before
 keep verifying: `chain_hashes` (rows as tuples, one %-format per row) against the original
 `entry_hash` (rows as mappings, one f-string per column, copied here verbatim as the reference),
-over random rows of every value type a driver hands back; and, on SQLite, PostgreSQL and MariaDB,
-every seal `seal_pending` writes (numbers, links, hashes, across batches) against the reference
+over random rows of every value type a driver hands back; the batch seals' per-entry digests are
+SHA-256 of that same per-column text; and, on SQLite, PostgreSQL and MariaDB, every batch seal
+`seal_pending` writes (numbers, ids, digests, links, hashes, across seals) against the reference
 recomputed from the rows as the database returns them."""
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 
 from bridge.journal.audit_chain import AUDIT_CHAIN
 from mis_adapter.db.audit import JOURNAL_CHAIN
-from yindian_common.audit_chain import GENESIS, Chain, chain_hashes
+from yindian_common.audit_chain import GENESIS, Chain, chain_hashes, entry_digests, unpack_ids
 from yindian_common.db import make_engine
 
 # ---- the reference: the per-row hash as sealed before (yindian_common/audit_chain.py at 8e416f7) ----
@@ -128,60 +129,84 @@ def _audit_rows(rnd: random.Random, n: int) -> list[dict[str, Any]]:
              "detail": rnd.choice(["", "in doubt: UNAVAILABLE: 连接中断", "50% {x}"])} for i in range(n)]
 
 
+def reference_digest(columns: list[str], row: Any) -> bytes:
+    """A batch seal's per-entry digest: SHA-256 of the row's canonical form (the per-row text above)."""
+    return hashlib.sha256("".join(f"\x1f{c}={reference_canonical(row[c])}" for c in columns).encode("utf-8")).digest()
+
+
+def reference_seal_hash(prev: str, columns: str, ids: list[int], digests: bytes) -> str:
+    ids_blob = b"".join(i.to_bytes(8, "big", signed=True) for i in ids)
+    return hashlib.sha256(prev.encode() + b"\x1e" + columns.encode() + b"\x1e" + ids_blob + digests).hexdigest()
+
+
+@settings(max_examples=200, deadline=None)
+@given(table=tables())
+def test_entry_digests_are_the_sha256_of_the_per_column_form(table: tuple[list[str], list[list[Any]]]) -> None:
+    columns, rows = table
+    expected = b"".join(reference_digest(columns, dict(zip(columns, r, strict=True))) for r in rows)
+    assert entry_digests(columns, [tuple(r) for r in rows]) == expected
+
+
 @pytest.mark.parametrize("chain,make_rows", [(JOURNAL_CHAIN, _journal_rows), (AUDIT_CHAIN, _audit_rows)],
                          ids=["mis-journal", "bridge-audit"])
-def test_seals_written_are_the_reference_hashes_of_the_rows(engine: sa.Engine, chain: Chain, make_rows: Any) -> None:
+def test_seals_written_are_the_reference_digests_of_the_rows(engine: sa.Engine, chain: Chain, make_rows: Any) -> None:
     with engine.begin() as conn:
-        chain.entries.create(conn)
-        chain.seals.create(conn)
+        for table in (chain.entries, chain.seals, chain.batches):
+            table.create(conn)
         conn.execute(chain.entries.insert(), make_rows(random.Random(11), 57))
     now = dt.datetime(2026, 11, 30, 0, 0, 1, tzinfo=dt.UTC)
     sealed = []
-    while n := chain.seal_pending(engine, now, batch_max=10):  # six batches: the chain crosses batch boundaries
+    while n := chain.seal_pending(engine, now, batch_max=10):  # six seals: the chain crosses seals
         sealed.append(n)
-    assert sum(sealed) == 57 and len(sealed) == 6
+    assert sealed == [10, 10, 10, 10, 10, 7]
     columns = chain.columns
     ident = chain.entries.c[chain.id_column]
     with engine.connect() as conn:
         rows = [dict(r) for r in conn.execute(sa.select(chain.entries).order_by(ident)).mappings()]
-        seals = conn.execute(sa.select(chain.seals).order_by(chain.seals.c.seal_no)).mappings().all()
+        seals = conn.execute(sa.select(chain.batches).order_by(chain.batches.c.seal_no)).mappings().all()
         checked, problems, unsealed = chain.verify(conn)
-    expected = reference_chain(GENESIS, columns, rows)
-    assert [s["seal_no"] for s in seals] == list(range(1, 58))
-    assert [s["entry_id"] for s in seals] == [r[chain.id_column] for r in rows]
-    assert [s["entry_hash"] for s in seals] == expected
-    assert [s["prev_hash"] for s in seals] == [GENESIS, *expected[:-1]]
-    assert {s["columns"] for s in seals} == {",".join(columns)}
-    assert {s["sealed_at"].replace(tzinfo=s["sealed_at"].tzinfo or dt.UTC) for s in seals} == {now}
+    ids = [r[chain.id_column] for r in rows]
+    assert [s["seal_no"] for s in seals] == list(range(1, 7))
+    prev = GENESIS
+    for k, seal in enumerate(seals):
+        part = rows[10 * k:10 * (k + 1)]
+        assert unpack_ids(bytes(seal["entry_ids"])) == tuple(ids[10 * k:10 * (k + 1)])
+        assert seal["last_entry_id"] == part[-1][chain.id_column] and seal["entry_count"] == len(part)
+        digests = b"".join(reference_digest(columns, r) for r in part)
+        assert bytes(seal["digests"]) == digests
+        assert seal["columns"] == ",".join(columns)
+        assert seal["prev_hash"] == prev
+        assert seal["seal_hash"] == reference_seal_hash(prev, ",".join(columns), ids[10 * k:10 * (k + 1)], digests)
+        assert seal["sealed_at"].replace(tzinfo=seal["sealed_at"].tzinfo or dt.UTC) == now
+        prev = seal["seal_hash"]
     assert (checked, problems, unsealed) == (57, [], 0)
-
 
 
 def test_verify_names_each_tampered_entry_reading_a_page_of_entries_per_round_trip(
         engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     """An operator's `audit verify` over a long journal: the edited and the deleted entries are named,
-    across page boundaries, and the entries are read one query per page of seals, not one per seal
-    (20,000 rows took over 10 s of round trips that way)."""
+    across page boundaries, and the entries are read one query per page of VERIFY_FETCH_ROWS, not one
+    per entry (20,000 rows took over 10 s of round trips that way)."""
     import yindian_common.audit_chain as audit_chain
     monkeypatch.setattr(audit_chain, "VERIFY_FETCH_ROWS", 10)
     chain = JOURNAL_CHAIN
     ident = chain.entries.c[chain.id_column]
     with engine.begin() as conn:
-        chain.entries.create(conn)
-        chain.seals.create(conn)
+        for table in (chain.entries, chain.seals, chain.batches):
+            table.create(conn)
         conn.execute(chain.entries.insert(), _journal_rows(random.Random(5), 57))
     now = dt.datetime(2026, 11, 30, 0, 0, 1, tzinfo=dt.UTC)
-    while chain.seal_pending(engine, now, batch_max=100):
+    while chain.seal_pending(engine, now, batch_max=25):
         pass
     with engine.begin() as conn:
         ids = [r[0] for r in conn.execute(sa.select(ident).order_by(ident))]
-        conn.execute(chain.entries.delete().where(ident == ids[10]))          # first entry of the second page
+        conn.execute(chain.entries.delete().where(ident == ids[10]))          # first entry of a page
         conn.execute(chain.entries.update().where(ident == ids[41]).values(amount_fen=1))  # an edited amount
     statements: list[str] = []
     with engine.connect() as conn:
         sa.event.listen(conn, "before_cursor_execute", lambda *a: statements.append(a[2]))
         checked, problems, unsealed = chain.verify(conn)
     assert (checked, unsealed) == (57, 0)
-    assert problems == [f"entry {ids[10]} deleted (seal 11)", f"entry {ids[41]} edited or reordered (seal 42)"]
-    # 7 pages of seals (the last one empty), 6 reads of entries, 1 count of unsealed rows.
-    assert len([s for s in statements if s.lstrip().upper().startswith("SELECT")]) == 14
+    assert problems == [f"entry {ids[10]} deleted (seal 1)", f"entry {ids[41]} edited or reordered (seal 2)"]
+    # 1 (empty) page of per-row seals, 3 seals + 1 empty read, 3 + 3 + 1 pages of entries, 1 count.
+    assert len([s for s in statements if s.lstrip().upper().startswith("SELECT")]) == 13
