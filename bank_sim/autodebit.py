@@ -40,7 +40,7 @@ from bank_sim.settings import LinkSettings
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
 from yindian_common import crash_points
-from yindian_common.bulk_sql import InList, bulk_insert, list_param
+from yindian_common.bulk_sql import InList, _pg_type, bulk_insert, list_param, pg_array
 from yindian_common.clock import Clock, business_date, make_clock
 from yindian_common.crash_points import crash_point
 from yindian_common.db import make_engine
@@ -139,18 +139,38 @@ _TAKE = (ledger.savings.update()
          .values(balance_fen=ledger.savings.c.balance_fen - _b("p_amount")))
 
 
-def _take(conn: Connection, bank_id: str, takes: list[dict[str, object]]) -> None:
+def _take(conn: Connection, bank_id: str, per: dict[str, int]) -> None:
     """The debits of a batch, summed per passbook, in one statement on PostgreSQL."""
-    per: dict[str, int] = {}
-    for t in takes:
-        per[str(t["p_acct"])] = per.get(str(t["p_acct"]), 0) + int(t["p_amount"])  # type: ignore[call-overload]
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql(
             "UPDATE savings_accounts AS s SET balance_fen = s.balance_fen - v.amt "
             "FROM unnest(%s::text[], %s::bigint[]) AS v(acct, amt) WHERE s.bank_id = %s AND s.account_no = v.acct",
-            (list(per), list(per.values()), bank_id))
+            (pg_array(list(per)), pg_array(list(per.values())), bank_id))
     else:
         conn.execute(_TAKE, [{"p_bank": bank_id, "p_acct": a, "p_amount": f} for a, f in per.items()])
+
+
+def _insert_columns(conn: Connection, table: sa.Table, shared: dict[str, Any], columns: dict[str, list[Any]]) -> None:
+    """Inserts a batch given as values shared by every row and one list per column (all of one length, at
+    least 1): on PostgreSQL one `INSERT ... SELECT ... FROM unnest(arrays)` built from the lists as they are,
+    elsewhere dict rows through bulk_insert. The batch's rows were dicts of 14 and 8 keys that bulk_insert
+    took apart again per column."""
+    names = list(columns)
+    if conn.dialect.name != "postgresql":
+        bulk_insert(conn, table, [dict(shared, **dict(zip(names, values, strict=True)))
+                                  for values in zip(*columns.values(), strict=True)])
+        return
+    exprs = [f"%b::{_pg_type(table.c[name])}" for name in shared]
+    types = []
+    arrays = []
+    for i, name in enumerate(names):
+        exprs.append(f"u.a{i}")
+        array = pg_array(columns[name])
+        arrays.append(array)
+        types.append(f"%{'t' if isinstance(array, str) else 'b'}::{_pg_type(table.c[name])}[]")
+    conn.exec_driver_sql(f"INSERT INTO {table.name} ({', '.join([*shared, *names])}) SELECT {', '.join(exprs)} "
+                         f"FROM unnest({', '.join(types)}) AS u({', '.join(f'a{i}' for i in range(len(names)))})",
+                         (*shared.values(), *arrays))
 
 
 def last_seq(conn: Connection, bank_id: str) -> int:
@@ -162,14 +182,12 @@ def serial_for(seq: int, bill_id: int) -> str:
     return f"AD-{seq}-{bill_id}"
 
 
-def _result(seq: int, outcome: str, serial: str, amount_fen: int) -> pb.DebitResult:
-    return pb.DebitResult(seq=seq, amount_fen=amount_fen, bank_serial=serial if outcome == DEBITED else "",
-                          outcome=_OUTCOME_PB[outcome])
-
-
 def process_batch(engine: Engine, clock: Clock, bank_id: str, notices: Sequence[pb.BillNotice],
-                  summary: Summary) -> list[pb.DebitResult]:
-    """Debits and records one batch in one transaction; returns the results to send."""
+                  summary: Summary) -> pb.BillFeedRequest:
+    """Debits and records one batch in one transaction; returns the message of results to send (each result
+    added in place: building them first and the message from the list copied every result again)."""
+    req = pb.BillFeedRequest()
+    add = req.results.results.add
     now = clock.now()
     today = business_date(clock)
     with engine.begin() as conn:
@@ -178,43 +196,57 @@ def process_batch(engine: Engine, clock: Clock, bank_id: str, notices: Sequence[
         new = sorted((n for n in notices if n.seq > done), key=lambda n: n.seq)
         stored = {r.seq: r for r in conn.execute(_STORED, {"p_bank": bank_id, "p_seqs": list_param(conn, [n.seq for n in old])})} \
             if old else {}
-        out = [_result(n.seq, stored[n.seq].outcome, stored[n.seq].bank_serial, stored[n.seq].amount_fen)
-               for n in old if n.seq in stored]
-        summary.replayed += len(out)
+        for n in old:
+            if n.seq in stored:
+                r = stored[n.seq]
+                add(seq=n.seq, amount_fen=r.amount_fen, bank_serial=r.bank_serial if r.outcome == DEBITED else "",
+                    outcome=_OUTCOME_PB[r.outcome])
+                summary.replayed += 1
         if not new:
-            return out
+            return req
+        # Each notice's fields read once (a message field read costs about as much as the rule it feeds).
+        fields_ = [(n.seq, n.bill_id, n.account_no, n.amount_fen, n.withdrawn) for n in new]
         balances = {r.account_no: int(r.balance_fen) for r in conn.execute(
-            _BALANCES, {"p_bank": bank_id, "p_accts": list_param(conn, sorted({n.account_no for n in new}))}).all()}
-        takes, rows, results = [], [], []
-        for n in new:
-            serial = serial_for(n.seq, n.bill_id)
-            ok = not n.withdrawn and balances.get(n.account_no, -1) >= n.amount_fen > 0
-            if ok:
-                balances[n.account_no] -= n.amount_fen
-                takes.append({"p_bank": bank_id, "p_acct": n.account_no, "p_amount": n.amount_fen})
-                rows.append({"bank_id": bank_id, "bank_serial": serial, "account_no": n.account_no,
-                             "amount_fen": n.amount_fen, "channel": "AUTO_DEBIT", "outlet_code": "",
-                             "teller_id": "", "status": ledger.POSTED, "settlement_date": today, "receipt_no": "",
-                             "payment_id": "", "failure_reason": "", "created_at": now, "updated_at": now})
-            results.append({"bank_id": bank_id, "seq": n.seq, "bill_id": n.bill_id, "account_no": n.account_no,
-                            "amount_fen": n.amount_fen,
-                            "outcome": DEBITED if ok else NOT_DEBITED if n.withdrawn else INSUFFICIENT_FUNDS,
-                            "bank_serial": serial if ok else "", "processed_at": now})
-        if takes:
-            _take(conn, bank_id, takes)
-            bulk_insert(conn, ledger.ledger, rows)
-        bulk_insert(conn, results_table, results)
-        if conn.execute(_MOVE, {"p_bank": bank_id, "p_seq": new[-1].seq, "p_now": now}).rowcount != 1:
-            conn.execute(cursor_table.insert(), {"bank_id": bank_id, "last_seq": new[-1].seq, "updated_at": now})
+            _BALANCES, {"p_bank": bank_id, "p_accts": list_param(conn, sorted({f[2] for f in fields_}))}).all()}
+        per: dict[str, int] = {}  # debited per passbook
+        d_serials, d_accts, d_amounts = [], [], []  # the debits (ledger rows)
+        outcomes, serials = [], []  # every notice's result
+        for seq, bill_id, acct, amount_fen, withdrawn in fields_:
+            serial = f"AD-{seq}-{bill_id}"  # serial_for
+            if not withdrawn and balances.get(acct, -1) >= amount_fen > 0:
+                balances[acct] -= amount_fen
+                per[acct] = per.get(acct, 0) + amount_fen
+                d_serials.append(serial)
+                d_accts.append(acct)
+                d_amounts.append(amount_fen)
+                outcomes.append(DEBITED)
+                serials.append(serial)
+            else:
+                outcomes.append(NOT_DEBITED if withdrawn else INSUFFICIENT_FUNDS)
+                serials.append("")
+        if d_serials:
+            _take(conn, bank_id, per)
+            _insert_columns(conn, ledger.ledger, {
+                "bank_id": bank_id, "channel": "AUTO_DEBIT", "outlet_code": "", "teller_id": "",
+                "status": ledger.POSTED, "settlement_date": today, "receipt_no": "", "payment_id": "",
+                "failure_reason": "", "created_at": now, "updated_at": now},
+                {"bank_serial": d_serials, "account_no": d_accts, "amount_fen": d_amounts})
+        seqs, bill_ids, accts, amounts, _w = map(list, zip(*fields_, strict=True))
+        _insert_columns(conn, results_table, {"bank_id": bank_id, "processed_at": now}, {
+            "seq": seqs, "bill_id": bill_ids, "account_no": accts, "amount_fen": amounts, "outcome": outcomes,
+            "bank_serial": serials})
+        if conn.execute(_MOVE, {"p_bank": bank_id, "p_seq": seqs[-1], "p_now": now}).rowcount != 1:
+            conn.execute(cursor_table.insert(), {"bank_id": bank_id, "last_seq": seqs[-1], "updated_at": now})
         if any(b < 0 for b in balances.values()):
             raise RuntimeError("a passbook would go negative")
     summary.notices += len(new)
-    summary.debited += len(takes)
-    summary.debited_fen += sum(int(t["p_amount"]) for t in takes)  # type: ignore[call-overload]
-    summary.insufficient += len(new) - len(takes)
-    summary.last_seq = new[-1].seq
-    return out + [_result(r["seq"], r["outcome"], r["bank_serial"], r["amount_fen"])  # type: ignore[arg-type]
-                  for r in results]
+    summary.debited += len(d_serials)
+    summary.debited_fen += sum(d_amounts)
+    summary.insufficient += len(new) - len(d_serials)
+    summary.last_seq = seqs[-1]
+    for seq, amount_fen, serial, outcome in zip(seqs, amounts, serials, outcomes, strict=True):
+        add(seq=seq, amount_fen=amount_fen, bank_serial=serial, outcome=_OUTCOME_PB[outcome])
+    return req
 
 
 class Consumer:
@@ -277,9 +309,9 @@ class Consumer:
                     last_notice = time.monotonic()
                     results = process_batch(self.engine, self.clock, self.s.bank_id, msg.notices.notices,
                                             self.summary)
-                    if results:
+                    if results.results.results:
                         crash_point("bank.after_debit")
-                        out.put(pb.BillFeedRequest(results=pb.DebitResultBatch(results=results)))
+                        out.put(results)
                     continue
                 self.summary.acked_through_seq = msg.heartbeat.acked_through_seq
                 if (self.s.idle_exit_s and msg.heartbeat.acked_through_seq >= self.summary.last_seq

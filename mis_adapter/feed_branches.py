@@ -25,7 +25,6 @@ Across branches (DESIGN.md Money semantics 7, with --branch-db):
 Nothing here speaks gRPC."""
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -219,7 +218,7 @@ class BranchFeed:
                 local = feed.read_notices(conn, bank_id, first_local - 1, len(pairs))
             if [n.seq for n in local] != [p[1] for p in pairs]:
                 raise RuntimeError(f"outbox of {bank_id} in database {home!r} lost merged notices")
-            out += [dataclasses.replace(n, seq=g) for n, (g, _l) in zip(local, pairs, strict=True)]
+            out += [n._replace(seq=g) for n, (g, _l) in zip(local, pairs, strict=True)]
         return sorted(out, key=lambda n: n.seq)
 
     def stored_results(self, bank_id: str, seqs: Sequence[int]) -> dict[int, tuple[str, str, int]]:
@@ -250,7 +249,7 @@ class BranchFeed:
         by_home: dict[str, list[DebitIn]] = {}
         for r in results:
             home, local = mapped[r.seq]
-            by_home.setdefault(home, []).append(dataclasses.replace(r, seq=local))
+            by_home.setdefault(home, []).append(r._replace(seq=local))
         for home, local_results in by_home.items():
             view = _BranchBooks(_OneRouter(self._homes[home]), self.books.clock, self.books.rates,
                                 self.books.settings)

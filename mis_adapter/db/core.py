@@ -88,10 +88,11 @@ class BillRow(Base):
     __tablename__ = "bills"
     # No index on status, paid_on or accrual_date (0004_bills_indexes, 0004_bills_hot): a payment changes
     # all three on every bill it settles, and with none of them indexed and room on the page (fillfactor)
-    # PostgreSQL updates the bill HOT, writing no index entry. The arrears reports and the metrics read the
-    # unpaid bills in one scan; every other reader of unpaid bills names the account.
+    # PostgreSQL updates the bill HOT, writing no index entry; fillfactor 50 (0004_bills_feed_hot) leaves room
+    # for every bill's settling version, as the feed settles a whole batch's bills in one UPDATE. The arrears
+    # reports and the metrics read the unpaid bills in one scan; every other reader of unpaid bills names the account.
     __table_args__ = (sa.UniqueConstraint("account_no", "period"),
-                      {"postgresql_with": {"fillfactor": 90}})
+                      {"postgresql_with": {"fillfactor": 50}})
     bill_id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     account_no: Mapped[str] = mapped_column(sa.String(10), sa.ForeignKey("customers.account_no"))
     period: Mapped[str] = mapped_column(sa.String(6))

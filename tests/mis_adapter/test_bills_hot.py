@@ -60,7 +60,47 @@ def test_settling_a_bill_is_a_hot_update_on_postgresql(pg_url: str) -> None:
                                             "WHERE relname = 'bills'")).one()
         assert (updated, hot) == (1, 1)
         options = conn.execute(sa.text("SELECT reloptions FROM pg_class WHERE relname = 'bills'")).scalar_one()
-        assert "fillfactor=90" in (options or [])
+        assert "fillfactor=50" in (options or [])
+    engine.dispose()
+
+
+def test_settling_a_batch_of_bills_in_one_statement_is_hot_throughout_on_postgresql(pg_url: str) -> None:
+    """The feed settles a batch's bills in one UPDATE (feed._SETTLE_BILLS): every bill of a full page
+    gets its new version on that page (0004_bills_feed_hot). At fillfactor 90 about one in ten did."""
+    engine = make_engine(pg_url)
+    upgrade(engine)
+    n = 600
+    with engine.begin() as conn:
+        _seed_bill(conn)
+        conn.execute(sa.text(
+            "INSERT INTO customers (account_no, branch_code, name, address, phone, tariff_class, status, prepaid_fen, "
+            "opened_on) SELECT lpad(g::text, 10, '0'), '01', 'n', '-', '1', 'RESIDENTIAL', 'OPEN', 0, :d "
+            "FROM generate_series(2, :n) AS g"), {"d": dt.date(2020, 1, 1), "n": n})
+        conn.execute(sa.text(
+            "INSERT INTO bills (account_no, period, kwh, amount_fen, prepaid_applied_fen, principal_paid_fen, "
+            "late_fee_paid_fen, accrual_micro, accrual_date, due_date, issued_at, status, paid_on, dunning) "
+            "SELECT lpad(g::text, 10, '0'), '202610', 100, 5000, 0, 0, 0, 0, :due, :due, :at, 'UNPAID', NULL, false "
+            "FROM generate_series(2, :n) AS g"),
+            {"due": dt.date(2026, 11, 25), "at": dt.datetime(2026, 11, 1, 2, 0), "n": n})
+    with engine.begin() as conn:
+        ids = list(conn.execute(sa.text("SELECT bill_id FROM bills")).scalars())
+        conn.execute(sa.text("UPDATE bills SET principal_paid_fen = amount_fen - prepaid_applied_fen, status = 'PAID', "
+                             "paid_on = :d, dunning = false WHERE bill_id = ANY(:ids)"),
+                     {"d": dt.date(2026, 11, 28), "ids": ids})
+        updated, hot = conn.execute(sa.text("SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables "
+                                            "WHERE relname = 'bills'")).one()
+    assert (updated, hot) == (n, n)
+    engine.dispose()
+
+
+def test_downgrade_gives_back_fillfactor_90(pg_url: str) -> None:
+    engine = make_engine(pg_url)
+    upgrade(engine)
+    downgrade(engine, "0004_bills_feed_hot@-1")
+    with engine.connect() as conn:
+        assert "fillfactor=90" in (conn.execute(sa.text("SELECT reloptions FROM pg_class WHERE relname = 'bills'"))
+                                   .scalar_one() or [])
+    upgrade(engine)
     engine.dispose()
 
 

@@ -385,3 +385,48 @@ def test_answered_notice_redelivered_and_not_answered_again_does_not_stall(topol
         assert _count(ra, cursor) == 3
         assert _count(ra, sa.select(sa.func.count()).select_from(T_PAY)) == 3
         assert _count(ra, sa.select(sa.func.sum(T_PAY.c.amount_fen))) == sum(n.amount_fen for n in ns)
+
+
+@pytest.mark.timeout(120)
+def test_a_debit_whose_serial_is_already_a_payment_is_that_payment_not_a_second_one(topology: Topology) -> None:
+    """A debit's serial already posted (or posted and reversed) by Pay: the feed stores the result as that
+    earlier payment (POSTED, or REVERSED) and writes no second payment; the other debits of the same message
+    settle their bills. A serial taken by another account's payment refuses the message and writes nothing.
+    (Posting first tries a batch without reading its serials; these reach the read through the unique key.)"""
+    with _adapter(topology) as ra:
+        _issue(ra, 9)
+        code, e = _one_branch(ra)
+        feed = RawFeed(ra.stub)
+        all_ns = feed.notices(9)
+        ns = [n for n in all_ns if n.account_no[:2] == code]
+        assert len(ns) >= 3
+        earlier, reversed_, conflicting = ns[0], ns[1], ns[2]
+        for n in (earlier, reversed_):
+            ra.stub.Pay(pb.PayRequest(bank_serial=f"AD-{n.seq}", account_no=n.account_no, amount_fen=n.amount_fen,
+                                      outlet_code="O1", teller_id="T1", channel=pb.CHANNEL_COUNTER), metadata=ra.md())
+        ra.stub.Cancel(pb.CancelRequest(cancel_serial=f"C-{reversed_.seq}", original_serial=f"AD-{reversed_.seq}",
+                                        amount_fen=reversed_.amount_fen, reason="r"), metadata=ra.md())
+        answered = [n for n in all_ns if n.seq != conflicting.seq]
+        feed.send([debited(n) for n in answered])
+        feed.until_cursor(conflicting.seq - 1)
+        with e.connect() as conn:
+            # by bill: with branch databases a result is stored under the branch's own seq
+            res = dict(conn.execute(sa.select(T_RES.c.bill_id, T_RES.c.disposition)).all())
+            pays = {r.bank_serial: r for r in conn.execute(sa.select(T_PAY))}
+            bills = {r.bill_id: r for r in conn.execute(sa.select(T_BILLS))}
+        assert res == {n.bill_id: {earlier.seq: "POSTED", reversed_.seq: "REVERSED"}.get(n.seq, "PAID")
+                       for n in answered if n.account_no[:2] == code}
+        assert len(pays) == len(res)  # no second payment of a known serial
+        assert (pays[f"AD-{earlier.seq}"].channel, pays[f"AD-{earlier.seq}"].state) == ("COUNTER", "POSTED")
+        assert (pays[f"AD-{reversed_.seq}"].channel, pays[f"AD-{reversed_.seq}"].state) == ("COUNTER", "REVERSED")
+        assert all(pays[f"AD-{n.seq}"].channel == "AUTO_DEBIT" for n in answered
+                   if n.account_no[:2] == code and n not in (earlier, reversed_))
+        assert bills[earlier.bill_id].status == "PAID" and bills[reversed_.bill_id].status != "PAID"
+        assert bills[earlier.bill_id].principal_paid_fen + bills[earlier.bill_id].prepaid_applied_fen \
+            == bills[earlier.bill_id].amount_fen
+        before = _count(ra, sa.select(sa.func.count()).select_from(T_PAY))
+        # The last notice's debit carries the serial of another account's payment: refused, nothing written.
+        feed.send([debited(conflicting, serial=f"AD-{earlier.seq}")])
+        err = feed.error()
+        assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert _count(ra, sa.select(sa.func.count()).select_from(T_PAY)) == before
