@@ -5,14 +5,19 @@ waiting longer than its deadline allows because an earlier call's bound stayed o
 connections than the pool's size; connections left open after the adapter stops."""
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mis_adapter import pay_pg, payments
 from mis_adapter.context import AdapterContext
@@ -224,3 +229,41 @@ def test_kept_connections_stay_within_the_pool_size_and_close_with_the_engine(bo
         assert pays_connections() == 0
     finally:
         admin.dispose()
+
+
+# ---- the libpq path's text forms against psycopg's own adaptation ----
+_TEXTS = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=40)
+_BIGINTS = st.integers(-(2**63), 2**63 - 1)
+_DATES = st.dates(dt.date(1, 1, 1), dt.date(9999, 12, 31))
+_STAMPS = st.datetimes(dt.datetime(1900, 1, 1), dt.datetime(9000, 1, 1),
+                       timezones=st.sampled_from([dt.UTC, dt.timezone(dt.timedelta(hours=8)),
+                                                  dt.timezone(dt.timedelta(hours=-3, minutes=-30))]))
+_ROW_SQL = ("SELECT $1::text, $2::bigint, $3::text, $4::date, $5::bigint, $6::bigint, $7::text, $8::text, "
+            "$9::timestamptz")
+
+
+@pytest.fixture(scope="module")
+def pg_conn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[psycopg.Connection[Any]]:
+    with fresh_database("postgresql", tmp_path_factory.mktemp("kept")) as url:
+        conn = psycopg.connect(sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False),
+                               autocommit=True)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(row=st.tuples(_TEXTS, st.none() | _BIGINTS, st.none() | _TEXTS, st.none() | _DATES, st.none() | _BIGINTS,
+                     st.none() | _BIGINTS, st.none() | _TEXTS, st.none() | _TEXTS, _STAMPS))
+def test_text_forms_equal_psycopgs_adaptation(pg_conn: psycopg.Connection[Any], row: tuple[Any, ...]) -> None:
+    """Parameters sent in pay_pg's text form arrive as psycopg would send them, and yd_pay's columns read
+    back in text form (pay_called_of_text) equal psycopg's loading of the same row."""
+    typed = psycopg.RawCursor(pg_conn).execute(_ROW_SQL, row).fetchone()
+    assert typed is not None
+    pgconn = pg_conn.pgconn
+    pgconn.send_query_params(_ROW_SQL.encode(), [pay_pg._text_param(v, "utf-8") for v in row])
+    (res,) = pg_conn.wait(psycopg.generators.execute(pgconn))
+    values = [res.get_value(0, i) for i in range(res.nfields)]
+    assert tuple(pay_pg.pay_called_of_text(values[:8], "utf-8")) == typed[:8] == row[:8]
+    assert typed[8] == row[8]

@@ -106,11 +106,11 @@ def running_adapter(db_url: str, **overrides: object) -> Iterator[RunningAdapter
 
 def pay_read_prepared(engine: Engine) -> int:
     """How many of the connections the next pay lands on have Pay's READ (or its one-trip call of yd_pay)
-    prepared (0 or 1): psycopg forgets a connection's prepared statements at every ROLLBACK, so a
+    prepared (1) or not (0): psycopg forgets a connection's prepared statements at every ROLLBACK, so a
     write-free path that ends in one shows here as 0. The next pay's connection is a kept one
     (pay_pg.KeptConnections) once pays have opened one, else the pool's next checkout (the check's own
     transaction ends in COMMIT)."""
-    sql = ("SELECT COUNT(*) FROM pg_prepared_statements "
+    sql = ("SELECT (COUNT(*) > 0)::int FROM pg_prepared_statements "
            "WHERE statement LIKE '%pg_advisory_xact_lock_shared%' OR statement LIKE '%FROM yd_pay(%'")
     kept_pool = pay_pg.kept_connections(engine)
     if kept_pool is not None and kept_pool.open_count:
