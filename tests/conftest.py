@@ -11,6 +11,7 @@ from tests.support.topology import BRANCHES3, SINGLE, Topology, topology_databas
 
 ALL_BACKENDS = ["sqlite", "postgresql", "mariadb"]
 SQLITE_PG = ["sqlite", "postgresql"]
+SERVERS = ["postgresql", "mariadb"]  # for `parametrize("db_url", SERVERS, indirect=True)`: what SQLite cannot do
 
 
 @pytest.fixture(params=ALL_BACKENDS)

@@ -12,6 +12,7 @@ from sqlalchemy.engine import Engine
 
 from bridge import journal as jn
 from bridge.journal import Claims, Entry, Journal, JournalWriter
+from tests.conftest import SERVERS
 from yindian_common.clock import ManualClock
 from yindian_common.db import make_engine
 
@@ -243,9 +244,8 @@ def _drop_other_connections(engine: Engine) -> None:
         conn.commit()
 
 
+@pytest.mark.parametrize("db_url", SERVERS, indirect=True)  # SQLite has no server connection to cut
 def test_the_writer_journals_on_after_its_connection_is_cut(engine: Engine) -> None:
-    if engine.dialect.name == "sqlite":
-        pytest.skip("no server connection to cut")
     j, claims = Journal(engine), Claims()
     writer = JournalWriter(j, claims, ManualClock(AT), batch_max=16, queue_max=64, idle_wait_s=0.05)
     writer.start()
@@ -357,14 +357,13 @@ def _other_sessions(engine: Engine, holder: sa.Connection) -> list[int]:
         return [int(p) for p in conn.execute(sa.text(sql), {"me": me}).scalars().all()]
 
 
+@pytest.mark.parametrize("db_url", SERVERS, indirect=True)  # SQLite: no server session to lock and cut
 def test_a_commit_cut_while_the_journal_is_locked_is_retried_and_its_caller_gives_up(engine: Engine) -> None:
     """A pay's row is being committed while the journal is locked, and the committing connection is
     then cut mid-batch: the caller gives up at its deadline (the bridge's journal_slow path: not
     forwarded), the writer retries on a new connection, and once the journal is free the row is
     journaled, recorded SUSPECT (nobody will forward or answer it: the resolver settles it) and its
     claim let go."""
-    if engine.dialect.name == "sqlite":
-        pytest.skip("no server session to lock the table and cut the connection")
     import threading
     import time
     j, claims = Journal(engine), Claims()

@@ -23,6 +23,7 @@ from mis_adapter import payments
 from mis_adapter.payments import PayCommand
 from mis_adapter.recon import Reconciliation
 from mis_adapter.recon_outcomes import OutcomeApplier
+from tests.conftest import SERVERS
 from tests.mis_adapter.test_recon import DAY_START, TZ8, World, build_world
 from tests.support.databases import fresh_database
 from yindian_common.fields import make_account_no
@@ -131,6 +132,7 @@ def test_a_day_of_bank_only_lines_posts_each_and_demotes_the_unpostable(twins: t
     assert demoted[f"{day:%m%d}-2"] == demoted[f"{day:%m%d}-3"] == "MISMATCH"
 
 
+@pytest.mark.parametrize("twins", SERVERS, indirect=True)  # SQLite has one writer: nothing commits meanwhile
 def test_a_serial_taken_while_the_day_closes_is_demoted_and_the_rest_posted(
         twins: tuple[World, World], monkeypatch: pytest.MonkeyPatch) -> None:
     """A payment with a BANK_ONLY line's serial committed between the matching and the
@@ -138,8 +140,6 @@ def test_a_serial_taken_while_the_day_closes_is_demoted_and_the_rest_posted(
     fail nor post it twice; that line is demoted (serial taken meanwhile) and every other line
     of the day, on the same account too, is posted as the one-by-one path would."""
     bulk, _each = twins
-    if bulk.engine.dialect.name == "sqlite":
-        pytest.skip("SQLite has one writer: nothing commits while the day closes")
     day = DAY_START.date() + dt.timedelta(days=70)
     taken = f"{day:%m%d}-1"
 
