@@ -79,16 +79,24 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import select
+import threading
+import time
+import weakref
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import psycopg
-from sqlalchemy.engine import Connection
+from psycopg import generators
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from mis_adapter.pay_plan import PaymentEffects
+from yindian_common.business_metrics import db_label, record_db_error
+from yindian_common.db import POOL_RECYCLE_S, stepped_wait_ms
 from yindian_common.db_errors import COMMIT_IN_DOUBT
 from yindian_common.errors import Unavailable
 
@@ -521,3 +529,252 @@ def _write_params(seen: PayRead, effects: PaymentEffects, *, cmd: Any, day: dt.d
     return (*params, _array(a.bill_id for a in allocs), _array(a.late_fee_fen for a in allocs),
             _array(a.principal_fen for a in allocs), _array(u.accrual_micro for u in updates),
             _array(u.status for u in updates))
+
+
+_COMMAND_OK = psycopg.pq.ExecStatus.COMMAND_OK
+_TUPLES_OK = psycopg.pq.ExecStatus.TUPLES_OK
+_FATAL_ERROR = psycopg.pq.ExecStatus.FATAL_ERROR
+
+
+# ---- one round trip on a kept connection (issue 11: no pool checkout, no BEGIN/ROLLBACK, no pipeline) ----
+# The call's session on a kept connection: generic plans for yd_pay's statements, set once when the
+# connection is opened; its lock and statement bounds are session settings, sent with a call only when
+# the call's bound (stepped down to yindian_common.db.WAIT_STEP_MS) differs from the last one sent.
+KEPT_SESSION = "SELECT set_config('plan_cache_mode', 'force_generic_plan', false)"
+KEPT_CALL_NAME = b"yd_pay_kept"  # PAY_CALL's prepared name on a kept connection (psycopg's own are _pg3_*)
+KEPT_BOUNDS = "SELECT set_config('lock_timeout', $1, false), set_config('statement_timeout', $1, false)"
+# A kept connection older than this is closed and replaced, as the pool recycles its own (POOL_RECYCLE_S).
+KEPT_RECYCLE_S = float(POOL_RECYCLE_S)
+
+
+class KeptConnection:
+    """A psycopg connection detached from the pays' pool (opened by the pool, with the engine's connect
+    arguments and listeners, then no longer counted or returned by it), in autocommit for good, serving
+    only yd_pay calls. `bound_ms`: the session's lock and statement bound last sent (None: none yet)."""
+
+    __slots__ = ("fairy", "db", "raw", "cur", "fd", "born", "bound_ms", "encoding", "prepared")
+
+    def __init__(self, fairy: Any, raw: Any, db: str) -> None:
+        self.fairy = fairy
+        self.db = db  # the database's metrics label
+        self.raw = raw
+        raw.autocommit = True
+        self.cur = psycopg.RawCursor(raw)
+        self.cur.execute(KEPT_SESSION)
+        self.fd = raw.pgconn.socket
+        self.born = time.monotonic()
+        self.bound_ms: int | None = None
+        self.encoding = raw.info.encoding
+        self.prepared = False  # PAY_CALL prepared as KEPT_CALL_NAME
+
+    def call_prepared(self, params: tuple[Any, ...]) -> PayCalled:
+        """PAY_CALL with `params` straight on libpq: prepared once under KEPT_CALL_NAME, then one
+        Bind/Execute/Sync with every parameter in text form and the row read back in text form. psycopg's
+        cursor spent about 25 us more per call (adapting 15 parameters and 8 columns by their types,
+        its prepared-statement bookkeeping). Raises psycopg's error for the result, as its cursor would."""
+        raw, pgconn = self.raw, self.raw.pgconn
+        if not self.prepared:
+            pgconn.send_prepare(KEPT_CALL_NAME, PAY_CALL.encode())
+            self._result(raw.wait(generators.execute(pgconn)), _COMMAND_OK)
+            self.prepared = True
+        enc = self.encoding
+        pgconn.send_query_prepared(KEPT_CALL_NAME, [_text_param(v, enc) for v in params])
+        res = self._result(raw.wait(generators.execute(pgconn)), _TUPLES_OK)
+        return pay_called_of_text([res.get_value(0, i) for i in range(res.nfields)], enc)
+
+    def _result(self, results: list[Any], status: Any) -> Any:
+        """The one result of a statement, or its error raised (the first, as psycopg raises it)."""
+        for res in results:
+            if res.status == _FATAL_ERROR:
+                raise psycopg.errors.error_from_result(res, encoding=self.encoding)
+        if len(results) != 1 or results[0].status != status or (status == _TUPLES_OK and results[0].ntuples != 1):
+            raise psycopg.errors.InternalError(f"unexpected answer to yd_pay's call: {[r.status for r in results]}")
+        return results[0]
+
+    def healthy(self, now: float) -> bool:
+        """Usable for the next call, without a round trip: not closed or broken, not past its recycle age,
+        and nothing to read on its idle socket. A backend that was terminated (pg_terminate_backend, a
+        server shutdown) sent its FATAL and closed the socket: readable. A kept connection has nothing
+        else unasked to say (no LISTEN, no notices between calls), so readable means discard."""
+        raw = self.raw
+        if raw.closed or raw.broken or now - self.born > KEPT_RECYCLE_S:
+            return False
+        try:
+            readable, _, _ = select.select((self.fd,), (), (), 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.fairy.close()  # detached: closes the psycopg connection
+        with contextlib.suppress(Exception):
+            self.raw.close()
+
+
+class KeptConnections:
+    """The pays' kept connections to one PostgreSQL database: at most `size_max` (the pays' pool size: as
+    many as the money threads that use it by default), taken and given back LIFO, so that a pay needs no
+    pool checkout and check-in, no SQLAlchemy Connection, no BEGIN/ROLLBACK or autocommit switches and no
+    pipeline: one Bind/Execute/Sync a pay. Opened on demand; a pay finding none free and `size_max` open
+    takes the pool path instead (payments._pay_tx), never waits here.
+
+    A connection goes back only after a call that raised nothing; after any error it is closed (a
+    connection is never reused in an unknown state), and one found unhealthy when taken (KeptConnection.
+    healthy) is closed and another taken, so a terminated backend fails at most the call in flight on it."""
+
+    def __init__(self, engine: Engine, size_max: int) -> None:
+        self.engine = engine
+        self.db = db_label(engine)
+        self.size_max = size_max
+        self._free: list[KeptConnection] = []
+        self._open = 0
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def take(self) -> KeptConnection | None:
+        """A healthy kept connection (opened if fewer than size_max are), or None."""
+        now = time.monotonic()
+        while True:
+            try:
+                kept = self._free.pop()  # atomic
+            except IndexError:
+                break
+            if kept.healthy(now):
+                return kept
+            self.discard(kept)
+        with self._lock:
+            if self._closed or self._open >= self.size_max:
+                return None
+            self._open += 1
+        try:
+            fairy = self.engine.raw_connection()
+            try:
+                raw = fairy.driver_connection
+                fairy.detach()
+                return KeptConnection(fairy, raw, self.db)
+            except BaseException:
+                fairy.invalidate()
+                raise
+        except BaseException:
+            with self._lock:
+                self._open -= 1
+            raise
+
+    def give_back(self, kept: KeptConnection) -> None:
+        """Keeps `kept` for the next pay, unless the engine was disposed or the connection is not idle
+        outside a transaction (it then is closed)."""
+        if self._closed or kept.raw.pgconn.transaction_status != _IDLE:
+            self.discard(kept)
+        else:
+            self._free.append(kept)
+
+    def discard(self, kept: KeptConnection) -> None:
+        kept.close()
+        with self._lock:
+            self._open -= 1
+
+    @property
+    def open_count(self) -> int:
+        return self._open
+
+    def close(self) -> None:
+        """Closes the free connections; those in use are closed when given back."""
+        self._closed = True
+        while True:
+            try:
+                kept = self._free.pop()
+            except IndexError:
+                return
+            self.discard(kept)
+
+
+_IDLE = psycopg.pq.TransactionStatus.IDLE
+_KEPT: weakref.WeakKeyDictionary[Engine, KeptConnections] = weakref.WeakKeyDictionary()
+_KEPT_LOCK = threading.Lock()
+
+
+def kept_connections(engine: Engine) -> KeptConnections | None:
+    """The engine's kept pay connections (made on first use, closed when the engine is disposed), or None
+    where a pay must take the pool path: an engine with listeners on "commit" (which the pool path fires
+    just before the call, and the kept path cannot) or a pool without a size."""
+    found = _KEPT.get(engine)
+    if found is not None:
+        return None if found.size_max == 0 else found
+    with _KEPT_LOCK:
+        found = _KEPT.get(engine)
+        if found is None:
+            size = getattr(engine.pool, "size", None)
+            size_max = int(size()) if callable(size) and not engine.dispatch.commit else 0
+            found = _KEPT[engine] = KeptConnections(engine, size_max)
+            event.listen(engine, "engine_disposed", lambda _engine: found.close())
+    return None if found.size_max == 0 else found
+
+
+def call_kept(kept: KeptConnection, *, cmd: Any, day: dt.date, day_key: int, now: dt.datetime, wait_ms: int,
+              rates: Any) -> PayCalled | None:
+    """PayTx.call on a kept connection: yd_pay alone in one implicit transaction (autocommit), committed at
+    the Sync ending its round trip; the bounds ahead of it in the same pipeline only when their step
+    changed (through psycopg's cursor), else the call straight on libpq (KeptConnection.call_prepared).
+    Same answers and errors as PayTx.call: None for BILL_CHANGED (rolled back, nothing written); a
+    connection broken once the call is sent is in doubt (COMMIT_IN_DOUBT). The caller closes the kept
+    connection after any exception and gives it back otherwise."""
+    params = (cmd.account_no, cmd.bank_id, cmd.bank_serial, day, day_key, cmd.amount_fen, cmd.channel,
+              cmd.outlet_code, cmd.teller_id, cmd.bank_balance_fen, now, rates.residential_ppm_per_day,
+              rates.other_current_year_ppm_per_day, rates.other_earlier_years_ppm_per_day, rates.minimum_fen)
+    bound = stepped_wait_ms(wait_ms)
+    try:
+        if bound == kept.bound_ms:
+            return kept.call_prepared(params)
+        kept.bound_ms = None  # unknown until the round trip succeeds (a failed one rolls the settings back)
+        cur = kept.cur
+        with kept.raw.pipeline():
+            cur.execute(KEPT_BOUNDS, (str(bound),), prepare=False)
+            cur.execute(PAY_CALL, params, prepare=True)
+        kept.bound_ms = bound
+        row = cur.fetchone()
+        assert row is not None
+        return PayCalled._make(row)
+    except psycopg.Error as exc:
+        cause: psycopg.Error = exc
+        while isinstance(cause, psycopg.errors.PipelineAborted) and isinstance(cause.__context__, psycopg.Error):
+            cause = cause.__context__
+        if cause.sqlstate == BILL_CHANGED:
+            return None
+        broken = kept.raw.closed or kept.raw.broken
+        failed = DBAPIError.instance(PAY_CALL, params, cause, psycopg.Error, connection_invalidated=broken)
+        record_db_error(kept.db, failed)  # the pool path's engine counts them in its handle_error listener
+        if broken:
+            raise Unavailable(IN_DOUBT_TEXT, reason=COMMIT_IN_DOUBT) from failed
+        raise failed from exc
+
+
+def _text_param(value: Any, encoding: str) -> bytes | None:
+    """A parameter in PostgreSQL's text form (PAY_CALL casts every one): str, int, date, aware datetime."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.encode(encoding)
+    if isinstance(value, dt.date):  # date and datetime (aware: the offset goes with it)
+        return value.isoformat().encode()
+    return str(int(value)).encode()
+
+
+# PayCalled's fields from yd_pay's OUT columns in text form: text, bigint, text, date, bigint, bigint, text, text.
+_TEXT, _INT, _DATE = 0, 1, 2
+PAY_CALLED_TYPES = (_TEXT, _INT, _TEXT, _DATE, _INT, _INT, _TEXT, _TEXT)
+
+
+def pay_called_of_text(values: list[bytes | None], encoding: str) -> PayCalled:
+    """yd_pay's row in text form as PayCalled, equal to what psycopg's cursor loads (tests hold them equal)."""
+    out: list[Any] = []
+    for kind, v in zip(PAY_CALLED_TYPES, values, strict=True):
+        if v is None:
+            out.append(None)
+        elif kind == _INT:
+            out.append(int(v))
+        elif kind == _DATE:
+            out.append(dt.date.fromisoformat(v.decode()))
+        else:
+            out.append(v.decode(encoding))
+    return PayCalled._make(out)

@@ -10,6 +10,7 @@ twice, or let allocations + prepaid differ from the payment."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -281,9 +282,16 @@ def _pay_tx(ctx: Books, engine: Engine, cmd: PayCommand, wait: WaitBound) -> tup
     posted payment, (stored result, False) for a replay."""
     now = utc_now(ctx.clock)
     day = business_date(ctx.clock)
+    settings = ctx.settings
+    if settings.pay_pg_function and not settings.pay_portable_sql and engine.dialect.name == "postgresql":
+        kept_pool = pay_pg.kept_connections(engine)
+        kept = kept_pool.take() if kept_pool is not None else None
+        if kept is not None:
+            assert kept_pool is not None
+            return _pay_kept(ctx, engine, kept_pool, kept, cmd, wait, day, now)
     with engine.connect() as conn:
         conn.begin()
-        if conn.dialect.name == "postgresql" and not ctx.settings.pay_portable_sql:
+        if conn.dialect.name == "postgresql" and not settings.pay_portable_sql:
             tx = pay_pg.PayTx(conn)
             try:
                 if ctx.settings.pay_pg_function:
@@ -388,29 +396,71 @@ def _pay_one_trip(ctx: Books, conn: Connection, tx: pay_pg.PayTx, cmd: PayComman
         crash_point("mis.before_commit")
         got = tx.call(cmd=cmd, day=day, day_key=bank_day_key(cmd.bank_id), now=now, wait_ms=wait.wait_ms,
                       rates=ctx.rates)
-        if got is None:
-            continue
-        code = got.code
-        if code == "POSTED":
-            assert got.payment_id is not None and got.branch_code is not None and got.settlement is not None
-            pk, branch, settlement = got.payment_id, got.branch_code, got.settlement
-            allocs = tuple(Allocation(b, f, p) for b, f, p in got.allocations())
-            return PayResult(payment_id_of(branch, pk), receipt_no_of(branch, settlement, pk), settlement, allocs,
-                             int(got.arrears_after or 0), int(got.prepaid_after or 0), cmd.bank_serial,
-                             cmd.account_no, cmd.amount_fen, now), True
-        if code == "NOT_FOUND":
-            raise AccountNotFound(f"account {cmd.account_no} not found")
-        if code == "TAKEN":  # a replay (or a conflict): answer from the stored payment (autocommit reads)
-            existing = conn.execute(_PAYMENT_BY_ID, {"p_id": got.payment_id}).one()
-            return _answer_existing(conn, existing, cmd), False
-        if code == "SUSPENDED":
-            raise BankSuspended(f"bank {cmd.bank_id} is suspended by the utility (停工): {got.refusal}")
-        if code == "CLOSED":
-            raise AccountClosed(f"account {cmd.account_no} is closed")
-        if code == "DAY_CLOSED":
-            settlement_date(day, today_reconciled=True, next_reconciled=True)  # raises DayClosed, as Pay's rule
-        raise AssertionError(f"yd_pay answered {code!r}")
+        if got is not None:
+            return _called(got, cmd, day, now, lambda pk: _answer_existing(
+                conn, conn.execute(_PAYMENT_BY_ID, {"p_id": pk}).one(), cmd))  # autocommit reads
     raise Unavailable("the account kept changing while the payment waited; retry the same serial", reason="RETRY")
+
+
+def _pay_kept(ctx: Books, engine: Engine, pool: pay_pg.KeptConnections, kept: pay_pg.KeptConnection,
+              cmd: PayCommand, wait: WaitBound, day: dt.date, now: dt.datetime) -> tuple[PayResult, bool]:
+    """_pay_one_trip on a kept connection (pay_pg.KeptConnections): the same calls and answers, without a
+    pool checkout. The connection goes back after calls that raised nothing and left no transaction open;
+    after anything else it is closed. A replay is answered on a pool connection, after it went back."""
+    day_key = bank_day_key(cmd.bank_id)
+    got = None
+    try:
+        for _attempt in range(PAY_READ_ATTEMPTS_MAX):
+            crash_point("mis.before_commit")
+            got = pay_pg.call_kept(kept, cmd=cmd, day=day, day_key=day_key, now=now, wait_ms=wait.wait_ms,
+                                   rates=ctx.rates)
+            if got is not None:
+                break
+    except BaseException:
+        pool.discard(kept)
+        raise
+    pool.give_back(kept)
+    if got is None:
+        raise Unavailable("the account kept changing while the payment waited; retry the same serial",
+                          reason="RETRY")
+    return _called(got, cmd, day, now, lambda pk: _replay_of(engine, pk, cmd))
+
+
+def _called(got: pay_pg.PayCalled, cmd: PayCommand, day: dt.date, now: dt.datetime,
+            taken: Callable[[int], PayResult]) -> tuple[PayResult, bool]:
+    """yd_pay's answer as Pay's: (result, True) when it posted, (the stored payment's answer from `taken`,
+    False) for a replay; a refusal raises."""
+    code = got.code
+    if code == "POSTED":
+        assert got.payment_id is not None and got.branch_code is not None and got.settlement is not None
+        pk, branch, settlement = got.payment_id, got.branch_code, got.settlement
+        allocs = tuple(Allocation(b, f, p) for b, f, p in got.allocations())
+        return PayResult(payment_id_of(branch, pk), receipt_no_of(branch, settlement, pk), settlement, allocs,
+                         int(got.arrears_after or 0), int(got.prepaid_after or 0), cmd.bank_serial,
+                         cmd.account_no, cmd.amount_fen, now), True
+    if code == "NOT_FOUND":
+        raise AccountNotFound(f"account {cmd.account_no} not found")
+    if code == "TAKEN":  # a replay (or a conflict): answer from the stored payment
+        assert got.payment_id is not None
+        return taken(got.payment_id), False
+    if code == "SUSPENDED":
+        raise BankSuspended(f"bank {cmd.bank_id} is suspended by the utility (停工): {got.refusal}")
+    if code == "CLOSED":
+        raise AccountClosed(f"account {cmd.account_no} is closed")
+    if code == "DAY_CLOSED":
+        settlement_date(day, today_reconciled=True, next_reconciled=True)  # raises DayClosed, as Pay's rule
+    raise AssertionError(f"yd_pay answered {code!r}")
+
+
+def _replay_of(engine: Engine, pk: int, cmd: PayCommand) -> PayResult:
+    """The answer to a replay of the stored payment `pk`, read in a read-only transaction ended by COMMIT
+    (pay_pg.end_write_free), a refusal too."""
+    with engine.connect().execution_options(read_only=True) as conn, conn.begin():
+        try:
+            return _answer_existing(conn, conn.execute(_PAYMENT_BY_ID, {"p_id": pk}).one(), cmd)
+        except YinDianError:
+            pay_pg.end_write_free(conn)
+            raise
 
 
 def _read_for_pay_portable(conn: Connection, cmd: PayCommand, day: dt.date) -> pay_pg.PayRead:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 from mis_adapter import link_state, metrics_collector, refunds
 from mis_adapter.claim_recovery import ClaimRecovery
@@ -23,6 +22,7 @@ from yindian_common.audit_chain import Sealer
 from yindian_common.clock import Clock, make_clock
 from yindian_common.logs import setup_logging
 from yindian_common.metrics import grpc_server_interceptors, start_metrics_http
+from yindian_common.rpc_pools import CallPool
 from yindian_common.server import GrpcServer
 from yindian_common.settings import add_settings_flags, parse_settings
 from yindian_common.tls import certificate_store
@@ -65,7 +65,7 @@ def build_server(settings: AdapterSettings, clock: Clock | None = None) -> tuple
                         interceptors=grpc_server_interceptors(), cert_store=certificate_store(settings))
     # Pay and Cancel on threads of their own, as many as the pays' connections (settings.money_workers).
     money_workers = settings.money_workers or settings.db_pool_size * len(ctx.router.engines())
-    money_pool = ThreadPoolExecutor(max_workers=money_workers, thread_name_prefix="money")
+    money_pool = CallPool(max_workers=money_workers, thread_name_prefix="money")
     server.add_service("yindian.v1.BillingService", billing_pb2_grpc.add_BillingServiceServicer_to_server,
                        BillingServicer(ctx, money_pool))
     server.add_service("yindian.v1.ReportService", report_pb2_grpc.add_ReportServiceServicer_to_server,

@@ -66,7 +66,9 @@ def db_wait_bound(settings: _WaitSettings, time_left_s: float | None) -> WaitBou
     return WaitBound(wait_ms, wait_ms + IDLE_SLACK_MS)
 
 
-def _stepped(ms: int) -> int:
+def stepped_wait_ms(ms: int) -> int:
+    """A wait bound rounded down to WAIT_STEP_MS (never longer than `ms`): the bound a session keeps,
+    sent again only when a call's step differs from the last one sent."""
     return ms if ms < WAIT_STEP_MS else ms - ms % WAIT_STEP_MS
 
 
@@ -78,7 +80,7 @@ def bound_waits(conn: Connection, bound: WaitBound) -> None:
     if dialect == "postgresql":
         conn.exec_driver_sql(_PG_BOUND, {"wait_ms": str(bound.wait_ms), "idle_ms": str(bound.idle_ms)})
         return
-    ms = _stepped(bound.wait_ms)
+    ms = stepped_wait_ms(bound.wait_ms)
     info = conn.connection.info
     default_ms = info.get("wait_default_ms")
     if default_ms is not None:

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2
 
 from yindian_common.identity import AdmissionInterceptor
 from yindian_common.metrics import ServerMetricsInterceptor
-from yindian_common.rpc_pools import POOL_ATTR, on_pool
+from yindian_common.rpc_pools import POOL_ATTR, CallPool, on_pool
 from yindian_common.server import GrpcServer, ServerLimits
 
 SERVICE = "test.Pools"
@@ -63,3 +63,90 @@ def test_a_handler_runs_on_its_own_pool_through_every_server_wrapper(pool: Threa
 
 def test_on_pool_marks_the_handler_for_grpcio(pool: ThreadPoolExecutor) -> None:
     assert getattr(on_pool(lambda r, c: r, pool), POOL_ATTR) is pool
+
+
+# ---- CallPool: grpcio's pool without concurrent.futures' bookkeeping ----
+def _health_server(pool: ThreadPoolExecutor, max_concurrent_rpcs: int,
+                   behaviour: Any = None) -> tuple[GrpcServer, str]:
+    def unary(req: health_pb2.HealthCheckRequest, ctx: grpc.ServicerContext) -> health_pb2.HealthCheckResponse:
+        if behaviour is not None:
+            behaviour()
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING) \
+            if threading.current_thread().name.startswith("call-pool") else health_pb2.HealthCheckResponse()
+
+    handlers = grpc.method_handlers_generic_handler(SERVICE, {
+        "Unary": grpc.unary_unary_rpc_method_handler(on_pool(unary, pool), health_pb2.HealthCheckRequest.FromString,
+                                                     _ser)})
+    server = GrpcServer(listen="127.0.0.1:0", limits=ServerLimits(grace_s=0.5, max_concurrent_rpcs=max_concurrent_rpcs),
+                        tls=None, insecure=True, interceptors=[ServerMetricsInterceptor()])
+    server.grpc_server.add_generic_rpc_handlers((handlers,))
+    server.start()
+    return server, f"127.0.0.1:{server.port}"
+
+
+def test_calls_on_a_call_pool_run_there_and_free_their_place_under_the_servers_limit() -> None:
+    """grpcio counts calls in progress against max_concurrent_rpcs and learns of their end from the done
+    callback of what the pool's submit returned: 3 places, 20 calls one after another all answer."""
+    pool = CallPool(max_workers=2, thread_name_prefix="call-pool")
+    server, address = _health_server(pool, max_concurrent_rpcs=3)
+    try:
+        with grpc.insecure_channel(address) as ch:
+            call = ch.unary_unary(UNARY, request_serializer=None, response_deserializer=None)
+            req = health_pb2.HealthCheckRequest().SerializeToString()
+            for _ in range(20):
+                got = health_pb2.HealthCheckResponse.FromString(call(req, timeout=10))
+                assert got.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop()
+        pool.shutdown(wait=True)
+
+
+def test_a_call_pool_runs_at_most_max_workers_calls_at_once_and_every_call_once() -> None:
+    pool = CallPool(max_workers=3, thread_name_prefix="call-pool")
+    lock, running, peak, ran = threading.Lock(), [0], [0], []
+    release = threading.Event()
+    done: list[Any] = []
+
+    def work(k: int) -> None:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        release.wait(10)
+        with lock:
+            running[0] -= 1
+            ran.append(k)
+
+    calls = [pool.submit(work, k) for k in range(10)]
+    for c in calls:
+        c.add_done_callback(done.append)
+    release.set()
+    pool.shutdown(wait=True)
+    assert sorted(ran) == list(range(10)) and peak[0] == 3
+    assert len(done) == 10 and all(c.done() for c in calls)
+    late: list[Any] = []
+    calls[0].add_done_callback(late.append)  # added after the end: called at once
+    assert late == [calls[0]]
+    with pytest.raises(RuntimeError):
+        pool.submit(work, 99)
+
+
+def test_shutdown_with_cancel_drops_the_calls_not_started_and_ends_them() -> None:
+    pool = CallPool(max_workers=1, thread_name_prefix="call-pool")
+    started, release = threading.Event(), threading.Event()
+    ran: list[int] = []
+
+    def work(k: int) -> None:
+        started.set()
+        release.wait(10)
+        ran.append(k)
+
+    calls = [pool.submit(work, k) for k in range(4)]
+    ended: list[Any] = []
+    for c in calls:
+        c.add_done_callback(ended.append)
+    assert started.wait(10)
+    pool.shutdown(wait=False, cancel_futures=True)
+    assert len(ended) == 3  # the three queued calls, ended without running
+    release.set()
+    pool.shutdown(wait=True)  # joins the worker, which ends the call it had started
+    assert ran == [0] and len(ended) == 4

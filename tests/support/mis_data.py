@@ -11,6 +11,7 @@ import grpc
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from mis_adapter import pay_pg
 from mis_adapter.context import AdapterContext
 from mis_adapter.db import metadata
 from mis_adapter.db.core import Bank, BillRow, Branch, Customer
@@ -104,11 +105,20 @@ def running_adapter(db_url: str, **overrides: object) -> Iterator[RunningAdapter
 
 
 def pay_read_prepared(engine: Engine) -> int:
-    """How many of the engine's pooled PostgreSQL connections the next checkout lands on have Pay's
-    READ (or its one-trip call of yd_pay) prepared (0 or 1): psycopg forgets a connection's prepared statements at every ROLLBACK, so
-    a write-free path that ends in one shows here as 0. (The check's own transaction ends in COMMIT.)"""
+    """How many of the connections the next pay lands on have Pay's READ (or its one-trip call of yd_pay)
+    prepared (1) or not (0): psycopg forgets a connection's prepared statements at every ROLLBACK, so a
+    write-free path that ends in one shows here as 0. The next pay's connection is a kept one
+    (pay_pg.KeptConnections) once pays have opened one, else the pool's next checkout (the check's own
+    transaction ends in COMMIT)."""
+    sql = ("SELECT (COUNT(*) > 0)::int FROM pg_prepared_statements "
+           "WHERE statement LIKE '%pg_advisory_xact_lock_shared%' OR statement LIKE '%FROM yd_pay(%'")
+    kept_pool = pay_pg.kept_connections(engine)
+    if kept_pool is not None and kept_pool.open_count:
+        kept = kept_pool.take()
+        assert kept is not None
+        try:
+            return int(kept.raw.execute(sql).fetchone()[0])
+        finally:
+            kept_pool.give_back(kept)
     with engine.connect() as conn, conn.begin():
-        return int(conn.execute(sa.text(
-            "SELECT COUNT(*) FROM pg_prepared_statements "
-            "WHERE statement LIKE '%pg_advisory_xact_lock_shared%' OR statement LIKE '%FROM yd_pay(%'"
-        )).scalar_one())
+        return int(conn.execute(sa.text(sql)).scalar_one())
