@@ -653,6 +653,14 @@ class KeptConnections:
                 raw = fairy.driver_connection
                 fairy.detach()
                 return KeptConnection(fairy, raw, self.db)
+            except psycopg.Error as exc:
+                # The session's setup statement met a server that ended the connection (a terminated
+                # backend, a restart): database trouble before anything was sent, as the pool's own
+                # connect would report it (payments' db_call makes it UNAVAILABLE DB_UNAVAILABLE).
+                fairy.invalidate()
+                failed = DBAPIError.instance(KEPT_SESSION, None, exc, psycopg.Error, connection_invalidated=True)
+                record_db_error(self.db, failed)
+                raise failed from exc
             except BaseException:
                 fairy.invalidate()
                 raise

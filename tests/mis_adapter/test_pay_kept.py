@@ -138,6 +138,25 @@ def test_a_pay_after_its_kept_connections_backend_was_terminated_posts(books: Ad
     assert set(_kept_backends(engine)).isdisjoint(backends)
 
 
+def test_a_connection_ended_while_its_kept_session_is_set_up_refuses_the_pay_unavailable(
+        books: AdapterContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server ends a new kept connection during its setup statement (its backend terminates itself,
+    as a restart or an operator would): the pay is refused UNAVAILABLE DB_UNAVAILABLE (nothing was sent,
+    nothing written), never UNKNOWN, the failed connection is not counted as open, and the next pay posts."""
+    engine = books.router.primary
+    acct = add_account(engine, "01", 1, BILLS)
+    with monkeypatch.context() as m:
+        m.setattr(pay_pg, "KEPT_SESSION", "SELECT pg_terminate_backend(pg_backend_pid())")
+        with pytest.raises(Unavailable) as refused:
+            _pay(books, "P-1", acct)
+    assert refused.value.reason == "DB_UNAVAILABLE"
+    assert _paid(engine, acct) == []
+    kept_pool = pay_pg.kept_connections(engine)
+    assert kept_pool is not None and kept_pool.open_count == 0
+    assert _pay(books, "P-1", acct).amount_fen == 1_000
+    assert _paid(engine, acct) == [("P-1", 1_000)]
+
+
 def test_a_terminated_backend_fails_only_the_pay_in_flight(books: AdapterContext) -> None:
     """The pay whose backend is terminated while it waits answers UNAVAILABLE (in doubt: its call was
     sent; here nothing was written); the pays after it post on other connections."""
