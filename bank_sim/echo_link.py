@@ -115,7 +115,12 @@ class AioProxyServicer(billing_pb2_grpc.BillingServiceServicer):
         try:
             return await self._metrics.call(self._pay, request, timeout=timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
-            await context.abort(exc.code(), exc.details() or "echo link error")  # type: ignore[attr-defined]
+            # Not context.abort: grpc.aio's abort sends the status before it raises, so a caller could see
+            # the error before the metrics interceptor had counted it. With the code set and no response,
+            # the status goes out after the interceptor has recorded it, as on the thread-pool server.
+            context.set_code(exc.code())  # type: ignore[attr-defined]
+            context.set_details(exc.details() or "echo link error")  # type: ignore[attr-defined]
+            return None
 
 
 async def serve_aio_proxy(settings: EchoLinkSettings) -> None:
