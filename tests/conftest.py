@@ -11,13 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.databases import fresh_database
+from tests.support.databases import drop_templates, fresh_database
 from tests.support.topology import BRANCHES3, SINGLE, Topology, topology_databases
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "migrated(schema): the database fixtures give a database already at the "
                                        "schema's heads ('mis' or 'bridge') instead of an empty one")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    drop_templates()  # at the end of each xdist worker's session too: a worker may leave by os._exit, past atexit
 
 
 def _schema(request: pytest.FixtureRequest) -> str | None:

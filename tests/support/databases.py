@@ -117,7 +117,7 @@ class _Templates:
         self._servers: dict[tuple[str, str], str] = {}  # (backend, schema) -> template database name
         self._mariadb_ddl: dict[str, tuple[list[str], list[str]]] = {}  # schema -> (DDL, tables with rows)
         self._to_drop: list[tuple[str, str]] = []
-        atexit.register(self._drop_all)
+        atexit.register(self.drop_all)
 
     def sqlite(self, schema: str) -> Path:
         with self._lock:
@@ -159,12 +159,16 @@ class _Templates:
             eng.dispose()
         return u.set(database=name).render_as_string(hide_password=False)
 
-    def _drop_all(self) -> None:
-        for admin, template in self._to_drop:
+    def drop_all(self) -> None:
+        """Drops the templates made so far; later requests make them again."""
+        with self._lock:
+            to_drop, self._to_drop, self._servers, self._sqlite = self._to_drop, [], {}, {}
+        for admin, template in to_drop:
             with contextlib.suppress(Exception):  # the server may be gone at exit: nothing else to do
                 drop_database(admin, template)
         if self._dir:
             shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
 
 
 def _mariadb_schema(admin: str, template: str) -> tuple[list[str], list[str]]:
@@ -194,3 +198,7 @@ def _mariadb_schema(admin: str, template: str) -> tuple[list[str], list[str]]:
 
 
 _TEMPLATES = _Templates()
+
+
+def drop_templates() -> None:
+    _TEMPLATES.drop_all()
