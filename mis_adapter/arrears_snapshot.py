@@ -108,6 +108,7 @@ ARREARS_SNAPSHOT_MONTH_ENDS_KEEP = 13    # month-end snapshots kept (past-date r
 ARREARS_SNAPSHOT_DELETE_ROWS = 50_000    # bill ids per DELETE when a snapshot is dropped
 ARREARS_SNAPSHOT_BUILD_STALE_S = 6 * 3600  # a BUILDING header older than this is a job that died
 ARREARS_SNAPSHOT_STOP_S = 5.0           # longest wait for serve's job to end when the process stops
+ARREARS_SNAPSHOT_COPY_ROWS = 20_000      # SQLite: snapshot rows per write transaction (a pay waits at most one)
 DROPPING = "DROPPING"
 
 _b = sa.bindparam
@@ -129,7 +130,7 @@ _SNAP_COLUMNS = ["as_of", "bill_id", "account_no", "period", "unpaid_fen", "accr
 
 
 @functools.lru_cache(maxsize=8)
-def _insert_rows(rates: LateFeeRates, dialect: str) -> Any:
+def _insert_rows(rates: LateFeeRates, dialect: str, into: str | None = None) -> Any:
     """The snapshot's rows of day :snap_day: every bill up to :bills_upto in arrears at its end, as the
     reconstruction at that day prices it (reports._arrears_bills with as_of the day, fee_state): principal
     unpaid, the accrual through the day, and the fee paid by then. The accrual continues from the later of
@@ -153,7 +154,8 @@ def _insert_rows(rates: LateFeeRates, dialect: str) -> Any:
                       sa.case((replay_ok, sa.true()), else_=sa.false()))
             .select_from(u.join(b, b.c.bill_id == u.c.bill_id).join(c, c.c.account_no == u.c.account_no))
             .where(u.c.bill_id <= _b("bills_upto", type_=sa.BigInteger)))
-    return T_SNAP_BILL.insert().from_select(_SNAP_COLUMNS, rows)
+    target = T_SNAP_BILL if into is None else sa.table(into, *(sa.column(c) for c in _SNAP_COLUMNS))
+    return target.insert().from_select(_SNAP_COLUMNS, rows)
 
 
 _COUNT_ROWS = sa.select(sa.func.count()).select_from(T_SNAP_BILL).where(T_SNAP_BILL.c.as_of == _DAY)
@@ -224,30 +226,90 @@ def build(engine: Engine, clock: Clock, day: dt.date, retention: Retention | Non
         return Built(day, "BUSY")
     try:
         _settle(engine, stop)
-        options = {"isolation_level": "READ COMMITTED"} if engine.dialect.name == "mysql" else {}
-        with engine.connect().execution_options(**options) as conn, conn.begin():
-            issued_before = _stamp(engine, end_of_day_utc(day, clock.tz))
-            # bills_upto: no bill at or below it was issued after the day (ids grow with each insert, and
-            # every bill up to max_bill is committed or gone: _settle), so each one in arrears at the day's
-            # end is in the snapshot; every bill above it the report reads from bills
-            first_after = conn.execute(_FIRST_ISSUED_AFTER, {"issued_before": issued_before,
-                                                             "max_bill": max_bill}).scalar()
-            bills_upto = max_bill if first_after is None else int(first_after) - 1
-            params = {"snap_day": day, "as_of": day, "bills_upto": bills_upto, "issued_before": issued_before}
-            with _materialised(conn, params, rates):
-                _no_jit(conn)
-                conn.execute(_insert_rows(rates, engine.dialect.name), params)
-            n = int(conn.execute(_COUNT_ROWS, {"day": day}).scalar_one())
-            conn.execute(T_SNAP.update().where(T_SNAP.c.as_of == day, T_SNAP.c.state == BUILDING)
-                         .values(state=READY, bills=n, bills_upto=bills_upto))
+        if engine.dialect.name == "sqlite":
+            n, bills_upto = _build_sqlite(engine, clock, day, max_bill, rates)
+        else:
+            n, bills_upto = _build_in_one(engine, clock, day, max_bill, rates)
     except BaseException:
         _drop(engine, day)
         raise
+    return _built(engine, clock, day, n, bills_upto, t0, retention, rates)
+
+
+def _build_in_one(engine: Engine, clock: Clock, day: dt.date, max_bill: int, rates: LateFeeRates) -> tuple[int, int]:
+    """PostgreSQL and MariaDB: the rows computed and written by one statement in one transaction (writers of
+    other rows are not held up: row locks). Returns (rows, bills_upto)."""
+    options = {"isolation_level": "READ COMMITTED"} if engine.dialect.name == "mysql" else {}
+    with engine.connect().execution_options(**options) as conn, conn.begin():
+        issued_before = _stamp(engine, end_of_day_utc(day, clock.tz))
+        # bills_upto: no bill at or below it was issued after the day (ids grow with each insert, and
+        # every bill up to max_bill is committed or gone: _settle), so each one in arrears at the day's
+        # end is in the snapshot; every bill above it the report reads from bills
+        first_after = conn.execute(_FIRST_ISSUED_AFTER, {"issued_before": issued_before,
+                                                         "max_bill": max_bill}).scalar()
+        bills_upto = max_bill if first_after is None else int(first_after) - 1
+        params = {"snap_day": day, "as_of": day, "bills_upto": bills_upto, "issued_before": issued_before}
+        with _materialised(conn, params, rates):
+            _no_jit(conn)
+            conn.execute(_insert_rows(rates, engine.dialect.name), params)
+        n = int(conn.execute(_COUNT_ROWS, {"day": day}).scalar_one())
+        conn.execute(T_SNAP.update().where(T_SNAP.c.as_of == day, T_SNAP.c.state == BUILDING)
+                     .values(state=READY, bills=n, bills_upto=bills_upto))
+    return n, bills_upto
+
+
+def _built(engine: Engine, clock: Clock, day: dt.date, n: int, bills_upto: int, t0: float,
+           retention: Retention | None, rates: LateFeeRates) -> Built:
     _analyze(engine)
     built = Built(day, "BUILT", n, time.monotonic() - t0)
     log.info("event=arrears_snapshot day=%s bills=%d bills_upto=%d seconds=%.2f", day, n, bills_upto, built.seconds)
     prune(engine, clock, retention, rates)
     return built
+
+
+_SQLITE_ROWS = "yd_arrears_snapshot_rows"
+_COLS = ", ".join(_SNAP_COLUMNS)
+
+
+def _build_sqlite(engine: Engine, clock: Clock, day: dt.date, max_bill: int, rates: LateFeeRates) -> tuple[int, int]:
+    """SQLite writes under one lock for the whole database (every writer's transaction is BEGIN IMMEDIATE),
+    so the reconstruction, seconds at a million bills, must not run in a write transaction: pays would wait
+    out their busy timeout behind it. The rows are computed in one read transaction (one consistent view)
+    into a temporary table, which lives in the connection's own temporary database and takes no lock on
+    the main one; they are then copied in ARREARS_SNAPSHOT_COPY_ROWS per write transaction, so a pay waits
+    at most one chunk's copy. The header stays BUILDING until the last chunk is in: no report reads a part.
+    Returns (rows, bills_upto)."""
+    with engine.connect() as conn:
+        conn.execution_options(read_only=True)  # BEGIN, not BEGIN IMMEDIATE (yindian_common.db)
+        try:
+            with conn.begin():
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS temp.{_SQLITE_ROWS}")
+                conn.exec_driver_sql(f"CREATE TEMP TABLE {_SQLITE_ROWS} AS SELECT {_COLS} "
+                                     "FROM arrears_snapshot_bills WHERE 0")
+                issued_before = _stamp(engine, end_of_day_utc(day, clock.tz))
+                first_after = conn.execute(_FIRST_ISSUED_AFTER, {"issued_before": issued_before,
+                                                                 "max_bill": max_bill}).scalar()
+                bills_upto = max_bill if first_after is None else int(first_after) - 1
+                conn.execute(_insert_rows(rates, "sqlite", _SQLITE_ROWS),
+                             {"snap_day": day, "as_of": day, "bills_upto": bills_upto,
+                              "issued_before": issued_before})
+                last = int(conn.exec_driver_sql(f"SELECT coalesce(max(rowid), 0) FROM temp.{_SQLITE_ROWS}")
+                           .scalar_one())
+            conn.execution_options(read_only=False)
+            for lo in range(0, last, ARREARS_SNAPSHOT_COPY_ROWS):
+                with conn.begin():
+                    conn.exec_driver_sql(f"INSERT INTO arrears_snapshot_bills ({_COLS}) SELECT {_COLS} "
+                                         f"FROM temp.{_SQLITE_ROWS} WHERE rowid > ? AND rowid <= ?",
+                                         (lo, lo + ARREARS_SNAPSHOT_COPY_ROWS))
+            with conn.begin():
+                n = int(conn.execute(_COUNT_ROWS, {"day": day}).scalar_one())
+                conn.execute(T_SNAP.update().where(T_SNAP.c.as_of == day, T_SNAP.c.state == BUILDING)
+                             .values(state=READY, bills=n, bills_upto=bills_upto))
+        finally:
+            conn.execution_options(read_only=True)
+            with conn.begin():
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS temp.{_SQLITE_ROWS}")
+    return n, bills_upto
 
 
 def _analyze(engine: Engine) -> None:

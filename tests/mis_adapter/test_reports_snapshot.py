@@ -591,3 +591,55 @@ def test_postgresql_reads_every_bill_when_many_payments_came_after_the_snapshot(
     assert (_snapshot_read(engine, as_of) is None) == (engine.dialect.name == "postgresql")
     assert _reports(engine, as_of, True) == expected
     assert expected[0].total.principal_fen == 16_000
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_on_sqlite_a_pay_commits_while_the_snapshot_is_computed(engine: sa.Engine,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite has one write lock for the whole database: a snapshot reconstructed in a write transaction
+    (seconds at a million bills) would make every pay wait out its busy timeout and fail. A writer with no
+    busy timeout at all commits while the reconstruction's statement runs, and the snapshot, copied in
+    afterwards in chunks, is whole (it failed with the reconstruction in the write transaction, and lost
+    the last row when the chunks' bounds were off by one)."""
+    snap_day = BASE + dt.timedelta(days=40)
+    unpaid = {"account": 0, "amount": 10_000, "prepaid": 0, "migrated": 0, "migrated_fee": 0, "due": 0,
+              "year": 2025, "allocations": []}
+    with engine.begin() as conn:
+        books = Books(conn)
+        for n in range(1, 6):
+            books.bill(n, {**unpaid, "account": n}, EARLY)
+    account = ACCOUNTS[0][0]
+    committed: list[str] = []
+    monkeypatch.setattr(arrears_snapshot, "ARREARS_SNAPSHOT_COPY_ROWS", 2)  # 5 rows: copied in three chunks
+
+    def pay_meanwhile(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        # the first INSERT … SELECT is the reconstruction of the snapshot's rows (the header's is INSERT … VALUES)
+        upper = statement.upper()
+        if committed or "INSERT INTO" not in upper or "SELECT" not in upper:
+            return
+        import sqlite3
+        other = sqlite3.connect(engine.url.database or "", timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # what every writer of ours takes (yindian_common.db)
+            other.execute("UPDATE customers SET prepaid_fen = prepaid_fen + 100 WHERE account_no = ?", (account,))
+            other.execute("COMMIT")
+            committed.append("committed")
+        except sqlite3.OperationalError as e:
+            committed.append(str(e))
+        finally:
+            other.close()
+
+    sa.event.listen(engine, "before_cursor_execute", pay_meanwhile)
+    try:
+        built = arrears_snapshot.build(engine, ManualClock(reports.end_of_day_utc(snap_day, TZ)
+                                                           + dt.timedelta(days=1)), snap_day)
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", pay_meanwhile)
+    assert committed == ["committed"]
+    assert built.bills == 5
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT prepaid_fen FROM customers WHERE account_no = :a"),
+                            {"a": account}).scalar_one() == 100
+    got = _reports(engine, snap_day, True)
+    assert (got[0].total.households, got[0].total.principal_fen) == (5, 50_000)
+    assert got == _reports(engine, snap_day, False)
