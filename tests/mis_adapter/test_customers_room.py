@@ -6,8 +6,6 @@ do under load. At fillfactor 90 (0004_pgpay_lean_pay) the sixth version on a pag
 The downgrade gives back 90."""
 from __future__ import annotations
 
-import datetime as dt
-
 import psycopg
 import sqlalchemy as sa
 
