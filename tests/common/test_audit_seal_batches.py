@@ -265,8 +265,10 @@ def _tamper_journal(engine: sa.Engine, table: str, id_col: str, ids: list[int], 
             conn.execute(sa.text(f"UPDATE {table} SET {amount_col} = {amount_col} + 1 WHERE {id_col} = :i"), {"i": i})
 
 
-MIGRATED = [pytest.param((JOURNAL_CHAIN, _journal_rows, "mis_adapter.migrate", "0005_audit_seal_batches"), id="mis"),
-            pytest.param((AUDIT_CHAIN, _audit_rows, "bridge.migrate", "0006_seals_batches"), id="bridge")]
+# (chain, rows, migrate module, the downgrade target that undoes the batch seals' revision)
+MIGRATED = [pytest.param((JOURNAL_CHAIN, _journal_rows, "mis_adapter.migrate", "0005_audit_seal_batches@-1"), id="mis"),
+            # the revision before 0006_seals_batches: it and every later one (0007_pgcpu_journal_room) undone
+            pytest.param((AUDIT_CHAIN, _audit_rows, "bridge.migrate", "0005_journal_lean_indexes"), id="bridge")]
 
 
 def _migrated(engine: sa.Engine, module: str) -> Any:
@@ -306,14 +308,14 @@ def test_a_chain_sealed_per_row_then_extended_by_batches_verifies_and_names_old_
 @pytest.mark.parametrize("case", MIGRATED)
 def test_downgrade_reseals_per_row_as_the_code_before_would_and_refuses_a_tampered_chain(
         engine: sa.Engine, case: Any) -> None:
-    chain, make_rows, module, revision = case
+    chain, make_rows, module, below = case
     migrate = _migrated(engine, module)
     ident = chain.entries.c[chain.id_column]
     rnd = random.Random(9)
     with engine.begin() as conn:
         conn.execute(chain.entries.insert(), make_rows(rnd, 23))
     assert [chain.seal_pending(engine, NOW, batch_max=10) for _ in range(4)] == [10, 10, 3, 0]
-    migrate.downgrade(engine, f"{revision}@-1")
+    migrate.downgrade(engine, below)
     with engine.connect() as conn:
         assert chain.batches.name not in sa.inspect(conn).get_table_names()
         rows = [dict(r) for r in conn.execute(sa.select(chain.entries).order_by(ident)).mappings()]
@@ -332,7 +334,7 @@ def test_downgrade_reseals_per_row_as_the_code_before_would_and_refuses_a_tamper
     ids = [r[chain.id_column] for r in rows]
     _tamper_journal(engine, chain.entries.name, chain.id_column, [ids[7]], "amount_fen")
     with pytest.raises(ChainTampered, match=f"entry {ids[7]} edited"):
-        migrate.downgrade(engine, f"{revision}@-1")
+        migrate.downgrade(engine, below)
     with engine.connect() as conn:
         assert chain.batches.name in sa.inspect(conn).get_table_names()
         assert conn.execute(sa.select(sa.func.count()).select_from(chain.seals)).scalar() == 23
