@@ -132,7 +132,8 @@ class Bridge:
             settle_s=settings.control_totals_settle_s, call_timeout_s=settings.control_totals_call_timeout_s,
             in_doubt_max=settings.control_totals_in_doubt_max, list_page_max=settings.control_totals_list_page_max,
             list_pages_max=settings.control_totals_list_pages_max,
-            serials_logged=settings.control_totals_serials_logged))
+            serials_logged=settings.control_totals_serials_logged, page_rows=settings.control_totals_page_rows,
+            rebuild_every=settings.control_totals_rebuild_every))
         self._drained = False
         self._link = relay_of(self.ctx)  # its journal table exists before the first call
         self._stop_sign_on = threading.Event()

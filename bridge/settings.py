@@ -122,6 +122,12 @@ class BridgeSettings(ServerSettings):
                                                            "serials")
     control_totals_serials_logged: int = Field(10, ge=1, le=10,
                                                description="differing serials named in the log")
+    control_totals_page_rows: int = Field(500, ge=10, le=10_000,
+                                          description="journal rows per fetch of an exchange (its Python work "
+                                                      "comes in slices of this many rows between round trips)")
+    control_totals_rebuild_every: int = Field(60, ge=1, le=100_000,
+                                              description="exchanges between two full reads of the journal's two "
+                                                          "days (in between, each reads what changed)")
 
     @field_validator("upstream", mode="before")
     @classmethod
