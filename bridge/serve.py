@@ -28,6 +28,7 @@ from yindian_common.audit_chain import Sealer
 from yindian_common.clock import Clock, make_clock
 from yindian_common.db import make_engine, role_name
 from yindian_common.errors import InvalidField
+from yindian_common.gc_pauses import freeze_startup_heap
 from yindian_common.identity import HEALTH_PREFIX, AdmissionInterceptor
 from yindian_common.logs import setup_logging
 from yindian_common.metrics import grpc_server_interceptors, start_metrics_http
@@ -196,5 +197,6 @@ def main(argv: list[str]) -> int:
     bridge.start_workers()
     log.info("event=start bank=%s upstream=%s listen=%s", settings.bank_id, ",".join(settings.upstream),
              bridge.address)
+    freeze_startup_heap()
     bridge.server.serve_forever(f"READY bridge grpc={bridge.address} metrics={metrics_port}")
     return 0
