@@ -127,7 +127,8 @@ class Bridge:
                                 BillingServicer(self.ctx, self.resolver))
         self.server.on_drain(self._after_drain)
         self.sealer = Sealer([(AUDIT_CHAIN, self._role_engines.get("sealer", engine))], settings.audit_seal_interval_s,
-                             clock.now)
+                             clock.now, batch_max=settings.audit_seal_batch_max,
+                             batches_per_pass=settings.audit_seal_batches_per_pass)
         self.control_totals = ControlTotalsExchanger(engine, self.ctx.upstream, clock, settings.bank_id, ExchangeLimits(
             interval_s=settings.control_totals_interval_s, window_s=settings.control_totals_window_s,
             settle_s=settings.control_totals_settle_s, call_timeout_s=settings.control_totals_call_timeout_s,

@@ -92,7 +92,8 @@ def main(argv: list[str]) -> int:
     server, _ctx = build_server(settings)
     metrics_collector.register(_ctx.router.engines(), _ctx.clock)
     sealer = Sealer([(JOURNAL_CHAIN, e) for e in _ctx.router.role_engines(_ctx.router.engines(), "sealer")],
-                    settings.audit_seal_interval_s, _ctx.clock.now)
+                    settings.audit_seal_interval_s, _ctx.clock.now, batch_max=settings.audit_seal_batch_max,
+                    batches_per_pass=settings.audit_seal_batches_per_pass)
     sealer.start()
     server.on_drain(sealer.stop)
     metrics_port = start_metrics_http(settings.metrics_host, settings.metrics_port)
