@@ -95,7 +95,8 @@ def _utc(value: dt.datetime) -> dt.datetime:
 
 class _Fact(NamedTuple):
     """What one journal row contributes, parsed once (a definite row's never changes); whether it counts
-    as of a cutoff is decided in `_view_of`, so the same fact serves every exchange."""
+    as of a cutoff is decided at each exchange (`_Tally`, held equal to the rule `_entries_of`), so the
+    same fact serves every exchange. Atoms only (no object per pay besides the tuple)."""
     kind: str
     serial: str
     state: str
