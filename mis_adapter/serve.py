@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from mis_adapter import link_state, metrics_collector, refunds
+from mis_adapter import arrears_snapshot, link_state, metrics_collector, refunds
 from mis_adapter.claim_recovery import ClaimRecovery
 from mis_adapter.context import AdapterContext
 from mis_adapter.customer_service import CustomerServicer, add_operator_flags
@@ -80,6 +80,13 @@ def build_server(settings: AdapterSettings, clock: Clock | None = None) -> tuple
     if recovery is not None:
         recovery.start()
         server.on_drain(recovery.stop)
+    if settings.arrears_snapshot_interval_s > 0:
+        snapshots = arrears_snapshot.SnapshotJob(
+            ctx.router.engines(), clock, settings.arrears_snapshot_interval_s,
+            arrears_snapshot.Retention(settings.arrears_snapshots_keep_days, settings.arrears_snapshot_month_ends_keep),
+            ctx.rates)
+        snapshots.start()
+        server.on_drain(snapshots.stop)
     server.on_drain(lambda: money_pool.shutdown(wait=False, cancel_futures=True))
     server.on_drain(ctx.close)
     return server, ctx

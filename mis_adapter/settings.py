@@ -100,6 +100,15 @@ class AdapterSettings(ServerSettings):
                                                        "branch this old is released (must exceed the longest "
                                                        "a Pay can take)")
 
+    arrears_snapshot_interval_s: float = Field(600.0, ge=0, le=86_400,
+                                               description="arrears snapshots: seconds between serve's passes "
+                                                           "that snapshot the newest day every bank has closed "
+                                                           "(0: off; `mis_adapter arrears-snapshot` still works)")
+    arrears_snapshots_keep_days: int = Field(7, ge=1, le=366, description="arrears snapshots: the newest kept")
+    arrears_snapshot_month_ends_keep: int = Field(13, ge=0, le=120,
+                                                  description="arrears snapshots: month ends kept (past-date "
+                                                              "reports read the newest on or before their date)")
+
     # Customer channels (CustomerService) and ReportService: utility operator identities, never banks.
     operators: NameList = Field(default_factory=list,
                                  description="utility operator NAME allowed operator RPCs (repeatable; "
