@@ -20,6 +20,7 @@ from yindian.v1 import billing_pb2_grpc, customer_pb2_grpc, report_pb2_grpc
 from yindian_common import crash_points
 from yindian_common.audit_chain import Sealer
 from yindian_common.clock import Clock, make_clock
+from yindian_common.gc_pauses import freeze_startup_heap
 from yindian_common.logs import setup_logging
 from yindian_common.metrics import grpc_server_interceptors, start_metrics_http
 from yindian_common.rpc_pools import CallPool
@@ -98,10 +99,12 @@ def main(argv: list[str]) -> int:
     server, _ctx = build_server(settings)
     metrics_collector.register(_ctx.router.engines(), _ctx.clock)
     sealer = Sealer([(JOURNAL_CHAIN, e) for e in _ctx.router.role_engines(_ctx.router.engines(), "sealer")],
-                    settings.audit_seal_interval_s, _ctx.clock.now)
+                    settings.audit_seal_interval_s, _ctx.clock.now, batch_max=settings.audit_seal_batch_max,
+                    batches_per_pass=settings.audit_seal_batches_per_pass)
     sealer.start()
     server.on_drain(sealer.stop)
     metrics_port = start_metrics_http(settings.metrics_host, settings.metrics_port)
+    freeze_startup_heap()
     server.serve_forever(f"READY mis_adapter grpc={settings.listen.rsplit(':', 1)[0]}:{server.port} "
                          f"metrics={metrics_port}")
     return 0

@@ -26,9 +26,11 @@ from tests.common.test_audit_chain_hash import _audit_rows, _journal_rows, refer
 from tests.conftest import SERVERS
 from yindian_common.audit_chain import (
     GENESIS,
+    SEAL_BATCH_MAX,
     SEAL_LOOKBACK_IDS,
     Chain,
     ChainTampered,
+    Sealer,
     batch_seals_table,
     drop_append_only_ddl,
     seals_table,
@@ -409,3 +411,22 @@ def test_a_full_pass_seals_a_late_row_below_the_window_even_after_a_sealed_row_w
     assert chain.seal_pending(engine, NOW) == 1
     checked, problems, unsealed = verify(engine, chain)
     assert (checked, problems, unsealed) == (6, ["entry 5002 deleted (seal 1)"], 0)
+
+
+def test_the_sealer_bounds_rows_per_seal_and_seals_per_pass_and_seals_everything_at_stop(engine: sa.Engine) -> None:
+    """A background pass writes at most batches_per_pass seals of at most batch_max rows each (a backlog
+    waits for later passes); the pass at stop seals the rest; the chain verifies."""
+    chain = make_chain(sa.MetaData(), "tb")
+    create(engine, chain)
+    add_rows(engine, chain, _journal_rows(random.Random(6), 40))
+    sealer = Sealer([(chain, engine)], 3600, lambda: NOW, batch_max=7, batches_per_pass=2)
+    assert sealer.seal_once(SEAL_LOOKBACK_IDS, 2) == 14
+    assert sealer.seal_once(SEAL_LOOKBACK_IDS, 2) == 14
+    with engine.connect() as conn:
+        counts = [n for (n,) in conn.execute(sa.select(chain.batches.c.entry_count).order_by(chain.batches.c.seal_no))]
+    assert counts == [7, 7, 7, 7]
+    assert verify(engine, chain) == (28, [], 12)
+    assert sealer.seal_once() == 12  # what stop() runs last: no bound
+    assert verify(engine, chain) == (40, [], 0)
+    with pytest.raises(ValueError):
+        Sealer([(chain, engine)], 1, lambda: NOW, batch_max=SEAL_BATCH_MAX + 1)
