@@ -619,9 +619,8 @@ def _write_plan(conn: Connection, bank_id: str, plan: _Plan, today: dt.date, now
     ids = _insert_payments(conn, bank_id, new_debits, today, now, arrears_after, prepaid_after, prepaid_added)
     if plan.fast:
         # The fast debits' bills are distinct (one unpaid bill per account, one debit per account), read above
-        # with their accounts locked: the UPDATE settles each, or the batch is not posted. With the payment ids
-        # from the INSERT's own RETURNING, this is the check the allocations' foreign keys made per row
-        # (dropped on PostgreSQL by 0004_feedx_no_parent_fks: bills and payments are never deleted).
+        # with their accounts locked: the UPDATE settles each, or the batch is not posted (a bill the read saw
+        # unpaid that is no longer so would otherwise be allocated twice).
         settled = conn.execute(_SETTLE_BILLS, {"ids": list_of(conn, [r.bill_id for r in plan.fast]),
                                                "today": today}).rowcount
         if settled != len(plan.fast):
