@@ -26,6 +26,10 @@ Closed loop by default: N tasks, call after call (`--in-flight`, 32). With
 (latency counted from the intended start, an arrival finding every slot busy
 is dropped), stepping through `--rates`; it prints the highest rate held
 (nothing dropped or failed, ≥ 95 % of the rate achieved, p99 < `--p99-max-ms`).
+`--latency-trace FILE` also writes every measured call (send time, latency, status) as CSV, to see
+stalls on a timeline; the meter's own sampling runs on a thread beside the calls (on the event loop,
+its statistics reads held back every arrival due meanwhile: a 0.1-1 s stall at the start of each
+PostgreSQL measurement on a busy box) over connections kept for the run.
 
 Real processes on loopback; never kills a process it did not start; never
 imports mis_adapter or bridge (their CLIs start them)."""
@@ -98,6 +102,11 @@ class BenchRatioSettings(YinDianSettings):
     bridge_args: str = Field("", description="extra options for the bridge, space-separated (e.g. '--max-workers 16')")
     mis_args: str = Field("", description="extra options for mis_adapter, space-separated")
     proxy_args: str = Field("", description="extra options for the echo's proxy, space-separated (e.g. --proxy-args=--aio)")
+    latency_trace: str = Field("", description="also write every measured call as a CSV line here (measurement, "
+                               "offered rate, send time s since the window opened, latency ms, status) to see "
+                               "stalls on a timeline; empty: off")
+    latency_trace_rows_max: int = Field(2_000_000, ge=1, le=20_000_000,
+                                        description="most calls --latency-trace keeps per measurement")
 
 
 # ---- CPU from /proc ----
@@ -191,6 +200,17 @@ PG_WAL_STATS = ("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::big
                 "FROM pg_stat_wal w")
 
 
+METER_APP = "bench-ratio"  # application_name of the benchmark's own statistics reads
+
+
+def meter_engine(url: sa.URL | str) -> sa.Engine:
+    """The benchmark's own statistics reads: one connection kept open for the run (a new backend per
+    sample, as NullPool made, cost the measured server a fork and its catalog loads at every window's
+    edges and took 0.1-1 s on a busy box); named METER_APP, which the backends' CPU leaves out."""
+    return sa.create_engine(normalize_url(str(url)) if isinstance(url, str) else url, pool_size=1, max_overflow=0,
+                            pool_timeout=30, connect_args={"application_name": METER_APP})
+
+
 class DbStats:
     """PostgreSQL's own counters over a measurement: per database (label → database name)
     pg_stat_database (transactions committed/rolled back, rows inserted/updated/deleted,
@@ -202,10 +222,8 @@ class DbStats:
 
     def __init__(self, admin_url: str, databases: dict[str, str]) -> None:
         admin = sa.make_url(normalize_url(admin_url))
-        named = {"application_name": "bench-ratio"}  # its own reads show apart from the servers' roles
-        self._admin = sa.create_engine(admin, poolclass=sa.pool.NullPool, connect_args=named)
-        self._dbs = {label: sa.create_engine(admin.set(database=name), poolclass=sa.pool.NullPool,
-                                             connect_args=named) for label, name in databases.items()}
+        self._admin = meter_engine(admin)
+        self._dbs = {label: meter_engine(admin.set(database=name)) for label, name in databases.items()}
         self._before: dict[str, dict[str, float]] = {}
         self.delta: dict[str, dict[str, float]] = {}
         self.indexes: dict[str, int] = {}  # "label.table" → indexes on it
@@ -303,10 +321,14 @@ class Window:
         self.dropped = 0
         self.start = time.perf_counter() + settings.warmup_s
         self.end = self.start + settings.duration_s
+        self.trace_max = settings.latency_trace_rows_max if settings.latency_trace else 0
+        self.trace: list[tuple[float, float, str]] = []  # (sent, answered, status) of each measured call
 
     def record(self, t0: float, t1: float, code: str) -> None:
         if t0 < self.start or t1 > self.end:
             return
+        if len(self.trace) < self.trace_max:
+            self.trace.append((t0, t1, code))
         if code:
             if code in self.errors or len(self.errors) < ERROR_KINDS_MAX:
                 self.errors[code] = self.errors.get(code, 0) + 1
@@ -334,9 +356,9 @@ async def closed_loop(stub: billing_pb2_grpc.BillingServiceStub, make: PayFactor
 
     async def clock() -> None:
         await asyncio.sleep(max(0.0, window.start - time.perf_counter()))
-        on_window(True)
+        await asyncio.to_thread(on_window, True)
         await asyncio.sleep(max(0.0, window.end - time.perf_counter()))
-        on_window(False)
+        await asyncio.to_thread(on_window, False)
 
     await asyncio.gather(clock(), *(worker() for _ in range(settings.in_flight)))
 
@@ -355,16 +377,17 @@ async def open_loop(stub: billing_pb2_grpc.BillingServiceStub, make: PayFactory,
         finally:
             slots.release()
 
-    opened = False
+    opening: asyncio.Task[None] | None = None
     i = 0
     while True:
         intended = began + i / rate
         if intended >= window.end:
             break
         now = time.perf_counter()
-        if not opened and now >= window.start:
-            on_window(True)
-            opened = True
+        if opening is None and now >= window.start:
+            # The meter reads /proc and the database's statistics (new connections, tens to hundreds
+            # of ms on a busy box): on a thread, so that the arrivals due meanwhile leave on time.
+            opening = asyncio.create_task(asyncio.to_thread(on_window, True))
         if intended > now:
             await asyncio.sleep(intended - now)
         i += 1
@@ -376,9 +399,28 @@ async def open_loop(stub: billing_pb2_grpc.BillingServiceStub, make: PayFactory,
         task = asyncio.create_task(one(intended))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
-    on_window(False)
+    if opening is not None:
+        await opening
+    await asyncio.to_thread(on_window, False)
     if tasks:
         await asyncio.gather(*tasks)
+
+
+def write_trace(path: Path, what: str, rate: float | None, window: Window) -> None:
+    """Append one measurement's calls to the CSV trace, in send order: measurement, offered rate
+    ('' in the closed loop), send time in s since the window opened, latency in ms, status ('' = OK;
+    'meter-start'/'meter-stop' = the benchmark's own CPU and statistics sampling, its start and
+    duration; it runs on a thread beside the calls). A header line names the wall-clock
+    instant the window opened, to line the trace up with server logs."""
+    new = not path.exists()
+    with path.open("a", encoding="utf-8") as f:
+        if new:
+            f.write("measurement,offered_per_s,sent_s,latency_ms,status\n")
+        wall = time.time() - (time.perf_counter() - window.start)
+        f.write(f"# {what} window opened at unix {wall:.6f}\n")
+        offered = "" if rate is None else f"{rate:g}"
+        for t0, t1, code in sorted(window.trace):
+            f.write(f"{what},{offered},{t0 - window.start:.6f},{(t1 - t0) * 1000:.3f},{code}\n")
 
 
 def measure(what: str, target: str, bank_id: str, make: PayFactory, settings: BenchRatioSettings,
@@ -388,10 +430,13 @@ def measure(what: str, target: str, bank_id: str, make: PayFactory, settings: Be
     cpu: dict[str, float] = {}
 
     def on_window(opening: bool) -> None:
+        t0 = time.perf_counter()
         if opening:
             meter.start()
         else:
             cpu.update(meter.stop())
+        if window.trace_max:
+            window.trace.append((t0, time.perf_counter(), "meter-start" if opening else "meter-stop"))
 
     async def run() -> None:
         metadata = ((BANK_ID_METADATA, bank_id),)
@@ -402,6 +447,8 @@ def measure(what: str, target: str, bank_id: str, make: PayFactory, settings: Be
             await driver
 
     asyncio.run(run())
+    if settings.latency_trace:
+        write_trace(Path(settings.latency_trace), what, rate, window)
     calls = window.counted
     per = {name: round(s * 1000 / calls, 3) for name, s in cpu.items()} if calls else {}
     roles = ({name: round(s * 1000 / calls, 3) for name, s in sorted(meter.split_used.items(), key=lambda x: -x[1])}
@@ -435,16 +482,17 @@ def make_backend(name: str, work: Path, settings: BenchRatioSettings) -> Backend
                    [mis_name, bridge_name])
 
 
-def database_groups(backend: Backend) -> list[CpuGroup]:
-    """The database server's processes that serve the benchmark (none for SQLite: it runs in the servers)."""
+def database_groups(backend: Backend, engine: sa.Engine | None) -> list[CpuGroup]:
+    """The database server's processes that serve the benchmark (none for SQLite: it runs in the servers).
+    `engine`: the admin database's meter_engine (PostgreSQL)."""
     if backend.name == "postgresql":
-        engine = sa.create_engine(normalize_url(backend.admin_url), poolclass=sa.pool.NullPool)
+        assert engine is not None
 
         def pg_pids(client: bool) -> list[int]:
             with engine.connect() as conn:
                 if client:
-                    rows = conn.execute(sa.text("SELECT pid FROM pg_stat_activity WHERE datname = ANY(:d)"),
-                                        {"d": backend.dropped})
+                    rows = conn.execute(sa.text("SELECT pid FROM pg_stat_activity WHERE datname = ANY(:d) "
+                                                "AND application_name <> :me"), {"d": backend.dropped, "me": METER_APP})
                 else:
                     rows = conn.execute(sa.text("SELECT pid FROM pg_stat_activity WHERE backend_type = ANY(:t)"),
                                         {"t": list(PG_AUX_TYPES)})
@@ -457,20 +505,21 @@ def database_groups(backend: Backend) -> list[CpuGroup]:
     return []
 
 
-def database_roles(backend: Backend) -> Callable[[], dict[str, list[int]]] | None:
+def database_roles(backend: Backend, engine: sa.Engine | None) -> Callable[[], dict[str, list[int]]] | None:
     """PostgreSQL: the benchmark's backends grouped as '<database>:<application_name>' ('mis:mis_adapter',
     'bridge:bridge/journal-writer', ...; the servers name each pool by role, yindian_common.db.role_name).
     A backend that lives less than a measurement (a health probe's connection) is not counted."""
     if backend.name != "postgresql":
         return None
-    engine = sa.create_engine(normalize_url(backend.admin_url), poolclass=sa.pool.NullPool)
+    assert engine is not None
     labels = dict(zip(backend.dropped, ("mis", "bridge"), strict=True))
 
     def roles() -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
         with engine.connect() as conn:
             rows = conn.execute(sa.text("SELECT pid, datname, application_name FROM pg_stat_activity "
-                                        "WHERE datname = ANY(:d)"), {"d": backend.dropped})
+                                        "WHERE datname = ANY(:d) AND application_name <> :me"),
+                                {"d": backend.dropped, "me": METER_APP})
             for pid, datname, app in rows:
                 out.setdefault(f"{labels[datname]}:{app or '(unnamed)'}", []).append(int(pid))
         return out
@@ -584,6 +633,7 @@ def bench_backend(name: str, settings: BenchRatioSettings, root: Path, proxy: Se
     servers: list[ServerProcess] = []
     out: dict[str, object] = {}
     stats: DbStats | None = None
+    admin_meter = meter_engine(backend.admin_url) if backend.name == "postgresql" else None
     try:
         roster, mis, bridge = seed_and_start_stack(
             work, mis_db=backend.mis_db, bridge_db=backend.bridge_db, accounts=settings.accounts,
@@ -597,8 +647,8 @@ def bench_backend(name: str, settings: BenchRatioSettings, root: Path, proxy: Se
                                CpuGroup("echo", lambda: [echo.popen.pid])])
         stats = database_stats(backend)
         pay_meter = CpuMeter([CpuGroup("client", lambda: [me]), CpuGroup("bridge", lambda: [bridge.popen.pid]),
-                              CpuGroup("mis_adapter", lambda: [mis.popen.pid]), *database_groups(backend)],
-                             split=database_roles(backend), stats=stats)
+                              CpuGroup("mis_adapter", lambda: [mis.popen.pid]), *database_groups(backend, admin_meter)],
+                             split=database_roles(backend, admin_meter), stats=stats)
         console.print(f"[bold]{name}[/bold]: {settings.accounts:,} households, {len(accounts):,} paying accounts")
         echo_steps = run_mode("echo (2 hops)", proxy.grpc_addr, make, settings, echo_meter, console)
         pay_steps = run_mode(f"pay {name}", bridge.grpc_addr, make, settings, pay_meter, console)
@@ -617,6 +667,8 @@ def bench_backend(name: str, settings: BenchRatioSettings, root: Path, proxy: Se
                 console.print(f"[red]{exc}[/red]")
         if stats is not None:
             stats.dispose()
+        if admin_meter is not None:
+            admin_meter.dispose()
         for db_name in backend.dropped:
             drop_database(backend.admin_url, db_name)
     return out

@@ -30,10 +30,11 @@ exchange."""
 from __future__ import annotations
 
 import datetime as dt
+import heapq
 import logging
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -70,12 +71,16 @@ _ROWS = sa.select(_j.kind, _j.serial, _j.state, _j.amount_fen, _j.body, _j.origi
 
 @dataclass(frozen=True)
 class JournalView:
-    entries: dict[str, Entry]
+    """What an exchange sends: the totals and the serials in doubt. `entries` (each pay counted, by serial)
+    is listed only when asked for (paging through the utility's entries after a divergence): the cache
+    keeps the totals as they change instead of walking every pay of the day at each exchange."""
+    totals: ControlTotals
     in_doubt: list[str]
+    list_entries: Callable[[], dict[str, Entry]] = field(compare=False, repr=False)
 
     @property
-    def totals(self) -> ControlTotals:
-        return totals_of(self.entries.values())
+    def entries(self) -> dict[str, Entry]:
+        return self.list_entries()
 
 
 def _reversed_by_utility(message: str) -> bool:
@@ -90,12 +95,13 @@ def _utc(value: dt.datetime) -> dt.datetime:
 
 class _Fact(NamedTuple):
     """What one journal row contributes, parsed once (a definite row's never changes); whether it counts
-    as of a cutoff is decided in `_view_of`, so the same fact serves every exchange."""
+    as of a cutoff is decided at each exchange (`_Tally`, held equal to the rule `_entries_of`), so the
+    same fact serves every exchange. Atoms only (no object per pay besides the tuple)."""
     kind: str
     serial: str
     state: str
     doubt: bool  # a pay in doubt whatever the cutoff; a cancel whose original is
-    entry: Entry | None  # a POSTED pay's, built once
+    amount_fen: int  # a POSTED pay's (0 otherwise)
     settlement_date: str  # a POSTED pay's, from the utility's answer ("" otherwise)
     posted_at_us: int  # a POSTED pay's `posted_at`, microseconds since the epoch (0 otherwise)
     original: str
@@ -115,39 +121,50 @@ def _fact(kind: str, serial: str, state: str, amount_fen: int, body: bytes | Non
     if kind == jn.PAY:
         kind = jn.PAY
         if state in PAY_IN_DOUBT or (state == jn.NOT_APPLIED and _reversed_by_utility(message or "")):
-            return _Fact(kind, serial, state, True, None, "", 0, original, None, False)
+            return _Fact(kind, serial, state, True, 0, "", 0, original, None, False)
         if state == jn.POSTED:
             resp = pb.PayResponse.FromString(body or b"")
             at = resp.posted_at  # compared in whole microseconds, as Timestamp.ToDatetime truncates (3 us a row)
-            return _Fact(kind, serial, state, False, Entry(int(amount_fen), False), sys.intern(resp.settlement_date),
+            return _Fact(kind, serial, state, False, int(amount_fen), sys.intern(resp.settlement_date),
                          at.seconds * 1_000_000 + at.nanos // 1_000, original, None, False)
-        return _Fact(kind, serial, state, False, None, "", 0, original, None, False)
+        return _Fact(kind, serial, state, False, 0, "", 0, original, None, False)
     created = _utc(created_at)
     if state in CANCEL_IN_DOUBT:
-        return _Fact(kind, serial, state, True, None, "", 0, original, created, False)
+        return _Fact(kind, serial, state, True, 0, "", 0, original, created, False)
     reverses = state == jn.CANCELLED and \
         pb.CancelResponse.FromString(body or b"").outcome == pb.CANCEL_OUTCOME_REVERSED
-    return _Fact(kind, serial, state, False, None, "", 0, original, created, reverses)
+    return _Fact(kind, serial, state, False, 0, "", 0, original, created, reverses)
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _US = dt.timedelta(microseconds=1)
 
 
+def _us(at: dt.datetime) -> int:
+    return (_utc(at) - _EPOCH) // _US
+
+
 def _view_of(facts: Iterable[_Fact], day: dt.date, posted_before: dt.datetime,
              settled_before: dt.datetime) -> JournalView:
+    """The view by the rule, walking every fact (the reference the cache's running totals are held to)."""
+    entries, in_doubt = _entries_of(facts, day, posted_before, settled_before)
+    return JournalView(totals_of(entries.values()), in_doubt, lambda: entries)
+
+
+def _entries_of(facts: Iterable[_Fact], day: dt.date, posted_before: dt.datetime,
+                settled_before: dt.datetime) -> tuple[dict[str, Entry], list[str]]:
     entries: dict[str, Entry] = {}
     in_doubt: set[str] = set()
     reversed_serials: set[str] = set()
     iso_day = day.isoformat()
     pay = jn.PAY
-    before_us = (_utc(posted_before) - _EPOCH) // _US
+    before_us = _us(posted_before)
     for f in facts:
         if f.kind == pay:
             if f.doubt:
                 in_doubt.add(f.serial)
             elif f.settlement_date == iso_day and f.posted_at_us < before_us:
-                entries[f.serial] = f.entry  # type: ignore[assignment]
+                entries[f.serial] = Entry(f.amount_fen, False)
         elif f.doubt or f.created_at >= settled_before:  # type: ignore[operator]
             in_doubt.add(f.original)
         elif f.reverses:
@@ -156,7 +173,84 @@ def _view_of(facts: Iterable[_Fact], day: dt.date, posted_before: dt.datetime,
         entries[serial] = Entry(entries[serial].amount_fen, True)
     for serial in in_doubt:
         entries.pop(serial, None)
-    return JournalView(entries, sorted(in_doubt))
+    return entries, sorted(in_doubt)
+
+
+class _Tally:
+    """The control totals of one settlement date kept as the cache's facts change, so that an exchange
+    costs what changed since the last one, not the day's pays: the POSTED pays of the date posted before
+    the last cutoff are counted once (`counted`, with their sums); those posted later wait in a heap by
+    `posted_at` until the cutoff passes them. Pays in doubt and cancels (few) are kept apart and applied
+    at each exchange as `_entries_of` applies them. The cutoff only moves forward; a cutoff earlier than
+    the last one (a clock set back) or another date starts the tally over from the facts."""
+
+    def __init__(self, day: str) -> None:
+        self.day = day
+        self.before_us = -(2**63)
+        self.counted: dict[str, int] = {}  # serial -> amount_fen
+        self.count = 0
+        self.fen = 0
+        self.waiting: list[tuple[int, str]] = []  # (posted_at_us, serial), a heap
+        self.doubt: set[str] = set()  # pays in doubt
+        self.cancels: dict[str, _Fact] = {}  # by the cancel's serial
+
+    def add(self, f: _Fact) -> None:
+        if f.kind != jn.PAY:
+            self.cancels[f.serial] = f
+        elif f.doubt:
+            self.doubt.add(f.serial)
+        elif f.state == jn.POSTED and f.settlement_date == self.day:
+            if f.posted_at_us < self.before_us:
+                self._count(f.serial, f.amount_fen)
+            else:
+                heapq.heappush(self.waiting, (f.posted_at_us, f.serial))
+
+    def remove(self, f: _Fact) -> None:
+        """Before a row's fact is replaced (a waiting pay is checked against the facts when it comes due)."""
+        if f.kind != jn.PAY:
+            self.cancels.pop(f.serial, None)
+            return
+        self.doubt.discard(f.serial)
+        amount = self.counted.pop(f.serial, None)
+        if amount is not None:
+            self.count -= 1
+            self.fen -= amount
+
+    def _count(self, serial: str, amount_fen: int) -> None:
+        if serial not in self.counted:
+            self.counted[serial] = amount_fen
+            self.count += 1
+            self.fen += amount_fen
+
+    def advance(self, before_us: int, facts: dict[tuple[str, str], _Fact]) -> None:
+        self.before_us = before_us
+        waiting = self.waiting
+        while waiting and waiting[0][0] < before_us:
+            at, serial = heapq.heappop(waiting)
+            f = facts.get((jn.PAY, serial))
+            if (f is not None and f.state == jn.POSTED and not f.doubt and f.posted_at_us == at
+                    and f.settlement_date == self.day):
+                self._count(serial, f.amount_fen)
+
+    def totals(self, settled_before: dt.datetime) -> tuple[ControlTotals, list[str]]:
+        in_doubt = set(self.doubt)
+        reversed_serials: set[str] = set()
+        for c in self.cancels.values():
+            if c.doubt or c.created_at >= settled_before:  # type: ignore[operator]
+                in_doubt.add(c.original)
+            elif c.reverses:
+                reversed_serials.add(c.original)
+        posted_count, posted_fen, reversed_count, reversed_fen = self.count, self.fen, 0, 0
+        for serial in in_doubt:
+            amount = self.counted.get(serial)
+            if amount is not None:
+                posted_count, posted_fen = posted_count - 1, posted_fen - amount
+        for serial in reversed_serials - in_doubt:
+            amount = self.counted.get(serial)
+            if amount is not None:
+                posted_count, posted_fen = posted_count - 1, posted_fen - amount
+                reversed_count, reversed_fen = reversed_count + 1, reversed_fen + amount
+        return ControlTotals(posted_count, posted_fen, reversed_count, reversed_fen), sorted(in_doubt)
 
 
 def _days(day: dt.date) -> sa.ColumnElement[bool]:
@@ -200,15 +294,23 @@ class JournalViewCache:
       so the cache holds every row of the snapshot exactly when the count equals its size. Otherwise (a line
       that committed later than the look-back window, or not in one snapshot on SQLite under writes) it
       rebuilds from a full read, as it also does every `rebuild_every` exchanges and when the date changes.
-    The view is then computed from the facts without parsing (the cutoffs move with every exchange)."""
+    The totals are then kept by `_Tally` as facts change (the cutoffs move with every exchange); nothing
+    walks every pay of the day unless the cache rebuilds.
+    Every read goes `page_rows` rows per fetch, so that the exchange's Python work comes in bounded slices
+    between database round trips (it runs beside the pays, sharing their interpreter lock)."""
 
-    def __init__(self, engine: Engine, bank_id: str, *, rebuild_every: int = 60, lookback_ids: int = 2_000) -> None:
+    def __init__(self, engine: Engine, bank_id: str, *, rebuild_every: int = 60, lookback_ids: int = 2_000,
+                 page_rows: int = 500) -> None:
+        if rebuild_every < 1 or lookback_ids < 0 or page_rows < 1:
+            raise ValueError("rebuild_every and page_rows must be positive, lookback_ids not negative")
         self.engine = engine
         self.bank_id = bank_id
         self.rebuild_every = rebuild_every
         self.lookback_ids = lookback_ids
+        self.page_rows = page_rows
         self._day: dt.date | None = None
         self._facts: dict[tuple[str, str], _Fact] = {}
+        self._tally: _Tally | None = None  # None: to be counted from the facts at the next view
         self._open: set[tuple[str, str]] = set()
         self._head = 0
         self._since_rebuild = 0
@@ -226,13 +328,38 @@ class JournalViewCache:
             if day != self._day or self._since_rebuild >= self.rebuild_every or not self._catch_up(conn, day):
                 self._rebuild(conn, day)
         self._since_rebuild += 1
-        return _view_of(self._facts.values(), day, posted_before, settled_before)
+        return self._view_of_facts(day, posted_before, settled_before)
+
+    def _view_of_facts(self, day: dt.date, posted_before: dt.datetime, settled_before: dt.datetime) -> JournalView:
+        before_us, tally = _us(posted_before), self._tally
+        if tally is None or tally.day != day.isoformat() or before_us < tally.before_us:
+            tally = self._tally = _Tally(day.isoformat())
+            for f in self._facts.values():
+                tally.add(f)
+        tally.advance(before_us, self._facts)
+        totals, in_doubt = tally.totals(settled_before)
+        facts = self._facts
+        # Listed from the facts as they are when asked (the exchange asks before its next view).
+        return JournalView(totals, in_doubt,
+                           lambda: _entries_of(facts.values(), day, posted_before, settled_before)[0])
+
+    def _pages(self, conn: sa.Connection, stmt: sa.Executable) -> Iterator[Sequence[Any]]:
+        """The rows of `stmt`, page_rows at a time (a server-side cursor where the driver has one)."""
+        result = conn.execution_options(yield_per=self.page_rows).execute(stmt)
+        yield from result.partitions()
 
     def _keep(self, rows: Iterable[Any]) -> None:
+        facts, tally = self._facts, self._tally
         for r in rows:
             f = _fact(*r)
             key = (f.kind, f.serial)
-            self._facts[key] = f
+            old = facts.get(key)
+            if old != f:
+                facts[key] = f
+                if tally is not None:
+                    if old is not None:
+                        tally.remove(old)
+                    tally.add(f)
             if f.state in OPEN_STATES:
                 self._open.add(key)
             else:
@@ -240,12 +367,14 @@ class JournalViewCache:
 
     def _rebuild(self, conn: sa.Connection, day: dt.date) -> None:
         head = conn.execute(sa.select(sa.func.coalesce(sa.func.max(_a.audit_id), 0))).scalar_one()
-        rows = conn.execute(_ROWS.where(_j.bank_id == self.bank_id, _days(day))).all()
-        self._facts, self._open = {}, set()
-        self._keep(rows)
+        self._facts, self._open, self._tally = {}, set(), None
+        read = 0
+        for page in self._pages(conn, _ROWS.where(_j.bank_id == self.bank_id, _days(day))):
+            self._keep(page)
+            read += len(page)
         self._day, self._head, self._since_rebuild = day, int(head), 0
         self.rebuilds += 1
-        self.rows_read = len(rows)
+        self.rows_read = read
 
     @staticmethod
     def _among(conn: sa.Connection, serials: list[str]) -> sa.ColumnElement[bool]:
@@ -257,15 +386,16 @@ class JournalViewCache:
         """Brings the facts to the snapshot; False when a row was missed (the caller rebuilds)."""
         where = (_j.bank_id == self.bank_id, _days(day))
         still_open = conn.execute(_ROWS.where(*where, _j.state.in_(OPEN_STATES))).all()
-        lines = conn.execute(sa.select(_a.audit_id, _a.kind, _a.serial, _a.state).where(
-            _a.audit_id > self._head - self.lookback_ids, _a.bank_id == self.bank_id).order_by(_a.audit_id)).all()
+        latest: dict[tuple[str, str], str] = {}
+        for page in self._pages(conn, sa.select(_a.audit_id, _a.kind, _a.serial, _a.state).where(
+                _a.audit_id > self._head - self.lookback_ids, _a.bank_id == self.bank_id).order_by(_a.audit_id)):
+            for _, kind, serial, state in page:  # in id order: the last line wins
+                latest[(kind, serial)] = state
+            self._head = max(self._head, int(page[-1][0]))
         was_open = self._open
         self._open = set()
         self._keep(still_open)
         stale = {k for k in was_open if k not in self._open}
-        latest = {(kind, serial): state for _, kind, serial, state in lines}  # in id order: the last line wins
-        if lines:
-            self._head = max(self._head, int(lines[-1][0]))
         for key, state in latest.items():
             known = self._facts.get(key)
             if known is None or known.state != state:
@@ -274,9 +404,10 @@ class JournalViewCache:
         read = len(still_open)
         for kind in (jn.PAY, jn.CANCEL):
             serials = sorted(s for k, s in stale if k == kind)
-            for i in range(0, len(serials), 500):
+            for i in range(0, len(serials), self.page_rows):
                 # by primary key alone (a plan that cannot turn into a scan), the day and bank checked here
-                got = conn.execute(_ROWS_BY_KEY.where(_j.kind == kind, self._among(conn, serials[i:i + 500]))).all()
+                got = conn.execute(_ROWS_BY_KEY.where(
+                    _j.kind == kind, self._among(conn, serials[i:i + self.page_rows]))).all()
                 rows = [r[:-2] for r in got if r[-2] == self.bank_id and day - _ONE_DAY <= r[-1] <= day]
                 self._keep(rows)
                 read += len(rows)
@@ -295,6 +426,8 @@ class ExchangeLimits:
     list_page_max: int = 1_000
     list_pages_max: int = 200
     serials_logged: int = 10
+    page_rows: int = 500  # journal rows per fetch (JournalViewCache)
+    rebuild_every: int = 60  # exchanges between two full reads of the journal's two days
 
 
 @dataclass
@@ -311,7 +444,8 @@ class ControlTotalsExchanger:
 
     def __post_init__(self) -> None:
         self.tracker = DivergenceTracker(self.limits.window_s)
-        self.journal = JournalViewCache(self.engine, self.bank_id)
+        self.journal = JournalViewCache(self.engine, self.bank_id, rebuild_every=self.limits.rebuild_every,
+                                        page_rows=self.limits.page_rows)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="control-totals", daemon=True)

@@ -28,6 +28,7 @@ from yindian_common.audit_chain import Sealer
 from yindian_common.clock import Clock, make_clock
 from yindian_common.db import make_engine, role_name
 from yindian_common.errors import InvalidField
+from yindian_common.gc_pauses import freeze_startup_heap
 from yindian_common.identity import HEALTH_PREFIX, AdmissionInterceptor
 from yindian_common.logs import setup_logging
 from yindian_common.metrics import grpc_server_interceptors, start_metrics_http
@@ -126,13 +127,15 @@ class Bridge:
                                 BillingServicer(self.ctx, self.resolver))
         self.server.on_drain(self._after_drain)
         self.sealer = Sealer([(AUDIT_CHAIN, self._role_engines.get("sealer", engine))], settings.audit_seal_interval_s,
-                             clock.now)
+                             clock.now, batch_max=settings.audit_seal_batch_max,
+                             batches_per_pass=settings.audit_seal_batches_per_pass)
         self.control_totals = ControlTotalsExchanger(engine, self.ctx.upstream, clock, settings.bank_id, ExchangeLimits(
             interval_s=settings.control_totals_interval_s, window_s=settings.control_totals_window_s,
             settle_s=settings.control_totals_settle_s, call_timeout_s=settings.control_totals_call_timeout_s,
             in_doubt_max=settings.control_totals_in_doubt_max, list_page_max=settings.control_totals_list_page_max,
             list_pages_max=settings.control_totals_list_pages_max,
-            serials_logged=settings.control_totals_serials_logged))
+            serials_logged=settings.control_totals_serials_logged, page_rows=settings.control_totals_page_rows,
+            rebuild_every=settings.control_totals_rebuild_every))
         self._drained = False
         self._link = relay_of(self.ctx)  # its journal table exists before the first call
         self._stop_sign_on = threading.Event()
@@ -195,5 +198,6 @@ def main(argv: list[str]) -> int:
     bridge.start_workers()
     log.info("event=start bank=%s upstream=%s listen=%s", settings.bank_id, ",".join(settings.upstream),
              bridge.address)
+    freeze_startup_heap()
     bridge.server.serve_forever(f"READY bridge grpc={bridge.address} metrics={metrics_port}")
     return 0

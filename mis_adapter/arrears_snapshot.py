@@ -3,12 +3,18 @@ that an arrears report for S or any later date reads them (O(bills in arrears at
 instead of every bill (reports._arrears_bills with snap). A report for a date before the oldest
 snapshot reconstructs from every bill, as before.
 
-What a snapshot holds (db/arrears.py): the bills in arrears at the end of S that no payment
-settled or reversed after S had touched, each with the columns the late-fee rule reads as its row
-held them, and `bills_upto`, the largest bill id when it was taken. A report for D >= S adds the
-bills issued since (id above bills_upto) and the bills touched after S (found from the payments
-by their indexes, the existing history code), so it is exact for every D >= S as long as nothing
-dated on or before S is written after the snapshot.
+What a snapshot holds (db/arrears.py, format SNAPSHOT_FORMAT): every bill in arrears at the end of S
+(of those up to `bills_upto`) as it stood then, reconstructed from history by the reports' own
+reconstruction as of S (reports._arrears_bills): principal unpaid, the fee accrued through S (with
+the late-fee rates recorded in the header) and the fee paid by then. `bills_upto`: the largest bill
+id when it was taken, lowered below the first bill issued after the end of S, so that every bill at
+or below it was issued by then. A report for D >= S reads those rows, replaying from history only the
+bills whose allocations changed effect in (S, D] (found from the payments by their indexes: a range
+of days) and reading the bills above bills_upto from bills (reports._touched_since_snapshot), so it is
+exact for every D >= S as long as nothing dated on or before S is written after the snapshot: a bill
+touched only after D keeps its state at S, which was its state at D. Its accruals embed the rates
+(a report with other rates ignores it) and the customer's tariff class (no writer changes a
+customer's tariff; one that did would have to drop the snapshots).
 
 Why nothing dated on or before S is written after it (the argument; each writer takes its business
 day from the injectable clock, business_date):
@@ -21,18 +27,22 @@ day from the injectable clock, business_date):
   business day on or before S has committed or rolled back by then, and its bills are at or
   below bills_upto.
 - Issuance stamps a run's bills with the run's start (issue_bills): a batch committed after the
-  job read bills_upto has larger bill ids (ids grow with each insert), and the report reads every
-  bill above bills_upto whatever its issue time.
+  job read the largest bill id has larger bill ids (ids grow with each insert), and the report reads
+  every bill above bills_upto whatever its issue time; a bill at or below the largest id that was
+  issued after S (between the end of S and the job) lowers bills_upto below it.
 - A reconciliation of a day on or before S (BANK_ONLY posts, UTILITY_ONLY reversals, dated that
   day) can come at any time. It inserts that day's reconciled_days row in the same transaction;
   the snapshot keeps the count of those rows dated on or before S from when it was taken, and a
   report whose own count differs ignores the snapshot (reports._snapshot_of), as does the job,
   which drops it (prune).
 
-When: `python -m mis_adapter arrears-snapshot` (an operator or the scheduler after the day's
-reconciliations; --day for a given day). Without --day the day is the newest day every bank that
-has ever reconciled has reconciled (so that no reconciliation of it is still to come), and not
-today. The reports never write: a missing snapshot only makes a report slower, never different.
+When: automatically, by `mis_adapter serve` (SnapshotJob, every arrears_snapshot_interval_s, default
+600 s; 0 turns it off): once the last bank has reconciled a day (the day's close) and the day has been
+over for ARREARS_SNAPSHOT_MARGIN_S, the next pass takes it. By hand: `python -m mis_adapter
+arrears-snapshot` (an operator or an outside scheduler; --day for a given day). Without --day the day is
+the newest day every bank that has ever reconciled has reconciled (so that no reconciliation of it is
+still to come), and not today. The reports never write: a missing snapshot only makes a report slower,
+never different.
 
 Concurrency: the header row (state BUILDING) is inserted and committed first (its key is the day:
 a second job for the day stops), the bills are one INSERT ... SELECT (no rows through Python;
@@ -41,8 +51,10 @@ the header becomes READY in the same transaction. Reports read in one snapshot o
 (reports._report_connection), so a snapshot dropped while a report reads it is still whole for
 that report.
 
-Retention (prune, after every build): the newest ARREARS_SNAPSHOTS_KEEP_DAYS snapshots, and the
-snapshots of month ends among the newest ARREARS_SNAPSHOT_MONTH_ENDS_KEEP month ends (past-date
+Retention (prune, after every build; Retention, from the settings arrears_snapshots_keep_days and
+arrears_snapshot_month_ends_keep or the command's --keep-days and --keep-month-ends): the newest
+ARREARS_SNAPSHOTS_KEEP_DAYS snapshots, and the snapshots of month ends among the newest
+ARREARS_SNAPSHOT_MONTH_ENDS_KEEP month ends (past-date
 reports read the newest snapshot on or before their date); every other snapshot, every one no
 longer exact, and every BUILDING header older than ARREARS_SNAPSHOT_BUILD_STALE_S are dropped:
 first marked DROPPING (no report chooses it), then its bills deleted ARREARS_SNAPSHOT_DELETE_ROWS
@@ -52,8 +64,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -62,15 +76,23 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from mis_adapter.db.arrears import BUILDING, READY
+from mis_adapter.db.arrears import BUILDING, READY, SNAPSHOT_FORMAT
+from mis_adapter.late_fee import LateFeeRates
+from mis_adapter.late_fee_sql import accrued_micro_sql
 from mis_adapter.reports import (
     _SNAP_DAY,
+    T_ALLOC,
     T_BILL,
+    T_CUST,
+    T_PAY,
     T_RECON,
     T_SNAP,
     T_SNAP_BILL,
-    _touched_select,
+    _arrears_bills,
+    _materialised,
+    _no_jit,
     end_of_day_utc,
+    rates_key,
 )
 from yindian_common.clock import Clock, business_date
 from yindian_common.errors import InvalidField
@@ -85,6 +107,8 @@ ARREARS_SNAPSHOTS_KEEP_DAYS = 7          # newest snapshots kept
 ARREARS_SNAPSHOT_MONTH_ENDS_KEEP = 13    # month-end snapshots kept (past-date reports)
 ARREARS_SNAPSHOT_DELETE_ROWS = 50_000    # bill ids per DELETE when a snapshot is dropped
 ARREARS_SNAPSHOT_BUILD_STALE_S = 6 * 3600  # a BUILDING header older than this is a job that died
+ARREARS_SNAPSHOT_STOP_S = 5.0           # longest wait for serve's job to end when the process stops
+ARREARS_SNAPSHOT_COPY_ROWS = 20_000      # SQLite: snapshot rows per write transaction (a pay waits at most one)
 DROPPING = "DROPPING"
 
 _b = sa.bindparam
@@ -98,28 +122,57 @@ _NEWEST_CLOSED = (sa.select(sa.func.min(sa.select(sa.func.max(T_RECON.c.settleme
                                         .subquery().c[0])))
 
 
-def _unpaid(b: Any) -> Any:
-    return b.c.amount_fen - b.c.prepaid_applied_fen - b.c.principal_paid_fen
+_FIRST_ISSUED_AFTER = (sa.select(sa.func.min(T_BILL.c.bill_id))
+                       .where(T_BILL.c.issued_at >= _b("issued_before"),
+                              T_BILL.c.bill_id <= _b("max_bill", type_=sa.BigInteger)))
+_SNAP_COLUMNS = ["as_of", "bill_id", "account_no", "period", "unpaid_fen", "accrual_micro", "accrual_date",
+                 "late_fee_paid_fen", "replay_ok"]
 
 
-def _rows_select() -> sa.Select[Any]:
-    """The snapshot's bills of day :snap_day: issued by its end (:issued_before), not paid by then
-    (paid_on is set exactly when a bill is PAID), principal unpaid now, at or below :bills_upto, and not
-    touched by a payment settled or reversed after the day (reports._touched_select): their row now is
-    their row at the end of the day."""
-    b = T_BILL
-    return (sa.select(_SNAP_DAY, b.c.bill_id, b.c.account_no, b.c.period, _unpaid(b), b.c.accrual_micro,
-                      b.c.accrual_date, b.c.late_fee_paid_fen)
-            .where(b.c.account_no.is_not(None), sa.or_(b.c.paid_on.is_(None), b.c.paid_on > _SNAP_DAY),
-                   b.c.issued_at < _b("issued_before"), _unpaid(b) > 0,
-                   b.c.bill_id <= _b("bills_upto", type_=sa.BigInteger),
-                   b.c.bill_id.not_in(_touched_select(day=_SNAP_DAY))))
+@functools.lru_cache(maxsize=8)
+def _insert_rows(rates: LateFeeRates, dialect: str, into: str | None = None) -> Any:
+    """The snapshot's rows of day :snap_day: every bill up to :bills_upto in arrears at its end, as the
+    reconstruction at that day prices it (reports._arrears_bills with as_of the day, fee_state): principal
+    unpaid, the accrual through the day, and the fee paid by then. The accrual continues from the later of
+    the day and the bill's due date (late_fee.accrued_micro is additive over consecutive spans of days, so
+    accruing on from there to a later date D gives the accrual through D). replay_ok: the bill had no
+    allocation settled by the day and its accrual is the replay's (db/arrears.py): a report for D keeps
+    its state at the day even when a payment after D touched it (the reconstruction as of D replays such
+    a bill from its issue, and gets the same); any other bill so touched it replays
+    (reports._touched_since_snapshot)."""
+    u, b, c = _arrears_bills(False, rates, dialect, fee_state=True), T_BILL, T_CUST
+    a, p = T_ALLOC.alias("early_alloc"), T_PAY.alias("early_pay")
+    early = (sa.select(a.c.bill_id).select_from(a.join(p, p.c.payment_id == a.c.payment_id))
+             .where(a.c.bill_id == u.c.bill_id, p.c.settlement_date <= _SNAP_DAY))
+    # the replay from issue of a bill with no allocation settled by the day: its principal unpaid then
+    # (what migrated history paid counts from the start) accrued from its due date
+    replayed = accrued_micro_sql(principal=u.c.unpaid_fen, from_date=b.c.due_date, to_date=_SNAP_DAY,
+                                 tariff_class=c.c.tariff_class, period=u.c.period, rates=rates)
+    replay_ok = sa.and_(~sa.exists(early), u.c.micro == replayed)
+    rows = (sa.select(_SNAP_DAY, u.c.bill_id, u.c.account_no, u.c.period, u.c.unpaid_fen, u.c.micro,
+                      sa.case((b.c.due_date > _SNAP_DAY, b.c.due_date), else_=_SNAP_DAY), u.c.fee_paid,
+                      sa.case((replay_ok, sa.true()), else_=sa.false()))
+            .select_from(u.join(b, b.c.bill_id == u.c.bill_id).join(c, c.c.account_no == u.c.account_no))
+            .where(u.c.bill_id <= _b("bills_upto", type_=sa.BigInteger)))
+    target = T_SNAP_BILL if into is None else sa.table(into, *(sa.column(c) for c in _SNAP_COLUMNS))
+    return target.insert().from_select(_SNAP_COLUMNS, rows)
 
 
 _COUNT_ROWS = sa.select(sa.func.count()).select_from(T_SNAP_BILL).where(T_SNAP_BILL.c.as_of == _DAY)
-_INSERT_ROWS = T_SNAP_BILL.insert().from_select(
-    ["as_of", "bill_id", "account_no", "period", "unpaid_fen", "accrual_micro", "accrual_date", "late_fee_paid_fen"],
-    _rows_select())
+
+
+@dataclasses.dataclass(frozen=True)
+class Retention:
+    """What prune keeps (module docstring): the newest `keep_days` snapshots and the snapshots of the newest
+    `month_ends` month ends (settings arrears_snapshots_keep_days, arrears_snapshot_month_ends_keep)."""
+    keep_days: int = ARREARS_SNAPSHOTS_KEEP_DAYS
+    month_ends: int = ARREARS_SNAPSHOT_MONTH_ENDS_KEEP
+
+    def __post_init__(self) -> None:
+        if self.keep_days < 1:
+            raise InvalidField("arrears_snapshots_keep_days", "must be at least 1 (the newest snapshot)")
+        if self.month_ends < 0:
+            raise InvalidField("arrears_snapshot_month_ends_keep", "must not be negative")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,14 +187,20 @@ def _stamp(engine: Engine, t: dt.datetime) -> dt.datetime:
     return t.astimezone(dt.UTC).replace(tzinfo=None) if engine.dialect.name == "sqlite" else t.astimezone(dt.UTC)
 
 
-def _valid(conn: Connection, header: Any) -> bool:
-    return header.state == READY and int(header.reconciled_count) == int(
-        conn.execute(_RECONCILED_UPTO, {"day": header.as_of}).scalar_one())
+def _valid(conn: Connection, header: Any, rates: LateFeeRates) -> bool:
+    """A snapshot reports read (reports._SNAPSHOT_OF): complete, of this format and these rates, and no
+    reconciliation of a day on or before its day since it was taken."""
+    return header.state == READY and int(header.format) == SNAPSHOT_FORMAT and header.rates == rates_key(rates) \
+        and int(header.reconciled_count) == int(conn.execute(_RECONCILED_UPTO, {"day": header.as_of}).scalar_one())
 
 
-def build(engine: Engine, clock: Clock, day: dt.date) -> Built:
-    """Takes the snapshot of `day` (see the module's docstring), then prunes. Refuses a day that has not
-    ended ARREARS_SNAPSHOT_MARGIN_S ago."""
+def build(engine: Engine, clock: Clock, day: dt.date, retention: Retention | None = None,
+          stop: threading.Event | None = None, rates: LateFeeRates | None = None) -> Built:
+    """Takes the snapshot of `day` (see the module's docstring) with the late-fee `rates` (default: the
+    default rates), then prunes by `retention` (default: the module's constants). Refuses a day that has not
+    ended ARREARS_SNAPSHOT_MARGIN_S ago. stop: set, the wait for open transactions ends at once
+    (TimeoutError; nothing is left behind)."""
+    rates = rates or LateFeeRates()
     now = clock.now()
     if now < end_of_day_utc(day, clock.tz) + dt.timedelta(seconds=ARREARS_SNAPSHOT_MARGIN_S):
         raise InvalidField("day", f"{day} has not been over for {ARREARS_SNAPSHOT_MARGIN_S} s")
@@ -149,7 +208,7 @@ def build(engine: Engine, clock: Clock, day: dt.date) -> Built:
     with engine.begin() as conn:
         header = conn.execute(_HEADER, {"day": day}).first()
         if header is not None:
-            if _valid(conn, header):
+            if _valid(conn, header, rates):
                 return Built(day, "EXISTS")
             if header.state == BUILDING and not _stale(engine, header, now):
                 return Built(day, "BUSY")
@@ -157,31 +216,100 @@ def build(engine: Engine, clock: Clock, day: dt.date) -> Built:
         _drop(engine, day)
     try:
         with engine.begin() as conn:
-            bills_upto = int(conn.execute(_MAX_BILL).scalar_one())
+            max_bill = int(conn.execute(_MAX_BILL).scalar_one())
             reconciled = int(conn.execute(_RECONCILED_UPTO, {"day": day}).scalar_one())
-            conn.execute(T_SNAP.insert().values(as_of=day, state=BUILDING, bills_upto=bills_upto,
+            conn.execute(T_SNAP.insert().values(as_of=day, state=BUILDING, bills_upto=max_bill,
                                                 reconciled_count=reconciled, bills=0,
-                                                started_at=_stamp(engine, now)))
+                                                started_at=_stamp(engine, now), format=SNAPSHOT_FORMAT,
+                                                rates=rates_key(rates)))
     except IntegrityError:
         return Built(day, "BUSY")
     try:
-        _settle(engine)
-        options = {"isolation_level": "READ COMMITTED"} if engine.dialect.name == "mysql" else {}
-        with engine.connect().execution_options(**options) as conn, conn.begin():
-            cutoff = end_of_day_utc(day, clock.tz)
-            conn.execute(_INSERT_ROWS, {"snap_day": day, "bills_upto": bills_upto,
-                                        "issued_before": _stamp(engine, cutoff)})
-            n = int(conn.execute(_COUNT_ROWS, {"day": day}).scalar_one())
-            conn.execute(T_SNAP.update().where(T_SNAP.c.as_of == day, T_SNAP.c.state == BUILDING)
-                         .values(state=READY, bills=n))
+        _settle(engine, stop)
+        if engine.dialect.name == "sqlite":
+            n, bills_upto = _build_sqlite(engine, clock, day, max_bill, rates)
+        else:
+            n, bills_upto = _build_in_one(engine, clock, day, max_bill, rates)
     except BaseException:
         _drop(engine, day)
         raise
+    return _built(engine, clock, day, n, bills_upto, t0, retention, rates)
+
+
+def _build_in_one(engine: Engine, clock: Clock, day: dt.date, max_bill: int, rates: LateFeeRates) -> tuple[int, int]:
+    """PostgreSQL and MariaDB: the rows computed and written by one statement in one transaction (writers of
+    other rows are not held up: row locks). Returns (rows, bills_upto)."""
+    options = {"isolation_level": "READ COMMITTED"} if engine.dialect.name == "mysql" else {}
+    with engine.connect().execution_options(**options) as conn, conn.begin():
+        issued_before = _stamp(engine, end_of_day_utc(day, clock.tz))
+        # bills_upto: no bill at or below it was issued after the day (ids grow with each insert, and
+        # every bill up to max_bill is committed or gone: _settle), so each one in arrears at the day's
+        # end is in the snapshot; every bill above it the report reads from bills
+        first_after = conn.execute(_FIRST_ISSUED_AFTER, {"issued_before": issued_before,
+                                                         "max_bill": max_bill}).scalar()
+        bills_upto = max_bill if first_after is None else int(first_after) - 1
+        params = {"snap_day": day, "as_of": day, "bills_upto": bills_upto, "issued_before": issued_before}
+        with _materialised(conn, params, rates):
+            _no_jit(conn)
+            conn.execute(_insert_rows(rates, engine.dialect.name), params)
+        n = int(conn.execute(_COUNT_ROWS, {"day": day}).scalar_one())
+        conn.execute(T_SNAP.update().where(T_SNAP.c.as_of == day, T_SNAP.c.state == BUILDING)
+                     .values(state=READY, bills=n, bills_upto=bills_upto))
+    return n, bills_upto
+
+
+def _built(engine: Engine, clock: Clock, day: dt.date, n: int, bills_upto: int, t0: float,
+           retention: Retention | None, rates: LateFeeRates) -> Built:
     _analyze(engine)
     built = Built(day, "BUILT", n, time.monotonic() - t0)
     log.info("event=arrears_snapshot day=%s bills=%d bills_upto=%d seconds=%.2f", day, n, bills_upto, built.seconds)
-    prune(engine, clock)
+    prune(engine, clock, retention, rates)
     return built
+
+
+_SQLITE_ROWS = "yd_arrears_snapshot_rows"
+_COLS = ", ".join(_SNAP_COLUMNS)
+
+
+def _build_sqlite(engine: Engine, clock: Clock, day: dt.date, max_bill: int, rates: LateFeeRates) -> tuple[int, int]:
+    """SQLite writes under one lock for the whole database (every writer's transaction is BEGIN IMMEDIATE),
+    so the reconstruction, seconds at a million bills, must not run in a write transaction: pays would wait
+    out their busy timeout behind it. The rows are computed in one read transaction (one consistent view)
+    into a temporary table, which lives in the connection's own temporary database and takes no lock on
+    the main one; they are then copied in ARREARS_SNAPSHOT_COPY_ROWS per write transaction, so a pay waits
+    at most one chunk's copy. The header stays BUILDING until the last chunk is in: no report reads a part.
+    Returns (rows, bills_upto)."""
+    with engine.connect() as conn:
+        conn.execution_options(read_only=True)  # BEGIN, not BEGIN IMMEDIATE (yindian_common.db)
+        try:
+            with conn.begin():
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS temp.{_SQLITE_ROWS}")
+                conn.exec_driver_sql(f"CREATE TEMP TABLE {_SQLITE_ROWS} AS SELECT {_COLS} "
+                                     "FROM arrears_snapshot_bills WHERE 0")
+                issued_before = _stamp(engine, end_of_day_utc(day, clock.tz))
+                first_after = conn.execute(_FIRST_ISSUED_AFTER, {"issued_before": issued_before,
+                                                                 "max_bill": max_bill}).scalar()
+                bills_upto = max_bill if first_after is None else int(first_after) - 1
+                conn.execute(_insert_rows(rates, "sqlite", _SQLITE_ROWS),
+                             {"snap_day": day, "as_of": day, "bills_upto": bills_upto,
+                              "issued_before": issued_before})
+                last = int(conn.exec_driver_sql(f"SELECT coalesce(max(rowid), 0) FROM temp.{_SQLITE_ROWS}")
+                           .scalar_one())
+            conn.execution_options(read_only=False)
+            for lo in range(0, last, ARREARS_SNAPSHOT_COPY_ROWS):
+                with conn.begin():
+                    conn.exec_driver_sql(f"INSERT INTO arrears_snapshot_bills ({_COLS}) SELECT {_COLS} "
+                                         f"FROM temp.{_SQLITE_ROWS} WHERE rowid > ? AND rowid <= ?",
+                                         (lo, lo + ARREARS_SNAPSHOT_COPY_ROWS))
+            with conn.begin():
+                n = int(conn.execute(_COUNT_ROWS, {"day": day}).scalar_one())
+                conn.execute(T_SNAP.update().where(T_SNAP.c.as_of == day, T_SNAP.c.state == BUILDING)
+                             .values(state=READY, bills=n, bills_upto=bills_upto))
+        finally:
+            conn.execution_options(read_only=True)
+            with conn.begin():
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS temp.{_SQLITE_ROWS}")
+    return n, bills_upto
 
 
 def _analyze(engine: Engine) -> None:
@@ -217,8 +345,10 @@ def _open_transactions(conn: Connection) -> set[tuple[Any, ...]]:
     return {tuple(r) for r in rows}
 
 
-def _settle(engine: Engine) -> None:
-    """Waits until every transaction open now has ended (bounded by ARREARS_SNAPSHOT_SETTLE_WAIT_S)."""
+def _settle(engine: Engine, stop: threading.Event | None = None) -> None:
+    """Waits until every transaction open now has ended (bounded by ARREARS_SNAPSHOT_SETTLE_WAIT_S, and by
+    `stop` when given)."""
+    stop = stop or threading.Event()
     with engine.connect() as conn:
         pending = _open_transactions(conn)
         conn.rollback()
@@ -227,7 +357,8 @@ def _settle(engine: Engine) -> None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"arrears snapshot: {len(pending)} transactions still open after "
                                    f"{ARREARS_SNAPSHOT_SETTLE_WAIT_S} s")
-            time.sleep(ARREARS_SNAPSHOT_POLL_S)
+            if stop.wait(ARREARS_SNAPSHOT_POLL_S):
+                raise TimeoutError("arrears snapshot: stopped while waiting for open transactions")
             pending &= _open_transactions(conn)
             conn.rollback()
 
@@ -249,20 +380,23 @@ def _drop(engine: Engine, day: dt.date) -> None:
         conn.execute(T_SNAP.delete().where(T_SNAP.c.as_of == day, T_SNAP.c.state == DROPPING))
 
 
-def kept(days: Sequence[dt.date]) -> set[dt.date]:
+def kept(days: Sequence[dt.date], retention: Retention | None = None) -> set[dt.date]:
     """The snapshot days the retention rule keeps of `days` (each a valid snapshot's day)."""
+    retention = retention or Retention()
     newest = sorted(days, reverse=True)
     month_ends = [d for d in newest if (d + dt.timedelta(days=1)).month != d.month]
-    return set(newest[:ARREARS_SNAPSHOTS_KEEP_DAYS]) | set(month_ends[:ARREARS_SNAPSHOT_MONTH_ENDS_KEEP])
+    return set(newest[:retention.keep_days]) | set(month_ends[:retention.month_ends])
 
 
-def prune(engine: Engine, clock: Clock) -> list[dt.date]:
-    """Drops what the retention rule does not keep (module docstring); returns the days dropped."""
+def prune(engine: Engine, clock: Clock, retention: Retention | None = None,
+          rates: LateFeeRates | None = None) -> list[dt.date]:
+    """Drops what the retention rule does not keep (module docstring), and every snapshot reports with
+    `rates` would not read; returns the days dropped."""
     now = clock.now()
     with engine.begin() as conn:
         headers = conn.execute(_HEADERS).all()
-        valid = [h.as_of for h in headers if _valid(conn, h)]
-    keep = kept(valid)
+        valid = [h.as_of for h in headers if _valid(conn, h, rates or LateFeeRates())]
+    keep = kept(valid, retention)
     gone = [h.as_of for h in headers
             if (h.state == READY and h.as_of not in keep) or h.state == DROPPING
             or (h.state == READY and h.as_of not in valid) or (h.state == BUILDING and _stale(engine, h, now))]
@@ -286,6 +420,55 @@ def newest_closed_day(engine: Engine, clock: Clock) -> dt.date | None:
     return min(day, latest)
 
 
+class SnapshotJob:
+    """`serve`'s arrears snapshot job (setting arrears_snapshot_interval_s; 0: off): every interval, in every
+    branch database, the snapshot of the newest day every bank has closed (newest_closed_day) unless a valid
+    one is there, then prune by `retention`. A day's close is its last bank's reconciliation, so the
+    snapshot follows it within one interval; a reconciliation of an older day afterwards (which makes reports
+    ignore the snapshots it predates) is followed by a new snapshot of the newest day at the next pass. Each
+    pass is two small queries when there is nothing to take; several processes may run the job (a second
+    one finds the day BUSY or EXISTS). A database error or a build that times out is logged and tried again
+    at the next pass."""
+
+    def __init__(self, engines: Sequence[Engine], clock: Clock, interval_s: float,
+                 retention: Retention | None = None, rates: LateFeeRates | None = None) -> None:
+        if interval_s <= 0:
+            raise InvalidField("arrears_snapshot_interval_s", "must be positive for the job to run")
+        self._engines, self._clock, self._interval_s = list(engines), clock, interval_s
+        self._retention, self._rates = retention or Retention(), rates or LateFeeRates()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="arrears-snapshot", daemon=True)
+
+    def run_once(self) -> list[Built]:
+        """One pass over every database: what was built (or found) for each, in order."""
+        out = []
+        for engine in self._engines:
+            day = newest_closed_day(engine, self._clock)
+            if day is not None and not self._stop.is_set():
+                out.append(build(engine, self._clock, day, self._retention, self._stop, self._rates))
+        return out
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ends the job within ARREARS_SNAPSHOT_STOP_S (a build in its INSERT ... SELECT is left to the
+        database: the process is ending, and a BUILDING header is dropped by a later pass once stale)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(ARREARS_SNAPSHOT_STOP_S)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                for built in self.run_once():
+                    if built.outcome != "EXISTS":
+                        log.info("event=arrears_snapshot_job day=%s outcome=%s bills=%d", built.day,
+                                 built.outcome, built.bills)
+            except (sa.exc.SQLAlchemyError, TimeoutError, InvalidField) as exc:
+                log.warning("event=arrears_snapshot_job_failed error=%s %s", type(exc).__name__, exc)
+
+
 def main(argv: list[str]) -> int:
     """`python -m mis_adapter arrears-snapshot --db URL [--branch-db CODE=URL ...] [--day D]`: takes the
     snapshot in every branch database, then prunes. Exit 1 when another job was taking one (BUSY)."""
@@ -302,9 +485,18 @@ def main(argv: list[str]) -> int:
     p.add_argument("--day", default="", help="the day (YYYY-MM-DD); default: the newest day every bank has closed")
     p.add_argument("--clock-start", default="", help="run the clock from this ISO instant (tests, demos)")
     p.add_argument("--timezone", default=DEFAULT_TZ, help="the utility's time zone: business dates")
+    p.add_argument("--keep-days", type=int, default=ARREARS_SNAPSHOTS_KEEP_DAYS,
+                   help="newest snapshots kept (serve: arrears_snapshots_keep_days)")
+    p.add_argument("--keep-month-ends", type=int, default=ARREARS_SNAPSHOT_MONTH_ENDS_KEEP,
+                   help="month-end snapshots kept (serve: arrears_snapshot_month_ends_keep)")
     args = p.parse_args(argv)
-    load_settings(AdapterSettings, {"db": args.db, "timezone": args.timezone})
+    settings = load_settings(AdapterSettings, {"db": args.db, "timezone": args.timezone})
     clock = make_clock(args.clock_start or None, args.timezone)
+    try:
+        retention = Retention(args.keep_days, args.keep_month_ends)
+    except InvalidField as err:
+        print(f"arrears snapshot refused: {err.message}", file=sys.stderr)
+        return 2
     router = BranchRouter.from_specs(args.db, args.branch_db)
     status = 0
     try:
@@ -313,7 +505,7 @@ def main(argv: list[str]) -> int:
             if day is None:
                 print("arrears snapshot: no bank has reconciled a day yet, none taken")
                 continue
-            built = build(engine, clock, day)
+            built = build(engine, clock, day, retention, rates=settings.late_fee_rates())
             print(f"arrears snapshot {built.day}: {built.outcome} bills={built.bills} seconds={built.seconds:.2f}")
             status = status or (1 if built.outcome == "BUSY" else 0)
     except InvalidField as err:

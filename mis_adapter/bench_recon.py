@@ -408,27 +408,86 @@ def time_reports(engine: sa.Engine) -> list[tuple[str, float, str]]:
     return out
 
 
+# --keep-db: what the kept database was generated with; a run with other figures generates it again
+_KEPT = sa.table("bench_generated", sa.column("what"))
+
+
+def _kept_what(args: argparse.Namespace) -> str:
+    return (f"accounts={args.accounts} bills={args.bills} arrears={round(args.arrears_share * 1000)} "
+            f"later={args.later_payments}")
+
+
+def _kept_url(backend: str, args: argparse.Namespace) -> tuple[str, bool]:
+    """--keep-db: the kept database's URL and whether it already holds this run's data (reused as it is)."""
+    name = args.keep_db
+    if backend == "sqlite":
+        path = Path(args.keep_dir) / f"{name}.db"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{path}"
+        if not path.exists():
+            return url, False
+    else:
+        admin = sa.make_url(args.mariadb_admin_url if backend == "mariadb" else args.pg_admin_url)
+        url = admin.set(database=name).render_as_string(hide_password=False)
+    try:
+        engine = make_engine(url)
+        try:
+            with engine.connect() as conn:
+                what = conn.execute(sa.select(_KEPT.c.what)).scalar()
+        finally:
+            engine.dispose()
+    except sa.exc.SQLAlchemyError:
+        what = None
+    if what == _kept_what(args):
+        return url, True
+    if backend == "sqlite":
+        Path(args.keep_dir, f"{name}.db").unlink(missing_ok=True)
+        return url, False
+    return create_database(args.mariadb_admin_url if backend == "mariadb" else args.pg_admin_url, name), False
+
+
+def _drop_snapshots(engine: sa.Engine) -> None:
+    """A kept database's snapshots go before a run takes its own (the code measured builds them)."""
+    with engine.begin() as conn:
+        for table in ("arrears_snapshot_bills", "arrears_snapshots"):
+            conn.exec_driver_sql(f"DELETE FROM {table}")
+
+
 def run_backend(backend: str, args: argparse.Namespace, work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     name = f"yd_bench_recon_{os.getpid()}"
     admin = args.mariadb_admin_url if backend == "mariadb" else args.pg_admin_url
-    url = f"sqlite:///{work / 'mis.db'}" if backend == "sqlite" else create_database(admin, name)
+    reused = False
+    if args.keep_db:
+        url, reused = _kept_url(backend, args)
+    else:
+        url = f"sqlite:///{work / 'mis.db'}" if backend == "sqlite" else create_database(admin, name)
     try:
         engine = make_engine(url, sqlite_synchronous="NORMAL")
-        accounts = [make_account_no("01", i + 1) for i in range(args.accounts)]
-        t0 = time.perf_counter()
-        create_base(engine, accounts)
-        plan = Plan(accounts, args.records, round(args.bank_only_share * 1000))
-        small = Plan(accounts, args.small_records)
-        if args.reconcile:
-            create_payments(engine, small, "Q", DAY - dt.timedelta(days=1))
-            create_payments(engine, plan, "S", DAY)
-        create_bills(engine, plan, args.bills, round(args.arrears_share * 1000))
-        create_later_payments(engine, args.later_payments, LATER_DAY)
-        analyze(engine)
-        print(f"[{backend}] load={_load()} generated {args.accounts:,} accounts, "
-              f"{(args.records + args.small_records) * args.reconcile + args.later_payments:,} payments, "
-              f"{args.bills:,} bills in {time.perf_counter() - t0:.1f} s", flush=True)
+        if reused:
+            print(f"[{backend}] load={_load()} reusing {args.keep_db}: {_kept_what(args)}", flush=True)
+            upgrade(engine)  # the code measured may have migrations the kept database has not had
+            if args.snapshots:
+                _drop_snapshots(engine)
+        else:
+            accounts = [make_account_no("01", i + 1) for i in range(args.accounts)]
+            t0 = time.perf_counter()
+            create_base(engine, accounts)
+            plan = Plan(accounts, args.records, round(args.bank_only_share * 1000))
+            small = Plan(accounts, args.small_records)
+            if args.reconcile:
+                create_payments(engine, small, "Q", DAY - dt.timedelta(days=1))
+                create_payments(engine, plan, "S", DAY)
+            create_bills(engine, plan, args.bills, round(args.arrears_share * 1000))
+            create_later_payments(engine, args.later_payments, LATER_DAY)
+            analyze(engine)
+            if args.keep_db:
+                with engine.begin() as conn:
+                    conn.exec_driver_sql("CREATE TABLE bench_generated (what VARCHAR(200))")
+                    conn.execute(_KEPT.insert().values(what=_kept_what(args)))
+            print(f"[{backend}] load={_load()} generated {args.accounts:,} accounts, "
+                  f"{(args.records + args.small_records) * args.reconcile + args.later_payments:,} payments, "
+                  f"{args.bills:,} bills in {time.perf_counter() - t0:.1f} s", flush=True)
         runs = (("small", small, "Q", DAY - dt.timedelta(days=1)), ("full", plan, "S", DAY)) if args.reconcile else ()
         for label, p, prefix, day in runs:
             fig = reconcile_once(url, work, p, prefix, day, args.batch_records)
@@ -445,7 +504,7 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path) -> None:
             print(f"[{backend}] report {title}: seconds={seconds:.2f} ({what}) load={_load()}", flush=True)
         engine.dispose()
     finally:
-        if backend != "sqlite":
+        if backend != "sqlite" and not args.keep_db:
             drop_database(admin, name)
 
 
@@ -477,9 +536,17 @@ def main(argv: list[str]) -> int:
     p.add_argument("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     p.add_argument("--mariadb-admin-url", default="mysql://root@127.0.0.1:3306/mysql")
     p.add_argument("--work-dir", default="var/bench-recon")
+    p.add_argument("--keep-db", default="",
+                   help="reports only: generate the data into this database (SQLite: NAME.db in --keep-dir), keep it "
+                        "after the run, and reuse it as it is in a later run with the same --accounts, --bills, "
+                        "--arrears-share and --later-payments (snapshots are dropped and taken again); drop it "
+                        "yourself when done")
+    p.add_argument("--keep-dir", default="var/bench-recon-kept", help="where --keep-db keeps SQLite databases")
     args = p.parse_args(argv)
     if "mariadb" in args.backends and args.reconcile:
         p.error("mariadb: reports only (--reports-only)")
+    if args.keep_db and args.reconcile:
+        p.error("--keep-db: reports only (--reports-only)")
     work = Path(args.work_dir)
     work = work if work.is_absolute() else REPO / work
     if work.exists():

@@ -33,6 +33,7 @@ import datetime as dt
 import gc
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import starmap
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
@@ -235,15 +236,35 @@ _CURSOR = sa.select(T_CUR.c.acked_through_seq).where(T_CUR.c.bank_id == _b("bank
 _LAST_SEQ = _SEQ_READ
 
 
+# PostgreSQL: the same read straight through psycopg, in binary (read_notices).
+_PG_READ_NOTICES = ("SELECT seq, bill_id, account_no, period, kwh, amount_fen, due_date, issued_at FROM feed_outbox "
+                    "WHERE bank_id = %s AND seq > %s ORDER BY seq LIMIT %s")
+
+
 def read_notices(conn: Connection, bank_id: str, after_seq: int, limit: int) -> list[Notice]:
-    rows = conn.execute(_READ_NOTICES, {"bank_id": bank_id, "after": after_seq, "limit": limit}).all()
-    withdrawn = agreements.withdrawn_among(conn, bank_id, [r.seq for r in rows])
-    # Positional: the select's columns are Notice's fields in order (a named read per field cost more).
-    out = [Notice(*r, r[0] in withdrawn) for r in rows]
-    # Gapless by construction; a hole here is a bug, never skipped silently.
-    for i, n in enumerate(out):
-        if n.seq != after_seq + 1 + i:
-            raise RuntimeError(f"feed outbox of {bank_id} has a gap before seq {n.seq}")
+    """The bank's next notices after `after_seq`, at most `limit`. On PostgreSQL the rows come straight from
+    psycopg, in this connection's transaction, in binary, and are made Notices by `starmap` (in C): 2.1-2.4
+    against 3.8-4.2 µs of CPU per notice through SQLAlchemy's result rows and a Notice built from each
+    (2,500 notices, best of 15, loaded box); that read was a sixth of mis_adapter's GIL samples under bench-feed."""
+    out: list[Notice]
+    if conn.dialect.name == "postgresql":
+        with conn.connection.driver_connection.cursor(binary=True) as cur:  # type: ignore[union-attr]
+            cur.execute(_PG_READ_NOTICES, (bank_id, after_seq, limit))
+            out = list(starmap(Notice, cur.fetchall()))
+    else:
+        # Positional: the select's columns are Notice's fields in order (a named read per field cost more).
+        out = [Notice(*r) for r in conn.execute(_READ_NOTICES, {"bank_id": bank_id, "after": after_seq,
+                                                                "limit": limit}).all()]
+    if not out:
+        return out
+    # Gapless by construction; a hole here is a bug, never skipped silently. The seqs are distinct and in
+    # order (the key, ORDER BY), so the first and the last seq name every one between.
+    if out[0].seq != after_seq + 1 or out[-1].seq != after_seq + len(out):
+        seq = next((n.seq for i, n in enumerate(out) if n.seq != after_seq + 1 + i), out[0].seq)
+        raise RuntimeError(f"feed outbox of {bank_id} has a gap before seq {seq}")
+    withdrawn = agreements.withdrawn_among(conn, bank_id, range(after_seq + 1, after_seq + 1 + len(out)))
+    if withdrawn:
+        out = [n._replace(withdrawn=True) if n.seq in withdrawn else n for n in out]
     return out
 
 
@@ -597,7 +618,13 @@ def _write_plan(conn: Connection, bank_id: str, plan: _Plan, today: dt.date, now
         prepaid_added.append(r.amount_fen)
     ids = _insert_payments(conn, bank_id, new_debits, today, now, arrears_after, prepaid_after, prepaid_added)
     if plan.fast:
-        conn.execute(_SETTLE_BILLS, {"ids": list_of(conn, [r.bill_id for r in plan.fast]), "today": today})
+        # The fast debits' bills are distinct (one unpaid bill per account, one debit per account), read above
+        # with their accounts locked: the UPDATE settles each, or the batch is not posted (a bill the read saw
+        # unpaid that is no longer so would otherwise be allocated twice).
+        settled = conn.execute(_SETTLE_BILLS, {"ids": list_of(conn, [r.bill_id for r in plan.fast]),
+                                               "today": today}).rowcount
+        if settled != len(plan.fast):
+            raise RuntimeError(f"feed settled {settled} of its batch's {len(plan.fast)} bills")
     if plan.dunning:
         conn.execute(_DUN_BILLS, {"ids": list_of(conn, [r.bill_id for r in plan.dunning])})
 

@@ -38,7 +38,7 @@ from zoneinfo import ZoneInfo
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from mis_adapter.db.arrears import READY, ArrearsSnapshot, ArrearsSnapshotBill
+from mis_adapter.db.arrears import READY, SNAPSHOT_FORMAT, ArrearsSnapshot, ArrearsSnapshotBill
 from mis_adapter.db.base import table_of
 from mis_adapter.db.core import AllocationRow, BillRow, Customer, Payment
 from mis_adapter.db.recon import ReconciledDay
@@ -59,7 +59,8 @@ DETAIL_PAGE_PAYMENTS = 500           # payments per CollectionDetail page
 # An arrears report for a date D reads the newest valid snapshot of a day S <= D (arrears_snapshot.py) instead
 # of every bill; off: every report reconstructs from every bill, as before the snapshots.
 ARREARS_SNAPSHOTS = True
-# PostgreSQL: the snapshot is read only while at most this many payments were settled or reversed after its day.
+# PostgreSQL: the snapshot is read only while at most this many payments were settled or reversed between its day
+# and the report's (their bills are replayed: _touched_since_snapshot).
 # Its one pass over every bill (_arrears_bills) then costs less than reading the snapshot and joining the touched
 # bills back to bills (measured on 1M bills with 100k payments after the day: past-date reports 5.6-8.9 s against
 # 3.9-6.1 s at load 8-12; with none after it, today's 1.1-1.4 s against 2.2-2.8 s).
@@ -363,6 +364,37 @@ def _touched_select(part: tuple[bool, bool] = (False, False), day: Any = _AS_OF)
                     .where(p.c.reversed_on > day, *_in_part(p.c.account_no, part)))
 
 
+def _touched_since_snapshot(part: tuple[bool, bool] = (False, False)) -> Any:
+    """The bills a report as of D reading the snapshot of day S <= D (snap_day, bills_upto) prices from bills
+    and their history instead of from the snapshot (_arrears_bills with snap):
+    - those with an allocation whose effect changed in (S, D]: of a payment settled in (S, D] or reversed in
+      (S, D] (their state at D is not their state at S; found from the payments by their indexes, a range of
+      days, never from every allocation);
+    - those above bills_upto (not in the snapshot) with an allocation of a payment settled or reversed after
+      S (their row now may not be their row at D; found from the bills by their key, few);
+    - the snapshot's bills not replay_ok with an allocation of a payment settled or reversed after S (the
+      reconstruction as of D replays a bill touched after D from its issue; these may have stored an
+      accrual of their own: each probed by its key).
+    Any other bill touched only after D keeps its snapshot row: its state at D is its state at S, and the
+    replay from issue gives it too (arrears_snapshot._insert_rows)."""
+    a, p = T_ALLOC.alias("ta"), T_PAY.alias("tp")
+    by_payment = a.join(p, p.c.payment_id == a.c.payment_id)
+    mine = _in_part(p.c.account_no, part)
+    s, la, lp = T_SNAP_BILL.alias("ts"), T_ALLOC.alias("la"), T_PAY.alias("lp")
+    later = (sa.select(la.c.bill_id).select_from(la.join(lp, lp.c.payment_id == la.c.payment_id))
+             .where(la.c.bill_id == s.c.bill_id, sa.or_(lp.c.settlement_date > _SNAP_DAY, lp.c.reversed_on > _SNAP_DAY)))
+    return sa.union(
+        sa.select(s.c.bill_id).where(s.c.as_of == _SNAP_DAY, s.c.replay_ok == sa.false(), sa.exists(later),
+                                     *_in_part(s.c.account_no, part)),
+        sa.select(a.c.bill_id).select_from(by_payment)
+        .where(p.c.settlement_date > _SNAP_DAY, p.c.settlement_date <= _AS_OF, *mine),
+        sa.select(a.c.bill_id).select_from(by_payment)
+        .where(p.c.reversed_on > _SNAP_DAY, p.c.reversed_on <= _AS_OF, *mine),
+        sa.select(a.c.bill_id).select_from(by_payment)
+        .where(a.c.bill_id > _BILLS_UPTO, sa.or_(p.c.settlement_date > _SNAP_DAY, p.c.reversed_on > _SNAP_DAY),
+               *mine))
+
+
 def _in_part(account_no: Any, part: tuple[bool, bool]) -> tuple[Any, ...]:
     """The accounts of a part of a MariaDB report (_parts): (bounded below, bounded above) by the
     parameters part_from (inclusive) and part_to (exclusive); (False, False) is every account."""
@@ -466,7 +498,7 @@ def _customer_of(b: Any, c: Any, dialect: str) -> Any:
 
 
 def _arrears_bills(branch: bool, rates: LateFeeRates, dialect: str,
-                   part: tuple[bool, bool] = (False, False), snap: bool = False) -> Any:
+                   part: tuple[bool, bool] = (False, False), snap: bool = False, fee_state: bool = False) -> Any:
     """Every bill in arrears at the end of as_of with what it owed then (columns bill_id, account_no,
     branch_code, period, unpaid_fen, fee_sql; no names or phones, which the detail joins to each account,
     not to each bill), priced as the reference reconstruction
@@ -484,24 +516,28 @@ def _arrears_bills(branch: bool, rates: LateFeeRates, dialect: str,
     No scan of bills finds the bills to replay (a bill accrued past as_of is touched, _touched_select).
 
     snap: no pass over every bill. The bills are taken from the snapshot of a day S <= as_of (parameters
-    snap_day, bills_upto; arrears_snapshot.py) in three disjoint parts, `touched` being the bills touched
-    after S (a superset of those touched after as_of):
-    - the snapshot's bills not touched after S now. Nothing changed them since S, so their row is the one
-      copied (the only writes dated on or before S that can come after the snapshot, a reconciliation of
-      such a day, make the report ignore it: _snapshot_of);
-    - the bills issued after the snapshot was taken (bill_id > bills_upto), not touched after S;
-    - the touched part above over the bills touched after S. One touched after S but not after as_of has
-      no allocation settled or reversed after as_of, so no delta and an accrual date on or before as_of:
-      it is priced from its row now, as the untouched part would price it (unpaid now > 0 means not PAID,
-      so paid_on is NULL).
-    A bill in none of these was paid by S and untouched since: not in arrears at as_of."""
+    snap_day, bills_upto; arrears_snapshot.py: every bill up to bills_upto in arrears at the end of S, as it
+    stood then) in three disjoint parts, `touched` being _touched_since_snapshot (the bills whose allocations
+    changed in (S, as_of], and those above bills_upto changed at any time after S):
+    - the snapshot's bills not touched. No allocation of theirs changed effect in (S, as_of], so their state
+      at as_of is their state at S with the fee accrued on (the only writes dated on or before S that can
+      come after the snapshot, a reconciliation of such a day, make the report ignore it: _snapshot_of);
+    - the bills above bills_upto not touched after S: their row now is their row at as_of;
+    - the touched part above over the touched bills (exact for any bill: one with no allocation settled or
+      reversed after as_of has no delta and an accrual date on or before as_of or at its due date, and is
+      priced from its row now, as the untouched part would price it).
+    A bill in none of these is at or below bills_upto (so issued by the end of S), was not in arrears at S
+    and nothing changed it in (S, as_of]: not in arrears at as_of.
+
+    fee_state: the bills with their fee state (micro: the accrual through as_of; fee_paid) instead of the
+    fee (what a snapshot stores, arrears_snapshot.py)."""
     touched: Any
     if dialect == "mysql":
         touched, history, segments = _TMP_TOUCHED_TABLE, _TMP_HISTORY_TABLE, _TMP_SEGMENTS_TABLE
     else:
         # the touched bills are named three times (a CTE, computed once); each history and segment once (a
         # subquery: PostgreSQL plans its joins from the tables' statistics, which a CTE hides)
-        touched = _touched_select(day=_SNAP_DAY if snap else _AS_OF).cte("touched")
+        touched = (_touched_since_snapshot() if snap else _touched_select()).cte("touched")
         history = _history_select(touched).subquery("history")
         segments = _segments_select(touched, rates, dialect).subquery("segments")
     b, c, h, g = T_BILL, T_CUST, history.c, segments.c
@@ -585,6 +621,8 @@ def _arrears_bills(branch: bool, rates: LateFeeRates, dialect: str,
     # them above it, where the accrual is a column: the rounding names it twice, and inside the union each
     # name would evaluate the whole accrual expression again (MariaDB, SQLite share no subexpression).
     u = (sa.union_all(*parts) if len(parts) > 1 else parts[0]).subquery("arrears_bills")
+    if fee_state:
+        return u
     fee = fee_due_from_micro_sql(u.c.micro, u.c.fee_paid, rates)
     return sa.select(*(u.c[k] for k in ("bill_id", "account_no", "branch_code", "period",
                                         "unpaid_fen")), sa.cast(fee, sa.BigInteger).label("fee_sql")) \
@@ -843,7 +881,7 @@ def _materialised(conn: Connection, params: dict[str, Any], rates: LateFeeRates,
     """MariaDB: the touched bills of the report's as-of date, their histories and their replayed segments
     (_touched_select, _history_select, _segments_select) as temporary tables of this session, keyed by bill,
     each computed once, dropped afterwards (in memory while they fit in REPORT_TMP_TABLE_BYTES, else on
-    disk). Nothing elsewhere. snap: the bills touched after the snapshot's day, not after as_of (_arrears_bills)."""
+    disk). Nothing elsewhere. snap: the bills a report reading a snapshot replays (_touched_since_snapshot)."""
     if conn.dialect.name != "mysql":
         yield
         return
@@ -852,7 +890,7 @@ def _materialised(conn: Connection, params: dict[str, Any], rates: LateFeeRates,
         conn.exec_driver_sql(f"SET SESSION tmp_table_size = {REPORT_TMP_TABLE_BYTES}, "
                              f"max_heap_table_size = {REPORT_TMP_TABLE_BYTES}")
         for name, key, select in (
-                (_TMP_TOUCHED, "PRIMARY KEY (bill_id)", _touched_select(part, _SNAP_DAY if snap else _AS_OF)),
+                (_TMP_TOUCHED, "PRIMARY KEY (bill_id)", _touched_since_snapshot(part) if snap else _touched_select(part)),
                 (_TMP_HISTORY, "PRIMARY KEY (bill_id)", _history_select(_TMP_TOUCHED_TABLE).order_by(*_UNORDERED)),
                 (_TMP_SEGMENTS, "PRIMARY KEY (bill_id)",
                  _segments_select(_TMP_TOUCHED_TABLE, rates, "mysql"))):
@@ -918,32 +956,44 @@ def _report_connection(engine: Engine) -> Connection:
 # day is written after the snapshot job's wait).
 _R = T_RECON.alias("r")
 _SNAPSHOT_OF = (sa.select(T_SNAP.c.as_of, T_SNAP.c.bills_upto)
-                .where(T_SNAP.c.state == READY, T_SNAP.c.as_of <= _AS_OF,
+                .where(T_SNAP.c.state == READY, T_SNAP.c.as_of <= _AS_OF, T_SNAP.c.format == SNAPSHOT_FORMAT,
+                       T_SNAP.c.rates == _b("rates"),
                        T_SNAP.c.reconciled_count == sa.select(sa.func.count()).select_from(_R)
                        .where(_R.c.settlement_date <= T_SNAP.c.as_of).scalar_subquery())
                 .order_by(T_SNAP.c.as_of.desc()).limit(1))
 
 
-def _snapshot_of(conn: Connection, as_of: dt.date) -> dict[str, Any] | None:
+def rates_key(rates: LateFeeRates) -> str:
+    """The late-fee rates as a snapshot records them (arrears_snapshots.rates): a snapshot's accruals were
+    computed with them, so a report reads it only with the same rates."""
+    return (f"{rates.residential_ppm_per_day}/{rates.other_current_year_ppm_per_day}/"
+            f"{rates.other_earlier_years_ppm_per_day}/{rates.minimum_fen}")
+
+
+def _snapshot_of(conn: Connection, as_of: dt.date, rates: LateFeeRates) -> dict[str, Any] | None:
     """The parameters of the snapshot a report as of `as_of` reads (snap_day, bills_upto), or None (every bill
     is read): in the report's own transaction, so that the check and the report see the same data."""
     if not ARREARS_SNAPSHOTS:
         return None
-    row = conn.execute(_SNAPSHOT_OF, {"as_of": as_of}).first()
+    row = conn.execute(_SNAPSHOT_OF, {"as_of": as_of, "rates": rates_key(rates)}).first()
     if row is None:
         return None
     if conn.dialect.name == "postgresql" and int(conn.execute(
-            _CHANGED_AFTER, {"snap_day": row.as_of, "n": ARREARS_SNAPSHOT_PG_CHANGED_MAX + 1}).scalar_one()) \
+            _CHANGED_SINCE, {"snap_day": row.as_of, "as_of": as_of,
+                             "n": ARREARS_SNAPSHOT_PG_CHANGED_MAX + 1}).scalar_one()) \
             > ARREARS_SNAPSHOT_PG_CHANGED_MAX:
         return None
     return {"snap_day": row.as_of, "bills_upto": int(row.bills_upto)}
 
 
-# Payments settled or reversed after the snapshot's day, counted up to :n (by their indexes).
-_CHANGED_AFTER = sa.select(sa.func.count()).select_from(sa.union_all(
-    sa.select(T_PAY.c.payment_id).where(T_PAY.c.settlement_date > _SNAP_DAY).limit(_b("n", type_=sa.Integer)),
-    sa.select(T_PAY.c.payment_id).where(T_PAY.c.reversed_on > _SNAP_DAY).limit(_b("n", type_=sa.Integer)))
-    .subquery("changed_after"))
+# Payments settled or reversed in (the snapshot's day, as_of], counted up to :n (by their indexes): the
+# touched bills a report reading the snapshot replays are theirs (_touched_since_snapshot).
+_CHANGED_SINCE = sa.select(sa.func.count()).select_from(sa.union_all(
+    sa.select(T_PAY.c.payment_id).where(T_PAY.c.settlement_date > _SNAP_DAY, T_PAY.c.settlement_date <= _AS_OF)
+    .limit(_b("n", type_=sa.Integer)),
+    sa.select(T_PAY.c.payment_id).where(T_PAY.c.reversed_on > _SNAP_DAY, T_PAY.c.reversed_on <= _AS_OF)
+    .limit(_b("n", type_=sa.Integer)))
+    .subquery("changed_since"))
 
 
 _COUNT_CUSTOMERS = sa.select(sa.func.count()).select_from(T_CUST)
@@ -987,7 +1037,7 @@ def _summed_by_branch(engines: Sequence[Engine], as_of: dt.date, rates: LateFeeR
 
         def by_branch_of(part: _Part, engine: Engine = engine, params: dict[str, Any] = params) -> list[Any]:
             with _report_connection(engine) as conn, conn.begin():
-                snap = _snapshot_of(conn, as_of)
+                snap = _snapshot_of(conn, as_of, rates)
                 by_branch, _by_account = _summed_statements(rates, False, engine.dialect.name, part.flags,
                                                             snap is not None)
                 mine = {**params, **part.params, **(snap or {})}
@@ -1013,7 +1063,7 @@ def _summed_by_account(engines: Sequence[Engine], as_of: dt.date, rates: LateFee
             with contextlib.ExitStack() as stack:
                 conn = stack.enter_context(_report_connection(engine))
                 stack.enter_context(conn.begin())
-                snap = _snapshot_of(conn, as_of)
+                snap = _snapshot_of(conn, as_of, rates)
                 _by_branch, by_account = _summed_statements(rates, bool(branch_code), engine.dialect.name,
                                                             part.flags, snap is not None)
                 mine = {**params, **part.params, **(snap or {})}

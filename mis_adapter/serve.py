@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from mis_adapter import link_state, metrics_collector, refunds
+from mis_adapter import arrears_snapshot, link_state, metrics_collector, refunds
 from mis_adapter.claim_recovery import ClaimRecovery
 from mis_adapter.context import AdapterContext
 from mis_adapter.customer_service import CustomerServicer, add_operator_flags
@@ -20,6 +20,7 @@ from yindian.v1 import billing_pb2_grpc, customer_pb2_grpc, report_pb2_grpc
 from yindian_common import crash_points
 from yindian_common.audit_chain import Sealer
 from yindian_common.clock import Clock, make_clock
+from yindian_common.gc_pauses import freeze_startup_heap
 from yindian_common.logs import setup_logging
 from yindian_common.metrics import grpc_server_interceptors, start_metrics_http
 from yindian_common.rpc_pools import CallPool
@@ -79,6 +80,13 @@ def build_server(settings: AdapterSettings, clock: Clock | None = None) -> tuple
     if recovery is not None:
         recovery.start()
         server.on_drain(recovery.stop)
+    if settings.arrears_snapshot_interval_s > 0:
+        snapshots = arrears_snapshot.SnapshotJob(
+            ctx.router.engines(), clock, settings.arrears_snapshot_interval_s,
+            arrears_snapshot.Retention(settings.arrears_snapshots_keep_days, settings.arrears_snapshot_month_ends_keep),
+            ctx.rates)
+        snapshots.start()
+        server.on_drain(snapshots.stop)
     server.on_drain(lambda: money_pool.shutdown(wait=False, cancel_futures=True))
     server.on_drain(ctx.close)
     return server, ctx
@@ -91,10 +99,12 @@ def main(argv: list[str]) -> int:
     server, _ctx = build_server(settings)
     metrics_collector.register(_ctx.router.engines(), _ctx.clock)
     sealer = Sealer([(JOURNAL_CHAIN, e) for e in _ctx.router.role_engines(_ctx.router.engines(), "sealer")],
-                    settings.audit_seal_interval_s, _ctx.clock.now)
+                    settings.audit_seal_interval_s, _ctx.clock.now, batch_max=settings.audit_seal_batch_max,
+                    batches_per_pass=settings.audit_seal_batches_per_pass)
     sealer.start()
     server.on_drain(sealer.stop)
     metrics_port = start_metrics_http(settings.metrics_host, settings.metrics_port)
+    freeze_startup_heap()
     server.serve_forever(f"READY mis_adapter grpc={settings.listen.rsplit(':', 1)[0]}:{server.port} "
                          f"metrics={metrics_port}")
     return 0

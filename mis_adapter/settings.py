@@ -8,6 +8,7 @@ from typing import Self
 from pydantic import Field, model_validator
 
 from mis_adapter.late_fee import LateFeeRates
+from yindian_common.audit_chain import SEAL_BATCH_MAX, SEAL_BATCHES_PER_PASS
 from yindian_common.settings import PORT_MAX, NameList, ServerSettings
 
 PPM_MAX = 1_000_000          # a late fee of 100 % a day is already absurd
@@ -81,6 +82,12 @@ class AdapterSettings(ServerSettings):
                                     description="bill feed: a dead replica's stream lease lapses after this")
     audit_seal_interval_s: float = Field(2.0, gt=0, le=3_600, description="seconds between passes of the "
                                          "journal's audit-chain sealer")
+    audit_seal_batch_max: int = Field(SEAL_BATCH_MAX, ge=1, le=SEAL_BATCH_MAX,
+                                      description="rows per seal and per sealing transaction (its Python work "
+                                                  "comes in slices of this many rows)")
+    audit_seal_batches_per_pass: int = Field(SEAL_BATCHES_PER_PASS, ge=1, le=100_000,
+                                             description="seals written per background pass at most (the rest "
+                                                         "waits for the next pass)")
     feed_peer_silence_s: float = Field(120.0, gt=0, le=86_400,
                                        description="bill feed: end a stream with no results for this long")
     registry_recover_batch_max: int = Field(10_000, ge=1, le=10_000_000,
@@ -92,6 +99,15 @@ class AdapterSettings(ServerSettings):
                                            description="front registry: an open claim with nothing in its "
                                                        "branch this old is released (must exceed the longest "
                                                        "a Pay can take)")
+
+    arrears_snapshot_interval_s: float = Field(600.0, ge=0, le=86_400,
+                                               description="arrears snapshots: seconds between serve's passes "
+                                                           "that snapshot the newest day every bank has closed "
+                                                           "(0: off; `mis_adapter arrears-snapshot` still works)")
+    arrears_snapshots_keep_days: int = Field(7, ge=1, le=366, description="arrears snapshots: the newest kept")
+    arrears_snapshot_month_ends_keep: int = Field(13, ge=0, le=120,
+                                                  description="arrears snapshots: month ends kept (past-date "
+                                                              "reports read the newest on or before their date)")
 
     # Customer channels (CustomerService) and ReportService: utility operator identities, never banks.
     operators: NameList = Field(default_factory=list,

@@ -461,13 +461,26 @@ def drop_append_only_ddl(dialect: str, table: str) -> list[str]:
     return [f"DROP TRIGGER IF EXISTS {table}_no_{op.lower()}" for op in ("update", "delete")]
 
 
+SEAL_BATCHES_PER_PASS = 50  # default bound of a background pass: at most this many seals per chain
+
+
 class Sealer:
     """The server's background sealer: seals new journal rows every interval_s
-    (a database error is logged and retried at the next pass)."""
+    (a database error is logged and retried at the next pass).
 
-    def __init__(self, jobs: list[tuple[Chain, Engine]], interval_s: float, now: Any) -> None:
+    Bounds: each seal (one transaction) takes at most `batch_max` rows, so that its Python work (reading
+    and digesting them, under the interpreter lock the server's calls share) comes in slices of that
+    size between database round trips; a background pass writes at most `batches_per_pass` seals per
+    chain and leaves the rest to the next pass (a backlog after a pause does not hold the sealer for
+    minutes). At stop, it seals everything."""
+
+    def __init__(self, jobs: list[tuple[Chain, Engine]], interval_s: float, now: Any, *,
+                 batch_max: int = SEAL_BATCH_MAX, batches_per_pass: int = SEAL_BATCHES_PER_PASS) -> None:
         import threading
+        if not 1 <= batch_max <= SEAL_BATCH_MAX or batches_per_pass < 1:
+            raise ValueError(f"batch_max must be 1..{SEAL_BATCH_MAX}, batches_per_pass positive")
         self._jobs, self._interval_s, self._now = jobs, interval_s, now
+        self._batch_max, self._batches_per_pass = batch_max, batches_per_pass
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="audit-sealer", daemon=True)
 
@@ -479,12 +492,16 @@ class Sealer:
         self._thread.join(self._interval_s + 5)
         self.seal_once()  # what the drain's last calls journaled
 
-    def seal_once(self, lookback_ids: int | None = None) -> int:
-        """One pass over every chain (lookback_ids: see Chain.seal_pending; None: whole tables)."""
+    def seal_once(self, lookback_ids: int | None = None, batches_max: int | None = None) -> int:
+        """One pass over every chain (lookback_ids: see Chain.seal_pending; None: whole tables), at most
+        batches_max seals per chain (None: until every row is sealed)."""
         total = 0
         for chain, engine in self._jobs:
-            while n := chain.seal_pending(engine, self._now(), lookback_ids=lookback_ids):
+            seals = 0
+            while (batches_max is None or seals < batches_max) and (
+                    n := chain.seal_pending(engine, self._now(), self._batch_max, lookback_ids=lookback_ids)):
                 total += n
+                seals += 1
         return total
 
     def _run(self) -> None:
@@ -494,6 +511,6 @@ class Sealer:
         while not self._stop.wait(self._interval_s):
             passes += 1
             try:
-                self.seal_once(None if passes % FULL_PASS_EVERY == 0 else SEAL_LOOKBACK_IDS)
+                self.seal_once(None if passes % FULL_PASS_EVERY == 0 else SEAL_LOOKBACK_IDS, self._batches_per_pass)
             except sa.exc.SQLAlchemyError as exc:
                 log.warning("event=audit_seal_failed error=%s", type(exc).__name__)

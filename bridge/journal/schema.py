@@ -29,6 +29,10 @@ IN_DOUBT_STATES = frozenset({PENDING, SUSPECT, REVERSING})
 OPEN_STATES = (PENDING, RETRYABLE, REVERSING, SUSPECT)
 OPEN_STATES_SQL = ", ".join(f"'{s}'" for s in OPEN_STATES)
 
+# PostgreSQL: a journal page keeps half its room for its rows' outcomes, so that each outcome's new
+# version lands on its row's page (revision 0007_pgcpu_journal_room).
+JOURNAL_FILLFACTOR = 50
+
 MESSAGE_MAX = 256
 WRITER_BACKOFF_CAP_S = 5.0
 
@@ -68,6 +72,7 @@ requests = sa.Table(
     sa.Index("ix_bridge_journal_state_due", "state", "next_attempt_ms",
              postgresql_where=sa.text(f"state IN ({OPEN_STATES_SQL})")),
     sa.Index("ix_bridge_journal_original", "original_serial", postgresql_where=sa.text("kind = 'CANCEL'")),
+    postgresql_with={"fillfactor": JOURNAL_FILLFACTOR},
 )
 
 

@@ -9,10 +9,15 @@ by the reports; removed by the job's retention rule.
   before the day when it was taken; a later reconciliation of such a day (the only write
   dated on or before a closed day that can come later) makes the counts differ, and a report
   then ignores the snapshot.
-- `arrears_snapshot_bills`: per snapshot day, the bills in arrears at its end that no payment
-  settled or reversed after it had touched when it was taken: the columns the late-fee rule
-  reads, as the bill row held them (the report prices them with the customer's current tariff,
-  as the reconstruction does)."""
+  `format` (SNAPSHOT_FORMAT, 0004_reportsx_snapshot_format): what the rows are; `rates`: the
+  late-fee rates their accruals were computed with (a report with other rates ignores it).
+- `arrears_snapshot_bills`: per snapshot day, every bill in arrears at its end (of those with an
+  id up to bills_upto), as it stood then, reconstructed from history: unpaid principal, the fee
+  accrued through the day (`accrual_micro`, from which the accrual continues at `accrual_date`,
+  the later of the day and the due date) and the fee paid by then. `replay_ok`: the bill had no
+  allocation of a payment settled on or before the day and its accrual then is the one a replay from its
+  issue gives (arrears_snapshot._insert_rows); a report replays a bill that is not, once a payment
+  after the day touches it."""
 from __future__ import annotations
 
 import datetime as dt
@@ -23,6 +28,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from mis_adapter.db.base import Base, Money
 
 BUILDING, READY = "BUILDING", "READY"
+SNAPSHOT_FORMAT = 2  # 1: the rows of the bills untouched since the day, copied (before 0004_reportsx_snapshot_format)
 
 
 class ArrearsSnapshot(Base):
@@ -33,6 +39,8 @@ class ArrearsSnapshot(Base):
     reconciled_count: Mapped[int] = mapped_column(sa.BigInteger)
     bills: Mapped[int] = mapped_column(sa.BigInteger, default=0)
     started_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True))
+    format: Mapped[int] = mapped_column(sa.SmallInteger, server_default="1")
+    rates: Mapped[str] = mapped_column(sa.String(80), server_default="")
 
 
 class ArrearsSnapshotBill(Base):
@@ -45,3 +53,4 @@ class ArrearsSnapshotBill(Base):
     accrual_micro: Mapped[int] = mapped_column(sa.BigInteger)
     accrual_date: Mapped[dt.date] = mapped_column(sa.Date)
     late_fee_paid_fen: Mapped[int] = mapped_column(Money)
+    replay_ok: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.false())

@@ -2,14 +2,27 @@
 every process's CPU), and the open loop's "highest rate held" rule."""
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from bank_sim.bench_ratio import CpuGroup, CpuMeter, Measured, highest_held
+from bank_sim.bench_ratio import (
+    BenchRatioSettings,
+    CpuGroup,
+    CpuMeter,
+    Measured,
+    PayFactory,
+    Window,
+    highest_held,
+    open_loop,
+    write_trace,
+)
 from tests.support.databases import admin_url
 from tests.support.procs import REPO
 
@@ -81,3 +94,46 @@ def test_on_postgresql_it_breaks_the_database_work_down_by_role_and_table(tmp_pa
     assert db["mis"]["xact_commit"] > 0 and db["mis.payments"]["n_tup_ins"] > 0
     assert db["mis.payments"]["indexes"] >= 2 and db["wal"]["bytes"] > 0
     assert "postgres backends by database:role" in run.stdout and "db mis per call" in run.stdout
+
+
+class _InstantStub:
+    """A BillingService stub whose Pay answers at once, counting the calls made."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.seen = threading.Event()
+        self.wanted = 0
+
+    async def Pay(self, req: object, timeout: float, metadata: object) -> None:  # noqa: N802 (the gRPC name)
+        self.calls += 1
+        if self.wanted and self.calls >= self.wanted:
+            self.seen.set()
+
+
+def test_the_open_loop_keeps_sending_while_the_meter_samples_and_traces_every_call(tmp_path: Path) -> None:
+    """The meter's statistics reads took 0.1-1 s on a busy PostgreSQL; run on the event loop they held back
+    every arrival due meanwhile (latency counted from the intended start: a stall at each window's start).
+    Here the meter's start waits until calls made after the window opened arrive: it can only return
+    if the arrivals keep leaving while it samples. The trace names every measured call and the meter."""
+    settings = BenchRatioSettings(warmup_s=0.1, duration_s=0.4, latency_trace=str(tmp_path / "trace.csv"))
+    window = Window(settings)
+    stub = _InstantStub()
+    sampled: list[bool] = []
+
+    def on_window(opening: bool) -> None:
+        if opening:
+            stub.wanted = stub.calls + 5
+            sampled.append(stub.seen.wait(10))
+        window.trace.append((time.perf_counter(), time.perf_counter(), "meter-start" if opening else "meter-stop"))
+
+    asyncio.run(open_loop(stub, PayFactory(["0000000001"]), settings, (), window, on_window, 100.0))  # type: ignore[arg-type]
+    assert sampled == [True]
+    assert window.counted >= 30 and not window.dropped and not window.errors
+    write_trace(Path(settings.latency_trace), "pay sqlite", 100.0, window)
+    lines = Path(settings.latency_trace).read_text().splitlines()
+    assert lines[0] == "measurement,offered_per_s,sent_s,latency_ms,status"
+    assert lines[1].startswith("# pay sqlite window opened at unix ")
+    rows = [line.split(",") for line in lines[2:]]
+    calls = [r for r in rows if r[4] == ""]
+    assert len(calls) == window.counted and {r[4] for r in rows} == {"", "meter-start", "meter-stop"}
+    assert all(r[0] == "pay sqlite" and r[1] == "100" and 0 <= float(r[2]) < 0.4 and float(r[3]) >= 0 for r in calls)

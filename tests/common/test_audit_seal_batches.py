@@ -26,9 +26,11 @@ from tests.common.test_audit_chain_hash import _audit_rows, _journal_rows, refer
 from tests.conftest import SERVERS
 from yindian_common.audit_chain import (
     GENESIS,
+    SEAL_BATCH_MAX,
     SEAL_LOOKBACK_IDS,
     Chain,
     ChainTampered,
+    Sealer,
     batch_seals_table,
     drop_append_only_ddl,
     seals_table,
@@ -265,8 +267,10 @@ def _tamper_journal(engine: sa.Engine, table: str, id_col: str, ids: list[int], 
             conn.execute(sa.text(f"UPDATE {table} SET {amount_col} = {amount_col} + 1 WHERE {id_col} = :i"), {"i": i})
 
 
-MIGRATED = [pytest.param((JOURNAL_CHAIN, _journal_rows, "mis_adapter.migrate", "0005_audit_seal_batches"), id="mis"),
-            pytest.param((AUDIT_CHAIN, _audit_rows, "bridge.migrate", "0006_seals_batches"), id="bridge")]
+# (chain, rows, migrate module, the downgrade target that undoes the batch seals' revision)
+MIGRATED = [pytest.param((JOURNAL_CHAIN, _journal_rows, "mis_adapter.migrate", "0005_audit_seal_batches@-1"), id="mis"),
+            # the revision before 0006_seals_batches: it and every later one (0007_pgcpu_journal_room) undone
+            pytest.param((AUDIT_CHAIN, _audit_rows, "bridge.migrate", "0005_journal_lean_indexes"), id="bridge")]
 
 
 def _migrated(engine: sa.Engine, module: str) -> Any:
@@ -306,14 +310,14 @@ def test_a_chain_sealed_per_row_then_extended_by_batches_verifies_and_names_old_
 @pytest.mark.parametrize("case", MIGRATED)
 def test_downgrade_reseals_per_row_as_the_code_before_would_and_refuses_a_tampered_chain(
         engine: sa.Engine, case: Any) -> None:
-    chain, make_rows, module, revision = case
+    chain, make_rows, module, below = case
     migrate = _migrated(engine, module)
     ident = chain.entries.c[chain.id_column]
     rnd = random.Random(9)
     with engine.begin() as conn:
         conn.execute(chain.entries.insert(), make_rows(rnd, 23))
     assert [chain.seal_pending(engine, NOW, batch_max=10) for _ in range(4)] == [10, 10, 3, 0]
-    migrate.downgrade(engine, f"{revision}@-1")
+    migrate.downgrade(engine, below)
     with engine.connect() as conn:
         assert chain.batches.name not in sa.inspect(conn).get_table_names()
         rows = [dict(r) for r in conn.execute(sa.select(chain.entries).order_by(ident)).mappings()]
@@ -332,7 +336,7 @@ def test_downgrade_reseals_per_row_as_the_code_before_would_and_refuses_a_tamper
     ids = [r[chain.id_column] for r in rows]
     _tamper_journal(engine, chain.entries.name, chain.id_column, [ids[7]], "amount_fen")
     with pytest.raises(ChainTampered, match=f"entry {ids[7]} edited"):
-        migrate.downgrade(engine, f"{revision}@-1")
+        migrate.downgrade(engine, below)
     with engine.connect() as conn:
         assert chain.batches.name in sa.inspect(conn).get_table_names()
         assert conn.execute(sa.select(sa.func.count()).select_from(chain.seals)).scalar() == 23
@@ -407,3 +411,22 @@ def test_a_full_pass_seals_a_late_row_below_the_window_even_after_a_sealed_row_w
     assert chain.seal_pending(engine, NOW) == 1
     checked, problems, unsealed = verify(engine, chain)
     assert (checked, problems, unsealed) == (6, ["entry 5002 deleted (seal 1)"], 0)
+
+
+def test_the_sealer_bounds_rows_per_seal_and_seals_per_pass_and_seals_everything_at_stop(engine: sa.Engine) -> None:
+    """A background pass writes at most batches_per_pass seals of at most batch_max rows each (a backlog
+    waits for later passes); the pass at stop seals the rest; the chain verifies."""
+    chain = make_chain(sa.MetaData(), "tb")
+    create(engine, chain)
+    add_rows(engine, chain, _journal_rows(random.Random(6), 40))
+    sealer = Sealer([(chain, engine)], 3600, lambda: NOW, batch_max=7, batches_per_pass=2)
+    assert sealer.seal_once(SEAL_LOOKBACK_IDS, 2) == 14
+    assert sealer.seal_once(SEAL_LOOKBACK_IDS, 2) == 14
+    with engine.connect() as conn:
+        counts = [n for (n,) in conn.execute(sa.select(chain.batches.c.entry_count).order_by(chain.batches.c.seal_no))]
+    assert counts == [7, 7, 7, 7]
+    assert verify(engine, chain) == (28, [], 12)
+    assert sealer.seal_once() == 12  # what stop() runs last: no bound
+    assert verify(engine, chain) == (40, [], 0)
+    with pytest.raises(ValueError):
+        Sealer([(chain, engine)], 1, lambda: NOW, batch_max=SEAL_BATCH_MAX + 1)

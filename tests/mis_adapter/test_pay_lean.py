@@ -49,7 +49,7 @@ def test_the_ledger_loses_its_account_index_and_the_downgrade_gives_it_back(db_u
         assert PrepaidEntry.__table__.c.account_no.index is not True  # the model says the same
         pg = engine.dialect.name == "postgresql"
         lean = _pay_source(engine) if pg else ""
-        assert not pg or _customers_options(engine) == ["fillfactor=90"]
+        assert not pg or _customers_options(engine) == ["fillfactor=50"]  # 0004_pgcpu_customers_room, applied after
         downgrade(engine, "0004_pgpay_lean_pay@-1")
         assert _ledger_indexes(engine)["ix_prepaid_ledger_account_no"] == ["account_no"]
         if pg:
@@ -60,7 +60,7 @@ def test_the_ledger_loses_its_account_index_and_the_downgrade_gives_it_back(db_u
         upgrade(engine)
         assert "ix_prepaid_ledger_account_no" not in _ledger_indexes(engine)
         if pg:
-            assert _pay_source(engine) == lean and _customers_options(engine) == ["fillfactor=90"]
+            assert _pay_source(engine) == lean and _customers_options(engine) == ["fillfactor=50"]
     finally:
         engine.dispose()
 
