@@ -34,8 +34,9 @@ proto: $(VENV)/.installed
 $(GEN_STAMP): $(PROTOS) $(VENV)/.installed
 	$(MAKE) proto
 
-# Three workers: most tests wait on processes, fsync and sockets, not on the 2 cores.
-PYTEST_ARGS ?= -n 3
+# Three workers: most tests wait on processes, fsync and sockets, not on the 2 cores. worksteal: an idle worker
+# takes queued tests from a busy one, so the tests queued behind a long one (the chaos soak) do not wait for it.
+PYTEST_ARGS ?= -n 3 --dist worksteal
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from bank_sim import ledger, teller
 from bank_sim.settings import TellerSettings
 from tests.bank_sim.faulty_link import Fault, FaultyLink, Rule
+from tests.support.databases import migrated_sqlite
 from tests.support.procs import REPO, Proc, start
 from yindian_common.clock import make_clock
 from yindian_common.db import make_engine
@@ -81,7 +82,7 @@ class Utility:
 @pytest.fixture(scope="module")
 def utility(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Utility]:
     work = tmp_path_factory.mktemp("utility")
-    mis_db = f"sqlite:///{work / 'mis.db'}"
+    mis_db = migrated_sqlite(work / "mis.db")
     subprocess.run([sys.executable, "-m", "mis_adapter", "seed", "--db", mis_db, "--accounts", "400",
                     "--roster-dir", str(work / "rosters")], cwd=REPO, check=True, timeout=120,
                    capture_output=True)

@@ -19,6 +19,7 @@ from bridge import journal as jn
 from bridge.serve import Bridge
 from bridge.settings import BridgeSettings
 from tests.bridge.link import Link
+from tests.support.databases import migrated_sqlite
 from tests.support.procs import REPO, Proc, start
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
@@ -65,7 +66,7 @@ class Utility:
 @pytest.fixture(scope="module")
 def utility(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Utility]:
     work = tmp_path_factory.mktemp("utility")
-    mis_db = f"sqlite:///{work / 'mis.db'}"
+    mis_db = migrated_sqlite(work / "mis.db")
     subprocess.run([sys.executable, "-m", "mis_adapter", "seed", "--db", mis_db, "--accounts", str(SEED_ACCOUNTS),
                     "--roster-dir", str(work / "rosters")], cwd=REPO, check=True, timeout=120, capture_output=True)
     eng = make_engine(mis_db, pool_size=1)
@@ -111,8 +112,11 @@ def make_bridge(tmp_path: Path) -> Iterator[Callable[..., BankCore]]:
     started: list[BankCore] = []
 
     def make(upstream: str, *, db: str | None = None, **over: object) -> BankCore:
+        default_db = tmp_path / "bridge.db"
+        if db is None and not default_db.exists():  # the journal schema copied, not migrated; a restart keeps it
+            migrated_sqlite(default_db, "bridge")
         fields: dict[str, object] = {"listen": "127.0.0.1:0", "upstream": upstream, "bank_id": BANK,
-                                     "insecure": True, "db": db or f"sqlite:///{tmp_path / 'bridge.db'}",
+                                     "insecure": True, "db": db or f"sqlite:///{default_db}",
                                      "resolver_enabled": False, "grace_s": 2.0, "metrics_port": 0,
                                      # no background SignOn: the fault-injecting link holds the first call it sees
                                      "sign_on_at_start": False}

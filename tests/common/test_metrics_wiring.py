@@ -15,7 +15,7 @@ from tests.mis_adapter.test_feed_support import debited, insufficient, subscribe
 from tests.support.mis_data import running_adapter
 from yindian.v1 import billing_pb2 as pb
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.migrated("mis")]  # running_adapter needs the MIS schema
 BANK = "ICBC"
 POSTED = pb.BANK_RECORD_STATUS_POSTED
 

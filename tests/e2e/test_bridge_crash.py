@@ -20,6 +20,7 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
+from tests.support.databases import migrated_sqlite
 from tests.support.procs import REPO, Proc, start
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
@@ -68,8 +69,8 @@ def mis_state(mis_db: str, serial: str) -> str | None:
 
 
 def test_refused_cancel_stays_refused_after_a_bridge_crash_right_after_answering(tmp_path: Path) -> None:
-    mis_db = f"sqlite:///{tmp_path / 'mis.db'}"
-    journal_db = f"sqlite:///{tmp_path / 'bridge.db'}"
+    mis_db = migrated_sqlite(tmp_path / "mis.db")
+    journal_db = migrated_sqlite(tmp_path / "bridge.db", "bridge")
     subprocess.run([sys.executable, "-m", "mis_adapter", "seed", "--db", mis_db, "--accounts", "50",
                     "--roster-dir", str(tmp_path / "rosters")], cwd=REPO, check=True, timeout=120,
                    capture_output=True)

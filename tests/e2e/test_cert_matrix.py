@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from mis_adapter.routing import BranchRouter
 from mis_adapter.seed import seed
 from tests.support import procs
+from tests.support.databases import migrated_sqlite
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
 from yindian_common.db import make_engine
@@ -100,7 +101,7 @@ def pki(tmp_path: Path) -> Pki:
 
 @pytest.fixture
 def servers(pki: Pki) -> Iterator[tuple[procs.Proc, procs.Proc, list[str], str]]:
-    url = f"sqlite:///{pki.dir / 'mis.db'}"
+    url = migrated_sqlite(pki.dir / "mis.db")
     router = BranchRouter(url, {})
     seed(router, 20, pki.dir / "rosters", today=dt.date(2026, 11, 28), now=dt.datetime.fromisoformat(CLOCK))
     router.dispose()
@@ -109,7 +110,7 @@ def servers(pki: Pki) -> Iterator[tuple[procs.Proc, procs.Proc, list[str], str]]
         "mis_adapter", "serve", "--db", url, "--listen", "127.0.0.1:0", "--metrics-port", "0", "--clock-start", CLOCK,
         "--tls-cert", pki.path("mis.pem"), "--tls-key", pki.path("mis.key"), "--tls-ca", pki.path("ca.pem"),
         "--tls-crl", pki.path("crl.pem"), "--tls-reload-check-s", "0.2"], log_dir=pki.dir)
-    bridge_db = f"sqlite:///{pki.dir / 'bridge.db'}"
+    bridge_db = migrated_sqlite(pki.dir / "bridge.db", "bridge")
     bridge = procs.start("bridge", [
         "bridge", "serve", "--listen", "127.0.0.1:0", "--upstream", mis.grpc_addr, "--db", bridge_db,
         "--metrics-port", "0", "--clock-start", CLOCK, "--bank-id", "ICBC", "--allow-client", "ICBC-TELLERS",

@@ -26,6 +26,7 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.databases import migrated_sqlite
 from tests.support.procs import REPO, Proc, start
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
@@ -63,7 +64,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("control")
-    mis_db = f"sqlite:///{work / 'mis.db'}"
+    mis_db = migrated_sqlite(work / "mis.db")
     subprocess.run([sys.executable, "-m", "mis_adapter", "seed", "--db", mis_db, "--accounts", str(ACCOUNTS),
                     "--roster-dir", str(work / "rosters")], cwd=REPO, check=True, timeout=180, capture_output=True)
     eng = make_engine(mis_db, pool_size=1)

@@ -23,6 +23,7 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
+from tests.support.databases import migrated_sqlite
 from tests.support.procs import REPO, Proc, start
 from tests.support.waiting import wait_until
 from yindian.v1 import billing_pb2 as pb
@@ -104,8 +105,8 @@ def money_in_mis(engine: sa.Engine) -> int:
 
 
 def test_kill_9_adapter_mid_flight_every_success_posted_once_and_money_adds_up(tmp_path: Path) -> None:
-    mis_db = f"sqlite:///{tmp_path / 'mis.db'}"
-    journal_db = f"sqlite:///{tmp_path / 'bridge.db'}"
+    mis_db = migrated_sqlite(tmp_path / "mis.db")
+    journal_db = migrated_sqlite(tmp_path / "bridge.db", "bridge")
     subprocess.run([sys.executable, "-m", "mis_adapter", "seed", "--db", mis_db, "--accounts", str(ACCOUNTS),
                     "--roster-dir", str(tmp_path / "rosters")], cwd=REPO, check=True, timeout=120,
                    capture_output=True)

@@ -40,7 +40,7 @@ CALL_TIMEOUT_S = 10.0
 def branch_databases(backend: str, tmp_path: Path) -> Iterator[tuple[list[str], list[Engine], list[str]]]:
     """Main (branch 01), branch 02 and branch 03 databases, migrated, one account with one bill in each."""
     with ExitStack() as stack:
-        urls = [stack.enter_context(fresh_database(backend, tmp_path, label)) for label in ("main", "b02", "b03")]
+        urls = [stack.enter_context(fresh_database(backend, tmp_path, label, schema="mis")) for label in ("main", "b02", "b03")]
         engines = [make_engine(u, pool_size=2) for u in urls]
         for e in engines:
             stack.callback(e.dispose)

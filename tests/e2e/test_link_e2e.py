@@ -26,6 +26,7 @@ import sqlalchemy as sa
 
 from bank_sim import ledger, link_ops
 from tests.support import procs
+from tests.support.databases import migrated_sqlite
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
 from yindian_common.clock import make_clock
@@ -55,8 +56,8 @@ class Stack:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.mis_db = f"sqlite:///{tmp / 'mis.db'}"
-        self.bridge_db = f"sqlite:///{tmp / 'bridge.db'}"
+        self.mis_db = migrated_sqlite(tmp / "mis.db")
+        self.bridge_db = migrated_sqlite(tmp / "bridge.db", "bridge")
         self.bank_db = f"sqlite:///{tmp / 'bank.db'}"
         run("mis_adapter", "seed", "--db", self.mis_db, "--accounts", str(ACCOUNTS), "--roster-dir",
             str(tmp / "rosters"), "--clock-start", CLOCK_START)

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from bank_sim.load import ACCEPTED, CANCEL_NONE, CANCEL_REVERSED, RunLedger
 from mis_adapter.db.core import AllocationRow, Payment, PrepaidEntry
+from tests.support.databases import migrated_sqlite
 from tests.support.procs import REPO, Proc, start
 from yindian_common.db import make_engine
 
@@ -34,7 +35,7 @@ def python_m(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_check_passes_on_the_untouched_run_and_fails_when_a_payment_disappears(tmp_path: Path) -> None:
-    mis_db, bridge_db = f"sqlite:///{tmp_path / 'mis.db'}", f"sqlite:///{tmp_path / 'bridge.db'}"
+    mis_db, bridge_db = migrated_sqlite(tmp_path / "mis.db"), migrated_sqlite(tmp_path / "bridge.db", "bridge")
     seeded = python_m("mis_adapter", "seed", "--db", mis_db, "--accounts", str(ACCOUNTS),
                       "--roster-dir", str(tmp_path / "rosters"))
     assert seeded.returncode == 0, seeded.stdout + seeded.stderr

@@ -25,6 +25,7 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
+from tests.support.databases import migrated_sqlite
 from tests.support.procs import REPO, Proc, start
 from tests.support.waiting import wait_until
 from yindian.v1 import billing_pb2 as pb
@@ -116,7 +117,7 @@ def unreachable(target: str, account_no: str) -> bool:
 
 
 def test_an_outage_turns_only_pays_in_flight_at_the_kill_into_pay_again(tmp_path: Path) -> None:
-    mis_db = f"sqlite:///{tmp_path / 'mis.db'}"
+    mis_db = migrated_sqlite(tmp_path / "mis.db")
     subprocess.run([sys.executable, "-m", "mis_adapter", "seed", "--db", mis_db, "--accounts", str(ACCOUNTS),
                     "--roster-dir", str(tmp_path / "rosters")], cwd=REPO, check=True, timeout=120,
                    capture_output=True)

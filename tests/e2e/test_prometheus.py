@@ -34,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dashboards.lint import DASHBOARDS_DIR, dashboard_expressions
 from tests.support import procs
+from tests.support.databases import migrated_sqlite
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
 from yindian_common.fields import make_account_no
@@ -139,7 +140,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("prom-stack")
-    db = f"sqlite:///{work / 'mis.db'}"
+    db = migrated_sqlite(work / "mis.db")
     seeded = subprocess.run([procs.sys.executable, "-m", "mis_adapter", "seed", "--db", db, "--accounts",
                              str(SEED_ACCOUNTS), "--roster-dir", str(work / "rosters"), "--clock-start", CLOCK_START],
                             cwd=procs.REPO, capture_output=True, text=True, timeout=120)

@@ -40,7 +40,7 @@ OPERATOR = ("x-yindian-operator", "ops")
 
 @pytest.fixture(params=[SINGLE, BRANCHES3])
 def servers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[procs.Proc, procs.Proc, list[str]]]:
-    with topology_databases("sqlite", request.param, tmp_path) as topo:
+    with topology_databases("sqlite", request.param, tmp_path, schema="mis") as topo:
         yield from _servers(topo, tmp_path)
 
 

@@ -91,7 +91,7 @@ class FeedConsumer:
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_two_replicas_one_killed_mid_load(backend: str, tmp_path: Path) -> None:
-    with fresh_database(backend, tmp_path, "mis") as mis_db:
+    with fresh_database(backend, tmp_path, "mis", schema="mis") as mis_db:
         journal_db = f"sqlite:///{tmp_path / 'bridge.db'}"
         subprocess.run([sys.executable, "-m", "mis_adapter", "seed", "--db", mis_db, "--accounts", str(ACCOUNTS),
                         "--roster-dir", str(tmp_path / "rosters"), "--clock-start", CLOCK], cwd=REPO, check=True,

@@ -12,8 +12,8 @@ import grpc
 import sqlalchemy as sa
 
 from mis_adapter.db.core import Customer
-from mis_adapter.migrate import upgrade
 from tests.support import procs
+from tests.support.databases import migrated_sqlite
 from tests.support.mis_data import BillSpec, add_account, add_bank
 from yindian.v1 import billing_pb2 as bpb
 from yindian.v1 import billing_pb2_grpc, customer_pb2_grpc
@@ -55,9 +55,8 @@ class Mis:
 
 def make_mis_db(tmp_path: Path, households: dict[int, tuple[list[BillSpec], str]]) -> tuple[str, dict[int, str]]:
     """SQLite MIS at tmp_path/mis.db: branch 01 households {serial: (bills, phone)}."""
-    url = f"sqlite:///{tmp_path / 'mis.db'}"
+    url = migrated_sqlite(tmp_path / "mis.db")
     engine = make_engine(url)
-    upgrade(engine)
     add_bank(engine, "ICBC")
     accounts: dict[int, str] = {}
     t = Customer.__table__

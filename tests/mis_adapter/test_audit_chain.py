@@ -17,7 +17,7 @@ from tests.support.procs import REPO
 from yindian.v1 import billing_pb2 as pb
 from yindian_common.audit_chain import drop_append_only_ddl
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.migrated("mis")]  # running_adapter needs the MIS schema
 
 
 @pytest.fixture

@@ -45,9 +45,9 @@ class Branches:
 @contextmanager
 def three_branch_databases(backend: str, tmp_path: Path, **overrides: object) -> Iterator[Branches]:
     with ExitStack() as stack:
-        main = stack.enter_context(fresh_database(backend, tmp_path, "main"))
-        b02 = stack.enter_context(fresh_database(backend, tmp_path, "b02"))
-        b03 = stack.enter_context(fresh_database(backend, tmp_path, "b03"))
+        main = stack.enter_context(fresh_database(backend, tmp_path, "main", schema="mis"))
+        b02 = stack.enter_context(fresh_database(backend, tmp_path, "b02", schema="mis"))
+        b03 = stack.enter_context(fresh_database(backend, tmp_path, "b03", schema="mis"))
         a = stack.enter_context(running_adapter(main, branch_db=[f"02={b02}", f"03={b03}"], **overrides))
         engines = [a.ctx.router.engine_for_branch(code) for code in ("01", "02", "03")]
         accounts = [add_account(e, code, 1, BILL) for e, code in zip(engines, ("01", "02", "03"), strict=True)]

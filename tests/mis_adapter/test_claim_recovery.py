@@ -48,7 +48,7 @@ def cli(topo: Topology, *extra: str, at: dt.datetime = NOW) -> list[str]:
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mariadb"])
 def test_recovery_settles_posted_releases_expired_and_keeps_young_claims(
         backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with topology_databases(backend, BRANCHES3, tmp_path) as topo:
+    with topology_databases(backend, BRANCHES3, tmp_path, schema="mis") as topo:
         clock = ManualClock(NOW)
         ctx = AdapterContext.build(AdapterSettings(db=topo.db, branch_db=topo.branch_db), clock)
         try:
@@ -95,7 +95,7 @@ def test_backfill_after_a_split_makes_old_serials_one_payment_across_branches(
     """Three databases that ran on their own before the split (each its own serial check), then
     `registry backfill`: a serial posted before the split cannot post again on another branch, its
     reversal and tombstone hold, GetPayment finds it; a serial two databases hold is reported."""
-    with topology_databases(backend, BRANCHES3, tmp_path) as topo:
+    with topology_databases(backend, BRANCHES3, tmp_path, schema="mis") as topo:
         urls = [topo.db, *(spec.split("=", 1)[1] for spec in topo.branch_db)]
         clock = ManualClock(NOW)
         alone = [AdapterContext.build(AdapterSettings(db=u), clock) for u in urls]

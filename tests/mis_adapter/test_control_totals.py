@@ -21,7 +21,7 @@ from tests.support.mis_data import NOON, TODAY, add_account, row_counts, running
 from yindian.v1 import billing_pb2 as pb
 from yindian_common.status import error_info
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.migrated("mis")]  # running_adapter needs the MIS schema
 
 UTC_NOON = NOON.astimezone(dt.UTC)
 

@@ -22,6 +22,8 @@ from yindian.v1 import customer_pb2_grpc
 from yindian_common.fields import make_account_no
 from yindian_common.status import error_info
 
+pytestmark = pytest.mark.migrated("mis")  # running_adapter needs the MIS schema
+
 PORTAL, IVR, DUNNING = "portal", "ivr", "dunning"
 ROLES = {"operators": [PORTAL, IVR, DUNNING], "factorless_operators": [IVR], "dunning_operators": [DUNNING]}
 

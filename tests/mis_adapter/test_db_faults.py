@@ -24,18 +24,20 @@ from tests.support.waiting import wait_until
 from yindian.v1 import billing_pb2 as pb
 from yindian_common.status import error_info
 
+pytestmark = pytest.mark.migrated("mis")  # running_adapter needs the MIS schema
+
 BILLS = [BillSpec("202610", 15_000, __import__("datetime").date(2026, 11, 25))]
 
 
 @pytest.fixture
 def pg_adapter(tmp_path: Path) -> Iterator[RunningAdapter]:
-    with fresh_database("postgresql", tmp_path) as url, running_adapter(url) as a:
+    with fresh_database("postgresql", tmp_path, schema="mis") as url, running_adapter(url) as a:
         yield a
 
 
 @pytest.fixture(params=["postgresql", "mariadb"])
 def server_adapter(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RunningAdapter]:
-    with fresh_database(request.param, tmp_path) as url, running_adapter(url) as a:
+    with fresh_database(request.param, tmp_path, schema="mis") as url, running_adapter(url) as a:
         yield a
 
 
@@ -232,7 +234,7 @@ def test_a_held_lock_in_a_branch_database_ends_the_call_within_its_deadline(tmp_
     branch 02, and its transaction there is bounded by the call's deadline too, not by the configured
     maximum (10 s) — else it would go on waiting after the bank was answered and apply when the lock
     goes."""
-    with topology_databases("postgresql", BRANCHES3, tmp_path) as topo, \
+    with topology_databases("postgresql", BRANCHES3, tmp_path, schema="mis") as topo, \
             running_adapter(topo.db, branch_db=topo.branch_db) as a:
         b02 = a.ctx.router.engine_for_branch("02")
         acct = add_account(b02, "02", 1, BILLS)

@@ -25,6 +25,8 @@ from tests.support.topology import Topology, split_evenly, total
 from yindian.v1 import billing_pb2 as pb
 from yindian_common.status import error_info
 
+pytestmark = pytest.mark.migrated("mis")  # running_adapter needs the MIS schema
+
 PERIOD = "202611"
 FAST = {"feed_heartbeat_s": 0.2, "feed_lease_ttl_s": 5.0, "feed_poll_interval_s": 0.05}
 T_PAY = Payment.__table__

@@ -24,7 +24,7 @@ from tests.support.databases import fresh_database
 from tests.support.mis_data import NOON, RunningAdapter, running_adapter
 from yindian.v1 import billing_pb2 as pb
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.migrated("mis")]  # running_adapter needs the MIS schema
 
 PERIOD = "202611"
 FAST = {"feed_heartbeat_s": 0.2, "feed_lease_ttl_s": 5.0, "feed_poll_interval_s": 0.05}
@@ -37,7 +37,7 @@ T_RES = DebitResultRow.__table__
 @contextmanager
 def three_branches(backend: str, tmp_path: Path) -> Iterator[tuple[RunningAdapter, list[sa.Engine]]]:
     with ExitStack() as stack:
-        main, b02, b03 = (stack.enter_context(fresh_database(backend, tmp_path, label))
+        main, b02, b03 = (stack.enter_context(fresh_database(backend, tmp_path, label, schema="mis"))
                           for label in ("main", "b02", "b03"))
         ra = stack.enter_context(running_adapter(main, branch_db=[f"02={b02}", f"03={b03}"], **FAST))
         yield ra, [ra.ctx.router.engine_for_branch(c) for c in CODES]

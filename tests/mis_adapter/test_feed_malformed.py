@@ -12,7 +12,7 @@ from tests.support.mis_data import running_adapter
 from yindian.v1 import billing_pb2 as pb
 from yindian_common.status import error_info
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.migrated("mis")]  # running_adapter needs the MIS schema
 DEADLINE_S = 20.0
 
 

@@ -22,6 +22,8 @@ from yindian.v1 import billing_pb2 as pb
 from yindian_common.fields import make_account_no
 from yindian_common.status import error_info
 
+pytestmark = pytest.mark.migrated("mis")  # running_adapter needs the MIS schema
+
 TOMORROW = (TODAY + dt.timedelta(days=1)).isoformat()
 
 

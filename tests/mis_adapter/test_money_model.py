@@ -34,7 +34,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from tests.support.mis_data import TODAY, BillSpec, RunningAdapter, add_account, add_bank, running_adapter
 from yindian.v1 import billing_pb2 as pb
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.migrated("mis")]  # running_adapter needs the MIS schema
 
 EXAMPLES = {"sqlite": 25, "postgresql": 10, "mariadb": 10}
 STEPS = 30

@@ -16,6 +16,8 @@ from mis_adapter.db.core import Customer, Payment
 from tests.support.mis_data import BillSpec, RunningAdapter, add_account, running_adapter
 from yindian.v1 import billing_pb2 as pb
 
+pytestmark = pytest.mark.migrated("mis")  # running_adapter needs the MIS schema
+
 BILLS = [BillSpec("202610", 15_000, dt.date(2026, 11, 25))]
 # How long the test waits for the first pay to be seen waiting on its account's lock.
 LOCK_SEEN_WITHIN_S = 20.0

@@ -17,6 +17,8 @@ from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
 from yindian_common.status import error_info
 
+pytestmark = pytest.mark.migrated("mis")  # running_adapter needs the MIS schema
+
 D = dt.date
 # Three residential bills; on 2026-11-28 their fees are 640, 680 and the 100 minimum (see test_allocation).
 BILLS = [BillSpec("202608", 10_000, D(2026, 9, 25)), BillSpec("202609", 20_000, D(2026, 10, 25)),

@@ -35,7 +35,7 @@ from yindian_common.clock import ManualClock, business_date
 from yindian_common.errors import DayClosed, InvalidField, SerialConflict
 from yindian_common.fields import make_account_no
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.migrated("mis")]  # running_adapter needs the MIS schema
 
 TZ8 = dt.timezone(dt.timedelta(hours=8))
 DAY_START = dt.datetime(2026, 11, 28, 10, 0, tzinfo=TZ8)
@@ -103,7 +103,7 @@ def world_lite(topology_lite: Topology, tmp_path: Path) -> Iterator[World]:
                         for b in ("sqlite", "postgresql", "mariadb")])
 def world_all(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
     """The same on SQLite, PostgreSQL and MariaDB."""
-    with topology_databases(*request.param, tmp_path) as topo:
+    with topology_databases(*request.param, tmp_path, schema="mis") as topo:
         w = build_world(topo, tmp_path)
         yield w
         w.ctx.router.dispose()

@@ -27,7 +27,7 @@ from yindian.v1 import billing_pb2 as pb
 from yindian_common.clock import ManualClock, business_date
 from yindian_common.fields import make_account_no
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.migrated("mis")]  # running_adapter needs the MIS schema
 
 TZ8 = dt.timezone(dt.timedelta(hours=8))
 DAY_START = dt.datetime(2026, 11, 28, 10, 0, tzinfo=TZ8)
@@ -45,7 +45,7 @@ class World:
 @pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
 def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
     with ExitStack() as stack:
-        main, b02, b03 = (stack.enter_context(fresh_database(request.param, tmp_path, label))
+        main, b02, b03 = (stack.enter_context(fresh_database(request.param, tmp_path, label, schema="mis"))
                           for label in ("main", "b02", "b03"))
         clock = ManualClock(DAY_START)
         ctx = AdapterContext.build(AdapterSettings(db=main, branch_db=[f"02={b02}", f"03={b03}"],
@@ -175,7 +175,7 @@ def test_a_branch_failing_leaves_the_day_open_everywhere_and_the_rerun_finishes(
 def test_reconcile_stream_sums_the_branches(backend: str, tmp_path: Path) -> None:
     bill = [BillSpec("202610", 10_000, dt.date(2026, 11, 25))]
     with ExitStack() as stack:
-        main, b02, b03 = (stack.enter_context(fresh_database(backend, tmp_path, label))
+        main, b02, b03 = (stack.enter_context(fresh_database(backend, tmp_path, label, schema="mis"))
                           for label in ("main", "b02", "b03"))
         a = stack.enter_context(running_adapter(main, branch_db=[f"02={b02}", f"03={b03}"]))
         accts = [add_account(a.ctx.router.engine_for_branch(c), c, 1, bill) for c in ("01", "02", "03")]

@@ -24,7 +24,7 @@ from tests.support.mis_data import NOON, running_adapter
 from tests.support.waiting import wait_until
 from yindian.v1 import billing_pb2 as pb
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.migrated("mis")]  # running_adapter needs the MIS schema
 STREAMS = 40
 WAIT_S = 20.0
 LABELS = {"grpc_type": "bidi_stream", "grpc_service": "yindian.v1.BillingService", "grpc_method": "Reconcile"}

@@ -33,7 +33,7 @@ from tests.support.topology import BRANCHES3, SINGLE, topology_databases
 from yindian_common.clock import business_date
 from yindian_common.errors import InvalidField
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.migrated("mis")]  # running_adapter needs the MIS schema
 
 
 def _day_of_payments(w: World) -> dict[str, MisPayment]:
@@ -60,7 +60,7 @@ def _day_of_payments(w: World) -> dict[str, MisPayment]:
                         for b in ("sqlite", "postgresql", "mariadb")])
 def world_all(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
     """One database and three branch databases, on SQLite, PostgreSQL and MariaDB."""
-    with topology_databases(*request.param, tmp_path) as topo:
+    with topology_databases(*request.param, tmp_path, schema="mis") as topo:
         w = build_world(topo, tmp_path)
         yield w
         w.ctx.router.dispose()
@@ -101,7 +101,7 @@ def test_every_kind_of_repeated_serial_is_refused_naming_its_lines_and_nothing_c
 # ---- the property: the one pass refuses exactly what repeats, and classifies the rest as the table does ----
 @pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
 def world_single(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
-    with topology_databases(request.param, SINGLE, tmp_path) as topo:
+    with topology_databases(request.param, SINGLE, tmp_path, schema="mis") as topo:
         w = build_world(topo, tmp_path)
         yield w
         w.ctx.router.dispose()

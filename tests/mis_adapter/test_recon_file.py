@@ -14,7 +14,7 @@ from mis_adapter import recon, recon_branches, recon_file
 from tests.mis_adapter.test_recon import BANK, World, build_world, cancel, closed_in, pay, snapshot
 from tests.support.topology import Topology
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.migrated("mis")]  # running_adapter needs the MIS schema
 CLOCK = "2026-11-28T21:00:00+08:00"
 DATE = "2026-11-28"
 HEADER = "bank_serial,account_no,amount_fen,status"

@@ -23,7 +23,7 @@ from tests.support.waiting import wait_until
 from yindian.v1 import billing_pb2 as pb
 from yindian_common.status import error_info
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.migrated("mis")]  # running_adapter needs the MIS schema
 SILENCE_S = 2.0
 CALL_TIMEOUT_S = 60.0  # far past the bound: without it, the call ends on the client's deadline instead
 P, C = pb.BANK_RECORD_STATUS_POSTED, pb.BANK_RECORD_STATUS_CANCELLED

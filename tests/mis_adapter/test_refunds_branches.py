@@ -31,7 +31,7 @@ from tests.support.topology import BRANCHES3, Topology, topology_databases
 from yindian.v1 import billing_pb2 as pb
 from yindian_common.errors import InvalidField, SerialConflict
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.migrated("mis")]  # running_adapter needs the MIS schema
 
 T_CUST, T_OFFER, T_JOURNAL = Customer.__table__, RefundOffer.__table__, JournalEntry.__table__
 
@@ -39,7 +39,7 @@ T_CUST, T_OFFER, T_JOURNAL = Customer.__table__, RefundOffer.__table__, JournalE
 @pytest.fixture(params=[*TOPOLOGY_PARAMS, pytest.param(("mariadb", BRANCHES3), id="mariadb-branches3")])
 def router_topo(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[BranchRouter, Topology]]:
     backend, name = request.param
-    with topology_databases(backend, name, tmp_path) as topo:
+    with topology_databases(backend, name, tmp_path, schema="mis") as topo:
         router = BranchRouter.from_specs(topo.db, topo.branch_db, pool_size=2)
         try:
             for e in router.all_engines():

@@ -24,7 +24,7 @@ from yindian.v1 import report_pb2_grpc
 from yindian_common.clock import ManualClock
 from yindian_common.status import error_info
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.migrated("mis")]  # running_adapter needs the MIS schema
 DAY = "2026-11-28"
 OPERATOR = "ops-zhang"
 DENIED = grpc.StatusCode.PERMISSION_DENIED

@@ -12,6 +12,8 @@ from tests.support.mis_data import BillSpec, RunningAdapter, add_account, row_co
 from yindian.v1 import billing_pb2 as pb
 from yindian_common.status import error_info
 
+pytestmark = pytest.mark.migrated("mis")  # running_adapter needs the MIS schema
+
 
 @pytest.fixture
 def adapter(db_url: str) -> Iterator[RunningAdapter]:

@@ -39,13 +39,13 @@ class Topology:
 
 
 @contextmanager
-def topology_databases(backend: str, name: str, tmp_path: Path) -> Iterator[Topology]:
+def topology_databases(backend: str, name: str, tmp_path: Path, *, schema: str | None = None) -> Iterator[Topology]:
     if name == SINGLE:
-        with fresh_database(backend, tmp_path) as url:
+        with fresh_database(backend, tmp_path, schema=schema) as url:
             yield Topology(SINGLE, url)
         return
     with ExitStack() as stack:
-        main, b02, b03 = (stack.enter_context(fresh_database(backend, tmp_path, label))
+        main, b02, b03 = (stack.enter_context(fresh_database(backend, tmp_path, label, schema=schema))
                           for label in ("main", "b02", "b03"))
         yield Topology(BRANCHES3, main, [f"02={b02}", f"03={b03}"])
 
