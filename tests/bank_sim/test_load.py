@@ -197,7 +197,10 @@ def test_warm_up_runs_but_is_not_measured(fake_target: tuple[FakeBilling, str]) 
     result, _ = run(profile(target, rate_per_s=100.0, warmup_s=0.5, duration_s=0.5))
     assert fake.calls["QueryAccount"] == 100
     assert result.arrivals == 50 and result.completed == 50 and result.latency.count == 50
-    assert result.sustained(p99_max_ms=60_000)
+    # the rate is the measured calls' over the measured span (not whether the box kept up with 100/s: on a
+    # loaded CI box the last answer can come late, and a 0.5 s window's rate is then below 95 % of the offer)
+    assert result.dropped == 0 and result.ok == 50
+    assert result.rate_per_s == round(50 / result.span_s, 1)
 
 
 # ---- pays, cancels, in doubt ----
