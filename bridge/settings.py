@@ -9,11 +9,10 @@ from typing import Annotated, Self
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from yindian_common.audit_chain import SEAL_BATCH_MAX, SEAL_BATCHES_PER_PASS
-from yindian_common.settings import MESSAGE_BYTES_MAX, PORT_MAX, NameList, ServerSettings
+from yindian_common.settings import MESSAGE_BYTES_MAX, PORT_MAX, NameList, SealingServerSettings
 
 
-class BridgeSettings(ServerSettings):
+class BridgeSettings(SealingServerSettings):
     # --- addresses and identity ---
     listen: str = Field("127.0.0.1:50052", description="address the bank core connects to (HOST:PORT)")
     upstream: Annotated[list[str], NoDecode] = Field(
@@ -73,14 +72,6 @@ class BridgeSettings(ServerSettings):
                                                        "no wait, group commit by queue only)")
 
     # --- in-doubt resolution ---
-    audit_seal_interval_s: float = Field(2.0, gt=0, le=3_600, description="seconds between passes of the "
-                                         "audit chain's sealer")
-    audit_seal_batch_max: int = Field(SEAL_BATCH_MAX, ge=1, le=SEAL_BATCH_MAX,
-                                      description="rows per seal and per sealing transaction (its Python work "
-                                                  "comes in slices of this many rows)")
-    audit_seal_batches_per_pass: int = Field(SEAL_BATCHES_PER_PASS, ge=1, le=100_000,
-                                             description="seals written per background pass at most (the rest "
-                                                         "waits for the next pass)")
     resolver_enabled: bool = Field(True, description="run the background resolver of in-doubt requests")
     resolver_batch_max: int = Field(64, ge=1, le=100_000, description="in-doubt rows taken per resolver pass")
     resolver_idle_wait_s: float = Field(1.0, gt=0, le=3_600,

@@ -8,14 +8,13 @@ from typing import Self
 from pydantic import Field, model_validator
 
 from mis_adapter.late_fee import LateFeeRates
-from yindian_common.audit_chain import SEAL_BATCH_MAX, SEAL_BATCHES_PER_PASS
-from yindian_common.settings import PORT_MAX, NameList, ServerSettings
+from yindian_common.settings import PORT_MAX, NameList, SealingServerSettings
 
 PPM_MAX = 1_000_000          # a late fee of 100 % a day is already absurd
 FEE_FEN_MAX = 10**9
 
 
-class AdapterSettings(ServerSettings):
+class AdapterSettings(SealingServerSettings):
     db: str = Field("sqlite:///var/mis.db", description="SQLAlchemy URL of the MIS database (all branches)")
     branch_db: list[str] = Field(default_factory=list,
                                  description="CODE=URL: branch CODE's database (repeatable); others use --db")
@@ -80,14 +79,6 @@ class AdapterSettings(ServerSettings):
                                         description="bill feed: outbox poll interval without LISTEN/NOTIFY")
     feed_lease_ttl_s: float = Field(15.0, gt=0, le=3_600,
                                     description="bill feed: a dead replica's stream lease lapses after this")
-    audit_seal_interval_s: float = Field(2.0, gt=0, le=3_600, description="seconds between passes of the "
-                                         "journal's audit-chain sealer")
-    audit_seal_batch_max: int = Field(SEAL_BATCH_MAX, ge=1, le=SEAL_BATCH_MAX,
-                                      description="rows per seal and per sealing transaction (its Python work "
-                                                  "comes in slices of this many rows)")
-    audit_seal_batches_per_pass: int = Field(SEAL_BATCHES_PER_PASS, ge=1, le=100_000,
-                                             description="seals written per background pass at most (the rest "
-                                                         "waits for the next pass)")
     feed_peer_silence_s: float = Field(120.0, gt=0, le=86_400,
                                        description="bill feed: end a stream with no results for this long")
     registry_recover_batch_max: int = Field(10_000, ge=1, le=10_000_000,

@@ -21,6 +21,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from yindian_common.audit_chain import SEAL_BATCH_MAX, SEAL_BATCHES_PER_PASS
 from yindian_common.clock import DEFAULT_TZ
 from yindian_common.server import ServerLimits, TlsFiles
 
@@ -165,3 +166,16 @@ def add_settings_flags(parser: argparse.ArgumentParser, cls: type[YinDianSetting
         else:
             parser.add_argument(flag, dest=name, default=None, help=help_text,
                                 action="append" if "list" in str(f.annotation) else "store")
+
+
+class SealingServerSettings(ServerSettings):
+    """ServerSettings of a server that keeps an audit chain (the bridge's journal, the MIS journal) and runs
+    its sealer (yindian_common.audit_chain)."""
+    audit_seal_interval_s: float = Field(2.0, gt=0, le=3_600, description="seconds between passes of the "
+                                         "audit chain's sealer")
+    audit_seal_batch_max: int = Field(SEAL_BATCH_MAX, ge=1, le=SEAL_BATCH_MAX,
+                                      description="rows per seal and per sealing transaction (its Python work "
+                                                  "comes in slices of this many rows)")
+    audit_seal_batches_per_pass: int = Field(SEAL_BATCHES_PER_PASS, ge=1, le=100_000,
+                                             description="seals written per background pass at most (the rest "
+                                                         "waits for the next pass)")
