@@ -45,6 +45,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -542,7 +543,9 @@ def run(seed: int, ops: int, faults: int, work: Path, tamper: bool = False, db_s
         shutil.rmtree(work)
     work.mkdir(parents=True)
     mis_db, bridge_db = f"sqlite:///{work / 'mis.db'}", f"sqlite:///{work / 'bridge.db'}"
-    db_proxy, mis_serve_db, db_name = None, "", f"yd_chaos_{seed}"
+    # a name of its own per run: two runs of one seed on one server (two CI checkouts) must not drop each
+    # other's database (create_database drops any database of the name first)
+    db_proxy, mis_serve_db, db_name = None, "", f"yd_chaos_{seed}_{uuid.uuid4().hex[:8]}"
     if db_server:
         u = sa.make_url(normalize_url(db_server))
         db_proxy = FaultProxy(f"{u.host}:{u.port or 5432}").start()
