@@ -111,6 +111,26 @@ def _marks_returning(conn: Connection) -> bool:
 # Active agreements that have started (signed_on is the start date), with their per-debit limit.
 _AGREEMENTS = sa.select(T_AGR.c.account_no, T_AGR.c.bank_id, T_AGR.c.debit_limit_fen).where(
     InList(T_AGR.c.account_no, "accts"), T_AGR.c.active == sa.true(), T_AGR.c.signed_on <= _b("today"))
+# PostgreSQL: the batch's bills of the period and its agreements read by one index probe per account (a
+# LATERAL subquery that OFFSET 0 keeps from being flattened into a join). Given 5,000 accounts as `= ANY`,
+# PostgreSQL read the whole table for each batch: every agreement, and every bill once the period's first
+# batch made the period most of the bills (statistics taken after it: refresh_statistics).
+_PG_EXISTING = (
+    "SELECT b.account_no FROM unnest(%(accts)s::text[]) AS a(acct) CROSS JOIN LATERAL ("
+    "SELECT account_no FROM bills WHERE account_no = a.acct AND period = %(period)s OFFSET 0) AS b")
+_PG_AGREEMENTS = (
+    "SELECT g.account_no, g.bank_id, g.debit_limit_fen FROM unnest(%(accts)s::text[]) AS a(acct) CROSS JOIN LATERAL ("
+    "SELECT account_no, bank_id, debit_limit_fen FROM agreements "
+    "WHERE account_no = a.acct AND active AND signed_on <= %(today)s OFFSET 0) AS g")
+
+
+def _read(conn: Connection, statement: sa.Select, pg_sql: str, params: dict[str, object]) -> list[sa.Row]:  # type: ignore[type-arg]
+    """`statement`, or on PostgreSQL its probing form `pg_sql` (same columns, same rows)."""
+    if conn.dialect.name == "postgresql":
+        return list(conn.exec_driver_sql(pg_sql, params).all())
+    return list(conn.execute(statement, params).all())
+
+
 _TAKE_PREPAID = T_CUST.update().where(T_CUST.c.account_no == _b("acct")).values(
     prepaid_fen=T_CUST.c.prepaid_fen - _b("applied"))
 
@@ -130,7 +150,7 @@ def _issue_batch(conn: Connection, accts: Sequence[str], period: str, tariff: Ta
     """One transaction's work; returns the banks whose outbox grew."""
     batch = feed.list_of(conn, accts)
     customers = {r.account_no: r for r in conn.execute(_LOCK_CUSTOMERS, {"accts": batch}).all()}
-    existing = {r.account_no for r in conn.execute(_EXISTING, {"period": period, "accts": batch}).all()}
+    existing = {r.account_no for r in _read(conn, _EXISTING, _PG_EXISTING, {"period": period, "accts": batch})}
     if _marks_returning(conn):
         # One statement marks the readings billed and answers their kWh: of the accounts that get a bill
         # (a customer, no bill of the period yet), exactly the readings summed are the readings marked.
@@ -183,7 +203,7 @@ def _issue_batch(conn: Connection, accts: Sequence[str], period: str, tariff: Ta
             {"account_no": b.account_no, "reason": "BILL_APPLIED", "delta_fen": -b.prepaid_applied_fen,
              "balance_after_fen": b.prepaid_after_fen, "payment_id": None, "bill_id": ids[b.account_no],
              "at": issued_at} for b in with_prepaid])
-    agreed = {r.account_no: r for r in conn.execute(_AGREEMENTS, {"accts": new_accts, "today": today}).all()}
+    agreed = {r.account_no: r for r in _read(conn, _AGREEMENTS, _PG_AGREEMENTS, {"accts": new_accts, "today": today})}
     by_bank: dict[str, list[tuple[_NewBill, int]]] = {}
     for b in new:
         due = b.amount_fen - b.prepaid_applied_fen
