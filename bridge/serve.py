@@ -199,34 +199,5 @@ def main(argv: list[str]) -> int:
     log.info("event=start bank=%s upstream=%s listen=%s", settings.bank_id, ",".join(settings.upstream),
              bridge.address)
     freeze_startup_heap()
-    import os
-    if os.environ.get("BRIDGE_AIO_PROTO"):
-        import asyncio
-        asyncio.run(_proto(bridge, metrics_port))
-        return 0
     bridge.server.serve_forever(f"READY bridge grpc={bridge.address} metrics={metrics_port}")
     return 0
-
-
-async def _proto(bridge: Bridge, metrics_port: int) -> None:
-    import asyncio
-    import signal
-    from concurrent import futures
-    from bridge.aio_edge import AioBillingServicer
-    from yindian_common.aio_rpc import AioServerMetricsInterceptor
-    from yindian_common.server import server_options
-    limits = bridge.settings.server_limits()
-    server = grpc.aio.server(futures.ThreadPoolExecutor(max_workers=limits.max_workers),
-                             options=server_options(limits), maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
-                             interceptors=[AioServerMetricsInterceptor()])
-    billing_pb2_grpc.add_BillingServiceServicer_to_server(AioBillingServicer(bridge.ctx, bridge.resolver), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"READY bridge grpc=127.0.0.1:{port} metrics={metrics_port}", flush=True)
-    await stop.wait()
-    await server.stop(5)
-    bridge._after_drain()

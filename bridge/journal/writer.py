@@ -2,7 +2,6 @@
 thread that journals new rows and records outcomes in batches."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -118,23 +117,12 @@ class NewRow:
     inserted: bool = False
     abandoned: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
-    # Set by a coroutine waiter (wait_async): resolved on its event loop once `done` is set.
-    future: asyncio.Future[bool] | None = None
 
     def wait(self, timeout_s: float) -> bool:
         """True once written (see `inserted`); False if the caller gave up (the writer now owns the claim)."""
         if self.done.wait(timeout_s):
             return True
-        return self._gave_up()
-
-    async def wait_async(self, timeout_s: float) -> bool:
-        """`wait` for a coroutine on the running loop: no thread parked while the batch commits."""
-        if self.done.is_set() or await wait_future(self, timeout_s):
-            return True
-        return self._gave_up()
-
-    def _gave_up(self) -> bool:
-        with self.lock:  # the writer sets `done` under this lock: either it did, or it sees `abandoned`
+        with self.lock:
             if self.done.is_set():
                 return True
             self.abandoned = True
@@ -148,56 +136,9 @@ class Recording:
     claim: Claim | None
     waited: bool
     done: Latch = field(default_factory=Latch)
-    future: asyncio.Future[bool] | None = None  # as NewRow.future
 
     def wait(self, timeout_s: float) -> bool:
         return self.done.wait(timeout_s)
-
-    async def wait_async(self, timeout_s: float) -> bool:
-        """`wait` for a coroutine on the running loop."""
-        return self.done.is_set() or await wait_future(self, timeout_s) or self.done.is_set()
-
-
-def _expire(future: asyncio.Future[bool]) -> None:
-    if not future.done():
-        future.set_result(False)
-
-
-async def wait_future(item: NewRow | Recording, timeout_s: float) -> bool:
-    """Waits on the running loop until the writer has set `item.done` (True) or `timeout_s` passed
-    (False). The future is created before `done` is looked at again, so the writer, which sets `done`
-    first and reads `future` after, either sees it and resolves it, or `done` is seen set here."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[bool] = loop.create_future()
-    item.future = future
-    if item.done.is_set():
-        return True
-    timer = loop.call_later(max(0.0, timeout_s), _expire, future)
-    try:
-        return await future
-    finally:
-        timer.cancel()
-
-
-def _resolve(futures: list[asyncio.Future[bool]]) -> None:
-    for future in futures:
-        if not future.done():
-            future.set_result(True)
-
-
-def wake_coroutines(items: list[NewRow] | list[Recording]) -> None:
-    """Resolves the futures of coroutine waiters among `items` (their `done` already set): one
-    `call_soon_threadsafe` per event loop, not one per item (one loop wake-up per group commit)."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[bool]]] = {}
-    for item in items:
-        future = item.future
-        if future is not None:
-            by_loop.setdefault(future.get_loop(), []).append(future)
-    for loop, futures in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_resolve, futures)
-        except RuntimeError:  # the loop is closed (stopping): nobody waits any more
-            continue
 
 
 _Item = Recording | NewRow | _Flush | None
@@ -407,7 +348,6 @@ class JournalWriter:
             rec.done.set()
             if rec.claim is not None:
                 self._claims.release(rec.claim)
-        wake_coroutines(outcomes)
         for r in rows:
             with r.lock:
                 r.inserted = r.entry.key in inserted
@@ -421,4 +361,3 @@ class JournalWriter:
                                                r.claim, waited=False))
             else:
                 self._claims.release(r.claim)
-        wake_coroutines(rows)
