@@ -160,7 +160,7 @@ def test_migrations_are_exactly_the_journal_schema(engine: Engine) -> None:
         diffs = compare_metadata(ctx, jn.metadata)
         version = conn.execute(sa.text("SELECT version_num FROM bridge_alembic_version")).scalars().all()
     assert diffs == []
-    assert version == _head() == ["0007_pgcpu_journal_room"]
+    assert version == _head() == ["0008_journalpg_audit_lean"]
 
 
 def test_a_journal_created_before_migrations_is_stamped_and_keeps_its_rows(db_url: str) -> None:
