@@ -1,6 +1,6 @@
 """PostgreSQL: one group commit of the journal as ONE statement.
 
-New rows (insert-or-ignore, returning the keys inserted), outcomes (the
+New rows (journaled serials skipped, returning the keys inserted), outcomes (the
 row updates) and their audit lines go in one round trip, each part as one
 JSON parameter, in a statement whose text never changes, so psycopg
 prepares it once (BASELINES.md: one statement instead of several gives
