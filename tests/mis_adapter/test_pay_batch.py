@@ -217,6 +217,47 @@ def test_two_batches_lock_accounts_in_one_order_and_do_not_deadlock(books: tuple
     assert results == {1: ["POSTED"] * 3, 2: ["POSTED"] * 3}
 
 
+def test_a_batch_takes_every_bank_day_lock_before_any_account(books: tuple[AdapterContext, ManualClock]) -> None:
+    """A reconciliation of ICBC's day holds its bank-day lock exclusive and then locks accounts. A batch of
+    ABC's pay on account A and ICBC's pay on B waits for ICBC's bank-day lock holding no account, so the
+    reconciliation gets A; had the batch locked A first (ABC's pay) it would deadlock with it."""
+    ctx, clock = books
+    _reset(ctx, clock)
+    engine = ctx.router.primary
+    with engine.connect() as conn:
+        if conn.execute(sa.text("SELECT count(*) FROM banks WHERE bank_id = 'ABC'")).scalar_one() == 0:
+            add_bank(engine, "ABC")
+    a, b = add_account(engine, "01", next(_accounts)), add_account(engine, "01", next(_accounts))
+    day, now = business_date(clock), utc_now(clock)
+    pays = [pay_pg.BatchPay(PayCommand("ABC", f"O-{next(_serials)}", a, 100, "O", "T"), day, bank_day_key("ABC"), now),
+            pay_pg.BatchPay(PayCommand(BANK, f"O-{next(_serials)}", b, 100, "O", "T"), day, bank_day_key(BANK), now)]
+    results: list[Any] = []
+
+    def batch() -> None:
+        with _kept(ctx) as kept:
+            try:
+                results.append([g.code for g in pay_pg.call_kept_many(kept, pays, wait_ms=20_000, rates=ctx.rates)])
+            except pay_pg.BatchFailed as exc:
+                results.append(exc)
+
+    recon_engine = sa.create_engine(engine.url, poolclass=sa.pool.NullPool)
+    try:
+        with recon_engine.connect() as recon:
+            recon.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": bank_day_key(BANK)})
+            t = threading.Thread(target=batch)
+            t.start()
+            wait_until(lambda: _lock_waits(engine, "%yd_pay_many%") == 1, "the batch to wait for ICBC's day")
+            recon.execute(sa.text("SET LOCAL lock_timeout = '20s'"))
+            locked = recon.execute(sa.text("SELECT account_no FROM customers WHERE account_no = :a FOR UPDATE"),
+                                   {"a": a}).scalar_one()
+            recon.commit()
+    finally:
+        recon_engine.dispose()
+    t.join(timeout=30)
+    assert locked == a
+    assert results == [["POSTED", "POSTED"]]
+
+
 # ---- through Pay: batches formed by the batcher ----
 @contextmanager
 def _accounts_locked(engine: sa.Engine, *accts: str) -> Iterator[Callable[[], None]]:
