@@ -29,6 +29,7 @@ answer a pay from another's outcome."""
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 import weakref
@@ -44,6 +45,7 @@ from yindian_common.db_errors import COMMIT_IN_DOUBT
 from yindian_common.errors import Unavailable
 
 R = TypeVar("R")
+log = logging.getLogger("mis_adapter.pay_batch")
 
 # A batch's statements may wait this share of the shortest deadline in it: a batch that fails on a lock
 # wait leaves each of its pays the rest of its own deadline to be called alone.
@@ -185,8 +187,9 @@ class PayBatcher:
         try:
             crash_point("mis.before_commit")  # nothing of the batch sent yet
             answers = pay_pg.call_kept_many(kept, [w.pay for w in live], wait_ms=bound_ms, rates=rates)
-        except pay_pg.BatchFailed:
+        except pay_pg.BatchFailed as exc:
             self.kept.discard(kept)
+            log.info("event=pay_batch_rolled_back pays=%d cause=%s", len(live), exc)
             return
         except Unavailable:
             self.kept.discard(kept)
