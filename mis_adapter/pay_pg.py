@@ -38,6 +38,11 @@ Bills it does not write may change under it only by that writer, ordered after t
 pay. The account row needs no guard: locked FOR UPDATE, it is read at its newest
 version and kept so.
 
+SEVERAL PAYS IN ONE ROUND TRIP (call_kept_many, setting pay_batch_max > 1): the pays waiting at the same
+moment (mis_adapter.pay_batch) in one call of yd_pay_many (migration 0004_paybatch_pay_many), which calls
+yd_pay for each in account order in one transaction: the same answers and rows as the pays one after
+another in that order (tests/mis_adapter/test_pay_batch.py); an error in any rolls back all.
+
 TWO ROUND TRIPS (PayTx.read/write, pay_pg_function off): BEGIN and
 READ, then WRITE and COMMIT, in pipeline mode (PayTx).
 

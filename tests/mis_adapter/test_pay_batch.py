@@ -455,3 +455,21 @@ def test_a_pay_queued_past_its_deadline_leaves_the_queue_unwritten(books: tuple[
     assert isinstance(got, Unavailable) and got.reason == "DEADLINE_PASSED"
     assert _payments(engine, [late.bank_serial]) == []
     assert payments.pay(ctx, late).amount_fen == 500
+
+
+def test_the_migration_adds_yd_pay_many_and_its_downgrade_removes_it(tmp_path: Any) -> None:
+    from mis_adapter.migrate import downgrade, upgrade
+    with fresh_database("postgresql", tmp_path, schema="mis") as url:
+        engine = sa.create_engine(url)
+        try:
+            def defined() -> list[str]:
+                with engine.connect() as conn:
+                    return sorted(conn.execute(sa.text("SELECT proname FROM pg_proc WHERE proname LIKE 'yd_pay%'"))
+                                  .scalars())
+            assert defined() == ["yd_pay", "yd_pay_many"]
+            downgrade(engine, "0004_paybatch_pay_many@-1")
+            assert defined() == ["yd_pay"]
+            upgrade(engine)
+            assert defined() == ["yd_pay", "yd_pay_many"]
+        finally:
+            engine.dispose()
