@@ -56,7 +56,7 @@ import grpc
 import sqlalchemy as sa
 
 from bank_sim import mis_tables
-from bank_sim.chaos_feed import FEED_TRANCHES, FeedSide
+from bank_sim.chaos_feed import FEED_TRANCHES, FeedSide, feed_period
 from bank_sim.control_watch import ControlWatch
 from bank_sim.load.check import PayRecord, RunLedger, compare, read_mis
 from bank_sim.load.profile import ACCEPTED, CANCEL_IN_DOUBT, CANCEL_NONE, CANCEL_REVERSED, PENDING, REFUSED
@@ -550,6 +550,7 @@ def run(seed: int, ops: int, faults: int, work: Path, tamper: bool = False, db_s
         u = sa.make_url(normalize_url(db_server))
         db_proxy = FaultProxy(f"{u.host}:{u.port or 5432}").start()
         mis_db, mis_serve_db = server_database(db_server, db_name, db_proxy.address)
+    started_on = business_date(make_clock(None))  # the seed's day (or the day before, across midnight)
     run_command("seed", ["mis_adapter", "seed", "--db", mis_db, "--accounts", str(ACCOUNTS), "--roster-dir",
                          str(work / "rosters"), "--random-seed", str(seed)], log_dir=work, timeout_s=SEED_TIMEOUT_S)
     accounts = read_accounts(work / "rosters" / f"{BANK_ID}.csv", ACCOUNTS)
@@ -557,7 +558,7 @@ def run(seed: int, ops: int, faults: int, work: Path, tamper: bool = False, db_s
     proxy = FaultProxy(f"127.0.0.1:{mis_port}").start()
     stack = Stack(work, mis_db, bridge_db, mis_port, bridge_port, proxy, mis_serve_db, db_proxy, control=control)
     watch = ControlWatch(stack.metrics_ports, BANK_ID, CONTROL_SAMPLE_S)
-    feed = FeedSide(work, mis_db, BANK_ID, f"127.0.0.1:{bridge_port}")
+    feed = FeedSide(work, mis_db, BANK_ID, f"127.0.0.1:{bridge_port}", feed_period(started_on))
     tranche_at = {ops * (k + 1) // (FEED_TRANCHES + 1): k for k in range(FEED_TRANCHES)}
     prefix = f"K{seed % 10_000_000}-"
     t0 = time.monotonic()

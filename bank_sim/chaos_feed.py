@@ -31,7 +31,6 @@ from yindian.v1 import billing_pb2 as pb
 from yindian_common.db import make_engine
 from yindian_common.fields import make_account_no
 
-FEED_PERIOD = "202612"       # a period the seed leaves without readings: only the tranches' bills are fed
 FEED_BRANCH = "98"           # households of their own: the counter traffic never touches them
 FEED_TRANCHES = 8
 FEED_TRANCHE_ACCOUNTS = 60
@@ -41,12 +40,24 @@ ACK_TIMEOUT_S = 300.0
 POLL_S = 0.5
 
 
+def feed_period(today: dt.date) -> str:
+    """The period the tranches' bills are issued for: one the seed leaves without readings, so
+    that only the tranches' households are billed. The seed leaves today's month's readings
+    unbilled (`mis_adapter seed`), for every household the counters pay; a fixed period became
+    that month when the clock reached it (and the tranches' issue then billed every household,
+    applying the counters' prepaid credit to new bills). Two months on, not one: a run started
+    just before midnight on a month's last day seeds in the next month."""
+    y, m = divmod(today.year * 12 + today.month - 1 + 2, 12)
+    return f"{y:04d}{m + 1:02d}"
+
+
 @dataclass
 class FeedSide:
     work: Path
     mis_db: str
     bank_id: str
     target: str                     # the bridge's address
+    period: str                     # feed_period of the day the run starts
     bank_db: str = ""
     worker: subprocess.Popen[bytes] | None = None
     issued: int = 0
@@ -92,11 +103,11 @@ class FeedSide:
             finally:
                 bank.dispose()
             common = ["mis_adapter", "bench-data"]
-            run_command("feed-populate", [*common, "populate", "--db", self.mis_db, "--period", FEED_PERIOD,
+            run_command("feed-populate", [*common, "populate", "--db", self.mis_db, "--period", self.period,
                                           "--accounts", str(FEED_TRANCHE_ACCOUNTS), "--first-serial", str(first),
                                           "--branch", FEED_BRANCH, "--banks", self.bank_id],
                         log_dir=self.work, timeout_s=CLI_TIMEOUT_S)
-            run_command("feed-issue", [*common, "issue", "--db", self.mis_db, "--period", FEED_PERIOD],
+            run_command("feed-issue", [*common, "issue", "--db", self.mis_db, "--period", self.period],
                         log_dir=self.work, timeout_s=CLI_TIMEOUT_S)
             self.issued += FEED_TRANCHE_ACCOUNTS
 
@@ -125,7 +136,7 @@ class FeedSide:
     def check(self) -> FeedCheck:
         mis, bank = make_engine(self.mis_db, pool_size=1), make_engine(self.bank_db, pool_size=1)
         try:
-            return check_feed(mis, bank, self.bank_id, FEED_PERIOD)
+            return check_feed(mis, bank, self.bank_id, self.period)
         finally:
             mis.dispose()
             bank.dispose()

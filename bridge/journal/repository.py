@@ -225,6 +225,8 @@ class Journal:
             return {r[0]: int(r[1]) for r in conn.execute(stmt)}
 
     def audit_lines(self, kind: str, serial: str) -> list[dict[str, Any]]:
+        """A serial's audit lines in order. A scan of the audit: nothing in the product reads it by serial,
+        so it keeps no index for that (revision 0008_journalpg_audit_lean)."""
         stmt = (sa.select(audit).where(audit.c.kind == kind, audit.c.serial == serial)
                 .order_by(audit.c.audit_id))
         with self.engine.connect() as conn:

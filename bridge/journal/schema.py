@@ -101,7 +101,7 @@ audit = sa.Table(
     sa.Column("state", sa.String(12), nullable=False),
     sa.Column("status_code", sa.Integer, nullable=True),
     sa.Column("detail", sa.String(MESSAGE_MAX), nullable=False, default=""),
-    sa.Index("ix_bridge_audit_serial", "kind", "serial"),
+    # No index but the key: nothing in the product reads the audit by serial (revision 0008_journalpg_audit_lean).
 )
 
 COLUMNS = [c.name for c in requests.columns]

@@ -5,6 +5,7 @@ the in-doubt count reconciliation relies on."""
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -160,7 +161,7 @@ def test_migrations_are_exactly_the_journal_schema(engine: Engine) -> None:
         diffs = compare_metadata(ctx, jn.metadata)
         version = conn.execute(sa.text("SELECT version_num FROM bridge_alembic_version")).scalars().all()
     assert diffs == []
-    assert version == _head() == ["0007_pgcpu_journal_room"]
+    assert version == _head() == ["0008_journalpg_audit_lean"]
 
 
 def test_a_journal_created_before_migrations_is_stamped_and_keeps_its_rows(db_url: str) -> None:
@@ -402,3 +403,53 @@ def test_a_commit_cut_while_the_journal_is_locked_is_retried_and_its_caller_give
         assert [a["state"] for a in j.audit_lines(jn.PAY, "LOCKED")] == [jn.SUSPECT]
     finally:
         writer.stop(WAIT_S)
+
+
+def test_a_group_commit_with_a_journaled_serial_leaves_it_alone_and_writes_the_rest(engine: Engine) -> None:
+    """A retried serial reaches the writer beside new rows and other pays' outcomes (on PostgreSQL one
+    statement): the journaled row keeps its parameters and state, the new rows and outcomes are written."""
+    journal = Journal(engine)
+    old, settled = pay("OLD", 5_000), pay("SETTLED", 3_000)
+    assert journal.write([old, settled], []) == {old.key, settled.key}
+    new = [pay("NEW1", 100), pay("NEW2", 200)]
+    outcome = jn.outcome_for(settled, jn.POSTED, AT, status_code=0, body=b"answer", message="")
+    assert journal.write([new[0], pay("OLD", 9_999), new[1]], [outcome]) == {e.key for e in new}
+    stored = journal.get(*old.key)
+    assert stored is not None and stored.amount_fen == 5_000 and stored.state == jn.PENDING
+    assert [(e.serial, e.amount_fen, e.state) for e in (journal.get(*k.key) for k in new) if e is not None] == [
+        ("NEW1", 100, jn.PENDING), ("NEW2", 200, jn.PENDING)]
+    got = journal.get(*settled.key)
+    assert got is not None and got.state == jn.POSTED and got.body == b"answer"
+    assert [a["state"] for a in journal.audit_lines(*settled.key)] == [jn.POSTED]
+    assert journal.audit_lines(*old.key) == []
+
+
+def test_a_serial_another_session_journals_meanwhile_is_answered_as_journaled(pg_url: str) -> None:
+    """Only the writer inserts, so its statement skips journaled serials without ON CONFLICT; should
+    another session insert the same serial concurrently, the writer's statement fails on the key and
+    the writer retries it: the caller learns the serial was journaled, whose parameters stay."""
+    engine = make_engine(pg_url, pool_size=4)
+    jn.create_schema(engine)
+    j, claims = Journal(engine), Claims()
+    writer = JournalWriter(j, claims, ManualClock(AT), batch_max=16, queue_max=64, idle_wait_s=0.05)
+    writer.start()
+    other = engine.connect()
+    try:
+        other.execute(jn.requests.insert(), pay("RACE", 7_000).row())  # uncommitted: the writer waits on it
+        row = writer.journal_new(pay("RACE", 1_000), claims.acquire((jn.PAY, "RACE"))[0])
+        waiting = sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                          "AND application_name = 'bridge/journal-writer' AND wait_event_type = 'Lock'")
+        deadline = time.monotonic() + WAIT_S
+        with engine.connect() as probe:
+            while not probe.execute(waiting).scalar_one():
+                assert time.monotonic() < deadline, "the writer never waited on the other session's row"
+                probe.rollback()
+                time.sleep(0.01)
+        other.commit()
+        assert row.wait(WAIT_S) and not row.inserted
+        got = j.get(jn.PAY, "RACE")
+        assert got is not None and got.amount_fen == 7_000 and got.state == jn.PENDING
+    finally:
+        other.close()
+        writer.stop(WAIT_S)
+        engine.dispose()

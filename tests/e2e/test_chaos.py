@@ -14,6 +14,7 @@ mis_adapter's database connections and blackhole the database; on a machine
 with nothing but Python it runs on SQLite without those two kinds."""
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import subprocess
@@ -23,6 +24,8 @@ from pathlib import Path
 import pytest
 
 from bank_sim.chaos import FAULT_KINDS, make_schedule, schedule_digest
+from bank_sim.chaos_feed import feed_period
+from mis_adapter.seed import periods_before
 from tests.support.databases import IN_CI, admin_url, reachable_admin_url
 from tests.support.procs import REPO
 
@@ -41,6 +44,19 @@ def test_the_same_seed_gives_the_same_schedule() -> None:
     assert schedule_digest(ops_a, faults_a) == schedule_digest(ops_b, faults_b)
     assert schedule_digest(*make_schedule(43, 10_000, 60)) != schedule_digest(ops_a, faults_a)
     assert {f.kind for f in faults_a} == set(FAULT_KINDS) and len(faults_a) == 60
+
+
+def test_the_feed_is_issued_for_a_period_the_seed_left_without_readings_on_any_day() -> None:
+    # The seed bills the months before today's and leaves today's readings unbilled: on 2026-12-01 (Beijing
+    # time) the soak's fixed period 202612 became that month, its tranches billed every household the counters
+    # pay, and the soak failed (a cancel refused: its credit applied to new bills; feed bills not in arrears).
+    day = dt.date(2026, 1, 1)
+    while day < dt.date(2028, 1, 1):
+        seeded = {f"{d.year:04d}{d.month:02d}" for d in (day, day + dt.timedelta(days=1))}  # across midnight
+        seeded |= set(periods_before(day, 24))
+        assert feed_period(day) not in seeded, day
+        assert feed_period(day) > f"{day.year:04d}{day.month:02d}", day
+        day += dt.timedelta(days=1)
 
 
 @pytest.mark.timeout(900)
