@@ -38,6 +38,11 @@ Bills it does not write may change under it only by that writer, ordered after t
 pay. The account row needs no guard: locked FOR UPDATE, it is read at its newest
 version and kept so.
 
+SEVERAL PAYS IN ONE ROUND TRIP (call_kept_many, setting pay_batch_max > 1): the pays waiting at the same
+moment (mis_adapter.pay_batch) in one call of yd_pay_many (migration 0004_paybatch_pay_many), which calls
+yd_pay for each in account order in one transaction: the same answers and rows as the pays one after
+another in that order (tests/mis_adapter/test_pay_batch.py); an error in any rolls back all.
+
 TWO ROUND TRIPS (PayTx.read/write, pay_pg_function off): BEGIN and
 READ, then WRITE and COMMIT, in pipeline mode (PayTx).
 
@@ -552,7 +557,7 @@ class KeptConnection:
     arguments and listeners, then no longer counted or returned by it), in autocommit for good, serving
     only yd_pay calls. `bound_ms`: the session's lock and statement bound last sent (None: none yet)."""
 
-    __slots__ = ("fairy", "db", "raw", "cur", "fd", "born", "bound_ms", "encoding", "prepared")
+    __slots__ = ("fairy", "db", "raw", "cur", "fd", "born", "bound_ms", "encoding", "prepared", "prepared_many")
 
     def __init__(self, fairy: Any, raw: Any, db: str) -> None:
         self.fairy = fairy
@@ -566,6 +571,7 @@ class KeptConnection:
         self.bound_ms: int | None = None
         self.encoding = raw.info.encoding
         self.prepared = False  # PAY_CALL prepared as KEPT_CALL_NAME
+        self.prepared_many = False  # PAY_MANY_CALL prepared as KEPT_MANY_NAME
 
     def call_prepared(self, params: tuple[Any, ...]) -> PayCalled:
         """PAY_CALL with `params` straight on libpq: prepared once under KEPT_CALL_NAME, then one
@@ -590,6 +596,29 @@ class KeptConnection:
         if len(results) != 1 or results[0].status != status or (status == _TUPLES_OK and results[0].ntuples != 1):
             raise psycopg.errors.InternalError(f"unexpected answer to yd_pay's call: {[r.status for r in results]}")
         return results[0]
+
+    def _result_rows(self, results: list[Any], rows: int) -> Any:
+        """The one result of a statement answering `rows` rows, or its error raised (as _result)."""
+        for res in results:
+            if res.status == _FATAL_ERROR:
+                raise psycopg.errors.error_from_result(res, encoding=self.encoding)
+        if len(results) != 1 or results[0].status != _TUPLES_OK or results[0].ntuples != rows:
+            raise psycopg.errors.InternalError(f"unexpected answer to yd_pay_many's call: "
+                                               f"{[(r.status, r.ntuples) for r in results]}")
+        return results[0]
+
+    def call_many_prepared(self, params: list[bytes], rows: int) -> list[tuple[int, PayCalled]]:
+        """PAY_MANY_CALL with `params` (text form) straight on libpq, as call_prepared: (k, answer) per row."""
+        raw, pgconn = self.raw, self.raw.pgconn
+        if not self.prepared_many:
+            pgconn.send_prepare(KEPT_MANY_NAME, PAY_MANY_CALL.encode())
+            self._result(raw.wait(generators.execute(pgconn)), _COMMAND_OK)
+            self.prepared_many = True
+        pgconn.send_query_prepared(KEPT_MANY_NAME, params)
+        res = self._result_rows(raw.wait(generators.execute(pgconn)), rows)
+        enc, nfields = self.encoding, res.nfields
+        return [(int(res.get_value(r, 0)), pay_called_of_text([res.get_value(r, i) for i in range(1, nfields)], enc))
+                for r in range(res.ntuples)]
 
     def healthy(self, now: float) -> bool:
         """Usable for the next call, without a round trip: not closed or broken, not past its recycle age,
@@ -786,3 +815,92 @@ def pay_called_of_text(values: list[bytes | None], encoding: str) -> PayCalled:
         else:
             out.append(v.decode(encoding))
     return PayCalled._make(out)
+
+
+# ---- several pays in one call and one commit: yd_pay_many (migration 0004_paybatch_pay_many) ----
+# mis_adapter.pay_batch groups the pays waiting at the same moment; each is yd_pay's own call inside.
+PAY_MANY_CALL = """SELECT k, code, payment_id, branch_code, settlement, arrears_after, prepaid_after, refusal, allocs
+FROM yd_pay_many($1::text[], $2::text[], $3::text[], $4::date[], $5::bigint[], $6::bigint[], $7::text[],
+                 $8::text[], $9::text[], $10::bigint[], $11::timestamptz[], $12::bigint, $13::bigint, $14::bigint,
+                 $15::bigint)"""
+KEPT_MANY_NAME = b"yd_pay_many_kept"  # PAY_MANY_CALL's prepared name on a kept connection
+
+
+class BatchPay(NamedTuple):
+    """One pay of a batch: what yd_pay takes besides the late-fee rates."""
+    cmd: Any
+    day: dt.date
+    day_key: int
+    now: dt.datetime
+
+
+class BatchFailed(Exception):
+    """yd_pay_many raised (a bill changed under a pay, a lock or statement timeout, a serial inserted
+    concurrently, a deadlock...): the server rolled the whole call back, nothing of the batch was
+    written, and the connection answered. Each pay is to be called again alone."""
+
+
+def array_text(values: Iterable[Any], encoding: str) -> bytes:
+    """A PostgreSQL array of `values` in text form (the call casts it): NULL for None, str quoted (any
+    character but NUL), date and aware datetime as ISO text, integers as digits."""
+    parts = []
+    for v in values:
+        if v is None:
+            parts.append("NULL")
+        elif isinstance(v, str):
+            parts.append('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"')
+        elif isinstance(v, dt.date):  # date and datetime (aware: the offset goes with it)
+            parts.append('"' + v.isoformat() + '"')
+        else:
+            parts.append(str(int(v)))
+    return ("{" + ",".join(parts) + "}").encode(encoding)
+
+
+def pay_many_params(pays: list[BatchPay], rates: Any, encoding: str) -> list[bytes]:
+    """PAY_MANY_CALL's parameters in text form: the pays' 11 arrays, then the 4 rates."""
+    cmds = [p.cmd for p in pays]
+    arrays = ([c.account_no for c in cmds], [c.bank_id for c in cmds], [c.bank_serial for c in cmds],
+              [p.day for p in pays], [p.day_key for p in pays], [c.amount_fen for c in cmds],
+              [c.channel for c in cmds], [c.outlet_code for c in cmds], [c.teller_id for c in cmds],
+              [c.bank_balance_fen for c in cmds], [p.now for p in pays])
+    scalars = (rates.residential_ppm_per_day, rates.other_current_year_ppm_per_day,
+               rates.other_earlier_years_ppm_per_day, rates.minimum_fen)
+    return [array_text(a, encoding) for a in arrays] + [str(int(v)).encode() for v in scalars]
+
+
+def call_kept_many(kept: KeptConnection, pays: list[BatchPay], *, wait_ms: int, rates: Any) -> list[PayCalled]:
+    """yd_pay_many for `pays` on a kept connection, in one implicit transaction committed at the Sync ending
+    its round trip (the bounds ahead of it in the same pipeline only when their step changed, as call_kept):
+    yd_pay's answer for each pay, in the order of `pays`. Raises BatchFailed when the server rolled the call
+    back (the connection answered: nothing written), Unavailable COMMIT_IN_DOUBT when the connection broke
+    once the call was sent (the batch may have committed). The caller closes the kept connection after any
+    exception and gives it back otherwise."""
+    enc = kept.encoding
+    params = pay_many_params(pays, rates, enc)
+    bound = stepped_wait_ms(wait_ms)
+    raw = kept.raw
+    try:
+        if bound == kept.bound_ms:
+            answers = kept.call_many_prepared(params, len(pays))
+        else:
+            kept.bound_ms = None  # unknown until the round trip succeeds (a failed one rolls the settings back)
+            cur = kept.cur
+            with raw.pipeline():
+                cur.execute(KEPT_BOUNDS, (str(bound),), prepare=False)
+                cur.execute(PAY_MANY_CALL, [p.decode(enc) for p in params], prepare=True)
+            kept.bound_ms = bound
+            answers = [(int(row[0]), PayCalled._make(row[1:])) for row in cur.fetchall()]
+    except psycopg.Error as exc:
+        cause: psycopg.Error = exc
+        while isinstance(cause, psycopg.errors.PipelineAborted) and isinstance(cause.__context__, psycopg.Error):
+            cause = cause.__context__
+        broken = raw.closed or raw.broken
+        failed = DBAPIError.instance(PAY_MANY_CALL, None, cause, psycopg.Error, connection_invalidated=broken)
+        if broken:
+            record_db_error(kept.db, failed)
+            raise Unavailable(IN_DOUBT_TEXT, reason=COMMIT_IN_DOUBT) from failed
+        raise BatchFailed(str(cause)) from failed
+    by_k = dict(answers)
+    if len(by_k) != len(pays) or set(by_k) != set(range(1, len(pays) + 1)):
+        raise RuntimeError(f"yd_pay_many answered pays {sorted(by_k)} of {len(pays)}")  # a bug: loud
+    return [by_k[k] for k in range(1, len(pays) + 1)]

@@ -10,6 +10,7 @@ twice, or let allocations + prepaid differ from the payment."""
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -18,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from mis_adapter import pay_pg
+from mis_adapter import pay_batch, pay_pg
 from mis_adapter.allocation import Allocation, AllocationPlan, bill_status, bills_due, settlement_date
 from mis_adapter.banks import bank_day_key, lock_bank_day
 from mis_adapter.db.base import table_of
@@ -132,6 +133,10 @@ class _Bounds(Protocol):
     def pay_portable_sql(self) -> bool: ...
     @property
     def pay_pg_function(self) -> bool: ...
+    @property
+    def pay_batch_max(self) -> int: ...
+    @property
+    def pay_batch_callers(self) -> int: ...
 
 
 class Books(Protocol):
@@ -285,10 +290,49 @@ def _pay_tx(ctx: Books, engine: Engine, cmd: PayCommand, wait: WaitBound) -> tup
     settings = ctx.settings
     if settings.pay_pg_function and not settings.pay_portable_sql and engine.dialect.name == "postgresql":
         kept_pool = pay_pg.kept_connections(engine)
-        kept = kept_pool.take() if kept_pool is not None else None
-        if kept is not None:
-            assert kept_pool is not None
-            return _pay_kept(ctx, engine, kept_pool, kept, cmd, wait, day, now)
+        if kept_pool is not None:
+            if settings.pay_batch_max > 1:
+                return _pay_batched(ctx, engine, kept_pool, cmd, wait, day, now)
+            return _pay_alone(ctx, engine, kept_pool, cmd, wait, day, now)
+    return _pay_pooled(ctx, engine, cmd, wait, day, now)
+
+
+def _pay_alone(ctx: Books, engine: Engine, kept_pool: pay_pg.KeptConnections, cmd: PayCommand, wait: WaitBound,
+               day: dt.date, now: dt.datetime) -> tuple[PayResult, bool]:
+    """The pay alone on PostgreSQL: yd_pay on a kept connection, or on the pool when none is free."""
+    kept = kept_pool.take()
+    if kept is not None:
+        return _pay_kept(ctx, engine, kept_pool, kept, cmd, wait, day, now)
+    return _pay_pooled(ctx, engine, cmd, wait, day, now)
+
+
+def _pay_batched(ctx: Books, engine: Engine, kept_pool: pay_pg.KeptConnections, cmd: PayCommand, wait: WaitBound,
+                 day: dt.date, now: dt.datetime) -> tuple[PayResult, bool]:
+    """The pay alone when a place is free, else in a batch with the pays waiting with it (pay_batch.py); called
+    alone again, with what is left of its deadline, when its batch wrote nothing."""
+    started = time.monotonic()
+    settings = ctx.settings
+    batcher = pay_batch.batcher_of(engine, kept_pool, callers_max=settings.pay_batch_callers,
+                                   batch_max=settings.pay_batch_max)
+    got = batcher.pay(pay_batch.batch_pay(cmd, day, now), wait_ms=wait.wait_ms, rates=ctx.rates,
+                      alone=lambda: _pay_alone(ctx, engine, kept_pool, cmd, wait, day, now))
+    if isinstance(got, pay_pg.PayCalled):
+        return _called(got, cmd, day, now, lambda pk: _replay_of(engine, pk, cmd))
+    if got is pay_batch.SINGLE:
+        left_ms = wait.wait_ms - int((time.monotonic() - started) * 1000)
+        if left_ms <= 0:
+            raise Unavailable("the call's deadline passed while it waited for the database; nothing was written",
+                              reason="DEADLINE_PASSED")
+        return _pay_alone(ctx, engine, kept_pool, cmd, WaitBound(left_ms, left_ms + wait.idle_ms - wait.wait_ms),
+                          day, now)
+    assert isinstance(got, tuple)
+    return got
+
+
+def _pay_pooled(ctx: Books, engine: Engine, cmd: PayCommand, wait: WaitBound, day: dt.date, now: dt.datetime
+                ) -> tuple[PayResult, bool]:
+    """The pay on a pool connection: PostgreSQL's one or two round trips (pay_pg.PayTx), or the portable path."""
+    settings = ctx.settings
     with engine.connect() as conn:
         conn.begin()
         if conn.dialect.name == "postgresql" and not settings.pay_portable_sql:
