@@ -43,10 +43,12 @@ class AdapterSettings(SealingServerSettings):
     pay_pg_function: bool = Field(True, description="Pay on PostgreSQL in one round trip, the function yd_pay "
                                                      "(migration 0004_pay_function); off: two round trips, the "
                                                      "allocation in Python (pay_pg.PayTx)")
-    pay_batch_max: int = Field(16, ge=1, le=256,
+    pay_batch_max: int = Field(1, ge=1, le=256,
                                description="Pay on PostgreSQL: pays waiting at the same moment called together, "
                                            "in one round trip and one commit (yd_pay_many, migration "
-                                           "0004_paybatch_pay_many), at most this many; 1: every pay alone")
+                                           "0004_paybatch_pay_many), at most this many (e.g. 16); 1 (the "
+                                           "default): every pay alone. Cuts the database server's CPU and "
+                                           "commits per pay, not the whole machine's (README)")
     pay_batch_callers: int = Field(2, ge=1, le=1_024,
                                    description="Pay on PostgreSQL with pay_batch_max > 1: lone pays and batches in "
                                                "progress at once per database (at most --db-pool-size); a pay "

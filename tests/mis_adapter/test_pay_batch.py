@@ -47,7 +47,8 @@ def books(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AdapterCon
     with fresh_database("postgresql", tmp_path_factory.mktemp("paybatch"), schema="mis") as url:
         clock = ManualClock(START)
         ctx = AdapterContext.build(load_settings(AdapterSettings, {"db": url, "insecure": True, "db_pool_size": 6,
-                                                                   "pay_batch_callers": 1}), clock)
+                                                                   "pay_batch_max": 16, "pay_batch_callers": 1}),
+                                    clock)
         try:
             add_bank(ctx.router.primary, BANK)
             yield ctx, clock
