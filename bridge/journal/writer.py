@@ -25,18 +25,13 @@ log = logging.getLogger("yindian.bridge.journal")
 class Latch:
     """Set once, waited for by any number of threads. A bare lock held from creation
     until `set`: creating one and waking its waiter costs a fraction of a
-    threading.Event (no Condition, no waiter list), and the bridge makes several per pay.
-
-    A relay (`relay_to`): a waiter that returns set passes the signal on to the next latch of
-    a group commit, so the writer wakes one waiter and each wakes the next (see
-    JournalWriter._wake_waiters)."""
-    __slots__ = ("_lock", "_set", "_then")
+    threading.Event (no Condition, no waiter list), and the bridge makes several per pay."""
+    __slots__ = ("_lock", "_set")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
         self._set = False
-        self._then: list[Latch] | None = None
 
     def set(self) -> None:
         if self._set:
@@ -50,27 +45,12 @@ class Latch:
     def is_set(self) -> bool:
         return self._set
 
-    def relay_to(self, following: Latch) -> None:
-        """Once this latch's waiter returns set, it sets `following` (at most once, whoever does)."""
-        self._then = [following]
-
-    def _pass_on(self) -> None:
-        then = self._then
-        if then:
-            try:
-                following = then.pop()  # atomic: the signal is passed on once
-            except IndexError:
-                return
-            following.set()
-
     def wait(self, timeout_s: float | None = None) -> bool:
         if self._set:
-            self._pass_on()
             return True
         if not self._lock.acquire(timeout=-1 if timeout_s is None else max(0.0, timeout_s)):
             return self._set
         self._lock.release()  # let the next waiter through
-        self._pass_on()
         return True
 
 
@@ -135,7 +115,6 @@ class NewRow:
     claim: Claim
     done: Latch = field(default_factory=Latch)
     inserted: bool = False
-    written: bool = False  # set with `inserted`, under `lock`, as soon as the group commit is durable
     abandoned: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -144,7 +123,7 @@ class NewRow:
         if self.done.wait(timeout_s):
             return True
         with self.lock:
-            if self.written:
+            if self.done.is_set():
                 return True
             self.abandoned = True
             return False
@@ -210,9 +189,6 @@ class JournalWriter:
         self._space = threading.Condition()
         self._space_waiters = 0
         self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
-        # The last group commit's waiters' latches: relayed from waiter to waiter, and set here as well by the
-        # next loop of the writer (after its next commit, or before it sleeps), whichever comes first.
-        self._unswept: list[Latch] = []
         # SUSPECT outcomes of rows whose owner gave up, written with the next batch (at most batch_max).
         self._carried: list[Recording] = []
 
@@ -278,7 +254,6 @@ class JournalWriter:
 
     def _sleep_until_work(self, timeout_s: float) -> bool:
         """Sleeps until a put wakes the writer or `timeout_s` passes; True if there is work."""
-        self._sweep()
         self._idle = True
         if self._items:  # queued between the caller's look and the flag: no sleep
             self._idle = False
@@ -339,7 +314,6 @@ class JournalWriter:
             self._write(rows, outcomes)
             for f in flushes:
                 f.done.set()
-        self._sweep()
         if self._conn is not None:
             try:
                 self._journal.close_writer_connection(self._conn)
@@ -368,51 +342,22 @@ class JournalWriter:
                 # An operating error (journal DB down): everything stays queued and claimed; retry.
                 log.exception("event=journal_write_failed rows=%d outcomes=%d retry_in_s=%.2f", len(rows),
                               len(outcomes), backoff_s)
-                self._sweep()  # the last commit's callers are not held up by this one's retries
                 time.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, WRITER_BACKOFF_CAP_S)
-        waiting: list[Latch] = []
         for rec in outcomes:
-            if rec.waited:
-                waiting.append(rec.done)
-            else:
-                rec.done.set()
+            rec.done.set()
             if rec.claim is not None:
                 self._claims.release(rec.claim)
         for r in rows:
             with r.lock:
                 r.inserted = r.entry.key in inserted
-                r.written = True
                 abandoned = r.abandoned
+                r.done.set()
             if not abandoned:
-                waiting.append(r.done)
                 continue
-            r.done.set()
             if r.inserted:
                 self._carried.append(Recording(outcome_for(r.entry, SUSPECT, self._clock.now(),
                                                            message="journaled after its caller gave up: in doubt"),
                                                r.claim, waited=False))
             else:
                 self._claims.release(r.claim)
-        self._sweep()
-        self._wake_waiters(waiting)
-
-    def _wake_waiters(self, latches: list[Latch]) -> None:
-        """Wakes the callers waiting for this group commit, one after the other: the writer sets the first
-        latch and each waiter, once running, sets the next (Latch.relay_to). Set all at once, every waiter
-        woke while the writer still held the interpreter lock and most went back to sleep on it: more
-        context switches than wake-ups. A waiter that stopped waiting (timed out) would end the relay, so
-        the writer sets what is left at its next loop (`_sweep`: after its next commit, or before it sleeps
-        idle), a bound on every wait however the relay goes."""
-        if not latches:
-            return
-        for earlier, later in zip(latches, latches[1:], strict=False):
-            earlier.relay_to(later)
-        self._unswept = latches
-        latches[0].set()
-
-    def _sweep(self) -> None:
-        """Sets every latch of the last group commit that its relay has not reached yet."""
-        latches, self._unswept = self._unswept, []
-        for latch in latches:
-            latch.set()

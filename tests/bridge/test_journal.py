@@ -453,29 +453,3 @@ def test_a_serial_another_session_journals_meanwhile_is_answered_as_journaled(pg
         other.close()
         writer.stop(WAIT_S)
         engine.dispose()
-
-
-def test_a_caller_that_stops_waiting_does_not_hold_up_the_callers_after_it(engine: Engine) -> None:
-    """The writer wakes one caller of a group commit and each woken caller wakes the next. A caller in
-    the middle that no longer waits (its owner gave up, or never waits) ends that relay: the writer wakes
-    those after it itself before it sleeps, not after its idle wait (60 s here)."""
-    j, claims = Journal(engine), Claims()
-    late: list[object] = []
-
-    def linger(_seconds: float) -> None:  # the writer's wait: two more rows join the first one's commit
-        if not late:
-            late.append(writer.journal_new(pay("R2"), claims.acquire((jn.PAY, "R2"))[0]))
-            late.append(writer.journal_new(pay("R3"), claims.acquire((jn.PAY, "R3"))[0]))
-
-    writer = JournalWriter(j, claims, ManualClock(AT), batch_max=16, queue_max=64, idle_wait_s=60.0,
-                           commit_linger_s=0.001, sleep=linger)
-    writer.start()
-    try:
-        first = writer.journal_new(pay("R1"), claims.acquire((jn.PAY, "R1"))[0])
-        assert first.wait(WAIT_S) and first.inserted  # R1's caller wakes R2's, which nobody waits for
-        second, third = late
-        assert third.done.wait(WAIT_S), "R3's caller is woken though R2's never waited"  # type: ignore[attr-defined]
-        assert third.inserted and second.inserted  # type: ignore[attr-defined]
-        assert writer.transactions == 1 and writer.rows_written == 3
-    finally:
-        writer.stop(WAIT_S)
