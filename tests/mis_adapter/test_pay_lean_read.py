@@ -40,6 +40,7 @@ def test_the_migration_round_trip(db_url: str) -> None:
         lean_read = _pay_source(engine) if pg else ""
         if pg:
             assert "FOREACH r IN ARRAY v_bills" in lean_read and "FOR r IN" not in lean_read
+            assert "WHERE c.ctid = v_ctid" in lean_read and "WHERE c.account_no = p_account FOR UPDATE" in lean_read
             assert _bill_type(engine) == 1
         downgrade(engine, "0004_pgpay2_lean_read@-1")
         if pg:
@@ -102,6 +103,17 @@ def test_each_path_answers_and_writes_as_before(pg_url: str, revision: str) -> N
         assert [a.split(":")[1:] for a in str(got[7]).split(",")] == [["100", "5000"], ["100", "6000"]]
         assert _written(engine, over) == (1, 1, 1, 7 + 8_800, "202609:PAID:5000:100,202610:PAID:6000:100")
 
+        # two pays of one account in one transaction (as yd_pay_many calls them): the second locks and
+        # credits the row the first updated
+        twice = add_account(engine, "01", 5, (), prepaid_fen=1)
+        with engine.begin() as conn:
+            for serial, amount in (("T1", 300), ("T2", 40)):
+                conn.execute(sa.text(
+                    "SELECT code FROM yd_pay(:a, 'ICBC', :s, :d, :k, :m, 'COUNTER', 'O', 'T', NULL, now(), 1000, 2000, "
+                    "3000, 100)"), {"a": twice, "s": serial, "d": DAY, "k": bank_day_key("ICBC"),
+                                    "m": amount})
+        assert _written(engine, twice) == (2, 2, 2, 341, None)
+
         # refusals write nothing and answer as 0004_pgpay_lean_pay did (allocs '', no amounts)
         assert _pay(engine, credit_only, "S1", 1) == ("TAKEN", True, "01", None, None, None, None, "")
         assert _pay(engine, "0199999999", "S4", 1) == ("NOT_FOUND", False, None, None, None, None, None, None)
@@ -122,6 +134,7 @@ def test_each_path_answers_and_writes_as_before(pg_url: str, revision: str) -> N
         # the serial taken comes first, before the suspension
         assert _pay(engine, credit_only, "S1", 10)[:2] == ("TAKEN", True)
         assert _written(engine, credit_only) == (2, 2, 2, 2_610, None)
+
     finally:
         engine.dispose()
 

@@ -14,6 +14,10 @@ a cursor (the FOR loop: a portal opened, fetched and closed per call).
 - A pay with no unpaid bill (nothing to price) writes at once; the allocation loop runs over the array
   only when there are bills, step for step as before.
 - No variable has a default: each is assigned where it is first needed.
+- The prepaid credit updates the customer's row by the ctid its lock returned (a TID scan, no index
+  probe): the row is locked FOR UPDATE by this transaction from the lock to the commit, so no other
+  writer can move it, and a later pay of the same account in the same transaction (yd_pay_many) locks
+  and reads its newest version again.
 The locks (bank-day, then the account row), the guard on the bills written (their xmin), the writes
 and the answers are unchanged (tests/mis_adapter/test_pay_function.py holds the answers and rows
 equal to the Python path's; yd_pay_many calls this yd_pay).
@@ -53,8 +57,13 @@ BILL_TYPE = """CREATE TYPE yd_pay_bill AS (bill_id bigint, period text, amount_f
                           principal_paid_fen bigint, late_fee_paid_fen bigint, accrual_micro bigint,
                           accrual_date date, version xid)"""
 
-# Each write variant, as 0004_pgpay_lean_pay wrote it (one statement; the guard's ROW_COUNT).
-_WRITE = {(bills, credit): _LEAN._write(bills, credit) for bills in (False, True) for credit in (False, True)}
+# Each write variant, as 0004_pgpay_lean_pay wrote it (one statement; the guard's ROW_COUNT), but the
+# customer's credit by the locked row's ctid.
+_CREDIT_BY_KEY = "UPDATE customers c SET prepaid_fen = c.prepaid_fen + remaining WHERE c.account_no = p_account"
+_CREDIT_BY_TID = "UPDATE customers c SET prepaid_fen = c.prepaid_fen + remaining WHERE c.ctid = v_ctid"
+_WRITE = {(bills, credit): _LEAN._write(bills, credit).replace(_CREDIT_BY_KEY, _CREDIT_BY_TID)
+          for bills in (False, True) for credit in (False, True)}
+assert all(_CREDIT_BY_KEY not in w for w in _WRITE.values()) and _CREDIT_BY_TID in _WRITE[(False, True)]
 
 PAY_FUNCTION = r"""
 CREATE OR REPLACE FUNCTION yd_pay(p_account text, p_bank text, p_serial text, p_day date, p_day_key bigint,
@@ -64,7 +73,7 @@ CREATE OR REPLACE FUNCTION yd_pay(p_account text, p_bank text, p_serial text, p_
                        OUT arrears_after bigint, OUT prepaid_after bigint, OUT refusal text, OUT allocs text)
 LANGUAGE plpgsql VOLATILE AS $fn$
 DECLARE
-  v_tariff text; v_status text; v_prepaid bigint; v_bills yd_pay_bill[]; r yd_pay_bill; v_id bigint;
+  v_ctid tid; v_tariff text; v_status text; v_prepaid bigint; v_bills yd_pay_bill[]; r yd_pay_bill; v_id bigint;
   v_taken bigint; v_reason text; v_bits int; v_signed boolean;
   remaining bigint; unpaid bigint; days bigint; cur_days bigint; accrued bigint; micro bigint;
   fee_due bigint; fee bigint; principal bigint; due_total bigint; principal_total bigint;
@@ -74,7 +83,8 @@ DECLARE
 BEGIN
   -- the bank-day lock, then the account (the order everywhere: banks.py)
   PERFORM pg_advisory_xact_lock_shared(p_day_key);
-  SELECT c.branch_code, c.tariff_class, c.status, c.prepaid_fen INTO branch_code, v_tariff, v_status, v_prepaid
+  SELECT c.ctid, c.branch_code, c.tariff_class, c.status, c.prepaid_fen
+  INTO v_ctid, branch_code, v_tariff, v_status, v_prepaid
   FROM customers c WHERE c.account_no = p_account FOR UPDATE;
   IF NOT FOUND THEN
     code := 'NOT_FOUND';
