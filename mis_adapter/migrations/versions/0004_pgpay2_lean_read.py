@@ -14,6 +14,8 @@ a cursor (the FOR loop: a portal opened, fetched and closed per call).
 - A pay with no unpaid bill (nothing to price) writes at once; the allocation loop runs over the array
   only when there are bills, step for step as before.
 - No variable has a default: each is assigned where it is first needed.
+- The bank's reconciled days among today and tomorrow come as an array (ARRAY of an index-only range
+  scan of the key), not a bit_or aggregate: an Agg node costs more to set up at each call.
 - The prepaid credit updates the customer's row by the ctid its lock returned (a TID scan, no index
   probe): the row is locked FOR UPDATE by this transaction from the lock to the commit, so no other
   writer can move it, and a later pay of the same account in the same transaction (yd_pay_many) locks
@@ -74,7 +76,7 @@ CREATE OR REPLACE FUNCTION yd_pay(p_account text, p_bank text, p_serial text, p_
 LANGUAGE plpgsql VOLATILE AS $fn$
 DECLARE
   v_ctid tid; v_tariff text; v_status text; v_prepaid bigint; v_bills yd_pay_bill[]; r yd_pay_bill; v_id bigint;
-  v_taken bigint; v_reason text; v_bits int; v_signed boolean;
+  v_taken bigint; v_reason text; v_closed date[]; v_signed boolean;
   remaining bigint; unpaid bigint; days bigint; cur_days bigint; accrued bigint; micro bigint;
   fee_due bigint; fee bigint; principal bigint; due_total bigint; principal_total bigint;
   new_prin bigint; new_fee bigint; n int; updated int;
@@ -94,15 +96,15 @@ BEGIN
   -- the serial taken, the bank suspended, the account closed, the day closed), and the unpaid bills
   SELECT (SELECT p.payment_id FROM payments p WHERE p.bank_id = p_bank AND p.bank_serial = p_serial),
          (SELECT k.suspended_reason FROM banks k WHERE k.bank_id = p_bank AND k.suspended),
-         (SELECT coalesce(bit_or(1 << (d.settlement_date - p_day)), 0) FROM reconciled_days d
-          WHERE d.bank_id = p_bank AND d.settlement_date BETWEEN p_day AND p_day + 1),
+         ARRAY(SELECT d.settlement_date FROM reconciled_days d
+               WHERE d.bank_id = p_bank AND d.settlement_date BETWEEN p_day AND p_day + 1),
          EXISTS (SELECT 1 FROM bank_links l
                  WHERE l.bank_id = p_bank AND l.state = 'SIGNED_OFF' AND l.business_date >= p_day),
          ARRAY(SELECT ROW(b.bill_id, b.period, b.amount_fen, b.prepaid_applied_fen, b.principal_paid_fen,
                           b.late_fee_paid_fen, b.accrual_micro, b.accrual_date, b.xmin)::yd_pay_bill
                FROM bills b WHERE b.account_no = p_account AND b.status <> 'PAID'
                ORDER BY b.period)
-  INTO v_taken, v_reason, v_bits, v_signed, v_bills;
+  INTO v_taken, v_reason, v_closed, v_signed, v_bills;
   allocs := '';
   IF v_taken IS NOT NULL THEN
     code := 'TAKEN';
@@ -112,9 +114,9 @@ BEGIN
     refusal := v_reason;
   ELSIF v_status <> 'OPEN' THEN
     code := 'CLOSED';
-  ELSIF v_bits & 1 = 0 AND NOT v_signed THEN
+  ELSIF NOT (p_day = ANY(v_closed) OR v_signed) THEN
     settlement := p_day;
-  ELSIF v_bits & 2 <> 0 THEN
+  ELSIF p_day + 1 = ANY(v_closed) THEN
     code := 'DAY_CLOSED';
   ELSE
     settlement := p_day + 1;
