@@ -190,3 +190,27 @@ def test_a_unary_call_on_a_call_pool_is_handed_to_its_worker_once_with_its_reque
         pool.shutdown(wait=True)
     assert answers == [health_pb2.HealthCheckResponse.SERVING] * 60
     assert rpc_pools.received_first - before == 60
+
+
+def test_a_unary_call_without_its_request_message_is_answered_as_grpcio_answers_and_frees_its_place() -> None:
+    """A client that ends its side without sending the request (a streaming client on a unary method)
+    gets UNIMPLEMENTED "requires exactly one request message", as from grpcio's own path, and the call's
+    place under max_concurrent_rpcs is freed: the calls after it are answered."""
+    pool = CallPool(max_workers=2, thread_name_prefix="call-pool")
+    server, address = _health_server(pool, max_concurrent_rpcs=2)
+    try:
+        with grpc.insecure_channel(address) as ch:
+            empty = ch.stream_unary(UNARY, request_serializer=None, response_deserializer=None)
+            for _ in range(4):
+                with pytest.raises(grpc.RpcError) as err:
+                    empty(iter(()), timeout=10)
+                assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+                assert "requires exactly one request message" in (err.value.details() or "")
+            call = ch.unary_unary(UNARY, request_serializer=None, response_deserializer=None)
+            req = health_pb2.HealthCheckRequest().SerializeToString()
+            for _ in range(4):
+                got = health_pb2.HealthCheckResponse.FromString(call(req, timeout=10))
+                assert got.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop()
+        pool.shutdown(wait=True)
