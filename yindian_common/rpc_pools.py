@@ -194,14 +194,17 @@ def _receive_first(pool: CallPool, call: _Call) -> bool:
         pool._queue(call)
         return finished
 
+    given = call.args
+    call.args = (in_pool, rpc_event, state, behavior, _stored_request(rpc_event, state), deserializer, serializer)
     with state.condition:  # reentrant: grpcio's serving thread holds it while it submits
         if not _grpc_server._is_rpc_state_active(state):
+            call.args = given
             return False
         error = rpc_event.call.start_server_batch((cygrpc.ReceiveMessageOperation(_EMPTY_FLAGS),), on_message)
         if error not in (None, _CALL_OK):
+            call.args = given
             return False
         state.due.add(_RECEIVE_MESSAGE_TOKEN)
-    call.args = (in_pool, rpc_event, state, behavior, _stored_request(rpc_event, state), deserializer, serializer)
     received_first += 1
     return True
 
