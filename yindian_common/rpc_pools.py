@@ -88,7 +88,9 @@ class CallPool(ThreadPoolExecutor):
     Condition and RLock, no work item, no idle semaphore taken and given back, no set_result
     notify_all. Under bench-ratio these were a fifth of mis_adapter's GIL samples on the money pool.
     At most `max_workers` threads, each started when a call finds no idle one; calls queue in order.
-    `shutdown(cancel_futures=True)` drops the calls not started (their done callbacks run)."""
+    A unary-unary call is queued once its request message has arrived (_receive_first: one wake-up of
+    a worker per call, not two). `shutdown(cancel_futures=True)` drops the calls not started (their
+    done callbacks run), and ends so any whose message arrives later."""
 
     def __init__(self, max_workers: int, thread_name_prefix: str = "") -> None:
         super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
