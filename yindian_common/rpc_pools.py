@@ -17,6 +17,9 @@ from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from grpc import _server as _grpc_server  # private: CallPool's one hand-off per unary call (below)
+from grpc._cython import cygrpc
+
 POOL_ATTR = "experimental_thread_pool"  # the attribute grpcio reads (grpc._server._select_thread_pool_for_behavior)
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger(__name__)
@@ -85,7 +88,9 @@ class CallPool(ThreadPoolExecutor):
     Condition and RLock, no work item, no idle semaphore taken and given back, no set_result
     notify_all. Under bench-ratio these were a fifth of mis_adapter's GIL samples on the money pool.
     At most `max_workers` threads, each started when a call finds no idle one; calls queue in order.
-    `shutdown(cancel_futures=True)` drops the calls not started (their done callbacks run)."""
+    A unary-unary call is queued once its request message has arrived (_receive_first: one wake-up of
+    a worker per call, not two). `shutdown(cancel_futures=True)` drops the calls not started (their
+    done callbacks run), and ends so any whose message arrives later."""
 
     def __init__(self, max_workers: int, thread_name_prefix: str = "") -> None:
         super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
@@ -100,7 +105,18 @@ class CallPool(ThreadPoolExecutor):
         with self._state_lock:
             if self._stopped:
                 raise RuntimeError("cannot schedule new calls after shutdown")
-            if self._idle:
+        if not kwargs and len(args) == _UNARY_ARGS and args[0] is _UNARY_IN_POOL and _receive_first(self, call):
+            return call  # queued when its request message has arrived
+        self._queue(call)
+        return call
+
+    def _queue(self, call: _Call) -> None:
+        """`call` to an idle worker, to a new one if fewer than max_workers run, else queued in order."""
+        with self._state_lock:
+            stopped = self._stopped
+            if stopped:
+                start = False
+            elif self._idle:
                 self._idle -= 1
                 start = False
             else:
@@ -109,10 +125,12 @@ class CallPool(ThreadPoolExecutor):
                 worker = threading.Thread(target=self._work, name=f"{self._thread_name_prefix}_{len(self._workers)}",
                                           daemon=True)
                 self._workers.append(worker)
+        if stopped:  # a call whose message arrived after shutdown: ended without running, as a dropped one
+            call.finish()
+            return
         self._calls.put(call)
         if start:
             worker.start()
-        return call
 
     def _work(self) -> None:
         get, lock = self._calls.get, self._state_lock
@@ -142,3 +160,68 @@ class CallPool(ThreadPoolExecutor):
         if wait:
             for w in workers:
                 w.join()
+
+
+# ---- one hand-off per unary call ----
+# grpcio's thread-pool server hands a unary-unary call to the pool as soon as the call arrives
+# (grpc._server._handle_unary_unary); the pool's thread then asks for the request message and sleeps on
+# the call's Condition until the serving thread, which receives it, wakes it: two wake-ups of the
+# worker per call, each a futex wake and a GIL hand-off. CallPool instead asks for the message itself,
+# on the serving thread in submit (grpcio's own receive_message callback, which stores it in the call's
+# state), and queues the call only when the message is there: one wake-up. The worker takes the stored
+# message (or answers as grpcio's unary_request would when there is none). This reads grpcio's private
+# server module (grpcio pinned in pyproject.toml); tests/common/test_rpc_pools.py checks that a unary
+# call on a CallPool takes this path with the installed grpcio, so an upgrade that changes it fails there
+# (a call whose arguments are not recognised takes grpcio's own path).
+_UNARY_IN_POOL = _grpc_server._unary_response_in_pool
+# submit(context.run, _unary_response_in_pool, rpc_event, state, behavior, argument_thunk, deserializer, serializer)
+_UNARY_ARGS = 7
+_RECEIVE_MESSAGE_TOKEN = _grpc_server._RECEIVE_MESSAGE_TOKEN
+_EMPTY_FLAGS = 0
+_CLOSED, _CANCELLED = _grpc_server._CLOSED, _grpc_server._CANCELLED
+_CALL_OK = cygrpc.CallError.ok
+received_first = 0  # calls that took the one hand-off path (for the test that it is taken)
+
+
+def _receive_first(pool: CallPool, call: _Call) -> bool:
+    """Starts receiving `call`'s request message with a callback that stores it and queues `call` on
+    `pool`, and gives the call a thunk that takes the stored message. False (nothing started) when the
+    call is no longer active or the receive could not be started: grpcio's own path then."""
+    global received_first
+    in_pool, rpc_event, state, behavior, _thunk, deserializer, serializer = call.args
+    receive = _grpc_server._receive_message(state, rpc_event.call, deserializer)
+
+    def on_message(event: Any) -> Any:
+        finished = receive(event)  # stores the message (or the client's end) in state; grpcio's bookkeeping
+        pool._queue(call)
+        return finished
+
+    given = call.args
+    call.args = (in_pool, rpc_event, state, behavior, _stored_request(rpc_event, state), deserializer, serializer)
+    with state.condition:  # reentrant: grpcio's serving thread holds it while it submits
+        if not _grpc_server._is_rpc_state_active(state):
+            call.args = given
+            return False
+        error = rpc_event.call.start_server_batch((cygrpc.ReceiveMessageOperation(_EMPTY_FLAGS),), on_message)
+        if error not in (None, _CALL_OK):
+            call.args = given
+            return False
+        state.due.add(_RECEIVE_MESSAGE_TOKEN)
+    received_first += 1
+    return True
+
+
+def _stored_request(rpc_event: Any, state: Any) -> Callable[[], Any]:
+    """grpcio's unary_request once the receive ended: the message, or None (the call answered
+    UNIMPLEMENTED when the client sent none, as grpcio answers; nothing when it was cancelled or aborted)."""
+    def stored_request() -> Any:
+        with state.condition:
+            request = state.request
+            if request is not None:
+                state.request = None
+                return request
+            if state.client is _CLOSED and not state.statused:
+                details = f'"{rpc_event.call_details.method}" requires exactly one request message.'
+                _grpc_server._abort(state, rpc_event.call, cygrpc.StatusCode.unimplemented, details.encode())
+            return None
+    return stored_request

@@ -150,3 +150,67 @@ def test_shutdown_with_cancel_drops_the_calls_not_started_and_ends_them() -> Non
     release.set()
     pool.shutdown(wait=True)  # joins the worker, which ends the call it had started
     assert ran == [0] and len(ended) == 4
+
+
+def test_a_unary_call_on_a_call_pool_is_handed_to_its_worker_once_with_its_request() -> None:
+    """The pool receives each unary call's request on grpcio's serving thread and hands the call to a
+    worker only then (rpc_pools._receive_first): with the installed grpcio every call takes that path,
+    and each handler gets its own request, under concurrency too."""
+    from concurrent.futures import ThreadPoolExecutor as Clients
+
+    from yindian_common import rpc_pools
+
+    pool = CallPool(max_workers=3, thread_name_prefix="call-pool")
+
+    def unary(req: health_pb2.HealthCheckRequest, _ctx: grpc.ServicerContext) -> health_pb2.HealthCheckResponse:
+        ok = threading.current_thread().name.startswith("call-pool") and req.service.startswith("svc-")
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING if ok else
+                                              health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    handlers = grpc.method_handlers_generic_handler(SERVICE, {
+        "Unary": grpc.unary_unary_rpc_method_handler(on_pool(unary, pool), health_pb2.HealthCheckRequest.FromString,
+                                                     _ser)})
+    server = GrpcServer(listen="127.0.0.1:0", limits=ServerLimits(grace_s=0.5, max_concurrent_rpcs=8), tls=None,
+                        insecure=True, interceptors=[ServerMetricsInterceptor()])
+    server.grpc_server.add_generic_rpc_handlers((handlers,))
+    server.start()
+    before = rpc_pools.received_first
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            call = ch.unary_unary(UNARY, request_serializer=_ser,
+                                  response_deserializer=health_pb2.HealthCheckResponse.FromString)
+
+            def one(k: int) -> int:
+                return int(call(health_pb2.HealthCheckRequest(service=f"svc-{k}"), timeout=10).status)
+
+            with Clients(max_workers=6) as clients:
+                answers = list(clients.map(one, range(60)))
+    finally:
+        server.stop()
+        pool.shutdown(wait=True)
+    assert answers == [health_pb2.HealthCheckResponse.SERVING] * 60
+    assert rpc_pools.received_first - before == 60
+
+
+def test_a_unary_call_without_its_request_message_is_answered_as_grpcio_answers_and_frees_its_place() -> None:
+    """A client that ends its side without sending the request (a streaming client on a unary method)
+    gets UNIMPLEMENTED "requires exactly one request message", as from grpcio's own path, and the call's
+    place under max_concurrent_rpcs is freed: the calls after it are answered."""
+    pool = CallPool(max_workers=2, thread_name_prefix="call-pool")
+    server, address = _health_server(pool, max_concurrent_rpcs=2)
+    try:
+        with grpc.insecure_channel(address) as ch:
+            empty = ch.stream_unary(UNARY, request_serializer=None, response_deserializer=None)
+            for _ in range(4):
+                with pytest.raises(grpc.RpcError) as err:
+                    empty(iter(()), timeout=10)
+                assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+                assert "requires exactly one request message" in (err.value.details() or "")
+            call = ch.unary_unary(UNARY, request_serializer=None, response_deserializer=None)
+            req = health_pb2.HealthCheckRequest().SerializeToString()
+            for _ in range(4):
+                got = health_pb2.HealthCheckResponse.FromString(call(req, timeout=10))
+                assert got.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop()
+        pool.shutdown(wait=True)
