@@ -453,3 +453,27 @@ def test_a_serial_another_session_journals_meanwhile_is_answered_as_journaled(pg
         other.close()
         writer.stop(WAIT_S)
         engine.dispose()
+
+
+def test_by_default_a_row_arriving_while_the_idle_writer_lingers_shares_its_commit(engine: Engine) -> None:
+    """The bridge's default settings batch by time: a second pay's row arriving while the writer, woken
+    by the first, lingers goes in the same commit (one transaction for both rows)."""
+    from bridge.settings import BridgeSettings
+
+    j, claims = Journal(engine), Claims()
+    late: list[object] = []
+
+    def linger(_seconds: float) -> None:
+        if not late:
+            late.append(writer.journal_new(pay("D2"), claims.acquire((jn.PAY, "D2"))[0]))
+
+    writer = JournalWriter(j, claims, ManualClock(AT), batch_max=16, queue_max=64, idle_wait_s=0.05,
+                           commit_linger_s=BridgeSettings().journal_commit_linger_s, sleep=linger)
+    writer.start()
+    try:
+        first = writer.journal_new(pay("D1"), claims.acquire((jn.PAY, "D1"))[0])
+        assert first.wait(WAIT_S) and first.inserted
+        assert late and late[0].wait(WAIT_S) and late[0].inserted  # type: ignore[attr-defined]
+        assert writer.transactions == 1 and writer.rows_written == 2
+    finally:
+        writer.stop(WAIT_S)
