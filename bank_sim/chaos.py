@@ -41,7 +41,6 @@ import hashlib
 import json
 import random
 import shutil
-import socket
 import sys
 import threading
 import time
@@ -67,6 +66,7 @@ from yindian_common.clock import business_date, make_clock
 from yindian_common.db import create_database, drop_database, make_engine, normalize_url
 from yindian_common.fault_proxy import FaultProxy
 from yindian_common.identity import BANK_ID_METADATA
+from yindian_common.ports import stable_port
 from yindian_common.status import error_info
 
 FAULT_KINDS = ("kill_mis", "kill_bridge", "kill_bank", "link_blackhole", "link_reset", "link_cut", "short_deadline")
@@ -136,9 +136,8 @@ def schedule_digest(operations: list[str], faults: list[Fault]) -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """Outside the ephemeral range: a restart after a kill finds it free (yindian_common.ports)."""
+    return stable_port()
 
 
 @dataclass(frozen=True)

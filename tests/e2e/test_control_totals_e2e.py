@@ -12,7 +12,6 @@ two-second persistence window.
 from __future__ import annotations
 
 import datetime as dt
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
 from yindian_common.db import make_engine
 from yindian_common.identity import BANK_ID_METADATA
+from yindian_common.ports import stable_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -48,9 +48,8 @@ EXCHANGES = "yindian_control_total_exchanges"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """Outside the ephemeral range: a restart after a kill finds it free (yindian_common.ports)."""
+    return stable_port()
 
 
 @dataclass

@@ -9,7 +9,6 @@ POSTED; a cancel resent after a crash reverses its pay once; a
 reconciliation crashed mid-apply, sent again, closes the day once."""
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from tests.support.procs import REPO, Proc, start
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
 from yindian_common.db import make_engine
+from yindian_common.ports import stable_port
 from yindian_common.status import error_info
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -40,9 +40,8 @@ IN_DOUBT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """Outside the ephemeral range: a restart after a kill finds it free (yindian_common.ports)."""
+    return stable_port()
 
 
 @dataclass

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -38,6 +37,7 @@ from tests.support.databases import migrated_sqlite
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
 from yindian_common.fields import make_account_no
+from yindian_common.ports import stable_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -259,9 +259,8 @@ def test_counters_move_by_exactly_the_calls_made(stack: Stack) -> None:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """Outside the ephemeral range: a restart after a kill finds it free (yindian_common.ports)."""
+    return stable_port()
 
 
 def _get_json(url: str) -> Any:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import http.cookiejar
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from tests.support import procs
 from yindian.v1 import billing_pb2 as bpb
 from yindian.v1 import billing_pb2_grpc
 from yindian_common.fields import make_account_no
+from yindian_common.ports import stable_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -56,9 +56,8 @@ class Stack:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """Outside the ephemeral range: a restart after a kill finds it free (yindian_common.ports)."""
+    return stable_port()
 
 
 def start_portal(upstream: str, log_dir: Path, *extra: str) -> procs.Proc:
