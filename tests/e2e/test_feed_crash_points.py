@@ -24,6 +24,7 @@ import pytest
 
 from tests.e2e.test_feed_e2e import CLOCK_START, FEED_FLAGS, bank_last_seq, databases, prepare, verify
 from tests.support import procs
+from yindian_common.ports import stable_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -61,7 +62,7 @@ def start_autodebit(target: str, db: str, log_dir: Path, crash_point: str = "") 
 def test_mis_killed_after_posting_a_result_batch_before_the_cursor(backend: str, tmp_path: Path) -> None:
     with databases(backend, tmp_path) as (mis_url, bank_url, bridge_url):
         prepare(mis_url, bank_url, BILLS)
-        adapter = start_adapter(mis_url, "127.0.0.1:0", tmp_path, crash_point="mis.feed_after_post")
+        adapter = start_adapter(mis_url, f"127.0.0.1:{stable_port()}", tmp_path, crash_point="mis.feed_after_post")
         bridge = start_bridge(adapter.grpc_addr, bridge_url, tmp_path)
         consumer = start_autodebit(bridge.grpc_addr, bank_url, tmp_path)
         try:

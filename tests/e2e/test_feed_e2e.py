@@ -29,6 +29,7 @@ from tests.support import procs
 from tests.support.databases import fresh_database
 from yindian_common.clock import ManualClock
 from yindian_common.db import make_engine
+from yindian_common.ports import stable_port
 
 pytestmark = pytest.mark.e2e
 
@@ -146,8 +147,8 @@ def test_kill_9_each_process_mid_stream(backend: str, tmp_path: Path) -> None:
     small = ["--feed-window-max", "300", "--feed-notice-batch-max", "100"]
     with databases(backend, tmp_path) as (mis_url, bank_url, bridge_url):
         prepare(mis_url, bank_url, n)
-        adapter = start_adapter("mis_adapter", mis_url, "127.0.0.1:0", tmp_path, small)
-        bridge = start_bridge(adapter.grpc_addr, bridge_url, "127.0.0.1:0", tmp_path)
+        adapter = start_adapter("mis_adapter", mis_url, f"127.0.0.1:{stable_port()}", tmp_path, small)
+        bridge = start_bridge(adapter.grpc_addr, bridge_url, f"127.0.0.1:{stable_port()}", tmp_path)
         consumer = start_autodebit(bridge.grpc_addr, bank_url, tmp_path, idle_exit_s=3.0, after_seq=n)
         try:
             wait_until(lambda: bank_last_seq(bank_url) >= n // 6, "a sixth of the feed")

@@ -29,6 +29,7 @@ from tests.support.waiting import wait_until
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
 from yindian_common.db import make_engine
+from yindian_common.ports import stable_port
 from yindian_common.status import error_info
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -116,7 +117,7 @@ def test_kill_9_adapter_mid_flight_every_success_posted_once_and_money_adds_up(t
     money_before = money_in_mis(mis)
 
     adapter_args = ["mis_adapter", "serve", "--db", mis_db, "--metrics-port", "0", "--insecure"]
-    adapter: Proc = start("mis_adapter", [*adapter_args, "--listen", "127.0.0.1:0"], log_dir=tmp_path)
+    adapter: Proc = start("mis_adapter", [*adapter_args, "--listen", f"127.0.0.1:{stable_port()}"], log_dir=tmp_path)
     bridge = start("bridge", ["bridge", "serve", "--listen", "127.0.0.1:0", "--upstream", adapter.grpc_addr,
                               "--db", journal_db, "--bank-id", BANK, "--metrics-port", "0", "--insecure",
                               "--resolver-idle-wait-s", "0.1", "--resolver-backoff-cap-s", "1.0",
