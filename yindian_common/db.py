@@ -33,14 +33,15 @@ DB_IDLE_IN_TX_MAX_S = 120.0
 DEADLINE_MARGIN_S = 0.1
 # A transaction may sit idle between its statements this much longer than it may wait.
 IDLE_SLACK_MS = 1_000
-# Session-level bounds (SQLite, MariaDB) change only in steps of this, so that a run of
-# calls with similar deadlines sends no statement at all.
+# Session-level bounds (SQLite, MariaDB, Pay's kept PostgreSQL connections) change only in steps of
+# this, so that a run of calls with similar deadlines sends no statement at all.
 WAIT_STEP_MS = 250
 # A session keeps its bound for a call that allows at least that long and less than this many steps
 # longer (kept_wait_fits): a bound up to 2 steps (500 ms) shorter than a call allows costs little, and
 # absorbs the jitter of queueing before the call. Pays forwarded with a 5 s deadline reach mis_adapter
-# with 4.55-4.9 s left at 32 in flight on PostgreSQL (session 14): with one step, consecutive pays on a
-# kept connection straddled the 4.75 s step and 6 % of them re-sent the bound.
+# with 4.2-4.95 s left at 32 in flight on PostgreSQL (session 14, bench-ratio at load 10-14). Kept
+# connections re-sent their bound (besides each one's first call) for 0-147 of 1,800-3,400 pays a run
+# when it had to equal the call's own step, 1-6 with 2 steps, and 4 steps saved none more.
 WAIT_KEEP_STEPS = 2
 # application_name of a process's connections for a role: "<process>/<role>" (role_name).
 ROLE_SEP = "/"
