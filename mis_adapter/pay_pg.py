@@ -101,7 +101,7 @@ from sqlalchemy.exc import DBAPIError
 
 from mis_adapter.pay_plan import PaymentEffects
 from yindian_common.business_metrics import db_label, record_db_error
-from yindian_common.db import POOL_RECYCLE_S, stepped_wait_ms
+from yindian_common.db import POOL_RECYCLE_S, kept_wait_fits, stepped_wait_ms
 from yindian_common.db_errors import COMMIT_IN_DOUBT
 from yindian_common.errors import Unavailable
 
@@ -543,8 +543,9 @@ _FATAL_ERROR = psycopg.pq.ExecStatus.FATAL_ERROR
 
 # ---- one round trip on a kept connection (issue 11: no pool checkout, no BEGIN/ROLLBACK, no pipeline) ----
 # The call's session on a kept connection: generic plans for yd_pay's statements, set once when the
-# connection is opened; its lock and statement bounds are session settings, sent with a call only when
-# the call's bound (stepped down to yindian_common.db.WAIT_STEP_MS) differs from the last one sent.
+# connection is opened; its lock and statement bounds are session settings, sent with a call (stepped down
+# to yindian_common.db.WAIT_STEP_MS) only when the last one sent does not fit it (db.kept_wait_fits: longer
+# than the call allows, or WAIT_KEEP_STEPS steps or more shorter).
 KEPT_SESSION = "SELECT set_config('plan_cache_mode', 'force_generic_plan', false)"
 KEPT_CALL_NAME = b"yd_pay_kept"  # PAY_CALL's prepared name on a kept connection (psycopg's own are _pg3_*)
 KEPT_BOUNDS = "SELECT set_config('lock_timeout', $1, false), set_config('statement_timeout', $1, false)"
@@ -751,18 +752,19 @@ def kept_connections(engine: Engine) -> KeptConnections | None:
 def call_kept(kept: KeptConnection, *, cmd: Any, day: dt.date, day_key: int, now: dt.datetime, wait_ms: int,
               rates: Any) -> PayCalled | None:
     """PayTx.call on a kept connection: yd_pay alone in one implicit transaction (autocommit), committed at
-    the Sync ending its round trip; the bounds ahead of it in the same pipeline only when their step
-    changed (through psycopg's cursor), else the call straight on libpq (KeptConnection.call_prepared).
+    the Sync ending its round trip; the bounds ahead of it in the same pipeline (through psycopg's cursor)
+    only when the kept ones do not fit the call (db.kept_wait_fits), else the call straight on libpq
+    (KeptConnection.call_prepared).
     Same answers and errors as PayTx.call: None for BILL_CHANGED (rolled back, nothing written); a
     connection broken once the call is sent is in doubt (COMMIT_IN_DOUBT). The caller closes the kept
     connection after any exception and gives it back otherwise."""
     params = (cmd.account_no, cmd.bank_id, cmd.bank_serial, day, day_key, cmd.amount_fen, cmd.channel,
               cmd.outlet_code, cmd.teller_id, cmd.bank_balance_fen, now, rates.residential_ppm_per_day,
               rates.other_current_year_ppm_per_day, rates.other_earlier_years_ppm_per_day, rates.minimum_fen)
-    bound = stepped_wait_ms(wait_ms)
     try:
-        if bound == kept.bound_ms:
+        if kept_wait_fits(kept.bound_ms, wait_ms):
             return kept.call_prepared(params)
+        bound = stepped_wait_ms(wait_ms)
         kept.bound_ms = None  # unknown until the round trip succeeds (a failed one rolls the settings back)
         cur = kept.cur
         with kept.raw.pipeline():
@@ -870,19 +872,20 @@ def pay_many_params(pays: list[BatchPay], rates: Any, encoding: str) -> list[byt
 
 def call_kept_many(kept: KeptConnection, pays: list[BatchPay], *, wait_ms: int, rates: Any) -> list[PayCalled]:
     """yd_pay_many for `pays` on a kept connection, in one implicit transaction committed at the Sync ending
-    its round trip (the bounds ahead of it in the same pipeline only when their step changed, as call_kept):
+    its round trip (the bounds ahead of it in the same pipeline only when the kept ones do not fit, as
+    call_kept):
     yd_pay's answer for each pay, in the order of `pays`. Raises BatchFailed when the server rolled the call
     back (the connection answered: nothing written), Unavailable COMMIT_IN_DOUBT when the connection broke
     once the call was sent (the batch may have committed). The caller closes the kept connection after any
     exception and gives it back otherwise."""
     enc = kept.encoding
     params = pay_many_params(pays, rates, enc)
-    bound = stepped_wait_ms(wait_ms)
     raw = kept.raw
     try:
-        if bound == kept.bound_ms:
+        if kept_wait_fits(kept.bound_ms, wait_ms):
             answers = kept.call_many_prepared(params, len(pays))
         else:
+            bound = stepped_wait_ms(wait_ms)
             kept.bound_ms = None  # unknown until the round trip succeeds (a failed one rolls the settings back)
             cur = kept.cur
             with raw.pipeline():

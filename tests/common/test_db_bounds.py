@@ -50,3 +50,21 @@ def test_the_bound_follows_the_deadline_and_a_passed_deadline_does_no_work() -> 
     with pytest.raises(Unavailable) as exc:
         db_wait_bound(_Settings(), 0.05)
     assert exc.value.reason == "DEADLINE_PASSED"
+
+
+def test_a_session_keeps_its_bound_while_it_fits_the_calls_and_never_longer(url: str) -> None:
+    """Within one checkout: a call allowing up to 500 ms more keeps the session's bound (no statement
+    sent); one allowing less than it, or 500 ms more or beyond, gets its own (stepped down to 250 ms)."""
+    engine = make_engine(url, pool_size=1, wait_max_s=10)
+    dialect = engine.dialect.name
+    seen = []
+    try:
+        with engine.connect() as conn:
+            for wait_ms in (1_300, 1_600, 1_260, 1_200, 1_499, 1_500):
+                conn.begin()
+                bound_waits(conn, WaitBound(wait_ms, wait_ms + 1_000))
+                seen.append(session_bound_ms(conn, dialect))
+                conn.commit()
+    finally:
+        engine.dispose()
+    assert seen == [1_250, 1_250, 1_250, 1_000, 1_000, 1_500]

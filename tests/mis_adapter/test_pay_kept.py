@@ -286,3 +286,40 @@ def test_text_forms_equal_psycopgs_adaptation(pg_conn: psycopg.Connection[Any], 
     values = [res.get_value(0, i) for i in range(res.nfields)]
     assert tuple(pay_pg.pay_called_of_text(values[:8], "utf-8")) == typed[:8] == row[:8]
     assert typed[8] == row[8]
+
+
+def _kept_bound(engine: sa.Engine) -> tuple[int, str, str]:
+    """The one free kept connection's backend pid and its session's lock and statement bounds."""
+    kept_pool = pay_pg.kept_connections(engine)
+    assert kept_pool is not None and len(kept_pool._free) == 1
+    raw = kept_pool._free[0].raw
+    with raw.cursor() as cur:
+        lock, statement = cur.execute("SELECT current_setting('lock_timeout'), "
+                                      "current_setting('statement_timeout')").fetchone() or ("", "")
+    return raw.info.backend_pid, lock, statement
+
+
+def test_pays_whose_bounds_straddle_a_step_keep_one_bound_and_a_shorter_pay_gets_its_own(
+        books: AdapterContext) -> None:
+    """Deadlines jittering across a 250 ms step do not re-send the kept connection's bound (kept while
+    it is no longer than a pay allows and less than 500 ms shorter); a pay allowing less than the kept
+    bound waits on a held row lock only as long as its own bound allows: DB_TIMEOUT, nothing written."""
+    engine = books.router.primary
+    acct = add_account(engine, "01", 1, BILLS)
+    _pay(books, "P-1", acct, time_left_s=2.45)  # allows 2,350 ms: 2,250 sent
+    pid, lock, statement = _kept_bound(engine)
+    assert (lock, statement) == ("2250ms", "2250ms")
+    _pay(books, "P-2", acct, time_left_s=2.72)  # allows 2,620 ms (its own step 2,500): 2,250 kept
+    assert _kept_bound(engine) == (pid, "2250ms", "2250ms")
+    _pay(books, "P-3", acct, time_left_s=2.40)  # allows 2,300 ms: 2,250 kept
+    assert _kept_bound(engine) == (pid, "2250ms", "2250ms")
+    assert _paid(engine, acct) == [("P-1", 1_000), ("P-2", 1_000), ("P-3", 1_000)]
+
+    with _account_locked(engine, acct):
+        t0 = time.monotonic()
+        with pytest.raises(Unavailable) as refused:
+            _pay(books, "P-SHORT", acct, time_left_s=1.9)  # allows 1,800 ms: its own 1,750, not the kept 2,250
+        waited_s = time.monotonic() - t0
+    assert refused.value.reason == "DB_TIMEOUT"
+    assert waited_s < 2.2  # the kept 2.25 s bound would have waited past this
+    assert _paid(engine, acct) == [("P-1", 1_000), ("P-2", 1_000), ("P-3", 1_000)]
