@@ -29,8 +29,8 @@ is dropped), stepping through `--rates`; it prints the highest rate held
 `--latency-trace FILE` also writes every measured call (send time, latency, status) as CSV, to see
 stalls on a timeline. The meter's own sampling (/proc and the database's statistics) runs in a child
 process of its own (bank_sim.meter), over connections kept for the run: on the event loop it held back
-every arrival due meanwhile (a 0.1-1 s stall at the start of each PostgreSQL measurement on a busy box),
-and on a thread of this process it still did, through the GIL (57-243 ms of sampling, calls up to 240 ms late).
+every arrival due meanwhile (a 0.1-1 s stall at the start of each PostgreSQL measurement on a busy box);
+on a thread of this process calls due during a 57-243 ms sample still answered up to 240 ms late.
 
 Real processes on loopback; never kills a process it did not start; never
 imports mis_adapter or bridge (their CLIs start them)."""
