@@ -311,7 +311,9 @@ class CpuMeter:
         proc.start()
         theirs.close()
         self._conn, self._proc = mine, proc
-        self.sampler_pid = int(self._answer("ready", self.ready_timeout_s))
+        pid = self._answer("ready", self.ready_timeout_s)
+        assert isinstance(pid, int)
+        self.sampler_pid = pid
         return self
 
     def __enter__(self) -> CpuMeter:
