@@ -7,11 +7,11 @@ client process: at a PostgreSQL window's start it took 57-243 ms on a busy box a
 answered up to 240 ms late, suspected to be a GIL convoy against the client's event loop. Here the client only
 sends "start"/"stop" down a pipe and waits for the answer in a blocking poll (no GIL held); a spawned sampler
 process does the reads, so the meter holds nothing the client's loop needs and its own CPU is not counted as
-the client's. (Session 14, at load 9-22: the opening sample as the client saw it took 109-871 ms (median 475)
-from a thread and 64-727 ms (median 218) from the sampler, shorter in 9 of 9 interleaved runs; but a probe, a
+the client's. (Session 14, 13 interleaved runs at load 2-22: the opening sample as the client saw it took 42-871 ms
+(median 269) from a thread and 36-727 ms (median 87) from the sampler, shorter in 12 of 13; but a probe, a
 grpc.aio open loop at 150-200/s with the same sample taken from a thread, from the sampler or not at all,
-cycled, found the calls sent during a sample delayed alike either way: a sample costs about 5 ms of Python and
-10 ms of PostgreSQL CPU, and on a loaded 2-core box the delay follows the load.) Every wait is bounded: a
+cycled, found the calls sent during a sample delayed alike either way: a sample costs about 5 ms of Python
+and 10 ms of PostgreSQL CPU, and on a loaded 2-core box the delay follows the load.) Every wait is bounded: a
 sampler that does not answer in time fails the measurement (MeterFailed) and is killed; it dies with the
 benchmark (daemonic, and it exits when its pipe closes; it ignores Ctrl-C, which the benchmark handles by
 closing it). The benchmark's main module must be import-safe (spawn)."""
