@@ -27,9 +27,10 @@ Closed loop by default: N tasks, call after call (`--in-flight`, 32). With
 is dropped), stepping through `--rates`; it prints the highest rate held
 (nothing dropped or failed, ≥ 95 % of the rate achieved, p99 < `--p99-max-ms`).
 `--latency-trace FILE` also writes every measured call (send time, latency, status) as CSV, to see
-stalls on a timeline; the meter's own sampling runs on a thread beside the calls (on the event loop,
-its statistics reads held back every arrival due meanwhile: a 0.1-1 s stall at the start of each
-PostgreSQL measurement on a busy box) over connections kept for the run.
+stalls on a timeline. The meter's own sampling (/proc and the database's statistics) runs in a child
+process of its own (bank_sim.meter), over connections kept for the run: on the event loop it held back
+every arrival due meanwhile (a 0.1-1 s stall at the start of each PostgreSQL measurement on a busy box);
+on a thread of this process calls due during a 57-243 ms sample still answered up to 240 ms late.
 
 Real processes on loopback; never kills a process it did not start; never
 imports mis_adapter or bridge (their CLIs start them)."""
@@ -54,9 +55,10 @@ from pydantic import Field
 from rich.console import Console
 
 from bank_sim import ledger
+from bank_sim.meter import CpuGroup, CpuMeter, MeterFailed, MeterSpec
 from bank_sim.processes import ProcessFailed, ServerProcess, seed_and_start_stack, start_server
 from yindian.v1 import billing_pb2, billing_pb2_grpc
-from yindian_common.db import create_database, drop_database, normalize_url
+from yindian_common.db import create_database, drop_database
 from yindian_common.identity import BANK_ID_METADATA
 from yindian_common.server import channel_options
 from yindian_common.settings import YinDianSettings, add_settings_flags, load_settings
@@ -69,7 +71,6 @@ PAY_MAX_FEN = 30_000
 ERROR_KINDS_MAX = 16
 CONSOLE_WIDTH_MIN = 160
 HELD_SHARE_MIN = 0.95  # an open-loop step holds its rate when at least this share of it was achieved
-PG_AUX_TYPES = ("walwriter", "checkpointer", "background writer", "autovacuum launcher", "logical replication launcher")
 MARIADB_COMMS = ("mariadbd", "mysqld")
 
 
@@ -107,165 +108,6 @@ class BenchRatioSettings(YinDianSettings):
                                "stalls on a timeline; empty: off")
     latency_trace_rows_max: int = Field(2_000_000, ge=1, le=20_000_000,
                                         description="most calls --latency-trace keeps per measurement")
-
-
-# ---- CPU from /proc ----
-
-def process_cpu_s(pid: int) -> float | None:
-    """utime + stime of a process (all its threads), in seconds; None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    ticks = stat.rsplit(")", 1)[1].split()
-    return (int(ticks[11]) + int(ticks[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def pids_by_comm(names: tuple[str, ...]) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/comm", encoding="ascii", errors="replace") as f:
-                    if f.read().strip() in names:
-                        out.append(int(entry))
-            except OSError:
-                continue
-    return out
-
-
-@dataclass
-class CpuGroup:
-    """A named set of processes whose CPU is summed (the set is re-read at each sample)."""
-    name: str
-    pids: Callable[[], list[int]]
-
-
-class CpuMeter:
-    """CPU seconds per group between `start` and `stop` (processes present at both). `split`
-    (optional) names further groups found at each sample, e.g. the database backends by role;
-    their figures come back from `stop` under `split_used`. `stats` (optional): database
-    counters read at the same instants (DbStats)."""
-
-    def __init__(self, groups: list[CpuGroup], split: Callable[[], dict[str, list[int]]] | None = None,
-                 stats: DbStats | None = None) -> None:
-        self.groups = groups
-        self._split = split
-        self.stats = stats
-        self._before: dict[str, dict[int, float]] = {}
-        self._split_before: dict[str, dict[int, float]] = {}
-        self.split_used: dict[str, float] = {}
-
-    def _sample(self, groups: dict[str, list[int]]) -> dict[str, dict[int, float]]:
-        out: dict[str, dict[int, float]] = {}
-        for name, pids in groups.items():
-            values = {pid: process_cpu_s(pid) for pid in pids}
-            out[name] = {pid: v for pid, v in values.items() if v is not None}
-        return out
-
-    @staticmethod
-    def _used(before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]) -> dict[str, float]:
-        return {name: sum(after[name][pid] - v for pid, v in b.items() if pid in after.get(name, {}))
-                for name, b in before.items()}
-
-    def start(self) -> None:
-        self._before = self._sample({g.name: g.pids() for g in self.groups})
-        self._split_before = self._sample(self._split()) if self._split else {}
-        if self.stats:
-            self.stats.start()
-
-    def stop(self) -> dict[str, float]:
-        after = self._sample({g.name: g.pids() for g in self.groups})
-        if self._split:
-            self.split_used = self._used(self._split_before, self._sample(self._split()))
-        if self.stats:
-            self.stats.stop()
-        return self._used(self._before, after)
-
-
-# ---- PostgreSQL counters ----
-
-PG_DB_COUNTERS = ("xact_commit", "xact_rollback", "tup_inserted", "tup_updated", "tup_deleted", "blks_read",
-                  "blks_hit")
-# n_dead_tup is a level, not a count: its change is the dead row versions left behind (pruning and
-# vacuum not keeping up); every index lookup of such a row walks past them.
-PG_TABLE_COUNTERS = ("n_tup_ins", "n_tup_upd", "n_tup_hot_upd", "n_tup_del", "seq_scan", "idx_scan", "n_dead_tup",
-                     "heap_blks_hit", "idx_blks_hit")
-PG_TABLE_STATS = ("SELECT s.relname, s.n_tup_ins, s.n_tup_upd, s.n_tup_hot_upd, s.n_tup_del, s.seq_scan, "
-                  "coalesce(s.idx_scan, 0), s.n_dead_tup, coalesce(io.heap_blks_hit, 0), "
-                  "coalesce(io.idx_blks_hit, 0), (SELECT count(*) FROM pg_index i WHERE i.indrelid = s.relid) "
-                  "FROM pg_stat_user_tables s JOIN pg_statio_user_tables io ON io.relid = s.relid")
-PG_WAL_STATS = ("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint, w.wal_records, w.wal_fpi "
-                "FROM pg_stat_wal w")
-
-
-METER_APP = "bench-ratio"  # application_name of the benchmark's own statistics reads
-
-
-def meter_engine(url: sa.URL | str) -> sa.Engine:
-    """The benchmark's own statistics reads: one connection kept open for the run (a new backend per
-    sample, as NullPool made, cost the measured server a fork and its catalog loads at every window's
-    edges and took 0.1-1 s on a busy box); named METER_APP, which the backends' CPU leaves out."""
-    return sa.create_engine(normalize_url(str(url)) if isinstance(url, str) else url, pool_size=1, max_overflow=0,
-                            pool_timeout=30, connect_args={"application_name": METER_APP})
-
-
-class DbStats:
-    """PostgreSQL's own counters over a measurement: per database (label → database name)
-    pg_stat_database (transactions committed/rolled back, rows inserted/updated/deleted,
-    blocks), pg_stat_user_tables per table (rows, HOT updates, scans, with the table's index
-    count), and the WAL the whole server wrote (insert position; pg_stat_wal's records and
-    full-page images). Backends report table and transaction counts when a transaction
-    ends, at most about once a second, so a 10 s window is good to a few per cent; the
-    WAL figure includes whatever else runs on the server."""
-
-    def __init__(self, admin_url: str, databases: dict[str, str]) -> None:
-        admin = sa.make_url(normalize_url(admin_url))
-        self._admin = meter_engine(admin)
-        self._dbs = {label: meter_engine(admin.set(database=name)) for label, name in databases.items()}
-        self._before: dict[str, dict[str, float]] = {}
-        self.delta: dict[str, dict[str, float]] = {}
-        self.indexes: dict[str, int] = {}  # "label.table" → indexes on it
-
-    def _sample(self) -> dict[str, dict[str, float]]:
-        out: dict[str, dict[str, float]] = {}
-        for label, engine in self._dbs.items():
-            with engine.connect() as conn:
-                row = conn.execute(sa.text(f"SELECT {', '.join(PG_DB_COUNTERS)} FROM pg_stat_database "
-                                           "WHERE datname = current_database()")).one()
-                out[label] = {k: float(v) for k, v in zip(PG_DB_COUNTERS, row, strict=True)}
-                for r in conn.execute(sa.text(PG_TABLE_STATS)):
-                    key = f"{label}.{r[0]}"
-                    out[key] = {k: float(v) for k, v in zip(PG_TABLE_COUNTERS, r[1:10], strict=True)}
-                    self.indexes[key] = int(r[10])
-        with self._admin.connect() as conn:
-            wal = conn.execute(sa.text(PG_WAL_STATS)).one()
-        out["wal"] = {"bytes": float(wal[0]), "records": float(wal[1]), "fpi": float(wal[2])}
-        return out
-
-    def start(self) -> None:
-        self._before = self._sample()
-
-    def stop(self) -> None:
-        after = self._sample()
-        self.delta = {key: {k: after[key][k] - v for k, v in before.items()}
-                      for key, before in self._before.items() if key in after}
-
-    def per_call(self, calls: int) -> dict[str, dict[str, float]]:
-        """Each counter's change ÷ calls; tables that did not change are left out."""
-        out: dict[str, dict[str, float]] = {}
-        for key, d in self.delta.items():
-            if "." in key and not any(d.values()):
-                continue
-            out[key] = {k: round(v / calls, 3) for k, v in d.items()}
-            if key in self.indexes:
-                out[key]["indexes"] = self.indexes[key]
-        return out
-
-    def dispose(self) -> None:
-        for engine in (self._admin, *self._dbs.values()):
-            engine.dispose()
 
 
 # ---- drivers ----
@@ -385,8 +227,8 @@ async def open_loop(stub: billing_pb2_grpc.BillingServiceStub, make: PayFactory,
             break
         now = time.perf_counter()
         if opening is None and now >= window.start:
-            # The meter reads /proc and the database's statistics (new connections, tens to hundreds
-            # of ms on a busy box): on a thread, so that the arrivals due meanwhile leave on time.
+            # The meter's sampler process reads /proc and the database's statistics (tens to hundreds of ms
+            # on a busy box); this thread only waits for its answer, so the arrivals due meanwhile leave on time.
             opening = asyncio.create_task(asyncio.to_thread(on_window, True))
         if intended > now:
             await asyncio.sleep(intended - now)
@@ -410,7 +252,8 @@ def write_trace(path: Path, what: str, rate: float | None, window: Window) -> No
     """Append one measurement's calls to the CSV trace, in send order: measurement, offered rate
     ('' in the closed loop), send time in s since the window opened, latency in ms, status ('' = OK;
     'meter-start'/'meter-stop' = the benchmark's own CPU and statistics sampling, its start and
-    duration; it runs on a thread beside the calls). A header line names the wall-clock
+    duration as the client saw it: a request to the meter's sampler process and its answer, awaited on a
+    thread beside the calls). A header line names the wall-clock
     instant the window opened, to line the trace up with server logs."""
     new = not path.exists()
     with path.open("a", encoding="utf-8") as f:
@@ -451,9 +294,9 @@ def measure(what: str, target: str, bank_id: str, make: PayFactory, settings: Be
         write_trace(Path(settings.latency_trace), what, rate, window)
     calls = window.counted
     per = {name: round(s * 1000 / calls, 3) for name, s in cpu.items()} if calls else {}
-    roles = ({name: round(s * 1000 / calls, 3) for name, s in sorted(meter.split_used.items(), key=lambda x: -x[1])}
-             if calls else {})
-    db = meter.stats.per_call(calls) if calls and meter.stats else {}
+    roles = ({name: round(s * 1000 / calls, 3)
+              for name, s in sorted(meter.reading.role_cpu_s.items(), key=lambda x: -x[1])} if calls else {})
+    db = meter.reading.db_per_call(calls) if calls else {}
     return Measured(what, "closed" if rate is None else "open", rate, calls, round(calls / settings.duration_s, 1),
                     window.hist.get_value_at_percentile(50) / 1000, window.hist.get_value_at_percentile(99) / 1000,
                     window.dropped, window.errors, per, os.getloadavg(), roles, db)
@@ -482,55 +325,21 @@ def make_backend(name: str, work: Path, settings: BenchRatioSettings) -> Backend
                    [mis_name, bridge_name])
 
 
-def database_groups(backend: Backend, engine: sa.Engine | None) -> list[CpuGroup]:
-    """The database server's processes that serve the benchmark (none for SQLite: it runs in the servers).
-    `engine`: the admin database's meter_engine (PostgreSQL)."""
+def pay_meter_spec(backend: Backend, client: int, bridge: int, mis: int) -> MeterSpec:
+    """The pays' meter: client, bridge and mis_adapter, and the database server's processes that serve the
+    benchmark (none for SQLite: it runs in the servers). PostgreSQL: the backends serving the benchmark's
+    two databases (found in pg_stat_activity), the shared background processes apart, the backends by
+    '<database>:<application_name>' ('mis:mis_adapter', 'bridge:bridge/journal-writer', ...; the servers
+    name each pool by role, yindian_common.db.role_name), and the databases' counters (DbStats)."""
+    groups = [CpuGroup("client", (client,)), CpuGroup("bridge", (bridge,)), CpuGroup("mis_adapter", (mis,))]
     if backend.name == "postgresql":
-        assert engine is not None
-
-        def pg_pids(client: bool) -> list[int]:
-            with engine.connect() as conn:
-                if client:
-                    rows = conn.execute(sa.text("SELECT pid FROM pg_stat_activity WHERE datname = ANY(:d) "
-                                                "AND application_name <> :me"), {"d": backend.dropped, "me": METER_APP})
-                else:
-                    rows = conn.execute(sa.text("SELECT pid FROM pg_stat_activity WHERE backend_type = ANY(:t)"),
-                                        {"t": list(PG_AUX_TYPES)})
-                return [int(r[0]) for r in rows]
-
-        return [CpuGroup("postgres backends", lambda: pg_pids(True)),
-                CpuGroup("postgres shared (walwriter, checkpointer, ...)", lambda: pg_pids(False))]
+        return MeterSpec((*groups, CpuGroup("postgres backends", pg="backends"),
+                          CpuGroup("postgres shared (walwriter, checkpointer, ...)", pg="aux")),
+                         backend.admin_url, tuple(zip(("mis", "bridge"), backend.dropped, strict=True)),
+                         roles=True, stats=True)
     if backend.name == "mariadb":
-        return [CpuGroup("mariadb (whole server)", lambda: pids_by_comm(MARIADB_COMMS))]
-    return []
-
-
-def database_roles(backend: Backend, engine: sa.Engine | None) -> Callable[[], dict[str, list[int]]] | None:
-    """PostgreSQL: the benchmark's backends grouped as '<database>:<application_name>' ('mis:mis_adapter',
-    'bridge:bridge/journal-writer', ...; the servers name each pool by role, yindian_common.db.role_name).
-    A backend that lives less than a measurement (a health probe's connection) is not counted."""
-    if backend.name != "postgresql":
-        return None
-    assert engine is not None
-    labels = dict(zip(backend.dropped, ("mis", "bridge"), strict=True))
-
-    def roles() -> dict[str, list[int]]:
-        out: dict[str, list[int]] = {}
-        with engine.connect() as conn:
-            rows = conn.execute(sa.text("SELECT pid, datname, application_name FROM pg_stat_activity "
-                                        "WHERE datname = ANY(:d) AND application_name <> :me"),
-                                {"d": backend.dropped, "me": METER_APP})
-            for pid, datname, app in rows:
-                out.setdefault(f"{labels[datname]}:{app or '(unnamed)'}", []).append(int(pid))
-        return out
-
-    return roles
-
-
-def database_stats(backend: Backend) -> DbStats | None:
-    if backend.name != "postgresql":
-        return None
-    return DbStats(backend.admin_url, dict(zip(("mis", "bridge"), backend.dropped, strict=True)))
+        return MeterSpec((*groups, CpuGroup("mariadb (whole server)", comm=MARIADB_COMMS)))
+    return MeterSpec(tuple(groups))
 
 
 def start_echo(work: Path, settings: BenchRatioSettings, servers: list[ServerProcess]) -> ServerProcess:
@@ -632,8 +441,7 @@ def bench_backend(name: str, settings: BenchRatioSettings, root: Path, proxy: Se
         return {}
     servers: list[ServerProcess] = []
     out: dict[str, object] = {}
-    stats: DbStats | None = None
-    admin_meter = meter_engine(backend.admin_url) if backend.name == "postgresql" else None
+    meters: list[CpuMeter] = []
     try:
         roster, mis, bridge = seed_and_start_stack(
             work, mis_db=backend.mis_db, bridge_db=backend.bridge_db, accounts=settings.accounts,
@@ -643,12 +451,11 @@ def bench_backend(name: str, settings: BenchRatioSettings, root: Path, proxy: Se
         accounts = ledger.read_roster(roster)
         make = PayFactory(accounts)
         me = os.getpid()
-        echo_meter = CpuMeter([CpuGroup("client", lambda: [me]), CpuGroup("proxy", lambda: [proxy.popen.pid]),
-                               CpuGroup("echo", lambda: [echo.popen.pid])])
-        stats = database_stats(backend)
-        pay_meter = CpuMeter([CpuGroup("client", lambda: [me]), CpuGroup("bridge", lambda: [bridge.popen.pid]),
-                              CpuGroup("mis_adapter", lambda: [mis.popen.pid]), *database_groups(backend, admin_meter)],
-                             split=database_roles(backend, admin_meter), stats=stats)
+        echo_meter = CpuMeter(MeterSpec((CpuGroup("client", (me,)), CpuGroup("proxy", (proxy.popen.pid,)),
+                                         CpuGroup("echo", (echo.popen.pid,)))))
+        meters.append(echo_meter.open())
+        pay_meter = CpuMeter(pay_meter_spec(backend, me, bridge.popen.pid, mis.popen.pid))
+        meters.append(pay_meter.open())
         console.print(f"[bold]{name}[/bold]: {settings.accounts:,} households, {len(accounts):,} paying accounts")
         echo_steps = run_mode("echo (2 hops)", proxy.grpc_addr, make, settings, echo_meter, console)
         pay_steps = run_mode(f"pay {name}", bridge.grpc_addr, make, settings, pay_meter, console)
@@ -656,19 +463,17 @@ def bench_backend(name: str, settings: BenchRatioSettings, root: Path, proxy: Se
         console.print(f"[bold]{line}[/bold]")
         out = {"backend": name, "echo": [asdict(m) for m in echo_steps], "pay": [asdict(m) for m in pay_steps],
                "summary": line}
-    except ProcessFailed as exc:
+    except (ProcessFailed, MeterFailed) as exc:
         console.print(f"[red]{name}: {exc}[/red]")
         failed.append(name)
     finally:
+        for meter in meters:  # its statistics connections closed before the databases are dropped
+            meter.close()
         for proc in reversed(servers):
             try:
                 proc.stop(settings.stop_timeout_s)
             except ProcessFailed as exc:
                 console.print(f"[red]{exc}[/red]")
-        if stats is not None:
-            stats.dispose()
-        if admin_meter is not None:
-            admin_meter.dispose()
         for db_name in backend.dropped:
             drop_database(backend.admin_url, db_name)
     return out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -14,8 +16,6 @@ import pytest
 
 from bank_sim.bench_ratio import (
     BenchRatioSettings,
-    CpuGroup,
-    CpuMeter,
     Measured,
     PayFactory,
     Window,
@@ -23,6 +23,7 @@ from bank_sim.bench_ratio import (
     open_loop,
     write_trace,
 )
+from bank_sim.meter import CpuGroup, CpuMeter, MeterFailed, MeterSpec
 from tests.support.databases import admin_url
 from tests.support.procs import REPO
 
@@ -44,13 +45,69 @@ def test_a_rate_is_held_only_when_achieved_without_drops_errors_or_a_slow_p99() 
 def test_cpu_meter_counts_only_what_a_process_used_inside_the_window() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
-        meter = CpuMeter([CpuGroup("child", lambda: [child.pid])])
-        meter.start()
-        used = meter.stop()
+        with CpuMeter(MeterSpec((CpuGroup("child", (child.pid,)),))) as meter:
+            meter.start()
+            used = meter.stop()
         assert 0.0 <= used["child"] < 0.05  # idle, blocked on stdin
     finally:
         child.kill()
         child.wait(10)
+
+
+BURN = """
+import sys, time
+print("ready", flush=True)
+sys.stdin.readline()
+t = time.process_time()
+while time.process_time() - t < 0.3:
+    pass
+print("done", flush=True)
+sys.stdin.read()
+"""
+
+
+def _burn_cpu_s(seconds: float) -> None:
+    t = time.process_time()
+    while time.process_time() - t < seconds:
+        pass
+
+
+def test_the_meter_samples_from_a_process_of_its_own_and_counts_what_each_process_burned() -> None:
+    """A meter sampling on a thread of the benchmark's process held the GIL against the client's event loop
+    (57-243 ms at a PostgreSQL window's start: the calls due meanwhile answered up to 240 ms late). The
+    sampler is another process, reading this process's CPU from /proc like any other's: a child that burns
+    0.3 s of CPU and this process burning 0.2 s inside the window come out as such."""
+    child = subprocess.Popen([sys.executable, "-c", BURN], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        with CpuMeter(MeterSpec((CpuGroup("client", (os.getpid(),)), CpuGroup("child", (child.pid,))))) as meter:
+            assert meter.sampler_pid is not None and meter.sampler_pid not in (os.getpid(), child.pid)
+            assert Path(f"/proc/{meter.sampler_pid}").exists()
+            meter.start()
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            _burn_cpu_s(0.2)
+            assert child.stdout.readline().strip() == "done"
+            used = meter.stop()
+            sampler = meter.sampler_pid
+        assert 0.28 <= used["child"] < 0.4, used
+        assert 0.18 <= used["client"] < 0.5, used
+        assert not Path(f"/proc/{sampler}").exists() or Path(f"/proc/{sampler}/stat").read_text().split()[2] == "Z"
+    finally:
+        child.kill()
+        child.wait(10)
+
+
+def test_a_sampler_that_does_not_answer_fails_the_measurement_within_its_bound_and_is_killed() -> None:
+    with CpuMeter(MeterSpec((CpuGroup("client", (os.getpid(),)),)), answer_timeout_s=0.5) as meter:
+        assert meter.sampler_pid is not None
+        os.kill(meter.sampler_pid, signal.SIGSTOP)  # alive, never answering
+        with pytest.raises(MeterFailed, match="did not answer 'start' within 0.5 s"):
+            meter.start()
+        with pytest.raises(MeterFailed, match="not running"):
+            meter.stop()
+        assert meter._proc is not None and not meter._proc.is_alive()
 
 
 def test_one_short_run_prints_the_ratio_and_cpu_of_every_process(tmp_path: Path) -> None:
