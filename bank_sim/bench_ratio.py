@@ -44,7 +44,7 @@ import random
 import secrets
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -70,6 +70,7 @@ PAY_MIN_FEN = 1_000
 PAY_MAX_FEN = 30_000
 ERROR_KINDS_MAX = 16
 CONSOLE_WIDTH_MIN = 160
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a command Ctrl-C ended
 HELD_SHARE_MIN = 0.95  # an open-loop step holds its rate when at least this share of it was achieved
 MARIADB_COMMS = ("mariadbd", "mysqld")
 
@@ -396,17 +397,30 @@ def fmt_db(per: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
+def still_serving(servers: Sequence[ServerProcess], what: str) -> None:
+    """Raises ProcessFailed if a server the measurement called through has exited: its figures measure the
+    failure (every call answered UNAVAILABLE at once), not the path, and are not printed."""
+    for proc in servers:
+        code = proc.popen.poll()
+        if code is not None:
+            raise ProcessFailed(f"{proc.name} exited (code {code}) during the {what} measurement: no figures; "
+                                f"its log: {proc.log_path}")
+
+
 def run_mode(what: str, target: str, make: PayFactory, settings: BenchRatioSettings, meter: CpuMeter,
-             console: Console) -> list[Measured]:
-    """Closed loop: one measurement. Open loop: the stepped rates, until unheld twice in a row."""
+             console: Console, servers: Sequence[ServerProcess]) -> list[Measured]:
+    """Closed loop: one measurement. Open loop: the stepped rates, until unheld twice in a row. Each
+    measurement's figures are printed only if every server in `servers` outlived it."""
     if not settings.open_loop:
         m = measure(what, target, settings.bank_id, make, settings, meter)
+        still_serving(servers, what)
         console.print(fmt(m))
         return [m]
     steps: list[Measured] = []
     unheld = 0
     for rate in (float(x) for x in settings.rates.split(",") if x.strip()):
         m = measure(what, target, settings.bank_id, make, settings, meter, rate)
+        still_serving(servers, what)
         console.print(fmt(m) + ("" if m.held and m.p99_ms < settings.p99_max_ms else "  (not held)"))
         steps.append(m)
         unheld = 0 if m.held and m.p99_ms < settings.p99_max_ms else unheld + 1
@@ -457,8 +471,8 @@ def bench_backend(name: str, settings: BenchRatioSettings, root: Path, proxy: Se
         pay_meter = CpuMeter(pay_meter_spec(backend, me, bridge.popen.pid, mis.popen.pid))
         meters.append(pay_meter.open())
         console.print(f"[bold]{name}[/bold]: {settings.accounts:,} households, {len(accounts):,} paying accounts")
-        echo_steps = run_mode("echo (2 hops)", proxy.grpc_addr, make, settings, echo_meter, console)
-        pay_steps = run_mode(f"pay {name}", bridge.grpc_addr, make, settings, pay_meter, console)
+        echo_steps = run_mode("echo (2 hops)", proxy.grpc_addr, make, settings, echo_meter, console, (proxy, echo))
+        pay_steps = run_mode(f"pay {name}", bridge.grpc_addr, make, settings, pay_meter, console, servers)
         line = summary(name, echo_steps, pay_steps, settings)
         console.print(f"[bold]{line}[/bold]")
         out = {"backend": name, "echo": [asdict(m) for m in echo_steps], "pay": [asdict(m) for m in pay_steps],
@@ -507,6 +521,11 @@ def main(argv: list[str]) -> int:
     except ProcessFailed as exc:
         console.print(f"[red]{exc}[/red]")
         failed.append("echo")
+    except KeyboardInterrupt:
+        # The servers were stopped and the databases dropped on the way out (bench_backend's finally);
+        # nothing measured is printed: a window cut short has no figures.
+        console.print("[red]interrupted: no figures[/red]")
+        return INTERRUPTED_EXIT
     finally:
         for proc in reversed(echo_servers):
             try:

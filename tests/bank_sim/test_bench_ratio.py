@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -127,6 +128,86 @@ def test_one_short_run_prints_the_ratio_and_cpu_of_every_process(tmp_path: Path)
     assert set(pay["cpu_ms_per_call"]) == {"client", "bridge", "mis_adapter"}
     assert all(v > 0 for v in pay["cpu_ms_per_call"].values())
     assert len(pay["load_average"]) == 3
+
+
+def _session_processes(sid: int, *, with_pids: bool = False) -> list[Any]:
+    """The command lines (with_pids: (pid, command line)) of the processes alive in session `sid` (the
+    benchmark's and its servers')."""
+    alive: list[Any] = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == sid and ") Z " not in (entry / "stat").read_text():
+                    cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    alive.append((entry.name, cmd) if with_pids else cmd)
+            except (ProcessLookupError, FileNotFoundError, PermissionError):
+                continue
+    return alive
+
+
+def test_ctrl_c_stops_the_run_at_once_with_no_figures_and_leaves_no_process(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the process group) during a measurement: the benchmark stops within seconds, says so,
+    exits 130 (it used to end on a KeyboardInterrupt traceback), prints no ratio, and every server it started is
+    gone."""
+    bench = subprocess.Popen([sys.executable, "-m", "bank_sim", "bench-ratio", "--backends", "sqlite", "--accounts",
+                              "200", "--in-flight", "4", "--duration-s", "120", "--warmup-s", "0.5",
+                              "--work-dir", str(tmp_path / "work")],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    assert bench.stdout is not None
+    lines: list[str] = []
+    try:
+        for line in bench.stdout:  # bounded by the test's timeout
+            lines.append(line)
+            if "paying accounts" in line:  # the stack is up; the echo's measurement begins
+                break
+        assert any("paying accounts" in x for x in lines), "".join(lines)
+        interrupted = time.monotonic()
+        os.killpg(bench.pid, signal.SIGINT)
+        rest, _ = bench.communicate(timeout=60)
+        took = time.monotonic() - interrupted
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.wait(10)
+    out = "".join(lines) + rest
+    assert bench.returncode == 130, out
+    assert took < 30, f"stopped {took:.1f} s after Ctrl-C, in a 120 s window\n{out}"
+    assert "interrupted: no figures" in out and "ratio pay/echo" not in out, out
+    # Its helpers (multiprocessing's resource tracker, the meter's sampler) end as their pipes close behind it.
+    gone_by = time.monotonic() + 10
+    while (alive := _session_processes(bench.pid)) and time.monotonic() < gone_by:
+        time.sleep(0.1)
+    assert alive == [], out
+
+
+def test_a_server_dying_during_a_measurement_fails_the_run_with_no_figures(tmp_path: Path) -> None:
+    """The bridge killed during the pay measurement: every call after answers UNAVAILABLE at once, which used to be
+    printed as that back end's pays/s and ratio. Now the back end fails, naming the server, and no ratio is printed."""
+    bench = subprocess.Popen([sys.executable, "-m", "bank_sim", "bench-ratio", "--backends", "sqlite", "--accounts",
+                              "200", "--in-flight", "4", "--duration-s", "4", "--warmup-s", "0.5",
+                              "--work-dir", str(tmp_path / "work")],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    assert bench.stdout is not None
+    lines: list[str] = []
+    try:
+        for line in bench.stdout:  # bounded by the test's timeout
+            lines.append(line)
+            if line.startswith("echo (2 hops)"):  # the pay measurement begins
+                break
+        (bridge,) = [int(pid) for pid, cmd in _session_processes(bench.pid, with_pids=True)
+                     if " -m bridge serve" in cmd]
+        os.kill(bridge, signal.SIGKILL)
+        rest, _ = bench.communicate(timeout=120)
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.wait(10)
+    out = "".join(lines) + rest
+    assert bench.returncode == 1, out
+    assert "bridge exited (code -9) during the pay sqlite measurement" in out, out
+    assert "ratio pay/echo" not in out and "failed: sqlite" in out, out
 
 
 def test_on_postgresql_it_breaks_the_database_work_down_by_role_and_table(tmp_path: Path) -> None:
