@@ -22,7 +22,6 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
-from psycopg import generators
 from sqlalchemy.exc import DBAPIError
 
 from bridge.journal.records import Entry, Outcome
@@ -33,6 +32,7 @@ _COMMAND_OK = psycopg.pq.ExecStatus.COMMAND_OK
 _FATAL_ERROR = psycopg.pq.ExecStatus.FATAL_ERROR
 _IDLE = psycopg.pq.TransactionStatus.IDLE
 _UNKNOWN = psycopg.pq.TransactionStatus.UNKNOWN
+_BAD = psycopg.pq.ConnStatus.BAD
 # The three statements' prepared names on a connection (psycopg's own are _pg3_*), and the key under which a
 # pooled connection's record notes that they are prepared on it and its encoding (SQLAlchemy clears a record's
 # info when its DBAPI connection is replaced, so a new connection prepares them again).
@@ -155,7 +155,10 @@ class PgBatch:
 
     def _run(self, conn: sa.Connection, name: bytes, params: list[bytes], status: Any) -> Any:
         """The prepared statement `name` with `params` (text form) on `conn`'s psycopg connection, prepared
-        first if this connection has not prepared it yet; its one result, or psycopg's error raised."""
+        first if this connection has not prepared it yet; its one result, or psycopg's error raised.
+        Each is one blocking libpq call (PQexecPrepared) during which the interpreter lock is released once:
+        psycopg's non-blocking wait (send, poll, read, is-busy) releases and takes it back several times a
+        statement, and in the bridge, with its many threads, each taking back can wait its turn."""
         raw: Any = conn.connection.driver_connection  # a psycopg connection: this module is PostgreSQL's
         pgconn = raw.pgconn
         status_now = pgconn.transaction_status
@@ -166,21 +169,24 @@ class PgBatch:
             raise psycopg.ProgrammingError(f"a journal group commit needs an idle connection, not "
                                            f"{psycopg.pq.TransactionStatus(status_now).name}")
         info = conn.connection.info
-        if _PREPARED_INFO not in info:
+        encoding = info.get(_PREPARED_INFO)
+        if encoding is None:
+            encoding = raw.info.encoding
             for prep_name, text in self._prepare:
-                pgconn.send_prepare(prep_name, text)
-                _one_result(raw.wait(generators.execute(pgconn)), _COMMAND_OK, raw.info.encoding)
-            info[_PREPARED_INFO] = raw.info.encoding
-        pgconn.send_query_prepared(name, params)
-        return _one_result(raw.wait(generators.execute(pgconn)), status, info[_PREPARED_INFO])
+                _checked(pgconn, pgconn.prepare(prep_name, text), _COMMAND_OK, encoding)
+            info[_PREPARED_INFO] = encoding
+        return _checked(pgconn, pgconn.exec_prepared(name, params), status, encoding)
 
 
-def _one_result(results: list[Any], status: Any, encoding: str) -> Any:
-    """A statement's one result, or its error raised as psycopg's cursor would raise it."""
-    for res in results:
-        if res.status == _FATAL_ERROR:
-            raise psycopg.errors.error_from_result(res, encoding=encoding)
-    if len(results) != 1 or results[0].status != status:
-        raise psycopg.errors.InternalError(f"unexpected answer to a journal group commit: "
-                                           f"{[r.status for r in results]}")
-    return results[0]
+def _checked(pgconn: Any, res: Any, status: Any, encoding: str) -> Any:
+    """`res` if its status is `status`, else its error raised as psycopg's cursor would raise it: a server
+    error as its class by SQLSTATE; a connection lost without one (libpq's "server closed the connection
+    unexpectedly") as OperationalError."""
+    if res.status == _FATAL_ERROR:
+        err = psycopg.errors.error_from_result(res, encoding=encoding)
+        if pgconn.status == _BAD and not isinstance(err, psycopg.OperationalError):
+            raise psycopg.OperationalError(str(err)) from err
+        raise err
+    if res.status != status:
+        raise psycopg.errors.InternalError(f"unexpected answer to a journal group commit: {res.status}")
+    return res

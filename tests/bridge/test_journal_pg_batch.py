@@ -163,3 +163,33 @@ def test_a_batch_cut_by_a_terminated_backend_is_written_once_on_the_next_connect
         assert got is not None and got.state == jn.POSTED and got.body == e.serial.encode()
         assert [a["state"] for a in reader.audit_lines(*e.key)] == [jn.POSTED]
     assert len(claims) == 3, "the outcomes' claims are released once durable; the new rows' are their callers'"
+
+
+def test_a_group_commit_on_a_connection_whose_backend_is_gone_is_an_operational_error(
+        pg: sa.Engine, other: sa.Engine) -> None:
+    """The writer's backend is terminated while idle: its next group commit fails as a lost connection
+    (SQLAlchemy's OperationalError, as psycopg's cursor reported it), and so does any after it on that
+    connection, and nothing of them is written."""
+    j = Journal(pg)
+    conn = j.open_writer_connection()
+    try:
+        assert j.write([pay("G1")], [], conn) == {(jn.PAY, "G1")}
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        conn.commit()
+        alive = sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p")
+        with other.connect() as c:
+            c.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+            deadline = time.monotonic() + WAIT_S
+            while c.execute(alive, {"p": pid}).scalar_one():
+                assert time.monotonic() < deadline, "the backend never ended"
+                c.rollback()
+        for serial in ("G2", "G3"):
+            with pytest.raises(sa.exc.OperationalError):
+                j.write([pay(serial)], [posted("G1")], conn)
+    finally:
+        conn.invalidate()
+        conn.close()
+    reader = Journal(other)
+    assert reader.get(jn.PAY, "G2") is None and reader.get(jn.PAY, "G3") is None
+    got = reader.get(jn.PAY, "G1")
+    assert got is not None and got.state == jn.PENDING and reader.audit_lines(jn.PAY, "G1") == []
