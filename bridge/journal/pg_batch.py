@@ -5,8 +5,9 @@ row updates) and their audit lines go in one round trip, each part as one
 JSON parameter, in a statement whose text never changes, prepared once per
 connection and sent straight on libpq (BASELINES.md: one statement instead
 of several gives 2.2-2.3x; SQLAlchemy's per-row parameter processing is the
-biggest Python cost of a journal write). The column list is the schema's (bridge.journal.schema),
-so a column added there is carried here without editing this module.
+biggest Python cost of a journal write). The column list is the schema's
+(bridge.journal.schema), so a column added there is carried here without
+editing this module.
 
 Used only when a batch has at most one outcome per row and no outcome for a
 row inserted in the same batch (data-modifying CTEs share one snapshot); the
@@ -54,9 +55,9 @@ def _json_value(value: Any) -> Any:
 class PgBatch:
     """The three statement texts (rows, outcomes, both), built once. Each batch is
     one JSON parameter per part, read back with the journal table's own row type
-    (json_populate_recordset), so the column list is the schema's and psycopg
-    dumps one string instead of an array per column (its list dumpers scan every
-    list twice to pick a type: the biggest cost of an array-per-column batch)."""
+    (json_populate_recordset), so the column list is the schema's and one text
+    parameter goes instead of an array per column (psycopg's list dumpers scanned
+    every list twice to pick a type: the biggest cost of an array-per-column batch)."""
 
     def __init__(self) -> None:
         cols = [c.name for c in requests.columns]
