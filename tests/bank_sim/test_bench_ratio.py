@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -145,12 +146,13 @@ def _session_processes(sid: int, *, with_pids: bool = False) -> list[Any]:
     return alive
 
 
-def test_ctrl_c_stops_the_run_at_once_with_no_figures_and_leaves_no_process(tmp_path: Path) -> None:
-    """Ctrl-C (SIGINT to the process group) during a measurement: the benchmark stops within seconds, says so,
-    exits 130 (it used to end on a KeyboardInterrupt traceback), prints no ratio, and every server it started is
-    gone."""
+def _run_bench_until(tmp_path: Path, duration_s: float, marker: str, act: Callable[[int], None]
+                     ) -> tuple[int, int, str, float]:
+    """bench-ratio on SQLite in a session of its own; at the first output line starting with `marker`, `act(its
+    pid)`; then its pid (its session's id), exit code, all it printed, and the seconds from `act` to its exit
+    (killed if it outlives the test's bounds)."""
     bench = subprocess.Popen([sys.executable, "-m", "bank_sim", "bench-ratio", "--backends", "sqlite", "--accounts",
-                              "200", "--in-flight", "4", "--duration-s", "120", "--warmup-s", "0.5",
+                              "200", "--in-flight", "4", "--duration-s", str(duration_s), "--warmup-s", "0.5",
                               "--work-dir", str(tmp_path / "work")],
                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
@@ -159,24 +161,31 @@ def test_ctrl_c_stops_the_run_at_once_with_no_figures_and_leaves_no_process(tmp_
     try:
         for line in bench.stdout:  # bounded by the test's timeout
             lines.append(line)
-            if "paying accounts" in line:  # the stack is up; the echo's measurement begins
+            if line.startswith(marker):
                 break
-        assert any("paying accounts" in x for x in lines), "".join(lines)
-        interrupted = time.monotonic()
-        os.killpg(bench.pid, signal.SIGINT)
-        rest, _ = bench.communicate(timeout=60)
-        took = time.monotonic() - interrupted
+        assert lines and lines[-1].startswith(marker), "".join(lines)
+        acted = time.monotonic()
+        act(bench.pid)
+        rest, _ = bench.communicate(timeout=120)
+        return bench.pid, bench.returncode, "".join(lines) + rest, time.monotonic() - acted
     finally:
         if bench.poll() is None:
             os.killpg(bench.pid, signal.SIGKILL)
             bench.wait(10)
-    out = "".join(lines) + rest
-    assert bench.returncode == 130, out
+
+
+def test_ctrl_c_stops_the_run_at_once_with_no_figures_and_leaves_no_process(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the process group) during a measurement: the benchmark stops within seconds, says so,
+    exits 130 (it used to end on a KeyboardInterrupt traceback), prints no ratio, and every server it started is
+    gone."""
+    # "<backend>: N households, M paying accounts": the stack is up, the echo's 120 s measurement begins
+    session, code, out, took = _run_bench_until(tmp_path, 120, "sqlite:", lambda pid: os.killpg(pid, signal.SIGINT))
+    assert code == 130, out
     assert took < 30, f"stopped {took:.1f} s after Ctrl-C, in a 120 s window\n{out}"
     assert "interrupted: no figures" in out and "ratio pay/echo" not in out, out
     # Its helpers (multiprocessing's resource tracker, the meter's sampler) end as their pipes close behind it.
     gone_by = time.monotonic() + 10
-    while (alive := _session_processes(bench.pid)) and time.monotonic() < gone_by:
+    while (alive := _session_processes(session)) and time.monotonic() < gone_by:
         time.sleep(0.1)
     assert alive == [], out
 
@@ -184,28 +193,12 @@ def test_ctrl_c_stops_the_run_at_once_with_no_figures_and_leaves_no_process(tmp_
 def test_a_server_dying_during_a_measurement_fails_the_run_with_no_figures(tmp_path: Path) -> None:
     """The bridge killed during the pay measurement: every call after answers UNAVAILABLE at once, which used to be
     printed as that back end's pays/s and ratio. Now the back end fails, naming the server, and no ratio is printed."""
-    bench = subprocess.Popen([sys.executable, "-m", "bank_sim", "bench-ratio", "--backends", "sqlite", "--accounts",
-                              "200", "--in-flight", "4", "--duration-s", "4", "--warmup-s", "0.5",
-                              "--work-dir", str(tmp_path / "work")],
-                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
-    assert bench.stdout is not None
-    lines: list[str] = []
-    try:
-        for line in bench.stdout:  # bounded by the test's timeout
-            lines.append(line)
-            if line.startswith("echo (2 hops)"):  # the pay measurement begins
-                break
-        (bridge,) = [int(pid) for pid, cmd in _session_processes(bench.pid, with_pids=True)
-                     if " -m bridge serve" in cmd]
+    def kill_bridge(session: int) -> None:
+        (bridge,) = [int(pid) for pid, cmd in _session_processes(session, with_pids=True) if " -m bridge serve" in cmd]
         os.kill(bridge, signal.SIGKILL)
-        rest, _ = bench.communicate(timeout=120)
-    finally:
-        if bench.poll() is None:
-            os.killpg(bench.pid, signal.SIGKILL)
-            bench.wait(10)
-    out = "".join(lines) + rest
-    assert bench.returncode == 1, out
+
+    _, code, out, _ = _run_bench_until(tmp_path, 4, "echo (2 hops)", kill_bridge)  # the pay measurement begins
+    assert code == 1, out
     assert "bridge exited (code -9) during the pay sqlite measurement" in out, out
     assert "ratio pay/echo" not in out and "failed: sqlite" in out, out
 
