@@ -91,10 +91,9 @@ import weakref
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import psycopg
-from psycopg import generators
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
@@ -539,6 +538,7 @@ def _write_params(seen: PayRead, effects: PaymentEffects, *, cmd: Any, day: dt.d
 _COMMAND_OK = psycopg.pq.ExecStatus.COMMAND_OK
 _TUPLES_OK = psycopg.pq.ExecStatus.TUPLES_OK
 _FATAL_ERROR = psycopg.pq.ExecStatus.FATAL_ERROR
+_BAD = psycopg.pq.ConnStatus.BAD  # libpq lost the connection
 
 
 # ---- one round trip on a kept connection (issue 11: no pool checkout, no BEGIN/ROLLBACK, no pipeline) ----
@@ -578,22 +578,34 @@ class KeptConnection:
         """PAY_CALL with `params` straight on libpq: prepared once under KEPT_CALL_NAME, then one
         Bind/Execute/Sync with every parameter in text form and the row read back in text form. psycopg's
         cursor spent about 25 us more per call (adapting 15 parameters and 8 columns by their types,
-        its prepared-statement bookkeeping). Raises psycopg's error for the result, as its cursor would."""
-        raw, pgconn = self.raw, self.raw.pgconn
+        its prepared-statement bookkeeping). The round trip is one blocking libpq call (PQexecPrepared),
+        during which the interpreter lock is released once; psycopg's non-blocking wait (send, poll,
+        read, is-busy) released and took it back at each step, and each taking back could queue behind
+        the server's other threads. Bounds: the session's lock and statement timeouts (call_kept), as
+        before. Raises psycopg's error for the result, as its cursor would; a connection lost on the way
+        reads as closed (psycopg's `closed` is libpq's status BAD)."""
+        pgconn = self.raw.pgconn
         if not self.prepared:
-            pgconn.send_prepare(KEPT_CALL_NAME, PAY_CALL.encode())
-            self._result(raw.wait(generators.execute(pgconn)), _COMMAND_OK)
+            self._result([pgconn.prepare(KEPT_CALL_NAME, PAY_CALL.encode())], _COMMAND_OK)
             self.prepared = True
         enc = self.encoding
-        pgconn.send_query_prepared(KEPT_CALL_NAME, [_text_param(v, enc) for v in params])
-        res = self._result(raw.wait(generators.execute(pgconn)), _TUPLES_OK)
+        res = self._result([pgconn.exec_prepared(KEPT_CALL_NAME, [_text_param(v, enc) for v in params])], _TUPLES_OK)
         return pay_called_of_text([res.get_value(0, i) for i in range(res.nfields)], enc)
+
+    def _raise(self, res: Any) -> NoReturn:
+        """A failed result's error, as psycopg's cursor raises it: a server error as its class by SQLSTATE; a
+        connection lost without one (libpq's "server closed the connection unexpectedly") as
+        OperationalError."""
+        err = psycopg.errors.error_from_result(res, encoding=self.encoding)
+        if self.raw.pgconn.status == _BAD and not isinstance(err, psycopg.OperationalError):
+            raise psycopg.OperationalError(str(err)) from err
+        raise err
 
     def _result(self, results: list[Any], status: Any) -> Any:
         """The one result of a statement, or its error raised (the first, as psycopg raises it)."""
         for res in results:
             if res.status == _FATAL_ERROR:
-                raise psycopg.errors.error_from_result(res, encoding=self.encoding)
+                self._raise(res)
         if len(results) != 1 or results[0].status != status or (status == _TUPLES_OK and results[0].ntuples != 1):
             raise psycopg.errors.InternalError(f"unexpected answer to yd_pay's call: {[r.status for r in results]}")
         return results[0]
@@ -602,7 +614,7 @@ class KeptConnection:
         """The one result of a statement answering `rows` rows, or its error raised (as _result)."""
         for res in results:
             if res.status == _FATAL_ERROR:
-                raise psycopg.errors.error_from_result(res, encoding=self.encoding)
+                self._raise(res)
         if len(results) != 1 or results[0].status != _TUPLES_OK or results[0].ntuples != rows:
             raise psycopg.errors.InternalError(f"unexpected answer to yd_pay_many's call: "
                                                f"{[(r.status, r.ntuples) for r in results]}")
@@ -610,13 +622,11 @@ class KeptConnection:
 
     def call_many_prepared(self, params: list[bytes], rows: int) -> list[tuple[int, PayCalled]]:
         """PAY_MANY_CALL with `params` (text form) straight on libpq, as call_prepared: (k, answer) per row."""
-        raw, pgconn = self.raw, self.raw.pgconn
+        pgconn = self.raw.pgconn
         if not self.prepared_many:
-            pgconn.send_prepare(KEPT_MANY_NAME, PAY_MANY_CALL.encode())
-            self._result(raw.wait(generators.execute(pgconn)), _COMMAND_OK)
+            self._result([pgconn.prepare(KEPT_MANY_NAME, PAY_MANY_CALL.encode())], _COMMAND_OK)
             self.prepared_many = True
-        pgconn.send_query_prepared(KEPT_MANY_NAME, params)
-        res = self._result_rows(raw.wait(generators.execute(pgconn)), rows)
+        res = self._result_rows([pgconn.exec_prepared(KEPT_MANY_NAME, params)], rows)
         enc, nfields = self.encoding, res.nfields
         return [(int(res.get_value(r, 0)), pay_called_of_text([res.get_value(r, i) for i in range(1, nfields)], enc))
                 for r in range(res.ntuples)]
@@ -780,7 +790,7 @@ def call_kept(kept: KeptConnection, *, cmd: Any, day: dt.date, day_key: int, now
             cause = cause.__context__
         if cause.sqlstate == BILL_CHANGED:
             return None
-        broken = kept.raw.closed or kept.raw.broken
+        broken = kept.raw.closed or kept.raw.broken  # closed: libpq's status BAD (a call sent straight on it too)
         failed = DBAPIError.instance(PAY_CALL, params, cause, psycopg.Error, connection_invalidated=broken)
         record_db_error(kept.db, failed)  # the pool path's engine counts them in its handle_error listener
         if broken:
