@@ -7,7 +7,10 @@ pool. `on_pool` gives a handler its pool; every wrapper the server puts around h
 Why: mis_adapter's money-moving calls block on its database pool. On the server's 64 threads,
 32 pays in flight meant 16 threads holding a connection and 16 asleep in the pool's queue, each
 woken by a check-in: a thread hand-off per pay on top of gRPC's own. On a pool of as many
-threads as connections, a finished pay's thread takes the next call itself."""
+threads as connections, a finished pay's thread takes the next call itself.
+
+`CallPool` is also every server's own pool (yindian_common.server.GrpcServer, since session 16): each
+unary-unary call is handed to a thread once, with its request; streaming calls queue as grpcio queues them."""
 from __future__ import annotations
 
 import logging
@@ -105,7 +108,8 @@ class CallPool(ThreadPoolExecutor):
         with self._state_lock:
             if self._stopped:
                 raise RuntimeError("cannot schedule new calls after shutdown")
-        if not kwargs and len(args) == _UNARY_ARGS and args[0] is _UNARY_IN_POOL and _receive_first(self, call):
+        if (not kwargs and len(args) == _UNARY_ARGS and args[0] is _UNARY_IN_POOL
+                and getattr(args[4], "__code__", None) is _UNARY_REQUEST_CODE and _receive_first(self, call)):
             return call  # queued when its request message has arrived
         self._queue(call)
         return call
@@ -174,6 +178,9 @@ class CallPool(ThreadPoolExecutor):
 # call on a CallPool takes this path with the installed grpcio, so an upgrade that changes it fails there
 # (a call whose arguments are not recognised takes grpcio's own path).
 _UNARY_IN_POOL = _grpc_server._unary_response_in_pool
+# A stream-unary call goes to the same function with a thunk giving its request iterator: only a unary-unary
+# call's thunk is grpcio's unary_request closure (made here without running it, to compare code objects).
+_UNARY_REQUEST_CODE = _grpc_server._unary_request(None, None, None).__code__  # type: ignore[arg-type]
 # submit(context.run, _unary_response_in_pool, rpc_event, state, behavior, argument_thunk, deserializer, serializer)
 _UNARY_ARGS = 7
 _RECEIVE_MESSAGE_TOKEN = _grpc_server._RECEIVE_MESSAGE_TOKEN

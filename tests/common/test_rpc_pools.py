@@ -214,3 +214,49 @@ def test_a_unary_call_without_its_request_message_is_answered_as_grpcio_answers_
     finally:
         server.stop()
         pool.shutdown(wait=True)
+
+
+def test_every_server_hands_a_unary_call_to_its_thread_once_with_its_request() -> None:
+    """GrpcServer's own threads are a CallPool: a handler with no pool of its own gets each unary call
+    once its request has arrived (one hand-off), on the server's "rpc" threads, each with its own request;
+    a streaming call takes the pool's queue as before and is answered too."""
+    from concurrent.futures import ThreadPoolExecutor as Clients
+
+    from yindian_common import rpc_pools
+
+    def unary(req: health_pb2.HealthCheckRequest, _ctx: grpc.ServicerContext) -> health_pb2.HealthCheckResponse:
+        ok = threading.current_thread().name.startswith("rpc_") and req.service.startswith("svc-")
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING if ok else
+                                              health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def stream(reqs: Iterator[health_pb2.HealthCheckRequest], _ctx: grpc.ServicerContext
+               ) -> health_pb2.HealthCheckResponse:
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING if len(list(reqs)) == 3
+                                              else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    handlers = grpc.method_handlers_generic_handler(SERVICE, {
+        "Unary": grpc.unary_unary_rpc_method_handler(unary, health_pb2.HealthCheckRequest.FromString, _ser),
+        "Stream": grpc.stream_unary_rpc_method_handler(stream, health_pb2.HealthCheckRequest.FromString, _ser)})
+    server = GrpcServer(listen="127.0.0.1:0", limits=ServerLimits(grace_s=0.5, max_concurrent_rpcs=8, max_workers=3),
+                        tls=None, insecure=True, interceptors=[ServerMetricsInterceptor()])
+    server.grpc_server.add_generic_rpc_handlers((handlers,))
+    server.start()
+    before = rpc_pools.received_first
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            call = ch.unary_unary(UNARY, request_serializer=_ser,
+                                  response_deserializer=health_pb2.HealthCheckResponse.FromString)
+            streamed = ch.stream_unary(STREAM, request_serializer=_ser,
+                                       response_deserializer=health_pb2.HealthCheckResponse.FromString)
+
+            def one(k: int) -> int:
+                return int(call(health_pb2.HealthCheckRequest(service=f"svc-{k}"), timeout=10).status)
+
+            with Clients(max_workers=6) as clients:
+                answers = list(clients.map(one, range(40)))
+            got = streamed(iter([health_pb2.HealthCheckRequest()] * 3), timeout=10)
+    finally:
+        server.stop()
+    assert answers == [health_pb2.HealthCheckResponse.SERVING] * 40
+    assert got.status == health_pb2.HealthCheckResponse.SERVING
+    assert rpc_pools.received_first - before == 40
