@@ -115,8 +115,8 @@ class GrpcServer:
         revocation = [self.cert_store.interceptor()] if self.cert_store is not None else []
         # The server's threads: a CallPool, which hands a unary call to its thread once, with its request
         # (rpc_pools: grpcio's own pool wakes the thread at the call's arrival and again with its message).
-        # Session 16, bench-ratio on PostgreSQL, 4 interleaved rounds: CPU per call / the same run's client
-        # -5 % in the bridge, -8 % in the echo's proxy, lower in every round.
+        # Session 16, bench-ratio on PostgreSQL, interleaved pairs: CPU per call / the same run's client
+        # -5 to -7 % in the bridge and in the echo's proxy, lower in every pair (README, benchmark section).
         self._server = grpc.server(
             CallPool(max_workers=limits.max_workers, thread_name_prefix="rpc"),
             options=server_options(limits), maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
