@@ -77,11 +77,30 @@ def _health_server(pool: ThreadPoolExecutor, max_concurrent_rpcs: int,
     handlers = grpc.method_handlers_generic_handler(SERVICE, {
         "Unary": grpc.unary_unary_rpc_method_handler(on_pool(unary, pool), health_pb2.HealthCheckRequest.FromString,
                                                      _ser)})
-    server = GrpcServer(listen="127.0.0.1:0", limits=ServerLimits(grace_s=0.5, max_concurrent_rpcs=max_concurrent_rpcs),
-                        tls=None, insecure=True, interceptors=[ServerMetricsInterceptor()])
+    server = _started(handlers, max_concurrent_rpcs=max_concurrent_rpcs)
+    return server, f"127.0.0.1:{server.port}"
+
+
+def _started(handlers: grpc.GenericRpcHandler, **limits: Any) -> GrpcServer:
+    """A started GrpcServer on a loopback port serving `handlers`, with the servers' metrics interceptor."""
+    server = GrpcServer(listen="127.0.0.1:0", limits=ServerLimits(grace_s=0.5, **limits), tls=None, insecure=True,
+                        interceptors=[ServerMetricsInterceptor()])
     server.grpc_server.add_generic_rpc_handlers((handlers,))
     server.start()
-    return server, f"127.0.0.1:{server.port}"
+    return server
+
+
+def _unary_calls_at_once(ch: grpc.Channel, calls: int) -> list[int]:
+    """The statuses answered to `calls` Unary calls with distinct requests ("svc-<k>"), 6 in flight at once."""
+    from concurrent.futures import ThreadPoolExecutor as Clients
+
+    call = ch.unary_unary(UNARY, request_serializer=_ser, response_deserializer=health_pb2.HealthCheckResponse.FromString)
+
+    def one(k: int) -> int:
+        return int(call(health_pb2.HealthCheckRequest(service=f"svc-{k}"), timeout=10).status)
+
+    with Clients(max_workers=6) as clients:
+        return list(clients.map(one, range(calls)))
 
 
 def test_calls_on_a_call_pool_run_there_and_free_their_place_under_the_servers_limit() -> None:
@@ -156,8 +175,6 @@ def test_a_unary_call_on_a_call_pool_is_handed_to_its_worker_once_with_its_reque
     """The pool receives each unary call's request on grpcio's serving thread and hands the call to a
     worker only then (rpc_pools._receive_first): with the installed grpcio every call takes that path,
     and each handler gets its own request, under concurrency too."""
-    from concurrent.futures import ThreadPoolExecutor as Clients
-
     from yindian_common import rpc_pools
 
     pool = CallPool(max_workers=3, thread_name_prefix="call-pool")
@@ -170,21 +187,11 @@ def test_a_unary_call_on_a_call_pool_is_handed_to_its_worker_once_with_its_reque
     handlers = grpc.method_handlers_generic_handler(SERVICE, {
         "Unary": grpc.unary_unary_rpc_method_handler(on_pool(unary, pool), health_pb2.HealthCheckRequest.FromString,
                                                      _ser)})
-    server = GrpcServer(listen="127.0.0.1:0", limits=ServerLimits(grace_s=0.5, max_concurrent_rpcs=8), tls=None,
-                        insecure=True, interceptors=[ServerMetricsInterceptor()])
-    server.grpc_server.add_generic_rpc_handlers((handlers,))
-    server.start()
+    server = _started(handlers, max_concurrent_rpcs=8)
     before = rpc_pools.received_first
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-            call = ch.unary_unary(UNARY, request_serializer=_ser,
-                                  response_deserializer=health_pb2.HealthCheckResponse.FromString)
-
-            def one(k: int) -> int:
-                return int(call(health_pb2.HealthCheckRequest(service=f"svc-{k}"), timeout=10).status)
-
-            with Clients(max_workers=6) as clients:
-                answers = list(clients.map(one, range(60)))
+            answers = _unary_calls_at_once(ch, 60)
     finally:
         server.stop()
         pool.shutdown(wait=True)
@@ -220,8 +227,6 @@ def test_every_server_hands_a_unary_call_to_its_thread_once_with_its_request() -
     """GrpcServer's own threads are a CallPool: a handler with no pool of its own gets each unary call
     once its request has arrived (one hand-off), on the server's "rpc" threads, each with its own request;
     a streaming call takes the pool's queue as before and is answered too."""
-    from concurrent.futures import ThreadPoolExecutor as Clients
-
     from yindian_common import rpc_pools
 
     def unary(req: health_pb2.HealthCheckRequest, _ctx: grpc.ServicerContext) -> health_pb2.HealthCheckResponse:
@@ -237,23 +242,13 @@ def test_every_server_hands_a_unary_call_to_its_thread_once_with_its_request() -
     handlers = grpc.method_handlers_generic_handler(SERVICE, {
         "Unary": grpc.unary_unary_rpc_method_handler(unary, health_pb2.HealthCheckRequest.FromString, _ser),
         "Stream": grpc.stream_unary_rpc_method_handler(stream, health_pb2.HealthCheckRequest.FromString, _ser)})
-    server = GrpcServer(listen="127.0.0.1:0", limits=ServerLimits(grace_s=0.5, max_concurrent_rpcs=8, max_workers=3),
-                        tls=None, insecure=True, interceptors=[ServerMetricsInterceptor()])
-    server.grpc_server.add_generic_rpc_handlers((handlers,))
-    server.start()
+    server = _started(handlers, max_concurrent_rpcs=8, max_workers=3)
     before = rpc_pools.received_first
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-            call = ch.unary_unary(UNARY, request_serializer=_ser,
-                                  response_deserializer=health_pb2.HealthCheckResponse.FromString)
+            answers = _unary_calls_at_once(ch, 40)
             streamed = ch.stream_unary(STREAM, request_serializer=_ser,
                                        response_deserializer=health_pb2.HealthCheckResponse.FromString)
-
-            def one(k: int) -> int:
-                return int(call(health_pb2.HealthCheckRequest(service=f"svc-{k}"), timeout=10).status)
-
-            with Clients(max_workers=6) as clients:
-                answers = list(clients.map(one, range(40)))
             got = streamed(iter([health_pb2.HealthCheckRequest()] * 3), timeout=10)
     finally:
         server.stop()
