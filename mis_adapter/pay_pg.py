@@ -91,7 +91,7 @@ import weakref
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NamedTuple
 
 import psycopg
 from sqlalchemy import event
@@ -103,6 +103,7 @@ from yindian_common.business_metrics import db_label, record_db_error
 from yindian_common.db import POOL_RECYCLE_S, kept_wait_fits, stepped_wait_ms
 from yindian_common.db_errors import COMMIT_IN_DOUBT
 from yindian_common.errors import Unavailable
+from yindian_common.libpq import raise_error
 
 # Whether the bank's `day` and `day + 1` are reconciled, in one range scan of the key: bit 0 the day,
 # bit 1 the next (0 to 3; `closed_bits`). READ and WRITE's guard both read it; $2 is the bank.
@@ -538,7 +539,6 @@ def _write_params(seen: PayRead, effects: PaymentEffects, *, cmd: Any, day: dt.d
 _COMMAND_OK = psycopg.pq.ExecStatus.COMMAND_OK
 _TUPLES_OK = psycopg.pq.ExecStatus.TUPLES_OK
 _FATAL_ERROR = psycopg.pq.ExecStatus.FATAL_ERROR
-_BAD = psycopg.pq.ConnStatus.BAD  # libpq lost the connection
 
 
 # ---- one round trip on a kept connection (issue 11: no pool checkout, no BEGIN/ROLLBACK, no pipeline) ----
@@ -592,20 +592,11 @@ class KeptConnection:
         res = self._result([pgconn.exec_prepared(KEPT_CALL_NAME, [_text_param(v, enc) for v in params])], _TUPLES_OK)
         return pay_called_of_text([res.get_value(0, i) for i in range(res.nfields)], enc)
 
-    def _raise(self, res: Any) -> NoReturn:
-        """A failed result's error, as psycopg's cursor raises it: a server error as its class by SQLSTATE; a
-        connection lost without one (libpq's "server closed the connection unexpectedly") as
-        OperationalError."""
-        err = psycopg.errors.error_from_result(res, encoding=self.encoding)
-        if self.raw.pgconn.status == _BAD and not isinstance(err, psycopg.OperationalError):
-            raise psycopg.OperationalError(str(err)) from err
-        raise err
-
     def _result(self, results: list[Any], status: Any) -> Any:
         """The one result of a statement, or its error raised (the first, as psycopg raises it)."""
         for res in results:
             if res.status == _FATAL_ERROR:
-                self._raise(res)
+                raise_error(self.raw.pgconn, res, self.encoding)
         if len(results) != 1 or results[0].status != status or (status == _TUPLES_OK and results[0].ntuples != 1):
             raise psycopg.errors.InternalError(f"unexpected answer to yd_pay's call: {[r.status for r in results]}")
         return results[0]
@@ -614,7 +605,7 @@ class KeptConnection:
         """The one result of a statement answering `rows` rows, or its error raised (as _result)."""
         for res in results:
             if res.status == _FATAL_ERROR:
-                self._raise(res)
+                raise_error(self.raw.pgconn, res, self.encoding)
         if len(results) != 1 or results[0].status != _TUPLES_OK or results[0].ntuples != rows:
             raise psycopg.errors.InternalError(f"unexpected answer to yd_pay_many's call: "
                                                f"{[(r.status, r.ntuples) for r in results]}")

@@ -27,13 +27,13 @@ from sqlalchemy.exc import DBAPIError
 
 from bridge.journal.records import Entry, Outcome
 from bridge.journal.schema import audit, requests, utc
+from yindian_common.libpq import raise_error
 
 _TUPLES_OK = psycopg.pq.ExecStatus.TUPLES_OK
 _COMMAND_OK = psycopg.pq.ExecStatus.COMMAND_OK
 _FATAL_ERROR = psycopg.pq.ExecStatus.FATAL_ERROR
 _IDLE = psycopg.pq.TransactionStatus.IDLE
 _UNKNOWN = psycopg.pq.TransactionStatus.UNKNOWN
-_BAD = psycopg.pq.ConnStatus.BAD
 # The three statements' prepared names on a connection (psycopg's own are _pg3_*), and the key under which a
 # pooled connection's record notes that they are prepared on it and its encoding (SQLAlchemy clears a record's
 # info when its DBAPI connection is replaced, so a new connection prepares them again).
@@ -184,10 +184,7 @@ def _checked(pgconn: Any, res: Any, status: Any, encoding: str) -> Any:
     error as its class by SQLSTATE; a connection lost without one (libpq's "server closed the connection
     unexpectedly") as OperationalError."""
     if res.status == _FATAL_ERROR:
-        err = psycopg.errors.error_from_result(res, encoding=encoding)
-        if pgconn.status == _BAD and not isinstance(err, psycopg.OperationalError):
-            raise psycopg.OperationalError(str(err)) from err
-        raise err
+        raise_error(pgconn, res, encoding)
     if res.status != status:
         raise psycopg.errors.InternalError(f"unexpected answer to a journal group commit: {res.status}")
     return res
