@@ -43,6 +43,7 @@ import os
 import random
 import secrets
 import shutil
+import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -71,6 +72,7 @@ PAY_MAX_FEN = 30_000
 ERROR_KINDS_MAX = 16
 CONSOLE_WIDTH_MIN = 160
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a command Ctrl-C ended
+TERMINATED_EXIT = 143  # 128 + SIGTERM
 HELD_SHARE_MIN = 0.95  # an open-loop step holds its rate when at least this share of it was achieved
 MARIADB_COMMS = ("mariadbd", "mysqld")
 
@@ -470,7 +472,8 @@ def bench_backend(name: str, settings: BenchRatioSettings, root: Path, proxy: Se
         meters.append(echo_meter.open())
         pay_meter = CpuMeter(pay_meter_spec(backend, me, bridge.popen.pid, mis.popen.pid))
         meters.append(pay_meter.open())
-        console.print(f"[bold]{name}[/bold]: {settings.accounts:,} households, {len(accounts):,} paying accounts")
+        made = f"; databases {', '.join(backend.dropped)}" if backend.dropped else ""
+        console.print(f"[bold]{name}[/bold]: {settings.accounts:,} households, {len(accounts):,} paying accounts{made}")
         echo_steps = run_mode("echo (2 hops)", proxy.grpc_addr, make, settings, echo_meter, console, (proxy, echo))
         pay_steps = run_mode(f"pay {name}", bridge.grpc_addr, make, settings, pay_meter, console, servers)
         line = summary(name, echo_steps, pay_steps, settings)
@@ -493,6 +496,17 @@ def bench_backend(name: str, settings: BenchRatioSettings, root: Path, proxy: Se
     return out
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill PID`, `pkill`): the run stops as on Ctrl-C, on the same way out (the servers stopped,
+    the databases dropped, no figures). Before, the default action ended the process at once and left both
+    behind."""
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once, as before
+    raise Terminated
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bank_sim bench-ratio", description=DESCRIPTION)
     add_settings_flags(parser, BenchRatioSettings)
@@ -512,6 +526,7 @@ def main(argv: list[str]) -> int:
     failed: list[str] = []
     results: list[dict[str, object]] = []
     echo_servers: list[ServerProcess] = []
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         proxy = start_echo(root, settings, echo_servers)
         for backend in (b.strip() for b in settings.backends.split(",") if b.strip()):
@@ -521,11 +536,12 @@ def main(argv: list[str]) -> int:
     except ProcessFailed as exc:
         console.print(f"[red]{exc}[/red]")
         failed.append("echo")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         # The servers were stopped and the databases dropped on the way out (bench_backend's finally);
         # nothing measured is printed: a window cut short has no figures.
-        console.print("[red]interrupted: no figures[/red]")
-        return INTERRUPTED_EXIT
+        terminated = isinstance(stop, Terminated)
+        console.print(f"[red]{'terminated' if terminated else 'interrupted'}: no figures[/red]")
+        return TERMINATED_EXIT if terminated else INTERRUPTED_EXIT
     finally:
         for proc in reversed(echo_servers):
             try:

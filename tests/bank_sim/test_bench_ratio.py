@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from bank_sim.bench_ratio import (
     BenchRatioSettings,
@@ -146,12 +147,12 @@ def _session_processes(sid: int, *, with_pids: bool = False) -> list[Any]:
     return alive
 
 
-def _run_bench_until(tmp_path: Path, duration_s: float, marker: str, act: Callable[[int], None]
-                     ) -> tuple[int, int, str, float]:
-    """bench-ratio on SQLite in a session of its own; at the first output line starting with `marker`, `act(its
+def _run_bench_until(tmp_path: Path, duration_s: float, marker: str, act: Callable[[int], None],
+                     backend: str = "sqlite") -> tuple[int, int, str, float]:
+    """bench-ratio on `backend` in a session of its own; at the first output line starting with `marker`, `act(its
     pid)`; then its pid (its session's id), exit code, all it printed, and the seconds from `act` to its exit
     (killed if it outlives the test's bounds)."""
-    bench = subprocess.Popen([sys.executable, "-m", "bank_sim", "bench-ratio", "--backends", "sqlite", "--accounts",
+    bench = subprocess.Popen([sys.executable, "-m", "bank_sim", "bench-ratio", "--backends", backend, "--accounts",
                               "200", "--in-flight", "4", "--duration-s", str(duration_s), "--warmup-s", "0.5",
                               "--work-dir", str(tmp_path / "work")],
                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -184,6 +185,32 @@ def test_ctrl_c_stops_the_run_at_once_with_no_figures_and_leaves_no_process(tmp_
     assert took < 30, f"stopped {took:.1f} s after Ctrl-C, in a 120 s window\n{out}"
     assert "interrupted: no figures" in out and "ratio pay/echo" not in out, out
     # Its helpers (multiprocessing's resource tracker, the meter's sampler) end as their pipes close behind it.
+    gone_by = time.monotonic() + 10
+    while (alive := _session_processes(session)) and time.monotonic() < gone_by:
+        time.sleep(0.1)
+    assert alive == [], out
+
+
+def test_sigterm_stops_the_run_with_no_figures_drops_its_databases_and_leaves_no_process(tmp_path: Path) -> None:
+    """SIGTERM to the benchmark alone (`kill PID`, `pkill`), during a measurement on PostgreSQL: it stops within
+    seconds, says so, exits 143, prints no ratio, stops every server it started and drops the two databases it
+    made (the default action used to end it at once and leave both behind)."""
+    admin = admin_url("postgresql")  # skip (or fail under CI) without a server
+    session, code, out, took = _run_bench_until(tmp_path, 120, "postgresql:",
+                                                lambda pid: os.kill(pid, signal.SIGTERM), backend="postgresql")
+    assert code == 143, out
+    assert took < 60, f"stopped {took:.1f} s after SIGTERM, in a 120 s window\n{out}"
+    assert "terminated: no figures" in out and "ratio pay/echo" not in out, out
+    made = out.split("; databases ", 1)[1].split("\n", 1)[0].split(", ")
+    assert len(made) == 2 and all(name.startswith("yd_ratio_") for name in made), out
+    engine = sa.create_engine(admin)
+    try:
+        with engine.connect() as conn:
+            left = conn.execute(sa.text("SELECT datname FROM pg_database WHERE datname IN :names")
+                                .bindparams(sa.bindparam("names", expanding=True)), {"names": made}).scalars().all()
+    finally:
+        engine.dispose()
+    assert left == [], out
     gone_by = time.monotonic() + 10
     while (alive := _session_processes(session)) and time.monotonic() < gone_by:
         time.sleep(0.1)
