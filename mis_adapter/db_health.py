@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from mis_adapter.routing import PROCESS_NAME
-from yindian_common.db import role_name
+from yindian_common.db import bound_mysql_links, link_bound_args, role_name
 from yindian_common.db_errors import DB_TROUBLE
 
 log = logging.getLogger("mis_adapter.health")
@@ -22,12 +22,15 @@ PROBE_CONNECT_TIMEOUT_S = 2
 
 
 def _probe_engine(engine: Engine) -> Engine:
-    args: dict[str, object] = {}
+    args: dict[str, object] = link_bound_args(engine.dialect.name)
     if engine.dialect.name in ("postgresql", "mysql"):
         args["connect_timeout"] = PROBE_CONNECT_TIMEOUT_S
     if engine.dialect.name == "postgresql":
         args["application_name"] = role_name(PROCESS_NAME, "health")
-    return sa.create_engine(engine.url, poolclass=sa.pool.NullPool, connect_args=args)
+    probe = sa.create_engine(engine.url, poolclass=sa.pool.NullPool, connect_args=args)
+    if engine.dialect.name == "mysql":
+        bound_mysql_links(probe)
+    return probe
 
 
 class DatabaseWatch:

@@ -73,6 +73,7 @@ from yindian.v1 import billing_pb2 as pb
 from yindian_common import business_metrics as bm
 from yindian_common import fields
 from yindian_common.clock import SystemClock
+from yindian_common.db import link_bound_args
 from yindian_common.errors import InvalidField, PeerSilent, SerialConflict, Unavailable, YinDianError
 from yindian_common.handoff import put_until_stopped
 
@@ -155,7 +156,7 @@ def _listen(ref: weakref.ReferenceType[FeedHub], dsn: str, retry_s: float) -> No
     while (hub := ref()) is not None and not hub._stop.is_set():
         del hub
         try:
-            with psycopg.connect(dsn, autocommit=True) as conn:
+            with psycopg.connect(dsn, autocommit=True, **link_bound_args("postgresql")) as conn:
                 conn.execute(f"LISTEN {feed.NOTIFY_CHANNEL}")
                 _set_listening(ref, True)
                 down_logged = False

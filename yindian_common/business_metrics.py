@@ -45,7 +45,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from yindian_common import metrics as _grpc_metrics  # noqa: F401  (turns off the _created series)
-from yindian_common.db import role_name
+from yindian_common.db import bound_mysql_links, link_bound_args, role_name
 
 log = logging.getLogger("yindian.metrics")
 
@@ -378,13 +378,14 @@ def read_only_engine(engine: Engine, timeout_s: float, application_name: str = "
 
         return eng
     if backend == "postgresql":
-        args: dict[str, Any] = {"connect_timeout": max(1, int(timeout_s)),
+        args: dict[str, Any] = {**link_bound_args("postgresql"), "connect_timeout": max(1, int(timeout_s)),
                                 "options": f"-c statement_timeout={timeout_ms} -c default_transaction_read_only=on"}
         if application_name:
             args["application_name"] = application_name
         return sa.create_engine(url, pool_pre_ping=True, connect_args=args, **common)
     eng = sa.create_engine(url, pool_pre_ping=True, connect_args={
         "connect_timeout": max(1, int(timeout_s)), "read_timeout": max(1, int(timeout_s) + 1)}, **common)
+    bound_mysql_links(eng)
 
     @event.listens_for(eng, "connect")
     def _mysql_connect(dbapi_conn: Any, _record: Any) -> None:

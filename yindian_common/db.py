@@ -10,10 +10,19 @@ idle_in_transaction_session_timeout, MariaDB innodb_lock_wait_timeout, SQLite
 busy timeout), and a call tightens them to its remaining deadline
 (`db_wait_bound`, `bound_waits`; Pay's PostgreSQL statement does it inline).
 
+A database link that stops carrying packets (a cable, a firewall that drops the flow, the
+server's host gone) is given up by TCP itself on every connection (`link_bound_args`,
+`bound_mysql_links`): a connection attempt within DB_CONNECT_TIMEOUT_S, and an open
+connection within DB_LINK_DEAD_S of the last segment it received while it has data the
+server has not acknowledged or has gone quiet (TCP keepalive probes). The server-side
+bounds above end only waits of a server that still answers; without these, a call waiting
+on a dead link held its thread until the kernel gave up retransmitting, 15 minutes or more.
+
 Transactions belong to the caller; nothing here commits on its own."""
 from __future__ import annotations
 
 import math
+import socket
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -43,6 +52,16 @@ WAIT_STEP_MS = 250
 # connections re-sent their bound (besides each one's first call) for 0-147 of 1,800-3,400 pays a run
 # when it had to equal the call's own step, 1-6 with 2 steps, and 4 steps saved none more.
 WAIT_KEEP_STEPS = 2
+# A dead database link (see the module's text): a connection attempt, and an open connection
+# from the last segment it received. Keepalive probes start after DB_KEEPALIVE_IDLE_S of
+# silence (a healthy server's kernel answers each one at once, however long its statement
+# runs), one a second; TCP_USER_TIMEOUT then ends the connection once nothing has been
+# acknowledged for DB_LINK_DEAD_S, probes included.
+DB_CONNECT_TIMEOUT_S = 5
+DB_LINK_DEAD_S = 10
+DB_KEEPALIVE_IDLE_S = 5
+DB_KEEPALIVE_INTERVAL_S = 1
+DB_KEEPALIVE_COUNT = DB_LINK_DEAD_S - DB_KEEPALIVE_IDLE_S  # where TCP_USER_TIMEOUT is not honoured
 # application_name of a process's connections for a role: "<process>/<role>" (role_name).
 ROLE_SEP = "/"
 
@@ -170,6 +189,52 @@ def dialect_of(engine: Engine) -> str:
     return engine.dialect.name
 
 
+def link_bound_args(backend: str) -> dict[str, Any]:
+    """PostgreSQL (libpq): the connection arguments that bound a dead link (the module's text).
+    Other back ends: none (MariaDB's are set on its socket by `bound_mysql_links`)."""
+    if backend != "postgresql":
+        return {}
+    return {"connect_timeout": DB_CONNECT_TIMEOUT_S, "keepalives": 1,
+            "keepalives_idle": DB_KEEPALIVE_IDLE_S, "keepalives_interval": DB_KEEPALIVE_INTERVAL_S,
+            "keepalives_count": DB_KEEPALIVE_COUNT, "tcp_user_timeout": DB_LINK_DEAD_S * 1000}
+
+
+def bound_tcp_socket(sock: socket.socket) -> None:
+    """The dead-link bound of the module's text on a connected TCP socket (what libpq does for
+    `link_bound_args`)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, DB_KEEPALIVE_IDLE_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, DB_KEEPALIVE_INTERVAL_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, DB_KEEPALIVE_COUNT)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, DB_LINK_DEAD_S * 1000)
+
+
+def bound_mysql_links(engine: Engine) -> None:
+    """MariaDB/MySQL over TCP: each new connection's socket is opened here, with the dead-link
+    bound, and handed to PyMySQL (`defer_connect`, then `connect(sock)`); PyMySQL's own socket
+    keeps the kernel's keepalive defaults (two hours of silence). A UNIX socket has no link."""
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+        if cparams.get("unix_socket"):
+            return None
+        dbapi = dialect.loaded_dbapi
+        conn = dbapi.connect(*cargs, **{**cparams, "defer_connect": True})
+        host, port = cparams.get("host") or "localhost", int(cparams.get("port") or 3306)
+        try:
+            sock = socket.create_connection((host, port), cparams.get("connect_timeout", DB_CONNECT_TIMEOUT_S))
+        except OSError as exc:  # as PyMySQL reports it (2003, CR_CONN_HOST_ERROR): a disconnect, not a crash
+            raise dbapi.OperationalError(2003, f"Can't connect to MySQL server on {host!r} ({exc})") from exc
+        try:
+            bound_tcp_socket(sock)
+            conn.connect(sock)
+        except BaseException:
+            sock.close()
+            raise
+        return conn
+
+
 def make_engine(url: str, *, pool_size: int = 16, pool_overflow: int = 0,
                 pool_timeout_s: float = 10.0, sqlite_synchronous: str = "FULL",
                 wait_max_s: float | None = None, idle_in_tx_max_s: float = DB_IDLE_IN_TX_MAX_S,
@@ -199,12 +264,12 @@ def make_engine(url: str, *, pool_size: int = 16, pool_overflow: int = 0,
                   pool_recycle=POOL_RECYCLE_S)
     if url.startswith("mysql"):
         kwargs["isolation_level"] = "READ COMMITTED"
-        kwargs.setdefault("connect_args", {})["charset"] = "utf8mb4"
+        kwargs["connect_args"] = {"charset": "utf8mb4", "connect_timeout": DB_CONNECT_TIMEOUT_S}
         if wait_max_s is not None:
             kwargs["connect_args"]["init_command"] = (
                 f"SET SESSION innodb_lock_wait_timeout = {max(1, math.ceil(wait_max_s))}")
     else:  # PostgreSQL: session defaults in the startup packet, no round trip
-        kwargs["connect_args"] = {}
+        kwargs["connect_args"] = link_bound_args("postgresql")
         if wait_max_s is not None:
             kwargs["connect_args"]["options"] = (f"-c lock_timeout={int(wait_max_s * 1000)} "
                                                  f"-c idle_in_transaction_session_timeout={int(idle_in_tx_max_s * 1000)}")
@@ -212,8 +277,28 @@ def make_engine(url: str, *, pool_size: int = 16, pool_overflow: int = 0,
             kwargs["connect_args"]["application_name"] = application_name
     engine = sa.create_engine(url, **kwargs)
     if url.startswith("mysql"):
+        bound_mysql_links(engine)
         _session_wait_defaults(engine, None if wait_max_s is None else int(wait_max_s * 1000))
+        if wait_max_s is not None:
+            _mariadb_idle_bound(engine, idle_in_tx_max_s)
     return engine
+
+
+def _mariadb_idle_bound(engine: Engine, idle_in_tx_max_s: float) -> None:
+    """MariaDB ends a transaction left idle, as PostgreSQL's idle_in_transaction_session_timeout
+    does: a client gone mid-transaction (killed, or its link dead) would otherwise hold its row
+    locks until wait_timeout (8 hours by default), failing every pay of those accounts. MySQL
+    has no such setting; its connections are left as they are."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        if "mariadb" not in str(dbapi_conn.get_server_info()).lower():
+            return
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute(f"SET SESSION idle_transaction_timeout = {max(1, math.ceil(idle_in_tx_max_s))}")
+        finally:
+            cur.close()
 
 
 def role_name(process: str, role: str = "") -> str:

@@ -1,0 +1,102 @@
+"""A pay whose database link dies while the server commits it, seen from the wire and from the
+database (yindian_common.db's dead-link bound): mis_adapter's PostgreSQL connections cross a real
+link (tests.support.netns_link); the pay waits on its account's row lock, the link goes dark,
+the lock is let go and the server commits the pay, whose answer is lost. The bank hears
+COMMIT_IN_DOUBT within the bound while the link is still dark, not DEADLINE_EXCEEDED after its
+whole deadline (a money thread held all along); once the link heals, asking about the serial
+finds the payment POSTED, paying it again returns that payment, and the database holds it once."""
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import sqlalchemy as sa
+
+from mis_adapter.db.core import BillRow, Customer, Payment
+from tests.support.databases import fresh_database
+from tests.support.mis_data import BillSpec, add_account, running_adapter
+from tests.support.netns_link import netns_link
+from tests.support.waiting import wait_until
+from yindian.v1 import billing_pb2 as pb
+from yindian_common.db import DB_LINK_DEAD_S, make_engine
+from yindian_common.status import error_info
+
+pytestmark = [pytest.mark.migrated("mis"), pytest.mark.timeout(180)]
+
+BILLS = [BillSpec("202610", 15_000, dt.date(2026, 11, 25))]
+PAY_DEADLINE_S = 60.0  # longer than the bound by far: the answer must come from the bound
+SLACK_S = 10.0
+
+
+def pay_req(serial: str, acct: str, amount: int) -> pb.PayRequest:
+    return pb.PayRequest(bank_serial=serial, account_no=acct, amount_fen=amount, outlet_code="OUT1",
+                         teller_id="T01", channel=pb.CHANNEL_COUNTER)
+
+
+def test_a_pay_committed_as_its_link_dies_is_in_doubt_within_the_bound_and_found_once_after(
+        tmp_path: Path) -> None:
+    with fresh_database("postgresql", tmp_path, schema="mis") as url:
+        direct = make_engine(url, pool_size=2)
+        u = direct.url
+        try:
+            with netns_link(f"{u.host}:{u.port or 5432}") as link:
+                host, port = link.address.rsplit(":", 1)
+                far_url = u.set(host=host, port=int(port)).render_as_string(hide_password=False)
+                acct = add_account(direct, "01", 1, BILLS)
+                with running_adapter(far_url) as a:
+                    a.stub.Pay(pay_req("WARM", acct, 100), metadata=a.md(), timeout=10)  # a kept connection
+                    holder = direct.connect()
+                    tx = holder.begin()
+                    holder.execute(sa.select(Customer.__table__.c.account_no)
+                                   .where(Customer.__table__.c.account_no == acct).with_for_update())
+                    call = a.stub.Pay.future(pay_req("P-DARK", acct, 5_000), metadata=a.md(),
+                                             timeout=PAY_DEADLINE_S)
+
+                    def pay_waits_on_the_lock() -> bool:
+                        with direct.connect() as conn:
+                            return conn.execute(sa.text(
+                                "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                "AND wait_event_type = 'Lock'")).scalar_one() == 1
+
+                    wait_until(pay_waits_on_the_lock, "the pay waiting on its account's row lock")
+                    link.blackhole()
+                    tx.rollback()
+                    holder.close()
+
+                    def paid_on_the_server() -> bool:
+                        with direct.connect() as conn:
+                            return conn.execute(sa.select(sa.func.count()).select_from(Payment.__table__)
+                                                .where(Payment.__table__.c.bank_serial == "P-DARK")).scalar_one() == 1
+
+                    wait_until(paid_on_the_server, "the pay committed on the server")
+                    t0 = time.monotonic()
+                    with pytest.raises(grpc.RpcError) as exc:
+                        call.result(timeout=DB_LINK_DEAD_S + SLACK_S)
+                    answered_s = time.monotonic() - t0
+                    assert exc.value.code() == grpc.StatusCode.UNAVAILABLE, (exc.value.code(), answered_s)
+                    assert error_info(exc.value).reason == "COMMIT_IN_DOUBT"
+
+                    link.heal()
+
+                    def state() -> int:
+                        try:
+                            return int(a.stub.GetPayment(pb.GetPaymentRequest(bank_serial="P-DARK"),
+                                                         metadata=a.md(), timeout=10).state)
+                        except grpc.RpcError as e:  # the first call on a pooled connection the link killed
+                            assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+                            return -1
+
+                    wait_until(lambda: state() == pb.PAYMENT_STATE_POSTED, "the doubt resolved: POSTED")
+                    again = a.stub.Pay(pay_req("P-DARK", acct, 5_000), metadata=a.md(), timeout=10)
+                    assert again.amount_fen == 5_000
+            with direct.connect() as conn:
+                p, b = Payment.__table__, BillRow.__table__
+                assert conn.execute(sa.select(sa.func.count(), sa.func.sum(p.c.amount_fen))
+                                    .where(p.c.account_no == acct)).one() == (2, 5_100)
+                assert conn.execute(sa.select(b.c.principal_paid_fen + b.c.late_fee_paid_fen)
+                                    .where(b.c.account_no == acct)).scalar_one() == 5_100
+        finally:
+            direct.dispose()
