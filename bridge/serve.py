@@ -26,7 +26,7 @@ from yindian.v1 import billing_pb2_grpc
 from yindian_common import crash_points, fields
 from yindian_common.audit_chain import Sealer
 from yindian_common.clock import Clock, make_clock
-from yindian_common.db import make_engine, role_name
+from yindian_common.db import DB_WAIT_MAX_S, make_engine, role_name
 from yindian_common.errors import InvalidField
 from yindian_common.gc_pauses import freeze_startup_heap
 from yindian_common.identity import HEALTH_PREFIX, AdmissionInterceptor
@@ -82,11 +82,17 @@ class Bridge:
         self.settings = settings
         clock = clock or make_clock(settings.clock_start or None, settings.timezone)
         _ensure_sqlite_dir(settings.db)
-        engine = make_engine(settings.db, pool_size=settings.db_pool_size,
+        # A server database's sessions bound their lock waits (DB_WAIT_MAX_S) and their idle
+        # transactions (DB_IDLE_IN_TX_MAX_S), as mis_adapter's do: a transaction stranded by a dead
+        # link or a frozen process would otherwise hold its journal rows' locks, and the writer's
+        # retry of that batch would wait on them, for as long as the server keeps the session.
+        # SQLite keeps its busy timeout (SQLITE_BUSY_TIMEOUT_MS).
+        wait_max_s = None if settings.db.startswith("sqlite") else DB_WAIT_MAX_S
+        engine = make_engine(settings.db, pool_size=settings.db_pool_size, wait_max_s=wait_max_s,
                              sqlite_synchronous=settings.sqlite_synchronous, application_name=PROCESS_NAME)
         # PostgreSQL: the background roles on small pools of their own, named in pg_stat_activity
         # (bench-ratio's CPU by role); the journal writer names its own connection (Journal).
-        self._role_engines = {role: make_engine(settings.db, pool_size=ROLE_POOL_SIZE,
+        self._role_engines = {role: make_engine(settings.db, pool_size=ROLE_POOL_SIZE, wait_max_s=wait_max_s,
                                                 application_name=role_name(PROCESS_NAME, role))
                               for role in ("sealer", "resolver") if engine.dialect.name == "postgresql"}
         create_schema(engine)
