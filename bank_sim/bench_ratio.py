@@ -284,15 +284,39 @@ def measure(what: str, target: str, bank_id: str, make: PayFactory, settings: Be
         if window.trace_max:
             window.trace.append((t0, time.perf_counter(), "meter-start" if opening else "meter-stop"))
 
-    async def run() -> None:
-        metadata = ((BANK_ID_METADATA, bank_id),)
-        async with grpc.aio.insecure_channel(target, options=channel_options()) as channel:
-            stub = billing_pb2_grpc.BillingServiceStub(channel)
-            driver: Awaitable[None] = (closed_loop(stub, make, settings, metadata, window, on_window) if rate is None
-                                       else open_loop(stub, make, settings, metadata, window, on_window, rate))
-            await driver
+    terminated: list[bool] = []
 
-    asyncio.run(run())
+    async def run() -> None:
+        # SIGTERM cancels the measurement as Ctrl-C does (asyncio.run's own SIGINT handling), from the
+        # event loop: `_terminate` raising wherever the main thread is could surface inside grpc.aio's
+        # Cython code (seen: a half-made AioChannel, then a segmentation fault).
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        assert task is not None
+        outer = signal.getsignal(signal.SIGTERM)
+        def on_sigterm() -> None:
+            terminated.append(True)
+            task.cancel()
+
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        try:
+            metadata = ((BANK_ID_METADATA, bank_id),)
+            async with grpc.aio.insecure_channel(target, options=channel_options()) as channel:
+                stub = billing_pb2_grpc.BillingServiceStub(channel)
+                driver: Awaitable[None] = (
+                    closed_loop(stub, make, settings, metadata, window, on_window) if rate is None
+                    else open_loop(stub, make, settings, metadata, window, on_window, rate))
+                await driver
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)  # leaves SIG_DFL: the outer handler goes back
+            signal.signal(signal.SIGTERM, outer)
+
+    try:
+        asyncio.run(run())
+    except asyncio.CancelledError:
+        if terminated:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once, as `_terminate`
+            raise Terminated from None
+        raise
     if settings.latency_trace:
         write_trace(Path(settings.latency_trace), what, rate, window)
     calls = window.counted
