@@ -33,6 +33,13 @@ def create_schema(engine: Engine) -> None:
     upgrade(engine)
 
 
+def _instant(value: dt.datetime, whole_seconds: bool) -> dt.datetime:
+    """An instant as stored (SQLite and MariaDB give back the UTC wall time, naive; MariaDB's DATETIME
+    keeps whole seconds) or as made, at the stored precision."""
+    value = value.replace(tzinfo=dt.UTC) if value.tzinfo is None else utc(value)
+    return value.replace(microsecond=0) if whole_seconds else value
+
+
 def _insert_ignoring_duplicates(dialect: str) -> sa.Insert:
     stmt = requests.insert()
     if dialect == "postgresql":
@@ -154,6 +161,28 @@ class Journal:
             if outcomes:
                 self._record_in(conn, outcomes)
         return inserted
+
+    def landed(self, entries: Sequence[Entry], outcomes: Sequence[Outcome],
+               conn: sa.Connection) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
+        """After a write whose answer was lost (its connection broke once the write was sent, so it
+        may have committed): the keys of `entries` whose rows that write inserted, and of `outcomes`
+        it applied. A row is that write's own when it is still PENDING with the same request and the
+        same `created_at` (the instant this process journaled it: a row of another process or an
+        earlier life has its own); an outcome is applied when its row has the outcome's state and
+        `updated_at`. One read, in a transaction of its own on `conn`."""
+        keys = [e.key for e in entries] + [o.key for o in outcomes]
+        if not keys:
+            return set(), set()
+        c = requests.c
+        with conn.begin():
+            found = {(r.kind, r.serial): r for r in conn.execute(
+                sa.select(requests).where(sa.tuple_(c.kind, c.serial).in_(keys))).mappings()}
+        secs = self.engine.dialect.name == "mysql"
+        mine = {e.key for e in entries if (r := found.get(e.key)) is not None and r["state"] == PENDING
+                and Entry(**r).same_request(e) and _instant(r["created_at"], secs) == _instant(e.created_at, secs)}
+        applied = {o.key for o in outcomes if (r := found.get(o.key)) is not None
+                   and r["state"] == o.state and _instant(r["updated_at"], secs) == _instant(o.at, secs)}
+        return mine, applied
 
     def record(self, outcomes: Sequence[Outcome]) -> None:
         """One transaction: every row's new state plus its audit line."""

@@ -325,16 +325,30 @@ class JournalWriter:
         if not rows and not outcomes:
             return
         backoff_s = 0.05
+        entries, changes = [r.entry for r in rows], [o.outcome for o in outcomes]
+        in_doubt = False  # an attempt failed: it may have committed all the same (its answer lost)
+        mine: set[tuple[str, str]] = set()  # rows a lost attempt inserted, over all attempts
         while True:
             try:
                 if self._conn is None:
                     self._conn = self._journal.open_writer_connection()
-                inserted = self._journal.write([r.entry for r in rows], [o.outcome for o in outcomes], self._conn)
+                if in_doubt:
+                    # Write only what the lost attempt did not: its rows are this batch's own (inserted,
+                    # so they are forwarded, not answered as a stranger's serial), and its outcomes are
+                    # not applied twice (one audit line each).
+                    landed, applied = self._journal.landed(entries, changes, self._conn)
+                    if landed or applied:
+                        log.warning("event=journal_write_landed rows=%d outcomes=%d", len(landed), len(applied))
+                    mine |= landed
+                    entries = [e for e in entries if e.key not in mine]
+                    changes = [o for o in changes if o.key not in applied]
+                inserted = (self._journal.write(entries, changes, self._conn) if entries or changes else set()) | mine
                 self.transactions += 1
                 self.rows_written += len(rows)
                 self.outcomes_written += len(outcomes)
                 break
             except sa.exc.SQLAlchemyError:
+                in_doubt = True
                 if self._conn is not None:
                     self._conn.invalidate()
                     self._conn.close()

@@ -6,9 +6,10 @@ dies (a cable, a firewall that drops a flow, a host that lost power) acknowledge
 This helper makes one: a network namespace joined to ours by a veth pair, a listening
 socket inside the namespace, and a forwarder (threads in our namespace) to the upstream
 server on 127.0.0.1. A client connects to `address` (the namespace's side of the pair);
-`blackhole()` adds blackhole routes on both sides, so that every segment either way is
-silently dropped while both sockets stay open; `heal()` removes them and TCP's
-retransmissions resume the streams.
+`blackhole()` takes the namespace's address away, so that every segment either way is
+silently dropped while both sockets stay open (or, with `answers_only`, adds a blackhole route
+for what the namespace sends); `heal()` puts it back and TCP's retransmissions resume the
+streams.
 
 Needs root and `ip` (iproute2): true in CI (`.ci/run` runs as root), where its absence
 fails the test; elsewhere the test skips with the reason."""
@@ -93,7 +94,7 @@ class NetnsLink:
         self._closed = threading.Event()
         self._socks: set[socket.socket] = set()
         self._lock = threading.Lock()
-        self._dark = False
+        self._dark = ""
         self._listener: socket.socket | None = None
         self.address = ""
 
@@ -115,15 +116,23 @@ class NetnsLink:
         threading.Thread(target=self._accept, name="netns-accept", daemon=True).start()
         return self
 
-    def blackhole(self) -> None:
-        """Every segment between the client and the namespace is dropped from now on."""
-        _ip("-n", self._ns, "addr", "del", f"{self._ns_ip}/30", "dev", self._ns_if)
-        self._dark = True
+    def blackhole(self, *, answers_only: bool = False) -> None:
+        """Every segment between the client and the namespace is dropped from now on (the namespace's
+        address is taken away: new connections' SYNs go unanswered too). `answers_only`: only what
+        the namespace sends (answers, acknowledgements) is dropped, so a request sent now still
+        reaches the server, which acts on it, and its answer is lost."""
+        if answers_only:
+            _ip("-n", self._ns, "route", "add", "blackhole", f"{self._host_ip}/32")
+        else:
+            _ip("-n", self._ns, "addr", "del", f"{self._ns_ip}/30", "dev", self._ns_if)
+        self._dark = "answers" if answers_only else "both"
 
     def heal(self) -> None:
-        if self._dark:
+        if self._dark == "answers":
+            _ip("-n", self._ns, "route", "del", "blackhole", f"{self._host_ip}/32")
+        elif self._dark == "both":
             _ip("-n", self._ns, "addr", "add", f"{self._ns_ip}/30", "dev", self._ns_if)
-            self._dark = False
+        self._dark = ""
 
     def close(self) -> None:
         self._closed.set()
