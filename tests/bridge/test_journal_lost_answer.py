@@ -23,7 +23,7 @@ from bridge import journal as jn
 from bridge.journal import Entry, Journal
 from tests.bridge.conftest import BankCore, Utility, new_serial, pay_request
 from tests.support.databases import fresh_database
-from tests.support.netns_link import NetnsLink, netns_link
+from tests.support.netns_link import NetnsLink, database_link
 from tests.support.waiting import wait_until
 from yindian_common.db import DB_LINK_DEAD_S, make_engine
 
@@ -68,12 +68,9 @@ def test_a_pay_whose_journal_commit_lost_its_answer_is_settled_without_the_bank_
     the day's reconciliation answered DAY_IN_DOUBT all along."""
     with fresh_database("postgresql", tmp_path, schema="bridge") as url:
         direct = make_engine(url, pool_size=1)
-        u = direct.url
         try:
-            with netns_link(f"{u.host}:{u.port or 5432}") as link:
-                host, port = link.address.rsplit(":", 1)
-                core = make_bridge(utility.address, db=u.set(host=host, port=int(port)).render_as_string(
-                    hide_password=False), resolver_enabled=True, resolver_idle_wait_s=0.2)
+            with database_link(url) as (link, far_url):
+                core = make_bridge(utility.address, db=far_url, resolver_enabled=True, resolver_idle_wait_s=0.2)
                 try:
                     lost_answer(core, link, utility, direct, caplog)
                 finally:  # while its database is still reachable (the fixture's own stop comes after the link)

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.support.databases import fresh_database
-from tests.support.netns_link import NetnsLink, netns_link
+from tests.support.netns_link import NetnsLink, database_link
 from tests.support.waiting import wait_until
 from yindian_common.db import DB_CONNECT_TIMEOUT_S, DB_LINK_DEAD_S, make_engine
 
@@ -29,20 +29,14 @@ RUNNING_SQL = {
     "mysql": "SELECT COUNT(*) FROM information_schema.processlist WHERE info = :q"}
 
 
-def through(url: str, address: str) -> str:
-    host, port = address.rsplit(":", 1)
-    return sa.make_url(url).set(host=host, port=int(port)).render_as_string(hide_password=False)
-
-
 @pytest.fixture(params=["postgresql", "mariadb"])
 def linked(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, sa.Engine, NetnsLink]]:
     """(the database's URL across a link, an engine straight to it whose lock waits end after 1 s, the link)."""
     with fresh_database(request.param, tmp_path) as url:
         direct = make_engine(url, pool_size=1, wait_max_s=1.0)
-        u = direct.url
         try:
-            with netns_link(f"{u.host}:{u.port or (5432 if direct.dialect.name == 'postgresql' else 3306)}") as link:
-                yield through(url, link.address), direct, link
+            with database_link(url) as (link, far_url):
+                yield far_url, direct, link
         finally:
             direct.dispose()
 

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from mis_adapter.db.core import BillRow, Customer, Payment
 from tests.support.databases import fresh_database
 from tests.support.mis_data import BillSpec, add_account, running_adapter
-from tests.support.netns_link import netns_link
+from tests.support.netns_link import database_link
 from tests.support.waiting import wait_until
 from yindian.v1 import billing_pb2 as pb
 from yindian_common.db import DB_LINK_DEAD_S, make_engine
@@ -40,11 +40,8 @@ def test_a_pay_committed_as_its_link_dies_is_in_doubt_within_the_bound_and_found
         tmp_path: Path) -> None:
     with fresh_database("postgresql", tmp_path, schema="mis") as url:
         direct = make_engine(url, pool_size=2)
-        u = direct.url
         try:
-            with netns_link(f"{u.host}:{u.port or 5432}") as link:
-                host, port = link.address.rsplit(":", 1)
-                far_url = u.set(host=host, port=int(port)).render_as_string(hide_password=False)
+            with database_link(url) as (link, far_url):
                 acct = add_account(direct, "01", 1, BILLS)
                 with running_adapter(far_url) as a:
                     a.stub.Pay(pay_req("WARM", acct, 100), metadata=a.md(), timeout=10)  # a kept connection

@@ -25,6 +25,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+import sqlalchemy as sa
 
 from tests.support.databases import IN_CI
 
@@ -33,6 +34,7 @@ IP_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
 CONNECTIONS_MAX = 64
 READ_BYTES_MAX = 65_536
+DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306}
 _seq = iter(range(1, 1_000_000))
 _seq_lock = threading.Lock()
 
@@ -204,3 +206,13 @@ def netns_link(upstream: str) -> Iterator[NetnsLink]:
         pytest.skip(f"a blackholed-link test {why}")
     with NetnsLink(upstream) as link:
         yield link
+
+
+@contextlib.contextmanager
+def database_link(url: str) -> Iterator[tuple[NetnsLink, str]]:
+    """A link to the server of database `url` (as `netns_link`), and the URL that reaches that database
+    across it."""
+    u = sa.make_url(url)
+    with netns_link(f"{u.host}:{u.port or DEFAULT_PORTS[u.get_backend_name()]}") as link:
+        host, port = link.address.rsplit(":", 1)
+        yield link, u.set(host=host, port=int(port)).render_as_string(hide_password=False)
