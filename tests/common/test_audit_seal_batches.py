@@ -430,3 +430,19 @@ def test_the_sealer_bounds_rows_per_seal_and_seals_per_pass_and_seals_everything
     assert verify(engine, chain) == (40, [], 0)
     with pytest.raises(ValueError):
         Sealer([(chain, engine)], 1, lambda: NOW, batch_max=SEAL_BATCH_MAX + 1)
+
+
+def test_a_sealer_stopping_while_its_database_is_unreachable_stops_and_says_so(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The last pass at stop cannot reach the database (down, or its link dead): the stop goes on, so the
+    process still closes its pools and exits cleanly, and the warning says the rows wait for a later pass.
+    It used to raise out of the bridge's and mis_adapter's drain."""
+    chain = make_chain(sa.MetaData(), "tu")
+    unreachable = make_engine("postgresql://postgres@127.0.0.1:1/nowhere", pool_size=1)
+    sealer = Sealer([(chain, unreachable)], 3600, lambda: NOW)
+    sealer.start()
+    try:
+        sealer.stop()
+    finally:
+        unreachable.dispose()
+    assert "event=audit_final_seal_failed error=OperationalError" in caplog.text
