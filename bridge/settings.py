@@ -68,9 +68,11 @@ class BridgeSettings(SealingServerSettings):
     # pay 1.61 -> 1.48 ms open loop at 400/s (5 pairs) and 1.31 -> 1.15 ms closed loop (3 pairs), lower in each.
     journal_commit_linger_s: float = Field(0.002, ge=0, le=0.1,
                                            description="how long the journal writer, woken from idle, waits "
-                                                       "for more work to share the commit (every pay's row "
-                                                       "and outcome wait at most this much for company; 0: "
-                                                       "no wait, group commit by queue only)")
+                                                       "for more work to share the commit when the recent "
+                                                       "arrival rate brings at least one more item within it "
+                                                       "(every pay's row and outcome wait at most this much for "
+                                                       "company; at a slower pace none; 0: no wait, group "
+                                                       "commit by queue only)")
 
     # --- in-doubt resolution ---
     resolver_enabled: bool = Field(True, description="run the background resolver of in-doubt requests")

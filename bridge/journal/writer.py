@@ -143,6 +143,11 @@ class Recording:
 
 _Item = Recording | NewRow | _Flush | None
 
+# The commit linger's arrival rate: the newest batch's weight in the moving average, and the shortest
+# interval a batch is counted over (two takes in the same clock tick).
+ARRIVAL_WEIGHT = 0.5
+ARRIVAL_INTERVAL_MIN_S = 1e-4
+
 
 class JournalWriter:
     """Writes new rows and outcomes in group commits on one thread: one
@@ -156,7 +161,11 @@ class JournalWriter:
     outcome. Woken from idle, the writer first waits `commit_linger_s` (a bound, not a poll: it is not
     woken per arrival meanwhile) so that what arrives in that time shares the
     commit; work that queued while a commit was running is written at once (it has
-    waited a commit already). Outcomes nobody waits for (`waited=False`) may wait up
+    waited a commit already). It lingers only when company is expected: when the
+    recent arrival rate (items per second between the writer's takes, a moving
+    average over batches; unknown at start, which lingers) brings at least one more
+    item within the linger. At a quiet counter's pace a pay's row and outcome are
+    written at once instead of each waiting the whole linger for nobody. Outcomes nobody waits for (`waited=False`) may wait up
     to `linger_s` for company. A batch holds at most `batch_max` rows and outcomes.
 
     The hand-off is a deque (appends and pops are atomic) plus one wake lock
@@ -165,7 +174,8 @@ class JournalWriter:
 
     def __init__(self, journal: Journal, claims: Claims, clock: Clock, *, batch_max: int, queue_max: int,
                  idle_wait_s: float, linger_s: float = 0.0, commit_linger_s: float = 0.0,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self._journal = journal
         self._clock = clock
         self._claims = claims
@@ -175,6 +185,11 @@ class JournalWriter:
         self._linger_s = linger_s
         self._commit_linger_s = commit_linger_s
         self._sleep = sleep  # the commit linger's wait (a test sees what arrives during it)
+        self._monotonic = monotonic  # the arrival rate's time base (a test sets the pace)
+        # Items (rows, outcomes) per second arriving between takes, averaged over batches; None until the
+        # first batch (the first wake lingers). Written by the writer thread only (and by start).
+        self._arrivals_per_s: float | None = None
+        self._last_take: float | None = None
         self.transactions = 0  # group commits so far, and what they carried (for metrics and benchmarks)
         self.rows_written = 0
         self.outcomes_written = 0
@@ -193,6 +208,7 @@ class JournalWriter:
         self._carried: list[Recording] = []
 
     def start(self) -> None:
+        self._last_take = self._monotonic()  # the first batch's arrivals are counted from here
         self._thread.start()
 
     def journal_new(self, entry: Entry, claim: Claim) -> NewRow:
@@ -270,7 +286,7 @@ class JournalWriter:
         if not outcomes and not items:
             if not self._sleep_until_work(self._idle_wait_s):
                 return rows, outcomes, flushes, False
-            if self._commit_linger_s > 0:
+            if self._company_expected():
                 self._sleep(self._commit_linger_s)  # let the work arriving meanwhile share this commit
         linger_until = 0.0
         urgent = bool(outcomes)
@@ -299,7 +315,27 @@ class JournalWriter:
             if left <= 0 or (not items and not self._sleep_until_work(left)):
                 break
         self._room()
+        self._note_arrivals(len(rows) + len(outcomes))
         return rows, outcomes, flushes, False
+
+    def _company_expected(self) -> bool:
+        """Whether lingering is worth it: a linger is set and, at the recent arrival rate, at least one
+        more item arrives within it (unknown rate: yes)."""
+        if self._commit_linger_s <= 0:
+            return False
+        rate = self._arrivals_per_s
+        return rate is None or rate * self._commit_linger_s >= 1.0
+
+    def _note_arrivals(self, taken: int) -> None:
+        """Updates the arrival rate with a batch of `taken` items: everything that arrived since the
+        previous take (ARRIVAL_WEIGHT: the newest batch's share of the average)."""
+        now, last = self._monotonic(), self._last_take
+        self._last_take = now
+        if last is None:  # the first batch: nothing to count it from
+            return
+        sample = taken / max(now - last, ARRIVAL_INTERVAL_MIN_S)
+        rate = self._arrivals_per_s
+        self._arrivals_per_s = sample if rate is None else ARRIVAL_WEIGHT * sample + (1 - ARRIVAL_WEIGHT) * rate
 
     def _room(self) -> None:
         if self._space_waiters:

@@ -297,6 +297,42 @@ def test_what_arrives_while_the_idle_writer_lingers_shares_its_commit(engine: En
         writer.stop(WAIT_S)
 
 
+def _paced_pays(engine: Engine, gap_s: float, n: int) -> tuple[list[float], JournalWriter]:
+    """`n` pays journaled one after another, each alone, `gap_s` apart on the writer's clock; returns the
+    writer's commit lingers while it journaled them (it is stopped)."""
+    j, claims = Journal(engine), Claims()
+    now = [0.0]
+    waits: list[float] = []
+    writer = JournalWriter(j, claims, ManualClock(AT), batch_max=16, queue_max=64, idle_wait_s=0.05,
+                           commit_linger_s=0.002, sleep=waits.append, monotonic=lambda: now[0])
+    writer.start()
+    try:
+        for i in range(n):
+            now[0] += gap_s
+            row = writer.journal_new(pay(f"PACE{i}"), claims.acquire((jn.PAY, f"PACE{i}"))[0])
+            assert row.wait(WAIT_S) and row.inserted
+        lingered = list(waits)
+    finally:
+        writer.stop(WAIT_S)
+    assert writer.transactions == n and writer.rows_written == n
+    assert all(j.get(jn.PAY, f"PACE{i}") is not None for i in range(n))
+    return lingered, writer
+
+
+def test_at_a_quiet_pace_the_writer_commits_at_once_instead_of_lingering_for_nobody(engine: Engine) -> None:
+    """One pay a second (a quiet counter): after the first wake (no rate known yet) no row waits the
+    commit linger, since no other work is expected within it."""
+    waits, _ = _paced_pays(engine, gap_s=1.0, n=5)
+    assert waits == [0.002]
+
+
+def test_at_a_busy_pace_the_idle_writer_still_lingers_for_company(engine: Engine) -> None:
+    """Work arriving every 0.1 ms (10,000 items a second, 20 expected within a 2 ms linger): each wake
+    from idle lingers, as before the rate was taken into account."""
+    waits, _ = _paced_pays(engine, gap_s=0.0001, n=5)
+    assert waits == [0.002] * 5
+
+
 def test_concurrent_pays_share_commits_and_every_one_is_journaled_once(engine: Engine) -> None:
     """32 threads journal a row, then its outcome, waiting for each as the bridge does: every caller is
     answered, every row is POSTED with one audit line, every claim is released, and commits were shared."""
