@@ -452,12 +452,13 @@ def _pay_kept(ctx: Books, engine: Engine, pool: pay_pg.KeptConnections, kept: pa
     pool checkout. The connection goes back after calls that raised nothing and left no transaction open;
     after anything else it is closed. A replay is answered on a pool connection, after it went back."""
     day_key = bank_day_key(cmd.bank_id)
+    answer_by = pay_pg.answer_deadline(wait.wait_ms)  # for every attempt together
     got = None
     try:
         for _attempt in range(PAY_READ_ATTEMPTS_MAX):
             crash_point("mis.before_commit")
             got = pay_pg.call_kept(kept, cmd=cmd, day=day, day_key=day_key, now=now, wait_ms=wait.wait_ms,
-                                   rates=ctx.rates)
+                                   rates=ctx.rates, answer_by=answer_by)
             if got is not None:
                 break
     except BaseException:

@@ -45,6 +45,12 @@ IDLE_SLACK_MS = 1_000
 # Session-level bounds (SQLite, MariaDB, Pay's kept PostgreSQL connections) change only in steps of
 # this, so that a run of calls with similar deadlines sends no statement at all.
 WAIT_STEP_MS = 250
+# A client-side wait for a call's answer (Pay's kept PostgreSQL connections, pay_pg) ends this long after
+# the call's own server-side bound, which ends DEADLINE_MARGIN_S before the caller's deadline: a server that
+# can answer has answered by then (a lock or statement timeout: nothing written), and an in-doubt answer
+# still leaves before the caller's deadline. It ends the wait on a link that died with the call in flight,
+# which TCP gives up only DB_LINK_DEAD_S after its last segment.
+ANSWER_SLACK_S = DEADLINE_MARGIN_S / 2
 # A session keeps its bound for a call that allows at least that long and less than this many steps
 # longer (kept_wait_fits): a bound up to 2 steps (500 ms) shorter than a call allows costs little, and
 # absorbs the jitter of queueing before the call. Pays forwarded with a 5 s deadline reach mis_adapter

@@ -4,16 +4,20 @@ link (tests.support.netns_link); the pay waits on its account's row lock, the li
 the lock is let go and the server commits the pay, whose answer is lost. The bank hears
 COMMIT_IN_DOUBT within the bound while the link is still dark, not DEADLINE_EXCEEDED after its
 whole deadline (a money thread held all along); once the link heals, asking about the serial
-finds the payment POSTED, paying it again returns that payment, and the database holds it once."""
+finds the payment POSTED, paying it again returns that payment, and the database holds it once.
+With a deadline shorter than that bound, the pay gives up at its deadline (pay_pg's client-side
+wait), not at the bound: its money thread is free again while the link is still dark."""
 from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
 import sqlalchemy as sa
+from prometheus_client import REGISTRY
 
 from mis_adapter.db.core import BillRow, Customer, Payment
 from tests.support.databases import fresh_database
@@ -36,8 +40,18 @@ def pay_req(serial: str, acct: str, amount: int) -> pb.PayRequest:
                          teller_id="T01", channel=pb.CHANNEL_COUNTER)
 
 
-def test_a_pay_committed_as_its_link_dies_is_in_doubt_within_the_bound_and_found_once_after(
-        tmp_path: Path) -> None:
+def pays_handled() -> float:
+    """Pay calls mis_adapter has finished handling, whatever their status (grpc_server_handled_total)."""
+    return sum(s.value for m in REGISTRY.collect() for s in m.samples
+               if s.name == "grpc_server_handled_total" and s.labels.get("grpc_method") == "Pay")
+
+
+def a_pay_committed_as_its_link_dies(tmp_path: Path, deadline_s: float,
+                                     while_dark: Callable[[grpc.Future, float, float], None]) -> None:
+    """The scene: a pay waits on its account's row lock, its link goes dark, the lock is let go and the
+    server commits the pay (its answer lost). `while_dark(call, sent_at, handled)` checks what the bank
+    sees while the link is still dark (`handled`: pays_handled() when the pay was sent); then the link heals, the doubt resolves to POSTED, paying again returns that
+    payment, and the database holds it once."""
     with fresh_database("postgresql", tmp_path, schema="mis") as url:
         direct = make_engine(url, pool_size=2)
         try:
@@ -49,8 +63,8 @@ def test_a_pay_committed_as_its_link_dies_is_in_doubt_within_the_bound_and_found
                     tx = holder.begin()
                     holder.execute(sa.select(Customer.__table__.c.account_no)
                                    .where(Customer.__table__.c.account_no == acct).with_for_update())
-                    call = a.stub.Pay.future(pay_req("P-DARK", acct, 5_000), metadata=a.md(),
-                                             timeout=PAY_DEADLINE_S)
+                    handled, sent_at = pays_handled(), time.monotonic()
+                    call = a.stub.Pay.future(pay_req("P-DARK", acct, 5_000), metadata=a.md(), timeout=deadline_s)
 
                     def pay_waits_on_the_lock() -> bool:
                         with direct.connect() as conn:
@@ -69,12 +83,7 @@ def test_a_pay_committed_as_its_link_dies_is_in_doubt_within_the_bound_and_found
                                                 .where(Payment.__table__.c.bank_serial == "P-DARK")).scalar_one() == 1
 
                     wait_until(paid_on_the_server, "the pay committed on the server")
-                    t0 = time.monotonic()
-                    with pytest.raises(grpc.RpcError) as exc:
-                        call.result(timeout=DB_LINK_DEAD_S + SLACK_S)
-                    answered_s = time.monotonic() - t0
-                    assert exc.value.code() == grpc.StatusCode.UNAVAILABLE, (exc.value.code(), answered_s)
-                    assert error_info(exc.value).reason == "COMMIT_IN_DOUBT"
+                    while_dark(call, sent_at, handled)
 
                     link.heal()
 
@@ -97,3 +106,39 @@ def test_a_pay_committed_as_its_link_dies_is_in_doubt_within_the_bound_and_found
                                     .where(b.c.account_no == acct)).scalar_one() == 5_100
         finally:
             direct.dispose()
+
+
+def test_a_pay_committed_as_its_link_dies_is_in_doubt_within_the_bound_and_found_once_after(
+        tmp_path: Path) -> None:
+    def within_the_bound(call: grpc.Future, _sent_at: float, _handled: float) -> None:
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as exc:
+            call.result(timeout=DB_LINK_DEAD_S + SLACK_S)
+        answered_s = time.monotonic() - t0
+        assert exc.value.code() == grpc.StatusCode.UNAVAILABLE, (exc.value.code(), answered_s)
+        assert error_info(exc.value).reason == "COMMIT_IN_DOUBT"
+
+    a_pay_committed_as_its_link_dies(tmp_path, PAY_DEADLINE_S, within_the_bound)
+
+
+def test_a_pay_whose_deadline_comes_before_the_link_bound_lets_go_at_its_deadline(tmp_path: Path) -> None:
+    """A 4 s deadline, shorter than the dead-link bound: mis_adapter answers the pay (in doubt) by its
+    deadline and is done with it (its handled count moves) while the link is still dark, instead of
+    holding its money thread and kept connection until TCP gives up on the link."""
+    deadline_s = 4.0
+    assert deadline_s + 1.0 < DB_LINK_DEAD_S
+
+    def at_the_deadline(call: grpc.Future, sent_at: float, handled: float) -> None:
+        with pytest.raises(grpc.RpcError) as exc:
+            call.result(timeout=deadline_s + SLACK_S)
+        # The in-doubt answer leaves 50 ms before the deadline (db.ANSWER_SLACK_S); a busy box may deliver
+        # it late, and the bank then sees its own deadline pass: in doubt either way.
+        if exc.value.code() == grpc.StatusCode.UNAVAILABLE:
+            assert error_info(exc.value).reason == "COMMIT_IN_DOUBT"
+        else:
+            assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, exc.value.code()
+        left_s = sent_at + deadline_s + 1.0 - time.monotonic()
+        assert left_s > 0, "the scene took longer than the pay's deadline and a second"
+        wait_until(lambda: pays_handled() == handled + 1, "mis_adapter done with the pay", timeout_s=left_s)
+
+    a_pay_committed_as_its_link_dies(tmp_path, deadline_s, at_the_deadline)
