@@ -193,10 +193,16 @@ def test_a_report_from_the_snapshot_equals_the_reconstruction(engine: sa.Engine,
                         after.append(("reverse", (pid, on)))
                     else:
                         books.reverse(pid, on)
+    # Bill ids grow with each insert (the snapshot's premise: arrears_snapshot), so the later bills written
+    # before the job take the lower ids and those written after it the higher ones.
+    later_ids = {k: len(bills) + 1 + rank for rank, k in
+                 enumerate(sorted(range(len(later)), key=lambda k: not later[k][2]))}
+
     def issue_later(before_job: bool) -> None:
-        for i, (b, stamped, pre) in enumerate(later, start=len(bills) + 1):
+        for k, (b, stamped, pre) in enumerate(later):
             if pre != before_job:
                 continue
+            i = later_ids[k]
             books.bill(i, b, EARLY if stamped == "before" else end_of_s + dt.timedelta(days=b["due"] % 7))
             for principal, fee, settled, _rev in b["allocations"][:1]:
                 books.pay(i, principal, fee, max(BASE + dt.timedelta(days=settled), snap_day + dt.timedelta(days=1)))
