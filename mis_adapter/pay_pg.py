@@ -548,9 +548,9 @@ _FATAL_ERROR = psycopg.pq.ExecStatus.FATAL_ERROR
 
 # ---- one round trip on a kept connection (issue 11: no pool checkout, no BEGIN/ROLLBACK, no pipeline) ----
 # The call's session on a kept connection: generic plans for yd_pay's statements, set once when the
-# connection is opened; its lock and statement bounds are session settings, sent with a call (stepped down
-# to yindian_common.db.WAIT_STEP_MS) only when the last one sent does not fit it (db.kept_wait_fits: longer
-# than the call allows, or WAIT_KEEP_STEPS steps or more shorter).
+# connection is opened; its lock and statement bounds are session settings, sent in a round trip of their
+# own before a call (stepped down to yindian_common.db.WAIT_STEP_MS) only when the last one sent does not
+# fit it (db.kept_wait_fits: longer than the call allows, or WAIT_KEEP_STEPS steps or more shorter).
 KEPT_SESSION = "SELECT set_config('plan_cache_mode', 'force_generic_plan', false)"
 KEPT_CALL_NAME = b"yd_pay_kept"  # PAY_CALL's prepared name on a kept connection (psycopg's own are _pg3_*)
 KEPT_BOUNDS = "SELECT set_config('lock_timeout', $1, false), set_config('statement_timeout', $1, false)"

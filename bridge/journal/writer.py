@@ -165,8 +165,9 @@ class JournalWriter:
     recent arrival rate (items per second between the writer's takes, a moving
     average over batches; unknown at start, which lingers) brings at least one more
     item within the linger. At a quiet counter's pace a pay's row and outcome are
-    written at once instead of each waiting the whole linger for nobody. Outcomes nobody waits for (`waited=False`) may wait up
-    to `linger_s` for company. A batch holds at most `batch_max` rows and outcomes.
+    written at once instead of each waiting the whole linger for nobody. Outcomes
+    nobody waits for (`waited=False`) may wait up to `linger_s` for company. A batch
+    holds at most `batch_max` rows and outcomes.
 
     The hand-off is a deque (appends and pops are atomic) plus one wake lock
     released only when the writer sleeps idle, instead of queue.Queue's condition
