@@ -84,10 +84,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import logging
-import os
 import select
-import socket
 import threading
 import time
 import weakref
@@ -102,13 +99,12 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from mis_adapter.pay_plan import PaymentEffects
+from yindian_common import db_watch
 from yindian_common.business_metrics import db_label, record_db_error
-from yindian_common.db import ANSWER_SLACK_S, POOL_RECYCLE_S, kept_wait_fits, stepped_wait_ms
+from yindian_common.db import POOL_RECYCLE_S, answer_due, kept_wait_fits, stepped_wait_ms
 from yindian_common.db_errors import COMMIT_IN_DOUBT
 from yindian_common.errors import Unavailable
 from yindian_common.libpq import raise_error
-
-log = logging.getLogger("mis_adapter.pay_pg")
 
 # Whether the bank's `day` and `day + 1` are reconciled, in one range scan of the key: bit 0 the day,
 # bit 1 the next (0 to 3; `closed_bits`). READ and WRITE's guard both read it; $2 is the bank.
@@ -556,9 +552,6 @@ KEPT_CALL_NAME = b"yd_pay_kept"  # PAY_CALL's prepared name on a kept connection
 KEPT_BOUNDS = "SELECT set_config('lock_timeout', $1, false), set_config('statement_timeout', $1, false)"
 # A kept connection older than this is closed and replaced, as the pool recycles its own (POOL_RECYCLE_S).
 KEPT_RECYCLE_S = float(POOL_RECYCLE_S)
-# How often the kept connections' watch thread looks for calls past their answer_by (answer_deadline):
-# half the slack between a call's server-side bound and the end of the wait for its answer.
-KEPT_WATCH_PERIOD_S = ANSWER_SLACK_S / 2
 
 
 class KeptConnection:
@@ -566,8 +559,7 @@ class KeptConnection:
     arguments and listeners, then no longer counted or returned by it), in autocommit for good, serving
     only yd_pay calls. `bound_ms`: the session's lock and statement bound last sent (None: none yet)."""
 
-    __slots__ = ("fairy", "db", "raw", "cur", "fd", "born", "bound_ms", "encoding", "prepared", "prepared_many",
-                 "answer_by", "watch_lock")
+    __slots__ = ("fairy", "db", "raw", "cur", "fd", "born", "bound_ms", "encoding", "prepared", "prepared_many")
 
     def __init__(self, fairy: Any, raw: Any, db: str) -> None:
         self.fairy = fairy
@@ -582,8 +574,6 @@ class KeptConnection:
         self.encoding = raw.info.encoding
         self.prepared = False  # PAY_CALL prepared as KEPT_CALL_NAME
         self.prepared_many = False  # PAY_MANY_CALL prepared as KEPT_MANY_NAME
-        self.answer_by = 0.0  # the call in progress must be answered by then (time.monotonic()); 0: none
-        self.watch_lock = threading.Lock()
 
     def call_prepared(self, params: tuple[Any, ...], answer_by: float) -> PayCalled:
         """PAY_CALL with `params` straight on libpq: prepared once under KEPT_CALL_NAME, then one
@@ -618,28 +608,15 @@ class KeptConnection:
 
     def _watched(self, call: Callable[[], Any], answer_by: float) -> Any:
         """`call` (one blocking libpq round trip on this connection), given up at `answer_by`
-        (time.monotonic()): KeptConnections' watch thread shuts the socket of a call still waiting then,
-        and libpq reports the connection lost (the caller answers in doubt). The round trip itself stays
-        one blocking call: a client-side wait of our own (send, select, read) released the interpreter
-        lock three times a pay, and cost 2.6 % of the pays per second under bench-ratio."""
-        with self.watch_lock:
-            self.answer_by = answer_by
+        (time.monotonic()): db_watch shuts the socket of a call still waiting then, and libpq reports the
+        connection lost (the caller answers in doubt). The round trip itself stays one blocking call: a
+        client-side wait of our own (send, select, read) released the interpreter lock three times a pay,
+        and cost 2.6 % of the pays per second under bench-ratio."""
+        token = db_watch.register(self.fd, answer_by)
         try:
             return call()
         finally:
-            with self.watch_lock:
-                self.answer_by = 0.0
-
-    def cut_if_overdue(self, now: float) -> bool:
-        """Shuts this connection's socket down if a call on it is still waiting past its `answer_by`
-        (the watch thread's check; under the lock a call sets and clears its bound with, so that only
-        the overdue call is cut). True if it did."""
-        with self.watch_lock:
-            if not 0.0 < self.answer_by < now:
-                return False
-            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(self.fd)) as sock:
-                sock.shutdown(socket.SHUT_RDWR)  # the socket itself, through a duplicate of libpq's descriptor
-            return True
+            db_watch.unregister(token)
 
     def _result(self, results: list[Any], status: Any) -> Any:
         """The one result of a statement, or its error raised (the first, as psycopg raises it)."""
@@ -713,8 +690,6 @@ class KeptConnections:
         self._open = 0
         self._closed = False
         self._lock = threading.Lock()
-        self._all: set[KeptConnection] = set()  # every open one, for the watch thread
-        self._watch: threading.Thread | None = None
 
     def take(self) -> KeptConnection | None:
         """A healthy kept connection (opened if fewer than size_max are), or None."""
@@ -736,9 +711,7 @@ class KeptConnections:
             try:
                 raw = fairy.driver_connection
                 fairy.detach()
-                kept = KeptConnection(fairy, raw, self.db)
-                self._watched(kept)
-                return kept
+                return KeptConnection(fairy, raw, self.db)
             except psycopg.Error as exc:
                 # The session's setup statement met a server that ended the connection (a terminated
                 # backend, a restart): database trouble before anything was sent, as the pool's own
@@ -767,32 +740,6 @@ class KeptConnections:
         kept.close()
         with self._lock:
             self._open -= 1
-            self._all.discard(kept)
-
-    def _watched(self, kept: KeptConnection) -> None:
-        """Puts a new connection under the watch thread (started with the first)."""
-        with self._lock:
-            self._all.add(kept)
-            if self._watch is None:
-                self._watch = threading.Thread(target=self._watch_calls, name=f"kept-watch-{self.db}", daemon=True)
-                self._watch.start()
-
-    def _watch_calls(self) -> None:
-        """Every KEPT_WATCH_PERIOD_S, cuts the calls still waiting past their answer_by (KeptConnection.
-        cut_if_overdue): a database link that died with a pay in flight is given up at the pay's deadline,
-        not DB_LINK_DEAD_S after its last segment. Ends when no kept connection is open (the next one
-        starts it again)."""
-        while True:
-            time.sleep(KEPT_WATCH_PERIOD_S)
-            with self._lock:
-                if not self._all:
-                    self._watch = None
-                    return
-                calls = tuple(self._all)
-            now = time.monotonic()
-            for kept in calls:
-                if kept.cut_if_overdue(now):
-                    log.warning("event=db_answer_overdue db=%s action=connection_cut", self.db)
 
     @property
     def open_count(self) -> int:
@@ -831,26 +778,19 @@ def kept_connections(engine: Engine) -> KeptConnections | None:
     return None if found.size_max == 0 else found
 
 
-def answer_deadline(wait_ms: int) -> float:
-    """When a kept call allowing `wait_ms` from now must be answered (time.monotonic()): after its server-side
-    bound, and cut by the watch thread (KEPT_WATCH_PERIOD_S later at most) still before the caller's
-    deadline (db.ANSWER_SLACK_S after the bound)."""
-    return time.monotonic() + wait_ms / 1000 + ANSWER_SLACK_S - KEPT_WATCH_PERIOD_S
-
-
 def call_kept(kept: KeptConnection, *, cmd: Any, day: dt.date, day_key: int, now: dt.datetime, wait_ms: int,
               rates: Any, answer_by: float | None = None) -> PayCalled | None:
     """PayTx.call on a kept connection: yd_pay alone in one implicit transaction (autocommit), committed at
     the Sync ending its round trip, straight on libpq (KeptConnection.call_prepared); the session's lock and
     statement bounds first, in a round trip of their own, only when the kept ones do not fit the call
     (db.kept_wait_fits). Every answer is awaited until `answer_by` (time.monotonic(); None:
-    answer_deadline(wait_ms)) at most.
+    db.answer_due(wait_ms)) at most.
     Same answers and errors as PayTx.call: None for BILL_CHANGED (rolled back, nothing written); a
     connection broken once the call is sent, or closed for want of an answer by `answer_by`, is in doubt
     (COMMIT_IN_DOUBT). The caller closes the kept connection after any exception and gives it back
     otherwise."""
     if answer_by is None:
-        answer_by = answer_deadline(wait_ms)
+        answer_by = answer_due(wait_ms)
     params = (cmd.account_no, cmd.bank_id, cmd.bank_serial, day, day_key, cmd.amount_fen, cmd.channel,
               cmd.outlet_code, cmd.teller_id, cmd.bank_balance_fen, now, rates.residential_ppm_per_day,
               rates.other_current_year_ppm_per_day, rates.other_earlier_years_ppm_per_day, rates.minimum_fen)
@@ -961,7 +901,7 @@ def call_kept_many(kept: KeptConnection, pays: list[BatchPay], *, wait_ms: int, 
     once the call was sent, or was closed for want of an answer (the batch may have committed). The caller
     closes the kept connection after any exception and gives it back otherwise."""
     if answer_by is None:
-        answer_by = answer_deadline(wait_ms)
+        answer_by = answer_due(wait_ms)
     params = pay_many_params(pays, rates, kept.encoding)
     raw = kept.raw
     try:

@@ -37,10 +37,10 @@ from mis_adapter.late_fee import LateFeeRates
 from mis_adapter.link_state import SIGNED_OFF_TODAY
 from mis_adapter.pay_plan import PaymentEffects, payment_effects
 from mis_adapter.routing import BranchRouter
-from yindian_common import business_metrics
+from yindian_common import business_metrics, db_watch
 from yindian_common.clock import Clock, business_date, utc_now
 from yindian_common.crash_points import crash_point
-from yindian_common.db import WaitBound, bound_waits, db_wait_bound
+from yindian_common.db import WaitBound, answer_due, bound_waits, db_wait_bound
 from yindian_common.db_errors import commit_or_doubt
 from yindian_common.db_errors import db_call as _db_call
 from yindian_common.errors import (
@@ -257,11 +257,12 @@ def pay(ctx: Books, cmd: PayCommand, *, time_left_s: float | None = None) -> Pay
     """Posts `cmd` (or answers a replay). `time_left_s` is the caller's remaining
     deadline: every database wait of the call is bounded by it (yindian_common.db)."""
     wait = db_wait_bound(ctx.settings, time_left_s)
-    if ctx.router.split:  # several branch databases: through the front registry (mis_adapter.cross_branch)
-        from mis_adapter import cross_branch
-        result, fresh = _db_call(cross_branch.pay, ctx, cmd, wait)
-    else:
-        result, fresh = pay_in(ctx, ctx.router.engine_for(cmd.account_no), cmd, wait)
+    with db_watch.calls_due(wait.answer_by):  # a round trip still waiting then is cut: in doubt, not held
+        if ctx.router.split:  # several branch databases: through the front registry (mis_adapter.cross_branch)
+            from mis_adapter import cross_branch
+            result, fresh = _db_call(cross_branch.pay, ctx, cmd, wait)
+        else:
+            result, fresh = pay_in(ctx, ctx.router.engine_for(cmd.account_no), cmd, wait)
     if fresh:
         crash_point("mis.after_commit")
         business_metrics.record_payment(cmd.bank_id, cmd.channel, cmd.amount_fen)
@@ -323,8 +324,8 @@ def _pay_batched(ctx: Books, engine: Engine, kept_pool: pay_pg.KeptConnections, 
         if left_ms <= 0:
             raise Unavailable("the call's deadline passed while it waited for the database; nothing was written",
                               reason="DEADLINE_PASSED")
-        return _pay_alone(ctx, engine, kept_pool, cmd, WaitBound(left_ms, left_ms + wait.idle_ms - wait.wait_ms),
-                          day, now)
+        alone = WaitBound(left_ms, left_ms + wait.idle_ms - wait.wait_ms, wait.answer_by)
+        return _pay_alone(ctx, engine, kept_pool, cmd, alone, day, now)
     assert isinstance(got, tuple)
     return got
 
@@ -452,7 +453,7 @@ def _pay_kept(ctx: Books, engine: Engine, pool: pay_pg.KeptConnections, kept: pa
     pool checkout. The connection goes back after calls that raised nothing and left no transaction open;
     after anything else it is closed. A replay is answered on a pool connection, after it went back."""
     day_key = bank_day_key(cmd.bank_id)
-    answer_by = pay_pg.answer_deadline(wait.wait_ms)  # for every attempt together
+    answer_by = wait.answer_by or answer_due(wait.wait_ms)  # for every attempt together
     got = None
     try:
         for _attempt in range(PAY_READ_ATTEMPTS_MAX):
@@ -665,11 +666,12 @@ def cancel(ctx: Books, cmd: CancelCommand, *, time_left_s: float | None = None) 
     wait = db_wait_bound(ctx.settings, time_left_s)
     for _attempt in range(ctx.settings.cancel_race_retries):
         try:
-            if ctx.router.split:  # several branch databases: through the front registry
-                from mis_adapter import cross_branch
-                result, fresh = _db_call(cross_branch.cancel, ctx, cmd, wait)
-            else:
-                result, fresh = _db_call(_cancel_once, ctx, cmd, wait)
+            with db_watch.calls_due(wait.answer_by):  # as Pay's
+                if ctx.router.split:  # several branch databases: through the front registry
+                    from mis_adapter import cross_branch
+                    result, fresh = _db_call(cross_branch.cancel, ctx, cmd, wait)
+                else:
+                    result, fresh = _db_call(_cancel_once, ctx, cmd, wait)
             if fresh:
                 business_metrics.record_cancel(cmd.bank_id, result.outcome, cmd.amount_fen)
             return result

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,6 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
+from yindian_common import db_watch
 from yindian_common.errors import Unavailable
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -79,9 +81,12 @@ class _WaitSettings(Protocol):
 
 @dataclass(frozen=True)
 class WaitBound:
-    """How long this call's statements may wait on the database, in milliseconds."""
+    """How long this call's statements may wait on the database, in milliseconds, and when its answers are
+    due (time.monotonic(); 0: no deadline): ANSWER_SLACK_S after the waits' end, less the watch's period
+    (db_watch cuts a round trip still waiting then, before the caller's deadline)."""
     wait_ms: int
     idle_ms: int
+    answer_by: float = 0.0
 
 
 def db_wait_bound(settings: _WaitSettings, time_left_s: float | None) -> WaitBound:
@@ -95,7 +100,15 @@ def db_wait_bound(settings: _WaitSettings, time_left_s: float | None) -> WaitBou
                               reason="DEADLINE_PASSED")
         limit_s = min(limit_s, left_s)
     wait_ms = max(1, int(limit_s * 1000))
-    return WaitBound(wait_ms, wait_ms + IDLE_SLACK_MS)
+    due = 0.0 if time_left_s is None else answer_due(wait_ms)
+    return WaitBound(wait_ms, wait_ms + IDLE_SLACK_MS, due)
+
+
+def answer_due(wait_ms: int) -> float:
+    """When the answers of a call whose waits are bounded by `wait_ms` from now are due (time.monotonic()):
+    after its server-side bounds, and cut by db_watch (WATCH_PERIOD_S later at most) still before the
+    caller's deadline (ANSWER_SLACK_S after the bounds)."""
+    return time.monotonic() + wait_ms / 1000 + ANSWER_SLACK_S - db_watch.WATCH_PERIOD_S
 
 
 def stepped_wait_ms(ms: int) -> int:
@@ -282,6 +295,7 @@ def make_engine(url: str, *, pool_size: int = 16, pool_overflow: int = 0,
         if application_name:
             kwargs["connect_args"]["application_name"] = application_name
     engine = sa.create_engine(url, **kwargs)
+    db_watch.watch_pool(engine)
     if url.startswith("mysql"):
         bound_mysql_links(engine)
         _session_wait_defaults(engine, None if wait_max_s is None else int(wait_max_s * 1000))

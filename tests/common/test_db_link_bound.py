@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from tests.support.databases import fresh_database
 from tests.support.netns_link import NetnsLink, database_link
 from tests.support.waiting import wait_until
+from yindian_common import db_watch
 from yindian_common.db import DB_CONNECT_TIMEOUT_S, DB_LINK_DEAD_S, make_engine
 
 pytestmark = pytest.mark.timeout(120)
@@ -124,3 +125,47 @@ def test_a_transaction_stranded_by_a_dead_link_gives_its_row_locks_back_within_t
         assert conn.exec_driver_sql("SELECT balance FROM accounts WHERE id = 1").scalar_one() == 101
     stranded.invalidate()
     stranded.close()
+
+
+def test_a_call_due_before_the_link_bound_ends_its_pooled_statement_when_due(
+        linked: tuple[str, sa.Engine, NetnsLink], far_engines: list[sa.Engine]) -> None:
+    """Under db_watch.calls_due (Pay on the pool, Cancel), a statement waiting on a link that went dark
+    ends when the call's answers are due, not DB_LINK_DEAD_S later: the engine's pooled connections
+    (make_engine) are watched while checked out in that scope, and no longer once checked in."""
+    far_url, direct, link = linked
+    far = make_engine(far_url, pool_size=2)
+    far_engines.append(far)
+    dialect = far.dialect.name
+    due_in_s = 3.0
+    assert due_in_s + 1.5 < DB_LINK_DEAD_S
+    with db_watch.calls_due(time.monotonic() + 0.2), far.connect() as conn:
+        assert conn.exec_driver_sql("SELECT 1").scalar_one() == 1
+    cuts = db_watch.overdue_cuts()
+    outcome: list[BaseException | None] = []
+
+    def in_flight() -> None:
+        try:
+            with db_watch.calls_due(time.monotonic() + due_in_s), far.connect() as conn:
+                conn.exec_driver_sql(SLEEP_SQL[dialect]).all()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t0 = time.monotonic()
+    t = threading.Thread(target=in_flight, daemon=True)
+    t.start()
+
+    def running() -> bool:
+        with direct.connect() as conn:
+            return bool(conn.execute(sa.text(RUNNING_SQL[dialect]), {"q": SLEEP_SQL[dialect]}).scalar_one())
+
+    wait_until(running, "the statement running on the server")
+    link.blackhole()
+    t.join(due_in_s + 1.5 - (time.monotonic() - t0))
+    ended_s = time.monotonic() - t0
+    assert not t.is_alive(), f"the statement still waits {ended_s:.1f} s after it was sent, due at {due_in_s} s"
+    assert isinstance(outcome[0], sa.exc.OperationalError), outcome
+    assert db_watch.overdue_cuts() == cuts + 1  # the earlier call's connection, checked in, was not cut
+    link.heal()
+    with far.connect() as conn:
+        assert conn.exec_driver_sql("SELECT 2").scalar_one() == 2

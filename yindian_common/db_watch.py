@@ -1,0 +1,149 @@
+"""Database round trips given up at their caller's deadline, whatever the link does.
+
+The server-side bounds (lock and statement timeouts: db.bound_waits, Pay's kept sessions) end the waits
+of a server that still answers; TCP gives a dead link up DB_LINK_DEAD_S after its last segment
+(db.link_bound_args). A money call whose deadline comes first needs a bound of its own: it registers
+its connection's socket with the moment its answer is due, and one watch thread per process shuts down,
+every WATCH_PERIOD_S, the socket of a registration past due. The driver then reports the connection lost
+(libpq, PyMySQL), which the caller answers as it answers any link that broke: nothing written before a
+COMMIT was sent, in doubt (COMMIT_IN_DOUBT) after.
+
+A registration is made and removed under one lock, and a socket is shut only under that lock while still
+registered, so a connection handed back (its descriptor perhaps reused) is never touched.
+
+Two ways in: `watched(fd, due)` around one blocking round trip (Pay's kept PostgreSQL connections), and
+`calls_due(due)`, under which every connection an engine of db.make_engine checks out of its pool is
+registered until it is checked in (Pay on the pool, Cancel; `watch_pool`)."""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+log = logging.getLogger("yindian.db_watch")
+
+# How often the watch thread looks for registrations past due, and how long it stays without any before
+# it ends (the next registration starts it again).
+WATCH_PERIOD_S = 0.025
+WATCH_IDLE_END_S = 1.0
+
+_lock = threading.Lock()
+_due: dict[int, tuple[int, float]] = {}  # registration -> (socket descriptor, due on time.monotonic())
+_next = 0
+_thread: threading.Thread | None = None
+_CALL_DUE: contextvars.ContextVar[float] = contextvars.ContextVar("yindian_db_call_due", default=0.0)
+_RECORD_KEY = "yindian.db_watch"
+
+
+def register(fd: int, due: float) -> int:
+    """Watches socket `fd` until `unregister`: shut down if still registered at `due` (time.monotonic())."""
+    global _next, _thread
+    with _lock:
+        _next += 1
+        _due[_next] = (fd, due)
+        if _thread is None:
+            _thread = threading.Thread(target=_watch, name="db-watch", daemon=True)
+            _thread.start()
+        return _next
+
+
+def unregister(token: int) -> None:
+    with _lock:
+        _due.pop(token, None)
+
+
+@contextlib.contextmanager
+def watched(fd: int, due: float) -> Iterator[None]:
+    token = register(fd, due)
+    try:
+        yield
+    finally:
+        unregister(token)
+
+
+@contextlib.contextmanager
+def calls_due(due: float) -> Iterator[None]:
+    """Every connection checked out of a watched pool (watch_pool) in this scope is due at `due`
+    (time.monotonic(); 0: not watched)."""
+    reset = _CALL_DUE.set(due)
+    try:
+        yield
+    finally:
+        _CALL_DUE.reset(reset)
+
+
+def overdue_cuts() -> int:
+    """Sockets shut so far for want of an answer by their due time (for tests and metrics)."""
+    return _cuts
+
+
+_cuts = 0
+
+
+def _watch() -> None:
+    global _thread, _cuts
+    idle_since = time.monotonic()
+    while True:
+        time.sleep(WATCH_PERIOD_S)
+        now = time.monotonic()
+        with _lock:
+            if not _due:
+                if now - idle_since >= WATCH_IDLE_END_S:
+                    _thread = None
+                    return
+                continue
+            idle_since = now
+            late = [token for token, (_fd, due) in _due.items() if due <= now]
+            for token in late:
+                fd, _ = _due.pop(token)
+                with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)  # the socket itself, through a duplicate descriptor
+                _cuts += 1
+        for _token in late:
+            log.warning("event=db_answer_overdue action=connection_cut")
+
+
+def socket_of(dbapi_conn: Any) -> int | None:
+    """The descriptor of a DBAPI connection's socket: psycopg (libpq) or PyMySQL; None for SQLite or a
+    connection without one."""
+    pgconn = getattr(dbapi_conn, "pgconn", None)
+    if pgconn is not None:
+        try:
+            return int(pgconn.socket)
+        except Exception:  # noqa: BLE001 - a closed libpq connection has no socket
+            return None
+    sock = getattr(dbapi_conn, "_sock", None)
+    return None if sock is None else int(sock.fileno())
+
+
+def watch_pool(engine: Engine) -> None:
+    """Registers each connection `engine` checks out under calls_due (a due time set) until it is
+    checked in, invalidated, detached or closed, whichever comes first (never past the life of its socket)."""
+
+    @event.listens_for(engine, "checkout")
+    def _out(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        due = _CALL_DUE.get()
+        if due:
+            fd = socket_of(dbapi_conn)
+            if fd is not None and fd >= 0:
+                record.info[_RECORD_KEY] = register(fd, due)
+
+    def _release(record: Any) -> None:
+        token = record.info.pop(_RECORD_KEY, None)
+        if token is not None:
+            unregister(token)
+
+    event.listen(engine, "checkin", lambda _dbapi_conn, record: _release(record))
+    event.listen(engine, "invalidate", lambda _dbapi_conn, record, _exc: _release(record))
+    event.listen(engine, "soft_invalidate", lambda _dbapi_conn, record, _exc: _release(record))
+    event.listen(engine, "detach", lambda _dbapi_conn, record: _release(record))
+    event.listen(engine, "close", lambda _dbapi_conn, record: _release(record))
