@@ -50,19 +50,17 @@ def far_engines() -> Iterator[list[sa.Engine]]:
         e.dispose()
 
 
-def test_a_statement_on_a_dead_link_ends_within_the_bound_and_the_engine_recovers(
-        linked: tuple[str, sa.Engine, NetnsLink], far_engines: list[sa.Engine]) -> None:
-    far_url, direct, link = linked
-    far = make_engine(far_url, pool_size=2)
-    far_engines.append(far)
+def sleeping_on_the_server(far: sa.Engine, direct: sa.Engine, due: float = 0.0
+                           ) -> tuple[threading.Thread, list[BaseException | None]]:
+    """A long statement sent on `far` from a thread (under db_watch.calls_due(due) when `due` is set),
+    once the server runs it (seen on `direct`): (the thread, where its outcome will be: None or the
+    exception it raised)."""
     dialect = far.dialect.name
-    with far.connect() as conn:
-        assert conn.exec_driver_sql("SELECT 1").scalar_one() == 1
     outcome: list[BaseException | None] = []
 
     def in_flight() -> None:
         try:
-            with far.connect() as conn:
+            with db_watch.calls_due(due), far.connect() as conn:
                 conn.exec_driver_sql(SLEEP_SQL[dialect]).all()
             outcome.append(None)
         except BaseException as exc:
@@ -76,6 +74,17 @@ def test_a_statement_on_a_dead_link_ends_within_the_bound_and_the_engine_recover
             return bool(conn.execute(sa.text(RUNNING_SQL[dialect]), {"q": SLEEP_SQL[dialect]}).scalar_one())
 
     wait_until(running, "the statement running on the server")
+    return t, outcome
+
+
+def test_a_statement_on_a_dead_link_ends_within_the_bound_and_the_engine_recovers(
+        linked: tuple[str, sa.Engine, NetnsLink], far_engines: list[sa.Engine]) -> None:
+    far_url, direct, link = linked
+    far = make_engine(far_url, pool_size=2)
+    far_engines.append(far)
+    with far.connect() as conn:
+        assert conn.exec_driver_sql("SELECT 1").scalar_one() == 1
+    t, outcome = sleeping_on_the_server(far, direct)
     link.blackhole()
     t0 = time.monotonic()
     t.join(DB_LINK_DEAD_S + SLACK_S)
@@ -135,31 +144,13 @@ def test_a_call_due_before_the_link_bound_ends_its_pooled_statement_when_due(
     far_url, direct, link = linked
     far = make_engine(far_url, pool_size=2)
     far_engines.append(far)
-    dialect = far.dialect.name
     due_in_s = 3.0
     assert due_in_s + 1.5 < DB_LINK_DEAD_S
     with db_watch.calls_due(time.monotonic() + 0.2), far.connect() as conn:
         assert conn.exec_driver_sql("SELECT 1").scalar_one() == 1
     cuts = db_watch.overdue_cuts()
-    outcome: list[BaseException | None] = []
-
-    def in_flight() -> None:
-        try:
-            with db_watch.calls_due(time.monotonic() + due_in_s), far.connect() as conn:
-                conn.exec_driver_sql(SLEEP_SQL[dialect]).all()
-            outcome.append(None)
-        except BaseException as exc:
-            outcome.append(exc)
-
     t0 = time.monotonic()
-    t = threading.Thread(target=in_flight, daemon=True)
-    t.start()
-
-    def running() -> bool:
-        with direct.connect() as conn:
-            return bool(conn.execute(sa.text(RUNNING_SQL[dialect]), {"q": SLEEP_SQL[dialect]}).scalar_one())
-
-    wait_until(running, "the statement running on the server")
+    t, outcome = sleeping_on_the_server(far, direct, due=t0 + due_in_s)
     link.blackhole()
     t.join(due_in_s + 1.5 - (time.monotonic() - t0))
     ended_s = time.monotonic() - t0
