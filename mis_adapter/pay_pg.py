@@ -593,8 +593,12 @@ class KeptConnection:
             self.prepared = True
         enc = self.encoding
         values = [_text_param(v, enc) for v in params]
-        res = self._result([self._watched(lambda: pgconn.exec_prepared(KEPT_CALL_NAME, values), answer_by)],
-                           _TUPLES_OK)
+        token = db_watch.register(self.fd, answer_by)  # as _watched, inline: it is every pay's round trip
+        try:
+            res = pgconn.exec_prepared(KEPT_CALL_NAME, values)
+        finally:
+            db_watch.unregister(token)
+        res = self._result([res], _TUPLES_OK)
         return pay_called_of_text([res.get_value(0, i) for i in range(res.nfields)], enc)
 
     def set_bounds(self, bound_ms: int, answer_by: float) -> None:

@@ -70,15 +70,19 @@ def watched(fd: int, due: float) -> Iterator[None]:
         unregister(token)
 
 
-@contextlib.contextmanager
-def calls_due(due: float) -> Iterator[None]:
+class calls_due:  # noqa: N801 - used as a function: `with calls_due(due):`
     """Every connection checked out of a watched pool (watch_pool) in this scope is due at `due`
-    (time.monotonic(); 0: not watched)."""
-    reset = _CALL_DUE.set(due)
-    try:
-        yield
-    finally:
-        _CALL_DUE.reset(reset)
+    (time.monotonic(); 0: not watched). A class, not a generator context manager: it wraps every Pay."""
+    __slots__ = ("_due", "_reset")
+
+    def __init__(self, due: float) -> None:
+        self._due = due
+
+    def __enter__(self) -> None:
+        self._reset = _CALL_DUE.set(self._due)
+
+    def __exit__(self, *_exc: object) -> None:
+        _CALL_DUE.reset(self._reset)
 
 
 def overdue_cuts() -> int:
