@@ -143,7 +143,10 @@ def test_100k_bills_fed_debited_and_acknowledged(backend: str, tmp_path: Path) -
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_kill_9_each_process_mid_stream(backend: str, tmp_path: Path) -> None:
-    n = 6_000
+    # Each kill comes after `step` more notices; the feed must still be running at each. On a fast box the
+    # consumer took 4,300 notices in the second between seeing its progress and the bridge's kill, and a
+    # 6,000-bill feed was over before the bridge went down (nothing left to make progress with).
+    n, step = 24_000, 2_000
     small = ["--feed-window-max", "300", "--feed-notice-batch-max", "100"]
     with databases(backend, tmp_path) as (mis_url, bank_url, bridge_url):
         prepare(mis_url, bank_url, n)
@@ -151,15 +154,16 @@ def test_kill_9_each_process_mid_stream(backend: str, tmp_path: Path) -> None:
         bridge = start_bridge(adapter.grpc_addr, bridge_url, f"127.0.0.1:{stable_port()}", tmp_path)
         consumer = start_autodebit(bridge.grpc_addr, bank_url, tmp_path, idle_exit_s=3.0, after_seq=n)
         try:
-            wait_until(lambda: bank_last_seq(bank_url) >= n // 6, "a sixth of the feed")
+            wait_until(lambda: bank_last_seq(bank_url) >= step, "the feed under way")
             adapter.kill9()
             adapter = start_adapter("mis_adapter", mis_url, adapter.grpc_addr, tmp_path, small)
             mark = bank_last_seq(bank_url)
-            wait_until(lambda: bank_last_seq(bank_url) >= mark + n // 6, "progress after mis_adapter restart")
+            wait_until(lambda: bank_last_seq(bank_url) >= mark + step, "progress after mis_adapter restart")
             bridge.kill9()
+            killed_at = bank_last_seq(bank_url)
+            assert killed_at < n - step, f"the feed was at {killed_at} of {n} when the bridge was killed"
             bridge = start_bridge(adapter.grpc_addr, bridge_url, bridge.grpc_addr, tmp_path)
-            mark = bank_last_seq(bank_url)
-            wait_until(lambda: bank_last_seq(bank_url) >= mark + n // 6, "progress after bridge restart")
+            wait_until(lambda: bank_last_seq(bank_url) >= killed_at + step, "progress after bridge restart")
             consumer.kill()
             consumer.wait(30)
             consumer = start_autodebit(bridge.grpc_addr, bank_url, tmp_path, idle_exit_s=3.0, after_seq=n)
