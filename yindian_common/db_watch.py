@@ -11,9 +11,9 @@ COMMIT was sent, in doubt (COMMIT_IN_DOUBT) after.
 A registration is made and removed under one lock, and a socket is shut only under that lock while still
 registered, so a connection handed back (its descriptor perhaps reused) is never touched.
 
-Two ways in: `watched(fd, due)` around one blocking round trip (Pay's kept PostgreSQL connections), and
-`calls_due(due)`, under which every connection an engine of db.make_engine checks out of its pool is
-registered until it is checked in (Pay on the pool, Cancel; `watch_pool`)."""
+Two ways in: `register(fd, due)` and `unregister` around one blocking round trip (Pay's kept PostgreSQL
+connections), and `calls_due(due)`, under which every connection an engine of db.make_engine checks out of
+its pool is registered until it is checked in (Pay on the pool, Cancel; `watch_pool`)."""
 from __future__ import annotations
 
 import contextlib
@@ -23,7 +23,6 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import event
@@ -59,15 +58,6 @@ def register(fd: int, due: float) -> int:
 def unregister(token: int) -> None:
     with _lock:
         _due.pop(token, None)
-
-
-@contextlib.contextmanager
-def watched(fd: int, due: float) -> Iterator[None]:
-    token = register(fd, due)
-    try:
-        yield
-    finally:
-        unregister(token)
 
 
 class calls_due:  # noqa: N801 - used as a function: `with calls_due(due):`
