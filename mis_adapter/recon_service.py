@@ -31,6 +31,7 @@ from yindian_common.clock import business_date
 from yindian_common.errors import Aborted, InvalidField, ReconPeerSilent, YinDianError
 from yindian_common.handoff import received
 from yindian_common.status import guard
+from yindian_common.stream_end import ended_by_peer
 
 log = logging.getLogger("mis_adapter.recon")
 
@@ -147,9 +148,15 @@ def _still_wanted(context: grpc.ServicerContext) -> Callable[[], None]:
     the call was in fact cancelled (both arrive as "no more messages"; the
     cancellation is marked a moment later), and the trailer is optional: a
     stream cut short must not be reconciled as the bank's whole day. Asked
-    when the records end and again just before the close commits."""
+    when the records end (yindian_common.stream_end, which tells the two
+    apart) and again just before the close commits (a cancellation since)."""
+    asked = False
+
     def confirm() -> None:
-        if not context.is_active():
+        nonlocal asked
+        live = context.is_active() if asked else ended_by_peer(context)
+        asked = True
+        if not live:
             raise Aborted("the reconciliation stream was cancelled before it ended: nothing of the day was "
                           "applied", reason="STREAM_CANCELLED")
     return confirm
