@@ -12,7 +12,7 @@ other case it cancels the upstream call, and nothing is half-closed:
   UNKNOWN "Exception iterating requests!" on the link);
 - the bank core's call cancelled or timed out: grpcio raises on the next
   read, or ends the iterator as if the bank had finished (the cancellation
-  is marked a moment later), which `is_active()` tells apart.
+  is marked a moment later), which yindian_common.stream_end tells apart.
 The refusal can happen before the handler has the call object (grpcio reads
 the first requests while the call is being made): the relay then waits for
 it, `CALL_WAIT_S` at most, and failing that raises, which makes grpcio
@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 
 from yindian_common.errors import YinDianError
+from yindian_common.stream_end import ended_by_peer
 
 CALL_WAIT_S = 5.0  # for the handler to hand over the call it is making (microseconds in practice)
 
@@ -56,7 +57,7 @@ class RequestRelay:
             self.refused = exc
             self._cancel()
             return
-        if self._context is not None and not self._context.is_active():
+        if self._context is not None and not ended_by_peer(self._context):
             self._cancel()  # a cancellation that ended the iterator like a finished stream
 
     def _cancel(self) -> None:
