@@ -18,7 +18,8 @@ from mis_adapter.control_totals_service import ControlTotalsDesk
 from mis_adapter.payments import CancelCommand, PayCommand, PayResult
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
-from yindian_common import fields
+from yindian_common import db_watch, fields
+from yindian_common.db import db_wait_bound
 from yindian_common.errors import InvalidField
 from yindian_common.identity import bank_of
 from yindian_common.rpc_pools import on_pool
@@ -125,15 +126,22 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         """The calling bank, from the link (certificate, or metadata in plain-text mode)."""
         return bank_of(context, tls=self.ctx.tls)
 
+    def _due(self, context: grpc.ServicerContext) -> db_watch.calls_due:
+        """Every pooled database round trip of this call, the bank's status included, is cut when still
+        unanswered shortly before the caller's deadline (db_watch): the call ends UNAVAILABLE instead of
+        holding its thread until TCP gives up on a dead link (db.DB_LINK_DEAD_S). A call whose deadline
+        has already passed does no work (db_wait_bound)."""
+        return db_watch.calls_due(db_wait_bound(self.ctx.settings, context.time_remaining()).answer_by)
+
     def _money_moving(self, context: grpc.ServicerContext, rpc: str, work: Callable[[str], R]) -> R:
-        with guard(context, rpc):
+        with guard(context, rpc), self._due(context):
             bank_id = self._bank(context)
             self.ctx.banks.ensure_active(bank_id)
             with self.ctx.banks.slot(bank_id):
                 return work(bank_id)
 
     def QueryAccount(self, request: pb.QueryAccountRequest, context: grpc.ServicerContext) -> pb.QueryAccountResponse:
-        with guard(context, "QueryAccount"):
+        with guard(context, "QueryAccount"), self._due(context):
             self.ctx.banks.ensure_known(self._bank(context))
             fields.account_no(request.account_no)
             return account_response(account_query.query_account(self.ctx, request.account_no))
@@ -156,7 +164,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         return self._money_moving(context, "Cancel", work)
 
     def GetPayment(self, request: pb.GetPaymentRequest, context: grpc.ServicerContext) -> pb.GetPaymentResponse:
-        with guard(context, "GetPayment"):
+        with guard(context, "GetPayment"), self._due(context):
             bank_id = self._bank(context)
             self.ctx.banks.ensure_known(bank_id)
             fields.serial(request.bank_serial, "bank_serial")

@@ -142,3 +142,55 @@ def test_a_pay_whose_deadline_comes_before_the_link_bound_lets_go_at_its_deadlin
         wait_until(lambda: pays_handled() == handled + 1, "mis_adapter done with the pay", timeout_s=left_s)
 
     a_pay_committed_as_its_link_dies(tmp_path, deadline_s, at_the_deadline)
+
+
+def reads_handled(method: str) -> float:
+    return sum(s.value for m in REGISTRY.collect() for s in m.samples
+               if s.name == "grpc_server_handled_total" and s.labels.get("grpc_method") == method)
+
+
+@pytest.mark.parametrize("method", ["QueryAccount", "GetPayment"])
+def test_a_read_on_a_dark_link_lets_go_at_its_deadline(tmp_path: Path, method: str) -> None:
+    """QueryAccount and GetPayment on a link gone dark: mis_adapter is done with the call (its handled
+    count moves) by its deadline and a second, the link still dark, and the bank hears UNAVAILABLE or
+    its own deadline; before, the read's thread was held until TCP gave up on the link (DB_LINK_DEAD_S).
+    Once the link heals, the same read answers."""
+    deadline_s = 3.0
+    assert deadline_s + 1.0 < DB_LINK_DEAD_S
+    with fresh_database("postgresql", tmp_path, schema="mis") as url:
+        direct = make_engine(url, pool_size=1)
+        try:
+            with database_link(url) as (link, far_url):
+                acct = add_account(direct, "01", 1, BILLS)
+                with running_adapter(far_url) as a:
+                    def read(timeout_s: float) -> grpc.Future:
+                        if method == "QueryAccount":
+                            return a.stub.QueryAccount.future(pb.QueryAccountRequest(account_no=acct),
+                                                              metadata=a.md(), timeout=timeout_s)
+                        return a.stub.GetPayment.future(pb.GetPaymentRequest(bank_serial="NONE-SUCH"),
+                                                        metadata=a.md(), timeout=timeout_s)
+
+                    read(10).result()  # a pooled connection across the link
+                    link.blackhole()
+                    handled, sent_at = reads_handled(method), time.monotonic()
+                    call = read(deadline_s)
+                    with pytest.raises(grpc.RpcError) as exc:
+                        call.result(timeout=deadline_s + SLACK_S)
+                    assert exc.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                    left_s = sent_at + deadline_s + 1.0 - time.monotonic()
+                    assert left_s > 0, "the bank's call outlived its deadline and a second"
+                    wait_until(lambda: reads_handled(method) == handled + 1, f"mis_adapter done with {method}",
+                               timeout_s=left_s)
+                    link.heal()
+
+                    def answers() -> bool:
+                        try:
+                            read(10).result()
+                            return True
+                        except grpc.RpcError as e:  # the first call on a pooled connection the link killed
+                            assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+                            return False
+
+                    wait_until(answers, f"{method} answering again")
+        finally:
+            direct.dispose()
