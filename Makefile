@@ -36,7 +36,8 @@ $(GEN_STAMP): $(PROTOS) $(VENV)/.installed
 
 # Three workers: most tests wait on processes, fsync and sockets, not on the 2 cores. worksteal: an idle worker
 # takes queued tests from a busy one, so the tests queued behind a long one (the chaos soak) do not wait for it.
-PYTEST_ARGS ?= -n 3 --dist worksteal
+# --durations: the slowest tests named in every run (CI's log too), to keep the suite under its 15 minutes.
+PYTEST_ARGS ?= -n 3 --dist worksteal --durations=15
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
