@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
 
 import grpc
 import pytest
@@ -51,9 +52,9 @@ class Endings:
             self.done.release()
 
 
-@pytest.fixture
-def endings_server() -> Iterator[tuple[Endings, grpc.Channel]]:
-    endings = Endings()
+@contextmanager
+def serving(endings: Endings) -> Iterator[grpc.Channel]:
+    """`endings` served on a loopback port, and a channel to it."""
     handler = grpc.method_handlers_generic_handler(
         "t.Stream", {"Read": grpc.stream_stream_rpc_method_handler(endings.handle)})
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
@@ -62,10 +63,17 @@ def endings_server() -> Iterator[tuple[Endings, grpc.Channel]]:
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
-        yield endings, channel
+        yield channel
     finally:
         channel.close()
         server.stop(None)
+
+
+@pytest.fixture
+def endings_server() -> Iterator[tuple[Endings, grpc.Channel]]:
+    endings = Endings()
+    with serving(endings) as channel:
+        yield endings, channel
 
 
 @pytest.fixture
@@ -114,16 +122,7 @@ def test_streams_the_peer_ended_are_called_so(endings_server: tuple[Endings, grp
 
 def test_headers_already_sent_fall_back_to_is_active() -> None:
     endings = Endings(answer_first=True)
-    handler = grpc.method_handlers_generic_handler(
-        "t.Stream", {"Read": grpc.stream_stream_rpc_method_handler(endings.handle)})
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            assert list(read_stream(channel)(iter([b"header"]), timeout=WAIT_S)) == [b"first"]
+    with serving(endings) as channel:
+        assert list(read_stream(channel)(iter([b"header"]), timeout=WAIT_S)) == [b"first"]
         assert endings.done.acquire(timeout=WAIT_S)
-        assert endings.answers == [True]
-    finally:
-        server.stop(None)
+    assert endings.answers == [True]

@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 import pytest
 import sqlalchemy as sa
 from prometheus_client import REGISTRY
+from sqlalchemy.engine import Engine
 
 from mis_adapter.db.core import BillRow, Customer, Payment
 from tests.support.databases import fresh_database
-from tests.support.mis_data import BillSpec, add_account, running_adapter
-from tests.support.netns_link import database_link
+from tests.support.mis_data import BillSpec, RunningAdapter, add_account, running_adapter
+from tests.support.netns_link import NetnsLink, database_link
 from tests.support.waiting import wait_until
 from yindian.v1 import billing_pb2 as pb
 from yindian_common.db import DB_LINK_DEAD_S, make_engine
@@ -40,72 +42,80 @@ def pay_req(serial: str, acct: str, amount: int) -> pb.PayRequest:
                          teller_id="T01", channel=pb.CHANNEL_COUNTER)
 
 
-def pays_handled() -> float:
-    """Pay calls mis_adapter has finished handling, whatever their status (grpc_server_handled_total)."""
+def handled(method: str = "Pay") -> float:
+    """Calls of `method` mis_adapter has finished handling, whatever their status (grpc_server_handled_total)."""
     return sum(s.value for m in REGISTRY.collect() for s in m.samples
-               if s.name == "grpc_server_handled_total" and s.labels.get("grpc_method") == "Pay")
+               if s.name == "grpc_server_handled_total" and s.labels.get("grpc_method") == method)
 
 
-def a_pay_committed_as_its_link_dies(tmp_path: Path, deadline_s: float,
-                                     while_dark: Callable[[grpc.Future, float, float], None]) -> None:
-    """The scene: a pay waits on its account's row lock, its link goes dark, the lock is let go and the
-    server commits the pay (its answer lost). `while_dark(call, sent_at, handled)` checks what the bank
-    sees while the link is still dark (`handled`: pays_handled() when the pay was sent); then the link heals, the doubt resolves to POSTED, paying again returns that
-    payment, and the database holds it once."""
+@contextmanager
+def adapter_across_a_link(tmp_path: Path) -> Iterator[tuple[RunningAdapter, NetnsLink, Engine, str]]:
+    """mis_adapter on a fresh PostgreSQL database reached across a link that can go dark; a direct engine
+    to the same database (not across the link) and an account with BILLS."""
     with fresh_database("postgresql", tmp_path, schema="mis") as url:
         direct = make_engine(url, pool_size=2)
         try:
             with database_link(url) as (link, far_url):
                 acct = add_account(direct, "01", 1, BILLS)
                 with running_adapter(far_url) as a:
-                    a.stub.Pay(pay_req("WARM", acct, 100), metadata=a.md(), timeout=10)  # a kept connection
-                    holder = direct.connect()
-                    tx = holder.begin()
-                    holder.execute(sa.select(Customer.__table__.c.account_no)
-                                   .where(Customer.__table__.c.account_no == acct).with_for_update())
-                    handled, sent_at = pays_handled(), time.monotonic()
-                    call = a.stub.Pay.future(pay_req("P-DARK", acct, 5_000), metadata=a.md(), timeout=deadline_s)
-
-                    def pay_waits_on_the_lock() -> bool:
-                        with direct.connect() as conn:
-                            return conn.execute(sa.text(
-                                "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                "AND wait_event_type = 'Lock'")).scalar_one() == 1
-
-                    wait_until(pay_waits_on_the_lock, "the pay waiting on its account's row lock")
-                    link.blackhole()
-                    tx.rollback()
-                    holder.close()
-
-                    def paid_on_the_server() -> bool:
-                        with direct.connect() as conn:
-                            return conn.execute(sa.select(sa.func.count()).select_from(Payment.__table__)
-                                                .where(Payment.__table__.c.bank_serial == "P-DARK")).scalar_one() == 1
-
-                    wait_until(paid_on_the_server, "the pay committed on the server")
-                    while_dark(call, sent_at, handled)
-
-                    link.heal()
-
-                    def state() -> int:
-                        try:
-                            return int(a.stub.GetPayment(pb.GetPaymentRequest(bank_serial="P-DARK"),
-                                                         metadata=a.md(), timeout=10).state)
-                        except grpc.RpcError as e:  # the first call on a pooled connection the link killed
-                            assert e.code() == grpc.StatusCode.UNAVAILABLE, e
-                            return -1
-
-                    wait_until(lambda: state() == pb.PAYMENT_STATE_POSTED, "the doubt resolved: POSTED")
-                    again = a.stub.Pay(pay_req("P-DARK", acct, 5_000), metadata=a.md(), timeout=10)
-                    assert again.amount_fen == 5_000
-            with direct.connect() as conn:
-                p, b = Payment.__table__, BillRow.__table__
-                assert conn.execute(sa.select(sa.func.count(), sa.func.sum(p.c.amount_fen))
-                                    .where(p.c.account_no == acct)).one() == (2, 5_100)
-                assert conn.execute(sa.select(b.c.principal_paid_fen + b.c.late_fee_paid_fen)
-                                    .where(b.c.account_no == acct)).scalar_one() == 5_100
+                    yield a, link, direct, acct
         finally:
             direct.dispose()
+
+
+def a_pay_committed_as_its_link_dies(tmp_path: Path, deadline_s: float,
+                                     while_dark: Callable[[grpc.Future, float, float], None]) -> None:
+    """The scene: a pay waits on its account's row lock, its link goes dark, the lock is let go and the
+    server commits the pay (its answer lost). `while_dark(call, sent_at, before)` checks what the bank
+    sees while the link is still dark (`before`: handled() when the pay was sent); then the link heals,
+    the doubt resolves to POSTED, paying again returns that payment, and the database holds it once."""
+    with adapter_across_a_link(tmp_path) as (a, link, direct, acct):
+        a.stub.Pay(pay_req("WARM", acct, 100), metadata=a.md(), timeout=10)  # a kept connection
+        holder = direct.connect()
+        tx = holder.begin()
+        holder.execute(sa.select(Customer.__table__.c.account_no)
+                       .where(Customer.__table__.c.account_no == acct).with_for_update())
+        before, sent_at = handled(), time.monotonic()
+        call = a.stub.Pay.future(pay_req("P-DARK", acct, 5_000), metadata=a.md(), timeout=deadline_s)
+
+        def pay_waits_on_the_lock() -> bool:
+            with direct.connect() as conn:
+                return conn.execute(sa.text(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'")).scalar_one() == 1
+
+        wait_until(pay_waits_on_the_lock, "the pay waiting on its account's row lock")
+        link.blackhole()
+        tx.rollback()
+        holder.close()
+
+        def paid_on_the_server() -> bool:
+            with direct.connect() as conn:
+                return conn.execute(sa.select(sa.func.count()).select_from(Payment.__table__)
+                                    .where(Payment.__table__.c.bank_serial == "P-DARK")).scalar_one() == 1
+
+        wait_until(paid_on_the_server, "the pay committed on the server")
+        while_dark(call, sent_at, before)
+
+        link.heal()
+
+        def state() -> int:
+            try:
+                return int(a.stub.GetPayment(pb.GetPaymentRequest(bank_serial="P-DARK"),
+                                             metadata=a.md(), timeout=10).state)
+            except grpc.RpcError as e:  # the first call on a pooled connection the link killed
+                assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+                return -1
+
+        wait_until(lambda: state() == pb.PAYMENT_STATE_POSTED, "the doubt resolved: POSTED")
+        again = a.stub.Pay(pay_req("P-DARK", acct, 5_000), metadata=a.md(), timeout=10)
+        assert again.amount_fen == 5_000
+        with direct.connect() as conn:
+            p, b = Payment.__table__, BillRow.__table__
+            assert conn.execute(sa.select(sa.func.count(), sa.func.sum(p.c.amount_fen))
+                                .where(p.c.account_no == acct)).one() == (2, 5_100)
+            assert conn.execute(sa.select(b.c.principal_paid_fen + b.c.late_fee_paid_fen)
+                                .where(b.c.account_no == acct)).scalar_one() == 5_100
 
 
 def test_a_pay_committed_as_its_link_dies_is_in_doubt_within_the_bound_and_found_once_after(
@@ -128,7 +138,7 @@ def test_a_pay_whose_deadline_comes_before_the_link_bound_lets_go_at_its_deadlin
     deadline_s = 4.0
     assert deadline_s + 1.0 < DB_LINK_DEAD_S
 
-    def at_the_deadline(call: grpc.Future, sent_at: float, handled: float) -> None:
+    def at_the_deadline(call: grpc.Future, sent_at: float, before: float) -> None:
         with pytest.raises(grpc.RpcError) as exc:
             call.result(timeout=deadline_s + SLACK_S)
         # The in-doubt answer leaves 50 ms before the deadline (db.ANSWER_SLACK_S); a busy box may deliver
@@ -139,14 +149,9 @@ def test_a_pay_whose_deadline_comes_before_the_link_bound_lets_go_at_its_deadlin
             assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, exc.value.code()
         left_s = sent_at + deadline_s + 1.0 - time.monotonic()
         assert left_s > 0, "the scene took longer than the pay's deadline and a second"
-        wait_until(lambda: pays_handled() == handled + 1, "mis_adapter done with the pay", timeout_s=left_s)
+        wait_until(lambda: handled() == before + 1, "mis_adapter done with the pay", timeout_s=left_s)
 
     a_pay_committed_as_its_link_dies(tmp_path, deadline_s, at_the_deadline)
-
-
-def reads_handled(method: str) -> float:
-    return sum(s.value for m in REGISTRY.collect() for s in m.samples
-               if s.name == "grpc_server_handled_total" and s.labels.get("grpc_method") == method)
 
 
 @pytest.mark.parametrize("method", ["QueryAccount", "GetPayment"])
@@ -157,40 +162,32 @@ def test_a_read_on_a_dark_link_lets_go_at_its_deadline(tmp_path: Path, method: s
     Once the link heals, the same read answers."""
     deadline_s = 3.0
     assert deadline_s + 1.0 < DB_LINK_DEAD_S
-    with fresh_database("postgresql", tmp_path, schema="mis") as url:
-        direct = make_engine(url, pool_size=1)
-        try:
-            with database_link(url) as (link, far_url):
-                acct = add_account(direct, "01", 1, BILLS)
-                with running_adapter(far_url) as a:
-                    def read(timeout_s: float) -> grpc.Future:
-                        if method == "QueryAccount":
-                            return a.stub.QueryAccount.future(pb.QueryAccountRequest(account_no=acct),
-                                                              metadata=a.md(), timeout=timeout_s)
-                        return a.stub.GetPayment.future(pb.GetPaymentRequest(bank_serial="NONE-SUCH"),
-                                                        metadata=a.md(), timeout=timeout_s)
+    with adapter_across_a_link(tmp_path) as (a, link, direct, acct):
+        def read(timeout_s: float) -> grpc.Future:
+            if method == "QueryAccount":
+                return a.stub.QueryAccount.future(pb.QueryAccountRequest(account_no=acct),
+                                                  metadata=a.md(), timeout=timeout_s)
+            return a.stub.GetPayment.future(pb.GetPaymentRequest(bank_serial="NONE-SUCH"),
+                                            metadata=a.md(), timeout=timeout_s)
 
-                    read(10).result()  # a pooled connection across the link
-                    link.blackhole()
-                    handled, sent_at = reads_handled(method), time.monotonic()
-                    call = read(deadline_s)
-                    with pytest.raises(grpc.RpcError) as exc:
-                        call.result(timeout=deadline_s + SLACK_S)
-                    assert exc.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-                    left_s = sent_at + deadline_s + 1.0 - time.monotonic()
-                    assert left_s > 0, "the bank's call outlived its deadline and a second"
-                    wait_until(lambda: reads_handled(method) == handled + 1, f"mis_adapter done with {method}",
-                               timeout_s=left_s)
-                    link.heal()
+        read(10).result()  # a pooled connection across the link
+        link.blackhole()
+        before, sent_at = handled(method), time.monotonic()
+        call = read(deadline_s)
+        with pytest.raises(grpc.RpcError) as exc:
+            call.result(timeout=deadline_s + SLACK_S)
+        assert exc.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        left_s = sent_at + deadline_s + 1.0 - time.monotonic()
+        assert left_s > 0, "the bank's call outlived its deadline and a second"
+        wait_until(lambda: handled(method) == before + 1, f"mis_adapter done with {method}", timeout_s=left_s)
+        link.heal()
 
-                    def answers() -> bool:
-                        try:
-                            read(10).result()
-                            return True
-                        except grpc.RpcError as e:  # the first call on a pooled connection the link killed
-                            assert e.code() == grpc.StatusCode.UNAVAILABLE, e
-                            return False
+        def answers() -> bool:
+            try:
+                read(10).result()
+                return True
+            except grpc.RpcError as e:  # the first call on a pooled connection the link killed
+                assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+                return False
 
-                    wait_until(answers, f"{method} answering again")
-        finally:
-            direct.dispose()
+        wait_until(answers, f"{method} answering again")
