@@ -21,8 +21,9 @@ from mis_adapter import reports
 from mis_adapter.context import AdapterContext
 from yindian.v1 import report_pb2 as pb
 from yindian.v1 import report_pb2_grpc
-from yindian_common import fields, identity
+from yindian_common import db_watch, fields, identity
 from yindian_common.clock import business_date
+from yindian_common.db import watched_until_deadline
 from yindian_common.errors import Forbidden, InvalidField
 from yindian_common.identity import Caller
 from yindian_common.status import guard
@@ -80,6 +81,12 @@ class ReportServicer(report_pb2_grpc.ReportServiceServicer):
         self.ctx = ctx
         self._operators = frozenset(ctx.settings.operators)
 
+    def _due(self, context: grpc.ServicerContext) -> db_watch.calls_due:
+        """A unary report's round trips, the bank's status read included, end by the caller's deadline on a
+        dead link (db.watched_until_deadline). The detail streams page for minutes under one deadline and
+        read between yields, on whatever thread grpcio asks for the next page: they keep the link bound."""
+        return watched_until_deadline(self.ctx.settings, context.time_remaining())
+
     # ---- roles ----
     def _caller(self, context: grpc.ServicerContext, rpc: str) -> Caller:
         """An operator, or a bank the utility knows; anyone else is refused (audited)."""
@@ -109,7 +116,7 @@ class ReportServicer(report_pb2_grpc.ReportServiceServicer):
 
     def CollectionSummary(self, request: pb.CollectionSummaryRequest, context: grpc.ServicerContext
                           ) -> pb.CollectionSummaryResponse:
-        with guard(context, "CollectionSummary"):
+        with guard(context, "CollectionSummary"), self._due(context):
             caller = self._caller(context, "CollectionSummary")
             frm = fields.iso_date(request.from_date, "from_date")
             to = past_or_today(self.ctx, request.to_date, "to_date")
@@ -123,7 +130,7 @@ class ReportServicer(report_pb2_grpc.ReportServiceServicer):
 
     def ArrearsSummary(self, request: pb.ArrearsSummaryRequest, context: grpc.ServicerContext
                        ) -> pb.ArrearsSummaryResponse:
-        with guard(context, "ArrearsSummary"):
+        with guard(context, "ArrearsSummary"), self._due(context):
             self._operator(context, "ArrearsSummary")
             as_of = past_or_today(self.ctx, request.as_of_date, "as_of_date")
             rep = reports.arrears_summary(self.ctx.router.engines(), as_of, self.ctx.rates, self.ctx.clock.tz)

@@ -19,7 +19,7 @@ from mis_adapter.payments import CancelCommand, PayCommand, PayResult
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import billing_pb2_grpc
 from yindian_common import db_watch, fields
-from yindian_common.db import db_wait_bound
+from yindian_common.db import watched_until_deadline
 from yindian_common.errors import InvalidField
 from yindian_common.identity import bank_of
 from yindian_common.rpc_pools import on_pool
@@ -127,11 +127,8 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         return bank_of(context, tls=self.ctx.tls)
 
     def _due(self, context: grpc.ServicerContext) -> db_watch.calls_due:
-        """Every pooled database round trip of this call, the bank's status included, is cut when still
-        unanswered shortly before the caller's deadline (db_watch): the call ends UNAVAILABLE instead of
-        holding its thread until TCP gives up on a dead link (db.DB_LINK_DEAD_S). A call whose deadline
-        has already passed does no work (db_wait_bound)."""
-        return db_watch.calls_due(db_wait_bound(self.ctx.settings, context.time_remaining()).answer_by)
+        """The bank's status read included (db.watched_until_deadline)."""
+        return watched_until_deadline(self.ctx.settings, context.time_remaining())
 
     def _money_moving(self, context: grpc.ServicerContext, rpc: str, work: Callable[[str], R]) -> R:
         with guard(context, rpc), self._due(context):

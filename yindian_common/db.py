@@ -104,6 +104,14 @@ def db_wait_bound(settings: _WaitSettings, time_left_s: float | None) -> WaitBou
     return WaitBound(wait_ms, wait_ms + IDLE_SLACK_MS, due)
 
 
+def watched_until_deadline(settings: _WaitSettings, time_left_s: float | None) -> db_watch.calls_due:
+    """`with` it around a whole call's handler: every pooled round trip of the call is cut when still
+    unanswered shortly before the caller's deadline (db_watch; `time_left_s` None: not watched), so the
+    call ends UNAVAILABLE instead of holding its thread until TCP gives up on a dead link
+    (DB_LINK_DEAD_S). A call whose deadline has already passed does no work (db_wait_bound raises)."""
+    return db_watch.calls_due(db_wait_bound(settings, time_left_s).answer_by)
+
+
 def answer_due(wait_ms: int) -> float:
     """When the answers of a call whose waits are bounded by `wait_ms` from now are due (time.monotonic()):
     after its server-side bounds, and cut by db_watch (WATCH_PERIOD_S later at most) still before the

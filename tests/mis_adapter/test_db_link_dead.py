@@ -27,6 +27,7 @@ from tests.support.mis_data import BillSpec, RunningAdapter, add_account, runnin
 from tests.support.netns_link import NetnsLink, database_link
 from tests.support.waiting import wait_until
 from yindian.v1 import billing_pb2 as pb
+from yindian.v1 import report_pb2, report_pb2_grpc
 from yindian_common.db import DB_LINK_DEAD_S, make_engine
 from yindian_common.status import error_info
 
@@ -154,16 +155,23 @@ def test_a_pay_whose_deadline_comes_before_the_link_bound_lets_go_at_its_deadlin
     a_pay_committed_as_its_link_dies(tmp_path, deadline_s, at_the_deadline)
 
 
-@pytest.mark.parametrize("method", ["QueryAccount", "GetPayment"])
+@pytest.mark.parametrize("method", ["QueryAccount", "GetPayment", "CollectionSummary"])
 def test_a_read_on_a_dark_link_lets_go_at_its_deadline(tmp_path: Path, method: str) -> None:
-    """QueryAccount and GetPayment on a link gone dark: mis_adapter is done with the call (its handled
+    """QueryAccount, GetPayment and a unary report on a link gone dark: mis_adapter is done with the call (its handled
     count moves) by its deadline and a second, the link still dark, and the bank hears UNAVAILABLE or
     its own deadline; before, the read's thread was held until TCP gave up on the link (DB_LINK_DEAD_S).
     Once the link heals, the same read answers."""
     deadline_s = 3.0
     assert deadline_s + 1.0 < DB_LINK_DEAD_S
     with adapter_across_a_link(tmp_path) as (a, link, direct, acct):
+        reports = report_pb2_grpc.ReportServiceStub(a.channel)
+
         def read(timeout_s: float) -> grpc.Future:
+            if method == "CollectionSummary":
+                return reports.CollectionSummary.future(
+                    report_pb2.CollectionSummaryRequest(from_date="2026-11-01", to_date="2026-11-02",
+                                                        group_by=report_pb2.GROUP_BY_BANK),
+                    metadata=a.md(), timeout=timeout_s)
             if method == "QueryAccount":
                 return a.stub.QueryAccount.future(pb.QueryAccountRequest(account_no=acct),
                                                   metadata=a.md(), timeout=timeout_s)
