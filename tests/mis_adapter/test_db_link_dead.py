@@ -28,6 +28,7 @@ from tests.support.netns_link import NetnsLink, database_link
 from tests.support.waiting import wait_until
 from yindian.v1 import billing_pb2 as pb
 from yindian.v1 import report_pb2, report_pb2_grpc
+from yindian_common import db_watch
 from yindian_common.db import DB_LINK_DEAD_S, make_engine
 from yindian_common.status import error_info
 
@@ -155,44 +156,50 @@ def test_a_pay_whose_deadline_comes_before_the_link_bound_lets_go_at_its_deadlin
     a_pay_committed_as_its_link_dies(tmp_path, deadline_s, at_the_deadline)
 
 
-@pytest.mark.parametrize("method", ["QueryAccount", "GetPayment", "CollectionSummary"])
+@pytest.mark.parametrize("method", ["QueryAccount", "GetPayment", "CollectionSummary", "CollectionDetail"])
 def test_a_read_on_a_dark_link_lets_go_at_its_deadline(tmp_path: Path, method: str) -> None:
-    """QueryAccount, GetPayment and a unary report on a link gone dark: mis_adapter is done with the call (its handled
-    count moves) by its deadline and a second, the link still dark, and the bank hears UNAVAILABLE or
-    its own deadline; before, the read's thread was held until TCP gave up on the link (DB_LINK_DEAD_S).
-    Once the link heals, the same read answers."""
+    """QueryAccount, GetPayment and the reports (a unary one, a detail stream) on a link gone dark:
+    mis_adapter is done with the call (its handled count moves) by its deadline and a second, the link
+    still dark, and the bank hears UNAVAILABLE or its own deadline; before, the read's thread was held
+    until TCP gave up on the link (DB_LINK_DEAD_S). Once the link heals, the same read answers."""
     deadline_s = 3.0
     assert deadline_s + 1.0 < DB_LINK_DEAD_S
-    with adapter_across_a_link(tmp_path) as (a, link, direct, acct):
+    with adapter_across_a_link(tmp_path) as (a, link, _direct, acct):
         reports = report_pb2_grpc.ReportServiceStub(a.channel)
+        days = {"from_date": "2026-11-01", "to_date": "2026-11-02"}
 
-        def read(timeout_s: float) -> grpc.Future:
+        def read(timeout_s: float) -> Callable[[], object]:
+            """Sends the call; the function returned waits for its whole answer."""
+            kw = {"metadata": a.md(), "timeout": timeout_s}
+            if method == "CollectionDetail":
+                stream = reports.CollectionDetail(report_pb2.CollectionDetailRequest(**days), **kw)
+                return lambda: list(stream)
             if method == "CollectionSummary":
-                return reports.CollectionSummary.future(
-                    report_pb2.CollectionSummaryRequest(from_date="2026-11-01", to_date="2026-11-02",
-                                                        group_by=report_pb2.GROUP_BY_BANK),
-                    metadata=a.md(), timeout=timeout_s)
+                req = report_pb2.CollectionSummaryRequest(**days, group_by=report_pb2.GROUP_BY_BANK)
+                return reports.CollectionSummary.future(req, **kw).result
             if method == "QueryAccount":
-                return a.stub.QueryAccount.future(pb.QueryAccountRequest(account_no=acct),
-                                                  metadata=a.md(), timeout=timeout_s)
-            return a.stub.GetPayment.future(pb.GetPaymentRequest(bank_serial="NONE-SUCH"),
-                                            metadata=a.md(), timeout=timeout_s)
+                return a.stub.QueryAccount.future(pb.QueryAccountRequest(account_no=acct), **kw).result
+            return a.stub.GetPayment.future(pb.GetPaymentRequest(bank_serial="NONE-SUCH"), **kw).result
 
-        read(10).result()  # a pooled connection across the link
+        read(10)()  # a pooled connection across the link
         link.blackhole()
-        before, sent_at = handled(method), time.monotonic()
-        call = read(deadline_s)
+        before, cuts, sent_at = handled(method), db_watch.overdue_cuts(), time.monotonic()
+        answer = read(deadline_s)
         with pytest.raises(grpc.RpcError) as exc:
-            call.result(timeout=deadline_s + SLACK_S)
+            answer()
         assert exc.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
         left_s = sent_at + deadline_s + 1.0 - time.monotonic()
         assert left_s > 0, "the bank's call outlived its deadline and a second"
         wait_until(lambda: handled(method) == before + 1, f"mis_adapter done with {method}", timeout_s=left_s)
+        # A stream is counted handled when its call ends, even with its thread still waiting on the link:
+        # the round trip itself was given up (db_watch cut its socket) by the deadline and a second.
+        left_s = sent_at + deadline_s + 1.0 - time.monotonic()
+        wait_until(lambda: db_watch.overdue_cuts() > cuts, f"{method}'s round trip cut", timeout_s=max(left_s, 0.01))
         link.heal()
 
         def answers() -> bool:
             try:
-                read(10).result()
+                read(10)()
                 return True
             except grpc.RpcError as e:  # the first call on a pooled connection the link killed
                 assert e.code() == grpc.StatusCode.UNAVAILABLE, e
