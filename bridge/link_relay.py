@@ -42,8 +42,9 @@ from bridge.link_journal import (
 from bridge.upstream import OK, Answer, relay
 from yindian.v1 import billing_pb2 as pb
 from yindian_common import fields
-from yindian_common.errors import InvalidField, YinDianError
-from yindian_common.status import abort
+from yindian_common.db_errors import DB_TROUBLE, is_trouble
+from yindian_common.errors import InvalidField, Unavailable, YinDianError
+from yindian_common.status import abort, guard
 
 log = logging.getLogger("yindian.bridge.link")
 
@@ -114,6 +115,10 @@ def relay_of(bctx: Any) -> LinkRelay:
 _RELAY_LOCK = threading.Lock()
 
 
+# How a refusal for want of the bridge's own database names it.
+JOURNAL_DATABASE = "bridge journal database"
+
+
 class LinkRelay:
     def __init__(self, bctx: Any, journal: LinkJournal) -> None:
         self.bctx = bctx
@@ -136,11 +141,24 @@ class LinkRelay:
                  journaled: list[LinkLine] | None = None) -> Any:
         timeout_s = self._timeout(context)
         if journaled:
-            self.journal.write(journaled, REQUESTED, self.bctx.clock.now())
+            # The journal down: nothing is forwarded, UNAVAILABLE naming it (before, the driver's error
+            # escaped the handler and the bank heard UNKNOWN with its text).
+            with guard(context, rpc, database=JOURNAL_DATABASE):
+                self.journal.write(journaled, REQUESTED, self.bctx.clock.now())
         answer = self.bctx.upstream.call(rpc, request, timeout_s)
         if journaled:
-            self.journal.write(journaled, ANSWERED, self.bctx.clock.now(), _outcome(answer),
-                               "" if answer.ok else answer.message)
+            try:
+                self.journal.write(journaled, ANSWERED, self.bctx.clock.now(), _outcome(answer),
+                                   "" if answer.ok else answer.message)
+            except DB_TROUBLE as exc:
+                if not is_trouble(exc):
+                    raise
+                # Forwarded (and perhaps applied: every journaled link call is idempotent at the utility),
+                # but its answer is not journaled: the bank sends the same request again.
+                log.warning("event=link_answer_not_journaled rpc=%s outcome=%s", rpc, _outcome(answer))
+                abort(context, Unavailable(f"{rpc} was forwarded but its answer could not be journaled "
+                                           f"({JOURNAL_DATABASE} unavailable): send the same request again",
+                                           reason="ANSWER_NOT_JOURNALED"))
         log.info("event=link_call rpc=%s outcome=%s", rpc, _outcome(answer))
         if not answer.ok:
             if answer.status_bytes is None and journaled:

@@ -24,7 +24,7 @@ from bridge import feed_relay, recon
 from bridge import journal as jn
 from bridge.context import BridgeContext
 from bridge.journal import Claim, Entry, Outcome
-from bridge.link_relay import relay_of
+from bridge.link_relay import JOURNAL_DATABASE, relay_of
 from bridge.resolver import REVERSAL_PREFIX, Resolver
 from bridge.upstream import DEFINITE, NOT_SENT, RETRY_LATER_CODES, Answer, link_down_status, relay
 from yindian.v1 import billing_pb2 as pb
@@ -32,6 +32,7 @@ from yindian.v1 import billing_pb2_grpc
 from yindian_common import business_metrics, fields
 from yindian_common.clock import business_date
 from yindian_common.crash_points import armed, crash_point
+from yindian_common.db_errors import DB_TROUBLE
 from yindian_common.errors import (
     InFlight,
     InvalidField,
@@ -144,6 +145,10 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
     def _money_moving(self, entry: Entry, request: Any, context: grpc.ServicerContext) -> Any:
         timeout_s = self._timeout(context)
         deadline = time.monotonic() + timeout_s
+        with guard(context, entry.kind.title(), database=JOURNAL_DATABASE):  # the journal's reads: UNAVAILABLE
+            return self._claimed(entry, request, context, deadline)
+
+    def _claimed(self, entry: Entry, request: Any, context: grpc.ServicerContext, deadline: float) -> Any:
         for _round in range(CLAIM_ROUNDS):
             claim, owned = self._claims.acquire(entry.key)
             if owned:
@@ -162,7 +167,13 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             log.warning("event=journal_slow kind=%s serial=%s", entry.kind, entry.serial)
             return self._reply(entry, context)
         if not row.inserted:
-            existing = self._journal.get(*entry.key)
+            try:
+                existing = self._journal.get(*entry.key)
+            except DB_TROUBLE:
+                # Nothing forwarded, nothing to record: the serial is let go (held, every retry would wait on
+                # it until a restart), and the guard answers UNAVAILABLE.
+                self._claims.release(claim)
+                raise
             if existing is None:  # cannot be: the writer found it journaled
                 raise RuntimeError(f"journal lost {entry.key}")
             return self._answer_journaled(claim, entry, existing, request, context,

@@ -1,0 +1,81 @@
+"""The bridge's own database (its journal) refusing connections, seen from the bank core: a retried pay and
+the journaled link transactions answer UNAVAILABLE naming the bridge's journal database, forward nothing,
+and answer again once it is back. Before, the driver's error escaped the handler: the bank heard UNKNOWN
+with psycopg's text, and a retried pay whose journal read failed kept its serial claimed, so every later
+retry of it waited and was refused as still in flight until the bridge restarted."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+import sqlalchemy as sa
+
+from bridge.link_journal import SIGN_OFF
+from bridge.link_relay import relay_of
+from tests.bridge.conftest import BankCore, Utility, new_serial, pay_request
+from tests.support.databases import fresh_database
+from yindian.v1 import billing_pb2 as pb
+from yindian_common.db import make_engine
+from yindian_common.status import error_info
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@contextmanager
+def journal_refusing(url: str) -> Iterator[None]:
+    """The bridge's database takes no new connection, and the serving pool's are ended (the journal
+    writer's own connection lives on, so a retried pay's row is found journaled)."""
+    base, name = url.rsplit("/", 1)
+    admin = make_engine(f"{base}/postgres", pool_size=1)
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+            conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                 "WHERE datname = :d AND application_name = 'bridge'"), {"d": name})
+            conn.commit()
+        try:
+            yield
+        finally:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+                conn.commit()
+    finally:
+        admin.dispose()
+
+
+def refused(call: Callable[[], object]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as exc:
+        call()
+    return exc.value
+
+
+def test_a_journal_that_refuses_connections_is_answered_unavailable_and_lets_the_serial_go(
+        tmp_path: Path, utility: Utility, make_bridge: Callable[..., BankCore]) -> None:
+    with fresh_database("postgresql", tmp_path, schema="bridge") as url:
+        core = make_bridge(utility.address, db=url)
+        acct = next(utility.accounts)
+        req = pay_request(new_serial("JDOWN"), acct, 1_00)
+        paid = core.stub.Pay(req, timeout=10)
+        journal = relay_of(core.bridge.ctx).journal
+        state = core.stub.Echo(pb.EchoRequest(nonce="n-0"), timeout=10).link.state
+        assert state != pb.LINK_STATE_SIGNED_OFF
+        with journal_refusing(url):
+            again = refused(lambda: core.stub.Pay(req, timeout=10))
+            assert again.code() == grpc.StatusCode.UNAVAILABLE, again.details()
+            assert "bridge journal database" in (again.details() or "")
+            off = refused(lambda: core.stub.SignOff(pb.SignOffRequest(), timeout=10))
+            assert off.code() == grpc.StatusCode.UNAVAILABLE, off.details()
+            info = error_info(off)
+            assert info is not None and info.reason == "DB_UNAVAILABLE"
+            # Nothing was forwarded: the utility's link state is as it was.
+            assert core.stub.Echo(pb.EchoRequest(nonce="n-1"), timeout=10).link.state == state
+        # The journal back: the same pay answers its payment at once (its serial is not held), once.
+        assert core.stub.Pay(req, timeout=10) == paid
+        assert utility.payment(req.bank_serial)["amount_fen"] == 1_00
+        assert journal.lines_of(SIGN_OFF, "") == []
+        off_link = core.stub.SignOff(pb.SignOffRequest(), timeout=10).link
+        assert off_link.state == pb.LINK_STATE_SIGNED_OFF
+        assert core.stub.SignOn(pb.SignOnRequest(), timeout=10).link.state == pb.LINK_STATE_SIGNED_ON
