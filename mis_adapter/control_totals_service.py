@@ -17,6 +17,7 @@ from yindian.v1 import billing_pb2 as pb
 from yindian_common import business_metrics, fields
 from yindian_common.clock import utc_now
 from yindian_common.control_totals import AGREE, ControlTotals, DivergenceTracker, Verdict, divergence
+from yindian_common.db import watched_until_deadline
 from yindian_common.errors import InvalidField
 from yindian_common.identity import bank_of
 from yindian_common.status import guard
@@ -77,7 +78,7 @@ class ControlTotalsDesk:
     def exchange(self, request: pb.ExchangeControlTotalsRequest, context: grpc.ServicerContext
                  ) -> pb.ExchangeControlTotalsResponse:
         settings = self.ctx.settings
-        with guard(context, "ExchangeControlTotals"):
+        with guard(context, "ExchangeControlTotals"), watched_until_deadline(settings, context.time_remaining()):
             bank_id = bank_of(context, tls=self.ctx.tls)
             self.ctx.banks.ensure_known(bank_id)
             q = query_of(bank_id, request, in_doubt_max=settings.control_totals_in_doubt_max,

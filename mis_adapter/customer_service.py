@@ -25,6 +25,7 @@ from yindian.v1 import billing_pb2, customer_pb2_grpc
 from yindian.v1 import customer_pb2 as pb
 from yindian_common import fields, identity
 from yindian_common.clock import business_date
+from yindian_common.db import watched_until_deadline
 from yindian_common.errors import Forbidden, InvalidField
 from yindian_common.status import guard
 
@@ -178,7 +179,7 @@ class CustomerServicer(customer_pb2_grpc.CustomerServiceServicer):
                 role: tuple[Sequence[str], str] | None = None) -> R:
         # The one status guard; its refusal log carries account numbers at most (masked by the log filter),
         # never the phone factor or a name.
-        with guard(context, rpc):
+        with guard(context, rpc), watched_until_deadline(self.ctx.settings, context.time_remaining()):
             operator = _operator_of(context, rpc, tls=self.ctx.tls, operators=self.operators)
             if role is not None:
                 _require_role(operator, *role)

@@ -29,6 +29,7 @@ from mis_adapter.context import AdapterContext
 from yindian.v1 import billing_pb2 as pb
 from yindian_common import fields
 from yindian_common.clock import business_date, utc_now
+from yindian_common.db import watched_until_deadline
 from yindian_common.errors import DayClosed, InvalidField
 from yindian_common.identity import bank_of
 from yindian_common.status import guard
@@ -74,7 +75,7 @@ def sign_command(bank_id: str, req: pb.SignAgreementRequest) -> ag.SignCommand:
 
 
 def _changing(ctx: AdapterContext, context: grpc.ServicerContext, rpc: str, work: Callable[[str], R]) -> R:
-    with guard(context, rpc):
+    with guard(context, rpc), watched_until_deadline(ctx.settings, context.time_remaining()):
         bank_id = bank_of(context, tls=ctx.tls)
         ctx.banks.ensure_active(bank_id)
         with ctx.banks.slot(bank_id):
@@ -82,7 +83,7 @@ def _changing(ctx: AdapterContext, context: grpc.ServicerContext, rpc: str, work
 
 
 def _reading(ctx: AdapterContext, context: grpc.ServicerContext, rpc: str, work: Callable[[str], R]) -> R:
-    with guard(context, rpc):
+    with guard(context, rpc), watched_until_deadline(ctx.settings, context.time_remaining()):
         bank_id = bank_of(context, tls=ctx.tls)
         ctx.banks.ensure_known(bank_id)
         return work(bank_id)

@@ -27,7 +27,7 @@ from tests.support.mis_data import BillSpec, RunningAdapter, add_account, runnin
 from tests.support.netns_link import NetnsLink, database_link
 from tests.support.waiting import wait_until
 from yindian.v1 import billing_pb2 as pb
-from yindian.v1 import report_pb2, report_pb2_grpc
+from yindian.v1 import customer_pb2, customer_pb2_grpc, report_pb2, report_pb2_grpc
 from yindian_common import db_watch
 from yindian_common.db import DB_LINK_DEAD_S, make_engine
 from yindian_common.status import error_info
@@ -51,15 +51,16 @@ def handled(method: str = "Pay") -> float:
 
 
 @contextmanager
-def adapter_across_a_link(tmp_path: Path) -> Iterator[tuple[RunningAdapter, NetnsLink, Engine, str]]:
-    """mis_adapter on a fresh PostgreSQL database reached across a link that can go dark; a direct engine
-    to the same database (not across the link) and an account with BILLS."""
+def adapter_across_a_link(tmp_path: Path, **settings: object
+                          ) -> Iterator[tuple[RunningAdapter, NetnsLink, Engine, str]]:
+    """mis_adapter (with `settings`) on a fresh PostgreSQL database reached across a link that can go dark;
+    a direct engine to the same database (not across the link) and an account with BILLS."""
     with fresh_database("postgresql", tmp_path, schema="mis") as url:
         direct = make_engine(url, pool_size=2)
         try:
             with database_link(url) as (link, far_url):
                 acct = add_account(direct, "01", 1, BILLS)
-                with running_adapter(far_url) as a:
+                with running_adapter(far_url, **settings) as a:
                     yield a, link, direct, acct
         finally:
             direct.dispose()
@@ -206,3 +207,60 @@ def test_a_read_on_a_dark_link_lets_go_at_its_deadline(tmp_path: Path, method: s
                 return False
 
         wait_until(answers, f"{method} answering again")
+
+
+def test_the_link_control_and_operator_calls_on_a_dark_link_let_go_at_their_deadline(tmp_path: Path) -> None:
+    """The link's transactions (SignOn, SignAgreement), the control-totals exchange and an operator's
+    CustomerService read, sent together on a link gone dark: mis_adapter is done with each (its handled
+    count moves) by its deadline and a second, each round trip given up (db_watch cut its socket), the link
+    still dark; before, each held its thread until TCP gave up on the link (DB_LINK_DEAD_S). Once the link
+    heals, the operator reads the account's arrears and the bank signs on."""
+    deadline_s = 3.0
+    assert deadline_s + 1.0 < DB_LINK_DEAD_S
+    with adapter_across_a_link(tmp_path, operators=["portal"]) as (a, link, _direct, acct):
+        customers = customer_pb2_grpc.CustomerServiceStub(a.channel)
+        operator = [("x-yindian-operator", "portal")]
+        overview = customer_pb2.GetAccountOverviewRequest(account_no=acct, phone_last4="5678")
+        totals = pb.ExchangeControlTotalsRequest(settlement_date="2026-11-01")
+        totals.posted_before.FromDatetime(dt.datetime(2026, 11, 2))
+        sign = pb.SignAgreementRequest(agreement_serial="AG-DARK-1", account_no=acct, savings_account_ref="SAV-1")
+        calls: dict[str, Callable[[float], grpc.Future]] = {
+            "SignOn": lambda t: a.stub.SignOn.future(pb.SignOnRequest(), metadata=a.md(), timeout=t),
+            "SignAgreement": lambda t: a.stub.SignAgreement.future(sign, metadata=a.md(), timeout=t),
+            "ExchangeControlTotals": lambda t: a.stub.ExchangeControlTotals.future(totals, metadata=a.md(),
+                                                                                   timeout=t),
+            "GetAccountOverview": lambda t: customers.GetAccountOverview.future(overview, metadata=operator,
+                                                                                timeout=t),
+        }
+        held = [a.engine.connect() for _ in calls]  # one pooled connection across the link for each call
+        for conn in held:
+            conn.close()
+        link.blackhole()
+        before = {m: handled(m) for m in calls}
+        cuts, sent_at = db_watch.overdue_cuts(), time.monotonic()
+        futures = {m: call(deadline_s) for m, call in calls.items()}
+        for m, future in futures.items():
+            exc = future.exception()
+            assert isinstance(exc, grpc.RpcError), f"{m} answered on a dark link"
+            assert exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED), (m, exc)
+        let_go_by = sent_at + deadline_s + 1.0
+        assert time.monotonic() < let_go_by, "the calls outlived their deadline and a second"
+
+        def still_held() -> list[str]:
+            return [m for m in calls if handled(m) != before[m] + 1]
+
+        wait_until(lambda: not still_held() or time.monotonic() >= let_go_by, "the deadline and a second")
+        assert still_held() == [], "held past their deadline and a second on a dark link"
+        assert db_watch.overdue_cuts() >= cuts + len(calls)
+        link.heal()
+
+        def overview_answers() -> int | None:
+            try:
+                return int(customers.GetAccountOverview(overview, metadata=operator, timeout=10).arrears_fen)
+            except grpc.RpcError as e:  # the first call on a pooled connection the link killed
+                assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+                return None
+
+        wait_until(lambda: overview_answers() is not None, "the operator's read answering again")
+        assert overview_answers() == sum(b.amount_fen for b in BILLS)
+        assert a.stub.SignOn(pb.SignOnRequest(), metadata=a.md(), timeout=10).link.state == pb.LINK_STATE_SIGNED_ON
