@@ -24,7 +24,7 @@ from bridge import feed_relay, recon
 from bridge import journal as jn
 from bridge.context import BridgeContext
 from bridge.journal import Claim, Entry, Outcome
-from bridge.link_relay import JOURNAL_DATABASE, relay_of
+from bridge.link_relay import JOURNAL_DATABASE, SESSION_WAITS, relay_of
 from bridge.resolver import REVERSAL_PREFIX, Resolver
 from bridge.upstream import DEFINITE, NOT_SENT, RETRY_LATER_CODES, Answer, link_down_status, relay
 from yindian.v1 import billing_pb2 as pb
@@ -32,6 +32,7 @@ from yindian.v1 import billing_pb2_grpc
 from yindian_common import business_metrics, fields
 from yindian_common.clock import business_date
 from yindian_common.crash_points import armed, crash_point
+from yindian_common.db import watched_until_deadline
 from yindian_common.db_errors import DB_TROUBLE
 from yindian_common.errors import (
     InFlight,
@@ -145,7 +146,10 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
     def _money_moving(self, entry: Entry, request: Any, context: grpc.ServicerContext) -> Any:
         timeout_s = self._timeout(context)
         deadline = time.monotonic() + timeout_s
-        with guard(context, entry.kind.title(), database=JOURNAL_DATABASE):  # the journal's reads: UNAVAILABLE
+        # The journal's reads (a retried serial's row) answer UNAVAILABLE when they fail, and are given up
+        # by the caller's deadline on a dead link, not after DB_LINK_DEAD_S with the thread held.
+        with guard(context, entry.kind.title(), database=JOURNAL_DATABASE), \
+                watched_until_deadline(SESSION_WAITS, context.time_remaining()):
             return self._claimed(entry, request, context, deadline)
 
     def _claimed(self, entry: Entry, request: Any, context: grpc.ServicerContext, deadline: float) -> Any:

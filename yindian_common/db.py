@@ -80,6 +80,13 @@ class _WaitSettings(Protocol):
 
 
 @dataclass(frozen=True)
+class SessionWaits:
+    """The wait settings of a process that sets no db_wait_max_s of its own (the bridge): its sessions'
+    bound (make_engine's wait_max_s)."""
+    db_wait_max_s: float = DB_WAIT_MAX_S
+
+
+@dataclass(frozen=True)
 class WaitBound:
     """How long this call's statements may wait on the database, in milliseconds, and when its answers are
     due (time.monotonic(); 0: no deadline): ANSWER_SLACK_S after the waits' end, less the watch's period

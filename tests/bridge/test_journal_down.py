@@ -2,9 +2,11 @@
 the journaled link transactions answer UNAVAILABLE naming the bridge's journal database, forward nothing,
 and answer again once it is back. Before, the driver's error escaped the handler: the bank heard UNKNOWN
 with psycopg's text, and a retried pay whose journal read failed kept its serial claimed, so every later
-retry of it waited and was refused as still in flight until the bridge restarted."""
+retry of it waited and was refused as still in flight until the bridge restarted. Its link gone dark, a
+journaled link transaction is given up by the caller's deadline, not after the dead-link bound."""
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,8 +19,11 @@ from bridge.link_journal import SIGN_OFF
 from bridge.link_relay import relay_of
 from tests.bridge.conftest import BankCore, Utility, new_serial, pay_request
 from tests.support.databases import fresh_database
+from tests.support.netns_link import database_link
+from tests.support.waiting import wait_until
 from yindian.v1 import billing_pb2 as pb
-from yindian_common.db import make_engine
+from yindian_common import db_watch
+from yindian_common.db import DB_LINK_DEAD_S, make_engine
 from yindian_common.status import error_info
 
 pytestmark = pytest.mark.timeout(120)
@@ -79,3 +84,35 @@ def test_a_journal_that_refuses_connections_is_answered_unavailable_and_lets_the
         off_link = core.stub.SignOff(pb.SignOffRequest(), timeout=10).link
         assert off_link.state == pb.LINK_STATE_SIGNED_OFF
         assert core.stub.SignOn(pb.SignOnRequest(), timeout=10).link.state == pb.LINK_STATE_SIGNED_ON
+
+
+def test_a_journaled_link_call_on_a_dark_journal_link_lets_go_by_its_deadline(
+        tmp_path: Path, utility: Utility, make_bridge: Callable[..., BankCore]) -> None:
+    """The bridge's journal reached across a link that goes dark: a SignOff with a 3 s deadline is answered
+    UNAVAILABLE naming the journal database before that deadline, its journal write given up (db_watch cut
+    the round trip) and nothing forwarded. Before, the write held the serving thread until TCP gave the link
+    up (DB_LINK_DEAD_S) and the bank heard only its own DEADLINE_EXCEEDED. The link healed, SignOff works."""
+    deadline_s = 3.0
+    assert deadline_s + 1.0 < DB_LINK_DEAD_S
+    with fresh_database("postgresql", tmp_path, schema="bridge") as url, database_link(url) as (link, far_url):
+        core = make_bridge(utility.address, db=far_url)
+        state = core.stub.SignOn(pb.SignOnRequest(), timeout=10).link.state  # a pooled connection across the link
+        link.blackhole()
+        cuts, sent_at = db_watch.overdue_cuts(), time.monotonic()
+        off = refused(lambda: core.stub.SignOff(pb.SignOffRequest(), timeout=deadline_s))
+        assert off.code() == grpc.StatusCode.UNAVAILABLE, (off.code(), off.details())
+        assert "bridge journal database" in (off.details() or "")
+        assert time.monotonic() - sent_at < deadline_s
+        assert db_watch.overdue_cuts() > cuts
+        # Nothing was forwarded: the utility's link state is as it was (Echo journals nothing).
+        assert core.stub.Echo(pb.EchoRequest(nonce="n-dark"), timeout=10).link.state == state
+        link.heal()
+
+        def signed_off() -> bool:
+            try:
+                return core.stub.SignOff(pb.SignOffRequest(), timeout=10).link.state == pb.LINK_STATE_SIGNED_OFF
+            except grpc.RpcError as e:  # the first call on a pooled connection the link killed
+                assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+                return False
+
+        wait_until(signed_off, "SignOff answering again")
