@@ -13,7 +13,8 @@ registered, so a connection handed back (its descriptor perhaps reused) is never
 
 Two ways in: `register(fd, due)` and `unregister` around one blocking round trip (Pay's kept PostgreSQL
 connections), and `calls_due(due)`, under which every connection an engine of db.make_engine checks out of
-its pool is registered until it is checked in (Pay on the pool, Cancel; `watch_pool`)."""
+its pool is registered until it is checked in (Pay on the pool, Cancel; `watch_pool`). A pooled connection
+shut after its call's last statement, before its checkin, is replaced at its next checkout."""
 from __future__ import annotations
 
 import contextlib
@@ -25,7 +26,7 @@ import threading
 import time
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine
 
 log = logging.getLogger("yindian.db_watch")
@@ -36,19 +37,22 @@ WATCH_PERIOD_S = 0.025
 WATCH_IDLE_END_S = 1.0
 
 _lock = threading.Lock()
-_due: dict[int, tuple[int, float]] = {}  # registration -> (socket descriptor, due on time.monotonic())
+# registration -> (socket descriptor, due on time.monotonic(), the pool record's info of a pooled connection)
+_due: dict[int, tuple[int, float, dict[str, Any] | None]] = {}
 _next = 0
 _thread: threading.Thread | None = None
 _CALL_DUE: contextvars.ContextVar[float] = contextvars.ContextVar("yindian_db_call_due", default=0.0)
 _RECORD_KEY = "yindian.db_watch"
+_CUT_KEY = "yindian.db_watch.cut"
 
 
-def register(fd: int, due: float) -> int:
-    """Watches socket `fd` until `unregister`: shut down if still registered at `due` (time.monotonic())."""
+def register(fd: int, due: float, record_info: dict[str, Any] | None = None) -> int:
+    """Watches socket `fd` until `unregister`: shut down if still registered at `due` (time.monotonic()).
+    `record_info` (a pooled connection's): marked when its socket is shut, for watch_pool."""
     global _next, _thread
     with _lock:
         _next += 1
-        _due[_next] = (fd, due)
+        _due[_next] = (fd, due, record_info)
         if _thread is None:
             _thread = threading.Thread(target=_watch, name="db-watch", daemon=True)
             _thread.start()
@@ -96,11 +100,13 @@ def _watch() -> None:
                     return
                 continue
             idle_since = now
-            late = [token for token, (_fd, due) in _due.items() if due <= now]
+            late = [token for token, (_fd, due, _info) in _due.items() if due <= now]
             for token in late:
-                fd, _ = _due.pop(token)
+                fd, _, info = _due.pop(token)
                 with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
                     sock.shutdown(socket.SHUT_RDWR)  # the socket itself, through a duplicate descriptor
+                if info is not None:
+                    info[_CUT_KEY] = True
                 _cuts += 1
         for _token in late:
             log.warning("event=db_answer_overdue action=connection_cut")
@@ -125,11 +131,15 @@ def watch_pool(engine: Engine) -> None:
 
     @event.listens_for(engine, "checkout")
     def _out(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        if record.info.pop(_CUT_KEY, False):
+            # Shut after its call's last statement, before the pool took it back (a transaction the call
+            # ended leaves the pool nothing to roll back, so nothing noticed): the pool replaces it.
+            raise exc.DisconnectionError("its socket was shut by db_watch")
         due = _CALL_DUE.get()
         if due:
             fd = socket_of(dbapi_conn)
             if fd is not None and fd >= 0:
-                record.info[_RECORD_KEY] = register(fd, due)
+                record.info[_RECORD_KEY] = register(fd, due, record.info)
 
     def _release(record: Any) -> None:
         token = record.info.pop(_RECORD_KEY, None)
