@@ -335,7 +335,9 @@ class _Run:
         for st in self.stats.values():
             overall.merge(st.latency)
             codes.update(st.codes)
-        span_s = max(self.p.duration_s, self.last_done - self.measure_from)
+        # The span as reported (ms), and every rate from it: a reader dividing the printed figures gets the
+        # printed rate (before, 50 calls over 0.5097 s printed 0.51 s and 98.1/s, not 98.0/s).
+        span_s = round(max(self.p.duration_s, self.last_done - self.measure_from), 3)
         ops = {op: OpReport(st.latency.count, round(st.latency.count / span_s, 1), st.latency.summary(),
                             dict(st.codes)) for op, st in self.stats.items() if st.codes}
         completed = overall.count
@@ -346,7 +348,7 @@ class _Run:
             offered_rate_per_s=self.p.rate_per_s, duration_s=self.p.duration_s, warmup_s=self.p.warmup_s,
             concurrency=self.p.concurrency, mix=parse_mix(self.p.mix), arrivals=self.issued + self.dropped,
             issued=self.issued, dropped=self.dropped, completed=completed, ok=codes.get("OK", 0),
-            rate_per_s=round(completed / span_s, 1), span_s=round(span_s, 3), retries=self.client.retries,
+            rate_per_s=round(completed / span_s, 1), span_s=span_s, retries=self.client.retries,
             cancel_fallbacks=self.cancel_fallbacks, scheduler_lag_max_ms=round(self.lag_max_s * 1000, 3),
             latency=overall.summary(), ops=ops, codes=dict(codes), pays_sent=len(self.ledger.pays),
             pays_accepted=accepted, pays_in_doubt_after_run=in_doubt, load_average=load_average,
