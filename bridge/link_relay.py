@@ -42,7 +42,7 @@ from bridge.link_journal import (
 from bridge.upstream import OK, Answer, relay
 from yindian.v1 import billing_pb2 as pb
 from yindian_common import fields
-from yindian_common.db import SessionWaits, watched_until_deadline
+from yindian_common.db import watched_until_deadline
 from yindian_common.db_errors import DB_TROUBLE, is_trouble
 from yindian_common.errors import InvalidField, Unavailable, YinDianError
 from yindian_common.status import abort, guard
@@ -51,8 +51,6 @@ log = logging.getLogger("yindian.bridge.link")
 
 PAGE_SIZE_MAX = 500          # the utility's page bound for ListAgreements / ListRefunds
 ACKS_MAX = 500               # acknowledgements per AcknowledgeRefunds
-# The journal's sessions bound their waits by DB_WAIT_MAX_S (bridge.serve): a call's own bound is no longer.
-SESSION_WAITS = SessionWaits()
 _NONCE_RE = re.compile(r"[A-Za-z0-9-]{0,32}")
 
 LINK_ROUND_TRIP = Gauge("yindian_link_round_trip_seconds", "Round trip of the last Echo to the utility.", ["bank"])
@@ -146,7 +144,7 @@ class LinkRelay:
         # The journal's writes are given up by the caller's deadline on a dead link (not after
         # DB_LINK_DEAD_S with the serving thread held), and answered as the journal down.
         with guard(context, rpc, database=JOURNAL_DATABASE), \
-                watched_until_deadline(SESSION_WAITS, context.time_remaining()):
+                watched_until_deadline(context.time_remaining()):
             return self._journaled_call(rpc, request, context, timeout_s, journaled)
 
     def _journaled_call(self, rpc: str, request: Any, context: grpc.ServicerContext, timeout_s: float,

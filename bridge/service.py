@@ -24,7 +24,7 @@ from bridge import feed_relay, recon
 from bridge import journal as jn
 from bridge.context import BridgeContext
 from bridge.journal import Claim, Entry, Outcome
-from bridge.link_relay import JOURNAL_DATABASE, SESSION_WAITS, relay_of
+from bridge.link_relay import JOURNAL_DATABASE, relay_of
 from bridge.resolver import REVERSAL_PREFIX, Resolver
 from bridge.upstream import DEFINITE, NOT_SENT, RETRY_LATER_CODES, Answer, link_down_status, relay
 from yindian.v1 import billing_pb2 as pb
@@ -149,7 +149,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         # The journal's reads (a retried serial's row) answer UNAVAILABLE when they fail, and are given up
         # by the caller's deadline on a dead link, not after DB_LINK_DEAD_S with the thread held.
         with guard(context, entry.kind.title(), database=JOURNAL_DATABASE), \
-                watched_until_deadline(SESSION_WAITS, context.time_remaining()):
+                watched_until_deadline(context.time_remaining()):
             return self._claimed(entry, request, context, deadline)
 
     def _claimed(self, entry: Entry, request: Any, context: grpc.ServicerContext, deadline: float) -> Any:

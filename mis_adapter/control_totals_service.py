@@ -78,7 +78,7 @@ class ControlTotalsDesk:
     def exchange(self, request: pb.ExchangeControlTotalsRequest, context: grpc.ServicerContext
                  ) -> pb.ExchangeControlTotalsResponse:
         settings = self.ctx.settings
-        with guard(context, "ExchangeControlTotals"), watched_until_deadline(settings, context.time_remaining()):
+        with guard(context, "ExchangeControlTotals"), watched_until_deadline(context.time_remaining()):
             bank_id = bank_of(context, tls=self.ctx.tls)
             self.ctx.banks.ensure_known(bank_id)
             q = query_of(bank_id, request, in_doubt_max=settings.control_totals_in_doubt_max,

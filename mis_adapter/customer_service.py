@@ -179,7 +179,7 @@ class CustomerServicer(customer_pb2_grpc.CustomerServiceServicer):
                 role: tuple[Sequence[str], str] | None = None) -> R:
         # The one status guard; its refusal log carries account numbers at most (masked by the log filter),
         # never the phone factor or a name.
-        with guard(context, rpc), watched_until_deadline(self.ctx.settings, context.time_remaining()):
+        with guard(context, rpc), watched_until_deadline(context.time_remaining()):
             operator = _operator_of(context, rpc, tls=self.ctx.tls, operators=self.operators)
             if role is not None:
                 _require_role(operator, *role)

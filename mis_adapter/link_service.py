@@ -75,7 +75,7 @@ def sign_command(bank_id: str, req: pb.SignAgreementRequest) -> ag.SignCommand:
 
 
 def _changing(ctx: AdapterContext, context: grpc.ServicerContext, rpc: str, work: Callable[[str], R]) -> R:
-    with guard(context, rpc), watched_until_deadline(ctx.settings, context.time_remaining()):
+    with guard(context, rpc), watched_until_deadline(context.time_remaining()):
         bank_id = bank_of(context, tls=ctx.tls)
         ctx.banks.ensure_active(bank_id)
         with ctx.banks.slot(bank_id):
@@ -83,7 +83,7 @@ def _changing(ctx: AdapterContext, context: grpc.ServicerContext, rpc: str, work
 
 
 def _reading(ctx: AdapterContext, context: grpc.ServicerContext, rpc: str, work: Callable[[str], R]) -> R:
-    with guard(context, rpc), watched_until_deadline(ctx.settings, context.time_remaining()):
+    with guard(context, rpc), watched_until_deadline(context.time_remaining()):
         bank_id = bank_of(context, tls=ctx.tls)
         ctx.banks.ensure_known(bank_id)
         return work(bank_id)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
@@ -23,7 +23,7 @@ from yindian.v1 import report_pb2 as pb
 from yindian.v1 import report_pb2_grpc
 from yindian_common import db_watch, fields, identity
 from yindian_common.clock import business_date
-from yindian_common.db import db_wait_bound, watched_until_deadline
+from yindian_common.db import deadline_due, watched_until_deadline
 from yindian_common.errors import Forbidden, InvalidField
 from yindian_common.identity import Caller
 from yindian_common.status import guard
@@ -75,20 +75,6 @@ def branch_filter(value: str) -> str:
         raise InvalidField("branch_code", "must be 2 digits, or empty for every branch")
     return value
 
-T = TypeVar("T")
-
-
-def read_by(pages: Iterator[T], due: float) -> Iterator[T]:
-    """`pages`, each read with its round trips due at `due` (db_watch.calls_due; 0: unwatched). The scope
-    never spans a yield."""
-    while True:
-        with db_watch.calls_due(due):
-            page = next(pages, None)
-        if page is None:
-            return
-        yield page
-
-
 class ReportServicer(report_pb2_grpc.ReportServiceServicer):
     def __init__(self, ctx: AdapterContext) -> None:
         self.ctx = ctx
@@ -97,13 +83,13 @@ class ReportServicer(report_pb2_grpc.ReportServiceServicer):
     def _due(self, context: grpc.ServicerContext) -> db_watch.calls_due:
         """A unary report's round trips, the bank's status read included, end by the caller's deadline on a
         dead link (db.watched_until_deadline)."""
-        return watched_until_deadline(self.ctx.settings, context.time_remaining())
+        return watched_until_deadline(context.time_remaining())
 
     def _stream_due(self, context: grpc.ServicerContext) -> float:
-        """When a detail stream's round trips are due (db_watch; 0: no deadline), taken once at its start:
-        the stream reads between its yields, each read under its own scope (`read_by`), since grpcio may
-        ask for the next page in another context."""
-        return db_wait_bound(self.ctx.settings, context.time_remaining()).answer_by
+        """When a detail stream's round trips are due (db.deadline_due: its deadline; 0: none), taken once at
+        its start: the stream reads between its yields, each read under its own scope (db_watch.read_by),
+        since grpcio may ask for the next page in another context."""
+        return deadline_due(context.time_remaining())
 
     # ---- roles ----
     def _caller(self, context: grpc.ServicerContext, rpc: str) -> Caller:
@@ -164,7 +150,7 @@ class ReportServicer(report_pb2_grpc.ReportServiceServicer):
             branch = branch_filter(request.branch_code)
             pages: Iterator[Any] = reports.arrears_detail(self.ctx.router.engines(), as_of, self.ctx.rates,
                                                           self.ctx.clock.tz, branch)
-            for page in read_by(pages, due):
+            for page in db_watch.read_by(pages, due):
                 yield pb.ArrearsDetailResponse(accounts=[arrears_account_pb(a) for a in page])
 
     def CollectionDetail(self, request: pb.CollectionDetailRequest, context: grpc.ServicerContext
@@ -180,5 +166,5 @@ class ReportServicer(report_pb2_grpc.ReportServiceServicer):
             bank = self._bank_scope("CollectionDetail", caller, request.bank_id)
             pages: Iterator[Any] = reports.collection_detail(self.ctx.router.engines(), frm, to, bank,
                                                              request.outlet_code)
-            for page in read_by(pages, due):
+            for page in db_watch.read_by(pages, due):
                 yield pb.CollectionDetailResponse(payments=[collected_payment_pb(p) for p in page])

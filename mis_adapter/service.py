@@ -128,7 +128,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
 
     def _due(self, context: grpc.ServicerContext) -> db_watch.calls_due:
         """The bank's status read included (db.watched_until_deadline)."""
-        return watched_until_deadline(self.ctx.settings, context.time_remaining())
+        return watched_until_deadline(context.time_remaining())
 
     def _money_moving(self, context: grpc.ServicerContext, rpc: str, work: Callable[[str], R]) -> R:
         with guard(context, rpc), self._due(context):

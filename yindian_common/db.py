@@ -80,13 +80,6 @@ class _WaitSettings(Protocol):
 
 
 @dataclass(frozen=True)
-class SessionWaits:
-    """The wait settings of a process that sets no db_wait_max_s of its own (the bridge): its sessions'
-    bound (make_engine's wait_max_s)."""
-    db_wait_max_s: float = DB_WAIT_MAX_S
-
-
-@dataclass(frozen=True)
 class WaitBound:
     """How long this call's statements may wait on the database, in milliseconds, and when its answers are
     due (time.monotonic(); 0: no deadline): ANSWER_SLACK_S after the waits' end, less the watch's period
@@ -111,12 +104,27 @@ def db_wait_bound(settings: _WaitSettings, time_left_s: float | None) -> WaitBou
     return WaitBound(wait_ms, wait_ms + IDLE_SLACK_MS, due)
 
 
-def watched_until_deadline(settings: _WaitSettings, time_left_s: float | None) -> db_watch.calls_due:
+def deadline_due(time_left_s: float | None) -> float:
+    """When the round trips of a call with `time_left_s` to its deadline are due (time.monotonic(); 0: no
+    deadline, not watched): ANSWER_SLACK_S into the caller's last DEADLINE_MARGIN_S, less the watch's period.
+    The caller's deadline, not the call's longest single wait (db_wait_bound): a call of several statements,
+    or a stream read page by page, may rightly outlast db_wait_max_s, each statement's own server-side bound
+    ending its waits. A call whose deadline has already passed does no work (UNAVAILABLE, nothing written)."""
+    if time_left_s is None:
+        return 0.0
+    left_s = time_left_s - DEADLINE_MARGIN_S
+    if left_s <= 0:
+        raise Unavailable("the call's deadline passed before its work started; nothing was written",
+                          reason="DEADLINE_PASSED")
+    return time.monotonic() + left_s + ANSWER_SLACK_S - db_watch.WATCH_PERIOD_S
+
+
+def watched_until_deadline(time_left_s: float | None) -> db_watch.calls_due:
     """`with` it around a whole call's handler: every pooled round trip of the call is cut when still
-    unanswered shortly before the caller's deadline (db_watch; `time_left_s` None: not watched), so the
-    call ends UNAVAILABLE instead of holding its thread until TCP gives up on a dead link
-    (DB_LINK_DEAD_S). A call whose deadline has already passed does no work (db_wait_bound raises)."""
-    return db_watch.calls_due(db_wait_bound(settings, time_left_s).answer_by)
+    unanswered shortly before the caller's deadline (db_watch, deadline_due; `time_left_s` None: not
+    watched), so the call ends UNAVAILABLE instead of holding its thread until TCP gives up on a dead link
+    (DB_LINK_DEAD_S). A call whose deadline has already passed does no work."""
+    return db_watch.calls_due(deadline_due(time_left_s))
 
 
 def answer_due(wait_ms: int) -> float:

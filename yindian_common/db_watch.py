@@ -24,7 +24,8 @@ import os
 import socket
 import threading
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, TypeVar
 
 from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine
@@ -44,6 +45,7 @@ _thread: threading.Thread | None = None
 _CALL_DUE: contextvars.ContextVar[float] = contextvars.ContextVar("yindian_db_call_due", default=0.0)
 _RECORD_KEY = "yindian.db_watch"
 _CUT_KEY = "yindian.db_watch.cut"
+T = TypeVar("T")
 
 
 def register(fd: int, due: float, record_info: dict[str, Any] | None = None) -> int:
@@ -77,6 +79,18 @@ class calls_due:  # noqa: N801 - used as a function: `with calls_due(due):`
 
     def __exit__(self, *_exc: object) -> None:
         _CALL_DUE.reset(self._reset)
+
+
+def read_by(pages: Iterator[T], due: float) -> Iterator[T]:
+    """`pages` (a generator reading from the database), each read with its round trips due at `due`
+    (calls_due; 0: unwatched). The scope never spans a yield: grpcio may ask a stream for its next message
+    in another context."""
+    while True:
+        with calls_due(due):
+            page = next(pages, None)
+        if page is None:
+            return
+        yield page
 
 
 def overdue_cuts() -> int:

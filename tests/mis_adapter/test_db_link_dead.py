@@ -264,3 +264,30 @@ def test_the_link_control_and_operator_calls_on_a_dark_link_let_go_at_their_dead
         wait_until(lambda: overview_answers() is not None, "the operator's read answering again")
         assert overview_answers() == sum(b.amount_fen for b in BILLS)
         assert a.stub.SignOn(pb.SignOnRequest(), metadata=a.md(), timeout=10).link.state == pb.LINK_STATE_SIGNED_ON
+
+
+def test_a_detail_stream_outlasting_the_database_wait_bound_is_not_cut_before_its_deadline(tmp_path: Path) -> None:
+    """A CollectionDetail stream read by a bank slower than db_wait_max_s (1 s here), with a deadline far
+    beyond: every payment arrives. The watch cuts a call's round trips at its deadline, not at the
+    longest single database wait from its start: before, the stream's connection (checked out once for
+    all its pages) was cut db_wait_max_s after the stream began, and the bank heard UNAVAILABLE midway."""
+    payments, bank_pause_s = 60_000, 2.5
+    with adapter_across_a_link(tmp_path, db_wait_max_s=1.0) as (a, _link, direct, acct):
+        with direct.begin() as conn:
+            conn.execute(sa.text(
+                "INSERT INTO payments (bank_id, bank_serial, state, account_no, branch_code, amount_fen, channel, "
+                "outlet_code, teller_id, settlement_date, posted_at, arrears_after_fen, prepaid_after_fen, "
+                "prepaid_added_fen) SELECT 'ICBC', 'S' || n, 'POSTED', :acct, '01', 100, 'COUNTER', 'OUT1', 'T01', "
+                "DATE '2026-11-01', TIMESTAMPTZ '2026-11-01 02:00:00+00', 0, 0, 0 "
+                "FROM generate_series(1, :n) AS n"), {"acct": acct, "n": payments})
+        reports = report_pb2_grpc.ReportServiceStub(a.channel)
+        cuts = db_watch.overdue_cuts()
+        stream = reports.CollectionDetail(report_pb2.CollectionDetailRequest(from_date="2026-11-01",
+                                                                             to_date="2026-11-01"),
+                                          metadata=a.md(), timeout=60)
+        first = next(stream)
+        # The bank reads slowly: the stream, held back by flow control, outlasts db_wait_max_s.
+        time.sleep(bank_pause_s)
+        got = len(first.payments) + sum(len(page.payments) for page in stream)
+        assert got == payments
+        assert db_watch.overdue_cuts() == cuts
