@@ -31,6 +31,7 @@ from bridge.upstream import DEFINITE, classify, relay
 from yindian.v1 import billing_pb2 as pb
 from yindian_common import fields
 from yindian_common.clock import monotonic_s
+from yindian_common.db import watched_until_deadline
 from yindian_common.errors import InvalidField, Precondition, Unavailable
 from yindian_common.status import guard
 
@@ -67,7 +68,9 @@ def reconcile(bctx: BridgeContext, request_iterator: Iterator[Any], context: grp
         day = fields.iso_date(first.header.settlement_date, "header.settlement_date")
         remaining = context.time_remaining()
         wait_s = IN_DOUBT_WAIT_S if remaining is None else min(IN_DOUBT_WAIT_S, remaining * IN_DOUBT_WAIT_SHARE)
-        wait_until_settled(bctx, day, wait_s)
+        # The journal's reads meanwhile are given up by the caller's deadline on a dead link (db_watch).
+        with watched_until_deadline(remaining):
+            wait_until_settled(bctx, day, wait_s)
         timeout_s = RECON_UPSTREAM_DEADLINE_S
         if remaining is not None:
             timeout_s = min(timeout_s, max(0.0, remaining - bctx.settings.upstream_deadline_margin_s))

@@ -10,7 +10,9 @@ applied. A bank silent for `recon_peer_silence_s` between two messages
 (holding its staging connection, on PostgreSQL an open COPY) ends the
 stream DEADLINE_EXCEEDED RECON_PEER_SILENT, nothing applied: the messages are
 received on a thread into a small queue (yindian_common.handoff.received), so
-the wait is bounded; the close after the last message is not. Nothing here
+the wait is bounded; the close after the last message is not. On a dead
+database link the stream's round trips are given up by the caller's deadline
+(db_watch): UNAVAILABLE naming the database, the thread free. Nothing here
 knows the matching rule."""
 from __future__ import annotations
 
@@ -26,8 +28,9 @@ from mis_adapter.context import AdapterContext
 from mis_adapter.recon import Discrepancy, ReconSummary
 from yindian.v1 import billing_pb2 as pb
 from yindian_common import business_metrics as bm
-from yindian_common import fields
+from yindian_common import db_watch, fields
 from yindian_common.clock import business_date
+from yindian_common.db import deadline_due
 from yindian_common.errors import Aborted, InvalidField, ReconPeerSilent, YinDianError
 from yindian_common.handoff import received
 from yindian_common.status import guard
@@ -66,12 +69,14 @@ def summary_pb(s: ReconSummary) -> pb.ReconcileSummary:
     return out
 
 
-def result_stream(ctx: AdapterContext, summary: ReconSummary) -> Iterator[pb.ReconcileResponse]:
+def result_stream(ctx: AdapterContext, summary: ReconSummary, due: float) -> Iterator[pb.ReconcileResponse]:
+    """The day's stored discrepancy lines, then its summary; each page read with its round trips due at
+    `due` (db_watch.read_by; 0: unwatched)."""
     if ctx.router.split:  # several branch databases: their lines, branch by branch
         pages = recon_branches.stored_lines(ctx.router, summary.bank_id, summary.settlement_date)
     else:
         pages = recon.stored_lines(ctx.router.primary, summary.bank_id, summary.settlement_date)
-    for page in pages:
+    for page in db_watch.read_by(pages, due):
         yield pb.ReconcileResponse(discrepancies=pb.DiscrepancyBatch(discrepancies=[discrepancy_pb(d) for d in page]))
     yield pb.ReconcileResponse(summary=summary_pb(summary))
 
@@ -116,14 +121,18 @@ def reconcile(ctx: AdapterContext, bank_id: str, request_iterator: Iterator[Any]
     with guard(context, "Reconcile", on_refused=failed), \
             received(request_iterator, queue_max=RECEIVE_QUEUE_MAX, silence_s=silence_s, silent=silent,
                      name=f"recon-receive-{bank_id}") as messages:
-        ctx.banks.ensure_known(bank_id)
-        known_bank = bank_id
-        first = next(messages, None)
-        if first is None or first.WhichOneof("body") != "header":
-            raise InvalidField("header", "the first message must be the header with the settlement date")
-        day = settlement_day(ctx, first.header)
-        summary = _stored_summary(ctx, bank_id, day) or _reconcile_stream(ctx, bank_id, day, messages,
-                                                                         _still_wanted(context))
+        # Its round trips are given up by the caller's deadline on a dead link (db_watch), not DB_LINK_DEAD_S
+        # later with the thread held: the day's work here, the stored lines between the answer's messages.
+        due = deadline_due(context.time_remaining())
+        with db_watch.calls_due(due):
+            ctx.banks.ensure_known(bank_id)
+            known_bank = bank_id
+            first = next(messages, None)
+            if first is None or first.WhichOneof("body") != "header":
+                raise InvalidField("header", "the first message must be the header with the settlement date")
+            day = settlement_day(ctx, first.header)
+            summary = _stored_summary(ctx, bank_id, day) or _reconcile_stream(ctx, bank_id, day, messages,
+                                                                             _still_wanted(context))
         log.info("event=reconciled bank=%s day=%s records=%d net_fen=%d replayed=%s", bank_id, day,
                  summary.record_count, summary.net_settlement_fen, summary.replayed)
         known_bank = None
@@ -133,7 +142,7 @@ def reconcile(ctx: AdapterContext, bank_id: str, request_iterator: Iterator[Any]
             for t in summary.totals:
                 bm.record_reconcile_records(bank_id, t.outcome, t.count, t.amount_fen)
             bm.record_reconciliation(bank_id, "COMPLETED")
-        yield from result_stream(ctx, summary)
+        yield from result_stream(ctx, summary, due)
 
 
 def _stored_summary(ctx: AdapterContext, bank_id: str, day: dt.date) -> ReconSummary | None:

@@ -178,7 +178,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
 
     def Reconcile(self, request_iterator: Iterator[pb.ReconcileRequest], context: grpc.ServicerContext
                   ) -> Iterator[pb.ReconcileResponse]:
-        with guard(context, "Reconcile"):
+        with guard(context, "Reconcile"), self._due(context):
             bank_id = self._bank(context)
             self.ctx.banks.ensure_known(bank_id)  # before it takes a share: unknown ids hold none
         return guard_stream(context, "Reconcile", self.ctx.shares.stream(

@@ -13,8 +13,9 @@ registered, so a connection handed back (its descriptor perhaps reused) is never
 
 Two ways in: `register(fd, due)` and `unregister` around one blocking round trip (Pay's kept PostgreSQL
 connections), and `calls_due(due)`, under which every connection an engine of db.make_engine checks out of
-its pool is registered until it is checked in (Pay on the pool, Cancel; `watch_pool`). A pooled connection
-shut after its call's last statement, before its checkin, is replaced at its next checkout."""
+its pool is registered until it is checked in (Pay on the pool, Cancel; `watch_pool`), and a connection it
+opens meanwhile waits for the server no longer than the call may. A pooled connection shut after its call's
+last statement, before its checkin, is replaced at its next checkout."""
 from __future__ import annotations
 
 import contextlib
@@ -36,6 +37,8 @@ log = logging.getLogger("yindian.db_watch")
 # it ends (the next registration starts it again).
 WATCH_PERIOD_S = 0.025
 WATCH_IDLE_END_S = 1.0
+# The shortest connection attempt a due time leaves a new connection (libpq counts whole seconds, two at least).
+CONNECT_TIMEOUT_MIN_S = 2
 
 _lock = threading.Lock()
 # registration -> (socket descriptor, due on time.monotonic(), the pool record's info of a pooled connection)
@@ -142,6 +145,15 @@ def socket_of(dbapi_conn: Any) -> int | None:
 def watch_pool(engine: Engine) -> None:
     """Registers each connection `engine` checks out under calls_due (a due time set) until it is
     checked in, invalidated, detached or closed, whichever comes first (never past the life of its socket)."""
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(_dialect: Any, _record: Any, _cargs: Any, cparams: dict[str, Any]) -> None:
+        """A connection opened under calls_due waits for the server no longer than the call may: on a dead
+        link an attempt otherwise takes the engine's whole connect_timeout (DB_CONNECT_TIMEOUT_S), whatever
+        the caller's deadline. Whole seconds, CONNECT_TIMEOUT_MIN_S at least (libpq's floor)."""
+        due, timeout = _CALL_DUE.get(), cparams.get("connect_timeout")
+        if due and timeout is not None:
+            cparams["connect_timeout"] = min(int(timeout), max(CONNECT_TIMEOUT_MIN_S, int(due - time.monotonic())))
 
     @event.listens_for(engine, "checkout")
     def _out(dbapi_conn: Any, record: Any, _proxy: Any) -> None:

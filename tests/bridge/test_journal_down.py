@@ -23,7 +23,7 @@ from tests.support.netns_link import database_link
 from tests.support.waiting import wait_until
 from yindian.v1 import billing_pb2 as pb
 from yindian_common import db_watch
-from yindian_common.db import DB_LINK_DEAD_S, make_engine
+from yindian_common.db import DB_CONNECT_TIMEOUT_S, DB_LINK_DEAD_S, make_engine
 from yindian_common.status import error_info
 
 pytestmark = pytest.mark.timeout(120)
@@ -116,3 +116,51 @@ def test_a_journaled_link_call_on_a_dark_journal_link_lets_go_by_its_deadline(
                 return False
 
         wait_until(signed_off, "SignOff answering again")
+
+
+@pytest.mark.parametrize(("pooled", "bank"), [(True, "BOC"), (False, "CCB")],
+                         ids=["pooled-connection", "new-connection"])
+def test_a_reconciliation_on_a_dark_journal_link_lets_go_by_its_deadline(
+        tmp_path: Path, utility: Utility, make_bridge: Callable[..., BankCore], pooled: bool, bank: str) -> None:
+    """A Reconcile stream sent with a 3 s deadline while the bridge's journal link is dark: the bridge's look
+    for the day's in-doubt payments is given up by that deadline, the bank hears UNAVAILABLE naming the journal
+    database, and nothing reaches the utility (the day stays open there). On a pooled connection db_watch cuts
+    the round trip; a connection opened for it (none pooled) gives up its attempt in time (its connect_timeout
+    cut to what the call has left). Before, either held the stream's thread until the link bound
+    (DB_LINK_DEAD_S, or DB_CONNECT_TIMEOUT_S for the attempt), and the bank heard only its own
+    DEADLINE_EXCEEDED. The link healed, the same day reconciles: the payment matched. (A bank of its own per
+    case: the utility is the module's, and a bank's reconciled day takes its later pays to the next day.)"""
+    deadline_s = 3.0
+    assert deadline_s + 1.0 < DB_CONNECT_TIMEOUT_S < DB_LINK_DEAD_S
+    with fresh_database("postgresql", tmp_path, schema="bridge") as url, database_link(url) as (link, far_url):
+        core = make_bridge(utility.address, db=far_url, bank_id=bank)
+        serial, account = new_serial("RDK"), next(utility.accounts)
+        day = core.pay(serial, account, 1_000).settlement_date
+        if pooled:
+            core.stub.SignOn(pb.SignOnRequest(), timeout=10)  # leaves a pooled connection across the link
+        day_stream = [pb.ReconcileRequest(header=pb.ReconcileHeader(settlement_date=day)),
+                      pb.ReconcileRequest(batch=pb.BankRecordBatch(records=[pb.BankRecord(
+                          bank_serial=serial, account_no=account, amount_fen=1_000,
+                          status=pb.BANK_RECORD_STATUS_POSTED)]))]
+        link.blackhole()
+        cuts, sent_at = db_watch.overdue_cuts(), time.monotonic()
+        dark = refused(lambda: list(core.stub.Reconcile(iter(day_stream), timeout=deadline_s)))
+        assert dark.code() == grpc.StatusCode.UNAVAILABLE, (dark.code(), dark.details())
+        assert "bridge journal database" in (dark.details() or "")
+        assert time.monotonic() - sent_at < deadline_s
+        assert db_watch.overdue_cuts() > cuts if pooled else db_watch.overdue_cuts() == cuts
+        link.heal()
+        answers: list[pb.ReconcileSummary] = []
+
+        def reconciled() -> bool:
+            try:
+                answers.append(list(core.stub.Reconcile(iter(day_stream), timeout=30))[-1].summary)
+                return True
+            except grpc.RpcError as e:  # the first call on a pooled connection the link killed
+                assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+                return False
+
+        wait_until(reconciled, "Reconcile answering again")
+        assert not answers[0].replayed, "the stream on the dark link reached the utility and closed the day"
+        assert {t.outcome: (t.count, t.amount_fen) for t in answers[0].totals if t.count} == {
+            pb.RECONCILE_OUTCOME_MATCHED: (1, 1_000)}

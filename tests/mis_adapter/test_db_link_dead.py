@@ -23,7 +23,7 @@ from sqlalchemy.engine import Engine
 
 from mis_adapter.db.core import BillRow, Customer, Payment
 from tests.support.databases import fresh_database
-from tests.support.mis_data import BillSpec, RunningAdapter, add_account, running_adapter
+from tests.support.mis_data import NOON, BillSpec, RunningAdapter, add_account, running_adapter
 from tests.support.netns_link import NetnsLink, database_link
 from tests.support.waiting import wait_until
 from yindian.v1 import billing_pb2 as pb
@@ -157,21 +157,29 @@ def test_a_pay_whose_deadline_comes_before_the_link_bound_lets_go_at_its_deadlin
     a_pay_committed_as_its_link_dies(tmp_path, deadline_s, at_the_deadline)
 
 
-@pytest.mark.parametrize("method", ["QueryAccount", "GetPayment", "CollectionSummary", "CollectionDetail"])
-def test_a_read_on_a_dark_link_lets_go_at_its_deadline(tmp_path: Path, method: str) -> None:
-    """QueryAccount, GetPayment and the reports (a unary one, a detail stream) on a link gone dark:
-    mis_adapter is done with the call (its handled count moves) by its deadline and a second, the link
-    still dark, and the bank hears UNAVAILABLE or its own deadline; before, the read's thread was held
+@pytest.mark.parametrize("case", ["QueryAccount", "GetPayment", "CollectionSummary", "CollectionDetail",
+                                  "Reconcile", "Reconcile:bank-known"])
+def test_a_read_on_a_dark_link_lets_go_at_its_deadline(tmp_path: Path, case: str) -> None:
+    """QueryAccount, GetPayment, the reports (a unary one, a detail stream) and a Reconcile stream (of a day
+    reconciled once already: the bank's status is read, or with it known, the day's stored result) on a link
+    gone dark: mis_adapter is done with the call (its handled count moves) by its deadline and a second, the
+    link still dark, and the bank hears UNAVAILABLE or its own deadline; before, the read's thread was held
     until TCP gave up on the link (DB_LINK_DEAD_S). Once the link heals, the same read answers."""
+    method, _, variant = case.partition(":")
     deadline_s = 3.0
     assert deadline_s + 1.0 < DB_LINK_DEAD_S
-    with adapter_across_a_link(tmp_path) as (a, link, _direct, acct):
+    settings = {"bank_status_ttl_s": 3_600.0} if variant == "bank-known" else {}
+    with adapter_across_a_link(tmp_path, **settings) as (a, link, _direct, acct):
         reports = report_pb2_grpc.ReportServiceStub(a.channel)
         days = {"from_date": "2026-11-01", "to_date": "2026-11-02"}
 
         def read(timeout_s: float) -> Callable[[], object]:
             """Sends the call; the function returned waits for its whole answer."""
             kw = {"metadata": a.md(), "timeout": timeout_s}
+            if method == "Reconcile":
+                day = pb.ReconcileRequest(header=pb.ReconcileHeader(settlement_date=NOON.date().isoformat()))
+                recon = a.stub.Reconcile(iter([day]), **kw)
+                return lambda: list(recon)
             if method == "CollectionDetail":
                 stream = reports.CollectionDetail(report_pb2.CollectionDetailRequest(**days), **kw)
                 return lambda: list(stream)

@@ -88,8 +88,8 @@ class RunningAdapter:
 @contextmanager
 def running_adapter(db_url: str, **overrides: object) -> Iterator[RunningAdapter]:
     """An in-process mis_adapter on 127.0.0.1:0 over a migrated database with the test banks."""
-    settings = AdapterSettings(db=db_url, listen="127.0.0.1:0", insecure=True, bank_status_ttl_s=0.0,
-                               grace_s=2.0, **overrides)  # type: ignore[arg-type]
+    fields: dict[str, object] = {"bank_status_ttl_s": 0.0, "grace_s": 2.0, **overrides}
+    settings = AdapterSettings(db=db_url, listen="127.0.0.1:0", insecure=True, **fields)  # type: ignore[arg-type]
     clock = ManualClock(NOON)
     server, ctx = build_server(settings, clock)
     for b in BANKS:
