@@ -92,13 +92,8 @@ class WaitBound:
 def db_wait_bound(settings: _WaitSettings, time_left_s: float | None) -> WaitBound:
     """The bound for a call with `time_left_s` to its deadline (None: no deadline).
     A call whose deadline has passed does no work: UNAVAILABLE, nothing written."""
-    limit_s = settings.db_wait_max_s
-    if time_left_s is not None:
-        left_s = time_left_s - DEADLINE_MARGIN_S
-        if left_s <= 0:
-            raise Unavailable("the call's deadline passed before its work started; nothing was written",
-                              reason="DEADLINE_PASSED")
-        limit_s = min(limit_s, left_s)
+    limit_s = settings.db_wait_max_s if time_left_s is None else min(settings.db_wait_max_s,
+                                                                     _work_left_s(time_left_s))
     wait_ms = max(1, int(limit_s * 1000))
     due = 0.0 if time_left_s is None else answer_due(wait_ms)
     return WaitBound(wait_ms, wait_ms + IDLE_SLACK_MS, due)
@@ -106,17 +101,21 @@ def db_wait_bound(settings: _WaitSettings, time_left_s: float | None) -> WaitBou
 
 def deadline_due(time_left_s: float | None) -> float:
     """When the round trips of a call with `time_left_s` to its deadline are due (time.monotonic(); 0: no
-    deadline, not watched): ANSWER_SLACK_S into the caller's last DEADLINE_MARGIN_S, less the watch's period.
+    deadline, not watched): as answer_due, for waits that may last until the caller's last DEADLINE_MARGIN_S.
     The caller's deadline, not the call's longest single wait (db_wait_bound): a call of several statements,
     or a stream read page by page, may rightly outlast db_wait_max_s, each statement's own server-side bound
     ending its waits. A call whose deadline has already passed does no work (UNAVAILABLE, nothing written)."""
-    if time_left_s is None:
-        return 0.0
+    return 0.0 if time_left_s is None else answer_due(int(_work_left_s(time_left_s) * 1000))
+
+
+def _work_left_s(time_left_s: float) -> float:
+    """The time a call with `time_left_s` to its deadline has for its work (DEADLINE_MARGIN_S kept for its
+    answer); UNAVAILABLE, nothing written, when none is left."""
     left_s = time_left_s - DEADLINE_MARGIN_S
     if left_s <= 0:
         raise Unavailable("the call's deadline passed before its work started; nothing was written",
                           reason="DEADLINE_PASSED")
-    return time.monotonic() + left_s + ANSWER_SLACK_S - db_watch.WATCH_PERIOD_S
+    return left_s
 
 
 def watched_until_deadline(time_left_s: float | None) -> db_watch.calls_due:
