@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import socket
+from collections.abc import Collection
 from pathlib import Path
 
 EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
@@ -24,9 +25,10 @@ def ephemeral_low() -> int:
         return EPHEMERAL_LOW_DEFAULT
 
 
-def stable_port(host: str = "127.0.0.1", *, rng: random.Random | None = None) -> int:
+def stable_port(host: str = "127.0.0.1", *, rng: random.Random | None = None, exclude: Collection[int] = ()) -> int:
     """A port on `host` that nothing listens on now, outside the kernel's ephemeral range (random, so
-    that concurrent callers rarely pick the same one; each pick is checked by binding it).
+    that concurrent callers rarely pick the same one; each pick is checked by binding it), and none of
+    `exclude` (ports picked for servers not started yet: their bind check cannot see them).
     Raises OSError after ATTEMPTS_MAX ports that were all taken."""
     low, high = STABLE_LOW, ephemeral_low()
     if high - low < 1000:  # a machine whose ephemeral range starts low: fall back to the range below it
@@ -34,6 +36,8 @@ def stable_port(host: str = "127.0.0.1", *, rng: random.Random | None = None) ->
     pick = rng or random.SystemRandom()
     for _ in range(ATTEMPTS_MAX):
         port = pick.randrange(low, high)
+        if port in exclude:
+            continue
         with socket.socket() as s:
             try:
                 s.bind((host, port))

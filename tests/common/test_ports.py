@@ -25,3 +25,9 @@ def test_a_port_someone_listens_on_is_never_returned() -> None:
         assert again != first
         with socket.socket() as s:
             s.bind(("127.0.0.1", again))
+
+
+def test_a_port_picked_for_another_server_not_started_yet_is_never_returned() -> None:
+    first = stable_port(rng=random.Random(7))
+    again = stable_port(rng=random.Random(7), exclude={first})  # the same sequence: its first pick is excluded
+    assert again != first

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,9 +39,9 @@ IN_DOUBT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc
             grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
-def free_port() -> int:
+def free_port(exclude: Collection[int] = ()) -> int:
     """Outside the ephemeral range: a restart after a kill finds it free (yindian_common.ports)."""
-    return stable_port()
+    return stable_port(exclude=exclude)
 
 
 @dataclass
@@ -69,7 +69,8 @@ class Stack:
 
     def __init__(self, utility: Utility, work: Path, crash_point: str) -> None:
         self.u, self.work, self.crash_point = utility, work, crash_point
-        self.mis_port, self.bridge_port = free_port(), free_port()
+        self.mis_port = free_port()
+        self.bridge_port = free_port(exclude={self.mis_port})  # neither is bound yet: the bind check cannot tell
         self.bridge_db = f"sqlite:///{work / 'bridge.db'}"
         self.mis: Proc | None = None
         self.bridge: Proc | None = None
