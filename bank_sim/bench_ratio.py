@@ -109,6 +109,11 @@ class BenchRatioSettings(YinDianSettings):
     latency_trace: str = Field("", description="also write every measured call as a CSV line here (measurement, "
                                "offered rate, send time s since the window opened, latency ms, status) to see "
                                "stalls on a timeline; empty: off")
+    wait_sample_interval_s: float = Field(0.02, ge=0, le=10,
+                                          description="PostgreSQL: how often the meter samples what the benchmark's "
+                                                      "backends wait on during a pay measurement (pg_stat_activity; "
+                                                      "printed as backends per sample by wait event, mean and "
+                                                      "peak); 0: off")
     latency_trace_rows_max: int = Field(2_000_000, ge=1, le=20_000_000,
                                         description="most calls --latency-trace keeps per measurement")
 
@@ -131,6 +136,9 @@ class Measured:
     # PostgreSQL: backends' CPU by database and application_name, and the servers' counters (DbStats).
     db_role_cpu_ms_per_call: dict[str, float] = field(default_factory=dict)
     db_per_call: dict[str, dict[str, float]] = field(default_factory=dict)
+    # PostgreSQL: '<database>:<wait event>' → backends per sample, mean and peak (meter.WaitCounts), and the samples
+    db_waits: dict[str, dict[str, float]] = field(default_factory=dict)
+    db_wait_samples: int = 0
 
     @property
     def held(self) -> bool:
@@ -324,9 +332,11 @@ def measure(what: str, target: str, bank_id: str, make: PayFactory, settings: Be
     roles = ({name: round(s * 1000 / calls, 3)
               for name, s in sorted(meter.reading.role_cpu_s.items(), key=lambda x: -x[1])} if calls else {})
     db = meter.reading.db_per_call(calls) if calls else {}
+    waits = meter.reading.waits
     return Measured(what, "closed" if rate is None else "open", rate, calls, round(calls / settings.duration_s, 1),
                     window.hist.get_value_at_percentile(50) / 1000, window.hist.get_value_at_percentile(99) / 1000,
-                    window.dropped, window.errors, per, os.getloadavg(), roles, db)
+                    window.dropped, window.errors, per, os.getloadavg(), roles, db,
+                    waits.summary() if waits else {}, waits.samples if waits else 0)
 
 
 # ---- the stacks ----
@@ -352,18 +362,19 @@ def make_backend(name: str, work: Path, settings: BenchRatioSettings) -> Backend
                    [mis_name, bridge_name])
 
 
-def pay_meter_spec(backend: Backend, client: int, bridge: int, mis: int) -> MeterSpec:
+def pay_meter_spec(backend: Backend, client: int, bridge: int, mis: int, wait_interval_s: float = 0.0) -> MeterSpec:
     """The pays' meter: client, bridge and mis_adapter, and the database server's processes that serve the
     benchmark (none for SQLite: it runs in the servers). PostgreSQL: the backends serving the benchmark's
     two databases (found in pg_stat_activity), the shared background processes apart, the backends by
     '<database>:<application_name>' ('mis:mis_adapter', 'bridge:bridge/journal-writer', ...; the servers
-    name each pool by role, yindian_common.db.role_name), and the databases' counters (DbStats)."""
+    name each pool by role, yindian_common.db.role_name), the databases' counters (DbStats) and, every
+    `wait_interval_s` (> 0), what their backends wait on (meter.WaitSampler)."""
     groups = [CpuGroup("client", (client,)), CpuGroup("bridge", (bridge,)), CpuGroup("mis_adapter", (mis,))]
     if backend.name == "postgresql":
         return MeterSpec((*groups, CpuGroup("postgres backends", pg="backends"),
                           CpuGroup("postgres shared (walwriter, checkpointer, ...)", pg="aux")),
                          backend.admin_url, tuple(zip(("mis", "bridge"), backend.dropped, strict=True)),
-                         roles=True, stats=True)
+                         roles=True, stats=True, wait_interval_s=wait_interval_s)
     if backend.name == "mariadb":
         return MeterSpec((*groups, CpuGroup("mariadb (whole server)", comm=MARIADB_COMMS)))
     return MeterSpec(tuple(groups))
@@ -392,7 +403,19 @@ def fmt(m: Measured) -> str:
     if m.db_role_cpu_ms_per_call:
         line += "\n  postgres backends by database:role, CPU ms/call: " + "  ".join(
             f"{k} {v:.3f}" for k, v in m.db_role_cpu_ms_per_call.items())
+    if m.db_wait_samples:
+        line += f"\n  {fmt_waits(m.db_waits, m.db_wait_samples)}"
     return line + "".join(f"\n  {x}" for x in fmt_db(m.db_per_call))
+
+
+WAITS_SHOWN_MAX = 10
+
+
+def fmt_waits(waits: dict[str, dict[str, float]], samples: int) -> str:
+    """The backends' states by database, largest mean first: backends per sample, mean (peak)."""
+    shown = "  ".join(f"{k} {v['mean']:.2f} ({v['peak']:g})" for k, v in list(waits.items())[:WAITS_SHOWN_MAX])
+    return (f"postgres backends by database:wait, mean (peak) per sample of {samples:,}: "
+            f"{shown or 'none busy at any sample'}")
 
 
 def fmt_db(per: dict[str, dict[str, float]]) -> list[str]:
@@ -494,7 +517,8 @@ def bench_backend(name: str, settings: BenchRatioSettings, root: Path, proxy: Se
         echo_meter = CpuMeter(MeterSpec((CpuGroup("client", (me,)), CpuGroup("proxy", (proxy.popen.pid,)),
                                          CpuGroup("echo", (echo.popen.pid,)))))
         meters.append(echo_meter.open())
-        pay_meter = CpuMeter(pay_meter_spec(backend, me, bridge.popen.pid, mis.popen.pid))
+        pay_meter = CpuMeter(pay_meter_spec(backend, me, bridge.popen.pid, mis.popen.pid,
+                                            settings.wait_sample_interval_s))
         meters.append(pay_meter.open())
         made = f"; databases {', '.join(backend.dropped)}" if backend.dropped else ""
         console.print(f"[bold]{name}[/bold]: {settings.accounts:,} households, {len(accounts):,} paying accounts{made}")

@@ -14,13 +14,22 @@ cycled, found the calls sent during a sample delayed alike either way: a sample 
 and 10 ms of PostgreSQL CPU, and on a loaded 2-core box the delay follows the load.) Every wait is bounded: a
 sampler that does not answer in time fails the measurement (MeterFailed) and is killed; it dies with the
 benchmark (daemonic, and it exits when its pipe closes; it ignores Ctrl-C, which the benchmark handles by
-closing it). The benchmark's main module must be import-safe (spawn)."""
+closing it). The benchmark's main module must be import-safe (spawn).
+
+Between a window's edges the sampler can also sample what the benchmark's PostgreSQL backends are doing
+(`WaitSampler`, `MeterSpec.wait_interval_s`): every interval, one read of pg_stat_activity, each backend
+serving a call counted by its wait event (on CPU when it waits for nothing; "idle in transaction" when
+its transaction waits for its client). The mean per sample is how many backends were in that state on
+average (PostgreSQL's "active sessions"), the peak the most at one sample: a pay's p99 set by a WAL flush
+that held every commit shows as a peak of LWLock:WALWrite, not as CPU."""
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
 import os
 import signal
+import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
@@ -33,6 +42,8 @@ METER_APP = "bench-ratio"  # application_name of the benchmark's own statistics 
 SAMPLER_READY_TIMEOUT_S = 60.0  # a spawned Python importing SQLAlchemy and connecting, on a loaded box
 ANSWER_TIMEOUT_S = 30.0  # one sample: /proc and a handful of statistics queries
 EXIT_TIMEOUT_S = 10.0
+WAIT_READ_TIMEOUT_MS = 2_000  # one pg_stat_activity read of the wait sampler (statement_timeout)
+WAIT_SAMPLES_MAX = 1_000_000  # samples one window keeps counting (at 10 ms: 2.8 hours)
 
 
 class MeterFailed(RuntimeError):
@@ -87,6 +98,7 @@ class MeterSpec:
     pg_databases: tuple[tuple[str, str], ...] = ()
     roles: bool = False
     stats: bool = False
+    wait_interval_s: float = 0.0  # > 0: sample the backends' wait events this often (WaitSampler); 0: off
 
 
 @dataclass
@@ -96,6 +108,7 @@ class Reading:
     role_cpu_s: dict[str, float] = field(default_factory=dict)
     db_delta: dict[str, dict[str, float]] = field(default_factory=dict)
     indexes: dict[str, int] = field(default_factory=dict)  # "label.table" → indexes on it
+    waits: WaitCounts | None = None
 
     def db_per_call(self, calls: int) -> dict[str, dict[str, float]]:
         """Each counter's change ÷ calls; tables that did not change are left out."""
@@ -179,6 +192,104 @@ class DbStats:
             engine.dispose()
 
 
+# ---- what the backends wait on ----
+
+ON_CPU = "CPU"
+IDLE_IN_TRANSACTION = "idle in transaction"
+PG_WAITS = ("SELECT datname, coalesce(wait_event_type || ':' || wait_event, :cpu), state FROM pg_stat_activity "
+            "WHERE datname = ANY(:d) AND application_name <> :me AND pid <> pg_backend_pid() "
+            "AND state IN ('active', 'idle in transaction', 'idle in transaction (aborted)')")
+
+
+@dataclass
+class WaitCounts:
+    """Backends by '<label>:<wait>' over a window's samples: `total` summed over the samples, `peak` the
+    most at one sample. <wait> is PostgreSQL's wait_event_type:wait_event (LWLock:WALWrite, IO:WALSync,
+    Lock:transactionid, ...), CPU for an active backend waiting for nothing, or "idle in transaction"."""
+    samples: int = 0
+    total: Counter[str] = field(default_factory=Counter)
+    peak: dict[str, int] = field(default_factory=dict)
+
+    def add(self, seen: Counter[str]) -> None:
+        self.samples += 1
+        self.total.update(seen)
+        for key, n in seen.items():
+            self.peak[key] = max(self.peak.get(key, 0), n)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """'<label>:<wait>' → {"mean": backends per sample, "peak": most at one sample}, by mean, largest first."""
+        if not self.samples:
+            return {}
+        return {key: {"mean": round(n / self.samples, 3), "peak": self.peak[key]}
+                for key, n in self.total.most_common()}
+
+
+class WaitSampler:
+    """Samples the wait events of the backends serving the meter's databases every `interval_s`, on a
+    thread of the sampler process and a connection of its own, between `start` and `stop`. A read that
+    fails or outlasts WAIT_READ_TIMEOUT_MS ends the sampling and fails the measurement at `stop`."""
+
+    def __init__(self, admin_url: str, labels: dict[str, str], interval_s: float) -> None:
+        self._engine = sa.create_engine(
+            normalize_url(admin_url), pool_size=1, max_overflow=0, pool_timeout=30,
+            connect_args={"application_name": METER_APP, "options": f"-c statement_timeout={WAIT_READ_TIMEOUT_MS}"})
+        self._labels = labels  # database name → label
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._counts = WaitCounts()
+        self._error: BaseException | None = None
+
+    def _sample(self, conn: sa.Connection) -> Counter[str]:
+        rows = conn.execute(sa.text(PG_WAITS), {"cpu": ON_CPU, "d": list(self._labels), "me": METER_APP})
+        return Counter(f"{self._labels[db]}:{IDLE_IN_TRANSACTION if state != 'active' else wait}"
+                       for db, wait, state in rows)
+
+    def _run(self) -> None:
+        try:
+            with self._engine.connect() as conn:
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+                while not self._stop.is_set() and self._counts.samples < WAIT_SAMPLES_MAX:
+                    self._counts.add(self._sample(conn))
+                    self._stop.wait(self._interval_s)
+        except Exception as exc:  # noqa: BLE001 (reported at stop, which fails the measurement)
+            self._error = exc
+
+    @property
+    def samples(self) -> int:
+        """Samples taken since the last start."""
+        return self._counts.samples
+
+    def _end(self) -> bool:
+        """Stops the sampling thread, if any; False if it did not stop within its bound."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(WAIT_READ_TIMEOUT_MS / 1000 + 5)
+            if self._thread.is_alive():
+                return False
+            self._thread = None
+        return True
+
+    def start(self) -> None:
+        if not self._end():  # the previous window's (the sampler's opening start has no stop)
+            raise MeterFailed("the wait sampler did not stop within its bound")
+        self._stop.clear()
+        self._counts, self._error = WaitCounts(), None
+        self._thread = threading.Thread(target=self._run, name="wait-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> WaitCounts:
+        if not self._end():
+            raise MeterFailed("the wait sampler did not stop within its bound")
+        if self._error is not None:
+            raise MeterFailed(f"the wait sampler failed: {type(self._error).__name__}: {self._error}")
+        return self._counts
+
+    def dispose(self) -> None:
+        self._end()
+        self._engine.dispose()
+
+
 class LocalMeter:
     """The sampling itself, in the process that runs it (the sampler): CPU per group and per role
     between `start` and `stop` (processes present at both), and DbStats at the same instants."""
@@ -189,6 +300,8 @@ class LocalMeter:
         self._labels = dict((name, label) for label, name in spec.pg_databases)
         self._stats = (DbStats(self._admin, spec.pg_admin_url, dict(spec.pg_databases))
                        if spec.stats and self._admin is not None else None)
+        self._waits = (WaitSampler(spec.pg_admin_url, self._labels, spec.wait_interval_s)
+                       if spec.wait_interval_s > 0 and spec.pg_admin_url else None)
         self._before: dict[str, dict[int, float]] = {}
         self._roles_before: dict[str, dict[int, float]] = {}
 
@@ -233,21 +346,28 @@ class LocalMeter:
         return {name: sum(after[name][pid] - v for pid, v in b.items() if pid in after.get(name, {}))
                 for name, b in before.items()}
 
-    def start(self) -> None:
+    def start(self, waits: bool = True) -> None:
+        """`waits` False: no wait sampling until the next start (the sampler's opening start, which
+        opens the connections: the pays' meter is opened before the echo is measured)."""
         self._before = self._cpu({g.name: self._group_pids(g) for g in self.spec.groups})
         self._roles_before = self._cpu(self._roles())
         if self._stats:
             self._stats.start()
+        if self._waits and waits:
+            self._waits.start()
 
     def stop(self) -> Reading:
+        waits = self._waits.stop() if self._waits else None
         after = self._cpu({g.name: self._group_pids(g) for g in self.spec.groups})
         roles = self._used(self._roles_before, self._cpu(self._roles())) if self.spec.roles else {}
         if self._stats:
             self._stats.stop()
         return Reading(self._used(self._before, after), roles, self._stats.delta if self._stats else {},
-                       dict(self._stats.indexes) if self._stats else {})
+                       dict(self._stats.indexes) if self._stats else {}, waits)
 
     def dispose(self) -> None:
+        if self._waits:
+            self._waits.dispose()
         if self._stats:
             self._stats.dispose()
         if self._admin is not None:
@@ -260,7 +380,7 @@ def _sampler_main(conn: Connection, spec: MeterSpec) -> None:
     meter = LocalMeter(spec)
     try:
         try:
-            meter.start()  # open the statistics connections now, not at the first window's edge
+            meter.start(waits=False)  # open the statistics connections now, not at the first window's edge
             conn.send(("ready", os.getpid()))
         except Exception as exc:  # noqa: BLE001 (reported to the benchmark, which fails loudly)
             conn.send(("error", f"{type(exc).__name__}: {exc}"))

@@ -26,7 +26,7 @@ from bank_sim.bench_ratio import (
     open_loop,
     write_trace,
 )
-from bank_sim.meter import CpuGroup, CpuMeter, MeterFailed, MeterSpec
+from bank_sim.meter import CpuGroup, CpuMeter, MeterFailed, MeterSpec, WaitSampler
 from tests.support.databases import admin_url
 from tests.support.procs import REPO
 
@@ -252,6 +252,65 @@ def test_on_postgresql_it_breaks_the_database_work_down_by_role_and_table(tmp_pa
     assert db["mis"]["xact_commit"] > 0 and db["mis.payments"]["n_tup_ins"] > 0
     assert db["mis.payments"]["indexes"] >= 2 and db["wal"]["bytes"] > 0
     assert "postgres backends by database:role" in run.stdout and "db mis per call" in run.stdout
+    # what the backends waited on, sampled through the window (every 20 ms by default): the pays' own databases only
+    assert pay["db_wait_samples"] >= 50, pay["db_wait_samples"]
+    waits = pay["db_waits"]
+    assert waits and all(k.split(":", 1)[0] in ("mis", "bridge") for k in waits), waits
+    assert any(k.startswith("mis:") for k in waits), waits
+    assert "postgres backends by database:wait, mean (peak) per sample of" in run.stdout
+
+
+def _until(what: str, done: Callable[[], bool], bound_s: float = 30.0) -> None:
+    deadline = time.monotonic() + bound_s
+    while not done():
+        assert time.monotonic() < deadline, f"not within {bound_s:g} s: {what}"
+        time.sleep(0.01)
+
+
+def test_the_wait_sampler_counts_a_backend_held_on_a_row_lock_and_the_transaction_holding_it(pg_url: str) -> None:
+    """A pay measurement's p99 can be set by the database holding every commit (a slow WAL flush) rather than
+    by CPU: the meter samples what the benchmark's backends wait on. Here one transaction holds a row lock
+    (idle in transaction: waiting for its client) and another backend waits for it (Lock:transactionid):
+    at every sample one of each, nothing on CPU; the sampler's own backend is not counted."""
+    url = sa.make_url(pg_url)
+    database = url.database
+    assert database is not None
+    engine = sa.create_engine(url, poolclass=sa.NullPool)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE t (id int PRIMARY KEY, n int)"))
+        conn.execute(sa.text("INSERT INTO t VALUES (1, 0)"))
+    holder = engine.connect()
+    blocked_out: list[object] = []
+    try:
+        holder.execute(sa.text("SELECT n FROM t WHERE id = 1 FOR UPDATE"))
+
+        def blocked() -> None:
+            with engine.begin() as conn:
+                blocked_out.append(conn.execute(sa.text("UPDATE t SET n = n + 1 WHERE id = 1 RETURNING n")).scalar())
+
+        waiter = threading.Thread(target=blocked, daemon=True)
+        waiter.start()
+        with engine.connect() as probe:
+            _until("the update waits for the row lock", lambda: probe.execute(sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'transactionid' "
+                "AND datname = current_database()")).scalar_one() == 1)
+        sampler = WaitSampler(admin_url("postgresql"), {database: "db"}, 0.01)
+        try:
+            sampler.start()
+            _until("five samples", lambda: sampler.samples >= 5)
+            counts = sampler.stop()
+        finally:
+            sampler.dispose()
+        waits = counts.summary()
+        assert counts.samples >= 5
+        assert waits == {"db:Lock:transactionid": {"mean": 1.0, "peak": 1},
+                         "db:idle in transaction": {"mean": 1.0, "peak": 1}}, waits
+        holder.commit()
+        waiter.join(30)
+        assert blocked_out == [1]
+    finally:
+        holder.close()
+        engine.dispose()
 
 
 class _InstantStub:
