@@ -109,7 +109,7 @@ class BenchRatioSettings(YinDianSettings):
     latency_trace: str = Field("", description="also write every measured call as a CSV line here (measurement, "
                                "offered rate, send time s since the window opened, latency ms, status) to see "
                                "stalls on a timeline; empty: off")
-    wait_sample_interval_s: float = Field(0.02, ge=0, le=10,
+    wait_sample_interval_s: float = Field(0.05, ge=0, le=10,
                                           description="PostgreSQL: how often the meter samples what the benchmark's "
                                                       "backends wait on during a pay measurement (pg_stat_activity; "
                                                       "printed as backends per sample by wait event, mean and "
@@ -442,7 +442,7 @@ def fmt_db(per: dict[str, dict[str, float]]) -> list[str]:
     if "wal" in per:
         w = per["wal"]
         lines.append(f"WAL per call (whole server): {w['bytes']:,.0f} bytes, {w['records']:g} records, "
-                     f"{w['fpi']:g} full-page images")
+                     f"{w['fpi']:g} full-page images, {w['syncs']:g} flushes to disk")
     return lines
 
 
