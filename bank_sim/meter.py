@@ -154,9 +154,9 @@ class DbStats:
     blocks), pg_stat_user_tables per table (rows, HOT updates, scans, with the table's index
     count), and the WAL the whole server wrote (insert position; pg_stat_wal's records,
     full-page images and flushes to disk: fewer flushes than commits is PostgreSQL's own group
-    commit, one flush covering the commits that queued behind it). Backends report table and transaction counts when a transaction
-    ends, at most about once a second, so a 10 s window is good to a few per cent; the
-    WAL figure includes whatever else runs on the server."""
+    commit, one flush covering the commits queued behind it). Backends report table and
+    transaction counts when a transaction ends, at most about once a second, so a 10 s window
+    is good to a few per cent; the WAL figure includes whatever else runs on the server."""
 
     def __init__(self, admin: sa.Engine, admin_url: str, databases: dict[str, str]) -> None:
         url = sa.make_url(normalize_url(admin_url))
@@ -199,8 +199,8 @@ class DbStats:
 
 ON_CPU = "CPU"
 IDLE_IN_TRANSACTION = "idle in transaction"
-# psycopg's own placeholders: sent as one prepared statement (the sampler's Python and the server's parse
-# and plan at 50 reads a second cost 2 % of a 2-core box through SQLAlchemy, 0.3 % so)
+# psycopg's own placeholders, sent as one prepared statement: through SQLAlchemy, 50 reads a second took
+# the sampler and its backend about 2 % of a 2-core box
 PG_WAITS = ("SELECT datname, coalesce(wait_event_type || ':' || wait_event, %(cpu)s), state FROM pg_stat_activity "
             "WHERE datname = ANY(%(d)s) AND application_name <> %(me)s AND pid <> pg_backend_pid() "
             "AND state IN ('active', 'idle in transaction', 'idle in transaction (aborted)')")
@@ -235,9 +235,7 @@ class WaitSampler:
     fails or outlasts WAIT_READ_TIMEOUT_MS ends the sampling and fails the measurement at `stop`."""
 
     def __init__(self, admin_url: str, labels: dict[str, str], interval_s: float) -> None:
-        self._engine = sa.create_engine(
-            normalize_url(admin_url), pool_size=1, max_overflow=0, pool_timeout=30,
-            connect_args={"application_name": METER_APP, "options": f"-c statement_timeout={WAIT_READ_TIMEOUT_MS}"})
+        self._engine = meter_engine(admin_url)
         self._labels = labels  # database name → label
         self._interval_s = interval_s
         self._stop = threading.Event()
@@ -257,6 +255,7 @@ class WaitSampler:
                 conn = raw.driver_connection
                 assert isinstance(conn, psycopg.Connection), "the wait sampler reads PostgreSQL through psycopg"
                 conn.autocommit = True  # pg_stat_activity is read once per transaction: each read its own
+                conn.execute(f"SET statement_timeout = {WAIT_READ_TIMEOUT_MS}")
                 while not self._stop.is_set() and self._counts.samples < WAIT_SAMPLES_MAX:
                     self._counts.add(self._sample(conn))
                     self._stop.wait(self._interval_s)
